@@ -1,0 +1,308 @@
+//! The crate's error type: one variant per failure a caller can act on, each naming the file, node or VM it is
+//! about and, where there is one, what to do. Problems found inside a manifest are a second enum,
+//! [`ManifestProblem`], carried by [`Error::ManifestInvalid`] (read from disk) and
+//! [`Error::ManifestInconsistent`] (built in memory).
+
+use std::fmt;
+use std::io;
+use std::path::PathBuf;
+
+use crate::lock::LockHolder;
+use crate::names::NodeId;
+
+/// `Result` with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the repository.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// A file system call failed.
+    #[error("cannot {action} {}: {source}", path.display())]
+    Io {
+        /// What we were doing ("read", "create directory", …).
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    // --- the repository ---
+    #[error("{} is not a qmpbak repository (it has no qmpbak-repo.json); create one with `qmpbak init`", path.display())]
+    NotARepository { path: PathBuf },
+    #[error("{} is already a qmpbak repository; use it as it is, or choose another directory", path.display())]
+    AlreadyARepository { path: PathBuf },
+    #[error(
+        "{} is not empty and not a qmpbak repository; choose a new or empty directory for the repository",
+        path.display()
+    )]
+    DirectoryNotEmpty { path: PathBuf },
+    #[error("{} is not a directory", path.display())]
+    NotADirectory { path: PathBuf },
+    #[error("repository settings {} are invalid: {detail}; fix the file by hand", path.display())]
+    SettingsInvalid { path: PathBuf, detail: String },
+    #[error(
+        "repository settings {} have format version {found}, written by a newer qmpbak (this one reads up to \
+         {supported}); use a newer qmpbak",
+        path.display()
+    )]
+    RepositoryTooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("VM {vm:?} has no backups in repository {}; `qmpbak list {}` shows the VMs it has", repo.display(), repo.display())]
+    VmNotFound { repo: PathBuf, vm: String },
+    #[error("VM {vm:?} already has a manifest in {}", dir.display())]
+    VmExists { vm: String, dir: PathBuf },
+
+    // --- names and paths given to us ---
+    #[error("invalid {what} {name:?}: {reason}")]
+    InvalidName {
+        what: &'static str,
+        name: String,
+        reason: String,
+    },
+    #[error("invalid relative path {path:?}: {reason}")]
+    InvalidPath { path: String, reason: String },
+    #[error(
+        "{rel} resolves to {}, outside the VM directory {}; refusing to follow it (a symlink points out of the \
+         repository?)",
+        target.display(),
+        vm_dir.display()
+    )]
+    PathEscapes {
+        vm_dir: PathBuf,
+        rel: String,
+        target: PathBuf,
+    },
+
+    // --- reading the manifest ---
+    #[error("manifest {} does not exist; the VM directory is incomplete (a backup was interrupted while creating it?)", path.display())]
+    ManifestMissing { path: PathBuf },
+    #[error("manifest {} is not valid: {detail} at line {line} column {column}; it was left as it is, fix it by hand or restore a copy", path.display())]
+    ManifestSyntax {
+        path: PathBuf,
+        line: usize,
+        column: usize,
+        detail: String,
+    },
+    #[error(
+        "manifest {} has format version {found}, written by a newer qmpbak (this one reads up to {supported}); \
+         use a newer qmpbak",
+        path.display()
+    )]
+    ManifestTooNew {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("manifest {} has unknown format version {found} (this qmpbak reads 1 to {supported})", path.display())]
+    ManifestFormatUnknown {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    /// The manifest parsed, but what it says is not a valid backup tree.
+    #[error("manifest {} is invalid: {problem}; it was left as it is, fix it by hand or restore a copy", path.display())]
+    ManifestInvalid { path: PathBuf, problem: ManifestProblem },
+
+    // --- changing a manifest in memory ---
+    /// The in-memory manifest is not a valid tree (changed directly rather than through `Manifest`'s methods?).
+    #[error("the manifest of VM {vm:?} is inconsistent: {problem}")]
+    ManifestInconsistent { vm: String, problem: ManifestProblem },
+    #[error("no node {node} in the manifest of VM {vm:?}")]
+    NodeNotFound { vm: String, node: String },
+    #[error("node {node} already exists in the manifest of VM {vm:?}")]
+    NodeExists { vm: String, node: NodeId },
+    #[error("node {node} names parent {parent}, which is not in the manifest of VM {vm:?}")]
+    ParentNotFound {
+        vm: String,
+        node: NodeId,
+        parent: NodeId,
+    },
+    #[error("tag {tag:?} is already used by node {other} of VM {vm:?}; tags must be unique")]
+    TagInUse { vm: String, tag: String, other: NodeId },
+    #[error(
+        "node {node} of VM {vm:?} has children ({}); remove them first, or merge it into them",
+        list(children)
+    )]
+    NotALeaf {
+        vm: String,
+        node: NodeId,
+        children: Vec<NodeId>,
+    },
+
+    // --- locks ---
+    /// Another process holds the VM's lock.
+    #[error("{}", lock_held(vm, lock, holder.as_ref()))]
+    LockHeld {
+        vm: String,
+        lock: PathBuf,
+        holder: Option<LockHolder>,
+    },
+    #[error("saving the manifest of VM {vm:?} needs its exclusive lock; this one is shared")]
+    LockNotExclusive { vm: String },
+    #[error("saving the manifest of VM {vm:?} needs its own lock; this guard locks {}", lock.display())]
+    LockOfOtherVm { vm: String, lock: PathBuf },
+
+    // --- checking tables ---
+    #[error("checking table {} is corrupt: {detail}; it cannot be used, rebuild it from the node's backup file", path.display())]
+    TableCorrupt { path: PathBuf, detail: String },
+    #[error(
+        "checking table {} has sha256 {actual}, but the manifest records {expected}; the file was changed or damaged",
+        path.display()
+    )]
+    TableChecksumMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    #[error(
+        "checking tables do not cover the same disk: block size {} vs {}, virtual size {} vs {}; a resized disk \
+         needs a new full backup",
+        left.0, right.0, left.1, right.1
+    )]
+    TableShapeMismatch {
+        /// (block size, virtual size) of the first table.
+        left: (u64, u64),
+        /// (block size, virtual size) of the second table.
+        right: (u64, u64),
+    },
+    #[error("block {index} is past the end of the checking table ({count} blocks)")]
+    BlockOutOfRange { index: u64, count: u64 },
+    #[error("a checking table of {expected} blocks cannot be made from {given} digests")]
+    DigestCount { given: u64, expected: u64 },
+    #[error("invalid block size {block_size}: it must be a power of two from {min} to {max} bytes")]
+    InvalidBlockSize { block_size: u64, min: u64, max: u64 },
+    #[error("cannot read {len} bytes at offset {offset} of {source_name}: {source}")]
+    SourceRead {
+        source_name: String,
+        offset: u64,
+        len: u64,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// What is wrong with a manifest's contents.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum ManifestProblem {
+    /// Two nodes have the same id.
+    DuplicateNode { node: String },
+    /// A node names a parent that is not in the manifest.
+    MissingParent { node: String, parent: String },
+    /// Following parents from these nodes never reaches a root.
+    Cycle { nodes: Vec<String> },
+    /// The stored `lid`/`tid` are not what the tree says.
+    Numbering {
+        node: String,
+        stored: (u64, u64),
+        expected: (u64, u64),
+    },
+    /// `current` names a node that is not in the manifest.
+    CurrentMissing { current: String },
+    /// The manifest is for another VM than the directory it is in.
+    WrongVm { expected: String, found: String },
+    /// Two nodes share a tag, or a tag equals another node's id.
+    DuplicateTag { tag: String, nodes: (String, String) },
+    /// `next_seq` would hand out an id that is already taken.
+    NextSeqTooLow { next_seq: u64, node: String },
+    /// A field holds a value that is not allowed (an id, a name, a path).
+    InvalidValue {
+        field: String,
+        value: String,
+        reason: String,
+    },
+}
+
+impl fmt::Display for ManifestProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::DuplicateNode { node } => write!(f, "node id {node} appears more than once"),
+            Self::MissingParent { node, parent } => {
+                write!(
+                    f,
+                    "node {node} names parent {parent}, which is not in the manifest"
+                )
+            }
+            Self::Cycle { nodes } => {
+                write!(
+                    f,
+                    "nodes {} are their own ancestors (a cycle of parent links)",
+                    nodes.join(" -> ")
+                )
+            }
+            Self::Numbering {
+                node,
+                stored,
+                expected,
+            } => write!(
+                f,
+                "node {node} has lid/tid {}/{}, but the tree gives {}/{}",
+                stored.0, stored.1, expected.0, expected.1
+            ),
+            Self::CurrentMissing { current } => {
+                write!(f, "`current` names node {current}, which is not in the manifest")
+            }
+            Self::WrongVm { expected, found } => {
+                write!(
+                    f,
+                    "it is the manifest of VM {found:?}, but it is in the directory of VM {expected:?}"
+                )
+            }
+            Self::DuplicateTag { tag, nodes } => {
+                write!(
+                    f,
+                    "tag {tag:?} is used by both node {} and node {}",
+                    nodes.0, nodes.1
+                )
+            }
+            Self::NextSeqTooLow { next_seq, node } => {
+                write!(f, "next_seq {next_seq} is not above existing node id {node}")
+            }
+            Self::InvalidValue { field, value, reason } => {
+                write!(f, "{field} {value:?} is invalid: {reason}")
+            }
+        }
+    }
+}
+
+impl Error {
+    /// An [`Error::Io`] for `action` on `path`.
+    pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
+        let path = path.into();
+        move |source| Error::Io { action, path, source }
+    }
+}
+
+fn list(ids: &[NodeId]) -> String {
+    ids.iter().map(NodeId::as_str).collect::<Vec<_>>().join(", ")
+}
+
+fn lock_held(vm: &str, lock: &std::path::Path, holder: Option<&LockHolder>) -> String {
+    let who = match holder {
+        Some(h) => {
+            let stale = if h.is_dead() {
+                "; that process no longer exists, so the record is stale"
+            } else {
+                ""
+            };
+            format!(
+                "held by pid {} ({}) on {} since {} according to {}{stale}",
+                h.pid,
+                h.command,
+                h.host,
+                h.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                crate::lock::holder_path(lock).display()
+            )
+        }
+        None => "the holder did not record itself (a reader holds a shared lock, or a writer is starting)"
+            .to_owned(),
+    };
+    format!(
+        "VM {vm:?} is locked by another qmpbak ({who}); wait for it to finish, or use --wait (lock file {})",
+        lock.display()
+    )
+}

@@ -1,0 +1,53 @@
+//! qmpbak's backup repository: everything about backups that lives on disk, and nothing about QEMU.
+//!
+//! # Layout
+//!
+//! ```text
+//! REPO/
+//!   qmpbak-repo.json            settings: format_version, block_size (checking-table block, default 1 MiB,
+//!                               a power of two from 64 KiB to 16 MiB), full_every (default 7)
+//!   VM/                         one directory per VM (mode 0700), named by the VM's name
+//!     manifest.json             the VM's backup tree (see `Manifest`)
+//!     lock                      the VM's lock file (flock: exclusive to change, shared to read)
+//!     lock.holder.json          who holds the exclusive lock: pid, command, host, since (may be stale)
+//!     NODE/                     one directory per backup node, named by its id ("0001" …)
+//!       DISK.qcow2              the node's data for disk DISK (its qdev id)
+//!       DISK.table              the checking table of DISK at this node
+//! ```
+//!
+//! Every path inside a manifest is relative to the VM directory ([`RelPath`]), so a repository can be moved
+//! or copied whole. VM names, disk ids, node ids and tags are `[A-Za-z0-9][A-Za-z0-9._-]{0,63}`: they become
+//! file names, so separators, `..` and empty names are refused. Files are created 0600 and directories 0700.
+//!
+//! # Pieces
+//!
+//! - [`repo`]: [`Repository`] (init/open, [`Settings`]) and [`VmStore`] (one VM's files, lock, load/save).
+//! - [`manifest`]: the serde model ([`Manifest`], [`Node`] …), changes that keep the tree valid, validation.
+//! - [`tree`]: `lid`/`tid` nested-set numbering and the queries built on it (recovery chain, subtree …).
+//! - [`store`]: atomic writes (temp file, fsync, rename, fsync directory) and loading with full checks.
+//! - [`lock`]: the per-VM fs2 lock and its holder record.
+//! - [`table`]: checking tables (a sha256 per block), built in parallel from a [`BlockSource`].
+//! - [`error`]: [`Error`], one variant per failure a caller can act on, and [`ManifestProblem`].
+//!
+//! A manifest is only ever replaced whole and atomically, after validation; a manifest that fails to load is
+//! reported (which file, what is wrong, where) and never rewritten.
+
+pub mod error;
+pub mod lock;
+pub mod manifest;
+pub mod names;
+pub mod repo;
+pub mod store;
+pub mod table;
+pub mod tree;
+
+pub use error::{Error, ManifestProblem, Result};
+pub use lock::{LockGuard, LockHolder, LockMode, LockWait};
+pub use manifest::{
+    BitmapRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk, NodeKind, NodeState,
+    Operation, OperationKind,
+};
+pub use names::{NodeId, RelPath, check_name};
+pub use repo::{Repository, Settings, VmStore};
+pub use table::{BlockSource, Digest, Extent, ExtentKind, FileSource, MemSource, Table};
+pub use tree::Tree;

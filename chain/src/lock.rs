@@ -1,0 +1,271 @@
+//! Per-VM locks on `VM/lock` (fs2, i.e. `flock`): exclusive for anything that changes the VM's backups,
+//! shared for reading them. The OS drops the lock of a process that dies, so a lock is never stale; the
+//! exclusive holder records who it is in `lock.holder.json` so that a refused process can say who holds it.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+use crate::store;
+
+/// The name of the lock file in a VM directory.
+pub const LOCK_FILE: &str = "lock";
+/// The name of the holder record beside it.
+pub const HOLDER_FILE: &str = "lock.holder.json";
+/// How often a waiting lock tries again.
+pub const RETRY_INTERVAL: Duration = Duration::from_millis(50);
+
+/// What to do when the lock is held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockWait {
+    /// Fail at once with [`Error::LockHeld`].
+    NoWait,
+    /// Try again every 50 ms for up to this long, then fail with [`Error::LockHeld`].
+    Wait(Duration),
+}
+
+/// Shared (readers) or exclusive (one writer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LockMode {
+    Shared,
+    Exclusive,
+}
+
+/// Who holds an exclusive lock, as it recorded itself. May be stale (a holder killed before it could remove
+/// it) or missing.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LockHolder {
+    pub pid: u32,
+    /// What it is doing ("qmpbak backup" …).
+    pub command: String,
+    pub host: String,
+    pub since: DateTime<Utc>,
+}
+
+impl LockHolder {
+    /// This process, doing `command`, from now.
+    pub fn current(command: &str) -> LockHolder {
+        LockHolder {
+            pid: std::process::id(),
+            command: command.to_owned(),
+            host: hostname(),
+            since: Utc::now(),
+        }
+    }
+
+    /// Whether the recorded process is known to be gone: it was on this host and no process has its pid.
+    pub fn is_dead(&self) -> bool {
+        if self.host != hostname() {
+            return false;
+        }
+        let Ok(pid) = i32::try_from(self.pid) else {
+            return false;
+        };
+        if pid <= 0 {
+            return false;
+        }
+        matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Err(nix::errno::Errno::ESRCH)
+        )
+    }
+}
+
+/// This machine's host name ("unknown" if it has none).
+pub fn hostname() -> String {
+    nix::unistd::gethostname().map_or_else(|_| "unknown".to_owned(), |h| h.to_string_lossy().into_owned())
+}
+
+/// The holder record that belongs to a lock file.
+pub fn holder_path(lock: &Path) -> PathBuf {
+    lock.with_file_name(HOLDER_FILE)
+}
+
+/// A held lock; dropping it releases it (and an exclusive holder removes its holder record first).
+#[derive(Debug)]
+pub struct LockGuard {
+    file: File,
+    mode: LockMode,
+    vm: String,
+    path: PathBuf,
+}
+
+impl LockGuard {
+    pub fn mode(&self) -> LockMode {
+        self.mode
+    }
+
+    pub fn is_exclusive(&self) -> bool {
+        self.mode == LockMode::Exclusive
+    }
+
+    /// The VM it locks.
+    pub fn vm(&self) -> &str {
+        &self.vm
+    }
+
+    /// The lock file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        if self.mode == LockMode::Exclusive {
+            // Still holding the lock, so no later holder's record can be removed by mistake.
+            let _ = std::fs::remove_file(holder_path(&self.path));
+        }
+        // Closing the file releases the lock; say so explicitly for readability.
+        let _ = fs2::FileExt::unlock(&self.file);
+    }
+}
+
+fn try_lock(file: &File, mode: LockMode) -> io::Result<bool> {
+    let result = match mode {
+        LockMode::Shared => fs2::FileExt::try_lock_shared(file),
+        LockMode::Exclusive => fs2::FileExt::try_lock_exclusive(file),
+    };
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(false),
+        Err(e) if e.raw_os_error() == fs2::lock_contended_error().raw_os_error() => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Reads the holder record, if there is a readable one.
+pub fn read_holder(lock: &Path) -> Option<LockHolder> {
+    let bytes = std::fs::read(holder_path(lock)).ok()?;
+    serde_json::from_slice(&bytes).ok()
+}
+
+/// Takes the lock of VM `vm` on file `path` (created if missing). `command` is recorded for an exclusive
+/// lock.
+pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &str) -> Result<LockGuard> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(store::FILE_MODE)
+        .open(path)
+        .map_err(Error::io("open lock file", path))?;
+    let deadline = match wait {
+        LockWait::NoWait => None,
+        LockWait::Wait(d) => Some(Instant::now() + d),
+    };
+    loop {
+        if try_lock(&file, mode).map_err(Error::io("lock", path))? {
+            break;
+        }
+        let now = Instant::now();
+        match deadline {
+            Some(deadline) if now < deadline => std::thread::sleep(RETRY_INTERVAL.min(deadline - now)),
+            _ => {
+                return Err(Error::LockHeld {
+                    vm: vm.to_owned(),
+                    lock: path.to_owned(),
+                    holder: read_holder(path),
+                });
+            }
+        }
+    }
+    let guard = LockGuard {
+        file,
+        mode,
+        vm: vm.to_owned(),
+        path: path.to_owned(),
+    };
+    if mode == LockMode::Exclusive {
+        let holder = LockHolder::current(command);
+        let bytes = serde_json::to_vec_pretty(&holder).map_err(|e| Error::Io {
+            action: "serialise",
+            path: holder_path(path),
+            source: io::Error::other(e),
+        })?;
+        store::write_atomic(&holder_path(path), &bytes)?;
+    }
+    Ok(guard)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exclusive_excludes_within_a_process_too() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        let first = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "test one").unwrap();
+        let holder = read_holder(&path).unwrap();
+        assert_eq!(holder.pid, std::process::id());
+        assert_eq!(holder.command, "test one");
+        assert!(!holder.is_dead());
+
+        let err = acquire("vm", &path, LockMode::Shared, LockWait::NoWait, "").unwrap_err();
+        let Error::LockHeld {
+            vm, holder: Some(h), ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(vm, "vm");
+        assert_eq!(h.pid, std::process::id());
+        assert!(err.to_string().contains("test one"), "{err}");
+
+        let started = Instant::now();
+        let err = acquire(
+            "vm",
+            &path,
+            LockMode::Exclusive,
+            LockWait::Wait(Duration::from_millis(200)),
+            "x",
+        );
+        assert!(matches!(err, Err(Error::LockHeld { .. })));
+        assert!(started.elapsed() >= Duration::from_millis(200));
+
+        drop(first);
+        assert!(
+            read_holder(&path).is_none(),
+            "the holder record goes with the lock"
+        );
+        let _again = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "x").unwrap();
+    }
+
+    #[test]
+    fn readers_share() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        let a = acquire("vm", &path, LockMode::Shared, LockWait::NoWait, "").unwrap();
+        let b = acquire("vm", &path, LockMode::Shared, LockWait::NoWait, "").unwrap();
+        assert!(!a.is_exclusive() && !b.is_exclusive());
+        let err = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "w").unwrap_err();
+        let Error::LockHeld { holder: None, .. } = &err else {
+            panic!("{err:?}")
+        };
+        assert!(err.to_string().contains("did not record"), "{err}");
+    }
+
+    #[test]
+    fn a_dead_holder_is_called_stale() {
+        let holder = LockHolder {
+            pid: i32::MAX as u32,
+            command: "c".into(),
+            host: hostname(),
+            since: Utc::now(),
+        };
+        assert!(holder.is_dead());
+        let elsewhere = LockHolder {
+            host: "some-other-host.invalid".into(),
+            ..holder.clone()
+        };
+        assert!(!elsewhere.is_dead());
+    }
+}

@@ -1,0 +1,255 @@
+//! Building a table from a [`BlockSource`]: workers on every core take block numbers from a shared counter,
+//! each with one block-sized buffer, so memory stays at threads × block size however large the disk. Ranges the
+//! source reports as zero (holes) are neither read nor hashed.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, PoisonError};
+
+use sha2::{Digest as _, Sha256};
+
+use super::{Digest, Table, block_count, block_range, check_block_size, hash_zeros, zero_digest};
+use crate::error::{Error, Result};
+
+/// A disk as the guest sees it, readable from many threads at once.
+pub trait BlockSource: Sync {
+    /// Its size in bytes.
+    fn len(&self) -> u64;
+
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// What `[offset, offset + len)` holds, in order. Bytes no extent covers are read as data.
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>>;
+
+    /// Fills `buf` from `offset` (all of it, or an error).
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// What it is, for error messages (a path, an export name …).
+    fn name(&self) -> String {
+        "the disk being hashed".to_owned()
+    }
+}
+
+/// A range of a [`BlockSource`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Extent {
+    pub offset: u64,
+    pub len: u64,
+    pub kind: ExtentKind,
+}
+
+/// Whether an extent must be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExtentKind {
+    /// Bytes to read.
+    Data,
+    /// Known to read as zeros (a hole, or a range the image marks as zero): not read.
+    Zero,
+}
+
+/// How many results a worker gathers before storing them in the shared digest list.
+const BATCH: usize = 256;
+
+impl Table {
+    /// Hashes every block of `source` with `threads` workers (0: one per core).
+    pub fn build<S: BlockSource + ?Sized>(source: &S, block_size: u64, threads: usize) -> Result<Table> {
+        check_block_size(block_size)?;
+        let virtual_size = source.len();
+        let count = block_count(virtual_size, block_size);
+        let digests = hash_blocks(source, block_size, count, &|job| job, threads)?;
+        Ok(Table::assemble(block_size, virtual_size, digests))
+    }
+
+    /// Hashes only the blocks `indices` of `source`, returning `(index, digest)` pairs in the same order:
+    /// what [`Table::derive`] takes.
+    pub fn build_blocks<S: BlockSource + ?Sized>(
+        source: &S,
+        block_size: u64,
+        indices: &[u64],
+        threads: usize,
+    ) -> Result<Vec<(u64, Digest)>> {
+        check_block_size(block_size)?;
+        let count = block_count(source.len(), block_size);
+        if let Some(&index) = indices.iter().find(|&&i| i >= count) {
+            return Err(Error::BlockOutOfRange { index, count });
+        }
+        let digests = hash_blocks(
+            source,
+            block_size,
+            indices.len() as u64,
+            &|job| indices[job as usize],
+            threads,
+        )?;
+        Ok(indices.iter().copied().zip(digests).collect())
+    }
+}
+
+/// The number of workers for `threads` requested (0: all cores) and `jobs` blocks.
+fn worker_count(threads: usize, jobs: u64) -> usize {
+    let wanted = if threads == 0 {
+        std::thread::available_parallelism().map_or(1, usize::from)
+    } else {
+        threads
+    };
+    wanted.min(usize::try_from(jobs).unwrap_or(usize::MAX)).max(1)
+}
+
+/// Hashes `jobs` blocks, job `j` being block `index_of(j)`, into a list indexed by job.
+fn hash_blocks<S: BlockSource + ?Sized>(
+    source: &S,
+    block_size: u64,
+    jobs: u64,
+    index_of: &(dyn Fn(u64) -> u64 + Sync),
+    threads: usize,
+) -> Result<Vec<Digest>> {
+    let digests = Mutex::new(vec![[0u8; 32]; jobs as usize]);
+    let next = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let virtual_size = source.len();
+
+    let worker = || -> Result<()> {
+        let mut buf = Vec::new();
+        let mut done: Vec<(u64, Digest)> = Vec::with_capacity(BATCH);
+        let store = |done: &mut Vec<(u64, Digest)>| {
+            let mut all = digests.lock().unwrap_or_else(PoisonError::into_inner);
+            for (job, digest) in done.drain(..) {
+                all[job as usize] = digest;
+            }
+        };
+        while !failed.load(Ordering::Relaxed) {
+            let job = next.fetch_add(1, Ordering::Relaxed);
+            if job >= jobs {
+                break;
+            }
+            let (offset, len) = block_range(index_of(job), block_size, virtual_size);
+            match hash_block(source, offset, len, &mut buf) {
+                Ok(digest) => done.push((job, digest)),
+                Err(e) => {
+                    failed.store(true, Ordering::Relaxed);
+                    return Err(e);
+                }
+            }
+            if done.len() == BATCH {
+                store(&mut done);
+            }
+        }
+        store(&mut done);
+        Ok(())
+    };
+
+    let workers = worker_count(threads, jobs);
+    if workers == 1 {
+        worker()?;
+    } else {
+        let results: Vec<Result<()>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..workers).map(|_| scope.spawn(worker)).collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|panic| std::panic::resume_unwind(panic)))
+                .collect()
+        });
+        results.into_iter().collect::<Result<Vec<()>>>()?;
+    }
+    Ok(digests.into_inner().unwrap_or_else(PoisonError::into_inner))
+}
+
+/// The extents of `[offset, offset + len)` in order, without gaps (uncovered bytes are data) or overlaps,
+/// neighbours of one kind merged.
+fn normalize(offset: u64, len: u64, extents: &[Extent]) -> Vec<Extent> {
+    let end = offset + len;
+    let mut sorted = extents.to_vec();
+    sorted.sort_by_key(|e| e.offset);
+    let mut out: Vec<Extent> = Vec::with_capacity(sorted.len() + 1);
+    let mut push = |offset: u64, len: u64, kind: ExtentKind| {
+        if len == 0 {
+            return;
+        }
+        match out.last_mut() {
+            Some(last) if last.kind == kind && last.offset + last.len == offset => last.len += len,
+            _ => out.push(Extent { offset, len, kind }),
+        }
+    };
+    let mut cursor = offset;
+    for e in &sorted {
+        let start = e.offset.max(cursor);
+        let stop = e.offset.saturating_add(e.len).min(end);
+        if stop <= start {
+            continue;
+        }
+        push(cursor, start - cursor, ExtentKind::Data);
+        push(start, stop - start, e.kind);
+        cursor = stop;
+    }
+    push(cursor, end - cursor, ExtentKind::Data);
+    out
+}
+
+/// The digest of `[offset, offset + len)`: data extents read into `buf`, zero extents hashed as zeros.
+fn hash_block<S: BlockSource + ?Sized>(
+    source: &S,
+    offset: u64,
+    len: u64,
+    buf: &mut Vec<u8>,
+) -> Result<Digest> {
+    let failed = |at: u64, n: u64, e: io::Error| Error::SourceRead {
+        source_name: source.name(),
+        offset: at,
+        len: n,
+        source: e,
+    };
+    let extents = source.extents(offset, len).map_err(|e| failed(offset, len, e))?;
+    let segments = normalize(offset, len, &extents);
+    if segments.iter().all(|s| s.kind == ExtentKind::Zero) {
+        return Ok(zero_digest(len));
+    }
+    let mut hasher = Sha256::new();
+    for segment in segments {
+        match segment.kind {
+            ExtentKind::Zero => hash_zeros(&mut hasher, segment.len),
+            ExtentKind::Data => {
+                let n = segment.len as usize;
+                if buf.len() < n {
+                    buf.resize(n, 0);
+                }
+                let data = &mut buf[..n];
+                source
+                    .read_at(segment.offset, data)
+                    .map_err(|e| failed(segment.offset, segment.len, e))?;
+                hasher.update(&*data);
+            }
+        }
+    }
+    Ok(hasher.finalize().into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ext(offset: u64, len: u64, kind: ExtentKind) -> Extent {
+        Extent { offset, len, kind }
+    }
+
+    #[test]
+    fn normalize_fills_gaps_clips_and_merges() {
+        use ExtentKind::{Data, Zero};
+        assert_eq!(normalize(0, 10, &[]), vec![ext(0, 10, Data)]);
+        assert_eq!(
+            normalize(10, 20, &[ext(0, 15, Zero), ext(20, 2, Zero), ext(22, 100, Zero)]),
+            vec![ext(10, 5, Zero), ext(15, 5, Data), ext(20, 10, Zero)]
+        );
+        assert_eq!(
+            normalize(0, 10, &[ext(2, 2, Data), ext(4, 2, Data)]),
+            vec![ext(0, 10, Data)]
+        );
+    }
+
+    #[test]
+    fn worker_counts() {
+        assert_eq!(worker_count(4, 2), 2);
+        assert_eq!(worker_count(4, 0), 1);
+        assert!(worker_count(0, 1000) >= 1);
+    }
+}

@@ -1,0 +1,298 @@
+//! The backup tree as nested sets. Every node has `lid`, its preorder number (from 1; roots in the order of the
+//! node list, children in creation order, i.e. the order of the node list), and `tid`, the largest `lid` in its
+//! subtree. Ancestry is then arithmetic: A is an ancestor-or-self of X exactly when `A.lid <= X.lid <= A.tid`.
+//!
+//! [`numbering`] computes the numbers from parent links (the only place that follows them); [`Tree`] answers
+//! queries from the stored numbers alone, through an index by `lid`. Both work on a plain slice of nodes.
+
+use std::collections::HashMap;
+
+use crate::error::ManifestProblem;
+use crate::manifest::{Node, NodeKind};
+use crate::names::NodeId;
+
+const NONE: usize = usize::MAX;
+
+/// Computes `(lid, tid)` for every node of `nodes`, in the same order, from the parent links.
+///
+/// Fails on a duplicate id, a parent that is not in the list, or a cycle of parent links.
+pub fn numbering(nodes: &[Node]) -> Result<Vec<(u64, u64)>, ManifestProblem> {
+    let n = nodes.len();
+    let mut position: HashMap<&str, usize> = HashMap::with_capacity(n);
+    for (i, node) in nodes.iter().enumerate() {
+        if position.insert(node.id.as_str(), i).is_some() {
+            return Err(ManifestProblem::DuplicateNode {
+                node: node.id.to_string(),
+            });
+        }
+    }
+    // Children as linked lists in node-list order: first_child / last_child / next_sibling.
+    let mut first_child = vec![NONE; n];
+    let mut last_child = vec![NONE; n];
+    let mut next_sibling = vec![NONE; n];
+    let mut roots = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let Some(parent) = &node.parent else {
+            roots.push(i);
+            continue;
+        };
+        let Some(&p) = position.get(parent.as_str()) else {
+            return Err(ManifestProblem::MissingParent {
+                node: node.id.to_string(),
+                parent: parent.to_string(),
+            });
+        };
+        if last_child[p] == NONE {
+            first_child[p] = i;
+        } else {
+            next_sibling[last_child[p]] = i;
+        }
+        last_child[p] = i;
+    }
+
+    let mut numbers = vec![(0u64, 0u64); n];
+    let mut counter = 0u64;
+    // Iterative preorder: each stack entry is a node and the next child of it to visit.
+    let mut stack: Vec<(usize, usize)> = Vec::new();
+    for &root in &roots {
+        counter += 1;
+        numbers[root].0 = counter;
+        stack.push((root, first_child[root]));
+        while let Some(top) = stack.last_mut() {
+            let child = top.1;
+            if child == NONE {
+                let node = top.0;
+                stack.pop();
+                numbers[node].1 = counter;
+            } else {
+                top.1 = next_sibling[child];
+                counter += 1;
+                numbers[child].0 = counter;
+                stack.push((child, first_child[child]));
+            }
+        }
+    }
+    if counter as usize != n {
+        // Some node is not below any root: its parent links loop. Report the loop itself.
+        let start = numbers.iter().position(|&(lid, _)| lid == 0).unwrap_or(0);
+        return Err(ManifestProblem::Cycle {
+            nodes: cycle_from(nodes, &position, start),
+        });
+    }
+    Ok(numbers)
+}
+
+/// The ids on the parent-link cycle reached from `start` (for the error message only).
+fn cycle_from(nodes: &[Node], position: &HashMap<&str, usize>, start: usize) -> Vec<String> {
+    let mut seen: HashMap<usize, usize> = HashMap::new();
+    let mut path = Vec::new();
+    let mut at = start;
+    while let std::collections::hash_map::Entry::Vacant(slot) = seen.entry(at) {
+        slot.insert(path.len());
+        path.push(at);
+        match nodes[at].parent.as_ref().and_then(|p| position.get(p.as_str())) {
+            Some(&p) => at = p,
+            None => break,
+        }
+    }
+    let from = seen.get(&at).copied().unwrap_or(0);
+    let mut cycle: Vec<String> = path[from..].iter().map(|&i| nodes[i].id.to_string()).collect();
+    if let Some(first) = cycle.first().cloned() {
+        cycle.push(first);
+    }
+    cycle
+}
+
+/// Writes fresh `lid`/`tid` into every node.
+pub fn recompute(nodes: &mut [Node]) -> Result<(), ManifestProblem> {
+    let numbers = numbering(nodes)?;
+    for (node, (lid, tid)) in nodes.iter_mut().zip(numbers) {
+        node.lid = lid;
+        node.tid = tid;
+    }
+    Ok(())
+}
+
+/// Compares the stored `lid`/`tid` with the tree: the first node that disagrees is the problem.
+pub fn check(nodes: &[Node]) -> Result<(), ManifestProblem> {
+    let numbers = numbering(nodes)?;
+    for (node, expected) in nodes.iter().zip(numbers) {
+        if (node.lid, node.tid) != expected {
+            return Err(ManifestProblem::Numbering {
+                node: node.id.to_string(),
+                stored: (node.lid, node.tid),
+                expected,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Queries over a node list whose `lid`/`tid` are current, answered from the numbers alone.
+///
+/// Building it is one scan (an index by `lid` and one by id); each query then touches only the nodes it
+/// returns, or, for a recovery chain, the nodes along the way and their earlier siblings.
+#[derive(Debug)]
+pub struct Tree<'a> {
+    nodes: &'a [Node],
+    /// `by_lid[lid - 1]` is the position of that node in `nodes`.
+    by_lid: Vec<usize>,
+    by_id: HashMap<&'a str, usize>,
+}
+
+impl<'a> Tree<'a> {
+    /// Indexes `nodes`. Checks that the numbers are a preorder numbering (each `lid` once, from 1 to the number
+    /// of nodes, `lid <= tid <= count`), not that they agree with the parent links: [`check`] does that.
+    pub fn new(nodes: &'a [Node]) -> Result<Tree<'a>, ManifestProblem> {
+        let n = nodes.len();
+        let mut lid_slots = vec![NONE; n];
+        let mut ids = HashMap::with_capacity(n);
+        for (i, node) in nodes.iter().enumerate() {
+            if ids.insert(node.id.as_str(), i).is_some() {
+                return Err(ManifestProblem::DuplicateNode {
+                    node: node.id.to_string(),
+                });
+            }
+            let plausible = node.lid >= 1 && node.lid <= node.tid && node.tid <= n as u64;
+            if !plausible || lid_slots[(node.lid - 1) as usize] != NONE {
+                // Say what the right numbers are, if the tree has any.
+                check(nodes)?;
+                return Err(ManifestProblem::Numbering {
+                    node: node.id.to_string(),
+                    stored: (node.lid, node.tid),
+                    expected: (0, 0),
+                });
+            }
+            lid_slots[(node.lid - 1) as usize] = i;
+        }
+        Ok(Tree { nodes, by_lid: lid_slots, by_id: ids })
+    }
+
+    /// The nodes, in the order of the node list (creation order).
+    pub fn nodes(&self) -> &'a [Node] {
+        self.nodes
+    }
+
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// The node with this id.
+    pub fn get(&self, id: &str) -> Option<&'a Node> {
+        self.by_id.get(id).map(|&i| &self.nodes[i])
+    }
+
+    /// The node with this `lid`.
+    pub fn by_lid(&self, lid: u64) -> Option<&'a Node> {
+        let i = usize::try_from(lid.checked_sub(1)?).ok()?;
+        self.by_lid.get(i).map(|&p| &self.nodes[p])
+    }
+
+    /// Every node in preorder (by `lid`).
+    pub fn preorder(&self) -> impl Iterator<Item = &'a Node> + '_ {
+        self.by_lid.iter().map(|&p| &self.nodes[p])
+    }
+
+    /// Whether `a` is `b` or one of its ancestors.
+    pub fn contains(a: &Node, b: &Node) -> bool {
+        a.lid <= b.lid && b.lid <= a.tid
+    }
+
+    /// The roots (full backups that start a tree), in order.
+    pub fn roots(&self) -> Vec<&'a Node> {
+        self.siblings_from(1, self.nodes.len() as u64)
+    }
+
+    /// The nodes whose `lid` runs from `first` to at most `last`, skipping each one's subtree.
+    fn siblings_from(&self, first: u64, last: u64) -> Vec<&'a Node> {
+        let mut out = Vec::new();
+        let mut lid = first;
+        while lid <= last {
+            let Some(node) = self.by_lid(lid) else { break };
+            out.push(node);
+            lid = node.tid + 1;
+        }
+        out
+    }
+
+    /// Everything needed to restore `id`: the nodes N with `N.lid <= X.lid <= N.tid`, root (the full) first,
+    /// `id` last.
+    pub fn recovery_chain(&self, id: &str) -> Option<Vec<&'a Node>> {
+        let x = self.get(id)?;
+        let mut chain = Vec::new();
+        let mut lid = 1;
+        while lid <= x.lid {
+            let node = self.by_lid(lid)?;
+            if node.tid >= x.lid {
+                chain.push(node);
+                if node.lid == x.lid {
+                    break;
+                }
+                lid += 1; // descend: its first child
+            } else {
+                lid = node.tid + 1; // skip this subtree: its next sibling
+            }
+        }
+        Some(chain)
+    }
+
+    /// The ancestors of `id`, root first (the recovery chain without `id` itself).
+    pub fn ancestors(&self, id: &str) -> Option<Vec<&'a Node>> {
+        let mut chain = self.recovery_chain(id)?;
+        chain.pop();
+        Some(chain)
+    }
+
+    /// The children of `id`, in creation order.
+    pub fn children(&self, id: &str) -> Option<Vec<&'a Node>> {
+        let x = self.get(id)?;
+        Some(self.siblings_from(x.lid + 1, x.tid))
+    }
+
+    /// `id` and all its descendants, in preorder (`lid` from `X.lid` to `X.tid`).
+    pub fn subtree(&self, id: &str) -> Option<Vec<&'a Node>> {
+        let x = self.get(id)?;
+        let range = (x.lid - 1) as usize..x.tid as usize;
+        Some(self.by_lid.get(range)?.iter().map(|&p| &self.nodes[p]).collect())
+    }
+
+    /// The nodes without children (`lid == tid`), in preorder.
+    pub fn leaves(&self) -> Vec<&'a Node> {
+        self.preorder().filter(|n| n.lid == n.tid).collect()
+    }
+
+    /// The newest node of the branch below `id`: the most recently created leaf of its subtree (latest in the
+    /// node list, which is creation order).
+    pub fn branch_head(&self, id: &str) -> Option<&'a Node> {
+        let x = self.get(id)?;
+        let range = (x.lid - 1) as usize..x.tid as usize;
+        self.by_lid
+            .get(range)?
+            .iter()
+            .copied()
+            .filter(|&p| self.nodes[p].lid == self.nodes[p].tid)
+            .max()
+            .map(|p| &self.nodes[p])
+    }
+
+    /// The nearest full backup at or above `id`; `Some(None)` if its chain has none (a broken chain).
+    pub fn last_full(&self, id: &str) -> Option<Option<&'a Node>> {
+        let chain = self.recovery_chain(id)?;
+        Some(chain.into_iter().rev().find(|n| n.kind == NodeKind::Full))
+    }
+
+    /// The parent of `id` (`Some(None)` for a root).
+    pub fn parent(&self, id: &str) -> Option<Option<&'a Node>> {
+        let x = self.get(id)?;
+        Some(x.parent.as_ref().and_then(|p| self.get(p.as_str())))
+    }
+
+    /// The position of `id` in the node list.
+    pub fn position(&self, id: &NodeId) -> Option<usize> {
+        self.by_id.get(id.as_str()).copied()
+    }
+}

@@ -1,0 +1,244 @@
+//! Loading manifests: a good one round-trips; every kind of damage gets its own error, which names the file and
+//! the node or field; and a manifest that fails to load is left exactly as it was.
+
+mod common;
+
+use std::fs;
+
+use chain::{Error, LockWait, Manifest, ManifestProblem, NodeId, NodeKind, Operation, OperationKind, RelPath};
+use chrono::Utc;
+use common::{TestRepo, add};
+use serde_json::{Value, json};
+
+/// A repository whose VM "vm1" has 0001 (full) ← 0002 ← 0003, and 0004 under 0001, current 0003.
+fn saved() -> (TestRepo, Manifest) {
+    let t = TestRepo::new();
+    let guard = t.vm.lock_exclusive(LockWait::NoWait, "test").unwrap();
+    let mut m = t.vm.load().unwrap();
+    let a = add(&mut m, None);
+    let b = add(&mut m, Some(&a));
+    let c = add(&mut m, Some(&b));
+    add(&mut m, Some(&a));
+    m.current = Some(c);
+    m.set_tag(&b, Some("weekly".into())).unwrap();
+    let mut op = Operation::new(OperationKind::Backup, Some(b.clone()), Utc::now());
+    op.files.push(RelPath::disk_image(&b, "disk0").unwrap());
+    op.jobs.push("job-1".into());
+    m.add_operation(op);
+    m.add_operation(Operation::new(OperationKind::from("defragment"), None, Utc::now()));
+    t.vm.save(&m, &guard).unwrap();
+    (t, m)
+}
+
+#[test]
+fn a_manifest_round_trips_through_disk() {
+    let (t, m) = saved();
+    let loaded = t.vm.load().unwrap();
+    assert_eq!(loaded, m);
+    // Human-readable: pretty, snake_case, RFC 3339 times, relative paths.
+    let text = fs::read_to_string(t.vm.manifest_path()).unwrap();
+    assert!(text.contains("\n  \"format_version\": 1,"), "{text}");
+    assert!(text.contains("\"chain_id\""));
+    assert!(text.contains("\"kind\": \"incremental\""));
+    assert!(text.contains("\"file\": \"0002/disk0.qcow2\""));
+    assert!(text.contains("\"kind\": \"defragment\""), "unknown operation kinds are kept");
+    assert!(text.contains("T03:04:05Z"), "times are RFC 3339");
+    assert_eq!(loaded.operations[1].kind, OperationKind::Other("defragment".into()));
+}
+
+/// Writes `edit`ed JSON over the saved manifest, loads it, checks the file was not touched, returns the error.
+fn load_edited(edit: impl FnOnce(&mut Value)) -> (Error, String) {
+    let (t, _) = saved();
+    let path = t.vm.manifest_path();
+    let mut value: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    edit(&mut value);
+    let bytes = serde_json::to_vec_pretty(&value).unwrap();
+    load_bytes(&t, &bytes)
+}
+
+fn load_bytes(t: &TestRepo, bytes: &[u8]) -> (Error, String) {
+    let path = t.vm.manifest_path();
+    fs::write(&path, bytes).unwrap();
+    let err = t.vm.load().unwrap_err();
+    assert_eq!(fs::read(&path).unwrap(), bytes, "a bad manifest is left as it is");
+    let text = err.to_string();
+    assert!(text.contains(&path.display().to_string()), "the message names the file: {text}");
+    (err, text)
+}
+
+fn problem(err: &Error) -> &ManifestProblem {
+    match err {
+        Error::ManifestInvalid { problem, .. } => problem,
+        other => panic!("expected ManifestInvalid, got {other:?}"),
+    }
+}
+
+#[test]
+fn json_syntax_errors_give_line_and_column() {
+    let (t, _) = saved();
+    let good = fs::read(t.vm.manifest_path()).unwrap();
+    let (err, text) = load_bytes(&t, &good[..good.len() / 2]);
+    let Error::ManifestSyntax { line, column, .. } = err else { panic!("{err:?}") };
+    assert!(line > 1 && column > 0);
+    assert!(text.contains(&format!("line {line} column {column}")), "{text}");
+
+    let (err, text) = load_bytes(&t, b"{\n  \"format_version\": 1,\n  \"vm\": \"vm1\",, \n}");
+    assert!(matches!(err, Error::ManifestSyntax { line: 3, .. }), "{err:?}");
+    assert!(text.contains("line 3"), "{text}");
+}
+
+#[test]
+fn schema_errors_give_line_and_column() {
+    let (err, text) = load_edited(|v| v["next_seq"] = json!("five"));
+    assert!(matches!(err, Error::ManifestSyntax { .. }), "{err:?}");
+    assert!(text.contains("invalid type"), "{text}");
+    let (err, text) = load_edited(|v| v["nodes"][1]["colour"] = json!("red"));
+    assert!(matches!(err, Error::ManifestSyntax { .. }), "{err:?}");
+    assert!(text.contains("unknown field `colour`"), "{text}");
+    let (err, text) = load_edited(|v| v["nodes"][1]["kind"] = json!("partial"));
+    assert!(matches!(err, Error::ManifestSyntax { .. }), "{err:?}");
+    assert!(text.contains("partial"), "{text}");
+}
+
+#[test]
+fn format_versions() {
+    let (err, text) = load_edited(|v| v["format_version"] = json!(2));
+    assert!(matches!(err, Error::ManifestTooNew { found: 2, supported: 1, .. }), "{err:?}");
+    assert!(text.contains("newer qmpbak"), "{text}");
+    // Even when the rest is something this version cannot parse.
+    let (err, _) = load_edited(|v| {
+        v["format_version"] = json!(7);
+        v["nodes"] = json!({"a new": "shape"});
+    });
+    assert!(matches!(err, Error::ManifestTooNew { found: 7, .. }), "{err:?}");
+    let (err, _) = load_edited(|v| v["format_version"] = json!(0));
+    assert!(matches!(err, Error::ManifestFormatUnknown { found: 0, .. }), "{err:?}");
+}
+
+#[test]
+fn duplicate_node_ids() {
+    let (err, text) = load_edited(|v| v["nodes"][3]["id"] = json!("0002"));
+    assert!(matches!(problem(&err), ManifestProblem::DuplicateNode { node } if node == "0002"), "{err:?}");
+    assert!(text.contains("0002"), "{text}");
+}
+
+#[test]
+fn missing_parents() {
+    let (err, text) = load_edited(|v| v["nodes"][2]["parent"] = json!("0042"));
+    assert!(
+        matches!(problem(&err), ManifestProblem::MissingParent { node, parent } if node == "0003" && parent == "0042"),
+        "{err:?}"
+    );
+    assert!(text.contains("0003") && text.contains("0042"), "{text}");
+}
+
+#[test]
+fn cycles() {
+    let (err, text) = load_edited(|v| v["nodes"][0]["parent"] = json!("0003"));
+    let ManifestProblem::Cycle { nodes } = problem(&err) else { panic!("{err:?}") };
+    for id in ["0001", "0002", "0003"] {
+        assert!(nodes.iter().any(|n| n == id), "{nodes:?}");
+    }
+    assert!(text.contains("cycle"), "{text}");
+    let (err, _) = load_edited(|v| v["nodes"][3]["parent"] = json!("0004"));
+    assert!(matches!(problem(&err), ManifestProblem::Cycle { nodes } if nodes.contains(&"0004".to_owned())));
+}
+
+#[test]
+fn numbering_that_disagrees_with_the_tree() {
+    let (err, text) = load_edited(|v| v["nodes"][1]["tid"] = json!(2));
+    assert!(
+        matches!(problem(&err), ManifestProblem::Numbering { node, stored: (2, 2), expected: (2, 3) } if node == "0002"),
+        "{err:?}"
+    );
+    assert!(text.contains("node 0002 has lid/tid 2/2, but the tree gives 2/3"), "{text}");
+}
+
+#[test]
+fn current_must_exist() {
+    let (err, text) = load_edited(|v| v["current"] = json!("0009"));
+    assert!(matches!(problem(&err), ManifestProblem::CurrentMissing { current } if current == "0009"));
+    assert!(text.contains("0009"), "{text}");
+}
+
+#[test]
+fn invalid_ids_and_paths() {
+    let (err, text) = load_edited(|v| v["nodes"][1]["id"] = json!("../0002"));
+    assert!(matches!(problem(&err), ManifestProblem::InvalidValue { field, .. } if field == "nodes[1].id"), "{err:?}");
+    assert!(text.contains("../0002"), "{text}");
+
+    let (err, text) = load_edited(|v| v["nodes"][2]["disks"][0]["file"] = json!("/etc/passwd"));
+    assert!(
+        matches!(problem(&err), ManifestProblem::InvalidValue { field, .. } if field == "node 0003 disks[0].file"),
+        "{err:?}"
+    );
+    assert!(text.contains("absolute") && text.contains("/etc/passwd"), "{text}");
+
+    let (err, text) = load_edited(|v| v["nodes"][2]["disks"][0]["backing"] = json!("0002/../../../x"));
+    assert!(text.contains("node 0003 disks[0].backing") && text.contains(".."), "{text}");
+    assert!(matches!(problem(&err), ManifestProblem::InvalidValue { .. }));
+
+    let (_, text) = load_edited(|v| v["nodes"][1]["disks"][0]["disk"] = json!("a/b"));
+    assert!(text.contains("node 0002 disks[0].disk"), "{text}");
+    let (_, text) = load_edited(|v| v["nodes"][1]["parent"] = json!(""));
+    assert!(text.contains("node 0002 parent"), "{text}");
+    let (_, text) = load_edited(|v| v["operations"][0]["files"][0] = json!("../../elsewhere"));
+    assert!(text.contains("operations[0].files[0]"), "{text}");
+    let (_, text) = load_edited(|v| v["chain_id"] = json!("not-hex!"));
+    assert!(text.contains("chain_id"), "{text}");
+    let (_, text) = load_edited(|v| v["nodes"][0]["disks"][0]["table_sha256"] = json!("abc"));
+    assert!(text.contains("table_sha256"), "{text}");
+    let (_, text) = load_edited(|v| v["disks"] = json!([{"id": "x y", "node_name": null, "virtual_size": 1, "serial": null, "filename": null}]));
+    assert!(text.contains("disks[0].id"), "{text}");
+}
+
+#[test]
+fn other_contents_problems() {
+    let (err, text) = load_edited(|v| v["vm"] = json!("vm2"));
+    assert!(matches!(problem(&err), ManifestProblem::WrongVm { expected, found } if expected == "vm1" && found == "vm2"));
+    assert!(text.contains("vm2"), "{text}");
+    let (err, text) = load_edited(|v| v["nodes"][3]["tag"] = json!("weekly"));
+    assert!(matches!(problem(&err), ManifestProblem::DuplicateTag { .. }), "{err:?}");
+    assert!(text.contains("weekly") && text.contains("0002") && text.contains("0004"), "{text}");
+    let (err, _) = load_edited(|v| v["nodes"][3]["tag"] = json!("0001"));
+    assert!(matches!(problem(&err), ManifestProblem::DuplicateTag { .. }), "{err:?}");
+    let (err, text) = load_edited(|v| v["next_seq"] = json!(3));
+    assert!(matches!(problem(&err), ManifestProblem::NextSeqTooLow { next_seq: 3, .. }), "{err:?}");
+    assert!(text.contains("0003") || text.contains("0004"), "{text}");
+}
+
+#[test]
+fn a_missing_manifest() {
+    let (t, _) = saved();
+    fs::remove_file(t.vm.manifest_path()).unwrap();
+    let err = t.vm.load().unwrap_err();
+    assert!(matches!(err, Error::ManifestMissing { .. }), "{err:?}");
+    assert!(err.to_string().contains("manifest.json"), "{err}");
+}
+
+#[test]
+fn saving_refuses_an_invalid_manifest_and_keeps_the_old_one() {
+    let (t, mut m) = saved();
+    let before = fs::read(t.vm.manifest_path()).unwrap();
+    let guard = t.vm.lock_exclusive(LockWait::NoWait, "test").unwrap();
+    m.current = Some(NodeId::new("0077").unwrap());
+    let err = t.vm.save(&m, &guard).unwrap_err();
+    assert!(matches!(&err, Error::ManifestInconsistent { problem: ManifestProblem::CurrentMissing { .. }, .. }));
+    m.current = None;
+    m.vm = "other".into();
+    assert!(matches!(t.vm.save(&m, &guard), Err(Error::ManifestInconsistent { .. })));
+    assert_eq!(fs::read(t.vm.manifest_path()).unwrap(), before);
+}
+
+#[test]
+fn node_ids_count_up() {
+    let mut m = Manifest::new("vm1", Utc::now());
+    assert_eq!(m.next_node_id().as_str(), "0001");
+    assert_eq!(m.next_node_id().as_str(), "0002");
+    m.next_seq = 9999;
+    assert_eq!(m.next_node_id().as_str(), "9999");
+    assert_eq!(m.next_node_id().as_str(), "10000");
+    assert_eq!(m.chain_id.len(), 8);
+    assert_ne!(Manifest::new("vm1", Utc::now()).chain_id, m.chain_id);
+    let _ = NodeKind::Full;
+}

@@ -1,0 +1,195 @@
+//! The copy phase of a full, incremental or differential backup: one `blockdev-backup` job per disk, all
+//! started with the new bitmaps in one QMP transaction. Incremental and differential targets are qcow2 files
+//! whose backing file is the parent's; in QEMU they are opened on top of the parent's recovery chain, so that a
+//! zeroed cluster is recorded as zero rather than left to show the parent's data.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::{Value, json};
+use tokio::task::JoinSet;
+
+use super::{Copied, Run, interrupted};
+use crate::cleanup;
+use crate::graph;
+use crate::plan::Method;
+
+/// How often job progress is read for the progress display.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// Creates the targets, runs the copy jobs and removes them from QEMU again. Returns the bytes copied per disk.
+pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
+    create_target_files(run)?;
+    add_targets(run).await?;
+    let jobs: Vec<String> = run.targets.iter().map(|t| run.qemu_name("j", t.index)).collect();
+    run.progress.phase("copying");
+    run.qmp
+        .execute_raw("transaction", Some(transaction(run)))
+        .await
+        .context("starting the backup jobs (QMP transaction)")?;
+    crate::crashpoint::crashpoint("backup-jobs-started");
+    let outcome = tokio::select! {
+        outcome = wait_jobs(run, &jobs) => outcome,
+        () = run.interrupt.wait() => {
+            for job in &jobs {
+                cleanup::stop_job(run.qmp, job).await;
+            }
+            return Err(interrupted());
+        }
+    };
+    let bytes = outcome?;
+    for job in &jobs {
+        let _ = run.qmp.execute_raw("job-dismiss", Some(json!({ "id": job }))).await;
+    }
+    remove_targets(run).await;
+    Ok(Copied { bytes, tables: None })
+}
+
+/// `qemu-img create` of each node file; incremental ones name the parent's file as backing file (relative).
+pub(super) fn create_target_files(run: &Run<'_>) -> Result<()> {
+    for t in &run.targets {
+        let path = run.vm.resolve(&t.file)?;
+        let mut cmd = Command::new(&run.bins.img);
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(backing) = &t.backing {
+            // The header's backing path is relative to the node file's directory.
+            cmd.args(["-u", "-F", "qcow2", "-b"]).arg(format!("../{backing}"));
+        }
+        cmd.arg(&path).arg(t.info.virtual_size.to_string());
+        let out = cmd.output().with_context(|| format!("running {}", run.bins.img.display()))?;
+        if !out.status.success() {
+            bail!("creating {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+        }
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("setting the mode of {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Opens each target in the VM's QEMU, on top of the parent's chain when there is a parent.
+pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
+    for t in &run.targets {
+        let backing = match &run.plan.parent {
+            Some(parent) => {
+                let chain = graph::add_chain(
+                    run.qmp,
+                    run.vm,
+                    &run.manifest,
+                    &parent.parse()?,
+                    &t.info.id,
+                    &run.chain_prefix(t.index),
+                )
+                .await?;
+                chain.top().map(str::to_owned)
+            }
+            None => None,
+        };
+        let path = run.vm.resolve(&t.file)?;
+        let options = graph::qcow2_options(&run.qemu_name("t", t.index), &path, backing.as_deref(), false);
+        run.qmp
+            .execute_raw("blockdev-add", Some(options))
+            .await
+            .with_context(|| format!("opening the backup target {} in QEMU", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Removes targets and parent chains from QEMU (the jobs are gone by now).
+async fn remove_targets(run: &Run<'_>) {
+    for name in &run.op.block_nodes {
+        let _ = run.qmp.execute_raw("blockdev-del", Some(json!({ "node-name": name }))).await;
+    }
+}
+
+/// The one transaction: per disk, the new bitmaps and the copy job.
+fn transaction(run: &Run<'_>) -> Value {
+    let mut actions = Vec::new();
+    let base = run.base_bitmap();
+    for t in &run.targets {
+        for name in run.new_bitmaps() {
+            actions.push(json!({
+                "type": "block-dirty-bitmap-add",
+                "data": { "node": t.info.node_name, "name": name, "persistent": true },
+            }));
+        }
+        let mut job = json!({
+            "job-id": run.qemu_name("j", t.index),
+            "device": t.info.node_name,
+            "target": run.qemu_name("t", t.index),
+            "auto-dismiss": false,
+        });
+        if run.plan.method == Method::Bitmap {
+            job["sync"] = json!("bitmap");
+            job["bitmap"] = json!(base);
+            job["bitmap-mode"] = json!("never");
+        } else {
+            job["sync"] = json!("full");
+        }
+        if run.opts.speed_limit > 0 {
+            job["speed"] = json!(run.opts.speed_limit);
+        }
+        if run.opts.compress {
+            job["compress"] = json!(true);
+        }
+        actions.push(json!({ "type": "blockdev-backup", "data": job }));
+    }
+    json!({ "actions": actions })
+}
+
+/// Waits for every job to conclude, reporting progress; on the first failure cancels the others.
+async fn wait_jobs(run: &Run<'_>, jobs: &[String]) -> Result<Vec<u64>> {
+    let mut set = JoinSet::new();
+    for (i, job) in jobs.iter().enumerate() {
+        let qmp = run.qmp.clone();
+        let job = job.clone();
+        let timeout = run.opts.job_timeout;
+        set.spawn(async move { (i, qmp.wait_job(&job, timeout).await) });
+    }
+    let mut bytes = vec![0; jobs.len()];
+    let mut failure: Option<anyhow::Error> = None;
+    let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+    while !set.is_empty() {
+        tokio::select! {
+            joined = set.join_next() => {
+                let Some(joined) = joined else { break };
+                let (i, outcome) = joined.map_err(|e| anyhow!("job waiter panicked: {e}"))?;
+                let disk = &run.targets[i].info.id;
+                match outcome {
+                    Ok(o) if o.error.is_none() => {
+                        bytes[i] = o.total_progress;
+                        run.progress.advance(disk, o.total_progress, o.total_progress);
+                        run.progress.finish_disk(disk);
+                    }
+                    Ok(o) => {
+                        let why = o.error.unwrap_or_default();
+                        failure.get_or_insert_with(|| anyhow!("the backup job of disk {disk} failed: {why}"));
+                        for job in jobs {
+                            cleanup::stop_job(run.qmp, job).await;
+                        }
+                    }
+                    Err(e) => {
+                        failure.get_or_insert_with(|| anyhow::Error::new(e)
+                            .context(format!("waiting for the backup job of disk {disk}")));
+                    }
+                }
+            }
+            _ = ticker.tick() => report_progress(run, jobs).await,
+        }
+    }
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(bytes),
+    }
+}
+
+async fn report_progress(run: &Run<'_>, jobs: &[String]) {
+    let Ok(list) = run.qmp.execute_raw("query-jobs", None).await else { return };
+    for job in list.as_array().into_iter().flatten() {
+        let Some(i) = jobs.iter().position(|j| job["id"] == j.as_str()) else { continue };
+        let done = job["current-progress"].as_u64().unwrap_or(0);
+        let total = job["total-progress"].as_u64().unwrap_or(0);
+        run.progress.advance(&run.targets[i].info.id, done, total);
+    }
+}

@@ -1,0 +1,603 @@
+//! `backup`: a full, incremental or differential backup of a running VM into its chain in a repository.
+//!
+//! One QMP `transaction` starts the copy jobs of every selected disk and adds the dirty bitmaps for the next
+//! backup, so the disks are backed up at one instant and no write falls between two backups. Copy jobs use
+//! `sync=bitmap` with `bitmap-mode=never`, so the bitmap a backup reads is left untouched whatever happens; only
+//! after the new node is recorded as complete is the old bitmap removed. A failed, cancelled or killed backup
+//! therefore never loses a change. When the bitmaps cannot be trusted, the disk is read at one instant through
+//! an image-fleecing overlay and compared block by block with the base node's checking table ([`fleece`]).
+
+mod fleece;
+mod jobs;
+
+pub use fleece::NBD_SERVER_NOTE;
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+
+use chain::{
+    BitmapRecord, DiskIdentity, LockGuard, LockWait, Location, Manifest, Node, NodeDisk, NodeId, NodeKind,
+    NodeState, Operation, OperationKind, RelPath, Repository, VmStore,
+};
+
+use crate::bitmaps::{BitmapName, BitmapState, Role};
+use crate::cleanup;
+use crate::crashpoint::crashpoint;
+use crate::exit::{Exit, ExitCode};
+use crate::inspect::{self, DiskInfo};
+use crate::plan::{self, ChainFacts, DiskFacts, Level, Method, Plan, Requested};
+use crate::progress::Progress;
+use crate::qemu_bins::QemuBins;
+use crate::signals::Interrupt;
+
+/// Bound on one copy job, start to end. Large: a job's speed is the disk's; the progress output shows it moving.
+pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+/// What to back up and how.
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub socket: PathBuf,
+    pub repo: PathBuf,
+    pub vm: String,
+    pub level: Requested,
+    /// Only these disks (qdev ids); empty means all.
+    pub disks: Vec<String>,
+    pub exclude: Vec<String>,
+    /// Bytes per second per disk, 0 = unlimited.
+    pub speed_limit: u64,
+    pub compress: bool,
+    pub tag: Option<String>,
+    pub lock_wait: LockWait,
+    pub job_timeout: Duration,
+}
+
+/// The outcome of a backup, as printed by `--json`.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupReport {
+    pub vm: String,
+    pub node: String,
+    pub parent: Option<String>,
+    pub level: &'static str,
+    pub method: &'static str,
+    pub reason: String,
+    pub disks: Vec<DiskReport>,
+    pub duration_secs: f64,
+    /// What an earlier, interrupted run left behind and this run removed.
+    pub cleaned: cleanup::Cleaned,
+}
+
+/// Per-disk figures of a backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskReport {
+    pub disk: String,
+    pub virtual_size: u64,
+    /// Guest bytes the backup copied (for a checksum-diff: the blocks that differed).
+    pub copied_bytes: u64,
+    /// Bytes the node's file takes on the host.
+    pub stored_bytes: u64,
+}
+
+/// The selected disks and everything a run needs to know about them.
+pub(crate) struct Target {
+    pub info: DiskInfo,
+    /// Position in the node's disk list; used in short QEMU names.
+    pub index: usize,
+    /// The node's file for this disk, relative to the VM directory.
+    pub file: RelPath,
+    pub table: RelPath,
+    /// The parent's file for this disk (the qcow2 backing file), relative to the VM directory.
+    pub backing: Option<RelPath>,
+}
+
+/// A backup in progress: what has been decided and created so far.
+pub(crate) struct Run<'a> {
+    pub qmp: &'a qmp::Qmp,
+    pub vm: &'a VmStore,
+    pub guard: &'a LockGuard,
+    pub manifest: Manifest,
+    pub bins: QemuBins,
+    pub block_size: u64,
+    pub node: NodeId,
+    pub plan: Plan,
+    pub targets: Vec<Target>,
+    pub op: Operation,
+    pub opts: &'a BackupOptions,
+    pub progress: &'a dyn Progress,
+    pub interrupt: &'a Interrupt,
+}
+
+impl Run<'_> {
+    /// A QEMU block node or job name for this run: short (QEMU limits node names to 31 characters) and unique
+    /// per chain and node.
+    pub fn qemu_name(&self, what: &str, disk: usize) -> String {
+        let chain: String = self.manifest.chain_id.chars().take(4).collect();
+        format!("qb{chain}{what}{}-{disk}", self.node)
+    }
+
+    /// The bitmap a disk's copy reads: relative to the plan's parent.
+    pub fn base_bitmap(&self) -> Option<String> {
+        let parent = self.plan.parent.as_ref()?;
+        Some(match self.plan.level {
+            Level::Differential => BitmapName::differential(&self.manifest.chain_id, parent).to_string(),
+            _ => BitmapName::incremental(&self.manifest.chain_id, parent).to_string(),
+        })
+    }
+
+    /// Bitmaps this backup creates on every disk: the base of the next incremental and, for a full, of the
+    /// next differentials.
+    pub fn new_bitmaps(&self) -> Vec<String> {
+        let chain = &self.manifest.chain_id;
+        let mut names = vec![BitmapName::incremental(chain, self.node.as_str()).to_string()];
+        if self.plan.level == Level::Full {
+            names.push(BitmapName::differential(chain, self.node.as_str()).to_string());
+        }
+        names
+    }
+
+    /// Saves the manifest (atomically).
+    pub fn save(&self) -> Result<()> {
+        self.vm.save(&self.manifest, self.guard)?;
+        Ok(())
+    }
+}
+
+/// Runs a backup. The VM keeps running throughout; on any failure what was started is undone and the node is
+/// recorded as failed, with every change still covered by the old bitmaps.
+pub async fn backup(opts: &BackupOptions, progress: &dyn Progress, interrupt: &Interrupt) -> Result<BackupReport> {
+    let started = Instant::now();
+    let repo = Repository::open(&opts.repo)?;
+    let vm = match repo.vm(&opts.vm) {
+        Ok(vm) if vm.dir().exists() => vm,
+        _ => repo.create_vm(&opts.vm)?,
+    };
+    let guard = vm.lock_exclusive(opts.lock_wait, "backup")?;
+    let mut manifest = vm.load()?;
+
+    let qmp = inspect::connect(&opts.socket).await?;
+    let cleaned = cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let info = inspect::inspect(&qmp).await?;
+    let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
+    for disk in &disks {
+        if disk.read_only {
+            bail!(Exit::usage(format!("disk {} is read-only: exclude it with --exclude {}", disk.id, disk.id)));
+        }
+    }
+
+    let facts = chain_facts(&manifest, repo.settings().full_every);
+    let disk_facts: Vec<DiskFacts> = disks.iter().map(|d| disk_facts(&manifest, &facts, d)).collect();
+    let plan = plan::plan(opts.level, &facts, &disk_facts).map_err(|e| Exit::usage(e.to_string()))?;
+    progress.phase(&format!("{} backup: {}", level_name(plan.level), plan.reason));
+
+    record_disks(&mut manifest, &disks);
+    let node = manifest.next_node_id();
+    let targets = disks
+        .iter()
+        .enumerate()
+        .map(|(index, info)| {
+            let file: RelPath = format!("{node}/{}.qcow2", info.id).parse()?;
+            let table: RelPath = format!("{node}/{}.table", info.id).parse()?;
+            let backing = match &plan.parent {
+                Some(parent) => Some(format!("{parent}/{}.qcow2", info.id).parse()?),
+                None => None,
+            };
+            Ok(Target { info: info.clone(), index, file, table, backing })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    if let Some(tag) = &opts.tag {
+        if manifest.find(tag).is_some() {
+            bail!(Exit::usage(format!("tag {tag:?} is already used in VM {}: tags are unique per VM", opts.vm)));
+        }
+    }
+
+    let op = Operation {
+        id: format!("backup-{node}"),
+        kind: OperationKind::Backup,
+        node: Some(node.clone()),
+        started: chrono::Utc::now(),
+        pid: std::process::id(),
+        host: hostname(),
+        jobs: Vec::new(),
+        block_nodes: Vec::new(),
+        bitmaps: Vec::new(),
+        files: Vec::new(),
+        note: None,
+    };
+    let mut run = Run {
+        qmp: &qmp,
+        vm: &vm,
+        guard: &guard,
+        manifest,
+        bins: QemuBins::from_env(),
+        block_size: repo.settings().block_size,
+        node,
+        plan,
+        targets,
+        op,
+        opts,
+        progress,
+        interrupt,
+    };
+    run.begin()?;
+    crashpoint("backup-begun");
+
+    let result = match run.plan.method {
+        Method::Full | Method::Bitmap => jobs::copy(&mut run).await,
+        Method::ChecksumDiff => fleece::copy(&mut run).await,
+    };
+    let copied = match result {
+        Ok(copied) => {
+            crashpoint("backup-copied");
+            copied
+        }
+        Err(err) => {
+            run.fail(&err).await;
+            return Err(err);
+        }
+    };
+    let report_disks = match run.complete(&copied).await {
+        Ok(disks) => disks,
+        Err(err) => {
+            run.fail(&err).await;
+            return Err(err);
+        }
+    };
+    crashpoint("backup-completed");
+    run.tidy_bitmaps().await;
+    Ok(BackupReport {
+        vm: opts.vm.clone(),
+        node: run.node.to_string(),
+        parent: run.plan.parent.clone(),
+        level: level_name(run.plan.level),
+        method: match run.plan.method {
+            Method::Full => "full",
+            Method::Bitmap => "bitmap",
+            Method::ChecksumDiff => "checksum-diff",
+        },
+        reason: run.plan.reason.clone(),
+        disks: report_disks,
+        duration_secs: started.elapsed().as_secs_f64(),
+        cleaned,
+    })
+}
+
+/// The result of the copy phase, per target: guest bytes copied, and the node's checking table when the copy
+/// already computed it (checksum-diff).
+pub(crate) struct Copied {
+    pub bytes: Vec<u64>,
+    pub tables: Option<Vec<chain::Table>>,
+}
+
+impl Run<'_> {
+    /// Records the pending node and the operation record in the manifest before QEMU is touched.
+    fn begin(&mut self) -> Result<()> {
+        let kind = match self.plan.level {
+            Level::Full => NodeKind::Full,
+            Level::Incremental => NodeKind::Incremental,
+            Level::Differential => NodeKind::Differential,
+        };
+        let host = hostname();
+        let disks = self
+            .targets
+            .iter()
+            .map(|t| {
+                Ok(NodeDisk {
+                    disk: t.info.id.clone(),
+                    file: t.file.clone(),
+                    backing: t.backing.clone(),
+                    virtual_size: t.info.virtual_size,
+                    allocated_bytes: 0,
+                    bitmap: self.base_bitmap(),
+                    table: None,
+                    table_sha256: None,
+                    location: Location {
+                        host: host.clone(),
+                        path: self.vm.resolve(&t.file)?.display().to_string(),
+                        predecessor: match &t.backing {
+                            Some(b) => Some(self.vm.resolve(b)?.display().to_string()),
+                            None => None,
+                        },
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let node = Node {
+            id: self.node.clone(),
+            parent: self.plan.parent.as_ref().map(|p| p.parse()).transpose()?,
+            kind,
+            created: chrono::Utc::now(),
+            state: NodeState::Pending,
+            tag: self.opts.tag.clone(),
+            reason: Some(self.plan.reason.clone()),
+            lid: 0,
+            tid: 0,
+            disks,
+        };
+        self.manifest.add_node(node)?;
+        for t in &self.targets {
+            self.op.files.push(t.file.clone());
+            self.op.files.push(t.table.clone());
+            for name in self.new_bitmaps() {
+                self.op.bitmaps.push(BitmapRecord { node: t.info.node_name.clone(), name });
+            }
+        }
+        self.record_qemu_names();
+        self.manifest.operations.push(self.op.clone());
+        self.save()?;
+        std::fs::create_dir_all(self.vm.node_dir(&self.node))
+            .with_context(|| format!("creating {}", self.vm.node_dir(&self.node).display()))?;
+        Ok(())
+    }
+
+    /// Puts every QEMU job and block node name this run may create into the operation record, newest first
+    /// (the order cleanup removes them in).
+    fn record_qemu_names(&mut self) {
+        let depth = self
+            .plan
+            .parent
+            .as_ref()
+            .and_then(|p| p.parse::<NodeId>().ok())
+            .and_then(|p| self.manifest.recovery_chain(&p).ok().map(|c| c.len()))
+            .unwrap_or(0);
+        for t in &self.targets {
+            let i = t.index;
+            self.op.jobs.push(self.qemu_name("j", i));
+            self.op.block_nodes.push(self.qemu_name("f", i));
+            self.op.block_nodes.push(self.qemu_name("t", i));
+            for layer in (0..depth).rev() {
+                self.op.block_nodes.push(format!("{}{layer}", self.chain_prefix(i)));
+            }
+        }
+    }
+
+    /// Name prefix of the parent chain's layers for disk `i` in the VM's QEMU.
+    pub fn chain_prefix(&self, disk: usize) -> String {
+        format!("{}-", self.qemu_name("c", disk))
+    }
+
+    /// Writes tables, marks the node complete, makes it current and drops the operation record, in one
+    /// manifest write.
+    async fn complete(&mut self, copied: &Copied) -> Result<Vec<DiskReport>> {
+        let tables = match &copied.tables {
+            Some(tables) => tables.clone(),
+            None => self.build_tables().await?,
+        };
+        let mut reports = Vec::new();
+        for (t, table) in self.targets.iter().zip(&tables) {
+            let table_path = self.vm.resolve(&t.table)?;
+            let sha = table.save(&table_path)?;
+            let file_path = self.vm.resolve(&t.file)?;
+            let stored = allocated_bytes(&file_path)?;
+            let node = self.manifest.node_mut(&self.node).context("pending node vanished from the manifest")?;
+            let disk = node.disks.iter_mut().find(|d| d.disk == t.info.id).context("node disk vanished")?;
+            disk.allocated_bytes = stored;
+            disk.table = Some(t.table.clone());
+            disk.table_sha256 = Some(sha);
+            reports.push(DiskReport {
+                disk: t.info.id.clone(),
+                virtual_size: t.info.virtual_size,
+                copied_bytes: copied.bytes.get(t.index).copied().unwrap_or(0),
+                stored_bytes: stored,
+            });
+        }
+        crashpoint("backup-tables-written");
+        let node = self.manifest.node_mut(&self.node).context("pending node vanished from the manifest")?;
+        node.state = NodeState::Complete;
+        self.manifest.current = Some(self.node.clone());
+        self.manifest.operations.retain(|o| o.id != self.op.id);
+        self.save()?;
+        Ok(reports)
+    }
+
+    /// Builds each disk's checking table through a qemu-storage-daemon: derived from the parent's table for an
+    /// incremental or differential, whole for a full.
+    async fn build_tables(&self) -> Result<Vec<chain::Table>> {
+        self.progress.phase("building checking tables");
+        let daemon = crate::daemon::StorageDaemon::start(&self.bins).await?;
+        let mut tables = Vec::new();
+        let result = async {
+            for t in &self.targets {
+                let parent_table = match &self.plan.parent {
+                    Some(parent) => Some(load_table(self.vm, &self.manifest, &parent.parse()?, &t.info.id)?),
+                    None => None,
+                };
+                let table = crate::tables::build(
+                    &daemon,
+                    &self.bins,
+                    self.vm,
+                    &self.manifest,
+                    &self.node,
+                    &t.info.id,
+                    self.block_size,
+                    parent_table.as_ref(),
+                )
+                .await
+                .with_context(|| format!("building the checking table of disk {}", t.info.id))?;
+                self.progress.finish_disk(&t.info.id);
+                tables.push(table);
+            }
+            Ok::<_, anyhow::Error>(())
+        }
+        .await;
+        daemon.stop().await?;
+        result?;
+        Ok(tables)
+    }
+
+    /// Undoes everything this run created and records the node as failed with the error; the old bitmaps are
+    /// untouched, so the next backup still sees every change.
+    async fn fail(&mut self, err: &anyhow::Error) {
+        let mut cleaned = cleanup::Cleaned::default();
+        cleanup::undo_in_qemu(self.qmp, &self.op, &mut cleaned).await;
+        cleanup::undo_on_disk(self.vm, &self.op, &mut cleaned);
+        if let Some(node) = self.manifest.node_mut(&self.node) {
+            node.state = NodeState::Failed;
+            node.reason = Some(format!("{:#}", err));
+        }
+        self.manifest.operations.retain(|o| o.id != self.op.id);
+        if let Err(e) = self.save() {
+            eprintln!("qmpbak: could not record the failed backup in the manifest: {e:#}");
+        }
+    }
+
+    /// After success: removes qmpbak bitmaps of this chain that no longer mean anything: everything but the
+    /// new node's incremental bitmap and the differential bitmap of its full.
+    async fn tidy_bitmaps(&self) {
+        let chain = &self.manifest.chain_id;
+        let last_full = self.manifest.last_full(&self.node).map(|n| n.id.to_string());
+        let keep: HashSet<String> = [
+            Some(BitmapName::incremental(chain, self.node.as_str()).to_string()),
+            last_full.map(|f| BitmapName::differential(chain, &f).to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for t in &self.targets {
+            for b in &t.info.bitmaps {
+                let ours = BitmapName::parse(&b.name).is_some_and(|n| &n.chain_id == chain);
+                if ours && !keep.contains(&b.name) {
+                    let args = serde_json::json!({ "node": t.info.node_name, "name": b.name });
+                    let _ = self.qmp.execute_raw("block-dirty-bitmap-remove", Some(args)).await;
+                }
+            }
+        }
+    }
+}
+
+/// Loads and verifies a node's checking table for one disk.
+pub fn load_table(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str) -> Result<chain::Table> {
+    let n = manifest.node(node).with_context(|| format!("node {node} is not in the manifest"))?;
+    let d = n.disks.iter().find(|d| d.disk == disk).with_context(|| format!("node {node} has no disk {disk}"))?;
+    let (Some(table), Some(sha)) = (&d.table, &d.table_sha256) else {
+        bail!("node {node} has no checking table for disk {disk}");
+    };
+    let path = vm.resolve(table)?;
+    chain::Table::verify_file(&path, sha)?;
+    Ok(chain::Table::load(&path)?)
+}
+
+/// Bytes a file occupies on the host (allocated blocks, not its apparent size).
+pub fn allocated_bytes(path: &std::path::Path) -> Result<u64> {
+    use std::os::unix::fs::MetadataExt as _;
+    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(meta.blocks() * 512)
+}
+
+pub fn hostname() -> String {
+    nix::unistd::gethostname().map_or_else(|_| "unknown".to_owned(), |h| h.to_string_lossy().into_owned())
+}
+
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Full => "full",
+        Level::Incremental => "incremental",
+        Level::Differential => "differential",
+    }
+}
+
+/// The disks to back up, in QEMU's order.
+fn select_disks(all: &[DiskInfo], only: &[String], exclude: &[String]) -> Result<Vec<DiskInfo>> {
+    let known: Vec<&str> = all.iter().map(|d| d.id.as_str()).collect();
+    for id in only.iter().chain(exclude) {
+        if !known.contains(&id.as_str()) {
+            bail!(Exit::usage(format!("the VM has no disk {id:?}; its disks are: {}", known.join(", "))));
+        }
+    }
+    let selected: Vec<DiskInfo> = all
+        .iter()
+        .filter(|d| only.is_empty() || only.contains(&d.id))
+        .filter(|d| !exclude.contains(&d.id))
+        .cloned()
+        .collect();
+    if selected.is_empty() {
+        bail!(Exit::usage("no disks selected: the VM has none, or --exclude removed them all"));
+    }
+    Ok(selected)
+}
+
+/// Facts about the VM's chain for the planner.
+fn chain_facts(manifest: &Manifest, full_every: u32) -> ChainFacts {
+    let Some(current) = manifest.current.clone() else { return ChainFacts::default() };
+    let has_tables = |id: &NodeId| {
+        manifest
+            .node(id)
+            .is_some_and(|n| !n.disks.is_empty() && n.disks.iter().all(|d| d.table.is_some()))
+    };
+    let last_full = manifest.last_full(&current).map(|n| n.id.clone());
+    let since_full = manifest
+        .recovery_chain(&current)
+        .map(|chain| chain.iter().filter(|n| n.kind != NodeKind::Full).count() as u32)
+        .unwrap_or(0);
+    ChainFacts {
+        current_has_tables: has_tables(&current),
+        last_full_has_tables: last_full.as_ref().is_some_and(has_tables),
+        current: Some(current.to_string()),
+        last_full: last_full.map(|f| f.to_string()),
+        since_full,
+        full_every,
+    }
+}
+
+/// Facts about one disk: its size against the current node's, and the state of qmpbak's bitmaps on it.
+fn disk_facts(manifest: &Manifest, facts: &ChainFacts, disk: &DiskInfo) -> DiskFacts {
+    let chain = &manifest.chain_id;
+    let size_in_base = facts
+        .current
+        .as_ref()
+        .and_then(|c| c.parse::<NodeId>().ok())
+        .and_then(|c| manifest.node(&c).cloned())
+        .and_then(|n| n.disks.iter().find(|d| d.disk == disk.id).map(|d| d.virtual_size));
+    let state_of = |name: Option<String>| {
+        let Some(name) = name else { return BitmapState::Missing };
+        disk.bitmaps
+            .iter()
+            .find(|b| b.name == name)
+            .map_or(BitmapState::Missing, |b| BitmapState::from_report(b.recording, b.busy, b.inconsistent))
+    };
+    let inc = facts.current.as_ref().map(|c| BitmapName::incremental(chain, c).to_string());
+    let diff = facts.last_full.as_ref().map(|f| BitmapName::differential(chain, f).to_string());
+    let stray_bitmaps = disk
+        .bitmaps
+        .iter()
+        .filter_map(|b| BitmapName::parse(&b.name).map(|n| (b, n)))
+        .filter(|(b, n)| {
+            &n.chain_id == chain
+                && Some(&b.name) != inc.as_ref()
+                && !(n.role == Role::Differential && Some(&b.name) == diff.as_ref())
+        })
+        .map(|(b, _)| b.name.clone())
+        .collect();
+    DiskFacts {
+        id: disk.id.clone(),
+        size_now: disk.virtual_size,
+        size_in_base,
+        inc_bitmap: state_of(inc.clone()),
+        diff_bitmap: state_of(diff.clone()),
+        stray_bitmaps,
+    }
+}
+
+/// Keeps the manifest's list of known disks up to date with what QEMU reports.
+fn record_disks(manifest: &mut Manifest, disks: &[DiskInfo]) {
+    for d in disks {
+        let identity = DiskIdentity {
+            id: d.id.clone(),
+            node_name: Some(d.node_name.clone()),
+            virtual_size: d.virtual_size,
+            serial: None,
+            filename: Some(d.file.clone()),
+        };
+        match manifest.disks.iter_mut().find(|k| k.id == d.id) {
+            Some(known) => *known = identity,
+            None => manifest.disks.push(identity),
+        }
+    }
+}
+
+/// Exit code helper for interrupted runs.
+pub fn interrupted() -> anyhow::Error {
+    Exit::new(ExitCode::Interrupted, "interrupted: the backup was cancelled and cleaned up").into()
+}

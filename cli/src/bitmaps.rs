@@ -1,0 +1,129 @@
+//! Names of qmpbak's dirty bitmaps, and what a bitmap's state means for the next backup. A bitmap's name says
+//! which chain and which backup node it is relative to, so its meaning can be checked against the manifest:
+//! `qmpbak-<chain id>-inc-<node>` records every write since backup `<node>`, `qmpbak-<chain id>-diff-<full>`
+//! every write since the full backup `<full>`.
+
+use std::fmt;
+
+/// What a qmpbak bitmap is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Changes since one node: the base of the next incremental.
+    Incremental,
+    /// Changes since a full: the base of a differential; only a new full replaces it.
+    Differential,
+}
+
+/// A parsed qmpbak bitmap name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BitmapName {
+    pub chain_id: String,
+    pub role: Role,
+    pub node: String,
+}
+
+impl BitmapName {
+    pub fn incremental(chain_id: &str, node: &str) -> BitmapName {
+        BitmapName { chain_id: chain_id.to_owned(), role: Role::Incremental, node: node.to_owned() }
+    }
+
+    pub fn differential(chain_id: &str, full: &str) -> BitmapName {
+        BitmapName { chain_id: chain_id.to_owned(), role: Role::Differential, node: full.to_owned() }
+    }
+
+    /// Parses a bitmap name; `None` for bitmaps that are not qmpbak's (they are never touched).
+    pub fn parse(name: &str) -> Option<BitmapName> {
+        let rest = name.strip_prefix("qmpbak-")?;
+        let (chain_id, rest) = rest.split_once('-')?;
+        let (role, node) = if let Some(node) = rest.strip_prefix("inc-") {
+            (Role::Incremental, node)
+        } else if let Some(node) = rest.strip_prefix("diff-") {
+            (Role::Differential, node)
+        } else {
+            return None;
+        };
+        if chain_id.is_empty() || node.is_empty() {
+            return None;
+        }
+        Some(BitmapName { chain_id: chain_id.to_owned(), role, node: node.to_owned() })
+    }
+}
+
+impl fmt::Display for BitmapName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let role = match self.role {
+            Role::Incremental => "inc",
+            Role::Differential => "diff",
+        };
+        write!(f, "qmpbak-{}-{role}-{}", self.chain_id, self.node)
+    }
+}
+
+/// The state of one expected bitmap on one disk, as QEMU reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BitmapState {
+    /// Present, persistent, recording, not in use: usable for a backup.
+    Usable,
+    /// Not there (QEMU restarted without it, or it was deleted).
+    Missing,
+    /// Marked inconsistent: QEMU was not shut down cleanly while it was stored.
+    Inconsistent,
+    /// In use by another operation (a leftover job).
+    Busy,
+    /// Present but not recording writes.
+    Disabled,
+}
+
+impl BitmapState {
+    /// Why this state keeps the bitmap from being used, for the user.
+    pub fn problem(self) -> Option<&'static str> {
+        match self {
+            BitmapState::Usable => None,
+            BitmapState::Missing => Some("is missing (QEMU restarted or the bitmap was removed)"),
+            BitmapState::Inconsistent => Some("is inconsistent (QEMU stopped uncleanly)"),
+            BitmapState::Busy => Some("is busy (in use by another job)"),
+            BitmapState::Disabled => Some("is not recording"),
+        }
+    }
+
+    /// Classifies a bitmap from QEMU's report of it.
+    pub fn from_report(recording: bool, busy: bool, inconsistent: bool) -> BitmapState {
+        if inconsistent {
+            BitmapState::Inconsistent
+        } else if busy {
+            BitmapState::Busy
+        } else if !recording {
+            BitmapState::Disabled
+        } else {
+            BitmapState::Usable
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for name in [BitmapName::incremental("a1b2c3d4", "0007"), BitmapName::differential("a1b2c3d4", "0001")] {
+            assert_eq!(BitmapName::parse(&name.to_string()), Some(name));
+        }
+        assert_eq!(BitmapName::incremental("c", "0002").to_string(), "qmpbak-c-inc-0002");
+    }
+
+    #[test]
+    fn foreign_names_are_not_ours() {
+        for name in ["bitmap0", "qmpbak-", "qmpbak-abc", "qmpbak-abc-full-1", "qmpbak-abc-inc-", "qmpbak--inc-1"] {
+            assert_eq!(BitmapName::parse(name), None, "{name}");
+        }
+    }
+
+    #[test]
+    fn state_from_report() {
+        assert_eq!(BitmapState::from_report(true, false, false), BitmapState::Usable);
+        assert_eq!(BitmapState::from_report(true, true, true), BitmapState::Inconsistent);
+        assert_eq!(BitmapState::from_report(true, true, false), BitmapState::Busy);
+        assert_eq!(BitmapState::from_report(false, false, false), BitmapState::Disabled);
+    }
+}

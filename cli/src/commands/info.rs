@@ -1,0 +1,80 @@
+//! `qmpbak info --socket PATH`: QEMU's version, each disk and its dirty bitmaps.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use qmpbak::inspect;
+use qmpbak::render::bytes;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Wait up to SECS seconds for the socket to appear and accept (for a QEMU that is still starting).
+    #[arg(long, value_name = "SECS")]
+    wait_socket: Option<u64>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let qmp = match args.wait_socket {
+        Some(secs) => connect_waiting(&args.socket, Duration::from_secs(secs)).await?,
+        None => inspect::connect(&args.socket).await?,
+    };
+    let info = inspect::inspect(&qmp).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&info)?);
+        return Ok(());
+    }
+    println!("QEMU {} ({})", info.qemu.version, info.qemu.package);
+    for disk in &info.disks {
+        println!(
+            "disk {}: node {}, {} {}, {} virtual, {} allocated{}",
+            disk.id,
+            disk.node_name,
+            disk.format,
+            disk.file,
+            bytes(disk.virtual_size),
+            disk.allocated_size.map_or_else(|| "?".to_owned(), bytes),
+            if disk.read_only { ", read-only" } else { "" }
+        );
+        if disk.bitmaps.is_empty() {
+            println!("  no dirty bitmaps");
+        }
+        for b in &disk.bitmaps {
+            let mut flags = vec![if b.persistent { "persistent" } else { "transient" }];
+            flags.push(if b.recording { "recording" } else { "disabled" });
+            if b.busy {
+                flags.push("busy");
+            }
+            if b.inconsistent {
+                flags.push("INCONSISTENT");
+            }
+            println!(
+                "  bitmap {}: {}, granularity {}, {} dirty",
+                b.name,
+                flags.join(", "),
+                bytes(b.granularity),
+                bytes(b.count)
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Retries the connection until it succeeds or `limit` passes (QEMU creates its socket while starting).
+async fn connect_waiting(socket: &Path, limit: Duration) -> Result<qmp::Qmp> {
+    let deadline = Instant::now() + limit;
+    loop {
+        match inspect::connect(socket).await {
+            Ok(qmp) => return Ok(qmp),
+            Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+}

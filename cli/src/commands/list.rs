@@ -1,0 +1,81 @@
+//! `qmpbak list REPO[/VM]`: the VMs of a repository, or one VM's backup tree.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Result, bail};
+
+use super::args::LockArgs;
+use qmpbak::render;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// A repository (lists its VMs) or a VM directory inside one (draws its tree).
+    path: PathBuf,
+    /// Print JSON instead of a drawing.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    lock: LockArgs,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    if chain::Repository::open(&args.path).is_ok() {
+        return list_vms(&args.path, args.json);
+    }
+    let (Some(parent), Some(name)) = (args.path.parent(), args.path.file_name()) else {
+        bail!(qmpbak::exit::Exit::usage(format!("{} is not a repository", args.path.display())));
+    };
+    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let repo = chain::Repository::open(parent)?;
+    let vm = repo.vm(&name.to_string_lossy())?;
+    let _guard = vm.lock_shared(args.lock.lock_wait())?;
+    let manifest = vm.load()?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "vm": manifest.vm,
+                "chain_id": manifest.chain_id,
+                "current": manifest.current,
+                "nodes": manifest.nodes,
+            }))?
+        );
+    } else {
+        let current = manifest.current.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string);
+        println!("{}: {} nodes, current {current}", manifest.vm, manifest.nodes.len());
+        print!("{}", render::tree(&manifest));
+    }
+    Ok(())
+}
+
+fn list_vms(path: &Path, json: bool) -> Result<()> {
+    let repo = chain::Repository::open(path)?;
+    let mut rows = Vec::new();
+    for name in repo.vms()? {
+        let vm = repo.vm(&name)?;
+        let manifest = vm.load()?;
+        let last = manifest.nodes.iter().map(|n| n.created).max();
+        rows.push(serde_json::json!({
+            "vm": name,
+            "nodes": manifest.nodes.len(),
+            "current": manifest.current,
+            "last_backup": last,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else if rows.is_empty() {
+        println!("{}: no VMs backed up yet", repo.path().display());
+    } else {
+        for row in rows {
+            println!(
+                "{:<24} {:>5} nodes  current {}  last backup {}",
+                row["vm"].as_str().unwrap_or_default(),
+                row["nodes"],
+                row["current"].as_str().unwrap_or("none"),
+                row["last_backup"].as_str().unwrap_or("never")
+            );
+        }
+    }
+    Ok(())
+}

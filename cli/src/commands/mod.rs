@@ -1,0 +1,44 @@
+//! One module per subcommand, each owning its clap arguments and its `run`.
+
+mod args;
+mod backup;
+mod cleanup;
+mod info;
+mod init;
+mod list;
+mod qmp;
+mod show;
+
+use clap::Subcommand;
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Back up a running VM: full, incremental or differential.
+    Backup(backup::Args),
+    /// Remove what an interrupted qmpbak left behind for a VM.
+    Cleanup(cleanup::Args),
+    /// Show a running VM's QEMU version, disks and dirty bitmaps.
+    Info(info::Args),
+    /// Create a new, empty backup repository.
+    Init(init::Args),
+    /// Draw the backup tree of a VM (or list the VMs of a repository).
+    List(list::Args),
+    /// Send one raw QMP command and print the reply.
+    Qmp(qmp::Args),
+    /// Show one backup node and its recovery chain.
+    Show(show::Args),
+}
+
+impl Command {
+    pub async fn run(self) -> anyhow::Result<()> {
+        match self {
+            Command::Backup(args) => backup::run(args).await,
+            Command::Cleanup(args) => cleanup::run(args).await,
+            Command::Info(args) => info::run(args).await,
+            Command::Init(args) => init::run(&args),
+            Command::List(args) => list::run(&args),
+            Command::Qmp(args) => qmp::run(args).await,
+            Command::Show(args) => show::run(&args),
+        }
+    }
+}

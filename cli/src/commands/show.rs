@@ -1,0 +1,68 @@
+//! `qmpbak show NODE`: one backup node, its files, and its recovery chain (found by lid/tid).
+
+use anyhow::{Result, bail};
+
+use super::args::RepoVm;
+use qmpbak::exit::Exit;
+use qmpbak::render;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Node id or tag.
+    node: String,
+    #[command(flatten)]
+    target: RepoVm,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let (_repo, vm) = args.target.open()?;
+    let _guard = vm.lock_shared(args.target.lock.lock_wait())?;
+    let manifest = vm.load()?;
+    let Some(node) = manifest.find(&args.node) else {
+        bail!(Exit::usage(not_found(&manifest, &args.node)));
+    };
+    let chain = manifest.recovery_chain(&node.id)?;
+    let current = manifest.current.as_ref() == Some(&node.id);
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({
+                "node": node,
+                "current": current,
+                "recovery_chain": chain.iter().map(|n| n.id.to_string()).collect::<Vec<_>>(),
+            }))?
+        );
+        return Ok(());
+    }
+    println!("{}", render::node_line(node, current));
+    if let Some(reason) = &node.reason {
+        println!("  why:   {reason}");
+    }
+    for disk in &node.disks {
+        println!(
+            "  disk {}: {} ({} virtual, {} stored){}",
+            disk.disk,
+            disk.file,
+            render::bytes(disk.virtual_size),
+            render::bytes(disk.allocated_bytes),
+            disk.backing.as_ref().map_or_else(String::new, |b| format!(", backing {b}"))
+        );
+    }
+    println!("  recovery chain: {}", chain.iter().map(|n| n.id.to_string()).collect::<Vec<_>>().join(" <- "));
+    Ok(())
+}
+
+/// "no node X in VM Y" with the near matches, for a mistyped id or tag.
+pub fn not_found(manifest: &chain::Manifest, wanted: &str) -> String {
+    let near = manifest.near_matches(wanted);
+    let mut msg = format!("no node or tag {wanted:?} in VM {}", manifest.vm);
+    if near.is_empty() {
+        msg.push_str("; `qmpbak list` shows the tree");
+    } else {
+        msg.push_str(&format!("; did you mean {}?", near.join(", ")));
+    }
+    msg
+}

@@ -1,0 +1,116 @@
+//! A `qemu-storage-daemon` that qmpbak starts and stops itself, to read or write backup files through QEMU's
+//! own block layer: the daemon's monitor connects to a socket qmpbak listens on (so start-up is awaited, not
+//! polled), block graphs are built in it over QMP, and their nodes are exported over NBD on a private socket.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use tempfile::TempDir;
+use tokio::net::UnixListener;
+use tokio::process::{Child, Command};
+
+use crate::qemu_bins::QemuBins;
+
+/// How long the daemon may take to start and connect its monitor.
+pub const DAEMON_START_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the daemon may take to exit after `quit`.
+pub const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long one NBD connection may take to negotiate.
+pub const NBD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A running `qemu-storage-daemon`; killed when dropped.
+pub struct StorageDaemon {
+    child: Child,
+    qmp: qmp::Qmp,
+    nbd_socket: PathBuf,
+    // Holds the sockets; removed with the daemon.
+    _dir: TempDir,
+}
+
+impl StorageDaemon {
+    /// Starts a daemon with an NBD server on a private unix socket.
+    pub async fn start(bins: &QemuBins) -> Result<StorageDaemon> {
+        let dir = tempfile::Builder::new().prefix("qmpbak-qsd-").tempdir().context("creating a socket directory")?;
+        let monitor = dir.path().join("monitor.sock");
+        let nbd_socket = dir.path().join("nbd.sock");
+        let listener = UnixListener::bind(&monitor).with_context(|| format!("listening on {}", monitor.display()))?;
+        let mut child = Command::new(&bins.storage_daemon)
+            .arg("--chardev")
+            .arg(format!("socket,id=qmpbak,path={}", monitor.display()))
+            .args(["--monitor", "chardev=qmpbak"])
+            .arg("--nbd-server")
+            .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", bins.storage_daemon.display()))?;
+        let accepted = tokio::select! {
+            accepted = tokio::time::timeout(DAEMON_START_TIMEOUT, listener.accept()) => accepted,
+            status = child.wait() => {
+                let stderr = read_stderr(&mut child).await;
+                bail!("{} exited at start ({}): {stderr}", bins.storage_daemon.display(),
+                    status.map_or_else(|e| e.to_string(), |s| s.to_string()));
+            }
+        };
+        let stream = match accepted {
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(e)) => return Err(e).context("accepting qemu-storage-daemon's monitor connection"),
+            Err(_) => bail!("qemu-storage-daemon did not connect its monitor within {DAEMON_START_TIMEOUT:?}"),
+        };
+        let qmp = qmp::Qmp::from_stream(stream, DAEMON_START_TIMEOUT)
+            .await
+            .context("negotiating QMP with qemu-storage-daemon")?;
+        Ok(StorageDaemon { child, qmp, nbd_socket, _dir: dir })
+    }
+
+    pub fn qmp(&self) -> &qmp::Qmp {
+        &self.qmp
+    }
+
+    pub fn nbd_socket(&self) -> &Path {
+        &self.nbd_socket
+    }
+
+    /// Exports block node `node` over NBD under the export name `name`.
+    pub async fn export(&self, node: &str, name: &str, writable: bool) -> Result<()> {
+        self.qmp
+            .execute_raw(
+                "block-export-add",
+                Some(serde_json::json!({
+                    "type": "nbd", "id": name, "node-name": node, "name": name, "writable": writable,
+                })),
+            )
+            .await
+            .with_context(|| format!("exporting block node {node} over NBD"))?;
+        Ok(())
+    }
+
+    /// Connects an NBD client to export `name`.
+    pub async fn connect(&self, name: &str) -> Result<nbd::Client> {
+        nbd::Client::connect_unix(&self.nbd_socket, name, NBD_CONNECT_TIMEOUT)
+            .await
+            .with_context(|| format!("connecting to NBD export {name} of qemu-storage-daemon"))
+    }
+
+    /// Asks the daemon to quit and waits for it; kills it if it does not.
+    pub async fn stop(mut self) -> Result<()> {
+        let _ = self.qmp.execute_raw("quit", None).await;
+        if tokio::time::timeout(DAEMON_STOP_TIMEOUT, self.child.wait()).await.is_err() {
+            self.child.kill().await.context("killing qemu-storage-daemon")?;
+        }
+        Ok(())
+    }
+}
+
+async fn read_stderr(child: &mut Child) -> String {
+    use tokio::io::AsyncReadExt as _;
+    let mut out = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = tokio::time::timeout(Duration::from_secs(2), stderr.read_to_string(&mut out)).await;
+    }
+    out.trim().to_owned()
+}

@@ -1,0 +1,76 @@
+//! The process exit codes of `qmpbak`, in one place (the README's table is written from this), and the mapping
+//! from an error chain to its code.
+
+use std::fmt;
+
+/// What a `qmpbak` run ended with. Scripts may rely on these numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitCode {
+    /// The command did what was asked.
+    Success = 0,
+    /// A failure that fits none of the classes below.
+    Failure = 1,
+    /// Bad arguments, or a name (VM, node, disk, tag) that does not exist.
+    Usage = 2,
+    /// Not a repository, or its manifest or a checking table is invalid.
+    Repository = 3,
+    /// Another qmpbak holds the VM's lock.
+    LockHeld = 4,
+    /// QEMU could not be reached, is not speaking QMP, or refused or failed an operation.
+    Qemu = 5,
+    /// Verification found damaged backup data.
+    Damaged = 6,
+    /// Interrupted by SIGINT or SIGTERM after cleaning up.
+    Interrupted = 130,
+}
+
+impl ExitCode {
+    pub fn code(self) -> u8 {
+        self as u8
+    }
+}
+
+/// An error that carries its own exit code: for failures that are decided in the CLI layer (usage errors,
+/// verification results, interruption) rather than in a library.
+#[derive(Debug)]
+pub struct Exit {
+    pub code: ExitCode,
+    pub message: String,
+}
+
+impl Exit {
+    pub fn new(code: ExitCode, message: impl Into<String>) -> Exit {
+        Exit { code, message: message.into() }
+    }
+
+    pub fn usage(message: impl Into<String>) -> Exit {
+        Exit::new(ExitCode::Usage, message)
+    }
+}
+
+impl fmt::Display for Exit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Exit {}
+
+/// The exit code for an error: the first cause in the chain that has a known class decides.
+pub fn classify(err: &anyhow::Error) -> ExitCode {
+    for cause in err.chain() {
+        if let Some(exit) = cause.downcast_ref::<Exit>() {
+            return exit.code;
+        }
+        if let Some(e) = cause.downcast_ref::<chain::Error>() {
+            return match e {
+                chain::Error::LockHeld { .. } => ExitCode::LockHeld,
+                _ => ExitCode::Repository,
+            };
+        }
+        if cause.downcast_ref::<qmp::Error>().is_some() || cause.downcast_ref::<nbd::Error>().is_some() {
+            return ExitCode::Qemu;
+        }
+    }
+    ExitCode::Failure
+}

@@ -1,0 +1,82 @@
+//! Building a backup node's recovery chain as a blockdev graph inside a QEMU (the VM or a
+//! qemu-storage-daemon): one read-only qcow2 node per layer, full at the bottom, each with an explicit `backing`
+//! reference to the layer below. The chain comes from the manifest (lid/tid), never from the backing-file names
+//! in the qcow2 headers, so a moved or copied repository works the same.
+
+use anyhow::{Context, Result, anyhow};
+use serde_json::json;
+
+use chain::{Manifest, NodeId, VmStore};
+
+/// Block node names are limited to 31 characters by QEMU.
+pub const MAX_NODE_NAME: usize = 31;
+
+/// A chain added to a QEMU: its block node names, bottom (the full) first.
+#[derive(Debug, Clone, Default)]
+pub struct ChainGraph {
+    pub layers: Vec<String>,
+}
+
+impl ChainGraph {
+    /// The node a reader or an overlay should use: the newest layer.
+    pub fn top(&self) -> Option<&str> {
+        self.layers.last().map(String::as_str)
+    }
+}
+
+/// The qcow2 blockdev-add options for one backup file.
+pub fn qcow2_options(node_name: &str, path: &std::path::Path, backing: Option<&str>, read_only: bool) -> serde_json::Value {
+    json!({
+        "driver": "qcow2",
+        "node-name": node_name,
+        "read-only": read_only,
+        "file": { "driver": "file", "filename": path, "read-only": read_only },
+        "backing": backing.map_or(serde_json::Value::Null, |b| json!(b)),
+    })
+}
+
+/// Adds the recovery chain of `node` for disk `disk` to the QEMU behind `qmp`, with names `{prefix}{layer}`.
+/// On failure the layers added so far are removed again.
+pub async fn add_chain(
+    qmp: &qmp::Qmp,
+    vm: &VmStore,
+    manifest: &Manifest,
+    node: &NodeId,
+    disk: &str,
+    prefix: &str,
+) -> Result<ChainGraph> {
+    let chain = manifest.recovery_chain(node)?;
+    let mut graph = ChainGraph::default();
+    for (i, layer) in chain.iter().enumerate() {
+        let name = format!("{prefix}{i}");
+        debug_assert!(name.len() <= MAX_NODE_NAME, "block node name {name} too long");
+        let added: Result<()> = async {
+            let file = layer
+                .disks
+                .iter()
+                .find(|d| d.disk == disk)
+                .ok_or_else(|| anyhow!("node {} of the recovery chain of {node} has no disk {disk}", layer.id))?;
+            let path = vm.resolve(&file.file)?;
+            let options = qcow2_options(&name, &path, graph.top(), true);
+            qmp.execute_raw("blockdev-add", Some(options))
+                .await
+                .with_context(|| format!("opening {} (node {}, disk {disk}) in QEMU", path.display(), layer.id))?;
+            Ok(())
+        }
+        .await;
+        if let Err(e) = added {
+            remove_chain(qmp, &graph).await;
+            return Err(e);
+        }
+        graph.layers.push(name);
+    }
+    Ok(graph)
+}
+
+/// Removes a chain added by [`add_chain`], newest layer first. Errors are ignored: this runs on cleanup paths
+/// where a layer may already be gone.
+pub async fn remove_chain(qmp: &qmp::Qmp, graph: &ChainGraph) {
+    for name in graph.layers.iter().rev() {
+        let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": name }))).await;
+    }
+}

@@ -1,0 +1,155 @@
+//! What a running VM has: QEMU's version and each disk (its stable id, block node, image file, format, sizes)
+//! with its dirty bitmaps, read over QMP. Backup uses this to find the disks it copies and the state of
+//! qmpbak's bitmaps; `qmpbak info` prints it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+
+use crate::exit::{Exit, ExitCode};
+
+/// How long connecting and negotiating QMP may take.
+pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A VM as QEMU describes it.
+#[derive(Debug, Clone, Serialize)]
+pub struct VmInfo {
+    pub qemu: QemuInfo,
+    pub disks: Vec<DiskInfo>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct QemuInfo {
+    pub version: String,
+    pub package: String,
+}
+
+/// One disk of the VM.
+#[derive(Debug, Clone, Serialize)]
+pub struct DiskInfo {
+    /// The stable name qmpbak uses: the device's qdev id (`-device ...,id=ID`), else the drive name.
+    pub id: String,
+    /// QEMU's qdev path of the device, when there is a device.
+    pub qdev: Option<String>,
+    /// The block node at the top of the device's graph: what backup jobs read from.
+    pub node_name: String,
+    pub file: String,
+    pub format: String,
+    pub virtual_size: u64,
+    /// Bytes the image takes on the host.
+    pub allocated_size: Option<u64>,
+    pub backing_file: Option<String>,
+    pub read_only: bool,
+    pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// A dirty bitmap of a disk.
+#[derive(Debug, Clone, Serialize)]
+pub struct BitmapInfo {
+    pub name: String,
+    pub persistent: bool,
+    pub recording: bool,
+    pub busy: bool,
+    pub inconsistent: bool,
+    pub granularity: u64,
+    /// Dirty bytes.
+    pub count: u64,
+}
+
+/// Connects to a QMP socket, naming the socket in every error and saying what to check.
+pub async fn connect(socket: &Path) -> Result<qmp::Qmp> {
+    use std::os::unix::fs::FileTypeExt as _;
+    let qemu_error = |what: String| Exit::new(ExitCode::Qemu, what);
+    match std::fs::metadata(socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(qemu_error(format!(
+                "QMP socket {} does not exist: is QEMU running with -qmp unix:{},server=on,wait=off?",
+                socket.display(),
+                socket.display()
+            ))
+            .into());
+        }
+        Ok(meta) if !meta.file_type().is_socket() => {
+            return Err(qemu_error(format!(
+                "{} is not a socket: pass the path of QEMU's QMP socket (-qmp unix:PATH,server=on)",
+                socket.display()
+            ))
+            .into());
+        }
+        _ => {}
+    }
+    qmp::Qmp::connect(socket, QMP_CONNECT_TIMEOUT)
+        .await
+        .with_context(|| format!("connecting to QEMU's QMP socket {}", socket.display()))
+}
+
+/// The stable disk id from a qdev path: `/machine/peripheral/disk0/virtio-backend` → `disk0`.
+pub fn qdev_id(qdev: &str) -> Option<&str> {
+    let rest = qdev.strip_prefix("/machine/peripheral/")?;
+    let id = rest.split('/').next()?;
+    (!id.is_empty()).then_some(id)
+}
+
+/// Reads the VM's version and disks.
+pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
+    let version = qmp.execute(&qmp::commands::QueryVersion {}).await?;
+    let blocks = qmp.execute(&qmp::commands::QueryBlock {}).await?;
+    let mut disks = Vec::new();
+    for block in blocks {
+        let Some(inserted) = block.inserted else { continue };
+        let qdev = block.qdev.clone().filter(|q| !q.is_empty());
+        let id = qdev
+            .as_deref()
+            .and_then(qdev_id)
+            .map(str::to_owned)
+            .or_else(|| (!block.device.is_empty()).then(|| block.device.clone()))
+            .unwrap_or_else(|| inserted.node_name.clone().unwrap_or_default());
+        let bitmaps = inserted
+            .dirty_bitmaps
+            .unwrap_or_default()
+            .into_iter()
+            .map(|b| BitmapInfo {
+                name: b.name,
+                persistent: b.persistent,
+                recording: b.recording,
+                busy: b.busy,
+                inconsistent: b.inconsistent.unwrap_or(false),
+                granularity: b.granularity,
+                count: b.count,
+            })
+            .collect();
+        disks.push(DiskInfo {
+            id,
+            qdev,
+            node_name: inserted.node_name.unwrap_or_default(),
+            file: inserted.file,
+            format: inserted.drv,
+            virtual_size: inserted.image.virtual_size,
+            allocated_size: inserted.image.actual_size,
+            backing_file: inserted.backing_file,
+            read_only: inserted.ro,
+            bitmaps,
+        });
+    }
+    Ok(VmInfo {
+        qemu: QemuInfo {
+            version: format!("{}.{}.{}", version.qemu.major, version.qemu.minor, version.qemu.micro),
+            package: version.package.trim().to_owned(),
+        },
+        disks,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::qdev_id;
+
+    #[test]
+    fn qdev_ids() {
+        assert_eq!(qdev_id("/machine/peripheral/disk0/virtio-backend"), Some("disk0"));
+        assert_eq!(qdev_id("/machine/peripheral/scsi-hd0"), Some("scsi-hd0"));
+        assert_eq!(qdev_id("/machine/peripheral-anon/device[0]/virtio-backend"), None);
+    }
+}

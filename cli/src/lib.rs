@@ -1,0 +1,18 @@
+//! qmpbak as a library: the orchestration that the `qmpbak` binary's subcommands are thin wrappers over.
+//! A program can call these modules directly, without the CLI: [`inspect`] reads a running VM's disks and dirty
+//! bitmaps over QMP.
+
+pub mod backup;
+pub mod bitmaps;
+pub mod cleanup;
+pub mod crashpoint;
+pub mod daemon;
+pub mod exit;
+pub mod graph;
+pub mod inspect;
+pub mod plan;
+pub mod progress;
+pub mod qemu_bins;
+pub mod render;
+pub mod signals;
+pub mod tables;

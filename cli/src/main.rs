@@ -1,0 +1,34 @@
+//! The `qmpbak` binary: parses the command line, dispatches to one module per subcommand, and prints an error
+//! once, with its whole cause chain, mapped to a documented exit code.
+
+mod commands;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[derive(Parser)]
+#[command(name = "qmpbak", version, about = "Backups of QEMU virtual machines over QMP, without libvirt")]
+struct Cli {
+    #[command(subcommand)]
+    command: commands::Command,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("qmpbak: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(cli.command.run()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let code = qmpbak::exit::classify(&err);
+            eprintln!("qmpbak: {err:#}");
+            ExitCode::from(code.code())
+        }
+    }
+}

@@ -1,0 +1,178 @@
+//! Building a backup node's checking tables by reading its disk images through QEMU: the node's recovery chain
+//! is opened in a qemu-storage-daemon and read over NBD, holes skipped by block status. A full node is hashed
+//! whole; an incremental node rehashes only the blocks its own layer changed (found with `qemu-img map` on the
+//! layer opened without its backing) and takes every other check value from its parent's table.
+
+use std::io;
+use std::path::Path;
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+
+use chain::{Manifest, NodeId, Table, VmStore};
+
+use crate::daemon::StorageDaemon;
+use crate::graph;
+use crate::qemu_bins::QemuBins;
+
+/// An NBD export read from worker threads, as the chain crate's block source.
+pub struct NbdSource {
+    client: nbd::BlockingClient,
+    size: u64,
+}
+
+impl NbdSource {
+    pub fn new(client: nbd::BlockingClient, size: u64) -> NbdSource {
+        NbdSource { client, size }
+    }
+}
+
+fn io_error(e: nbd::Error) -> io::Error {
+    io::Error::other(e)
+}
+
+impl chain::BlockSource for NbdSource {
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<chain::Extent>> {
+        let extents = self.client.extents(offset, len).map_err(io_error)?;
+        Ok(extents
+            .into_iter()
+            .map(|e| chain::Extent {
+                offset: e.offset,
+                len: e.len,
+                kind: if e.zero { chain::ExtentKind::Zero } else { chain::ExtentKind::Data },
+            })
+            .collect())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.client.read_at(offset, buf).map_err(io_error)
+    }
+}
+
+/// One entry of `qemu-img map --output=json`.
+#[derive(Debug, Deserialize)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    present: bool,
+}
+
+/// The byte ranges allocated in this one qcow2 layer (data or zeroed clusters), not in its backing files.
+pub fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
+    let spec = serde_json::json!({
+        "driver": "qcow2",
+        "file": { "driver": "file", "filename": path },
+        "backing": null,
+    });
+    let out = Command::new(&bins.img)
+        .args(["map", "-U", "--output=json"])
+        .arg(format!("json:{spec}"))
+        .output()
+        .with_context(|| format!("running {}", bins.img.display()))?;
+    if !out.status.success() {
+        bail!("qemu-img map {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    let entries: Vec<MapEntry> = serde_json::from_slice(&out.stdout).context("parsing qemu-img map output")?;
+    Ok(entries.into_iter().filter(|e| e.present).map(|e| (e.start, e.length)).collect())
+}
+
+/// The indices of the `block_size` blocks that the byte ranges touch, sorted and unique.
+pub fn touched_blocks(ranges: &[(u64, u64)], block_size: u64) -> Vec<u64> {
+    let mut blocks: Vec<u64> = Vec::new();
+    for &(start, len) in ranges {
+        if len == 0 {
+            continue;
+        }
+        let first = start / block_size;
+        let last = (start + len - 1) / block_size;
+        for b in first..=last {
+            if blocks.last() != Some(&b) {
+                blocks.push(b);
+            }
+        }
+    }
+    blocks.sort_unstable();
+    blocks.dedup();
+    blocks
+}
+
+/// Builds the checking table of `node`'s disk `disk`. With `parent`, only the blocks changed in the node's own
+/// layer are read; otherwise the whole disk is.
+#[allow(clippy::too_many_arguments)]
+pub async fn build(
+    daemon: &StorageDaemon,
+    bins: &QemuBins,
+    vm: &VmStore,
+    manifest: &Manifest,
+    node: &NodeId,
+    disk: &str,
+    block_size: u64,
+    parent: Option<&Table>,
+) -> Result<Table> {
+    let prefix = format!("t{}-", disk_index(manifest, node, disk));
+    let chain = graph::add_chain(daemon.qmp(), vm, manifest, node, disk, &prefix).await?;
+    let result = async {
+        let top = chain.top().context("empty recovery chain")?.to_owned();
+        let export = format!("{prefix}x");
+        daemon.export(&top, &export, false).await?;
+        let client = daemon.connect(&export).await?;
+        let size = client.size();
+        let source = NbdSource::new(nbd::BlockingClient::new(client, tokio::runtime::Handle::current()), size);
+        let table = match parent {
+            None => tokio::task::spawn_blocking(move || Table::build(&source, block_size, threads()))
+                .await
+                .context("table builder panicked")??,
+            Some(parent) => {
+                let file = manifest
+                    .node(node)
+                    .and_then(|n| n.disks.iter().find(|d| d.disk == disk))
+                    .context("node has no such disk")?;
+                let ranges = layer_extents(bins, &vm.resolve(&file.file)?)?;
+                let blocks = touched_blocks(&ranges, block_size);
+                let parent = parent.clone();
+                tokio::task::spawn_blocking(move || -> Result<Table> {
+                    let changed = Table::build_blocks(&source, block_size, &blocks, threads())?;
+                    Ok(Table::derive(&parent, &changed)?)
+                })
+                .await
+                .context("table builder panicked")??
+            }
+        };
+        let _ = daemon.qmp().execute_raw("block-export-del", Some(serde_json::json!({ "id": export }))).await;
+        Ok::<_, anyhow::Error>(table)
+    }
+    .await;
+    graph::remove_chain(daemon.qmp(), &chain).await;
+    result
+}
+
+fn disk_index(manifest: &Manifest, node: &NodeId, disk: &str) -> usize {
+    manifest
+        .node(node)
+        .and_then(|n| n.disks.iter().position(|d| d.disk == disk))
+        .unwrap_or(0)
+}
+
+/// Hashing threads: every core.
+pub fn threads() -> usize {
+    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::touched_blocks;
+
+    #[test]
+    fn touched_blocks_cover_partial_and_spanning_ranges() {
+        let mib = 1 << 20;
+        assert_eq!(touched_blocks(&[(0, 1)], mib), vec![0]);
+        assert_eq!(touched_blocks(&[(mib - 1, 2)], mib), vec![0, 1]);
+        assert_eq!(touched_blocks(&[(3 * mib, 2 * mib), (0, 10), (4 * mib, 1)], mib), vec![0, 3, 4]);
+        assert_eq!(touched_blocks(&[(5, 0)], mib), Vec::<u64>::new());
+    }
+}

@@ -1,0 +1,81 @@
+//! `qemu-img` helpers: create test disks, compare images the way QEMU's iotests do, read image facts.
+
+use std::path::Path;
+use std::process::Command;
+
+use crate::qemu::QemuBinaries;
+
+/// Runs a qemu-img subcommand and returns its stdout; panics with stderr on failure (test helper).
+pub fn qemu_img(args: &[&str]) -> String {
+    let bins = QemuBinaries::from_env();
+    let out = Command::new(&bins.img)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", bins.img.display()));
+    assert!(
+        out.status.success(),
+        "qemu-img {args:?} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Creates a qcow2 image of `size` bytes.
+pub fn create_qcow2(path: &Path, size: u64) {
+    qemu_img(&["create", "-q", "-f", "qcow2", &path.to_string_lossy(), &size.to_string()]);
+}
+
+/// Copies an image (through its backing chain) into a standalone qcow2: a reference snapshot. `-U` because the
+/// source may be open in a paused QEMU.
+pub fn convert_to_qcow2(src: &Path, dst: &Path) {
+    qemu_img(&["convert", "-U", "-O", "qcow2", &src.to_string_lossy(), &dst.to_string_lossy()]);
+}
+
+/// `qemu-img compare -U`: `Ok(())` when the guest-visible contents are equal, `Err(report)` otherwise.
+pub fn compare(a: &Path, b: &Path) -> Result<(), String> {
+    let bins = QemuBinaries::from_env();
+    let out = Command::new(&bins.img)
+        .args(["compare", "-U"])
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run qemu-img compare: {e}"));
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} vs {}: {}{}",
+            a.display(),
+            b.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Asserts two images are equal as the guest sees them.
+#[track_caller]
+pub fn assert_same(a: &Path, b: &Path) {
+    if let Err(report) = compare(a, b) {
+        panic!("images differ: {report}");
+    }
+}
+
+/// `qemu-img info --output=json -U` as JSON.
+pub fn info(path: &Path) -> serde_json::Value {
+    let out = qemu_img(&["info", "-U", "--output=json", &path.to_string_lossy()]);
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img info output is not JSON: {e}"))
+}
+
+/// Bytes of guest data allocated in this one image file (not its backing chain), from `qemu-img map`.
+pub fn allocated_data_bytes(path: &Path) -> u64 {
+    let out = qemu_img(&["map", "-U", "--output=json", &path.to_string_lossy()]);
+    let extents: Vec<serde_json::Value> =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("qemu-img map output is not JSON: {e}"));
+    extents
+        .iter()
+        .filter(|e| e["data"] == true && e["depth"] == 0)
+        .map(|e| e["length"].as_u64().unwrap_or(0))
+        .sum()
+}

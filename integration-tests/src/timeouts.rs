@@ -1,0 +1,17 @@
+//! Named bounds for every wait in the integration tests. Generous because QEMU runs under TCG on two cores and
+//! tests run side by side; a test that hits one of these has hung, not merely been slow.
+
+use std::time::Duration;
+
+/// From spawning QEMU until its QMP socket accepts a connection and negotiation is done.
+pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(30);
+/// One QMP command and its reply.
+pub const QMP_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+/// A block job (backup, create, stream, commit) on the small test disks, from start to `concluded`.
+pub const BLOCK_JOB_TIMEOUT: Duration = Duration::from_secs(120);
+/// A QEMU process to exit after SIGKILL or `quit`.
+pub const PROCESS_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
+/// One run of the `qmpbak` binary in a test.
+pub const CLI_TIMEOUT: Duration = Duration::from_secs(300);
+/// One `qemu-img` run on a test image.
+pub const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(120);

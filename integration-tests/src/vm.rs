@@ -1,0 +1,300 @@
+//! [`TestVm`]: a real `qemu-system-x86_64` (TCG, `-nodefaults`, qboot, no guest OS) with qcow2 disks on
+//! virtio-blk in a temporary directory. The VM has two monitors: the fixture's own QMP connection, on which QEMU
+//! connects *to us* (so start-up is an event we wait for, not a socket we poll), and a server socket,
+//! [`TestVm::socket`], for the `qmpbak` binary under test. QEMU is killed on drop, also when the test panics, and
+//! its output is printed when the test fails.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+use tokio::net::UnixListener;
+
+use crate::image;
+use crate::qemu::QemuBinaries;
+use crate::timeouts::{PROCESS_EXIT_TIMEOUT, QMP_COMMAND_TIMEOUT, QMP_CONNECT_TIMEOUT};
+
+/// A disk of the test VM: qdev id and virtual size. The block node is named `node-<id>` on purpose, so code under
+/// test cannot assume node name and qdev id are the same.
+#[derive(Debug, Clone)]
+pub struct DiskSpec {
+    pub id: String,
+    pub size: u64,
+}
+
+impl DiskSpec {
+    pub fn new(id: &str, size: u64) -> DiskSpec {
+        DiskSpec { id: id.to_owned(), size }
+    }
+
+    pub fn node_name(&self) -> String {
+        format!("node-{}", self.id)
+    }
+}
+
+/// How to start a [`TestVm`].
+#[derive(Debug, Clone, Default)]
+pub struct TestVmBuilder {
+    disks: Vec<DiskSpec>,
+    paused: bool,
+    extra_args: Vec<String>,
+}
+
+impl TestVmBuilder {
+    /// Adds a virtio-blk disk backed by a new qcow2 image of `size` bytes.
+    #[must_use]
+    pub fn disk(mut self, id: &str, size: u64) -> Self {
+        self.disks.push(DiskSpec::new(id, size));
+        self
+    }
+
+    /// Starts QEMU with `-S`: the VM exists but its CPUs do not run until `cont`.
+    #[must_use]
+    pub fn paused(mut self) -> Self {
+        self.paused = true;
+        self
+    }
+
+    /// Extra QEMU command-line arguments.
+    #[must_use]
+    pub fn arg(mut self, arg: &str) -> Self {
+        self.extra_args.push(arg.to_owned());
+        self
+    }
+
+    /// Creates the disk images in a new temporary directory and boots the VM.
+    pub async fn start(self) -> TestVm {
+        let dir = tempfile::Builder::new().prefix("qmpbak-vm-").tempdir().expect("create temp dir");
+        for disk in &self.disks {
+            image::create_qcow2(&dir.path().join(format!("{}.qcow2", disk.id)), disk.size);
+        }
+        TestVm::launch(self, dir).await
+    }
+}
+
+/// A running QEMU under test. See the module docs.
+pub struct TestVm {
+    config: TestVmBuilder,
+    dir: Option<TempDir>,
+    child: Option<Child>,
+    qmp: Option<qmp::Qmp>,
+    bins: QemuBinaries,
+}
+
+impl TestVm {
+    pub fn builder() -> TestVmBuilder {
+        TestVmBuilder::default()
+    }
+
+    /// A running VM with the given `(qdev id, size)` disks.
+    pub async fn start(disks: &[(&str, u64)]) -> TestVm {
+        let mut builder = TestVm::builder();
+        for (id, size) in disks {
+            builder = builder.disk(id, *size);
+        }
+        builder.start().await
+    }
+
+    async fn launch(config: TestVmBuilder, dir: TempDir) -> TestVm {
+        let bins = QemuBinaries::from_env();
+        let fixture_sock = dir.path().join("fixture-qmp.sock");
+        let _ = std::fs::remove_file(&fixture_sock);
+        let listener = UnixListener::bind(&fixture_sock).expect("bind fixture QMP socket");
+        let server_sock = dir.path().join("qmp.sock");
+        let _ = std::fs::remove_file(&server_sock);
+
+        let mut cmd = Command::new(&bins.system);
+        if let Some(data) = &bins.data_dir {
+            cmd.arg("-L").arg(data);
+        }
+        cmd.args(["-M", "q35,accel=tcg", "-m", "128", "-nodefaults", "-display", "none", "-no-user-config"])
+            .arg("-bios")
+            .arg(bins.bios())
+            // The server socket comes first: it exists by the time QEMU connects to the fixture's listener.
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", server_sock.display()))
+            .arg("-qmp")
+            .arg(format!("unix:{},server=off", fixture_sock.display()));
+        if config.paused {
+            cmd.arg("-S");
+        }
+        for disk in &config.disks {
+            let file = serde_json::json!({
+                "driver": "file",
+                "filename": dir.path().join(format!("{}.qcow2", disk.id)),
+                "node-name": format!("{}-file", disk.node_name()),
+            });
+            let fmt = serde_json::json!({
+                "driver": "qcow2",
+                "file": format!("{}-file", disk.node_name()),
+                "node-name": disk.node_name(),
+            });
+            cmd.arg("-blockdev").arg(file.to_string()).arg("-blockdev").arg(fmt.to_string());
+            cmd.arg("-device").arg(format!("virtio-blk-pci,drive={},id={}", disk.node_name(), disk.id));
+        }
+        cmd.args(&config.extra_args);
+        cmd.stdin(Stdio::null())
+            .stdout(File::create(dir.path().join("qemu.stdout")).expect("create qemu.stdout"))
+            .stderr(File::create(dir.path().join("qemu.stderr")).expect("create qemu.stderr"));
+        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bins.system.display()));
+
+        let mut vm = TestVm { config, dir: Some(dir), child: Some(child), qmp: None, bins };
+        let accepted = tokio::time::timeout(QMP_CONNECT_TIMEOUT, listener.accept()).await;
+        let stream = match accepted {
+            Ok(Ok((stream, _))) => stream,
+            Ok(Err(e)) => vm.fail(&format!("accepting QEMU's QMP connection failed: {e}")),
+            Err(_) => vm.fail(&format!("QEMU did not connect its QMP monitor within {QMP_CONNECT_TIMEOUT:?}")),
+        };
+        match qmp::Qmp::from_stream(stream, QMP_CONNECT_TIMEOUT).await {
+            Ok(qmp) => {
+                qmp.set_command_timeout(QMP_COMMAND_TIMEOUT);
+                vm.qmp = Some(qmp);
+            }
+            Err(e) => vm.fail(&format!("QMP negotiation failed: {e}")),
+        }
+        vm
+    }
+
+    /// The fixture's own QMP connection.
+    pub fn qmp(&self) -> &qmp::Qmp {
+        self.qmp.as_ref().expect("QMP connection of a started TestVm")
+    }
+
+    /// The QMP server socket for the program under test (`qmpbak --socket`).
+    pub fn socket(&self) -> PathBuf {
+        self.dir().join("qmp.sock")
+    }
+
+    /// The VM's temporary directory (disk images, sockets, QEMU's output).
+    pub fn dir(&self) -> &Path {
+        self.dir.as_ref().expect("TestVm directory").path()
+    }
+
+    /// The qcow2 image behind disk `id`.
+    pub fn disk_path(&self, id: &str) -> PathBuf {
+        self.dir().join(format!("{id}.qcow2"))
+    }
+
+    pub fn disks(&self) -> &[DiskSpec] {
+        &self.config.disks
+    }
+
+    pub fn binaries(&self) -> &QemuBinaries {
+        &self.bins
+    }
+
+    /// Runs a `qemu-io` command against disk `id` as the guest would see it (through the device's block
+    /// backend; a node name would conflict with the device's write permission). Panics if it fails.
+    pub async fn qemu_io(&self, id: &str, command: &str) {
+        let line = format!("qemu-io -d {id}/virtio-backend \"{command}\"");
+        let reply = self
+            .qmp()
+            .execute_raw("human-monitor-command", Some(serde_json::json!({ "command-line": line })))
+            .await
+            .unwrap_or_else(|e| panic!("HMP {line}: {e}"));
+        let text = reply.as_str().unwrap_or_default();
+        // QEMU 7.2 returns qemu-io's report in the reply; 10.0 prints it on stdout and returns "". Either way an
+        // error is returned as text without the success report.
+        let failed = ["failed", "error", "Error", "conflict", "not found"].iter().any(|w| text.contains(w));
+        assert!(!failed, "HMP {line} failed: {text}");
+    }
+
+    /// Writes `len` bytes of `pattern` at `offset` of disk `id`, as a guest write.
+    pub async fn write_pattern(&self, id: &str, pattern: u8, offset: u64, len: u64) {
+        self.qemu_io(id, &format!("write -P 0x{pattern:02x} {offset} {len}")).await;
+    }
+
+    /// Writes zeroes (`write -z`) as a guest discard-like write.
+    pub async fn write_zeroes(&self, id: &str, offset: u64, len: u64) {
+        self.qemu_io(id, &format!("write -z {offset} {len}")).await;
+    }
+
+    /// Whether the VM's CPUs are running (`query-status`).
+    pub async fn running(&self) -> bool {
+        let status = self.qmp().execute_raw("query-status", None).await.expect("query-status");
+        status["running"].as_bool().unwrap_or(false)
+    }
+
+    /// Captures the guest-visible contents of disk `id` at this instant into a standalone qcow2 at `dst`: pauses
+    /// the VM (`stop` flushes), copies with `qemu-img convert -U`, resumes if it was running.
+    pub async fn capture_reference(&self, id: &str, dst: &Path) {
+        let was_running = self.running().await;
+        if was_running {
+            self.qmp().execute_raw("stop", None).await.expect("stop");
+        }
+        image::convert_to_qcow2(&self.disk_path(id), dst);
+        if was_running {
+            self.qmp().execute_raw("cont", None).await.expect("cont");
+        }
+    }
+
+    /// Kills QEMU with SIGKILL (a crash) and waits for it; the disk images stay.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            wait_exit(&mut child, PROCESS_EXIT_TIMEOUT);
+        }
+    }
+
+    /// Kills QEMU and starts it again on the same disk images (as after a host crash and reboot).
+    pub async fn restart(mut self) -> TestVm {
+        self.kill();
+        let dir = self.dir.take().expect("TestVm directory");
+        let config = self.config.clone();
+        drop(self);
+        TestVm::launch(config, dir).await
+    }
+
+    /// The process id of QEMU, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the QEMU process is still alive (not reaped).
+    pub fn alive(&mut self) -> bool {
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+    }
+
+    /// QEMU's stdout and stderr so far.
+    pub fn output(&self) -> String {
+        let Some(dir) = self.dir.as_ref() else { return String::new() };
+        let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
+        format!("--- qemu stdout ---\n{}--- qemu stderr ---\n{}", read("qemu.stdout"), read("qemu.stderr"))
+    }
+
+    fn fail(&mut self, what: &str) -> ! {
+        self.kill();
+        panic!("{what}\n{}", self.output());
+    }
+}
+
+impl Drop for TestVm {
+    fn drop(&mut self) {
+        self.kill();
+        if std::thread::panicking() {
+            eprintln!("{}", self.output());
+            if std::env::var_os("QMPBAK_KEEP_TEST_DIRS").is_some() {
+                if let Some(dir) = self.dir.take() {
+                    eprintln!("keeping {}", dir.keep().display());
+                }
+            }
+        }
+    }
+}
+
+fn wait_exit(child: &mut Child, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        match child.try_wait() {
+            Ok(Some(_)) | Err(_) => return,
+            Ok(None) if Instant::now() >= deadline => {
+                eprintln!("QEMU pid {} did not exit within {timeout:?} after SIGKILL", child.id());
+                return;
+            }
+            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+}
+

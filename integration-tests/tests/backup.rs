@@ -1,0 +1,174 @@
+//! `qmpbak backup` against real QEMU with two disks and known byte patterns: every node's image, read through
+//! its backing chain, equals a reference captured at that backup's instant.
+
+use std::path::PathBuf;
+
+use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
+use integration_tests::{MIB, TestVm, image};
+
+const VM: &str = "vm1";
+
+async fn two_disk_vm() -> TestVm {
+    TestVm::start(&[("disk0", 32 * MIB), ("disk1", 16 * MIB)]).await
+}
+
+/// Captures references of both disks into `dir` under `label`.
+async fn capture(vm: &TestVm, dir: &std::path::Path, label: &str) -> Vec<(String, PathBuf)> {
+    let mut refs = Vec::new();
+    for disk in ["disk0", "disk1"] {
+        let path = dir.join(format!("ref-{label}-{disk}.qcow2"));
+        vm.capture_reference(disk, &path).await;
+        refs.push((disk.to_owned(), path));
+    }
+    refs
+}
+
+fn assert_node_equals(repo: &TestRepo, node: &str, refs: &[(String, PathBuf)]) {
+    for (disk, reference) in refs {
+        image::assert_same(reference, &repo.node_file(VM, node, disk));
+    }
+}
+
+#[tokio::test]
+async fn full_then_five_incrementals_are_each_exact() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    vm.write_pattern("disk1", 0x22, 2 * MIB, MIB).await;
+
+    let full_refs = capture(&vm, refs_dir.path(), "full").await;
+    let full = repo.backup(&vm, VM, &[]);
+    assert_eq!(full["level"], "full");
+    assert!(full["reason"].as_str().unwrap().contains("first backup"), "{full}");
+    let full_id = full["node"].as_str().unwrap().to_owned();
+    assert_node_equals(&repo, &full_id, &full_refs);
+
+    let mut nodes = vec![(full_id.clone(), full_refs)];
+    for round in 1..=5u8 {
+        let off = u64::from(round) * 3 * MIB;
+        vm.write_pattern("disk0", 0x30 + round, off, 512 * 1024).await;
+        vm.write_pattern("disk0", 0x40 + round, off + 64 * 1024 * 7, 64 * 1024).await;
+        if round % 2 == 0 {
+            vm.write_pattern("disk1", 0x50 + round, u64::from(round) * MIB, 128 * 1024).await;
+        }
+        if round == 3 {
+            // A discard-like zero write over data the full has: must read back as zeroes, not the parent's data.
+            vm.write_zeroes("disk0", 0, MIB).await;
+        }
+        let refs = capture(&vm, refs_dir.path(), &format!("inc{round}")).await;
+        let inc = repo.backup(&vm, VM, &[]);
+        assert_eq!(inc["level"], "incremental", "{inc}");
+        assert_eq!(inc["method"], "bitmap", "{inc}");
+        assert_eq!(inc["parent"], serde_json::json!(nodes.last().unwrap().0), "{inc}");
+        let id = inc["node"].as_str().unwrap().to_owned();
+        // Only what changed was copied.
+        let copied = inc["disks"][0]["copied_bytes"].as_u64().unwrap();
+        assert!(copied <= 2 * MIB, "incremental {round} copied {copied} bytes of disk0");
+        nodes.push((id, refs));
+    }
+    // Every node, old and new, still equals its instant.
+    for (id, refs) in &nodes {
+        assert_node_equals(&repo, id, refs);
+    }
+    let manifest = repo.manifest(VM);
+    let last = &nodes.last().unwrap().0;
+    assert_eq!(manifest.current.as_ref().map(ToString::to_string).as_deref(), Some(last.as_str()));
+    assert_eq!(manifest.nodes.len(), 6);
+    assert!(manifest.operations.is_empty());
+    for node in &manifest.nodes {
+        assert!(node.disks.iter().all(|d| d.table.is_some() && d.table_sha256.is_some()), "{node:?}");
+    }
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, last, &full_id)).await;
+}
+
+#[tokio::test]
+async fn differential_after_three_incrementals_equals_its_instant() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x01, 0, 2 * MIB).await;
+    let full = repo.backup(&vm, VM, &["--level", "full"]);
+    let full_id = full["node"].as_str().unwrap().to_owned();
+    for round in 0..3u8 {
+        vm.write_pattern("disk0", 0x10 + round, (u64::from(round) + 4) * MIB, MIB).await;
+        vm.write_pattern("disk1", 0x20 + round, u64::from(round) * MIB, 64 * 1024).await;
+        assert_eq!(repo.backup(&vm, VM, &["--level", "inc"])["level"], "incremental");
+    }
+    vm.write_pattern("disk0", 0x77, 10 * MIB, MIB).await;
+    let refs = capture(&vm, refs_dir.path(), "diff").await;
+    let diff = repo.backup(&vm, VM, &["--level", "diff"]);
+    assert_eq!(diff["level"], "differential", "{diff}");
+    assert_eq!(diff["parent"], serde_json::json!(full_id));
+    let id = diff["node"].as_str().unwrap();
+    assert_node_equals(&repo, id, &refs);
+    // The differential copied everything since the full: four writes of 1 MiB on disk0.
+    assert_eq!(diff["disks"][0]["copied_bytes"].as_u64().unwrap(), 4 * MIB);
+
+    // An incremental after it is relative to the differential.
+    vm.write_pattern("disk1", 0x99, 0, 64 * 1024).await;
+    let refs = capture(&vm, refs_dir.path(), "after-diff").await;
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(inc["parent"], serde_json::json!(id));
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+}
+
+#[tokio::test]
+async fn a_grown_disk_gets_a_full_with_the_reason() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    repo.backup(&vm, VM, &[]);
+    vm.qmp()
+        .execute_raw("block_resize", Some(serde_json::json!({"node-name": "node-disk1", "size": 24 * MIB})))
+        .await
+        .unwrap();
+    let explicit = repo.try_backup(&vm, VM, &["--level", "inc"]);
+    assert_eq!(explicit.code(), Some(2), "{explicit:?}");
+    assert!(explicit.stderr.contains("disk disk1 grew"), "{}", explicit.stderr);
+    let report = repo.backup(&vm, VM, &[]);
+    assert_eq!(report["level"], "full", "{report}");
+    assert!(report["reason"].as_str().unwrap().contains("disk disk1 grew from 16777216 to 25165824 bytes"));
+}
+
+#[tokio::test]
+async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 8 * MIB).await;
+    vm.write_pattern("disk1", 0x22, 0, 4 * MIB).await;
+    let full = repo.backup(&vm, VM, &[]);
+    let full_id = full["node"].as_str().unwrap().to_owned();
+
+    // The guest's data is on disk (stop flushes), then QEMU dies: its persistent bitmaps were never stored
+    // cleanly, so it comes back with them inconsistent.
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    let vm = vm.restart().await;
+    vm.write_pattern("disk0", 0x33, 2 * MIB, MIB).await;
+    vm.write_pattern("disk0", 0x44, 5 * MIB + 4096, 4096).await;
+    vm.write_pattern("disk1", 0x55, 3 * MIB, MIB).await;
+    let refs = capture(&vm, refs_dir.path(), "after-crash").await;
+
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(inc["level"], "incremental", "{inc}");
+    assert_eq!(inc["method"], "checksum-diff", "{inc}");
+    let reason = inc["reason"].as_str().unwrap();
+    assert!(reason.contains("disk0") && reason.contains(&full_id), "{reason}");
+    let id = inc["node"].as_str().unwrap().to_owned();
+    assert_node_equals(&repo, &id, &refs);
+    // Only the blocks (1 MiB each) whose checksums changed were stored: two on disk0, one on disk1.
+    assert_eq!(inc["disks"][0]["copied_bytes"].as_u64().unwrap(), 2 * MIB, "{inc}");
+    assert_eq!(inc["disks"][1]["copied_bytes"].as_u64().unwrap(), MIB, "{inc}");
+    assert_eq!(image::allocated_data_bytes(&repo.node_file(VM, &id, "disk0")), 2 * MIB);
+    assert_eq!(image::allocated_data_bytes(&repo.node_file(VM, &id, "disk1")), MIB);
+
+    // The bitmaps are healthy again: the next backup uses them.
+    vm.write_pattern("disk1", 0x66, 0, 64 * 1024).await;
+    let refs = capture(&vm, refs_dir.path(), "next").await;
+    let next = repo.backup(&vm, VM, &[]);
+    assert_eq!(next["method"], "bitmap", "{next}");
+    assert_node_equals(&repo, next["node"].as_str().unwrap(), &refs);
+    let manifest = repo.manifest(VM);
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, next["node"].as_str().unwrap(), &full_id)).await;
+}

@@ -1,0 +1,125 @@
+//! The crate's error type: one variant per failure a caller can act on, with the context needed to print
+//! it once at the edge.
+
+use std::io;
+use std::time::Duration;
+
+use crate::proto::{Command, errno};
+
+/// Result alias for this crate.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong talking to an NBD server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket could not be opened.
+    #[error("cannot connect to the NBD server at {target}")]
+    Connect {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The server is not a fixed-newstyle NBD server, refused the negotiation, or broke the handshake rules.
+    #[error("NBD handshake failed: {0}")]
+    Handshake(String),
+
+    /// The server has no export by that name; `available` is its export list if it would give one.
+    #[error("the NBD server has no export {name:?}{}", available_suffix(available))]
+    ExportNotFound { name: String, available: Vec<String> },
+
+    /// The server answered a request with an error.
+    #[error("{command} failed on the NBD server: {} ({errno}){}", errno::name(*errno), message_suffix(message))]
+    Server {
+        command: Command,
+        errno: u32,
+        message: String,
+    },
+
+    /// The connection is gone: the server closed it, it was disconnected, or it broke down earlier.
+    #[error("the NBD connection is closed")]
+    Closed,
+
+    /// Something did not happen in time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+
+    /// The server sent something the protocol does not allow.
+    #[error("NBD protocol violation by the server: {0}")]
+    Protocol(String),
+
+    /// The request reaches beyond the end of the export; nothing was sent.
+    #[error("range at offset {offset} with length {len} is outside the NBD export of {size} bytes")]
+    OutOfRange { offset: u64, len: u64, size: u64 },
+
+    /// The request is not aligned to the minimum block size the server requires; nothing was sent.
+    #[error(
+        "{command} at offset {offset} with length {len} is not aligned to the export's {align}-byte blocks"
+    )]
+    Misaligned {
+        command: Command,
+        offset: u64,
+        len: u64,
+        align: u32,
+    },
+
+    /// The export is read-only; nothing was sent.
+    #[error("the NBD export is read-only, {command} refused")]
+    ReadOnly { command: Command },
+
+    /// The server did not advertise a feature the call needs; nothing was sent.
+    #[error("the NBD server does not support {feature}")]
+    Unsupported { feature: &'static str },
+
+    /// An I/O error during the handshake.
+    #[error("NBD I/O error")]
+    Io(#[from] io::Error),
+}
+
+fn available_suffix(available: &[String]) -> String {
+    if available.is_empty() {
+        String::new()
+    } else {
+        format!(" (it has: {})", available.join(", "))
+    }
+}
+
+fn message_suffix(message: &str) -> String {
+    if message.is_empty() {
+        String::new()
+    } else {
+        format!(": {message}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_details() {
+        let e = Error::ExportNotFound {
+            name: "disk9".into(),
+            available: vec!["disk".into(), "other".into()],
+        };
+        assert_eq!(
+            e.to_string(),
+            r#"the NBD server has no export "disk9" (it has: disk, other)"#
+        );
+        let e = Error::Server {
+            command: Command::Write,
+            errno: 1,
+            message: "read-only".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "NBD_CMD_WRITE failed on the NBD server: EPERM (1): read-only"
+        );
+        let e = Error::Server {
+            command: Command::Read,
+            errno: 5,
+            message: String::new(),
+        };
+        assert_eq!(e.to_string(), "NBD_CMD_READ failed on the NBD server: EIO (5)");
+    }
+}

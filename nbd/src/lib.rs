@@ -1,0 +1,38 @@
+//! A small async NBD client for reading (and writing) disks through QEMU's own NBD server
+//! (qemu-storage-daemon, qemu-nbd, QEMU's built-in server) instead of parsing image formats.
+//!
+//! It speaks the fixed-newstyle handshake with `NBD_OPT_GO`, structured replies, and the `base:allocation`
+//! metadata context for block status; requests from many tasks are multiplexed on one connection by
+//! cookie. Every network wait is bounded by a timeout, and malformed server data turns into an error,
+//! never a panic. [`BlockingClient`] serves worker threads that are not async.
+//!
+//! ```no_run
+//! # async fn demo() -> nbd::Result<()> {
+//! use std::time::Duration;
+//! let client = nbd::Client::connect_unix("/run/qsd/nbd.sock", "disk0", Duration::from_secs(10)).await?;
+//! for extent in client.block_status(0, client.size()).await? {
+//!     if !extent.zero {
+//!         let mut buf = vec![0; extent.len.min(1 << 20) as usize];
+//!         client.read(extent.offset, &mut buf).await?;
+//!     }
+//! }
+//! client.disconnect().await
+//! # }
+//! ```
+
+mod blocking;
+mod client;
+mod conn;
+mod error;
+mod extent;
+mod handshake;
+#[cfg(test)]
+mod peer_tests;
+mod proto;
+mod reply;
+
+pub use blocking::BlockingClient;
+pub use client::{Client, DEFAULT_TIMEOUT};
+pub use error::{Error, Result};
+pub use extent::Extent;
+pub use proto::{Command, errno};

@@ -1,0 +1,239 @@
+//! Turning reply messages into results: what each request expects back, the reassembly of a read from
+//! data and hole chunks, and the parsing of block status and error chunk payloads. No I/O here; the
+//! reader task in `conn` feeds it.
+
+use std::ops::Range;
+
+use crate::error::Error;
+use crate::proto::{self, Command, be_u16, be_u32};
+
+/// What a request produces on success.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum ReplyData {
+    /// Write, flush, trim, write zeroes.
+    Done,
+    /// Read: exactly the requested bytes.
+    Data(Vec<u8>),
+    /// Block status: `(length, flags)` descriptors of our context, starting at the request offset.
+    Extents(Vec<(u32, u32)>),
+}
+
+/// A request's reply in the making.
+#[derive(Debug)]
+pub(crate) enum Expect {
+    Done,
+    Read(ReadAssembly),
+    BlockStatus {
+        context: u32,
+        descriptors: Option<Vec<(u32, u32)>>,
+    },
+}
+
+/// A read's buffer and which parts of it the server has filled so far.
+#[derive(Debug)]
+pub(crate) struct ReadAssembly {
+    offset: u64,
+    pub(crate) buf: Vec<u8>,
+    covered: Vec<Range<u64>>,
+}
+
+impl ReadAssembly {
+    pub(crate) fn new(offset: u64, len: u32) -> Self {
+        ReadAssembly {
+            offset,
+            buf: vec![0; len as usize],
+            covered: Vec::new(),
+        }
+    }
+
+    /// Where a content chunk at absolute `offset` with `len` bytes lands in the buffer, if it lies inside
+    /// the request; records it as covered.
+    pub(crate) fn place(&mut self, offset: u64, len: u64) -> Result<Range<usize>, String> {
+        let start = offset
+            .checked_sub(self.offset)
+            .filter(|s| s.checked_add(len).is_some_and(|end| end <= self.buf.len() as u64))
+            .ok_or_else(|| {
+                format!(
+                    "content chunk at offset {offset} with length {len} lies outside the read of {} bytes at {}",
+                    self.buf.len(),
+                    self.offset
+                )
+            })?;
+        if len == 0 {
+            return Err(format!("empty content chunk at offset {offset}"));
+        }
+        self.covered.push(start..start + len);
+        Ok(start as usize..(start + len) as usize)
+    }
+
+    /// A hole chunk: those bytes read as zeroes.
+    pub(crate) fn hole(&mut self, offset: u64, len: u32) -> Result<(), String> {
+        let range = self.place(offset, u64::from(len))?;
+        self.buf[range].fill(0);
+        Ok(())
+    }
+
+    /// The finished buffer, if the chunks covered every byte exactly once.
+    pub(crate) fn finish(mut self) -> Result<Vec<u8>, String> {
+        self.covered.sort_unstable_by_key(|r| r.start);
+        let mut next = 0;
+        for r in &self.covered {
+            if r.start != next {
+                return Err(if r.start < next {
+                    format!("content chunks overlap at offset {}", self.offset + r.start)
+                } else {
+                    format!(
+                        "no content for offset {} of a successful read",
+                        self.offset + next
+                    )
+                });
+            }
+            next = r.end;
+        }
+        if next != self.buf.len() as u64 {
+            return Err(format!(
+                "no content for offset {} of a successful read",
+                self.offset + next
+            ));
+        }
+        Ok(self.buf)
+    }
+}
+
+impl Expect {
+    /// The result once the final chunk arrived and no error chunk came.
+    pub(crate) fn finish(self) -> Result<ReplyData, Error> {
+        match self {
+            Expect::Done => Ok(ReplyData::Done),
+            Expect::Read(read) => read.finish().map(ReplyData::Data).map_err(Error::Protocol),
+            Expect::BlockStatus { descriptors, .. } => descriptors
+                .map(ReplyData::Extents)
+                .ok_or_else(|| Error::Protocol("block status reply without a block status chunk".into())),
+        }
+    }
+}
+
+/// `(errno, message)` of an error chunk (any type with bit 15 set).
+pub(crate) fn parse_error_chunk(kind: u16, payload: &[u8]) -> Result<(u32, String), String> {
+    let (Some(errno), Some(msg_len)) = (be_u32(payload, 0), be_u16(payload, 4)) else {
+        return Err(format!(
+            "error chunk of {} bytes is shorter than 6",
+            payload.len()
+        ));
+    };
+    let msg_end = 6 + usize::from(msg_len);
+    let trailer = if kind == proto::REPLY_TYPE_ERROR_OFFSET {
+        8
+    } else {
+        0
+    };
+    if msg_end + trailer > payload.len() {
+        return Err(format!(
+            "error chunk message of {msg_len} bytes does not fit its {} bytes",
+            payload.len()
+        ));
+    }
+    Ok((errno, String::from_utf8_lossy(&payload[6..msg_end]).into_owned()))
+}
+
+/// Context id and `(length, flags)` descriptors of a block status chunk.
+pub(crate) fn parse_block_status(payload: &[u8]) -> Result<(u32, Vec<(u32, u32)>), String> {
+    let context = be_u32(payload, 0).unwrap_or_default();
+    let body = payload.get(4..).unwrap_or_default();
+    if body.is_empty() || body.len() % 8 != 0 {
+        return Err(format!(
+            "block status chunk of {} bytes is not 4 + a multiple of 8",
+            payload.len()
+        ));
+    }
+    let mut descriptors = Vec::with_capacity(body.len() / 8);
+    for d in body.chunks_exact(8) {
+        let len = be_u32(d, 0).unwrap_or_default();
+        if len == 0 {
+            return Err("block status descriptor of length 0".into());
+        }
+        descriptors.push((len, be_u32(d, 4).unwrap_or_default()));
+    }
+    Ok((context, descriptors))
+}
+
+/// The error a request gets from an error reply.
+pub(crate) fn server_error(command: Command, errno: u32, message: String) -> Error {
+    Error::Server {
+        command,
+        errno,
+        message,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_reassembles_out_of_order_data_and_holes() {
+        let mut r = ReadAssembly::new(1000, 30);
+        let range = r.place(1010, 20).unwrap();
+        r.buf[range].fill(7);
+        r.hole(1000, 10).unwrap();
+        let buf = r.finish().unwrap();
+        assert_eq!(&buf[..10], &[0; 10]);
+        assert_eq!(&buf[10..], &[7; 20]);
+    }
+
+    #[test]
+    fn read_rejects_chunks_outside_overlapping_or_missing() {
+        let mut r = ReadAssembly::new(1000, 30);
+        assert!(r.place(999, 2).is_err());
+        assert!(r.place(1020, 11).is_err());
+        assert!(r.place(u64::MAX, 2).is_err());
+        assert!(r.place(1000, u64::MAX).is_err());
+        assert!(r.hole(1000, 0).is_err());
+
+        let mut r = ReadAssembly::new(0, 30);
+        r.place(0, 20).unwrap();
+        r.place(10, 20).unwrap();
+        assert!(r.finish().unwrap_err().contains("overlap"));
+
+        let mut r = ReadAssembly::new(0, 30);
+        r.place(0, 10).unwrap();
+        r.place(20, 10).unwrap();
+        assert!(r.finish().unwrap_err().contains("offset 10"));
+
+        let mut r = ReadAssembly::new(0, 30);
+        r.place(0, 10).unwrap();
+        assert!(r.finish().unwrap_err().contains("offset 10"));
+    }
+
+    #[test]
+    fn error_chunks_parse_with_and_without_offset() {
+        let mut p = 5u32.to_be_bytes().to_vec();
+        p.extend_from_slice(&3u16.to_be_bytes());
+        p.extend_from_slice(b"bad");
+        assert_eq!(
+            parse_error_chunk(proto::REPLY_TYPE_ERROR_BIT + 1, &p).unwrap(),
+            (5, "bad".into())
+        );
+        assert!(parse_error_chunk(proto::REPLY_TYPE_ERROR_OFFSET, &p).is_err());
+        p.extend_from_slice(&42u64.to_be_bytes());
+        assert_eq!(
+            parse_error_chunk(proto::REPLY_TYPE_ERROR_OFFSET, &p).unwrap(),
+            (5, "bad".into())
+        );
+        assert!(parse_error_chunk(proto::REPLY_TYPE_ERROR_BIT + 1, &p[..7]).is_err());
+        assert!(parse_error_chunk(proto::REPLY_TYPE_ERROR_BIT + 1, &p[..3]).is_err());
+    }
+
+    #[test]
+    fn block_status_payloads_are_checked() {
+        let mut p = 9u32.to_be_bytes().to_vec();
+        assert!(parse_block_status(&p).is_err());
+        p.extend_from_slice(&4096u32.to_be_bytes());
+        p.extend_from_slice(&3u32.to_be_bytes());
+        assert_eq!(parse_block_status(&p).unwrap(), (9, vec![(4096, 3)]));
+        assert!(parse_block_status(&p[..11]).is_err());
+        p.extend_from_slice(&[0; 8]);
+        assert!(parse_block_status(&p).is_err());
+        assert!(parse_block_status(&[]).is_err());
+    }
+}

@@ -1,0 +1,58 @@
+//! The NBD server and block exports, through which qmpbak reads a point-in-time view of a disk.
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{Empty, command};
+use crate::types::BlockExportRemoveMode;
+
+/// `nbd-server-start`: starts QEMU's NBD server on `addr` (a `SocketAddressLegacy`, e.g.
+/// `{"type": "unix", "data": {"path": "/run/x.sock"}}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct NbdServerStart {
+    pub addr: Value,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_connections: Option<u32>,
+}
+command!(NbdServerStart, "nbd-server-start", Empty);
+
+impl NbdServerStart {
+    /// A server on a Unix socket.
+    pub fn unix(path: impl Into<String>) -> NbdServerStart {
+        let addr = serde_json::json!({"type": "unix", "data": {"path": path.into()}});
+        NbdServerStart {
+            addr,
+            max_connections: None,
+        }
+    }
+}
+
+/// `nbd-server-stop`: stops the NBD server and removes its exports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NbdServerStop;
+command!(NbdServerStop, "nbd-server-stop", Empty);
+
+/// `block-export-add`: exports a node (`BlockExportOptions`, e.g. `{"type": "nbd", "id": …, "node-name": …}`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct BlockExportAdd(pub Value);
+command!(BlockExportAdd, "block-export-add", Empty);
+
+/// `block-export-del`: removes an export; it is gone when `BLOCK_EXPORT_DELETED` arrives.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockExportDel {
+    pub id: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<BlockExportRemoveMode>,
+}
+command!(BlockExportDel, "block-export-del", Empty);
+
+impl BlockExportDel {
+    pub fn new(id: impl Into<String>) -> BlockExportDel {
+        BlockExportDel {
+            id: id.into(),
+            mode: None,
+        }
+    }
+}

@@ -1,0 +1,149 @@
+//! The crate's error type: one variant per failure a caller can act on.
+//!
+//! Messages name the socket, command or job involved and say what to check; the underlying cause is kept as
+//! `source()` rather than repeated in the message, so it is printed once at the edge.
+
+use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::open_enum::open_enum;
+
+open_enum! {
+    /// The `class` of a QMP error reply. Nearly everything is `GenericError`; match on it only when QEMU
+    /// documents a specific class.
+    pub enum ErrorClass {
+        GenericError => "GenericError",
+        CommandNotFound => "CommandNotFound",
+        DeviceNotActive => "DeviceNotActive",
+        DeviceNotFound => "DeviceNotFound",
+        KvmMissingCap => "KVMMissingCap",
+    }
+}
+
+/// What can go wrong talking to QEMU over QMP.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The socket could not be connected: missing, refused, permission denied (see `source`'s kind).
+    #[error(
+        "cannot connect to the QMP socket {}; check that the VM is running and that this is its -qmp socket",
+        path.display()
+    )]
+    Connect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The peer answered, but not with a QMP greeting.
+    #[error(
+        "{} did not greet like a QMP monitor ({detail}); is it a -qmp socket rather than HMP or a console?",
+        path.display()
+    )]
+    NotQmp { path: PathBuf, detail: String },
+
+    /// Nothing arrived in time.
+    #[error("timed out after {after:?} waiting for {what}")]
+    Timeout { what: String, after: Duration },
+
+    /// The connection ended (QEMU exited or closed the socket); no command can be sent on it any more.
+    #[error("the QMP connection is closed ({detail}); QEMU may have exited, check its log")]
+    Closed { detail: String },
+
+    /// QEMU refused a command.
+    #[error("QEMU refused {command}: {desc} ({class})")]
+    Qmp {
+        command: String,
+        class: ErrorClass,
+        desc: String,
+    },
+
+    /// QEMU's reply did not have the shape this crate expects for the command.
+    #[error("cannot decode QEMU's reply to {command}; this QEMU's schema may differ from what qmpbak knows")]
+    Decode {
+        command: String,
+        #[source]
+        source: serde_json::Error,
+    },
+
+    /// The peer broke the protocol badly enough that the connection was given up.
+    #[error("QMP protocol violation: {0}")]
+    Protocol(String),
+
+    /// An I/O error on an established connection.
+    #[error("I/O error on the QMP connection")]
+    Io(#[from] io::Error),
+
+    /// QEMU has no job with this id.
+    #[error("QEMU has no job {id}; it may never have started or may have been dismissed already")]
+    JobNotFound { id: String },
+}
+
+impl Error {
+    /// The I/O error kind behind a `Connect` or `Io` error.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            Error::Connect { source, .. } | Error::Io(source) => Some(source.kind()),
+            _ => None,
+        }
+    }
+
+    /// The QMP error class, for an error QEMU returned.
+    pub fn class(&self) -> Option<&ErrorClass> {
+        match self {
+            Error::Qmp { class, .. } => Some(class),
+            _ => None,
+        }
+    }
+
+    /// Whether the connection is gone (as opposed to one command failing).
+    pub fn is_closed(&self) -> bool {
+        matches!(self, Error::Closed { .. } | Error::Protocol(_))
+    }
+
+    /// Whether this is a timeout.
+    pub fn is_timeout(&self) -> bool {
+        matches!(self, Error::Timeout { .. })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn messages_name_the_thing() {
+        let e = Error::Connect {
+            path: "/run/vm.sock".into(),
+            source: io::Error::from(io::ErrorKind::NotFound),
+        };
+        assert!(e.to_string().contains("/run/vm.sock"));
+        assert_eq!(e.io_kind(), Some(io::ErrorKind::NotFound));
+        let e = Error::Qmp {
+            command: "blockdev-del".into(),
+            class: ErrorClass::GenericError,
+            desc: "Node x is in use".into(),
+        };
+        assert_eq!(
+            e.to_string(),
+            "QEMU refused blockdev-del: Node x is in use (GenericError)"
+        );
+        assert_eq!(e.class(), Some(&ErrorClass::GenericError));
+        let e = Error::Timeout {
+            what: "the reply to query-block".into(),
+            after: Duration::from_secs(3),
+        };
+        assert_eq!(
+            e.to_string(),
+            "timed out after 3s waiting for the reply to query-block"
+        );
+    }
+
+    #[test]
+    fn error_class_is_open() {
+        let c: ErrorClass = serde_json::from_str("\"KVMMissingCap\"").unwrap();
+        assert_eq!(c, ErrorClass::KvmMissingCap);
+        let c: ErrorClass = serde_json::from_str("\"BrandNewClass\"").unwrap();
+        assert_eq!(c.as_str(), "BrandNewClass");
+    }
+}

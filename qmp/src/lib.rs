@@ -1,0 +1,44 @@
+//! An async client for QEMU's QMP monitor protocol, built to survive schema drift between QEMU versions.
+//!
+//! One `Qmp` handle carries many concurrent commands (matched to replies by id) and any number of event
+//! subscriptions; unknown events and enum values are kept rather than rejected, every wait has a timeout, and
+//! what QEMU can do is read from its schema (`Capabilities`). See ARCHITECTURE.md for how it fits in qmpbak.
+//!
+//! ```no_run
+//! # async fn demo() -> qmp::Result<()> {
+//! use std::time::Duration;
+//! use qmp::{EventFilter, Qmp, commands::QueryBlock};
+//!
+//! let qmp = Qmp::connect("/run/vm/qmp.sock", Duration::from_secs(5)).await?;
+//! let mut stops = qmp.subscribe(EventFilter::names(&["STOP"]));
+//! for block in qmp.execute(&QueryBlock).await? {
+//!     println!("{} {:?}", block.device, block.qdev);
+//! }
+//! qmp.execute(&qmp::commands::Stop).await?;
+//! let stop = stops.next_timeout(Duration::from_secs(5)).await?;
+//! # let _ = stop;
+//! # Ok(())
+//! # }
+//! ```
+
+mod client;
+pub mod commands;
+mod error;
+mod events;
+mod framing;
+mod jobs;
+mod open_enum;
+mod schema;
+mod transport;
+pub mod types;
+
+pub use client::{DEFAULT_COMMAND_TIMEOUT, Qmp};
+pub use commands::{Command, Empty};
+pub use error::{Error, ErrorClass};
+pub use events::{Event, EventFilter, EventKind, EventStream};
+pub use jobs::JobOutcome;
+pub use schema::Capabilities;
+pub use types::*;
+
+/// The result of every fallible operation in this crate.
+pub type Result<T> = std::result::Result<T, Error>;

@@ -36,7 +36,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
 }
 
 fn fleece_file(run: &Run<'_>, disk: usize) -> Result<chain::RelPath> {
-    Ok(format!("{}/.fleece-{disk}.qcow2", run.node).parse()?)
+    Ok(format!("{}/fleece-{disk}.qcow2", run.node).parse()?)
 }
 
 fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {

@@ -447,7 +447,7 @@ impl Run<'_> {
     /// new node's incremental bitmap and the differential bitmap of its full.
     async fn tidy_bitmaps(&self) {
         let chain = &self.manifest.chain_id;
-        let last_full = self.manifest.last_full(&self.node).map(|n| n.id.to_string());
+        let last_full = self.manifest.last_full(&self.node).ok().flatten().map(|n| n.id.to_string());
         let keep: HashSet<String> = [
             Some(BitmapName::incremental(chain, self.node.as_str()).to_string()),
             last_full.map(|f| BitmapName::differential(chain, &f).to_string()),
@@ -526,7 +526,7 @@ fn chain_facts(manifest: &Manifest, full_every: u32) -> ChainFacts {
             .node(id)
             .is_some_and(|n| !n.disks.is_empty() && n.disks.iter().all(|d| d.table.is_some()))
     };
-    let last_full = manifest.last_full(&current).map(|n| n.id.clone());
+    let last_full = manifest.last_full(&current).ok().flatten().map(|n| n.id.clone());
     let since_full = manifest
         .recovery_chain(&current)
         .map(|chain| chain.iter().filter(|n| n.kind != NodeKind::Full).count() as u32)

@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 use serde_json::json;
 
-use chain::{LockGuard, Manifest, NodeState, Operation, VmStore};
+use chain::{LockGuard, Manifest, NodeState, Operation, OperationKind, VmStore};
 
 /// How long a leftover job may take to stop after `job-cancel`.
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -104,6 +104,22 @@ pub async fn recover(
     }
     let operations = std::mem::take(&mut manifest.operations);
     for op in &operations {
+        if op.kind == OperationKind::Restore {
+            // A live restore cannot be undone once the VM runs on the chain: finish it instead.
+            let Some(qmp) = qmp else {
+                manifest.operations.push(op.clone());
+                continue;
+            };
+            if let Err(e) = crate::restore::live::finish(qmp, op, &crate::progress::Silent).await {
+                manifest.operations.push(op.clone());
+                vm.save(manifest, guard)?;
+                return Err(e.context(format!("finishing the interrupted live restore {}", op.id)));
+            }
+            cleaned.jobs.extend(op.jobs.iter().cloned());
+            cleaned.block_nodes.extend(op.block_nodes.iter().cloned());
+            cleaned.operations.push(op.id.clone());
+            continue;
+        }
         if let Some(qmp) = qmp {
             undo_in_qemu(qmp, op, &mut cleaned).await;
         }

@@ -65,6 +65,7 @@ pub fn classify(err: &anyhow::Error) -> ExitCode {
         if let Some(e) = cause.downcast_ref::<chain::Error>() {
             return match e {
                 chain::Error::LockHeld { .. } => ExitCode::LockHeld,
+                chain::Error::VmNotFound { .. } | chain::Error::InvalidName { .. } => ExitCode::Usage,
                 _ => ExitCode::Repository,
             };
         }

@@ -11,6 +11,13 @@ use chain::{Manifest, NodeId, VmStore};
 /// Block node names are limited to 31 characters by QEMU.
 pub const MAX_NODE_NAME: usize = 31;
 
+/// A short QEMU block node or job name (QEMU limits node names to 31 characters), unique per chain, purpose,
+/// backup node and disk: `qb<4 chars of the chain id><what><node>-<disk index>`.
+pub fn short_name(chain_id: &str, what: &str, node: &str, disk: usize) -> String {
+    let chain: String = chain_id.chars().take(4).collect();
+    format!("qb{chain}{what}{node}-{disk}")
+}
+
 /// A chain added to a QEMU: its block node names, bottom (the full) first.
 #[derive(Debug, Clone, Default)]
 pub struct ChainGraph {

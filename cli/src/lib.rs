@@ -14,5 +14,7 @@ pub mod plan;
 pub mod progress;
 pub mod qemu_bins;
 pub mod render;
+pub mod restore;
 pub mod signals;
 pub mod tables;
+pub mod verify;

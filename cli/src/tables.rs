@@ -151,6 +151,18 @@ pub async fn build(
     result
 }
 
+/// Loads and verifies a node's checking table for one disk.
+pub fn load_node_table(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str) -> Result<chain::Table> {
+    let n = manifest.node(node).with_context(|| format!("node {node} is not in the manifest"))?;
+    let d = n.disks.iter().find(|d| d.disk == disk).with_context(|| format!("node {node} has no disk {disk}"))?;
+    let (Some(table), Some(sha)) = (&d.table, &d.table_sha256) else {
+        bail!("node {node} has no checking table for disk {disk}");
+    };
+    let path = vm.resolve(table)?;
+    chain::Table::verify_file(&path, sha)?;
+    Ok(chain::Table::load(&path)?)
+}
+
 fn disk_index(manifest: &Manifest, node: &NodeId, disk: &str) -> usize {
     manifest
         .node(node)

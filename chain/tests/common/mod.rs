@@ -122,28 +122,56 @@ impl TestRepo {
 /// The environment variable that tells a helper test it is the child and what to work on.
 pub const CHILD_DIR: &str = "CHAIN_TEST_CHILD_DIR";
 
+/// A child process running one helper test of this binary; killed (SIGKILL) and reaped when dropped, so a
+/// failing test leaves nothing running.
+pub struct ChildProc {
+    pub child: Child,
+    out: BufReader<ChildStdout>,
+}
+
 /// Runs the helper test `name` of this binary as a child process with `CHAIN_TEST_CHILD_DIR=dir`.
-pub fn spawn_child(name: &str, dir: &Path) -> Child {
-    Command::new(std::env::current_exe().unwrap())
+pub fn spawn_child(name: &str, dir: &Path) -> ChildProc {
+    let mut child = Command::new(std::env::current_exe().unwrap())
         .args([name, "--exact", "--nocapture", "--test-threads=1"])
         .env(CHILD_DIR, dir)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
-        .unwrap()
+        .unwrap();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    ChildProc { child, out }
 }
 
-/// Reads the child's output until a line equals `marker` (the test harness prints its own lines too).
-pub fn wait_for_line(stdout: &mut BufReader<ChildStdout>, marker: &str) {
-    let mut line = String::new();
-    loop {
-        line.clear();
-        let n = stdout.read_line(&mut line).unwrap();
-        assert!(n > 0, "the child exited before printing {marker:?}");
-        if line.trim_end() == marker {
-            return;
+impl ChildProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Reads the child's output until a line ends with `marker` (the test harness prints its own text too,
+    /// such as "test NAME ... " before the helper's first line).
+    pub fn wait_for_line(&mut self, marker: &str) {
+        let mut line = String::new();
+        loop {
+            line.clear();
+            let n = self.out.read_line(&mut line).unwrap();
+            assert!(n > 0, "the child exited before printing {marker:?}");
+            if line.trim_end().ends_with(marker) {
+                return;
+            }
         }
+    }
+
+    /// SIGKILL, then reap.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ChildProc {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

@@ -10,7 +10,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
-use super::{Copied, Run, interrupted, jobs, load_table};
+use super::{Copied, Run, interrupted, jobs};
+use crate::tables::load_node_table;
 use crate::cleanup;
 use crate::daemon::NBD_CONNECT_TIMEOUT;
 use crate::graph;
@@ -109,7 +110,7 @@ async fn fleece_and_copy(run: &Run<'_>, socket: &std::path::Path) -> Result<Copi
             return Err(interrupted());
         }
         let parent = run.plan.parent.as_ref().context("a checksum-diff needs a base node")?;
-        let base = load_table(run.vm, &run.manifest, &parent.parse()?, &t.info.id)?;
+        let base = load_node_table(run.vm, &run.manifest, &parent.parse()?, &t.info.id)?;
         let fleece = export(run, &format!("{}-f{}", run.op.id, t.index), &run.qemu_name("f", t.index), false, socket)
             .await?;
         let target = export(run, &format!("{}-t{}", run.op.id, t.index), &run.qemu_name("t", t.index), true, socket)

@@ -114,8 +114,7 @@ impl Run<'_> {
     /// A QEMU block node or job name for this run: short (QEMU limits node names to 31 characters) and unique
     /// per chain and node.
     pub fn qemu_name(&self, what: &str, disk: usize) -> String {
-        let chain: String = self.manifest.chain_id.chars().take(4).collect();
-        format!("qb{chain}{what}{}-{disk}", self.node)
+        crate::graph::short_name(&self.manifest.chain_id, what, self.node.as_str(), disk)
     }
 
     /// The bitmap a disk's copy reads: relative to the plan's parent.
@@ -401,7 +400,7 @@ impl Run<'_> {
         let result = async {
             for t in &self.targets {
                 let parent_table = match &self.plan.parent {
-                    Some(parent) => Some(load_table(self.vm, &self.manifest, &parent.parse()?, &t.info.id)?),
+                    Some(parent) => Some(crate::tables::load_node_table(self.vm, &self.manifest, &parent.parse()?, &t.info.id)?),
                     None => None,
                 };
                 let table = crate::tables::build(
@@ -465,18 +464,6 @@ impl Run<'_> {
             }
         }
     }
-}
-
-/// Loads and verifies a node's checking table for one disk.
-pub fn load_table(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str) -> Result<chain::Table> {
-    let n = manifest.node(node).with_context(|| format!("node {node} is not in the manifest"))?;
-    let d = n.disks.iter().find(|d| d.disk == disk).with_context(|| format!("node {node} has no disk {disk}"))?;
-    let (Some(table), Some(sha)) = (&d.table, &d.table_sha256) else {
-        bail!("node {node} has no checking table for disk {disk}");
-    };
-    let path = vm.resolve(table)?;
-    chain::Table::verify_file(&path, sha)?;
-    Ok(chain::Table::load(&path)?)
 }
 
 /// Bytes a file occupies on the host (allocated blocks, not its apparent size).

@@ -7,7 +7,9 @@ mod info;
 mod init;
 mod list;
 mod qmp;
+mod restore;
 mod show;
+mod verify;
 
 use clap::Subcommand;
 
@@ -25,8 +27,12 @@ pub enum Command {
     List(list::Args),
     /// Send one raw QMP command and print the reply.
     Qmp(qmp::Args),
+    /// Restore a node: offline into image files, or live into a running VM.
+    Restore(restore::Args),
     /// Show one backup node and its recovery chain.
     Show(show::Args),
+    /// Re-read backups and compare them with their checking tables.
+    Verify(verify::Args),
 }
 
 impl Command {
@@ -38,7 +44,9 @@ impl Command {
             Command::Init(args) => init::run(&args),
             Command::List(args) => list::run(&args),
             Command::Qmp(args) => qmp::run(args).await,
+            Command::Restore(args) => restore::run(args).await,
             Command::Show(args) => show::run(&args),
+            Command::Verify(args) => verify::run(args).await,
         }
     }
 }

@@ -1,0 +1,158 @@
+//! Building checking tables: equal to a naive sha256 per block whatever the holes, sizes and thread counts;
+//! holes are not read; partial rebuilds derive the same table as a full one; a file source with real holes
+//! agrees with memory; and read failures name where they happened.
+
+mod common;
+
+use std::io;
+use std::os::unix::fs::FileExt;
+
+use chain::table::{self, digest_of};
+use chain::{BlockSource, Error, Extent, ExtentKind, FileSource, MemSource, Table};
+use common::Rng;
+use proptest::prelude::*;
+
+const BS: u64 = 4096;
+
+fn naive(data: &[u8], block_size: u64) -> Vec<table::Digest> {
+    data.chunks(block_size as usize).map(digest_of).collect()
+}
+
+fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
+    let mut data = vec![0u8; len];
+    Rng::new(seed).fill(&mut data);
+    data
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 64, ..ProptestConfig::default() })]
+
+    #[test]
+    fn build_equals_naive_hashing(
+        len in 0usize..(24 * BS as usize),
+        holes in prop::collection::vec((0u64..(24 * BS), 1u64..(3 * BS)), 0..6),
+        seed in any::<u64>(),
+        threads in 1usize..4,
+    ) {
+        let src = MemSource::with_holes(random_bytes(len, seed), &holes);
+        let table = Table::build(&src, BS, threads).unwrap();
+        prop_assert_eq!(table.digests(), &naive(src.data(), BS)[..]);
+        prop_assert_eq!(table.virtual_size(), len as u64);
+        // Holes are never read: every other byte is read exactly once.
+        let hole_bytes: u64 = src.extents(0, len as u64).unwrap().iter()
+            .filter(|e| e.kind == ExtentKind::Zero).map(|e| e.len).sum();
+        prop_assert_eq!(src.bytes_read(), len as u64 - hole_bytes);
+        for i in 0..table.len() {
+            let (offset, n) = table.block_range(i);
+            let zero = src.data()[offset as usize..(offset + n) as usize].iter().all(|&b| b == 0);
+            prop_assert_eq!(table.is_zero(i), zero, "block {}", i);
+        }
+    }
+
+    #[test]
+    fn derive_from_changed_blocks_equals_a_full_build(
+        len in 1usize..(16 * BS as usize),
+        writes in prop::collection::vec((0usize..(16 * BS as usize), 1usize..6000), 0..6),
+        seed in any::<u64>(),
+    ) {
+        let before = random_bytes(len, seed);
+        let mut after = before.clone();
+        let mut touched = std::collections::BTreeSet::new();
+        for (i, (offset, n)) in writes.iter().enumerate() {
+            let offset = offset % len;
+            let end = (offset + n).min(len);
+            after[offset..end].copy_from_slice(&random_bytes(end - offset, seed ^ (i as u64 + 1)));
+            for block in (offset as u64 / BS)..=((end as u64 - 1) / BS) {
+                touched.insert(block);
+            }
+        }
+        let parent = Table::build(&MemSource::new(before.clone()), BS, 2).unwrap();
+        let new_src = MemSource::new(after.clone());
+        let touched: Vec<u64> = touched.into_iter().collect();
+        let changed = Table::build_blocks(&new_src, BS, &touched, 2).unwrap();
+        prop_assert_eq!(changed.iter().map(|c| c.0).collect::<Vec<_>>(), touched.clone());
+        let child = Table::derive(&parent, &changed).unwrap();
+        let full = Table::build(&new_src, BS, 3).unwrap();
+        prop_assert_eq!(&child, &full);
+        // diff finds exactly the blocks whose bytes changed.
+        let really: Vec<u64> = (0..parent.len())
+            .filter(|&i| {
+                let (o, n) = parent.block_range(i);
+                before[o as usize..(o + n) as usize] != after[o as usize..(o + n) as usize]
+            })
+            .collect();
+        prop_assert_eq!(Table::diff(&parent, &child).unwrap(), really);
+    }
+}
+
+#[test]
+fn tables_survive_the_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = MemSource::with_holes(random_bytes(10 * BS as usize + 123, 7), &[(2 * BS, 3 * BS)]);
+    let table = Table::build(&src, BS, 0).unwrap();
+    let path = dir.path().join("disk0.table");
+    let sha = table.save(&path).unwrap();
+    assert_eq!(Table::load_verified(&path, &sha).unwrap(), table);
+    assert!((2..5).all(|i| table.is_zero(i)));
+}
+
+#[test]
+fn a_sparse_file_hashes_like_its_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("disk.raw");
+    let file = std::fs::File::create(&path).unwrap();
+    let size = (64 << 20) + 5000; // 64 MiB and a short last block
+    file.set_len(size).unwrap();
+    let mut rng = Rng::new(42);
+    let mut chunk = vec![0u8; 300_000];
+    for offset in [0, 10 << 20, (30 << 20) + 777, size - 1000] {
+        rng.fill(&mut chunk);
+        let n = chunk.len().min((size - offset) as usize);
+        file.write_all_at(&chunk[..n], offset).unwrap();
+    }
+    drop(file);
+    let bytes = std::fs::read(&path).unwrap();
+    let block_size = 1 << 20;
+    let from_file = Table::build(&FileSource::open(&path).unwrap(), block_size, 0).unwrap();
+    assert_eq!(from_file.digests(), &naive(&bytes, block_size)[..]);
+    assert_eq!(from_file.len(), 65);
+    assert!(from_file.is_zero(20) && !from_file.is_zero(0) && !from_file.is_zero(64));
+    let some = Table::build_blocks(&FileSource::open(&path).unwrap(), block_size, &[64, 0, 30], 2).unwrap();
+    assert_eq!(some, vec![(64, from_file.digests()[64]), (0, from_file.digests()[0]), (30, from_file.digests()[30])]);
+}
+
+/// A disk whose reads fail past some offset.
+struct Failing;
+
+impl BlockSource for Failing {
+    fn len(&self) -> u64 {
+        16 * BS
+    }
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent { offset, len, kind: ExtentKind::Data }])
+    }
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        if offset >= 9 * BS {
+            return Err(io::Error::other("bad sector"));
+        }
+        buf.fill(1);
+        Ok(())
+    }
+    fn name(&self) -> String {
+        "the failing disk".into()
+    }
+}
+
+#[test]
+fn read_errors_name_the_source_and_offset() {
+    for threads in [1, 2] {
+        let err = Table::build(&Failing, BS, threads).unwrap_err();
+        let Error::SourceRead { offset, .. } = &err else { panic!("{err:?}") };
+        assert!(*offset >= 9 * BS);
+        let text = err.to_string();
+        assert!(text.contains("the failing disk") && text.contains("bad sector"), "{text}");
+    }
+    let err = Table::build_blocks(&Failing, BS, &[16], 1).unwrap_err();
+    assert!(matches!(err, Error::BlockOutOfRange { index: 16, count: 16 }), "{err:?}");
+    assert!(matches!(Table::build(&Failing, 1000, 1), Err(Error::InvalidBlockSize { .. })));
+}

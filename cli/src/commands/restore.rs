@@ -1,0 +1,123 @@
+//! `qmpbak restore NODE`: offline into new image files (`--to`), or live into a running VM (`--live`).
+
+use std::io::IsTerminal as _;
+use std::path::PathBuf;
+
+use anyhow::{Result, bail};
+
+use super::args::RepoVm;
+use qmpbak::exit::Exit;
+use qmpbak::progress::Progress;
+use qmpbak::restore::live::{self, LiveOptions};
+use qmpbak::restore::offline::{self, Format, RestoreOptions};
+use qmpbak::signals::Interrupt;
+
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum FormatArg {
+    Qcow2,
+    Raw,
+}
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Node id or tag to restore.
+    node: String,
+    #[command(flatten)]
+    target: RepoVm,
+    /// Offline: a directory (one image per disk, `<disk>.<format>`) or, for one disk, the image file.
+    #[arg(long, required_unless_present = "live", conflicts_with = "live")]
+    to: Option<PathBuf>,
+    /// Image format of an offline restore (raw output is sparse).
+    #[arg(long, value_enum, default_value = "qcow2")]
+    format: FormatArg,
+    /// Live: restore into the running VM behind --socket, whose disks are empty images of the right size.
+    #[arg(long, requires = "socket")]
+    live: bool,
+    /// QEMU's QMP socket (with --live).
+    #[arg(long)]
+    socket: Option<PathBuf>,
+    /// Only this disk; repeat for more. Default: every disk of the node.
+    #[arg(long = "disk", value_name = "ID")]
+    disks: Vec<String>,
+    /// Overwrite existing output files, and keep a result that does not match its checking table.
+    #[arg(long)]
+    force: bool,
+    /// After an offline restore, make the node the VM's current node, so the next backup branches from it.
+    #[arg(long, conflicts_with = "live")]
+    set_current: bool,
+    /// Limit live streaming to BYTES per second per disk.
+    #[arg(long, value_name = "BYTES", default_value_t = 0)]
+    speed_limit: u64,
+    /// Print one JSON result.
+    #[arg(long)]
+    json: bool,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    if args.live {
+        let Some(socket) = args.socket else { bail!(Exit::usage("--live needs --socket")) };
+        let opts = LiveOptions {
+            repo: args.target.repo.clone(),
+            vm: args.target.vm.clone(),
+            node: args.node,
+            socket,
+            disks: args.disks,
+            speed_limit: args.speed_limit,
+            lock_wait: args.target.lock.lock_wait(),
+        };
+        let interrupt = Interrupt::new()?;
+        let progress = Phases { show: !args.json && std::io::stderr().is_terminal() };
+        let report = live::restore_live(&opts, &progress, &interrupt).await?;
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&report)?);
+        } else {
+            println!(
+                "node {} of {} restored live into {}: VM running after {:.2} s, streaming done after {:.1} s",
+                report.node,
+                report.vm,
+                report.disks.join(", "),
+                report.running_after_secs,
+                report.duration_secs
+            );
+        }
+        return Ok(());
+    }
+    let Some(to) = args.to else { bail!(Exit::usage("give --to DIR|FILE (offline) or --live --socket SOCK")) };
+    let opts = RestoreOptions {
+        repo: args.target.repo.clone(),
+        vm: args.target.vm.clone(),
+        node: args.node,
+        to,
+        format: match args.format {
+            FormatArg::Qcow2 => Format::Qcow2,
+            FormatArg::Raw => Format::Raw,
+        },
+        disks: args.disks,
+        force: args.force,
+        set_current: args.set_current,
+        lock_wait: args.target.lock.lock_wait(),
+    };
+    let report = offline::restore(&opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        for d in &report.disks {
+            let check = if d.verified { "matches its checking table" } else { "DOES NOT match its checking table" };
+            println!("node {} disk {} -> {} ({check})", report.node, d.disk, d.path.display());
+        }
+    }
+    Ok(())
+}
+
+/// Phase lines on a terminal.
+struct Phases {
+    show: bool,
+}
+
+impl Progress for Phases {
+    fn phase(&self, message: &str) {
+        if self.show {
+            eprintln!("{message}");
+        }
+    }
+}

@@ -1,0 +1,207 @@
+//! Live (instant) restore into a running QEMU whose disks are empty images of the right size (typically
+//! started paused with `-S`): each disk gets the node's recovery chain as its backing (`blockdev-reopen`), the
+//! VM resumes at once, and `block-stream` copies the data into the VM's own images behind it. Guest writes win:
+//! streaming only fills clusters the guest has not written. When streaming ends the chain is removed and the
+//! VM depends on nothing in the repository.
+//!
+//! If qmpbak dies while streaming, the VM keeps running on the chain; the operation record lets
+//! `qmpbak cleanup --socket` (or any later command on the VM) finish it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::json;
+
+use chain::{BitmapRecord, LockWait, Operation, OperationKind, Repository};
+
+use crate::bitmaps::BitmapName;
+use crate::cleanup;
+use crate::exit::{Exit, ExitCode};
+use crate::graph;
+use crate::inspect;
+use crate::progress::Progress;
+use crate::signals::Interrupt;
+
+/// Bound on streaming one disk.
+pub const STREAM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone)]
+pub struct LiveOptions {
+    pub repo: PathBuf,
+    pub vm: String,
+    pub node: String,
+    pub socket: PathBuf,
+    pub disks: Vec<String>,
+    /// Bytes per second per disk for streaming, 0 = unlimited.
+    pub speed_limit: u64,
+    pub lock_wait: LockWait,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct LiveReport {
+    pub vm: String,
+    pub node: String,
+    pub disks: Vec<String>,
+    /// Seconds from the start of the command until the VM ran on the restored data.
+    pub running_after_secs: f64,
+    /// Seconds until streaming finished and the repository was detached.
+    pub duration_secs: f64,
+}
+
+/// Restores `node` into the running VM behind `socket`.
+pub async fn restore_live(opts: &LiveOptions, progress: &dyn Progress, interrupt: &Interrupt) -> Result<LiveReport> {
+    let started = Instant::now();
+    let repo = Repository::open(&opts.repo)?;
+    let vm = repo.vm(&opts.vm)?;
+    let guard = vm.lock_exclusive(opts.lock_wait, "restore --live")?;
+    let mut manifest = vm.load()?;
+    let qmp = inspect::connect(&opts.socket).await?;
+    cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let node = super::find_node(&manifest, &opts.node)?.clone();
+    let disks = super::select_disks(&node, &opts.disks)?;
+    let info = inspect::inspect(&qmp).await?;
+
+    // Every disk must exist in the VM, be writable, have the node's size and no backing file.
+    let mut targets = Vec::new();
+    for (i, id) in disks.iter().enumerate() {
+        let Some(d) = info.disks.iter().find(|d| &d.id == id) else {
+            let have: Vec<&str> = info.disks.iter().map(|d| d.id.as_str()).collect();
+            bail!(Exit::usage(format!("the VM has no disk {id:?} to restore into; its disks are: {}", have.join(", "))));
+        };
+        let want = node.disks.iter().find(|n| &n.disk == id).map_or(0, |n| n.virtual_size);
+        if d.virtual_size != want {
+            bail!(Exit::usage(format!(
+                "disk {id} of the VM has {} bytes but node {} has {want}: start the VM with an empty image of that size",
+                d.virtual_size, node.id
+            )));
+        }
+        if d.backing_file.is_some() || d.read_only {
+            bail!(Exit::usage(format!(
+                "disk {id} of the VM has a backing file or is read-only: live restore needs an empty, writable image"
+            )));
+        }
+        targets.push((i, d.clone()));
+    }
+
+    let chain_id = manifest.chain_id.clone();
+    let name = |what: &str, i: usize| graph::short_name(&chain_id, what, node.id.as_str(), i);
+    let depth = manifest.recovery_chain(&node.id)?.len();
+    let mut op = Operation::new(OperationKind::Restore, Some(node.id.clone()), chrono::Utc::now());
+    op.id = format!("restore-{}", node.id);
+    op.pid = std::process::id();
+    for (i, d) in &targets {
+        op.jobs.push(name("s", *i));
+        for layer in (0..depth).rev() {
+            op.block_nodes.push(format!("{}-{layer}", name("l", *i)));
+        }
+        op.bitmaps.push(BitmapRecord {
+            node: d.node_name.clone(),
+            name: BitmapName::incremental(&chain_id, node.id.as_str()).to_string(),
+        });
+    }
+    // From here on the VM will run on this node: it becomes current, and its bitmap records the guest's writes.
+    manifest.current = Some(node.id.clone());
+    manifest.add_operation(op.clone());
+    vm.save(&manifest, &guard)?;
+
+    let graph_file_children = file_children(&qmp).await?;
+    for (i, d) in &targets {
+        let chain = graph::add_chain(&qmp, &vm, &manifest, &node.id, &d.id, &format!("{}-", name("l", *i))).await?;
+        let file = graph_file_children
+            .iter()
+            .find(|(parent, _)| parent == &d.node_name)
+            .map(|(_, child)| child.clone())
+            .with_context(|| format!("cannot find the file child of block node {}", d.node_name))?;
+        let top = chain.top().context("empty recovery chain")?;
+        qmp.execute_raw(
+            "blockdev-reopen",
+            Some(json!({ "options": [{ "driver": d.format, "node-name": d.node_name, "file": file, "backing": top }] })),
+        )
+        .await
+        .with_context(|| format!("putting node {}'s chain under disk {}", node.id, d.id))?;
+        qmp.execute_raw(
+            "block-dirty-bitmap-add",
+            Some(json!({ "node": d.node_name, "name": BitmapName::incremental(&chain_id, node.id.as_str()).to_string(),
+                         "persistent": true })),
+        )
+        .await
+        .context("adding the dirty bitmap for the next backup")?;
+    }
+    let status = qmp.execute_raw("query-status", None).await?;
+    if status["running"] != true {
+        qmp.execute_raw("cont", None).await.context("resuming the VM")?;
+    }
+    let running_after = started.elapsed().as_secs_f64();
+    progress.phase(&format!("VM running on node {} after {running_after:.2} s; streaming the data in", node.id));
+
+    for (i, d) in &targets {
+        let mut job = json!({ "job-id": name("s", *i), "device": d.node_name, "auto-dismiss": false });
+        if opts.speed_limit > 0 {
+            job["speed"] = json!(opts.speed_limit);
+        }
+        qmp.execute_raw("block-stream", Some(job)).await.with_context(|| format!("streaming disk {}", d.id))?;
+    }
+    crate::crashpoint::crashpoint("restore-streaming");
+
+    let finish = finish(&qmp, &op, progress);
+    tokio::select! {
+        result = finish => result?,
+        () = interrupt.wait() => {
+            return Err(Exit::new(ExitCode::Interrupted, format!(
+                "interrupted: the VM runs on the restored data and streaming goes on inside QEMU; \
+                 `qmpbak cleanup --socket {} --repo {} --vm {}` finishes it",
+                opts.socket.display(), opts.repo.display(), opts.vm)).into());
+        }
+    }
+    manifest.remove_operation(&op.id);
+    vm.save(&manifest, &guard)?;
+    Ok(LiveReport {
+        vm: opts.vm.clone(),
+        node: node.id.to_string(),
+        disks,
+        running_after_secs: running_after,
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Waits for a live restore's stream jobs and detaches the chain. Also used by cleanup to finish a restore whose
+/// qmpbak died. A failed stream leaves the chain attached (the VM depends on it) and is an error.
+pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> Result<()> {
+    for job in &op.jobs {
+        let Some(info) = qmp.job_info(job).await? else { continue };
+        let outcome = if info.status == qmp::JobStatus::Concluded {
+            qmp.wait_job(job, Duration::from_secs(5)).await?
+        } else {
+            qmp.wait_job(job, STREAM_TIMEOUT).await?
+        };
+        qmp.dismiss_job(job).await?;
+        if let Some(error) = outcome.error {
+            bail!("streaming ({job}) failed: {error}; the VM still runs on the backup chain");
+        }
+        progress.finish_disk(job);
+    }
+    for node in &op.block_nodes {
+        let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": node }))).await;
+    }
+    Ok(())
+}
+
+/// `(parent node, file child node)` pairs from QEMU's block graph.
+async fn file_children(qmp: &qmp::Qmp) -> Result<Vec<(String, String)>> {
+    let graph = qmp
+        .execute_raw("x-debug-query-block-graph", None)
+        .await
+        .context("reading QEMU's block graph (x-debug-query-block-graph)")?;
+    let name_of = |id: &serde_json::Value| {
+        graph["nodes"].as_array().into_iter().flatten().find(|n| n["id"] == *id).and_then(|n| n["name"].as_str())
+    };
+    Ok(graph["edges"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|e| e["name"] == "file")
+        .filter_map(|e| Some((name_of(&e["parent"])?.to_owned(), name_of(&e["child"])?.to_owned())))
+        .collect())
+}

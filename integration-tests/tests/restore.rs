@@ -1,0 +1,279 @@
+//! `qmpbak restore` and `qmpbak verify` against real QEMU: every node of a tree with two branches and a
+//! differential restores exactly (offline, qcow2 and raw, also after the repository moved), live restore runs
+//! the VM at once and keeps the guest's writes, and damage is found and refused.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use integration_tests::repo::TestRepo;
+use integration_tests::timeouts::BLOCK_JOB_TIMEOUT;
+use integration_tests::{MIB, TestVm, cli, image};
+use qmp::EventFilter;
+
+const VM: &str = "vm1";
+const DISKS: [&str; 2] = ["disk0", "disk1"];
+
+fn sizes() -> [(&'static str, u64); 2] {
+    [("disk0", 32 * MIB), ("disk1", 16 * MIB)]
+}
+
+async fn capture(vm: &TestVm, dir: &Path, label: &str) -> Vec<PathBuf> {
+    let mut refs = Vec::new();
+    for disk in DISKS {
+        let path = dir.join(format!("ref-{label}-{disk}.qcow2"));
+        vm.capture_reference(disk, &path).await;
+        refs.push(path);
+    }
+    refs
+}
+
+fn restore(repo: &Path, node: &str, to: &Path, extra: &[&str]) -> cli::Output {
+    let mut args = vec![
+        "restore",
+        node,
+        "--repo",
+        repo.to_str().unwrap(),
+        "--vm",
+        VM,
+        "--to",
+        to.to_str().unwrap(),
+        "--json",
+    ];
+    args.extend_from_slice(extra);
+    cli::run(&args)
+}
+
+fn live_args(repo: &TestRepo, vm: &TestVm, node: &str, extra: &[&str]) -> Vec<String> {
+    let mut args: Vec<String> = ["restore", node, "--live", "--socket"].map(String::from).to_vec();
+    args.push(vm.socket().display().to_string());
+    args.extend(["--repo".to_owned(), repo.path().display().to_string(), "--vm".to_owned(), VM.to_owned()]);
+    args.push("--json".to_owned());
+    args.extend(extra.iter().map(|s| (*s).to_owned()));
+    args
+}
+
+fn assert_restores_exactly(repo: &Path, node: &str, refs: &[PathBuf], out: &Path) {
+    for format in ["qcow2", "raw"] {
+        let dir = out.join(format!("{node}-{format}"));
+        let report = restore(repo, node, &dir, &["--format", format]).success().json();
+        assert_eq!(report["node"], node);
+        for (disk, reference) in DISKS.iter().zip(refs) {
+            let path = dir.join(format!("{disk}.{format}"));
+            assert!(report["disks"].as_array().unwrap().iter().any(|d| d["verified"] == true));
+            let info = image::info(&path);
+            assert_eq!(info["format"], format, "{info}");
+            assert!(info.get("backing-filename").is_none(), "standalone: {info}");
+            image::assert_same(reference, &path);
+            // Thin: holes stay holes (the disks are mostly unwritten).
+            let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
+            let virtual_size = info["virtual-size"].as_u64().unwrap();
+            assert!(allocated < virtual_size / 2, "{} holds {allocated} of {virtual_size} bytes", path.display());
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_repository() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let mut nodes: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x01, 0, 4 * MIB).await;
+        vm.write_pattern("disk1", 0x02, 8 * MIB, MIB).await;
+        for (i, level) in ["full", "inc", "inc", "diff"].iter().enumerate() {
+            if i > 0 {
+                vm.write_pattern("disk0", 0x10 + i as u8, i as u64 * 5 * MIB, 2 * MIB).await;
+                vm.write_pattern("disk1", 0x20 + i as u8, i as u64 * MIB, 64 * 1024).await;
+            }
+            if i == 2 {
+                vm.write_zeroes("disk0", 0, MIB).await;
+            }
+            let refs = capture(&vm, work.path(), &format!("a{i}")).await;
+            let report = repo.backup(&vm, VM, &["--level", level]);
+            nodes.push((report["node"].as_str().unwrap().to_owned(), refs));
+        }
+    }
+    // A second branch: node 2 restored live into a new VM, which then changes and is backed up.
+    let branch_point = nodes[1].0.clone();
+    let vm2 = TestVm::builder().disk("disk0", 32 * MIB).disk("disk1", 16 * MIB).paused().start().await;
+    let args = live_args(&repo, &vm2, &branch_point, &[]);
+    cli::run(&args.iter().map(String::as_str).collect::<Vec<_>>()).success();
+    vm2.write_pattern("disk1", 0x77, 0, MIB).await;
+    let refs = capture(&vm2, work.path(), "branch").await;
+    let branch = repo.backup(&vm2, VM, &[]);
+    assert_eq!(branch["parent"], serde_json::json!(branch_point), "{branch}");
+    assert_eq!(branch["method"], "bitmap", "{branch}");
+    nodes.push((branch["node"].as_str().unwrap().to_owned(), refs));
+
+    let manifest = repo.manifest(VM);
+    assert_eq!(manifest.children(&branch_point.parse().unwrap()).unwrap().len(), 2, "node 2 has two children");
+    let listing = cli::run(&["list", repo.vm_dir(VM).to_str().unwrap()]).success().stdout;
+    assert!(listing.contains("├──") && listing.contains("differential"), "{listing}");
+
+    let out = work.path().join("out");
+    for (node, refs) in &nodes {
+        assert_restores_exactly(&repo.path(), node, refs, &out);
+    }
+    // Moved elsewhere, the repository restores the same: nothing trusts the paths in qcow2 headers.
+    let moved = work.path().join("moved-repo");
+    std::fs::rename(repo.path(), &moved).unwrap();
+    let out2 = work.path().join("out2");
+    for (node, refs) in [&nodes[2], &nodes[4]] {
+        assert_restores_exactly(&moved, node, refs, &out2);
+    }
+    std::fs::rename(&moved, repo.path()).unwrap();
+}
+
+/// Exports the VM's disk `id` read-only over NBD from its own QEMU and connects to it: the guest's view.
+async fn guest_view(vm: &TestVm, id: &str) -> nbd::Client {
+    let socket = vm.dir().join("view.sock");
+    vm.qmp()
+        .execute_raw("nbd-server-start", Some(serde_json::json!({"addr": {"type": "unix", "data": {"path": socket}}})))
+        .await
+        .unwrap();
+    vm.qmp()
+        .execute_raw(
+            "block-export-add",
+            Some(serde_json::json!({"type": "nbd", "id": "view", "node-name": format!("node-{id}"), "writable": false})),
+        )
+        .await
+        .unwrap();
+    nbd::Client::connect_unix(&socket, &format!("node-{id}"), Duration::from_secs(10)).await.unwrap()
+}
+
+#[tokio::test]
+async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x5a, 0, 16 * MIB).await;
+        vm.write_pattern("disk1", 0xa5, 0, 8 * MIB).await;
+        repo.backup(&vm, VM, &[]);
+        vm.write_pattern("disk0", 0x6b, 4 * MIB, MIB).await;
+        repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned()
+    };
+    let vm = TestVm::builder().disk("disk0", 32 * MIB).disk("disk1", 16 * MIB).paused().start().await;
+    let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
+    let args = live_args(&repo, &vm, &node, &["--speed-limit", &(4 * MIB).to_string()]);
+    let child = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
+    loop {
+        let e = events.next_timeout(BLOCK_JOB_TIMEOUT).await.expect("stream job starts");
+        if e.data["status"] == "running" {
+            break;
+        }
+    }
+    assert!(vm.running().await, "the VM runs while data streams in");
+    // The guest reads the backup's data at once.
+    let view = guest_view(&vm, "disk0").await;
+    let mut buf = vec![0u8; 64 * 1024];
+    view.read(15 * MIB, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&b| b == 0x5a));
+    view.read(4 * MIB, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&b| b == 0x6b));
+    // The guest writes while streaming; its writes win.
+    vm.write_pattern("disk0", 0xee, 12 * MIB, MIB).await;
+    vm.write_pattern("disk1", 0xdd, 20 * 1024 * 1024 / 4, 64 * 1024).await;
+    view.disconnect().await.unwrap();
+    let out = cli::wait(child, Duration::from_secs(120)).success().json();
+    assert!(out["running_after_secs"].as_f64().unwrap() < out["duration_secs"].as_f64().unwrap());
+
+    // Expected: the backup plus the guest's writes, with no backing file left.
+    let expected = work.path().join("expected");
+    restore(&repo.path(), &node, &expected, &[]).success();
+    let exp0 = expected.join("disk0.qcow2");
+    let exp1 = expected.join("disk1.qcow2");
+    for (path, cmd) in [(&exp0, "write -P 0xee 12M 1M"), (&exp1, "write -P 0xdd 5M 64k")] {
+        let st = std::process::Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(path).output().unwrap();
+        assert!(st.status.success(), "{st:?}");
+    }
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    for (disk, exp) in [("disk0", &exp0), ("disk1", &exp1)] {
+        image::assert_same(exp, &vm.disk_path(disk));
+        assert!(image::info(&vm.disk_path(disk)).get("backing-filename").is_none());
+    }
+    let names = vm.qmp().execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true}))).await.unwrap();
+    for n in names.as_array().unwrap() {
+        let name = n["node-name"].as_str().unwrap();
+        assert!(name.starts_with("node-") || name.starts_with('#'), "leftover {name}");
+    }
+    let manifest = repo.manifest(VM);
+    assert_eq!(manifest.current.as_ref().unwrap().to_string(), node);
+    assert!(manifest.operations.is_empty());
+}
+
+/// Flips one byte of guest data inside `file` (the first data cluster of its own layer).
+fn flip_a_data_byte(file: &Path) -> u64 {
+    let out = std::process::Command::new("qemu-img")
+        .args(["map", "--output=json", "-U"])
+        .arg(format!("json:{{\"driver\":\"qcow2\",\"file\":{{\"driver\":\"file\",\"filename\":\"{}\"}},\"backing\":null}}", file.display()))
+        .output()
+        .unwrap();
+    let map: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let extent = map.iter().find(|e| e["data"] == true).expect("a data extent");
+    let host = extent["offset"].as_u64().unwrap() + 100;
+    let mut bytes = std::fs::read(file).unwrap();
+    bytes[host as usize] ^= 0xff;
+    std::fs::write(file, bytes).unwrap();
+    extent["start"].as_u64().unwrap() + 100
+}
+
+#[tokio::test]
+async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let vm = TestVm::start(&sizes()).await;
+    let mut ids = Vec::new();
+    for i in 0..3u8 {
+        vm.write_pattern("disk0", 0x30 + i, u64::from(i) * 3 * MIB, 2 * MIB).await;
+        ids.push(repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned());
+    }
+    let ok = cli::run(&["verify", "--repo", repo.path().to_str().unwrap(), "--vm", VM, "--json"]).success().json();
+    assert_eq!(ok["ok"], true, "{ok}");
+
+    let guest_offset = flip_a_data_byte(&repo.node_file(VM, &ids[1], "disk0"));
+    let out = cli::run(&["verify", "--all", "--repo", repo.path().to_str().unwrap(), "--vm", VM, "--json"]);
+    assert_eq!(out.code(), Some(6), "{out:?}");
+    let report = out.json();
+    assert_eq!(report["damaged_nodes"], serde_json::json!([ids[1]]), "{report}");
+    assert_eq!(report["broken_restores"], serde_json::json!([ids[1], ids[2]]), "{report}");
+    let bad = report["nodes"].as_array().unwrap().iter().find(|n| n["node"] == ids[1].as_str()).unwrap();
+    let bad_disk = bad["disks"].as_array().unwrap().iter().find(|d| d["disk"] == "disk0").unwrap();
+    assert_eq!(bad_disk["bad_blocks"][0]["index"], guest_offset / MIB, "{bad_disk}");
+
+    // Restore of the damaged node and of its descendant refuses and leaves nothing; the node before is fine.
+    for id in [&ids[1], &ids[2]] {
+        let to = work.path().join(format!("r-{id}"));
+        let out = restore(&repo.path(), id, &to, &[]);
+        assert_eq!(out.code(), Some(6), "{out:?}");
+        assert!(out.stderr.contains("damaged") && out.stderr.contains("disk0"), "{}", out.stderr);
+        assert!(!to.join("disk0.qcow2").exists());
+    }
+    let to = work.path().join("forced");
+    let forced = restore(&repo.path(), &ids[1], &to, &["--force"]).success().json();
+    assert_eq!(forced["disks"][0]["verified"], false);
+    assert!(to.join("disk0.qcow2").exists());
+    restore(&repo.path(), &ids[0], &work.path().join("good"), &[]).success();
+}
+
+#[tokio::test]
+async fn restore_refuses_to_overwrite_and_names_near_matches() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let node = repo.backup(&vm, VM, &["--tag", "clean"])["node"].as_str().unwrap().to_owned();
+    let file = work.path().join("existing.qcow2");
+    std::fs::write(&file, b"precious").unwrap();
+    let out = restore(&repo.path(), &node, &file, &[]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("existing.qcow2") && out.stderr.contains("--force"), "{}", out.stderr);
+    assert_eq!(std::fs::read(&file).unwrap(), b"precious");
+    restore(&repo.path(), "clean", &file, &["--force"]).success();
+
+    let out = restore(&repo.path(), "0002", &work.path().join("x"), &[]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("no node or tag \"0002\"") && out.stderr.contains("0001"), "{}", out.stderr);
+    let out = restore(&repo.path(), "claen", &work.path().join("x"), &[]);
+    assert!(out.stderr.contains("did you mean") && out.stderr.contains("clean"), "{}", out.stderr);
+}

@@ -24,11 +24,19 @@ pub struct BitmapName {
 
 impl BitmapName {
     pub fn incremental(chain_id: &str, node: &str) -> BitmapName {
-        BitmapName { chain_id: chain_id.to_owned(), role: Role::Incremental, node: node.to_owned() }
+        BitmapName {
+            chain_id: chain_id.to_owned(),
+            role: Role::Incremental,
+            node: node.to_owned(),
+        }
     }
 
     pub fn differential(chain_id: &str, full: &str) -> BitmapName {
-        BitmapName { chain_id: chain_id.to_owned(), role: Role::Differential, node: full.to_owned() }
+        BitmapName {
+            chain_id: chain_id.to_owned(),
+            role: Role::Differential,
+            node: full.to_owned(),
+        }
     }
 
     /// Parses a bitmap name; `None` for bitmaps that are not qmpbak's (they are never touched).
@@ -45,7 +53,11 @@ impl BitmapName {
         if chain_id.is_empty() || node.is_empty() {
             return None;
         }
-        Some(BitmapName { chain_id: chain_id.to_owned(), role, node: node.to_owned() })
+        Some(BitmapName {
+            chain_id: chain_id.to_owned(),
+            role,
+            node: node.to_owned(),
+        })
     }
 }
 
@@ -106,15 +118,28 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for name in [BitmapName::incremental("a1b2c3d4", "0007"), BitmapName::differential("a1b2c3d4", "0001")] {
+        for name in [
+            BitmapName::incremental("a1b2c3d4", "0007"),
+            BitmapName::differential("a1b2c3d4", "0001"),
+        ] {
             assert_eq!(BitmapName::parse(&name.to_string()), Some(name));
         }
-        assert_eq!(BitmapName::incremental("c", "0002").to_string(), "qmpbak-c-inc-0002");
+        assert_eq!(
+            BitmapName::incremental("c", "0002").to_string(),
+            "qmpbak-c-inc-0002"
+        );
     }
 
     #[test]
     fn foreign_names_are_not_ours() {
-        for name in ["bitmap0", "qmpbak-", "qmpbak-abc", "qmpbak-abc-full-1", "qmpbak-abc-inc-", "qmpbak--inc-1"] {
+        for name in [
+            "bitmap0",
+            "qmpbak-",
+            "qmpbak-abc",
+            "qmpbak-abc-full-1",
+            "qmpbak-abc-inc-",
+            "qmpbak--inc-1",
+        ] {
             assert_eq!(BitmapName::parse(name), None, "{name}");
         }
     }
@@ -122,8 +147,14 @@ mod tests {
     #[test]
     fn state_from_report() {
         assert_eq!(BitmapState::from_report(true, false, false), BitmapState::Usable);
-        assert_eq!(BitmapState::from_report(true, true, true), BitmapState::Inconsistent);
+        assert_eq!(
+            BitmapState::from_report(true, true, true),
+            BitmapState::Inconsistent
+        );
         assert_eq!(BitmapState::from_report(true, true, false), BitmapState::Busy);
-        assert_eq!(BitmapState::from_report(false, false, false), BitmapState::Disabled);
+        assert_eq!(
+            BitmapState::from_report(false, false, false),
+            BitmapState::Disabled
+        );
     }
 }

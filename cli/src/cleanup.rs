@@ -33,8 +33,12 @@ impl Cleaned {
 
 /// Cancels (if still running) and dismisses a job; `false` if QEMU does not know it.
 pub async fn stop_job(qmp: &qmp::Qmp, id: &str) -> bool {
-    let Ok(jobs) = qmp.execute_raw("query-jobs", None).await else { return false };
-    let Some(job) = jobs.as_array().into_iter().flatten().find(|j| j["id"] == id) else { return false };
+    let Ok(jobs) = qmp.execute_raw("query-jobs", None).await else {
+        return false;
+    };
+    let Some(job) = jobs.as_array().into_iter().flatten().find(|j| j["id"] == id) else {
+        return false;
+    };
     if job["status"] != "concluded" {
         let _ = qmp.execute_raw("job-cancel", Some(json!({ "id": id }))).await;
         let _ = qmp.wait_job(id, CANCEL_TIMEOUT).await;
@@ -50,7 +54,9 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
     if let Ok(exports) = qmp.execute_raw("query-block-exports", None).await {
         for export in exports.as_array().into_iter().flatten() {
             if let Some(id) = export["id"].as_str().filter(|id| id.starts_with(op.id.as_str())) {
-                let _ = qmp.execute_raw("block-export-del", Some(json!({ "id": id, "mode": "hard" }))).await;
+                let _ = qmp
+                    .execute_raw("block-export-del", Some(json!({ "id": id, "mode": "hard" })))
+                    .await;
             }
         }
     }
@@ -63,13 +69,21 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
         }
     }
     for node in &op.block_nodes {
-        if qmp.execute_raw("blockdev-del", Some(json!({ "node-name": node }))).await.is_ok() {
+        if qmp
+            .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
+            .await
+            .is_ok()
+        {
             cleaned.block_nodes.push(node.clone());
         }
     }
     for bitmap in &op.bitmaps {
         let args = json!({ "node": bitmap.node, "name": bitmap.name });
-        if qmp.execute_raw("block-dirty-bitmap-remove", Some(args)).await.is_ok() {
+        if qmp
+            .execute_raw("block-dirty-bitmap-remove", Some(args))
+            .await
+            .is_ok()
+        {
             cleaned.bitmaps.push(format!("{}:{}", bitmap.node, bitmap.name));
         }
     }
@@ -128,7 +142,10 @@ pub async fn recover(
             if let Some(node) = manifest.node_mut(node_id) {
                 if node.state == NodeState::Pending {
                     node.state = NodeState::Failed;
-                    let why = format!("interrupted (pid {} on {}, started {})", op.pid, op.host, op.started);
+                    let why = format!(
+                        "interrupted (pid {} on {}, started {})",
+                        op.pid, op.host, op.started
+                    );
                     node.reason = Some(match node.reason.take() {
                         Some(r) => format!("{r}; {why}"),
                         None => why,

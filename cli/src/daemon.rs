@@ -32,10 +32,14 @@ pub struct StorageDaemon {
 impl StorageDaemon {
     /// Starts a daemon with an NBD server on a private unix socket.
     pub async fn start(bins: &QemuBins) -> Result<StorageDaemon> {
-        let dir = tempfile::Builder::new().prefix("qmpbak-qsd-").tempdir().context("creating a socket directory")?;
+        let dir = tempfile::Builder::new()
+            .prefix("qmpbak-qsd-")
+            .tempdir()
+            .context("creating a socket directory")?;
         let monitor = dir.path().join("monitor.sock");
         let nbd_socket = dir.path().join("nbd.sock");
-        let listener = UnixListener::bind(&monitor).with_context(|| format!("listening on {}", monitor.display()))?;
+        let listener =
+            UnixListener::bind(&monitor).with_context(|| format!("listening on {}", monitor.display()))?;
         let mut child = Command::new(&bins.storage_daemon)
             .arg("--chardev")
             .arg(format!("socket,id=qmpbak,path={}", monitor.display()))
@@ -59,12 +63,19 @@ impl StorageDaemon {
         let stream = match accepted {
             Ok(Ok((stream, _))) => stream,
             Ok(Err(e)) => return Err(e).context("accepting qemu-storage-daemon's monitor connection"),
-            Err(_) => bail!("qemu-storage-daemon did not connect its monitor within {DAEMON_START_TIMEOUT:?}"),
+            Err(_) => {
+                bail!("qemu-storage-daemon did not connect its monitor within {DAEMON_START_TIMEOUT:?}")
+            }
         };
         let qmp = qmp::Qmp::from_stream(stream, DAEMON_START_TIMEOUT)
             .await
             .context("negotiating QMP with qemu-storage-daemon")?;
-        Ok(StorageDaemon { child, qmp, nbd_socket, _dir: dir })
+        Ok(StorageDaemon {
+            child,
+            qmp,
+            nbd_socket,
+            _dir: dir,
+        })
     }
 
     pub fn qmp(&self) -> &qmp::Qmp {
@@ -99,7 +110,10 @@ impl StorageDaemon {
     /// Asks the daemon to quit and waits for it; kills it if it does not.
     pub async fn stop(mut self) -> Result<()> {
         let _ = self.qmp.execute_raw("quit", None).await;
-        if tokio::time::timeout(DAEMON_STOP_TIMEOUT, self.child.wait()).await.is_err() {
+        if tokio::time::timeout(DAEMON_STOP_TIMEOUT, self.child.wait())
+            .await
+            .is_err()
+        {
             self.child.kill().await.context("killing qemu-storage-daemon")?;
         }
         Ok(())

@@ -40,7 +40,10 @@ pub struct Exit {
 
 impl Exit {
     pub fn new(code: ExitCode, message: impl Into<String>) -> Exit {
-        Exit { code, message: message.into() }
+        Exit {
+            code,
+            message: message.into(),
+        }
     }
 
     pub fn usage(message: impl Into<String>) -> Exit {

@@ -32,7 +32,12 @@ impl ChainGraph {
 }
 
 /// The qcow2 blockdev-add options for one backup file.
-pub fn qcow2_options(node_name: &str, path: &std::path::Path, backing: Option<&str>, read_only: bool) -> serde_json::Value {
+pub fn qcow2_options(
+    node_name: &str,
+    path: &std::path::Path,
+    backing: Option<&str>,
+    read_only: bool,
+) -> serde_json::Value {
     json!({
         "driver": "qcow2",
         "node-name": node_name,
@@ -58,16 +63,23 @@ pub async fn add_chain(
         let name = format!("{prefix}{i}");
         debug_assert!(name.len() <= MAX_NODE_NAME, "block node name {name} too long");
         let added: Result<()> = async {
-            let file = layer
-                .disks
-                .iter()
-                .find(|d| d.disk == disk)
-                .ok_or_else(|| anyhow!("node {} of the recovery chain of {node} has no disk {disk}", layer.id))?;
+            let file = layer.disks.iter().find(|d| d.disk == disk).ok_or_else(|| {
+                anyhow!(
+                    "node {} of the recovery chain of {node} has no disk {disk}",
+                    layer.id
+                )
+            })?;
             let path = vm.resolve(&file.file)?;
             let options = qcow2_options(&name, &path, graph.top(), true);
             qmp.execute_raw("blockdev-add", Some(options))
                 .await
-                .with_context(|| format!("opening {} (node {}, disk {disk}) in QEMU", path.display(), layer.id))?;
+                .with_context(|| {
+                    format!(
+                        "opening {} (node {}, disk {disk}) in QEMU",
+                        path.display(),
+                        layer.id
+                    )
+                })?;
             Ok(())
         }
         .await;
@@ -84,6 +96,8 @@ pub async fn add_chain(
 /// where a layer may already be gone.
 pub async fn remove_chain(qmp: &qmp::Qmp, graph: &ChainGraph) {
     for name in graph.layers.iter().rev() {
-        let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": name }))).await;
+        let _ = qmp
+            .execute_raw("blockdev-del", Some(json!({ "node-name": name })))
+            .await;
     }
 }

@@ -45,7 +45,8 @@ pub struct DiskInfo {
     pub bitmaps: Vec<BitmapInfo>,
 }
 
-/// A dirty bitmap of a disk.
+/// A dirty bitmap of a disk: QEMU's flags, one field each as QEMU reports them.
+#[allow(clippy::struct_excessive_bools)]
 #[derive(Debug, Clone, Serialize)]
 pub struct BitmapInfo {
     pub name: String,
@@ -135,7 +136,10 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
     }
     Ok(VmInfo {
         qemu: QemuInfo {
-            version: format!("{}.{}.{}", version.qemu.major, version.qemu.minor, version.qemu.micro),
+            version: format!(
+                "{}.{}.{}",
+                version.qemu.major, version.qemu.minor, version.qemu.micro
+            ),
             package: version.package.trim().to_owned(),
         },
         disks,

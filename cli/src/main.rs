@@ -8,7 +8,11 @@ use std::process::ExitCode;
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "qmpbak", version, about = "Backups of QEMU virtual machines over QMP, without libvirt")]
+#[command(
+    name = "qmpbak",
+    version,
+    about = "Backups of QEMU virtual machines over QMP, without libvirt"
+)]
 struct Cli {
     #[command(subcommand)]
     command: commands::Command,

@@ -80,7 +80,9 @@ pub struct Plan {
 /// A requested level that cannot be made.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("there is no full backup of this VM yet to base an {0} on; run with --level full or --level auto")]
+    #[error(
+        "there is no full backup of this VM yet to base an {0} on; run with --level full or --level auto"
+    )]
     NoBase(&'static str),
     #[error("cannot make an {level}: {why}; run with --level full or --level auto")]
     DisksChanged { level: &'static str, why: String },
@@ -88,7 +90,12 @@ pub enum PlanError {
 
 /// Decides the level and method of the next backup.
 pub fn plan(requested: Requested, chain: &ChainFacts, disks: &[DiskFacts]) -> Result<Plan, PlanError> {
-    let full = |reason: String| Plan { level: Level::Full, method: Method::Full, parent: None, reason };
+    let full = |reason: String| Plan {
+        level: Level::Full,
+        method: Method::Full,
+        parent: None,
+        reason,
+    };
     let level_name = match requested {
         Requested::Full => return Ok(full("full backup requested".into())),
         Requested::Incremental | Requested::Auto => "incremental",
@@ -104,7 +111,10 @@ pub fn plan(requested: Requested, chain: &ChainFacts, disks: &[DiskFacts]) -> Re
     if let Some(why) = disks_changed(disks) {
         return match requested {
             Requested::Auto => Ok(full(why)),
-            _ => Err(PlanError::DisksChanged { level: level_name, why }),
+            _ => Err(PlanError::DisksChanged {
+                level: level_name,
+                why,
+            }),
         };
     }
 
@@ -123,20 +133,37 @@ pub fn plan(requested: Requested, chain: &ChainFacts, disks: &[DiskFacts]) -> Re
     };
     let mut trouble = String::new();
     for disk in disks {
-        let state = if differential { disk.diff_bitmap } else { disk.inc_bitmap };
+        let state = if differential {
+            disk.diff_bitmap
+        } else {
+            disk.inc_bitmap
+        };
         if let Some(problem) = state.problem() {
             if !trouble.is_empty() {
                 trouble.push_str("; ");
             }
-            let _ = write!(trouble, "the bitmap of disk {} relative to node {base} {problem}", disk.id);
+            let _ = write!(
+                trouble,
+                "the bitmap of disk {} relative to node {base} {problem}",
+                disk.id
+            );
             if !disk.stray_bitmaps.is_empty() {
-                let _ = write!(trouble, " (found {}, relative to another node)", disk.stray_bitmaps.join(", "));
+                let _ = write!(
+                    trouble,
+                    " (found {}, relative to another node)",
+                    disk.stray_bitmaps.join(", ")
+                );
             }
         }
     }
     let parent = Some(base.clone());
     if trouble.is_empty() {
-        return Ok(Plan { level, method: Method::Bitmap, parent, reason: format!("bitmaps relative to node {base}") });
+        return Ok(Plan {
+            level,
+            method: Method::Bitmap,
+            parent,
+            reason: format!("bitmaps relative to node {base}"),
+        });
     }
     if base_has_tables {
         return Ok(Plan {
@@ -146,7 +173,9 @@ pub fn plan(requested: Requested, chain: &ChainFacts, disks: &[DiskFacts]) -> Re
             reason: format!("{trouble}: comparing the disks with the checking tables of node {base}"),
         });
     }
-    Ok(full(format!("{trouble}, and node {base} has no checking tables to compare with")))
+    Ok(full(format!(
+        "{trouble}, and node {base} has no checking tables to compare with"
+    )))
 }
 
 fn disks_changed(disks: &[DiskFacts]) -> Option<String> {
@@ -156,7 +185,10 @@ fn disks_changed(disks: &[DiskFacts]) -> Option<String> {
             None => why.push(format!("disk {} is not in the previous backup", disk.id)),
             Some(old) if old != disk.size_now => {
                 let verb = if disk.size_now > old { "grew" } else { "shrank" };
-                why.push(format!("disk {} {verb} from {old} to {} bytes", disk.id, disk.size_now));
+                why.push(format!(
+                    "disk {} {verb} from {old} to {} bytes",
+                    disk.id, disk.size_now
+                ));
             }
             Some(_) => {}
         }
@@ -204,24 +236,39 @@ mod tests {
     #[test]
     fn intact_bitmaps_give_an_incremental_on_the_current_node() {
         let p = plan(Requested::Auto, &chain(), &[disk("a"), disk("b")]).unwrap();
-        assert_eq!((p.level, p.method, p.parent.as_deref()), (Level::Incremental, Method::Bitmap, Some("0003")));
+        assert_eq!(
+            (p.level, p.method, p.parent.as_deref()),
+            (Level::Incremental, Method::Bitmap, Some("0003"))
+        );
     }
 
     #[test]
     fn differential_is_relative_to_the_last_full() {
         let p = plan(Requested::Differential, &chain(), &[disk("a")]).unwrap();
-        assert_eq!((p.level, p.method, p.parent.as_deref()), (Level::Differential, Method::Bitmap, Some("0001")));
+        assert_eq!(
+            (p.level, p.method, p.parent.as_deref()),
+            (Level::Differential, Method::Bitmap, Some("0001"))
+        );
     }
 
     #[test]
     fn bitmap_trouble_means_checksum_diff_and_says_why() {
-        for state in [BitmapState::Missing, BitmapState::Inconsistent, BitmapState::Busy, BitmapState::Disabled] {
+        for state in [
+            BitmapState::Missing,
+            BitmapState::Inconsistent,
+            BitmapState::Busy,
+            BitmapState::Disabled,
+        ] {
             let mut b = disk("b");
             b.inc_bitmap = state;
             b.stray_bitmaps = vec!["qmpbak-c-inc-0002".into()];
             let p = plan(Requested::Auto, &chain(), &[disk("a"), b]).unwrap();
             assert_eq!((p.level, p.method), (Level::Incremental, Method::ChecksumDiff));
-            assert!(p.reason.contains("disk b") && p.reason.contains(state.problem().unwrap()), "{}", p.reason);
+            assert!(
+                p.reason.contains("disk b") && p.reason.contains(state.problem().unwrap()),
+                "{}",
+                p.reason
+            );
             assert!(p.reason.contains("qmpbak-c-inc-0002"), "{}", p.reason);
         }
     }
@@ -243,21 +290,43 @@ mod tests {
         a.size_now = 2 << 30;
         let p = plan(Requested::Auto, &chain(), &[a.clone()]).unwrap();
         assert_eq!(p.level, Level::Full);
-        assert!(p.reason.contains("disk a grew from 1073741824 to 2147483648 bytes"), "{}", p.reason);
-        assert!(matches!(plan(Requested::Incremental, &chain(), &[a]), Err(PlanError::DisksChanged { .. })));
+        assert!(
+            p.reason
+                .contains("disk a grew from 1073741824 to 2147483648 bytes"),
+            "{}",
+            p.reason
+        );
+        assert!(matches!(
+            plan(Requested::Incremental, &chain(), &[a]),
+            Err(PlanError::DisksChanged { .. })
+        ));
         let mut new = disk("n");
         new.size_in_base = None;
-        assert!(plan(Requested::Auto, &chain(), &[new]).unwrap().reason.contains("disk n is not in"));
+        assert!(
+            plan(Requested::Auto, &chain(), &[new])
+                .unwrap()
+                .reason
+                .contains("disk n is not in")
+        );
     }
 
     #[test]
     fn policy_takes_a_new_full_after_n() {
         let mut c = chain();
         c.since_full = 7;
-        assert_eq!(plan(Requested::Auto, &c, &[disk("a")]).unwrap().level, Level::Full);
+        assert_eq!(
+            plan(Requested::Auto, &c, &[disk("a")]).unwrap().level,
+            Level::Full
+        );
         // An explicit incremental is honoured whatever the policy says.
-        assert_eq!(plan(Requested::Incremental, &c, &[disk("a")]).unwrap().level, Level::Incremental);
+        assert_eq!(
+            plan(Requested::Incremental, &c, &[disk("a")]).unwrap().level,
+            Level::Incremental
+        );
         c.full_every = 0;
-        assert_eq!(plan(Requested::Auto, &c, &[disk("a")]).unwrap().level, Level::Incremental);
+        assert_eq!(
+            plan(Requested::Auto, &c, &[disk("a")]).unwrap().level,
+            Level::Incremental
+        );
     }
 }

@@ -15,9 +15,15 @@ impl QemuBins {
         match std::env::var_os("QMPBAK_QEMU_PREFIX") {
             Some(prefix) if !prefix.is_empty() => {
                 let bin = PathBuf::from(prefix).join("usr/bin");
-                QemuBins { img: bin.join("qemu-img"), storage_daemon: bin.join("qemu-storage-daemon") }
+                QemuBins {
+                    img: bin.join("qemu-img"),
+                    storage_daemon: bin.join("qemu-storage-daemon"),
+                }
             }
-            _ => QemuBins { img: "qemu-img".into(), storage_daemon: "qemu-storage-daemon".into() },
+            _ => QemuBins {
+                img: "qemu-img".into(),
+                storage_daemon: "qemu-storage-daemon".into(),
+            },
         }
     }
 }

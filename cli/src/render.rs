@@ -14,7 +14,11 @@ pub fn bytes(n: u64) -> String {
         value /= 1024.0;
         unit += 1;
     }
-    if unit == 0 { format!("{n} B") } else { format!("{value:.1} {}", UNITS[unit]) }
+    if unit == 0 {
+        format!("{n} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// Bytes the node's files hold on the host.
@@ -32,6 +36,18 @@ fn state(node: &Node) -> &'static str {
         NodeState::Pending => "pending",
         NodeState::Failed => "failed",
     }
+}
+
+/// "no node or tag X in VM Y", with near matches, for a mistyped id or tag.
+pub fn not_found(manifest: &Manifest, wanted: &str) -> String {
+    let near = manifest.near_matches(wanted);
+    let mut msg = format!("no node or tag {wanted:?} in VM {}", manifest.vm);
+    if near.is_empty() {
+        msg.push_str("; `qmpbak list REPO/VM` shows the tree");
+    } else {
+        let _ = write!(msg, "; did you mean {}?", near.join(", "));
+    }
+    msg
 }
 
 /// One line describing a node (without tree drawing).
@@ -65,13 +81,20 @@ pub fn tree(manifest: &Manifest) -> String {
             None => roots.push(node),
         }
     }
-    let current = manifest.current.as_ref().map(|c| c.as_str());
+    let current = manifest.current.as_ref().map(chain::NodeId::as_str);
     let mut out = String::new();
     // Iterative depth-first walk: (node, prefix for its children, its own connector).
     let mut stack: Vec<(&Node, String, &str)> = roots.iter().rev().map(|n| (*n, String::new(), "")).collect();
     while let Some((node, prefix, connector)) = stack.pop() {
-        let _ = writeln!(out, "{prefix}{connector}{}", node_line(node, current == Some(node.id.as_str())));
-        let kids = children.get(node.id.as_str()).map(Vec::as_slice).unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "{prefix}{connector}{}",
+            node_line(node, current == Some(node.id.as_str()))
+        );
+        let kids = children
+            .get(node.id.as_str())
+            .map(Vec::as_slice)
+            .unwrap_or_default();
         let child_prefix = match connector {
             "├── " => format!("{prefix}│   "),
             "└── " => format!("{prefix}    "),

@@ -44,7 +44,11 @@ impl chain::BlockSource for NbdSource {
             .map(|e| chain::Extent {
                 offset: e.offset,
                 len: e.len,
-                kind: if e.zero { chain::ExtentKind::Zero } else { chain::ExtentKind::Data },
+                kind: if e.zero {
+                    chain::ExtentKind::Zero
+                } else {
+                    chain::ExtentKind::Data
+                },
             })
             .collect())
     }
@@ -75,10 +79,19 @@ pub fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
         .output()
         .with_context(|| format!("running {}", bins.img.display()))?;
     if !out.status.success() {
-        bail!("qemu-img map {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "qemu-img map {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
-    let entries: Vec<MapEntry> = serde_json::from_slice(&out.stdout).context("parsing qemu-img map output")?;
-    Ok(entries.into_iter().filter(|e| e.present).map(|e| (e.start, e.length)).collect())
+    let entries: Vec<MapEntry> =
+        serde_json::from_slice(&out.stdout).context("parsing qemu-img map output")?;
+    Ok(entries
+        .into_iter()
+        .filter(|e| e.present)
+        .map(|e| (e.start, e.length))
+        .collect())
 }
 
 /// The indices of the `block_size` blocks that the byte ranges touch, sorted and unique.
@@ -122,7 +135,10 @@ pub async fn build(
         daemon.export(&top, &export, false).await?;
         let client = daemon.connect(&export).await?;
         let size = client.size();
-        let source = NbdSource::new(nbd::BlockingClient::new(client, tokio::runtime::Handle::current()), size);
+        let source = NbdSource::new(
+            nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
+            size,
+        );
         let table = match parent {
             None => tokio::task::spawn_blocking(move || Table::build(&source, block_size, threads()))
                 .await
@@ -143,7 +159,10 @@ pub async fn build(
                 .context("table builder panicked")??
             }
         };
-        let _ = daemon.qmp().execute_raw("block-export-del", Some(serde_json::json!({ "id": export }))).await;
+        let _ = daemon
+            .qmp()
+            .execute_raw("block-export-del", Some(serde_json::json!({ "id": export })))
+            .await;
         Ok::<_, anyhow::Error>(table)
     }
     .await;
@@ -153,8 +172,14 @@ pub async fn build(
 
 /// Loads and verifies a node's checking table for one disk.
 pub fn load_node_table(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str) -> Result<chain::Table> {
-    let n = manifest.node(node).with_context(|| format!("node {node} is not in the manifest"))?;
-    let d = n.disks.iter().find(|d| d.disk == disk).with_context(|| format!("node {node} has no disk {disk}"))?;
+    let n = manifest
+        .node(node)
+        .with_context(|| format!("node {node} is not in the manifest"))?;
+    let d = n
+        .disks
+        .iter()
+        .find(|d| d.disk == disk)
+        .with_context(|| format!("node {node} has no disk {disk}"))?;
     let (Some(table), Some(sha)) = (&d.table, &d.table_sha256) else {
         bail!("node {node} has no checking table for disk {disk}");
     };
@@ -184,7 +209,10 @@ mod tests {
         let mib = 1 << 20;
         assert_eq!(touched_blocks(&[(0, 1)], mib), vec![0]);
         assert_eq!(touched_blocks(&[(mib - 1, 2)], mib), vec![0, 1]);
-        assert_eq!(touched_blocks(&[(3 * mib, 2 * mib), (0, 10), (4 * mib, 1)], mib), vec![0, 3, 4]);
+        assert_eq!(
+            touched_blocks(&[(3 * mib, 2 * mib), (0, 10), (4 * mib, 1)], mib),
+            vec![0, 3, 4]
+        );
         assert_eq!(touched_blocks(&[(5, 0)], mib), Vec::<u64>::new());
     }
 }

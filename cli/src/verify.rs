@@ -65,7 +65,13 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     let manifest = vm.load()?;
     let mut ids: Vec<NodeId> = Vec::new();
     if opts.nodes.is_empty() {
-        ids.extend(manifest.nodes.iter().filter(|n| n.state == NodeState::Complete).map(|n| n.id.clone()));
+        ids.extend(
+            manifest
+                .nodes
+                .iter()
+                .filter(|n| n.state == NodeState::Complete)
+                .map(|n| n.id.clone()),
+        );
     } else {
         for wanted in &opts.nodes {
             ids.push(crate::restore::find_node(&manifest, wanted)?.id.clone());
@@ -83,7 +89,13 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
                     disk: disk.disk.clone(),
                     ok: bad.is_empty(),
                     blocks_checked: checked,
-                    bad_blocks: bad.into_iter().map(|index| BadBlock { index, offset: index * block_size }).collect(),
+                    bad_blocks: bad
+                        .into_iter()
+                        .map(|index| BadBlock {
+                            index,
+                            offset: index * block_size,
+                        })
+                        .collect(),
                     error: None,
                 },
                 Err(e) => DiskVerdict {
@@ -96,12 +108,18 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
             };
             disks.push(verdict);
         }
-        verdicts.push(NodeVerdict { node: id.to_string(), disks });
+        verdicts.push(NodeVerdict {
+            node: id.to_string(),
+            disks,
+        });
     }
     daemon.stop().await?;
 
-    let damaged: Vec<String> =
-        verdicts.iter().filter(|v| v.disks.iter().any(|d| !d.ok)).map(|v| v.node.clone()).collect();
+    let damaged: Vec<String> = verdicts
+        .iter()
+        .filter(|v| v.disks.iter().any(|d| !d.ok))
+        .map(|v| v.node.clone())
+        .collect();
     let mut broken = BTreeSet::new();
     for d in &damaged {
         for n in manifest.subtree(&d.parse()?)? {
@@ -132,20 +150,32 @@ async fn check_disk(
     let expected = crate::tables::load_node_table(vm, manifest, id, disk)?;
     let block_size = expected.block_size();
     let node = manifest.node(id).context("node vanished")?;
-    let file = node.disks.iter().find(|d| d.disk == disk).context("disk vanished")?;
+    let file = node
+        .disks
+        .iter()
+        .find(|d| d.disk == disk)
+        .context("disk vanished")?;
     // A full is checked everywhere; a later node where its own layer holds data.
     let blocks: Option<Vec<u64>> = match node.parent {
         None => None,
-        Some(_) => Some(touched_blocks(&layer_extents(bins, &vm.resolve(&file.file)?)?, block_size)),
+        Some(_) => Some(touched_blocks(
+            &layer_extents(bins, &vm.resolve(&file.file)?)?,
+            block_size,
+        )),
     };
     let prefix = format!("v{n}-{i}-");
     let chain = graph::add_chain(daemon.qmp(), vm, manifest, id, disk, &prefix).await?;
     let export = format!("{prefix}x");
     let result = async {
-        daemon.export(chain.top().context("empty chain")?, &export, false).await?;
+        daemon
+            .export(chain.top().context("empty chain")?, &export, false)
+            .await?;
         let client = daemon.connect(&export).await?;
         let size = client.size();
-        let source = NbdSource::new(nbd::BlockingClient::new(client, tokio::runtime::Handle::current()), size);
+        let source = NbdSource::new(
+            nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
+            size,
+        );
         let (checked, bad) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u64>)> {
             match blocks {
                 None => {
@@ -168,7 +198,13 @@ async fn check_disk(
         Ok::<_, anyhow::Error>((checked, bad, block_size))
     }
     .await;
-    let _ = daemon.qmp().execute_raw("block-export-del", Some(serde_json::json!({ "id": export, "mode": "hard" }))).await;
+    let _ = daemon
+        .qmp()
+        .execute_raw(
+            "block-export-del",
+            Some(serde_json::json!({ "id": export, "mode": "hard" })),
+        )
+        .await;
     graph::remove_chain(daemon.qmp(), &chain).await;
     result
 }

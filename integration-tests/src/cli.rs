@@ -15,9 +15,16 @@ pub fn qmpbak_bin() -> PathBuf {
     }
     // target/<profile>/deps/<test binary> -> target/<profile>/qmpbak
     let exe = std::env::current_exe().expect("current test executable");
-    let profile_dir = exe.parent().and_then(|deps| deps.parent()).expect("target/<profile> directory");
+    let profile_dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile> directory");
     let bin = profile_dir.join("qmpbak");
-    assert!(bin.exists(), "{} not built: run the tests through cargo or nextest", bin.display());
+    assert!(
+        bin.exists(),
+        "{} not built: run the tests through cargo or nextest",
+        bin.display()
+    );
     bin
 }
 
@@ -35,24 +42,39 @@ impl Output {
     }
 
     /// Panics with the whole output unless the run exited 0.
+    // An assertion first: callers may ignore the returned output.
+    #[allow(clippy::return_self_not_must_use)]
     #[track_caller]
     pub fn success(self) -> Output {
-        assert!(self.status.success(), "qmpbak failed ({}):\n{}\n{}", self.status, self.stdout, self.stderr);
+        assert!(
+            self.status.success(),
+            "qmpbak failed ({}):\n{}\n{}",
+            self.status,
+            self.stdout,
+            self.stderr
+        );
         self
     }
 
     /// Parses stdout as JSON (for `--json` runs).
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_str(&self.stdout)
-            .unwrap_or_else(|e| panic!("qmpbak stdout is not JSON ({e}):\n{}\n{}", self.stdout, self.stderr))
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "qmpbak stdout is not JSON ({e}):\n{}\n{}",
+                self.stdout, self.stderr
+            )
+        })
     }
 }
 
 /// A `qmpbak` command with the given arguments, not yet started.
 pub fn command(args: &[&str]) -> Command {
     let mut cmd = Command::new(qmpbak_bin());
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    cmd.args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
     cmd
 }
 

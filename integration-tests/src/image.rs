@@ -23,13 +23,27 @@ pub fn qemu_img(args: &[&str]) -> String {
 
 /// Creates a qcow2 image of `size` bytes.
 pub fn create_qcow2(path: &Path, size: u64) {
-    qemu_img(&["create", "-q", "-f", "qcow2", &path.to_string_lossy(), &size.to_string()]);
+    qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        &path.to_string_lossy(),
+        &size.to_string(),
+    ]);
 }
 
 /// Copies an image (through its backing chain) into a standalone qcow2: a reference snapshot. `-U` because the
 /// source may be open in a paused QEMU.
 pub fn convert_to_qcow2(src: &Path, dst: &Path) {
-    qemu_img(&["convert", "-U", "-O", "qcow2", &src.to_string_lossy(), &dst.to_string_lossy()]);
+    qemu_img(&[
+        "convert",
+        "-U",
+        "-O",
+        "qcow2",
+        &src.to_string_lossy(),
+        &dst.to_string_lossy(),
+    ]);
 }
 
 /// `qemu-img compare -U`: `Ok(())` when the guest-visible contents are equal, `Err(report)` otherwise.

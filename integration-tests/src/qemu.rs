@@ -40,7 +40,10 @@ impl QemuBinaries {
     /// The firmware to boot with: qboot halts at once when there is nothing to boot, so an idle test VM costs
     /// almost no CPU under TCG.
     pub fn bios(&self) -> PathBuf {
-        let dir = self.data_dir.clone().unwrap_or_else(|| PathBuf::from("/usr/share/qemu"));
+        let dir = self
+            .data_dir
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("/usr/share/qemu"));
         dir.join("qboot.rom")
     }
 }

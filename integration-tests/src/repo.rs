@@ -14,7 +14,10 @@ pub struct TestRepo {
 impl TestRepo {
     /// `qmpbak init` in a new temporary directory.
     pub fn init() -> TestRepo {
-        let dir = tempfile::Builder::new().prefix("qmpbak-repo-").tempdir().expect("create temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("qmpbak-repo-")
+            .tempdir()
+            .expect("create temp dir");
         let path = dir.path().join("repo");
         cli::run(&["init", path.to_str().expect("utf-8 path")]).success();
         TestRepo { dir }
@@ -72,9 +75,16 @@ impl TestRepo {
 /// Asserts that QEMU has no jobs and no block nodes but the VM's own, and that every qmpbak bitmap on the
 /// VM's disks is one of `expected_bitmaps`.
 pub async fn assert_no_leftovers(vm: &TestVm, expected_bitmaps: &[String]) {
-    let jobs = vm.qmp().execute_raw("query-jobs", None).await.expect("query-jobs");
+    let jobs = vm
+        .qmp()
+        .execute_raw("query-jobs", None)
+        .await
+        .expect("query-jobs");
     assert_eq!(jobs.as_array().map(Vec::len), Some(0), "leftover jobs: {jobs}");
-    let nodes = vm.qmp().execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true}))).await;
+    let nodes = vm
+        .qmp()
+        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
+        .await;
     let nodes = nodes.expect("query-named-block-nodes");
     for node in nodes.as_array().expect("array") {
         let name = node["node-name"].as_str().unwrap_or_default();
@@ -84,12 +94,23 @@ pub async fn assert_no_leftovers(vm: &TestVm, expected_bitmaps: &[String]) {
             node["file"]
         );
     }
-    let blocks = vm.qmp().execute_raw("query-block", None).await.expect("query-block");
+    let blocks = vm
+        .qmp()
+        .execute_raw("query-block", None)
+        .await
+        .expect("query-block");
     for block in blocks.as_array().expect("array") {
-        for bitmap in block["inserted"]["dirty-bitmaps"].as_array().into_iter().flatten() {
+        for bitmap in block["inserted"]["dirty-bitmaps"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
             let name = bitmap["name"].as_str().unwrap_or_default().to_owned();
             if name.starts_with("qmpbak-") {
-                assert!(expected_bitmaps.contains(&name), "unexpected bitmap {name}; expected {expected_bitmaps:?}");
+                assert!(
+                    expected_bitmaps.contains(&name),
+                    "unexpected bitmap {name}; expected {expected_bitmaps:?}"
+                );
             }
         }
     }
@@ -107,6 +128,8 @@ pub fn expected_bitmaps(manifest: &chain::Manifest, node: &str, full: &str) -> V
 pub fn any_file_named(dir: &Path, needle: &str) -> bool {
     std::fs::read_dir(dir).into_iter().flatten().flatten().any(|e| {
         let p = e.path();
-        p.file_name().is_some_and(|n| n.to_string_lossy().contains(needle)) || (p.is_dir() && any_file_named(&p, needle))
+        p.file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(needle))
+            || (p.is_dir() && any_file_named(&p, needle))
     })
 }

@@ -26,7 +26,10 @@ pub struct DiskSpec {
 
 impl DiskSpec {
     pub fn new(id: &str, size: u64) -> DiskSpec {
-        DiskSpec { id: id.to_owned(), size }
+        DiskSpec {
+            id: id.to_owned(),
+            size,
+        }
     }
 
     pub fn node_name(&self) -> String {
@@ -66,7 +69,10 @@ impl TestVmBuilder {
 
     /// Creates the disk images in a new temporary directory and boots the VM.
     pub async fn start(self) -> TestVm {
-        let dir = tempfile::Builder::new().prefix("qmpbak-vm-").tempdir().expect("create temp dir");
+        let dir = tempfile::Builder::new()
+            .prefix("qmpbak-vm-")
+            .tempdir()
+            .expect("create temp dir");
         for disk in &self.disks {
             image::create_qcow2(&dir.path().join(format!("{}.qcow2", disk.id)), disk.size);
         }
@@ -109,14 +115,23 @@ impl TestVm {
         if let Some(data) = &bins.data_dir {
             cmd.arg("-L").arg(data);
         }
-        cmd.args(["-M", "q35,accel=tcg", "-m", "128", "-nodefaults", "-display", "none", "-no-user-config"])
-            .arg("-bios")
-            .arg(bins.bios())
-            // The server socket comes first: it exists by the time QEMU connects to the fixture's listener.
-            .arg("-qmp")
-            .arg(format!("unix:{},server=on,wait=off", server_sock.display()))
-            .arg("-qmp")
-            .arg(format!("unix:{},server=off", fixture_sock.display()));
+        cmd.args([
+            "-M",
+            "q35,accel=tcg",
+            "-m",
+            "128",
+            "-nodefaults",
+            "-display",
+            "none",
+            "-no-user-config",
+        ])
+        .arg("-bios")
+        .arg(bins.bios())
+        // The server socket comes first: it exists by the time QEMU connects to the fixture's listener.
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", server_sock.display()))
+        .arg("-qmp")
+        .arg(format!("unix:{},server=off", fixture_sock.display()));
         if config.paused {
             cmd.arg("-S");
         }
@@ -131,21 +146,38 @@ impl TestVm {
                 "file": format!("{}-file", disk.node_name()),
                 "node-name": disk.node_name(),
             });
-            cmd.arg("-blockdev").arg(file.to_string()).arg("-blockdev").arg(fmt.to_string());
-            cmd.arg("-device").arg(format!("virtio-blk-pci,drive={},id={}", disk.node_name(), disk.id));
+            cmd.arg("-blockdev")
+                .arg(file.to_string())
+                .arg("-blockdev")
+                .arg(fmt.to_string());
+            cmd.arg("-device").arg(format!(
+                "virtio-blk-pci,drive={},id={}",
+                disk.node_name(),
+                disk.id
+            ));
         }
         cmd.args(&config.extra_args);
         cmd.stdin(Stdio::null())
             .stdout(File::create(dir.path().join("qemu.stdout")).expect("create qemu.stdout"))
             .stderr(File::create(dir.path().join("qemu.stderr")).expect("create qemu.stderr"));
-        let child = cmd.spawn().unwrap_or_else(|e| panic!("cannot start {}: {e}", bins.system.display()));
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {}: {e}", bins.system.display()));
 
-        let mut vm = TestVm { config, dir: Some(dir), child: Some(child), qmp: None, bins };
+        let mut vm = TestVm {
+            config,
+            dir: Some(dir),
+            child: Some(child),
+            qmp: None,
+            bins,
+        };
         let accepted = tokio::time::timeout(QMP_CONNECT_TIMEOUT, listener.accept()).await;
         let stream = match accepted {
             Ok(Ok((stream, _))) => stream,
             Ok(Err(e)) => vm.fail(&format!("accepting QEMU's QMP connection failed: {e}")),
-            Err(_) => vm.fail(&format!("QEMU did not connect its QMP monitor within {QMP_CONNECT_TIMEOUT:?}")),
+            Err(_) => vm.fail(&format!(
+                "QEMU did not connect its QMP monitor within {QMP_CONNECT_TIMEOUT:?}"
+            )),
         };
         match qmp::Qmp::from_stream(stream, QMP_CONNECT_TIMEOUT).await {
             Ok(qmp) => {
@@ -191,19 +223,25 @@ impl TestVm {
         let line = format!("qemu-io -d {id}/virtio-backend \"{command}\"");
         let reply = self
             .qmp()
-            .execute_raw("human-monitor-command", Some(serde_json::json!({ "command-line": line })))
+            .execute_raw(
+                "human-monitor-command",
+                Some(serde_json::json!({ "command-line": line })),
+            )
             .await
             .unwrap_or_else(|e| panic!("HMP {line}: {e}"));
         let text = reply.as_str().unwrap_or_default();
         // QEMU 7.2 returns qemu-io's report in the reply; 10.0 prints it on stdout and returns "". Either way an
         // error is returned as text without the success report.
-        let failed = ["failed", "error", "Error", "conflict", "not found"].iter().any(|w| text.contains(w));
+        let failed = ["failed", "error", "Error", "conflict", "not found"]
+            .iter()
+            .any(|w| text.contains(w));
         assert!(!failed, "HMP {line} failed: {text}");
     }
 
     /// Writes `len` bytes of `pattern` at `offset` of disk `id`, as a guest write.
     pub async fn write_pattern(&self, id: &str, pattern: u8, offset: u64, len: u64) {
-        self.qemu_io(id, &format!("write -P 0x{pattern:02x} {offset} {len}")).await;
+        self.qemu_io(id, &format!("write -P 0x{pattern:02x} {offset} {len}"))
+            .await;
     }
 
     /// Writes zeroes (`write -z`) as a guest discard-like write.
@@ -213,7 +251,11 @@ impl TestVm {
 
     /// Whether the VM's CPUs are running (`query-status`).
     pub async fn running(&self) -> bool {
-        let status = self.qmp().execute_raw("query-status", None).await.expect("query-status");
+        let status = self
+            .qmp()
+            .execute_raw("query-status", None)
+            .await
+            .expect("query-status");
         status["running"].as_bool().unwrap_or(false)
     }
 
@@ -254,14 +296,22 @@ impl TestVm {
 
     /// Whether the QEMU process is still alive (not reaped).
     pub fn alive(&mut self) -> bool {
-        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child
+            .as_mut()
+            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// QEMU's stdout and stderr so far.
     pub fn output(&self) -> String {
-        let Some(dir) = self.dir.as_ref() else { return String::new() };
+        let Some(dir) = self.dir.as_ref() else {
+            return String::new();
+        };
         let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap_or_default();
-        format!("--- qemu stdout ---\n{}--- qemu stderr ---\n{}", read("qemu.stdout"), read("qemu.stderr"))
+        format!(
+            "--- qemu stdout ---\n{}--- qemu stderr ---\n{}",
+            read("qemu.stdout"),
+            read("qemu.stderr")
+        )
     }
 
     fn fail(&mut self, what: &str) -> ! {
@@ -290,11 +340,13 @@ fn wait_exit(child: &mut Child, timeout: Duration) {
         match child.try_wait() {
             Ok(Some(_)) | Err(_) => return,
             Ok(None) if Instant::now() >= deadline => {
-                eprintln!("QEMU pid {} did not exit within {timeout:?} after SIGKILL", child.id());
+                eprintln!(
+                    "QEMU pid {} did not exit within {timeout:?} after SIGKILL",
+                    child.id()
+                );
                 return;
             }
             Ok(None) => std::thread::sleep(Duration::from_millis(10)),
         }
     }
 }
-

@@ -1,6 +1,9 @@
 //! `qmpbak backup` against real QEMU with two disks and known byte patterns: every node's image, read through
 //! its backing chain, equals a reference captured at that backup's instant.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::PathBuf;
 
 use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
@@ -40,7 +43,10 @@ async fn full_then_five_incrementals_are_each_exact() {
     let full_refs = capture(&vm, refs_dir.path(), "full").await;
     let full = repo.backup(&vm, VM, &[]);
     assert_eq!(full["level"], "full");
-    assert!(full["reason"].as_str().unwrap().contains("first backup"), "{full}");
+    assert!(
+        full["reason"].as_str().unwrap().contains("first backup"),
+        "{full}"
+    );
     let full_id = full["node"].as_str().unwrap().to_owned();
     assert_node_equals(&repo, &full_id, &full_refs);
 
@@ -48,9 +54,11 @@ async fn full_then_five_incrementals_are_each_exact() {
     for round in 1..=5u8 {
         let off = u64::from(round) * 3 * MIB;
         vm.write_pattern("disk0", 0x30 + round, off, 512 * 1024).await;
-        vm.write_pattern("disk0", 0x40 + round, off + 64 * 1024 * 7, 64 * 1024).await;
+        vm.write_pattern("disk0", 0x40 + round, off + 64 * 1024 * 7, 64 * 1024)
+            .await;
         if round % 2 == 0 {
-            vm.write_pattern("disk1", 0x50 + round, u64::from(round) * MIB, 128 * 1024).await;
+            vm.write_pattern("disk1", 0x50 + round, u64::from(round) * MIB, 128 * 1024)
+                .await;
         }
         if round == 3 {
             // A discard-like zero write over data the full has: must read back as zeroes, not the parent's data.
@@ -64,7 +72,10 @@ async fn full_then_five_incrementals_are_each_exact() {
         let id = inc["node"].as_str().unwrap().to_owned();
         // Only what changed was copied.
         let copied = inc["disks"][0]["copied_bytes"].as_u64().unwrap();
-        assert!(copied <= 2 * MIB, "incremental {round} copied {copied} bytes of disk0");
+        assert!(
+            copied <= 2 * MIB,
+            "incremental {round} copied {copied} bytes of disk0"
+        );
         nodes.push((id, refs));
     }
     // Every node, old and new, still equals its instant.
@@ -73,11 +84,19 @@ async fn full_then_five_incrementals_are_each_exact() {
     }
     let manifest = repo.manifest(VM);
     let last = &nodes.last().unwrap().0;
-    assert_eq!(manifest.current.as_ref().map(ToString::to_string).as_deref(), Some(last.as_str()));
+    assert_eq!(
+        manifest.current.as_ref().map(ToString::to_string).as_deref(),
+        Some(last.as_str())
+    );
     assert_eq!(manifest.nodes.len(), 6);
     assert!(manifest.operations.is_empty());
     for node in &manifest.nodes {
-        assert!(node.disks.iter().all(|d| d.table.is_some() && d.table_sha256.is_some()), "{node:?}");
+        assert!(
+            node.disks
+                .iter()
+                .all(|d| d.table.is_some() && d.table_sha256.is_some()),
+            "{node:?}"
+        );
     }
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, last, &full_id)).await;
 }
@@ -91,8 +110,10 @@ async fn differential_after_three_incrementals_equals_its_instant() {
     let full = repo.backup(&vm, VM, &["--level", "full"]);
     let full_id = full["node"].as_str().unwrap().to_owned();
     for round in 0..3u8 {
-        vm.write_pattern("disk0", 0x10 + round, (u64::from(round) + 4) * MIB, MIB).await;
-        vm.write_pattern("disk1", 0x20 + round, u64::from(round) * MIB, 64 * 1024).await;
+        vm.write_pattern("disk0", 0x10 + round, (u64::from(round) + 4) * MIB, MIB)
+            .await;
+        vm.write_pattern("disk1", 0x20 + round, u64::from(round) * MIB, 64 * 1024)
+            .await;
         assert_eq!(repo.backup(&vm, VM, &["--level", "inc"])["level"], "incremental");
     }
     vm.write_pattern("disk0", 0x77, 10 * MIB, MIB).await;
@@ -119,7 +140,10 @@ async fn a_grown_disk_gets_a_full_with_the_reason() {
     let repo = TestRepo::init();
     repo.backup(&vm, VM, &[]);
     vm.qmp()
-        .execute_raw("block_resize", Some(serde_json::json!({"node-name": "node-disk1", "size": 24 * MIB})))
+        .execute_raw(
+            "block_resize",
+            Some(serde_json::json!({"node-name": "node-disk1", "size": 24 * MIB})),
+        )
         .await
         .unwrap();
     let explicit = repo.try_backup(&vm, VM, &["--level", "inc"]);
@@ -127,7 +151,12 @@ async fn a_grown_disk_gets_a_full_with_the_reason() {
     assert!(explicit.stderr.contains("disk disk1 grew"), "{}", explicit.stderr);
     let report = repo.backup(&vm, VM, &[]);
     assert_eq!(report["level"], "full", "{report}");
-    assert!(report["reason"].as_str().unwrap().contains("disk disk1 grew from 16777216 to 25165824 bytes"));
+    assert!(
+        report["reason"]
+            .as_str()
+            .unwrap()
+            .contains("disk disk1 grew from 16777216 to 25165824 bytes")
+    );
 }
 
 #[tokio::test]
@@ -158,10 +187,20 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     let id = inc["node"].as_str().unwrap().to_owned();
     assert_node_equals(&repo, &id, &refs);
     // Only the blocks (1 MiB each) whose checksums changed were stored: two on disk0, one on disk1.
-    assert_eq!(inc["disks"][0]["copied_bytes"].as_u64().unwrap(), 2 * MIB, "{inc}");
+    assert_eq!(
+        inc["disks"][0]["copied_bytes"].as_u64().unwrap(),
+        2 * MIB,
+        "{inc}"
+    );
     assert_eq!(inc["disks"][1]["copied_bytes"].as_u64().unwrap(), MIB, "{inc}");
-    assert_eq!(image::allocated_data_bytes(&repo.node_file(VM, &id, "disk0")), 2 * MIB);
-    assert_eq!(image::allocated_data_bytes(&repo.node_file(VM, &id, "disk1")), MIB);
+    assert_eq!(
+        image::allocated_data_bytes(&repo.node_file(VM, &id, "disk0")),
+        2 * MIB
+    );
+    assert_eq!(
+        image::allocated_data_bytes(&repo.node_file(VM, &id, "disk1")),
+        MIB
+    );
 
     // The bitmaps are healthy again: the next backup uses them.
     vm.write_pattern("disk1", 0x66, 0, 64 * 1024).await;
@@ -170,5 +209,9 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     assert_eq!(next["method"], "bitmap", "{next}");
     assert_node_equals(&repo, next["node"].as_str().unwrap(), &refs);
     let manifest = repo.manifest(VM);
-    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, next["node"].as_str().unwrap(), &full_id)).await;
+    assert_no_leftovers(
+        &vm,
+        &expected_bitmaps(&manifest, next["node"].as_str().unwrap(), &full_id),
+    )
+    .await;
 }

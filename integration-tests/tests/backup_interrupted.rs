@@ -1,6 +1,9 @@
 //! Backups that are throttled, interrupted (SIGINT), killed at each step (crash points), or contended (lock):
 //! the VM keeps running, the next run cleans up what is left, and its result is exact.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::time::Duration;
 
 use integration_tests::cli;
@@ -34,7 +37,9 @@ async fn writes_during_a_throttled_backup_do_not_reach_it() {
 
     let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
     let args = repo.backup_args(&vm, VM, &["--speed-limit", &(2 * MIB).to_string()]);
-    let child = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
+    let child = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .spawn()
+        .unwrap();
     wait_job_running(&mut events).await;
     // While the job copies at 2 MiB/s, the guest overwrites all of it.
     vm.write_pattern("disk0", 0xee, 0, 16 * MIB).await;
@@ -55,10 +60,15 @@ async fn sigint_cancels_and_cleans_up_and_the_next_backup_is_exact() {
 
     let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
     let args = repo.backup_args(&vm, VM, &["--speed-limit", &(MIB / 4).to_string()]);
-    let child = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
-    wait_job_running(&mut events).await;
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
+    let child = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .spawn()
         .unwrap();
+    wait_job_running(&mut events).await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGINT,
+    )
+    .unwrap();
     let out = cli::wait(child, Duration::from_secs(60));
     assert_eq!(out.code(), Some(130), "{out:?}");
     assert!(out.stderr.contains("interrupted"), "{}", out.stderr);
@@ -67,7 +77,11 @@ async fn sigint_cancels_and_cleans_up_and_the_next_backup_is_exact() {
     // Nothing is left: no jobs, nodes, new bitmaps, files; the node is recorded as failed.
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
-    let failed: Vec<_> = manifest.nodes.iter().filter(|n| n.state == chain::NodeState::Failed).collect();
+    let failed: Vec<_> = manifest
+        .nodes
+        .iter()
+        .filter(|n| n.state == chain::NodeState::Failed)
+        .collect();
     assert_eq!(failed.len(), 1);
     assert!(!repo.vm_dir(VM).join(failed[0].id.as_str()).exists());
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
@@ -78,7 +92,10 @@ async fn sigint_cancels_and_cleans_up_and_the_next_backup_is_exact() {
     let inc = repo.backup(&vm, VM, &[]);
     assert_eq!(inc["method"], "bitmap", "{inc}");
     assert_eq!(inc["parent"], serde_json::json!(full_id));
-    image::assert_same(&reference, &repo.node_file(VM, inc["node"].as_str().unwrap(), "disk0"));
+    image::assert_same(
+        &reference,
+        &repo.node_file(VM, inc["node"].as_str().unwrap(), "disk0"),
+    );
 }
 
 #[tokio::test]
@@ -91,15 +108,26 @@ async fn killed_at_every_step_the_next_run_cleans_up_and_is_exact() {
     let mut parent = full["node"].as_str().unwrap().to_owned();
     let full_id = parent.clone();
 
-    let points = ["backup-begun", "backup-jobs-started", "backup-copied", "backup-tables-written", "backup-completed"];
+    let points = [
+        "backup-begun",
+        "backup-jobs-started",
+        "backup-copied",
+        "backup-tables-written",
+        "backup-completed",
+    ];
     for (i, point) in points.iter().enumerate() {
-        vm.write_pattern("disk0", 0x10 + i as u8, i as u64 * MIB, MIB).await;
-        vm.write_pattern("disk1", 0x20 + i as u8, i as u64 * MIB, 64 * 1024).await;
+        vm.write_pattern("disk0", 0x10 + i as u8, i as u64 * MIB, MIB)
+            .await;
+        vm.write_pattern("disk1", 0x20 + i as u8, i as u64 * MIB, 64 * 1024)
+            .await;
         let args = repo.backup_args(&vm, VM, &[]);
         let mut cmd = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>());
         cmd.env("QMPBAK_CRASH_AT", point);
         let out = cli::wait(cmd.spawn().unwrap(), Duration::from_secs(120));
-        assert!(!out.status.success(), "{point}: the run should have died: {out:?}");
+        assert!(
+            !out.status.success(),
+            "{point}: the run should have died: {out:?}"
+        );
         assert!(out.stderr.contains(point), "{point}: {}", out.stderr);
         assert!(vm.running().await, "{point}: the VM keeps running");
         // The manifest is valid whatever the step.
@@ -124,7 +152,10 @@ async fn killed_at_every_step_the_next_run_cleans_up_and_is_exact() {
             assert_eq!(next["parent"], serde_json::json!(killed), "{point}");
         } else {
             assert_eq!(next["parent"], serde_json::json!(parent), "{point}: {next}");
-            assert!(!next["cleaned"]["operations"].as_array().unwrap().is_empty(), "{point}: {next}");
+            assert!(
+                !next["cleaned"]["operations"].as_array().unwrap().is_empty(),
+                "{point}: {next}"
+            );
         }
         for (d, p) in &refs_now {
             image::assert_same(p, &repo.node_file(VM, &id, d));
@@ -147,12 +178,21 @@ async fn a_second_backup_of_the_same_vm_fails_at_once_with_the_lock_error() {
 
     let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
     let args = repo.backup_args(&vm, VM, &["--speed-limit", &(2 * MIB).to_string()]);
-    let first = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
+    let first = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .spawn()
+        .unwrap();
     wait_job_running(&mut events).await;
     let started = std::time::Instant::now();
     let second = repo.try_backup(&vm, VM, &[]);
-    assert!(started.elapsed() < Duration::from_secs(10), "the second run must not wait");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the second run must not wait"
+    );
     assert_eq!(second.code(), Some(4), "{second:?}");
-    assert!(second.stderr.contains(&first.id().to_string()), "names the holder's pid: {}", second.stderr);
+    assert!(
+        second.stderr.contains(&first.id().to_string()),
+        "names the holder's pid: {}",
+        second.stderr
+    );
     cli::wait(first, Duration::from_secs(120)).success();
 }

@@ -1,5 +1,8 @@
 //! `qmpbak info` against a real VM, and its errors for sockets that are missing, not sockets, or not QMP.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::os::unix::net::UnixListener;
 
 use integration_tests::{MIB, TestVm, cli};
@@ -20,7 +23,12 @@ async fn info_lists_disks_and_bitmaps() {
 
     let out = cli::run(&["info", "--socket", socket.to_str().unwrap(), "--json"]).success();
     let info = out.json();
-    assert!(info["qemu"]["version"].as_str().unwrap().starts_with(|c: char| c.is_ascii_digit()));
+    assert!(
+        info["qemu"]["version"]
+            .as_str()
+            .unwrap()
+            .starts_with(|c: char| c.is_ascii_digit())
+    );
     let disks = info["disks"].as_array().unwrap();
     assert_eq!(disks.len(), 2, "{info:#}");
     let d0 = &disks[0];
@@ -42,7 +50,9 @@ async fn info_lists_disks_and_bitmaps() {
     assert_eq!(disks[1]["bitmaps"].as_array().unwrap().len(), 0);
 
     // The human form names the same things.
-    let text = cli::run(&["info", "--socket", socket.to_str().unwrap()]).success().stdout;
+    let text = cli::run(&["info", "--socket", socket.to_str().unwrap()])
+        .success()
+        .stdout;
     for needle in ["disk0", "disk1", "node-disk0", "bm0", "qcow2"] {
         assert!(text.contains(needle), "{needle} missing from:\n{text}");
     }
@@ -55,7 +65,11 @@ fn info_on_a_missing_socket_is_a_clear_qemu_error() {
     let out = cli::run(&["info", "--socket", path.to_str().unwrap()]);
     assert_eq!(out.code(), Some(5), "{out:?}");
     assert!(out.stderr.contains("nope.sock"), "{}", out.stderr);
-    assert!(out.stderr.contains("does not exist") || out.stderr.contains("No such file"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("does not exist") || out.stderr.contains("No such file"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -65,7 +79,11 @@ fn info_on_a_path_that_is_not_a_socket() {
     std::fs::write(&path, b"hello").unwrap();
     let out = cli::run(&["info", "--socket", path.to_str().unwrap()]);
     assert_eq!(out.code(), Some(5), "{out:?}");
-    assert!(out.stderr.contains("plain-file") && out.stderr.contains("not a socket"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("plain-file") && out.stderr.contains("not a socket"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
@@ -83,6 +101,10 @@ fn info_on_a_socket_that_is_not_qmp() {
     });
     let out = cli::run(&["info", "--socket", path.to_str().unwrap()]);
     assert_eq!(out.code(), Some(5), "{out:?}");
-    assert!(out.stderr.contains("not-qmp.sock") && out.stderr.contains("QMP"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("not-qmp.sock") && out.stderr.contains("QMP"),
+        "{}",
+        out.stderr
+    );
     let _ = server.join();
 }

@@ -1,6 +1,9 @@
 //! The QMP client against real QEMU: negotiation, concurrency, a block job with its events, typed errors, and a
 //! QEMU that dies while a command waits.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::time::{Duration, Instant};
 
 use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, QMP_COMMAND_TIMEOUT};
@@ -13,7 +16,10 @@ async fn negotiates_and_reports_its_version() {
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
     let greeting = vm.qmp().greeting().clone();
     let version = vm.qmp().execute_raw("query-version", None).await.unwrap();
-    assert_eq!(version["qemu"]["major"].as_u64(), Some(u64::from(greeting.version.qemu.major)));
+    assert_eq!(
+        version["qemu"]["major"].as_u64(),
+        Some(u64::from(greeting.version.qemu.major))
+    );
     assert!(greeting.version.qemu.major >= 7, "QEMU {version}");
 }
 
@@ -25,10 +31,22 @@ async fn twenty_concurrent_commands_from_several_tasks() {
         let qmp = vm.qmp().clone();
         tasks.push(tokio::spawn(async move {
             match i % 4 {
-                0 => qmp.execute_raw("query-status", None).await.map(|v| v["status"].clone()),
-                1 => qmp.execute_raw("query-block", None).await.map(|v| json!(v.as_array().map(Vec::len))),
-                2 => qmp.execute_raw("query-version", None).await.map(|v| v["qemu"]["major"].clone()),
-                _ => qmp.execute_raw("query-jobs", None).await.map(|v| json!(v.as_array().map(Vec::len))),
+                0 => qmp
+                    .execute_raw("query-status", None)
+                    .await
+                    .map(|v| v["status"].clone()),
+                1 => qmp
+                    .execute_raw("query-block", None)
+                    .await
+                    .map(|v| json!(v.as_array().map(Vec::len))),
+                2 => qmp
+                    .execute_raw("query-version", None)
+                    .await
+                    .map(|v| v["qemu"]["major"].clone()),
+                _ => qmp
+                    .execute_raw("query-jobs", None)
+                    .await
+                    .map(|v| json!(v.as_array().map(Vec::len))),
             }
         }));
     }
@@ -57,10 +75,22 @@ async fn bad_commands_give_typed_errors() {
     }
     let err = vm
         .qmp()
-        .execute_raw("block-dirty-bitmap-add", Some(json!({"node": "nonexistent", "name": "b"})))
+        .execute_raw(
+            "block-dirty-bitmap-add",
+            Some(json!({"node": "nonexistent", "name": "b"})),
+        )
         .await
         .unwrap_err();
-    assert!(matches!(err, qmp::Error::Qmp { class: ErrorClass::GenericError, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            qmp::Error::Qmp {
+                class: ErrorClass::GenericError,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     // The connection survives errors.
     vm.qmp().execute_raw("query-status", None).await.unwrap();
 }
@@ -84,30 +114,41 @@ async fn full_backup_job_to_a_blockdev_created_target_equals_the_source() {
     let outcome = qmp.wait_job("create-file", BLOCK_JOB_TIMEOUT).await.unwrap();
     assert_eq!(outcome.error, None);
     qmp.dismiss_job("create-file").await.unwrap();
-    qmp.execute_raw("blockdev-add", Some(json!({"driver": "file", "filename": target, "node-name": "tgt-file"})))
-        .await
-        .unwrap();
+    qmp.execute_raw(
+        "blockdev-add",
+        Some(json!({"driver": "file", "filename": target, "node-name": "tgt-file"})),
+    )
+    .await
+    .unwrap();
     qmp.execute_raw(
         "blockdev-create",
         Some(json!({"job-id": "create-fmt", "options": {"driver": "qcow2", "file": "tgt-file", "size": 32 * MIB}})),
     )
     .await
     .unwrap();
-    assert_eq!(qmp.wait_job("create-fmt", BLOCK_JOB_TIMEOUT).await.unwrap().error, None);
+    assert_eq!(
+        qmp.wait_job("create-fmt", BLOCK_JOB_TIMEOUT).await.unwrap().error,
+        None
+    );
     qmp.dismiss_job("create-fmt").await.unwrap();
     // The create jobs' status changes were delivered to an earlier subscriber too.
     let first = create_events.next_timeout(QMP_COMMAND_TIMEOUT).await.unwrap();
     assert_eq!(first.job_id(), Some("create-file"));
 
-    qmp.execute_raw("blockdev-add", Some(json!({"driver": "qcow2", "file": "tgt-file", "node-name": "tgt"})))
-        .await
-        .unwrap();
+    qmp.execute_raw(
+        "blockdev-add",
+        Some(json!({"driver": "qcow2", "file": "tgt-file", "node-name": "tgt"})),
+    )
+    .await
+    .unwrap();
 
     let mut events = qmp.subscribe(EventFilter::all().job("backup0"));
     qmp.execute_raw(
         "blockdev-backup",
-        Some(json!({"job-id": "backup0", "device": "node-disk0", "target": "tgt", "sync": "full",
-                    "auto-dismiss": false})),
+        Some(
+            json!({"job-id": "backup0", "device": "node-disk0", "target": "tgt", "sync": "full",
+                    "auto-dismiss": false}),
+        ),
     )
     .await
     .unwrap();
@@ -135,8 +176,12 @@ async fn full_backup_job_to_a_blockdev_created_target_equals_the_source() {
     assert_eq!(statuses.first().map(String::as_str), Some("created"));
     assert!(statuses.iter().any(|s| s == "running"), "{statuses:?}");
     qmp.dismiss_job("backup0").await.unwrap();
-    qmp.execute_raw("blockdev-del", Some(json!({"node-name": "tgt"}))).await.unwrap();
-    qmp.execute_raw("blockdev-del", Some(json!({"node-name": "tgt-file"}))).await.unwrap();
+    qmp.execute_raw("blockdev-del", Some(json!({"node-name": "tgt"})))
+        .await
+        .unwrap();
+    qmp.execute_raw("blockdev-del", Some(json!({"node-name": "tgt-file"})))
+        .await
+        .unwrap();
 
     vm.qmp().execute_raw("stop", None).await.unwrap();
     image::assert_same(&vm.disk_path("disk0"), &target);
@@ -156,8 +201,10 @@ async fn a_command_waiting_on_a_killed_qemu_fails_promptly() {
     vm.write_pattern("disk0", 0x11, 0, 8 * MIB).await;
     qmp.execute_raw(
         "blockdev-backup",
-        Some(json!({"job-id": "slow", "device": "node-disk0", "target": "sink", "sync": "full",
-                    "speed": 1, "auto-dismiss": false})),
+        Some(
+            json!({"job-id": "slow", "device": "node-disk0", "target": "sink", "sync": "full",
+                    "speed": 1, "auto-dismiss": false}),
+        ),
     )
     .await
     .unwrap();
@@ -176,7 +223,9 @@ async fn a_command_waiting_on_a_killed_qemu_fails_promptly() {
     // Later commands fail at once too.
     let err = qmp.execute_raw("query-status", None).await.unwrap_err();
     assert!(matches!(err, qmp::Error::Closed { .. }), "{err:?}");
-    tokio::time::timeout(Duration::from_secs(5), qmp.closed()).await.expect("closed() resolves");
+    tokio::time::timeout(Duration::from_secs(5), qmp.closed())
+        .await
+        .expect("closed() resolves");
 }
 
 #[tokio::test]

@@ -2,6 +2,9 @@
 //! differential restores exactly (offline, qcow2 and raw, also after the repository moved), live restore runs
 //! the VM at once and keeps the guest's writes, and damage is found and refused.
 
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -46,7 +49,12 @@ fn restore(repo: &Path, node: &str, to: &Path, extra: &[&str]) -> cli::Output {
 fn live_args(repo: &TestRepo, vm: &TestVm, node: &str, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = ["restore", node, "--live", "--socket"].map(String::from).to_vec();
     args.push(vm.socket().display().to_string());
-    args.extend(["--repo".to_owned(), repo.path().display().to_string(), "--vm".to_owned(), VM.to_owned()]);
+    args.extend([
+        "--repo".to_owned(),
+        repo.path().display().to_string(),
+        "--vm".to_owned(),
+        VM.to_owned(),
+    ]);
     args.push("--json".to_owned());
     args.extend(extra.iter().map(|s| (*s).to_owned()));
     args
@@ -59,7 +67,13 @@ fn assert_restores_exactly(repo: &Path, node: &str, refs: &[PathBuf], out: &Path
         assert_eq!(report["node"], node);
         for (disk, reference) in DISKS.iter().zip(refs) {
             let path = dir.join(format!("{disk}.{format}"));
-            assert!(report["disks"].as_array().unwrap().iter().any(|d| d["verified"] == true));
+            assert!(
+                report["disks"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|d| d["verified"] == true)
+            );
             let info = image::info(&path);
             assert_eq!(info["format"], format, "{info}");
             assert!(info.get("backing-filename").is_none(), "standalone: {info}");
@@ -67,7 +81,11 @@ fn assert_restores_exactly(repo: &Path, node: &str, refs: &[PathBuf], out: &Path
             // Thin: holes stay holes (the disks are mostly unwritten).
             let allocated = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(&path).unwrap()) * 512;
             let virtual_size = info["virtual-size"].as_u64().unwrap();
-            assert!(allocated < virtual_size / 2, "{} holds {allocated} of {virtual_size} bytes", path.display());
+            assert!(
+                allocated < virtual_size / 2,
+                "{} holds {allocated} of {virtual_size} bytes",
+                path.display()
+            );
         }
     }
 }
@@ -83,8 +101,10 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
         vm.write_pattern("disk1", 0x02, 8 * MIB, MIB).await;
         for (i, level) in ["full", "inc", "inc", "diff"].iter().enumerate() {
             if i > 0 {
-                vm.write_pattern("disk0", 0x10 + i as u8, i as u64 * 5 * MIB, 2 * MIB).await;
-                vm.write_pattern("disk1", 0x20 + i as u8, i as u64 * MIB, 64 * 1024).await;
+                vm.write_pattern("disk0", 0x10 + i as u8, i as u64 * 5 * MIB, 2 * MIB)
+                    .await;
+                vm.write_pattern("disk1", 0x20 + i as u8, i as u64 * MIB, 64 * 1024)
+                    .await;
             }
             if i == 2 {
                 vm.write_zeroes("disk0", 0, MIB).await;
@@ -96,7 +116,12 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
     }
     // A second branch: node 2 restored live into a new VM, which then changes and is backed up.
     let branch_point = nodes[1].0.clone();
-    let vm2 = TestVm::builder().disk("disk0", 32 * MIB).disk("disk1", 16 * MIB).paused().start().await;
+    let vm2 = TestVm::builder()
+        .disk("disk0", 32 * MIB)
+        .disk("disk1", 16 * MIB)
+        .paused()
+        .start()
+        .await;
     let args = live_args(&repo, &vm2, &branch_point, &[]);
     cli::run(&args.iter().map(String::as_str).collect::<Vec<_>>()).success();
     vm2.write_pattern("disk1", 0x77, 0, MIB).await;
@@ -107,9 +132,18 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
     nodes.push((branch["node"].as_str().unwrap().to_owned(), refs));
 
     let manifest = repo.manifest(VM);
-    assert_eq!(manifest.children(&branch_point.parse().unwrap()).unwrap().len(), 2, "node 2 has two children");
-    let listing = cli::run(&["list", repo.vm_dir(VM).to_str().unwrap()]).success().stdout;
-    assert!(listing.contains("├──") && listing.contains("differential"), "{listing}");
+    assert_eq!(
+        manifest.children(&branch_point.parse().unwrap()).unwrap().len(),
+        2,
+        "node 2 has two children"
+    );
+    let listing = cli::run(&["list", repo.vm_dir(VM).to_str().unwrap()])
+        .success()
+        .stdout;
+    assert!(
+        listing.contains("├──") && listing.contains("differential"),
+        "{listing}"
+    );
 
     let out = work.path().join("out");
     for (node, refs) in &nodes {
@@ -129,7 +163,10 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
 async fn guest_view(vm: &TestVm, id: &str) -> nbd::Client {
     let socket = vm.dir().join("view.sock");
     vm.qmp()
-        .execute_raw("nbd-server-start", Some(serde_json::json!({"addr": {"type": "unix", "data": {"path": socket}}})))
+        .execute_raw(
+            "nbd-server-start",
+            Some(serde_json::json!({"addr": {"type": "unix", "data": {"path": socket}}})),
+        )
         .await
         .unwrap();
     vm.qmp()
@@ -139,7 +176,9 @@ async fn guest_view(vm: &TestVm, id: &str) -> nbd::Client {
         )
         .await
         .unwrap();
-    nbd::Client::connect_unix(&socket, &format!("node-{id}"), Duration::from_secs(10)).await.unwrap()
+    nbd::Client::connect_unix(&socket, &format!("node-{id}"), Duration::from_secs(10))
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
@@ -154,12 +193,22 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
         vm.write_pattern("disk0", 0x6b, 4 * MIB, MIB).await;
         repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned()
     };
-    let vm = TestVm::builder().disk("disk0", 32 * MIB).disk("disk1", 16 * MIB).paused().start().await;
+    let vm = TestVm::builder()
+        .disk("disk0", 32 * MIB)
+        .disk("disk1", 16 * MIB)
+        .paused()
+        .start()
+        .await;
     let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
     let args = live_args(&repo, &vm, &node, &["--speed-limit", &(4 * MIB).to_string()]);
-    let child = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>()).spawn().unwrap();
+    let child = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+        .spawn()
+        .unwrap();
     loop {
-        let e = events.next_timeout(BLOCK_JOB_TIMEOUT).await.expect("stream job starts");
+        let e = events
+            .next_timeout(BLOCK_JOB_TIMEOUT)
+            .await
+            .expect("stream job starts");
         if e.data["status"] == "running" {
             break;
         }
@@ -174,7 +223,8 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
     assert!(buf.iter().all(|&b| b == 0x6b));
     // The guest writes while streaming; its writes win.
     vm.write_pattern("disk0", 0xee, 12 * MIB, MIB).await;
-    vm.write_pattern("disk1", 0xdd, 20 * 1024 * 1024 / 4, 64 * 1024).await;
+    vm.write_pattern("disk1", 0xdd, 20 * 1024 * 1024 / 4, 64 * 1024)
+        .await;
     view.disconnect().await.unwrap();
     let out = cli::wait(child, Duration::from_secs(120)).success().json();
     assert!(out["running_after_secs"].as_f64().unwrap() < out["duration_secs"].as_f64().unwrap());
@@ -185,7 +235,11 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
     let exp0 = expected.join("disk0.qcow2");
     let exp1 = expected.join("disk1.qcow2");
     for (path, cmd) in [(&exp0, "write -P 0xee 12M 1M"), (&exp1, "write -P 0xdd 5M 64k")] {
-        let st = std::process::Command::new("qemu-io").args(["-f", "qcow2", "-c", cmd]).arg(path).output().unwrap();
+        let st = std::process::Command::new("qemu-io")
+            .args(["-f", "qcow2", "-c", cmd])
+            .arg(path)
+            .output()
+            .unwrap();
         assert!(st.status.success(), "{st:?}");
     }
     vm.qmp().execute_raw("stop", None).await.unwrap();
@@ -193,10 +247,17 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
         image::assert_same(exp, &vm.disk_path(disk));
         assert!(image::info(&vm.disk_path(disk)).get("backing-filename").is_none());
     }
-    let names = vm.qmp().execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true}))).await.unwrap();
+    let names = vm
+        .qmp()
+        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
+        .await
+        .unwrap();
     for n in names.as_array().unwrap() {
         let name = n["node-name"].as_str().unwrap();
-        assert!(name.starts_with("node-") || name.starts_with('#'), "leftover {name}");
+        assert!(
+            name.starts_with("node-") || name.starts_with('#'),
+            "leftover {name}"
+        );
     }
     let manifest = repo.manifest(VM);
     assert_eq!(manifest.current.as_ref().unwrap().to_string(), node);
@@ -226,28 +287,68 @@ async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
     let vm = TestVm::start(&sizes()).await;
     let mut ids = Vec::new();
     for i in 0..3u8 {
-        vm.write_pattern("disk0", 0x30 + i, u64::from(i) * 3 * MIB, 2 * MIB).await;
+        vm.write_pattern("disk0", 0x30 + i, u64::from(i) * 3 * MIB, 2 * MIB)
+            .await;
         ids.push(repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned());
     }
-    let ok = cli::run(&["verify", "--repo", repo.path().to_str().unwrap(), "--vm", VM, "--json"]).success().json();
+    let ok = cli::run(&[
+        "verify",
+        "--repo",
+        repo.path().to_str().unwrap(),
+        "--vm",
+        VM,
+        "--json",
+    ])
+    .success()
+    .json();
     assert_eq!(ok["ok"], true, "{ok}");
 
     let guest_offset = flip_a_data_byte(&repo.node_file(VM, &ids[1], "disk0"));
-    let out = cli::run(&["verify", "--all", "--repo", repo.path().to_str().unwrap(), "--vm", VM, "--json"]);
+    let out = cli::run(&[
+        "verify",
+        "--all",
+        "--repo",
+        repo.path().to_str().unwrap(),
+        "--vm",
+        VM,
+        "--json",
+    ]);
     assert_eq!(out.code(), Some(6), "{out:?}");
     let report = out.json();
     assert_eq!(report["damaged_nodes"], serde_json::json!([ids[1]]), "{report}");
-    assert_eq!(report["broken_restores"], serde_json::json!([ids[1], ids[2]]), "{report}");
-    let bad = report["nodes"].as_array().unwrap().iter().find(|n| n["node"] == ids[1].as_str()).unwrap();
-    let bad_disk = bad["disks"].as_array().unwrap().iter().find(|d| d["disk"] == "disk0").unwrap();
-    assert_eq!(bad_disk["bad_blocks"][0]["index"], guest_offset / MIB, "{bad_disk}");
+    assert_eq!(
+        report["broken_restores"],
+        serde_json::json!([ids[1], ids[2]]),
+        "{report}"
+    );
+    let bad = report["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["node"] == ids[1].as_str())
+        .unwrap();
+    let bad_disk = bad["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["disk"] == "disk0")
+        .unwrap();
+    assert_eq!(
+        bad_disk["bad_blocks"][0]["index"],
+        guest_offset / MIB,
+        "{bad_disk}"
+    );
 
     // Restore of the damaged node and of its descendant refuses and leaves nothing; the node before is fine.
     for id in [&ids[1], &ids[2]] {
         let to = work.path().join(format!("r-{id}"));
         let out = restore(&repo.path(), id, &to, &[]);
         assert_eq!(out.code(), Some(6), "{out:?}");
-        assert!(out.stderr.contains("damaged") && out.stderr.contains("disk0"), "{}", out.stderr);
+        assert!(
+            out.stderr.contains("damaged") && out.stderr.contains("disk0"),
+            "{}",
+            out.stderr
+        );
         assert!(!to.join("disk0.qcow2").exists());
     }
     let to = work.path().join("forced");
@@ -262,18 +363,33 @@ async fn restore_refuses_to_overwrite_and_names_near_matches() {
     let repo = TestRepo::init();
     let work = tempfile::tempdir().unwrap();
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
-    let node = repo.backup(&vm, VM, &["--tag", "clean"])["node"].as_str().unwrap().to_owned();
+    let node = repo.backup(&vm, VM, &["--tag", "clean"])["node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let file = work.path().join("existing.qcow2");
     std::fs::write(&file, b"precious").unwrap();
     let out = restore(&repo.path(), &node, &file, &[]);
     assert_eq!(out.code(), Some(2), "{out:?}");
-    assert!(out.stderr.contains("existing.qcow2") && out.stderr.contains("--force"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("existing.qcow2") && out.stderr.contains("--force"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     restore(&repo.path(), "clean", &file, &["--force"]).success();
 
     let out = restore(&repo.path(), "0002", &work.path().join("x"), &[]);
     assert_eq!(out.code(), Some(2), "{out:?}");
-    assert!(out.stderr.contains("no node or tag \"0002\"") && out.stderr.contains("0001"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("no node or tag \"0002\"") && out.stderr.contains("0001"),
+        "{}",
+        out.stderr
+    );
     let out = restore(&repo.path(), "claen", &work.path().join("x"), &[]);
-    assert!(out.stderr.contains("did you mean") && out.stderr.contains("clean"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("did you mean") && out.stderr.contains("clean"),
+        "{}",
+        out.stderr
+    );
 }

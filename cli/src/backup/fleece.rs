@@ -11,10 +11,10 @@ use anyhow::{Context, Result, anyhow, bail};
 use serde_json::json;
 
 use super::{Copied, Run, interrupted, jobs};
-use crate::tables::load_node_table;
 use crate::cleanup;
 use crate::daemon::NBD_CONNECT_TIMEOUT;
 use crate::graph;
+use crate::tables::load_node_table;
 use crate::tables::{NbdSource, threads};
 
 /// Marks an operation record whose run started the VM's NBD server (so cleanup stops it).
@@ -25,7 +25,10 @@ const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     jobs::create_target_files(run)?;
-    let sockdir = tempfile::Builder::new().prefix("qmpbak-nbd-").tempdir().context("creating a socket directory")?;
+    let sockdir = tempfile::Builder::new()
+        .prefix("qmpbak-nbd-")
+        .tempdir()
+        .context("creating a socket directory")?;
     let socket = sockdir.path().join("nbd.sock");
     create_fleece_files(run)?;
     let result = fleece_and_copy(run, &socket).await;
@@ -59,7 +62,11 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
             .output()
             .with_context(|| format!("running {}", run.bins.img.display()))?;
         if !out.status.success() {
-            bail!("creating {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "creating {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
     }
     Ok(())
@@ -72,7 +79,9 @@ async fn fleece_and_copy(run: &Run<'_>, socket: &std::path::Path) -> Result<Copi
         let path = run.vm.resolve(&fleece_file(run, t.index)?)?;
         let mut options = graph::qcow2_options(&run.qemu_name("f", t.index), &path, None, false);
         options["backing"] = json!(t.info.node_name);
-        qmp.execute_raw("blockdev-add", Some(options)).await.context("adding the fleecing overlay")?;
+        qmp.execute_raw("blockdev-add", Some(options))
+            .await
+            .context("adding the fleecing overlay")?;
     }
     // The new node files, on top of the parent's chain.
     jobs::add_targets(run).await?;
@@ -98,10 +107,15 @@ async fn fleece_and_copy(run: &Run<'_>, socket: &std::path::Path) -> Result<Copi
         .await
         .context("starting image fleecing (QMP transaction)")?;
 
-    qmp.execute_raw("nbd-server-start", Some(json!({ "addr": { "type": "unix", "data": { "path": socket } } })))
-        .await
-        .map_err(|e| anyhow!(e))
-        .context("starting an NBD server in the VM's QEMU to read the disks (is another NBD server running in it?)")?;
+    qmp.execute_raw(
+        "nbd-server-start",
+        Some(json!({ "addr": { "type": "unix", "data": { "path": socket } } })),
+    )
+    .await
+    .map_err(|e| anyhow!(e))
+    .context(
+        "starting an NBD server in the VM's QEMU to read the disks (is another NBD server running in it?)",
+    )?;
 
     let mut bytes = Vec::new();
     let mut tables = Vec::new();
@@ -109,15 +123,35 @@ async fn fleece_and_copy(run: &Run<'_>, socket: &std::path::Path) -> Result<Copi
         if run.interrupt.arrived().await {
             return Err(interrupted());
         }
-        let parent = run.plan.parent.as_ref().context("a checksum-diff needs a base node")?;
+        let parent = run
+            .plan
+            .parent
+            .as_ref()
+            .context("a checksum-diff needs a base node")?;
         let base = load_node_table(run.vm, &run.manifest, &parent.parse()?, &t.info.id)?;
-        let fleece = export(run, &format!("{}-f{}", run.op.id, t.index), &run.qemu_name("f", t.index), false, socket)
-            .await?;
-        let target = export(run, &format!("{}-t{}", run.op.id, t.index), &run.qemu_name("t", t.index), true, socket)
-            .await?;
-        run.progress.phase(&format!("reading disk {} and comparing checksums", t.info.id));
+        let fleece = export(
+            run,
+            &format!("{}-f{}", run.op.id, t.index),
+            &run.qemu_name("f", t.index),
+            false,
+            socket,
+        )
+        .await?;
+        let target = export(
+            run,
+            &format!("{}-t{}", run.op.id, t.index),
+            &run.qemu_name("t", t.index),
+            true,
+            socket,
+        )
+        .await?;
+        run.progress
+            .phase(&format!("reading disk {} and comparing checksums", t.info.id));
         let size = fleece.size();
-        let source = NbdSource::new(nbd::BlockingClient::new(fleece.clone(), tokio::runtime::Handle::current()), size);
+        let source = NbdSource::new(
+            nbd::BlockingClient::new(fleece.clone(), tokio::runtime::Handle::current()),
+            size,
+        );
         let block_size = run.block_size;
         let table = tokio::task::spawn_blocking(move || chain::Table::build(&source, block_size, threads()))
             .await
@@ -136,7 +170,11 @@ async fn fleece_and_copy(run: &Run<'_>, socket: &std::path::Path) -> Result<Copi
                 target.write(offset, data, false).await?;
             }
             copied += len as u64;
-            run.progress.advance(&t.info.id, (n as u64 + 1) * block_size, changed.len() as u64 * block_size);
+            run.progress.advance(
+                &t.info.id,
+                (n as u64 + 1) * block_size,
+                changed.len() as u64 * block_size,
+            );
         }
         target.flush().await?;
         run.progress.finish_disk(&t.info.id);
@@ -145,10 +183,19 @@ async fn fleece_and_copy(run: &Run<'_>, socket: &std::path::Path) -> Result<Copi
         bytes.push(copied);
         tables.push(table);
     }
-    Ok(Copied { bytes, tables: Some(tables) })
+    Ok(Copied {
+        bytes,
+        tables: Some(tables),
+    })
 }
 
-async fn export(run: &Run<'_>, id: &str, node: &str, writable: bool, socket: &std::path::Path) -> Result<nbd::Client> {
+async fn export(
+    run: &Run<'_>,
+    id: &str,
+    node: &str,
+    writable: bool,
+    socket: &std::path::Path,
+) -> Result<nbd::Client> {
     run.qmp
         .execute_raw(
             "block-export-add",
@@ -167,7 +214,9 @@ async fn teardown(run: &Run<'_>) {
     for t in &run.targets {
         for kind in ["f", "t"] {
             let id = format!("{}-{kind}{}", run.op.id, t.index);
-            let _ = qmp.execute_raw("block-export-del", Some(json!({ "id": id, "mode": "hard" }))).await;
+            let _ = qmp
+                .execute_raw("block-export-del", Some(json!({ "id": id, "mode": "hard" })))
+                .await;
         }
     }
     let _ = qmp.execute_raw("nbd-server-stop", None).await;
@@ -179,6 +228,8 @@ async fn teardown(run: &Run<'_>) {
         cleanup::stop_job(qmp, &job).await;
     }
     for name in &run.op.block_nodes {
-        let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": name }))).await;
+        let _ = qmp
+            .execute_raw("blockdev-del", Some(json!({ "node-name": name })))
+            .await;
     }
 }

@@ -41,7 +41,10 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     };
     let bytes = outcome?;
     for job in &jobs {
-        let _ = run.qmp.execute_raw("job-dismiss", Some(json!({ "id": job }))).await;
+        let _ = run
+            .qmp
+            .execute_raw("job-dismiss", Some(json!({ "id": job })))
+            .await;
     }
     remove_targets(run).await;
     Ok(Copied { bytes, tables: None })
@@ -58,9 +61,15 @@ pub(super) fn create_target_files(run: &Run<'_>) -> Result<()> {
             cmd.args(["-u", "-F", "qcow2", "-b"]).arg(format!("../{backing}"));
         }
         cmd.arg(&path).arg(t.info.virtual_size.to_string());
-        let out = cmd.output().with_context(|| format!("running {}", run.bins.img.display()))?;
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", run.bins.img.display()))?;
         if !out.status.success() {
-            bail!("creating {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "creating {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("setting the mode of {}", path.display()))?;
@@ -99,7 +108,10 @@ pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
 /// Removes targets and parent chains from QEMU (the jobs are gone by now).
 async fn remove_targets(run: &Run<'_>) {
     for name in &run.op.block_nodes {
-        let _ = run.qmp.execute_raw("blockdev-del", Some(json!({ "node-name": name }))).await;
+        let _ = run
+            .qmp
+            .execute_raw("blockdev-del", Some(json!({ "node-name": name })))
+            .await;
     }
 }
 
@@ -185,9 +197,13 @@ async fn wait_jobs(run: &Run<'_>, jobs: &[String]) -> Result<Vec<u64>> {
 }
 
 async fn report_progress(run: &Run<'_>, jobs: &[String]) {
-    let Ok(list) = run.qmp.execute_raw("query-jobs", None).await else { return };
+    let Ok(list) = run.qmp.execute_raw("query-jobs", None).await else {
+        return;
+    };
     for job in list.as_array().into_iter().flatten() {
-        let Some(i) = jobs.iter().position(|j| job["id"] == j.as_str()) else { continue };
+        let Some(i) = jobs.iter().position(|j| job["id"] == j.as_str()) else {
+            continue;
+        };
         let done = job["current-progress"].as_u64().unwrap_or(0);
         let total = job["total-progress"].as_u64().unwrap_or(0);
         run.progress.advance(&run.targets[i].info.id, done, total);

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use chain::{
-    BitmapRecord, DiskIdentity, LockGuard, LockWait, Location, Manifest, Node, NodeDisk, NodeId, NodeKind,
+    BitmapRecord, DiskIdentity, Location, LockGuard, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind,
     NodeState, Operation, OperationKind, RelPath, Repository, VmStore,
 };
 
@@ -146,7 +146,11 @@ impl Run<'_> {
 
 /// Runs a backup. The VM keeps running throughout; on any failure what was started is undone and the node is
 /// recorded as failed, with every change still covered by the old bitmaps.
-pub async fn backup(opts: &BackupOptions, progress: &dyn Progress, interrupt: &Interrupt) -> Result<BackupReport> {
+pub async fn backup(
+    opts: &BackupOptions,
+    progress: &dyn Progress,
+    interrupt: &Interrupt,
+) -> Result<BackupReport> {
     let started = Instant::now();
     let repo = Repository::open(&opts.repo)?;
     let vm = match repo.vm(&opts.vm) {
@@ -162,7 +166,10 @@ pub async fn backup(opts: &BackupOptions, progress: &dyn Progress, interrupt: &I
     let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
     for disk in &disks {
         if disk.read_only {
-            bail!(Exit::usage(format!("disk {} is read-only: exclude it with --exclude {}", disk.id, disk.id)));
+            bail!(Exit::usage(format!(
+                "disk {} is read-only: exclude it with --exclude {}",
+                disk.id, disk.id
+            )));
         }
     }
 
@@ -183,12 +190,21 @@ pub async fn backup(opts: &BackupOptions, progress: &dyn Progress, interrupt: &I
                 Some(parent) => Some(format!("{parent}/{}.qcow2", info.id).parse()?),
                 None => None,
             };
-            Ok(Target { info: info.clone(), index, file, table, backing })
+            Ok(Target {
+                info: info.clone(),
+                index,
+                file,
+                table,
+                backing,
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     if let Some(tag) = &opts.tag {
         if manifest.find(tag).is_some() {
-            bail!(Exit::usage(format!("tag {tag:?} is already used in VM {}: tags are unique per VM", opts.vm)));
+            bail!(Exit::usage(format!(
+                "tag {tag:?} is already used in VM {}: tags are unique per VM",
+                opts.vm
+            )));
         }
     }
 
@@ -320,7 +336,10 @@ impl Run<'_> {
             self.op.files.push(t.file.clone());
             self.op.files.push(t.table.clone());
             for name in self.new_bitmaps() {
-                self.op.bitmaps.push(BitmapRecord { node: t.info.node_name.clone(), name });
+                self.op.bitmaps.push(BitmapRecord {
+                    node: t.info.node_name.clone(),
+                    name,
+                });
             }
         }
         self.record_qemu_names();
@@ -347,7 +366,9 @@ impl Run<'_> {
             self.op.block_nodes.push(self.qemu_name("f", i));
             self.op.block_nodes.push(self.qemu_name("t", i));
             for layer in (0..depth).rev() {
-                self.op.block_nodes.push(format!("{}{layer}", self.chain_prefix(i)));
+                self.op
+                    .block_nodes
+                    .push(format!("{}{layer}", self.chain_prefix(i)));
             }
         }
     }
@@ -370,8 +391,15 @@ impl Run<'_> {
             let sha = table.save(&table_path)?;
             let file_path = self.vm.resolve(&t.file)?;
             let stored = allocated_bytes(&file_path)?;
-            let node = self.manifest.node_mut(&self.node).context("pending node vanished from the manifest")?;
-            let disk = node.disks.iter_mut().find(|d| d.disk == t.info.id).context("node disk vanished")?;
+            let node = self
+                .manifest
+                .node_mut(&self.node)
+                .context("pending node vanished from the manifest")?;
+            let disk = node
+                .disks
+                .iter_mut()
+                .find(|d| d.disk == t.info.id)
+                .context("node disk vanished")?;
             disk.allocated_bytes = stored;
             disk.table = Some(t.table.clone());
             disk.table_sha256 = Some(sha);
@@ -383,7 +411,10 @@ impl Run<'_> {
             });
         }
         crashpoint("backup-tables-written");
-        let node = self.manifest.node_mut(&self.node).context("pending node vanished from the manifest")?;
+        let node = self
+            .manifest
+            .node_mut(&self.node)
+            .context("pending node vanished from the manifest")?;
         node.state = NodeState::Complete;
         self.manifest.current = Some(self.node.clone());
         self.manifest.operations.retain(|o| o.id != self.op.id);
@@ -400,7 +431,12 @@ impl Run<'_> {
         let result = async {
             for t in &self.targets {
                 let parent_table = match &self.plan.parent {
-                    Some(parent) => Some(crate::tables::load_node_table(self.vm, &self.manifest, &parent.parse()?, &t.info.id)?),
+                    Some(parent) => Some(crate::tables::load_node_table(
+                        self.vm,
+                        &self.manifest,
+                        &parent.parse()?,
+                        &t.info.id,
+                    )?),
                     None => None,
                 };
                 let table = crate::tables::build(
@@ -434,7 +470,7 @@ impl Run<'_> {
         cleanup::undo_on_disk(self.vm, &self.op, &mut cleaned);
         if let Some(node) = self.manifest.node_mut(&self.node) {
             node.state = NodeState::Failed;
-            node.reason = Some(format!("{:#}", err));
+            node.reason = Some(format!("{err:#}"));
         }
         self.manifest.operations.retain(|o| o.id != self.op.id);
         if let Err(e) = self.save() {
@@ -446,7 +482,12 @@ impl Run<'_> {
     /// new node's incremental bitmap and the differential bitmap of its full.
     async fn tidy_bitmaps(&self) {
         let chain = &self.manifest.chain_id;
-        let last_full = self.manifest.last_full(&self.node).ok().flatten().map(|n| n.id.to_string());
+        let last_full = self
+            .manifest
+            .last_full(&self.node)
+            .ok()
+            .flatten()
+            .map(|n| n.id.to_string());
         let keep: HashSet<String> = [
             Some(BitmapName::incremental(chain, self.node.as_str()).to_string()),
             last_full.map(|f| BitmapName::differential(chain, &f).to_string()),
@@ -459,7 +500,10 @@ impl Run<'_> {
                 let ours = BitmapName::parse(&b.name).is_some_and(|n| &n.chain_id == chain);
                 if ours && !keep.contains(&b.name) {
                     let args = serde_json::json!({ "node": t.info.node_name, "name": b.name });
-                    let _ = self.qmp.execute_raw("block-dirty-bitmap-remove", Some(args)).await;
+                    let _ = self
+                        .qmp
+                        .execute_raw("block-dirty-bitmap-remove", Some(args))
+                        .await;
                 }
             }
         }
@@ -490,7 +534,10 @@ fn select_disks(all: &[DiskInfo], only: &[String], exclude: &[String]) -> Result
     let known: Vec<&str> = all.iter().map(|d| d.id.as_str()).collect();
     for id in only.iter().chain(exclude) {
         if !known.contains(&id.as_str()) {
-            bail!(Exit::usage(format!("the VM has no disk {id:?}; its disks are: {}", known.join(", "))));
+            bail!(Exit::usage(format!(
+                "the VM has no disk {id:?}; its disks are: {}",
+                known.join(", ")
+            )));
         }
     }
     let selected: Vec<DiskInfo> = all
@@ -500,24 +547,27 @@ fn select_disks(all: &[DiskInfo], only: &[String], exclude: &[String]) -> Result
         .cloned()
         .collect();
     if selected.is_empty() {
-        bail!(Exit::usage("no disks selected: the VM has none, or --exclude removed them all"));
+        bail!(Exit::usage(
+            "no disks selected: the VM has none, or --exclude removed them all"
+        ));
     }
     Ok(selected)
 }
 
 /// Facts about the VM's chain for the planner.
 fn chain_facts(manifest: &Manifest, full_every: u32) -> ChainFacts {
-    let Some(current) = manifest.current.clone() else { return ChainFacts::default() };
+    let Some(current) = manifest.current.clone() else {
+        return ChainFacts::default();
+    };
     let has_tables = |id: &NodeId| {
         manifest
             .node(id)
             .is_some_and(|n| !n.disks.is_empty() && n.disks.iter().all(|d| d.table.is_some()))
     };
     let last_full = manifest.last_full(&current).ok().flatten().map(|n| n.id.clone());
-    let since_full = manifest
-        .recovery_chain(&current)
-        .map(|chain| chain.iter().filter(|n| n.kind != NodeKind::Full).count() as u32)
-        .unwrap_or(0);
+    let since_full = manifest.recovery_chain(&current).map_or(0, |chain| {
+        chain.iter().filter(|n| n.kind != NodeKind::Full).count() as u32
+    });
     ChainFacts {
         current_has_tables: has_tables(&current),
         last_full_has_tables: last_full.as_ref().is_some_and(has_tables),
@@ -538,14 +588,24 @@ fn disk_facts(manifest: &Manifest, facts: &ChainFacts, disk: &DiskInfo) -> DiskF
         .and_then(|c| manifest.node(&c).cloned())
         .and_then(|n| n.disks.iter().find(|d| d.disk == disk.id).map(|d| d.virtual_size));
     let state_of = |name: Option<String>| {
-        let Some(name) = name else { return BitmapState::Missing };
+        let Some(name) = name else {
+            return BitmapState::Missing;
+        };
         disk.bitmaps
             .iter()
             .find(|b| b.name == name)
-            .map_or(BitmapState::Missing, |b| BitmapState::from_report(b.recording, b.busy, b.inconsistent))
+            .map_or(BitmapState::Missing, |b| {
+                BitmapState::from_report(b.recording, b.busy, b.inconsistent)
+            })
     };
-    let inc = facts.current.as_ref().map(|c| BitmapName::incremental(chain, c).to_string());
-    let diff = facts.last_full.as_ref().map(|f| BitmapName::differential(chain, f).to_string());
+    let inc = facts
+        .current
+        .as_ref()
+        .map(|c| BitmapName::incremental(chain, c).to_string());
+    let diff = facts
+        .last_full
+        .as_ref()
+        .map(|f| BitmapName::differential(chain, f).to_string());
     let stray_bitmaps = disk
         .bitmaps
         .iter()
@@ -586,5 +646,9 @@ fn record_disks(manifest: &mut Manifest, disks: &[DiskInfo]) {
 
 /// Exit code helper for interrupted runs.
 pub fn interrupted() -> anyhow::Error {
-    Exit::new(ExitCode::Interrupted, "interrupted: the backup was cancelled and cleaned up").into()
+    Exit::new(
+        ExitCode::Interrupted,
+        "interrupted: the backup was cancelled and cleaned up",
+    )
+    .into()
 }

@@ -107,7 +107,9 @@ fn print_report(r: &BackupReport) {
         r.vm,
         r.reason,
         r.duration_secs,
-        r.parent.as_ref().map_or_else(String::new, |p| format!(", parent {p}"))
+        r.parent
+            .as_ref()
+            .map_or_else(String::new, |p| format!(", parent {p}"))
     );
     for d in &r.disks {
         println!(
@@ -123,17 +125,21 @@ fn print_report(r: &BackupReport) {
 /// Progress bars on a terminal; phase lines only otherwise (nothing animated when not a TTY).
 struct Bars {
     multi: Option<MultiProgress>,
-    bars: Mutex<HashMap<String, ProgressBar>>,
+    per_disk: Mutex<HashMap<String, ProgressBar>>,
     quiet: bool,
 }
 
 impl Bars {
     fn new(tty: bool) -> Bars {
-        Bars { multi: tty.then(MultiProgress::new), bars: Mutex::new(HashMap::new()), quiet: !tty }
+        Bars {
+            multi: tty.then(MultiProgress::new),
+            per_disk: Mutex::new(HashMap::new()),
+            quiet: !tty,
+        }
     }
 
     fn clear(&self) {
-        if let Ok(mut bars) = self.bars.lock() {
+        if let Ok(mut bars) = self.per_disk.lock() {
             for (_, bar) in bars.drain() {
                 bar.finish_and_clear();
             }
@@ -154,7 +160,9 @@ impl Progress for Bars {
 
     fn advance(&self, disk: &str, done: u64, total: u64) {
         let Some(multi) = &self.multi else { return };
-        let Ok(mut bars) = self.bars.lock() else { return };
+        let Ok(mut bars) = self.per_disk.lock() else {
+            return;
+        };
         let bar = bars.entry(disk.to_owned()).or_insert_with(|| {
             let bar = multi.add(ProgressBar::new(total));
             let style = ProgressStyle::with_template(
@@ -172,7 +180,7 @@ impl Progress for Bars {
     }
 
     fn finish_disk(&self, disk: &str) {
-        if let Ok(bars) = self.bars.lock() {
+        if let Ok(bars) = self.per_disk.lock() {
             if let Some(bar) = bars.get(disk) {
                 bar.finish();
             }

@@ -35,7 +35,11 @@ pub async fn run(args: Args) -> Result<()> {
     } else if cleaned.is_empty() {
         println!("nothing to clean up for VM {}", manifest.vm);
     } else {
-        println!("cleaned up {} interrupted operation(s) of VM {}", cleaned.operations.len(), manifest.vm);
+        println!(
+            "cleaned up {} interrupted operation(s) of VM {}",
+            cleaned.operations.len(),
+            manifest.vm
+        );
         println!("  jobs: {}", cleaned.jobs.join(", "));
         println!("  block nodes: {}", cleaned.block_nodes.join(", "));
         println!("  bitmaps: {}", cleaned.bitmaps.join(", "));

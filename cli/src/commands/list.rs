@@ -23,9 +23,16 @@ pub fn run(args: &Args) -> Result<()> {
         return list_vms(&args.path, args.json);
     }
     let (Some(parent), Some(name)) = (args.path.parent(), args.path.file_name()) else {
-        bail!(qmpbak::exit::Exit::usage(format!("{} is not a repository", args.path.display())));
+        bail!(qmpbak::exit::Exit::usage(format!(
+            "{} is not a repository",
+            args.path.display()
+        )));
     };
-    let parent = if parent.as_os_str().is_empty() { Path::new(".") } else { parent };
+    let parent = if parent.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        parent
+    };
     let repo = chain::Repository::open(parent)?;
     let vm = repo.vm(&name.to_string_lossy())?;
     let _guard = vm.lock_shared(args.lock.lock_wait())?;
@@ -41,8 +48,15 @@ pub fn run(args: &Args) -> Result<()> {
             }))?
         );
     } else {
-        let current = manifest.current.as_ref().map_or_else(|| "none".to_owned(), ToString::to_string);
-        println!("{}: {} nodes, current {current}", manifest.vm, manifest.nodes.len());
+        let current = manifest
+            .current
+            .as_ref()
+            .map_or_else(|| "none".to_owned(), ToString::to_string);
+        println!(
+            "{}: {} nodes, current {current}",
+            manifest.vm,
+            manifest.nodes.len()
+        );
         print!("{}", render::tree(&manifest));
     }
     Ok(())

@@ -28,7 +28,10 @@ pub async fn run(args: Args) -> Result<()> {
         None => None,
     };
     let qmp = inspect::connect(&args.socket).await?;
-    let reply = qmp.execute_raw(&args.command, arguments).await.with_context(|| format!("QMP {}", args.command))?;
+    let reply = qmp
+        .execute_raw(&args.command, arguments)
+        .await
+        .with_context(|| format!("QMP {}", args.command))?;
     match reply {
         serde_json::Value::String(text) => print!("{text}"),
         other => println!("{}", serde_json::to_string_pretty(&other)?),

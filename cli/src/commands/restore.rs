@@ -55,7 +55,9 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<()> {
     if args.live {
-        let Some(socket) = args.socket else { bail!(Exit::usage("--live needs --socket")) };
+        let Some(socket) = args.socket else {
+            bail!(Exit::usage("--live needs --socket"))
+        };
         let opts = LiveOptions {
             repo: args.target.repo.clone(),
             vm: args.target.vm.clone(),
@@ -66,7 +68,9 @@ pub async fn run(args: Args) -> Result<()> {
             lock_wait: args.target.lock.lock_wait(),
         };
         let interrupt = Interrupt::new()?;
-        let progress = Phases { show: !args.json && std::io::stderr().is_terminal() };
+        let progress = Phases {
+            show: !args.json && std::io::stderr().is_terminal(),
+        };
         let report = live::restore_live(&opts, &progress, &interrupt).await?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -82,7 +86,11 @@ pub async fn run(args: Args) -> Result<()> {
         }
         return Ok(());
     }
-    let Some(to) = args.to else { bail!(Exit::usage("give --to DIR|FILE (offline) or --live --socket SOCK")) };
+    let Some(to) = args.to else {
+        bail!(Exit::usage(
+            "give --to DIR|FILE (offline) or --live --socket SOCK"
+        ))
+    };
     let opts = RestoreOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),
@@ -102,8 +110,17 @@ pub async fn run(args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         for d in &report.disks {
-            let check = if d.verified { "matches its checking table" } else { "DOES NOT match its checking table" };
-            println!("node {} disk {} -> {} ({check})", report.node, d.disk, d.path.display());
+            let check = if d.verified {
+                "matches its checking table"
+            } else {
+                "DOES NOT match its checking table"
+            };
+            println!(
+                "node {} disk {} -> {} ({check})",
+                report.node,
+                d.disk,
+                d.path.display()
+            );
         }
     }
     Ok(())

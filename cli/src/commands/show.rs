@@ -22,7 +22,7 @@ pub fn run(args: &Args) -> Result<()> {
     let _guard = vm.lock_shared(args.target.lock.lock_wait())?;
     let manifest = vm.load()?;
     let Some(node) = manifest.find(&args.node) else {
-        bail!(Exit::usage(not_found(&manifest, &args.node)));
+        bail!(Exit::usage(render::not_found(&manifest, &args.node)));
     };
     let chain = manifest.recovery_chain(&node.id)?;
     let current = manifest.current.as_ref() == Some(&node.id);
@@ -48,21 +48,18 @@ pub fn run(args: &Args) -> Result<()> {
             disk.file,
             render::bytes(disk.virtual_size),
             render::bytes(disk.allocated_bytes),
-            disk.backing.as_ref().map_or_else(String::new, |b| format!(", backing {b}"))
+            disk.backing
+                .as_ref()
+                .map_or_else(String::new, |b| format!(", backing {b}"))
         );
     }
-    println!("  recovery chain: {}", chain.iter().map(|n| n.id.to_string()).collect::<Vec<_>>().join(" <- "));
+    println!(
+        "  recovery chain: {}",
+        chain
+            .iter()
+            .map(|n| n.id.to_string())
+            .collect::<Vec<_>>()
+            .join(" <- ")
+    );
     Ok(())
-}
-
-/// "no node X in VM Y" with the near matches, for a mistyped id or tag.
-pub fn not_found(manifest: &chain::Manifest, wanted: &str) -> String {
-    let near = manifest.near_matches(wanted);
-    let mut msg = format!("no node or tag {wanted:?} in VM {}", manifest.vm);
-    if near.is_empty() {
-        msg.push_str("; `qmpbak list` shows the tree");
-    } else {
-        msg.push_str(&format!("; did you mean {}?", near.join(", ")));
-    }
-    msg
 }

@@ -36,10 +36,16 @@ pub async fn run(args: Args) -> Result<()> {
             for d in &node.disks {
                 match (&d.error, d.ok) {
                     (Some(e), _) => println!("node {} disk {}: ERROR {e}", node.node, d.disk),
-                    (None, true) => println!("node {} disk {}: ok ({} blocks)", node.node, d.disk, d.blocks_checked),
+                    (None, true) => println!(
+                        "node {} disk {}: ok ({} blocks)",
+                        node.node, d.disk, d.blocks_checked
+                    ),
                     (None, false) => {
                         for b in &d.bad_blocks {
-                            println!("node {} disk {}: BAD block {} (offset {})", node.node, d.disk, b.index, b.offset);
+                            println!(
+                                "node {} disk {}: BAD block {} (offset {})",
+                                node.node, d.disk, b.index, b.offset
+                            );
                         }
                     }
                 }

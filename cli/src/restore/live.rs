@@ -51,7 +51,11 @@ pub struct LiveReport {
 }
 
 /// Restores `node` into the running VM behind `socket`.
-pub async fn restore_live(opts: &LiveOptions, progress: &dyn Progress, interrupt: &Interrupt) -> Result<LiveReport> {
+pub async fn restore_live(
+    opts: &LiveOptions,
+    progress: &dyn Progress,
+    interrupt: &Interrupt,
+) -> Result<LiveReport> {
     let started = Instant::now();
     let repo = Repository::open(&opts.repo)?;
     let vm = repo.vm(&opts.vm)?;
@@ -68,9 +72,16 @@ pub async fn restore_live(opts: &LiveOptions, progress: &dyn Progress, interrupt
     for (i, id) in disks.iter().enumerate() {
         let Some(d) = info.disks.iter().find(|d| &d.id == id) else {
             let have: Vec<&str> = info.disks.iter().map(|d| d.id.as_str()).collect();
-            bail!(Exit::usage(format!("the VM has no disk {id:?} to restore into; its disks are: {}", have.join(", "))));
+            bail!(Exit::usage(format!(
+                "the VM has no disk {id:?} to restore into; its disks are: {}",
+                have.join(", ")
+            )));
         };
-        let want = node.disks.iter().find(|n| &n.disk == id).map_or(0, |n| n.virtual_size);
+        let want = node
+            .disks
+            .iter()
+            .find(|n| &n.disk == id)
+            .map_or(0, |n| n.virtual_size);
         if d.virtual_size != want {
             bail!(Exit::usage(format!(
                 "disk {id} of the VM has {} bytes but node {} has {want}: start the VM with an empty image of that size",
@@ -108,7 +119,15 @@ pub async fn restore_live(opts: &LiveOptions, progress: &dyn Progress, interrupt
 
     let graph_file_children = file_children(&qmp).await?;
     for (i, d) in &targets {
-        let chain = graph::add_chain(&qmp, &vm, &manifest, &node.id, &d.id, &format!("{}-", name("l", *i))).await?;
+        let chain = graph::add_chain(
+            &qmp,
+            &vm,
+            &manifest,
+            &node.id,
+            &d.id,
+            &format!("{}-", name("l", *i)),
+        )
+        .await?;
         let file = graph_file_children
             .iter()
             .find(|(parent, _)| parent == &d.node_name)
@@ -134,14 +153,19 @@ pub async fn restore_live(opts: &LiveOptions, progress: &dyn Progress, interrupt
         qmp.execute_raw("cont", None).await.context("resuming the VM")?;
     }
     let running_after = started.elapsed().as_secs_f64();
-    progress.phase(&format!("VM running on node {} after {running_after:.2} s; streaming the data in", node.id));
+    progress.phase(&format!(
+        "VM running on node {} after {running_after:.2} s; streaming the data in",
+        node.id
+    ));
 
     for (i, d) in &targets {
         let mut job = json!({ "job-id": name("s", *i), "device": d.node_name, "auto-dismiss": false });
         if opts.speed_limit > 0 {
             job["speed"] = json!(opts.speed_limit);
         }
-        qmp.execute_raw("block-stream", Some(job)).await.with_context(|| format!("streaming disk {}", d.id))?;
+        qmp.execute_raw("block-stream", Some(job))
+            .await
+            .with_context(|| format!("streaming disk {}", d.id))?;
     }
     crate::crashpoint::crashpoint("restore-streaming");
 
@@ -170,7 +194,9 @@ pub async fn restore_live(opts: &LiveOptions, progress: &dyn Progress, interrupt
 /// qmpbak died. A failed stream leaves the chain attached (the VM depends on it) and is an error.
 pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> Result<()> {
     for job in &op.jobs {
-        let Some(info) = qmp.job_info(job).await? else { continue };
+        let Some(info) = qmp.job_info(job).await? else {
+            continue;
+        };
         let outcome = if info.status == qmp::JobStatus::Concluded {
             qmp.wait_job(job, Duration::from_secs(5)).await?
         } else {
@@ -183,7 +209,9 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
         progress.finish_disk(job);
     }
     for node in &op.block_nodes {
-        let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": node }))).await;
+        let _ = qmp
+            .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
+            .await;
     }
     Ok(())
 }
@@ -195,13 +223,23 @@ async fn file_children(qmp: &qmp::Qmp) -> Result<Vec<(String, String)>> {
         .await
         .context("reading QEMU's block graph (x-debug-query-block-graph)")?;
     let name_of = |id: &serde_json::Value| {
-        graph["nodes"].as_array().into_iter().flatten().find(|n| n["id"] == *id).and_then(|n| n["name"].as_str())
+        graph["nodes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|n| n["id"] == *id)
+            .and_then(|n| n["name"].as_str())
     };
     Ok(graph["edges"]
         .as_array()
         .into_iter()
         .flatten()
         .filter(|e| e["name"] == "file")
-        .filter_map(|e| Some((name_of(&e["parent"])?.to_owned(), name_of(&e["child"])?.to_owned())))
+        .filter_map(|e| {
+            Some((
+                name_of(&e["parent"])?.to_owned(),
+                name_of(&e["child"])?.to_owned(),
+            ))
+        })
         .collect())
 }

@@ -14,14 +14,7 @@ use crate::exit::{Exit, ExitCode};
 /// Finds a node by id or tag; a miss is a usage error listing near matches.
 pub fn find_node<'m>(manifest: &'m Manifest, wanted: &str) -> Result<&'m Node> {
     let Some(node) = manifest.find(wanted) else {
-        let near = manifest.near_matches(wanted);
-        let mut msg = format!("no node or tag {wanted:?} in VM {}", manifest.vm);
-        if near.is_empty() {
-            msg.push_str("; `qmpbak list REPO/VM` shows the tree");
-        } else {
-            msg.push_str(&format!("; did you mean {}?", near.join(", ")));
-        }
-        bail!(Exit::usage(msg));
+        bail!(Exit::usage(crate::render::not_found(manifest, wanted)));
     };
     if node.state != NodeState::Complete {
         bail!(Exit::usage(format!(
@@ -37,16 +30,31 @@ pub fn select_disks(node: &Node, only: &[String]) -> Result<Vec<String>> {
     let all: Vec<String> = node.disks.iter().map(|d| d.disk.clone()).collect();
     for id in only {
         if !all.contains(id) {
-            bail!(Exit::usage(format!("node {} has no disk {id:?}; its disks are: {}", node.id, all.join(", "))));
+            bail!(Exit::usage(format!(
+                "node {} has no disk {id:?}; its disks are: {}",
+                node.id,
+                all.join(", ")
+            )));
         }
     }
-    Ok(all.into_iter().filter(|d| only.is_empty() || only.contains(d)).collect())
+    Ok(all
+        .into_iter()
+        .filter(|d| only.is_empty() || only.contains(d))
+        .collect())
 }
 
 /// A restored image that does not match the node's checking table.
 pub fn damaged(node: &Node, disk: &str, blocks: &[u64], block_size: u64) -> anyhow::Error {
-    let shown: Vec<String> = blocks.iter().take(8).map(|b| format!("{b} (offset {})", b * block_size)).collect();
-    let more = if blocks.len() > 8 { format!(" and {} more", blocks.len() - 8) } else { String::new() };
+    let shown: Vec<String> = blocks
+        .iter()
+        .take(8)
+        .map(|b| format!("{b} (offset {})", b * block_size))
+        .collect();
+    let more = if blocks.len() > 8 {
+        format!(" and {} more", blocks.len() - 8)
+    } else {
+        String::new()
+    };
     Exit::new(
         ExitCode::Damaged,
         format!(

@@ -88,7 +88,10 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     let outputs = output_paths(&opts.to, &disks, opts.format)?;
     for path in &outputs {
         if path.exists() && !opts.force {
-            bail!(Exit::usage(format!("{} exists: choose another --to or pass --force to overwrite it", path.display())));
+            bail!(Exit::usage(format!(
+                "{} exists: choose another --to or pass --force to overwrite it",
+                path.display()
+            )));
         }
     }
 
@@ -98,11 +101,33 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     let mut error = None;
     let mut damage = None;
     for (i, (disk, path)) in disks.iter().zip(&outputs).enumerate() {
-        let size = node.disks.iter().find(|d| &d.disk == disk).map_or(0, |d| d.virtual_size);
-        match restore_disk(&daemon, &bins, &vm, &manifest, &node, disk, i, path, size, opts.format).await {
+        let size = node
+            .disks
+            .iter()
+            .find(|d| &d.disk == disk)
+            .map_or(0, |d| d.virtual_size);
+        match restore_disk(
+            &daemon,
+            &bins,
+            &vm,
+            &manifest,
+            &node,
+            disk,
+            i,
+            path,
+            size,
+            opts.format,
+        )
+        .await
+        {
             Ok(mismatched) => {
                 if !mismatched.is_empty() && damage.is_none() {
-                    damage = Some(super::damaged(&node, disk, &mismatched, repo.settings().block_size));
+                    damage = Some(super::damaged(
+                        &node,
+                        disk,
+                        &mismatched,
+                        repo.settings().block_size,
+                    ));
                 }
                 restored.push(RestoredDisk {
                     disk: disk.clone(),
@@ -153,7 +178,10 @@ fn output_paths(to: &Path, disks: &[String], format: Format) -> Result<Vec<PathB
     let as_dir = to.is_dir() || disks.len() > 1 || to.as_os_str().to_string_lossy().ends_with('/');
     if as_dir {
         std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
-        Ok(disks.iter().map(|d| to.join(format!("{d}.{}", format.ext()))).collect())
+        Ok(disks
+            .iter()
+            .map(|d| to.join(format!("{d}.{}", format.ext())))
+            .collect())
     } else {
         Ok(vec![to.to_path_buf()])
     }
@@ -219,8 +247,12 @@ async fn restore_disk(
         Ok(Table::diff(&expected, &actual)?)
     }
     .await;
-    let _ = qmp.execute_raw("block-export-del", Some(json!({ "id": export, "mode": "hard" }))).await;
-    let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": target }))).await;
+    let _ = qmp
+        .execute_raw("block-export-del", Some(json!({ "id": export, "mode": "hard" })))
+        .await;
+    let _ = qmp
+        .execute_raw("blockdev-del", Some(json!({ "node-name": target })))
+        .await;
     graph::remove_chain(qmp, &chain).await;
     result
 }
@@ -234,7 +266,8 @@ fn create_image(bins: &QemuBins, path: &Path, size: u64, format: Format) -> Resu
                 .create_new(true)
                 .open(path)
                 .with_context(|| format!("creating {}", path.display()))?;
-            file.set_len(size).with_context(|| format!("sizing {}", path.display()))?;
+            file.set_len(size)
+                .with_context(|| format!("sizing {}", path.display()))?;
         }
         Format::Qcow2 => {
             let out = std::process::Command::new(&bins.img)
@@ -244,7 +277,11 @@ fn create_image(bins: &QemuBins, path: &Path, size: u64, format: Format) -> Resu
                 .output()
                 .with_context(|| format!("running {}", bins.img.display()))?;
             if !out.status.success() {
-                bail!("creating {} failed: {}", path.display(), String::from_utf8_lossy(&out.stderr).trim());
+                bail!(
+                    "creating {} failed: {}",
+                    path.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
             }
         }
     }

@@ -14,11 +14,14 @@ use crate::names::NodeId;
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Everything that can go wrong in the repository.
+///
+/// Variants that wrap an OS error keep it as their `source()` and leave it out of their own message, so that
+/// printing the error with its chain (as `anyhow`'s `{:#}` does) says it once.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
     /// A file system call failed.
-    #[error("cannot {action} {}: {source}", path.display())]
+    #[error("cannot {action} {}", path.display())]
     Io {
         /// What we were doing ("read", "create directory", …).
         action: &'static str,
@@ -55,6 +58,12 @@ pub enum Error {
     VmNotFound { repo: PathBuf, vm: String },
     #[error("VM {vm:?} already has a manifest in {}", dir.display())]
     VmExists { vm: String, dir: PathBuf },
+    #[error(
+        "the directory {} of VM {vm:?} has no manifest.json but holds backup files; restore its manifest.json from \
+         a copy, or move the directory away before backing up this VM again",
+        dir.display()
+    )]
+    VmDirectoryNotEmpty { vm: String, dir: PathBuf },
 
     // --- names and paths given to us ---
     #[error("invalid {what} {name:?}: {reason}")]
@@ -78,7 +87,11 @@ pub enum Error {
     },
 
     // --- reading the manifest ---
-    #[error("manifest {} does not exist; the VM directory is incomplete (a backup was interrupted while creating it?)", path.display())]
+    #[error(
+        "manifest {} does not exist, but its directory holds backup files; restore manifest.json from a copy, or \
+         move the directory away",
+        path.display()
+    )]
     ManifestMissing { path: PathBuf },
     #[error("manifest {} is not valid: {detail} at line {line} column {column}; it was left as it is, fix it by hand or restore a copy", path.display())]
     ManifestSyntax {
@@ -123,6 +136,12 @@ pub enum Error {
     },
     #[error("tag {tag:?} is already used by node {other} of VM {vm:?}; tags must be unique")]
     TagInUse { vm: String, tag: String, other: NodeId },
+    #[error("node {node} of VM {vm:?} cannot move under {parent}, which is in its own subtree")]
+    MoveIntoOwnSubtree {
+        vm: String,
+        node: NodeId,
+        parent: NodeId,
+    },
     #[error(
         "node {node} of VM {vm:?} has children ({}); remove them first, or merge it into them",
         list(children)
@@ -175,7 +194,7 @@ pub enum Error {
     DigestCount { given: u64, expected: u64 },
     #[error("invalid block size {block_size}: it must be a power of two from {min} to {max} bytes")]
     InvalidBlockSize { block_size: u64, min: u64, max: u64 },
-    #[error("cannot read {len} bytes at offset {offset} of {source_name}: {source}")]
+    #[error("cannot read {len} bytes at offset {offset} of {source_name}")]
     SourceRead {
         source_name: String,
         offset: u64,
@@ -290,19 +309,20 @@ fn lock_held(vm: &str, lock: &std::path::Path, holder: Option<&LockHolder>) -> S
                 ""
             };
             format!(
-                "held by pid {} ({}) on {} since {} according to {}{stale}",
+                ": pid {} on host {}, running {:?} since {} (from {}{stale})",
                 h.pid,
-                h.command,
                 h.host,
+                h.command,
                 h.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
                 crate::lock::holder_path(lock).display()
             )
         }
-        None => "the holder did not record itself (a reader holds a shared lock, or a writer is starting)"
-            .to_owned(),
+        None => {
+            " (it did not record who: a reader holds a shared lock, or a writer is just starting)".to_owned()
+        }
     };
     format!(
-        "VM {vm:?} is locked by another qmpbak ({who}); wait for it to finish, or use --wait (lock file {})",
+        "VM {vm:?} is locked by another qmpbak{who}; wait for it to finish, or use --wait (lock file {})",
         lock.display()
     )
 }

@@ -184,6 +184,10 @@ pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &
         path: path.to_owned(),
     };
     if mode == LockMode::Exclusive {
+        // Temporary files of a holder record that a killed holder was writing; harmless if this fails.
+        if let Some(dir) = path.parent() {
+            let _ = store::remove_stale_temps(dir, HOLDER_FILE);
+        }
         let holder = LockHolder::current(command);
         let bytes = serde_json::to_vec_pretty(&holder).map_err(|e| Error::Io {
             action: "serialise",

@@ -506,11 +506,10 @@ impl Manifest {
                 });
             };
             if Tree::contains(moving, target) {
-                let mut nodes = vec![p.to_string(), id.to_string()];
-                nodes.push(p.to_string());
-                return Err(Error::ManifestInconsistent {
+                return Err(Error::MoveIntoOwnSubtree {
                     vm: self.vm.clone(),
-                    problem: ManifestProblem::Cycle { nodes },
+                    node: id.clone(),
+                    parent: p.clone(),
                 });
             }
         }

@@ -207,7 +207,8 @@ impl Repository {
     pub fn vm(&self, name: &str) -> Result<VmStore> {
         check_name("VM name", name)?;
         let dir = self.path.join(name);
-        if !dir.is_dir() {
+        // A directory that a crash left before its manifest was written does not count as a VM.
+        if !dir.is_dir() || (!dir.join(MANIFEST_FILE).exists() && only_leftovers(&dir)?) {
             return Err(Error::VmNotFound {
                 repo: self.path.clone(),
                 vm: name.to_owned(),
@@ -220,11 +221,19 @@ impl Repository {
     }
 
     /// Creates a VM's directory and an empty manifest ([`Error::VmExists`] if it already has one). A directory
-    /// left without a manifest (by a crash) is reused.
+    /// left without a manifest by a crash is reused if it holds nothing else (a lock file at most); one that
+    /// holds other files is refused ([`Error::VmDirectoryNotEmpty`]): its manifest was lost, and a new one
+    /// would hand out node ids whose directories are still there.
     pub fn create_vm(&self, name: &str) -> Result<VmStore> {
         check_name("VM name", name)?;
         let dir = self.path.join(name);
         store::create_private_dir(&dir)?;
+        if !dir.join(MANIFEST_FILE).exists() && !only_leftovers(&dir)? {
+            return Err(Error::VmDirectoryNotEmpty {
+                vm: name.to_owned(),
+                dir,
+            });
+        }
         let vm = VmStore {
             dir,
             name: name.to_owned(),
@@ -256,6 +265,22 @@ impl Repository {
         names.sort();
         Ok(names)
     }
+}
+
+/// Whether a VM directory holds nothing but what an interrupted `create_vm` or a lock leaves: the lock file,
+/// the holder record, and our temporary files.
+fn only_leftovers(dir: &Path) -> Result<bool> {
+    for entry in fs::read_dir(dir).map_err(Error::io("list", dir))? {
+        let name = entry.map_err(Error::io("list", dir))?.file_name();
+        let name = name.to_string_lossy();
+        let leftover = name == lock::LOCK_FILE
+            || name == lock::HOLDER_FILE
+            || (name.starts_with('.') && name.ends_with(".tmp"));
+        if !leftover {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 fn settings_bytes(settings: &Settings, path: &Path) -> Result<Vec<u8>> {

@@ -164,18 +164,29 @@ pub fn load_manifest(path: &Path, vm: &str) -> Result<Manifest> {
         column: e.column(),
         detail: serde_detail(e),
     };
-    // The version first: a newer format may not parse as this one, and should say so rather than fail on a
-    // field.
-    let probe: VersionProbe = serde_json::from_slice(&bytes).map_err(|e| syntax(&e))?;
-    match probe.format_version {
-        Some(found) if found > FORMAT_VERSION => {
-            return Err(Error::ManifestTooNew {
-                path: path.to_owned(),
-                found,
-                supported: FORMAT_VERSION,
-            });
+    let too_new = |found| Error::ManifestTooNew {
+        path: path.to_owned(),
+        found,
+        supported: FORMAT_VERSION,
+    };
+    let manifest: Manifest = match serde_json::from_slice(&bytes) {
+        Ok(manifest) => manifest,
+        Err(e) => {
+            // A newer format may not parse as this one: say that rather than which field failed.
+            if let Ok(VersionProbe {
+                format_version: Some(found),
+            }) = serde_json::from_slice(&bytes)
+            {
+                if found > FORMAT_VERSION {
+                    return Err(too_new(found));
+                }
+            }
+            return Err(syntax(&e));
         }
-        Some(0) => {
+    };
+    match manifest.format_version {
+        found if found > FORMAT_VERSION => return Err(too_new(found)),
+        0 => {
             return Err(Error::ManifestFormatUnknown {
                 path: path.to_owned(),
                 found: 0,
@@ -184,7 +195,6 @@ pub fn load_manifest(path: &Path, vm: &str) -> Result<Manifest> {
         }
         _ => {}
     }
-    let manifest: Manifest = serde_json::from_slice(&bytes).map_err(|e| syntax(&e))?;
     let invalid = |problem| Error::ManifestInvalid {
         path: path.to_owned(),
         problem,

@@ -130,23 +130,40 @@ pub fn check(nodes: &[Node]) -> Result<(), ManifestProblem> {
 
 /// Queries over a node list whose `lid`/`tid` are current, answered from the numbers alone.
 ///
-/// Building it is one scan (an index by `lid` and one by id); each query then touches only the nodes it
-/// returns, or, for a recovery chain, the nodes along the way and their earlier siblings.
+/// Building it is one pass: an index by `lid`, one by id, and each node's children in `lid` order (found from
+/// the numbers: a node's first child has the next `lid`, and a child's next sibling starts after its `tid`).
+/// A recovery chain is then a binary search per level, among the roots and then among each ancestor's
+/// children for the one whose range holds the target's `lid`.
 #[derive(Debug)]
 pub struct Tree<'a> {
     nodes: &'a [Node],
     /// `by_lid[lid - 1]` is the position of that node in `nodes`.
     by_lid: Vec<usize>,
     by_id: HashMap<&'a str, usize>,
+    /// The `lid`s of the roots, ascending.
+    roots: Vec<u64>,
+    /// The children of the node with `lid` are `child_lids[child_start[lid - 1]..child_start[lid]]`.
+    child_start: Vec<usize>,
+    child_lids: Vec<u64>,
 }
 
 impl<'a> Tree<'a> {
-    /// Indexes `nodes`. Checks that the numbers are a preorder numbering (each `lid` once, from 1 to the number
-    /// of nodes, `lid <= tid <= count`), not that they agree with the parent links: [`check`] does that.
+    /// Indexes `nodes`. Checks that the numbers are a preorder numbering of some forest (each `lid` once,
+    /// from 1 to the number of nodes, `lid <= tid`, every subtree's range inside its parent's), not that it
+    /// is the forest of the parent links: [`check`] does that.
     pub fn new(nodes: &'a [Node]) -> Result<Tree<'a>, ManifestProblem> {
         let n = nodes.len();
         let mut lid_slots = vec![NONE; n];
         let mut ids = HashMap::with_capacity(n);
+        // Say what the right numbers are, if the parent links make a tree at all.
+        let stale = |node: &Node| {
+            check(nodes)?;
+            Err(ManifestProblem::Numbering {
+                node: node.id.to_string(),
+                stored: (node.lid, node.tid),
+                expected: (0, 0),
+            })
+        };
         for (i, node) in nodes.iter().enumerate() {
             if ids.insert(node.id.as_str(), i).is_some() {
                 return Err(ManifestProblem::DuplicateNode {
@@ -155,17 +172,47 @@ impl<'a> Tree<'a> {
             }
             let plausible = node.lid >= 1 && node.lid <= node.tid && node.tid <= n as u64;
             if !plausible || lid_slots[(node.lid - 1) as usize] != NONE {
-                // Say what the right numbers are, if the tree has any.
-                check(nodes)?;
-                return Err(ManifestProblem::Numbering {
-                    node: node.id.to_string(),
-                    stored: (node.lid, node.tid),
-                    expected: (0, 0),
-                });
+                return stale(node);
             }
             lid_slots[(node.lid - 1) as usize] = i;
         }
-        Ok(Tree { nodes, by_lid: lid_slots, by_id: ids })
+        let at = |lid: u64| &nodes[lid_slots[(lid - 1) as usize]];
+        let mut roots = Vec::new();
+        let mut lid = 1;
+        while lid <= n as u64 {
+            roots.push(lid);
+            lid = at(lid).tid + 1;
+        }
+        let mut child_start = Vec::with_capacity(n + 1);
+        let mut child_lids = Vec::with_capacity(n);
+        for &slot in &lid_slots {
+            let parent = &nodes[slot];
+            child_start.push(child_lids.len());
+            let mut lid = parent.lid + 1;
+            while lid <= parent.tid {
+                let child = at(lid);
+                if child.tid > parent.tid {
+                    return stale(child);
+                }
+                child_lids.push(lid);
+                lid = child.tid + 1;
+            }
+        }
+        child_start.push(child_lids.len());
+        Ok(Tree {
+            nodes,
+            by_lid: lid_slots,
+            by_id: ids,
+            roots,
+            child_start,
+            child_lids,
+        })
+    }
+
+    /// The `lid`s of the children of the node with `lid`.
+    fn child_lids_of(&self, lid: u64) -> &[u64] {
+        let i = (lid - 1) as usize;
+        &self.child_lids[self.child_start[i]..self.child_start[i + 1]]
     }
 
     /// The nodes, in the order of the node list (creation order).
@@ -204,19 +251,7 @@ impl<'a> Tree<'a> {
 
     /// The roots (full backups that start a tree), in order.
     pub fn roots(&self) -> Vec<&'a Node> {
-        self.siblings_from(1, self.nodes.len() as u64)
-    }
-
-    /// The nodes whose `lid` runs from `first` to at most `last`, skipping each one's subtree.
-    fn siblings_from(&self, first: u64, last: u64) -> Vec<&'a Node> {
-        let mut out = Vec::new();
-        let mut lid = first;
-        while lid <= last {
-            let Some(node) = self.by_lid(lid) else { break };
-            out.push(node);
-            lid = node.tid + 1;
-        }
-        out
+        self.roots.iter().filter_map(|&lid| self.by_lid(lid)).collect()
     }
 
     /// Everything needed to restore `id`: the nodes N with `N.lid <= X.lid <= N.tid`, root (the full) first,
@@ -224,20 +259,17 @@ impl<'a> Tree<'a> {
     pub fn recovery_chain(&self, id: &str) -> Option<Vec<&'a Node>> {
         let x = self.get(id)?;
         let mut chain = Vec::new();
-        let mut lid = 1;
-        while lid <= x.lid {
-            let node = self.by_lid(lid)?;
-            if node.tid >= x.lid {
-                chain.push(node);
-                if node.lid == x.lid {
-                    break;
-                }
-                lid += 1; // descend: its first child
-            } else {
-                lid = node.tid + 1; // skip this subtree: its next sibling
+        let mut level: &[u64] = &self.roots;
+        loop {
+            // The last node of this level starting at or before X is the one whose range holds X.
+            let k = level.partition_point(|&lid| lid <= x.lid);
+            let node = self.by_lid(level[k.checked_sub(1)?])?;
+            chain.push(node);
+            if node.lid == x.lid {
+                return Some(chain);
             }
+            level = self.child_lids_of(node.lid);
         }
-        Some(chain)
     }
 
     /// The ancestors of `id`, root first (the recovery chain without `id` itself).
@@ -250,7 +282,12 @@ impl<'a> Tree<'a> {
     /// The children of `id`, in creation order.
     pub fn children(&self, id: &str) -> Option<Vec<&'a Node>> {
         let x = self.get(id)?;
-        Some(self.siblings_from(x.lid + 1, x.tid))
+        Some(
+            self.child_lids_of(x.lid)
+                .iter()
+                .filter_map(|&lid| self.by_lid(lid))
+                .collect(),
+        )
     }
 
     /// `id` and all its descendants, in preorder (`lid` from `X.lid` to `X.tid`).
@@ -294,5 +331,88 @@ impl<'a> Tree<'a> {
     /// The position of `id` in the node list.
     pub fn position(&self, id: &NodeId) -> Option<usize> {
         self.by_id.get(id.as_str()).copied()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::manifest::NodeState;
+
+    fn node(id: &str, parent: Option<&str>, lid: u64, tid: u64) -> Node {
+        Node {
+            id: NodeId::new(id).unwrap(),
+            parent: parent.map(|p| NodeId::new(p).unwrap()),
+            kind: if parent.is_some() {
+                NodeKind::Incremental
+            } else {
+                NodeKind::Full
+            },
+            created: chrono::Utc::now(),
+            state: NodeState::Complete,
+            tag: None,
+            reason: None,
+            lid,
+            tid,
+            disks: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn numbering_errors() {
+        let dup = [node("a", None, 1, 1), node("a", None, 2, 2)];
+        assert_eq!(
+            numbering(&dup),
+            Err(ManifestProblem::DuplicateNode { node: "a".into() })
+        );
+        let orphan = [node("a", None, 1, 1), node("b", Some("zz"), 2, 2)];
+        assert!(matches!(
+            numbering(&orphan),
+            Err(ManifestProblem::MissingParent { .. })
+        ));
+        let selfish = [node("a", None, 1, 1), node("b", Some("b"), 2, 2)];
+        assert_eq!(
+            numbering(&selfish),
+            Err(ManifestProblem::Cycle {
+                nodes: vec!["b".into(), "b".into()]
+            })
+        );
+        let ring = [
+            node("a", Some("c"), 1, 1),
+            node("b", Some("a"), 2, 2),
+            node("c", Some("b"), 3, 3),
+        ];
+        let Err(ManifestProblem::Cycle { nodes }) = numbering(&ring) else {
+            panic!()
+        };
+        assert_eq!(nodes.len(), 4, "{nodes:?}");
+    }
+
+    #[test]
+    fn tree_new_refuses_numbers_that_do_not_nest() {
+        // Plausible one by one, but b's range sticks out of its parent a's.
+        let nodes = [
+            node("a", None, 1, 2),
+            node("b", Some("a"), 2, 3),
+            node("c", Some("b"), 3, 3),
+        ];
+        let err = Tree::new(&nodes).unwrap_err();
+        assert!(matches!(err, ManifestProblem::Numbering { .. }), "{err:?}");
+        let twice = [node("a", None, 1, 2), node("b", Some("a"), 1, 2)];
+        assert!(matches!(
+            Tree::new(&twice),
+            Err(ManifestProblem::Numbering { .. })
+        ));
+        let good = [
+            node("a", None, 1, 3),
+            node("b", Some("a"), 2, 3),
+            node("c", Some("b"), 3, 3),
+        ];
+        let tree = Tree::new(&good).unwrap();
+        assert_eq!(tree.recovery_chain("c").unwrap().len(), 3);
+        assert!(tree.recovery_chain("zz").is_none());
+        assert_eq!(tree.parent("b").unwrap().unwrap().id, "a");
+        assert_eq!(tree.by_lid(3).unwrap().id, "c");
+        assert!(tree.by_lid(0).is_none() && tree.by_lid(4).is_none());
     }
 }

@@ -1,11 +1,15 @@
 //! Loading manifests: a good one round-trips; every kind of damage gets its own error, which names the file and
 //! the node or field; and a manifest that fails to load is left exactly as it was.
 
+#![allow(clippy::unwrap_used, clippy::many_single_char_names)] // tests: nodes a, b, c …; unwrap fails the test
+
 mod common;
 
 use std::fs;
 
-use chain::{Error, LockWait, Manifest, ManifestProblem, NodeId, NodeKind, Operation, OperationKind, RelPath};
+use chain::{
+    Error, LockWait, Manifest, ManifestProblem, NodeId, NodeKind, Operation, OperationKind, RelPath,
+};
 use chrono::Utc;
 use common::{TestRepo, add};
 use serde_json::{Value, json};
@@ -25,7 +29,11 @@ fn saved() -> (TestRepo, Manifest) {
     op.files.push(RelPath::disk_image(&b, "disk0").unwrap());
     op.jobs.push("job-1".into());
     m.add_operation(op);
-    m.add_operation(Operation::new(OperationKind::from("defragment"), None, Utc::now()));
+    m.add_operation(Operation::new(
+        OperationKind::from("defragment"),
+        None,
+        Utc::now(),
+    ));
     t.vm.save(&m, &guard).unwrap();
     (t, m)
 }
@@ -41,9 +49,15 @@ fn a_manifest_round_trips_through_disk() {
     assert!(text.contains("\"chain_id\""));
     assert!(text.contains("\"kind\": \"incremental\""));
     assert!(text.contains("\"file\": \"0002/disk0.qcow2\""));
-    assert!(text.contains("\"kind\": \"defragment\""), "unknown operation kinds are kept");
+    assert!(
+        text.contains("\"kind\": \"defragment\""),
+        "unknown operation kinds are kept"
+    );
     assert!(text.contains("T03:04:05Z"), "times are RFC 3339");
-    assert_eq!(loaded.operations[1].kind, OperationKind::Other("defragment".into()));
+    assert_eq!(
+        loaded.operations[1].kind,
+        OperationKind::Other("defragment".into())
+    );
 }
 
 /// Writes `edit`ed JSON over the saved manifest, loads it, checks the file was not touched, returns the error.
@@ -62,7 +76,10 @@ fn load_bytes(t: &TestRepo, bytes: &[u8]) -> (Error, String) {
     let err = t.vm.load().unwrap_err();
     assert_eq!(fs::read(&path).unwrap(), bytes, "a bad manifest is left as it is");
     let text = err.to_string();
-    assert!(text.contains(&path.display().to_string()), "the message names the file: {text}");
+    assert!(
+        text.contains(&path.display().to_string()),
+        "the message names the file: {text}"
+    );
     (err, text)
 }
 
@@ -78,7 +95,9 @@ fn json_syntax_errors_give_line_and_column() {
     let (t, _) = saved();
     let good = fs::read(t.vm.manifest_path()).unwrap();
     let (err, text) = load_bytes(&t, &good[..good.len() / 2]);
-    let Error::ManifestSyntax { line, column, .. } = err else { panic!("{err:?}") };
+    let Error::ManifestSyntax { line, column, .. } = err else {
+        panic!("{err:?}")
+    };
     assert!(line > 1 && column > 0);
     assert!(text.contains(&format!("line {line} column {column}")), "{text}");
 
@@ -103,7 +122,17 @@ fn schema_errors_give_line_and_column() {
 #[test]
 fn format_versions() {
     let (err, text) = load_edited(|v| v["format_version"] = json!(2));
-    assert!(matches!(err, Error::ManifestTooNew { found: 2, supported: 1, .. }), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Error::ManifestTooNew {
+                found: 2,
+                supported: 1,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
     assert!(text.contains("newer qmpbak"), "{text}");
     // Even when the rest is something this version cannot parse.
     let (err, _) = load_edited(|v| {
@@ -112,13 +141,19 @@ fn format_versions() {
     });
     assert!(matches!(err, Error::ManifestTooNew { found: 7, .. }), "{err:?}");
     let (err, _) = load_edited(|v| v["format_version"] = json!(0));
-    assert!(matches!(err, Error::ManifestFormatUnknown { found: 0, .. }), "{err:?}");
+    assert!(
+        matches!(err, Error::ManifestFormatUnknown { found: 0, .. }),
+        "{err:?}"
+    );
 }
 
 #[test]
 fn duplicate_node_ids() {
     let (err, text) = load_edited(|v| v["nodes"][3]["id"] = json!("0002"));
-    assert!(matches!(problem(&err), ManifestProblem::DuplicateNode { node } if node == "0002"), "{err:?}");
+    assert!(
+        matches!(problem(&err), ManifestProblem::DuplicateNode { node } if node == "0002"),
+        "{err:?}"
+    );
     assert!(text.contains("0002"), "{text}");
 }
 
@@ -135,7 +170,9 @@ fn missing_parents() {
 #[test]
 fn cycles() {
     let (err, text) = load_edited(|v| v["nodes"][0]["parent"] = json!("0003"));
-    let ManifestProblem::Cycle { nodes } = problem(&err) else { panic!("{err:?}") };
+    let ManifestProblem::Cycle { nodes } = problem(&err) else {
+        panic!("{err:?}")
+    };
     for id in ["0001", "0002", "0003"] {
         assert!(nodes.iter().any(|n| n == id), "{nodes:?}");
     }
@@ -151,7 +188,10 @@ fn numbering_that_disagrees_with_the_tree() {
         matches!(problem(&err), ManifestProblem::Numbering { node, stored: (2, 2), expected: (2, 3) } if node == "0002"),
         "{err:?}"
     );
-    assert!(text.contains("node 0002 has lid/tid 2/2, but the tree gives 2/3"), "{text}");
+    assert!(
+        text.contains("node 0002 has lid/tid 2/2, but the tree gives 2/3"),
+        "{text}"
+    );
 }
 
 #[test]
@@ -164,7 +204,10 @@ fn current_must_exist() {
 #[test]
 fn invalid_ids_and_paths() {
     let (err, text) = load_edited(|v| v["nodes"][1]["id"] = json!("../0002"));
-    assert!(matches!(problem(&err), ManifestProblem::InvalidValue { field, .. } if field == "nodes[1].id"), "{err:?}");
+    assert!(
+        matches!(problem(&err), ManifestProblem::InvalidValue { field, .. } if field == "nodes[1].id"),
+        "{err:?}"
+    );
     assert!(text.contains("../0002"), "{text}");
 
     let (err, text) = load_edited(|v| v["nodes"][2]["disks"][0]["file"] = json!("/etc/passwd"));
@@ -172,10 +215,16 @@ fn invalid_ids_and_paths() {
         matches!(problem(&err), ManifestProblem::InvalidValue { field, .. } if field == "node 0003 disks[0].file"),
         "{err:?}"
     );
-    assert!(text.contains("absolute") && text.contains("/etc/passwd"), "{text}");
+    assert!(
+        text.contains("absolute") && text.contains("/etc/passwd"),
+        "{text}"
+    );
 
     let (err, text) = load_edited(|v| v["nodes"][2]["disks"][0]["backing"] = json!("0002/../../../x"));
-    assert!(text.contains("node 0003 disks[0].backing") && text.contains(".."), "{text}");
+    assert!(
+        text.contains("node 0003 disks[0].backing") && text.contains(".."),
+        "{text}"
+    );
     assert!(matches!(problem(&err), ManifestProblem::InvalidValue { .. }));
 
     let (_, text) = load_edited(|v| v["nodes"][1]["disks"][0]["disk"] = json!("a/b"));
@@ -188,22 +237,39 @@ fn invalid_ids_and_paths() {
     assert!(text.contains("chain_id"), "{text}");
     let (_, text) = load_edited(|v| v["nodes"][0]["disks"][0]["table_sha256"] = json!("abc"));
     assert!(text.contains("table_sha256"), "{text}");
-    let (_, text) = load_edited(|v| v["disks"] = json!([{"id": "x y", "node_name": null, "virtual_size": 1, "serial": null, "filename": null}]));
+    let (_, text) = load_edited(|v| {
+        v["disks"] =
+            json!([{"id": "x y", "node_name": null, "virtual_size": 1, "serial": null, "filename": null}]);
+    });
     assert!(text.contains("disks[0].id"), "{text}");
 }
 
 #[test]
 fn other_contents_problems() {
     let (err, text) = load_edited(|v| v["vm"] = json!("vm2"));
-    assert!(matches!(problem(&err), ManifestProblem::WrongVm { expected, found } if expected == "vm1" && found == "vm2"));
+    assert!(
+        matches!(problem(&err), ManifestProblem::WrongVm { expected, found } if expected == "vm1" && found == "vm2")
+    );
     assert!(text.contains("vm2"), "{text}");
     let (err, text) = load_edited(|v| v["nodes"][3]["tag"] = json!("weekly"));
-    assert!(matches!(problem(&err), ManifestProblem::DuplicateTag { .. }), "{err:?}");
-    assert!(text.contains("weekly") && text.contains("0002") && text.contains("0004"), "{text}");
+    assert!(
+        matches!(problem(&err), ManifestProblem::DuplicateTag { .. }),
+        "{err:?}"
+    );
+    assert!(
+        text.contains("weekly") && text.contains("0002") && text.contains("0004"),
+        "{text}"
+    );
     let (err, _) = load_edited(|v| v["nodes"][3]["tag"] = json!("0001"));
-    assert!(matches!(problem(&err), ManifestProblem::DuplicateTag { .. }), "{err:?}");
+    assert!(
+        matches!(problem(&err), ManifestProblem::DuplicateTag { .. }),
+        "{err:?}"
+    );
     let (err, text) = load_edited(|v| v["next_seq"] = json!(3));
-    assert!(matches!(problem(&err), ManifestProblem::NextSeqTooLow { next_seq: 3, .. }), "{err:?}");
+    assert!(
+        matches!(problem(&err), ManifestProblem::NextSeqTooLow { next_seq: 3, .. }),
+        "{err:?}"
+    );
     assert!(text.contains("0003") || text.contains("0004"), "{text}");
 }
 
@@ -223,10 +289,19 @@ fn saving_refuses_an_invalid_manifest_and_keeps_the_old_one() {
     let guard = t.vm.lock_exclusive(LockWait::NoWait, "test").unwrap();
     m.current = Some(NodeId::new("0077").unwrap());
     let err = t.vm.save(&m, &guard).unwrap_err();
-    assert!(matches!(&err, Error::ManifestInconsistent { problem: ManifestProblem::CurrentMissing { .. }, .. }));
+    assert!(matches!(
+        &err,
+        Error::ManifestInconsistent {
+            problem: ManifestProblem::CurrentMissing { .. },
+            ..
+        }
+    ));
     m.current = None;
     m.vm = "other".into();
-    assert!(matches!(t.vm.save(&m, &guard), Err(Error::ManifestInconsistent { .. })));
+    assert!(matches!(
+        t.vm.save(&m, &guard),
+        Err(Error::ManifestInconsistent { .. })
+    ));
     assert_eq!(fs::read(t.vm.manifest_path()).unwrap(), before);
 }
 

@@ -3,6 +3,8 @@
 //! never leaves a manifest that fails to load; a held lock refuses a second process at once, naming the
 //! holder, or lets it wait; and the lock of a killed holder is free again.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::io::Write;
@@ -23,14 +25,20 @@ fn child_dir() -> Option<PathBuf> {
 fn child_manifest_writer() {
     let Some(repo) = child_dir() else { return };
     let vm = Repository::open(repo).unwrap().vm("vm1").unwrap();
-    let guard = vm.lock_exclusive(LockWait::Wait(Duration::from_secs(10)), "manifest writer").unwrap();
+    let guard = vm
+        .lock_exclusive(LockWait::Wait(Duration::from_secs(10)), "manifest writer")
+        .unwrap();
     let mut m = vm.load().unwrap();
     let mut first = true;
     let started = Instant::now();
     while started.elapsed() < Duration::from_secs(60) {
         let parent = m.nodes.last().map(|n| n.id.clone());
         // A long chain with some branches, so that every save rewrites a sizeable file.
-        let parent = if m.nodes.len() % 7 == 3 { m.nodes.first().map(|n| n.id.clone()) } else { parent };
+        let parent = if m.nodes.len() % 7 == 3 {
+            m.nodes.first().map(|n| n.id.clone())
+        } else {
+            parent
+        };
         add(&mut m, parent.as_ref());
         vm.save(&m, &guard).unwrap();
         if first {
@@ -55,7 +63,9 @@ fn a_writer_killed_at_any_moment_leaves_a_loadable_manifest() {
         let m = t.vm.load().unwrap_or_else(|e| panic!("round {round}: {e}"));
         assert!(m.nodes.len() > last_count, "round {round}: saves are durable");
         last_count = m.nodes.len();
-        let temp = std::fs::read_dir(t.vm.dir()).unwrap().any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp"));
+        let temp = std::fs::read_dir(t.vm.dir())
+            .unwrap()
+            .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".tmp"));
         interrupted += usize::from(temp);
     }
     assert!(last_count >= 20);
@@ -68,7 +78,9 @@ fn a_writer_killed_at_any_moment_leaves_a_loadable_manifest() {
 fn child_lock_holder() {
     let Some(repo) = child_dir() else { return };
     let vm = Repository::open(repo).unwrap().vm("vm1").unwrap();
-    let _guard = vm.lock_exclusive(LockWait::NoWait, "qmpbak backup (test)").unwrap();
+    let _guard = vm
+        .lock_exclusive(LockWait::NoWait, "qmpbak backup (test)")
+        .unwrap();
     println!("locked");
     std::io::stdout().flush().unwrap();
     let mut line = String::new();
@@ -84,15 +96,28 @@ fn a_second_process_is_refused_at_once_or_waits() {
     let started = Instant::now();
     let err = t.vm.lock_exclusive(LockWait::NoWait, "second").unwrap_err();
     assert!(started.elapsed() < Duration::from_secs(1), "NoWait does not wait");
-    let Error::LockHeld { vm, holder: Some(holder), .. } = &err else { panic!("{err:?}") };
+    let Error::LockHeld {
+        vm,
+        holder: Some(holder),
+        ..
+    } = &err
+    else {
+        panic!("{err:?}")
+    };
     assert_eq!(vm, "vm1");
     assert_eq!(holder.pid, child.pid());
     assert_eq!(holder.command, "qmpbak backup (test)");
     let text = err.to_string();
-    assert!(text.contains(&format!("pid {}", child.pid())) && text.contains("qmpbak backup (test)"), "{text}");
+    assert!(
+        text.contains(&format!("pid {}", child.pid())) && text.contains("qmpbak backup (test)"),
+        "{text}"
+    );
     assert!(!text.contains("stale"), "{text}");
     // Readers are refused too.
-    assert!(matches!(t.vm.lock_shared(LockWait::NoWait), Err(Error::LockHeld { .. })));
+    assert!(matches!(
+        t.vm.lock_shared(LockWait::NoWait),
+        Err(Error::LockHeld { .. })
+    ));
     // A short wait runs out.
     let short = t.vm.lock_shared(LockWait::Wait(Duration::from_millis(150)));
     assert!(matches!(short, Err(Error::LockHeld { .. })));
@@ -104,8 +129,14 @@ fn a_second_process_is_refused_at_once_or_waits() {
         stdin.write_all(b"release\n").unwrap();
     });
     let started = Instant::now();
-    let guard = t.vm.lock_exclusive(LockWait::Wait(Duration::from_secs(20)), "second").unwrap();
-    assert!(started.elapsed() >= Duration::from_millis(250), "{:?}", started.elapsed());
+    let guard =
+        t.vm.lock_exclusive(LockWait::Wait(Duration::from_secs(20)), "second")
+            .unwrap();
+    assert!(
+        started.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(t.vm.lock_holder().unwrap().pid, std::process::id());
     releaser.join().unwrap();
     assert!(child.child.wait().unwrap().success());
@@ -117,7 +148,10 @@ fn the_os_releases_a_killed_holders_lock() {
     let t = TestRepo::new();
     let mut child = spawn_child("child_lock_holder", t.repo.path());
     child.wait_for_line("locked");
-    assert!(matches!(t.vm.lock_exclusive(LockWait::NoWait, "x"), Err(Error::LockHeld { .. })));
+    assert!(matches!(
+        t.vm.lock_exclusive(LockWait::NoWait, "x"),
+        Err(Error::LockHeld { .. })
+    ));
     let pid = child.pid();
     child.kill(); // SIGKILL: no destructor runs
 

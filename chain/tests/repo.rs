@@ -1,6 +1,8 @@
 //! Repositories and VM stores: init and open with their refusals, private modes, VM names, the lock a save
 //! needs, and paths that try to leave the VM directory.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::fs;
@@ -30,7 +32,11 @@ fn init_creates_a_private_repository() {
     // An empty existing directory is fine.
     let empty = dir.path().join("empty");
     fs::create_dir(&empty).unwrap();
-    let custom = Settings { block_size: 64 << 10, full_every: 3, ..Settings::default() };
+    let custom = Settings {
+        block_size: 64 << 10,
+        full_every: 3,
+        ..Settings::default()
+    };
     let repo = Repository::init_with(&empty, custom.clone()).unwrap();
     assert_eq!(Repository::open(&empty).unwrap().settings(), &custom);
     assert_eq!(repo.path(), empty);
@@ -54,10 +60,16 @@ fn init_refuses() {
 
     let file = dir.path().join("file");
     fs::write(&file, b"x").unwrap();
-    assert!(matches!(Repository::init(&file), Err(Error::NotADirectory { .. })));
+    assert!(matches!(
+        Repository::init(&file),
+        Err(Error::NotADirectory { .. })
+    ));
 
     for bad in [1000, 32 << 10, 32 << 20, (1 << 20) + 1] {
-        let settings = Settings { block_size: bad, ..Settings::default() };
+        let settings = Settings {
+            block_size: bad,
+            ..Settings::default()
+        };
         let err = Repository::init_with(dir.path().join("x"), settings).unwrap_err();
         assert!(matches!(err, Error::InvalidBlockSize { .. }), "{bad}: {err:?}");
     }
@@ -69,13 +81,23 @@ fn open_refuses() {
     let err = Repository::open(dir.path()).unwrap_err();
     assert!(matches!(err, Error::NotARepository { .. }), "{err:?}");
     assert!(err.to_string().contains("qmpbak init"), "{err}");
-    assert!(matches!(Repository::open(dir.path().join("missing")), Err(Error::NotARepository { .. })));
+    assert!(matches!(
+        Repository::open(dir.path().join("missing")),
+        Err(Error::NotARepository { .. })
+    ));
     let file = dir.path().join("file");
     fs::write(&file, b"x").unwrap();
-    assert!(matches!(Repository::open(&file), Err(Error::NotARepository { .. })));
+    assert!(matches!(
+        Repository::open(&file),
+        Err(Error::NotARepository { .. })
+    ));
 
     let settings = dir.path().join("qmpbak-repo.json");
-    fs::write(&settings, b"{\n \"format_version\": 1,\n \"block_size\": \"big\"\n}").unwrap();
+    fs::write(
+        &settings,
+        b"{\n \"format_version\": 1,\n \"block_size\": \"big\"\n}",
+    )
+    .unwrap();
     let err = Repository::open(dir.path()).unwrap_err();
     assert!(matches!(err, Error::SettingsInvalid { .. }), "{err:?}");
     assert!(err.to_string().contains("line 3"), "{err}");
@@ -92,7 +114,10 @@ fn open_refuses() {
 
     // Defaults fill in what an older file leaves out; unknown fields are ignored.
     fs::write(&settings, br#"{"format_version": 1, "comment": "hi"}"#).unwrap();
-    assert_eq!(Repository::open(dir.path()).unwrap().settings(), &Settings::default());
+    assert_eq!(
+        Repository::open(dir.path()).unwrap().settings(),
+        &Settings::default()
+    );
 }
 
 #[test]
@@ -115,16 +140,35 @@ fn vms_are_created_listed_and_named_safely() {
 
     for bad in ["", "..", ".", "a/b", "/abs", ".hidden", "with space"] {
         let err = t.repo.vm(bad).unwrap_err();
-        assert!(matches!(err, Error::InvalidName { what: "VM name", .. }), "{bad:?}: {err:?}");
-        assert!(matches!(t.repo.create_vm(bad), Err(Error::InvalidName { .. })), "{bad:?}");
+        assert!(
+            matches!(err, Error::InvalidName { what: "VM name", .. }),
+            "{bad:?}: {err:?}"
+        );
+        assert!(
+            matches!(t.repo.create_vm(bad), Err(Error::InvalidName { .. })),
+            "{bad:?}"
+        );
     }
     let err = t.repo.vm("ghost").unwrap_err();
     assert!(matches!(err, Error::VmNotFound { .. }), "{err:?}");
     assert!(err.to_string().contains("ghost"), "{err}");
 
-    // A directory left without a manifest by a crash is taken over.
-    fs::create_dir(t.repo.path().join("half")).unwrap();
+    // A directory left without a manifest by a crash is no VM yet, and is taken over.
+    let half = t.repo.path().join("half");
+    fs::create_dir(&half).unwrap();
+    fs::write(half.join("lock"), b"").unwrap();
+    fs::write(half.join(".manifest.json.aB3xYz.tmp"), b"{").unwrap();
+    assert!(matches!(t.repo.vm("half"), Err(Error::VmNotFound { .. })));
     t.repo.create_vm("half").unwrap().load().unwrap();
+    // One that lost its manifest but still has backups is reported, not started afresh.
+    let vm1 = t.repo.vm("vm1").unwrap();
+    fs::create_dir(vm1.dir().join("0001")).unwrap();
+    fs::remove_file(vm1.manifest_path()).unwrap();
+    let err = t.repo.vm("vm1").unwrap().load().unwrap_err();
+    assert!(matches!(err, Error::ManifestMissing { .. }), "{err:?}");
+    let err = t.repo.create_vm("vm1").unwrap_err();
+    assert!(matches!(err, Error::VmDirectoryNotEmpty { .. }), "{err:?}");
+    assert!(err.to_string().contains("restore its manifest.json"), "{err}");
 }
 
 #[test]
@@ -137,7 +181,10 @@ fn saving_needs_this_vms_exclusive_lock() {
     assert!(matches!(err, Error::LockNotExclusive { .. }), "{err:?}");
     drop(shared);
     let foreign = other.lock_exclusive(LockWait::NoWait, "test").unwrap();
-    assert!(matches!(t.vm.save(&m, &foreign), Err(Error::LockOfOtherVm { .. })));
+    assert!(matches!(
+        t.vm.save(&m, &foreign),
+        Err(Error::LockOfOtherVm { .. })
+    ));
     let guard = t.vm.lock_exclusive(LockWait::NoWait, "test").unwrap();
     assert_eq!(t.vm.lock_holder().unwrap().command, "test");
     // Stale temporary files of a writer that died are cleaned up by the next save.
@@ -166,7 +213,10 @@ fn resolve_stays_inside_the_vm_directory() {
     let rel = |s: &str| RelPath::new(s).unwrap();
 
     // Plain paths, existing or not.
-    assert_eq!(t.vm.resolve(&rel("0001/disk0.qcow2")).unwrap(), t.vm.dir().join("0001/disk0.qcow2"));
+    assert_eq!(
+        t.vm.resolve(&rel("0001/disk0.qcow2")).unwrap(),
+        t.vm.dir().join("0001/disk0.qcow2")
+    );
     fs::create_dir(t.vm.dir().join("0001")).unwrap();
     fs::write(t.vm.dir().join("0001/disk0.qcow2"), b"").unwrap();
     t.vm.resolve(&rel("0001/disk0.qcow2")).unwrap();
@@ -181,10 +231,19 @@ fn resolve_stays_inside_the_vm_directory() {
     assert!(matches!(err, Error::PathEscapes { .. }), "{err:?}");
     assert!(err.to_string().contains("outside the VM directory"), "{err}");
     symlink("/etc/passwd", t.vm.dir().join("0001/disk1.qcow2")).unwrap();
-    assert!(matches!(t.vm.resolve(&rel("0001/disk1.qcow2")), Err(Error::PathEscapes { .. })));
+    assert!(matches!(
+        t.vm.resolve(&rel("0001/disk1.qcow2")),
+        Err(Error::PathEscapes { .. })
+    ));
     symlink(outside.join("nothing-yet"), t.vm.dir().join("0001/disk2.qcow2")).unwrap();
-    assert!(matches!(t.vm.resolve(&rel("0001/disk2.qcow2")), Err(Error::PathEscapes { .. })));
+    assert!(matches!(
+        t.vm.resolve(&rel("0001/disk2.qcow2")),
+        Err(Error::PathEscapes { .. })
+    ));
     // Up and out through the repository: a symlink to the parent of the VM directory.
     symlink("..", t.vm.dir().join("up")).unwrap();
-    assert!(matches!(t.vm.resolve(&rel("up/vm1/manifest.json")), Err(Error::PathEscapes { .. })));
+    assert!(matches!(
+        t.vm.resolve(&rel("up/vm1/manifest.json")),
+        Err(Error::PathEscapes { .. })
+    ));
 }

@@ -2,6 +2,8 @@
 //! holes are not read; partial rebuilds derive the same table as a full one; a file source with real holes
 //! agrees with memory; and read failures name where they happened.
 
+#![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
+
 mod common;
 
 use std::io;
@@ -118,7 +120,14 @@ fn a_sparse_file_hashes_like_its_bytes() {
     assert_eq!(from_file.len(), 65);
     assert!(from_file.is_zero(20) && !from_file.is_zero(0) && !from_file.is_zero(64));
     let some = Table::build_blocks(&FileSource::open(&path).unwrap(), block_size, &[64, 0, 30], 2).unwrap();
-    assert_eq!(some, vec![(64, from_file.digests()[64]), (0, from_file.digests()[0]), (30, from_file.digests()[30])]);
+    assert_eq!(
+        some,
+        vec![
+            (64, from_file.digests()[64]),
+            (0, from_file.digests()[0]),
+            (30, from_file.digests()[30])
+        ]
+    );
 }
 
 /// A disk whose reads fail past some offset.
@@ -129,7 +138,11 @@ impl BlockSource for Failing {
         16 * BS
     }
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
-        Ok(vec![Extent { offset, len, kind: ExtentKind::Data }])
+        Ok(vec![Extent {
+            offset,
+            len,
+            kind: ExtentKind::Data,
+        }])
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         if offset >= 9 * BS {
@@ -147,12 +160,21 @@ impl BlockSource for Failing {
 fn read_errors_name_the_source_and_offset() {
     for threads in [1, 2] {
         let err = Table::build(&Failing, BS, threads).unwrap_err();
-        let Error::SourceRead { offset, .. } = &err else { panic!("{err:?}") };
+        let Error::SourceRead { offset, .. } = &err else {
+            panic!("{err:?}")
+        };
         assert!(*offset >= 9 * BS);
-        let text = err.to_string();
-        assert!(text.contains("the failing disk") && text.contains("bad sector"), "{text}");
+        assert!(err.to_string().contains("the failing disk"), "{err}");
+        let cause = std::error::Error::source(&err).unwrap().to_string();
+        assert!(cause.contains("bad sector"), "{cause}");
     }
     let err = Table::build_blocks(&Failing, BS, &[16], 1).unwrap_err();
-    assert!(matches!(err, Error::BlockOutOfRange { index: 16, count: 16 }), "{err:?}");
-    assert!(matches!(Table::build(&Failing, 1000, 1), Err(Error::InvalidBlockSize { .. })));
+    assert!(
+        matches!(err, Error::BlockOutOfRange { index: 16, count: 16 }),
+        "{err:?}"
+    );
+    assert!(matches!(
+        Table::build(&Failing, 1000, 1),
+        Err(Error::InvalidBlockSize { .. })
+    ));
 }

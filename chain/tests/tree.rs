@@ -1,6 +1,8 @@
 //! The lid/tid tree against naive parent-link walks: hand-made trees first, then random ones (random inserts
 //! under random parents, leaf deletes, reparenting deletes and moves) checked after every step.
 
+#![allow(clippy::unwrap_used, clippy::many_single_char_names)] // tests: nodes a, b, c …; unwrap fails the test
+
 mod common;
 
 use chain::{Error, Manifest, NodeId, NodeKind};
@@ -18,25 +20,55 @@ fn check_against_naive(m: &Manifest) {
         assert_eq!((n.lid, n.tid), (*lid, *tid), "numbering of {id}");
     }
     let tree = m.tree().unwrap();
-    let naive_leaves: Vec<_> = tree.preorder().filter(|n| naive_children(nodes, Some(&n.id)).is_empty()).collect();
+    let naive_leaves: Vec<_> = tree
+        .preorder()
+        .filter(|n| naive_children(nodes, Some(&n.id)).is_empty())
+        .collect();
     assert_eq!(ids(&tree.leaves()), ids(&naive_leaves));
     let naive_roots = naive_children(nodes, None);
     assert_eq!(ids(&tree.roots()), ids(&naive_roots));
     for n in nodes {
         let id = n.id.as_str();
         let chain = naive_chain(nodes, &n.id);
-        assert_eq!(ids(&tree.recovery_chain(id).unwrap()), ids(&chain), "recovery chain of {id}");
-        assert_eq!(ids(&tree.ancestors(id).unwrap()), ids(&chain[..chain.len() - 1]), "ancestors of {id}");
-        assert_eq!(ids(&tree.children(id).unwrap()), ids(&naive_children(nodes, Some(&n.id))), "children of {id}");
+        assert_eq!(
+            ids(&tree.recovery_chain(id).unwrap()),
+            ids(&chain),
+            "recovery chain of {id}"
+        );
+        assert_eq!(
+            ids(&tree.ancestors(id).unwrap()),
+            ids(&chain[..chain.len() - 1]),
+            "ancestors of {id}"
+        );
+        assert_eq!(
+            ids(&tree.children(id).unwrap()),
+            ids(&naive_children(nodes, Some(&n.id))),
+            "children of {id}"
+        );
         let mut sub = Vec::new();
         naive_preorder(nodes, &n.id, &mut sub);
         assert_eq!(ids(&tree.subtree(id).unwrap()), ids(&sub), "subtree of {id}");
         // The newest leaf below: the leaf of the subtree that comes last in the node list.
         let position = |x: &chain::Node| nodes.iter().position(|y| y.id == x.id).unwrap();
-        let head = sub.iter().filter(|x| naive_children(nodes, Some(&x.id)).is_empty()).max_by_key(|x| position(x));
-        assert_eq!(tree.branch_head(id).map(|h| &h.id), head.map(|h| &h.id), "branch head of {id}");
-        let full = chain.iter().rev().find(|x| x.kind == NodeKind::Full).map(|x| &x.id);
-        assert_eq!(tree.last_full(id).unwrap().map(|f| &f.id), full, "last full of {id}");
+        let head = sub
+            .iter()
+            .filter(|x| naive_children(nodes, Some(&x.id)).is_empty())
+            .max_by_key(|x| position(x));
+        assert_eq!(
+            tree.branch_head(id).map(|h| &h.id),
+            head.map(|h| &h.id),
+            "branch head of {id}"
+        );
+        let full = chain
+            .iter()
+            .rev()
+            .find(|x| x.kind == NodeKind::Full)
+            .map(|x| &x.id);
+        assert_eq!(
+            tree.last_full(id).unwrap().map(|f| &f.id),
+            full,
+            "last full of {id}"
+        );
     }
     m.validate().unwrap();
 }
@@ -55,7 +87,14 @@ fn a_small_forest_numbers_in_preorder() {
     let e = add(&mut m, None); // 0005: a second full
     let f = add(&mut m, Some(&e)); // 0006
     let numbers: Vec<_> = m.nodes.iter().map(|n| (n.id.to_string(), n.lid, n.tid)).collect();
-    let expect = [("0001", 1, 4), ("0002", 2, 3), ("0003", 3, 3), ("0004", 4, 4), ("0005", 5, 6), ("0006", 6, 6)];
+    let expect = [
+        ("0001", 1, 4),
+        ("0002", 2, 3),
+        ("0003", 3, 3),
+        ("0004", 4, 4),
+        ("0005", 5, 6),
+        ("0006", 6, 6),
+    ];
     let expect: Vec<_> = expect.iter().map(|(i, l, t)| ((*i).to_owned(), *l, *t)).collect();
     assert_eq!(numbers, expect);
     assert_eq!(ids(&m.recovery_chain(&c).unwrap()), ["0001", "0002", "0003"]);
@@ -78,7 +117,9 @@ fn removing_nodes() {
     m.current = Some(d.clone());
 
     let err = m.remove_node(&b).unwrap_err();
-    let Error::NotALeaf { node, children, .. } = &err else { panic!("{err:?}") };
+    let Error::NotALeaf { node, children, .. } = &err else {
+        panic!("{err:?}")
+    };
     assert_eq!(node, &b);
     assert_eq!(children, &[c.clone(), d.clone()]);
     assert!(err.to_string().contains("0003, 0004"), "{err}");
@@ -109,11 +150,17 @@ fn adding_checks_the_node() {
     let err = m.add_node(node(&a, None, NodeKind::Full)).unwrap_err();
     assert!(matches!(err, Error::NodeExists { .. }), "{err:?}");
     let ghost = id("0099");
-    let err = m.add_node(node(&id("0002"), Some(&ghost), NodeKind::Incremental)).unwrap_err();
-    assert!(matches!(&err, Error::ParentNotFound { parent, .. } if *parent == ghost), "{err:?}");
+    let err = m
+        .add_node(node(&id("0002"), Some(&ghost), NodeKind::Incremental))
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::ParentNotFound { parent, .. } if *parent == ghost),
+        "{err:?}"
+    );
     assert!(err.to_string().contains("0099"), "{err}");
     // A numeric id past next_seq moves it on.
-    m.add_node(node(&id("0010"), Some(&a), NodeKind::Incremental)).unwrap();
+    m.add_node(node(&id("0010"), Some(&a), NodeKind::Incremental))
+        .unwrap();
     assert_eq!(m.next_node_id(), id("0011"));
     // Tags: valid, unique, not another node's id.
     m.set_tag(&a, Some("golden".into())).unwrap();
@@ -123,10 +170,16 @@ fn adding_checks_the_node() {
     tagged.tag = Some("0001".into());
     assert!(matches!(m.add_node(tagged.clone()), Err(Error::TagInUse { .. })));
     tagged.tag = Some("no/slash".into());
-    assert!(matches!(m.add_node(tagged), Err(Error::InvalidName { what: "tag", .. })));
+    assert!(matches!(
+        m.add_node(tagged),
+        Err(Error::InvalidName { what: "tag", .. })
+    ));
     // Moving a node below itself is refused; elsewhere is fine.
     let b = id("0010");
-    assert!(matches!(m.reparent(&a, Some(b.clone())), Err(Error::ManifestInconsistent { .. })));
+    assert!(matches!(
+        m.reparent(&a, Some(b.clone())),
+        Err(Error::MoveIntoOwnSubtree { .. })
+    ));
     m.reparent(&b, None).unwrap();
     check_against_naive(&m);
 }
@@ -158,7 +211,10 @@ fn stale_numbering_is_detected_not_used() {
     let b = add(&mut m, Some(&a));
     m.node_mut(&b).unwrap().lid = 7;
     assert!(matches!(m.tree(), Err(Error::ManifestInconsistent { .. })));
-    assert!(matches!(m.recovery_chain(&b), Err(Error::ManifestInconsistent { .. })));
+    assert!(matches!(
+        m.recovery_chain(&b),
+        Err(Error::ManifestInconsistent { .. })
+    ));
     m.recompute_numbering().unwrap();
     assert_eq!(ids(&m.recovery_chain(&b).unwrap()), ["0001", "0002"]);
 }
@@ -205,8 +261,12 @@ fn apply(m: &mut Manifest, op: &Op) {
         Op::DeleteReparent(i) => {
             let target = pick(i);
             let parent = m.node(&target).unwrap().parent.clone();
-            let children: Vec<NodeId> =
-                m.nodes.iter().filter(|x| x.parent.as_ref() == Some(&target)).map(|x| x.id.clone()).collect();
+            let children: Vec<NodeId> = m
+                .nodes
+                .iter()
+                .filter(|x| x.parent.as_ref() == Some(&target))
+                .map(|x| x.id.clone())
+                .collect();
             m.remove_node_reparent(&target).unwrap();
             for child in children {
                 assert_eq!(m.node(&child).unwrap().parent, parent);
@@ -217,7 +277,7 @@ fn apply(m: &mut Manifest, op: &Op) {
             let below_itself = naive_chain(&m.nodes, &target).iter().any(|x| x.id == moving);
             match m.reparent(&moving, Some(target)) {
                 Ok(()) => assert!(!below_itself),
-                Err(Error::ManifestInconsistent { .. }) => assert!(below_itself),
+                Err(Error::MoveIntoOwnSubtree { .. }) => assert!(below_itself),
                 Err(e) => panic!("{e}"),
             }
         }

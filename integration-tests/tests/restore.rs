@@ -393,3 +393,67 @@ async fn restore_refuses_to_overwrite_and_names_near_matches() {
         out.stderr
     );
 }
+
+#[tokio::test]
+async fn killed_during_streaming_the_vm_runs_on_and_cleanup_finishes_the_restore() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x3c, 0, 8 * MIB).await;
+        repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned()
+    };
+    let vm = TestVm::builder()
+        .disk("disk0", 32 * MIB)
+        .disk("disk1", 16 * MIB)
+        .paused()
+        .start()
+        .await;
+    let args = live_args(&repo, &vm, &node, &["--speed-limit", &(2 * MIB).to_string()]);
+    let mut cmd = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    cmd.env("QMPBAK_CRASH_AT", "restore-streaming");
+    let out = cli::wait(cmd.spawn().unwrap(), Duration::from_secs(60));
+    assert!(
+        !out.status.success() && out.stderr.contains("restore-streaming"),
+        "{out:?}"
+    );
+
+    // The VM runs correctly on the chain that stays in QEMU.
+    assert!(vm.running().await);
+    let view = guest_view(&vm, "disk0").await;
+    let mut buf = vec![0u8; 4096];
+    view.read(7 * MIB, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&b| b == 0x3c));
+    view.disconnect().await.unwrap();
+    assert_eq!(
+        repo.manifest(VM).operations.len(),
+        1,
+        "the record is kept until the restore is finished"
+    );
+
+    // cleanup finishes it: streaming completes and the repository is detached.
+    let socket = vm.socket();
+    let cleaned = cli::run(&[
+        "cleanup",
+        "--repo",
+        repo.path().to_str().unwrap(),
+        "--vm",
+        VM,
+        "--socket",
+        socket.to_str().unwrap(),
+        "--json",
+    ])
+    .success()
+    .json();
+    assert_eq!(cleaned["operations"].as_array().unwrap().len(), 1, "{cleaned}");
+    assert!(repo.manifest(VM).operations.is_empty());
+    let expected = work.path().join("expected");
+    restore(&repo.path(), &node, &expected, &[]).success();
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    image::assert_same(&expected.join("disk0.qcow2"), &vm.disk_path("disk0"));
+    assert!(
+        image::info(&vm.disk_path("disk0"))
+            .get("backing-filename")
+            .is_none()
+    );
+}

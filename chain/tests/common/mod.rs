@@ -1,7 +1,7 @@
 //! Helpers shared by the chain crate's integration tests: node builders, naive tree walks to compare the
 //! lid/tid queries against, a temporary repository, and the "re-run this test binary as a child" trick.
 
-#![allow(dead_code)]
+#![allow(dead_code, clippy::unwrap_used)] // shared by several test binaries; unwrap fails the test
 
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
@@ -31,7 +31,11 @@ pub fn node(id: &NodeId, parent: Option<&NodeId>, kind: NodeKind) -> Node {
             bitmap: None,
             table: Some(RelPath::disk_table(id, "disk0").unwrap()),
             table_sha256: Some("ab".repeat(32)),
-            location: Location { host: "host".into(), path: format!("/backups/vm/{id}/disk0.qcow2"), predecessor: None },
+            location: Location {
+                host: "host".into(),
+                path: format!("/backups/vm/{id}/disk0.qcow2"),
+                predecessor: None,
+            },
         }],
     }
 }
@@ -39,7 +43,11 @@ pub fn node(id: &NodeId, parent: Option<&NodeId>, kind: NodeKind) -> Node {
 /// Adds a new node under `parent` (a full if there is none) and returns its id.
 pub fn add(m: &mut Manifest, parent: Option<&NodeId>) -> NodeId {
     let id = m.next_node_id();
-    let kind = if parent.is_some() { NodeKind::Incremental } else { NodeKind::Full };
+    let kind = if parent.is_some() {
+        NodeKind::Incremental
+    } else {
+        NodeKind::Full
+    };
     m.add_node(node(&id, parent, kind)).unwrap();
     id
 }
@@ -85,7 +93,10 @@ pub fn naive_chain<'a>(nodes: &'a [Node], id: &NodeId) -> Vec<&'a Node> {
     let mut at = nodes.iter().find(|n| n.id == *id);
     while let Some(node) = at {
         chain.push(node);
-        at = node.parent.as_ref().and_then(|p| nodes.iter().find(|n| n.id == *p));
+        at = node
+            .parent
+            .as_ref()
+            .and_then(|p| nodes.iter().find(|n| n.id == *p));
     }
     chain.reverse();
     chain
@@ -180,7 +191,10 @@ pub struct Rng(u64);
 
 impl Rng {
     pub fn seeded() -> Rng {
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos();
         Rng((nanos as u64) | 1)
     }
 

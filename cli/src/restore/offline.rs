@@ -235,6 +235,9 @@ async fn restore_disk(
         if let Some(error) = outcome.error {
             bail!("the restore copy job failed: {error}");
         }
+        if format == Format::Raw {
+            punch_zero_blocks(path, &expected)?;
+        }
         // Read the result back through QEMU and compare with the node's table.
         daemon.export(&target, &export, false).await?;
         let client = daemon.connect(&export).await?;
@@ -255,6 +258,32 @@ async fn restore_disk(
         .await;
     graph::remove_chain(qmp, &chain).await;
     result
+}
+
+/// Makes a raw image sparse where the node's table says a block is all zero: the copy job writes zeroes as
+/// allocated ranges. The read-back check that follows proves nothing else changed.
+fn punch_zero_blocks(path: &Path, table: &Table) -> Result<()> {
+    use nix::fcntl::{FallocateFlags, fallocate};
+    use std::os::fd::AsRawFd as _;
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+    for index in (0..table.len()).filter(|&i| table.is_zero(i)) {
+        let (offset, len) = table.block_range(index);
+        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+            bail!(
+                "block {index} of {} lies beyond what the OS can address",
+                path.display()
+            );
+        };
+        fallocate(file.as_raw_fd(), flags, offset, len)
+            .with_context(|| format!("punching a hole into {} at {offset}", path.display()))?;
+    }
+    file.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
+    Ok(())
 }
 
 fn create_image(bins: &QemuBins, path: &Path, size: u64, format: Format) -> Result<()> {

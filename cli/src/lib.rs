@@ -13,6 +13,7 @@ pub mod inspect;
 pub mod plan;
 pub mod progress;
 pub mod qemu_bins;
+pub mod qga;
 pub mod render;
 pub mod restore;
 pub mod signals;

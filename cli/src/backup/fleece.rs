@@ -72,7 +72,7 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
     Ok(())
 }
 
-async fn fleece_and_copy(run: &Run<'_>, socket: &std::path::Path) -> Result<Copied> {
+async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<Copied> {
     let qmp = run.qmp;
     // The fleecing overlays, on top of the live disks.
     for t in &run.targets {
@@ -103,9 +103,8 @@ async fn fleece_and_copy(run: &Run<'_>, socket: &std::path::Path) -> Result<Copi
             },
         }));
     }
-    qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
-        .await
-        .context("starting image fleecing (QMP transaction)")?;
+    run.transaction(actions, "starting image fleecing (QMP transaction)")
+        .await?;
 
     qmp.execute_raw(
         "nbd-server-start",

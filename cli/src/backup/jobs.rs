@@ -25,10 +25,9 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     add_targets(run).await?;
     let jobs: Vec<String> = run.targets.iter().map(|t| run.qemu_name("j", t.index)).collect();
     run.progress.phase("copying");
-    run.qmp
-        .execute_raw("transaction", Some(transaction(run)))
-        .await
-        .context("starting the backup jobs (QMP transaction)")?;
+    let actions = transaction(run);
+    run.transaction(actions, "starting the backup jobs (QMP transaction)")
+        .await?;
     crate::crashpoint::crashpoint("backup-jobs-started");
     let outcome = tokio::select! {
         outcome = wait_jobs(run, &jobs) => outcome,
@@ -116,7 +115,7 @@ async fn remove_targets(run: &Run<'_>) {
 }
 
 /// The one transaction: per disk, the new bitmaps and the copy job.
-fn transaction(run: &Run<'_>) -> Value {
+fn transaction(run: &Run<'_>) -> Vec<Value> {
     let mut actions = Vec::new();
     let base = run.base_bitmap();
     for t in &run.targets {
@@ -147,7 +146,7 @@ fn transaction(run: &Run<'_>) -> Value {
         }
         actions.push(json!({ "type": "blockdev-backup", "data": job }));
     }
-    json!({ "actions": actions })
+    actions
 }
 
 /// Waits for every job to conclude, reporting progress; on the first failure cancels the others.

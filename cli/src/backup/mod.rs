@@ -51,6 +51,8 @@ pub struct BackupOptions {
     pub speed_limit: u64,
     pub compress: bool,
     pub tag: Option<String>,
+    /// Quiesce: freeze the guest's filesystems through the guest agent at this socket around the transaction.
+    pub qga: Option<PathBuf>,
     pub lock_wait: LockWait,
     pub job_timeout: Duration,
 }
@@ -66,6 +68,8 @@ pub struct BackupReport {
     pub reason: String,
     pub disks: Vec<DiskReport>,
     pub duration_secs: f64,
+    /// Whether the guest's filesystems were frozen for the backup instant.
+    pub quiesced: bool,
     /// What an earlier, interrupted run left behind and this run removed.
     pub cleaned: cleanup::Cleaned,
 }
@@ -108,6 +112,7 @@ pub(crate) struct Run<'a> {
     pub opts: &'a BackupOptions,
     pub progress: &'a dyn Progress,
     pub interrupt: &'a Interrupt,
+    pub agent: Option<crate::qga::GuestAgent>,
 }
 
 impl Run<'_> {
@@ -135,6 +140,37 @@ impl Run<'_> {
             names.push(BitmapName::differential(chain, self.node.as_str()).to_string());
         }
         names
+    }
+
+    /// Runs the backup's one QMP transaction; with `--quiesce` the guest's filesystems are frozen just before
+    /// it and thawed right after it, whether it succeeded or not.
+    pub async fn transaction(&mut self, actions: Vec<serde_json::Value>, what: &str) -> Result<()> {
+        if let Some(agent) = self.agent.as_mut() {
+            let n = agent
+                .freeze()
+                .await
+                .context("freezing the guest's filesystems (--quiesce)")?;
+            self.progress.phase(&format!("froze {n} guest filesystem(s)"));
+        }
+        let result = self
+            .qmp
+            .execute_raw("transaction", Some(serde_json::json!({ "actions": actions })))
+            .await;
+        if let Some(agent) = self.agent.as_mut() {
+            let mut thawed = agent.thaw().await;
+            for _ in 0..2 {
+                if thawed.is_ok() {
+                    break;
+                }
+                thawed = agent.thaw().await;
+            }
+            if let Err(e) = thawed {
+                return Err(e.context("THE GUEST'S FILESYSTEMS MAY STILL BE FROZEN: thawing failed; run guest-fsfreeze-thaw through the guest agent"));
+            }
+            self.progress.phase("thawed the guest's filesystems");
+        }
+        result.with_context(|| what.to_owned())?;
+        Ok(())
     }
 
     /// Saves the manifest (atomically).
@@ -208,6 +244,15 @@ pub async fn backup(
         }
     }
 
+    // Reach the guest agent before anything changes, so a wrong socket fails early.
+    let agent = match &opts.qga {
+        Some(path) => Some(
+            crate::qga::GuestAgent::connect(path)
+                .await
+                .context("--quiesce needs the guest agent")?,
+        ),
+        None => None,
+    };
     let op = Operation {
         id: format!("backup-{node}"),
         kind: OperationKind::Backup,
@@ -235,6 +280,7 @@ pub async fn backup(
         opts,
         progress,
         interrupt,
+        agent,
     };
     run.begin()?;
     crashpoint("backup-begun");
@@ -275,6 +321,7 @@ pub async fn backup(
         reason: run.plan.reason.clone(),
         disks: report_disks,
         duration_secs: started.elapsed().as_secs_f64(),
+        quiesced: opts.qga.is_some(),
         cleaned,
     })
 }

@@ -50,6 +50,12 @@ pub struct Args {
     /// Compress the backup files (qcow2 compressed clusters).
     #[arg(long)]
     compress: bool,
+    /// Freeze the guest's filesystems (guest agent fsfreeze) around the backup instant; needs --qga.
+    #[arg(long, requires = "qga")]
+    quiesce: bool,
+    /// The guest agent's socket (`-chardev socket,path=SOCK,server=on,wait=off` on a virtio-serial port).
+    #[arg(long, value_name = "SOCK", requires = "quiesce")]
+    qga: Option<PathBuf>,
     /// A name for this backup, usable wherever a node id is.
     #[arg(long)]
     tag: Option<String>,
@@ -76,6 +82,7 @@ pub async fn run(args: Args) -> Result<()> {
         speed_limit: args.speed_limit,
         compress: args.compress,
         tag: args.tag,
+        qga: if args.quiesce { args.qga } else { None },
         lock_wait: args.lock.lock_wait(),
         job_timeout: backup::DEFAULT_JOB_TIMEOUT,
     };

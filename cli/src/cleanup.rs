@@ -4,12 +4,16 @@
 //! next run finds the record and removes what is left, in QEMU and on disk, and marks the node failed.
 //! Removal is idempotent: things already gone are skipped.
 
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::json;
 
 use chain::{LockGuard, Manifest, NodeState, Operation, OperationKind, VmStore};
+
+/// Prefix of an operation note that lists files created outside the repository, one per line.
+pub const OUTSIDE_FILES: &str = "files outside the repository:\n";
 
 /// How long a leftover job may take to stop after `job-cancel`.
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -89,13 +93,44 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
     }
 }
 
-/// Removes the files an operation record names and the node's directory if it is left empty.
-pub fn undo_on_disk(vm: &VmStore, op: &Operation, cleaned: &mut Cleaned) {
-    for file in &op.files {
-        if let Ok(path) = vm.resolve(file) {
-            if std::fs::remove_file(&path).is_ok() {
-                cleaned.files.push(file.to_string());
-            }
+/// The image files QEMU has open, so that cleanup never deletes one a VM is using.
+pub async fn open_files(qmp: Option<&qmp::Qmp>) -> Vec<PathBuf> {
+    let Some(qmp) = qmp else { return Vec::new() };
+    let Ok(nodes) = qmp
+        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await
+    else {
+        return Vec::new();
+    };
+    nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["file"].as_str())
+        .map(PathBuf::from)
+        .collect()
+}
+
+/// Removes the files an operation record names (inside the repository, and `outside`: absolute paths a
+/// snapshot created next to the VM's disks) and the node's directory if it is left empty. A file QEMU still
+/// has open (`in_use`) is never deleted.
+pub fn undo_on_disk(vm: &VmStore, op: &Operation, in_use: &[PathBuf], cleaned: &mut Cleaned) {
+    let outside = op
+        .note
+        .as_deref()
+        .and_then(|n| n.strip_prefix(OUTSIDE_FILES))
+        .unwrap_or_default();
+    let paths = op
+        .files
+        .iter()
+        .filter_map(|f| vm.resolve(f).ok())
+        .chain(outside.split('\n').filter(|p| !p.is_empty()).map(PathBuf::from));
+    for path in paths {
+        if in_use.contains(&path) {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            cleaned.files.push(path.display().to_string());
         }
     }
     if let Some(node) = &op.node {
@@ -137,7 +172,8 @@ pub async fn recover(
         if let Some(qmp) = qmp {
             undo_in_qemu(qmp, op, &mut cleaned).await;
         }
-        undo_on_disk(vm, op, &mut cleaned);
+        let in_use = open_files(qmp).await;
+        undo_on_disk(vm, op, &in_use, &mut cleaned);
         if let Some(node_id) = &op.node {
             if let Some(node) = manifest.node_mut(node_id) {
                 if node.state == NodeState::Pending {

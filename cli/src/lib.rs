@@ -17,5 +17,6 @@ pub mod qga;
 pub mod render;
 pub mod restore;
 pub mod signals;
+pub mod snapshot;
 pub mod tables;
 pub mod verify;

@@ -266,10 +266,27 @@ impl TestVm {
         if was_running {
             self.qmp().execute_raw("stop", None).await.expect("stop");
         }
-        image::convert_to_qcow2(&self.disk_path(id), dst);
+        image::convert_to_qcow2(&self.active_image(id).await, dst);
         if was_running {
             self.qmp().execute_raw("cont", None).await.expect("cont");
         }
+    }
+
+    /// The image file on top of disk `id`'s graph right now (after a snapshot, the overlay).
+    pub async fn active_image(&self, id: &str) -> PathBuf {
+        let blocks = self
+            .qmp()
+            .execute_raw("query-block", None)
+            .await
+            .expect("query-block");
+        let qdev = format!("/machine/peripheral/{id}/");
+        blocks
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|b| b["qdev"].as_str().is_some_and(|q| q.starts_with(&qdev)))
+            .and_then(|b| b["inserted"]["file"].as_str())
+            .map_or_else(|| self.disk_path(id), PathBuf::from)
     }
 
     /// Kills QEMU with SIGKILL (a crash) and waits for it; the disk images stay.

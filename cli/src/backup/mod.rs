@@ -514,7 +514,8 @@ impl Run<'_> {
     async fn fail(&mut self, err: &anyhow::Error) {
         let mut cleaned = cleanup::Cleaned::default();
         cleanup::undo_in_qemu(self.qmp, &self.op, &mut cleaned).await;
-        cleanup::undo_on_disk(self.vm, &self.op, &mut cleaned);
+        let in_use = cleanup::open_files(Some(self.qmp)).await;
+        cleanup::undo_on_disk(self.vm, &self.op, &in_use, &mut cleaned);
         if let Some(node) = self.manifest.node_mut(&self.node) {
             node.state = NodeState::Failed;
             node.reason = Some(format!("{err:#}"));

@@ -9,6 +9,7 @@ mod list;
 mod qmp;
 mod restore;
 mod show;
+mod snapshot;
 mod verify;
 
 use clap::Subcommand;
@@ -29,8 +30,12 @@ pub enum Command {
     Qmp(qmp::Args),
     /// Restore a node: offline into image files, or live into a running VM.
     Restore(restore::Args),
+    /// Continue the running VM from a time point (the later points stay as a branch).
+    Revert(snapshot::RevertArgs),
     /// Show one backup node and its recovery chain.
     Show(show::Args),
+    /// Take a time point of a running VM by external snapshot (milliseconds, no copy).
+    Snapshot(snapshot::Args),
     /// Re-read backups and compare them with their checking tables.
     Verify(verify::Args),
 }
@@ -45,7 +50,9 @@ impl Command {
             Command::List(args) => list::run(&args),
             Command::Qmp(args) => qmp::run(args).await,
             Command::Restore(args) => restore::run(args).await,
+            Command::Revert(args) => snapshot::revert(args).await,
             Command::Show(args) => show::run(&args),
+            Command::Snapshot(args) => snapshot::run(args).await,
             Command::Verify(args) => verify::run(args).await,
         }
     }

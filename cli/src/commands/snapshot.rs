@@ -1,0 +1,101 @@
+//! `qmpbak snapshot` and `qmpbak revert`: cheap time points by external snapshot, and going back to one.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use super::args::LockArgs;
+use qmpbak::snapshot::{self, RevertOptions, SnapshotOptions};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// QEMU's QMP socket.
+    #[arg(long)]
+    socket: PathBuf,
+    /// The repository whose manifest records the time point.
+    #[arg(long, env = "QMPBAK_REPO")]
+    repo: PathBuf,
+    /// The VM's name in the repository.
+    #[arg(long)]
+    vm: String,
+    /// A name for the time point, usable wherever a node id is (unique per VM).
+    #[arg(long)]
+    tag: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    lock: LockArgs,
+}
+
+pub async fn run(args: Args) -> Result<()> {
+    let opts = SnapshotOptions {
+        socket: args.socket,
+        repo: args.repo,
+        vm: args.vm,
+        tag: args.tag,
+        lock_wait: args.lock.lock_wait(),
+    };
+    let report = snapshot::snapshot(&opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "time point {} of {} taken in {:.1} ms{}",
+            report.node,
+            report.vm,
+            report.transaction_ms,
+            report
+                .parent
+                .as_ref()
+                .map_or_else(String::new, |p| format!(" (after {p})"))
+        );
+        for d in &report.disks {
+            println!(
+                "  disk {}: frozen {}, writes go to {}",
+                d.disk,
+                d.frozen.display(),
+                d.overlay.display()
+            );
+        }
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct RevertArgs {
+    /// The time point: node id or tag.
+    node: String,
+    /// QEMU's QMP socket.
+    #[arg(long)]
+    socket: PathBuf,
+    #[arg(long, env = "QMPBAK_REPO")]
+    repo: PathBuf,
+    #[arg(long)]
+    vm: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    lock: LockArgs,
+}
+
+pub async fn revert(args: RevertArgs) -> Result<()> {
+    let opts = RevertOptions {
+        socket: args.socket,
+        repo: args.repo,
+        vm: args.vm,
+        node: args.node,
+        lock_wait: args.lock.lock_wait(),
+    };
+    let report = snapshot::revert(&opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} continues from time point {} ({:.2} s)",
+            report.vm, report.node, report.duration_secs
+        );
+    }
+    Ok(())
+}

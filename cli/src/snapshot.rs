@@ -1,0 +1,526 @@
+//! External-snapshot time points and revert, for CI pipelines that want cheap named points to return to.
+//!
+//! `snapshot`: one `transaction` of `blockdev-snapshot` puts a new, empty qcow2 overlay on every disk; the files
+//! below are frozen and become the increments of a `snapshot` node, recorded with where they live (host, path,
+//! predecessor). No data is copied, so it takes milliseconds whatever the disk size. Overlays are created next
+//! to the disk images and named `<stem>.qmpbak-<chain>-<node>[.<n>].qcow2`: the node a file's writes start
+//! from can be read from its name, which makes the next snapshot that node's child.
+//!
+//! `revert`: with the VM paused, each disk gets a new overlay on top of the time point's frozen file, and a
+//! `blockdev-mirror sync=none` job whose completion pivots the device onto it. The writes made since are
+//! dropped; later time points stay as another branch of the tree.
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::Serialize;
+use serde_json::json;
+
+use chain::{
+    Location, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState, Operation, OperationKind,
+    RelPath, Repository,
+};
+
+use crate::cleanup;
+use crate::exit::Exit;
+use crate::graph::short_name;
+use crate::inspect::{self, DiskInfo};
+use crate::qemu_bins::QemuBins;
+
+/// Bound on the pivot job of a revert (nothing is copied: the VM is paused).
+pub const PIVOT_TIMEOUT: Duration = Duration::from_secs(60);
+
+#[derive(Debug, Clone)]
+pub struct SnapshotOptions {
+    pub socket: PathBuf,
+    pub repo: PathBuf,
+    pub vm: String,
+    pub tag: Option<String>,
+    pub lock_wait: LockWait,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotReport {
+    pub vm: String,
+    pub node: String,
+    pub parent: Option<String>,
+    /// Per disk: the frozen file (the node's increment) and the new overlay.
+    pub disks: Vec<SnapshotDisk>,
+    /// Milliseconds the QMP transaction took: how long the guest's I/O could notice.
+    pub transaction_ms: f64,
+    pub duration_secs: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotDisk {
+    pub disk: String,
+    pub frozen: PathBuf,
+    pub overlay: PathBuf,
+}
+
+/// The node a qmpbak overlay's writes start from, read from its file name.
+pub fn overlay_base(path: &Path, chain_id: &str) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let rest = &name[name.find(&format!(".qmpbak-{chain_id}-"))? + 9 + chain_id.len()..];
+    let node = rest.split('.').next()?;
+    (!node.is_empty()).then(|| node.to_owned())
+}
+
+/// The image name without qmpbak's overlay suffix: `disk0.qmpbak-ab12-0003.2.qcow2` → `disk0`.
+fn stem(path: &Path) -> String {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match name.find(".qmpbak-") {
+        Some(i) => name[..i].to_owned(),
+        None => name.strip_suffix(".qcow2").unwrap_or(&name).to_owned(),
+    }
+}
+
+/// A new overlay path for `disk_file` starting from `node`, not yet existing.
+fn overlay_path(disk_file: &Path, chain_id: &str, node: &str) -> PathBuf {
+    let dir = disk_file.parent().unwrap_or(Path::new("/"));
+    let base = format!("{}.qmpbak-{chain_id}-{node}", stem(disk_file));
+    let mut path = dir.join(format!("{base}.qcow2"));
+    let mut n = 1;
+    while path.exists() {
+        path = dir.join(format!("{base}.{n}.qcow2"));
+        n += 1;
+    }
+    path
+}
+
+fn create_overlay(bins: &QemuBins, path: &Path, backing: &Path, size: u64) -> Result<()> {
+    let out = std::process::Command::new(&bins.img)
+        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
+        .arg(backing)
+        .arg(path)
+        .arg(size.to_string())
+        .output()
+        .with_context(|| format!("running {}", bins.img.display()))?;
+    if !out.status.success() {
+        bail!(
+            "creating {} failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
+    Ok(())
+}
+
+fn absolute(disk: &DiskInfo) -> Result<PathBuf> {
+    let path = PathBuf::from(&disk.file);
+    if !path.is_absolute() || disk.format != "qcow2" {
+        bail!(Exit::usage(format!(
+            "disk {} is {} image {:?}: snapshots need qcow2 images opened by absolute path",
+            disk.id, disk.format, disk.file
+        )));
+    }
+    Ok(path)
+}
+
+fn operation(kind: &str, node: &NodeId, outside: &[PathBuf]) -> Operation {
+    let mut op = Operation::new(OperationKind::Snapshot, Some(node.clone()), chrono::Utc::now());
+    op.id = format!("{kind}-{node}");
+    let list: Vec<String> = outside.iter().map(|p| p.display().to_string()).collect();
+    op.note = Some(format!("{}{}", cleanup::OUTSIDE_FILES, list.join("\n")));
+    op
+}
+
+/// Takes a time point of every disk of the VM.
+pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
+    let started = Instant::now();
+    let repo = Repository::open(&opts.repo)?;
+    let vm = match repo.vm(&opts.vm) {
+        Ok(vm) if vm.dir().exists() => vm,
+        _ => repo.create_vm(&opts.vm)?,
+    };
+    let guard = vm.lock_exclusive(opts.lock_wait, "snapshot")?;
+    let mut manifest = vm.load()?;
+    let qmp = inspect::connect(&opts.socket).await?;
+    cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    if let Some(tag) = &opts.tag {
+        if manifest.find(tag).is_some() {
+            bail!(Exit::usage(format!(
+                "tag {tag:?} is already used in VM {}: tags are unique per VM",
+                opts.vm
+            )));
+        }
+    }
+    let info = inspect::inspect(&qmp).await?;
+    if info.disks.is_empty() {
+        bail!(Exit::usage("the VM has no disks"));
+    }
+    let node = manifest.next_node_id();
+    let chain_id = manifest.chain_id.clone();
+    let bins = QemuBins::from_env();
+
+    // The parent: the time point the frozen files' writes start from (the same for every disk, or none).
+    let mut parent: Option<NodeId> = None;
+    let mut frozen = Vec::new();
+    for d in &info.disks {
+        let file = absolute(d)?;
+        let base = overlay_base(&file, &chain_id).and_then(|n| n.parse::<NodeId>().ok());
+        let base = base.filter(|b| manifest.node(b).is_some_and(|n| n.kind == NodeKind::Snapshot));
+        if frozen.is_empty() {
+            parent = base;
+        } else if parent != base {
+            parent = None;
+        }
+        frozen.push(file);
+    }
+    let overlays: Vec<PathBuf> = frozen
+        .iter()
+        .map(|f| overlay_path(f, &chain_id, node.as_str()))
+        .collect();
+    let host = chain::lock::hostname();
+    let disks = info
+        .disks
+        .iter()
+        .zip(&frozen)
+        .map(|(d, f)| {
+            Ok(NodeDisk {
+                disk: d.id.clone(),
+                file: RelPath::disk_image(&node, &d.id)?,
+                backing: match &parent {
+                    Some(p) => Some(RelPath::disk_image(p, &d.id)?),
+                    None => None,
+                },
+                virtual_size: d.virtual_size,
+                allocated_bytes: d.allocated_size.unwrap_or(0),
+                bitmap: None,
+                table: None,
+                table_sha256: None,
+                location: Location {
+                    host: host.clone(),
+                    path: f.display().to_string(),
+                    predecessor: d.backing_file.clone(),
+                },
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    manifest.add_node(Node {
+        id: node.clone(),
+        parent: parent.clone(),
+        kind: NodeKind::Snapshot,
+        created: chrono::Utc::now(),
+        state: NodeState::Pending,
+        tag: opts.tag.clone(),
+        reason: Some("external snapshot".into()),
+        lid: 0,
+        tid: 0,
+        disks,
+    })?;
+    let mut op = operation("snapshot", &node, &overlays);
+    for i in 0..info.disks.len() {
+        op.block_nodes.push(short_name(&chain_id, "o", node.as_str(), i));
+    }
+    manifest.add_operation(op.clone());
+    vm.save(&manifest, &guard)?;
+
+    let result = async {
+        let mut actions = Vec::new();
+        for (i, (d, (f, o))) in info.disks.iter().zip(frozen.iter().zip(&overlays)).enumerate() {
+            create_overlay(&bins, o, f, d.virtual_size)?;
+            let name = short_name(&chain_id, "o", node.as_str(), i);
+            qmp.execute_raw(
+                "blockdev-add",
+                Some(json!({ "driver": "qcow2", "node-name": name,
+                             "file": { "driver": "file", "filename": o }, "backing": null })),
+            )
+            .await
+            .with_context(|| format!("opening the overlay {}", o.display()))?;
+            actions.push(
+                json!({ "type": "blockdev-snapshot", "data": { "node": d.node_name, "overlay": name } }),
+            );
+        }
+        let t = Instant::now();
+        qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
+            .await
+            .context("taking the snapshot (QMP transaction)")?;
+        Ok::<_, anyhow::Error>(t.elapsed().as_secs_f64() * 1000.0)
+    }
+    .await;
+    let transaction_ms = match result {
+        Ok(ms) => ms,
+        Err(err) => {
+            abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
+            return Err(err);
+        }
+    };
+    crate::crashpoint::crashpoint("snapshot-taken");
+    if let Some(n) = manifest.node_mut(&node) {
+        n.state = NodeState::Complete;
+    }
+    manifest.remove_operation(&op.id);
+    vm.save(&manifest, &guard)?;
+    Ok(SnapshotReport {
+        vm: opts.vm.clone(),
+        node: node.to_string(),
+        parent: parent.map(|p| p.to_string()),
+        disks: info
+            .disks
+            .iter()
+            .zip(frozen.into_iter().zip(overlays))
+            .map(|(d, (frozen, overlay))| SnapshotDisk {
+                disk: d.id.clone(),
+                frozen,
+                overlay,
+            })
+            .collect(),
+        transaction_ms,
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Undoes a failed snapshot or revert from its record (never touching files QEMU uses) and marks the node
+/// failed.
+async fn abandon(
+    qmp: &qmp::Qmp,
+    vm: &chain::VmStore,
+    manifest: &mut Manifest,
+    guard: &chain::LockGuard,
+    op: &Operation,
+    err: &anyhow::Error,
+) {
+    let mut cleaned = cleanup::Cleaned::default();
+    cleanup::undo_in_qemu(qmp, op, &mut cleaned).await;
+    let in_use = cleanup::open_files(Some(qmp)).await;
+    cleanup::undo_on_disk(vm, op, &in_use, &mut cleaned);
+    if let Some(n) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
+        if n.state == NodeState::Pending {
+            n.state = NodeState::Failed;
+            n.reason = Some(format!("{err:#}"));
+        }
+    }
+    manifest.remove_operation(&op.id);
+    if let Err(e) = vm.save(manifest, guard) {
+        eprintln!("qmpbak: could not record the failure in the manifest: {e:#}");
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct RevertOptions {
+    pub socket: PathBuf,
+    pub repo: PathBuf,
+    pub vm: String,
+    pub node: String,
+    pub lock_wait: LockWait,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RevertReport {
+    pub vm: String,
+    pub node: String,
+    pub disks: Vec<SnapshotDisk>,
+    pub duration_secs: f64,
+}
+
+/// Makes the running VM continue from time point `node` on new overlays.
+pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
+    let started = Instant::now();
+    let repo = Repository::open(&opts.repo)?;
+    let vm = repo.vm(&opts.vm)?;
+    let guard = vm.lock_exclusive(opts.lock_wait, "revert")?;
+    let mut manifest = vm.load()?;
+    let qmp = inspect::connect(&opts.socket).await?;
+    cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let target = crate::restore::find_node(&manifest, &opts.node)?.clone();
+    if target.kind != NodeKind::Snapshot {
+        bail!(Exit::usage(format!(
+            "node {} is a {} backup, not a time point: use `qmpbak restore` for backups",
+            target.id, target.kind
+        )));
+    }
+    let info = inspect::inspect(&qmp).await?;
+    let chain_id = manifest.chain_id.clone();
+    let bins = QemuBins::from_env();
+    let mut plan = Vec::new();
+    for (i, nd) in target.disks.iter().enumerate() {
+        let Some(d) = info.disks.iter().find(|d| d.id == nd.disk) else {
+            bail!(Exit::usage(format!(
+                "the VM has no disk {} that time point {} has",
+                nd.disk, target.id
+            )));
+        };
+        let frozen = PathBuf::from(&nd.location.path);
+        if !frozen.exists() {
+            bail!(
+                "the frozen file {} of time point {} is gone",
+                frozen.display(),
+                target.id
+            );
+        }
+        let overlay = overlay_path(&absolute(d)?, &chain_id, target.id.as_str());
+        plan.push((i, d.clone(), frozen, overlay));
+    }
+    let overlays: Vec<PathBuf> = plan.iter().map(|p| p.3.clone()).collect();
+    let mut op = operation("revert", &target.id, &overlays);
+    op.node = None;
+    // A suffix no block node uses yet: the previous revert's overlay may still be the disks' top.
+    let existing = qmp
+        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await?
+        .to_string();
+    let seq = (0u32..)
+        .find(|n| {
+            !existing.contains(&format!(
+                "\"{}\"",
+                short_name(&chain_id, &format!("a{n}"), target.id.as_str(), 0)
+            ))
+        })
+        .unwrap_or(0);
+    for (i, ..) in &plan {
+        op.jobs.push(short_name(&chain_id, "p", target.id.as_str(), *i));
+        op.block_nodes
+            .push(short_name(&chain_id, &format!("a{seq}"), target.id.as_str(), *i));
+        op.block_nodes
+            .push(short_name(&chain_id, "f", target.id.as_str(), *i));
+    }
+    manifest.add_operation(op.clone());
+    vm.save(&manifest, &guard)?;
+
+    let was_running = qmp.execute_raw("query-status", None).await?["running"] == true;
+    if was_running {
+        qmp.execute_raw("stop", None)
+            .await
+            .context("pausing the VM for the switch")?;
+    }
+    let result = switch(&qmp, &bins, &chain_id, &target, seq, &plan).await;
+    if was_running {
+        qmp.execute_raw("cont", None).await.context("resuming the VM")?;
+    }
+    if let Err(err) = result {
+        abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
+        return Err(err);
+    }
+    manifest.remove_operation(&op.id);
+    manifest.current = Some(target.id.clone());
+    vm.save(&manifest, &guard)?;
+    Ok(RevertReport {
+        vm: opts.vm.clone(),
+        node: target.id.to_string(),
+        disks: plan
+            .into_iter()
+            .map(|(_, d, frozen, overlay)| SnapshotDisk {
+                disk: d.id,
+                frozen,
+                overlay,
+            })
+            .collect(),
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// Pivots each disk onto a new overlay over the time point's frozen file, then drops the old overlay if it
+/// was one of qmpbak's and no time point froze it.
+async fn switch(
+    qmp: &qmp::Qmp,
+    bins: &QemuBins,
+    chain_id: &str,
+    target: &Node,
+    seq: u32,
+    plan: &[(usize, DiskInfo, PathBuf, PathBuf)],
+) -> Result<()> {
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await?;
+    let node_for = |path: &Path| {
+        nodes.as_array().into_iter().flatten().find_map(|n| {
+            (n["drv"] == "qcow2" && n["file"].as_str() == Some(&path.display().to_string()))
+                .then(|| n["node-name"].as_str().map(str::to_owned))
+                .flatten()
+        })
+    };
+    for (i, d, frozen, overlay) in plan {
+        let backing = match node_for(frozen) {
+            Some(name) => name,
+            None => {
+                // Not in the graph any more: open it (and what its header names below it) read-only.
+                let name = short_name(chain_id, "f", target.id.as_str(), *i);
+                qmp.execute_raw(
+                    "blockdev-add",
+                    Some(json!({ "driver": "qcow2", "node-name": name, "read-only": true,
+                                 "file": { "driver": "file", "filename": frozen } })),
+                )
+                .await
+                .with_context(|| format!("opening {}", frozen.display()))?;
+                name
+            }
+        };
+        create_overlay(bins, overlay, frozen, d.virtual_size)?;
+        let name = short_name(chain_id, &format!("a{seq}"), target.id.as_str(), *i);
+        qmp.execute_raw(
+            "blockdev-add",
+            Some(json!({ "driver": "qcow2", "node-name": name,
+                         "file": { "driver": "file", "filename": overlay }, "backing": backing })),
+        )
+        .await
+        .with_context(|| format!("opening the overlay {}", overlay.display()))?;
+        let job = short_name(chain_id, "p", target.id.as_str(), *i);
+        qmp.execute_raw(
+            "blockdev-mirror",
+            Some(json!({ "job-id": job, "device": d.node_name, "target": name, "sync": "none", "auto-dismiss": false })),
+        )
+        .await
+        .with_context(|| format!("starting the switch of disk {}", d.id))?;
+        let status = qmp
+            .wait_job_status(&job, &[qmp::JobStatus::Ready], PIVOT_TIMEOUT)
+            .await?;
+        if status != qmp::JobStatus::Ready {
+            let outcome = qmp.wait_job(&job, PIVOT_TIMEOUT).await?;
+            let _ = qmp.dismiss_job(&job).await;
+            bail!(
+                "the switch of disk {} failed: {}",
+                d.id,
+                outcome.error.unwrap_or_default()
+            );
+        }
+        qmp.execute_raw("job-complete", Some(json!({ "id": job })))
+            .await?;
+        let outcome = qmp.wait_job(&job, PIVOT_TIMEOUT).await?;
+        qmp.dismiss_job(&job).await?;
+        if let Some(error) = outcome.error {
+            bail!("the switch of disk {} failed: {error}", d.id);
+        }
+        // The old top is detached now; drop it if it is a qmpbak overlay that no time point froze.
+        let old = PathBuf::from(&d.file);
+        let ours = old
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().contains(&format!(".qmpbak-{chain_id}-")));
+        if ours && &old != frozen && d.node_name.starts_with("qb") {
+            if qmp
+                .execute_raw("blockdev-del", Some(json!({ "node-name": d.node_name })))
+                .await
+                .is_ok()
+            {
+                let _ = std::fs::remove_file(&old);
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_names_carry_their_base_node() {
+        let p = overlay_path(Path::new("/vm/disk0.qcow2"), "ab12cd34", "0003");
+        assert_eq!(p, Path::new("/vm/disk0.qmpbak-ab12cd34-0003.qcow2"));
+        assert_eq!(overlay_base(&p, "ab12cd34").as_deref(), Some("0003"));
+        assert_eq!(
+            overlay_base(Path::new("/vm/disk0.qmpbak-ab12cd34-0007.4.qcow2"), "ab12cd34").as_deref(),
+            Some("0007")
+        );
+        assert_eq!(overlay_base(Path::new("/vm/disk0.qcow2"), "ab12cd34"), None);
+        assert_eq!(overlay_base(&p, "ffffffff"), None);
+        assert_eq!(stem(Path::new("/vm/disk0.qmpbak-ab12cd34-0007.4.qcow2")), "disk0");
+    }
+}

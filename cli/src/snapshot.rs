@@ -367,7 +367,7 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
         .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
         .await?
         .to_string();
-    let seq = (0u32..)
+    let seq = (0u32..10_000)
         .find(|n| {
             !existing.contains(&format!(
                 "\"{}\"",
@@ -438,20 +438,19 @@ async fn switch(
         })
     };
     for (i, d, frozen, overlay) in plan {
-        let backing = match node_for(frozen) {
-            Some(name) => name,
-            None => {
-                // Not in the graph any more: open it (and what its header names below it) read-only.
-                let name = short_name(chain_id, "f", target.id.as_str(), *i);
-                qmp.execute_raw(
-                    "blockdev-add",
-                    Some(json!({ "driver": "qcow2", "node-name": name, "read-only": true,
-                                 "file": { "driver": "file", "filename": frozen } })),
-                )
-                .await
-                .with_context(|| format!("opening {}", frozen.display()))?;
-                name
-            }
+        let backing = if let Some(name) = node_for(frozen) {
+            name
+        } else {
+            // Not in the graph any more: open it (and what its header names below it) read-only.
+            let name = short_name(chain_id, "f", target.id.as_str(), *i);
+            qmp.execute_raw(
+                "blockdev-add",
+                Some(json!({ "driver": "qcow2", "node-name": name, "read-only": true,
+                             "file": { "driver": "file", "filename": frozen } })),
+            )
+            .await
+            .with_context(|| format!("opening {}", frozen.display()))?;
+            name
         };
         create_overlay(bins, overlay, frozen, d.virtual_size)?;
         let name = short_name(chain_id, &format!("a{seq}"), target.id.as_str(), *i);
@@ -493,14 +492,15 @@ async fn switch(
         let ours = old
             .file_name()
             .is_some_and(|n| n.to_string_lossy().contains(&format!(".qmpbak-{chain_id}-")));
-        if ours && &old != frozen && d.node_name.starts_with("qb") {
-            if qmp
+        if ours
+            && &old != frozen
+            && d.node_name.starts_with("qb")
+            && qmp
                 .execute_raw("blockdev-del", Some(json!({ "node-name": d.node_name })))
                 .await
                 .is_ok()
-            {
-                let _ = std::fs::remove_file(&old);
-            }
+        {
+            let _ = std::fs::remove_file(&old);
         }
     }
     Ok(())

@@ -153,6 +153,14 @@ pub async fn recover(
     }
     let operations = std::mem::take(&mut manifest.operations);
     for op in &operations {
+        if op.kind == OperationKind::Commit {
+            // Finished if the increments left the graph, else nothing to undo for the surviving time point.
+            if let Some(qmp) = qmp {
+                crate::commit::recover(qmp, manifest, op).await?;
+            }
+            cleaned.operations.push(op.id.clone());
+            continue;
+        }
         if op.kind == OperationKind::Restore {
             // A live restore cannot be undone once the VM runs on the chain: finish it instead.
             let Some(qmp) = qmp else {

@@ -47,7 +47,8 @@ pub fn qcow2_options(
     })
 }
 
-/// Adds the recovery chain of `node` for disk `disk` to the QEMU behind `qmp`, with names `{prefix}{layer}`.
+/// Adds the recovery chain of `node` for disk `disk` to the QEMU behind `qmp`, with names `{prefix}{layer}`,
+/// from the newest layer that has no backing file (normally the full) up to `node`.
 /// On failure the layers added so far are removed again.
 pub async fn add_chain(
     qmp: &qmp::Qmp,
@@ -58,8 +59,14 @@ pub async fn add_chain(
     prefix: &str,
 ) -> Result<ChainGraph> {
     let chain = manifest.recovery_chain(node)?;
+    // Start at the newest self-contained layer for this disk (a full, or a flattened copy): nothing below it
+    // is read.
+    let start = chain
+        .iter()
+        .rposition(|n| n.disks.iter().any(|d| d.disk == disk && d.backing.is_none()))
+        .unwrap_or(0);
     let mut graph = ChainGraph::default();
-    for (i, layer) in chain.iter().enumerate() {
+    for (i, layer) in chain.iter().enumerate().skip(start) {
         let name = format!("{prefix}{i}");
         debug_assert!(name.len() <= MAX_NODE_NAME, "block node name {name} too long");
         let added: Result<()> = async {

@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod bitmaps;
 pub mod cleanup;
+pub mod commit;
 pub mod crashpoint;
 pub mod daemon;
 pub mod exit;

@@ -38,6 +38,9 @@ pub struct SnapshotOptions {
     pub repo: PathBuf,
     pub vm: String,
     pub tag: Option<String>,
+    /// Also copy the frozen increments into the repository (with checking tables), so the time point survives
+    /// the loss of the VM's storage.
+    pub copy: bool,
     pub lock_wait: LockWait,
 }
 
@@ -50,6 +53,8 @@ pub struct SnapshotReport {
     pub disks: Vec<SnapshotDisk>,
     /// Milliseconds the QMP transaction took: how long the guest's I/O could notice.
     pub transaction_ms: f64,
+    /// Whether the increments were copied into the repository.
+    pub copied: bool,
     pub duration_secs: f64,
 }
 
@@ -254,6 +259,19 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
         }
     };
     crate::crashpoint::crashpoint("snapshot-taken");
+    if opts.copy {
+        if let Err(err) = copy_into_repo(&vm, &mut manifest, &node, &bins, repo.settings().block_size).await {
+            // The time point itself exists in QEMU; record it without the copy and say why.
+            eprintln!("qmpbak: warning: copying time point {node} into the repository failed: {err:#}");
+            let _ = std::fs::remove_dir_all(vm.node_dir(&node));
+            if let Some(n) = manifest.node_mut(&node) {
+                for d in &mut n.disks {
+                    d.table = None;
+                    d.table_sha256 = None;
+                }
+            }
+        }
+    }
     if let Some(n) = manifest.node_mut(&node) {
         n.state = NodeState::Complete;
     }
@@ -274,8 +292,123 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
             })
             .collect(),
         transaction_ms,
+        copied: opts.copy && vm.node_dir(&node).exists(),
         duration_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Copies each frozen increment into the repository: on top of the parent's copy when there is one (the qcow2
+/// backing chain then equals the tree path), flattened into a self-contained image otherwise; then builds its
+/// checking table through QEMU.
+async fn copy_into_repo(
+    vm: &chain::VmStore,
+    manifest: &mut Manifest,
+    node: &NodeId,
+    bins: &QemuBins,
+    block_size: u64,
+) -> Result<()> {
+    let n = manifest.node(node).context("node vanished")?.clone();
+    vm.create_node_dir(node)?;
+    let parent_copied = |disk: &str| {
+        n.parent
+            .as_ref()
+            .and_then(|p| manifest.node(p))
+            .and_then(|p| p.disks.iter().find(|d| d.disk == disk))
+            .filter(|d| d.table.is_some() && vm.resolve(&d.file).is_ok_and(|f| f.exists()))
+    };
+    let mut on_parent = Vec::new();
+    for d in &n.disks {
+        let dst = vm.resolve(&d.file)?;
+        let frozen = Path::new(&d.location.path);
+        let stacked = parent_copied(&d.disk).is_some();
+        let mut cmd = std::process::Command::new(&bins.img);
+        if stacked {
+            // The increment alone, then its header pointed at the parent's copy.
+            cmd.args(["convert", "-U", "-O", "qcow2", "-B"])
+                .arg(format!(
+                    "../{}",
+                    d.backing.as_ref().map(ToString::to_string).unwrap_or_default()
+                ))
+                .args(["-F", "qcow2"]);
+            cmd.arg(format!(
+                "json:{}",
+                json!({ "driver": "qcow2", "file": { "driver": "file", "filename": frozen },
+                        "backing": { "driver": "qcow2", "file": { "driver": "file",
+                                     "filename": vm.resolve(d.backing.as_ref().context("no backing")?)? } } })
+            ));
+        } else {
+            cmd.args(["convert", "-U", "-O", "qcow2"]).arg(frozen);
+        }
+        let out = cmd
+            .arg(&dst)
+            .output()
+            .with_context(|| format!("running {}", bins.img.display()))?;
+        if !out.status.success() {
+            bail!(
+                "copying {} failed: {}",
+                frozen.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))?;
+        on_parent.push(stacked);
+    }
+    // Record what was copied, then build the tables through QEMU (a stacked copy from its parent's table).
+    if let Some(m) = manifest.node_mut(node) {
+        for (d, stacked) in m.disks.iter_mut().zip(&on_parent) {
+            if !stacked {
+                d.backing = None;
+            }
+        }
+    }
+    let daemon = crate::daemon::StorageDaemon::start(bins).await?;
+    let result = async {
+        let disks: Vec<(String, bool)> = n
+            .disks
+            .iter()
+            .zip(&on_parent)
+            .map(|(d, s)| (d.disk.clone(), *s))
+            .collect();
+        for (disk, stacked) in disks {
+            let parent_table = match (stacked, &n.parent) {
+                (true, Some(p)) => Some(crate::tables::load_node_table(vm, manifest, p, &disk)?),
+                _ => None,
+            };
+            let table = crate::tables::build(
+                &daemon,
+                bins,
+                vm,
+                manifest,
+                node,
+                &disk,
+                block_size,
+                parent_table.as_ref(),
+            )
+            .await?;
+            let rel = RelPath::disk_table(node, &disk)?;
+            let sha = table.save(vm.resolve(&rel)?)?;
+            let file = manifest
+                .node(node)
+                .and_then(|m| m.disks.iter().find(|d| d.disk == disk))
+                .map(|d| d.file.clone());
+            let stored = match file {
+                Some(f) => crate::backup::allocated_bytes(&vm.resolve(&f)?)?,
+                None => 0,
+            };
+            if let Some(d) = manifest
+                .node_mut(node)
+                .and_then(|m| m.disks.iter_mut().find(|d| d.disk == disk))
+            {
+                d.table = Some(rel);
+                d.table_sha256 = Some(sha);
+                d.allocated_bytes = stored;
+            }
+        }
+        Ok::<_, anyhow::Error>(())
+    }
+    .await;
+    daemon.stop().await?;
+    result
 }
 
 /// Undoes a failed snapshot or revert from its record (never touching files QEMU uses) and marks the node

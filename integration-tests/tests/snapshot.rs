@@ -132,3 +132,101 @@ async fn taking_a_time_point_does_not_grow_with_the_disk() {
         "1 GiB: {small:.1} ms, 8 GiB: {large:.1} ms"
     );
 }
+
+#[tokio::test]
+async fn commit_of_the_middle_of_a_chain_keeps_every_remaining_point_exact() {
+    let vm = TestVm::start(&[("disk0", 32 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let mut points = Vec::new();
+    for (i, tag) in ["a", "b", "c", "d"].iter().enumerate() {
+        vm.write_pattern("disk0", 0x10 * (i as u8 + 1), i as u64 * 2 * MIB, 3 * MIB)
+            .await;
+        let reference = refs.path().join(format!("{tag}.qcow2"));
+        vm.capture_reference("disk0", &reference).await;
+        let r = run(&args(&repo, &vm, &["snapshot", "--tag", tag]));
+        points.push((tag.to_string(), r["node"].as_str().unwrap().to_owned(), reference));
+    }
+    vm.write_pattern("disk0", 0x99, MIB, MIB).await;
+    let live = refs.path().join("live.qcow2");
+    vm.capture_reference("disk0", &live).await;
+    assert_eq!(depth(&vm, "disk0").await, 4);
+
+    // Commit `c` into `b`: `b` leaves the tree, `c` lives on in b's file, the live chain is one shorter.
+    let report = run(&args(&repo, &vm, &["commit", "c"]));
+    assert_eq!(report["removed"], serde_json::json!(points[1].1), "{report}");
+    assert_eq!(report["removed_tag"], "b");
+    assert_eq!(depth(&vm, "disk0").await, 3);
+    let now = refs.path().join("after-commit.qcow2");
+    vm.capture_reference("disk0", &now).await;
+    image::assert_same(&live, &now);
+    let manifest = repo.manifest(VM);
+    assert!(manifest.find("b").is_none());
+    let c = manifest.find("c").unwrap();
+    assert_eq!(
+        c.parent.as_ref().map(ToString::to_string),
+        Some(points[0].1.clone())
+    );
+    assert!(manifest.operations.is_empty());
+
+    // Every remaining time point is exact.
+    for (tag, _, reference) in [&points[3], &points[0], &points[2]] {
+        run(&args(&repo, &vm, &["revert", tag]));
+        let now = refs.path().join(format!("now-{tag}.qcow2"));
+        vm.capture_reference("disk0", &now).await;
+        image::assert_same(reference, &now);
+    }
+    let gone = cli::run(
+        &args(&repo, &vm, &["revert", "b"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    assert_eq!(gone.code(), Some(2), "{gone:?}");
+}
+
+#[tokio::test]
+async fn copied_time_points_survive_in_the_repository_and_restore_exactly() {
+    let vm = TestVm::start(&[("disk0", 32 * MIB), ("disk1", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let mut points = Vec::new();
+    for i in 0..3u8 {
+        vm.write_pattern("disk0", 0x40 + i, u64::from(i) * 4 * MIB, 2 * MIB)
+            .await;
+        vm.write_pattern("disk1", 0x50 + i, u64::from(i) * MIB, 512 * 1024)
+            .await;
+        let r: Vec<_> = ["disk0", "disk1"]
+            .iter()
+            .map(|d| refs.path().join(format!("p{i}-{d}.qcow2")))
+            .collect();
+        for (d, p) in ["disk0", "disk1"].iter().zip(&r) {
+            vm.capture_reference(d, p).await;
+        }
+        let taken = run(&args(&repo, &vm, &["snapshot", "--copy"]));
+        assert_eq!(taken["copied"], true, "{taken}");
+        points.push((taken["node"].as_str().unwrap().to_owned(), r));
+    }
+    // Later copies hold only their increment.
+    let stored = integration_tests::image::allocated_data_bytes(&repo.node_file(VM, &points[2].0, "disk0"));
+    assert!(stored <= 2 * MIB, "{stored}");
+    let out = refs.path().join("out");
+    for (node, r) in &points {
+        let dir = out.join(node);
+        cli::run(&[
+            "restore",
+            node,
+            "--repo",
+            repo.path().to_str().unwrap(),
+            "--vm",
+            VM,
+            "--to",
+            dir.to_str().unwrap(),
+        ])
+        .success();
+        for (d, reference) in ["disk0", "disk1"].iter().zip(r) {
+            image::assert_same(reference, &dir.join(format!("{d}.qcow2")));
+        }
+    }
+    cli::run(&["verify", "--repo", repo.path().to_str().unwrap(), "--vm", VM]).success();
+}

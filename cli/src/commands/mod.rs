@@ -26,6 +26,8 @@ pub enum Command {
     Init(init::Args),
     /// Draw the backup tree of a VM (or list the VMs of a repository).
     List(list::Args),
+    /// Merge a time point's increment into its parent inside the running VM (keeps the chain short).
+    Commit(snapshot::CommitArgs),
     /// Send one raw QMP command and print the reply.
     Qmp(qmp::Args),
     /// Restore a node: offline into image files, or live into a running VM.
@@ -45,6 +47,7 @@ impl Command {
         match self {
             Command::Backup(args) => backup::run(args).await,
             Command::Cleanup(args) => cleanup::run(args).await,
+            Command::Commit(args) => snapshot::commit(args).await,
             Command::Info(args) => info::run(args).await,
             Command::Init(args) => init::run(&args),
             Command::List(args) => list::run(&args),

@@ -21,6 +21,10 @@ pub struct Args {
     /// A name for the time point, usable wherever a node id is (unique per VM).
     #[arg(long)]
     tag: Option<String>,
+    /// Also copy the frozen increments into the repository, so the time point survives the loss of the VM's
+    /// storage (takes as long as the copy).
+    #[arg(long)]
+    copy: bool,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -34,6 +38,7 @@ pub async fn run(args: Args) -> Result<()> {
         repo: args.repo,
         vm: args.vm,
         tag: args.tag,
+        copy: args.copy,
         lock_wait: args.lock.lock_wait(),
     };
     let report = snapshot::snapshot(&opts).await?;
@@ -95,6 +100,50 @@ pub async fn revert(args: RevertArgs) -> Result<()> {
         println!(
             "{} continues from time point {} ({:.2} s)",
             report.vm, report.node, report.duration_secs
+        );
+    }
+    Ok(())
+}
+
+#[derive(clap::Args)]
+pub struct CommitArgs {
+    /// The time point whose increment is merged into its parent's file (node id or tag).
+    node: String,
+    /// QEMU's QMP socket.
+    #[arg(long)]
+    socket: PathBuf,
+    #[arg(long, env = "QMPBAK_REPO")]
+    repo: PathBuf,
+    #[arg(long)]
+    vm: String,
+    /// Print JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    lock: LockArgs,
+}
+
+pub async fn commit(args: CommitArgs) -> Result<()> {
+    let opts = qmpbak::commit::CommitOptions {
+        socket: args.socket,
+        repo: args.repo,
+        vm: args.vm,
+        node: args.node,
+        lock_wait: args.lock.lock_wait(),
+    };
+    let report = qmpbak::commit::commit(&opts).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "time point {} now lives in the files of {}, which left the tree{} ({:.1} s)",
+            report.node,
+            report.removed,
+            report
+                .removed_tag
+                .as_ref()
+                .map_or_else(String::new, |t| format!(" with its tag {t}")),
+            report.duration_secs
         );
     }
     Ok(())

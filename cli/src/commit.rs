@@ -1,0 +1,242 @@
+//! `commit`: keeps a VM's live backing chain short by merging a time point's frozen increment into its
+//! parent's file inside the running VM (`block-commit`: intermediate, or active when the increment is the top
+//! of the disk's graph). The later time point survives, now stored in the parent's file; the parent's own time
+//! point is gone, so a parent that other branches still build on is refused.
+//!
+//! The operation record names the commit job and both files. If qmpbak dies midway, the next command looks at
+//! QEMU: if the increment has left the disk's graph the commit happened and the manifest is brought up to
+//! date; otherwise the job is cancelled and nothing changed for the surviving time point.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind, Repository};
+
+use crate::cleanup;
+use crate::exit::Exit;
+use crate::graph::short_name;
+use crate::inspect;
+
+/// Bound on one commit job.
+pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+
+#[derive(Debug, Clone)]
+pub struct CommitOptions {
+    pub socket: PathBuf,
+    pub repo: PathBuf,
+    pub vm: String,
+    pub node: String,
+    pub lock_wait: LockWait,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CommitReport {
+    pub vm: String,
+    /// The time point whose increment was merged, still in the tree.
+    pub node: String,
+    /// The parent that absorbed it and left the tree.
+    pub removed: String,
+    pub removed_tag: Option<String>,
+    pub duration_secs: f64,
+}
+
+/// What a commit operation record carries in its note, to finish or undo it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct CommitNote {
+    node: String,
+    parent: String,
+    /// Per disk: the increment's file (leaves the chain) and the parent's file (absorbs it).
+    files: Vec<(String, String, String)>,
+}
+
+const NOTE_PREFIX: &str = "commit:";
+
+pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
+    let started = Instant::now();
+    let repo = Repository::open(&opts.repo)?;
+    let vm = repo.vm(&opts.vm)?;
+    let guard = vm.lock_exclusive(opts.lock_wait, "commit")?;
+    let mut manifest = vm.load()?;
+    let qmp = inspect::connect(&opts.socket).await?;
+    cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let node = crate::restore::find_node(&manifest, &opts.node)?.clone();
+    let Some(parent_id) = node.parent.clone() else {
+        bail!(Exit::usage(format!(
+            "node {} has no parent to commit into",
+            node.id
+        )));
+    };
+    let parent = manifest.node(&parent_id).context("parent missing")?.clone();
+    if node.kind != NodeKind::Snapshot || parent.kind != NodeKind::Snapshot {
+        bail!(Exit::usage(format!(
+            "commit merges a time point into its parent time point; {} ({}) and {} ({}) are not both snapshots: \
+             use `qmpbak prune` or `qmpbak merge` for backups",
+            node.id, node.kind, parent.id, parent.kind
+        )));
+    }
+    let siblings = manifest.children(&parent_id)?.len();
+    if siblings > 1 {
+        bail!(Exit::usage(format!(
+            "time point {} has {siblings} branches: committing {} into it would change what the others build on",
+            parent.id, node.id
+        )));
+    }
+    let info = inspect::inspect(&qmp).await?;
+    let chain_id = manifest.chain_id.clone();
+    let mut files = Vec::new();
+    for d in &node.disks {
+        let p = parent
+            .disks
+            .iter()
+            .find(|p| p.disk == d.disk)
+            .context("parent lacks a disk")?;
+        files.push((d.disk.clone(), d.location.path.clone(), p.location.path.clone()));
+    }
+    let note = CommitNote {
+        node: node.id.to_string(),
+        parent: parent_id.to_string(),
+        files: files.clone(),
+    };
+    let mut op = Operation::new(OperationKind::Commit, None, chrono::Utc::now());
+    op.id = format!("commit-{}", node.id);
+    op.note = Some(format!("{NOTE_PREFIX}{}", serde_json::to_string(&record)?));
+    for i in 0..files.len() {
+        op.jobs.push(short_name(&chain_id, "m", node.id.as_str(), i));
+    }
+    manifest.add_operation(op.clone());
+    vm.save(&manifest, &guard)?;
+
+    let names = block_nodes_by_file(&qmp).await?;
+    for (i, (disk, top, base)) in files.iter().enumerate() {
+        let Some(d) = info.disks.iter().find(|d| &d.id == disk) else {
+            bail!("the VM has no disk {disk}");
+        };
+        let (Some(top_node), Some(base_node)) = (names.get(top), names.get(base)) else {
+            bail!(
+                "the files of time points {} and {} are not both in disk {disk}'s live chain",
+                node.id,
+                parent.id
+            );
+        };
+        let job = short_name(&chain_id, "m", node.id.as_str(), i);
+        qmp.execute_raw(
+            "block-commit",
+            Some(
+                json!({ "job-id": job, "device": d.node_name, "top-node": top_node, "base-node": base_node,
+                         "auto-dismiss": false }),
+            ),
+        )
+        .await
+        .with_context(|| format!("starting the commit of disk {disk}"))?;
+        let status = qmp
+            .wait_job_status(&job, &[qmp::JobStatus::Ready], COMMIT_TIMEOUT)
+            .await?;
+        if status == qmp::JobStatus::Ready {
+            // Active commit: the increment was the top of the graph; pivot onto the base.
+            qmp.execute_raw("job-complete", Some(json!({ "id": job })))
+                .await?;
+        }
+        let outcome = qmp.wait_job(&job, COMMIT_TIMEOUT).await?;
+        qmp.dismiss_job(&job).await?;
+        if let Some(error) = outcome.error {
+            bail!("committing disk {disk} failed: {error}");
+        }
+        crate::crashpoint::crashpoint("commit-disk-done");
+    }
+    apply(&mut manifest, &record)?;
+    manifest.remove_operation(&op.id);
+    vm.save(&manifest, &guard)?;
+    // The increment files left every chain: remove them.
+    for (_, top, _) in &files {
+        let _ = std::fs::remove_file(top);
+    }
+    Ok(CommitReport {
+        vm: opts.vm.clone(),
+        node: node.id.to_string(),
+        removed: parent_id.to_string(),
+        removed_tag: parent.tag.clone(),
+        duration_secs: started.elapsed().as_secs_f64(),
+    })
+}
+
+/// The manifest after a commit: the node now lives in its parent's files, the parent leaves the tree.
+fn apply(manifest: &mut Manifest, record: &CommitNote) -> Result<()> {
+    let node: NodeId = record.node.parse()?;
+    let parent: NodeId = record.parent.parse()?;
+    let grand = manifest.node(&parent).and_then(|p| p.parent.clone());
+    let parent_disks = manifest
+        .node(&parent)
+        .map(|p| p.disks.clone())
+        .unwrap_or_default();
+    if let Some(n) = manifest.node_mut(&node) {
+        for d in &mut n.disks {
+            if let Some(p) = parent_disks.iter().find(|p| p.disk == d.disk) {
+                d.location = p.location.clone();
+                d.backing = p.backing.clone();
+            }
+        }
+    }
+    manifest.remove_node_reparent(&parent)?;
+    if manifest.node(&node).and_then(|n| n.parent.clone()) != grand {
+        manifest.reparent(&node, grand)?;
+    }
+    Ok(())
+}
+
+/// Block node names of the QEMU graph by the file they open (qcow2 nodes).
+async fn block_nodes_by_file(qmp: &qmp::Qmp) -> Result<std::collections::HashMap<String, String>> {
+    let nodes = qmp
+        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
+        .await?;
+    Ok(nodes
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|n| n["drv"] == "qcow2")
+        .filter_map(|n| {
+            Some((
+                n["file"].as_str()?.to_owned(),
+                n["node-name"].as_str()?.to_owned(),
+            ))
+        })
+        .collect())
+}
+
+/// Finishes or undoes an interrupted commit (called by cleanup with the VM's QMP connection): a disk whose
+/// increment is still in its graph is not committed yet (its job, if any, is cancelled by the generic undo);
+/// if every increment left its graph the commit happened and the manifest is updated.
+pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) -> Result<bool> {
+    let Some(note) = op.note.as_deref().and_then(|n| n.strip_prefix(NOTE_PREFIX)) else {
+        return Ok(false);
+    };
+    let note: CommitNote = serde_json::from_str(note).context("reading the commit record")?;
+    for job in &op.jobs {
+        if let Some(info) = qmp.job_info(job).await? {
+            if info.status != qmp::JobStatus::Concluded {
+                // Let a running commit finish: cancelling it midway would leave the parent half-written.
+                let status = qmp
+                    .wait_job_status(job, &[qmp::JobStatus::Ready], COMMIT_TIMEOUT)
+                    .await?;
+                if status == qmp::JobStatus::Ready {
+                    qmp.execute_raw("job-complete", Some(json!({ "id": job })))
+                        .await?;
+                }
+            }
+            let _ = qmp.wait_job(job, COMMIT_TIMEOUT).await;
+            let _ = qmp.dismiss_job(job).await;
+        }
+    }
+    let names = block_nodes_by_file(qmp).await?;
+    let done = note.files.iter().all(|(_, top, _)| !names.contains_key(top));
+    if done {
+        apply(manifest, &note)?;
+        for (_, top, _) in &note.files {
+            let _ = std::fs::remove_file(top);
+        }
+    }
+    Ok(done)
+}

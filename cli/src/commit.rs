@@ -96,7 +96,7 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
             .context("parent lacks a disk")?;
         files.push((d.disk.clone(), d.location.path.clone(), p.location.path.clone()));
     }
-    let note = CommitNote {
+    let record = CommitNote {
         node: node.id.to_string(),
         parent: parent_id.to_string(),
         files: files.clone(),

@@ -145,6 +145,8 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
         if let Some(error) = outcome.error {
             bail!("committing disk {disk} failed: {error}");
         }
+        // The increment left the chain; its node may still exist by name (qmpbak added it): drop it.
+        let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": top_node }))).await;
         crate::crashpoint::crashpoint("commit-disk-done");
     }
     apply(&mut manifest, &record)?;
@@ -206,6 +208,22 @@ async fn block_nodes_by_file(qmp: &qmp::Qmp) -> Result<std::collections::HashMap
         .collect())
 }
 
+/// Every image file in the backing chains of the VM's disks (`query-block`, following `backing-image`).
+async fn live_chain_files(qmp: &qmp::Qmp) -> Result<Vec<String>> {
+    let blocks = qmp.execute_raw("query-block", None).await?;
+    let mut files = Vec::new();
+    for block in blocks.as_array().into_iter().flatten() {
+        let mut image = block.get("inserted").and_then(|i| i.get("image"));
+        while let Some(i) = image {
+            if let Some(f) = i["filename"].as_str() {
+                files.push(f.to_owned());
+            }
+            image = i.get("backing-image");
+        }
+    }
+    Ok(files)
+}
+
 /// Finishes or undoes an interrupted commit (called by cleanup with the VM's QMP connection): a disk whose
 /// increment is still in its graph is not committed yet (its job, if any, is cancelled by the generic undo);
 /// if every increment left its graph the commit happened and the manifest is updated.
@@ -230,11 +248,15 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
             let _ = qmp.dismiss_job(job).await;
         }
     }
-    let names = block_nodes_by_file(qmp).await?;
-    let done = note.files.iter().all(|(_, top, _)| !names.contains_key(top));
+    let live = live_chain_files(qmp).await?;
+    let done = note.files.iter().all(|(_, top, _)| !live.contains(top));
     if done {
         apply(manifest, &note)?;
+        let names = block_nodes_by_file(qmp).await?;
         for (_, top, _) in &note.files {
+            if let Some(node) = names.get(top) {
+                let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": node }))).await;
+            }
             let _ = std::fs::remove_file(top);
         }
     }

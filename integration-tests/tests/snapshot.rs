@@ -230,3 +230,59 @@ async fn copied_time_points_survive_in_the_repository_and_restore_exactly() {
     }
     cli::run(&["verify", "--repo", repo.path().to_str().unwrap(), "--vm", VM]).success();
 }
+
+#[tokio::test]
+async fn a_commit_killed_midway_is_finished_from_its_record() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    for (i, tag) in ["a", "b", "c"].iter().enumerate() {
+        vm.write_pattern("disk0", 0x21 + i as u8, i as u64 * MIB, 2 * MIB)
+            .await;
+        run(&args(&repo, &vm, &["snapshot", "--tag", tag]));
+    }
+    let c_ref = refs.path().join("c.qcow2");
+    let mut cmd = cli::command(
+        &args(&repo, &vm, &["commit", "c"])
+            .iter()
+            .map(String::as_str)
+            .collect::<Vec<_>>(),
+    );
+    cmd.env("QMPBAK_CRASH_AT", "commit-disk-done");
+    let out = cli::wait(cmd.spawn().unwrap(), std::time::Duration::from_secs(60));
+    assert!(
+        !out.status.success() && out.stderr.contains("commit-disk-done"),
+        "{out:?}"
+    );
+    assert_eq!(repo.manifest(VM).operations.len(), 1);
+    assert!(vm.running().await);
+
+    // The next command finds the record, sees the commit happened in QEMU, and brings the manifest up to date.
+    let cleaned = run(&args(&repo, &vm, &["cleanup"]));
+    assert_eq!(cleaned["operations"].as_array().unwrap().len(), 1, "{cleaned}");
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty());
+    assert!(manifest.find("b").is_none(), "b was absorbed");
+    run(&args(&repo, &vm, &["revert", "c"]));
+    vm.capture_reference("disk0", &c_ref).await;
+    // a: 0x21 at 0..2M, b: 0x22 at 1..3M, c: 0x23 at 2..4M: the last writer wins.
+    let view = c_ref.to_str().unwrap();
+    for (pattern, off) in [(0x21u8, 0), (0x22, MIB), (0x23, 2 * MIB), (0x23, 3 * MIB)] {
+        let st = std::process::Command::new("qemu-io")
+            .args([
+                "-f",
+                "qcow2",
+                "-r",
+                "-c",
+                &format!("read -P 0x{pattern:02x} {off} {MIB}"),
+                view,
+            ])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&st.stdout);
+        assert!(
+            !text.contains("verification failed"),
+            "pattern 0x{pattern:02x} at {off}: {text}"
+        );
+    }
+}

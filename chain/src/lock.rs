@@ -188,13 +188,12 @@ pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &
         if let Some(dir) = path.parent() {
             let _ = store::remove_stale_temps(dir, HOLDER_FILE);
         }
+        // The holder record only improves the "lock held" message: failing to write it (a full disk) must not
+        // stop the holder, whose real work reports the real problem. A stale record is recognised by its pid.
         let holder = LockHolder::current(command);
-        let bytes = serde_json::to_vec_pretty(&holder).map_err(|e| Error::Io {
-            action: "serialise",
-            path: holder_path(path),
-            source: io::Error::other(e),
-        })?;
-        store::write_atomic(&holder_path(path), &bytes)?;
+        if let Ok(bytes) = serde_json::to_vec_pretty(&holder) {
+            let _ = store::write_atomic(&holder_path(path), &bytes);
+        }
     }
     Ok(guard)
 }

@@ -146,7 +146,9 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
             bail!("committing disk {disk} failed: {error}");
         }
         // The increment left the chain; its node may still exist by name (qmpbak added it): drop it.
-        let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": top_node }))).await;
+        let _ = qmp
+            .execute_raw("blockdev-del", Some(json!({ "node-name": top_node })))
+            .await;
         crate::crashpoint::crashpoint("commit-disk-done");
     }
     apply(&mut manifest, &record)?;
@@ -255,7 +257,9 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
         let names = block_nodes_by_file(qmp).await?;
         for (_, top, _) in &note.files {
             if let Some(node) = names.get(top) {
-                let _ = qmp.execute_raw("blockdev-del", Some(json!({ "node-name": node }))).await;
+                let _ = qmp
+                    .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
+                    .await;
             }
             let _ = std::fs::remove_file(top);
         }

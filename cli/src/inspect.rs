@@ -93,21 +93,54 @@ pub fn qdev_id(qdev: &str) -> Option<&str> {
     (!id.is_empty()).then_some(id)
 }
 
+/// Block drivers that pass I/O through to a child: a disk's bitmaps and image live below them. QEMU inserts
+/// some of them itself (a running backup job's copy-before-write filter).
+const FILTERS: &[&str] = &[
+    "copy-before-write",
+    "backup-top",
+    "throttle",
+    "copy-on-read",
+    "compress",
+    "preallocate",
+    "blkdebug",
+    "blkverify",
+];
+
 /// Reads the VM's version and disks.
 pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
     let version = qmp.execute(&qmp::commands::QueryVersion {}).await?;
     let blocks = qmp.execute(&qmp::commands::QueryBlock {}).await?;
+    let nodes = qmp
+        .execute(&qmp::commands::QueryNamedBlockNodes { flat: Some(true) })
+        .await?;
+    let graph = qmp.execute_raw("x-debug-query-block-graph", None).await.ok();
     let mut disks = Vec::new();
     for block in blocks {
         let Some(inserted) = block.inserted else { continue };
         let qdev = block.qdev.clone().filter(|q| !q.is_empty());
+        let top = inserted.node_name.clone().unwrap_or_default();
         let id = qdev
             .as_deref()
             .and_then(qdev_id)
             .map(str::to_owned)
             .or_else(|| (!block.device.is_empty()).then(|| block.device.clone()))
-            .unwrap_or_else(|| inserted.node_name.clone().unwrap_or_default());
-        let bitmaps = inserted
+            .unwrap_or_else(|| top.clone());
+        // Below any filters: the node that holds the image and its bitmaps.
+        let mut name = top;
+        let mut node = nodes
+            .iter()
+            .find(|n| n.node_name.as_deref() == Some(name.as_str()));
+        while node.is_some_and(|n| FILTERS.contains(&n.drv.as_str())) {
+            let Some(child) = graph.as_ref().and_then(|g| filtered_child(g, &name)) else {
+                break;
+            };
+            name = child;
+            node = nodes
+                .iter()
+                .find(|n| n.node_name.as_deref() == Some(name.as_str()));
+        }
+        let info = node.cloned().unwrap_or(inserted);
+        let bitmaps = info
             .dirty_bitmaps
             .unwrap_or_default()
             .into_iter()
@@ -124,13 +157,13 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
         disks.push(DiskInfo {
             id,
             qdev,
-            node_name: inserted.node_name.unwrap_or_default(),
-            file: inserted.file,
-            format: inserted.drv,
-            virtual_size: inserted.image.virtual_size,
-            allocated_size: inserted.image.actual_size,
-            backing_file: inserted.backing_file,
-            read_only: inserted.ro,
+            node_name: name,
+            file: info.file,
+            format: info.drv,
+            virtual_size: info.image.virtual_size,
+            allocated_size: info.image.actual_size,
+            backing_file: info.backing_file,
+            read_only: info.ro,
             bitmaps,
         });
     }
@@ -143,6 +176,26 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
             package: version.package.trim().to_owned(),
         },
         disks,
+    })
+}
+
+/// The child a filter node passes I/O to (`file`, or `backing` for older filters), from
+/// `x-debug-query-block-graph`.
+fn filtered_child(graph: &serde_json::Value, parent: &str) -> Option<String> {
+    let nodes = graph["nodes"].as_array()?;
+    let id_of = |name: &str| nodes.iter().find(|n| n["name"] == name).map(|n| n["id"].clone());
+    let name_of = |id: &serde_json::Value| {
+        nodes.iter().find(|n| n["id"] == *id)?["name"]
+            .as_str()
+            .map(str::to_owned)
+    };
+    let parent_id = id_of(parent)?;
+    let edges = graph["edges"].as_array()?;
+    ["file", "backing"].iter().find_map(|child| {
+        edges
+            .iter()
+            .find(|e| e["parent"] == parent_id && e["name"] == *child)
+            .and_then(|e| name_of(&e["child"]))
     })
 }
 

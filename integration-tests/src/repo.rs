@@ -6,9 +6,10 @@ use std::path::{Path, PathBuf};
 use crate::cli::{self, Output};
 use crate::vm::TestVm;
 
-/// A repository in its own temporary directory.
+/// A repository in its own temporary directory (or at a given path).
 pub struct TestRepo {
-    dir: tempfile::TempDir,
+    dir: Option<tempfile::TempDir>,
+    path: PathBuf,
 }
 
 impl TestRepo {
@@ -20,11 +21,21 @@ impl TestRepo {
             .expect("create temp dir");
         let path = dir.path().join("repo");
         cli::run(&["init", path.to_str().expect("utf-8 path")]).success();
-        TestRepo { dir }
+        TestRepo { dir: Some(dir), path }
+    }
+
+    /// A repository already made at `path` (the caller owns the directory).
+    pub fn at(path: PathBuf) -> TestRepo {
+        TestRepo { dir: None, path }
     }
 
     pub fn path(&self) -> PathBuf {
-        self.dir.path().join("repo")
+        self.path.clone()
+    }
+
+    /// The temporary directory holding the repository, if this fixture made it.
+    pub fn temp_dir(&self) -> Option<&Path> {
+        self.dir.as_ref().map(tempfile::TempDir::path)
     }
 
     pub fn vm_dir(&self, vm: &str) -> PathBuf {

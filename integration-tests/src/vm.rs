@@ -22,6 +22,8 @@ use crate::timeouts::{PROCESS_EXIT_TIMEOUT, QMP_COMMAND_TIMEOUT, QMP_CONNECT_TIM
 pub struct DiskSpec {
     pub id: String,
     pub size: u64,
+    /// blkdebug `inject-error` rules for a blkdebug layer between the qcow2 node and its file (host offsets).
+    pub inject_errors: Option<serde_json::Value>,
 }
 
 impl DiskSpec {
@@ -29,6 +31,7 @@ impl DiskSpec {
         DiskSpec {
             id: id.to_owned(),
             size,
+            inject_errors: None,
         }
     }
 
@@ -50,6 +53,15 @@ impl TestVmBuilder {
     #[must_use]
     pub fn disk(mut self, id: &str, size: u64) -> Self {
         self.disks.push(DiskSpec::new(id, size));
+        self
+    }
+
+    /// Puts a blkdebug layer under disk `id`'s qcow2 node with these `inject-error` rules (host offsets).
+    #[must_use]
+    pub fn inject_errors(mut self, id: &str, rules: serde_json::Value) -> Self {
+        if let Some(disk) = self.disks.iter_mut().find(|d| d.id == id) {
+            disk.inject_errors = Some(rules);
+        }
         self
     }
 
@@ -141,15 +153,20 @@ impl TestVm {
                 "filename": dir.path().join(format!("{}.qcow2", disk.id)),
                 "node-name": format!("{}-file", disk.node_name()),
             });
-            let fmt = serde_json::json!({
-                "driver": "qcow2",
-                "file": format!("{}-file", disk.node_name()),
-                "node-name": disk.node_name(),
-            });
-            cmd.arg("-blockdev")
-                .arg(file.to_string())
-                .arg("-blockdev")
-                .arg(fmt.to_string());
+            let mut below = format!("{}-file", disk.node_name());
+            cmd.arg("-blockdev").arg(file.to_string());
+            if let Some(rules) = &disk.inject_errors {
+                let debug = serde_json::json!({
+                    "driver": "blkdebug",
+                    "node-name": format!("{}-debug", disk.node_name()),
+                    "image": below,
+                    "inject-error": rules,
+                });
+                cmd.arg("-blockdev").arg(debug.to_string());
+                below = format!("{}-debug", disk.node_name());
+            }
+            let fmt = serde_json::json!({ "driver": "qcow2", "file": below, "node-name": disk.node_name() });
+            cmd.arg("-blockdev").arg(fmt.to_string());
             cmd.arg("-device").arg(format!(
                 "virtio-blk-pci,drive={},id={}",
                 disk.node_name(),
@@ -304,6 +321,31 @@ impl TestVm {
         let config = self.config.clone();
         drop(self);
         TestVm::launch(config, dir).await
+    }
+
+    /// Kills QEMU (if it still runs) and starts it again on the same images with a changed configuration.
+    pub async fn restart_with(mut self, change: impl FnOnce(TestVmBuilder) -> TestVmBuilder) -> TestVm {
+        self.config = change(self.config.clone());
+        self.restart().await
+    }
+
+    /// Kills QEMU and starts it again on the same images without any blkdebug layers (the fault is gone).
+    pub async fn restart_without_faults(self) -> TestVm {
+        self.restart_with(|mut b| {
+            for disk in &mut b.disks {
+                disk.inject_errors = None;
+            }
+            b
+        })
+        .await
+    }
+
+    /// Asks QEMU to quit on its own (`quit`), storing persistent bitmaps cleanly, and waits for it to exit.
+    pub async fn quit(&mut self) {
+        let _ = self.qmp().execute_raw("quit", None).await;
+        if let Some(mut child) = self.child.take() {
+            wait_exit(&mut child, PROCESS_EXIT_TIMEOUT);
+        }
     }
 
     /// The process id of QEMU, while it runs.

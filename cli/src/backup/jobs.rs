@@ -13,6 +13,7 @@ use tokio::task::JoinSet;
 
 use super::{Copied, Run, interrupted};
 use crate::cleanup;
+use crate::exit::{Exit, ExitCode};
 use crate::graph;
 use crate::plan::Method;
 
@@ -175,7 +176,9 @@ async fn wait_jobs(run: &Run<'_>, jobs: &[String]) -> Result<Vec<u64>> {
                     }
                     Ok(o) => {
                         let why = o.error.unwrap_or_default();
-                        failure.get_or_insert_with(|| anyhow!("the backup job of disk {disk} failed: {why}"));
+                        failure.get_or_insert_with(|| {
+                            Exit::new(ExitCode::Qemu, format!("the backup job of disk {disk} failed: {why}")).into()
+                        });
                         for job in jobs {
                             cleanup::stop_job(run.qmp, job).await;
                         }

@@ -233,7 +233,7 @@ async fn restore_disk(
         let outcome = qmp.wait_job(&job, RESTORE_JOB_TIMEOUT).await?;
         let _ = qmp.dismiss_job(&job).await;
         if let Some(error) = outcome.error {
-            bail!("the restore copy job failed: {error}");
+            bail!(crate::exit::Exit::new(crate::exit::ExitCode::Qemu, format!("the restore copy job failed: {error}")));
         }
         if format == Format::Raw {
             punch_zero_blocks(path, &expected)?;

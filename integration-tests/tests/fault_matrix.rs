@@ -1,0 +1,495 @@
+//! The fault-injection matrix: each cell breaks one thing at one step of a backup, on purpose, with real QEMU,
+//! and then checks what every cell must give: a clear error and exit code, a VM that still runs (unless it was
+//! the one killed), a manifest that loads, nothing of qmpbak's left in QEMU or the repository after the next
+//! run, a following backup that is exact, and earlier nodes that still verify. The matrix is data; one driver
+//! walks it and prints a summary table.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
+use integration_tests::timeouts::BLOCK_JOB_TIMEOUT;
+use integration_tests::{MIB, TestVm, cli, image};
+use qmp::EventFilter;
+
+const VM: &str = "vm1";
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Fault {
+    SourceReadError,
+    TargetNoSpace,
+    ManifestNoSpace,
+    KillQmpbak(&'static str),
+    KillQemu,
+    QemuQuits,
+    Sigint,
+    SecondQmpbak,
+    StaleLock,
+    BitmapDeleted,
+    BitmapInconsistent,
+    BitmapBusy,
+    BitmapRenamed,
+}
+
+/// One cell: the fault, the step it hits, and what the faulty run must end with.
+struct Cell {
+    fault: Fault,
+    step: &'static str,
+    /// Exit code of the run that meets the fault (0: the run copes, e.g. with a checksum-diff).
+    exit: i32,
+    /// Words its error (or its reason, when it copes) must contain.
+    says: &'static str,
+    /// The method of the following backup.
+    next_method: &'static str,
+}
+
+const MATRIX: &[Cell] = &[
+    Cell {
+        fault: Fault::SourceReadError,
+        step: "during job",
+        exit: 5,
+        says: "disk0",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::TargetNoSpace,
+        step: "during job",
+        exit: 5,
+        says: "No space left",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::ManifestNoSpace,
+        step: "manifest write",
+        exit: 3,
+        says: "manifest",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::KillQmpbak("backup-begun"),
+        step: "before job",
+        exit: -1,
+        says: "backup-begun",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::KillQmpbak("backup-jobs-started"),
+        step: "during job",
+        exit: -1,
+        says: "backup-jobs-started",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::KillQmpbak("backup-copied"),
+        step: "after job",
+        exit: -1,
+        says: "backup-copied",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::KillQmpbak("backup-tables-written"),
+        step: "manifest write",
+        exit: -1,
+        says: "backup-tables-written",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::KillQemu,
+        step: "during job",
+        exit: 5,
+        says: "QEMU",
+        next_method: "checksum-diff",
+    },
+    Cell {
+        fault: Fault::QemuQuits,
+        step: "during job",
+        exit: 5,
+        says: "QEMU",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::Sigint,
+        step: "during job",
+        exit: 130,
+        says: "interrupted",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::SecondQmpbak,
+        step: "during job",
+        exit: 4,
+        says: "lock",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::StaleLock,
+        step: "before job",
+        exit: 0,
+        says: "bitmaps relative",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::BitmapDeleted,
+        step: "before job",
+        exit: 0,
+        says: "is missing",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::BitmapInconsistent,
+        step: "before job",
+        exit: 0,
+        says: "inconsistent",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::BitmapBusy,
+        step: "before job",
+        exit: 0,
+        says: "busy",
+        next_method: "bitmap",
+    },
+    Cell {
+        fault: Fault::BitmapRenamed,
+        step: "before job",
+        exit: 0,
+        says: "relative to another node",
+        next_method: "bitmap",
+    },
+];
+
+/// A small tmpfs for the repository, for the out-of-space cells (needs root).
+struct Tmpfs {
+    dir: PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(dir).unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size},mode=0700"), "tmpfs"])
+            .arg(dir)
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then(|| Tmpfs { dir: dir.to_owned() })
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.dir)
+            .status();
+    }
+}
+
+fn spawn_backup(
+    repo: &TestRepo,
+    vm: &TestVm,
+    extra: &[&str],
+    env: Option<(&str, &str)>,
+) -> std::process::Child {
+    let args = repo.backup_args(vm, VM, extra);
+    let mut cmd = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    if let Some((k, v)) = env {
+        cmd.env(k, v);
+    }
+    cmd.spawn().unwrap()
+}
+
+async fn wait_running(events: &mut qmp::EventStream) {
+    let deadline = tokio::time::Instant::now() + BLOCK_JOB_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if events.next_timeout(left).await.expect("a backup job starts").data["status"] == "running" {
+            return;
+        }
+    }
+}
+
+/// The host offset of guest offset `guest` in a qcow2 image (the VM paused or stopped).
+fn host_offset(image_path: &Path, guest: u64) -> u64 {
+    let out = image::qemu_img(&["map", "-U", "--output=json", image_path.to_str().unwrap()]);
+    let map: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
+    let e = map
+        .iter()
+        .find(|e| {
+            let start = e["start"].as_u64().unwrap();
+            start <= guest && guest < start + e["length"].as_u64().unwrap() && e["data"] == true
+        })
+        .expect("guest offset is allocated");
+    e["offset"].as_u64().unwrap() + (guest - e["start"].as_u64().unwrap())
+}
+
+fn bitmap(vm_chain: &str, node: &str) -> String {
+    format!("qmpbak-{vm_chain}-inc-{node}")
+}
+
+/// Runs one cell; `Err` describes what went wrong.
+async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
+    let mut tmpfs = None;
+    let repo = if matches!(cell.fault, Fault::TargetNoSpace | Fault::ManifestNoSpace) {
+        let mount = Tmpfs::mount(&work.join("small"), "64M").ok_or("mounting a tmpfs needs root")?;
+        let repo_dir = mount.dir.join("repo");
+        cli::run(&["init", repo_dir.to_str().unwrap()]).success();
+        tmpfs = Some(mount);
+        TestRepo::at(repo_dir)
+    } else {
+        TestRepo::init()
+    };
+    let mut vm = TestVm::start(&[("disk0", 16 * MIB), ("disk1", 8 * MIB)]).await;
+    vm.write_pattern("disk0", 0x11, 0, 8 * MIB).await;
+    vm.write_pattern("disk1", 0x22, 0, 2 * MIB).await;
+    let full = repo.backup(&vm, VM, &[]);
+    let full_id = full["node"].as_str().unwrap().to_owned();
+    let chain_id = repo.manifest(VM).chain_id.clone();
+    vm.write_pattern("disk0", 0x33, 4 * MIB, 4 * MIB).await;
+    vm.write_pattern("disk1", 0x44, MIB, MIB).await;
+
+    // Meet the fault.
+    let slow = (MIB / 2).to_string();
+    let outcome = match cell.fault {
+        Fault::SourceReadError => {
+            vm.qmp().execute_raw("stop", None).await.unwrap();
+            let host = host_offset(&vm.disk_path("disk0"), 5 * MIB);
+            vm.quit().await;
+            let rules =
+                serde_json::json!([{ "event": "read_aio", "errno": 5, "sector": host / 512, "once": false }]);
+            vm = vm.restart_with(|b| b.inject_errors("disk0", rules)).await;
+            repo.try_backup(&vm, VM, &[])
+        }
+        Fault::TargetNoSpace | Fault::ManifestNoSpace => {
+            // Fill the small filesystem: 1 MiB left lets the manifest be written but not the copied data.
+            let dir = tmpfs.as_ref().unwrap().dir.clone();
+            let free = nix::sys::statvfs::statvfs(dir.as_path()).unwrap();
+            let headroom = if cell.fault == Fault::TargetNoSpace {
+                MIB
+            } else {
+                0
+            };
+            let bytes = (free.blocks_available() * free.fragment_size()).saturating_sub(headroom);
+            let _ = std::fs::write(dir.join("filler"), vec![0u8; bytes as usize]);
+            let out = repo.try_backup(&vm, VM, &[]);
+            std::fs::remove_file(dir.join("filler")).unwrap();
+            out
+        }
+        Fault::KillQmpbak(point) => {
+            let child = spawn_backup(&repo, &vm, &[], Some(("QMPBAK_CRASH_AT", point)));
+            cli::wait(child, Duration::from_secs(120))
+        }
+        Fault::KillQemu | Fault::QemuQuits | Fault::Sigint | Fault::SecondQmpbak => {
+            let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
+            let child = spawn_backup(&repo, &vm, &["--speed-limit", &slow], None);
+            wait_running(&mut events).await;
+            match cell.fault {
+                Fault::KillQemu => {
+                    vm.qmp().execute_raw("stop", None).await.unwrap(); // flush the guest's data first
+                    vm.kill();
+                }
+                Fault::QemuQuits => vm.quit().await,
+                Fault::Sigint => {
+                    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+                    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+                }
+                _ => {
+                    let second = repo.try_backup(&vm, VM, &[]);
+                    cli::wait(child, Duration::from_secs(120)).success();
+                    return check(cell, &second, vm, &repo, work, &full_id, &chain_id).await;
+                }
+            }
+            cli::wait(child, Duration::from_secs(120))
+        }
+        Fault::StaleLock => {
+            let holder = serde_json::json!({"pid": 999_999, "command": "backup", "host": "elsewhere",
+                                            "since": "2026-01-01T00:00:00Z"});
+            std::fs::write(repo.vm_dir(VM).join("lock.holder.json"), holder.to_string()).unwrap();
+            repo.try_backup(&vm, VM, &[])
+        }
+        Fault::BitmapDeleted | Fault::BitmapRenamed | Fault::BitmapBusy | Fault::BitmapInconsistent => {
+            let name = bitmap(&chain_id, &full_id);
+            match cell.fault {
+                Fault::BitmapDeleted | Fault::BitmapRenamed => {
+                    for node in ["node-disk0", "node-disk1"] {
+                        let args = serde_json::json!({"node": node, "name": name});
+                        vm.qmp()
+                            .execute_raw("block-dirty-bitmap-remove", Some(args))
+                            .await
+                            .unwrap();
+                        if cell.fault == Fault::BitmapRenamed {
+                            let args = serde_json::json!({"node": node, "name": bitmap(&chain_id, "0999"),
+                                                          "persistent": true});
+                            vm.qmp()
+                                .execute_raw("block-dirty-bitmap-add", Some(args))
+                                .await
+                                .unwrap();
+                        }
+                    }
+                }
+                Fault::BitmapBusy => {
+                    // A leftover job holds the bitmap.
+                    vm.qmp()
+                        .execute_raw(
+                            "blockdev-add",
+                            Some(serde_json::json!({"driver": "null-co", "node-name": "sink",
+                                                                             "size": 16 * MIB})),
+                        )
+                        .await
+                        .unwrap();
+                    vm.qmp()
+                        .execute_raw(
+                            "blockdev-backup",
+                            Some(serde_json::json!({"job-id": "leftover",
+                            "device": "node-disk0", "target": "sink", "sync": "bitmap", "bitmap": name,
+                            "bitmap-mode": "never", "speed": 1, "auto-dismiss": false})),
+                        )
+                        .await
+                        .unwrap();
+                }
+                _ => {
+                    // Stored once (a clean quit), loaded again (marked in use in the image), then QEMU dies.
+                    vm.quit().await;
+                    vm = vm.restart().await;
+                    vm.qmp().execute_raw("stop", None).await.unwrap();
+                    vm.qmp().execute_raw("cont", None).await.unwrap();
+                    vm = vm.restart().await;
+                }
+            }
+            repo.try_backup(&vm, VM, &[])
+        }
+    };
+    check(cell, &outcome, vm, &repo, work, &full_id, &chain_id).await
+}
+
+/// The expectations every cell shares.
+async fn check(
+    cell: &Cell,
+    outcome: &cli::Output,
+    mut vm: TestVm,
+    repo: &TestRepo,
+    work: &Path,
+    full_id: &str,
+    chain_id: &str,
+) -> Result<(), String> {
+    let code = outcome.code().unwrap_or(-1);
+    if code != cell.exit {
+        return Err(format!(
+            "exit {code}, expected {}: {}",
+            cell.exit,
+            outcome.stderr.trim()
+        ));
+    }
+    let said = if code == 0 {
+        outcome.json()["reason"].as_str().unwrap_or_default().to_owned()
+    } else {
+        outcome.stderr.clone()
+    };
+    if !said.contains(cell.says) {
+        return Err(format!("does not say {:?}: {}", cell.says, said.trim()));
+    }
+    // The manifest loads, whatever happened.
+    let _ = repo.manifest(VM);
+    match cell.fault {
+        Fault::KillQemu | Fault::QemuQuits => vm = vm.restart().await,
+        Fault::SourceReadError => {
+            // Heal: a clean restart without the fault; the bitmap the failed backup read is still intact.
+            vm.quit().await;
+            vm = vm.restart_without_faults().await;
+        }
+        _ => {
+            if !vm.running().await {
+                return Err("the VM stopped running".into());
+            }
+        }
+    }
+    if cell.fault == Fault::BitmapBusy {
+        let _ = vm
+            .qmp()
+            .execute_raw("job-cancel", Some(serde_json::json!({"id": "leftover"})))
+            .await;
+        let _ = vm.qmp().wait_job("leftover", BLOCK_JOB_TIMEOUT).await;
+        let _ = vm.qmp().dismiss_job("leftover").await;
+        let _ = vm
+            .qmp()
+            .execute_raw("blockdev-del", Some(serde_json::json!({"node-name": "sink"})))
+            .await;
+    }
+    // The following backup is exact.
+    vm.write_pattern("disk1", 0x55, 5 * MIB, MIB).await;
+    let refs: Vec<PathBuf> = ["disk0", "disk1"]
+        .iter()
+        .map(|d| work.join(format!("ref-{d}.qcow2")))
+        .collect();
+    for (d, r) in ["disk0", "disk1"].iter().zip(&refs) {
+        vm.capture_reference(d, r).await;
+    }
+    let next = repo.try_backup(&vm, VM, &[]);
+    if !next.status.success() {
+        return Err(format!("the following backup failed: {}", next.stderr.trim()));
+    }
+    let next = next.json();
+    let method = next["method"].as_str().unwrap_or_default();
+    let expected_method = if cell.exit == 0 {
+        "bitmap"
+    } else {
+        cell.next_method
+    };
+    if method != expected_method {
+        return Err(format!(
+            "the following backup was {method}, expected {expected_method}: {next}"
+        ));
+    }
+    let id = next["node"].as_str().unwrap().to_owned();
+    for (d, r) in ["disk0", "disk1"].iter().zip(&refs) {
+        image::compare(r, &repo.node_file(VM, &id, d))
+            .map_err(|e| format!("following backup not exact: {e}"))?;
+    }
+    let manifest = repo.manifest(VM);
+    if !manifest.operations.is_empty() {
+        return Err("operation records left".into());
+    }
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &id, full_id)).await;
+    // No earlier node changed.
+    let verify = cli::run(&[
+        "verify",
+        "--repo",
+        repo.path().to_str().unwrap(),
+        "--vm",
+        VM,
+        "--json",
+    ]);
+    if !verify.status.success() {
+        return Err(format!("verify after the cell: {}", verify.stdout));
+    }
+    let _ = chain_id;
+    Ok(())
+}
+
+#[tokio::test]
+async fn fault_matrix() {
+    let mut rows = Vec::new();
+    for cell in MATRIX {
+        // Each cell in its own task: a panic fails the cell, not the table.
+        let result = tokio::spawn(async move {
+            let work = tempfile::tempdir().unwrap();
+            run_cell(cell, work.path()).await
+        })
+        .await
+        .unwrap_or_else(|e| Err(format!("panicked: {e}")));
+        rows.push((format!("{:?}", cell.fault), cell.step, cell.exit, result));
+    }
+    println!("\n{:<44} {:<15} {:>4}  result", "fault", "step", "exit");
+    for (fault, step, exit, result) in &rows {
+        let verdict = match result {
+            Ok(()) => "pass".to_owned(),
+            Err(e) => format!("FAIL: {e}"),
+        };
+        println!("{fault:<44} {step:<15} {exit:>4}  {verdict}");
+    }
+    let passed = rows.iter().filter(|r| r.3.is_ok()).count();
+    println!("{passed} of {} cells passed", rows.len());
+    assert_eq!(passed, rows.len(), "failing cells above");
+}

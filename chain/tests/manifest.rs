@@ -98,7 +98,8 @@ fn json_syntax_errors_give_line_and_column() {
     let Error::ManifestSyntax { line, column, .. } = err else {
         panic!("{err:?}")
     };
-    assert!(line > 1 && column > 0);
+    // Column 0 is legitimate when the cut falls right after a newline.
+    assert!(line > 1, "line {line} column {column}");
     assert!(text.contains(&format!("line {line} column {column}")), "{text}");
 
     let (err, text) = load_bytes(&t, b"{\n  \"format_version\": 1,\n  \"vm\": \"vm1\",, \n}");

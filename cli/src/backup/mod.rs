@@ -392,8 +392,7 @@ impl Run<'_> {
         self.record_qemu_names();
         self.manifest.operations.push(self.op.clone());
         self.save()?;
-        std::fs::create_dir_all(self.vm.node_dir(&self.node))
-            .with_context(|| format!("creating {}", self.vm.node_dir(&self.node).display()))?;
+        self.vm.create_node_dir(&self.node)?;
         Ok(())
     }
 

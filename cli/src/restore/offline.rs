@@ -3,6 +3,7 @@
 //! holes. Before success is reported, each image is read back over NBD and its checking table compared with the
 //! node's.
 
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -177,7 +178,12 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
 fn output_paths(to: &Path, disks: &[String], format: Format) -> Result<Vec<PathBuf>> {
     let as_dir = to.is_dir() || disks.len() > 1 || to.as_os_str().to_string_lossy().ends_with('/');
     if as_dir {
-        std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+        if !to.exists() {
+            std::fs::create_dir_all(to).with_context(|| format!("creating {}", to.display()))?;
+            // Restored images hold the VM's data: private to their owner, like the repository.
+            std::fs::set_permissions(to, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("setting the mode of {}", to.display()))?;
+        }
         Ok(disks
             .iter()
             .map(|d| to.join(format!("{d}.{}", format.ext())))
@@ -314,5 +320,7 @@ fn create_image(bins: &QemuBins, path: &Path, size: u64, format: Format) -> Resu
             }
         }
     }
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(())
 }

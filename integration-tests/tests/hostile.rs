@@ -1,0 +1,103 @@
+//! Hostile and awkward input from outside the repository: paths that a shell or QEMU's option parser would
+//! misread, the modes of what qmpbak creates, and a QMP socket the user may not open.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::PermissionsExt as _;
+use std::path::Path;
+
+use integration_tests::repo::TestRepo;
+use integration_tests::{MIB, TestVm, cli, image};
+
+#[tokio::test]
+async fn paths_with_shell_and_qemu_metacharacters_are_only_ever_data() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let dir = tempfile::tempdir().unwrap();
+    // Commas split QEMU options, quotes and $ mean things to a shell, spaces split words.
+    let repo = dir.path().join("a,b \"c\" $HOME; rm -rf x 'd'");
+    cli::run(&["init", repo.to_str().unwrap()]).success();
+    let repo = TestRepo::at(repo);
+    vm.write_pattern("disk0", 0x5a, 0, 4 * MIB).await;
+    repo.backup(&vm, "vm1", &[]);
+    vm.write_pattern("disk0", 0xa5, MIB, MIB).await;
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let inc = repo.backup(&vm, "vm1", &[]);
+    let node = inc["node"].as_str().unwrap();
+    image::assert_same(&reference, &repo.node_file("vm1", node, "disk0"));
+    let out = dir.path().join("out, \"restored\" $x");
+    cli::run(&[
+        "restore",
+        node,
+        "--repo",
+        repo.path().to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--to",
+        out.to_str().unwrap(),
+    ])
+    .success();
+    // One disk and a path that is not a directory: the path is the image itself.
+    image::assert_same(&reference, &out);
+    cli::run(&["verify", "--repo", repo.path().to_str().unwrap(), "--vm", "vm1"]).success();
+}
+
+fn walk(dir: &Path, out: &mut Vec<(std::path::PathBuf, u32, bool)>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        let meta = std::fs::symlink_metadata(&path).unwrap();
+        out.push((path.clone(), meta.permissions().mode() & 0o777, meta.is_dir()));
+        if meta.is_dir() {
+            walk(&path, out);
+        }
+    }
+}
+
+#[tokio::test]
+async fn what_qmpbak_creates_is_private_to_its_owner() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x11, 0, MIB).await;
+    repo.backup(&vm, "vm1", &[]);
+    vm.write_pattern("disk0", 0x22, 0, MIB).await;
+    repo.backup(&vm, "vm1", &[]);
+    let mut entries = vec![(
+        repo.path(),
+        std::fs::metadata(repo.path()).unwrap().permissions().mode() & 0o777,
+        true,
+    )];
+    walk(&repo.path(), &mut entries);
+    for (path, mode, is_dir) in entries {
+        let want = if is_dir { 0o700 } else { 0o600 };
+        assert_eq!(mode, want, "{} has mode {mode:o}", path.display());
+    }
+}
+
+#[tokio::test]
+async fn a_socket_the_user_may_not_open_is_a_clear_error() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    // The binary must be reachable for the unprivileged user.
+    let bin = cli::qmpbak_bin();
+    let copy = tempfile::Builder::new().prefix("qmpbak-bin-").tempdir().unwrap();
+    std::fs::set_permissions(copy.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = copy.path().join("qmpbak");
+    std::fs::copy(&bin, &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let dir = vm.dir();
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(vm.socket(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    let out = std::process::Command::new("setpriv")
+        .args(["--reuid=nobody", "--regid=nogroup", "--clear-groups"])
+        .arg(&exe)
+        .args(["info", "--socket"])
+        .arg(vm.socket())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("qmp.sock") && stderr.contains("ermission denied"),
+        "{stderr}"
+    );
+}

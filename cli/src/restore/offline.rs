@@ -189,6 +189,11 @@ fn output_paths(to: &Path, disks: &[String], format: Format) -> Result<Vec<PathB
             .map(|d| to.join(format!("{d}.{}", format.ext())))
             .collect())
     } else {
+        if let Some(parent) = to.parent().filter(|p| !p.as_os_str().is_empty() && !p.exists()) {
+            std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))
+                .with_context(|| format!("setting the mode of {}", parent.display()))?;
+        }
         Ok(vec![to.to_path_buf()])
     }
 }

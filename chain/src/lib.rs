@@ -24,6 +24,7 @@
 //! - [`repo`]: [`Repository`] (init/open, [`Settings`]) and [`VmStore`] (one VM's files, lock, load/save).
 //! - [`manifest`]: the serde model ([`Manifest`], [`Node`] …), changes that keep the tree valid, validation.
 //! - [`tree`]: `lid`/`tid` nested-set numbering and the queries built on it (recovery chain, subtree …).
+//! - [`retention`]: which nodes a prune keeps ([`Policy`]), and the safe order to remove the others ([`Plan`]).
 //! - [`store`]: atomic writes (temp file, fsync, rename, fsync directory) and loading with full checks.
 //! - [`lock`]: the per-VM fs2 lock and its holder record.
 //! - [`table`]: checking tables (a sha256 per block), built in parallel from a [`BlockSource`].
@@ -37,6 +38,7 @@ pub mod lock;
 pub mod manifest;
 pub mod names;
 pub mod repo;
+pub mod retention;
 pub mod store;
 pub mod table;
 pub mod tree;
@@ -49,5 +51,6 @@ pub use manifest::{
 };
 pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};
+pub use retention::{Action, Decision, Plan, Policy, Why};
 pub use table::{BlockSource, Digest, Extent, ExtentKind, FileSource, MemSource, Table};
 pub use tree::Tree;

@@ -2,7 +2,7 @@
 //! with a clean error, never panic, and loading never writes.
 
 // Test code: a failed unwrap is a failed test.
-#![allow(clippy::unwrap_used)]
+#![allow(clippy::unwrap_used, clippy::many_single_char_names)]
 
 mod common;
 

@@ -18,7 +18,9 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::json;
 
-use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind, RelPath, Repository, Table, VmStore};
+use chain::{
+    LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind, RelPath, Repository, Table, VmStore,
+};
 
 use crate::crashpoint::crashpoint;
 use crate::daemon::StorageDaemon;
@@ -71,7 +73,7 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
     let guard = vm.lock_exclusive(opts.lock_wait, "merge")?;
     let mut manifest = vm.load()?;
     let leftovers = prune::finish_leftovers(&vm, &mut manifest, &guard)?;
-    prune::refuse_other_operations(&manifest, false)?;
+    prune::refuse_other_operations(&manifest)?;
     let node = crate::restore::find_node(&manifest, &opts.node)?.clone();
     let chain: Vec<NodeId> = manifest
         .recovery_chain(&node.id)?
@@ -121,15 +123,28 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
     vm.save(&manifest, &guard)?;
 
     let bins = QemuBins::from_env();
-    let temp_paths: Vec<PathBuf> = temps.iter().map(|t| vm.resolve(t)).collect::<chain::Result<_>>()?;
+    let temp_paths: Vec<PathBuf> = temps
+        .iter()
+        .map(|t| vm.resolve(t))
+        .collect::<chain::Result<_>>()?;
     let flattened = async {
         let daemon = StorageDaemon::start(&bins).await?;
         let mut result = Ok(());
         for (i, (disk, temp)) in node.disks.iter().zip(&temp_paths).enumerate() {
             progress.phase(&format!("flattening disk {} of {}", disk.disk, node.id));
-            result = flatten(&daemon, &bins, &vm, &manifest, &node.id, &disk.disk, disk.virtual_size, i, temp)
-                .await
-                .with_context(|| format!("merging disk {} of node {}", disk.disk, node.id));
+            result = flatten(
+                &daemon,
+                &bins,
+                &vm,
+                &manifest,
+                &node.id,
+                &disk.disk,
+                disk.virtual_size,
+                i,
+                temp,
+            )
+            .await
+            .with_context(|| format!("merging disk {} of node {}", disk.disk, node.id));
             if result.is_err() {
                 break;
             }
@@ -284,7 +299,10 @@ async fn flatten(
         daemon.export(&check, &export, false).await?;
         let client = daemon.connect(&export).await?;
         let size = client.size();
-        let source = NbdSource::new(nbd::BlockingClient::new(client, tokio::runtime::Handle::current()), size);
+        let source = NbdSource::new(
+            nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
+            size,
+        );
         let block_size = expected.block_size();
         let actual = tokio::task::spawn_blocking(move || Table::build(&source, block_size, threads()))
             .await

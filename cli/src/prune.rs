@@ -84,14 +84,18 @@ pub fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport
     }
     let repo = Repository::open(&opts.repo)?;
     let vm = repo.vm(&opts.vm)?;
-    let guard = vm.lock_exclusive(opts.lock_wait, "prune")?;
+    let guard = if opts.dry_run {
+        vm.lock_shared(opts.lock_wait)?
+    } else {
+        vm.lock_exclusive(opts.lock_wait, "prune")?
+    };
     let mut manifest = vm.load()?;
     let leftovers = if opts.dry_run {
         Leftovers::default()
     } else {
         finish_leftovers(&vm, &mut manifest, &guard)?
     };
-    refuse_other_operations(&manifest, opts.dry_run)?;
+    refuse_other_operations(&manifest)?;
     let plan = retention::plan(&manifest, &opts.policy)?;
     let mut report = PruneReport {
         vm: opts.vm.clone(),
@@ -200,13 +204,10 @@ fn describe(policy: &Policy) -> String {
 }
 
 /// Refuses to work beside an unfinished operation of another kind: a backup or restore that died may still
-/// have files of the chain open in QEMU, and only `qmpbak cleanup` (with the VM's socket) can tell.
-pub(crate) fn refuse_other_operations(manifest: &Manifest, dry_run: bool) -> Result<()> {
-    let others: Vec<&Operation> = manifest
-        .operations
-        .iter()
-        .filter(|o| dry_run || !is_ours(o))
-        .collect();
+/// have files of the chain open in QEMU, and only `qmpbak cleanup` (with the VM's socket) can tell. An
+/// interrupted prune or merge is no obstacle: every step of theirs leaves a tree that restores exactly.
+pub(crate) fn refuse_other_operations(manifest: &Manifest) -> Result<()> {
+    let others: Vec<&Operation> = manifest.operations.iter().filter(|o| !is_ours(o)).collect();
     if let Some(op) = others.first() {
         bail!(
             "VM {} has an unfinished {} operation ({}, pid {} on {}, started {}); run `qmpbak cleanup --repo … --vm {} \
@@ -233,20 +234,26 @@ fn is_ours(op: &Operation) -> bool {
 /// exactly; the next prune plans afresh from it, and a merge can simply be run again.
 pub fn finish_leftovers(vm: &VmStore, manifest: &mut Manifest, guard: &LockGuard) -> Result<Leftovers> {
     let mut leftovers = Leftovers::default();
-    let ours: Vec<Operation> = manifest.operations.iter().filter(|o| is_ours(o)).cloned().collect();
+    let ours: Vec<Operation> = manifest
+        .operations
+        .iter()
+        .filter(|o| is_ours(o))
+        .cloned()
+        .collect();
     if ours.is_empty() {
         return Ok(leftovers);
     }
-    let in_use: Vec<&RelPath> = manifest
+    let in_use: Vec<RelPath> = manifest
         .nodes
         .iter()
         .flat_map(|n| &n.disks)
         .flat_map(|d| std::iter::once(&d.file).chain(&d.table))
+        .cloned()
         .collect();
     for op in &ours {
         let mut dirs = Vec::new();
         for file in &op.files {
-            if in_use.contains(&file) {
+            if in_use.contains(file) {
                 continue;
             }
             let path = vm.resolve(file)?;
@@ -307,7 +314,7 @@ impl Run<'_> {
     fn delete(&mut self, id: &NodeId) -> Result<()> {
         let files = node_files(self.vm, id)?;
         self.manifest.remove_node(id)?;
-        self.drop_files(id, files)
+        self.drop_files(id, &files)
     }
 
     /// Each child of `id` absorbs its layer (`qemu-img rebase` onto `id`'s own backing); then `id` leaves the
@@ -386,12 +393,12 @@ impl Run<'_> {
                 }
             }
         }
-        self.drop_files(id, files)
+        self.drop_files(id, &files)
     }
 
     /// Records `files` (of node `id`, which has just left the manifest) in the operation record in the same
     /// manifest write, then deletes them and the node's directory.
-    fn drop_files(&mut self, id: &NodeId, files: Vec<(Option<RelPath>, PathBuf)>) -> Result<()> {
+    fn drop_files(&mut self, id: &NodeId, files: &[(Option<RelPath>, PathBuf)]) -> Result<()> {
         let op = self
             .manifest
             .operations
@@ -401,7 +408,7 @@ impl Run<'_> {
         op.files.extend(files.iter().filter_map(|(rel, _)| rel.clone()));
         self.vm.save(&self.manifest, self.guard)?;
         crashpoint("prune-dropped");
-        for (_, path) in &files {
+        for (_, path) in files {
             let bytes = allocated(path)?;
             std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
             self.removed_bytes += bytes;
@@ -409,7 +416,10 @@ impl Run<'_> {
         let dir = self.vm.node_dir(id);
         if is_real_dir(&dir) {
             std::fs::remove_dir(&dir).with_context(|| {
-                format!("removing {} (it holds files that are not the node's)", dir.display())
+                format!(
+                    "removing {} (it holds files that are not the node's)",
+                    dir.display()
+                )
             })?;
         }
         Ok(())

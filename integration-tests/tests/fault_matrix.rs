@@ -21,6 +21,7 @@ const VM: &str = "vm1";
 enum Fault {
     SourceReadError,
     TargetNoSpace,
+    TargetWriteError,
     ManifestNoSpace,
     KillQmpbak(&'static str),
     KillQemu,
@@ -46,119 +47,25 @@ struct Cell {
     next_method: &'static str,
 }
 
+#[rustfmt::skip]
 const MATRIX: &[Cell] = &[
-    Cell {
-        fault: Fault::SourceReadError,
-        step: "during job",
-        exit: 5,
-        says: "disk0",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::TargetNoSpace,
-        step: "during job",
-        exit: 5,
-        says: "No space left",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::ManifestNoSpace,
-        step: "manifest write",
-        exit: 3,
-        says: "manifest",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::KillQmpbak("backup-begun"),
-        step: "before job",
-        exit: -1,
-        says: "backup-begun",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::KillQmpbak("backup-jobs-started"),
-        step: "during job",
-        exit: -1,
-        says: "backup-jobs-started",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::KillQmpbak("backup-copied"),
-        step: "after job",
-        exit: -1,
-        says: "backup-copied",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::KillQmpbak("backup-tables-written"),
-        step: "manifest write",
-        exit: -1,
-        says: "backup-tables-written",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::KillQemu,
-        step: "during job",
-        exit: 5,
-        says: "QEMU",
-        next_method: "checksum-diff",
-    },
-    Cell {
-        fault: Fault::QemuQuits,
-        step: "during job",
-        exit: 5,
-        says: "QEMU",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::Sigint,
-        step: "during job",
-        exit: 130,
-        says: "interrupted",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::SecondQmpbak,
-        step: "during job",
-        exit: 4,
-        says: "lock",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::StaleLock,
-        step: "before job",
-        exit: 0,
-        says: "bitmaps relative",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::BitmapDeleted,
-        step: "before job",
-        exit: 0,
-        says: "is missing",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::BitmapInconsistent,
-        step: "before job",
-        exit: 0,
-        says: "inconsistent",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::BitmapBusy,
-        step: "before job",
-        exit: 0,
-        says: "busy",
-        next_method: "bitmap",
-    },
-    Cell {
-        fault: Fault::BitmapRenamed,
-        step: "before job",
-        exit: 0,
-        says: "relative to another node",
-        next_method: "bitmap",
-    },
+    Cell { fault: Fault::SourceReadError,                     step: "during job",     exit: 5,   says: "disk0",                    next_method: "bitmap" },
+    Cell { fault: Fault::TargetNoSpace,                       step: "during job",     exit: 5,   says: "No space left",            next_method: "bitmap" },
+    Cell { fault: Fault::TargetWriteError,                    step: "during job",     exit: 5,   says: "Input/output error",       next_method: "bitmap" },
+    Cell { fault: Fault::ManifestNoSpace,                     step: "manifest write", exit: 3,   says: "manifest",                 next_method: "bitmap" },
+    Cell { fault: Fault::KillQmpbak("backup-begun"),          step: "before job",     exit: -1,  says: "backup-begun",             next_method: "bitmap" },
+    Cell { fault: Fault::KillQmpbak("backup-jobs-started"),   step: "during job",     exit: -1,  says: "backup-jobs-started",      next_method: "bitmap" },
+    Cell { fault: Fault::KillQmpbak("backup-copied"),         step: "after job",      exit: -1,  says: "backup-copied",            next_method: "bitmap" },
+    Cell { fault: Fault::KillQmpbak("backup-tables-written"), step: "manifest write", exit: -1,  says: "backup-tables-written",    next_method: "bitmap" },
+    Cell { fault: Fault::KillQemu,                            step: "during job",     exit: 5,   says: "QEMU",                     next_method: "checksum-diff" },
+    Cell { fault: Fault::QemuQuits,                           step: "during job",     exit: 5,   says: "QEMU",                     next_method: "bitmap" },
+    Cell { fault: Fault::Sigint,                              step: "during job",     exit: 130, says: "interrupted",              next_method: "bitmap" },
+    Cell { fault: Fault::SecondQmpbak,                        step: "during job",     exit: 4,   says: "lock",                     next_method: "bitmap" },
+    Cell { fault: Fault::StaleLock,                           step: "before job",     exit: 0,   says: "bitmaps relative",         next_method: "bitmap" },
+    Cell { fault: Fault::BitmapDeleted,                       step: "before job",     exit: 0,   says: "is missing",               next_method: "bitmap" },
+    Cell { fault: Fault::BitmapInconsistent,                  step: "before job",     exit: 0,   says: "inconsistent",             next_method: "bitmap" },
+    Cell { fault: Fault::BitmapBusy,                          step: "before job",     exit: 0,   says: "busy",                     next_method: "bitmap" },
+    Cell { fault: Fault::BitmapRenamed,                       step: "before job",     exit: 0,   says: "relative to another node", next_method: "bitmap" },
 ];
 
 /// A small tmpfs for the repository, for the out-of-space cells (needs root).
@@ -276,6 +183,10 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
             let out = repo.try_backup(&vm, VM, &[]);
             std::fs::remove_file(dir.join("filler")).unwrap();
             out
+        }
+        Fault::TargetWriteError => {
+            let child = spawn_backup(&repo, &vm, &[], Some(("QMPBAK_INJECT_TARGET_EIO", "1")));
+            cli::wait(child, Duration::from_secs(120))
         }
         Fault::KillQmpbak(point) => {
             let child = spawn_backup(&repo, &vm, &[], Some(("QMPBAK_CRASH_AT", point)));

@@ -8,7 +8,9 @@ use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
-use super::{Digest, Table, block_count, block_range, check_block_size, hash_zeros, zero_digest};
+use super::{
+    Digest, Table, block_count, block_range, check_block_size, hash_zeros, zero_digest, zero_prefix_hasher,
+};
 use crate::error::{Error, Result};
 
 /// A disk as the guest sees it, readable from many threads at once.
@@ -25,6 +27,15 @@ pub trait BlockSource: Sync {
 
     /// Fills `buf` from `offset` (all of it, or an error).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()>;
+
+    /// Reads `len` bytes at `offset` into `buf`, which holds exactly them afterwards. The builder's workers
+    /// pass the same buffer block after block. The default resizes `buf` and calls [`BlockSource::read_at`];
+    /// a source that receives data into buffers of its own (a network client) can receive straight into
+    /// `buf`'s allocation instead of copying.
+    fn read_into(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+        buf.resize(len, 0);
+        self.read_at(offset, buf)
+    }
 
     /// What it is, for error messages (a path, an export name …).
     fn name(&self) -> String {
@@ -204,20 +215,28 @@ fn hash_block<S: BlockSource + ?Sized>(
     if segments.iter().all(|s| s.kind == ExtentKind::Zero) {
         return Ok(zero_digest(len));
     }
-    let mut hasher = Sha256::new();
+    let mut segments = segments.into_iter().peekable();
+    // Leading zeros continue from a cached state; zeros after data have to be hashed.
+    let mut hasher = match segments.next_if(|s| s.kind == ExtentKind::Zero) {
+        Some(leading) => zero_prefix_hasher(leading.len),
+        None => Sha256::new(),
+    };
     for segment in segments {
         match segment.kind {
             ExtentKind::Zero => hash_zeros(&mut hasher, segment.len),
             ExtentKind::Data => {
                 let n = segment.len as usize;
-                if buf.len() < n {
-                    buf.resize(n, 0);
-                }
-                let data = &mut buf[..n];
                 source
-                    .read_at(segment.offset, data)
+                    .read_into(segment.offset, n, buf)
                     .map_err(|e| failed(segment.offset, segment.len, e))?;
-                hasher.update(&*data);
+                let data = buf.get(..n).ok_or_else(|| {
+                    failed(
+                        segment.offset,
+                        segment.len,
+                        io::Error::new(io::ErrorKind::UnexpectedEof, "the source returned fewer bytes"),
+                    )
+                })?;
+                hasher.update(data);
             }
         }
     }

@@ -100,6 +100,30 @@ pub fn zero_digest(len: u64) -> Digest {
     digest
 }
 
+/// A hasher that has absorbed `len` zero bytes: where a block that starts with a hole continues from. Blocks
+/// often do (a data extent that starts inside a block), and their leading zeros then cost nothing after the
+/// first time. Cached per length when `len` is a multiple of 4 KiB (which bounds the cache to block size /
+/// 4 KiB entries); other lengths are hashed each time.
+pub(crate) fn zero_prefix_hasher(len: u64) -> Sha256 {
+    static CACHE: OnceLock<Mutex<HashMap<u64, Sha256>>> = OnceLock::new();
+    if len % 4096 != 0 || len > MAX_BLOCK_SIZE {
+        let mut hasher = Sha256::new();
+        hash_zeros(&mut hasher, len);
+        return hasher;
+    }
+    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+    if let Some(h) = cache.lock().unwrap_or_else(PoisonError::into_inner).get(&len) {
+        return h.clone();
+    }
+    let mut hasher = Sha256::new();
+    hash_zeros(&mut hasher, len);
+    cache
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(len, hasher.clone());
+    hasher
+}
+
 impl Table {
     /// A table from its parts; `digests` must have one entry per block.
     pub fn from_digests(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Result<Table> {

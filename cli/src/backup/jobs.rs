@@ -96,7 +96,9 @@ pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
             None => None,
         };
         let path = run.vm.resolve(&t.file)?;
-        let options = graph::qcow2_options(&run.qemu_name("t", t.index), &path, backing.as_deref(), false);
+        let mut options =
+            graph::qcow2_options(&run.qemu_name("t", t.index), &path, backing.as_deref(), false);
+        options["file"] = crate::crashpoint::target_file_options(options["file"].take());
         run.qmp
             .execute_raw("blockdev-add", Some(options))
             .await

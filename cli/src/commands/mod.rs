@@ -6,6 +6,7 @@ mod cleanup;
 mod info;
 mod init;
 mod list;
+mod prune;
 mod qmp;
 mod restore;
 mod show;
@@ -28,6 +29,10 @@ pub enum Command {
     List(list::Args),
     /// Merge a time point's increment into its parent inside the running VM (keeps the chain short).
     Commit(snapshot::CommitArgs),
+    /// Fold a node's recovery chain into a synthetic full (its descendants are unaffected).
+    Merge(prune::MergeArgs),
+    /// Thin a VM's backup tree out by a retention policy; removed interior nodes merge into their children.
+    Prune(prune::Args),
     /// Send one raw QMP command and print the reply.
     Qmp(qmp::Args),
     /// Restore a node: offline into image files, or live into a running VM.
@@ -51,6 +56,8 @@ impl Command {
             Command::Info(args) => info::run(args).await,
             Command::Init(args) => init::run(&args),
             Command::List(args) => list::run(&args),
+            Command::Merge(args) => prune::merge(args).await,
+            Command::Prune(args) => prune::run(&args),
             Command::Qmp(args) => qmp::run(args).await,
             Command::Restore(args) => restore::run(args).await,
             Command::Revert(args) => snapshot::revert(args).await,

@@ -10,7 +10,6 @@
 //! still restores exactly; its record holds only the temporary files, which the next prune, merge or cleanup
 //! deletes.
 
-use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -217,7 +216,7 @@ async fn flatten(
     temp: &Path,
 ) -> Result<()> {
     let expected = load_node_table(vm, manifest, node, disk)?;
-    create_image(bins, temp, size)?;
+    bins.create_qcow2(temp, size, None)?;
     let qmp = daemon.qmp();
     let chain = graph::add_chain(qmp, vm, manifest, node, disk, &format!("m{index}-")).await?;
     let target = format!("mt{index}");
@@ -331,26 +330,6 @@ async fn flatten(
     std::fs::File::open(temp)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", temp.display()))?;
-    Ok(())
-}
-
-fn create_image(bins: &QemuBins, path: &Path, size: u64) -> Result<()> {
-    let _ = std::fs::remove_file(path);
-    let out = std::process::Command::new(&bins.img)
-        .args(["create", "-q", "-f", "qcow2"])
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .with_context(|| format!("running {}", bins.img.display()))?;
-    if !out.status.success() {
-        bail!(
-            "creating {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(())
 }
 

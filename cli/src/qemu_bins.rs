@@ -27,3 +27,36 @@ impl QemuBins {
         }
     }
 }
+
+impl QemuBins {
+    /// Creates a qcow2 image of `size` bytes, private to its owner (0600). `backing` is written into its header
+    /// as given (a relative path is relative to the image's directory) and not opened.
+    pub fn create_qcow2(
+        &self,
+        path: &std::path::Path,
+        size: u64,
+        backing: Option<&str>,
+    ) -> anyhow::Result<()> {
+        use anyhow::Context as _;
+        use std::os::unix::fs::PermissionsExt as _;
+        let mut cmd = std::process::Command::new(&self.img);
+        cmd.args(["create", "-q", "-f", "qcow2"]);
+        if let Some(backing) = backing {
+            cmd.args(["-u", "-F", "qcow2", "-b", backing]);
+        }
+        let out = cmd
+            .arg(path)
+            .arg(size.to_string())
+            .output()
+            .with_context(|| format!("running {}", self.img.display()))?;
+        if !out.status.success() {
+            anyhow::bail!(
+                "creating {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+            .with_context(|| format!("setting the mode of {}", path.display()))
+    }
+}

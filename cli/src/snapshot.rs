@@ -98,26 +98,6 @@ fn overlay_path(disk_file: &Path, chain_id: &str, node: &str) -> PathBuf {
     path
 }
 
-fn create_overlay(bins: &QemuBins, path: &Path, backing: &Path, size: u64) -> Result<()> {
-    let out = std::process::Command::new(&bins.img)
-        .args(["create", "-q", "-f", "qcow2", "-u", "-F", "qcow2", "-b"])
-        .arg(backing)
-        .arg(path)
-        .arg(size.to_string())
-        .output()
-        .with_context(|| format!("running {}", bins.img.display()))?;
-    if !out.status.success() {
-        bail!(
-            "creating {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("setting the mode of {}", path.display()))?;
-    Ok(())
-}
-
 fn absolute(disk: &DiskInfo) -> Result<PathBuf> {
     let path = PathBuf::from(&disk.file);
     if !path.is_absolute() || disk.format != "qcow2" {
@@ -231,7 +211,7 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     let result = async {
         let mut actions = Vec::new();
         for (i, (d, (f, o))) in info.disks.iter().zip(frozen.iter().zip(&overlays)).enumerate() {
-            create_overlay(&bins, o, f, d.virtual_size)?;
+            bins.create_qcow2(o, d.virtual_size, Some(&f.display().to_string()))?;
             let name = short_name(&chain_id, "o", node.as_str(), i);
             qmp.execute_raw(
                 "blockdev-add",
@@ -585,7 +565,7 @@ async fn switch(
             .with_context(|| format!("opening {}", frozen.display()))?;
             name
         };
-        create_overlay(bins, overlay, frozen, d.virtual_size)?;
+        bins.create_qcow2(overlay, d.virtual_size, Some(&frozen.display().to_string()))?;
         let name = short_name(chain_id, &format!("a{seq}"), target.id.as_str(), *i);
         qmp.execute_raw(
             "blockdev-add",

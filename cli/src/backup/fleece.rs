@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 
 use super::{Copied, Run, interrupted, jobs};
@@ -54,20 +54,11 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
     }
     run.save()?;
     for t in &run.targets {
-        let path = run.vm.resolve(&fleece_file(run, t.index)?)?;
-        let out = std::process::Command::new(&run.bins.img)
-            .args(["create", "-q", "-f", "qcow2"])
-            .arg(&path)
-            .arg(t.info.virtual_size.to_string())
-            .output()
-            .with_context(|| format!("running {}", run.bins.img.display()))?;
-        if !out.status.success() {
-            bail!(
-                "creating {} failed: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
+        run.bins.create_qcow2(
+            &run.vm.resolve(&fleece_file(run, t.index)?)?,
+            t.info.virtual_size,
+            None,
+        )?;
     }
     Ok(())
 }

@@ -3,11 +3,9 @@
 //! whose backing file is the parent's; in QEMU they are opened on top of the parent's recovery chain, so that a
 //! zeroed cluster is recorded as zero rather than left to show the parent's data.
 
-use std::os::unix::fs::PermissionsExt as _;
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, anyhow};
 use serde_json::{Value, json};
 use tokio::task::JoinSet;
 
@@ -53,26 +51,10 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
 /// `qemu-img create` of each node file; incremental ones name the parent's file as backing file (relative).
 pub(super) fn create_target_files(run: &Run<'_>) -> Result<()> {
     for t in &run.targets {
-        let path = run.vm.resolve(&t.file)?;
-        let mut cmd = Command::new(&run.bins.img);
-        cmd.args(["create", "-q", "-f", "qcow2"]);
-        if let Some(backing) = &t.backing {
-            // The header's backing path is relative to the node file's directory.
-            cmd.args(["-u", "-F", "qcow2", "-b"]).arg(format!("../{backing}"));
-        }
-        cmd.arg(&path).arg(t.info.virtual_size.to_string());
-        let out = cmd
-            .output()
-            .with_context(|| format!("running {}", run.bins.img.display()))?;
-        if !out.status.success() {
-            bail!(
-                "creating {} failed: {}",
-                path.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
-            .with_context(|| format!("setting the mode of {}", path.display()))?;
+        // The header's backing path is relative to the node file's directory.
+        let backing = t.backing.as_ref().map(|b| format!("../{b}"));
+        run.bins
+            .create_qcow2(&run.vm.resolve(&t.file)?, t.info.virtual_size, backing.as_deref())?;
     }
     Ok(())
 }

@@ -309,21 +309,7 @@ fn create_image(bins: &QemuBins, path: &Path, size: u64, format: Format) -> Resu
             file.set_len(size)
                 .with_context(|| format!("sizing {}", path.display()))?;
         }
-        Format::Qcow2 => {
-            let out = std::process::Command::new(&bins.img)
-                .args(["create", "-q", "-f", "qcow2"])
-                .arg(path)
-                .arg(size.to_string())
-                .output()
-                .with_context(|| format!("running {}", bins.img.display()))?;
-            if !out.status.success() {
-                bail!(
-                    "creating {} failed: {}",
-                    path.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                );
-            }
-        }
+        Format::Qcow2 => bins.create_qcow2(path, size, None)?,
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting the mode of {}", path.display()))?;

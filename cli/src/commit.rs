@@ -14,9 +14,8 @@ use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind, Repository};
+use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind};
 
-use crate::cleanup;
 use crate::exit::Exit;
 use crate::graph::short_name;
 use crate::inspect;
@@ -57,12 +56,21 @@ const NOTE_PREFIX: &str = "commit:";
 
 pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     let started = Instant::now();
-    let repo = Repository::open(&opts.repo)?;
-    let vm = repo.vm(&opts.vm)?;
-    let guard = vm.lock_exclusive(opts.lock_wait, "commit")?;
-    let mut manifest = vm.load()?;
-    let qmp = inspect::connect(&opts.socket).await?;
-    cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let crate::session::Session {
+        vm,
+        guard,
+        mut manifest,
+        qmp,
+        ..
+    } = crate::session::open(
+        &opts.repo,
+        &opts.vm,
+        &opts.socket,
+        opts.lock_wait,
+        "commit",
+        false,
+    )
+    .await?;
     let node = crate::restore::find_node(&manifest, &opts.node)?.clone();
     let Some(parent_id) = node.parent.clone() else {
         bail!(Exit::usage(format!(

@@ -19,6 +19,7 @@ pub mod qemu_bins;
 pub mod qga;
 pub mod render;
 pub mod restore;
+pub mod session;
 pub mod signals;
 pub mod snapshot;
 pub mod tables;

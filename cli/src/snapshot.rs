@@ -20,7 +20,7 @@ use serde_json::json;
 
 use chain::{
     Location, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState, Operation, OperationKind,
-    RelPath, Repository,
+    RelPath,
 };
 
 use crate::cleanup;
@@ -28,6 +28,7 @@ use crate::exit::Exit;
 use crate::graph::short_name;
 use crate::inspect::{self, DiskInfo};
 use crate::qemu_bins::QemuBins;
+use crate::session::{self, Session};
 
 /// Bound on the pivot job of a revert (nothing is copied: the VM is paused).
 pub const PIVOT_TIMEOUT: Duration = Duration::from_secs(60);
@@ -120,15 +121,22 @@ fn operation(kind: &str, node: &NodeId, outside: &[PathBuf]) -> Operation {
 /// Takes a time point of every disk of the VM.
 pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     let started = Instant::now();
-    let repo = Repository::open(&opts.repo)?;
-    let vm = match repo.vm(&opts.vm) {
-        Ok(vm) if vm.dir().exists() => vm,
-        _ => repo.create_vm(&opts.vm)?,
-    };
-    let guard = vm.lock_exclusive(opts.lock_wait, "snapshot")?;
-    let mut manifest = vm.load()?;
-    let qmp = inspect::connect(&opts.socket).await?;
-    cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let Session {
+        repo,
+        vm,
+        guard,
+        mut manifest,
+        qmp,
+        ..
+    } = session::open(
+        &opts.repo,
+        &opts.vm,
+        &opts.socket,
+        opts.lock_wait,
+        "snapshot",
+        true,
+    )
+    .await?;
     if let Some(tag) = &opts.tag {
         if manifest.find(tag).is_some() {
             bail!(Exit::usage(format!(
@@ -437,12 +445,21 @@ pub struct RevertReport {
 /// Makes the running VM continue from time point `node` on new overlays.
 pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
     let started = Instant::now();
-    let repo = Repository::open(&opts.repo)?;
-    let vm = repo.vm(&opts.vm)?;
-    let guard = vm.lock_exclusive(opts.lock_wait, "revert")?;
-    let mut manifest = vm.load()?;
-    let qmp = inspect::connect(&opts.socket).await?;
-    cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let Session {
+        vm,
+        guard,
+        mut manifest,
+        qmp,
+        ..
+    } = session::open(
+        &opts.repo,
+        &opts.vm,
+        &opts.socket,
+        opts.lock_wait,
+        "revert",
+        false,
+    )
+    .await?;
     let target = crate::restore::find_node(&manifest, &opts.node)?.clone();
     if target.kind != NodeKind::Snapshot {
         bail!(Exit::usage(format!(

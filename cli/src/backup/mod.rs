@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use chain::{
     BitmapRecord, DiskIdentity, Location, LockGuard, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind,
-    NodeState, Operation, OperationKind, RelPath, Repository, VmStore,
+    NodeState, Operation, OperationKind, RelPath, VmStore,
 };
 
 use crate::bitmaps::{BitmapName, BitmapState, Role};
@@ -188,16 +188,14 @@ pub async fn backup(
     interrupt: &Interrupt,
 ) -> Result<BackupReport> {
     let started = Instant::now();
-    let repo = Repository::open(&opts.repo)?;
-    let vm = match repo.vm(&opts.vm) {
-        Ok(vm) if vm.dir().exists() => vm,
-        _ => repo.create_vm(&opts.vm)?,
-    };
-    let guard = vm.lock_exclusive(opts.lock_wait, "backup")?;
-    let mut manifest = vm.load()?;
-
-    let qmp = inspect::connect(&opts.socket).await?;
-    let cleaned = cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let crate::session::Session {
+        repo,
+        vm,
+        guard,
+        mut manifest,
+        qmp,
+        cleaned,
+    } = crate::session::open(&opts.repo, &opts.vm, &opts.socket, opts.lock_wait, "backup", true).await?;
     let info = inspect::inspect(&qmp).await?;
     let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
     for disk in &disks {

@@ -14,10 +14,9 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 use serde_json::json;
 
-use chain::{BitmapRecord, LockWait, Operation, OperationKind, Repository};
+use chain::{BitmapRecord, LockWait, Operation, OperationKind};
 
 use crate::bitmaps::BitmapName;
-use crate::cleanup;
 use crate::exit::{Exit, ExitCode};
 use crate::graph;
 use crate::inspect;
@@ -57,12 +56,21 @@ pub async fn restore_live(
     interrupt: &Interrupt,
 ) -> Result<LiveReport> {
     let started = Instant::now();
-    let repo = Repository::open(&opts.repo)?;
-    let vm = repo.vm(&opts.vm)?;
-    let guard = vm.lock_exclusive(opts.lock_wait, "restore --live")?;
-    let mut manifest = vm.load()?;
-    let qmp = inspect::connect(&opts.socket).await?;
-    cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let crate::session::Session {
+        vm,
+        guard,
+        mut manifest,
+        qmp,
+        ..
+    } = crate::session::open(
+        &opts.repo,
+        &opts.vm,
+        &opts.socket,
+        opts.lock_wait,
+        "restore --live",
+        false,
+    )
+    .await?;
     let node = super::find_node(&manifest, &opts.node)?.clone();
     let disks = super::select_disks(&node, &opts.disks)?;
     let info = inspect::inspect(&qmp).await?;

@@ -1,0 +1,53 @@
+//! The start every command that changes a running VM's chain shares: open the repository (creating the VM's
+//! directory on first use where that makes sense), take the VM's exclusive lock, load the manifest, connect to
+//! QEMU, and finish whatever an interrupted qmpbak left behind.
+
+use std::path::Path;
+
+use anyhow::Result;
+
+use chain::{LockGuard, LockWait, Manifest, Repository, VmStore};
+
+use crate::cleanup::{self, Cleaned};
+use crate::inspect;
+
+/// An open, locked VM with its manifest and QEMU connection.
+pub struct Session {
+    pub repo: Repository,
+    pub vm: VmStore,
+    pub guard: LockGuard,
+    pub manifest: Manifest,
+    pub qmp: qmp::Qmp,
+    /// What an earlier, interrupted run left and this one removed.
+    pub cleaned: Cleaned,
+}
+
+/// Opens a session for `command`; with `create`, a VM seen for the first time gets its directory.
+pub async fn open(
+    repo: &Path,
+    vm: &str,
+    socket: &Path,
+    wait: LockWait,
+    command: &str,
+    create: bool,
+) -> Result<Session> {
+    let repo = Repository::open(repo)?;
+    let vm = match repo.vm(vm) {
+        Ok(store) if store.dir().exists() => store,
+        _ if create => repo.create_vm(vm)?,
+        Err(e) => return Err(e.into()),
+        Ok(store) => store,
+    };
+    let guard = vm.lock_exclusive(wait, command)?;
+    let mut manifest = vm.load()?;
+    let qmp = inspect::connect(socket).await?;
+    let cleaned = cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    Ok(Session {
+        repo,
+        vm,
+        guard,
+        manifest,
+        qmp,
+        cleaned,
+    })
+}

@@ -3,6 +3,7 @@
 //! Every wait is bounded by one of the named timeouts in [`timeouts`].
 
 pub mod cli;
+pub mod guest;
 pub mod image;
 pub mod qemu;
 pub mod repo;

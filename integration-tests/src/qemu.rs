@@ -2,6 +2,7 @@
 //! QEMU tree (`DIR/usr/bin/...`, firmware under `DIR/usr/share/qemu`), so the suite can run against a second
 //! QEMU version side by side.
 
+use std::ffi::OsString;
 use std::path::PathBuf;
 
 /// The QEMU programs one test run uses, all from the same installation.
@@ -38,12 +39,31 @@ impl QemuBinaries {
     }
 
     /// The firmware to boot with: qboot halts at once when there is nothing to boot, so an idle test VM costs
-    /// almost no CPU under TCG.
+    /// almost no CPU under TCG, and it boots a `-kernel` quickly. Both QEMUs the suite runs against ship it
+    /// (bookworm's 7.2 and backports' 10.0, in `qemu-system-data`).
     pub fn bios(&self) -> PathBuf {
         let dir = self
             .data_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("/usr/share/qemu"));
         dir.join("qboot.rom")
+    }
+
+    /// `-bios <qboot>`, or nothing (QEMU's default SeaBIOS) for a QEMU tree without qboot.
+    pub fn bios_args(&self) -> Vec<OsString> {
+        let bios = self.bios();
+        if bios.exists() {
+            vec!["-bios".into(), bios.into_os_string()]
+        } else {
+            Vec::new()
+        }
+    }
+
+    /// `-L <firmware dir>` for a QEMU tree under a prefix; nothing for the system's QEMU.
+    pub fn data_dir_args(&self) -> Vec<OsString> {
+        self.data_dir
+            .iter()
+            .flat_map(|d| ["-L".into(), d.clone().into_os_string()])
+            .collect()
     }
 }

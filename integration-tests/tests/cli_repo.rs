@@ -10,7 +10,9 @@ use integration_tests::{MIB, TestVm, cli};
 fn init_refuses_an_existing_repository_and_a_non_empty_directory() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("r");
-    let out = cli::run(&["init", repo.to_str().unwrap(), "--json"]).success().json();
+    let out = cli::run(&["init", repo.to_str().unwrap(), "--json"])
+        .success()
+        .json();
     assert_eq!(out["block_size"], 1 << 20);
     let again = cli::run(&["init", repo.to_str().unwrap()]);
     assert_eq!(again.code(), Some(3), "{again:?}");
@@ -34,38 +36,92 @@ async fn list_draws_the_tree_and_show_gives_the_recovery_chain() {
     let repo = TestRepo::init();
     let mut ids = Vec::new();
     for (i, tag) in ["base", "", ""].iter().enumerate() {
-        vm.write_pattern("disk0", 0x10 + i as u8, i as u64 * MIB, MIB).await;
-        let extra: Vec<&str> = if tag.is_empty() { vec![] } else { vec!["--tag", tag] };
-        ids.push(repo.backup(&vm, "vm1", &extra)["node"].as_str().unwrap().to_owned());
+        vm.write_pattern("disk0", 0x10 + i as u8, i as u64 * MIB, MIB)
+            .await;
+        let extra: Vec<&str> = if tag.is_empty() {
+            vec![]
+        } else {
+            vec!["--tag", tag]
+        };
+        ids.push(
+            repo.backup(&vm, "vm1", &extra)["node"]
+                .as_str()
+                .unwrap()
+                .to_owned(),
+        );
     }
     let vm_dir = repo.vm_dir("vm1");
 
     let text = cli::run(&["list", vm_dir.to_str().unwrap()]).success().stdout;
     assert!(text.starts_with("vm1: 3 nodes, current 0003"), "{text}");
     assert!(text.contains("0001  full") && text.contains("tag base"), "{text}");
-    assert!(text.contains("└── 0002  incremental") && text.contains("    └── 0003  incremental"), "{text}");
+    assert!(
+        text.contains("└── 0002  incremental") && text.contains("    └── 0003  incremental"),
+        "{text}"
+    );
     assert!(text.contains("<- current"), "{text}");
 
-    let json = cli::run(&["list", vm_dir.to_str().unwrap(), "--json"]).success().json();
+    let json = cli::run(&["list", vm_dir.to_str().unwrap(), "--json"])
+        .success()
+        .json();
     assert_eq!(json["current"], "0003");
     let nodes = json["nodes"].as_array().unwrap();
     assert_eq!(nodes.len(), 3);
-    assert_eq!((nodes[0]["lid"].as_u64(), nodes[0]["tid"].as_u64()), (Some(1), Some(3)));
+    assert_eq!(
+        (nodes[0]["lid"].as_u64(), nodes[0]["tid"].as_u64()),
+        (Some(1), Some(3))
+    );
     assert_eq!(nodes[2]["parent"], "0002");
 
-    let vms = cli::run(&["list", repo.path().to_str().unwrap(), "--json"]).success().json();
+    let vms = cli::run(&["list", repo.path().to_str().unwrap(), "--json"])
+        .success()
+        .json();
     assert_eq!(vms[0]["vm"], "vm1");
     assert_eq!(vms[0]["nodes"], 3);
 
     let repo_arg = repo.path();
-    let show = cli::run(&["show", "0003", "--repo", repo_arg.to_str().unwrap(), "--vm", "vm1", "--json"])
-        .success()
-        .json();
-    assert_eq!(show["recovery_chain"], serde_json::json!(["0001", "0002", "0003"]));
+    let show = cli::run(&[
+        "show",
+        "0003",
+        "--repo",
+        repo_arg.to_str().unwrap(),
+        "--vm",
+        "vm1",
+        "--json",
+    ])
+    .success()
+    .json();
+    assert_eq!(
+        show["recovery_chain"],
+        serde_json::json!(["0001", "0002", "0003"])
+    );
     assert_eq!(show["current"], true);
-    let by_tag = cli::run(&["show", "base", "--repo", repo_arg.to_str().unwrap(), "--vm", "vm1"]).success().stdout;
-    assert!(by_tag.contains("0001") && by_tag.contains("recovery chain: 0001"), "{by_tag}");
-    let miss = cli::run(&["show", "bsae", "--repo", repo_arg.to_str().unwrap(), "--vm", "vm1"]);
+    let by_tag = cli::run(&[
+        "show",
+        "base",
+        "--repo",
+        repo_arg.to_str().unwrap(),
+        "--vm",
+        "vm1",
+    ])
+    .success()
+    .stdout;
+    assert!(
+        by_tag.contains("0001") && by_tag.contains("recovery chain: 0001"),
+        "{by_tag}"
+    );
+    let miss = cli::run(&[
+        "show",
+        "bsae",
+        "--repo",
+        repo_arg.to_str().unwrap(),
+        "--vm",
+        "vm1",
+    ]);
     assert_eq!(miss.code(), Some(2), "{miss:?}");
-    assert!(miss.stderr.contains("did you mean") && miss.stderr.contains("base"), "{}", miss.stderr);
+    assert!(
+        miss.stderr.contains("did you mean") && miss.stderr.contains("base"),
+        "{}",
+        miss.stderr
+    );
 }

@@ -44,6 +44,11 @@ impl BlockingClient {
         self.handle.block_on(self.client.read(offset, buf))
     }
 
+    /// [`Client::read_owned`], blocking: reads `len` bytes at `offset` into `buf`'s allocation and returns it.
+    pub fn read_owned(&self, offset: u64, len: usize, buf: Vec<u8>) -> Result<Vec<u8>> {
+        self.handle.block_on(self.client.read_owned(offset, len, buf))
+    }
+
     /// [`Client::block_status`], blocking.
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.handle.block_on(self.client.block_status(offset, len))

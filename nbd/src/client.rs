@@ -208,6 +208,35 @@ impl Client {
         Ok(())
     }
 
+    /// Reads `len` bytes at `offset` into `buf`'s allocation and returns it holding exactly those bytes. A
+    /// read that fits one request (aligned, at most the server's maximum payload) is received straight into
+    /// `buf`, without clearing or copying it: pass the returned buffer to the next call to read block after
+    /// block without allocating. Longer reads are split and pipelined as [`Client::read`] does.
+    pub async fn read_owned(&self, offset: u64, len: usize, mut buf: Vec<u8>) -> Result<Vec<u8>> {
+        let n = len as u64;
+        self.check_range(offset, n)?;
+        let align = self.align();
+        let aligned = offset % align == 0 && (n % align == 0 || offset + n == self.size());
+        if n == 0 || !aligned || n > self.max_payload() {
+            buf.resize(len, 0);
+            self.read(offset, &mut buf).await?;
+            return Ok(buf);
+        }
+        let request = Request {
+            command: Command::Read,
+            flags: 0,
+            offset,
+            len: n as u32,
+            payload: Vec::new(),
+            expect: Expect::Read(ReadAssembly::with_buffer(offset, n as u32, buf)),
+        };
+        let ticket = self.submit(request).await?;
+        match self.wait(ticket).await? {
+            ReplyData::Data(data) if data.len() == len => Ok(data),
+            _ => Err(Error::Protocol("read reply without the data asked for".into())),
+        }
+    }
+
     async fn collect_read(&self, at: u64, ticket: Ticket, offset: u64, buf: &mut [u8]) -> Result<()> {
         let ReplyData::Data(data) = self.wait(ticket).await? else {
             return Err(Error::Protocol("read reply without data".into()));

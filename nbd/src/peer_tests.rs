@@ -275,6 +275,35 @@ async fn reads_reassemble_out_of_order_data_and_hole_chunks() {
 }
 
 #[tokio::test]
+async fn read_owned_fills_a_reused_buffer_with_one_request() {
+    let (client, mut server) = connected(Peer::default()).await;
+    let serve = tokio::spawn(async move {
+        for _ in 0..2 {
+            let req = read_request(&mut server).await.unwrap();
+            assert_eq!((req.command, req.offset, req.len), (0, 4096, 8192));
+            server
+                .write_all(&hole_chunk(req.cookie, false, 8192, 4096))
+                .await
+                .unwrap();
+            server
+                .write_all(&data_chunk(req.cookie, false, 4096, &[0x5a; 4096]))
+                .await
+                .unwrap();
+            server.write_all(&none_chunk(req.cookie)).await.unwrap();
+        }
+        server
+    });
+    // A stale buffer, longer than the read: cut to size, and the hole is zeroed, not left stale.
+    let buf = client.read_owned(4096, 8192, vec![0xff; 10_000]).await.unwrap();
+    assert_eq!(buf.len(), 8192);
+    assert!(buf[..4096].iter().all(|&b| b == 0x5a));
+    assert!(buf[4096..].iter().all(|&b| b == 0));
+    let again = client.read_owned(4096, 8192, buf).await.unwrap();
+    assert!(again[..4096].iter().all(|&b| b == 0x5a) && again[4096..].iter().all(|&b| b == 0));
+    serve.await.unwrap();
+}
+
+#[tokio::test]
 async fn an_error_chunk_fails_only_its_request() {
     let (client, mut server) = connected(Peer::default()).await;
     let serve = tokio::spawn(async move {

@@ -39,9 +39,16 @@ pub(crate) struct ReadAssembly {
 
 impl ReadAssembly {
     pub(crate) fn new(offset: u64, len: u32) -> Self {
+        Self::with_buffer(offset, len, Vec::new())
+    }
+
+    /// A read into `buf`'s allocation (a caller's reused buffer), cut or grown to `len` bytes. Old contents
+    /// are not cleared: [`ReadAssembly::finish`] only succeeds when data and hole chunks covered every byte.
+    pub(crate) fn with_buffer(offset: u64, len: u32, mut buf: Vec<u8>) -> Self {
+        buf.resize(len as usize, 0);
         ReadAssembly {
             offset,
-            buf: vec![0; len as usize],
+            buf,
             covered: Vec::new(),
         }
     }
@@ -179,6 +186,19 @@ mod tests {
         let buf = r.finish().unwrap();
         assert_eq!(&buf[..10], &[0; 10]);
         assert_eq!(&buf[10..], &[7; 20]);
+    }
+
+    #[test]
+    fn a_reused_buffer_is_resized_and_must_be_covered_again() {
+        let mut r = ReadAssembly::with_buffer(0, 4, vec![9; 10]);
+        let range = r.place(0, 2).unwrap();
+        r.buf[range].fill(1);
+        r.hole(2, 2).unwrap();
+        assert_eq!(r.finish().unwrap(), vec![1, 1, 0, 0]);
+
+        let mut r = ReadAssembly::with_buffer(0, 4, vec![9; 2]);
+        r.place(0, 2).unwrap();
+        assert!(r.finish().unwrap_err().contains("offset 2"));
     }
 
     #[test]

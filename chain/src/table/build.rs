@@ -1,6 +1,8 @@
-//! Building a table from a [`BlockSource`]: workers on every core take block numbers from a shared counter,
-//! each with one block-sized buffer, so memory stays at threads × block size however large the disk. Ranges the
-//! source reports as zero (holes) are neither read nor hashed.
+//! Building a table from a [`BlockSource`]: workers take runs of consecutive blocks (about [`RUN_BYTES`]) from a
+//! shared counter and read each run with one extents query and one read per data extent in it, so small blocks
+//! cost no more round trips than large ones; each keeps its buffers, so memory stays at a few runs per thread
+//! however large the disk. Ranges the source reports as zero (holes) are neither read nor hashed, and the zeros
+//! a block starts with continue from a cached hash state.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -63,6 +65,12 @@ pub enum ExtentKind {
 /// How many results a worker gathers before storing them in the shared digest list.
 const BATCH: usize = 256;
 
+/// About how many bytes of consecutive blocks a worker reads and hashes at a time (at least one block).
+pub const RUN_BYTES: u64 = 1 << 20;
+
+/// Data buffers a worker keeps between runs (a run with more data extents allocates the rest afresh).
+const KEPT_BUFFERS: usize = 4;
+
 impl Table {
     /// Hashes every block of `source` with `threads` workers (0: one per core).
     pub fn build<S: BlockSource + ?Sized>(source: &S, block_size: u64, threads: usize) -> Result<Table> {
@@ -120,8 +128,9 @@ fn hash_blocks<S: BlockSource + ?Sized>(
     let failed = AtomicBool::new(false);
     let virtual_size = source.len();
 
+    let per_claim = (RUN_BYTES / block_size).max(1);
     let worker = || -> Result<()> {
-        let mut buf = Vec::new();
+        let mut bufs: Vec<Vec<u8>> = Vec::new();
         let mut done: Vec<(u64, Digest)> = Vec::with_capacity(BATCH);
         let store = |done: &mut Vec<(u64, Digest)>| {
             let mut all = digests.lock().unwrap_or_else(PoisonError::into_inner);
@@ -130,19 +139,30 @@ fn hash_blocks<S: BlockSource + ?Sized>(
             }
         };
         while !failed.load(Ordering::Relaxed) {
-            let job = next.fetch_add(1, Ordering::Relaxed);
-            if job >= jobs {
+            let first = next.fetch_add(per_claim, Ordering::Relaxed);
+            if first >= jobs {
                 break;
             }
-            let (offset, len) = block_range(index_of(job), block_size, virtual_size);
-            match hash_block(source, offset, len, &mut buf) {
-                Ok(digest) => done.push((job, digest)),
-                Err(e) => {
-                    failed.store(true, Ordering::Relaxed);
-                    return Err(e);
+            let last = (first + per_claim).min(jobs);
+            // The claimed jobs, cut into runs of consecutive block numbers.
+            let mut job = first;
+            while job < last {
+                let index = index_of(job);
+                let mut end = job + 1;
+                while end < last && index_of(end) == index + (end - job) {
+                    end += 1;
                 }
+                let run = hash_run(source, block_size, virtual_size, index, end - job, &mut bufs);
+                match run {
+                    Ok(run) => done.extend((job..end).zip(run)),
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        return Err(e);
+                    }
+                }
+                job = end;
             }
-            if done.len() == BATCH {
+            if done.len() >= BATCH {
                 store(&mut done);
             }
         }
@@ -197,50 +217,127 @@ fn normalize(offset: u64, len: u64, extents: &[Extent]) -> Vec<Extent> {
     out
 }
 
-/// The digest of `[offset, offset + len)`: data extents read into `buf`, zero extents hashed as zeros.
-fn hash_block<S: BlockSource + ?Sized>(
+/// The digests of `count` blocks from block `first`: one extents query for them all, each data extent read
+/// into a buffer of `bufs`, then every block hashed from those buffers (zero extents as zeros).
+fn hash_run<S: BlockSource + ?Sized>(
     source: &S,
-    offset: u64,
-    len: u64,
-    buf: &mut Vec<u8>,
-) -> Result<Digest> {
+    block_size: u64,
+    virtual_size: u64,
+    first: u64,
+    count: u64,
+    bufs: &mut Vec<Vec<u8>>,
+) -> Result<Vec<Digest>> {
     let failed = |at: u64, n: u64, e: io::Error| Error::SourceRead {
         source_name: source.name(),
         offset: at,
         len: n,
         source: e,
     };
-    let extents = source.extents(offset, len).map_err(|e| failed(offset, len, e))?;
-    let segments = normalize(offset, len, &extents);
-    if segments.iter().all(|s| s.kind == ExtentKind::Zero) {
-        return Ok(zero_digest(len));
+    let start = first * block_size;
+    let end = (first + count)
+        .saturating_mul(block_size)
+        .min(virtual_size)
+        .max(start);
+    let extents = source
+        .extents(start, end - start)
+        .map_err(|e| failed(start, end - start, e))?;
+    let segments = normalize(start, end - start, &extents);
+
+    // Read every data extent, each into its own buffer: segment i's bytes are in bufs[slot[i]].
+    let mut slot = vec![usize::MAX; segments.len()];
+    let mut used = 0;
+    for (i, segment) in segments.iter().enumerate() {
+        if segment.kind != ExtentKind::Data {
+            continue;
+        }
+        if bufs.len() == used {
+            bufs.push(Vec::new());
+        }
+        let n = segment.len as usize;
+        let buf = &mut bufs[used];
+        if let Err(e) = source.read_into(segment.offset, n, buf) {
+            return Err(locate_failure(source, segment, block_size, buf)
+                .unwrap_or_else(|| failed(segment.offset, segment.len, e)));
+        }
+        if buf.len() < n {
+            return Err(failed(
+                segment.offset,
+                segment.len,
+                io::Error::new(io::ErrorKind::UnexpectedEof, "the source returned fewer bytes"),
+            ));
+        }
+        slot[i] = used;
+        used += 1;
     }
-    let mut segments = segments.into_iter().peekable();
-    // Leading zeros continue from a cached state; zeros after data have to be hashed.
-    let mut hasher = match segments.next_if(|s| s.kind == ExtentKind::Zero) {
-        Some(leading) => zero_prefix_hasher(leading.len),
-        None => Sha256::new(),
-    };
-    for segment in segments {
-        match segment.kind {
-            ExtentKind::Zero => hash_zeros(&mut hasher, segment.len),
-            ExtentKind::Data => {
-                let n = segment.len as usize;
-                source
-                    .read_into(segment.offset, n, buf)
-                    .map_err(|e| failed(segment.offset, segment.len, e))?;
-                let data = buf.get(..n).ok_or_else(|| {
-                    failed(
-                        segment.offset,
-                        segment.len,
-                        io::Error::new(io::ErrorKind::UnexpectedEof, "the source returned fewer bytes"),
-                    )
-                })?;
-                hasher.update(data);
+
+    let mut digests = Vec::with_capacity(count as usize);
+    let mut first_segment = 0;
+    for index in first..first + count {
+        let (offset, len) = block_range(index, block_size, virtual_size);
+        let block_end = offset + len;
+        // The segments overlapping this block, clipped to it.
+        while first_segment < segments.len()
+            && segments[first_segment].offset + segments[first_segment].len <= offset
+        {
+            first_segment += 1;
+        }
+        let pieces = segments[first_segment..]
+            .iter()
+            .enumerate()
+            .take_while(|(_, s)| s.offset < block_end)
+            .map(|(k, s)| {
+                let lo = s.offset.max(offset);
+                let hi = (s.offset + s.len).min(block_end);
+                (first_segment + k, lo, hi)
+            });
+        let mut hasher: Option<Sha256> = None;
+        for (k, lo, hi) in pieces {
+            let segment = &segments[k];
+            match (segment.kind, &mut hasher) {
+                // Leading zeros continue from a cached state; zeros after data have to be hashed.
+                (ExtentKind::Zero, None) if hi < block_end => hasher = Some(zero_prefix_hasher(hi - lo)),
+                (ExtentKind::Zero, None) => {}
+                (ExtentKind::Zero, Some(h)) => hash_zeros(h, hi - lo),
+                (ExtentKind::Data, h) => {
+                    let buf = &bufs[slot[k]];
+                    let from = (lo - segment.offset) as usize;
+                    let to = (hi - segment.offset) as usize;
+                    h.get_or_insert_with(Sha256::new).update(&buf[from..to]);
+                }
             }
         }
+        digests.push(match hasher {
+            Some(h) => h.finalize().into(),
+            None => zero_digest(len),
+        });
     }
-    Ok(hasher.finalize().into())
+    bufs.truncate(KEPT_BUFFERS);
+    Ok(digests)
+}
+
+/// After a read of several blocks failed: reads `segment` block by block to name the first block that fails
+/// (a bad sector should be reported where it is, not where the run began).
+fn locate_failure<S: BlockSource + ?Sized>(
+    source: &S,
+    segment: &Extent,
+    block_size: u64,
+    buf: &mut Vec<u8>,
+) -> Option<Error> {
+    let end = segment.offset + segment.len;
+    let mut at = segment.offset;
+    while at < end {
+        let n = (block_size - at % block_size).min(end - at);
+        if let Err(e) = source.read_into(at, n as usize, buf) {
+            return Some(Error::SourceRead {
+                source_name: source.name(),
+                offset: at,
+                len: n,
+                source: e,
+            });
+        }
+        at += n;
+    }
+    None
 }
 
 #[cfg(test)]

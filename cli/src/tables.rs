@@ -242,9 +242,10 @@ fn disk_index(manifest: &Manifest, node: &NodeId, disk: &str) -> usize {
         .unwrap_or(0)
 }
 
-/// Hashing threads: every core.
+/// Hashing threads for a source read over NBD: two per core, so that while one waits for its read, the core
+/// hashes what another received, and the server always has a request to work on.
 pub fn threads() -> usize {
-    std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
+    2 * std::thread::available_parallelism().map_or(2, std::num::NonZero::get)
 }
 
 #[cfg(test)]

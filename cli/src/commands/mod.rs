@@ -2,6 +2,7 @@
 
 mod args;
 mod backup;
+mod bars;
 mod cleanup;
 mod info;
 mod init;

@@ -6,8 +6,9 @@ use std::io::IsTerminal as _;
 use anyhow::Result;
 
 use super::args::RepoVm;
+use super::bars::Bars;
 use qmpbak::merge::{self, MergeOptions};
-use qmpbak::progress::Progress;
+
 use qmpbak::prune::{self, PruneOptions, PruneReport};
 use qmpbak::render::bytes;
 
@@ -69,10 +70,10 @@ pub fn run(args: &Args) -> Result<()> {
         dry_run: args.dry_run,
         lock_wait: args.target.lock.lock_wait(),
     };
-    let progress = Phases {
-        show: !args.json && std::io::stderr().is_terminal(),
-    };
-    let report = prune::prune(&opts, &progress)?;
+    let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
+    let report = prune::prune(&opts, &progress);
+    progress.clear();
+    let report = report?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -144,10 +145,10 @@ pub async fn merge(args: MergeArgs) -> Result<()> {
         node: args.node,
         lock_wait: args.target.lock.lock_wait(),
     };
-    let progress = Phases {
-        show: !args.json && std::io::stderr().is_terminal(),
-    };
-    let report = merge::merge(&opts, &progress).await?;
+    let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
+    let report = merge::merge(&opts, &progress).await;
+    progress.clear();
+    let report = report?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else if report.previous_parent.is_none() {
@@ -165,17 +166,4 @@ pub async fn merge(args: MergeArgs) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Phase lines on a terminal.
-struct Phases {
-    show: bool,
-}
-
-impl Progress for Phases {
-    fn phase(&self, message: &str) {
-        if self.show {
-            eprintln!("{message}");
-        }
-    }
 }

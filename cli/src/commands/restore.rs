@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 
 use super::args::RepoVm;
+use super::bars::Bars;
 use qmpbak::exit::Exit;
-use qmpbak::progress::Progress;
 use qmpbak::restore::live::{self, LiveOptions};
 use qmpbak::restore::offline::{self, Format, RestoreOptions};
 use qmpbak::signals::Interrupt;
@@ -68,10 +68,10 @@ pub async fn run(args: Args) -> Result<()> {
             lock_wait: args.target.lock.lock_wait(),
         };
         let interrupt = Interrupt::new()?;
-        let progress = Phases {
-            show: !args.json && std::io::stderr().is_terminal(),
-        };
-        let report = live::restore_live(&opts, &progress, &interrupt).await?;
+        let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
+        let report = live::restore_live(&opts, &progress, &interrupt).await;
+        progress.clear();
+        let report = report?;
         if args.json {
             println!("{}", serde_json::to_string_pretty(&report)?);
         } else {
@@ -124,17 +124,4 @@ pub async fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
-}
-
-/// Phase lines on a terminal.
-struct Phases {
-    show: bool,
-}
-
-impl Progress for Phases {
-    fn phase(&self, message: &str) {
-        if self.show {
-            eprintln!("{message}");
-        }
-    }
 }

@@ -208,7 +208,19 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
         let outcome = if info.status == qmp::JobStatus::Concluded {
             qmp.wait_job(job, Duration::from_secs(5)).await?
         } else {
-            qmp.wait_job(job, STREAM_TIMEOUT).await?
+            let wait = qmp.wait_job(job, STREAM_TIMEOUT);
+            tokio::pin!(wait);
+            let mut ticker = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                tokio::select! {
+                    outcome = &mut wait => break outcome?,
+                    _ = ticker.tick() => {
+                        if let Ok(Some(now)) = qmp.job_info(job).await {
+                            progress.advance(job, now.current_progress, now.total_progress);
+                        }
+                    }
+                }
+            }
         };
         qmp.dismiss_job(job).await?;
         if let Some(error) = outcome.error {

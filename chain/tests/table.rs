@@ -130,7 +130,7 @@ fn a_sparse_file_hashes_like_its_bytes() {
     );
 }
 
-/// A disk whose reads fail past some offset.
+/// A disk whose reads fail when they reach past some offset.
 struct Failing;
 
 impl BlockSource for Failing {
@@ -145,7 +145,7 @@ impl BlockSource for Failing {
         }])
     }
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        if offset >= 9 * BS {
+        if offset + buf.len() as u64 > 9 * BS {
             return Err(io::Error::other("bad sector"));
         }
         buf.fill(1);

@@ -1,5 +1,6 @@
-//! Runs the `qmpbak` binary under test. It is found next to the test binary (cargo and nextest build every
-//! workspace binary before running tests), or at `QMPBAK_BIN`.
+//! Runs the `qmpbak` binary under test. It is found next to the test binary, in the same target directory, or
+//! at `QMPBAK_BIN`. Test runners do not build another package's binary: build it first (`cargo build -p
+//! qmpbak`; scripts/test does).
 
 use std::io::Read;
 use std::path::PathBuf;

@@ -1,0 +1,1778 @@
+#![allow(clippy::unwrap_used)]
+//! `bench`: qmpbak's performance benchmark (run it with `scripts/bench`, which builds it and `qmpbak` in release).
+//!
+//! It boots a tiny [`TestVm`] on a qcow2 disk filled before boot with `qemu-io` (many data extents, a region of
+//! zero clusters and a hole), runs each measured operation `--runs` times (min and median), compares it with
+//! what QEMU's and coreutils' own tools take for the same bytes, and prints a table, a PASS/MISS line per target
+//! and, with `--json FILE`, the same as JSON.
+//!
+//! Every measured program runs as a child process; its wall time is taken from spawn to reaping, and its peak
+//! RSS (VmHWM) and that of its children (qemu-storage-daemon, qemu-img) are read from `/proc` every 5 ms while it
+//! runs. The time at which qmpbak's first qemu-storage-daemon appears splits a full backup into its copy phase
+//! (the `blockdev-backup` job in the VM's QEMU) and its checking-table phase. Before each measured program the
+//! bench runs `sync`, so that no run pays for writing back what an earlier one left dirty in the page cache;
+//! the data being read is in the page cache for every contender alike.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use integration_tests::TestVm;
+use integration_tests::qemu::QemuBinaries;
+use serde_json::{Value, json};
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+/// The bench VM's disk (qdev id).
+const DISK: &str = "disk0";
+/// The VM's name in the repositories.
+const VM: &str = "bench";
+/// Size of one guest write when dirtying the disk.
+const DIRTY_WRITE: u64 = 64 * KIB;
+/// A measured program that runs longer than this has hung.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3600);
+/// How often a running program's memory is sampled.
+const SAMPLE_INTERVAL: Duration = Duration::from_millis(5);
+/// Nodes in the manifest `qmpbak list` reads.
+const LIST_NODES: u64 = 10_000;
+/// Incrementals on top of the full for the restore measurement.
+const RESTORE_INCREMENTALS: usize = 10;
+
+const USAGE: &str = "\
+usage: bench [--size SIZE] [--data SIZE] [--runs N] [--quick] [--json FILE] [--only SECTIONS] [--keep]
+
+  --size SIZE     virtual size of the VM's disk (default 4G; K, M, G, T suffixes, binary)
+  --data SIZE     non-zero data written into it before boot, in many extents (default 1.5G)
+  --runs N        runs per measurement; min and median are reported (default 3)
+  --quick         a 256 MiB disk with 96 MiB of data, one run each: a smoke test of the bench itself
+  --json FILE     also write the results as JSON
+  --only LIST     comma-separated sections: full,inc,empty,cdiff,restore,live,verify,list,rss (default all;
+                  inc, empty, cdiff, restore, live and verify need full)
+  --keep          keep the work directory (repositories, images) and print its path
+  --block-size S  checking-table block size of the repositories (default: the repository default, 1 MiB)
+";
+
+fn main() {
+    let opts = match Options::parse(std::env::args().skip(1)) {
+        Ok(opts) => opts,
+        Err(msg) => {
+            eprintln!("bench: {msg}\n\n{USAGE}");
+            std::process::exit(2);
+        }
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let report = runtime.block_on(run(&opts));
+    print!("{}", report.render());
+    if let Some(path) = &opts.json {
+        let text = serde_json::to_string_pretty(&report.to_json()).expect("serialise report");
+        fs::write(path, text + "\n").unwrap_or_else(|e| panic!("writing {}: {e}", path.display()));
+        println!("\nJSON written to {}", path.display());
+    }
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Options
+
+#[derive(Debug, Clone)]
+struct Options {
+    size: u64,
+    data: u64,
+    runs: usize,
+    quick: bool,
+    json: Option<PathBuf>,
+    only: Option<Vec<String>>,
+    keep: bool,
+    /// Checking-table block size for the repositories (None: qmpbak init's default).
+    block_size: Option<u64>,
+    /// (disk size, data) of the two configurations whose peak RSS is compared.
+    rss_configs: [(u64, u64); 2],
+}
+
+const SECTIONS: [&str; 9] = [
+    "full", "inc", "empty", "cdiff", "restore", "live", "verify", "list", "rss",
+];
+
+impl Options {
+    fn parse(args: impl Iterator<Item = String>) -> Result<Options, String> {
+        let mut size = None;
+        let mut data = None;
+        let mut runs = None;
+        let mut quick = false;
+        let mut json = None;
+        let mut only = None;
+        let mut keep = false;
+        let mut block_size = None;
+        let mut args = args.peekable();
+        while let Some(arg) = args.next() {
+            let (name, inline) = match arg.split_once('=') {
+                Some((n, v)) if n.starts_with("--") => (n.to_owned(), Some(v.to_owned())),
+                _ => (arg.clone(), None),
+            };
+            let mut value = || -> Result<String, String> {
+                inline
+                    .clone()
+                    .or_else(|| args.next())
+                    .ok_or_else(|| format!("{name} needs a value"))
+            };
+            match name.as_str() {
+                "--size" => size = Some(parse_size(&value()?)?),
+                "--data" => data = Some(parse_size(&value()?)?),
+                "--runs" => {
+                    let v = value()?;
+                    let n: usize = v.parse().map_err(|_| format!("--runs {v}: not a number"))?;
+                    if n == 0 {
+                        return Err("--runs must be at least 1".into());
+                    }
+                    runs = Some(n);
+                }
+                "--quick" => quick = true,
+                "--json" => json = Some(PathBuf::from(value()?)),
+                "--only" => {
+                    let list: Vec<String> = value()?.split(',').map(str::to_owned).collect();
+                    if let Some(bad) = list.iter().find(|s| !SECTIONS.contains(&s.as_str())) {
+                        return Err(format!("unknown section {bad:?}"));
+                    }
+                    only = Some(list);
+                }
+                "--keep" => keep = true,
+                "--block-size" => block_size = Some(parse_size(&value()?)?),
+                "-h" | "--help" => {
+                    print!("{USAGE}");
+                    std::process::exit(0);
+                }
+                other => return Err(format!("unknown argument {other:?}")),
+            }
+        }
+        let (default_size, default_data, default_runs) = if quick {
+            (256 * MIB, 96 * MIB, 1)
+        } else {
+            (4 * GIB, 3 * GIB / 2, 3)
+        };
+        let size = size.unwrap_or(default_size);
+        let data = data.unwrap_or(default_data);
+        if size < 64 * MIB || size % MIB != 0 {
+            return Err("--size must be a multiple of 1 MiB and at least 64 MiB".into());
+        }
+        if data > size / 4 * 3 {
+            return Err("--data must fit in the first three quarters of the disk".into());
+        }
+        let rss_configs = if quick {
+            [(128 * MIB, 32 * MIB), (GIB, 32 * MIB)]
+        } else {
+            [(GIB, 384 * MIB), (8 * GIB, 3 * GIB / 2)]
+        };
+        Ok(Options {
+            size,
+            data,
+            runs: runs.unwrap_or(default_runs),
+            quick,
+            json,
+            only,
+            keep,
+            block_size,
+            rss_configs,
+        })
+    }
+
+    fn wants(&self, section: &str) -> bool {
+        self.only
+            .as_ref()
+            .is_none_or(|only| only.iter().any(|s| s == section))
+    }
+}
+
+/// "4G", "1.5GiB", "256M", "65536" → bytes (binary units), rounded down to 64 KiB past 1 MiB.
+fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim();
+    let t = t.strip_suffix("iB").or_else(|| t.strip_suffix('B')).unwrap_or(t);
+    let (num, unit) = match t.char_indices().find(|(_, c)| c.is_ascii_alphabetic()) {
+        Some((i, _)) => (&t[..i], &t[i..]),
+        None => (t, ""),
+    };
+    let factor = match unit.to_ascii_uppercase().as_str() {
+        "" => 1,
+        "K" => KIB,
+        "M" => MIB,
+        "G" => GIB,
+        "T" => GIB * 1024,
+        _ => return Err(format!("{text:?}: unknown unit {unit:?}")),
+    };
+    let value: f64 = num.parse().map_err(|_| format!("{text:?} is not a size"))?;
+    if !(value.is_finite() && value >= 0.0) {
+        return Err(format!("{text:?} is not a size"));
+    }
+    let bytes = (value * factor as f64) as u64;
+    Ok(if bytes >= MIB {
+        bytes / (64 * KIB) * (64 * KIB)
+    } else {
+        bytes
+    })
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Running and measuring programs
+
+/// One finished program run.
+#[derive(Debug)]
+struct Measured {
+    what: String,
+    secs: f64,
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+    /// Peak RSS (VmHWM) of the program itself, KiB.
+    rss_kib: u64,
+    /// Peak RSS of its descendants by command name, KiB.
+    child_rss_kib: BTreeMap<String, u64>,
+    /// Seconds after spawn at which a descendant with this command name was first seen.
+    first_seen: BTreeMap<String, f64>,
+}
+
+impl Measured {
+    #[track_caller]
+    fn ok(self) -> Measured {
+        assert!(
+            self.status.success(),
+            "{} failed ({}):\n{}\n{}",
+            self.what,
+            self.status,
+            self.stdout,
+            self.stderr
+        );
+        self
+    }
+
+    #[track_caller]
+    fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout)
+            .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}):\n{}", self.what, self.stdout))
+    }
+
+    /// When the first qemu-storage-daemon child appeared, seconds after spawn.
+    fn storage_daemon_at(&self) -> Option<f64> {
+        self.first_seen
+            .iter()
+            .find(|(name, _)| name.starts_with("qemu-storage"))
+            .map(|(_, t)| *t)
+    }
+
+    fn storage_daemon_rss_kib(&self) -> u64 {
+        self.child_rss_kib
+            .iter()
+            .filter(|(name, _)| name.starts_with("qemu-storage"))
+            .map(|(_, kib)| *kib)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+/// Runs `program args` to completion, timing it and sampling the memory of it and its children.
+fn measure(program: &Path, args: &[&str]) -> Measured {
+    settle();
+    measure_now(program, args)
+}
+
+/// [`measure`] without the `sync` first.
+fn measure_now(program: &Path, args: &[&str]) -> Measured {
+    let what = format!(
+        "{} {}",
+        program
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned()),
+        args.join(" ")
+    );
+    let started = Instant::now();
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {}: {e}", program.display()));
+    let pid = child.id();
+    let mut out = child.stdout.take().unwrap();
+    let mut err = child.stderr.take().unwrap();
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = out.read_to_string(&mut s);
+        s
+    });
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = err.read_to_string(&mut s);
+        s
+    });
+    let (tx, rx) = mpsc::channel();
+    let waiter = std::thread::spawn(move || {
+        let status = child.wait();
+        let _ = tx.send(Instant::now());
+        status
+    });
+    let mut rss_kib = 0;
+    let mut child_rss_kib = BTreeMap::new();
+    let mut first_seen = BTreeMap::new();
+    let ended = loop {
+        if let Some(kib) = vm_hwm_kib(pid) {
+            rss_kib = rss_kib.max(kib);
+        }
+        for kid in descendants(pid) {
+            let name = comm(kid);
+            if name.is_empty() {
+                continue;
+            }
+            first_seen
+                .entry(name.clone())
+                .or_insert_with(|| started.elapsed().as_secs_f64());
+            if let Some(kib) = vm_hwm_kib(kid) {
+                let peak = child_rss_kib.entry(name).or_insert(0);
+                *peak = kib.max(*peak);
+            }
+        }
+        match rx.recv_timeout(SAMPLE_INTERVAL) {
+            Ok(at) => break at,
+            Err(mpsc::RecvTimeoutError::Timeout) if started.elapsed() > COMMAND_TIMEOUT => {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(i32::try_from(pid).expect("a pid fits i32")),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+                panic!("{what} did not finish within {COMMAND_TIMEOUT:?}");
+            }
+            Err(mpsc::RecvTimeoutError::Timeout) => {}
+            Err(mpsc::RecvTimeoutError::Disconnected) => panic!("waiting for {what} failed"),
+        }
+    };
+    let status = waiter
+        .join()
+        .unwrap()
+        .unwrap_or_else(|e| panic!("waiting for {what}: {e}"));
+    Measured {
+        what,
+        secs: ended.duration_since(started).as_secs_f64(),
+        status,
+        stdout: out_reader.join().unwrap_or_default(),
+        stderr: err_reader.join().unwrap_or_default(),
+        rss_kib,
+        child_rss_kib,
+        first_seen,
+    }
+}
+
+/// Writes back dirty pages (`sync`) so the next measurement starts from the same state.
+fn settle() {
+    let _ = Command::new("sync").status();
+}
+
+/// VmHWM of a process in KiB (None once it has exited).
+fn vm_hwm_kib(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// All descendants of a process (through `/proc/PID/task/TID/children`).
+fn descendants(pid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for task in tasks.flatten() {
+            let Ok(list) = fs::read_to_string(task.path().join("children")) else {
+                continue;
+            };
+            for kid in list.split_whitespace().filter_map(|s| s.parse().ok()) {
+                out.push(kid);
+                todo.push(kid);
+            }
+        }
+    }
+    out
+}
+
+fn comm(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// Runs a helper program (not measured) and returns its stdout; panics on failure.
+fn run_tool(program: &Path, args: &[&str]) -> String {
+    let out = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", program.display()));
+    assert!(
+        out.status.success(),
+        "{} {args:?} failed: {}{}",
+        program.display(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn s(path: &Path) -> &str {
+    path.to_str().expect("UTF-8 path")
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// Results
+
+/// One measured quantity over several runs.
+#[derive(Debug, Clone)]
+struct Row {
+    key: String,
+    label: String,
+    unit: &'static str,
+    samples: Vec<f64>,
+    note: String,
+}
+
+impl Row {
+    fn min(&self) -> f64 {
+        self.samples.iter().copied().fold(f64::INFINITY, f64::min)
+    }
+
+    fn max(&self) -> f64 {
+        self.samples.iter().copied().fold(f64::NEG_INFINITY, f64::max)
+    }
+
+    fn median(&self) -> f64 {
+        median(&self.samples)
+    }
+}
+
+fn median(samples: &[f64]) -> f64 {
+    let mut v = samples.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => f64::NAN,
+        n if n % 2 == 1 => v[n / 2],
+        n => f64::midpoint(v[n / 2 - 1], v[n / 2]),
+    }
+}
+
+/// A target and whether it was met.
+#[derive(Debug, Clone)]
+struct Check {
+    name: String,
+    /// What was measured, in words and numbers.
+    measured: String,
+    target: String,
+    pass: bool,
+}
+
+#[derive(Default)]
+struct Report {
+    config: Value,
+    rows: Vec<Row>,
+    checks: Vec<Check>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn add(&mut self, key: &str, label: &str, unit: &'static str, samples: Vec<f64>, note: &str) -> Row {
+        let row = Row {
+            key: key.to_owned(),
+            label: label.to_owned(),
+            unit,
+            samples,
+            note: note.to_owned(),
+        };
+        self.rows.push(row.clone());
+        row
+    }
+
+    fn check(&mut self, name: &str, pass: bool, measured: String, target: &str) {
+        self.checks.push(Check {
+            name: name.to_owned(),
+            measured,
+            target: target.to_owned(),
+            pass,
+        });
+    }
+
+    fn row(&self, key: &str) -> Option<&Row> {
+        self.rows.iter().find(|r| r.key == key)
+    }
+
+    fn render(&self) -> String {
+        let mut out = String::new();
+        let _ = writeln!(
+            out,
+            "\nqmpbak bench: {}",
+            self.config["summary"].as_str().unwrap_or("")
+        );
+        let lw = self
+            .rows
+            .iter()
+            .map(|r| r.label.len())
+            .max()
+            .unwrap_or(10)
+            .max(11);
+        let _ = writeln!(
+            out,
+            "\n{:<lw$}  {:>10}  {:>10}  {:<5}  note",
+            "measurement", "min", "median", "unit"
+        );
+        let _ = writeln!(out, "{}", "-".repeat(lw + 34 + 30));
+        for r in &self.rows {
+            let _ = writeln!(
+                out,
+                "{:<lw$}  {:>10}  {:>10}  {:<5}  {}",
+                r.label,
+                fmt_num(r.min()),
+                fmt_num(r.median()),
+                r.unit,
+                r.note
+            );
+        }
+        let _ = writeln!(out, "\ntargets (medians):");
+        for c in &self.checks {
+            let _ = writeln!(
+                out,
+                "  {:<4}  {}: {} (target {})",
+                if c.pass { "PASS" } else { "MISS" },
+                c.name,
+                c.measured,
+                c.target
+            );
+        }
+        if !self.notes.is_empty() {
+            let _ = writeln!(out, "\nnotes:");
+            for n in &self.notes {
+                let _ = writeln!(out, "  - {n}");
+            }
+        }
+        out
+    }
+
+    fn to_json(&self) -> Value {
+        json!({
+            "config": self.config,
+            "results": self.rows.iter().map(|r| json!({
+                "key": r.key,
+                "label": r.label,
+                "unit": r.unit,
+                "samples": r.samples,
+                "min": r.min(),
+                "median": r.median(),
+                "max": r.max(),
+                "note": r.note,
+            })).collect::<Vec<_>>(),
+            "targets": self.checks.iter().map(|c| json!({
+                "name": c.name,
+                "pass": c.pass,
+                "measured": c.measured,
+                "target": c.target,
+            })).collect::<Vec<_>>(),
+            "notes": self.notes,
+        })
+    }
+}
+
+fn fmt_num(v: f64) -> String {
+    if !v.is_finite() {
+        "-".to_owned()
+    } else if v.abs() >= 1000.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 100.0 {
+        format!("{v:.1}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+fn fmt_bytes(b: u64) -> String {
+    if b >= GIB {
+        format!("{:.2} GiB", b as f64 / GIB as f64)
+    } else if b >= MIB {
+        format!("{:.1} MiB", b as f64 / MIB as f64)
+    } else {
+        format!("{:.0} KiB", b as f64 / KIB as f64)
+    }
+}
+
+/// The ratio of the medians of two timings, and a text with it and the ratio of their minimums (which a busy
+/// machine disturbs least).
+fn ratio(ours: &Row, reference: &Row) -> (f64, String) {
+    let median = ours.median() / reference.median();
+    let text = format!(
+        "median {:.2} s vs {:.2} s = {median:.2} x (min {:.2} s vs {:.2} s = {:.2} x)",
+        ours.median(),
+        reference.median(),
+        ours.min(),
+        reference.min(),
+        ours.min() / reference.min()
+    );
+    (median, text)
+}
+
+fn secs(samples: &[Measured]) -> Vec<f64> {
+    samples.iter().map(|m| m.secs).collect()
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The disk
+
+/// What is written into the disk before boot.
+#[derive(Debug, Clone)]
+struct Layout {
+    /// (offset, length) of the non-zero extents.
+    extents: Vec<(u64, u64)>,
+    /// Written as zero clusters (`write -z`).
+    zero: (u64, u64),
+}
+
+/// A small deterministic generator (xorshift64*), so every run writes the same layout.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (n > 0).
+    fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+impl Layout {
+    /// `data` bytes in extents of 64 KiB to 4 MiB (64 KiB aligned) with gaps between them in the first three
+    /// quarters of the disk, then a zero region (1/16 of the disk, at most 256 MiB), then a hole to the end.
+    fn new(size: u64, data: u64) -> Layout {
+        let unit = 64 * KIB;
+        let region = size / 4 * 3 / unit * unit;
+        let data = data / unit * unit;
+        let mut rng = Rng(0x9e37_79b9_7f4a_7c15);
+        let mut lens = Vec::new();
+        let mut left = data;
+        while left > 0 {
+            let len = ((1 + rng.below(64)) * unit).min(left);
+            lens.push(len);
+            left -= len;
+        }
+        let free = (region - data) / unit;
+        let weights: Vec<u64> = lens.iter().map(|_| 1 + rng.below(1000)).collect();
+        let total: u64 = weights.iter().sum::<u64>().max(1);
+        let mut extents = Vec::with_capacity(lens.len());
+        let mut at = 0;
+        for (len, w) in lens.into_iter().zip(weights) {
+            at += free * w / total * unit;
+            extents.push((at, len));
+            at += len;
+        }
+        let zero_len = (size / 16).min(256 * MIB) / unit * unit;
+        Layout {
+            extents,
+            zero: (region, zero_len),
+        }
+    }
+
+    fn data_bytes(&self) -> u64 {
+        self.extents.iter().map(|e| e.1).sum()
+    }
+
+    /// Writes the layout into a qcow2 image with one `qemu-io` run.
+    fn write(&self, qemu_io: &Path, image: &Path) {
+        let mut args: Vec<String> = vec!["-f".into(), "qcow2".into(), s(image).into()];
+        for (i, (offset, len)) in self.extents.iter().enumerate() {
+            let pattern = 0x10 + (i % 0xe0);
+            args.push("-c".into());
+            args.push(format!("write -q -P 0x{pattern:02x} {offset} {len}"));
+        }
+        args.push("-c".into());
+        args.push(format!("write -q -z {} {}", self.zero.0, self.zero.1));
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        run_tool(qemu_io, &refs);
+    }
+}
+
+/// Starts a VM with one disk of `size` holding `layout`: boots it once to create the image, kills it, fills the
+/// image with qemu-io (much faster than guest writes) and boots it again on the filled image.
+async fn start_filled_vm(bins: &Tools, size: u64, layout: &Layout) -> TestVm {
+    let mut vm = TestVm::builder().disk(DISK, size).start().await;
+    vm.kill();
+    layout.write(&bins.qemu_io, &vm.disk_path(DISK));
+    vm.restart().await
+}
+
+/// The offsets of the 64 KiB writes that dirty 1 % of a disk, spread evenly with some jitter.
+fn dirty_offsets(size: u64, round: u64) -> Vec<u64> {
+    let count = (size / 100 / DIRTY_WRITE).max(1);
+    let stride = size / count / DIRTY_WRITE;
+    let mut rng = Rng(0x1234_5678_9abc_def1 ^ (round + 1).wrapping_mul(0x9e37_79b9));
+    (0..count)
+        .map(|i| (i * stride + rng.below(stride.max(1))) * DIRTY_WRITE)
+        .filter(|&o| o + DIRTY_WRITE <= size)
+        .collect()
+}
+
+/// Dirties 1 % of the disk with guest writes (HMP qemu-io on the device's backend).
+async fn dirty_one_percent(vm: &TestVm, size: u64, round: u64) -> u64 {
+    let offsets = dirty_offsets(size, round);
+    let pattern = 0xa0 + (round % 0x50) as u8;
+    for &offset in &offsets {
+        vm.write_pattern(DISK, pattern, offset, DIRTY_WRITE).await;
+    }
+    offsets.len() as u64 * DIRTY_WRITE
+}
+
+// ---------------------------------------------------------------------------------------------------------------
+// The bench
+
+struct Tools {
+    qmpbak: PathBuf,
+    qemu_img: PathBuf,
+    qemu_io: PathBuf,
+}
+
+impl Tools {
+    fn find() -> Tools {
+        let qmpbak = std::env::var_os("QMPBAK_BIN").map_or_else(
+            || {
+                std::env::current_exe()
+                    .expect("current executable")
+                    .with_file_name("qmpbak")
+            },
+            PathBuf::from,
+        );
+        assert!(
+            qmpbak.exists(),
+            "{} not found: build it (scripts/bench does) or set QMPBAK_BIN",
+            qmpbak.display()
+        );
+        let bins = QemuBinaries::from_env();
+        let qemu_io = bins.img.with_file_name("qemu-io");
+        Tools {
+            qmpbak,
+            qemu_img: bins.img,
+            qemu_io,
+        }
+    }
+
+    fn qmpbak(&self, args: &[&str]) -> Measured {
+        measure(&self.qmpbak, args)
+    }
+
+    /// A new repository: `qmpbak init`, or the chain crate's with another table block size.
+    fn init_repo(&self, path: &Path, block_size: Option<u64>) {
+        match block_size {
+            None => {
+                self.qmpbak(&["init", s(path)]).ok();
+            }
+            Some(block_size) => {
+                let settings = chain::Settings {
+                    block_size,
+                    ..chain::Settings::default()
+                };
+                chain::Repository::init_with(path, settings).expect("init repository");
+            }
+        }
+    }
+
+    fn backup(&self, vm: &TestVm, repo: &Path, level: &str) -> Measured {
+        let socket = vm.socket();
+        self.qmpbak(&[
+            "backup",
+            "--socket",
+            s(&socket),
+            "--repo",
+            s(repo),
+            "--vm",
+            VM,
+            "--level",
+            level,
+            "--json",
+        ])
+        .ok()
+    }
+
+    /// An offline restore of `node` into the new directory `to`.
+    fn restore(&self, repo: &Path, node: &str, to: &Path) -> Measured {
+        fs::create_dir_all(to).expect("create restore directory");
+        self.qmpbak(&[
+            "restore",
+            node,
+            "--repo",
+            s(repo),
+            "--vm",
+            VM,
+            "--to",
+            s(to),
+            "--json",
+        ])
+        .ok()
+    }
+}
+
+/// The bench's state: the VM under test and its main repository.
+struct Bench<'o> {
+    opts: &'o Options,
+    tools: Tools,
+    work: PathBuf,
+    layout: Layout,
+    report: Report,
+    /// The repository of the last full backup, with everything after it.
+    repo: PathBuf,
+    full_node: Option<String>,
+    full_secs: Option<f64>,
+    backup_rss: Vec<u64>,
+    restore_rss: Vec<u64>,
+}
+
+async fn run(opts: &Options) -> Report {
+    let tools = Tools::find();
+    let workdir = tempfile::Builder::new()
+        .prefix("qmpbak-bench-")
+        .tempdir()
+        .expect("create work dir");
+    let work = workdir.path().to_owned();
+    let layout = Layout::new(opts.size, opts.data);
+    let mut bench = Bench {
+        opts,
+        work: work.clone(),
+        repo: work.join("repo"),
+        report: Report::default(),
+        layout,
+        tools,
+        full_node: None,
+        full_secs: None,
+        backup_rss: Vec::new(),
+        restore_rss: Vec::new(),
+    };
+    let load_before = loadavg();
+    let started = Instant::now();
+    bench.report.config = json!({
+        "summary": format!(
+            "disk {} qcow2, {} data in {} extents + {} zero clusters + hole; table blocks {}; {} run(s) each; \
+             {} cores; load {}",
+            fmt_bytes(opts.size), fmt_bytes(bench.layout.data_bytes()), bench.layout.extents.len(),
+            fmt_bytes(bench.layout.zero.1), fmt_bytes(opts.block_size.unwrap_or(MIB)), opts.runs, cores(),
+            load_before),
+        "block_size": opts.block_size.unwrap_or(MIB),
+        "size": opts.size,
+        "data": bench.layout.data_bytes(),
+        "extents": bench.layout.extents.len(),
+        "zero_region": bench.layout.zero.1,
+        "runs": opts.runs,
+        "quick": opts.quick,
+        "cores": cores(),
+        "cpu": cpu_model(),
+        "qemu": run_tool(&bench.tools.qemu_img, &["--version"]).lines().next().unwrap_or("").to_owned(),
+        "loadavg_before": load_before,
+    });
+
+    let needs_vm = ["full", "inc", "empty", "cdiff", "restore", "live", "verify"]
+        .iter()
+        .any(|s| opts.wants(s));
+    if needs_vm {
+        eprintln!(
+            "bench: filling a {} disk with {} of data ({} extents)",
+            fmt_bytes(opts.size),
+            fmt_bytes(bench.layout.data_bytes()),
+            bench.layout.extents.len()
+        );
+        let mut vm = start_filled_vm(&bench.tools, opts.size, &bench.layout).await;
+        bench.full(&vm).await;
+        if bench.full_node.is_some() {
+            if opts.wants("inc") {
+                bench.incremental(&vm).await;
+            }
+            if opts.wants("empty") {
+                bench.empty_incremental(&vm);
+            }
+            if opts.wants("cdiff") {
+                vm = bench.checksum_diff(vm).await;
+            }
+            if opts.wants("restore") {
+                bench.restore(&vm).await;
+            }
+            if opts.wants("verify") {
+                bench.verify(&vm).await;
+            }
+            if opts.wants("live") {
+                bench.live().await;
+            }
+        }
+        drop(vm);
+    }
+    if opts.wants("list") {
+        bench.list();
+    }
+    if opts.wants("rss") {
+        bench.rss().await;
+    }
+    bench.rss_checks();
+    let load_after = loadavg();
+    bench.report.config["loadavg_after"] = json!(load_after);
+    bench.report.config["bench_secs"] = json!(started.elapsed().as_secs_f64());
+    bench.report.notes.push(format!(
+        "load average before {load_before}, after {load_after}; bench took {:.0} s",
+        started.elapsed().as_secs_f64()
+    ));
+    if opts.keep {
+        let kept = workdir.keep();
+        eprintln!("bench: keeping {}", kept.display());
+    }
+    bench.report
+}
+
+impl Bench<'_> {
+    fn runs(&self) -> usize {
+        self.opts.runs
+    }
+
+    /// Full backups (each into a new repository) against `qemu-img convert` and `cp --sparse=always` of the
+    /// VM's image while the VM is paused.
+    async fn full(&mut self, vm: &TestVm) {
+        let runs = self.runs();
+        eprintln!("bench: full backup x{runs}");
+        let mut backups = Vec::new();
+        for r in 0..runs {
+            let repo = self.work.join(format!("repo-full-{r}"));
+            self.tools.init_repo(&repo, self.opts.block_size);
+            let m = self.tools.backup(vm, &repo, "full");
+            let j = m.json();
+            assert_eq!(j["level"], "full", "{}", m.stdout);
+            // Keep the last one as the main repository; the others only cost disk space.
+            if r + 1 == runs {
+                fs::rename(&repo, &self.repo).expect("keep the last full's repository");
+                self.full_node = Some(j["node"].as_str().unwrap().to_owned());
+            } else {
+                fs::remove_dir_all(&repo).expect("remove repository");
+            }
+            self.backup_rss.push(m.rss_kib);
+            backups.push(m);
+        }
+        let stored = self.stored_bytes(self.full_node.as_deref().unwrap());
+        let full = self.report.add(
+            "full_backup",
+            "full backup (with checking tables)",
+            "s",
+            secs(&backups),
+            &format!("stores {}", fmt_bytes(stored)),
+        );
+        self.full_secs = Some(full.median());
+        let copy: Vec<f64> = backups
+            .iter()
+            .map(|m| m.storage_daemon_at().unwrap_or(m.secs))
+            .collect();
+        let copy = self.report.add(
+            "full_backup_copy_phase",
+            "  of which copy phase (= without tables)",
+            "s",
+            copy,
+            "until qmpbak starts qemu-storage-daemon for the tables",
+        );
+        let tables: Vec<f64> = backups
+            .iter()
+            .map(|m| m.secs - m.storage_daemon_at().unwrap_or(m.secs))
+            .collect();
+        self.report.add(
+            "full_backup_tables_phase",
+            "  of which checking tables",
+            "s",
+            tables,
+            "",
+        );
+
+        // The references, on the same image with the VM paused.
+        eprintln!("bench: qemu-img convert and cp x{runs}");
+        vm.qmp().execute_raw("stop", None).await.expect("stop");
+        let image = vm.disk_path(DISK);
+        let out = self.work.join("convert.qcow2");
+        let mut convert = Vec::new();
+        let mut fsync = Vec::new();
+        let mut cp = Vec::new();
+        for _ in 0..runs {
+            let _ = fs::remove_file(&out);
+            let m = measure(
+                &self.tools.qemu_img,
+                &["convert", "-U", "-O", "qcow2", s(&image), s(&out)],
+            )
+            .ok();
+            let sync = measure_now(Path::new("sync"), &[s(&out)]).ok();
+            fsync.push(m.secs + sync.secs);
+            convert.push(m.secs);
+            let _ = fs::remove_file(&out);
+            cp.push(
+                measure(Path::new("cp"), &["--sparse=always", s(&image), s(&out)])
+                    .ok()
+                    .secs,
+            );
+        }
+        let _ = fs::remove_file(&out);
+        vm.qmp().execute_raw("cont", None).await.expect("cont");
+        let convert = self.report.add(
+            "qemu_img_convert",
+            "qemu-img convert -O qcow2 (VM paused)",
+            "s",
+            convert,
+            "reference for the full backup",
+        );
+        self.report.add(
+            "qemu_img_convert_fsync",
+            "  the same + fsync of the output",
+            "s",
+            fsync,
+            "qmpbak's files are synced when QEMU closes them",
+        );
+        self.report
+            .add("cp_sparse", "cp --sparse=always of the image", "s", cp, "");
+
+        // QEMU's backup job by itself (what qmpbak's copy phase waits for), with and without copy offloading.
+        for (key, label, perf) in [
+            ("backup_job", "QEMU blockdev-backup job alone", None),
+            (
+                "backup_job_no_copy_range",
+                "  the same with x-perf use-copy-range=false",
+                Some(json!({ "use-copy-range": false })),
+            ),
+        ] {
+            let mut times = Vec::new();
+            for r in 0..runs {
+                times.push(backup_job(vm, &self.work.join(format!("job-{r}.qcow2")), perf.clone()).await);
+            }
+            self.report.add(
+                key,
+                label,
+                "s",
+                times,
+                "sync=full into a new qcow2, start to concluded",
+            );
+        }
+        let (full_ratio, text) = ratio(&full, &convert);
+        self.report.check(
+            "full backup with tables <= 1.25 x qemu-img convert",
+            full_ratio <= 1.25,
+            text,
+            "<= 1.25 x",
+        );
+        let (copy_ratio, text) = ratio(&copy, &convert);
+        self.report.check(
+            "full backup without tables (its copy phase) <= 1.10 x qemu-img convert",
+            copy_ratio <= 1.10,
+            text,
+            "<= 1.10 x",
+        );
+    }
+
+    /// Host bytes of `node`'s disk file, from the manifest.
+    fn stored_bytes(&self, node: &str) -> u64 {
+        let manifest = self.manifest();
+        manifest
+            .find(node)
+            .and_then(|n| n.disks.first())
+            .map_or(0, |d| d.allocated_bytes)
+    }
+
+    fn manifest(&self) -> chain::Manifest {
+        chain::Repository::open(&self.repo)
+            .and_then(|r| r.vm(VM))
+            .and_then(|v| v.load())
+            .expect("load the bench manifest")
+    }
+
+    /// Incrementals after 1 % of the disk was dirtied in 64 KiB writes spread over it.
+    async fn incremental(&mut self, vm: &TestVm) {
+        let runs = self.runs();
+        eprintln!("bench: 1 %-dirty incremental x{runs}");
+        let mut times = Vec::new();
+        let mut tables = Vec::new();
+        let mut stored = Vec::new();
+        let mut dirtied = 0;
+        for r in 0..runs {
+            dirtied = dirty_one_percent(vm, self.opts.size, r as u64).await;
+            let m = self.tools.backup(vm, &self.repo, "inc");
+            let j = m.json();
+            assert_eq!(j["method"], "bitmap", "{}", m.stdout);
+            stored.push(j["disks"][0]["stored_bytes"].as_u64().unwrap_or(0) as f64 / MIB as f64);
+            self.backup_rss.push(m.rss_kib);
+            tables.push(m.secs - m.storage_daemon_at().unwrap_or(m.secs));
+            times.push(m.secs);
+        }
+        let full = self.full_secs.unwrap();
+        let ratios: Vec<f64> = times.iter().map(|t| t / full).collect();
+        let inc = self.report.add(
+            "incremental_1pct",
+            "incremental, 1 % dirty (64 KiB writes)",
+            "s",
+            times,
+            &format!("{} dirtied", fmt_bytes(dirtied)),
+        );
+        self.report.add(
+            "incremental_1pct_tables_phase",
+            "  of which checking tables",
+            "s",
+            tables,
+            &format!(
+                "rehashes every {} block a write touched",
+                fmt_bytes(self.opts.block_size.unwrap_or(MIB))
+            ),
+        );
+        self.report.add(
+            "incremental_1pct_stored",
+            "  stored",
+            "MiB",
+            stored,
+            "host bytes of the node file",
+        );
+        self.report.add(
+            "incremental_1pct_ratio",
+            "  ratio to the full backup's median",
+            "x",
+            ratios,
+            "",
+        );
+        let limit = 0.03 * full + 0.3;
+        self.report.check(
+            "1 %-dirty incremental <= 3 % of the full + 0.3 s",
+            inc.median() <= limit,
+            format!("{:.3} s (full {full:.2} s)", inc.median()),
+            &format!("<= {limit:.3} s"),
+        );
+    }
+
+    /// The fixed cost: an incremental with nothing dirty.
+    fn empty_incremental(&mut self, vm: &TestVm) {
+        let runs = self.runs();
+        eprintln!("bench: empty incremental x{runs}");
+        let mut times = Vec::new();
+        for _ in 0..runs {
+            let m = self.tools.backup(vm, &self.repo, "inc");
+            self.backup_rss.push(m.rss_kib);
+            times.push(m.secs);
+        }
+        let row = self.report.add(
+            "incremental_empty",
+            "incremental, nothing dirty (fixed cost)",
+            "s",
+            times,
+            "",
+        );
+        self.report.check(
+            "empty incremental <= 0.3 s",
+            row.median() <= 0.3,
+            format!("{:.3} s", row.median()),
+            "<= 0.3 s",
+        );
+    }
+
+    /// Checksum-diff incrementals: QEMU is killed and restarted, so its persistent bitmaps come back
+    /// inconsistent, then 1 % is dirtied and backed up.
+    async fn checksum_diff(&mut self, mut vm: TestVm) -> TestVm {
+        let runs = self.runs();
+        eprintln!("bench: checksum-diff incremental x{runs}");
+        let mut times = Vec::new();
+        let mut methods = Vec::new();
+        for r in 0..runs {
+            vm = vm.restart().await;
+            dirty_one_percent(&vm, self.opts.size, 100 + r as u64).await;
+            let m = self.tools.backup(&vm, &self.repo, "inc");
+            let j = m.json();
+            methods.push(j["method"].as_str().unwrap_or("?").to_owned());
+            self.backup_rss.push(m.rss_kib);
+            times.push(m.secs);
+        }
+        let full = self.full_secs.unwrap();
+        let ratios: Vec<f64> = times.iter().map(|t| t / full).collect();
+        methods.dedup();
+        self.report.add(
+            "incremental_checksum_diff",
+            "checksum-diff incremental (bitmaps lost)",
+            "s",
+            times,
+            &format!("1 % dirty; method {}", methods.join(",")),
+        );
+        self.report.add(
+            "incremental_checksum_diff_ratio",
+            "  ratio to the full backup's median",
+            "x",
+            ratios,
+            "",
+        );
+        vm
+    }
+
+    /// Offline restore of the top of a full + 10 incrementals against `qemu-img convert` of the top node's
+    /// file (which flattens the backing chain).
+    async fn restore(&mut self, vm: &TestVm) {
+        // Build the chain up to full + 10 incrementals (earlier sections left some).
+        let mut round = 200;
+        loop {
+            let manifest = self.manifest();
+            let current = manifest.current.clone().expect("a current node");
+            let depth = manifest.recovery_chain(&current).expect("recovery chain").len();
+            if depth > RESTORE_INCREMENTALS {
+                break;
+            }
+            eprintln!("bench: incremental {depth} of {RESTORE_INCREMENTALS} for the restore chain");
+            dirty_one_percent(vm, self.opts.size, round).await;
+            round += 1;
+            let m = self.tools.backup(vm, &self.repo, "inc");
+            assert_ne!(m.json()["level"], "full", "{}", m.stdout);
+        }
+        let manifest = self.manifest();
+        let top = manifest.current.clone().expect("a current node");
+        let chain: Vec<String> = manifest
+            .recovery_chain(&top)
+            .unwrap()
+            .iter()
+            .map(|n| n.id.to_string())
+            .collect();
+        let top_file = self
+            .repo
+            .join(VM)
+            .join(top.as_str())
+            .join(format!("{DISK}.qcow2"));
+        let runs = self.runs();
+        eprintln!("bench: offline restore and qemu-img convert x{runs}");
+        let mut restore = Vec::new();
+        let mut convert = Vec::new();
+        for r in 0..runs {
+            let dir = self.work.join(format!("restore-{r}"));
+            let m = self.tools.restore(&self.repo, top.as_str(), &dir);
+            self.restore_rss.push(m.rss_kib);
+            restore.push(m.secs);
+            fs::remove_dir_all(&dir).expect("remove restore output");
+            let out = self.work.join("restore-convert.qcow2");
+            convert.push(
+                measure(
+                    &self.tools.qemu_img,
+                    &["convert", "-U", "-O", "qcow2", s(&top_file), s(&out)],
+                )
+                .ok()
+                .secs,
+            );
+            fs::remove_file(&out).expect("remove convert output");
+        }
+        let restore = self.report.add(
+            "restore_offline",
+            &format!("offline restore, full + {} incrementals", chain.len() - 1),
+            "s",
+            restore,
+            "includes reading the result back against the tables",
+        );
+        let convert = self.report.add(
+            "restore_qemu_img_convert",
+            "qemu-img convert -O qcow2 of the top node",
+            "s",
+            convert,
+            "flattens the same backing chain",
+        );
+        let (restore_ratio, text) = ratio(&restore, &convert);
+        self.report.check(
+            "offline restore <= 1.2 x qemu-img convert",
+            restore_ratio <= 1.2,
+            text,
+            "<= 1.2 x",
+        );
+    }
+
+    /// Live restore of the chain's top into a paused VM with an empty disk of the same size.
+    async fn live(&mut self) {
+        let top = self.manifest().current.expect("a current node").to_string();
+        let runs = self.runs();
+        eprintln!("bench: live restore x{runs}");
+        let mut running = Vec::new();
+        let mut done = Vec::new();
+        let mut wall = Vec::new();
+        for _ in 0..runs {
+            let target = TestVm::builder()
+                .disk(DISK, self.opts.size)
+                .paused()
+                .start()
+                .await;
+            let socket = target.socket();
+            let m = self
+                .tools
+                .qmpbak(&[
+                    "restore",
+                    &top,
+                    "--live",
+                    "--socket",
+                    s(&socket),
+                    "--repo",
+                    s(&self.repo),
+                    "--vm",
+                    VM,
+                    "--json",
+                ])
+                .ok();
+            let j = m.json();
+            running.push(j["running_after_secs"].as_f64().unwrap_or(f64::NAN));
+            done.push(j["duration_secs"].as_f64().unwrap_or(f64::NAN));
+            wall.push(m.secs);
+            assert!(target.running().await, "the live-restored VM is not running");
+        }
+        self.report.add(
+            "live_restore_running",
+            "live restore: guest running after",
+            "s",
+            running,
+            "from the command's start (its --json)",
+        );
+        self.report.add(
+            "live_restore_streamed",
+            "live restore: stream complete after",
+            "s",
+            done,
+            "",
+        );
+        self.report
+            .add("live_restore_wall", "  whole command", "s", wall, "");
+    }
+
+    /// `qmpbak verify` of the full against sha256sum of the same bytes (one process, and one per core).
+    async fn verify(&mut self, vm: &TestVm) {
+        let node = self.full_node.clone().unwrap();
+        let file = self.repo.join(VM).join(&node).join(format!("{DISK}.qcow2"));
+        let data = data_bytes_of(&self.tools.qemu_img, &file);
+        let runs = self.runs();
+        eprintln!("bench: verify and sha256sum x{runs}");
+        let mut verify = Vec::new();
+        for _ in 0..runs {
+            let m = self
+                .tools
+                .qmpbak(&["verify", "--repo", s(&self.repo), "--vm", VM, &node, "--json"])
+                .ok();
+            assert_eq!(m.json()["ok"], true, "{}", m.stdout);
+            verify.push(data as f64 / MIB as f64 / m.secs);
+        }
+
+        // The same bytes as plain files: the data extents of a raw export, whole and cut in one piece per core.
+        vm.qmp().execute_raw("stop", None).await.expect("stop");
+        let raw = self.work.join("export.raw");
+        run_tool(
+            &self.tools.qemu_img,
+            &["convert", "-U", "-O", "raw", s(&file), s(&raw)],
+        );
+        vm.qmp().execute_raw("cont", None).await.expect("cont");
+        let whole = self.work.join("data.bin");
+        let n = cores();
+        let pieces: Vec<PathBuf> = (0..n).map(|i| self.work.join(format!("data.{i}"))).collect();
+        let bytes = write_data_files(&self.tools.qemu_img, &raw, &whole, &pieces);
+        fs::remove_file(&raw).expect("remove raw export");
+        let mut single = Vec::new();
+        let mut parallel = Vec::new();
+        for _ in 0..runs {
+            let m = measure(Path::new("sha256sum"), &[s(&whole)]).ok();
+            single.push(bytes as f64 / MIB as f64 / m.secs);
+            settle();
+            let started = Instant::now();
+            let children: Vec<_> = pieces
+                .iter()
+                .map(|p| {
+                    Command::new("sha256sum")
+                        .arg(p)
+                        .stdout(Stdio::null())
+                        .spawn()
+                        .expect("start sha256sum")
+                })
+                .collect();
+            for mut c in children {
+                assert!(c.wait().expect("wait for sha256sum").success());
+            }
+            parallel.push(bytes as f64 / MIB as f64 / started.elapsed().as_secs_f64());
+        }
+        for p in pieces.iter().chain([&whole]) {
+            let _ = fs::remove_file(p);
+        }
+        let verify = self.report.add(
+            "verify_rate",
+            "verify of the full (MiB of data per s)",
+            "MiB/s",
+            verify,
+            &format!("{} of data, whole command", fmt_bytes(data)),
+        );
+        self.report.add(
+            "sha256sum_rate_1",
+            "sha256sum, one process",
+            "MiB/s",
+            single,
+            &format!("{} cached", fmt_bytes(bytes)),
+        );
+        let all = self.report.add(
+            "sha256sum_rate_all",
+            &format!("sha256sum, {n} processes"),
+            "MiB/s",
+            parallel,
+            "one piece per core",
+        );
+        // Higher is better: compare the medians.
+        let ratio = verify.median() / all.median();
+        self.report.check(
+            "verify >= 80 % of the all-core sha256sum rate",
+            ratio >= 0.8,
+            format!(
+                "{:.0} vs {:.0} MiB/s = {:.0} %",
+                verify.median(),
+                all.median(),
+                ratio * 100.0
+            ),
+            ">= 80 %",
+        );
+    }
+
+    /// `qmpbak list` of a VM with a 10 000-node manifest made with the chain crate.
+    fn list(&mut self) {
+        let repo = self.work.join("repo-list");
+        write_big_manifest(&repo, LIST_NODES);
+        let vm_dir = repo.join("big");
+        let runs = self.runs().max(3);
+        eprintln!("bench: list of {LIST_NODES} nodes x{runs}");
+        let mut times = Vec::new();
+        let mut lines = 0;
+        for _ in 0..runs {
+            let m = self.tools.qmpbak(&["list", s(&vm_dir)]).ok();
+            lines = m.stdout.lines().count();
+            times.push(m.secs * 1000.0);
+        }
+        let size = fs::metadata(vm_dir.join("manifest.json")).map_or(0, |m| m.len());
+        let row = self.report.add(
+            "list_10000",
+            &format!("qmpbak list, {LIST_NODES}-node manifest"),
+            "ms",
+            times,
+            &format!("manifest {}, {lines} lines out", fmt_bytes(size)),
+        );
+        self.report.check(
+            "list of 10 000 nodes <= 50 ms",
+            row.median() <= 50.0,
+            format!("{:.1} ms", row.median()),
+            "<= 50 ms",
+        );
+    }
+
+    /// Peak RSS of a full backup and an offline restore for a small and a large disk.
+    async fn rss(&mut self) {
+        for (size, data) in self.opts.rss_configs {
+            eprintln!(
+                "bench: peak RSS, {} disk with {} of data",
+                fmt_bytes(size),
+                fmt_bytes(data)
+            );
+            let layout = Layout::new(size, data);
+            let vm = start_filled_vm(&self.tools, size, &layout).await;
+            let repo = self.work.join(format!("repo-rss-{size}"));
+            self.tools.init_repo(&repo, self.opts.block_size);
+            let backup = self.tools.backup(&vm, &repo, "full");
+            drop(vm);
+            let node = backup.json()["node"].as_str().unwrap().to_owned();
+            let out = self.work.join(format!("rss-restore-{size}"));
+            let restore = self.tools.restore(&repo, &node, &out);
+            let gib = size / GIB;
+            let tag = if gib > 0 {
+                format!("{gib}g")
+            } else {
+                format!("{}m", size / MIB)
+            };
+            let label = fmt_bytes(size);
+            self.report.add(
+                &format!("rss_backup_{tag}"),
+                &format!("peak RSS, full backup of {label}"),
+                "MiB",
+                vec![backup.rss_kib as f64 / 1024.0],
+                &format!(
+                    "qemu-storage-daemon {:.0} MiB",
+                    backup.storage_daemon_rss_kib() as f64 / 1024.0
+                ),
+            );
+            self.report.add(
+                &format!("rss_restore_{tag}"),
+                &format!("peak RSS, offline restore of {label}"),
+                "MiB",
+                vec![restore.rss_kib as f64 / 1024.0],
+                &format!(
+                    "qemu-storage-daemon {:.0} MiB",
+                    restore.storage_daemon_rss_kib() as f64 / 1024.0
+                ),
+            );
+            let _ = fs::remove_dir_all(&out);
+            let _ = fs::remove_dir_all(&repo);
+        }
+    }
+
+    fn rss_checks(&mut self) {
+        let mut peaks: Vec<(String, f64)> = Vec::new();
+        if !self.backup_rss.is_empty() {
+            let kib = self.backup_rss.iter().copied().max().unwrap_or(0);
+            peaks.push(("backups of the main disk".into(), kib as f64 / 1024.0));
+        }
+        if !self.restore_rss.is_empty() {
+            let kib = self.restore_rss.iter().copied().max().unwrap_or(0);
+            peaks.push(("restores of the main disk".into(), kib as f64 / 1024.0));
+        }
+        let rss_rows: Vec<Row> = self
+            .report
+            .rows
+            .iter()
+            .filter(|r| r.key.starts_with("rss_"))
+            .cloned()
+            .collect();
+        for r in &rss_rows {
+            peaks.push((r.label.trim_start_matches("peak RSS, ").to_owned(), r.max()));
+        }
+        if peaks.is_empty() {
+            return;
+        }
+        let (worst_what, worst) = peaks.iter().max_by(|a, b| a.1.total_cmp(&b.1)).cloned().unwrap();
+        self.report.check(
+            "peak RSS of qmpbak < 100 MiB",
+            worst < 100.0,
+            format!("largest {worst:.1} MiB ({worst_what})"),
+            "< 100 MiB",
+        );
+        let [(small, _), (large, _)] = self.opts.rss_configs;
+        for what in ["backup", "restore"] {
+            let key = |size: u64| {
+                let gib = size / GIB;
+                if gib > 0 {
+                    format!("rss_{what}_{gib}g")
+                } else {
+                    format!("rss_{what}_{}m", size / MIB)
+                }
+            };
+            let (Some(a), Some(b)) = (self.report.row(&key(small)), self.report.row(&key(large))) else {
+                continue;
+            };
+            let (a, b) = (a.max(), b.max());
+            self.report.check(
+                &format!(
+                    "{what} RSS flat in disk size ({} vs {})",
+                    fmt_bytes(small),
+                    fmt_bytes(large)
+                ),
+                b <= a + 8.0,
+                format!("{a:.1} MiB vs {b:.1} MiB"),
+                "grows < 8 MiB",
+            );
+        }
+    }
+}
+
+/// Runs one `blockdev-backup sync=full` of the VM's disk into a new qcow2 at `target` through the fixture's QMP
+/// connection, with `x-perf` options if given; returns the seconds from starting the job until it concluded.
+async fn backup_job(vm: &TestVm, target: &Path, perf: Option<Value>) -> f64 {
+    let qmp = vm.qmp();
+    let size = vm.disks()[0].size;
+    integration_tests::image::create_qcow2(target, size);
+    settle();
+    qmp.execute_raw(
+        "blockdev-add",
+        Some(json!({
+            "driver": "qcow2", "node-name": "bench-target",
+            "file": { "driver": "file", "filename": target },
+        })),
+    )
+    .await
+    .expect("blockdev-add the job target");
+    let mut args = json!({
+        "job-id": "bench-job", "device": vm.disks()[0].node_name(), "target": "bench-target",
+        "sync": "full", "auto-dismiss": false,
+    });
+    if let Some(perf) = perf {
+        args["x-perf"] = perf;
+    }
+    let started = Instant::now();
+    qmp.execute_raw("blockdev-backup", Some(args))
+        .await
+        .expect("blockdev-backup");
+    loop {
+        let jobs = qmp.execute_raw("query-jobs", None).await.expect("query-jobs");
+        let job = jobs
+            .as_array()
+            .and_then(|a| a.iter().find(|j| j["id"] == "bench-job"))
+            .cloned()
+            .unwrap_or_default();
+        if job["status"] == "concluded" {
+            assert!(job["error"].is_null(), "the backup job failed: {job}");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let _ = qmp
+        .execute_raw("job-dismiss", Some(json!({ "id": "bench-job" })))
+        .await;
+    qmp.execute_raw("blockdev-del", Some(json!({ "node-name": "bench-target" })))
+        .await
+        .expect("blockdev-del the job target");
+    fs::remove_file(target).expect("remove the job target");
+    secs
+}
+
+/// Guest data bytes in an image file (data extents that are not zero), from `qemu-img map`.
+fn data_bytes_of(qemu_img: &Path, file: &Path) -> u64 {
+    data_extents(qemu_img, file).iter().map(|e| e.1).sum()
+}
+
+fn data_extents(qemu_img: &Path, file: &Path) -> Vec<(u64, u64)> {
+    let out = run_tool(qemu_img, &["map", "-U", "--output=json", s(file)]);
+    let extents: Vec<Value> = serde_json::from_str(&out).expect("qemu-img map JSON");
+    extents
+        .iter()
+        .filter(|e| e["data"] == true && e["zero"] == false)
+        .map(|e| (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap()))
+        .collect()
+}
+
+/// Copies the data extents of the raw image `raw` into `whole` and, cut in equal parts, into `pieces`; returns
+/// the bytes. Everything ends up in the page cache, as the backup files are when qmpbak reads them.
+fn write_data_files(qemu_img: &Path, raw: &Path, whole: &Path, pieces: &[PathBuf]) -> u64 {
+    use std::io::{Seek, SeekFrom, Write};
+    let extents = data_extents(qemu_img, raw);
+    let total: u64 = extents.iter().map(|e| e.1).sum();
+    let per_piece = total.div_ceil(pieces.len() as u64);
+    let mut src = fs::File::open(raw).expect("open raw export");
+    let mut all = fs::File::create(whole).expect("create data file");
+    let mut outs: Vec<fs::File> = pieces
+        .iter()
+        .map(|p| fs::File::create(p).expect("create data piece"))
+        .collect();
+    let mut buf = vec![0u8; 4 * MIB as usize];
+    let mut written = 0u64;
+    for (start, len) in extents {
+        src.seek(SeekFrom::Start(start)).unwrap();
+        let mut left = len;
+        while left > 0 {
+            let n = left.min(buf.len() as u64) as usize;
+            src.read_exact(&mut buf[..n]).unwrap();
+            all.write_all(&buf[..n]).unwrap();
+            // Split this chunk across piece boundaries.
+            let mut off = 0;
+            while off < n {
+                let piece = (written / per_piece) as usize;
+                let room = (per_piece - written % per_piece) as usize;
+                let take = room.min(n - off);
+                outs[piece].write_all(&buf[off..off + take]).unwrap();
+                off += take;
+                written += take as u64;
+            }
+            left -= n as u64;
+        }
+    }
+    total
+}
+
+/// A repository with VM "big" whose manifest has `count` nodes: a full every 7 nodes, incrementals between,
+/// and a branch off every 50th node, with one disk each (the files need not exist for `list`).
+fn write_big_manifest(repo: &Path, count: u64) {
+    let repository = chain::Repository::init(repo).expect("init list repository");
+    let store = repository.create_vm("big").expect("create VM");
+    // Timestamps through serde: chrono is the chain crate's dependency, not this crate's.
+    let mut manifest = chain::Manifest::new(
+        "big",
+        serde_json::from_value(json!("2025-01-01T00:00:00Z")).unwrap(),
+    );
+    manifest.disks.push(chain::DiskIdentity {
+        id: DISK.into(),
+        node_name: Some("node-disk0".into()),
+        virtual_size: 4 * GIB,
+        serial: None,
+        filename: Some("/var/lib/vms/big/disk0.qcow2".into()),
+    });
+    let mut last_full = None;
+    let mut prev: Option<chain::NodeId> = None;
+    for i in 0..count {
+        let id = manifest.next_node_id();
+        let (kind, parent) = if i % 7 == 0 {
+            (chain::NodeKind::Full, None)
+        } else if i % 50 == 25 {
+            // A branch: from the chain's full instead of the previous node.
+            (chain::NodeKind::Differential, last_full.clone())
+        } else {
+            (chain::NodeKind::Incremental, prev.clone())
+        };
+        let file = chain::RelPath::disk_image(&id, DISK).unwrap();
+        let backing = parent
+            .as_ref()
+            .map(|p: &chain::NodeId| chain::RelPath::disk_image(p, DISK).unwrap());
+        let created = json!(format!(
+            "2025-01-{:02}T{:02}:{:02}:00Z",
+            1 + i / 1440,
+            (i / 60) % 24,
+            i % 60
+        ));
+        let node = chain::Node {
+            id: id.clone(),
+            parent: parent.clone(),
+            kind,
+            created: serde_json::from_value(created).unwrap(),
+            state: chain::NodeState::Complete,
+            tag: (i % 100 == 0).then(|| format!("weekly-{i}")),
+            reason: Some(if parent.is_none() {
+                "full_every reached".to_owned()
+            } else {
+                "bitmap consistent".to_owned()
+            }),
+            lid: 0,
+            tid: 0,
+            disks: vec![chain::NodeDisk {
+                disk: DISK.into(),
+                file: file.clone(),
+                backing,
+                virtual_size: 4 * GIB,
+                allocated_bytes: if parent.is_none() { 3 * GIB / 2 } else { 40 * MIB },
+                bitmap: Some(format!("qmpbak-{}-inc-{id}", manifest.chain_id)),
+                table: Some(chain::RelPath::disk_table(&id, DISK).unwrap()),
+                table_sha256: Some(format!("{:064x}", i * 0x9e37_79b9)),
+                location: chain::Location {
+                    host: "bench-host".into(),
+                    path: format!("{}/big/{file}", repo.display()),
+                    predecessor: None,
+                },
+            }],
+        };
+        manifest.add_node(node).expect("add node");
+        if parent.is_none() {
+            last_full = Some(id.clone());
+        }
+        prev = Some(id);
+    }
+    manifest.current = prev;
+    let guard = store
+        .lock_exclusive(chain::LockWait::NoWait, "bench")
+        .expect("lock");
+    store.save(&manifest, &guard).expect("save manifest");
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZero::get)
+}
+
+fn loadavg() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+fn cpu_model() -> String {
+    fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default()
+}

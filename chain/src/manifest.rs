@@ -102,7 +102,7 @@ pub enum NodeState {
 
 impl fmt::Display for NodeKind {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             NodeKind::Full => "full",
             NodeKind::Incremental => "incremental",
             NodeKind::Differential => "differential",
@@ -113,7 +113,7 @@ impl fmt::Display for NodeKind {
 
 impl fmt::Display for NodeState {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        f.pad(match self {
             NodeState::Pending => "pending",
             NodeState::Complete => "complete",
             NodeState::Failed => "failed",

@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
-use chain::{Manifest, Node, NodeState};
+use chain::{Manifest, Node};
 
 /// `1536` → `1.5 KiB`.
 pub fn bytes(n: u64) -> String {
@@ -26,18 +26,6 @@ pub fn node_size(node: &Node) -> u64 {
     node.disks.iter().map(|d| d.allocated_bytes).sum()
 }
 
-fn kind(node: &Node) -> String {
-    format!("{:?}", node.kind).to_lowercase()
-}
-
-fn state(node: &Node) -> &'static str {
-    match node.state {
-        NodeState::Complete => "complete",
-        NodeState::Pending => "pending",
-        NodeState::Failed => "failed",
-    }
-}
-
 /// "no node or tag X in VM Y", with near matches, for a mistyped id or tag.
 pub fn not_found(manifest: &Manifest, wanted: &str) -> String {
     let near = manifest.near_matches(wanted);
@@ -50,24 +38,39 @@ pub fn not_found(manifest: &Manifest, wanted: &str) -> String {
     msg
 }
 
-/// One line describing a node (without tree drawing).
-pub fn node_line(node: &Node, current: bool) -> String {
-    let mut line = format!(
-        "{}  {:<12} {}  {:>10}  {:<8}  lid {}..{}",
+/// One line describing a node (without tree drawing), appended to `out`. Written field by field: `list` draws
+/// tens of thousands of these.
+pub fn write_node_line(out: &mut String, node: &Node, current: bool) {
+    use chrono::{Datelike as _, Timelike as _};
+    let t = node.created;
+    let _ = write!(
+        out,
+        "{}  {:<12} {:04}-{:02}-{:02} {:02}:{:02}:{:02}  {:>10}  {:<8}  lid {}..{}",
         node.id,
-        kind(node),
-        node.created.format("%Y-%m-%d %H:%M:%S"),
+        node.kind,
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second(),
         bytes(node_size(node)),
-        state(node),
+        node.state,
         node.lid,
         node.tid
     );
     if let Some(tag) = &node.tag {
-        let _ = write!(line, "  tag {tag}");
+        let _ = write!(out, "  tag {tag}");
     }
     if current {
-        line.push_str("  <- current");
+        out.push_str("  <- current");
     }
+}
+
+/// One line describing a node (without tree drawing).
+pub fn node_line(node: &Node, current: bool) -> String {
+    let mut line = String::new();
+    write_node_line(&mut line, node, current);
     line
 }
 

@@ -27,6 +27,16 @@ impl RepoVm {
     }
 }
 
+/// `--socket SOCK --repo REPO --vm NAME [--wait]`: a running VM and its chain in a repository.
+#[derive(clap::Args, Debug, Clone)]
+pub struct LiveVm {
+    /// QEMU's QMP socket.
+    #[arg(long)]
+    pub socket: PathBuf,
+    #[command(flatten)]
+    pub target: RepoVm,
+}
+
 /// `--wait [SECS]`: wait for a held lock instead of failing at once.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct LockArgs {

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use super::args::LockArgs;
+use super::args::LiveVm;
 use super::bars::Bars;
 use qmpbak::backup::{self, BackupOptions, BackupReport};
 use qmpbak::plan::Requested;
@@ -22,15 +22,9 @@ enum LevelArg {
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// QEMU's QMP socket.
-    #[arg(long)]
-    socket: PathBuf,
-    /// The backup repository (made with `qmpbak init`).
-    #[arg(long, env = "QMPBAK_REPO")]
-    repo: PathBuf,
-    /// The VM's name in the repository (created on its first backup).
-    #[arg(long)]
-    vm: String,
+    /// The VM (created in the repository on its first backup).
+    #[command(flatten)]
+    vm: LiveVm,
     /// full, inc (changes since the last backup), diff (changes since the last full), or auto: incremental
     /// when the bitmaps allow it, full when there is nothing to build on or the repository policy asks for one.
     #[arg(long, value_enum, default_value = "auto")]
@@ -59,15 +53,13 @@ pub struct Args {
     /// Print one JSON result.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    lock: LockArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
     let opts = BackupOptions {
-        socket: args.socket,
-        repo: args.repo,
-        vm: args.vm,
+        socket: args.vm.socket,
+        repo: args.vm.target.repo,
+        vm: args.vm.target.vm,
         level: match args.level {
             LevelArg::Full => Requested::Full,
             LevelArg::Inc => Requested::Incremental,
@@ -80,7 +72,7 @@ pub async fn run(args: Args) -> Result<()> {
         compress: args.compress,
         tag: args.tag,
         qga: if args.quiesce { args.qga } else { None },
-        lock_wait: args.lock.lock_wait(),
+        lock_wait: args.vm.target.lock.lock_wait(),
         job_timeout: backup::DEFAULT_JOB_TIMEOUT,
     };
     let interrupt = Interrupt::new()?;

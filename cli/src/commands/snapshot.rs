@@ -1,23 +1,14 @@
 //! `qmpbak snapshot` and `qmpbak revert`: cheap time points by external snapshot, and going back to one.
 
-use std::path::PathBuf;
-
 use anyhow::Result;
 
-use super::args::LockArgs;
+use super::args::LiveVm;
 use qmpbak::snapshot::{self, RevertOptions, SnapshotOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// QEMU's QMP socket.
-    #[arg(long)]
-    socket: PathBuf,
-    /// The repository whose manifest records the time point.
-    #[arg(long, env = "QMPBAK_REPO")]
-    repo: PathBuf,
-    /// The VM's name in the repository.
-    #[arg(long)]
-    vm: String,
+    #[command(flatten)]
+    vm: LiveVm,
     /// A name for the time point, usable wherever a node id is (unique per VM).
     #[arg(long)]
     tag: Option<String>,
@@ -28,18 +19,16 @@ pub struct Args {
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    lock: LockArgs,
 }
 
 pub async fn run(args: Args) -> Result<()> {
     let opts = SnapshotOptions {
-        socket: args.socket,
-        repo: args.repo,
-        vm: args.vm,
+        socket: args.vm.socket,
+        repo: args.vm.target.repo,
+        vm: args.vm.target.vm,
         tag: args.tag,
         copy: args.copy,
-        lock_wait: args.lock.lock_wait(),
+        lock_wait: args.vm.target.lock.lock_wait(),
     };
     let report = snapshot::snapshot(&opts).await?;
     if args.json {
@@ -71,27 +60,20 @@ pub async fn run(args: Args) -> Result<()> {
 pub struct RevertArgs {
     /// The time point: node id or tag.
     node: String,
-    /// QEMU's QMP socket.
-    #[arg(long)]
-    socket: PathBuf,
-    #[arg(long, env = "QMPBAK_REPO")]
-    repo: PathBuf,
-    #[arg(long)]
-    vm: String,
+    #[command(flatten)]
+    vm: LiveVm,
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    lock: LockArgs,
 }
 
 pub async fn revert(args: RevertArgs) -> Result<()> {
     let opts = RevertOptions {
-        socket: args.socket,
-        repo: args.repo,
-        vm: args.vm,
+        socket: args.vm.socket,
+        repo: args.vm.target.repo,
+        vm: args.vm.target.vm,
         node: args.node,
-        lock_wait: args.lock.lock_wait(),
+        lock_wait: args.vm.target.lock.lock_wait(),
     };
     let report = snapshot::revert(&opts).await?;
     if args.json {
@@ -109,27 +91,20 @@ pub async fn revert(args: RevertArgs) -> Result<()> {
 pub struct CommitArgs {
     /// The time point whose increment is merged into its parent's file (node id or tag).
     node: String,
-    /// QEMU's QMP socket.
-    #[arg(long)]
-    socket: PathBuf,
-    #[arg(long, env = "QMPBAK_REPO")]
-    repo: PathBuf,
-    #[arg(long)]
-    vm: String,
+    #[command(flatten)]
+    vm: LiveVm,
     /// Print JSON.
     #[arg(long)]
     json: bool,
-    #[command(flatten)]
-    lock: LockArgs,
 }
 
 pub async fn commit(args: CommitArgs) -> Result<()> {
     let opts = qmpbak::commit::CommitOptions {
-        socket: args.socket,
-        repo: args.repo,
-        vm: args.vm,
+        socket: args.vm.socket,
+        repo: args.vm.target.repo,
+        vm: args.vm.target.vm,
         node: args.node,
-        lock_wait: args.lock.lock_wait(),
+        lock_wait: args.vm.target.lock.lock_wait(),
     };
     let report = qmpbak::commit::commit(&opts).await?;
     if args.json {

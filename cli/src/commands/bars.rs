@@ -33,6 +33,21 @@ impl Bars {
     }
 }
 
+/// A bar with qmpbak's style: label, bar, bytes, rate, ETA.
+fn new_bar(multi: &MultiProgress, label: &str, total: u64) -> ProgressBar {
+    let bar = multi.add(ProgressBar::new(total));
+    if let Ok(style) = ProgressStyle::with_template(
+        "{prefix:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    bar.set_prefix(label.to_owned());
+    bar
+}
+
+/// The key and label of the bar for all disks together.
+const OVERALL: &str = "all disks";
+
 impl Progress for Bars {
     fn phase(&self, message: &str) {
         match &self.multi {
@@ -49,20 +64,23 @@ impl Progress for Bars {
         let Ok(mut bars) = self.per_disk.lock() else {
             return;
         };
-        let bar = bars.entry(disk.to_owned()).or_insert_with(|| {
-            let bar = multi.add(ProgressBar::new(total));
-            let style = ProgressStyle::with_template(
-                "{prefix:>10} [{bar:40}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
-            )
-            .map(|s| s.progress_chars("=> "));
-            if let Ok(style) = style {
-                bar.set_style(style);
-            }
-            bar.set_prefix(disk.to_owned());
-            bar
-        });
+        let bar = bars
+            .entry(disk.to_owned())
+            .or_insert_with(|| new_bar(multi, disk, total));
         bar.set_length(total);
         bar.set_position(done);
+        // With more than one disk, a bar for all of them together.
+        let disks = bars.iter().filter(|(name, _)| name.as_str() != OVERALL);
+        let (count, done, total) = disks.fold((0, 0, 0), |(n, d, t), (_, b)| {
+            (n + 1, d + b.position(), t + b.length().unwrap_or(0))
+        });
+        if count > 1 {
+            let all = bars
+                .entry(OVERALL.to_owned())
+                .or_insert_with(|| new_bar(multi, OVERALL, total));
+            all.set_length(total);
+            all.set_position(done);
+        }
     }
 
     fn finish_disk(&self, disk: &str) {

@@ -550,7 +550,7 @@ impl TestGuest {
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
-            wait_exit(&mut child, PROCESS_EXIT_TIMEOUT);
+            crate::vm::wait_exit(&mut child, PROCESS_EXIT_TIMEOUT);
         }
     }
 
@@ -639,23 +639,6 @@ fn read_console(
             lines.len()
         };
         seen.send_replace(count);
-    }
-}
-
-fn wait_exit(child: &mut Child, timeout: Duration) {
-    let deadline = Instant::now() + timeout;
-    loop {
-        match child.try_wait() {
-            Ok(Some(_)) | Err(_) => return,
-            Ok(None) if Instant::now() >= deadline => {
-                eprintln!(
-                    "QEMU pid {} did not exit within {timeout:?} after SIGKILL",
-                    child.id()
-                );
-                return;
-            }
-            Ok(None) => std::thread::sleep(Duration::from_millis(10)),
-        }
     }
 }
 

@@ -393,7 +393,8 @@ impl Drop for TestVm {
     }
 }
 
-fn wait_exit(child: &mut Child, timeout: Duration) {
+/// Waits (bounded) for a killed QEMU to be reaped.
+pub(crate) fn wait_exit(child: &mut Child, timeout: Duration) {
     let deadline = Instant::now() + timeout;
     loop {
         match child.try_wait() {

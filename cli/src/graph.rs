@@ -3,6 +3,8 @@
 //! reference to the layer below. The chain comes from the manifest (lid/tid), never from the backing-file names
 //! in the qcow2 headers, so a moved or copied repository works the same.
 
+use std::path::PathBuf;
+
 use anyhow::{Context, Result, anyhow};
 use serde_json::json;
 
@@ -47,9 +49,35 @@ pub fn qcow2_options(
     })
 }
 
-/// Adds the recovery chain of `node` for disk `disk` to the QEMU behind `qmp`, with names `{prefix}{layer}`,
-/// from the newest layer that has no backing file (normally the full) up to `node`.
-/// On failure the layers added so far are removed again.
+/// The layers of `node`'s recovery chain for `disk`, bottom first: from the newest self-contained layer (a
+/// full, or a flattened copy; nothing below it is read) up to `node`, each with its file.
+pub fn chain_layers(
+    vm: &VmStore,
+    manifest: &Manifest,
+    node: &NodeId,
+    disk: &str,
+) -> Result<Vec<(NodeId, PathBuf)>> {
+    let chain = manifest.recovery_chain(node)?;
+    let start = chain
+        .iter()
+        .rposition(|n| n.disks.iter().any(|d| d.disk == disk && d.backing.is_none()))
+        .unwrap_or(0);
+    chain[start..]
+        .iter()
+        .map(|layer| {
+            let file = layer.disks.iter().find(|d| d.disk == disk).ok_or_else(|| {
+                anyhow!(
+                    "node {} of the recovery chain of {node} has no disk {disk}",
+                    layer.id
+                )
+            })?;
+            Ok((layer.id.clone(), vm.resolve(&file.file)?))
+        })
+        .collect()
+}
+
+/// Adds the recovery chain of `node` for disk `disk` to the QEMU behind `qmp` ([`chain_layers`]), with names
+/// `{prefix}{layer}`. On failure the layers added so far are removed again.
 pub async fn add_chain(
     qmp: &qmp::Qmp,
     vm: &VmStore,
@@ -58,38 +86,17 @@ pub async fn add_chain(
     disk: &str,
     prefix: &str,
 ) -> Result<ChainGraph> {
-    let chain = manifest.recovery_chain(node)?;
-    // Start at the newest self-contained layer for this disk (a full, or a flattened copy): nothing below it
-    // is read.
-    let start = chain
-        .iter()
-        .rposition(|n| n.disks.iter().any(|d| d.disk == disk && d.backing.is_none()))
-        .unwrap_or(0);
+    let layers = chain_layers(vm, manifest, node, disk)?;
+    let first = manifest.recovery_chain(node)?.len() - layers.len();
     let mut graph = ChainGraph::default();
-    for (i, layer) in chain.iter().enumerate().skip(start) {
-        let name = format!("{prefix}{i}");
+    for (i, (id, path)) in layers.iter().enumerate() {
+        let name = format!("{prefix}{}", first + i);
         debug_assert!(name.len() <= MAX_NODE_NAME, "block node name {name} too long");
-        let added: Result<()> = async {
-            let file = layer.disks.iter().find(|d| d.disk == disk).ok_or_else(|| {
-                anyhow!(
-                    "node {} of the recovery chain of {node} has no disk {disk}",
-                    layer.id
-                )
-            })?;
-            let path = vm.resolve(&file.file)?;
-            let options = qcow2_options(&name, &path, graph.top(), true);
-            qmp.execute_raw("blockdev-add", Some(options))
-                .await
-                .with_context(|| {
-                    format!(
-                        "opening {} (node {}, disk {disk}) in QEMU",
-                        path.display(),
-                        layer.id
-                    )
-                })?;
-            Ok(())
-        }
-        .await;
+        let options = qcow2_options(&name, path, graph.top(), true);
+        let added = qmp
+            .execute_raw("blockdev-add", Some(options))
+            .await
+            .with_context(|| format!("opening {} (node {id}, disk {disk}) in QEMU", path.display()));
         if let Err(e) = added {
             remove_chain(qmp, &graph).await;
             return Err(e);

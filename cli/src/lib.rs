@@ -8,6 +8,7 @@ pub mod cleanup;
 pub mod commit;
 pub mod crashpoint;
 pub mod daemon;
+pub mod direct;
 pub mod exit;
 pub mod graph;
 pub mod inspect;

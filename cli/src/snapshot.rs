@@ -341,7 +341,7 @@ async fn copy_into_repo(
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))?;
         on_parent.push(stacked);
     }
-    // Record what was copied, then build the tables through QEMU (a stacked copy from its parent's table).
+    // Record what was copied, then build the tables (a stacked copy from its parent's table).
     if let Some(m) = manifest.node_mut(node) {
         for (d, stacked) in m.disks.iter_mut().zip(&on_parent) {
             if !stacked {
@@ -349,54 +349,39 @@ async fn copy_into_repo(
             }
         }
     }
-    let daemon = crate::daemon::StorageDaemon::start(bins).await?;
-    let result = async {
-        let disks: Vec<(String, bool)> = n
-            .disks
-            .iter()
-            .zip(&on_parent)
-            .map(|(d, s)| (d.disk.clone(), *s))
-            .collect();
-        for (disk, stacked) in disks {
-            let parent_table = match (stacked, &n.parent) {
-                (true, Some(p)) => Some(crate::tables::load_node_table(vm, manifest, p, &disk)?),
-                _ => None,
-            };
-            let table = crate::tables::build(
-                &daemon,
-                bins,
-                vm,
-                manifest,
-                node,
-                &disk,
-                block_size,
-                parent_table.as_ref(),
-            )
-            .await?;
-            let rel = RelPath::disk_table(node, &disk)?;
-            let sha = table.save(vm.resolve(&rel)?)?;
-            let file = manifest
-                .node(node)
-                .and_then(|m| m.disks.iter().find(|d| d.disk == disk))
-                .map(|d| d.file.clone());
-            let stored = match file {
-                Some(f) => crate::backup::allocated_bytes(&vm.resolve(&f)?)?,
-                None => 0,
-            };
-            if let Some(d) = manifest
-                .node_mut(node)
-                .and_then(|m| m.disks.iter_mut().find(|d| d.disk == disk))
-            {
-                d.table = Some(rel);
-                d.table_sha256 = Some(sha);
-                d.allocated_bytes = stored;
-            }
+    let disks: Vec<(String, bool)> = n
+        .disks
+        .iter()
+        .zip(&on_parent)
+        .map(|(d, s)| (d.disk.clone(), *s))
+        .collect();
+    for (disk, stacked) in disks {
+        let parent_table = match (stacked, &n.parent) {
+            (true, Some(p)) => Some(crate::tables::load_node_table(vm, manifest, p, &disk)?),
+            _ => None,
+        };
+        let table =
+            crate::tables::build(bins, vm, manifest, node, &disk, block_size, parent_table.as_ref()).await?;
+        let rel = RelPath::disk_table(node, &disk)?;
+        let sha = table.save(vm.resolve(&rel)?)?;
+        let file = manifest
+            .node(node)
+            .and_then(|m| m.disks.iter().find(|d| d.disk == disk))
+            .map(|d| d.file.clone());
+        let stored = match file {
+            Some(f) => crate::backup::allocated_bytes(&vm.resolve(&f)?)?,
+            None => 0,
+        };
+        if let Some(d) = manifest
+            .node_mut(node)
+            .and_then(|m| m.disks.iter_mut().find(|d| d.disk == disk))
+        {
+            d.table = Some(rel);
+            d.table_sha256 = Some(sha);
+            d.allocated_bytes = stored;
         }
-        Ok::<_, anyhow::Error>(())
     }
-    .await;
-    daemon.stop().await?;
-    result
+    Ok(())
 }
 
 /// Undoes a failed snapshot or revert from its record (never touching files QEMU uses) and marks the node

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use chain::{Manifest, NodeId, Table, VmStore};
 
 use crate::daemon::StorageDaemon;
+use crate::direct::DirectSource;
 use crate::graph;
 use crate::qemu_bins::QemuBins;
 
@@ -162,10 +163,10 @@ pub fn touched_blocks(ranges: &[(u64, u64)], block_size: u64) -> Vec<u64> {
 }
 
 /// Builds the checking table of `node`'s disk `disk`. With `parent`, only the blocks changed in the node's own
-/// layer are read; otherwise the whole disk is.
+/// layer are read; otherwise the whole disk is. The chain is read straight from its files when it can be
+/// ([`DirectSource`]), otherwise over NBD from a qemu-storage-daemon started for it.
 #[allow(clippy::too_many_arguments)]
 pub async fn build(
-    daemon: &StorageDaemon,
     bins: &QemuBins,
     vm: &VmStore,
     manifest: &Manifest,
@@ -174,47 +175,60 @@ pub async fn build(
     block_size: u64,
     parent: Option<&Table>,
 ) -> Result<Table> {
+    // An incremental's table is its parent's with the blocks its own layer touched rehashed.
+    let changed = match parent {
+        None => None,
+        Some(parent) => {
+            let file = manifest
+                .node(node)
+                .and_then(|n| n.disks.iter().find(|d| d.disk == disk))
+                .context("node has no such disk")?;
+            let ranges = layer_extents(bins, &vm.resolve(&file.file)?)?;
+            Some((parent.clone(), touched_blocks(&ranges, block_size)))
+        }
+    };
+    let files = crate::direct::chain_files(vm, manifest, node, disk)?;
+    if let Some(source) = DirectSource::open(bins, &files)? {
+        return hash_node(source, block_size, 0, changed).await;
+    }
+    let daemon = StorageDaemon::start(bins).await?;
     let prefix = format!("t{}-", disk_index(manifest, node, disk));
-    let chain = graph::add_chain(daemon.qmp(), vm, manifest, node, disk, &prefix).await?;
     let result = async {
+        let chain = graph::add_chain(daemon.qmp(), vm, manifest, node, disk, &prefix).await?;
         let top = chain.top().context("empty recovery chain")?.to_owned();
-        let export = format!("{prefix}x");
-        daemon.export(&top, &export, false).await?;
-        let client = daemon.connect(&export).await?;
+        daemon.export(&top, &format!("{prefix}x"), false).await?;
+        let client = daemon.connect(&format!("{prefix}x")).await?;
         let size = client.size();
         let source = NbdSource::new(
             nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
             size,
         );
-        let table = match parent {
-            None => tokio::task::spawn_blocking(move || Table::build(&source, block_size, threads()))
-                .await
-                .context("table builder panicked")??,
-            Some(parent) => {
-                let file = manifest
-                    .node(node)
-                    .and_then(|n| n.disks.iter().find(|d| d.disk == disk))
-                    .context("node has no such disk")?;
-                let ranges = layer_extents(bins, &vm.resolve(&file.file)?)?;
-                let blocks = touched_blocks(&ranges, block_size);
-                let parent = parent.clone();
-                tokio::task::spawn_blocking(move || -> Result<Table> {
-                    let changed = Table::build_blocks(&source, block_size, &blocks, threads())?;
-                    Ok(Table::derive(&parent, &changed)?)
-                })
-                .await
-                .context("table builder panicked")??
-            }
-        };
-        let _ = daemon
-            .qmp()
-            .execute_raw("block-export-del", Some(serde_json::json!({ "id": export })))
-            .await;
-        Ok::<_, anyhow::Error>(table)
+        hash_node(source, block_size, threads(), changed).await
     }
     .await;
-    graph::remove_chain(daemon.qmp(), &chain).await;
+    daemon.stop().await?;
     result
+}
+
+/// Hashes a node's disk from `source` on `threads` workers: whole, or only the `changed` blocks on top of the
+/// parent's table.
+async fn hash_node<S: chain::BlockSource + Send + 'static>(
+    source: S,
+    block_size: u64,
+    threads: usize,
+    changed: Option<(Table, Vec<u64>)>,
+) -> Result<Table> {
+    tokio::task::spawn_blocking(move || -> Result<Table> {
+        Ok(match changed {
+            None => Table::build(&source, block_size, threads)?,
+            Some((parent, blocks)) => {
+                let hashes = Table::build_blocks(&source, block_size, &blocks, threads)?;
+                Table::derive(&parent, &hashes)?
+            }
+        })
+    })
+    .await
+    .context("table builder panicked")?
 }
 
 /// Loads and verifies a node's checking table for one disk.

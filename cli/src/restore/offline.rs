@@ -1,26 +1,20 @@
-//! Offline restore: a node's recovery chain is opened in a qemu-storage-daemon started for the purpose and
-//! copied by a `blockdev-backup` job into a new standalone image per disk (qcow2, or sparse raw); holes stay
-//! holes. Before success is reported, each image is read back over NBD and its checking table compared with the
-//! node's.
+//! Offline restore: a node's recovery chain, layers named explicitly from the manifest, is copied by `qemu-img
+//! convert` into a new standalone image per disk (qcow2, or sparse raw); holes and zeros stay holes. While it
+//! copies, the same chain is hashed and compared with the node's checking table, so a damaged backup is never
+//! reported as restored.
 
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
-use serde_json::json;
 
 use chain::{LockWait, Repository, Table};
 
-use crate::daemon::StorageDaemon;
 use crate::exit::Exit;
-use crate::graph;
 use crate::qemu_bins::QemuBins;
-use crate::tables::{NbdSource, load_node_table, threads};
-
-/// Bound on one disk's copy job.
-pub const RESTORE_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+use crate::tables::load_node_table;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -97,30 +91,16 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     }
 
     let bins = QemuBins::from_env();
-    let daemon = StorageDaemon::start(&bins).await?;
     let mut restored = Vec::new();
     let mut error = None;
     let mut damage = None;
-    for (i, (disk, path)) in disks.iter().zip(&outputs).enumerate() {
+    for (disk, path) in disks.iter().zip(&outputs) {
         let size = node
             .disks
             .iter()
             .find(|d| &d.disk == disk)
             .map_or(0, |d| d.virtual_size);
-        match restore_disk(
-            &daemon,
-            &bins,
-            &vm,
-            &manifest,
-            &node,
-            disk,
-            i,
-            path,
-            size,
-            opts.format,
-        )
-        .await
-        {
+        match restore_disk(&bins, &vm, &manifest, &node, disk, path, size, opts.format).await {
             Ok(mismatched) => {
                 if !mismatched.is_empty() && damage.is_none() {
                     damage = Some(super::damaged(
@@ -144,7 +124,6 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
             }
         }
     }
-    daemon.stop().await?;
     // A failed copy, or a damaged result without --force, leaves no output behind.
     let fatal = match (error, damage) {
         (Some(e), _) => Some(e),
@@ -198,102 +177,51 @@ fn output_paths(to: &Path, disks: &[String], format: Format) -> Result<Vec<PathB
     }
 }
 
-/// Copies one disk and checks it; returns the blocks that do not match the node's table.
+/// Copies one disk and checks it; returns the blocks that do not match the node's table. `qemu-img convert`
+/// copies the recovery chain into the new image while the same chain is hashed beside it
+/// ([`crate::tables::build`]): every byte the copy reads is checked, and the wall time is that of the longer
+/// of the two rather than their sum.
 #[allow(clippy::too_many_arguments)]
 async fn restore_disk(
-    daemon: &StorageDaemon,
     bins: &QemuBins,
     vm: &chain::VmStore,
     manifest: &chain::Manifest,
     node: &chain::Node,
     disk: &str,
-    index: usize,
     path: &Path,
     size: u64,
     format: Format,
 ) -> Result<Vec<u64>> {
     let expected = load_node_table(vm, manifest, &node.id, disk)?;
     create_image(bins, path, size, format)?;
-    let qmp = daemon.qmp();
-    let chain = graph::add_chain(qmp, vm, manifest, &node.id, disk, &format!("r{index}-")).await?;
-    let target = format!("out{index}");
-    let job = format!("restore{index}");
-    let export = format!("out{index}-x");
-    let result = async {
-        let driver = match format {
-            Format::Qcow2 => "qcow2",
-            Format::Raw => "raw",
-        };
-        qmp.execute_raw(
-            "blockdev-add",
-            Some(json!({
-                "driver": driver, "node-name": target,
-                "file": { "driver": "file", "filename": path, "discard": "unmap" },
-                "discard": "unmap",
-            })),
-        )
-        .await
-        .with_context(|| format!("opening {} in qemu-storage-daemon", path.display()))?;
-        let top = chain.top().context("empty recovery chain")?;
-        qmp.execute_raw(
-            "blockdev-backup",
-            Some(json!({ "job-id": job, "device": top, "target": target, "sync": "full", "auto-dismiss": false })),
-        )
-        .await
-        .context("starting the restore copy job")?;
-        let outcome = qmp.wait_job(&job, RESTORE_JOB_TIMEOUT).await?;
-        let _ = qmp.dismiss_job(&job).await;
-        if let Some(error) = outcome.error {
-            bail!(crate::exit::Exit::new(crate::exit::ExitCode::Qemu, format!("the restore copy job failed: {error}")));
-        }
-        if format == Format::Raw {
-            punch_zero_blocks(path, &expected)?;
-        }
-        // Read the result back through QEMU and compare with the node's table.
-        daemon.export(&target, &export, false).await?;
-        let client = daemon.connect(&export).await?;
-        let size = client.size();
-        let source = NbdSource::new(nbd::BlockingClient::new(client, tokio::runtime::Handle::current()), size);
-        let block_size = expected.block_size();
-        let actual = tokio::task::spawn_blocking(move || Table::build(&source, block_size, threads()))
-            .await
-            .context("table builder panicked")??;
-        Ok(Table::diff(&expected, &actual)?)
-    }
-    .await;
-    let _ = qmp
-        .execute_raw("block-export-del", Some(json!({ "id": export, "mode": "hard" })))
-        .await;
-    let _ = qmp
-        .execute_raw("blockdev-del", Some(json!({ "node-name": target })))
-        .await;
-    graph::remove_chain(qmp, &chain).await;
-    result
+    let files = crate::direct::chain_files(vm, manifest, &node.id, disk)?;
+    let hash = crate::tables::build(bins, vm, manifest, &node.id, disk, expected.block_size(), None);
+    let copy = convert(bins, &files, path, format);
+    let (actual, ()) = tokio::try_join!(hash, copy)?;
+    Ok(Table::diff(&expected, &actual)?)
 }
 
-/// Makes a raw image sparse where the node's table says a block is all zero: the copy job writes zeroes as
-/// allocated ranges. The read-back check that follows proves nothing else changed.
-fn punch_zero_blocks(path: &Path, table: &Table) -> Result<()> {
-    use nix::fcntl::{FallocateFlags, fallocate};
-    use std::os::fd::AsRawFd as _;
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-    for index in (0..table.len()).filter(|&i| table.is_zero(i)) {
-        let (offset, len) = table.block_range(index);
-        let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
-            bail!(
-                "block {index} of {} lies beyond what the OS can address",
-                path.display()
-            );
-        };
-        fallocate(file.as_raw_fd(), flags, offset, len)
-            .with_context(|| format!("punching a hole into {} at {offset}", path.display()))?;
+/// `qemu-img convert` of the chain `files` (bottom first) into the existing, empty image at `path`.
+async fn convert(bins: &QemuBins, files: &[PathBuf], path: &Path, format: Format) -> Result<()> {
+    let spec = crate::direct::chain_spec(files);
+    let out = tokio::process::Command::new(&bins.img)
+        .args(["convert", "-n", "--target-is-zero", "-O", format.ext()])
+        .arg(format!("json:{spec}"))
+        .arg(path)
+        .kill_on_drop(true)
+        .output()
+        .await
+        .with_context(|| format!("running {}", bins.img.display()))?;
+    if !out.status.success() {
+        bail!(Exit::new(
+            crate::exit::ExitCode::Qemu,
+            format!(
+                "qemu-img convert into {} failed: {}",
+                path.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )
+        ));
     }
-    file.sync_all()
-        .with_context(|| format!("syncing {}", path.display()))?;
     Ok(())
 }
 

@@ -8,8 +8,8 @@
 //!
 //! Every measured program runs as a child process; its wall time is taken from spawn to reaping, and its peak
 //! RSS (VmHWM) and that of its children (qemu-storage-daemon, qemu-img) are read from `/proc` every 5 ms while it
-//! runs. The time at which qmpbak's first qemu-storage-daemon appears splits a full backup into its copy phase
-//! (the `blockdev-backup` job in the VM's QEMU) and its checking-table phase. Before each measured program the
+//! runs. The `tables_secs` of a backup's `--json` report splits it into its copy phase (the `blockdev-backup` job
+//! in the VM's QEMU) and its checking-table phase. Before each measured program the
 //! bench runs `sync`, so that no run pays for writing back what an earlier one left dirty in the page cache;
 //! the data being read is in the page cache for every contender alike.
 
@@ -233,8 +233,6 @@ struct Measured {
     rss_kib: u64,
     /// Peak RSS of its descendants by command name, KiB.
     child_rss_kib: BTreeMap<String, u64>,
-    /// Seconds after spawn at which a descendant with this command name was first seen.
-    first_seen: BTreeMap<String, f64>,
 }
 
 impl Measured {
@@ -257,14 +255,6 @@ impl Measured {
             .unwrap_or_else(|e| panic!("{}: stdout is not JSON ({e}):\n{}", self.what, self.stdout))
     }
 
-    /// When the first qemu-storage-daemon child appeared, seconds after spawn.
-    fn storage_daemon_at(&self) -> Option<f64> {
-        self.first_seen
-            .iter()
-            .find(|(name, _)| name.starts_with("qemu-storage"))
-            .map(|(_, t)| *t)
-    }
-
     fn storage_daemon_rss_kib(&self) -> u64 {
         self.child_rss_kib
             .iter()
@@ -273,6 +263,14 @@ impl Measured {
             .max()
             .unwrap_or(0)
     }
+}
+
+/// The seconds a backup spent building its checking tables after the copy, from its `--json` report.
+#[track_caller]
+fn tables_secs(m: &Measured) -> f64 {
+    m.json()["tables_secs"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{}: no tables_secs in the report:\n{}", m.what, m.stdout))
 }
 
 /// Runs `program args` to completion, timing it and sampling the memory of it and its children.
@@ -319,7 +317,6 @@ fn measure_now(program: &Path, args: &[&str]) -> Measured {
     });
     let mut rss_kib = 0;
     let mut child_rss_kib = BTreeMap::new();
-    let mut first_seen = BTreeMap::new();
     let ended = loop {
         if let Some(kib) = vm_hwm_kib(pid) {
             rss_kib = rss_kib.max(kib);
@@ -329,9 +326,6 @@ fn measure_now(program: &Path, args: &[&str]) -> Measured {
             if name.is_empty() {
                 continue;
             }
-            first_seen
-                .entry(name.clone())
-                .or_insert_with(|| started.elapsed().as_secs_f64());
             if let Some(kib) = vm_hwm_kib(kid) {
                 let peak = child_rss_kib.entry(name).or_insert(0);
                 *peak = kib.max(*peak);
@@ -362,7 +356,6 @@ fn measure_now(program: &Path, args: &[&str]) -> Measured {
         stderr: err_reader.join().unwrap_or_default(),
         rss_kib,
         child_rss_kib,
-        first_seen,
     }
 }
 
@@ -971,21 +964,15 @@ impl Bench<'_> {
             &format!("stores {}", fmt_bytes(stored)),
         );
         self.full_secs = Some(full.median());
-        let copy: Vec<f64> = backups
-            .iter()
-            .map(|m| m.storage_daemon_at().unwrap_or(m.secs))
-            .collect();
+        let copy: Vec<f64> = backups.iter().map(|m| m.secs - tables_secs(m)).collect();
         let copy = self.report.add(
             "full_backup_copy_phase",
             "  of which copy phase (= without tables)",
             "s",
             copy,
-            "until qmpbak starts qemu-storage-daemon for the tables",
+            "the whole command less its table phase (tables_secs in --json)",
         );
-        let tables: Vec<f64> = backups
-            .iter()
-            .map(|m| m.secs - m.storage_daemon_at().unwrap_or(m.secs))
-            .collect();
+        let tables: Vec<f64> = backups.iter().map(tables_secs).collect();
         self.report.add(
             "full_backup_tables_phase",
             "  of which checking tables",
@@ -1106,7 +1093,7 @@ impl Bench<'_> {
             assert_eq!(j["method"], "bitmap", "{}", m.stdout);
             stored.push(j["disks"][0]["stored_bytes"].as_u64().unwrap_or(0) as f64 / MIB as f64);
             self.backup_rss.push(m.rss_kib);
-            tables.push(m.secs - m.storage_daemon_at().unwrap_or(m.secs));
+            tables.push(tables_secs(&m));
             times.push(m.secs);
         }
         let full = self.full_secs.unwrap();

@@ -1,0 +1,282 @@
+//! Reading a closed backup chain straight from its files, for hashing. `qemu-img map` on the chain (opened
+//! read-only, layers given explicitly as for [`crate::graph`]) says, for every range of the disk, whether it
+//! reads as zeros or which layer holds it and at which offset in that layer's file. Reads of data then go to
+//! the files with `pread`, in parallel, without passing through a QEMU process and a socket: that is about
+//! twice the rate of reading the same chain over NBD from a qemu-storage-daemon on this machine class.
+//!
+//! Only uncompressed clusters have a host offset. When the map shows anything else (compressed clusters from
+//! `backup --compress`, or an image QEMU maps in a way not understood here), [`DirectSource::open`] answers
+//! `None` and the caller reads through QEMU instead. The files must not change while they are read: qmpbak
+//! reads only nodes that are complete, under the VM's lock.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, Result, bail};
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use chain::{BlockSource, Extent, ExtentKind, Manifest, NodeId, VmStore};
+
+use crate::qemu_bins::QemuBins;
+
+/// The `qemu-img` image specification (`json:{...}`) of a chain of qcow2 files, bottom (self-contained) first:
+/// every layer read-only, each backing file named explicitly rather than taken from the qcow2 headers.
+pub fn chain_spec(files: &[PathBuf]) -> Value {
+    let mut spec = Value::Null;
+    for path in files {
+        spec = json!({
+            "driver": "qcow2",
+            "read-only": true,
+            "file": { "driver": "file", "filename": path, "read-only": true },
+            "backing": spec,
+        });
+    }
+    spec
+}
+
+/// The files of `node`'s recovery chain for `disk`, bottom first, from the newest self-contained layer up.
+pub fn chain_files(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str) -> Result<Vec<PathBuf>> {
+    crate::graph::chain_layers(vm, manifest, node, disk)
+        .map(|layers| layers.into_iter().map(|(_, p)| p).collect())
+}
+
+/// One entry of `qemu-img map --output=json`.
+#[derive(Debug, Deserialize)]
+struct MapEntry {
+    start: u64,
+    length: u64,
+    #[serde(default)]
+    depth: usize,
+    present: bool,
+    zero: bool,
+    data: bool,
+    #[serde(default)]
+    compressed: bool,
+    offset: Option<u64>,
+}
+
+/// What a range of the disk is, per the map.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Where {
+    Zero,
+    /// In file `file` (an index into [`DirectSource::files`]) at this host offset.
+    Data {
+        file: usize,
+        host: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Mapped {
+    start: u64,
+    len: u64,
+    at: Where,
+}
+
+/// A closed qcow2 chain as a [`BlockSource`], read with `pread` from its files.
+#[derive(Debug)]
+pub struct DirectSource {
+    /// Bottom first, as given to [`DirectSource::open`].
+    files: Vec<(PathBuf, File)>,
+    /// Sorted, touching, covering `[0, size)`.
+    map: Vec<Mapped>,
+    size: u64,
+}
+
+impl DirectSource {
+    /// Maps the chain `files` (bottom first). `None` when some data has no host offset (compressed clusters):
+    /// read it through QEMU then.
+    pub fn open(bins: &QemuBins, files: &[PathBuf]) -> Result<Option<DirectSource>> {
+        let Some(top) = files.last() else {
+            bail!("an empty chain has nothing to read");
+        };
+        let spec = chain_spec(files);
+        let out = Command::new(&bins.img)
+            .args(["map", "--output=json"])
+            .arg(format!("json:{spec}"))
+            .output()
+            .with_context(|| format!("running {}", bins.img.display()))?;
+        if !out.status.success() {
+            bail!(
+                "qemu-img map of the chain ending in {} failed: {}",
+                top.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let entries: Vec<MapEntry> =
+            serde_json::from_slice(&out.stdout).context("parsing qemu-img map output")?;
+        let Some(map) = mapping(&entries, files.len())? else {
+            return Ok(None);
+        };
+        let size = map.last().map_or(0, |m| m.start + m.len);
+        let files = files
+            .iter()
+            .map(|p| {
+                let f = File::open(p).with_context(|| format!("opening {}", p.display()))?;
+                Ok((p.clone(), f))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Some(DirectSource { files, map, size }))
+    }
+
+    /// The file of the chain's top layer.
+    pub fn top(&self) -> Option<&Path> {
+        self.files.last().map(|(p, _)| p.as_path())
+    }
+}
+
+/// Turns map entries into ranges; `None` when some data cannot be read directly.
+fn mapping(entries: &[MapEntry], layers: usize) -> Result<Option<Vec<Mapped>>> {
+    let mut map: Vec<Mapped> = Vec::with_capacity(entries.len());
+    let mut cursor = 0;
+    for e in entries {
+        if e.start != cursor {
+            bail!(
+                "qemu-img map output has a gap or overlap at byte {cursor} (next entry starts at {})",
+                e.start
+            );
+        }
+        cursor = e.start + e.length;
+        let at = if !e.present || e.zero {
+            Where::Zero
+        } else if e.data && !e.compressed && e.depth < layers {
+            match e.offset {
+                Some(host) => Where::Data {
+                    file: layers - 1 - e.depth,
+                    host,
+                },
+                None => return Ok(None),
+            }
+        } else {
+            return Ok(None);
+        };
+        match (map.last_mut(), at) {
+            (Some(last), Where::Zero) if last.at == Where::Zero => last.len += e.length,
+            _ => map.push(Mapped {
+                start: e.start,
+                len: e.length,
+                at,
+            }),
+        }
+    }
+    Ok(Some(map))
+}
+
+impl DirectSource {
+    /// The index of the mapped range holding `offset`.
+    fn find(&self, offset: u64) -> usize {
+        self.map.partition_point(|m| m.start + m.len <= offset)
+    }
+}
+
+impl BlockSource for DirectSource {
+    fn len(&self) -> u64 {
+        self.size
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        let end = offset.saturating_add(len).min(self.size);
+        Ok(self.map[self.find(offset)..]
+            .iter()
+            .take_while(|m| m.start < end)
+            .map(|m| Extent {
+                offset: m.start,
+                len: m.len,
+                kind: match m.at {
+                    Where::Zero => ExtentKind::Zero,
+                    Where::Data { .. } => ExtentKind::Data,
+                },
+            })
+            .collect())
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        let end = offset + buf.len() as u64;
+        if end > self.size {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                format!("read of {} bytes at {offset} beyond the disk's end", buf.len()),
+            ));
+        }
+        let mut at = offset;
+        let mut i = self.find(offset);
+        while at < end {
+            let m = self.map[i];
+            let stop = (m.start + m.len).min(end);
+            let piece = &mut buf[(at - offset) as usize..(stop - offset) as usize];
+            match m.at {
+                Where::Zero => piece.fill(0),
+                Where::Data { file, host } => {
+                    let (path, f) = &self.files[file];
+                    f.read_exact_at(piece, host + (at - m.start))
+                        .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))?;
+                }
+            }
+            at = stop;
+            i += 1;
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        self.top()
+            .map_or_else(|| "an empty chain".to_owned(), |p| p.display().to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(start: u64, length: u64, depth: usize, zero: bool, offset: Option<u64>) -> MapEntry {
+        MapEntry {
+            start,
+            length,
+            depth,
+            present: true,
+            zero,
+            data: !zero,
+            compressed: false,
+            offset,
+        }
+    }
+
+    #[test]
+    fn maps_layers_bottom_first_and_merges_zeros() {
+        let entries = [
+            entry(0, 10, 1, false, Some(100)),
+            entry(10, 5, 0, true, None),
+            MapEntry {
+                present: false,
+                ..entry(15, 5, 2, true, None)
+            },
+            entry(20, 4, 0, false, Some(7)),
+        ];
+        let map = mapping(&entries, 2).unwrap().unwrap();
+        assert_eq!(map.len(), 3);
+        assert_eq!(map[0].at, Where::Data { file: 0, host: 100 });
+        assert_eq!((map[1].start, map[1].len, map[1].at), (10, 10, Where::Zero));
+        assert_eq!(map[2].at, Where::Data { file: 1, host: 7 });
+    }
+
+    #[test]
+    fn compressed_or_unplaced_data_falls_back() {
+        let compressed = MapEntry {
+            compressed: true,
+            ..entry(0, 10, 0, false, None)
+        };
+        assert!(mapping(&[compressed], 1).unwrap().is_none());
+        assert!(mapping(&[entry(0, 10, 0, false, None)], 1).unwrap().is_none());
+        assert!(mapping(&[entry(0, 10, 3, false, Some(0))], 1).unwrap().is_none());
+    }
+
+    #[test]
+    fn gaps_are_errors() {
+        let entries = [entry(0, 10, 0, true, None), entry(12, 4, 0, true, None)];
+        assert!(mapping(&entries, 1).is_err());
+    }
+}

@@ -202,6 +202,13 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// What a table build's [`crate::BlockVisitor`] did with a block failed (a copy's write, say).
+    #[error("handling block {index} after hashing it")]
+    BlockVisit {
+        index: u64,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// What is wrong with a manifest's contents.

@@ -49,6 +49,17 @@ impl BlockingClient {
         self.handle.block_on(self.client.read_owned(offset, len, buf))
     }
 
+    /// [`Client::write`], blocking.
+    pub fn write_at(&self, offset: u64, data: &[u8], fua: bool) -> Result<()> {
+        self.handle.block_on(self.client.write(offset, data, fua))
+    }
+
+    /// [`Client::write_zeroes`], blocking.
+    pub fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {
+        self.handle
+            .block_on(self.client.write_zeroes(offset, len, may_trim))
+    }
+
     /// [`Client::block_status`], blocking.
     pub fn extents(&self, offset: u64, len: u64) -> Result<Vec<Extent>> {
         self.handle.block_on(self.client.block_status(offset, len))

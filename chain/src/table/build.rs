@@ -62,6 +62,20 @@ pub enum ExtentKind {
     Zero,
 }
 
+/// One piece of a block's bytes as a build read them: data, or a run of zeros that was never read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Piece<'a> {
+    Data(&'a [u8]),
+    Zero(u64),
+}
+
+/// Sees every block of a [`Table::build_visiting`] right after it was hashed, with the bytes it was hashed from,
+/// on the worker thread that read it: a copy can write what it hashed without reading it twice.
+pub trait BlockVisitor: Sync {
+    /// Block `index` at byte `offset` hashed to `digest`; `pieces` are its bytes in order.
+    fn block(&self, index: u64, offset: u64, digest: &Digest, pieces: &[Piece<'_>]) -> io::Result<()>;
+}
+
 /// How many results a worker gathers before storing them in the shared digest list.
 const BATCH: usize = 256;
 
@@ -77,7 +91,21 @@ impl Table {
         check_block_size(block_size)?;
         let virtual_size = source.len();
         let count = block_count(virtual_size, block_size);
-        let digests = hash_blocks(source, block_size, count, &|job| job, threads)?;
+        let digests = hash_blocks(source, block_size, count, &|job| job, threads, None)?;
+        Ok(Table::assemble(block_size, virtual_size, digests))
+    }
+
+    /// [`Table::build`], handing every block to `visitor` after hashing it. A visitor error stops the build.
+    pub fn build_visiting<S: BlockSource + ?Sized, V: BlockVisitor>(
+        source: &S,
+        block_size: u64,
+        threads: usize,
+        visitor: &V,
+    ) -> Result<Table> {
+        check_block_size(block_size)?;
+        let virtual_size = source.len();
+        let count = block_count(virtual_size, block_size);
+        let digests = hash_blocks(source, block_size, count, &|job| job, threads, Some(visitor))?;
         Ok(Table::assemble(block_size, virtual_size, digests))
     }
 
@@ -100,6 +128,7 @@ impl Table {
             indices.len() as u64,
             &|job| indices[job as usize],
             threads,
+            None,
         )?;
         Ok(indices.iter().copied().zip(digests).collect())
     }
@@ -122,6 +151,7 @@ fn hash_blocks<S: BlockSource + ?Sized>(
     jobs: u64,
     index_of: &(dyn Fn(u64) -> u64 + Sync),
     threads: usize,
+    visitor: Option<&dyn BlockVisitor>,
 ) -> Result<Vec<Digest>> {
     let digests = Mutex::new(vec![[0u8; 32]; jobs as usize]);
     let next = AtomicU64::new(0);
@@ -152,7 +182,15 @@ fn hash_blocks<S: BlockSource + ?Sized>(
                 while end < last && index_of(end) == index + (end - job) {
                     end += 1;
                 }
-                let run = hash_run(source, block_size, virtual_size, index, end - job, &mut bufs);
+                let run = hash_run(
+                    source,
+                    block_size,
+                    virtual_size,
+                    index,
+                    end - job,
+                    &mut bufs,
+                    visitor,
+                );
                 match run {
                     Ok(run) => done.extend((job..end).zip(run)),
                     Err(e) => {
@@ -218,7 +256,8 @@ fn normalize(offset: u64, len: u64, extents: &[Extent]) -> Vec<Extent> {
 }
 
 /// The digests of `count` blocks from block `first`: one extents query for them all, each data extent read
-/// into a buffer of `bufs`, then every block hashed from those buffers (zero extents as zeros).
+/// into a buffer of `bufs`, then every block hashed from those buffers (zero extents as zeros) and shown to the
+/// visitor, if any.
 fn hash_run<S: BlockSource + ?Sized>(
     source: &S,
     block_size: u64,
@@ -226,6 +265,7 @@ fn hash_run<S: BlockSource + ?Sized>(
     first: u64,
     count: u64,
     bufs: &mut Vec<Vec<u8>>,
+    visitor: Option<&dyn BlockVisitor>,
 ) -> Result<Vec<Digest>> {
     let failed = |at: u64, n: u64, e: io::Error| Error::SourceRead {
         source_name: source.name(),
@@ -291,25 +331,38 @@ fn hash_run<S: BlockSource + ?Sized>(
                 (first_segment + k, lo, hi)
             });
         let mut hasher: Option<Sha256> = None;
+        let mut seen: Vec<Piece<'_>> = Vec::new();
         for (k, lo, hi) in pieces {
             let segment = &segments[k];
-            match (segment.kind, &mut hasher) {
-                // Leading zeros continue from a cached state; zeros after data have to be hashed.
-                (ExtentKind::Zero, None) if hi < block_end => hasher = Some(zero_prefix_hasher(hi - lo)),
-                (ExtentKind::Zero, None) => {}
-                (ExtentKind::Zero, Some(h)) => hash_zeros(h, hi - lo),
-                (ExtentKind::Data, h) => {
-                    let buf = &bufs[slot[k]];
-                    let from = (lo - segment.offset) as usize;
-                    let to = (hi - segment.offset) as usize;
-                    h.get_or_insert_with(Sha256::new).update(&buf[from..to]);
+            if segment.kind == ExtentKind::Data {
+                let buf = &bufs[slot[k]];
+                let data = &buf[(lo - segment.offset) as usize..(hi - segment.offset) as usize];
+                hasher.get_or_insert_with(Sha256::new).update(data);
+                if visitor.is_some() {
+                    seen.push(Piece::Data(data));
                 }
+                continue;
+            }
+            match &mut hasher {
+                // Leading zeros continue from a cached state; zeros after data have to be hashed.
+                None if hi < block_end => hasher = Some(zero_prefix_hasher(hi - lo)),
+                None => {}
+                Some(h) => hash_zeros(h, hi - lo),
+            }
+            if visitor.is_some() {
+                seen.push(Piece::Zero(hi - lo));
             }
         }
-        digests.push(match hasher {
+        let digest = match hasher {
             Some(h) => h.finalize().into(),
             None => zero_digest(len),
-        });
+        };
+        if let Some(visitor) = visitor {
+            visitor
+                .block(index, offset, &digest, &seen)
+                .map_err(|e| Error::BlockVisit { index, source: e })?;
+        }
+        digests.push(digest);
     }
     bufs.truncate(KEPT_BUFFERS);
     Ok(digests)
@@ -360,6 +413,71 @@ mod tests {
             normalize(0, 10, &[ext(2, 2, Data), ext(4, 2, Data)]),
             vec![ext(0, 10, Data)]
         );
+    }
+
+    /// Reassembles every block it is shown.
+    #[derive(Default)]
+    struct Collect {
+        blocks: Mutex<std::collections::BTreeMap<u64, (u64, Digest, Vec<u8>)>>,
+        fail_at: Option<u64>,
+    }
+
+    impl BlockVisitor for Collect {
+        fn block(&self, index: u64, offset: u64, digest: &Digest, pieces: &[Piece<'_>]) -> io::Result<()> {
+            if self.fail_at == Some(index) {
+                return Err(io::Error::other("no space left"));
+            }
+            let mut bytes = Vec::new();
+            for piece in pieces {
+                match piece {
+                    Piece::Data(d) => bytes.extend_from_slice(d),
+                    Piece::Zero(n) => bytes.resize(bytes.len() + *n as usize, 0),
+                }
+            }
+            self.blocks
+                .lock()
+                .unwrap()
+                .insert(index, (offset, *digest, bytes));
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_visitor_sees_every_block_with_the_bytes_it_was_hashed_from() {
+        use crate::table::MemSource;
+        let block = 64 * 1024;
+        let data: Vec<u8> = (0..(10 * block + 1000))
+            .map(|i| (i * 7 % 251) as u8 + 1)
+            .collect();
+        let source = MemSource::with_holes(
+            data.clone(),
+            &[(0, 3000), (2 * block, 3 * block + 5), (9 * block, block)],
+        );
+        let visitor = Collect::default();
+        let visited = Table::build_visiting(&source, block, 3, &visitor).unwrap();
+        let plain = Table::build(&source, block, 1).unwrap();
+        assert!(Table::diff(&plain, &visited).unwrap().is_empty());
+        let blocks = visitor.blocks.into_inner().unwrap();
+        assert_eq!(blocks.len() as u64, visited.len());
+        let mut whole = Vec::new();
+        for (index, (offset, digest, bytes)) in &blocks {
+            assert_eq!(*offset, index * block);
+            assert_eq!(Some(digest), visited.digest(*index));
+            whole.extend_from_slice(bytes);
+        }
+        assert!(whole == source.data(), "the visited bytes are the source's");
+    }
+
+    #[test]
+    fn a_visitor_error_stops_the_build_and_names_the_block() {
+        use crate::table::MemSource;
+        let source = MemSource::new(vec![1u8; 1 << 20]);
+        let visitor = Collect {
+            fail_at: Some(5),
+            ..Collect::default()
+        };
+        let err = Table::build_visiting(&source, 64 * 1024, 2, &visitor).unwrap_err();
+        assert!(matches!(err, Error::BlockVisit { index: 5, .. }), "{err:?}");
     }
 
     #[test]

@@ -2,12 +2,16 @@
 //! after a restart, inconsistent, busy, or relative to another node). Image fleecing gives a point-in-time
 //! view of each running disk: a `blockdev-backup sync=none` job copies old data into a temporary overlay before
 //! the guest overwrites it, and reads of the overlay see the disk as it was at the transaction. qmpbak reads
-//! that view over NBD from the VM's QEMU, hashes it into a full checking table, diffs it against the base
-//! node's table, and writes only the blocks that differ into the new node's file.
+//! that view over NBD from the VM's QEMU and hashes it into a full checking table; each block whose check
+//! value differs from the base node's is written into the new node's file as soon as it is hashed, from the
+//! same buffer, by the hashing workers (several writes in flight, nothing read twice).
 
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow};
+use anyhow::{Context, Result, anyhow, bail};
+use chain::Piece;
 use serde_json::json;
 
 use super::{Copied, Run, interrupted, jobs};
@@ -19,6 +23,9 @@ use crate::tables::{NbdSource, threads};
 
 /// Marks an operation record whose run started the VM's NBD server (so cleanup stops it).
 pub const NBD_SERVER_NOTE: &str = "started the VM's NBD server";
+
+/// How often the progress display is updated while a disk is read.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// How long a fleecing job may take to stop after `job-cancel`.
 const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
@@ -135,39 +142,50 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
             socket,
         )
         .await?;
-        run.progress
-            .phase(&format!("reading disk {} and comparing checksums", t.info.id));
+        run.progress.phase(&format!(
+            "reading disk {}, comparing checksums and copying what changed",
+            t.info.id
+        ));
         let size = fleece.size();
-        let source = NbdSource::new(
-            nbd::BlockingClient::new(fleece.clone(), tokio::runtime::Handle::current()),
-            size,
-        );
+        let handle = tokio::runtime::Handle::current();
+        let source = NbdSource::new(nbd::BlockingClient::new(fleece.clone(), handle.clone()), size);
+        let visitor = std::sync::Arc::new(CopyChanged {
+            base,
+            target: nbd::BlockingClient::new(target.clone(), handle),
+            hashed: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+        });
         let block_size = run.block_size;
-        let table = tokio::task::spawn_blocking(move || chain::Table::build(&source, block_size, threads()))
-            .await
-            .context("table builder panicked")??;
-        let changed = chain::Table::diff(&base, &table)?;
-        let mut copied = 0;
-        let mut buf = vec![0u8; block_size as usize];
-        for (n, &block) in changed.iter().enumerate() {
-            let offset = block * block_size;
-            let len = block_size.min(size - offset) as usize;
-            let data = &mut buf[..len];
-            fleece.read(offset, data).await?;
-            if data.iter().all(|&b| b == 0) {
-                target.write_zeroes(offset, len as u64, false).await?;
-            } else {
-                target.write(offset, data, false).await?;
-            }
-            copied += len as u64;
-            run.progress.advance(
-                &t.info.id,
-                (n as u64 + 1) * block_size,
-                changed.len() as u64 * block_size,
+        if visitor.base.block_size() != block_size {
+            bail!(
+                "the base node's checking table of disk {} has {}-byte blocks, the repository {}-byte blocks",
+                t.info.id,
+                visitor.base.block_size(),
+                block_size
             );
         }
+        let worker = std::sync::Arc::clone(&visitor);
+        let mut build = tokio::task::spawn_blocking(move || {
+            chain::Table::build_visiting(&source, block_size, threads(), worker.as_ref())
+        });
+        let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+        let table = loop {
+            tokio::select! {
+                built = &mut build => break built.context("table builder panicked")??,
+                () = run.interrupt.wait() => {
+                    visitor.cancelled.store(true, Ordering::Relaxed);
+                    let _ = build.await;
+                    return Err(interrupted());
+                }
+                _ = ticker.tick() => {
+                    run.progress.advance(&t.info.id, visitor.hashed.load(Ordering::Relaxed), size);
+                }
+            }
+        };
         target.flush().await?;
         run.progress.finish_disk(&t.info.id);
+        let copied = visitor.copied.load(Ordering::Relaxed);
         let _ = fleece.disconnect().await;
         let _ = target.disconnect().await;
         bytes.push(copied);
@@ -196,6 +214,59 @@ async fn export(
     nbd::Client::connect_unix(socket, id, NBD_CONNECT_TIMEOUT)
         .await
         .with_context(|| format!("connecting to NBD export {id}"))
+}
+
+/// Copies each block whose check value differs from the base node's into the new node's file, from the bytes
+/// the table build just read and hashed; runs on the build's worker threads, so several writes are in flight.
+struct CopyChanged {
+    base: chain::Table,
+    target: nbd::BlockingClient,
+    /// Bytes hashed so far, for the progress display.
+    hashed: AtomicU64,
+    /// Bytes written into the new node.
+    copied: AtomicU64,
+    /// Set on an interrupt: the next block ends the build.
+    cancelled: AtomicBool,
+}
+
+impl chain::BlockVisitor for CopyChanged {
+    fn block(&self, index: u64, offset: u64, digest: &chain::Digest, pieces: &[Piece<'_>]) -> io::Result<()> {
+        let len: u64 = pieces
+            .iter()
+            .map(|p| match p {
+                Piece::Data(d) => d.len() as u64,
+                Piece::Zero(n) => *n,
+            })
+            .sum();
+        self.hashed.fetch_add(len, Ordering::Relaxed);
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
+        }
+        if self.base.digest(index) == Some(digest) {
+            return Ok(());
+        }
+        let zero = pieces.iter().all(|p| match p {
+            Piece::Data(d) => d.iter().all(|&b| b == 0),
+            Piece::Zero(_) => true,
+        });
+        let written = match pieces {
+            _ if zero => self.target.write_zeroes(offset, len, false),
+            [Piece::Data(data)] => self.target.write_at(offset, data, false),
+            _ => {
+                let mut block = Vec::with_capacity(len as usize);
+                for p in pieces {
+                    match p {
+                        Piece::Data(d) => block.extend_from_slice(d),
+                        Piece::Zero(n) => block.resize(block.len() + *n as usize, 0),
+                    }
+                }
+                self.target.write_at(offset, &block, false)
+            }
+        };
+        written.map_err(io::Error::other)?;
+        self.copied.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
 }
 
 /// Stops exports, the NBD server, and the fleecing jobs; removes the block nodes.

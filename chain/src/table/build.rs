@@ -415,10 +415,13 @@ mod tests {
         );
     }
 
+    /// A visited block: its offset, digest and bytes.
+    type Seen = (u64, Digest, Vec<u8>);
+
     /// Reassembles every block it is shown.
     #[derive(Default)]
     struct Collect {
-        blocks: Mutex<std::collections::BTreeMap<u64, (u64, Digest, Vec<u8>)>>,
+        blocks: Mutex<std::collections::BTreeMap<u64, Seen>>,
         fail_at: Option<u64>,
     }
 

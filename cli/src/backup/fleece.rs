@@ -172,7 +172,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
         let table = loop {
             tokio::select! {
-                built = &mut build => break built.context("table builder panicked")??,
+                joined = &mut build => break joined.context("table builder panicked")??,
                 () = run.interrupt.wait() => {
                     visitor.cancelled.store(true, Ordering::Relaxed);
                     let _ = build.await;

@@ -44,14 +44,35 @@ pub fn chain_files(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str)
         .map(|layers| layers.into_iter().map(|(_, p)| p).collect())
 }
 
+/// `qemu-img map --output=json` of the image `spec`; `force_share` (`-U`) reads it even where another process
+/// holds it open for writing.
+pub(crate) fn qemu_img_map(bins: &QemuBins, spec: &Value, force_share: bool) -> Result<Vec<MapEntry>> {
+    let mut cmd = Command::new(&bins.img);
+    cmd.args(["map", "--output=json"]);
+    if force_share {
+        cmd.arg("-U");
+    }
+    let out = cmd
+        .arg(format!("json:{spec}"))
+        .output()
+        .with_context(|| format!("running {}", bins.img.display()))?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img map failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).context("parsing qemu-img map output")
+}
+
 /// One entry of `qemu-img map --output=json`.
 #[derive(Debug, Deserialize)]
-struct MapEntry {
-    start: u64,
-    length: u64,
+pub(crate) struct MapEntry {
+    pub start: u64,
+    pub length: u64,
     #[serde(default)]
     depth: usize,
-    present: bool,
+    pub present: bool,
     zero: bool,
     data: bool,
     #[serde(default)]
@@ -94,21 +115,8 @@ impl DirectSource {
         let Some(top) = files.last() else {
             bail!("an empty chain has nothing to read");
         };
-        let spec = chain_spec(files);
-        let out = Command::new(&bins.img)
-            .args(["map", "--output=json"])
-            .arg(format!("json:{spec}"))
-            .output()
-            .with_context(|| format!("running {}", bins.img.display()))?;
-        if !out.status.success() {
-            bail!(
-                "qemu-img map of the chain ending in {} failed: {}",
-                top.display(),
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let entries: Vec<MapEntry> =
-            serde_json::from_slice(&out.stdout).context("parsing qemu-img map output")?;
+        let entries = qemu_img_map(bins, &chain_spec(files), false)
+            .with_context(|| format!("mapping the chain ending in {}", top.display()))?;
         let Some(map) = mapping(&entries, files.len())? else {
             return Ok(None);
         };

@@ -5,11 +5,9 @@
 
 use std::io;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::{Context, Result, bail};
-use serde::Deserialize;
 
 use chain::{Manifest, NodeId, Table, VmStore};
 
@@ -106,14 +104,6 @@ impl chain::BlockSource for NbdSource {
     }
 }
 
-/// One entry of `qemu-img map --output=json`.
-#[derive(Debug, Deserialize)]
-struct MapEntry {
-    start: u64,
-    length: u64,
-    present: bool,
-}
-
 /// The byte ranges allocated in this one qcow2 layer (data or zeroed clusters), not in its backing files.
 pub fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
     let spec = serde_json::json!({
@@ -121,20 +111,8 @@ pub fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
         "file": { "driver": "file", "filename": path },
         "backing": null,
     });
-    let out = Command::new(&bins.img)
-        .args(["map", "-U", "--output=json"])
-        .arg(format!("json:{spec}"))
-        .output()
-        .with_context(|| format!("running {}", bins.img.display()))?;
-    if !out.status.success() {
-        bail!(
-            "qemu-img map {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let entries: Vec<MapEntry> =
-        serde_json::from_slice(&out.stdout).context("parsing qemu-img map output")?;
+    let entries = crate::direct::qemu_img_map(bins, &spec, true)
+        .with_context(|| format!("mapping {}", path.display()))?;
     Ok(entries
         .into_iter()
         .filter(|e| e.present)

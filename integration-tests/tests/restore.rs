@@ -46,6 +46,12 @@ fn restore(repo: &Path, node: &str, to: &Path, extra: &[&str]) -> cli::Output {
     cli::run(&args)
 }
 
+fn verify(repo: &Path, extra: &[&str]) -> cli::Output {
+    let mut args = vec!["verify", "--repo", repo.to_str().unwrap(), "--vm", VM, "--json"];
+    args.extend_from_slice(extra);
+    cli::run(&args)
+}
+
 fn live_args(repo: &TestRepo, vm: &TestVm, node: &str, extra: &[&str]) -> Vec<String> {
     let mut args: Vec<String> = ["restore", node, "--live", "--socket"].map(String::from).to_vec();
     args.push(vm.socket().display().to_string());
@@ -291,16 +297,7 @@ async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
             .await;
         ids.push(repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned());
     }
-    let ok = cli::run(&[
-        "verify",
-        "--repo",
-        repo.path().to_str().unwrap(),
-        "--vm",
-        VM,
-        "--json",
-    ])
-    .success()
-    .json();
+    let ok = verify(&repo.path(), &[]).success().json();
     assert_eq!(ok["ok"], true, "{ok}");
 
     let guest_offset = flip_a_data_byte(&repo.node_file(VM, &ids[1], "disk0"));
@@ -485,15 +482,6 @@ async fn compressed_backups_are_hashed_through_qemu_and_restore_exactly() {
         &refs,
         &work.path().join("out"),
     );
-    let verify = cli::run(&[
-        "verify",
-        "--repo",
-        repo.path().to_str().unwrap(),
-        "--vm",
-        VM,
-        "--json",
-    ])
-    .success()
-    .json();
-    assert_eq!(verify["ok"], true, "{verify}");
+    let ok = verify(&repo.path(), &[]).success().json();
+    assert_eq!(ok["ok"], true, "{ok}");
 }

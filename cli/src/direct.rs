@@ -106,6 +106,8 @@ pub struct DirectSource {
     /// Sorted, touching, covering `[0, size)`.
     map: Vec<Mapped>,
     size: u64,
+    /// `(start, length)` of what the top layer itself allocates (data or zero clusters).
+    top_layer: Vec<(u64, u64)>,
 }
 
 impl DirectSource {
@@ -121,6 +123,11 @@ impl DirectSource {
             return Ok(None);
         };
         let size = map.last().map_or(0, |m| m.start + m.len);
+        let top_layer = entries
+            .iter()
+            .filter(|e| e.present && e.depth == 0)
+            .map(|e| (e.start, e.length))
+            .collect();
         let files = files
             .iter()
             .map(|p| {
@@ -128,7 +135,18 @@ impl DirectSource {
                 Ok((p.clone(), f))
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Some(DirectSource { files, map, size }))
+        Ok(Some(DirectSource {
+            files,
+            map,
+            size,
+            top_layer,
+        }))
+    }
+
+    /// The byte ranges the top layer itself allocates (data or zero clusters), not its backing files: what
+    /// [`crate::tables::layer_extents`] gives for the top file, read from the same map.
+    pub fn top_layer_ranges(&self) -> &[(u64, u64)] {
+        &self.top_layer
     }
 
     /// The file of the chain's top layer.

@@ -153,20 +153,20 @@ pub async fn build(
     block_size: u64,
     parent: Option<&Table>,
 ) -> Result<Table> {
+    let files = crate::direct::chain_files(vm, manifest, node, disk)?;
+    let direct = DirectSource::open(bins, &files)?;
     // An incremental's table is its parent's with the blocks its own layer touched rehashed.
     let changed = match parent {
         None => None,
         Some(parent) => {
-            let file = manifest
-                .node(node)
-                .and_then(|n| n.disks.iter().find(|d| d.disk == disk))
-                .context("node has no such disk")?;
-            let ranges = layer_extents(bins, &vm.resolve(&file.file)?)?;
+            let ranges = match &direct {
+                Some(source) => source.top_layer_ranges().to_vec(),
+                None => layer_extents(bins, files.last().context("empty recovery chain")?)?,
+            };
             Some((parent.clone(), touched_blocks(&ranges, block_size)))
         }
     };
-    let files = crate::direct::chain_files(vm, manifest, node, disk)?;
-    if let Some(source) = DirectSource::open(bins, &files)? {
+    if let Some(source) = direct {
         return hash_node(source, block_size, 0, changed).await;
     }
     let daemon = StorageDaemon::start(bins).await?;

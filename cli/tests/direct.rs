@@ -83,6 +83,12 @@ fn a_chain_reads_and_hashes_as_qemu_flattens_it() {
         .expect("an uncompressed chain is read directly");
     let expected = std::fs::read(&flat).unwrap();
     assert_eq!(direct.len(), 8 * MIB);
+    let top_alone = qmpbak::tables::layer_extents(&QemuBins::from_env(), &files[2]).unwrap();
+    assert_eq!(
+        direct.top_layer_ranges(),
+        &top_alone[..],
+        "the top layer's own ranges"
+    );
 
     let mut all = vec![0xffu8; expected.len()];
     direct.read_at(0, &mut all).unwrap();

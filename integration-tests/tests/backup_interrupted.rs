@@ -112,6 +112,7 @@ async fn killed_at_every_step_the_next_run_cleans_up_and_is_exact() {
         "backup-begun",
         "backup-jobs-started",
         "backup-copied",
+        "backup-files-synced",
         "backup-tables-written",
         "backup-completed",
     ];

@@ -77,6 +77,8 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         let path = run.vm.resolve(&fleece_file(run, t.index)?)?;
         let mut options = graph::qcow2_options(&run.qemu_name("f", t.index), &path, None, false);
         options["backing"] = json!(t.info.node_name);
+        // A scratch file, deleted after the run: its durability does not matter.
+        options["cache"] = json!({ "no-flush": true });
         qmp.execute_raw("blockdev-add", Some(options))
             .await
             .context("adding the fleecing overlay")?;

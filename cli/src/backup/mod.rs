@@ -328,6 +328,24 @@ pub async fn backup(
     })
 }
 
+/// fsyncs the new node files and the directories they are in. QEMU wrote them with `cache.no-flush` (see
+/// [`jobs`]), so until this returns they may be only in the page cache.
+fn sync_files(files: &[std::path::PathBuf]) -> Result<()> {
+    let mut dirs = HashSet::new();
+    for file in files {
+        std::fs::File::open(file)
+            .and_then(|f| f.sync_all())
+            .with_context(|| format!("fsync of the backup file {}", file.display()))?;
+        if let Some(dir) = file.parent() {
+            dirs.insert(dir.to_owned());
+        }
+    }
+    for dir in dirs {
+        chain::store::sync_dir(&dir)?;
+    }
+    Ok(())
+}
+
 /// The result of the copy phase, per target: guest bytes copied, and the node's checking table when the copy
 /// already computed it (checksum-diff).
 pub(crate) struct Copied {
@@ -430,11 +448,20 @@ impl Run<'_> {
     /// manifest write. Returns the disks' figures and the seconds spent building tables.
     async fn complete(&mut self, copied: &Copied) -> Result<(Vec<DiskReport>, f64)> {
         let started = Instant::now();
+        // The node files' writeback runs while the tables are built (they read the files from the page cache).
+        let files = self
+            .targets
+            .iter()
+            .map(|t| self.vm.resolve(&t.file))
+            .collect::<Result<Vec<_>, _>>()?;
+        let sync = tokio::task::spawn_blocking(move || sync_files(&files));
         let tables = match &copied.tables {
             Some(tables) => tables.clone(),
             None => self.build_tables().await?,
         };
         let tables_secs = started.elapsed().as_secs_f64();
+        sync.await.context("fsync task panicked")??;
+        crashpoint("backup-files-synced");
         let mut reports = Vec::new();
         for (t, table) in self.targets.iter().zip(&tables) {
             let table_path = self.vm.resolve(&t.table)?;

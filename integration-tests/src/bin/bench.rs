@@ -1029,23 +1029,33 @@ impl Bench<'_> {
             "  the same + fsync of the output",
             "s",
             fsync,
-            "qmpbak's files are synced when QEMU closes them",
+            "qmpbak fsyncs each node file before recording it",
         );
         self.report
             .add("cp_sparse", "cp --sparse=always of the image", "s", cp, "");
 
-        // QEMU's backup job by itself (what qmpbak's copy phase waits for), with and without copy offloading.
-        for (key, label, perf) in [
-            ("backup_job", "QEMU blockdev-backup job alone", None),
+        // QEMU's backup job by itself (what qmpbak's copy phase waits for): with QEMU's default target cache,
+        // with the target opened as qmpbak opens it (no flushes), and without copy offloading.
+        let no_flush = json!({ "no-flush": true });
+        for (key, label, cache, perf) in [
+            ("backup_job", "QEMU blockdev-backup job alone", None, None),
+            (
+                "backup_job_no_flush",
+                "  the same, target cache.no-flush (as qmpbak)",
+                Some(no_flush.clone()),
+                None,
+            ),
             (
                 "backup_job_no_copy_range",
-                "  the same with x-perf use-copy-range=false",
+                "  the same, no-flush, x-perf use-copy-range=false",
+                Some(no_flush.clone()),
                 Some(json!({ "use-copy-range": false })),
             ),
         ] {
             let mut times = Vec::new();
             for r in 0..runs {
-                times.push(backup_job(vm, &self.work.join(format!("job-{r}.qcow2")), perf.clone()).await);
+                let target = self.work.join(format!("job-{r}.qcow2"));
+                times.push(backup_job(vm, &target, cache.clone(), perf.clone()).await);
             }
             self.report.add(
                 key,
@@ -1566,20 +1576,21 @@ impl Bench<'_> {
 
 /// Runs one `blockdev-backup sync=full` of the VM's disk into a new qcow2 at `target` through the fixture's QMP
 /// connection, with `x-perf` options if given; returns the seconds from starting the job until it concluded.
-async fn backup_job(vm: &TestVm, target: &Path, perf: Option<Value>) -> f64 {
+async fn backup_job(vm: &TestVm, target: &Path, cache: Option<Value>, perf: Option<Value>) -> f64 {
     let qmp = vm.qmp();
     let size = vm.disks()[0].size;
     integration_tests::image::create_qcow2(target, size);
     settle();
-    qmp.execute_raw(
-        "blockdev-add",
-        Some(json!({
-            "driver": "qcow2", "node-name": "bench-target",
-            "file": { "driver": "file", "filename": target },
-        })),
-    )
-    .await
-    .expect("blockdev-add the job target");
+    let mut options = json!({
+        "driver": "qcow2", "node-name": "bench-target",
+        "file": { "driver": "file", "filename": target },
+    });
+    if let Some(cache) = cache {
+        options["cache"] = cache;
+    }
+    qmp.execute_raw("blockdev-add", Some(options))
+        .await
+        .expect("blockdev-add the job target");
     let mut args = json!({
         "job-id": "bench-job", "device": vm.disks()[0].node_name(), "target": "bench-target",
         "sync": "full", "auto-dismiss": false,

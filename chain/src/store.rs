@@ -83,6 +83,23 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(Error::io("fsync directory", dir))
 }
 
+/// fsyncs files another program wrote (QEMU, `qemu-img`), then each directory they are in, so that both
+/// their data and their names are durable. Used before a record names the files as complete.
+pub fn sync_files<P: AsRef<Path>>(files: &[P]) -> Result<()> {
+    let mut dirs: Vec<&Path> = Vec::new();
+    for file in files {
+        let file = file.as_ref();
+        File::open(file)
+            .and_then(|f| f.sync_all())
+            .map_err(Error::io("fsync", file))?;
+        let dir = parent_dir(file);
+        if !dirs.contains(&dir) {
+            dirs.push(dir);
+        }
+    }
+    dirs.into_iter().try_for_each(sync_dir)
+}
+
 /// Creates a directory with mode 0700 (the parent must exist); an existing directory is fine.
 pub fn create_private_dir(dir: &Path) -> Result<()> {
     match DirBuilder::new().mode(DIR_MODE).create(dir) {
@@ -235,6 +252,21 @@ mod tests {
         assert_eq!(mode, FILE_MODE);
         // No temporary file is left behind.
         assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn sync_files_names_a_missing_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let here = dir.path().join("here");
+        fs::write(&here, b"data").unwrap();
+        sync_files(&[&here, &here]).unwrap();
+        let gone = dir.path().join("gone");
+        let err = sync_files(&[&here, &gone]).unwrap_err();
+        assert!(
+            matches!(&err, Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound),
+            "{err}"
+        );
+        assert!(err.to_string().contains("gone"), "{err}");
     }
 
     #[test]

@@ -178,7 +178,7 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
         });
         report.added_bytes += i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(0);
     }
-    sync_dir(&vm.node_dir(&node.id))?;
+    chain::store::sync_dir(&vm.node_dir(&node.id))?;
 
     let was = node.kind;
     let updated = manifest
@@ -331,11 +331,4 @@ async fn flatten(
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", temp.display()))?;
     Ok(())
-}
-
-/// Makes renames in `dir` durable.
-fn sync_dir(dir: &Path) -> Result<()> {
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))
 }

@@ -328,24 +328,6 @@ pub async fn backup(
     })
 }
 
-/// fsyncs the new node files and the directories they are in. QEMU wrote them with `cache.no-flush` (see
-/// [`jobs`]), so until this returns they may be only in the page cache.
-fn sync_files(files: &[std::path::PathBuf]) -> Result<()> {
-    let mut dirs = HashSet::new();
-    for file in files {
-        std::fs::File::open(file)
-            .and_then(|f| f.sync_all())
-            .with_context(|| format!("fsync of the backup file {}", file.display()))?;
-        if let Some(dir) = file.parent() {
-            dirs.insert(dir.to_owned());
-        }
-    }
-    for dir in dirs {
-        chain::store::sync_dir(&dir)?;
-    }
-    Ok(())
-}
-
 /// The result of the copy phase, per target: guest bytes copied, and the node's checking table when the copy
 /// already computed it (checksum-diff).
 pub(crate) struct Copied {
@@ -454,7 +436,8 @@ impl Run<'_> {
             .iter()
             .map(|t| self.vm.resolve(&t.file))
             .collect::<Result<Vec<_>, _>>()?;
-        let sync = tokio::task::spawn_blocking(move || sync_files(&files));
+        // QEMU wrote them with `cache.no-flush` (see [`jobs`]): until this is done they may be only in memory.
+        let sync = tokio::task::spawn_blocking(move || chain::store::sync_files(&files));
         let tables = match &copied.tables {
             Some(tables) => tables.clone(),
             None => self.build_tables().await?,

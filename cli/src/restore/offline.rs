@@ -180,7 +180,7 @@ fn output_paths(to: &Path, disks: &[String], format: Format) -> Result<Vec<PathB
 /// Copies one disk and checks it; returns the blocks that do not match the node's table. `qemu-img convert`
 /// copies the recovery chain into the new image while the same chain is hashed beside it
 /// ([`crate::tables::build`]): every byte the copy reads is checked, and the wall time is that of the longer
-/// of the two rather than their sum.
+/// of the two rather than their sum. The image is fsynced before this returns.
 #[allow(clippy::too_many_arguments)]
 async fn restore_disk(
     bins: &QemuBins,
@@ -196,7 +196,15 @@ async fn restore_disk(
     create_image(bins, path, size, format)?;
     let files = crate::direct::chain_files(vm, manifest, &node.id, disk)?;
     let hash = crate::tables::build(bins, vm, manifest, &node.id, disk, expected.block_size(), None);
-    let copy = convert(bins, &files, path, format);
+    let copy = async {
+        convert(bins, &files, path, format).await?;
+        // `qemu-img convert` writes with cache=unsafe: the image is synced while the hash finishes.
+        let out = path.to_owned();
+        tokio::task::spawn_blocking(move || chain::store::sync_files(&[out]))
+            .await
+            .context("fsync task panicked")??;
+        Ok::<_, anyhow::Error>(())
+    };
     let (actual, ()) = tokio::try_join!(hash, copy)?;
     Ok(Table::diff(&expected, &actual)?)
 }

@@ -57,6 +57,13 @@ impl Output {
         self
     }
 
+    /// Panics with the whole output unless the run failed and said it died at crash point `point` (see
+    /// [`run_crashing_at`]).
+    #[track_caller]
+    pub fn assert_crashed_at(&self, point: &str) {
+        assert!(!self.status.success() && self.stderr.contains(point), "{self:?}");
+    }
+
     /// Parses stdout as JSON (for `--json` runs).
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
@@ -79,10 +86,29 @@ pub fn command(args: &[&str]) -> Command {
     cmd
 }
 
+/// [`command`] for arguments built as owned strings.
+pub fn command_owned(args: &[String]) -> Command {
+    command(&args.iter().map(String::as_str).collect::<Vec<_>>())
+}
+
 /// Runs `qmpbak ARGS` to completion within [`CLI_TIMEOUT`].
 pub fn run(args: &[&str]) -> Output {
     let child = command(args).spawn().expect("spawn qmpbak");
     wait(child, CLI_TIMEOUT)
+}
+
+/// [`run`] for arguments built as owned strings.
+pub fn run_owned(args: &[String]) -> Output {
+    let child = command_owned(args).spawn().expect("spawn qmpbak");
+    wait(child, CLI_TIMEOUT)
+}
+
+/// Runs `qmpbak ARGS` with `QMPBAK_CRASH_AT=POINT`, the test hook that makes it abort at that crash point, and
+/// collects its output within `timeout` (see [`Output::assert_crashed_at`]).
+pub fn run_crashing_at(args: &[String], point: &str, timeout: Duration) -> Output {
+    let mut cmd = command_owned(args);
+    cmd.env("QMPBAK_CRASH_AT", point);
+    wait(cmd.spawn().expect("spawn qmpbak"), timeout)
 }
 
 /// Waits for a started `qmpbak` within `timeout` (killing it past that) and collects its output.

@@ -53,33 +53,73 @@ impl TestRepo {
         self.vm_dir(vm).join(node).join(format!("{disk}.qcow2"))
     }
 
-    /// Arguments for `qmpbak backup` of `vm` into this repository, plus `extra`.
-    pub fn backup_args(&self, vm: &TestVm, name: &str, extra: &[&str]) -> Vec<String> {
-        let mut args: Vec<String> = vec![
-            "backup".into(),
-            "--socket".into(),
-            vm.socket().display().to_string(),
+    /// Arguments `ARGS --repo <this repository> --vm VM`, for a command on one VM's store in this repository.
+    pub fn vm_args(&self, vm: &str, args: &[&str]) -> Vec<String> {
+        let mut all: Vec<String> = args.iter().map(|s| (*s).to_owned()).collect();
+        all.extend([
             "--repo".into(),
             self.path().display().to_string(),
             "--vm".into(),
-            name.into(),
-            "--json".into(),
-        ];
+            vm.into(),
+        ]);
+        all
+    }
+
+    /// Runs `qmpbak ARGS --repo <this repository> --vm VM` and returns its output (not asserting success).
+    pub fn run(&self, vm: &str, args: &[&str]) -> Output {
+        cli::run_owned(&self.vm_args(vm, args))
+    }
+
+    /// Arguments `ARGS --socket SOCKET --repo <this repository> --vm VM --json`, for a command on the running
+    /// QEMU behind QMP socket `socket` (a [`TestVm`]'s or a [`TestGuest`](crate::guest::TestGuest)'s) and VM
+    /// `vm`'s store in this repository.
+    pub fn socket_args(&self, socket: &Path, vm: &str, args: &[&str]) -> Vec<String> {
+        let socket = socket.display().to_string();
+        let mut all = self.vm_args(vm, &[args, &["--socket", &socket]].concat());
+        all.push("--json".into());
+        all
+    }
+
+    /// Arguments for `qmpbak backup` of `vm` into this repository, plus `extra`.
+    pub fn backup_args(&self, vm: &TestVm, name: &str, extra: &[&str]) -> Vec<String> {
+        self.socket_backup_args(&vm.socket(), name, extra)
+    }
+
+    /// Arguments for `qmpbak backup --json` of the QEMU behind QMP socket `socket` into this repository as VM
+    /// `name`, plus `extra`.
+    pub fn socket_backup_args(&self, socket: &Path, name: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = self.socket_args(socket, name, &["backup"]);
         args.extend(extra.iter().map(|s| (*s).to_owned()));
         args
     }
 
     /// Runs `qmpbak backup --json` and returns its output (not asserting success).
     pub fn try_backup(&self, vm: &TestVm, name: &str, extra: &[&str]) -> Output {
-        let args = self.backup_args(vm, name, extra);
-        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-        cli::run(&refs)
+        cli::run_owned(&self.backup_args(vm, name, extra))
     }
 
     /// Runs a successful `qmpbak backup --json` and returns its JSON report.
     #[track_caller]
     pub fn backup(&self, vm: &TestVm, name: &str, extra: &[&str]) -> serde_json::Value {
         self.try_backup(vm, name, extra).success().json()
+    }
+
+    /// Runs a successful `qmpbak backup --json` and returns the id of the node it made.
+    #[track_caller]
+    pub fn backup_node(&self, vm: &TestVm, name: &str, extra: &[&str]) -> String {
+        let report = self.backup(vm, name, extra);
+        report["node"]
+            .as_str()
+            .unwrap_or_else(|| panic!("backup report without a node: {report}"))
+            .to_owned()
+    }
+
+    /// Arguments for `qmpbak restore NODE --live --json` of VM `vm`'s node `node` from this repository into the
+    /// paused QEMU behind QMP socket `socket`, plus `extra`.
+    pub fn live_restore_args(&self, socket: &Path, vm: &str, node: &str, extra: &[&str]) -> Vec<String> {
+        let mut args = self.socket_args(socket, vm, &["restore", node, "--live"]);
+        args.extend(extra.iter().map(|s| (*s).to_owned()));
+        args
     }
 }
 

@@ -15,3 +15,10 @@ pub const PROCESS_EXIT_TIMEOUT: Duration = Duration::from_secs(15);
 pub const CLI_TIMEOUT: Duration = Duration::from_secs(300);
 /// One `qemu-img` run on a test image.
 pub const QEMU_IMG_TIMEOUT: Duration = Duration::from_secs(120);
+/// A `qmpbak` run told to abort at a crash point (`QMPBAK_CRASH_AT`), until it has.
+pub const CLI_CRASH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Connecting an NBD client to an export qmpbak or QEMU serves.
+pub const NBD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Something that must happen at once (a waiter woken when QEMU dies, a second run refused by a lock): the
+/// bound is also what the test asserts.
+pub const PROMPT_TIMEOUT: Duration = Duration::from_secs(10);

@@ -106,13 +106,23 @@ impl TestVm {
         TestVmBuilder::default()
     }
 
-    /// A running VM with the given `(qdev id, size)` disks.
-    pub async fn start(disks: &[(&str, u64)]) -> TestVm {
+    /// A builder with the given `(qdev id, size)` disks.
+    fn with_disks(disks: &[(&str, u64)]) -> TestVmBuilder {
         let mut builder = TestVm::builder();
         for (id, size) in disks {
             builder = builder.disk(id, *size);
         }
-        builder.start().await
+        builder
+    }
+
+    /// A running VM with the given `(qdev id, size)` disks.
+    pub async fn start(disks: &[(&str, u64)]) -> TestVm {
+        TestVm::with_disks(disks).start().await
+    }
+
+    /// A VM with the given `(qdev id, size)` disks, blank and paused (`-S`): a target for a live restore.
+    pub async fn start_paused(disks: &[(&str, u64)]) -> TestVm {
+        TestVm::with_disks(disks).paused().start().await
     }
 
     async fn launch(config: TestVmBuilder, dir: TempDir) -> TestVm {
@@ -287,6 +297,18 @@ impl TestVm {
         if was_running {
             self.qmp().execute_raw("cont", None).await.expect("cont");
         }
+    }
+
+    /// Captures references of disks `ids`, one after the other, into `dir` as `ref-<label>-<id>.qcow2` (see
+    /// [`TestVm::capture_reference`]); returns their paths in the order of `ids`.
+    pub async fn capture_references(&self, ids: &[&str], dir: &Path, label: &str) -> Vec<PathBuf> {
+        let mut refs = Vec::new();
+        for id in ids {
+            let path = dir.join(format!("ref-{label}-{id}.qcow2"));
+            self.capture_reference(id, &path).await;
+            refs.push(path);
+        }
+        refs
     }
 
     /// The image file on top of disk `id`'s graph right now (after a snapshot, the overlay).

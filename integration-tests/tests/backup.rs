@@ -4,30 +4,26 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
 use integration_tests::{MIB, TestVm, image};
 
 const VM: &str = "vm1";
+const DISKS: [&str; 2] = ["disk0", "disk1"];
 
 async fn two_disk_vm() -> TestVm {
     TestVm::start(&[("disk0", 32 * MIB), ("disk1", 16 * MIB)]).await
 }
 
 /// Captures references of both disks into `dir` under `label`.
-async fn capture(vm: &TestVm, dir: &std::path::Path, label: &str) -> Vec<(String, PathBuf)> {
-    let mut refs = Vec::new();
-    for disk in ["disk0", "disk1"] {
-        let path = dir.join(format!("ref-{label}-{disk}.qcow2"));
-        vm.capture_reference(disk, &path).await;
-        refs.push((disk.to_owned(), path));
-    }
-    refs
+async fn capture(vm: &TestVm, dir: &Path, label: &str) -> Vec<PathBuf> {
+    vm.capture_references(&DISKS, dir, label).await
 }
 
-fn assert_node_equals(repo: &TestRepo, node: &str, refs: &[(String, PathBuf)]) {
-    for (disk, reference) in refs {
+/// `refs` holds the references of [`DISKS`], in that order.
+fn assert_node_equals(repo: &TestRepo, node: &str, refs: &[PathBuf]) {
+    for (disk, reference) in DISKS.iter().zip(refs) {
         image::assert_same(reference, &repo.node_file(VM, node, disk));
     }
 }

@@ -4,11 +4,9 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use integration_tests::cli;
 use integration_tests::repo::{TestRepo, any_file_named, assert_no_leftovers, expected_bitmaps};
-use integration_tests::timeouts::BLOCK_JOB_TIMEOUT;
+use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_CRASH_TIMEOUT, CLI_TIMEOUT, PROMPT_TIMEOUT};
 use integration_tests::{MIB, TestVm, image};
 use qmp::EventFilter;
 
@@ -43,7 +41,7 @@ async fn writes_during_a_throttled_backup_do_not_reach_it() {
     wait_job_running(&mut events).await;
     // While the job copies at 2 MiB/s, the guest overwrites all of it.
     vm.write_pattern("disk0", 0xee, 0, 16 * MIB).await;
-    let out = cli::wait(child, Duration::from_secs(120)).success();
+    let out = cli::wait(child, CLI_TIMEOUT).success();
     let node = out.json()["node"].as_str().unwrap().to_owned();
     image::assert_same(&reference, &repo.node_file(VM, &node, "disk0"));
 }
@@ -69,7 +67,7 @@ async fn sigint_cancels_and_cleans_up_and_the_next_backup_is_exact() {
         nix::sys::signal::Signal::SIGINT,
     )
     .unwrap();
-    let out = cli::wait(child, Duration::from_secs(60));
+    let out = cli::wait(child, CLI_CRASH_TIMEOUT);
     assert_eq!(out.code(), Some(130), "{out:?}");
     assert!(out.stderr.contains("interrupted"), "{}", out.stderr);
     assert!(vm.running().await, "the VM keeps running");
@@ -124,7 +122,7 @@ async fn killed_at_every_step_the_next_run_cleans_up_and_is_exact() {
         let args = repo.backup_args(&vm, VM, &[]);
         let mut cmd = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>());
         cmd.env("QMPBAK_CRASH_AT", point);
-        let out = cli::wait(cmd.spawn().unwrap(), Duration::from_secs(120));
+        let out = cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT);
         assert!(
             !out.status.success(),
             "{point}: the run should have died: {out:?}"
@@ -185,15 +183,12 @@ async fn a_second_backup_of_the_same_vm_fails_at_once_with_the_lock_error() {
     wait_job_running(&mut events).await;
     let started = std::time::Instant::now();
     let second = repo.try_backup(&vm, VM, &[]);
-    assert!(
-        started.elapsed() < Duration::from_secs(10),
-        "the second run must not wait"
-    );
+    assert!(started.elapsed() < PROMPT_TIMEOUT, "the second run must not wait");
     assert_eq!(second.code(), Some(4), "{second:?}");
     assert!(
         second.stderr.contains(&first.id().to_string()),
         "names the holder's pid: {}",
         second.stderr
     );
-    cli::wait(first, Duration::from_secs(120)).success();
+    cli::wait(first, CLI_TIMEOUT).success();
 }

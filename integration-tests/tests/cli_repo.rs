@@ -43,12 +43,7 @@ async fn list_draws_the_tree_and_show_gives_the_recovery_chain() {
         } else {
             vec!["--tag", tag]
         };
-        ids.push(
-            repo.backup(&vm, "vm1", &extra)["node"]
-                .as_str()
-                .unwrap()
-                .to_owned(),
-        );
+        ids.push(repo.backup_node(&vm, "vm1", &extra));
     }
     let vm_dir = repo.vm_dir("vm1");
 
@@ -79,45 +74,18 @@ async fn list_draws_the_tree_and_show_gives_the_recovery_chain() {
     assert_eq!(vms[0]["vm"], "vm1");
     assert_eq!(vms[0]["nodes"], 3);
 
-    let repo_arg = repo.path();
-    let show = cli::run(&[
-        "show",
-        "0003",
-        "--repo",
-        repo_arg.to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--json",
-    ])
-    .success()
-    .json();
+    let show = repo.run("vm1", &["show", "0003", "--json"]).success().json();
     assert_eq!(
         show["recovery_chain"],
         serde_json::json!(["0001", "0002", "0003"])
     );
     assert_eq!(show["current"], true);
-    let by_tag = cli::run(&[
-        "show",
-        "base",
-        "--repo",
-        repo_arg.to_str().unwrap(),
-        "--vm",
-        "vm1",
-    ])
-    .success()
-    .stdout;
+    let by_tag = repo.run("vm1", &["show", "base"]).success().stdout;
     assert!(
         by_tag.contains("0001") && by_tag.contains("recovery chain: 0001"),
         "{by_tag}"
     );
-    let miss = cli::run(&[
-        "show",
-        "bsae",
-        "--repo",
-        repo_arg.to_str().unwrap(),
-        "--vm",
-        "vm1",
-    ]);
+    let miss = repo.run("vm1", &["show", "bsae"]);
     assert_eq!(miss.code(), Some(2), "{miss:?}");
     assert!(
         miss.stderr.contains("did you mean") && miss.stderr.contains("base"),

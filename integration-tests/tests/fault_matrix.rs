@@ -8,10 +8,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
-use integration_tests::timeouts::BLOCK_JOB_TIMEOUT;
+use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
 use qmp::EventFilter;
 
@@ -186,11 +185,11 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
         }
         Fault::TargetWriteError => {
             let child = spawn_backup(&repo, &vm, &[], Some(("QMPBAK_INJECT_TARGET_EIO", "1")));
-            cli::wait(child, Duration::from_secs(120))
+            cli::wait(child, CLI_TIMEOUT)
         }
         Fault::KillQmpbak(point) => {
             let child = spawn_backup(&repo, &vm, &[], Some(("QMPBAK_CRASH_AT", point)));
-            cli::wait(child, Duration::from_secs(120))
+            cli::wait(child, CLI_TIMEOUT)
         }
         Fault::KillQemu | Fault::QemuQuits | Fault::Sigint | Fault::SecondQmpbak => {
             let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
@@ -208,11 +207,11 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
                 }
                 _ => {
                     let second = repo.try_backup(&vm, VM, &[]);
-                    cli::wait(child, Duration::from_secs(120)).success();
+                    cli::wait(child, CLI_TIMEOUT).success();
                     return check(cell, &second, vm, &repo, work, &full_id, &chain_id).await;
                 }
             }
-            cli::wait(child, Duration::from_secs(120))
+            cli::wait(child, CLI_TIMEOUT)
         }
         Fault::StaleLock => {
             let holder = serde_json::json!({"pid": 999_999, "command": "backup", "host": "elsewhere",

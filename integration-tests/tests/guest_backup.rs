@@ -5,48 +5,25 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use integration_tests::guest::{self, GuestMode, TestGuest};
 use integration_tests::repo::TestRepo;
+use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, cli};
 
 const DISK: &str = "disk0";
 const VM: &str = "guest";
 
-fn args_for(repo: &TestRepo, guest: &TestGuest, extra: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = ["backup", "--socket"].map(String::from).to_vec();
-    a.push(guest.socket().display().to_string());
-    a.extend([
-        "--repo".into(),
-        repo.path().display().to_string(),
-        "--vm".into(),
-        VM.into(),
-        "--json".into(),
-    ]);
-    a.extend(extra.iter().map(|s| (*s).to_owned()));
-    a
+fn try_backup(repo: &TestRepo, guest: &TestGuest, extra: &[&str]) -> cli::Output {
+    cli::run_owned(&repo.socket_backup_args(&guest.socket(), VM, extra))
 }
 
 fn backup(repo: &TestRepo, guest: &TestGuest, extra: &[&str]) -> serde_json::Value {
-    let a = args_for(repo, guest, extra);
-    cli::run(&a.iter().map(String::as_str).collect::<Vec<_>>())
-        .success()
-        .json()
+    try_backup(repo, guest, extra).success().json()
 }
 
 fn restore(repo: &TestRepo, node: &str, to: &std::path::Path) {
-    cli::run(&[
-        "restore",
-        node,
-        "--repo",
-        repo.path().to_str().unwrap(),
-        "--vm",
-        VM,
-        "--to",
-        to.to_str().unwrap(),
-    ])
-    .success();
+    repo.run(VM, &["restore", node, "--to", to.to_str().unwrap()])
+        .success();
 }
 
 #[tokio::test]
@@ -120,8 +97,7 @@ async fn quiesced_backups_give_a_clean_filesystem_and_a_failing_one_still_thaws(
         )
         .await
         .unwrap();
-    let a = args_for(&repo, &guest, &["--quiesce", "--qga", qga.to_str().unwrap()]);
-    let failed = cli::run(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    let failed = try_backup(&repo, &guest, &["--quiesce", "--qga", qga.to_str().unwrap()]);
     assert_eq!(failed.code(), Some(5), "{failed:?}");
     let mut agent = guest.qga().await;
     assert_eq!(agent.execute("guest-fsfreeze-status", None).await, "thawed");
@@ -144,20 +120,9 @@ async fn a_live_restore_boots_the_guest_while_streaming_and_its_verify_passes() 
         .arg("-S")
         .start()
         .await;
-    let mut a: Vec<String> = ["restore", &node, "--live", "--socket"]
-        .map(String::from)
-        .to_vec();
-    a.push(target.socket().display().to_string());
-    a.extend([
-        "--repo".into(),
-        repo.path().display().to_string(),
-        "--vm".into(),
-        VM.into(),
-    ]);
-    a.extend(["--speed-limit".into(), (8 * MIB).to_string(), "--json".into()]);
-    let child = cli::command(&a.iter().map(String::as_str).collect::<Vec<_>>())
-        .spawn()
-        .unwrap();
+    let speed_limit = (8 * MIB).to_string();
+    let a = repo.live_restore_args(&target.socket(), VM, &node, &["--speed-limit", &speed_limit]);
+    let child = cli::command_owned(&a).spawn().unwrap();
     // The guest boots from the restored node while its data streams in, and verifies every file.
     let verdict_line = target
         .wait_for_line(guest::line::VERIFY, guest::GUEST_VERIFY_TIMEOUT)
@@ -165,7 +130,7 @@ async fn a_live_restore_boots_the_guest_while_streaming_and_its_verify_passes() 
     assert!(verdict_line.contains("OK"), "{verdict_line}");
     // The verify guest powers off when it is done, which may be before streaming ends: then qmpbak reports that
     // QEMU went away; otherwise it finished streaming.
-    let out = cli::wait(child, Duration::from_secs(300));
+    let out = cli::wait(child, CLI_TIMEOUT);
     if out.status.success() {
         let report = out.json();
         assert!(report["running_after_secs"].as_f64().unwrap() < report["duration_secs"].as_f64().unwrap());

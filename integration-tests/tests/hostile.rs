@@ -23,24 +23,14 @@ async fn paths_with_shell_and_qemu_metacharacters_are_only_ever_data() {
     vm.write_pattern("disk0", 0xa5, MIB, MIB).await;
     let reference = dir.path().join("ref.qcow2");
     vm.capture_reference("disk0", &reference).await;
-    let inc = repo.backup(&vm, "vm1", &[]);
-    let node = inc["node"].as_str().unwrap();
-    image::assert_same(&reference, &repo.node_file("vm1", node, "disk0"));
+    let node = repo.backup_node(&vm, "vm1", &[]);
+    image::assert_same(&reference, &repo.node_file("vm1", &node, "disk0"));
     let out = dir.path().join("out, \"restored\" $x");
-    cli::run(&[
-        "restore",
-        node,
-        "--repo",
-        repo.path().to_str().unwrap(),
-        "--vm",
-        "vm1",
-        "--to",
-        out.to_str().unwrap(),
-    ])
-    .success();
+    repo.run("vm1", &["restore", &node, "--to", out.to_str().unwrap()])
+        .success();
     // One disk and a path that is not a directory: the path is the image itself.
     image::assert_same(&reference, &out);
-    cli::run(&["verify", "--repo", repo.path().to_str().unwrap(), "--vm", "vm1"]).success();
+    repo.run("vm1", &["verify"]).success();
 }
 
 fn walk(dir: &Path, out: &mut Vec<(std::path::PathBuf, u32, bool)>) {

@@ -4,9 +4,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::time::Duration;
-
 use integration_tests::repo::TestRepo;
+use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
 
 #[tokio::test]
@@ -39,7 +38,7 @@ async fn four_vms_backed_up_at_once_into_one_repository_are_each_exact() {
             children.push((i, child, reference));
         }
         for (i, child, reference) in children {
-            let out = cli::wait(child, Duration::from_secs(120)).success().json();
+            let out = cli::wait(child, CLI_TIMEOUT).success().json();
             let node = out["node"].as_str().unwrap();
             image::assert_same(&reference, &repo.node_file(&format!("vm{i}"), node, "disk0"));
         }

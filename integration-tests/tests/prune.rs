@@ -11,6 +11,7 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use integration_tests::repo::TestRepo;
+use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "vm1";
@@ -24,16 +25,6 @@ fn sizes() -> [(&'static str, u64); 2] {
 struct Point {
     node: String,
     refs: Vec<PathBuf>,
-}
-
-async fn capture(vm: &TestVm, dir: &Path, label: &str) -> Vec<PathBuf> {
-    let mut refs = Vec::new();
-    for disk in DISKS {
-        let path = dir.join(format!("ref-{label}-{disk}.qcow2"));
-        vm.capture_reference(disk, &path).await;
-        refs.push(path);
-    }
-    refs
 }
 
 /// Writes something different for round `i`: new data, overwrites of older data, and now and then zeroes over
@@ -52,6 +43,17 @@ async fn change(vm: &TestVm, i: u8) {
     }
 }
 
+/// Captures references of `vm`'s disks into `work` as `label`, then backs it up: the report and the new point.
+async fn backup_point(repo: &TestRepo, vm: &TestVm, work: &Path, label: &str) -> (serde_json::Value, Point) {
+    let refs = vm.capture_references(&DISKS, work, label).await;
+    let report = repo.backup(vm, VM, &[]);
+    let point = Point {
+        node: report["node"].as_str().unwrap().to_owned(),
+        refs,
+    };
+    (report, point)
+}
+
 /// A full and `n - 1` incrementals of `vm`, each with references.
 async fn backups(repo: &TestRepo, vm: &TestVm, work: &Path, n: u8, label: &str) -> Vec<Point> {
     let mut points = Vec::new();
@@ -62,43 +64,25 @@ async fn backups(repo: &TestRepo, vm: &TestVm, work: &Path, n: u8, label: &str) 
         } else {
             change(vm, i).await;
         }
-        let refs = capture(vm, work, &format!("{label}{i}")).await;
-        let report = repo.backup(vm, VM, &[]);
-        points.push(Point {
-            node: report["node"].as_str().unwrap().to_owned(),
-            refs,
-        });
+        points.push(backup_point(repo, vm, work, &format!("{label}{i}")).await.1);
     }
     points
 }
 
-fn repo_args<'a>(repo: &'a str, mut args: Vec<&'a str>) -> Vec<&'a str> {
-    args.extend(["--repo", repo, "--vm", VM]);
-    args
-}
-
 fn prune(repo: &TestRepo, extra: &[&str]) -> cli::Output {
-    let path = repo.path().display().to_string();
-    let mut args = repo_args(&path, vec!["prune", "--json"]);
-    args.extend_from_slice(extra);
-    cli::run(&args)
+    repo.run(VM, &[&["prune", "--json"], extra].concat())
 }
 
 fn merge(repo: &TestRepo, node: &str) -> cli::Output {
-    let path = repo.path().display().to_string();
-    cli::run(&repo_args(&path, vec!["merge", node, "--json"]))
+    repo.run(VM, &["merge", node, "--json"])
 }
 
 #[track_caller]
 fn assert_restores_exactly(repo: &TestRepo, point: &Point, out: &Path) {
     let dir = out.join(&point.node);
-    let path = repo.path().display().to_string();
     let to = dir.display().to_string();
-    cli::run(&repo_args(
-        &path,
-        vec!["restore", &point.node, "--to", &to, "--json"],
-    ))
-    .success();
+    repo.run(VM, &["restore", &point.node, "--to", &to, "--json"])
+        .success();
     for (disk, reference) in DISKS.iter().zip(&point.refs) {
         image::assert_same(reference, &dir.join(format!("{disk}.qcow2")));
     }
@@ -107,10 +91,7 @@ fn assert_restores_exactly(repo: &TestRepo, point: &Point, out: &Path) {
 
 #[track_caller]
 fn assert_verifies(repo: &TestRepo) {
-    let path = repo.path().display().to_string();
-    let report = cli::run(&repo_args(&path, vec!["verify", "--json"]))
-        .success()
-        .json();
+    let report = repo.run(VM, &["verify", "--json"]).success().json();
     assert_eq!(report["ok"], true, "{report}");
 }
 
@@ -232,15 +213,10 @@ async fn keep_last_three_of_eight_merges_the_rest_away_and_what_stays_restores_e
 
     // The VM's bitmaps count from the current node, which stayed: the next backup is a bitmap incremental.
     change(&vm, 9).await;
-    let refs = capture(&vm, work.path(), "after").await;
-    let next = repo.backup(&vm, VM, &[]);
-    assert_eq!(next["level"], "incremental", "{next}");
-    assert_eq!(next["method"], "bitmap", "{next}");
-    assert_eq!(next["parent"], serde_json::json!(all[7]));
-    let next = Point {
-        node: next["node"].as_str().unwrap().to_owned(),
-        refs,
-    };
+    let (report, next) = backup_point(&repo, &vm, work.path(), "after").await;
+    assert_eq!(report["level"], "incremental", "{report}");
+    assert_eq!(report["method"], "bitmap", "{report}");
+    assert_eq!(report["parent"], serde_json::json!(all[7]));
     assert_restores_exactly(&repo, &next, &out);
 
     // Pruning again with the same policy has nothing more to do than the new backup asks.
@@ -259,34 +235,11 @@ async fn a_tree_with_two_branches_keeps_the_newest_of_each_and_merges_the_shared
     let mut points = backups(&repo, &vm1, work.path(), 3, "a").await;
     drop(vm1);
     // A second branch from the middle node, restored live into a new VM that then changes.
-    let vm2 = TestVm::builder()
-        .disk("disk0", 32 * MIB)
-        .disk("disk1", 16 * MIB)
-        .paused()
-        .start()
-        .await;
-    let socket = vm2.socket().display().to_string();
-    let path = repo.path().display().to_string();
-    cli::run(&repo_args(
-        &path,
-        vec![
-            "restore",
-            &points[1].node,
-            "--live",
-            "--socket",
-            &socket,
-            "--json",
-        ],
-    ))
-    .success();
+    let vm2 = TestVm::start_paused(&sizes()).await;
+    cli::run_owned(&repo.live_restore_args(&vm2.socket(), VM, &points[1].node, &[])).success();
     for i in 0..2u8 {
         change(&vm2, 20 + i).await;
-        let refs = capture(&vm2, work.path(), &format!("b{i}")).await;
-        let report = repo.backup(&vm2, VM, &[]);
-        points.push(Point {
-            node: report["node"].as_str().unwrap().to_owned(),
-            refs,
-        });
+        points.push(backup_point(&repo, &vm2, work.path(), &format!("b{i}")).await.1);
     }
     let all = ids(&points);
     // 1 - 2 - 3 and 2 - 4 - 5 (current).
@@ -334,14 +287,9 @@ async fn a_tree_with_two_branches_keeps_the_newest_of_each_and_merges_the_shared
     assert_verifies(&repo);
 
     change(&vm2, 30).await;
-    let refs = capture(&vm2, work.path(), "after").await;
-    let next = repo.backup(&vm2, VM, &[]);
-    assert_eq!(next["method"], "bitmap", "{next}");
-    assert_eq!(next["parent"], serde_json::json!(all[4]));
-    let next = Point {
-        node: next["node"].as_str().unwrap().to_owned(),
-        refs,
-    };
+    let (report, next) = backup_point(&repo, &vm2, work.path(), "after").await;
+    assert_eq!(report["method"], "bitmap", "{report}");
+    assert_eq!(report["parent"], serde_json::json!(all[4]));
     assert_restores_exactly(&repo, &next, &out);
 }
 
@@ -355,15 +303,8 @@ async fn a_prune_killed_midway_leaves_an_exact_tree_and_the_next_prune_finishes_
     let out = work.path().join("out");
 
     // Killed right after the first rebase: 0003 has absorbed its parent's layer, the manifest does not say so.
-    let path = repo.path().display().to_string();
-    let args = repo_args(&path, vec!["prune", "--keep-last", "2", "--json"]);
-    let mut cmd = cli::command(&args);
-    cmd.env("QMPBAK_CRASH_AT", "prune-rebased");
-    let killed = cli::wait(cmd.spawn().unwrap(), integration_tests::timeouts::CLI_TIMEOUT);
-    assert!(
-        !killed.status.success() && killed.stderr.contains("prune-rebased"),
-        "{killed:?}"
-    );
+    let args = repo.vm_args(VM, &["prune", "--keep-last", "2", "--json"]);
+    cli::run_crashing_at(&args, "prune-rebased", CLI_TIMEOUT).assert_crashed_at("prune-rebased");
     let manifest = repo.manifest(VM);
     assert_eq!(manifest.nodes.len(), 5);
     assert_eq!(manifest.operations.len(), 1);
@@ -373,13 +314,7 @@ async fn a_prune_killed_midway_leaves_an_exact_tree_and_the_next_prune_finishes_
     }
 
     // Killed again after a node left the manifest but before its files were deleted.
-    let mut cmd = cli::command(&args);
-    cmd.env("QMPBAK_CRASH_AT", "prune-dropped");
-    let killed = cli::wait(cmd.spawn().unwrap(), integration_tests::timeouts::CLI_TIMEOUT);
-    assert!(
-        !killed.status.success() && killed.stderr.contains("prune-dropped"),
-        "{killed:?}"
-    );
+    cli::run_crashing_at(&args, "prune-dropped", CLI_TIMEOUT).assert_crashed_at("prune-dropped");
     let manifest = repo.manifest(VM);
     assert_eq!(manifest.nodes.len(), 4, "one node left the manifest");
     assert!(
@@ -434,14 +369,8 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
     let out = work.path().join("out");
 
     // Killed after the first disk's file was replaced: the tree still restores exactly.
-    let path = repo.path().display().to_string();
-    let mut cmd = cli::command(&repo_args(&path, vec!["merge", &all[2], "--json"]));
-    cmd.env("QMPBAK_CRASH_AT", "merge-renamed");
-    let killed = cli::wait(cmd.spawn().unwrap(), integration_tests::timeouts::CLI_TIMEOUT);
-    assert!(
-        !killed.status.success() && killed.stderr.contains("merge-renamed"),
-        "{killed:?}"
-    );
+    let args = repo.vm_args(VM, &["merge", &all[2], "--json"]);
+    cli::run_crashing_at(&args, "merge-renamed", CLI_TIMEOUT).assert_crashed_at("merge-renamed");
     for point in &points {
         assert_restores_exactly(&repo, point, &out);
     }
@@ -485,14 +414,9 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
     let again = merge(&repo, &all[2]).success().json();
     assert!(again["previous_parent"].is_null(), "{again}");
     change(&vm, 8).await;
-    let refs = capture(&vm, work.path(), "after").await;
-    let next = repo.backup(&vm, VM, &[]);
-    assert_eq!(next["method"], "bitmap", "{next}");
-    assert_eq!(next["parent"], serde_json::json!(all[4]));
-    let next = Point {
-        node: next["node"].as_str().unwrap().to_owned(),
-        refs,
-    };
+    let (report, next) = backup_point(&repo, &vm, work.path(), "after").await;
+    assert_eq!(report["method"], "bitmap", "{report}");
+    assert_eq!(report["parent"], serde_json::json!(all[4]));
     assert_restores_exactly(&repo, &next, &out);
 }
 
@@ -504,22 +428,13 @@ async fn prune_without_a_policy_is_a_usage_error_and_failed_backups_go() {
     let out = prune(&repo, &[]);
     assert_eq!(out.code(), Some(2), "{out:?}");
     // A backup killed midway leaves a failed node once cleaned up; prune removes it.
-    let mut cmd = cli::command(
-        &repo
-            .backup_args(&vm, VM, &[])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    cmd.env("QMPBAK_CRASH_AT", "backup-copied");
-    let killed = cli::wait(cmd.spawn().unwrap(), integration_tests::timeouts::CLI_TIMEOUT);
+    let killed = cli::run_crashing_at(&repo.backup_args(&vm, VM, &[]), "backup-copied", CLI_TIMEOUT);
     assert!(!killed.status.success(), "{killed:?}");
     let refused = prune(&repo, &["--keep-last", "5"]);
     assert_eq!(refused.code(), Some(1), "{refused:?}");
     assert!(refused.stderr.contains("qmpbak cleanup"), "{}", refused.stderr);
     let socket = vm.socket().display().to_string();
-    let path = repo.path().display().to_string();
-    cli::run(&repo_args(&path, vec!["cleanup", "--socket", &socket])).success();
+    repo.run(VM, &["cleanup", "--socket", &socket]).success();
     let failed = repo
         .manifest(VM)
         .nodes

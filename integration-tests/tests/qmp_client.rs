@@ -4,9 +4,9 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, QMP_COMMAND_TIMEOUT};
+use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, PROMPT_TIMEOUT, QMP_COMMAND_TIMEOUT};
 use integration_tests::{MIB, TestVm, image};
 use qmp::{ErrorClass, EventFilter, JobStatus};
 use serde_json::json;
@@ -210,20 +210,20 @@ async fn a_command_waiting_on_a_killed_qemu_fails_promptly() {
     .unwrap();
     let waiter = tokio::spawn({
         let qmp = qmp.clone();
-        async move { qmp.wait_job("slow", Duration::from_secs(120)).await }
+        async move { qmp.wait_job("slow", BLOCK_JOB_TIMEOUT).await }
     });
     let started = Instant::now();
     vm.kill();
-    let result = tokio::time::timeout(Duration::from_secs(10), waiter)
+    let result = tokio::time::timeout(PROMPT_TIMEOUT, waiter)
         .await
         .expect("wait_job must fail promptly when QEMU dies")
         .unwrap();
     assert!(matches!(result, Err(qmp::Error::Closed { .. })), "{result:?}");
-    assert!(started.elapsed() < Duration::from_secs(10));
+    assert!(started.elapsed() < PROMPT_TIMEOUT);
     // Later commands fail at once too.
     let err = qmp.execute_raw("query-status", None).await.unwrap_err();
     assert!(matches!(err, qmp::Error::Closed { .. }), "{err:?}");
-    tokio::time::timeout(Duration::from_secs(5), qmp.closed())
+    tokio::time::timeout(PROMPT_TIMEOUT, qmp.closed())
         .await
         .expect("closed() resolves");
 }

@@ -6,10 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use integration_tests::repo::TestRepo;
-use integration_tests::timeouts::BLOCK_JOB_TIMEOUT;
+use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_CRASH_TIMEOUT, CLI_TIMEOUT, NBD_CONNECT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
 use qmp::EventFilter;
 
@@ -20,53 +19,22 @@ fn sizes() -> [(&'static str, u64); 2] {
     [("disk0", 32 * MIB), ("disk1", 16 * MIB)]
 }
 
-async fn capture(vm: &TestVm, dir: &Path, label: &str) -> Vec<PathBuf> {
-    let mut refs = Vec::new();
-    for disk in DISKS {
-        let path = dir.join(format!("ref-{label}-{disk}.qcow2"));
-        vm.capture_reference(disk, &path).await;
-        refs.push(path);
-    }
-    refs
-}
-
-fn restore(repo: &Path, node: &str, to: &Path, extra: &[&str]) -> cli::Output {
-    let mut args = vec![
-        "restore",
-        node,
-        "--repo",
-        repo.to_str().unwrap(),
-        "--vm",
+fn restore(repo: &TestRepo, node: &str, to: &Path, extra: &[&str]) -> cli::Output {
+    repo.run(
         VM,
-        "--to",
-        to.to_str().unwrap(),
-        "--json",
-    ];
-    args.extend_from_slice(extra);
-    cli::run(&args)
+        &[&["restore", node, "--to", to.to_str().unwrap(), "--json"], extra].concat(),
+    )
 }
 
-fn verify(repo: &Path, extra: &[&str]) -> cli::Output {
-    let mut args = vec!["verify", "--repo", repo.to_str().unwrap(), "--vm", VM, "--json"];
-    args.extend_from_slice(extra);
-    cli::run(&args)
+fn verify(repo: &TestRepo, extra: &[&str]) -> cli::Output {
+    repo.run(VM, &[&["verify", "--json"], extra].concat())
 }
 
 fn live_args(repo: &TestRepo, vm: &TestVm, node: &str, extra: &[&str]) -> Vec<String> {
-    let mut args: Vec<String> = ["restore", node, "--live", "--socket"].map(String::from).to_vec();
-    args.push(vm.socket().display().to_string());
-    args.extend([
-        "--repo".to_owned(),
-        repo.path().display().to_string(),
-        "--vm".to_owned(),
-        VM.to_owned(),
-    ]);
-    args.push("--json".to_owned());
-    args.extend(extra.iter().map(|s| (*s).to_owned()));
-    args
+    repo.live_restore_args(&vm.socket(), VM, node, extra)
 }
 
-fn assert_restores_exactly(repo: &Path, node: &str, refs: &[PathBuf], out: &Path) {
+fn assert_restores_exactly(repo: &TestRepo, node: &str, refs: &[PathBuf], out: &Path) {
     for format in ["qcow2", "raw"] {
         let dir = out.join(format!("{node}-{format}"));
         let report = restore(repo, node, &dir, &["--format", format]).success().json();
@@ -115,23 +83,17 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
             if i == 2 {
                 vm.write_zeroes("disk0", 0, MIB).await;
             }
-            let refs = capture(&vm, work.path(), &format!("a{i}")).await;
+            let refs = vm.capture_references(&DISKS, work.path(), &format!("a{i}")).await;
             let report = repo.backup(&vm, VM, &["--level", level]);
             nodes.push((report["node"].as_str().unwrap().to_owned(), refs));
         }
     }
     // A second branch: node 2 restored live into a new VM, which then changes and is backed up.
     let branch_point = nodes[1].0.clone();
-    let vm2 = TestVm::builder()
-        .disk("disk0", 32 * MIB)
-        .disk("disk1", 16 * MIB)
-        .paused()
-        .start()
-        .await;
-    let args = live_args(&repo, &vm2, &branch_point, &[]);
-    cli::run(&args.iter().map(String::as_str).collect::<Vec<_>>()).success();
+    let vm2 = TestVm::start_paused(&sizes()).await;
+    cli::run_owned(&live_args(&repo, &vm2, &branch_point, &[])).success();
     vm2.write_pattern("disk1", 0x77, 0, MIB).await;
-    let refs = capture(&vm2, work.path(), "branch").await;
+    let refs = vm2.capture_references(&DISKS, work.path(), "branch").await;
     let branch = repo.backup(&vm2, VM, &[]);
     assert_eq!(branch["parent"], serde_json::json!(branch_point), "{branch}");
     assert_eq!(branch["method"], "bitmap", "{branch}");
@@ -153,14 +115,15 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
 
     let out = work.path().join("out");
     for (node, refs) in &nodes {
-        assert_restores_exactly(&repo.path(), node, refs, &out);
+        assert_restores_exactly(&repo, node, refs, &out);
     }
     // Moved elsewhere, the repository restores the same: nothing trusts the paths in qcow2 headers.
     let moved = work.path().join("moved-repo");
     std::fs::rename(repo.path(), &moved).unwrap();
     let out2 = work.path().join("out2");
+    let moved_repo = TestRepo::at(moved.clone());
     for (node, refs) in [&nodes[2], &nodes[4]] {
-        assert_restores_exactly(&moved, node, refs, &out2);
+        assert_restores_exactly(&moved_repo, node, refs, &out2);
     }
     std::fs::rename(&moved, repo.path()).unwrap();
 }
@@ -182,7 +145,7 @@ async fn guest_view(vm: &TestVm, id: &str) -> nbd::Client {
         )
         .await
         .unwrap();
-    nbd::Client::connect_unix(&socket, &format!("node-{id}"), Duration::from_secs(10))
+    nbd::Client::connect_unix(&socket, &format!("node-{id}"), NBD_CONNECT_TIMEOUT)
         .await
         .unwrap()
 }
@@ -197,19 +160,12 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
         vm.write_pattern("disk1", 0xa5, 0, 8 * MIB).await;
         repo.backup(&vm, VM, &[]);
         vm.write_pattern("disk0", 0x6b, 4 * MIB, MIB).await;
-        repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned()
+        repo.backup_node(&vm, VM, &[])
     };
-    let vm = TestVm::builder()
-        .disk("disk0", 32 * MIB)
-        .disk("disk1", 16 * MIB)
-        .paused()
-        .start()
-        .await;
+    let vm = TestVm::start_paused(&sizes()).await;
     let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
     let args = live_args(&repo, &vm, &node, &["--speed-limit", &(4 * MIB).to_string()]);
-    let child = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>())
-        .spawn()
-        .unwrap();
+    let child = cli::command_owned(&args).spawn().unwrap();
     loop {
         let e = events
             .next_timeout(BLOCK_JOB_TIMEOUT)
@@ -232,12 +188,12 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
     vm.write_pattern("disk1", 0xdd, 20 * 1024 * 1024 / 4, 64 * 1024)
         .await;
     view.disconnect().await.unwrap();
-    let out = cli::wait(child, Duration::from_secs(120)).success().json();
+    let out = cli::wait(child, CLI_TIMEOUT).success().json();
     assert!(out["running_after_secs"].as_f64().unwrap() < out["duration_secs"].as_f64().unwrap());
 
     // Expected: the backup plus the guest's writes, with no backing file left.
     let expected = work.path().join("expected");
-    restore(&repo.path(), &node, &expected, &[]).success();
+    restore(&repo, &node, &expected, &[]).success();
     let exp0 = expected.join("disk0.qcow2");
     let exp1 = expected.join("disk1.qcow2");
     for (path, cmd) in [(&exp0, "write -P 0xee 12M 1M"), (&exp1, "write -P 0xdd 5M 64k")] {
@@ -295,21 +251,13 @@ async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
     for i in 0..3u8 {
         vm.write_pattern("disk0", 0x30 + i, u64::from(i) * 3 * MIB, 2 * MIB)
             .await;
-        ids.push(repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned());
+        ids.push(repo.backup_node(&vm, VM, &[]));
     }
-    let ok = verify(&repo.path(), &[]).success().json();
+    let ok = verify(&repo, &[]).success().json();
     assert_eq!(ok["ok"], true, "{ok}");
 
     let guest_offset = flip_a_data_byte(&repo.node_file(VM, &ids[1], "disk0"));
-    let out = cli::run(&[
-        "verify",
-        "--all",
-        "--repo",
-        repo.path().to_str().unwrap(),
-        "--vm",
-        VM,
-        "--json",
-    ]);
+    let out = verify(&repo, &["--all"]);
     assert_eq!(out.code(), Some(6), "{out:?}");
     let report = out.json();
     assert_eq!(report["damaged_nodes"], serde_json::json!([ids[1]]), "{report}");
@@ -339,7 +287,7 @@ async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
     // Restore of the damaged node and of its descendant refuses and leaves nothing; the node before is fine.
     for id in [&ids[1], &ids[2]] {
         let to = work.path().join(format!("r-{id}"));
-        let out = restore(&repo.path(), id, &to, &[]);
+        let out = restore(&repo, id, &to, &[]);
         assert_eq!(out.code(), Some(6), "{out:?}");
         assert!(
             out.stderr.contains("damaged") && out.stderr.contains("disk0"),
@@ -349,10 +297,10 @@ async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
         assert!(!to.join("disk0.qcow2").exists());
     }
     let to = work.path().join("forced");
-    let forced = restore(&repo.path(), &ids[1], &to, &["--force"]).success().json();
+    let forced = restore(&repo, &ids[1], &to, &["--force"]).success().json();
     assert_eq!(forced["disks"][0]["verified"], false);
     assert!(to.join("disk0.qcow2").exists());
-    restore(&repo.path(), &ids[0], &work.path().join("good"), &[]).success();
+    restore(&repo, &ids[0], &work.path().join("good"), &[]).success();
 }
 
 #[tokio::test]
@@ -360,13 +308,10 @@ async fn restore_refuses_to_overwrite_and_names_near_matches() {
     let repo = TestRepo::init();
     let work = tempfile::tempdir().unwrap();
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
-    let node = repo.backup(&vm, VM, &["--tag", "clean"])["node"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let node = repo.backup_node(&vm, VM, &["--tag", "clean"]);
     let file = work.path().join("existing.qcow2");
     std::fs::write(&file, b"precious").unwrap();
-    let out = restore(&repo.path(), &node, &file, &[]);
+    let out = restore(&repo, &node, &file, &[]);
     assert_eq!(out.code(), Some(2), "{out:?}");
     assert!(
         out.stderr.contains("existing.qcow2") && out.stderr.contains("--force"),
@@ -374,16 +319,16 @@ async fn restore_refuses_to_overwrite_and_names_near_matches() {
         out.stderr
     );
     assert_eq!(std::fs::read(&file).unwrap(), b"precious");
-    restore(&repo.path(), "clean", &file, &["--force"]).success();
+    restore(&repo, "clean", &file, &["--force"]).success();
 
-    let out = restore(&repo.path(), "0002", &work.path().join("x"), &[]);
+    let out = restore(&repo, "0002", &work.path().join("x"), &[]);
     assert_eq!(out.code(), Some(2), "{out:?}");
     assert!(
         out.stderr.contains("no node or tag \"0002\"") && out.stderr.contains("0001"),
         "{}",
         out.stderr
     );
-    let out = restore(&repo.path(), "claen", &work.path().join("x"), &[]);
+    let out = restore(&repo, "claen", &work.path().join("x"), &[]);
     assert!(
         out.stderr.contains("did you mean") && out.stderr.contains("clean"),
         "{}",
@@ -398,22 +343,12 @@ async fn killed_during_streaming_the_vm_runs_on_and_cleanup_finishes_the_restore
     let node = {
         let vm = TestVm::start(&sizes()).await;
         vm.write_pattern("disk0", 0x3c, 0, 8 * MIB).await;
-        repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned()
+        repo.backup_node(&vm, VM, &[])
     };
-    let vm = TestVm::builder()
-        .disk("disk0", 32 * MIB)
-        .disk("disk1", 16 * MIB)
-        .paused()
-        .start()
-        .await;
+    let vm = TestVm::start_paused(&sizes()).await;
     let args = live_args(&repo, &vm, &node, &["--speed-limit", &(2 * MIB).to_string()]);
-    let mut cmd = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    cmd.env("QMPBAK_CRASH_AT", "restore-streaming");
-    let out = cli::wait(cmd.spawn().unwrap(), Duration::from_secs(60));
-    assert!(
-        !out.status.success() && out.stderr.contains("restore-streaming"),
-        "{out:?}"
-    );
+    cli::run_crashing_at(&args, "restore-streaming", CLI_CRASH_TIMEOUT)
+        .assert_crashed_at("restore-streaming");
 
     // The VM runs correctly on the chain that stays in QEMU.
     assert!(vm.running().await);
@@ -430,22 +365,14 @@ async fn killed_during_streaming_the_vm_runs_on_and_cleanup_finishes_the_restore
 
     // cleanup finishes it: streaming completes and the repository is detached.
     let socket = vm.socket();
-    let cleaned = cli::run(&[
-        "cleanup",
-        "--repo",
-        repo.path().to_str().unwrap(),
-        "--vm",
-        VM,
-        "--socket",
-        socket.to_str().unwrap(),
-        "--json",
-    ])
-    .success()
-    .json();
+    let cleaned = repo
+        .run(VM, &["cleanup", "--socket", socket.to_str().unwrap(), "--json"])
+        .success()
+        .json();
     assert_eq!(cleaned["operations"].as_array().unwrap().len(), 1, "{cleaned}");
     assert!(repo.manifest(VM).operations.is_empty());
     let expected = work.path().join("expected");
-    restore(&repo.path(), &node, &expected, &[]).success();
+    restore(&repo, &node, &expected, &[]).success();
     vm.qmp().execute_raw("stop", None).await.unwrap();
     image::assert_same(&expected.join("disk0.qcow2"), &vm.disk_path("disk0"));
     assert!(
@@ -467,7 +394,7 @@ async fn compressed_backups_are_hashed_through_qemu_and_restore_exactly() {
     let full = repo.backup(&vm, VM, &["--level", "full", "--compress"]);
     vm.write_pattern("disk0", 0x33, 2 * MIB, 2 * MIB).await;
     vm.write_zeroes("disk1", MIB, 64 * 1024).await;
-    let refs = capture(&vm, work.path(), "compressed").await;
+    let refs = vm.capture_references(&DISKS, work.path(), "compressed").await;
     let inc = repo.backup(&vm, VM, &["--compress"]);
     assert_eq!(inc["method"], "bitmap", "{inc}");
     let file = repo.node_file(VM, full["node"].as_str().unwrap(), "disk0");
@@ -477,11 +404,11 @@ async fn compressed_backups_are_hashed_through_qemu_and_restore_exactly() {
         "the full is compressed: {map}"
     );
     assert_restores_exactly(
-        &repo.path(),
+        &repo,
         inc["node"].as_str().unwrap(),
         &refs,
         &work.path().join("out"),
     );
-    let ok = verify(&repo.path(), &[]).success().json();
+    let ok = verify(&repo, &[]).success().json();
     assert_eq!(ok["ok"], true, "{ok}");
 }

@@ -5,30 +5,17 @@
 #![allow(clippy::unwrap_used)]
 
 use integration_tests::repo::TestRepo;
+use integration_tests::timeouts::CLI_CRASH_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "ci";
 
 fn args(repo: &TestRepo, vm: &TestVm, cmd: &[&str]) -> Vec<String> {
-    let mut a: Vec<String> = cmd.iter().map(|s| (*s).to_owned()).collect();
-    a.extend([
-        "--socket".into(),
-        vm.socket().display().to_string(),
-        "--repo".into(),
-    ]);
-    a.extend([
-        repo.path().display().to_string(),
-        "--vm".into(),
-        VM.into(),
-        "--json".into(),
-    ]);
-    a
+    repo.socket_args(&vm.socket(), VM, cmd)
 }
 
 fn run(a: &[String]) -> serde_json::Value {
-    cli::run(&a.iter().map(String::as_str).collect::<Vec<_>>())
-        .success()
-        .json()
+    cli::run_owned(a).success().json()
 }
 
 async fn depth(vm: &TestVm, id: &str) -> u64 {
@@ -50,13 +37,9 @@ async fn snapshot_trash_revert_ten_times_without_restarting_qemu() {
     let refs = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
     vm.write_pattern("disk1", 0x22, MIB, MIB).await;
-    let clean: Vec<_> = ["disk0", "disk1"]
-        .iter()
-        .map(|d| refs.path().join(format!("clean-{d}.qcow2")))
-        .collect();
-    for (d, p) in ["disk0", "disk1"].iter().zip(&clean) {
-        vm.capture_reference(d, p).await;
-    }
+    let clean = vm
+        .capture_references(&["disk0", "disk1"], refs.path(), "clean")
+        .await;
     let taken = run(&args(&repo, &vm, &["snapshot", "--tag", "clean"]));
     let clean_id = taken["node"].as_str().unwrap().to_owned();
     assert_eq!(taken["parent"], serde_json::Value::Null);
@@ -176,12 +159,7 @@ async fn commit_of_the_middle_of_a_chain_keeps_every_remaining_point_exact() {
         vm.capture_reference("disk0", &now).await;
         image::assert_same(reference, &now);
     }
-    let gone = cli::run(
-        &args(&repo, &vm, &["revert", "b"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
+    let gone = cli::run_owned(&args(&repo, &vm, &["revert", "b"]));
     assert_eq!(gone.code(), Some(2), "{gone:?}");
 }
 
@@ -196,13 +174,9 @@ async fn copied_time_points_survive_in_the_repository_and_restore_exactly() {
             .await;
         vm.write_pattern("disk1", 0x50 + i, u64::from(i) * MIB, 512 * 1024)
             .await;
-        let r: Vec<_> = ["disk0", "disk1"]
-            .iter()
-            .map(|d| refs.path().join(format!("p{i}-{d}.qcow2")))
-            .collect();
-        for (d, p) in ["disk0", "disk1"].iter().zip(&r) {
-            vm.capture_reference(d, p).await;
-        }
+        let r = vm
+            .capture_references(&["disk0", "disk1"], refs.path(), &format!("p{i}"))
+            .await;
         let taken = run(&args(&repo, &vm, &["snapshot", "--copy"]));
         assert_eq!(taken["copied"], true, "{taken}");
         points.push((taken["node"].as_str().unwrap().to_owned(), r));
@@ -213,22 +187,13 @@ async fn copied_time_points_survive_in_the_repository_and_restore_exactly() {
     let out = refs.path().join("out");
     for (node, r) in &points {
         let dir = out.join(node);
-        cli::run(&[
-            "restore",
-            node,
-            "--repo",
-            repo.path().to_str().unwrap(),
-            "--vm",
-            VM,
-            "--to",
-            dir.to_str().unwrap(),
-        ])
-        .success();
+        repo.run(VM, &["restore", node, "--to", dir.to_str().unwrap()])
+            .success();
         for (d, reference) in ["disk0", "disk1"].iter().zip(r) {
             image::assert_same(reference, &dir.join(format!("{d}.qcow2")));
         }
     }
-    cli::run(&["verify", "--repo", repo.path().to_str().unwrap(), "--vm", VM]).success();
+    repo.run(VM, &["verify"]).success();
 }
 
 #[tokio::test]
@@ -242,18 +207,12 @@ async fn a_commit_killed_midway_is_finished_from_its_record() {
         run(&args(&repo, &vm, &["snapshot", "--tag", tag]));
     }
     let c_ref = refs.path().join("c.qcow2");
-    let mut cmd = cli::command(
-        &args(&repo, &vm, &["commit", "c"])
-            .iter()
-            .map(String::as_str)
-            .collect::<Vec<_>>(),
-    );
-    cmd.env("QMPBAK_CRASH_AT", "commit-disk-done");
-    let out = cli::wait(cmd.spawn().unwrap(), std::time::Duration::from_secs(60));
-    assert!(
-        !out.status.success() && out.stderr.contains("commit-disk-done"),
-        "{out:?}"
-    );
+    cli::run_crashing_at(
+        &args(&repo, &vm, &["commit", "c"]),
+        "commit-disk-done",
+        CLI_CRASH_TIMEOUT,
+    )
+    .assert_crashed_at("commit-disk-done");
     assert_eq!(repo.manifest(VM).operations.len(), 1);
     assert!(vm.running().await);
 

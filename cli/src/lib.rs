@@ -25,3 +25,4 @@ pub mod signals;
 pub mod snapshot;
 pub mod tables;
 pub mod verify;
+pub mod writeback;

@@ -305,7 +305,12 @@ async fn copy_into_repo(
             .filter(|d| d.table.is_some() && vm.resolve(&d.file).is_ok_and(|f| f.exists()))
     };
     let mut on_parent = Vec::new();
-    let mut copies = Vec::new();
+    let files = n
+        .disks
+        .iter()
+        .map(|d| vm.resolve(&d.file))
+        .collect::<Result<Vec<_>, _>>()?;
+    let writeback = crate::writeback::EarlyWriteback::start(files.clone());
     for d in &n.disks {
         let dst = vm.resolve(&d.file)?;
         let frozen = Path::new(&d.location.path);
@@ -341,10 +346,10 @@ async fn copy_into_repo(
         }
         std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))?;
         on_parent.push(stacked);
-        copies.push(dst);
     }
+    writeback.stop();
     // `qemu-img convert` writes with cache=unsafe: nothing it wrote is on disk until this.
-    chain::store::sync_files(&copies)?;
+    chain::store::sync_files(&files)?;
     // Record what was copied, then build the tables (a stacked copy from its parent's table).
     if let Some(m) = manifest.node_mut(node) {
         for (d, stacked) in m.disks.iter_mut().zip(&on_parent) {

@@ -6,7 +6,8 @@
 //! Targets are opened with `cache.no-flush`: QEMU then never fsyncs them. A backup target that is not
 //! complete is thrown away after a crash whatever its state, so QEMU's ordered metadata flushes (a dozen or more
 //! `fdatasync` calls per GiB, which stall the job) buy nothing; qmpbak fsyncs each finished file once, before the
-//! node is recorded as complete ([`super::Run::complete`]).
+//! node is recorded as complete ([`super::Run::complete`]), and starts their writeback while the jobs run
+//! ([`crate::writeback`]).
 
 use std::time::Duration;
 
@@ -33,6 +34,12 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     run.transaction(actions, "starting the backup jobs (QMP transaction)")
         .await?;
     crate::crashpoint::crashpoint("backup-jobs-started");
+    let files = run
+        .targets
+        .iter()
+        .map(|t| run.vm.resolve(&t.file))
+        .collect::<Result<Vec<_>, _>>()?;
+    let writeback = crate::writeback::EarlyWriteback::start(files);
     let outcome = tokio::select! {
         outcome = wait_jobs(run, &jobs) => outcome,
         () = run.interrupt.wait() => {
@@ -42,6 +49,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
             return Err(interrupted());
         }
     };
+    writeback.stop();
     let bytes = outcome?;
     for job in &jobs {
         let _ = run

@@ -197,7 +197,9 @@ async fn restore_disk(
     let files = crate::direct::chain_files(vm, manifest, &node.id, disk)?;
     let hash = crate::tables::build(bins, vm, manifest, &node.id, disk, expected.block_size(), None);
     let copy = async {
+        let writeback = crate::writeback::EarlyWriteback::start(vec![path.to_owned()]);
         convert(bins, &files, path, format).await?;
+        writeback.stop();
         // `qemu-img convert` writes with cache=unsafe: the image is synced while the hash finishes.
         let out = path.to_owned();
         tokio::task::spawn_blocking(move || chain::store::sync_files(&[out]))

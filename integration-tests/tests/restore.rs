@@ -1,6 +1,7 @@
 //! `qmpbak restore` and `qmpbak verify` against real QEMU: every node of a tree with two branches and a
 //! differential restores exactly (offline, qcow2 and raw, also after the repository moved), live restore runs
-//! the VM at once and keeps the guest's writes, and damage is found and refused.
+//! the VM at once and keeps the guest's writes (and the next incremental holds only those), and damage is found
+//! and refused.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -411,4 +412,46 @@ async fn compressed_backups_are_hashed_through_qemu_and_restore_exactly() {
     );
     let ok = verify(&repo, &[]).success().json();
     assert_eq!(ok["ok"], true, "{ok}");
+}
+
+#[tokio::test]
+async fn the_first_incremental_after_a_live_restore_copies_only_the_guests_writes() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x5a, 0, 8 * MIB).await;
+        vm.write_pattern("disk1", 0xa5, 0, 4 * MIB).await;
+        repo.backup_node(&vm, VM, &[])
+    };
+    let vm = TestVm::start_paused(&sizes()).await;
+    // One guest write while the data streams in, one after.
+    let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
+    let args = live_args(&repo, &vm, &node, &["--speed-limit", &(4 * MIB).to_string()]);
+    let child = cli::command_owned(&args).spawn().unwrap();
+    loop {
+        let e = events
+            .next_timeout(BLOCK_JOB_TIMEOUT)
+            .await
+            .expect("stream job starts");
+        if e.data["status"] == "running" {
+            break;
+        }
+    }
+    vm.write_pattern("disk0", 0x66, 2 * MIB, MIB).await;
+    cli::wait(child, CLI_TIMEOUT).success();
+    vm.write_pattern("disk0", 0x77, 20 * MIB, MIB).await;
+    let refs = vm.capture_references(&DISKS, work.path(), "after-restore").await;
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(inc["level"], "incremental", "{inc}");
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    let copied: Vec<u64> = inc["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["copied_bytes"].as_u64().unwrap())
+        .collect();
+    // The stream's own writes do not mark the new bitmap (QEMU's copy-on-read path): only the guest's do.
+    assert_eq!(copied, [2 * MIB, 0], "only the guest's writes are copied: {inc}");
+    assert_restores_exactly(&repo, inc["node"].as_str().unwrap(), &refs, work.path());
 }

@@ -121,6 +121,9 @@ pub async fn restore_live(
         });
     }
     // From here on the VM will run on this node: it becomes current, and its bitmap records the guest's writes.
+    // The stream job's own writes do not mark it (QEMU writes them on its copy-on-read path, which bypasses
+    // dirty tracking), so the next incremental holds only what the guest wrote; a test in restore.rs holds
+    // QEMU to that.
     manifest.current = Some(node.id.clone());
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;

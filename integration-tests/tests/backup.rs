@@ -211,3 +211,57 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     )
     .await;
 }
+
+#[tokio::test]
+async fn a_backup_of_one_disk_holds_that_disk_and_the_next_of_all_disks_is_a_full() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    vm.write_pattern("disk1", 0x22, 0, 2 * MIB).await;
+    repo.backup(&vm, VM, &[]);
+
+    vm.write_pattern("disk0", 0x33, 4 * MIB, MIB).await;
+    vm.write_pattern("disk1", 0x44, 4 * MIB, MIB).await;
+    let refs = capture(&vm, refs_dir.path(), "subset").await;
+    let subset = repo.backup(&vm, VM, &["--disk", "disk0"]);
+    assert_eq!(subset["level"], "incremental", "{subset}");
+    assert_eq!(subset["method"], "bitmap", "{subset}");
+    let subset_id = subset["node"].as_str().unwrap().to_owned();
+    let node = repo.manifest(VM).find(&subset_id).unwrap().clone();
+    assert_eq!(
+        node.disks.iter().map(|d| d.disk.as_str()).collect::<Vec<_>>(),
+        ["disk0"]
+    );
+    image::assert_same(&refs[0], &repo.node_file(VM, &subset_id, "disk0"));
+
+    // An incremental of every disk has nothing to build on for disk1: refused, and nothing changes.
+    let before = repo.manifest(VM);
+    let refused = repo.try_backup(&vm, VM, &["--level", "inc"]);
+    assert_eq!(refused.code(), Some(2), "{refused:?}");
+    assert!(
+        refused
+            .stderr
+            .contains("disk disk1 is not in the previous backup"),
+        "{refused:?}"
+    );
+    let after = repo.manifest(VM);
+    assert_eq!(after.nodes.len(), before.nodes.len());
+    assert_eq!(after.current, before.current);
+
+    // auto takes a full of every disk, and says why.
+    let full_refs = capture(&vm, refs_dir.path(), "full-again").await;
+    let full = repo.backup(&vm, VM, &[]);
+    assert_eq!(full["level"], "full", "{full}");
+    assert!(
+        full["reason"]
+            .as_str()
+            .unwrap()
+            .contains("disk disk1 is not in the previous backup"),
+        "{full}"
+    );
+    let full_id = full["node"].as_str().unwrap().to_owned();
+    assert_node_equals(&repo, &full_id, &full_refs);
+    let manifest = repo.manifest(VM);
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
+}

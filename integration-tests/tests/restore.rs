@@ -35,6 +35,24 @@ fn live_args(repo: &TestRepo, vm: &TestVm, node: &str, extra: &[&str]) -> Vec<St
     repo.live_restore_args(&vm.socket(), VM, node, extra)
 }
 
+/// Starts `qmpbak restore --live` of `node` into the paused `vm`, streaming at 4 MiB/s, and returns once the
+/// stream job runs (the VM runs from then on).
+async fn start_slow_live_restore(repo: &TestRepo, vm: &TestVm, node: &str) -> std::process::Child {
+    let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
+    let args = live_args(repo, vm, node, &["--speed-limit", &(4 * MIB).to_string()]);
+    let child = cli::command_owned(&args).spawn().unwrap();
+    loop {
+        let e = events
+            .next_timeout(BLOCK_JOB_TIMEOUT)
+            .await
+            .expect("stream job starts");
+        if e.data["status"] == "running" {
+            break;
+        }
+    }
+    child
+}
+
 fn assert_restores_exactly(repo: &TestRepo, node: &str, refs: &[PathBuf], out: &Path) {
     for format in ["qcow2", "raw"] {
         let dir = out.join(format!("{node}-{format}"));
@@ -164,18 +182,7 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
         repo.backup_node(&vm, VM, &[])
     };
     let vm = TestVm::start_paused(&sizes()).await;
-    let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
-    let args = live_args(&repo, &vm, &node, &["--speed-limit", &(4 * MIB).to_string()]);
-    let child = cli::command_owned(&args).spawn().unwrap();
-    loop {
-        let e = events
-            .next_timeout(BLOCK_JOB_TIMEOUT)
-            .await
-            .expect("stream job starts");
-        if e.data["status"] == "running" {
-            break;
-        }
-    }
+    let child = start_slow_live_restore(&repo, &vm, &node).await;
     assert!(vm.running().await, "the VM runs while data streams in");
     // The guest reads the backup's data at once.
     let view = guest_view(&vm, "disk0").await;
@@ -426,18 +433,7 @@ async fn the_first_incremental_after_a_live_restore_copies_only_the_guests_write
     };
     let vm = TestVm::start_paused(&sizes()).await;
     // One guest write while the data streams in, one after.
-    let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
-    let args = live_args(&repo, &vm, &node, &["--speed-limit", &(4 * MIB).to_string()]);
-    let child = cli::command_owned(&args).spawn().unwrap();
-    loop {
-        let e = events
-            .next_timeout(BLOCK_JOB_TIMEOUT)
-            .await
-            .expect("stream job starts");
-        if e.data["status"] == "running" {
-            break;
-        }
-    }
+    let child = start_slow_live_restore(&repo, &vm, &node).await;
     vm.write_pattern("disk0", 0x66, 2 * MIB, MIB).await;
     cli::wait(child, CLI_TIMEOUT).success();
     vm.write_pattern("disk0", 0x77, 20 * MIB, MIB).await;

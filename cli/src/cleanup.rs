@@ -154,9 +154,15 @@ pub async fn recover(
     let operations = std::mem::take(&mut manifest.operations);
     for op in &operations {
         if op.kind == OperationKind::Commit {
-            // Finished if the increments left the graph, else nothing to undo for the surviving time point.
-            if let Some(qmp) = qmp {
-                crate::commit::recover(qmp, manifest, op).await?;
+            // Finished if any increment left its graph (a commit cannot be undone), else nothing changed.
+            let Some(qmp) = qmp else {
+                manifest.operations.push(op.clone());
+                continue;
+            };
+            if let Err(e) = crate::commit::recover(qmp, manifest, op).await {
+                manifest.operations.push(op.clone());
+                vm.save(manifest, guard)?;
+                return Err(e.context(format!("finishing the interrupted commit {}", op.id)));
             }
             cleaned.operations.push(op.id.clone());
             continue;

@@ -3,9 +3,10 @@
 //! of the disk's graph). The later time point survives, now stored in the parent's file; the parent's own time
 //! point is gone, so a parent that other branches still build on is refused.
 //!
-//! The operation record names the commit job and both files. If qmpbak dies midway, the next command looks at
-//! QEMU: if the increment has left the disk's graph the commit happened and the manifest is brought up to
-//! date; otherwise the job is cancelled and nothing changed for the surviving time point.
+//! The operation record names the commit jobs and the files. If qmpbak dies or a disk's commit fails midway,
+//! the next command looks at QEMU: if no increment has left its disk's graph nothing changed; if some have,
+//! the commit cannot be undone, so the other disks are committed too and the manifest is brought up to date.
+//! Until that succeeds the record stays, and the error says which disks are committed.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -118,45 +119,20 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;
 
-    let names = block_nodes_by_file(&qmp).await?;
-    for (i, (disk, top, base)) in files.iter().enumerate() {
-        let Some(d) = info.disks.iter().find(|d| &d.id == disk) else {
-            bail!("the VM has no disk {disk}");
-        };
-        let (Some(top_node), Some(base_node)) = (names.get(top), names.get(base)) else {
-            bail!(
-                "the files of time points {} and {} are not both in disk {disk}'s live chain",
-                node.id,
-                parent.id
-            );
-        };
-        let job = short_name(&chain_id, "m", node.id.as_str(), i);
-        qmp.execute_raw(
-            "block-commit",
-            Some(
-                json!({ "job-id": job, "device": d.node_name, "top-node": top_node, "base-node": base_node,
-                         "auto-dismiss": false }),
-            ),
-        )
-        .await
-        .with_context(|| format!("starting the commit of disk {disk}"))?;
-        let status = qmp
-            .wait_job_status(&job, &[qmp::JobStatus::Ready], COMMIT_TIMEOUT)
-            .await?;
-        if status == qmp::JobStatus::Ready {
-            // Active commit: the increment was the top of the graph; pivot onto the base.
-            qmp.execute_raw("job-complete", Some(json!({ "id": job })))
-                .await?;
+    let mut committed = 0;
+    for i in 0..files.len() {
+        let done = commit_disk(&qmp, &info, &chain_id, &record, i).await;
+        match done {
+            Ok(()) => committed += 1,
+            Err(e) if committed == 0 => {
+                // Nothing changed yet: the record goes, and the error is the whole story.
+                manifest.remove_operation(&op.id);
+                vm.save(&manifest, &guard)?;
+                return Err(e);
+            }
+            // A commit cannot be undone: the record stays, and the next command on the VM finishes it.
+            Err(e) => return Err(e.context(half_done(&record, committed))),
         }
-        let outcome = qmp.wait_job(&job, COMMIT_TIMEOUT).await?;
-        qmp.dismiss_job(&job).await?;
-        if let Some(error) = outcome.error {
-            bail!("committing disk {disk} failed: {error}");
-        }
-        // The increment left the chain; its node may still exist by name (qmpbak added it): drop it.
-        let _ = qmp
-            .execute_raw("blockdev-del", Some(json!({ "node-name": top_node })))
-            .await;
         crate::crashpoint::crashpoint("commit-disk-done");
     }
     apply(&mut manifest, &record)?;
@@ -173,6 +149,78 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
         removed_tag: parent.tag.clone(),
         duration_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Commits disk `i` of `record` in the VM: the increment's file into the parent's, through a `block-commit` job
+/// (completed at once when it is an active commit), then drops the increment's block node.
+async fn commit_disk(
+    qmp: &qmp::Qmp,
+    info: &inspect::VmInfo,
+    chain_id: &str,
+    record: &CommitNote,
+    i: usize,
+) -> Result<()> {
+    let (disk, top, base) = &record.files[i];
+    let Some(d) = info.disks.iter().find(|d| &d.id == disk) else {
+        bail!("the VM has no disk {disk}");
+    };
+    let names = block_nodes_by_file(qmp).await?;
+    let (Some(top_node), Some(base_node)) = (names.get(top), names.get(base)) else {
+        bail!(
+            "the files of time points {} and {} are not both in disk {disk}'s live chain",
+            record.node,
+            record.parent
+        );
+    };
+    let job = short_name(chain_id, "m", &record.node, i);
+    qmp.execute_raw(
+        "block-commit",
+        Some(
+            json!({ "job-id": job, "device": d.node_name, "top-node": top_node, "base-node": base_node,
+                     "auto-dismiss": false }),
+        ),
+    )
+    .await
+    .with_context(|| format!("starting the commit of disk {disk}"))?;
+    let status = qmp
+        .wait_job_status(&job, &[qmp::JobStatus::Ready], COMMIT_TIMEOUT)
+        .await?;
+    if status == qmp::JobStatus::Ready {
+        // Active commit: the increment was the top of the graph; pivot onto the base.
+        qmp.execute_raw("job-complete", Some(json!({ "id": job })))
+            .await?;
+    }
+    let outcome = qmp.wait_job(&job, COMMIT_TIMEOUT).await?;
+    qmp.dismiss_job(&job).await?;
+    if let Some(error) = outcome.error {
+        bail!("committing disk {disk} failed: {error}");
+    }
+    // The increment left the chain; its node may still exist by name (qmpbak added it): drop it.
+    let _ = qmp
+        .execute_raw("blockdev-del", Some(json!({ "node-name": top_node })))
+        .await;
+    Ok(())
+}
+
+/// What a commit that stopped after `committed` of its disks means for the user.
+fn half_done(record: &CommitNote, committed: usize) -> String {
+    let disks = |range: std::ops::Range<usize>| {
+        record.files[range]
+            .iter()
+            .map(|(disk, _, _)| disk.as_str())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    format!(
+        "the commit of time point {} into {} is half done: committed {}, not yet {}. A commit \
+         cannot be undone, so time point {} no longer holds its own data for the committed disks; the next \
+         qmpbak command on this VM (or `qmpbak cleanup`) finishes the commit once the cause is fixed",
+        record.node,
+        record.parent,
+        disks(0..committed),
+        disks(committed..record.files.len()),
+        record.parent
+    )
 }
 
 /// The manifest after a commit: the node now lives in its parent's files, the parent leaves the tree.
@@ -234,9 +282,10 @@ async fn live_chain_files(qmp: &qmp::Qmp) -> Result<Vec<String>> {
     Ok(files)
 }
 
-/// Finishes or undoes an interrupted commit (called by cleanup with the VM's QMP connection): a disk whose
-/// increment is still in its graph is not committed yet (its job, if any, is cancelled by the generic undo);
-/// if every increment left its graph the commit happened and the manifest is updated.
+/// Finishes an interrupted commit (called by cleanup with the VM's QMP connection), after letting a running
+/// job finish. If no increment left its disk's graph, nothing changed and there is nothing to do (false). If
+/// some did, the commit cannot be undone: the disks left are committed now, then the manifest is updated
+/// (true). An error leaves the record for the next try.
 pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) -> Result<bool> {
     let Some(note) = op.note.as_deref().and_then(|n| n.strip_prefix(NOTE_PREFIX)) else {
         return Ok(false);
@@ -259,18 +308,35 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
         }
     }
     let live = live_chain_files(qmp).await?;
-    let done = note.files.iter().all(|(_, top, _)| !live.contains(top));
-    if done {
-        apply(manifest, &note)?;
-        let names = block_nodes_by_file(qmp).await?;
-        for (_, top, _) in &note.files {
-            if let Some(node) = names.get(top) {
-                let _ = qmp
-                    .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
-                    .await;
+    let committed = note
+        .files
+        .iter()
+        .filter(|(_, top, _)| !live.contains(top))
+        .count();
+    if committed == 0 {
+        // Nothing changed: the surviving time point is as it was.
+        return Ok(false);
+    }
+    if committed < note.files.len() {
+        // Half done: a commit cannot be undone, so commit the disks that are left.
+        let info = inspect::inspect(qmp).await?;
+        for (i, (_, top, _)) in note.files.iter().enumerate() {
+            if live.contains(top) {
+                commit_disk(qmp, &info, &manifest.chain_id, &note, i)
+                    .await
+                    .with_context(|| format!("finishing: {}", half_done(&note, committed)))?;
             }
-            let _ = std::fs::remove_file(top);
         }
     }
-    Ok(done)
+    apply(manifest, &note)?;
+    let names = block_nodes_by_file(qmp).await?;
+    for (_, top, _) in &note.files {
+        if let Some(node) = names.get(top) {
+            let _ = qmp
+                .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
+                .await;
+        }
+        let _ = std::fs::remove_file(top);
+    }
+    Ok(true)
 }

@@ -245,3 +245,43 @@ async fn a_commit_killed_midway_is_finished_from_its_record() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_commit_killed_between_two_disks_is_finished_not_abandoned() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB), ("disk1", 8 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    for (i, tag) in ["a", "b", "c"].iter().enumerate() {
+        let i = i as u8;
+        vm.write_pattern("disk0", 0x21 + i, u64::from(i) * MIB, 2 * MIB)
+            .await;
+        vm.write_pattern("disk1", 0x41 + i, u64::from(i) * MIB, MIB).await;
+        run(&args(&repo, &vm, &["snapshot", "--tag", tag]));
+    }
+    let at_c = vm.capture_references(&["disk0", "disk1"], refs.path(), "c").await;
+    // disk0's increment is in b's file now, disk1's is not.
+    cli::run_crashing_at(
+        &args(&repo, &vm, &["commit", "c"]),
+        "commit-disk-done",
+        CLI_CRASH_TIMEOUT,
+    )
+    .assert_crashed_at("commit-disk-done");
+    assert_eq!(repo.manifest(VM).operations.len(), 1);
+
+    // A commit cannot be undone: cleanup commits disk1 too and brings the manifest up to date.
+    let cleaned = run(&args(&repo, &vm, &["cleanup"]));
+    assert_eq!(cleaned["operations"].as_array().unwrap().len(), 1, "{cleaned}");
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty());
+    assert!(manifest.find("b").is_none(), "b was absorbed");
+    assert_eq!(depth(&vm, "disk0").await, depth(&vm, "disk1").await);
+    vm.write_pattern("disk0", 0x99, 0, 4 * MIB).await;
+    vm.write_pattern("disk1", 0x99, 0, 4 * MIB).await;
+    run(&args(&repo, &vm, &["revert", "c"]));
+    let now = vm
+        .capture_references(&["disk0", "disk1"], refs.path(), "reverted")
+        .await;
+    for (expected, got) in at_c.iter().zip(&now) {
+        image::assert_same(expected, got);
+    }
+}

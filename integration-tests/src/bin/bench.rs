@@ -1618,19 +1618,11 @@ async fn backup_job(vm: &TestVm, target: &Path, cache: Option<Value>, perf: Opti
     qmp.execute_raw("blockdev-backup", Some(args))
         .await
         .expect("blockdev-backup");
-    loop {
-        let jobs = qmp.execute_raw("query-jobs", None).await.expect("query-jobs");
-        let job = jobs
-            .as_array()
-            .and_then(|a| a.iter().find(|j| j["id"] == "bench-job"))
-            .cloned()
-            .unwrap_or_default();
-        if job["status"] == "concluded" {
-            assert!(job["error"].is_null(), "the backup job failed: {job}");
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    let outcome = qmp
+        .wait_job("bench-job", COMMAND_TIMEOUT)
+        .await
+        .expect("wait for the backup job");
+    assert!(outcome.error.is_none(), "the backup job failed: {outcome:?}");
     let secs = started.elapsed().as_secs_f64();
     let _ = qmp
         .execute_raw("job-dismiss", Some(json!({ "id": "bench-job" })))

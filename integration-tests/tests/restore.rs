@@ -6,6 +6,7 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
 use integration_tests::repo::TestRepo;
@@ -328,6 +329,13 @@ async fn restore_refuses_to_overwrite_and_names_near_matches() {
     );
     assert_eq!(std::fs::read(&file).unwrap(), b"precious");
     restore(&repo, "clean", &file, &["--force"]).success();
+    // Not even --force replaces what is not a regular file (here a pipe; a device node alike).
+    let fifo = work.path().join("pipe");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let out = restore(&repo, &node, &fifo, &["--force"]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("not a regular file"), "{}", out.stderr);
+    assert!(std::fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo());
 
     let out = restore(&repo, "0002", &work.path().join("x"), &[]);
     assert_eq!(out.code(), Some(2), "{out:?}");

@@ -82,6 +82,15 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     let disks = super::select_disks(&node, &opts.disks)?;
     let outputs = output_paths(&opts.to, &disks, opts.format)?;
     for path in &outputs {
+        // --force replaces a file; it must never unlink a device node, a pipe or a socket in its place.
+        if let Ok(meta) = std::fs::metadata(path) {
+            if !meta.is_file() {
+                bail!(Exit::usage(format!(
+                    "{} exists and is not a regular file: restore writes new image files, choose another --to",
+                    path.display()
+                )));
+            }
+        }
         if path.exists() && !opts.force {
             bail!(Exit::usage(format!(
                 "{} exists: choose another --to or pass --force to overwrite it",

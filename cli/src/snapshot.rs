@@ -4,7 +4,8 @@
 //! below are frozen and become the increments of a `snapshot` node, recorded with where they live (host, path,
 //! predecessor). No data is copied, so it takes milliseconds whatever the disk size. Overlays are created next
 //! to the disk images and named `<stem>.qmpbak-<chain>-<node>[.<n>].qcow2`: the node a file's writes start
-//! from can be read from its name, which makes the next snapshot that node's child.
+//! from can be read from its name, which makes the next snapshot that node's child. qmpbak's dirty bitmaps are
+//! carried onto the overlays in the same transaction, so backups go on with bitmap incrementals.
 //!
 //! `revert`: with the VM paused, each disk gets a new overlay on top of the time point's frozen file, and a
 //! `blockdev-mirror sync=none` job whose completion pivots the device onto it. The writes made since are
@@ -23,6 +24,7 @@ use chain::{
     RelPath,
 };
 
+use crate::bitmaps::BitmapName;
 use crate::cleanup;
 use crate::exit::Exit;
 use crate::graph::short_name;
@@ -231,6 +233,15 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
             actions.push(
                 json!({ "type": "blockdev-snapshot", "data": { "node": d.node_name, "overlay": name } }),
             );
+            // qmpbak's bitmaps move up with the disk: each is added to the overlay and filled from the frozen
+            // top in the same transaction (no write falls between), so the next backup still knows everything
+            // written since its base, before the time point and after it.
+            for b in d.bitmaps.iter().filter(|b| carried(b, &chain_id)) {
+                actions.push(json!({ "type": "block-dirty-bitmap-add",
+                    "data": { "node": name, "name": b.name, "persistent": true, "granularity": b.granularity } }));
+                actions.push(json!({ "type": "block-dirty-bitmap-merge",
+                    "data": { "node": name, "target": b.name, "bitmaps": [{ "node": d.node_name, "name": b.name }] } }));
+            }
         }
         let t = Instant::now();
         qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
@@ -283,6 +294,16 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
         copied: opts.copy && vm.node_dir(&node).exists(),
         duration_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Whether a bitmap of the disk moves onto a new overlay: one of this chain's, and sound (a busy, disabled or
+/// inconsistent one would carry a wrong record; without it the next backup compares checking tables instead).
+fn carried(b: &inspect::BitmapInfo, chain_id: &str) -> bool {
+    BitmapName::parse(&b.name).is_some_and(|n| n.chain_id == chain_id)
+        && b.persistent
+        && b.recording
+        && !b.busy
+        && !b.inconsistent
 }
 
 /// Copies each frozen increment into the repository: on top of the parent's copy when there is one (the qcow2

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
-use integration_tests::{MIB, TestVm, image};
+use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "vm1";
 const DISKS: [&str; 2] = ["disk0", "disk1"];
@@ -264,4 +264,41 @@ async fn a_backup_of_one_disk_holds_that_disk_and_the_next_of_all_disks_is_a_ful
     assert_node_equals(&repo, &full_id, &full_refs);
     let manifest = repo.manifest(VM);
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
+}
+
+#[tokio::test]
+async fn after_a_snapshot_the_next_backup_is_still_a_bitmap_incremental() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    repo.backup(&vm, VM, &[]);
+    // Written before the time point (in its frozen file) and after it (in the new overlay).
+    vm.write_pattern("disk0", 0x22, 4 * MIB, MIB).await;
+    cli::run_owned(&repo.socket_args(&vm.socket(), VM, &["snapshot", "--tag", "tp"])).success();
+    vm.write_pattern("disk1", 0x33, 8 * MIB, MIB).await;
+
+    let refs = capture(&vm, refs_dir.path(), "after").await;
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(inc["level"], "incremental", "{inc}");
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    let copied: Vec<u64> = inc["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["copied_bytes"].as_u64().unwrap())
+        .collect();
+    assert_eq!(copied, [MIB, MIB], "both writes and nothing else: {inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    // And the chain of bitmaps goes on from there.
+    let next = repo.backup(&vm, VM, &[]);
+    assert_eq!(next["method"], "bitmap", "{next}");
+    assert!(
+        next["disks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|d| d["copied_bytes"] == 0),
+        "{next}"
+    );
 }

@@ -430,7 +430,7 @@ impl Run<'_> {
     /// manifest write. Returns the disks' figures and the seconds spent building tables.
     async fn complete(&mut self, copied: &Copied) -> Result<(Vec<DiskReport>, f64)> {
         let started = Instant::now();
-        // The node files' writeback runs while the tables are built (they read the files from the page cache).
+        // The node files are synced while the tables are built (which read them from the page cache).
         let files = self
             .targets
             .iter()

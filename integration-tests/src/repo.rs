@@ -123,6 +123,17 @@ impl TestRepo {
     }
 }
 
+/// The `copied_bytes` of each disk in a `qmpbak backup --json` report, in the report's order.
+#[track_caller]
+pub fn copied_bytes(report: &serde_json::Value) -> Vec<u64> {
+    report["disks"]
+        .as_array()
+        .unwrap_or_else(|| panic!("backup report without disks: {report}"))
+        .iter()
+        .map(|d| d["copied_bytes"].as_u64().expect("copied_bytes"))
+        .collect()
+}
+
 /// Asserts that QEMU has no jobs and no block nodes but the VM's own, and that every qmpbak bitmap on the
 /// VM's disks is one of `expected_bitmaps`.
 pub async fn assert_no_leftovers(vm: &TestVm, expected_bitmaps: &[String]) {

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
+use integration_tests::repo::{TestRepo, assert_no_leftovers, copied_bytes, expected_bitmaps};
 use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "vm1";
@@ -282,12 +282,7 @@ async fn after_a_snapshot_the_next_backup_is_still_a_bitmap_incremental() {
     let inc = repo.backup(&vm, VM, &[]);
     assert_eq!(inc["level"], "incremental", "{inc}");
     assert_eq!(inc["method"], "bitmap", "{inc}");
-    let copied: Vec<u64> = inc["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["copied_bytes"].as_u64().unwrap())
-        .collect();
+    let copied = copied_bytes(&inc);
     assert_eq!(copied, [MIB, MIB], "both writes and nothing else: {inc}");
     assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
     // And the chain of bitmaps goes on from there.

@@ -9,7 +9,7 @@
 use std::os::unix::fs::FileTypeExt;
 use std::path::{Path, PathBuf};
 
-use integration_tests::repo::TestRepo;
+use integration_tests::repo::{TestRepo, copied_bytes};
 use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_CRASH_TIMEOUT, CLI_TIMEOUT, NBD_CONNECT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
 use qmp::EventFilter;
@@ -449,12 +449,7 @@ async fn the_first_incremental_after_a_live_restore_copies_only_the_guests_write
     let inc = repo.backup(&vm, VM, &[]);
     assert_eq!(inc["level"], "incremental", "{inc}");
     assert_eq!(inc["method"], "bitmap", "{inc}");
-    let copied: Vec<u64> = inc["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["copied_bytes"].as_u64().unwrap())
-        .collect();
+    let copied = copied_bytes(&inc);
     // The stream's own writes do not mark the new bitmap (QEMU's copy-on-read path): only the guest's do.
     assert_eq!(copied, [2 * MIB, 0], "only the guest's writes are copied: {inc}");
     assert_restores_exactly(&repo, inc["node"].as_str().unwrap(), &refs, work.path());

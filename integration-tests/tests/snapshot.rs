@@ -18,6 +18,17 @@ fn run(a: &[String]) -> serde_json::Value {
     cli::run_owned(a).success().json()
 }
 
+/// Runs `qmpbak commit NODE` killed right after its first disk's commit; its record is left behind.
+fn commit_killed_after_one_disk(repo: &TestRepo, vm: &TestVm, node: &str) {
+    cli::run_crashing_at(
+        &args(repo, vm, &["commit", node]),
+        "commit-disk-done",
+        CLI_CRASH_TIMEOUT,
+    )
+    .assert_crashed_at("commit-disk-done");
+    assert_eq!(repo.manifest(VM).operations.len(), 1);
+}
+
 async fn depth(vm: &TestVm, id: &str) -> u64 {
     let blocks = vm.qmp().execute_raw("query-block", None).await.unwrap();
     let qdev = format!("/machine/peripheral/{id}/");
@@ -207,13 +218,7 @@ async fn a_commit_killed_midway_is_finished_from_its_record() {
         run(&args(&repo, &vm, &["snapshot", "--tag", tag]));
     }
     let c_ref = refs.path().join("c.qcow2");
-    cli::run_crashing_at(
-        &args(&repo, &vm, &["commit", "c"]),
-        "commit-disk-done",
-        CLI_CRASH_TIMEOUT,
-    )
-    .assert_crashed_at("commit-disk-done");
-    assert_eq!(repo.manifest(VM).operations.len(), 1);
+    commit_killed_after_one_disk(&repo, &vm, "c");
     assert!(vm.running().await);
 
     // The next command finds the record, sees the commit happened in QEMU, and brings the manifest up to date.
@@ -260,13 +265,7 @@ async fn a_commit_killed_between_two_disks_is_finished_not_abandoned() {
     }
     let at_c = vm.capture_references(&["disk0", "disk1"], refs.path(), "c").await;
     // disk0's increment is in b's file now, disk1's is not.
-    cli::run_crashing_at(
-        &args(&repo, &vm, &["commit", "c"]),
-        "commit-disk-done",
-        CLI_CRASH_TIMEOUT,
-    )
-    .assert_crashed_at("commit-disk-done");
-    assert_eq!(repo.manifest(VM).operations.len(), 1);
+    commit_killed_after_one_disk(&repo, &vm, "c");
 
     // A commit cannot be undone: cleanup commits disk1 too and brings the manifest up to date.
     let cleaned = run(&args(&repo, &vm, &["cleanup"]));

@@ -332,8 +332,7 @@ async fn copy_into_repo(
         .map(|d| vm.resolve(&d.file))
         .collect::<Result<Vec<_>, _>>()?;
     let writeback = crate::writeback::EarlyWriteback::start(files.clone());
-    for d in &n.disks {
-        let dst = vm.resolve(&d.file)?;
+    for (d, dst) in n.disks.iter().zip(&files) {
         let frozen = Path::new(&d.location.path);
         let stacked = parent_copied(&d.disk).is_some();
         let mut cmd = std::process::Command::new(&bins.img);
@@ -355,7 +354,7 @@ async fn copy_into_repo(
             cmd.args(["convert", "-U", "-O", "qcow2"]).arg(frozen);
         }
         let out = cmd
-            .arg(&dst)
+            .arg(dst)
             .output()
             .with_context(|| format!("running {}", bins.img.display()))?;
         if !out.status.success() {
@@ -365,7 +364,7 @@ async fn copy_into_repo(
                 String::from_utf8_lossy(&out.stderr).trim()
             );
         }
-        std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(0o600))?;
+        std::fs::set_permissions(dst, std::fs::Permissions::from_mode(0o600))?;
         on_parent.push(stacked);
     }
     writeback.stop();

@@ -34,12 +34,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     run.transaction(actions, "starting the backup jobs (QMP transaction)")
         .await?;
     crate::crashpoint::crashpoint("backup-jobs-started");
-    let files = run
-        .targets
-        .iter()
-        .map(|t| run.vm.resolve(&t.file))
-        .collect::<Result<Vec<_>, _>>()?;
-    let writeback = crate::writeback::EarlyWriteback::start(files);
+    let writeback = crate::writeback::EarlyWriteback::start(run.target_files()?);
     let outcome = tokio::select! {
         outcome = wait_jobs(run, &jobs) => outcome,
         () = run.interrupt.wait() => {

@@ -125,6 +125,15 @@ impl Run<'_> {
         crate::graph::short_name(&self.manifest.chain_id, what, self.node.as_str(), disk)
     }
 
+    /// The paths of the new node's files, one per target.
+    fn target_files(&self) -> Result<Vec<PathBuf>> {
+        Ok(self
+            .targets
+            .iter()
+            .map(|t| self.vm.resolve(&t.file))
+            .collect::<Result<Vec<_>, _>>()?)
+    }
+
     /// The bitmap a disk's copy reads: relative to the plan's parent.
     pub fn base_bitmap(&self) -> Option<String> {
         let parent = self.plan.parent.as_ref()?;
@@ -431,11 +440,7 @@ impl Run<'_> {
     async fn complete(&mut self, copied: &Copied) -> Result<(Vec<DiskReport>, f64)> {
         let started = Instant::now();
         // The node files are synced while the tables are built (which read them from the page cache).
-        let files = self
-            .targets
-            .iter()
-            .map(|t| self.vm.resolve(&t.file))
-            .collect::<Result<Vec<_>, _>>()?;
+        let files = self.target_files()?;
         // QEMU wrote them with `cache.no-flush` (see [`jobs`]): until this is done they may be only in memory.
         let sync = tokio::task::spawn_blocking(move || chain::store::sync_files(&files));
         let tables = match &copied.tables {

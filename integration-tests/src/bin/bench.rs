@@ -808,6 +808,14 @@ impl Tools {
     }
 
     /// An offline restore of `node` into the new directory `to`.
+    /// Times `qemu-img convert -O qcow2` of `src` into the new file `out`, then an fsync of `out`; returns the
+    /// seconds of the convert alone and of both (a copy that survives a crash).
+    fn convert_then_sync(&self, src: &Path, out: &Path) -> (f64, f64) {
+        let convert = measure(&self.qemu_img, &["convert", "-U", "-O", "qcow2", s(src), s(out)]).ok();
+        let sync = measure_now(Path::new("sync"), &[s(out)]).ok();
+        (convert.secs, convert.secs + sync.secs)
+    }
+
     fn restore(&self, repo: &Path, node: &str, to: &Path) -> Measured {
         fs::create_dir_all(to).expect("create restore directory");
         self.qmpbak(&[
@@ -1000,14 +1008,9 @@ impl Bench<'_> {
         let mut cp = Vec::new();
         for _ in 0..runs {
             let _ = fs::remove_file(&out);
-            let m = measure(
-                &self.tools.qemu_img,
-                &["convert", "-U", "-O", "qcow2", s(&image), s(&out)],
-            )
-            .ok();
-            let sync = measure_now(Path::new("sync"), &[s(&out)]).ok();
-            fsync.push(m.secs + sync.secs);
-            convert.push(m.secs);
+            let (plain, synced) = self.tools.convert_then_sync(&image, &out);
+            convert.push(plain);
+            fsync.push(synced);
             let _ = fs::remove_file(&out);
             cp.push(
                 measure(Path::new("cp"), &["--sparse=always", s(&image), s(&out)])
@@ -1265,14 +1268,9 @@ impl Bench<'_> {
             restore.push(m.secs);
             fs::remove_dir_all(&dir).expect("remove restore output");
             let out = self.work.join("restore-convert.qcow2");
-            let m = measure(
-                &self.tools.qemu_img,
-                &["convert", "-U", "-O", "qcow2", s(&top_file), s(&out)],
-            )
-            .ok();
-            let sync = measure_now(Path::new("sync"), &[s(&out)]).ok();
-            convert.push(m.secs);
-            convert_fsync.push(m.secs + sync.secs);
+            let (plain, synced) = self.tools.convert_then_sync(&top_file, &out);
+            convert.push(plain);
+            convert_fsync.push(synced);
             fs::remove_file(&out).expect("remove convert output");
         }
         let restore = self.report.add(
@@ -1591,7 +1589,8 @@ impl Bench<'_> {
 }
 
 /// Runs one `blockdev-backup sync=full` of the VM's disk into a new qcow2 at `target` through the fixture's QMP
-/// connection, with `x-perf` options if given; returns the seconds from starting the job until it concluded.
+/// connection, with the target's `cache` options and the job's `x-perf` options if given; returns the seconds
+/// from starting the job until it concluded.
 async fn backup_job(vm: &TestVm, target: &Path, cache: Option<Value>, perf: Option<Value>) -> f64 {
     let qmp = vm.qmp();
     let size = vm.disks()[0].size;

@@ -129,6 +129,7 @@ impl Repository {
                     .map_err(Error::io("set permissions of", path))?;
             }
         }
+        let path = &absolute_dir(path)?;
         let settings_path = path.join(SETTINGS_FILE);
         let bytes = settings_bytes(&settings, &settings_path)?;
         store::write_atomic_with(&settings_path, false, |w| w.write_all(&bytes)).map_err(|e| match e {
@@ -145,9 +146,15 @@ impl Repository {
         })
     }
 
-    /// Opens an existing repository.
+    /// Opens an existing repository. Its path is made absolute and free of symlinks first
+    /// ([`absolute_dir`]): every path derived from it may be handed to QEMU, whose working directory is not ours.
     pub fn open(path: impl AsRef<Path>) -> Result<Repository> {
-        let path = path.as_ref();
+        let path = &absolute_dir(path.as_ref()).map_err(|e| match e {
+            Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound => Error::NotARepository {
+                path: path.as_ref().to_owned(),
+            },
+            other => other,
+        })?;
         let settings_path = path.join(SETTINGS_FILE);
         let bytes = match fs::read(&settings_path) {
             Ok(bytes) => bytes,
@@ -265,6 +272,13 @@ impl Repository {
         names.sort();
         Ok(names)
     }
+}
+
+/// The absolute, symlink-free form of an existing directory. A relative repository path would be resolved
+/// again in each process that is handed a path below it: QEMU resolves it in its own working directory, which
+/// may hold another repository.
+pub fn absolute_dir(path: &Path) -> Result<PathBuf> {
+    fs::canonicalize(path).map_err(Error::io("resolve", path))
 }
 
 /// Whether a VM directory holds nothing but what an interrupted `create_vm` or a lock leaves: the lock file,

@@ -184,6 +184,9 @@ impl TestVm {
             ));
         }
         cmd.args(&config.extra_args);
+        // QEMU works in its own directory, as a real one does (not the test's): a relative path that qmpbak
+        // handed on would be resolved there.
+        cmd.current_dir(dir.path());
         cmd.stdin(Stdio::null())
             .stdout(File::create(dir.path().join("qemu.stdout")).expect("create qemu.stdout"))
             .stderr(File::create(dir.path().join("qemu.stderr")).expect("create qemu.stderr"));

@@ -91,3 +91,64 @@ async fn a_socket_the_user_may_not_open_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_relative_repository_path_never_reaches_another_repository_through_qemu() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    // QEMU works in the VM's directory; a repository of the same relative name lives there too.
+    let victim = TestRepo::at(vm.dir().join("relrepo"));
+    cli::run(&["init", victim.path().to_str().unwrap()]).success();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    let victim_node = victim.backup_node(&vm, "vm1", &[]);
+    let victim_file = victim.node_file("vm1", &victim_node, "disk0");
+    let victim_copy = vm.dir().join("victim-copy.qcow2");
+    std::fs::copy(&victim_file, &victim_copy).unwrap();
+
+    // Our repository: `relrepo` again, relative to qmpbak's own working directory.
+    let work = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x22, 0, 4 * MIB).await;
+    let reference = work.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let socket = vm.socket();
+    let run = |args: &[&str]| {
+        let mut cmd = cli::command(args);
+        cmd.current_dir(work.path());
+        cli::wait(cmd.spawn().unwrap(), integration_tests::timeouts::CLI_TIMEOUT)
+    };
+    run(&["init", "relrepo"]).success();
+    let out = run(&[
+        "backup",
+        "--socket",
+        socket.to_str().unwrap(),
+        "--repo",
+        "relrepo",
+        "--vm",
+        "vm1",
+        "--level",
+        "full",
+        "--json",
+    ])
+    .success();
+    let node = out.json()["node"].as_str().unwrap().to_owned();
+    assert_eq!(
+        node, victim_node,
+        "the same node id in both repositories makes the test meaningful"
+    );
+
+    // The other repository's file is untouched; ours holds the disk as it was.
+    image::assert_same(&victim_copy, &victim_file);
+    let ours = TestRepo::at(work.path().join("relrepo"));
+    image::assert_same(&reference, &ours.node_file("vm1", &node, "disk0"));
+    run(&[
+        "restore",
+        &node,
+        "--repo",
+        "relrepo",
+        "--vm",
+        "vm1",
+        "--to",
+        "out.qcow2",
+    ])
+    .success();
+    image::assert_same(&reference, &work.path().join("out.qcow2"));
+}

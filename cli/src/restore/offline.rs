@@ -164,6 +164,8 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
 
 /// Where each disk's image goes.
 fn output_paths(to: &Path, disks: &[String], format: Format) -> Result<Vec<PathBuf>> {
+    // qemu-img is handed these paths: absolute, so that no working directory decides where they go.
+    let to = &std::path::absolute(to).with_context(|| format!("resolving {}", to.display()))?;
     let as_dir = to.is_dir() || disks.len() > 1 || to.as_os_str().to_string_lossy().ends_with('/');
     if as_dir {
         if !to.exists() {

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use crate::children::{self, Owned};
 use anyhow::{Context, Result, bail};
 use tempfile::TempDir;
 use tokio::net::UnixListener;
-use tokio::process::{Child, Command};
 
 use crate::qemu_bins::QemuBins;
 
@@ -20,9 +20,9 @@ pub const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one NBD connection may take to negotiate.
 pub const NBD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A running `qemu-storage-daemon`; killed when dropped.
+/// A running `qemu-storage-daemon`; killed and reaped when dropped.
 pub struct StorageDaemon {
-    child: Child,
+    child: Owned,
     qmp: qmp::Qmp,
     nbd_socket: PathBuf,
     // Holds the sockets; removed with the daemon.
@@ -32,26 +32,23 @@ pub struct StorageDaemon {
 impl StorageDaemon {
     /// Starts a daemon with an NBD server on a private unix socket.
     pub async fn start(bins: &QemuBins) -> Result<StorageDaemon> {
-        let dir = tempfile::Builder::new()
-            .prefix("qmpbak-qsd-")
-            .tempdir()
-            .context("creating a socket directory")?;
+        let dir = private_temp_dir("qmpbak-qsd-")?;
         let monitor = dir.path().join("monitor.sock");
         let nbd_socket = dir.path().join("nbd.sock");
         let listener =
             UnixListener::bind(&monitor).with_context(|| format!("listening on {}", monitor.display()))?;
-        let mut child = Command::new(&bins.storage_daemon)
-            .arg("--chardev")
-            .arg(format!("socket,id=qmpbak,path={}", monitor.display()))
-            .args(["--monitor", "chardev=qmpbak"])
-            .arg("--nbd-server")
-            .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {}", bins.storage_daemon.display()))?;
+        let mut child = children::spawn(
+            children::command(&bins.storage_daemon)
+                .arg("--chardev")
+                .arg(format!("socket,id=qmpbak,path={}", monitor.display()))
+                .args(["--monitor", "chardev=qmpbak"])
+                .arg("--nbd-server")
+                .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped()),
+        )
+        .with_context(|| format!("starting {}", bins.storage_daemon.display()))?;
         let accepted = tokio::select! {
             accepted = tokio::time::timeout(DAEMON_START_TIMEOUT, listener.accept()) => accepted,
             status = child.wait() => {
@@ -120,10 +117,25 @@ impl StorageDaemon {
     }
 }
 
-async fn read_stderr(child: &mut Child) -> String {
+/// A new temporary directory that only its owner may enter (0700, whatever the umask), for sockets that
+/// serve guest data: a socket's own mode is not enough, QEMU creates some of them with its own umask.
+pub fn private_temp_dir(prefix: &str) -> Result<TempDir> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir()
+        .context("creating a socket directory")?;
+    // The mode given at creation is masked by the umask; this one is not.
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("setting the mode of {}", dir.path().display()))?;
+    Ok(dir)
+}
+
+async fn read_stderr(child: &mut Owned) -> String {
     use tokio::io::AsyncReadExt as _;
     let mut out = String::new();
-    if let Some(mut stderr) = child.stderr.take() {
+    if let Some(mut stderr) = child.stderr() {
         let _ = tokio::time::timeout(Duration::from_secs(2), stderr.read_to_string(&mut out)).await;
     }
     out.trim().to_owned()

@@ -13,7 +13,6 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -47,7 +46,7 @@ pub fn chain_files(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str)
 /// `qemu-img map --output=json` of the image `spec`; `force_share` (`-U`) reads it even where another process
 /// holds it open for writing.
 pub(crate) fn qemu_img_map(bins: &QemuBins, spec: &Value, force_share: bool) -> Result<Vec<MapEntry>> {
-    let mut cmd = Command::new(&bins.img);
+    let mut cmd = crate::children::std_command(&bins.img);
     cmd.args(["map", "--output=json"]);
     if force_share {
         cmd.arg("-U");

@@ -27,6 +27,9 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
+    // Everything qmpbak and its children create holds or serves guest data: private to the owner whatever
+    // umask the caller has (a umask of 000 would make sockets and images world-accessible).
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
@@ -35,7 +38,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cli.command.run()) {
+    let result = runtime.block_on(cli.command.run());
+    // Hashing threads of an interrupted or failed run may still be reading: they are not waited for.
+    runtime.shutdown_background();
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let code = qmpbak::exit::classify(&err);

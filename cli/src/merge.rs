@@ -128,6 +128,7 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
         .collect::<chain::Result<_>>()?;
     let flattened = async {
         let daemon = StorageDaemon::start(&bins).await?;
+        crate::crashpoint::pause_point("merge-copying").await;
         let mut result = Ok(());
         for (i, (disk, temp)) in node.disks.iter().zip(&temp_paths).enumerate() {
             progress.phase(&format!("flattening disk {} of {}", disk.disk, node.id));

@@ -12,7 +12,6 @@
 
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
@@ -76,7 +75,7 @@ pub struct Leftovers {
 }
 
 /// Prunes a VM's tree by `opts.policy`.
-pub fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport> {
+pub async fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport> {
     if opts.policy.is_empty() {
         bail!(Exit::usage(
             "prune needs a policy: give --keep-last, --keep-daily, --keep-weekly, --keep-monthly or --keep-tag"
@@ -167,7 +166,7 @@ pub fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport
                         .map(|m| m.into.join(", "))
                         .unwrap_or_default()
                 ));
-                run.merge_into_children(&decision.node)?;
+                run.merge_into_children(&decision.node).await?;
             }
             Action::Keep | Action::Skip => {}
         }
@@ -287,6 +286,28 @@ pub fn finish_leftovers(vm: &VmStore, manifest: &mut Manifest, guard: &LockGuard
     Ok(leftovers)
 }
 
+/// After a prune or merge was stopped by SIGINT/SIGTERM (its children reaped, its lock released): finishes its
+/// operation record at once, as the next prune or merge would, and returns `err` saying what was done.
+pub fn finish_interrupted(repo: &Path, vm: &str, err: anyhow::Error) -> anyhow::Error {
+    let finish = || -> Result<Leftovers> {
+        let repo = Repository::open(repo)?;
+        let vm = repo.vm(vm)?;
+        let guard = vm.lock_exclusive(LockWait::NoWait, "prune")?;
+        let mut manifest = vm.load()?;
+        finish_leftovers(&vm, &mut manifest, &guard)
+    };
+    match finish() {
+        Ok(left) if left.operations.is_empty() => err,
+        Ok(left) => err.context(format!(
+            "finished its record: removed {} file(s) that had already left the tree",
+            left.files.len()
+        )),
+        Err(e) => err.context(format!(
+            "its record stays and the next prune or merge finishes it ({e:#})"
+        )),
+    }
+}
+
 /// A prune being carried out.
 struct Run<'a> {
     vm: &'a VmStore,
@@ -319,7 +340,7 @@ impl Run<'_> {
 
     /// Each child of `id` absorbs its layer (`qemu-img rebase` onto `id`'s own backing); then `id` leaves the
     /// manifest, its children moving up to its parent (a child of a root becomes a full), and its files go.
-    fn merge_into_children(&mut self, id: &NodeId) -> Result<()> {
+    async fn merge_into_children(&mut self, id: &NodeId) -> Result<()> {
         let node = self
             .manifest
             .node(id)
@@ -349,8 +370,8 @@ impl Run<'_> {
                 }
                 let path = self.vm.resolve(&disk.file)?;
                 let before = allocated(&path)?;
-                repair_header(&self.bins, &path, Some(backing))?;
-                rebase(&self.bins, &path, layer.backing.as_ref())?;
+                repair_header(&self.bins, &path, Some(backing)).await?;
+                rebase(&self.bins, &path, layer.backing.as_ref()).await?;
                 self.rebased += 1;
                 if self.rebased == 1 {
                     crashpoint("prune-rebased");
@@ -461,7 +482,7 @@ pub fn allocated(path: &Path) -> Result<u64> {
 
 /// The backing file name in a qcow2 header (`None` for a standalone image).
 pub fn header_backing(bins: &QemuBins, path: &Path) -> Result<Option<String>> {
-    let out = Command::new(&bins.img)
+    let out = crate::children::std_command(&bins.img)
         .args(["info", "-U", "--output=json"])
         .arg(path)
         .output()
@@ -486,35 +507,44 @@ fn header_form(backing: &RelPath) -> String {
 /// change only). They differ only after an interrupted prune or merge, where the image reads the same over
 /// either: a child that absorbed its parent before the manifest said so, or a merged node that is complete by
 /// itself.
-fn repair_header(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
+async fn repair_header(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
     let want = backing.map(header_form);
     if header_backing(bins, path)? == want {
         return Ok(());
     }
-    let mut cmd = Command::new(&bins.img);
+    let mut cmd = crate::children::command(&bins.img);
     cmd.args(["rebase", "-q", "-u", "-f", "qcow2"]);
     match &want {
         Some(b) => cmd.args(["-F", "qcow2", "-b", b]),
         None => cmd.args(["-b", ""]),
     };
-    run_img(cmd.arg(path), bins, path)
+    run_img(cmd.arg(path), bins, path).await
 }
 
 /// `qemu-img rebase` (safe mode) of `path` onto `backing`, or onto nothing: copies into the image whatever
 /// reads differently through the new backing chain, then rewrites its header.
-pub fn rebase(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
-    let mut cmd = Command::new(&bins.img);
+///
+/// The child is owned ([`crate::children`]): if the prune is stopped, it is killed and reaped before the lock
+/// goes. A half-rebased image still reads correctly through its old backing file.
+pub async fn rebase(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
+    let mut cmd = crate::children::command(&bins.img);
     cmd.args(["rebase", "-q", "-f", "qcow2"]);
     match backing {
         Some(b) => cmd.args(["-F", "qcow2", "-b", &header_form(b)]),
         None => cmd.args(["-b", ""]),
     };
-    run_img(cmd.arg(path), bins, path)
+    run_img(cmd.arg(path), bins, path).await
 }
 
-fn run_img(cmd: &mut Command, bins: &QemuBins, path: &Path) -> Result<()> {
-    let out = cmd
+async fn run_img(cmd: &mut tokio::process::Command, bins: &QemuBins, path: &Path) -> Result<()> {
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child = crate::children::spawn(cmd).with_context(|| format!("running {}", bins.img.display()))?;
+    crate::crashpoint::pause_point("prune-rebasing").await;
+    let out = child
         .output()
+        .await
         .with_context(|| format!("running {}", bins.img.display()))?;
     if !out.status.success() {
         bail!(

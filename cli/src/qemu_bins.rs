@@ -39,7 +39,7 @@ impl QemuBins {
     ) -> anyhow::Result<()> {
         use anyhow::Context as _;
         use std::os::unix::fs::PermissionsExt as _;
-        let mut cmd = std::process::Command::new(&self.img);
+        let mut cmd = crate::children::std_command(&self.img);
         cmd.args(["create", "-q", "-f", "qcow2"]);
         if let Some(backing) = backing {
             cmd.args(["-u", "-F", "qcow2", "-b", backing]);

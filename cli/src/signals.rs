@@ -1,6 +1,8 @@
 //! SIGINT and SIGTERM as a value: long operations check or await it at safe points, cancel what they started,
 //! clean up, and exit with the "interrupted" code instead of dying with QEMU jobs and files half made.
 
+use std::future::Future;
+
 use anyhow::{Context, Result};
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::Mutex;
@@ -44,6 +46,21 @@ impl Interrupt {
             biased;
             () = self.wait() => true,
             () = std::future::ready(()) => false,
+        }
+    }
+
+    /// Runs `work` unless SIGINT or SIGTERM comes first. Then `work` is dropped where it stands: the children
+    /// it started are killed and reaped ([`crate::children::Owned`]), the guards of its partial outputs remove
+    /// them, its locks are released last; the result is the "interrupted" error (exit 130), which says `what`
+    /// was stopped.
+    pub async fn run<T>(&self, work: impl Future<Output = Result<T>>, what: &str) -> Result<T> {
+        tokio::select! {
+            result = work => result,
+            () = self.wait() => Err(crate::exit::Exit::new(
+                crate::exit::ExitCode::Interrupted,
+                format!("interrupted: {what}"),
+            )
+            .into()),
         }
     }
 }

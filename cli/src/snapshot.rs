@@ -335,7 +335,7 @@ async fn copy_into_repo(
     for (d, dst) in n.disks.iter().zip(&files) {
         let frozen = Path::new(&d.location.path);
         let stacked = parent_copied(&d.disk).is_some();
-        let mut cmd = std::process::Command::new(&bins.img);
+        let mut cmd = crate::children::command(&bins.img);
         if stacked {
             // The increment alone, then its header pointed at the parent's copy.
             cmd.args(["convert", "-U", "-O", "qcow2", "-B"])
@@ -353,9 +353,8 @@ async fn copy_into_repo(
         } else {
             cmd.args(["convert", "-U", "-O", "qcow2"]).arg(frozen);
         }
-        let out = cmd
-            .arg(dst)
-            .output()
+        let out = crate::children::output(cmd.arg(dst))
+            .await
             .with_context(|| format!("running {}", bins.img.display()))?;
         if !out.status.success() {
             bail!(

@@ -79,6 +79,7 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     }
     let bins = QemuBins::from_env();
     let daemon = StorageDaemon::start(&bins).await?;
+    crate::crashpoint::pause_point("verify-reading").await;
     let mut verdicts = Vec::new();
     for (n, id) in ids.iter().enumerate() {
         let node = manifest.node(id).context("node vanished")?;

@@ -3,11 +3,12 @@
 //! qmpbak`; scripts/test does).
 
 use std::io::Read;
+use std::path::Path;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::timeouts::CLI_TIMEOUT;
+use crate::timeouts::{CLI_TIMEOUT, PAUSE_REACHED_TIMEOUT};
 
 /// Path of the `qmpbak` binary built for this test run.
 pub fn qmpbak_bin() -> PathBuf {
@@ -140,5 +141,149 @@ pub fn wait(mut child: Child, timeout: Duration) -> Output {
         status,
         stdout: out_reader.join().unwrap_or_default(),
         stderr: err_reader.join().unwrap_or_default(),
+    }
+}
+
+/// A `qmpbak` run held at a pause point (`QMPBAK_PAUSE_AT`): the test acts on it (a signal, a look at what
+/// exists) and then collects its output.
+pub struct Paused {
+    child: Child,
+    stderr: std::sync::mpsc::Receiver<String>,
+    seen: Vec<String>,
+}
+
+/// Starts `qmpbak ARGS` with `QMPBAK_PAUSE_AT=POINT` and the extra environment `env`, and returns once it says
+/// it reached the point (within [`PAUSE_REACHED_TIMEOUT`]). `umask`, when given, is set for the run.
+pub fn run_paused_at(args: &[String], point: &str, env: &[(&str, &Path)], umask: Option<u32>) -> Paused {
+    let mut cmd = match umask {
+        Some(mask) => {
+            let mut sh = Command::new("sh");
+            sh.arg("-c")
+                .arg(format!("umask {mask:03o} && exec \"$0\" \"$@\""))
+                .arg(qmpbak_bin())
+                .args(args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped());
+            sh
+        }
+        None => command_owned(args),
+    };
+    cmd.env("QMPBAK_PAUSE_AT", point);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn qmpbak");
+    let stderr = child.stderr.take().expect("piped stderr");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut paused = Paused {
+        child,
+        stderr: rx,
+        seen: Vec::new(),
+    };
+    let marker = format!("paused at {point}");
+    let deadline = Instant::now() + PAUSE_REACHED_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Ok(line) = paused.stderr.recv_timeout(left) else {
+            let _ = paused.child.kill();
+            panic!(
+                "qmpbak did not reach pause point {point} within {PAUSE_REACHED_TIMEOUT:?}; stderr:\n{}",
+                paused.seen.join("\n")
+            );
+        };
+        let reached = line.contains(&marker);
+        paused.seen.push(line);
+        if reached {
+            return paused;
+        }
+    }
+}
+
+impl Paused {
+    pub fn pid(&self) -> i32 {
+        i32::try_from(self.child.id()).expect("pid fits")
+    }
+
+    /// Sends `signal` to the paused `qmpbak` (only to it, not to its children).
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), signal).expect("send signal");
+    }
+
+    /// Waits for the run to end (within [`CLI_TIMEOUT`]) and returns its output.
+    pub fn finish(mut self) -> Output {
+        let mut stdout = self.child.stdout.take().expect("piped stdout");
+        let out_reader = std::thread::spawn(move || {
+            let mut s = String::new();
+            let _ = stdout.read_to_string(&mut s);
+            s
+        });
+        let deadline = Instant::now() + CLI_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for qmpbak") {
+                break status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "qmpbak did not finish within {CLI_TIMEOUT:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let mut stderr = self.seen.join("\n");
+        while let Ok(line) = self.stderr.recv_timeout(Duration::from_secs(1)) {
+            stderr.push('\n');
+            stderr.push_str(&line);
+        }
+        Output {
+            status,
+            stdout: out_reader.join().unwrap_or_default(),
+            stderr,
+        }
+    }
+}
+
+/// The pids of live processes (not zombies) whose command line mentions `marker`.
+pub fn processes_mentioning(marker: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return pids;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        // A zombie's command line is empty: it holds nothing open and writes nothing.
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else {
+            continue;
+        };
+        if String::from_utf8_lossy(&cmdline).contains(marker) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Waits (within `timeout`) until no live process mentions `marker`; panics naming them otherwise.
+pub fn assert_no_process_mentions(marker: &str, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let left = processes_mentioning(marker);
+        if left.is_empty() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "processes {left:?} mentioning {marker} still run {timeout:?} after qmpbak ended"
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

@@ -22,3 +22,5 @@ pub const NBD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Something that must happen at once (a waiter woken when QEMU dies, a second run refused by a lock): the
 /// bound is also what the test asserts.
 pub const PROMPT_TIMEOUT: Duration = Duration::from_secs(10);
+/// A `qmpbak` run told to pause at a step (`QMPBAK_PAUSE_AT`), until it says it is there.
+pub const PAUSE_REACHED_TIMEOUT: Duration = Duration::from_secs(120);

@@ -32,10 +32,7 @@ const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     jobs::create_target_files(run)?;
-    let sockdir = tempfile::Builder::new()
-        .prefix("qmpbak-nbd-")
-        .tempdir()
-        .context("creating a socket directory")?;
+    let sockdir = crate::daemon::private_temp_dir("qmpbak-nbd-")?;
     let socket = sockdir.path().join("nbd.sock");
     create_fleece_files(run)?;
     let result = fleece_and_copy(run, &socket).await;

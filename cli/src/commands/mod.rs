@@ -58,7 +58,7 @@ impl Command {
             Command::Init(args) => init::run(&args),
             Command::List(args) => list::run(&args),
             Command::Merge(args) => prune::merge(args).await,
-            Command::Prune(args) => prune::run(&args),
+            Command::Prune(args) => prune::run(&args).await,
             Command::Qmp(args) => qmp::run(args).await,
             Command::Restore(args) => restore::run(args).await,
             Command::Revert(args) => snapshot::revert(args).await,

@@ -56,7 +56,7 @@ pub struct MergeArgs {
     json: bool,
 }
 
-pub fn run(args: &Args) -> Result<()> {
+pub async fn run(args: &Args) -> Result<()> {
     let opts = PruneOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),
@@ -71,7 +71,20 @@ pub fn run(args: &Args) -> Result<()> {
         lock_wait: args.target.lock.lock_wait(),
     };
     let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
-    let report = prune::prune(&opts, &progress);
+    let interrupt = qmpbak::signals::Interrupt::new()?;
+    let report = interrupt
+        .run(
+            prune::prune(&opts, &progress),
+            "prune was stopped; every node left restores exactly",
+        )
+        .await;
+    let report = match report {
+        Err(e) if qmpbak::exit::classify(&e) == qmpbak::exit::ExitCode::Interrupted => {
+            progress.clear();
+            return Err(prune::finish_interrupted(&opts.repo, &opts.vm, e));
+        }
+        other => other,
+    };
     progress.clear();
     let report = report?;
     if args.json {
@@ -146,7 +159,20 @@ pub async fn merge(args: MergeArgs) -> Result<()> {
         lock_wait: args.target.lock.lock_wait(),
     };
     let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
-    let report = merge::merge(&opts, &progress).await;
+    let interrupt = qmpbak::signals::Interrupt::new()?;
+    let report = interrupt
+        .run(
+            merge::merge(&opts, &progress),
+            "merge was stopped; the node restores exactly as before",
+        )
+        .await;
+    let report = match report {
+        Err(e) if qmpbak::exit::classify(&e) == qmpbak::exit::ExitCode::Interrupted => {
+            progress.clear();
+            return Err(prune::finish_interrupted(&opts.repo, &opts.vm, e));
+        }
+        other => other,
+    };
     progress.clear();
     let report = report?;
     if args.json {

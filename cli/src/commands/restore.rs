@@ -105,7 +105,13 @@ pub async fn run(args: Args) -> Result<()> {
         set_current: args.set_current,
         lock_wait: args.target.lock.lock_wait(),
     };
-    let report = offline::restore(&opts).await?;
+    let interrupt = Interrupt::new()?;
+    let report = interrupt
+        .run(
+            offline::restore(&opts),
+            "the restore was stopped and its partial images removed; nothing is left under the --to names",
+        )
+        .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

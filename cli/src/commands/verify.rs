@@ -28,7 +28,13 @@ pub async fn run(args: Args) -> Result<()> {
         nodes: if args.all { Vec::new() } else { args.nodes },
         lock_wait: args.target.lock.lock_wait(),
     };
-    let report = verify::verify(&opts).await?;
+    let interrupt = qmpbak::signals::Interrupt::new()?;
+    let report = interrupt
+        .run(
+            verify::verify(&opts),
+            "verify was stopped before it finished; nothing was changed",
+        )
+        .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

@@ -99,17 +99,20 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
         }
     }
 
+    // Each image is written under a temporary name beside its final one and renamed into place only once it
+    // is complete, checked and synced: the final name never holds an unchecked image, whatever stops the run.
+    let partial = Partial::new(&outputs);
     let bins = QemuBins::from_env();
     let mut restored = Vec::new();
     let mut error = None;
     let mut damage = None;
-    for (disk, path) in disks.iter().zip(&outputs) {
+    for ((disk, path), temp) in disks.iter().zip(&outputs).zip(&partial.paths) {
         let size = node
             .disks
             .iter()
             .find(|d| &d.disk == disk)
             .map_or(0, |d| d.virtual_size);
-        match restore_disk(&bins, &vm, &manifest, &node, disk, path, size, opts.format).await {
+        match restore_disk(&bins, &vm, &manifest, &node, disk, temp, size, opts.format).await {
             Ok(mismatched) => {
                 if !mismatched.is_empty() && damage.is_none() {
                     damage = Some(super::damaged(
@@ -144,11 +147,10 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
         (None, None) => None,
     };
     if let Some(err) = fatal {
-        for path in &outputs {
-            let _ = std::fs::remove_file(path);
-        }
+        // `partial` removes the temporary images.
         return Err(err);
     }
+    partial.rename_into_place(&outputs)?;
     if opts.set_current {
         manifest.current = Some(node.id.clone());
         vm.save(&manifest, &guard)?;
@@ -184,7 +186,7 @@ fn output_paths(to: &Path, disks: &[String], format: Format) -> Result<Vec<PathB
             std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))
                 .with_context(|| format!("setting the mode of {}", parent.display()))?;
         }
-        Ok(vec![to.to_path_buf()])
+        Ok(vec![to.clone()])
     }
 }
 
@@ -225,11 +227,18 @@ async fn restore_disk(
 /// `qemu-img convert` of the chain `files` (bottom first) into the existing, empty image at `path`.
 async fn convert(bins: &QemuBins, files: &[PathBuf], path: &Path, format: Format) -> Result<()> {
     let spec = crate::direct::chain_spec(files);
-    let out = tokio::process::Command::new(&bins.img)
-        .args(["convert", "-n", "--target-is-zero", "-O", format.ext()])
-        .arg(format!("json:{spec}"))
-        .arg(path)
-        .kill_on_drop(true)
+    let child = crate::children::spawn(
+        crate::children::command(&bins.img)
+            .args(["convert", "-n", "--target-is-zero", "-O", format.ext()])
+            .arg(format!("json:{spec}"))
+            .arg(path)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped()),
+    )
+    .with_context(|| format!("running {}", bins.img.display()))?;
+    crate::crashpoint::pause_point("restore-converting").await;
+    let out = child
         .output()
         .await
         .with_context(|| format!("running {}", bins.img.display()))?;
@@ -247,7 +256,6 @@ async fn convert(bins: &QemuBins, files: &[PathBuf], path: &Path, format: Format
 }
 
 fn create_image(bins: &QemuBins, path: &Path, size: u64, format: Format) -> Result<()> {
-    let _ = std::fs::remove_file(path);
     match format {
         Format::Raw => {
             let file = std::fs::OpenOptions::new()
@@ -263,4 +271,53 @@ fn create_image(bins: &QemuBins, path: &Path, size: u64, format: Format) -> Resu
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting the mode of {}", path.display()))?;
     Ok(())
+}
+
+/// The temporary images of a restore, removed when dropped unless renamed into place: on a failure, a
+/// damaged result, or SIGINT/SIGTERM (the restore's future is dropped, see [`crate::signals::Interrupt::run`]).
+struct Partial {
+    paths: Vec<PathBuf>,
+    placed: bool,
+}
+
+impl Partial {
+    /// `.<name>.qmpbak-partial-<pid>` beside each output.
+    fn new(outputs: &[PathBuf]) -> Partial {
+        let pid = std::process::id();
+        let paths = outputs
+            .iter()
+            .map(|out| {
+                let name = out
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                out.with_file_name(format!(".{name}.qmpbak-partial-{pid}"))
+            })
+            .collect();
+        Partial { paths, placed: false }
+    }
+
+    /// Renames each temporary image to its output's name (replacing a file there: `--force`) and syncs the
+    /// directories.
+    fn rename_into_place(mut self, outputs: &[PathBuf]) -> Result<()> {
+        for (temp, out) in self.paths.iter().zip(outputs) {
+            std::fs::rename(temp, out)
+                .with_context(|| format!("renaming {} to {}", temp.display(), out.display()))?;
+            if let Some(dir) = out.parent() {
+                chain::store::sync_dir(dir)?;
+            }
+        }
+        self.placed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Partial {
+    fn drop(&mut self) {
+        if !self.placed {
+            for path in &self.paths {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
 }

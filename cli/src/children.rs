@@ -1,0 +1,133 @@
+//! The programs qmpbak runs (`qemu-img`, `qemu-storage-daemon`) are owned by the run that started them:
+//!
+//! - each dies with qmpbak, also when qmpbak is SIGKILLed: the kernel sends it SIGKILL when its parent goes
+//!   (`PR_SET_PDEATHSIG`), so no orphan goes on writing a node file or serving the repository after the lock
+//!   is released;
+//! - an [`Owned`] child that is dropped before it finished (its run failed, or SIGINT/SIGTERM made qmpbak drop
+//!   the command's future, see [`crate::signals::Interrupt::run`]) is killed and *reaped* in the drop, before
+//!   anything declared before it — the VM's lock among them — is released.
+
+use std::io;
+use std::path::Path;
+use std::process::{ExitStatus, Output, Stdio};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt as _;
+
+/// A blocking command for `program` whose process dies with qmpbak. For short runs outside async code.
+pub fn std_command(program: &Path) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    die_with_parent(&mut cmd);
+    cmd
+}
+
+/// An async command for `program` whose process dies with qmpbak; spawn it with [`spawn`] (or [`output`]).
+pub fn command(program: &Path) -> tokio::process::Command {
+    // Not `kill_on_drop`: an [`Owned`] child is killed and reaped by its own drop, and a second kill by pid
+    // after the reaping could hit an unrelated process that reused the pid.
+    tokio::process::Command::from(std_command(program))
+}
+
+/// Makes the child get SIGKILL when qmpbak exits, however it exits.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt as _;
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec. It only makes system calls that are
+    // async-signal-safe (prctl, getppid, kill) and allocates nothing.
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(io::Error::from)?;
+            // qmpbak may have died between fork and prctl: then nobody would ever send the signal.
+            if nix::unistd::getppid() != parent {
+                let _ = kill(nix::unistd::getpid(), Signal::SIGKILL);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// A running child that is killed and reaped when dropped before it finished.
+pub struct Owned {
+    child: tokio::process::Child,
+    pid: Option<Pid>,
+    finished: bool,
+}
+
+/// Starts `cmd` as an [`Owned`] child.
+pub fn spawn(cmd: &mut tokio::process::Command) -> io::Result<Owned> {
+    let child = cmd.spawn()?;
+    let pid = child
+        .id()
+        .and_then(|id| i32::try_from(id).ok())
+        .map(Pid::from_raw);
+    Ok(Owned {
+        child,
+        pid,
+        finished: false,
+    })
+}
+
+/// Runs `cmd` to its end with no input, collecting its output, as [`tokio::process::Command::output`] does,
+/// but owned: dropping the future kills and reaps the process.
+pub async fn output(cmd: &mut tokio::process::Command) -> io::Result<Output> {
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    spawn(cmd)?.output().await
+}
+
+impl Owned {
+    /// The child's standard error, if piped and not taken yet.
+    pub fn stderr(&mut self) -> Option<tokio::process::ChildStderr> {
+        self.child.stderr.take()
+    }
+
+    /// Waits for the child to exit.
+    pub async fn wait(&mut self) -> io::Result<ExitStatus> {
+        let status = self.child.wait().await?;
+        self.finished = true;
+        Ok(status)
+    }
+
+    /// Kills the child and waits for it.
+    pub async fn kill(&mut self) -> io::Result<()> {
+        self.child.kill().await?;
+        self.finished = true;
+        Ok(())
+    }
+
+    /// Waits for the child to exit, reading its piped standard output and error meanwhile.
+    pub async fn output(mut self) -> io::Result<Output> {
+        let stdout = self.child.stdout.take();
+        let stderr = self.child.stderr.take();
+        let (status, stdout, stderr) = tokio::join!(self.wait(), read_all(stdout), read_all(stderr));
+        Ok(Output {
+            status: status?,
+            stdout: stdout?,
+            stderr: stderr?,
+        })
+    }
+}
+
+async fn read_all<R: tokio::io::AsyncRead + Unpin>(pipe: Option<R>) -> io::Result<Vec<u8>> {
+    let mut buf = Vec::new();
+    if let Some(mut pipe) = pipe {
+        pipe.read_to_end(&mut buf).await?;
+    }
+    Ok(buf)
+}
+
+impl Drop for Owned {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Some(pid) = self.pid else { return };
+        let _ = kill(pid, Signal::SIGKILL);
+        // Reaped here, not in the background: until it is, the process may still be writing. A SIGKILLed
+        // process exits as soon as the kernel lets it; this waits for nothing else.
+        let _ = nix::sys::wait::waitpid(pid, None);
+    }
+}

@@ -1,0 +1,191 @@
+//! SIGINT, SIGTERM and SIGKILL while qmpbak's children run: offline restore (`qemu-img convert`), verify
+//! (`qemu-storage-daemon`), prune (`qemu-img rebase`) and merge (a daemon and a copy job). A signal stops and
+//! reaps the children, removes partial outputs, finishes the operation record and exits 130; after SIGKILL the
+//! children die with qmpbak and the next run finishes what the record names. Each run is held at a named step
+//! with `QMPBAK_PAUSE_AT`, so the signal lands while the child exists.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::os::unix::fs::{FileTypeExt as _, PermissionsExt as _};
+use std::path::Path;
+
+use nix::sys::signal::Signal;
+
+use integration_tests::cli::{self, Output};
+use integration_tests::repo::TestRepo;
+use integration_tests::timeouts::PROCESS_EXIT_TIMEOUT;
+use integration_tests::{MIB, TestVm, image};
+
+/// A VM whose disk holds known data and a repository with a full and two incrementals of it; returns the
+/// reference of the last node's disk and its id.
+async fn three_backups(dir: &Path) -> (TestVm, TestRepo, Vec<String>, std::path::PathBuf) {
+    let vm = TestVm::start(&[("disk0", 32 * MIB)]).await;
+    let repo = TestRepo::init();
+    let mut nodes = Vec::new();
+    for (i, pattern) in [0x11u8, 0x22, 0x33].into_iter().enumerate() {
+        vm.write_pattern("disk0", pattern, i as u64 * 4 * MIB, 6 * MIB)
+            .await;
+        nodes.push(repo.backup_node(&vm, "vm1", &[]));
+    }
+    let reference = dir.join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    (vm, repo, nodes, reference)
+}
+
+#[track_caller]
+fn assert_interrupted(out: &Output) {
+    assert_eq!(out.code(), Some(130), "{out:?}");
+    assert!(out.stderr.contains("interrupted"), "{out:?}");
+}
+
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[tokio::test]
+async fn a_stopped_restore_leaves_no_image_and_no_child() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_vm, repo, nodes, reference) = three_backups(dir.path()).await;
+    let last = nodes.last().unwrap();
+    for signal in [Signal::SIGTERM, Signal::SIGINT] {
+        let out_dir = dir.path().join(format!("out-{signal}"));
+        std::fs::create_dir(&out_dir).unwrap();
+        let target = format!("{}/", out_dir.display());
+        let args = repo.vm_args("vm1", &["restore", last, "--to", &target]);
+        let paused = cli::run_paused_at(&args, "restore-converting", &[], None);
+        paused.signal(signal);
+        assert_interrupted(&paused.finish());
+        cli::assert_no_process_mentions(out_dir.to_str().unwrap(), PROCESS_EXIT_TIMEOUT);
+        assert_eq!(
+            entries(&out_dir),
+            Vec::<String>::new(),
+            "{signal}: partial output left"
+        );
+    }
+    // SIGKILL: the child dies with qmpbak, and the final name never holds an unchecked image.
+    let out_dir = dir.path().join("out-kill");
+    std::fs::create_dir(&out_dir).unwrap();
+    let target = format!("{}/", out_dir.display());
+    let args = repo.vm_args("vm1", &["restore", last, "--to", &target]);
+    let paused = cli::run_paused_at(&args, "restore-converting", &[], None);
+    paused.signal(Signal::SIGKILL);
+    paused.finish();
+    cli::assert_no_process_mentions(out_dir.to_str().unwrap(), PROCESS_EXIT_TIMEOUT);
+    assert!(!out_dir.join("disk0.qcow2").exists());
+    // The same restore, uninterrupted, is exact.
+    repo.run("vm1", &["restore", last, "--to", &target]).success();
+    image::assert_same(&reference, &out_dir.join("disk0.qcow2"));
+}
+
+#[tokio::test]
+async fn verify_under_umask_000_keeps_its_daemon_private_and_a_signal_stops_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_vm, repo, _nodes, _reference) = three_backups(dir.path()).await;
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o777)).unwrap();
+    let args = repo.vm_args("vm1", &["verify"]);
+    let paused = cli::run_paused_at(&args, "verify-reading", &[("TMPDIR", &tmp)], Some(0o000));
+    // The daemon runs and serves the repository: nobody but the owner may reach its sockets.
+    let mut seen = 0;
+    let mut stack = vec![tmp.clone()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let entry = entry.unwrap();
+            let meta = std::fs::symlink_metadata(entry.path()).unwrap();
+            let mode = meta.permissions().mode() & 0o777;
+            if meta.is_dir() {
+                assert_eq!(mode, 0o700, "{} has mode {mode:o}", entry.path().display());
+                stack.push(entry.path());
+            } else {
+                assert_eq!(mode & 0o077, 0, "{} has mode {mode:o}", entry.path().display());
+            }
+            seen += usize::from(meta.file_type().is_socket());
+        }
+    }
+    assert!(seen > 0, "the daemon's sockets were not under TMPDIR");
+    assert!(!cli::processes_mentioning(tmp.to_str().unwrap()).is_empty());
+    paused.signal(Signal::SIGTERM);
+    assert_interrupted(&paused.finish());
+    cli::assert_no_process_mentions(tmp.to_str().unwrap(), PROCESS_EXIT_TIMEOUT);
+    assert_eq!(entries(&tmp), Vec::<String>::new());
+
+    // SIGKILL: the daemon dies with qmpbak.
+    let paused = cli::run_paused_at(&args, "verify-reading", &[("TMPDIR", &tmp)], None);
+    assert!(!cli::processes_mentioning(tmp.to_str().unwrap()).is_empty());
+    paused.signal(Signal::SIGKILL);
+    paused.finish();
+    cli::assert_no_process_mentions(tmp.to_str().unwrap(), PROCESS_EXIT_TIMEOUT);
+    repo.run("vm1", &["verify"]).success();
+}
+
+#[tokio::test]
+async fn a_stopped_prune_reaps_its_rebase_and_leaves_a_tree_that_restores() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_vm, repo, nodes, reference) = three_backups(dir.path()).await;
+    let last = nodes.last().unwrap();
+    let repo_marker = repo.path().display().to_string();
+    for signal in [Signal::SIGTERM, Signal::SIGKILL] {
+        let args = repo.vm_args("vm1", &["prune", "--keep-last", "1"]);
+        let paused = cli::run_paused_at(&args, "prune-rebasing", &[], None);
+        paused.signal(signal);
+        let out = paused.finish();
+        if signal == Signal::SIGTERM {
+            assert_interrupted(&out);
+            // The record was finished by the stopped run itself.
+            assert!(repo.manifest("vm1").operations.is_empty());
+        }
+        cli::assert_no_process_mentions(&repo_marker, PROCESS_EXIT_TIMEOUT);
+        let out_path = dir.path().join(format!("after-{signal}.qcow2"));
+        repo.run("vm1", &["restore", last, "--to", out_path.to_str().unwrap()])
+            .success();
+        image::assert_same(&reference, &out_path);
+    }
+    repo.run("vm1", &["prune", "--keep-last", "1"]).success();
+    assert!(repo.manifest("vm1").operations.is_empty());
+    let out_path = dir.path().join("pruned.qcow2");
+    repo.run("vm1", &["restore", last, "--to", out_path.to_str().unwrap()])
+        .success();
+    image::assert_same(&reference, &out_path);
+    repo.run("vm1", &["verify"]).success();
+}
+
+#[tokio::test]
+async fn a_stopped_merge_reaps_its_daemon_and_removes_its_temporary_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_vm, repo, nodes, reference) = three_backups(dir.path()).await;
+    let last = nodes.last().unwrap();
+    let tmp = dir.path().join("tmp");
+    std::fs::create_dir(&tmp).unwrap();
+    for signal in [Signal::SIGINT, Signal::SIGKILL] {
+        let args = repo.vm_args("vm1", &["merge", last]);
+        let paused = cli::run_paused_at(&args, "merge-copying", &[("TMPDIR", &tmp)], None);
+        assert!(!cli::processes_mentioning(tmp.to_str().unwrap()).is_empty());
+        paused.signal(signal);
+        let out = paused.finish();
+        cli::assert_no_process_mentions(tmp.to_str().unwrap(), PROCESS_EXIT_TIMEOUT);
+        if signal == Signal::SIGINT {
+            assert_interrupted(&out);
+            assert!(repo.manifest("vm1").operations.is_empty());
+            let node_dir = repo.vm_dir("vm1").join(last);
+            assert!(
+                !entries(&node_dir).iter().any(|n| n.contains("merging")),
+                "{:?}",
+                entries(&node_dir)
+            );
+        }
+    }
+    // After SIGKILL the next merge finishes the record and does the work.
+    repo.run("vm1", &["merge", last]).success();
+    assert!(repo.manifest("vm1").operations.is_empty());
+    let out_path = dir.path().join("merged.qcow2");
+    repo.run("vm1", &["restore", last, "--to", out_path.to_str().unwrap()])
+        .success();
+    image::assert_same(&reference, &out_path);
+}

@@ -36,3 +36,12 @@ pub async fn pause_point(name: &str) {
         tokio::time::sleep(PAUSE_BOUND).await;
     }
 }
+
+/// When `QMPBAK_INJECT_ENOSPC_AT` names this point, fails there as a write to a full disk would (ENOSPC), so
+/// tests can prove what a full repository leaves behind. Without the variable it does nothing.
+pub fn fail_point(name: &str) -> std::io::Result<()> {
+    if std::env::var_os("QMPBAK_INJECT_ENOSPC_AT").is_some_and(|v| v == name) {
+        return Err(std::io::Error::from_raw_os_error(nix::libc::ENOSPC));
+    }
+    Ok(())
+}

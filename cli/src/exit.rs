@@ -59,8 +59,30 @@ impl fmt::Display for Exit {
 
 impl std::error::Error for Exit {}
 
-/// The exit code for an error: the first cause in the chain that has a known class decides.
+/// Whether the error comes from a full filesystem (ENOSPC or EDQUOT, from qmpbak's own writes or as QEMU words
+/// it in a failed job).
+pub fn is_no_space(err: &anyhow::Error) -> bool {
+    err.chain().any(|cause| {
+        cause
+            .downcast_ref::<std::io::Error>()
+            .and_then(std::io::Error::raw_os_error)
+            .is_some_and(|e| e == nix::libc::ENOSPC || e == nix::libc::EDQUOT)
+            || cause.to_string().contains("No space left on device")
+            || cause.to_string().contains("Disk quota exceeded")
+    })
+}
+
+/// The exit code for an error: the first cause in the chain that has a known class decides. A full
+/// filesystem is no fault of QEMU's nor of the repository's contents: it is a plain failure (1), whoever met it.
 pub fn classify(err: &anyhow::Error) -> ExitCode {
+    if let Some(exit) = err.chain().find_map(|c| c.downcast_ref::<Exit>()) {
+        if exit.code == ExitCode::Interrupted {
+            return exit.code;
+        }
+    }
+    if is_no_space(err) {
+        return ExitCode::Failure;
+    }
     for cause in err.chain() {
         if let Some(exit) = cause.downcast_ref::<Exit>() {
             return exit.code;

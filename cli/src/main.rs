@@ -46,6 +46,12 @@ fn main() -> ExitCode {
         Err(err) => {
             let code = qmpbak::exit::classify(&err);
             eprintln!("qmpbak: {err:#}");
+            if qmpbak::exit::is_no_space(&err) {
+                eprintln!(
+                    "qmpbak: a filesystem is full (the repository's, or the restore's target): free space or \
+                     `qmpbak prune`, then run again; nothing half-written was kept"
+                );
+            }
             ExitCode::from(code.code())
         }
     }

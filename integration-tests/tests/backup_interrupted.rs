@@ -192,3 +192,39 @@ async fn a_second_backup_of_the_same_vm_fails_at_once_with_the_lock_error() {
     );
     cli::wait(first, CLI_TIMEOUT).success();
 }
+
+#[tokio::test]
+async fn a_full_disk_at_the_final_manifest_write_leaves_current_where_it_was() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    let full = repo.backup_node(&vm, VM, &[]);
+    vm.write_pattern("disk0", 0x22, MIB, 2 * MIB).await;
+
+    let mut cmd = cli::command_owned(&repo.backup_args(&vm, VM, &[]));
+    cmd.env("QMPBAK_INJECT_ENOSPC_AT", "backup-save-complete");
+    let out = cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT);
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("No space left on device"), "{out:?}");
+    let manifest = repo.manifest(VM);
+    assert_eq!(manifest.current.as_ref().map(|c| c.as_str()), Some(full.as_str()));
+    assert!(manifest.operations.is_empty());
+    let failed = manifest.nodes.last().unwrap();
+    assert_eq!(failed.state, chain::NodeState::Failed);
+    assert!(!repo.vm_dir(VM).join(failed.id.as_str()).exists());
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full, &full)).await;
+
+    // The next automatic backup is an incremental on the full, with every write since it.
+    vm.write_pattern("disk0", 0x33, 8 * MIB, MIB).await;
+    let reference = refs.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let report = repo.backup(&vm, VM, &[]);
+    assert_eq!(report["parent"], full.as_str(), "{report}");
+    assert_eq!(report["method"], "bitmap", "{report}");
+    let node = report["node"].as_str().unwrap();
+    let restored = refs.path().join("restored.qcow2");
+    repo.run(VM, &["restore", node, "--to", restored.to_str().unwrap()])
+        .success();
+    image::assert_same(&reference, &restored);
+}

@@ -450,14 +450,17 @@ impl Run<'_> {
         let tables_secs = started.elapsed().as_secs_f64();
         sync.await.context("fsync task panicked")??;
         crashpoint("backup-files-synced");
+        // The manifest in memory never runs ahead of the one on disk: the node is completed in a copy, which
+        // replaces it only once saved. A failed save (a full disk) leaves the pending node and the record for
+        // `fail` to undo, and `current` where it was.
+        let mut next = self.manifest.clone();
         let mut reports = Vec::new();
         for (t, table) in self.targets.iter().zip(&tables) {
             let table_path = self.vm.resolve(&t.table)?;
             let sha = table.save(&table_path)?;
             let file_path = self.vm.resolve(&t.file)?;
             let stored = allocated_bytes(&file_path)?;
-            let node = self
-                .manifest
+            let node = next
                 .node_mut(&self.node)
                 .context("pending node vanished from the manifest")?;
             let disk = node
@@ -476,14 +479,15 @@ impl Run<'_> {
             });
         }
         crashpoint("backup-tables-written");
-        let node = self
-            .manifest
+        let node = next
             .node_mut(&self.node)
             .context("pending node vanished from the manifest")?;
         node.state = NodeState::Complete;
-        self.manifest.current = Some(self.node.clone());
-        self.manifest.operations.retain(|o| o.id != self.op.id);
-        self.save()?;
+        next.current = Some(self.node.clone());
+        next.operations.retain(|o| o.id != self.op.id);
+        crate::crashpoint::fail_point("backup-save-complete").context("writing the VM's manifest")?;
+        self.vm.save(&next, self.guard)?;
+        self.manifest = next;
         Ok((reports, tables_secs))
     }
 

@@ -4,13 +4,13 @@
 //! next run finds the record and removes what is left, in QEMU and on disk, and marks the node failed.
 //! Removal is idempotent: things already gone are skipped.
 
-use std::path::PathBuf;
+use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
 use serde_json::json;
 
-use chain::{LockGuard, Manifest, NodeState, Operation, OperationKind, VmStore};
+use chain::{LockGuard, Manifest, NodeId, NodeState, Operation, OperationKind, RelPath, VmStore};
 
 /// Prefix of an operation note that lists files created outside the repository, one per line.
 pub const OUTSIDE_FILES: &str = "files outside the repository:\n";
@@ -27,11 +27,16 @@ pub struct Cleaned {
     pub bitmaps: Vec<String>,
     pub files: Vec<String>,
     pub failed_nodes: Vec<String>,
+    /// Records left in place, each with what it needs to be finished.
+    pub pending: Vec<String>,
+    /// Files a record named outside the repository that were not removed, each with the reason: only files
+    /// provably qmpbak's own overlays, beside an image of the running VM, are ever removed.
+    pub kept_outside: Vec<String>,
 }
 
 impl Cleaned {
     pub fn is_empty(&self) -> bool {
-        self.operations.is_empty()
+        self.operations.is_empty() && self.pending.is_empty() && self.kept_outside.is_empty()
     }
 }
 
@@ -93,40 +98,120 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
     }
 }
 
-/// The image files QEMU has open, so that cleanup never deletes one a VM is using.
-pub async fn open_files(qmp: Option<&qmp::Qmp>) -> Vec<PathBuf> {
-    let Some(qmp) = qmp else { return Vec::new() };
-    let Ok(nodes) = qmp
+/// The image files QEMU has open, so that cleanup never deletes one a VM is using; `None` when QEMU cannot be
+/// asked (then no file outside the repository is removed).
+pub async fn open_files(qmp: Option<&qmp::Qmp>) -> Option<Vec<PathBuf>> {
+    let nodes = qmp?
         .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
         .await
-    else {
-        return Vec::new();
+        .ok()?;
+    Some(
+        nodes
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|n| n["file"].as_str())
+            .map(PathBuf::from)
+            .collect(),
+    )
+}
+
+/// Whether a file that operation `op`'s record names inside the repository may be deleted. A record is data
+/// from a file, so it is not trusted: only a file directly in a node's directory (`<node>/<name>`) qualifies,
+/// never one that a node of the manifest uses — except the files of the record's own node while that node is
+/// not complete (the backup being undone).
+pub fn may_delete_in_repo(manifest: &Manifest, op: &Operation, file: &RelPath) -> bool {
+    let parts: Vec<Component<'_>> = file.as_path().components().collect();
+    let in_node_dir = parts.len() == 2
+        && matches!(parts[0], Component::Normal(dir) if dir.to_str().is_some_and(|d| d.parse::<NodeId>().is_ok()));
+    if !in_node_dir {
+        return false;
+    }
+    !manifest
+        .nodes
+        .iter()
+        .filter(|n| !(Some(&n.id) == op.node.as_ref() && n.state != NodeState::Complete))
+        .flat_map(|n| &n.disks)
+        .any(|d| d.file == *file || d.table.as_ref() == Some(file))
+}
+
+/// Why a file that `op`'s record names outside the repository may not be deleted (`None`: it may). It must be
+/// an absolute, plain path to a regular file named as one of this chain's overlays for the record's node
+/// (`<stem>.qmpbak-<chain>-<node>….qcow2`, as `snapshot` and `revert` create them), beside an image the running
+/// VM has open, and not open itself. A tampered record can therefore name nothing else.
+fn outside_file_problem(
+    path: &Path,
+    manifest: &Manifest,
+    op: &Operation,
+    in_use: Option<&[PathBuf]>,
+) -> Option<String> {
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+    {
+        return Some("not an absolute path of plain names".into());
+    }
+    let node = op.node.as_ref().map(NodeId::as_str);
+    if crate::snapshot::overlay_base(path, &manifest.chain_id).as_deref() != node || node.is_none() {
+        return Some(format!(
+            "not named as an overlay of chain {} for node {}",
+            manifest.chain_id,
+            node.unwrap_or("-")
+        ));
+    }
+    let Some(in_use) = in_use else {
+        return Some("QEMU could not be asked which files the VM uses (give --socket)".into());
     };
-    nodes
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|n| n["file"].as_str())
-        .map(PathBuf::from)
-        .collect()
+    if !in_use.iter().any(|f| f.parent() == path.parent()) {
+        return Some("not beside any image the VM has open".into());
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() => Some("not a regular file".into()),
+        _ => None,
+    }
 }
 
 /// Removes the files an operation record names (inside the repository, and `outside`: absolute paths a
 /// snapshot created next to the VM's disks) and the node's directory if it is left empty. A file QEMU still
-/// has open (`in_use`) is never deleted.
-pub fn undo_on_disk(vm: &VmStore, op: &Operation, in_use: &[PathBuf], cleaned: &mut Cleaned) {
+/// has open (`in_use`) is never deleted, nor one the record may not name ([`may_delete_in_repo`],
+/// [`outside_file_problem`]); those outside the repository are listed in `cleaned.kept_outside`.
+pub fn undo_on_disk(
+    vm: &VmStore,
+    manifest: &Manifest,
+    op: &Operation,
+    in_use: Option<&[PathBuf]>,
+    cleaned: &mut Cleaned,
+) {
     let outside = op
         .note
         .as_deref()
         .and_then(|n| n.strip_prefix(OUTSIDE_FILES))
         .unwrap_or_default();
-    let paths = op
+    let inside = op
         .files
         .iter()
-        .filter_map(|f| vm.resolve(f).ok())
-        .chain(outside.split('\n').filter(|p| !p.is_empty()).map(PathBuf::from));
-    for path in paths {
-        if in_use.contains(&path) {
+        .filter(|f| may_delete_in_repo(manifest, op, f))
+        .filter_map(|f| vm.resolve(f).ok());
+    let outside = outside
+        .split('\n')
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .filter(|path| match outside_file_problem(path, manifest, op, in_use) {
+            None => true,
+            Some(why) => {
+                if path.exists() {
+                    cleaned.kept_outside.push(format!("{}: {why}", path.display()));
+                }
+                false
+            }
+        });
+    for path in inside.chain(outside) {
+        if in_use.is_some_and(|open| open.contains(&path)) {
+            continue;
+        }
+        // Never through a symlink: what is removed is the file the record names, or nothing.
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
             continue;
         }
         if std::fs::remove_file(&path).is_ok() {
@@ -156,6 +241,10 @@ pub async fn recover(
         if op.kind == OperationKind::Commit {
             // Finished if any increment left its graph (a commit cannot be undone), else nothing changed.
             let Some(qmp) = qmp else {
+                cleaned.pending.push(format!(
+                    "{}: an interrupted commit, finished only in the running VM: give --socket",
+                    op.id
+                ));
                 manifest.operations.push(op.clone());
                 continue;
             };
@@ -170,6 +259,10 @@ pub async fn recover(
         if op.kind == OperationKind::Restore {
             // A live restore cannot be undone once the VM runs on the chain: finish it instead.
             let Some(qmp) = qmp else {
+                cleaned.pending.push(format!(
+                    "{}: an interrupted live restore, finished only in the running VM: give --socket",
+                    op.id
+                ));
                 manifest.operations.push(op.clone());
                 continue;
             };
@@ -187,7 +280,7 @@ pub async fn recover(
             undo_in_qemu(qmp, op, &mut cleaned).await;
         }
         let in_use = open_files(qmp).await;
-        undo_on_disk(vm, op, &in_use, &mut cleaned);
+        undo_on_disk(vm, manifest, op, in_use.as_deref(), &mut cleaned);
         if let Some(node_id) = &op.node {
             if let Some(node) = manifest.node_mut(node_id) {
                 if node.state == NodeState::Pending {

@@ -96,20 +96,8 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     }
     let info = inspect::inspect(&qmp).await?;
     let chain_id = manifest.chain_id.clone();
-    let mut files = Vec::new();
-    for d in &node.disks {
-        let p = parent
-            .disks
-            .iter()
-            .find(|p| p.disk == d.disk)
-            .context("parent lacks a disk")?;
-        files.push((d.disk.clone(), d.location.path.clone(), p.location.path.clone()));
-    }
-    let record = CommitNote {
-        node: node.id.to_string(),
-        parent: parent_id.to_string(),
-        files: files.clone(),
-    };
+    let record = note_from_manifest(&manifest, &node.id)?;
+    let files = record.files.clone();
     let mut op = Operation::new(OperationKind::Commit, None, chrono::Utc::now());
     op.id = format!("commit-{}", node.id);
     op.note = Some(format!("{NOTE_PREFIX}{}", serde_json::to_string(&record)?));
@@ -140,7 +128,7 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     vm.save(&manifest, &guard)?;
     // The increment files left every chain: remove them.
     for (_, top, _) in &files {
-        let _ = std::fs::remove_file(top);
+        remove_increment(top, &chain_id, &record.parent);
     }
     Ok(CommitReport {
         vm: opts.vm.clone(),
@@ -291,6 +279,19 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
         return Ok(false);
     };
     let note: CommitNote = serde_json::from_str(note).context("reading the commit record")?;
+    // The record names the nodes; their files come from the manifest, as when the commit began. A record whose
+    // list differs was not written by qmpbak: nothing is done.
+    let from_manifest = note_from_manifest(manifest, &note.node.parse()?)?;
+    if from_manifest.parent != note.parent || from_manifest.files != note.files {
+        bail!(
+            "the commit record {} does not match the manifest's time points {} and {}: it was not written by \
+             this qmpbak for this repository; nothing was done (remove the record only if you know why)",
+            op.id,
+            note.node,
+            note.parent
+        );
+    }
+    let note = from_manifest;
     for job in &op.jobs {
         if let Some(info) = qmp.job_info(job).await? {
             if info.status != qmp::JobStatus::Concluded {
@@ -336,7 +337,56 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
                 .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
                 .await;
         }
-        let _ = std::fs::remove_file(top);
+        remove_increment(top, &manifest.chain_id, &note.parent);
     }
     Ok(true)
+}
+
+/// What a commit of time point `node` into its parent does, from the manifest: the per-disk increment files
+/// (they leave the chain) and the parent's files (they absorb them).
+fn note_from_manifest(manifest: &Manifest, node: &NodeId) -> Result<CommitNote> {
+    let n = manifest
+        .node(node)
+        .with_context(|| format!("time point {node} is not in the manifest"))?;
+    let parent_id = n
+        .parent
+        .clone()
+        .with_context(|| format!("time point {node} has no parent"))?;
+    let parent = manifest
+        .node(&parent_id)
+        .with_context(|| format!("time point {parent_id} is not in the manifest"))?;
+    if n.kind != NodeKind::Snapshot || parent.kind != NodeKind::Snapshot {
+        bail!("{node} and {parent_id} are not both time points");
+    }
+    let mut files = Vec::new();
+    for d in &n.disks {
+        let p = parent
+            .disks
+            .iter()
+            .find(|p| p.disk == d.disk)
+            .with_context(|| format!("time point {parent_id} has no disk {}", d.disk))?;
+        files.push((d.disk.clone(), d.location.path.clone(), p.location.path.clone()));
+    }
+    Ok(CommitNote {
+        node: node.to_string(),
+        parent: parent_id.to_string(),
+        files,
+    })
+}
+
+/// Removes a committed increment file, which has just left its disk's chain. It is always the overlay that the
+/// parent time point's snapshot created (`<stem>.qmpbak-<chain>-<parent>….qcow2`); a path that is not named so,
+/// or not a regular file, is left alone whatever the manifest says.
+fn remove_increment(top: &str, chain_id: &str, parent: &str) {
+    let path = std::path::Path::new(top);
+    let ours = path.is_absolute()
+        && crate::snapshot::overlay_base(path, chain_id).as_deref() == Some(parent)
+        && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
+    if ours {
+        let _ = std::fs::remove_file(path);
+    } else {
+        eprintln!(
+            "qmpbak: warning: left {top} in place: it is not one of qmpbak's overlays for time point {parent}"
+        );
+    }
 }

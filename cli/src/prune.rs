@@ -242,17 +242,12 @@ pub fn finish_leftovers(vm: &VmStore, manifest: &mut Manifest, guard: &LockGuard
     if ours.is_empty() {
         return Ok(leftovers);
     }
-    let in_use: Vec<RelPath> = manifest
-        .nodes
-        .iter()
-        .flat_map(|n| &n.disks)
-        .flat_map(|d| std::iter::once(&d.file).chain(&d.table))
-        .cloned()
-        .collect();
     for op in &ours {
         let mut dirs = Vec::new();
         for file in &op.files {
-            if in_use.contains(file) {
+            // Only files of node directories that no node uses: a record cannot name the manifest, a lock or
+            // a kept node's file.
+            if !crate::cleanup::may_delete_in_repo(manifest, op, file) {
                 continue;
             }
             let path = vm.resolve(file)?;

@@ -425,7 +425,7 @@ async fn abandon(
     let mut cleaned = cleanup::Cleaned::default();
     cleanup::undo_in_qemu(qmp, op, &mut cleaned).await;
     let in_use = cleanup::open_files(Some(qmp)).await;
-    cleanup::undo_on_disk(vm, op, &in_use, &mut cleaned);
+    cleanup::undo_on_disk(vm, manifest, op, in_use.as_deref(), &mut cleaned);
     if let Some(n) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
         if n.state == NodeState::Pending {
             n.state = NodeState::Failed;

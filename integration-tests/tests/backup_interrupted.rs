@@ -208,7 +208,10 @@ async fn a_full_disk_at_the_final_manifest_write_leaves_current_where_it_was() {
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("No space left on device"), "{out:?}");
     let manifest = repo.manifest(VM);
-    assert_eq!(manifest.current.as_ref().map(chain::NodeId::as_str), Some(full.as_str()));
+    assert_eq!(
+        manifest.current.as_ref().map(chain::NodeId::as_str),
+        Some(full.as_str())
+    );
     assert!(manifest.operations.is_empty());
     let failed = manifest.nodes.last().unwrap();
     assert_eq!(failed.state, chain::NodeState::Failed);

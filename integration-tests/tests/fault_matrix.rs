@@ -49,9 +49,9 @@ struct Cell {
 #[rustfmt::skip]
 const MATRIX: &[Cell] = &[
     Cell { fault: Fault::SourceReadError,                     step: "during job",     exit: 5,   says: "disk0",                    next_method: "bitmap" },
-    Cell { fault: Fault::TargetNoSpace,                       step: "during job",     exit: 5,   says: "No space left",            next_method: "bitmap" },
+    Cell { fault: Fault::TargetNoSpace,                       step: "during job",     exit: 1,   says: "No space left",            next_method: "bitmap" },
     Cell { fault: Fault::TargetWriteError,                    step: "during job",     exit: 5,   says: "Input/output error",       next_method: "bitmap" },
-    Cell { fault: Fault::ManifestNoSpace,                     step: "manifest write", exit: 3,   says: "manifest",                 next_method: "bitmap" },
+    Cell { fault: Fault::ManifestNoSpace,                     step: "manifest write", exit: 1,   says: "manifest",                 next_method: "bitmap" },
     Cell { fault: Fault::KillQmpbak("backup-begun"),          step: "before job",     exit: -1,  says: "backup-begun",             next_method: "bitmap" },
     Cell { fault: Fault::KillQmpbak("backup-jobs-started"),   step: "during job",     exit: -1,  says: "backup-jobs-started",      next_method: "bitmap" },
     Cell { fault: Fault::KillQmpbak("backup-copied"),         step: "after job",      exit: -1,  says: "backup-copied",            next_method: "bitmap" },

@@ -152,3 +152,168 @@ async fn a_relative_repository_path_never_reaches_another_repository_through_qem
     .success();
     image::assert_same(&reference, &work.path().join("out.qcow2"));
 }
+
+/// Adds `op` to the operation records of VM `vm`'s manifest, as a tampered repository would hold it.
+fn forge_operation(repo: &TestRepo, vm: &str, op: serde_json::Value) {
+    let path = repo.vm_dir(vm).join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["operations"].as_array_mut().unwrap().push(op);
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+}
+
+fn forged(
+    id: &str,
+    kind: &str,
+    for_node: Option<&str>,
+    files: &[&str],
+    text: Option<&str>,
+) -> serde_json::Value {
+    serde_json::json!({
+        "id": id, "kind": kind, "node": for_node, "started": "2026-01-01T00:00:00Z", "pid": 1, "host": "elsewhere",
+        "jobs": [], "block_nodes": [], "bitmaps": [], "files": files, "note": text,
+    })
+}
+
+#[tokio::test]
+async fn a_tampered_operation_record_deletes_nothing_it_may_not() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x5a, 0, 4 * MIB).await;
+    let node = repo.backup_node(&vm, "vm1", &[]);
+    let chain_id = repo.manifest("vm1").chain_id;
+    let outside = tempfile::tempdir().unwrap();
+    // A file anywhere, one named like qmpbak's overlays but beside no image of the VM, and one that is.
+    let victims = [
+        outside.path().join("important.qcow2"),
+        outside.path().join(format!("disk0.qmpbak-{chain_id}-0009.qcow2")),
+        vm.dir().join(format!("unrelated.qmpbak-{chain_id}-0008.qcow2")),
+    ];
+    for v in &victims {
+        std::fs::write(v, b"not qmpbak's to delete").unwrap();
+    }
+    let listed = format!(
+        "files outside the repository:\n{}",
+        victims
+            .iter()
+            .map(|v| v.display().to_string())
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let table = format!("{node}/disk0.table");
+    let file = format!("{node}/disk0.qcow2");
+    forge_operation(
+        &repo,
+        "vm1",
+        forged(
+            "snapshot-0009",
+            "snapshot",
+            Some("0009"),
+            &[&file, &table],
+            Some(&listed),
+        ),
+    );
+    forge_operation(
+        &repo,
+        "vm1",
+        forged(
+            "backup-0007",
+            "backup",
+            Some("0007"),
+            &["manifest.json", &file],
+            None,
+        ),
+    );
+
+    let socket = vm.socket();
+    let out = repo
+        .run(
+            "vm1",
+            &["cleanup", "--socket", socket.to_str().unwrap(), "--json"],
+        )
+        .success();
+    let cleaned = out.json();
+    assert_eq!(cleaned["files"], serde_json::json!([]), "{cleaned}");
+    assert_eq!(cleaned["kept_outside"].as_array().unwrap().len(), 3, "{cleaned}");
+    for v in &victims {
+        assert!(v.exists(), "{} was deleted", v.display());
+    }
+    assert!(repo.vm_dir("vm1").join("manifest.json").exists());
+    // A prune record is not trusted either.
+    forge_operation(
+        &repo,
+        "vm1",
+        forged("prune-x", "prune", None, &["manifest.json", &file, &table], None),
+    );
+    repo.run("vm1", &["prune", "--keep-last", "5"]).success();
+    assert!(repo.manifest("vm1").operations.is_empty());
+    repo.run("vm1", &["verify"]).success();
+    let restored = outside.path().join("restored.qcow2");
+    repo.run("vm1", &["restore", &node, "--to", restored.to_str().unwrap()])
+        .success();
+}
+
+#[tokio::test]
+async fn a_tampered_commit_record_is_refused_and_deletes_nothing() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    let socket = vm.socket();
+    let socket = socket.to_str().unwrap();
+    let mut points = Vec::new();
+    for tag in ["a", "b"] {
+        let out = repo.run("vm1", &["snapshot", "--socket", socket, "--tag", tag, "--json"]);
+        points.push(out.success().json()["node"].as_str().unwrap().to_owned());
+    }
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("important.qcow2");
+    std::fs::write(&victim, b"not qmpbak's to delete").unwrap();
+    let record = serde_json::json!({
+        "node": points[1], "parent": points[0],
+        "files": [["disk0", victim.display().to_string(), vm.disk_path("disk0").display().to_string()]],
+    });
+    forge_operation(
+        &repo,
+        "vm1",
+        forged(
+            &format!("commit-{}", points[1]),
+            "commit",
+            None,
+            &[],
+            Some(&format!("commit:{record}")),
+        ),
+    );
+    let before = repo.manifest("vm1");
+    let out = repo.run("vm1", &["cleanup", "--socket", socket]);
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(out.stderr.contains("does not match the manifest"), "{out:?}");
+    assert!(victim.exists());
+    let after = repo.manifest("vm1");
+    assert_eq!(before.nodes, after.nodes, "the tree must not change");
+}
+
+#[tokio::test]
+async fn cleanup_without_a_socket_says_what_it_could_not_finish() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    let socket = vm.socket();
+    let socket = socket.to_str().unwrap();
+    let mut points = Vec::new();
+    for tag in ["a", "b"] {
+        let out = repo.run("vm1", &["snapshot", "--socket", socket, "--tag", tag, "--json"]);
+        points.push(out.success().json()["node"].as_str().unwrap().to_owned());
+    }
+    // A commit killed before it touched QEMU leaves its record; only the running VM can tell what it did.
+    let args = repo.socket_args(&vm.socket(), "vm1", &["commit", &points[1]]);
+    cli::run_crashing_at(
+        &args,
+        "commit-disk-done",
+        integration_tests::timeouts::CLI_CRASH_TIMEOUT,
+    )
+    .assert_crashed_at("commit-disk-done");
+    assert_eq!(repo.manifest("vm1").operations.len(), 1);
+    let out = repo.run("vm1", &["cleanup"]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("give --socket"), "{out:?}");
+    assert!(!out.stdout.contains("nothing to clean up"), "{out:?}");
+    repo.run("vm1", &["cleanup", "--socket", socket]).success();
+    assert!(repo.manifest("vm1").operations.is_empty());
+}

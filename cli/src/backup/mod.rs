@@ -529,7 +529,7 @@ impl Run<'_> {
         let mut cleaned = cleanup::Cleaned::default();
         cleanup::undo_in_qemu(self.qmp, &self.op, &mut cleaned).await;
         let in_use = cleanup::open_files(Some(self.qmp)).await;
-        cleanup::undo_on_disk(self.vm, &self.op, &in_use, &mut cleaned);
+        cleanup::undo_on_disk(self.vm, &self.manifest, &self.op, in_use.as_deref(), &mut cleaned);
         if let Some(node) = self.manifest.node_mut(&self.node) {
             node.state = NodeState::Failed;
             node.reason = Some(format!("{err:#}"));

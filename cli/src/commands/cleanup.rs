@@ -4,9 +4,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use super::args::RepoVm;
+use qmpbak::exit::Exit;
 use qmpbak::{cleanup, inspect};
 
 #[derive(clap::Args)]
@@ -34,6 +35,8 @@ pub async fn run(args: Args) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&cleaned)?);
     } else if cleaned.is_empty() {
         println!("nothing to clean up for VM {}", manifest.vm);
+    } else if cleaned.operations.is_empty() {
+        println!("nothing was cleaned up for VM {}", manifest.vm);
     } else {
         println!(
             "cleaned up {} interrupted operation(s) of VM {}",
@@ -48,6 +51,18 @@ pub async fn run(args: Args) -> Result<()> {
         if qmp.is_none() {
             println!("  (without --socket, nothing was removed inside QEMU)");
         }
+    }
+    if !args.json {
+        for file in &cleaned.kept_outside {
+            println!("  left in place: {file}");
+        }
+    }
+    if !cleaned.pending.is_empty() {
+        bail!(Exit::usage(format!(
+            "VM {} still has unfinished operations: {}",
+            manifest.vm,
+            cleaned.pending.join("; ")
+        )));
     }
     Ok(())
 }

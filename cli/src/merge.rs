@@ -73,6 +73,7 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
     let mut manifest = vm.load()?;
     let leftovers = prune::finish_leftovers(&vm, &mut manifest, &guard)?;
     prune::refuse_other_operations(&manifest)?;
+    prune::refuse_symlinks(&vm, &manifest)?;
     let node = crate::restore::find_node(&manifest, &opts.node)?.clone();
     let chain: Vec<NodeId> = manifest
         .recovery_chain(&node.id)?

@@ -95,6 +95,7 @@ pub async fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<Prune
         finish_leftovers(&vm, &mut manifest, &guard)?
     };
     refuse_other_operations(&manifest)?;
+    refuse_symlinks(&vm, &manifest)?;
     let plan = retention::plan(&manifest, &opts.policy)?;
     let mut report = PruneReport {
         vm: opts.vm.clone(),
@@ -219,6 +220,33 @@ pub(crate) fn refuse_other_operations(manifest: &Manifest) -> Result<()> {
             op.started.format("%Y-%m-%d %H:%M:%S"),
             manifest.vm
         );
+    }
+    Ok(())
+}
+
+/// Refuses a repository in which a node's directory or file is a symlink. Prune and merge rewrite and delete
+/// node files, and `qemu-img` follows the relative backing names in their headers through any symlink: one
+/// that points out of the repository would let them change files elsewhere.
+pub(crate) fn refuse_symlinks(vm: &VmStore, manifest: &Manifest) -> Result<()> {
+    for node in &manifest.nodes {
+        let dir = vm.node_dir(&node.id);
+        let files = node
+            .disks
+            .iter()
+            .flat_map(|d| std::iter::once(&d.file).chain(&d.table))
+            .map(|rel| vm.dir().join(rel.as_path()));
+        for path in std::iter::once(dir).chain(files) {
+            if std::fs::symlink_metadata(&path).is_ok_and(|m| m.file_type().is_symlink()) {
+                bail!(Exit::new(
+                    crate::exit::ExitCode::Repository,
+                    format!(
+                        "{} is a symlink: prune and merge change files only in a repository without symlinks \
+                         (replace it with the directory or file it points to); nothing was changed",
+                        path.display()
+                    )
+                ));
+            }
+        }
     }
     Ok(())
 }

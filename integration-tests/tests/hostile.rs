@@ -317,3 +317,39 @@ async fn cleanup_without_a_socket_says_what_it_could_not_finish() {
     repo.run("vm1", &["cleanup", "--socket", socket]).success();
     assert!(repo.manifest("vm1").operations.is_empty());
 }
+
+#[tokio::test]
+async fn prune_refuses_a_node_directory_that_is_a_symlink() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    let mut nodes = Vec::new();
+    for pattern in [0x11u8, 0x22, 0x33] {
+        vm.write_pattern("disk0", pattern, u64::from(pattern) * 32 * 1024, MIB).await;
+        nodes.push(repo.backup_node(&vm, "vm1", &[]));
+    }
+    // Node 0002's directory moved out of the repository, a symlink left in its place.
+    let outside = tempfile::tempdir().unwrap();
+    let moved = outside.path().join("moved");
+    let dir = repo.vm_dir("vm1").join(&nodes[1]);
+    std::fs::rename(&dir, &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, &dir).unwrap();
+    let listing = |p: &Path| {
+        let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(p)
+            .unwrap()
+            .map(|e| {
+                let e = e.unwrap();
+                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+            })
+            .collect();
+        v.sort();
+        v
+    };
+    let before = listing(&moved);
+    let manifest_before = repo.manifest("vm1");
+    let out = repo.run("vm1", &["prune", "--keep-last", "1"]);
+    assert_eq!(out.code(), Some(3), "{out:?}");
+    assert!(out.stderr.contains("symlink"), "{out:?}");
+    assert_eq!(listing(&moved), before, "files outside the repository changed");
+    assert_eq!(repo.manifest("vm1").nodes, manifest_before.nodes);
+    assert!(repo.manifest("vm1").operations.is_empty());
+}

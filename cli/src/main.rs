@@ -27,7 +27,20 @@ struct Cli {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let json = wants_json(std::env::args_os().skip(1));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors are exit 2 (clap's, and ours); `--help` and `--version` are not errors.
+            if json && e.use_stderr() {
+                let message = e.kind().as_str().unwrap_or("invalid arguments").to_owned();
+                let cause = e.render().to_string().trim().to_owned();
+                let err = qmpbak::exit::json_error(qmpbak::exit::ExitCode::Usage, &message, &[cause]);
+                println!("{err}");
+            }
+            e.exit()
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -40,7 +53,16 @@ fn main() -> ExitCode {
         Err(err) => {
             let code = qmpbak::exit::classify(&err);
             eprintln!("qmpbak: {err:#}");
+            if json && !commands::report_printed() {
+                println!("{}", qmpbak::exit::json_error_of(&err));
+            }
             ExitCode::from(code.code())
         }
     }
+}
+
+/// Whether the command line asks for `--json` (before any `--`): then a failure is also printed on stdout as
+/// one JSON object, so a script reading stdout always gets JSON.
+fn wants_json(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    args.take_while(|a| a != "--").any(|a| a == "--json")
 }

@@ -31,6 +31,7 @@ pub async fn run(args: Args) -> Result<()> {
     let report = verify::verify(&opts).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+        super::mark_report_printed();
     } else {
         for node in &report.nodes {
             for d in &node.disks {

@@ -89,6 +89,13 @@ async fn a_raw_disk_backs_up_full_then_by_bitmap_and_after_a_restart_by_checksum
         .await;
     let repo = TestRepo::init();
     let refs = tempfile::tempdir().unwrap();
+    vm.write_pattern("raw0", 0x11, 0, 2 * MIB).await;
+    let r1 = refs.path().join("r1.qcow2");
+    capture(&vm, "raw0", &r1).await;
+    let full = backup(&repo, &vm);
+    assert_eq!(full["level"], "full", "{full}");
+    assert_eq!(disk(&full, "raw0")["bitmaps_persist"], false, "{full}");
+    assert_node(&repo, &full, "raw0", &r1);
     let info = info(&vm);
     assert_eq!(disk(&info, "raw0")["bitmaps_persist"], false, "{info:#}");
     assert_eq!(disk(&info, "disk0")["bitmaps_persist"], true, "{info:#}");
@@ -99,14 +106,6 @@ async fn a_raw_disk_backs_up_full_then_by_bitmap_and_after_a_restart_by_checksum
         text.contains("bitmaps persist across restarts: no (disk raw0 is raw"),
         "{text}"
     );
-
-    vm.write_pattern("raw0", 0x11, 0, 2 * MIB).await;
-    let r1 = refs.path().join("r1.qcow2");
-    capture(&vm, "raw0", &r1).await;
-    let full = backup(&repo, &vm);
-    assert_eq!(full["level"], "full", "{full}");
-    assert_eq!(disk(&full, "raw0")["bitmaps_persist"], false, "{full}");
-    assert_node(&repo, &full, "raw0", &r1);
 
     vm.write_pattern("raw0", 0x22, 5 * MIB, MIB).await;
     let r2 = refs.path().join("r2.qcow2");
@@ -187,14 +186,13 @@ async fn a_block_device_under_raw_backs_up_like_a_file() {
     let vm = with_disk(TestVm::builder(), "blk0", "raw", &file).start().await;
     let repo = TestRepo::init();
     let refs = tempfile::tempdir().unwrap();
-    assert_eq!(disk(&info(&vm), "blk0")["bitmaps_persist"], false);
-
     vm.write_pattern("blk0", 0x44, MIB, 3 * MIB).await;
     let r1 = refs.path().join("r1.qcow2");
     capture(&vm, "blk0", &r1).await;
     let full = backup(&repo, &vm);
     assert_eq!(disk(&full, "blk0")["virtual_size"], 16 * MIB, "{full}");
     assert_node(&repo, &full, "blk0", &r1);
+    assert_eq!(disk(&info(&vm), "blk0")["bitmaps_persist"], false);
 
     vm.write_zeroes("blk0", 2 * MIB, MIB).await;
     vm.write_pattern("blk0", 0x55, 12 * MIB, 512 * 1024).await;
@@ -290,35 +288,12 @@ async fn time_points_work_under_a_throttle_filter() {
 }
 
 #[tokio::test]
-async fn a_cdrom_is_skipped_and_named_and_a_read_only_disk_is_backed_up() {
+async fn a_cdrom_and_an_empty_drive_are_skipped_and_named() {
     let images = tempfile::tempdir().unwrap();
-    // The read-only disk's data, written before QEMU opens it.
-    let raw = images.path().join("ro-data.raw");
-    let mut data = vec![0u8; 8 * MIB as usize];
-    data[MIB as usize..3 * MIB as usize].fill(0x5c);
-    std::fs::write(&raw, &data).unwrap();
-    let ro = images.path().join("ro0.qcow2");
-    image::qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        ro.to_str().unwrap(),
-    ]);
     let iso = images.path().join("cd.iso");
     std::fs::write(&iso, vec![0x43u8; MIB as usize]).unwrap();
     let vm = TestVm::builder()
         .disk("disk0", 8 * MIB)
-        .arg("-drive")
-        .arg(&format!(
-            "file={},format=qcow2,if=none,id=rodrive,readonly=on",
-            ro.display()
-        ))
-        .arg("-device")
-        .arg("virtio-blk-pci,drive=rodrive,id=ro0")
         .arg("-drive")
         .arg(&format!(
             "file={},format=raw,if=none,id=cddrive,media=cdrom,readonly=on",
@@ -337,14 +312,14 @@ async fn a_cdrom_is_skipped_and_named_and_a_read_only_disk_is_backed_up() {
     vm.capture_reference("disk0", &d0).await;
 
     let full = backup(&repo, &vm);
-    let mut ids: Vec<&str> = full["disks"]
+    let ids: Vec<&str> = full["disks"]
         .as_array()
         .unwrap()
         .iter()
         .map(|d| d["disk"].as_str().unwrap())
         .collect();
-    ids.sort_unstable();
-    assert_eq!(ids, ["disk0", "ro0"], "{full:#}");
+    assert_eq!(ids, ["disk0"], "{full:#}");
+    assert_node(&repo, &full, "disk0", &d0);
     // The CD-ROM is named by its qdev id or, where qmpbak does not read that for ide-cd, by its drive.
     let skipped = full["skipped"].as_array().unwrap();
     let find = |reason: &str| {
@@ -358,9 +333,60 @@ async fn a_cdrom_is_skipped_and_named_and_a_read_only_disk_is_backed_up() {
     let cdrom = find("removable medium");
     assert!(["cd0", "cddrive"].contains(&cdrom.as_str()), "{full:#}");
     assert_eq!(find("no medium"), "cd1", "{full:#}");
-    assert_eq!(disk(&full, "ro0")["bitmaps_persist"], false, "{full}");
-    assert_node(&repo, &full, "disk0", &d0);
+
+    // Named explicitly, the CD-ROM is backed up too.
+    let cd = repo.backup(&vm, VM, &["--level", "full", "--disk", &cdrom]);
+    assert_eq!(cd["skipped"], json!([]), "{cd}");
+    image::assert_same(&iso, &repo.node_file(VM, cd["node"].as_str().unwrap(), &cdrom));
+}
+
+#[tokio::test]
+async fn a_read_only_disk_is_backed_up_and_its_bitmap_kept_in_memory() {
+    let images = tempfile::tempdir().unwrap();
+    // The read-only disk's data, written before QEMU opens it.
+    let raw = images.path().join("ro-data.raw");
+    let mut data = vec![0u8; 8 * MIB as usize];
+    data[MIB as usize..3 * MIB as usize].fill(0x5c);
+    std::fs::write(&raw, &data).unwrap();
+    let ro = images.path().join("ro0.qcow2");
+    image::qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        raw.to_str().unwrap(),
+        ro.to_str().unwrap(),
+    ]);
+    let vm = TestVm::builder()
+        .disk("disk0", 8 * MIB)
+        .arg("-drive")
+        .arg(&format!(
+            "file={},format=qcow2,if=none,id=rodrive,readonly=on",
+            ro.display()
+        ))
+        .arg("-device")
+        .arg("virtio-blk-pci,drive=rodrive,id=ro0")
+        .start()
+        .await;
+    let repo = TestRepo::init();
+
+    let full = backup(&repo, &vm);
+    let mut ids: Vec<&str> = full["disks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["disk"].as_str().unwrap())
+        .collect();
+    ids.sort_unstable();
+    assert_eq!(ids, ["disk0", "ro0"], "{full:#}");
     image::assert_same(&ro, &repo.node_file(VM, full["node"].as_str().unwrap(), "ro0"));
+    assert_eq!(disk(&full, "ro0")["bitmaps_persist"], false, "{full}");
+    assert_eq!(
+        disk(&full, "ro0")["bitmaps_volatile_why"],
+        "is read-only: its bitmaps live only while QEMU runs"
+    );
 
     // The read-only disk's bitmap lives in QEMU's memory: the next backup is still a bitmap incremental.
     vm.write_pattern("disk0", 0x77, 4 * MIB, MIB).await;
@@ -368,11 +394,6 @@ async fn a_cdrom_is_skipped_and_named_and_a_read_only_disk_is_backed_up() {
     assert_eq!(inc["method"], "bitmap", "{inc}");
     assert_eq!(disk(&inc, "ro0")["copied_bytes"], 0, "{inc}");
     image::assert_same(&ro, &repo.node_file(VM, inc["node"].as_str().unwrap(), "ro0"));
-
-    // Named explicitly, the CD-ROM is backed up too.
-    let cd = repo.backup(&vm, VM, &["--level", "full", "--disk", &cdrom]);
-    assert_eq!(cd["skipped"], json!([]), "{cd}");
-    image::assert_same(&iso, &repo.node_file(VM, cd["node"].as_str().unwrap(), &cdrom));
 }
 
 /// Runs `qmpbak ARGS` that must fail with `code`, and returns the one JSON error object on its stdout.

@@ -219,7 +219,7 @@ async fn root_driver(vm: &TestVm, id: &str) -> String {
 }
 
 #[tokio::test]
-async fn time_points_work_under_a_throttle_filter() {
+async fn backups_and_time_points_work_under_a_throttle_filter() {
     let images = tempfile::tempdir().unwrap();
     let path = images.path().join("thr0.qcow2");
     image::create_qcow2(&path, 16 * MIB);
@@ -237,6 +237,12 @@ async fn time_points_work_under_a_throttle_filter() {
         .await;
     let repo = TestRepo::init();
     let refs = tempfile::tempdir().unwrap();
+    // A full, and after QEMU crashed, a checksum-diff read through the filter.
+    vm.write_pattern("thr0", 0x0f, 8 * MIB, MIB).await;
+    let first = refs.path().join("first.qcow2");
+    capture(&vm, "thr0", &first).await;
+    assert_node(&repo, &backup(&repo, &vm), "thr0", &first);
+    let vm = vm.restart().await;
     let run = |args: &[&str]| {
         cli::run_owned(&repo.socket_args(&vm.socket(), VM, args))
             .success()
@@ -246,8 +252,9 @@ async fn time_points_work_under_a_throttle_filter() {
     vm.write_pattern("thr0", 0x11, 0, 2 * MIB).await;
     let clean = refs.path().join("clean.qcow2");
     capture(&vm, "thr0", &clean).await;
-    let full = backup(&repo, &vm);
-    assert_node(&repo, &full, "thr0", &clean);
+    let diff = backup(&repo, &vm);
+    assert_eq!(diff["method"], "checksum-diff", "{diff}");
+    assert_node(&repo, &diff, "thr0", &clean);
     run(&["snapshot", "--tag", "clean"]);
 
     vm.write_pattern("thr0", 0x22, 4 * MIB, MIB).await;

@@ -33,9 +33,12 @@ fn main() -> ExitCode {
         Err(e) => {
             // Usage errors are exit 2 (clap's, and ours); `--help` and `--version` are not errors.
             if json && e.use_stderr() {
-                let message = e.kind().as_str().unwrap_or("invalid arguments").to_owned();
-                let cause = e.render().to_string().trim().to_owned();
-                let err = qmpbak::exit::json_error(qmpbak::exit::ExitCode::Usage, &message, &[cause]);
+                // clap's text: "error: WHAT" (maybe over several lines), then the usage.
+                let text = e.render().to_string();
+                let what = text.split("\n\nUsage:").next().unwrap_or_default();
+                let what = what.trim().strip_prefix("error: ").unwrap_or(what);
+                let message = what.split_whitespace().collect::<Vec<_>>().join(" ");
+                let err = qmpbak::exit::json_error(qmpbak::exit::ExitCode::Usage, &message, &[]);
                 println!("{err}");
             }
             e.exit()

@@ -220,21 +220,39 @@ async fn root_driver(vm: &TestVm, id: &str) -> String {
 
 #[tokio::test]
 async fn backups_and_time_points_work_under_a_throttle_filter() {
+    under_a_filter(
+        &json!({ "driver": "throttle", "throttle-group": "tg0" }),
+        "throttle",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn backups_and_time_points_work_under_a_copy_on_read_filter() {
+    under_a_filter(&json!({ "driver": "copy-on-read" }), "copy-on-read").await;
+}
+
+/// Disk `thr0`: the filter node `filter` (its options without `node-name` and `file`) on top of a qcow2. A full,
+/// a checksum-diff after a crash, two time points, a revert to each, a commit: data right each time, the
+/// filter (driver `driver`) still on top.
+async fn under_a_filter(filter: &Value, driver: &str) {
     let images = tempfile::tempdir().unwrap();
     let path = images.path().join("thr0.qcow2");
     image::create_qcow2(&path, 16 * MIB);
     let qcow2 = json!({ "driver": "qcow2", "node-name": "node-thr0-fmt", "file": file_node(&path) });
-    let throttle = json!({ "driver": "throttle", "node-name": "node-thr0", "throttle-group": "tg0",
-                           "file": qcow2 });
+    let mut top = filter.clone();
+    top["node-name"] = json!("node-thr0");
+    top["file"] = qcow2;
     let vm = TestVm::builder()
         .arg("-object")
         .arg("throttle-group,id=tg0,x-bps-total=1000000000")
         .arg("-blockdev")
-        .arg(&throttle.to_string())
+        .arg(&top.to_string())
         .arg("-device")
         .arg("virtio-blk-pci,drive=node-thr0,id=thr0")
         .start()
         .await;
+    assert_eq!(root_driver(&vm, "thr0").await, driver);
     let repo = TestRepo::init();
     let refs = tempfile::tempdir().unwrap();
     // A full, and after QEMU crashed, a checksum-diff read through the filter.
@@ -267,11 +285,7 @@ async fn backups_and_time_points_work_under_a_throttle_filter() {
     let now = refs.path().join("now-clean.qcow2");
     capture(&vm, "thr0", &now).await;
     image::assert_same(&clean, &now);
-    assert_eq!(
-        root_driver(&vm, "thr0").await,
-        "throttle",
-        "the filter stays on top"
-    );
+    assert_eq!(root_driver(&vm, "thr0").await, driver, "the filter stays on top");
 
     run(&["revert", "second"]);
     let now = refs.path().join("now-second.qcow2");
@@ -283,11 +297,7 @@ async fn backups_and_time_points_work_under_a_throttle_filter() {
     let now = refs.path().join("now-committed.qcow2");
     capture(&vm, "thr0", &now).await;
     image::assert_same(&second, &now);
-    assert_eq!(
-        root_driver(&vm, "thr0").await,
-        "throttle",
-        "the filter stays on top"
-    );
+    assert_eq!(root_driver(&vm, "thr0").await, driver, "the filter stays on top");
 
     let again = backup(&repo, &vm);
     assert_node(&repo, &again, "thr0", &second);

@@ -137,6 +137,12 @@ async fn a_raw_disk_backs_up_full_then_by_bitmap_and_after_a_restart_by_checksum
     assert!(!reason.contains("disk disk0"), "{reason}");
     assert_eq!(disk(&after, "raw0")["copied_bytes"], MIB, "{after}");
     assert_node(&repo, &after, "raw0", &r3);
+
+    // Time points need qcow2 images: refused with a usage error that names the disk, nothing changed.
+    let out = cli::run_owned(&repo.socket_args(&vm.socket(), VM, &["snapshot"]));
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("disk raw0 is raw image"), "{}", out.stderr);
+    assert!(repo.manifest(VM).operations.is_empty());
     vm.quit().await;
 }
 

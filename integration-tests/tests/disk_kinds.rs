@@ -207,6 +207,24 @@ async fn a_block_device_under_raw_backs_up_like_a_file() {
     let inc = backup(&repo, &vm);
     assert_eq!(inc["method"], "bitmap", "{inc}");
     assert_node(&repo, &inc, "blk0", &r2);
+
+    // After QEMU crashed, its bitmap is gone: a checksum-diff that says why.
+    let vm = vm.restart().await;
+    vm.write_pattern("blk0", 0x66, 7 * MIB, MIB).await;
+    let r3 = refs.path().join("r3.qcow2");
+    capture(&vm, "blk0", &r3).await;
+    let after = backup(&repo, &vm);
+    assert_eq!(after["method"], "checksum-diff", "{after}");
+    assert!(
+        after["reason"]
+            .as_str()
+            .unwrap()
+            .contains("disk blk0 is raw: its bitmaps live only while QEMU runs"),
+        "{after}"
+    );
+    assert_eq!(disk(&after, "blk0")["copied_bytes"], MIB, "{after}");
+    assert_node(&repo, &after, "blk0", &r3);
+    // QEMU lets the loop device go before the device is detached.
     drop(vm);
 }
 

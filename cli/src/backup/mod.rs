@@ -644,9 +644,15 @@ fn select_disks(
         selected.push(d.clone());
     }
     if selected.is_empty() {
-        bail!(Exit::usage(
-            "no disks selected: the VM has none, or --exclude removed them all"
-        ));
+        let media: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("{} ({})", s.disk, s.reason))
+            .collect();
+        bail!(Exit::usage(if media.is_empty() {
+            "no disks selected: the VM has none, or --exclude removed them all".to_owned()
+        } else {
+            format!("no disks selected; skipped: {}", media.join(", "))
+        }));
     }
     Ok((selected, skipped))
 }

@@ -409,6 +409,15 @@ async fn a_read_only_disk_is_backed_up_and_its_bitmap_kept_in_memory() {
         ))
         .arg("-device")
         .arg("virtio-blk-pci,drive=rodrive,id=ro0")
+        // The same image once more, read-only through -blockdev.
+        .arg("-blockdev")
+        .arg(
+            &json!({ "driver": "qcow2", "node-name": "node-ro1", "read-only": true,
+                     "file": { "driver": "file", "filename": ro, "read-only": true } })
+            .to_string(),
+        )
+        .arg("-device")
+        .arg("virtio-blk-pci,drive=node-ro1,id=ro1")
         .start()
         .await;
     let repo = TestRepo::init();
@@ -421,20 +430,24 @@ async fn a_read_only_disk_is_backed_up_and_its_bitmap_kept_in_memory() {
         .map(|d| d["disk"].as_str().unwrap())
         .collect();
     ids.sort_unstable();
-    assert_eq!(ids, ["disk0", "ro0"], "{full:#}");
-    image::assert_same(&ro, &repo.node_file(VM, full["node"].as_str().unwrap(), "ro0"));
-    assert_eq!(disk(&full, "ro0")["bitmaps_persist"], false, "{full}");
-    assert_eq!(
-        disk(&full, "ro0")["bitmaps_volatile_why"],
-        "is read-only: its bitmaps live only while QEMU runs"
-    );
+    assert_eq!(ids, ["disk0", "ro0", "ro1"], "{full:#}");
+    for id in ["ro0", "ro1"] {
+        image::assert_same(&ro, &repo.node_file(VM, full["node"].as_str().unwrap(), id));
+        assert_eq!(disk(&full, id)["bitmaps_persist"], false, "{full}");
+        assert_eq!(
+            disk(&full, id)["bitmaps_volatile_why"],
+            "is read-only: its bitmaps live only while QEMU runs"
+        );
+    }
 
     // The read-only disk's bitmap lives in QEMU's memory: the next backup is still a bitmap incremental.
     vm.write_pattern("disk0", 0x77, 4 * MIB, MIB).await;
     let inc = backup(&repo, &vm);
     assert_eq!(inc["method"], "bitmap", "{inc}");
-    assert_eq!(disk(&inc, "ro0")["copied_bytes"], 0, "{inc}");
-    image::assert_same(&ro, &repo.node_file(VM, inc["node"].as_str().unwrap(), "ro0"));
+    for id in ["ro0", "ro1"] {
+        assert_eq!(disk(&inc, id)["copied_bytes"], 0, "{inc}");
+        image::assert_same(&ro, &repo.node_file(VM, inc["node"].as_str().unwrap(), id));
+    }
 }
 
 /// Runs `qmpbak ARGS` that must fail with `code`, and returns the one JSON error object on its stdout.

@@ -164,7 +164,7 @@ async fn commit_disk(
     qmp.execute_raw(
         "block-commit",
         Some(
-            json!({ "job-id": job, "device": d.node_name, "top-node": top_node, "base-node": base_node,
+            json!({ "job-id": job, "device": d.root_node, "top-node": top_node, "base-node": base_node,
                      "auto-dismiss": false }),
         ),
     )

@@ -28,6 +28,38 @@ impl ExitCode {
     pub fn code(self) -> u8 {
         self as u8
     }
+
+    /// A stable word for the class, for the `kind` of a `--json` error.
+    pub fn kind(self) -> &'static str {
+        match self {
+            ExitCode::Success => "success",
+            ExitCode::Failure => "failure",
+            ExitCode::Usage => "usage",
+            ExitCode::Repository => "repository",
+            ExitCode::LockHeld => "lock-held",
+            ExitCode::Qemu => "qemu",
+            ExitCode::Damaged => "damaged",
+            ExitCode::Interrupted => "interrupted",
+        }
+    }
+}
+
+/// The one JSON object a command run with `--json` prints on stdout when it fails:
+/// `{"error": {"code", "kind", "message", "causes"}}`; `message` is the outermost context, `causes` the
+/// errors below it, outermost first.
+pub fn json_error(code: ExitCode, message: &str, causes: &[String]) -> serde_json::Value {
+    serde_json::json!({ "error": {
+        "code": code.code(),
+        "kind": code.kind(),
+        "message": message,
+        "causes": causes,
+    } })
+}
+
+/// [`json_error`] for an error chain.
+pub fn json_error_of(err: &anyhow::Error) -> serde_json::Value {
+    let causes: Vec<String> = err.chain().skip(1).map(ToString::to_string).collect();
+    json_error(classify(err), &err.to_string(), &causes)
 }
 
 /// An error that carries its own exit code: for failures that are decided in the CLI layer (usage errors,

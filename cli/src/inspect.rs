@@ -18,6 +18,8 @@ pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct VmInfo {
     pub qemu: QemuInfo,
     pub disks: Vec<DiskInfo>,
+    /// Drives without a medium (an empty CD-ROM drive): nothing to back up.
+    pub empty_drives: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -33,8 +35,11 @@ pub struct DiskInfo {
     pub id: String,
     /// QEMU's qdev path of the device, when there is a device.
     pub qdev: Option<String>,
-    /// The block node at the top of the device's graph: what backup jobs read from.
+    /// The format node below any filters: where the image and its bitmaps live, what backup jobs read from.
     pub node_name: String,
+    /// The node the device is attached to: `node_name`, or the filter on top of it (`throttle`, ...). Jobs
+    /// that switch the device to another node (mirror, commit) start from here; QEMU wants a root node.
+    pub root_node: String,
     pub file: String,
     pub format: String,
     pub virtual_size: u64,
@@ -42,7 +47,26 @@ pub struct DiskInfo {
     pub allocated_size: Option<u64>,
     pub backing_file: Option<String>,
     pub read_only: bool,
+    /// Removable media (a CD-ROM, a floppy): backup skips it unless it is named with `--disk`.
+    pub removable: bool,
+    /// Whether QEMU can store this disk's bitmaps in its image, so that they survive a restart of QEMU.
+    pub bitmaps_persist: bool,
+    /// Why they cannot, when they cannot: they then live only in QEMU's memory.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps_volatile_why: Option<String>,
     pub bitmaps: Vec<BitmapInfo>,
+}
+
+/// Whether a format node can store persistent bitmaps: only qcow2 can, and only when it is writable. `None` if
+/// it can, else why not, to follow "disk X ...".
+pub fn volatile_bitmaps_why(format: &str, read_only: bool) -> Option<String> {
+    if format != "qcow2" {
+        Some(format!("is {format}: its bitmaps live only while QEMU runs"))
+    } else if read_only {
+        Some("is read-only: its bitmaps live only while QEMU runs".to_owned())
+    } else {
+        None
+    }
 }
 
 /// A dirty bitmap of a disk: QEMU's flags, one field each as QEMU reports them.
@@ -115,8 +139,18 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
         .await?;
     let graph = qmp.execute_raw("x-debug-query-block-graph", None).await.ok();
     let mut disks = Vec::new();
+    let mut empty_drives = Vec::new();
     for block in blocks {
-        let Some(inserted) = block.inserted else { continue };
+        let Some(inserted) = block.inserted else {
+            // A device with an id and no backend of its own (`-device ide-cd,id=cd1`) reports the bare id.
+            let qdev = block
+                .qdev
+                .as_deref()
+                .and_then(|q| qdev_id(q).or((!q.is_empty() && !q.contains('/')).then_some(q)))
+                .map(str::to_owned);
+            empty_drives.extend(qdev.or_else(|| (!block.device.is_empty()).then(|| block.device.clone())));
+            continue;
+        };
         let qdev = block.qdev.clone().filter(|q| !q.is_empty());
         let top = inserted.node_name.clone().unwrap_or_default();
         let id = qdev
@@ -126,6 +160,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
             .or_else(|| (!block.device.is_empty()).then(|| block.device.clone()))
             .unwrap_or_else(|| top.clone());
         // Below any filters: the node that holds the image and its bitmaps.
+        let root_node = top.clone();
         let mut name = top;
         let mut node = nodes
             .iter()
@@ -154,16 +189,21 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
                 count: b.count,
             })
             .collect();
+        let bitmaps_volatile_why = volatile_bitmaps_why(&info.drv, info.ro);
         disks.push(DiskInfo {
             id,
             qdev,
             node_name: name,
+            root_node,
             file: info.file,
             format: info.drv,
             virtual_size: info.image.virtual_size,
             allocated_size: info.image.actual_size,
             backing_file: info.backing_file,
             read_only: info.ro,
+            removable: block.removable,
+            bitmaps_persist: bitmaps_volatile_why.is_none(),
+            bitmaps_volatile_why,
             bitmaps,
         });
     }
@@ -176,6 +216,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
             package: version.package.trim().to_owned(),
         },
         disks,
+        empty_drives,
     })
 }
 

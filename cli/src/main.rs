@@ -30,7 +30,23 @@ fn main() -> ExitCode {
     // Everything qmpbak and its children create holds or serves guest data: private to the owner whatever
     // umask the caller has (a umask of 000 would make sockets and images world-accessible).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let cli = Cli::parse();
+    let json = wants_json(std::env::args_os().skip(1));
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // Usage errors are exit 2 (clap's, and ours); `--help` and `--version` are not errors.
+            if json && e.use_stderr() {
+                // clap's text: "error: WHAT" (maybe over several lines), then the usage.
+                let text = e.render().to_string();
+                let what = text.split("\n\nUsage:").next().unwrap_or_default();
+                let what = what.trim().strip_prefix("error: ").unwrap_or(what);
+                let message = what.split_whitespace().collect::<Vec<_>>().join(" ");
+                let err = qmpbak::exit::json_error(qmpbak::exit::ExitCode::Usage, &message, &[]);
+                println!("{err}");
+            }
+            e.exit()
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -52,7 +68,16 @@ fn main() -> ExitCode {
                      `qmpbak prune`, then run again; nothing half-written was kept"
                 );
             }
+            if json && !commands::report_printed() {
+                println!("{}", qmpbak::exit::json_error_of(&err));
+            }
             ExitCode::from(code.code())
         }
     }
+}
+
+/// Whether the command line asks for `--json` (before any `--`): then a failure is also printed on stdout as
+/// one JSON object, so a script reading stdout always gets JSON.
+fn wants_json(args: impl Iterator<Item = std::ffi::OsString>) -> bool {
+    args.take_while(|a| a != "--").any(|a| a == "--json")
 }

@@ -50,6 +50,8 @@ pub struct DiskFacts {
     pub diff_bitmap: BitmapState,
     /// qmpbak bitmaps of this chain on the disk that are relative to some other node.
     pub stray_bitmaps: Vec<String>,
+    /// Why the disk's bitmaps live only in QEMU's memory ("is raw: ..."), when they do.
+    pub volatile_why: Option<String>,
 }
 
 /// Facts about the VM's chain.
@@ -142,11 +144,22 @@ pub fn plan(requested: Requested, chain: &ChainFacts, disks: &[DiskFacts]) -> Re
             if !trouble.is_empty() {
                 trouble.push_str("; ");
             }
-            let _ = write!(
-                trouble,
-                "the bitmap of disk {} relative to node {base} {problem}",
-                disk.id
-            );
+            match (&disk.volatile_why, state) {
+                (Some(why), BitmapState::Missing) => {
+                    let _ = write!(
+                        trouble,
+                        "the bitmap of disk {id} relative to node {base} is missing: disk {id} {why}",
+                        id = disk.id
+                    );
+                }
+                _ => {
+                    let _ = write!(
+                        trouble,
+                        "the bitmap of disk {} relative to node {base} {problem}",
+                        disk.id
+                    );
+                }
+            }
             if !disk.stray_bitmaps.is_empty() {
                 let _ = write!(
                     trouble,
@@ -208,6 +221,7 @@ mod tests {
             inc_bitmap: BitmapState::Usable,
             diff_bitmap: BitmapState::Usable,
             stray_bitmaps: vec![],
+            volatile_why: None,
         }
     }
 
@@ -271,6 +285,21 @@ mod tests {
             );
             assert!(p.reason.contains("qmpbak-c-inc-0002"), "{}", p.reason);
         }
+    }
+
+    #[test]
+    fn a_raw_disk_whose_bitmap_is_gone_says_its_bitmaps_live_in_memory() {
+        let mut b = disk("b");
+        b.inc_bitmap = BitmapState::Missing;
+        b.volatile_why = Some("is raw: its bitmaps live only while QEMU runs".into());
+        let p = plan(Requested::Auto, &chain(), &[disk("a"), b]).unwrap();
+        assert_eq!(p.method, Method::ChecksumDiff);
+        assert!(
+            p.reason
+                .contains("is missing: disk b is raw: its bitmaps live only while QEMU runs"),
+            "{}",
+            p.reason
+        );
     }
 
     #[test]

@@ -147,7 +147,9 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
             )));
         }
     }
-    let info = inspect::inspect(&qmp).await?;
+    let mut info = inspect::inspect(&qmp).await?;
+    // Removable media (a CD-ROM's ISO) are not the VM's data: they get no overlay.
+    info.disks.retain(|d| !d.removable);
     if info.disks.is_empty() {
         bail!(Exit::usage("the VM has no disks"));
     }
@@ -605,12 +607,16 @@ async fn switch(
         .await
         .with_context(|| format!("opening the overlay {}", overlay.display()))?;
         let job = short_name(chain_id, "p", target.id.as_str(), *i);
-        qmp.execute_raw(
-            "blockdev-mirror",
-            Some(json!({ "job-id": job, "device": d.node_name, "target": name, "sync": "none", "auto-dismiss": false })),
-        )
-        .await
-        .with_context(|| format!("starting the switch of disk {}", d.id))?;
+        // QEMU starts a mirror only from a root node. Under a filter (throttle, ...) that is the filter; the
+        // pivot then replaces the format node below it, so the filter stays on top of the new overlay.
+        let mut mirror = json!({ "job-id": job, "device": d.root_node, "target": name, "sync": "none",
+                                 "auto-dismiss": false });
+        if d.root_node != d.node_name {
+            mirror["replaces"] = json!(d.node_name);
+        }
+        qmp.execute_raw("blockdev-mirror", Some(mirror))
+            .await
+            .with_context(|| format!("starting the switch of disk {}", d.id))?;
         let status = qmp
             .wait_job_status(&job, &[qmp::JobStatus::Ready], PIVOT_TIMEOUT)
             .await?;

@@ -89,7 +89,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         for name in run.new_bitmaps() {
             actions.push(json!({
                 "type": "block-dirty-bitmap-add",
-                "data": { "node": t.info.node_name, "name": name, "persistent": true },
+                "data": { "node": t.info.node_name, "name": name, "persistent": t.info.bitmaps_persist },
             }));
         }
         actions.push(json!({

@@ -108,7 +108,9 @@ async fn remove_targets(run: &Run<'_>) {
     }
 }
 
-/// The one transaction: per disk, the new bitmaps and the copy job.
+/// The one transaction: per disk, the new bitmaps and the copy job. The bitmaps are persistent where the image
+/// can store them (a writable qcow2); on a raw or read-only image they live in QEMU's memory, and after a restart
+/// of QEMU the next backup compares checking tables instead ([`crate::inspect::volatile_bitmaps_why`]).
 fn transaction(run: &Run<'_>) -> Vec<Value> {
     let mut actions = Vec::new();
     let base = run.base_bitmap();
@@ -116,7 +118,7 @@ fn transaction(run: &Run<'_>) -> Vec<Value> {
         for name in run.new_bitmaps() {
             actions.push(json!({
                 "type": "block-dirty-bitmap-add",
-                "data": { "node": t.info.node_name, "name": name, "persistent": true },
+                "data": { "node": t.info.node_name, "name": name, "persistent": t.info.bitmaps_persist },
             }));
         }
         let mut job = json!({

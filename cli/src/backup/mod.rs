@@ -75,6 +75,15 @@ pub struct BackupReport {
     pub quiesced: bool,
     /// What an earlier, interrupted run left behind and this run removed.
     pub cleaned: cleanup::Cleaned,
+    /// Drives of the VM this backup did not copy, and why (removable media, empty drives).
+    pub skipped: Vec<Skipped>,
+}
+
+/// A drive a backup left out by itself (not one the user excluded).
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub disk: String,
+    pub reason: String,
 }
 
 /// Per-disk figures of a backup.
@@ -86,6 +95,11 @@ pub struct DiskReport {
     pub copied_bytes: u64,
     /// Bytes the node's file takes on the host.
     pub stored_bytes: u64,
+    /// Whether the disk's bitmaps survive a restart of QEMU; when not, the next backup after one compares
+    /// checking tables (see `bitmaps_volatile_why`).
+    pub bitmaps_persist: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bitmaps_volatile_why: Option<String>,
 }
 
 /// The selected disks and everything a run needs to know about them.
@@ -209,14 +223,9 @@ pub async fn backup(
         cleaned,
     } = crate::session::open(&opts.repo, &opts.vm, &opts.socket, opts.lock_wait, "backup", true).await?;
     let info = inspect::inspect(&qmp).await?;
-    let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
-    for disk in &disks {
-        if disk.read_only {
-            bail!(Exit::usage(format!(
-                "disk {} is read-only: exclude it with --exclude {}",
-                disk.id, disk.id
-            )));
-        }
+    let (disks, skipped) = select_disks(&info, &opts.disks, &opts.exclude)?;
+    for s in &skipped {
+        progress.phase(&format!("skipping disk {}: {}", s.disk, s.reason));
     }
 
     let facts = chain_facts(&manifest, repo.settings().full_every);
@@ -334,6 +343,7 @@ pub async fn backup(
         tables_secs,
         quiesced: opts.qga.is_some(),
         cleaned,
+        skipped,
     })
 }
 
@@ -476,6 +486,8 @@ impl Run<'_> {
                 virtual_size: t.info.virtual_size,
                 copied_bytes: copied.bytes.get(t.index).copied().unwrap_or(0),
                 stored_bytes: stored,
+                bitmaps_persist: t.info.bitmaps_persist,
+                bitmaps_volatile_why: t.info.bitmaps_volatile_why.clone(),
             });
         }
         crashpoint("backup-tables-written");
@@ -591,8 +603,15 @@ fn level_name(level: Level) -> &'static str {
     }
 }
 
-/// The disks to back up, in QEMU's order.
-fn select_disks(all: &[DiskInfo], only: &[String], exclude: &[String]) -> Result<Vec<DiskInfo>> {
+/// The disks to back up, in QEMU's order, and the drives left out by themselves: removable media (a CD-ROM's
+/// ISO is not the VM's data, and the guest may eject it at any time) unless named with `--disk`, and empty
+/// drives. Read-only disks are backed up.
+fn select_disks(
+    info: &inspect::VmInfo,
+    only: &[String],
+    exclude: &[String],
+) -> Result<(Vec<DiskInfo>, Vec<Skipped>)> {
+    let all = &info.disks;
     let known: Vec<&str> = all.iter().map(|d| d.id.as_str()).collect();
     for id in only.iter().chain(exclude) {
         if !known.contains(&id.as_str()) {
@@ -602,18 +621,44 @@ fn select_disks(all: &[DiskInfo], only: &[String], exclude: &[String]) -> Result
             )));
         }
     }
-    let selected: Vec<DiskInfo> = all
+    let mut skipped: Vec<Skipped> = info
+        .empty_drives
         .iter()
-        .filter(|d| only.is_empty() || only.contains(&d.id))
-        .filter(|d| !exclude.contains(&d.id))
-        .cloned()
+        .filter(|id| only.is_empty() && !exclude.contains(id))
+        .map(|id| Skipped {
+            disk: id.clone(),
+            reason: "no medium".to_owned(),
+        })
         .collect();
-    if selected.is_empty() {
-        bail!(Exit::usage(
-            "no disks selected: the VM has none, or --exclude removed them all"
-        ));
+    let mut selected = Vec::new();
+    for d in all {
+        if !(only.is_empty() || only.contains(&d.id)) || exclude.contains(&d.id) {
+            continue;
+        }
+        if d.removable && !only.contains(&d.id) {
+            skipped.push(Skipped {
+                disk: d.id.clone(),
+                reason: format!(
+                    "removable medium ({} {}); name it with --disk {} to back it up",
+                    d.format, d.file, d.id
+                ),
+            });
+            continue;
+        }
+        selected.push(d.clone());
     }
-    Ok(selected)
+    if selected.is_empty() {
+        let media: Vec<String> = skipped
+            .iter()
+            .map(|s| format!("{} ({})", s.disk, s.reason))
+            .collect();
+        bail!(Exit::usage(if media.is_empty() {
+            "no disks selected: the VM has none, or --exclude removed them all".to_owned()
+        } else {
+            format!("no disks selected; skipped: {}", media.join(", "))
+        }));
+    }
+    Ok((selected, skipped))
 }
 
 /// Facts about the VM's chain for the planner.
@@ -686,6 +731,7 @@ fn disk_facts(manifest: &Manifest, facts: &ChainFacts, disk: &DiskInfo) -> DiskF
         inc_bitmap: state_of(inc.clone()),
         diff_bitmap: state_of(diff.clone()),
         stray_bitmaps,
+        volatile_why: disk.bitmaps_volatile_why.clone(),
     }
 }
 

@@ -111,11 +111,17 @@ fn print_report(r: &BackupReport) {
     );
     for d in &r.disks {
         println!(
-            "  disk {}: {} copied, {} stored ({} virtual)",
+            "  disk {}: {} copied, {} stored ({} virtual){}",
             d.disk,
             bytes(d.copied_bytes),
             bytes(d.stored_bytes),
-            bytes(d.virtual_size)
+            bytes(d.virtual_size),
+            d.bitmaps_volatile_why
+                .as_ref()
+                .map_or_else(String::new, |why| format!("; the disk {why}"))
         );
+    }
+    for s in &r.skipped {
+        println!("  skipped {}: {}", s.disk, s.reason);
     }
 }

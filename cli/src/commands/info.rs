@@ -43,6 +43,16 @@ pub async fn run(args: Args) -> Result<()> {
             disk.allocated_size.map_or_else(|| "?".to_owned(), bytes),
             if disk.read_only { ", read-only" } else { "" }
         );
+        if disk.removable {
+            println!(
+                "  removable medium: backup skips it unless named with --disk {}",
+                disk.id
+            );
+        }
+        match &disk.bitmaps_volatile_why {
+            None => println!("  bitmaps persist across restarts: yes"),
+            Some(why) => println!("  bitmaps persist across restarts: no (disk {} {why})", disk.id),
+        }
         if disk.bitmaps.is_empty() {
             println!("  no dirty bitmaps");
         }
@@ -63,6 +73,9 @@ pub async fn run(args: Args) -> Result<()> {
                 bytes(b.count)
             );
         }
+    }
+    for id in &info.empty_drives {
+        println!("drive {id}: no medium");
     }
     Ok(())
 }

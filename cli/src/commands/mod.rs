@@ -14,7 +14,22 @@ mod show;
 mod snapshot;
 mod verify;
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use clap::Subcommand;
+
+/// Set by a command that printed its `--json` report and then fails (verify finding damage): stdout already
+/// holds the one JSON object, so no error object follows it.
+static REPORT_PRINTED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a `--json` report was already printed (see [`REPORT_PRINTED`]).
+pub fn report_printed() -> bool {
+    REPORT_PRINTED.load(Ordering::Relaxed)
+}
+
+fn mark_report_printed() {
+    REPORT_PRINTED.store(true, Ordering::Relaxed);
+}
 
 #[derive(Subcommand)]
 pub enum Command {

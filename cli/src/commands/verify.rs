@@ -37,6 +37,7 @@ pub async fn run(args: Args) -> Result<()> {
         .await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+        super::mark_report_printed();
     } else {
         for node in &report.nodes {
             for d in &node.disks {

@@ -154,7 +154,7 @@ pub async fn restore_live(
         qmp.execute_raw(
             "block-dirty-bitmap-add",
             Some(json!({ "node": d.node_name, "name": BitmapName::incremental(&chain_id, node.id.as_str()).to_string(),
-                         "persistent": true })),
+                         "persistent": d.bitmaps_persist })),
         )
         .await
         .context("adding the dirty bitmap for the next backup")?;

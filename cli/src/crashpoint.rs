@@ -28,12 +28,18 @@ pub fn target_file_options(file: serde_json::Value) -> serde_json::Value {
 pub const PAUSE_BOUND: std::time::Duration = std::time::Duration::from_secs(120);
 
 /// When `QMPBAK_PAUSE_AT` names this point, says so on stderr (`qmpbak: paused at NAME`) and holds the run
-/// there for at most [`PAUSE_BOUND`], so that a test can act at a known step — send a signal while a child is
-/// running, look at what exists. Without the variable it returns at once.
+/// there until SIGUSR1, for at most [`PAUSE_BOUND`], so that a test can act at a known step — send a signal
+/// while a child is running, break a child, look at what exists. Without the variable it returns at once.
 pub async fn pause_point(name: &str) {
     if std::env::var_os("QMPBAK_PAUSE_AT").is_some_and(|v| v == name) {
+        let resume = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1());
         eprintln!("qmpbak: paused at {name} (QMPBAK_PAUSE_AT)");
-        tokio::time::sleep(PAUSE_BOUND).await;
+        match resume {
+            Ok(mut resume) => {
+                let _ = tokio::time::timeout(PAUSE_BOUND, resume.recv()).await;
+            }
+            Err(_) => tokio::time::sleep(PAUSE_BOUND).await,
+        }
     }
 }
 

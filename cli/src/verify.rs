@@ -34,6 +34,9 @@ pub struct VerifyReport {
     pub damaged_nodes: Vec<String>,
     /// Nodes whose restore would read damaged data: the subtrees of the damaged nodes.
     pub broken_restores: Vec<String>,
+    /// Nodes with a disk that could not be checked for a reason that is not damage (QEMU or NBD failed):
+    /// neither known good nor known bad.
+    pub unchecked_nodes: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -46,9 +49,12 @@ pub struct NodeVerdict {
 pub struct DiskVerdict {
     pub disk: String,
     pub ok: bool,
+    /// Whether the disk was checked; `false` when QEMU or NBD failed while its files look sound (not damage).
+    pub checked: bool,
     pub blocks_checked: u64,
     pub bad_blocks: Vec<BadBlock>,
-    /// A failure that kept the disk from being checked (unreadable file, damaged table).
+    /// A failure that kept the disk from being checked: damage (a missing or unreadable file, a damaged table)
+    /// when `checked`, anything else otherwise.
     pub error: Option<String>,
 }
 
@@ -89,6 +95,7 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
                 Ok((checked, bad, block_size)) => DiskVerdict {
                     disk: disk.disk.clone(),
                     ok: bad.is_empty(),
+                    checked: true,
                     blocks_checked: checked,
                     bad_blocks: bad
                         .into_iter()
@@ -99,13 +106,26 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
                         .collect(),
                     error: None,
                 },
-                Err(e) => DiskVerdict {
-                    disk: disk.disk.clone(),
-                    ok: false,
-                    blocks_checked: 0,
-                    bad_blocks: Vec::new(),
-                    error: Some(format!("{e:#}")),
-                },
+                Err(e) => {
+                    // Damage, or a failure of the reading machinery (the daemon, NBD): the files decide.
+                    let damage = match crate::direct::chain_files(&vm, &manifest, id, &disk.disk) {
+                        Ok(files) => crate::restore::chain_damage(&bins, &files),
+                        Err(e) => Some(format!("{e:#}")),
+                    };
+                    let is_table = e.chain().any(|c| c.downcast_ref::<chain::Error>().is_some());
+                    let checked = damage.is_some() || is_table;
+                    DiskVerdict {
+                        disk: disk.disk.clone(),
+                        ok: false,
+                        checked,
+                        blocks_checked: 0,
+                        bad_blocks: Vec::new(),
+                        error: Some(match damage {
+                            Some(why) => format!("{why} ({e:#})"),
+                            None => format!("{e:#}"),
+                        }),
+                    }
+                }
             };
             disks.push(verdict);
         }
@@ -118,7 +138,12 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
 
     let damaged: Vec<String> = verdicts
         .iter()
-        .filter(|v| v.disks.iter().any(|d| !d.ok))
+        .filter(|v| v.disks.iter().any(|d| d.checked && !d.ok))
+        .map(|v| v.node.clone())
+        .collect();
+    let unchecked: Vec<String> = verdicts
+        .iter()
+        .filter(|v| v.disks.iter().any(|d| !d.checked))
         .map(|v| v.node.clone())
         .collect();
     let mut broken = BTreeSet::new();
@@ -129,10 +154,11 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     }
     Ok(VerifyReport {
         vm: opts.vm.clone(),
-        ok: damaged.is_empty(),
+        ok: damaged.is_empty() && unchecked.is_empty(),
         nodes: verdicts,
         damaged_nodes: damaged,
         broken_restores: broken.into_iter().collect(),
+        unchecked_nodes: unchecked,
     })
 }
 

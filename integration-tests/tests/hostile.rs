@@ -324,7 +324,8 @@ async fn prune_refuses_a_node_directory_that_is_a_symlink() {
     let repo = TestRepo::init();
     let mut nodes = Vec::new();
     for pattern in [0x11u8, 0x22, 0x33] {
-        vm.write_pattern("disk0", pattern, u64::from(pattern) * 32 * 1024, MIB).await;
+        vm.write_pattern("disk0", pattern, u64::from(pattern) * 32 * 1024, MIB)
+            .await;
         nodes.push(repo.backup_node(&vm, "vm1", &[]));
     }
     // Node 0002's directory moved out of the repository, a symlink left in its place.
@@ -338,7 +339,10 @@ async fn prune_refuses_a_node_directory_that_is_a_symlink() {
             .unwrap()
             .map(|e| {
                 let e = e.unwrap();
-                (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap())
+                (
+                    e.file_name().to_string_lossy().into_owned(),
+                    std::fs::read(e.path()).unwrap(),
+                )
             })
             .collect();
         v.sort();

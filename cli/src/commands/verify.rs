@@ -42,7 +42,10 @@ pub async fn run(args: Args) -> Result<()> {
         for node in &report.nodes {
             for d in &node.disks {
                 match (&d.error, d.ok) {
-                    (Some(e), _) => println!("node {} disk {}: ERROR {e}", node.node, d.disk),
+                    (Some(e), _) if d.checked => {
+                        println!("node {} disk {}: DAMAGED {e}", node.node, d.disk);
+                    }
+                    (Some(e), _) => println!("node {} disk {}: NOT CHECKED {e}", node.node, d.disk),
                     (None, true) => println!(
                         "node {} disk {}: ok ({} blocks)",
                         node.node, d.disk, d.blocks_checked
@@ -58,6 +61,16 @@ pub async fn run(args: Args) -> Result<()> {
                 }
             }
         }
+    }
+    if report.damaged_nodes.is_empty() && !report.unchecked_nodes.is_empty() {
+        bail!(Exit::new(
+            ExitCode::Qemu,
+            format!(
+                "could not check nodes {}: reading them through qemu-storage-daemon failed (see above), while \
+                 their files look sound: this is not damage; run verify again",
+                report.unchecked_nodes.join(", ")
+            )
+        ));
     }
     if !report.ok {
         bail!(Exit::new(

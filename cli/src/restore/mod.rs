@@ -67,3 +67,47 @@ pub fn damaged(node: &Node, disk: &str, blocks: &[u64], block_size: u64) -> anyh
     )
     .into()
 }
+
+/// When reading a node's chain failed: whether one of its files is missing or is not a qcow2 image QEMU can
+/// open, said for the user (`None`: the files look sound, so the failure lies elsewhere: QEMU, NBD, the host).
+/// This decides between "the backup is damaged" (exit 6) and any other failure.
+pub fn chain_damage(bins: &crate::qemu_bins::QemuBins, files: &[std::path::PathBuf]) -> Option<String> {
+    for file in files {
+        match std::fs::symlink_metadata(file) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Some(format!("its file {} is missing", file.display()));
+            }
+            Ok(meta) if !meta.is_file() => {
+                return Some(format!("{} is not a regular file", file.display()));
+            }
+            _ => {}
+        }
+        let out = crate::children::std_command(&bins.img)
+            .args(["info", "-U", "--output=json", "-f", "qcow2"])
+            .arg(file)
+            .output();
+        if let Ok(out) = out {
+            if !out.status.success() {
+                return Some(format!(
+                    "{} is not a readable qcow2 image ({})",
+                    file.display(),
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+        }
+    }
+    None
+}
+
+/// The "damaged" error (exit 6) for a node whose chain `chain_damage` found broken.
+pub fn chain_damaged(node: &Node, disk: &str, why: &str) -> anyhow::Error {
+    Exit::new(
+        ExitCode::Damaged,
+        format!(
+            "disk {disk} of node {} cannot be read: {why}; the backup is damaged: run `qmpbak verify` to find \
+             every node it breaks",
+            node.id
+        ),
+    )
+    .into()
+}

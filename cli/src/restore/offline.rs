@@ -131,7 +131,13 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
                 });
             }
             Err(e) => {
-                error = Some(e.context(format!("restoring disk {disk} of node {}", node.id)));
+                let damage = crate::direct::chain_files(&vm, &manifest, &node.id, disk)
+                    .ok()
+                    .and_then(|files| super::chain_damage(&bins, &files));
+                error = Some(match damage {
+                    Some(why) => super::chain_damaged(&node, disk, &why).context(format!("{e:#}")),
+                    None => e.context(format!("restoring disk {disk} of node {}", node.id)),
+                });
                 break;
             }
         }

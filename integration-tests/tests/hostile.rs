@@ -153,6 +153,17 @@ async fn a_relative_repository_path_never_reaches_another_repository_through_qem
     image::assert_same(&reference, &work.path().join("out.qcow2"));
 }
 
+/// Takes time points `a` and `b` of the VM behind `socket`; returns their node ids.
+fn two_time_points(repo: &TestRepo, socket: &str) -> Vec<String> {
+    ["a", "b"]
+        .iter()
+        .map(|tag| {
+            let out = repo.run("vm1", &["snapshot", "--socket", socket, "--tag", tag, "--json"]);
+            out.success().json()["node"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
 /// Adds `op` to the operation records of VM `vm`'s manifest, as a tampered repository would hold it.
 fn forge_operation(repo: &TestRepo, vm: &str, op: serde_json::Value) {
     let path = repo.vm_dir(vm).join("manifest.json");
@@ -258,11 +269,7 @@ async fn a_tampered_commit_record_is_refused_and_deletes_nothing() {
     let repo = TestRepo::init();
     let socket = vm.socket();
     let socket = socket.to_str().unwrap();
-    let mut points = Vec::new();
-    for tag in ["a", "b"] {
-        let out = repo.run("vm1", &["snapshot", "--socket", socket, "--tag", tag, "--json"]);
-        points.push(out.success().json()["node"].as_str().unwrap().to_owned());
-    }
+    let points = two_time_points(&repo, socket);
     let outside = tempfile::tempdir().unwrap();
     let victim = outside.path().join("important.qcow2");
     std::fs::write(&victim, b"not qmpbak's to delete").unwrap();
@@ -296,11 +303,7 @@ async fn cleanup_without_a_socket_says_what_it_could_not_finish() {
     let repo = TestRepo::init();
     let socket = vm.socket();
     let socket = socket.to_str().unwrap();
-    let mut points = Vec::new();
-    for tag in ["a", "b"] {
-        let out = repo.run("vm1", &["snapshot", "--socket", socket, "--tag", tag, "--json"]);
-        points.push(out.success().json()["node"].as_str().unwrap().to_owned());
-    }
+    let points = two_time_points(&repo, socket);
     // A commit killed before it touched QEMU leaves its record; only the running VM can tell what it did.
     let args = repo.socket_args(&vm.socket(), "vm1", &["commit", &points[1]]);
     cli::run_crashing_at(

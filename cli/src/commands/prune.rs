@@ -71,20 +71,13 @@ pub async fn run(args: &Args) -> Result<()> {
         lock_wait: args.target.lock.lock_wait(),
     };
     let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
-    let interrupt = qmpbak::signals::Interrupt::new()?;
-    let report = interrupt
-        .run(
-            prune::prune(&opts, &progress),
-            "prune was stopped; every node left restores exactly",
-        )
-        .await;
-    let report = match report {
-        Err(e) if qmpbak::exit::classify(&e) == qmpbak::exit::ExitCode::Interrupted => {
-            progress.clear();
-            return Err(prune::finish_interrupted(&opts.repo, &opts.vm, e));
-        }
-        other => other,
-    };
+    let report = stoppable(
+        &opts.repo,
+        &opts.vm,
+        prune::prune(&opts, &progress),
+        "prune was stopped; every node left restores exactly",
+    )
+    .await;
     progress.clear();
     let report = report?;
     if args.json {
@@ -159,20 +152,13 @@ pub async fn merge(args: MergeArgs) -> Result<()> {
         lock_wait: args.target.lock.lock_wait(),
     };
     let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
-    let interrupt = qmpbak::signals::Interrupt::new()?;
-    let report = interrupt
-        .run(
-            merge::merge(&opts, &progress),
-            "merge was stopped; the node restores exactly as before",
-        )
-        .await;
-    let report = match report {
-        Err(e) if qmpbak::exit::classify(&e) == qmpbak::exit::ExitCode::Interrupted => {
-            progress.clear();
-            return Err(prune::finish_interrupted(&opts.repo, &opts.vm, e));
-        }
-        other => other,
-    };
+    let report = stoppable(
+        &opts.repo,
+        &opts.vm,
+        merge::merge(&opts, &progress),
+        "merge was stopped; the node restores exactly as before",
+    )
+    .await;
     progress.clear();
     let report = report?;
     if args.json {
@@ -192,4 +178,21 @@ pub async fn merge(args: MergeArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Runs a prune or merge that SIGINT/SIGTERM may stop ([`qmpbak::signals::Interrupt::run`]); a stopped one has
+/// its operation record finished at once ([`prune::finish_interrupted`]).
+async fn stoppable<T>(
+    repo: &std::path::Path,
+    vm: &str,
+    work: impl std::future::Future<Output = Result<T>>,
+    what: &str,
+) -> Result<T> {
+    let interrupt = qmpbak::signals::Interrupt::new()?;
+    match interrupt.run(work, what).await {
+        Err(e) if qmpbak::exit::classify(&e) == qmpbak::exit::ExitCode::Interrupted => {
+            Err(prune::finish_interrupted(repo, vm, e))
+        }
+        other => other,
+    }
 }

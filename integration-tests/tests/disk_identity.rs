@@ -302,3 +302,65 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_and_revert() {
     assert_eq!(node_disks(&repo, &node), sorted);
     assert_restores_as(&repo, &node, &ids, &refs_now, refs.path());
 }
+
+#[tokio::test]
+async fn bitmaps_named_by_an_older_qmpbak_are_not_trusted_but_the_same_images_are_compared_with_their_tables()
+{
+    let vm = named_vm().await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let full = full_of_distinct_disks(&repo, &vm, ["disk0", "disk1"]).await;
+
+    // What an older qmpbak left: a manifest without disk keys, bitmaps named without them.
+    let manifest = repo.manifest(VM);
+    for disk in ["disk0", "disk1"] {
+        let node = format!("node-{disk}");
+        for role in ["inc", "diff"] {
+            let keyed = integration_tests::repo::bitmap_name(&manifest, disk, role, &full);
+            let args = serde_json::json!({"node": node, "name": keyed});
+            vm.qmp()
+                .execute_raw("block-dirty-bitmap-remove", Some(args))
+                .await
+                .unwrap();
+            let old = format!("qmpbak-{}-{role}-{full}", manifest.chain_id);
+            let args = serde_json::json!({"node": node, "name": old, "persistent": true});
+            vm.qmp()
+                .execute_raw("block-dirty-bitmap-add", Some(args))
+                .await
+                .unwrap();
+        }
+    }
+    let path = repo.vm_dir(VM).join("manifest.json");
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for disk in json["disks"].as_array_mut().unwrap() {
+        disk.as_object_mut().unwrap().remove("key");
+    }
+    std::fs::write(&path, serde_json::to_string_pretty(&json).unwrap()).unwrap();
+
+    vm.write_pattern("disk1", 0xcc, 20 * MIB, MIB).await;
+    let disks = ["disk0", "disk1"];
+    let upgraded_refs = vm.capture_references(&disks, refs.path(), "upgraded").await;
+    let report = repo.backup(&vm, VM, &[]);
+    let node = report["node"].as_str().unwrap().to_owned();
+    assert_restores_as(&repo, &node, &disks, &upgraded_refs, refs.path());
+    assert_eq!(
+        (&report["level"], &report["method"]),
+        (&"incremental".into(), &"checksum-diff".into()),
+        "{report}"
+    );
+    let reason = report["reason"].as_str().unwrap();
+    assert!(reason.contains("cannot prove"), "{reason}");
+
+    // The disks have keys and their own bitmaps now; the old ones are gone.
+    vm.write_pattern("disk0", 0xdd, 4 * MIB, MIB).await;
+    let next_refs = vm.capture_references(&disks, refs.path(), "next").await;
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(
+        (&inc["level"], &inc["method"]),
+        (&"incremental".into(), &"bitmap".into()),
+        "{inc}"
+    );
+    let inc_node = inc["node"].as_str().unwrap().to_owned();
+    assert_restores_as(&repo, &inc_node, &disks, &next_refs, refs.path());
+    assert_no_leftovers(&vm, &expected_bitmaps(&repo.manifest(VM), &inc_node, &full)).await;
+}

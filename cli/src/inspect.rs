@@ -48,10 +48,10 @@ impl NameSource {
     /// In words, for `qmpbak info`.
     pub fn describe(self) -> &'static str {
         match self {
-            NameSource::DeviceId => "device id",
-            NameSource::Drive => "drive name",
-            NameSource::DevicePath => "device path (give the device an id= to choose the name)",
-            NameSource::NodeName => "block node name (not stable: give the device an id=)",
+            NameSource::DeviceId => "named by its device id",
+            NameSource::Drive => "named by its drive",
+            NameSource::DevicePath => "named by its device path; give the device an id= to choose the name",
+            NameSource::NodeName => "named by its block node, which snapshots change; give the device an id=",
         }
     }
 }

@@ -44,7 +44,7 @@ pub struct BackupOptions {
     pub repo: PathBuf,
     pub vm: String,
     pub level: Requested,
-    /// Only these disks (qdev ids); empty means all.
+    /// Only these disks (ids as `qmpbak info` shows them); empty means all.
     pub disks: Vec<String>,
     pub exclude: Vec<String>,
     /// Bytes per second per disk, 0 = unlimited.

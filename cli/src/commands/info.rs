@@ -34,7 +34,7 @@ pub async fn run(args: Args) -> Result<()> {
     println!("QEMU {} ({})", info.qemu.version, info.qemu.package);
     for disk in &info.disks {
         println!(
-            "disk {} (named by its {}): node {}, {} {}, {} virtual, {} allocated{}",
+            "disk {} ({}): node {}, {} {}, {} virtual, {} allocated{}",
             disk.id,
             disk.id_source.describe(),
             disk.node_name,

@@ -196,7 +196,7 @@ fn disks_changed(disks: &[DiskFacts]) -> Option<String> {
             Some(_) => {
                 if let Some(change) = &disk.image_changed {
                     why.push(format!(
-                        "{change}: its bitmaps and checking tables may be another disk's, so it is read whole"
+                        "{change}, so its bitmaps and checking tables may be another disk's"
                     ));
                 }
             }

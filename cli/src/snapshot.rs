@@ -275,8 +275,10 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
         n.state = NodeState::Complete;
     }
     // The disks are the new overlays now, carrying their bitmaps: recorded as the images the bitmaps are on.
-    let now = inspect::inspect(&qmp).await?;
-    crate::identity::follow(&mut manifest, &info.disks, &now.disks);
+    // Not read: the disks stay unproven, and the next backup takes the safe way.
+    if let Ok(now) = inspect::inspect(&qmp).await {
+        crate::identity::follow(&mut manifest, &info.disks, &now.disks);
+    }
     manifest.remove_operation(&op.id);
     vm.save(&manifest, &guard)?;
     Ok(SnapshotReport {
@@ -549,13 +551,15 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
     manifest.remove_operation(&op.id);
     manifest.current = Some(target.id.clone());
     // The disks continue from the time point on new overlays: the images its checking tables are compared with.
-    let reverted: Vec<DiskInfo> = inspect::inspect(&qmp)
-        .await?
-        .disks
-        .into_iter()
-        .filter(|d| target.disks.iter().any(|nd| nd.disk == d.id))
-        .collect();
-    crate::identity::note_images(&mut manifest, &reverted);
+    // Not read: the disks stay unproven, and the next backup takes the safe way.
+    if let Ok(now) = inspect::inspect(&qmp).await {
+        let reverted: Vec<DiskInfo> = now
+            .disks
+            .into_iter()
+            .filter(|d| target.disks.iter().any(|nd| nd.disk == d.id))
+            .collect();
+        crate::identity::note_images(&mut manifest, &reverted);
+    }
     vm.save(&manifest, &guard)?;
     Ok(RevertReport {
         vm: opts.vm.clone(),

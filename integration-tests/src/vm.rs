@@ -47,6 +47,20 @@ pub enum Device {
     /// `-drive file=...,if=virtio` without id: the disk's id must be QEMU's drive name, `virtio<N>` for the
     /// N-th such drive.
     DriveIfVirtio,
+    /// `-drive if=none,id=drive-<id>` and `-device virtio-blk-pci,id=<id>` on it.
+    DriveVirtioBlk,
+    /// `-drive if=none,id=<id>` and `-device virtio-blk-pci` without id on it: known by the drive's name.
+    DriveVirtioBlkNoId,
+}
+
+impl Device {
+    /// Whether the disk is a `-drive` (its block nodes have names QEMU generated).
+    pub fn is_drive(self) -> bool {
+        matches!(
+            self,
+            Device::DriveIfVirtio | Device::DriveVirtioBlk | Device::DriveVirtioBlkNoId
+        )
+    }
 }
 
 impl DiskSpec {
@@ -76,13 +90,13 @@ impl DiskSpec {
     /// How HMP `qemu-io` reaches the disk's block backend (`-d` and a qdev id or path, or a drive name).
     fn qemu_io_target(&self) -> String {
         match self.device {
-            Device::VirtioBlk => format!("-d {}/virtio-backend", self.id),
+            Device::VirtioBlk | Device::DriveVirtioBlk => format!("-d {}/virtio-backend", self.id),
             Device::VirtioBlkNoId => format!(
                 "-d /machine/peripheral-anon/device[{}]/virtio-backend",
                 self.anon_index()
             ),
             Device::ScsiHd | Device::Nvme | Device::IdeHd => format!("-d {}", self.id),
-            Device::DriveIfVirtio => self.id.clone(),
+            Device::DriveIfVirtio | Device::DriveVirtioBlkNoId => self.id.clone(),
         }
     }
 
@@ -90,7 +104,9 @@ impl DiskSpec {
     fn is_block(&self, block: &serde_json::Value) -> bool {
         let qdev = block["qdev"].as_str().unwrap_or_default();
         match self.device {
-            Device::VirtioBlk => qdev.starts_with(&format!("/machine/peripheral/{}/", self.id)),
+            Device::VirtioBlk | Device::DriveVirtioBlk => {
+                qdev.starts_with(&format!("/machine/peripheral/{}/", self.id))
+            }
             Device::VirtioBlkNoId => {
                 qdev == format!(
                     "/machine/peripheral-anon/device[{}]/virtio-backend",
@@ -98,7 +114,7 @@ impl DiskSpec {
                 )
             }
             Device::ScsiHd | Device::Nvme | Device::IdeHd => qdev == self.id,
-            Device::DriveIfVirtio => block["device"] == self.id.as_str(),
+            Device::DriveIfVirtio | Device::DriveVirtioBlkNoId => block["device"] == self.id.as_str(),
         }
     }
 }
@@ -260,10 +276,31 @@ impl TestVm {
         let mut ide_bus = 0;
         for disk in &config.disks {
             let path = dir.path().join(&disk.image);
-            if disk.device == Device::DriveIfVirtio {
-                cmd.arg("-drive")
-                    .arg(format!("file={},if=virtio,format=qcow2", path.display()));
-                continue;
+            let id = &disk.id;
+            match disk.device {
+                Device::DriveIfVirtio => {
+                    cmd.arg("-drive")
+                        .arg(format!("file={},if=virtio,format=qcow2", path.display()));
+                    continue;
+                }
+                Device::DriveVirtioBlk => {
+                    cmd.arg("-drive")
+                        .arg(format!(
+                            "file={},if=none,id=drive-{id},format=qcow2",
+                            path.display()
+                        ))
+                        .arg("-device")
+                        .arg(format!("virtio-blk-pci,drive=drive-{id},id={id}"));
+                    continue;
+                }
+                Device::DriveVirtioBlkNoId => {
+                    cmd.arg("-drive")
+                        .arg(format!("file={},if=none,id={id},format=qcow2", path.display()))
+                        .arg("-device")
+                        .arg(format!("virtio-blk-pci,drive={id}"));
+                    continue;
+                }
+                _ => {}
             }
             let file = serde_json::json!({
                 "driver": "file",
@@ -294,7 +331,9 @@ impl TestVm {
                     ide_bus += 1;
                     format!("ide-hd,drive={node},id={id},bus=ide.{}", ide_bus - 1)
                 }
-                Device::DriveIfVirtio => unreachable!("handled above"),
+                Device::DriveIfVirtio | Device::DriveVirtioBlk | Device::DriveVirtioBlkNoId => {
+                    unreachable!("handled above")
+                }
             };
             cmd.arg("-device").arg(device);
         }

@@ -204,12 +204,14 @@ async fn renamed_disks_are_read_whole_under_their_new_names() {
 }
 
 /// One disk of each kind, with the name qmpbak must give it and where the name comes from.
-const KINDS: [(&str, Device, &str); 5] = [
+const KINDS: [(&str, Device, &str); 7] = [
     ("sd0", Device::ScsiHd, "device_id"),
     ("nv0", Device::Nvme, "device_id"),
     ("hd0", Device::IdeHd, "device_id"),
     ("peripheral-anon-device0", Device::VirtioBlkNoId, "device_path"),
     ("virtio0", Device::DriveIfVirtio, "drive"),
+    ("vd0", Device::DriveVirtioBlk, "device_id"),
+    ("drv0", Device::DriveVirtioBlkNoId, "drive"),
 ];
 
 fn node_disks(repo: &TestRepo, node: &str) -> Vec<String> {
@@ -317,12 +319,9 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_revert_commit_
     assert_eq!(node_disks(&repo, committed["node"].as_str().unwrap()), sorted);
 
     // A live restore into a new VM with the same devices finds every disk by the same names. (Not the -drive
-    // disk: QEMU refuses `blockdev-reopen` of a node whose name it generated, so a live restore cannot put a
-    // chain under it.)
-    let live: Vec<(&str, Device, &str)> = KINDS
-        .into_iter()
-        .filter(|k| k.1 != Device::DriveIfVirtio)
-        .collect();
+    // disks: QEMU refuses `blockdev-reopen` of a node whose name it generated, so a live restore cannot put a
+    // chain under them.)
+    let live: Vec<(&str, Device, &str)> = KINDS.into_iter().filter(|k| !k.1.is_drive()).collect();
     let mut blank = TestVm::builder().paused();
     for (id, device, _) in &live {
         blank = blank.disk(id, 16 * MIB).device(id, *device);

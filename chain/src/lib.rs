@@ -47,7 +47,7 @@ pub use error::{Error, ManifestProblem, Result};
 pub use lock::{LockGuard, LockHolder, LockMode, LockWait};
 pub use manifest::{
     BitmapRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk, NodeKind, NodeState,
-    Operation, OperationKind,
+    Operation, OperationKind, new_disk_key,
 };
 pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};

@@ -43,14 +43,25 @@ pub struct Manifest {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskIdentity {
-    /// The qdev id of the device; names the disk's files.
+    /// The disk's stable name (the device's qdev id, else its drive name, else its device path); names the
+    /// disk's files.
     pub id: String,
     /// The block node name behind the device.
     pub node_name: Option<String>,
     pub virtual_size: u64,
     pub serial: Option<String>,
-    /// The image file QEMU had open.
+    /// The image file QEMU had open (the protocol node below the format node) when the current node was made:
+    /// a disk whose image is another file is another disk.
     pub filename: Option<String>,
+    /// 8 random hex digits chosen when the disk was first backed up; part of the names of its dirty bitmaps,
+    /// so a bitmap is only ever used for the disk it was made on. `None` in manifests of older qmpbak versions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+}
+
+/// A new random disk key ([`DiskIdentity::key`]).
+pub fn new_disk_key() -> String {
+    random_hex8()
 }
 
 /// One backup (or snapshot) of the VM: a node of the tree.
@@ -681,6 +692,15 @@ impl Manifest {
                     &disk.id,
                     "another disk has the same id".to_owned(),
                 );
+            }
+            if let Some(key) = &disk.key {
+                if !is_chain_id(key) {
+                    return invalid(
+                        format!("disks[{i}].key"),
+                        key,
+                        "it must be 8 hex digits".to_owned(),
+                    );
+                }
             }
         }
         for (i, node) in self.nodes.iter().enumerate() {

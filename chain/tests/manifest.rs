@@ -243,6 +243,24 @@ fn invalid_ids_and_paths() {
             json!([{"id": "x y", "node_name": null, "virtual_size": 1, "serial": null, "filename": null}]);
     });
     assert!(text.contains("disks[0].id"), "{text}");
+    let (_, text) = load_edited(|v| {
+        v["disks"] = json!([{"id": "d", "node_name": null, "virtual_size": 1, "serial": null, "filename": null,
+                             "key": "../x"}]);
+    });
+    assert!(text.contains("disks[0].key"), "{text}");
+}
+
+#[test]
+fn disks_recorded_by_older_versions_load_without_a_key() {
+    let (t, _) = saved();
+    let path = t.vm.manifest_path();
+    let mut value: serde_json::Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    value["disks"] =
+        json!([{"id": "d", "node_name": "n", "virtual_size": 1, "serial": null, "filename": "/vm/d.qcow2"}]);
+    fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    let loaded = t.vm.load().unwrap();
+    assert_eq!(loaded.disks[0].key, None);
+    assert_eq!(loaded.disks[0].filename.as_deref(), Some("/vm/d.qcow2"));
 }
 
 #[test]

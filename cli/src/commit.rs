@@ -124,6 +124,11 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
         crate::crashpoint::crashpoint("commit-disk-done");
     }
     apply(&mut manifest, &record)?;
+    // An active commit leaves a disk on its parent's file, with the same content: still the same disk.
+    // Not read: the disks stay unproven, and the next backup takes the safe way.
+    if let Ok(now) = inspect::inspect(&qmp).await {
+        crate::identity::follow(&mut manifest, &info.disks, &now.disks);
+    }
     manifest.remove_operation(&op.id);
     vm.save(&manifest, &guard)?;
     // The increment files left every chain: remove them.

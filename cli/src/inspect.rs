@@ -1,6 +1,10 @@
 //! What a running VM has: QEMU's version and each disk (its stable id, block node, image file, format, sizes)
 //! with its dirty bitmaps, read over QMP. Backup uses this to find the disks it copies and the state of
 //! qmpbak's bitmaps; `qmpbak info` prints it.
+//!
+//! A disk's id ([`disk_name`]) is one rule for every device type: the device's qdev id (`-device ...,id=X`),
+//! else the drive name of a `-drive`, else the device's QOM path. Never a block node name: `snapshot`,
+//! `revert` and a live restore put new nodes on top of a disk.
 
 use std::path::Path;
 use std::time::Duration;
@@ -28,12 +32,40 @@ pub struct QemuInfo {
     pub package: String,
 }
 
+/// Where a disk's id comes from ([`disk_name`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NameSource {
+    /// The device's qdev id, `-device ...,id=ID`.
+    DeviceId,
+    /// The drive name of a `-drive` (`id=`, or QEMU's `virtio0`, `ide0-hd0` … for `if=`).
+    Drive,
+    /// The QOM path of a device without an id attached to a `-blockdev`: stable while the command line is.
+    DevicePath,
+    /// The block node name: a backend with neither device nor name. Changes with `snapshot`.
+    NodeName,
+}
+
+impl NameSource {
+    /// In words, for `qmpbak info`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            NameSource::DeviceId => "named by its device id",
+            NameSource::Drive => "named by its drive",
+            NameSource::DevicePath => "named by its device path; give the device an id= to choose the name",
+            NameSource::NodeName => "named by its block node, which snapshots change; give the device an id=",
+        }
+    }
+}
+
 /// One disk of the VM.
 #[derive(Debug, Clone, Serialize)]
 pub struct DiskInfo {
-    /// The stable name qmpbak uses: the device's qdev id (`-device ...,id=ID`), else the drive name.
+    /// The stable name qmpbak uses ([`disk_name`]).
     pub id: String,
-    /// QEMU's qdev path of the device, when there is a device.
+    /// Where `id` comes from.
+    pub id_source: NameSource,
+    /// QEMU's `qdev` of the device (its id, or its QOM path when it has none), when there is a device.
     pub qdev: Option<String>,
     /// The format node below any filters: where the image and its bitmaps live, what backup jobs read from.
     pub node_name: String,
@@ -41,6 +73,8 @@ pub struct DiskInfo {
     /// that switch the device to another node (mirror, commit) start from here; QEMU wants a root node.
     pub root_node: String,
     pub file: String,
+    /// The file QEMU has open below the format node (its protocol node's filename): which image the disk is.
+    pub image: String,
     pub format: String,
     pub virtual_size: u64,
     /// Bytes the image takes on the host.
@@ -110,11 +144,45 @@ pub async fn connect(socket: &Path) -> Result<qmp::Qmp> {
         .with_context(|| format!("connecting to QEMU's QMP socket {}", socket.display()))
 }
 
-/// The stable disk id from a qdev path: `/machine/peripheral/disk0/virtio-backend` → `disk0`.
+/// The qdev id in a qdev path: `/machine/peripheral/disk0/virtio-backend` → `disk0`.
 pub fn qdev_id(qdev: &str) -> Option<&str> {
     let rest = qdev.strip_prefix("/machine/peripheral/")?;
     let id = rest.split('/').next()?;
     (!id.is_empty()).then_some(id)
+}
+
+/// A disk's stable name from what `query-block` says of its backend: `drive` (the BlockBackend's name, empty
+/// for a `-blockdev`) and `qdev` (the device's id when it has one, else its QOM path; QEMU 7.2 and 10.0 alike:
+/// `disk0` for scsi-hd, nvme and ide-hd, `/machine/peripheral/disk0/virtio-backend` for virtio-blk).
+/// The rule: the device's qdev id, else the drive name, else the device's QOM path made a name
+/// (`/machine/peripheral-anon/device[2]/virtio-backend` → `peripheral-anon-device2`). `None` without device
+/// and drive name.
+pub fn disk_name(drive: &str, qdev: Option<&str>) -> Option<(String, NameSource)> {
+    let qdev = qdev.filter(|q| !q.is_empty());
+    if let Some(q) = qdev {
+        if !q.starts_with('/') {
+            return Some((q.to_owned(), NameSource::DeviceId));
+        }
+        if let Some(id) = qdev_id(q) {
+            return Some((id.to_owned(), NameSource::DeviceId));
+        }
+    }
+    if !drive.is_empty() {
+        return Some((drive.to_owned(), NameSource::Drive));
+    }
+    let path = qdev?;
+    let path = path.strip_prefix("/machine/").unwrap_or(path);
+    let path = path.strip_suffix("/virtio-backend").unwrap_or(path);
+    let name: String = path
+        .chars()
+        .filter_map(|c| match c {
+            '/' => Some('-'),
+            c if c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-') => Some(c),
+            _ => None,
+        })
+        .collect();
+    let name = name.trim_matches('-').to_owned();
+    (chain::names::name_problem(&name).is_none()).then_some((name, NameSource::DevicePath))
 }
 
 /// Block drivers that pass I/O through to a child: a disk's bitmaps and image live below them. QEMU inserts
@@ -153,12 +221,8 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
         };
         let qdev = block.qdev.clone().filter(|q| !q.is_empty());
         let top = inserted.node_name.clone().unwrap_or_default();
-        let id = qdev
-            .as_deref()
-            .and_then(qdev_id)
-            .map(str::to_owned)
-            .or_else(|| (!block.device.is_empty()).then(|| block.device.clone()))
-            .unwrap_or_else(|| top.clone());
+        let (id, id_source) =
+            disk_name(&block.device, qdev.as_deref()).unwrap_or_else(|| (top.clone(), NameSource::NodeName));
         // Below any filters: the node that holds the image and its bitmaps.
         let root_node = top.clone();
         let mut name = top;
@@ -175,6 +239,17 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
                 .find(|n| n.node_name.as_deref() == Some(name.as_str()));
         }
         let info = node.cloned().unwrap_or(inserted);
+        // The protocol node below the format node: its filename stays the image's path whatever options the
+        // format node was opened or reopened with (its own filename may then be a `json:` pseudo-filename).
+        let image = graph
+            .as_ref()
+            .and_then(|g| child(g, &name, "file"))
+            .and_then(|file| {
+                nodes
+                    .iter()
+                    .find(|n| n.node_name.as_deref() == Some(file.as_str()))
+            })
+            .map_or_else(|| info.file.clone(), |n| n.file.clone());
         let bitmaps = info
             .dirty_bitmaps
             .unwrap_or_default()
@@ -192,10 +267,12 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
         let bitmaps_volatile_why = volatile_bitmaps_why(&info.drv, info.ro);
         disks.push(DiskInfo {
             id,
+            id_source,
             qdev,
             node_name: name,
             root_node,
             file: info.file,
+            image,
             format: info.drv,
             virtual_size: info.image.virtual_size,
             allocated_size: info.image.actual_size,
@@ -223,6 +300,13 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
 /// The child a filter node passes I/O to (`file`, or `backing` for older filters), from
 /// `x-debug-query-block-graph`.
 fn filtered_child(graph: &serde_json::Value, parent: &str) -> Option<String> {
+    ["file", "backing"]
+        .iter()
+        .find_map(|edge| child(graph, parent, edge))
+}
+
+/// The node name of `parent`'s child on edge `edge` (`file`, `backing` …), from `x-debug-query-block-graph`.
+fn child(graph: &serde_json::Value, parent: &str, edge: &str) -> Option<String> {
     let nodes = graph["nodes"].as_array()?;
     let id_of = |name: &str| nodes.iter().find(|n| n["name"] == name).map(|n| n["id"].clone());
     let name_of = |id: &serde_json::Value| {
@@ -232,22 +316,81 @@ fn filtered_child(graph: &serde_json::Value, parent: &str) -> Option<String> {
     };
     let parent_id = id_of(parent)?;
     let edges = graph["edges"].as_array()?;
-    ["file", "backing"].iter().find_map(|child| {
-        edges
-            .iter()
-            .find(|e| e["parent"] == parent_id && e["name"] == *child)
-            .and_then(|e| name_of(&e["child"]))
-    })
+    edges
+        .iter()
+        .find(|e| e["parent"] == parent_id && e["name"] == edge)
+        .and_then(|e| name_of(&e["child"]))
 }
 
 #[cfg(test)]
 mod tests {
-    use super::qdev_id;
+    use super::{NameSource, disk_name, qdev_id};
 
     #[test]
     fn qdev_ids() {
         assert_eq!(qdev_id("/machine/peripheral/disk0/virtio-backend"), Some("disk0"));
         assert_eq!(qdev_id("/machine/peripheral/scsi-hd0"), Some("scsi-hd0"));
         assert_eq!(qdev_id("/machine/peripheral-anon/device[0]/virtio-backend"), None);
+    }
+
+    /// What `query-block` reports (QEMU 7.2 and 10.0) for each way of attaching a disk.
+    #[test]
+    fn one_naming_rule_for_every_device_type() {
+        let cases = [
+            // virtio-blk with id, on -blockdev and on -drive
+            (
+                "",
+                Some("/machine/peripheral/vd/virtio-backend"),
+                "vd",
+                NameSource::DeviceId,
+            ),
+            (
+                "drv2",
+                Some("/machine/peripheral/vd2/virtio-backend"),
+                "vd2",
+                NameSource::DeviceId,
+            ),
+            // scsi-hd, nvme, ide-hd with id (QEMU reports the id itself)
+            ("", Some("sd4"), "sd4", NameSource::DeviceId),
+            ("", Some("nv5"), "nv5", NameSource::DeviceId),
+            ("", Some("ide6"), "ide6", NameSource::DeviceId),
+            // -drive if=virtio, and a device without id on a named drive
+            (
+                "virtio0",
+                Some("/machine/peripheral-anon/device[2]/virtio-backend"),
+                "virtio0",
+                NameSource::Drive,
+            ),
+            (
+                "drv7",
+                Some("/machine/peripheral-anon/device[1]"),
+                "drv7",
+                NameSource::Drive,
+            ),
+            // a device without id on a -blockdev
+            (
+                "",
+                Some("/machine/peripheral-anon/device[0]/virtio-backend"),
+                "peripheral-anon-device0",
+                NameSource::DevicePath,
+            ),
+            (
+                "",
+                Some("/machine/peripheral-anon/device[3]"),
+                "peripheral-anon-device3",
+                NameSource::DevicePath,
+            ),
+            // a drive without a device
+            ("drv8", None, "drv8", NameSource::Drive),
+            ("drv9", Some(""), "drv9", NameSource::Drive),
+        ];
+        for (drive, qdev, name, source) in cases {
+            assert_eq!(
+                disk_name(drive, qdev),
+                Some((name.to_owned(), source)),
+                "{drive} {qdev:?}"
+            );
+        }
+        assert_eq!(disk_name("", None), None);
     }
 }

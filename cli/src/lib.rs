@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod direct;
 pub mod exit;
 pub mod graph;
+pub mod identity;
 pub mod inspect;
 pub mod merge;
 pub mod plan;

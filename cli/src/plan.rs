@@ -48,10 +48,13 @@ pub struct DiskFacts {
     pub inc_bitmap: BitmapState,
     /// The differential bitmap relative to the last full.
     pub diff_bitmap: BitmapState,
-    /// qmpbak bitmaps of this chain on the disk that are relative to some other node.
+    /// qmpbak bitmaps of this chain on the disk that are relative to some other node or disk.
     pub stray_bitmaps: Vec<String>,
     /// Why the disk's bitmaps live only in QEMU's memory ("is raw: ..."), when they do.
     pub volatile_why: Option<String>,
+    /// Why the disk cannot be proven to be the image its id had in the base node
+    /// ([`crate::identity::image_change`]): then its bitmaps and the tables under its id are another disk's.
+    pub image_changed: Option<String>,
 }
 
 /// Facts about the VM's chain.
@@ -163,7 +166,7 @@ pub fn plan(requested: Requested, chain: &ChainFacts, disks: &[DiskFacts]) -> Re
             if !disk.stray_bitmaps.is_empty() {
                 let _ = write!(
                     trouble,
-                    " (found {}, relative to another node)",
+                    " (found {}, relative to another node or disk)",
                     disk.stray_bitmaps.join(", ")
                 );
             }
@@ -203,7 +206,13 @@ fn disks_changed(disks: &[DiskFacts]) -> Option<String> {
                     disk.id, disk.size_now
                 ));
             }
-            Some(_) => {}
+            Some(_) => {
+                if let Some(change) = &disk.image_changed {
+                    why.push(format!(
+                        "{change}, so its bitmaps and checking tables may be another disk's"
+                    ));
+                }
+            }
         }
     }
     (!why.is_empty()).then(|| why.join("; "))
@@ -222,6 +231,7 @@ mod tests {
             diff_bitmap: BitmapState::Usable,
             stray_bitmaps: vec![],
             volatile_why: None,
+            image_changed: None,
         }
     }
 
@@ -336,6 +346,40 @@ mod tests {
                 .unwrap()
                 .reason
                 .contains("disk n is not in")
+        );
+    }
+
+    #[test]
+    fn a_disk_that_is_another_image_is_never_built_on() {
+        // Even with a usable bitmap under its key and tables to compare with.
+        let mut moved = disk("virtio0");
+        moved.image_changed = Some("disk virtio0 is image /b, not /a".into());
+        let p = plan(Requested::Auto, &chain(), &[moved.clone(), disk("virtio1")]).unwrap();
+        assert_eq!((p.level, p.method, p.parent), (Level::Full, Method::Full, None));
+        assert!(
+            p.reason.contains("disk virtio0 is image /b, not /a"),
+            "{}",
+            p.reason
+        );
+        for requested in [Requested::Incremental, Requested::Differential] {
+            assert!(matches!(
+                plan(requested, &chain(), &[moved.clone()]),
+                Err(PlanError::DisksChanged { .. })
+            ));
+        }
+    }
+
+    #[test]
+    fn an_unproven_bitmap_on_the_same_image_means_checksum_diff() {
+        let mut a = disk("a");
+        a.inc_bitmap = BitmapState::Unproven;
+        a.stray_bitmaps = vec!["qmpbak-c-inc-0003".into()];
+        let p = plan(Requested::Auto, &chain(), &[a]).unwrap();
+        assert_eq!((p.level, p.method), (Level::Incremental, Method::ChecksumDiff));
+        assert!(
+            p.reason.contains("cannot prove") && p.reason.contains("qmpbak-c-inc-0003"),
+            "{}",
+            p.reason
         );
     }
 

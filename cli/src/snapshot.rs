@@ -276,6 +276,11 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     if let Some(n) = manifest.node_mut(&node) {
         n.state = NodeState::Complete;
     }
+    // The disks are the new overlays now, carrying their bitmaps: recorded as the images the bitmaps are on.
+    // Not read: the disks stay unproven, and the next backup takes the safe way.
+    if let Ok(now) = inspect::inspect(&qmp).await {
+        crate::identity::follow(&mut manifest, &info.disks, &now.disks);
+    }
     manifest.remove_operation(&op.id);
     vm.save(&manifest, &guard)?;
     Ok(SnapshotReport {
@@ -546,6 +551,16 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
     }
     manifest.remove_operation(&op.id);
     manifest.current = Some(target.id.clone());
+    // The disks continue from the time point on new overlays: the images its checking tables are compared with.
+    // Not read: the disks stay unproven, and the next backup takes the safe way.
+    if let Ok(now) = inspect::inspect(&qmp).await {
+        let reverted: Vec<DiskInfo> = now
+            .disks
+            .into_iter()
+            .filter(|d| target.disks.iter().any(|nd| nd.disk == d.id))
+            .collect();
+        crate::identity::note_images(&mut manifest, &reverted);
+    }
     vm.save(&manifest, &guard)?;
     Ok(RevertReport {
         vm: opts.vm.clone(),

@@ -10,7 +10,7 @@ pub mod repo;
 pub mod timeouts;
 pub mod vm;
 
-pub use vm::{DiskSpec, TestVm, TestVmBuilder};
+pub use vm::{Device, DiskSpec, TestVm, TestVmBuilder};
 
 /// One mebibyte, for readable disk sizes and offsets in tests.
 pub const MIB: u64 = 1024 * 1024;

@@ -178,12 +178,29 @@ pub async fn assert_no_leftovers(vm: &TestVm, expected_bitmaps: &[String]) {
     }
 }
 
-/// The names of qmpbak's bitmaps a VM should carry after backup `node` whose full is `full`.
+/// The names of qmpbak's bitmaps a VM should carry after backup `node` whose full is `full` (every disk's).
 pub fn expected_bitmaps(manifest: &chain::Manifest, node: &str, full: &str) -> Vec<String> {
-    vec![
-        format!("qmpbak-{}-inc-{node}", manifest.chain_id),
-        format!("qmpbak-{}-diff-{full}", manifest.chain_id),
-    ]
+    manifest
+        .disks
+        .iter()
+        .flat_map(|d| {
+            [
+                bitmap_name(manifest, &d.id, "inc", node),
+                bitmap_name(manifest, &d.id, "diff", full),
+            ]
+        })
+        .collect()
+}
+
+/// The name of disk `disk`'s qmpbak bitmap of `role` (`inc` or `diff`) relative to `node`: it carries the
+/// chain id and the disk's key from the manifest.
+#[track_caller]
+pub fn bitmap_name(manifest: &chain::Manifest, disk: &str, role: &str, node: &str) -> String {
+    let key = manifest
+        .disk(disk)
+        .and_then(|d| d.key.clone())
+        .unwrap_or_else(|| panic!("disk {disk} has no key in the manifest"));
+    format!("qmpbak-{}-{key}-{role}-{node}", manifest.chain_id)
 }
 
 /// Whether a file exists below `dir` with a name containing `needle`.

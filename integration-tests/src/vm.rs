@@ -16,14 +16,51 @@ use crate::image;
 use crate::qemu::QemuBinaries;
 use crate::timeouts::{PROCESS_EXIT_TIMEOUT, QMP_COMMAND_TIMEOUT, QMP_CONNECT_TIMEOUT};
 
-/// A disk of the test VM: qdev id and virtual size. The block node is named `node-<id>` on purpose, so code under
-/// test cannot assume node name and qdev id are the same.
+/// A disk of the test VM: the id qmpbak knows it by, its virtual size, its image file and how it is attached.
+/// The block node is named `node-<id>` on purpose, so code under test cannot assume node name and qdev id are
+/// the same.
 #[derive(Debug, Clone)]
 pub struct DiskSpec {
     pub id: String,
     pub size: u64,
     /// blkdebug `inject-error` rules for a blkdebug layer between the qcow2 node and its file (host offsets).
     pub inject_errors: Option<serde_json::Value>,
+    /// The qcow2 image's file name in the VM's directory (`<id>.qcow2` unless changed).
+    pub image: String,
+    pub device: Device,
+}
+
+/// How a disk is attached to the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    /// `-blockdev` and `-device virtio-blk-pci,id=<id>`.
+    VirtioBlk,
+    /// `-blockdev` and `-device virtio-blk-pci` without id. The disk's id must be `peripheral-anon-device<N>`,
+    /// the name qmpbak gives the N-th device without id.
+    VirtioBlkNoId,
+    /// `-blockdev` and `-device scsi-hd,id=<id>` on a virtio-scsi controller.
+    ScsiHd,
+    /// `-blockdev` and `-device nvme,id=<id>`.
+    Nvme,
+    /// `-blockdev` and `-device ide-hd,id=<id>` on the q35 AHCI controller.
+    IdeHd,
+    /// `-drive file=...,if=virtio` without id: the disk's id must be QEMU's drive name, `virtio<N>` for the
+    /// N-th such drive.
+    DriveIfVirtio,
+    /// `-drive if=none,id=drive-<id>` and `-device virtio-blk-pci,id=<id>` on it.
+    DriveVirtioBlk,
+    /// `-drive if=none,id=<id>` and `-device virtio-blk-pci` without id on it: known by the drive's name.
+    DriveVirtioBlkNoId,
+}
+
+impl Device {
+    /// Whether the disk is a `-drive` (its block nodes have names QEMU generated).
+    pub fn is_drive(self) -> bool {
+        matches!(
+            self,
+            Device::DriveIfVirtio | Device::DriveVirtioBlk | Device::DriveVirtioBlkNoId
+        )
+    }
 }
 
 impl DiskSpec {
@@ -32,11 +69,53 @@ impl DiskSpec {
             id: id.to_owned(),
             size,
             inject_errors: None,
+            image: format!("{id}.qcow2"),
+            device: Device::VirtioBlk,
         }
     }
 
     pub fn node_name(&self) -> String {
-        format!("node-{}", self.id)
+        match self.device {
+            // QEMU's node names are at most 31 characters.
+            Device::VirtioBlkNoId => format!("node-anon{}", self.anon_index()),
+            _ => format!("node-{}", self.id),
+        }
+    }
+
+    /// N in the id `peripheral-anon-device<N>` of a [`Device::VirtioBlkNoId`].
+    fn anon_index(&self) -> &str {
+        self.id.trim_start_matches("peripheral-anon-device")
+    }
+
+    /// How HMP `qemu-io` reaches the disk's block backend (`-d` and a qdev id or path, or a drive name).
+    fn qemu_io_target(&self) -> String {
+        match self.device {
+            Device::VirtioBlk | Device::DriveVirtioBlk => format!("-d {}/virtio-backend", self.id),
+            Device::VirtioBlkNoId => format!(
+                "-d /machine/peripheral-anon/device[{}]/virtio-backend",
+                self.anon_index()
+            ),
+            Device::ScsiHd | Device::Nvme | Device::IdeHd => format!("-d {}", self.id),
+            Device::DriveIfVirtio | Device::DriveVirtioBlkNoId => self.id.clone(),
+        }
+    }
+
+    /// Whether a `query-block` entry is this disk's.
+    fn is_block(&self, block: &serde_json::Value) -> bool {
+        let qdev = block["qdev"].as_str().unwrap_or_default();
+        match self.device {
+            Device::VirtioBlk | Device::DriveVirtioBlk => {
+                qdev.starts_with(&format!("/machine/peripheral/{}/", self.id))
+            }
+            Device::VirtioBlkNoId => {
+                qdev == format!(
+                    "/machine/peripheral-anon/device[{}]/virtio-backend",
+                    self.anon_index()
+                )
+            }
+            Device::ScsiHd | Device::Nvme | Device::IdeHd => qdev == self.id,
+            Device::DriveIfVirtio | Device::DriveVirtioBlkNoId => block["device"] == self.id.as_str(),
+        }
     }
 }
 
@@ -53,6 +132,40 @@ impl TestVmBuilder {
     #[must_use]
     pub fn disk(mut self, id: &str, size: u64) -> Self {
         self.disks.push(DiskSpec::new(id, size));
+        self
+    }
+
+    /// Attaches disk `id` as `device` instead of virtio-blk with an id.
+    #[must_use]
+    pub fn device(mut self, id: &str, device: Device) -> Self {
+        if let Some(disk) = self.disks.iter_mut().find(|d| d.id == id) {
+            disk.device = device;
+        }
+        self
+    }
+
+    /// Gives disk `id` the image file `image` (a name in the VM's directory) instead of `<id>.qcow2`.
+    #[must_use]
+    pub fn image(mut self, id: &str, image: &str) -> Self {
+        if let Some(disk) = self.disks.iter_mut().find(|d| d.id == id) {
+            image.clone_into(&mut disk.image);
+        }
+        self
+    }
+
+    /// Removes disk `id` (its image stays).
+    #[must_use]
+    pub fn without_disk(mut self, id: &str) -> Self {
+        self.disks.retain(|d| d.id != id);
+        self
+    }
+
+    /// Renames disk `id` to `new` (same image and device type).
+    #[must_use]
+    pub fn rename_disk(mut self, id: &str, new: &str) -> Self {
+        if let Some(disk) = self.disks.iter_mut().find(|d| d.id == id) {
+            new.clone_into(&mut disk.id);
+        }
         self
     }
 
@@ -86,7 +199,7 @@ impl TestVmBuilder {
             .tempdir()
             .expect("create temp dir");
         for disk in &self.disks {
-            image::create_qcow2(&dir.path().join(format!("{}.qcow2", disk.id)), disk.size);
+            image::create_qcow2(&dir.path().join(&disk.image), disk.size);
         }
         TestVm::launch(self, dir).await
     }
@@ -157,10 +270,41 @@ impl TestVm {
         if config.paused {
             cmd.arg("-S");
         }
+        if config.disks.iter().any(|d| d.device == Device::ScsiHd) {
+            cmd.args(["-device", "virtio-scsi-pci,id=scsi0"]);
+        }
+        let mut ide_bus = 0;
         for disk in &config.disks {
+            let path = dir.path().join(&disk.image);
+            let id = &disk.id;
+            match disk.device {
+                Device::DriveIfVirtio => {
+                    cmd.arg("-drive")
+                        .arg(format!("file={},if=virtio,format=qcow2", path.display()));
+                    continue;
+                }
+                Device::DriveVirtioBlk => {
+                    cmd.arg("-drive")
+                        .arg(format!(
+                            "file={},if=none,id=drive-{id},format=qcow2",
+                            path.display()
+                        ))
+                        .arg("-device")
+                        .arg(format!("virtio-blk-pci,drive=drive-{id},id={id}"));
+                    continue;
+                }
+                Device::DriveVirtioBlkNoId => {
+                    cmd.arg("-drive")
+                        .arg(format!("file={},if=none,id={id},format=qcow2", path.display()))
+                        .arg("-device")
+                        .arg(format!("virtio-blk-pci,drive={id}"));
+                    continue;
+                }
+                _ => {}
+            }
             let file = serde_json::json!({
                 "driver": "file",
-                "filename": dir.path().join(format!("{}.qcow2", disk.id)),
+                "filename": path,
                 "node-name": format!("{}-file", disk.node_name()),
             });
             let mut below = format!("{}-file", disk.node_name());
@@ -177,11 +321,21 @@ impl TestVm {
             }
             let fmt = serde_json::json!({ "driver": "qcow2", "file": below, "node-name": disk.node_name() });
             cmd.arg("-blockdev").arg(fmt.to_string());
-            cmd.arg("-device").arg(format!(
-                "virtio-blk-pci,drive={},id={}",
-                disk.node_name(),
-                disk.id
-            ));
+            let (node, id) = (disk.node_name(), &disk.id);
+            let device = match disk.device {
+                Device::VirtioBlk => format!("virtio-blk-pci,drive={node},id={id}"),
+                Device::VirtioBlkNoId => format!("virtio-blk-pci,drive={node}"),
+                Device::ScsiHd => format!("scsi-hd,drive={node},id={id},bus=scsi0.0"),
+                Device::Nvme => format!("nvme,drive={node},id={id},serial={id}"),
+                Device::IdeHd => {
+                    ide_bus += 1;
+                    format!("ide-hd,drive={node},id={id},bus=ide.{}", ide_bus - 1)
+                }
+                Device::DriveIfVirtio | Device::DriveVirtioBlk | Device::DriveVirtioBlkNoId => {
+                    unreachable!("handled above")
+                }
+            };
+            cmd.arg("-device").arg(device);
         }
         cmd.args(&config.extra_args);
         // QEMU works in its own directory, as a real one does (not the test's): a relative path that qmpbak
@@ -234,9 +388,24 @@ impl TestVm {
         self.dir.as_ref().expect("TestVm directory").path()
     }
 
-    /// The qcow2 image behind disk `id`.
+    /// The qcow2 image behind disk `id` (as started; see [`TestVm::active_image`]).
     pub fn disk_path(&self, id: &str) -> PathBuf {
-        self.dir().join(format!("{id}.qcow2"))
+        let image = self
+            .config
+            .disks
+            .iter()
+            .find(|d| d.id == id)
+            .map_or_else(|| format!("{id}.qcow2"), |d| d.image.clone());
+        self.dir().join(image)
+    }
+
+    fn spec(&self, id: &str) -> DiskSpec {
+        self.config
+            .disks
+            .iter()
+            .find(|d| d.id == id)
+            .cloned()
+            .unwrap_or_else(|| DiskSpec::new(id, 0))
     }
 
     pub fn disks(&self) -> &[DiskSpec] {
@@ -250,7 +419,7 @@ impl TestVm {
     /// Runs a `qemu-io` command against disk `id` as the guest would see it (through the device's block
     /// backend; a node name would conflict with the device's write permission). Panics if it fails.
     pub async fn qemu_io(&self, id: &str, command: &str) {
-        let line = format!("qemu-io -d {id}/virtio-backend \"{command}\"");
+        let line = format!("qemu-io {} \"{command}\"", self.spec(id).qemu_io_target());
         let reply = self
             .qmp()
             .execute_raw(
@@ -321,12 +490,12 @@ impl TestVm {
             .execute_raw("query-block", None)
             .await
             .expect("query-block");
-        let qdev = format!("/machine/peripheral/{id}/");
+        let spec = self.spec(id);
         blocks
             .as_array()
             .into_iter()
             .flatten()
-            .find(|b| b["qdev"].as_str().is_some_and(|q| q.starts_with(&qdev)))
+            .find(|b| spec.is_block(b))
             .and_then(|b| b["inserted"]["file"].as_str())
             .map_or_else(|| self.disk_path(id), PathBuf::from)
     }
@@ -352,6 +521,21 @@ impl TestVm {
     pub async fn restart_with(mut self, change: impl FnOnce(TestVmBuilder) -> TestVmBuilder) -> TestVm {
         self.config = change(self.config.clone());
         self.restart().await
+    }
+
+    /// Quits QEMU cleanly (its persistent bitmaps stored in the images) and starts it again with a changed
+    /// configuration: disks in another order, removed, renamed or on other images.
+    pub async fn quit_and_restart_with(
+        mut self,
+        change: impl FnOnce(TestVmBuilder) -> TestVmBuilder,
+    ) -> TestVm {
+        self.quit().await;
+        self.restart_with(change).await
+    }
+
+    /// The configuration the VM was started with, to change for [`TestVm::quit_and_restart_with`].
+    pub fn config(&self) -> &TestVmBuilder {
+        &self.config
     }
 
     /// Kills QEMU and starts it again on the same images without any blkdebug layers (the fault is gone).

@@ -131,8 +131,9 @@ fn host_offset(image_path: &Path, guest: u64) -> u64 {
     e["offset"].as_u64().unwrap() + (guest - e["start"].as_u64().unwrap())
 }
 
-fn bitmap(vm_chain: &str, node: &str) -> String {
-    format!("qmpbak-{vm_chain}-inc-{node}")
+/// Disk `disk`'s incremental bitmap relative to `node`.
+fn bitmap(repo: &TestRepo, disk: &str, node: &str) -> String {
+    integration_tests::repo::bitmap_name(&repo.manifest(VM), disk, "inc", node)
 }
 
 /// Runs one cell; `Err` describes what went wrong.
@@ -220,17 +221,18 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
             repo.try_backup(&vm, VM, &[])
         }
         Fault::BitmapDeleted | Fault::BitmapRenamed | Fault::BitmapBusy | Fault::BitmapInconsistent => {
-            let name = bitmap(&chain_id, &full_id);
+            let name = bitmap(&repo, "disk0", &full_id);
             match cell.fault {
                 Fault::BitmapDeleted | Fault::BitmapRenamed => {
-                    for node in ["node-disk0", "node-disk1"] {
-                        let args = serde_json::json!({"node": node, "name": name});
+                    for disk in ["disk0", "disk1"] {
+                        let node = format!("node-{disk}");
+                        let args = serde_json::json!({"node": node, "name": bitmap(&repo, disk, &full_id)});
                         vm.qmp()
                             .execute_raw("block-dirty-bitmap-remove", Some(args))
                             .await
                             .unwrap();
                         if cell.fault == Fault::BitmapRenamed {
-                            let args = serde_json::json!({"node": node, "name": bitmap(&chain_id, "0999"),
+                            let args = serde_json::json!({"node": node, "name": bitmap(&repo, disk, "0999"),
                                                           "persistent": true});
                             vm.qmp()
                                 .execute_raw("block-dirty-bitmap-add", Some(args))

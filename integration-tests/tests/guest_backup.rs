@@ -88,7 +88,7 @@ async fn quiesced_backups_give_a_clean_filesystem_and_a_failing_one_still_thaws(
     // the name of the bitmap it will add.
     let manifest = repo.manifest(VM);
     let next = format!("{:04}", manifest.next_seq);
-    let taken = format!("qmpbak-{}-inc-{next}", manifest.chain_id);
+    let taken = integration_tests::repo::bitmap_name(&manifest, guest.disk_id(), "inc", &next);
     guest
         .qmp()
         .execute_raw(

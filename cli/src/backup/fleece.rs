@@ -86,7 +86,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
     // One instant for every disk: fleecing jobs and the new bitmaps.
     let mut actions = Vec::new();
     for t in &run.targets {
-        for name in run.new_bitmaps() {
+        for name in run.new_bitmaps(t) {
             actions.push(json!({
                 "type": "block-dirty-bitmap-add",
                 "data": { "node": t.info.node_name, "name": name, "persistent": t.info.bitmaps_persist },

@@ -113,9 +113,9 @@ async fn remove_targets(run: &Run<'_>) {
 /// of QEMU the next backup compares checking tables instead ([`crate::inspect::volatile_bitmaps_why`]).
 fn transaction(run: &Run<'_>) -> Vec<Value> {
     let mut actions = Vec::new();
-    let base = run.base_bitmap();
     for t in &run.targets {
-        for name in run.new_bitmaps() {
+        let base = run.base_bitmap(t);
+        for name in run.new_bitmaps(t) {
             actions.push(json!({
                 "type": "block-dirty-bitmap-add",
                 "data": { "node": t.info.node_name, "name": name, "persistent": t.info.bitmaps_persist },

@@ -20,8 +20,8 @@ use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use chain::{
-    BitmapRecord, DiskIdentity, Location, LockGuard, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind,
-    NodeState, Operation, OperationKind, RelPath, VmStore,
+    BitmapRecord, Location, LockGuard, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState,
+    Operation, OperationKind, RelPath, VmStore,
 };
 
 use crate::bitmaps::{BitmapName, BitmapState, Role};
@@ -44,7 +44,7 @@ pub struct BackupOptions {
     pub repo: PathBuf,
     pub vm: String,
     pub level: Requested,
-    /// Only these disks (qdev ids); empty means all.
+    /// Only these disks (ids as `qmpbak info` shows them); empty means all.
     pub disks: Vec<String>,
     pub exclude: Vec<String>,
     /// Bytes per second per disk, 0 = unlimited.
@@ -112,6 +112,8 @@ pub(crate) struct Target {
     pub table: RelPath,
     /// The parent's file for this disk (the qcow2 backing file), relative to the VM directory.
     pub backing: Option<RelPath>,
+    /// The disk's key ([`chain::DiskIdentity::key`]), in its bitmaps' names.
+    pub key: String,
 }
 
 /// A backup in progress: what has been decided and created so far.
@@ -148,22 +150,23 @@ impl Run<'_> {
             .collect::<Result<Vec<_>, _>>()?)
     }
 
-    /// The bitmap a disk's copy reads: relative to the plan's parent.
-    pub fn base_bitmap(&self) -> Option<String> {
+    /// The bitmap a disk's copy reads: the disk's, relative to the plan's parent.
+    pub fn base_bitmap(&self, t: &Target) -> Option<String> {
         let parent = self.plan.parent.as_ref()?;
+        let chain = &self.manifest.chain_id;
         Some(match self.plan.level {
-            Level::Differential => BitmapName::differential(&self.manifest.chain_id, parent).to_string(),
-            _ => BitmapName::incremental(&self.manifest.chain_id, parent).to_string(),
+            Level::Differential => BitmapName::differential(chain, &t.key, parent).to_string(),
+            _ => BitmapName::incremental(chain, &t.key, parent).to_string(),
         })
     }
 
-    /// Bitmaps this backup creates on every disk: the base of the next incremental and, for a full, of the
+    /// Bitmaps this backup creates on a disk: the base of the next incremental and, for a full, of the
     /// next differentials.
-    pub fn new_bitmaps(&self) -> Vec<String> {
+    pub fn new_bitmaps(&self, t: &Target) -> Vec<String> {
         let chain = &self.manifest.chain_id;
-        let mut names = vec![BitmapName::incremental(chain, self.node.as_str()).to_string()];
+        let mut names = vec![BitmapName::incremental(chain, &t.key, self.node.as_str()).to_string()];
         if self.plan.level == Level::Full {
-            names.push(BitmapName::differential(chain, self.node.as_str()).to_string());
+            names.push(BitmapName::differential(chain, &t.key, self.node.as_str()).to_string());
         }
         names
     }
@@ -228,12 +231,12 @@ pub async fn backup(
         progress.phase(&format!("skipping disk {}: {}", s.disk, s.reason));
     }
 
+    crate::identity::assign_keys(&mut manifest, &disks);
     let facts = chain_facts(&manifest, repo.settings().full_every);
     let disk_facts: Vec<DiskFacts> = disks.iter().map(|d| disk_facts(&manifest, &facts, d)).collect();
     let plan = plan::plan(opts.level, &facts, &disk_facts).map_err(|e| Exit::usage(e.to_string()))?;
     progress.phase(&format!("{} backup: {}", level_name(plan.level), plan.reason));
 
-    record_disks(&mut manifest, &disks);
     let node = manifest.next_node_id();
     let targets = disks
         .iter()
@@ -245,12 +248,16 @@ pub async fn backup(
                 Some(parent) => Some(format!("{parent}/{}.qcow2", info.id).parse()?),
                 None => None,
             };
+            let key = crate::identity::key_of(&manifest, &info.id)
+                .context("disk without a key")?
+                .to_owned();
             Ok(Target {
                 info: info.clone(),
                 index,
                 file,
                 table,
                 backing,
+                key,
             })
         })
         .collect::<Result<Vec<_>>>()?;
@@ -373,7 +380,7 @@ impl Run<'_> {
                     backing: t.backing.clone(),
                     virtual_size: t.info.virtual_size,
                     allocated_bytes: 0,
-                    bitmap: self.base_bitmap(),
+                    bitmap: self.base_bitmap(t),
                     table: None,
                     table_sha256: None,
                     location: Location {
@@ -403,7 +410,7 @@ impl Run<'_> {
         for t in &self.targets {
             self.op.files.push(t.file.clone());
             self.op.files.push(t.table.clone());
-            for name in self.new_bitmaps() {
+            for name in self.new_bitmaps(t) {
                 self.op.bitmaps.push(BitmapRecord {
                     node: t.info.node_name.clone(),
                     name,
@@ -496,6 +503,9 @@ impl Run<'_> {
             .context("pending node vanished from the manifest")?;
         node.state = NodeState::Complete;
         next.current = Some(self.node.clone());
+        // The disks' new bitmaps count from this node, made of these images.
+        let infos: Vec<DiskInfo> = self.targets.iter().map(|t| t.info.clone()).collect();
+        crate::identity::note_images(&mut next, &infos);
         next.operations.retain(|o| o.id != self.op.id);
         crate::crashpoint::fail_point("backup-save-complete").context("writing the VM's manifest")?;
         self.vm.save(&next, self.guard)?;
@@ -553,7 +563,8 @@ impl Run<'_> {
     }
 
     /// After success: removes qmpbak bitmaps of this chain that no longer mean anything: everything but the
-    /// new node's incremental bitmap and the differential bitmap of its full.
+    /// disk's own incremental bitmap of the new node and differential bitmap of its full (also the bitmaps
+    /// named for another disk or for none, which a disk brought along from elsewhere or from an older qmpbak).
     async fn tidy_bitmaps(&self) {
         let chain = &self.manifest.chain_id;
         let last_full = self
@@ -562,14 +573,16 @@ impl Run<'_> {
             .ok()
             .flatten()
             .map(|n| n.id.to_string());
-        let keep: HashSet<String> = [
-            Some(BitmapName::incremental(chain, self.node.as_str()).to_string()),
-            last_full.map(|f| BitmapName::differential(chain, &f).to_string()),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
         for t in &self.targets {
+            let keep: HashSet<String> = [
+                Some(BitmapName::incremental(chain, &t.key, self.node.as_str()).to_string()),
+                last_full
+                    .as_ref()
+                    .map(|f| BitmapName::differential(chain, &t.key, f).to_string()),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
             for b in &t.info.bitmaps {
                 let ours = BitmapName::parse(&b.name).is_some_and(|n| &n.chain_id == chain);
                 if ours && !keep.contains(&b.name) {
@@ -685,34 +698,47 @@ fn chain_facts(manifest: &Manifest, full_every: u32) -> ChainFacts {
     }
 }
 
-/// Facts about one disk: its size against the current node's, and the state of qmpbak's bitmaps on it.
+/// Facts about one disk: its size against the current node's, whether it is still the image recorded for it,
+/// and the state of its bitmaps (only those named with its key are its own).
 fn disk_facts(manifest: &Manifest, facts: &ChainFacts, disk: &DiskInfo) -> DiskFacts {
     let chain = &manifest.chain_id;
+    let key = crate::identity::key_of(manifest, &disk.id).unwrap_or_default();
     let size_in_base = facts
         .current
         .as_ref()
         .and_then(|c| c.parse::<NodeId>().ok())
         .and_then(|c| manifest.node(&c).cloned())
         .and_then(|n| n.disks.iter().find(|d| d.disk == disk.id).map(|d| d.virtual_size));
-    let state_of = |name: Option<String>| {
+    let state_of = |name: Option<BitmapName>| {
         let Some(name) = name else {
             return BitmapState::Missing;
         };
-        disk.bitmaps
+        let text = name.to_string();
+        if let Some(b) = disk.bitmaps.iter().find(|b| b.name == text) {
+            return BitmapState::from_report(b.recording, b.busy, b.inconsistent);
+        }
+        // Relative to the right node but named for no disk or another: proves nothing about this disk.
+        let unproven = disk
+            .bitmaps
             .iter()
-            .find(|b| b.name == name)
-            .map_or(BitmapState::Missing, |b| {
-                BitmapState::from_report(b.recording, b.busy, b.inconsistent)
-            })
+            .filter_map(|b| BitmapName::parse(&b.name))
+            .any(|n| n.chain_id == name.chain_id && n.role == name.role && n.node == name.node);
+        if unproven {
+            BitmapState::Unproven
+        } else {
+            BitmapState::Missing
+        }
     };
-    let inc = facts
+    let inc_name = facts
         .current
         .as_ref()
-        .map(|c| BitmapName::incremental(chain, c).to_string());
-    let diff = facts
+        .map(|c| BitmapName::incremental(chain, key, c));
+    let diff_name = facts
         .last_full
         .as_ref()
-        .map(|f| BitmapName::differential(chain, f).to_string());
+        .map(|f| BitmapName::differential(chain, key, f));
+    let inc = inc_name.as_ref().map(ToString::to_string);
+    let diff = diff_name.as_ref().map(ToString::to_string);
     let stray_bitmaps = disk
         .bitmaps
         .iter()
@@ -728,27 +754,11 @@ fn disk_facts(manifest: &Manifest, facts: &ChainFacts, disk: &DiskInfo) -> DiskF
         id: disk.id.clone(),
         size_now: disk.virtual_size,
         size_in_base,
-        inc_bitmap: state_of(inc.clone()),
-        diff_bitmap: state_of(diff.clone()),
+        inc_bitmap: state_of(inc_name),
+        diff_bitmap: state_of(diff_name),
         stray_bitmaps,
         volatile_why: disk.bitmaps_volatile_why.clone(),
-    }
-}
-
-/// Keeps the manifest's list of known disks up to date with what QEMU reports.
-fn record_disks(manifest: &mut Manifest, disks: &[DiskInfo]) {
-    for d in disks {
-        let identity = DiskIdentity {
-            id: d.id.clone(),
-            node_name: Some(d.node_name.clone()),
-            virtual_size: d.virtual_size,
-            serial: None,
-            filename: Some(d.file.clone()),
-        };
-        match manifest.disks.iter_mut().find(|k| k.id == d.id) {
-            Some(known) => *known = identity,
-            None => manifest.disks.push(identity),
-        }
+        image_changed: crate::identity::image_change(manifest.disk(&disk.id), disk),
     }
 }
 

@@ -29,7 +29,7 @@ pub struct Args {
     /// when the bitmaps allow it, full when there is nothing to build on or the repository policy asks for one.
     #[arg(long, value_enum, default_value = "auto")]
     level: LevelArg,
-    /// Back up only this disk (qdev id); repeat for more. Default: every disk. The new node holds only these
+    /// Back up only this disk (its id as `qmpbak info` shows it); repeat for more. Default: every disk. The new node holds only these
     /// disks, so a later backup that includes another disk cannot build on it: auto then takes a full of every
     /// disk, and inc or diff refuse.
     #[arg(long = "disk", value_name = "ID", conflicts_with = "exclude")]

@@ -34,8 +34,9 @@ pub async fn run(args: Args) -> Result<()> {
     println!("QEMU {} ({})", info.qemu.version, info.qemu.package);
     for disk in &info.disks {
         println!(
-            "disk {}: node {}, {} {}, {} virtual, {} allocated{}",
+            "disk {} ({}): node {}, {} {}, {} virtual, {} allocated{}",
             disk.id,
+            disk.id_source.describe(),
             disk.node_name,
             disk.format,
             disk.file,

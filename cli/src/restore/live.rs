@@ -105,19 +105,27 @@ pub async fn restore_live(
     }
 
     let chain_id = manifest.chain_id.clone();
+    // The disks become this node's from here on: their images and keys are recorded with the node made current.
+    let infos: Vec<inspect::DiskInfo> = targets.iter().map(|(_, d)| d.clone()).collect();
+    crate::identity::note_images(&mut manifest, &infos);
+    let bitmap_of = |id: &str| {
+        let key = crate::identity::key_of(&manifest, id).unwrap_or_default();
+        BitmapName::incremental(&chain_id, key, node.id.as_str()).to_string()
+    };
+    let bitmaps: Vec<String> = targets.iter().map(|(_, d)| bitmap_of(&d.id)).collect();
     let name = |what: &str, i: usize| graph::short_name(&chain_id, what, node.id.as_str(), i);
     let depth = manifest.recovery_chain(&node.id)?.len();
     let mut op = Operation::new(OperationKind::Restore, Some(node.id.clone()), chrono::Utc::now());
     op.id = format!("restore-{}", node.id);
     op.pid = std::process::id();
-    for (i, d) in &targets {
+    for ((i, d), bitmap) in targets.iter().zip(&bitmaps) {
         op.jobs.push(name("s", *i));
         for layer in (0..depth).rev() {
             op.block_nodes.push(format!("{}-{layer}", name("l", *i)));
         }
         op.bitmaps.push(BitmapRecord {
             node: d.node_name.clone(),
-            name: BitmapName::incremental(&chain_id, node.id.as_str()).to_string(),
+            name: bitmap.clone(),
         });
     }
     // From here on the VM will run on this node: it becomes current, and its bitmap records the guest's writes.
@@ -129,7 +137,7 @@ pub async fn restore_live(
     vm.save(&manifest, &guard)?;
 
     let graph_file_children = file_children(&qmp).await?;
-    for (i, d) in &targets {
+    for ((i, d), bitmap) in targets.iter().zip(&bitmaps) {
         let chain = graph::add_chain(
             &qmp,
             &vm,
@@ -153,8 +161,7 @@ pub async fn restore_live(
         .with_context(|| format!("putting node {}'s chain under disk {}", node.id, d.id))?;
         qmp.execute_raw(
             "block-dirty-bitmap-add",
-            Some(json!({ "node": d.node_name, "name": BitmapName::incremental(&chain_id, node.id.as_str()).to_string(),
-                         "persistent": d.bitmaps_persist })),
+            Some(json!({ "node": d.node_name, "name": bitmap, "persistent": d.bitmaps_persist })),
         )
         .await
         .context("adding the dirty bitmap for the next backup")?;

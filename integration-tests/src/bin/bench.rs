@@ -1702,6 +1702,7 @@ fn write_big_manifest(repo: &Path, count: u64) {
         virtual_size: 4 * GIB,
         serial: None,
         filename: Some("/var/lib/vms/big/disk0.qcow2".into()),
+        key: None,
     });
     let mut last_full = None;
     let mut prev: Option<chain::NodeId> = None;

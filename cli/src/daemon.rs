@@ -52,6 +52,7 @@ impl StorageDaemon {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", bins.storage_daemon.display()))?;
+        tracing::info!(pid = child.id(), program = %bins.storage_daemon.display(), "started qemu-storage-daemon");
         let accepted = tokio::select! {
             accepted = tokio::time::timeout(DAEMON_START_TIMEOUT, listener.accept()) => accepted,
             status = child.wait() => {

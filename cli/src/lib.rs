@@ -12,6 +12,7 @@ pub mod direct;
 pub mod exit;
 pub mod graph;
 pub mod inspect;
+pub mod logging;
 pub mod merge;
 pub mod plan;
 pub mod progress;

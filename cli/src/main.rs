@@ -15,19 +15,9 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
-#[command(
-    name = "qmpbak",
-    version,
-    about = "Backups of QEMU virtual machines over QMP, without libvirt"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: commands::Command,
-}
-
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = commands::Cli::parse();
+    qmpbak::logging::init(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {

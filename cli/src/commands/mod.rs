@@ -4,6 +4,7 @@ mod args;
 mod backup;
 mod bars;
 mod cleanup;
+mod completions;
 mod info;
 mod init;
 mod list;
@@ -14,7 +15,23 @@ mod show;
 mod snapshot;
 mod verify;
 
-use clap::Subcommand;
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+/// The whole command line: global options and one subcommand.
+#[derive(Parser)]
+#[command(
+    name = "qmpbak",
+    version,
+    about = "Backups of QEMU virtual machines over QMP, without libvirt"
+)]
+pub struct Cli {
+    /// Log what qmpbak does to stderr: -v steps, -vv also every QMP command, reply and event, -vvv everything.
+    /// QMPBAK_LOG (a tracing filter such as `qmp_wire=debug`) overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
 
 #[derive(Subcommand)]
 pub enum Command {
@@ -22,6 +39,8 @@ pub enum Command {
     Backup(backup::Args),
     /// Remove what an interrupted qmpbak left behind for a VM.
     Cleanup(cleanup::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(completions::Args),
     /// Show a running VM's QEMU version, disks and dirty bitmaps.
     Info(info::Args),
     /// Create a new, empty backup repository.
@@ -38,6 +57,9 @@ pub enum Command {
     Qmp(qmp::Args),
     /// Restore a node: offline into image files, or live into a running VM.
     Restore(restore::Args),
+    /// Write the man pages into a directory (used by scripts/man).
+    #[command(hide = true)]
+    Man(completions::ManArgs),
     /// Continue the running VM from a time point (the later points stay as a branch).
     Revert(snapshot::RevertArgs),
     /// Show one backup node and its recovery chain.
@@ -54,9 +76,11 @@ impl Command {
             Command::Backup(args) => backup::run(args).await,
             Command::Cleanup(args) => cleanup::run(args).await,
             Command::Commit(args) => snapshot::commit(args).await,
+            Command::Completions(args) => completions::run(&args, Cli::command()),
             Command::Info(args) => info::run(args).await,
             Command::Init(args) => init::run(&args),
             Command::List(args) => list::run(&args),
+            Command::Man(args) => completions::man(&args, Cli::command()),
             Command::Merge(args) => prune::merge(args).await,
             Command::Prune(args) => prune::run(&args),
             Command::Qmp(args) => qmp::run(args).await,

@@ -25,11 +25,15 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let summary = cli.command.summary_subject();
     match runtime.block_on(cli.command.run()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let code = qmpbak::exit::classify(&err);
             eprintln!("qmpbak: {err:#}");
+            if let Some(subject) = summary {
+                println!("{}", commands::failure_summary(&subject, code.code(), &err));
+            }
             ExitCode::from(code.code())
         }
     }

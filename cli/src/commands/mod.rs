@@ -8,6 +8,7 @@ mod completions;
 mod info;
 mod init;
 mod list;
+mod policy;
 mod prune;
 mod qmp;
 mod restore;
@@ -51,6 +52,8 @@ pub enum Command {
     Commit(snapshot::CommitArgs),
     /// Fold a node's recovery chain into a synthetic full (its descendants are unaffected).
     Merge(prune::MergeArgs),
+    /// Show or set the repository's default retention (what `qmpbak prune` applies without --keep options).
+    Policy(policy::Args),
     /// Thin a VM's backup tree out by a retention policy; removed interior nodes merge into their children.
     Prune(prune::Args),
     /// Send one raw QMP command and print the reply.
@@ -71,6 +74,17 @@ pub enum Command {
 }
 
 impl Command {
+    /// `qmpbak COMMAND VM` when the command was asked for a one-line `--summary`: on failure the binary then
+    /// prints `SUBJECT: FAILED (exit N): ...` on stdout, so a mail or a monitoring check always gets its line.
+    pub fn summary_subject(&self) -> Option<String> {
+        match self {
+            Command::Backup(args) => args.summary_subject(),
+            Command::Prune(args) => args.summary_subject(),
+            Command::Verify(args) => args.summary_subject(),
+            _ => None,
+        }
+    }
+
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Backup(args) => backup::run(args).await,
@@ -82,6 +96,7 @@ impl Command {
             Command::List(args) => list::run(&args),
             Command::Man(args) => completions::man(&args, Cli::command()),
             Command::Merge(args) => prune::merge(args).await,
+            Command::Policy(args) => policy::run(&args),
             Command::Prune(args) => prune::run(&args),
             Command::Qmp(args) => qmp::run(args).await,
             Command::Restore(args) => restore::run(args).await,
@@ -91,4 +106,10 @@ impl Command {
             Command::Verify(args) => verify::run(args).await,
         }
     }
+}
+
+/// The one-line summary of a failed run: the error's whole cause chain on one line.
+pub fn failure_summary(subject: &str, code: u8, err: &anyhow::Error) -> String {
+    let message = format!("{err:#}").replace('\n', " ");
+    format!("{subject}: FAILED (exit {code}): {message}")
 }

@@ -14,6 +14,7 @@ pub mod graph;
 pub mod inspect;
 pub mod logging;
 pub mod merge;
+pub mod mount;
 pub mod plan;
 pub mod progress;
 pub mod prune;

@@ -8,6 +8,7 @@ mod completions;
 mod info;
 mod init;
 mod list;
+mod mount;
 mod policy;
 mod prune;
 mod qmp;
@@ -50,6 +51,8 @@ pub enum Command {
     List(list::Args),
     /// Merge a time point's increment into its parent inside the running VM (keeps the chain short).
     Commit(snapshot::CommitArgs),
+    /// Mount a node's disk read-only (file systems under DIR), list its partitions, or export it as an image file.
+    Mount(mount::Args),
     /// Fold a node's recovery chain into a synthetic full (its descendants are unaffected).
     Merge(prune::MergeArgs),
     /// Show or set the repository's default retention (what `qmpbak prune` applies without --keep options).
@@ -69,6 +72,8 @@ pub enum Command {
     Show(show::Args),
     /// Take a time point of a running VM by external snapshot (milliseconds, no copy).
     Snapshot(snapshot::Args),
+    /// Undo `qmpbak mount DIR` (also after that qmpbak was killed).
+    Umount(mount::UmountArgs),
     /// Re-read backups and compare them with their checking tables.
     Verify(verify::Args),
 }
@@ -96,6 +101,7 @@ impl Command {
             Command::List(args) => list::run(&args),
             Command::Man(args) => completions::man(&args, Cli::command()),
             Command::Merge(args) => prune::merge(args).await,
+            Command::Mount(args) => mount::run(args).await,
             Command::Policy(args) => policy::run(&args),
             Command::Prune(args) => prune::run(&args),
             Command::Qmp(args) => qmp::run(args).await,
@@ -103,6 +109,7 @@ impl Command {
             Command::Revert(args) => snapshot::revert(args).await,
             Command::Show(args) => show::run(&args),
             Command::Snapshot(args) => snapshot::run(args).await,
+            Command::Umount(args) => mount::umount(&args),
             Command::Verify(args) => verify::run(args).await,
         }
     }

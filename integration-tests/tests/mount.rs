@@ -273,6 +273,13 @@ async fn a_killed_mount_is_undone_by_umount_and_by_cleanup() {
     assert!(dir.path().join("p1/file0.bin").exists(), "{report}");
     cli::run(&["umount", dir_arg]).success();
     assert_nothing_left(dir.path(), &report);
+
+    // A file of the user's where the image would go is refused and left alone.
+    let mine = dir.path().join("disk0.img");
+    std::fs::write(&mine, b"mine").unwrap();
+    let refused = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--image-only"]));
+    assert!(!refused.status.success(), "{refused:?}");
+    assert_eq!(std::fs::read(&mine).unwrap(), b"mine");
 }
 
 #[tokio::test]

@@ -175,7 +175,6 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
         node: node.id.to_string(),
         disk: disk.clone(),
         image: image.clone(),
-        image_created: true,
         pidfile: state_dir.join("qsd.pid"),
         owner_pid: std::process::id(),
         ..MountState::default()
@@ -322,6 +321,9 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
         .create_new(true)
         .open(&st.image)
         .with_context(|| format!("creating {}", st.image.display()))?;
+    // Only a file qmpbak created is ever removed again.
+    st.image_created = true;
+    st.save()?;
     state::make_private(&st.image, 0o600)?;
     let mut cmd = tokio::process::Command::new(&bins.storage_daemon);
     let mut below: Option<String> = None;

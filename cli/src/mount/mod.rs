@@ -632,3 +632,24 @@ pub fn clean_interrupted(vm: &str) -> Result<Vec<UmountReport>> {
     }
     Ok(undone)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_systems_mount_read_only_without_journal_replay() {
+        assert_eq!(mount_options("ext4"), Some(("ext4", "ro,noload")));
+        assert_eq!(mount_options("ext3"), Some(("ext4", "ro,noload")));
+        assert_eq!(mount_options("xfs"), Some(("xfs", "ro,norecovery")));
+        assert_eq!(mount_options("vfat"), Some(("vfat", "ro")));
+        for (fstype, (_, options)) in ["ext2", "btrfs", "ntfs", "exfat", "iso9660"]
+            .iter()
+            .filter_map(|t| Some((t, mount_options(t)?)))
+        {
+            assert!(options.split(',').any(|o| o == "ro"), "{fstype}: {options}");
+        }
+        assert_eq!(mount_options("swap"), None);
+        assert_eq!(mount_options("LVM2_member"), None);
+    }
+}

@@ -330,3 +330,17 @@ pub fn make_private(path: &Path, mode: u32) -> Result<()> {
     fs::set_permissions(path, fs::Permissions::from_mode(mode))
         .with_context(|| format!("setting the mode of {}", path.display()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes_are_decoded() {
+        assert_eq!(unescape(r"/mnt/with\040space"), "/mnt/with space");
+        assert_eq!(unescape(r"/a\011tab\134back"), "/a\ttab\\back");
+        assert_eq!(unescape(r"/plain\"), r"/plain\");
+        assert_eq!(unescape(r"/not\9octal"), r"/not\9octal");
+        assert_eq!(unescape("/ünïcode"), "/ünïcode");
+    }
+}

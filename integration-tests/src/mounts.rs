@@ -102,3 +102,15 @@ pub fn assert_nothing_left(dir: &Path, report: &serde_json::Value) {
         }
     }
 }
+
+/// Runs `qmpbak umount DIR` when dropped, so that a failing test leaves no mount, loop device or storage
+/// daemon behind. Declare it after the directory's `TempDir`, so that it drops first.
+pub struct Unmount(pub PathBuf);
+
+impl Drop for Unmount {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.to_str() {
+            let _ = crate::cli::command(&["umount", dir]).output();
+        }
+    }
+}

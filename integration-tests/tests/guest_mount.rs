@@ -10,7 +10,7 @@ use std::path::Path;
 use sha2::{Digest as _, Sha256};
 
 use integration_tests::guest::TestGuest;
-use integration_tests::mounts::{self, assert_nothing_left, can_mount, checksums};
+use integration_tests::mounts::{self, Unmount, assert_nothing_left, can_mount, checksums};
 use integration_tests::repo::TestRepo;
 use integration_tests::{MIB, cli};
 
@@ -80,6 +80,7 @@ async fn files_the_guest_wrote_before_the_backup_are_read_back_from_the_mount() 
 
     if can_mount() {
         let dir = tempfile::tempdir().unwrap();
+        let _unmount = Unmount(dir.path().to_owned());
         let dir_arg = dir.path().to_str().unwrap();
         let report = repo
             .run(VM, &["mount", &quiesced, dir_arg, "--json"])

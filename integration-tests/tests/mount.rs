@@ -9,7 +9,7 @@
 use std::path::Path;
 use std::process::Command;
 
-use integration_tests::mounts::{self, assert_nothing_left, can_mount, checksums};
+use integration_tests::mounts::{self, Unmount, assert_nothing_left, can_mount, checksums};
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
@@ -144,6 +144,7 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
         return;
     }
     let dir = tempfile::tempdir().unwrap();
+    let _unmount = Unmount(dir.path().to_owned());
     let dir_arg = dir.path().to_str().unwrap();
     let report = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--disk", "disk0", "--json"]))
         .success()
@@ -243,6 +244,7 @@ async fn a_killed_mount_is_undone_by_umount_and_by_cleanup() {
     let repo = TestRepo::init();
     let node = repo.backup_node(&vm, VM, &[]);
     let dir = tempfile::tempdir().unwrap();
+    let _unmount = Unmount(dir.path().to_owned());
     let dir_arg = dir.path().to_str().unwrap();
 
     // Killed with the loop device set up: umount finds and undoes it.
@@ -294,6 +296,7 @@ async fn a_damaged_node_is_refused_unless_forced() {
     let node = repo.backup_node(&vm, VM, &[]);
     flip_a_data_byte(&repo.node_file(VM, &node, "disk0"));
     let dir = tempfile::tempdir().unwrap();
+    let _unmount = Unmount(dir.path().to_owned());
     let dir_arg = dir.path().to_str().unwrap();
 
     let refused = cli::run_owned(&mount_args(&repo, &node, &[dir_arg]));

@@ -5,7 +5,8 @@
 //! ```text
 //! REPO/
 //!   qmpbak-repo.json            settings: format_version, block_size (checking-table block, default 1 MiB,
-//!                               a power of two from 64 KiB to 16 MiB), full_every (default 7)
+//!                               a power of two from 64 KiB to 16 MiB), full_every (default 7),
+//!                               retention (optional: the default policy of a plain `qmpbak prune`)
 //!   VM/                         one directory per VM (mode 0700), named by the VM's name
 //!     manifest.json             the VM's backup tree (see `Manifest`)
 //!     lock                      the VM's lock file (flock: exclusive to change, shared to read)

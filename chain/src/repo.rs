@@ -13,6 +13,7 @@ use crate::error::{Error, ManifestProblem, Result};
 use crate::lock::{self, LockGuard, LockMode, LockWait};
 use crate::manifest::Manifest;
 use crate::names::{NodeId, RelPath, check_name};
+use crate::retention::Policy;
 use crate::store;
 
 /// The settings file that makes a directory a repository.
@@ -40,6 +41,10 @@ pub struct Settings {
     /// An automatic backup takes a new full after this many incrementals since the last one; 0: never.
     #[serde(default = "default_full_every")]
     pub full_every: u32,
+    /// The retention a `qmpbak prune` without a policy of its own applies; none: prune needs one given.
+    /// Absent from the file when unset, so a qmpbak that predates it reads the file the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<Policy>,
 }
 
 fn default_block_size() -> u64 {
@@ -56,6 +61,7 @@ impl Default for Settings {
             format_version: SETTINGS_VERSION,
             block_size: DEFAULT_BLOCK_SIZE,
             full_every: DEFAULT_FULL_EVERY,
+            retention: None,
         }
     }
 }
@@ -208,6 +214,23 @@ impl Repository {
 
     pub fn settings(&self) -> &Settings {
         &self.settings
+    }
+
+    /// Checks and atomically replaces the repository's settings (the block size cannot change: the checking
+    /// tables already written use it, [`Error::SettingsInvalid`]).
+    pub fn save_settings(&mut self, settings: Settings) -> Result<()> {
+        settings.check()?;
+        let path = self.path.join(SETTINGS_FILE);
+        if settings.block_size != self.settings.block_size {
+            return Err(Error::SettingsInvalid {
+                path,
+                detail: "the checking-table block size of an existing repository cannot change".to_owned(),
+            });
+        }
+        let bytes = settings_bytes(&settings, &path)?;
+        store::write_atomic(&path, &bytes)?;
+        self.settings = settings;
+        Ok(())
     }
 
     /// The store of an existing VM ([`Error::VmNotFound`] if the repository has no directory for it).

@@ -14,7 +14,7 @@ use std::fmt;
 use std::mem::discriminant;
 
 use chrono::{DateTime, Datelike, Utc};
-use serde::{Serialize, Serializer};
+use serde::{Deserialize, Serialize, Serializer};
 
 use crate::error::Result;
 use crate::manifest::{Manifest, Node, NodeKind, NodeState};
@@ -23,7 +23,8 @@ use crate::tree::Tree;
 
 /// What to keep on each branch. A node is kept if any rule keeps it; the manifest's current node is always
 /// kept.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
 pub struct Policy {
     /// The newest N complete nodes of each branch.
     pub keep_last: u32,
@@ -35,6 +36,31 @@ pub struct Policy {
     pub keep_monthly: u32,
     /// Every node with a tag.
     pub keep_tagged: bool,
+}
+
+/// The policy as `prune`'s options spell it: `keep-daily 7, keep-tag` (`nothing` when empty).
+impl fmt::Display for Policy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut parts = Vec::new();
+        for (n, what) in [
+            (self.keep_last, "last"),
+            (self.keep_daily, "daily"),
+            (self.keep_weekly, "weekly"),
+            (self.keep_monthly, "monthly"),
+        ] {
+            if n > 0 {
+                parts.push(format!("keep-{what} {n}"));
+            }
+        }
+        if self.keep_tagged {
+            parts.push("keep-tag".to_owned());
+        }
+        if parts.is_empty() {
+            f.write_str("nothing")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
 }
 
 impl Policy {

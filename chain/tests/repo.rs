@@ -247,3 +247,38 @@ fn resolve_stays_inside_the_vm_directory() {
         Err(Error::PathEscapes { .. })
     ));
 }
+
+#[test]
+fn a_default_retention_is_saved_in_the_settings_and_absent_when_unset() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("r");
+    let mut repo = Repository::init(&path).unwrap();
+    let file = path.join(chain::repo::SETTINGS_FILE);
+    assert!(!fs::read_to_string(&file).unwrap().contains("retention"));
+    assert_eq!(repo.settings().retention, None);
+
+    let policy = chain::Policy {
+        keep_daily: 7,
+        keep_tagged: true,
+        ..chain::Policy::default()
+    };
+    let mut settings = repo.settings().clone();
+    settings.retention = Some(policy);
+    repo.save_settings(settings.clone()).unwrap();
+    assert_eq!(Repository::open(&path).unwrap().settings(), &settings);
+
+    // A partial policy (as a person might write it by hand) reads with the other rules off.
+    let text = fs::read_to_string(&file)
+        .unwrap()
+        .replace("\"keep_last\": 0,", "");
+    fs::write(&file, text).unwrap();
+    assert_eq!(
+        Repository::open(&path).unwrap().settings().retention,
+        Some(policy)
+    );
+
+    let mut other_block = settings;
+    other_block.block_size = 64 << 10;
+    let err = repo.save_settings(other_block).unwrap_err();
+    assert!(matches!(err, Error::SettingsInvalid { .. }), "{err:?}");
+}

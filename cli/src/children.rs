@@ -79,6 +79,11 @@ pub async fn output(cmd: &mut tokio::process::Command) -> io::Result<Output> {
 }
 
 impl Owned {
+    /// The child's process id, while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.pid.map(Pid::as_raw)
+    }
+
     /// The child's standard error, if piped and not taken yet.
     pub fn stderr(&mut self) -> Option<tokio::process::ChildStderr> {
         self.child.stderr.take()

@@ -49,6 +49,7 @@ impl StorageDaemon {
                 .stderr(Stdio::piped()),
         )
         .with_context(|| format!("starting {}", bins.storage_daemon.display()))?;
+        tracing::info!(pid = child.pid(), program = %bins.storage_daemon.display(), "started qemu-storage-daemon");
         let accepted = tokio::select! {
             accepted = tokio::time::timeout(DAEMON_START_TIMEOUT, listener.accept()) => accepted,
             status = child.wait() => {

@@ -15,23 +15,12 @@ use clap::Parser;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[derive(Parser)]
-#[command(
-    name = "qmpbak",
-    version,
-    about = "Backups of QEMU virtual machines over QMP, without libvirt"
-)]
-struct Cli {
-    #[command(subcommand)]
-    command: commands::Command,
-}
-
 fn main() -> ExitCode {
     // Everything qmpbak and its children create holds or serves guest data: private to the owner whatever
     // umask the caller has (a umask of 000 would make sockets and images world-accessible).
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let json = wants_json(std::env::args_os().skip(1));
-    let cli = match Cli::try_parse() {
+    let cli = match commands::Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
             // Usage errors are exit 2 (clap's, and ours); `--help` and `--version` are not errors.
@@ -47,6 +36,7 @@ fn main() -> ExitCode {
             e.exit()
         }
     };
+    qmpbak::logging::init(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -54,6 +44,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
+    let summary = cli.command.summary_subject();
     let result = runtime.block_on(cli.command.run());
     // Hashing threads of an interrupted or failed run may still be reading: they are not waited for.
     runtime.shutdown_background();
@@ -70,6 +61,9 @@ fn main() -> ExitCode {
             }
             if json && !commands::report_printed() {
                 println!("{}", qmpbak::exit::json_error_of(&err));
+            }
+            if let Some(subject) = summary {
+                println!("{}", commands::failure_summary(&subject, code.code(), &err));
             }
             ExitCode::from(code.code())
         }

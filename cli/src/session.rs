@@ -40,7 +40,13 @@ pub async fn open(
     };
     let guard = vm.lock_exclusive(wait, command)?;
     let mut manifest = vm.load()?;
+    tracing::info!(
+        vm = vm.name(),
+        nodes = manifest.nodes.len(),
+        "locked the VM and loaded its manifest"
+    );
     let qmp = inspect::connect(socket).await?;
+    tracing::info!(socket = %socket.display(), qemu = %qmp.greeting().version, "connected to QEMU");
     let cleaned = cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
     Ok(Session {
         repo,

@@ -3,6 +3,9 @@
 //!
 //! When the connection ends (EOF, I/O error, protocol violation, or the last handle dropped) every pending
 //! command fails at once, every event stream ends after draining, and `closed()` resolves.
+//!
+//! Every command, reply and event is logged at the `debug` level through `tracing` (target `qmp_wire`), so a run
+//! with `qmpbak -vv` shows the whole conversation; nothing is logged unless a subscriber asks for it.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,12 +185,26 @@ impl Connection {
             shared: &self.shared,
             id,
         };
-        if self.outgoing.send(encode_command(name, arguments, id)).is_err() {
+        let line = encode_command(name, arguments, id);
+        tracing::debug!(target: "qmp_wire", id, command = %String::from_utf8_lossy(&line).trim_end(), "QMP send");
+        let started = std::time::Instant::now();
+        if self.outgoing.send(line).is_err() {
             return Err(Error::Closed {
                 detail: format!("the connection's writer has stopped; {name} not sent"),
             });
         }
-        match tokio::time::timeout(timeout, reply).await {
+        let outcome = tokio::time::timeout(timeout, reply).await;
+        let elapsed_us = started.elapsed().as_micros() as u64;
+        match &outcome {
+            Ok(Ok(Ok(Reply::Return(value)))) => {
+                tracing::debug!(target: "qmp_wire", id, name, elapsed_us, reply = %value, "QMP return");
+            }
+            Ok(Ok(Ok(Reply::Error { class, desc }))) => {
+                tracing::debug!(target: "qmp_wire", id, name, elapsed_us, class = %class, desc, "QMP error");
+            }
+            _ => tracing::debug!(target: "qmp_wire", id, name, elapsed_us, "QMP no reply"),
+        }
+        match outcome {
             Ok(Ok(Ok(Reply::Return(value)))) => Ok(value),
             Ok(Ok(Ok(Reply::Error { class, desc }))) => Err(Error::Qmp {
                 command: name.to_owned(),
@@ -251,7 +268,10 @@ async fn route_incoming<R: AsyncRead + Unpin>(shared: &Shared, reader: &mut Line
         match reader.next_line().await {
             Ok(Some(line)) => match Incoming::parse(line) {
                 Some(Incoming::Reply { id, reply }) => shared.deliver(id.as_ref(), reply),
-                Some(Incoming::Event(event)) => shared.publish(&event),
+                Some(Incoming::Event(event)) => {
+                    tracing::debug!(target: "qmp_wire", event = event.name, data = %event.data, "QMP event");
+                    shared.publish(&event);
+                }
                 // Greetings after the first, unknown messages and non-JSON lines are noise.
                 Some(Incoming::Greeting(_) | Incoming::Other) | None => {}
             },

@@ -53,8 +53,20 @@ pub struct Args {
     #[arg(long)]
     tag: Option<String>,
     /// Print one JSON result.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "summary")]
     json: bool,
+    /// Print one line, `qmpbak backup VM: OK ...` or `... FAILED (exit N): ...`, for a mail or a monitoring
+    /// check.
+    #[arg(long)]
+    summary: bool,
+}
+
+impl Args {
+    /// `qmpbak backup VM`, when a one-line summary was asked for.
+    pub fn summary_subject(&self) -> Option<String> {
+        self.summary
+            .then(|| format!("qmpbak backup {}", self.vm.target.vm))
+    }
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -78,16 +90,37 @@ pub async fn run(args: Args) -> Result<()> {
         job_timeout: backup::DEFAULT_JOB_TIMEOUT,
     };
     let interrupt = Interrupt::new()?;
-    let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
+    let progress = Bars::new(!args.json && !args.summary && std::io::stderr().is_terminal());
     let report = backup::backup(&opts, &progress, &interrupt).await;
     progress.clear();
     let report = report?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if args.summary {
+        println!("{}", summary(&report));
     } else {
         print_report(&report);
     }
     Ok(())
+}
+
+/// `qmpbak backup VM: OK incremental 0005 (parent 0004), 2 disk(s), 12.0 MiB copied, 8.1 MiB stored, 1.2 s`.
+fn summary(r: &BackupReport) -> String {
+    let copied: u64 = r.disks.iter().map(|d| d.copied_bytes).sum();
+    let stored: u64 = r.disks.iter().map(|d| d.stored_bytes).sum();
+    format!(
+        "qmpbak backup {}: OK {} {}{}, {} disk(s), {} copied, {} stored, {:.1} s",
+        r.vm,
+        r.level,
+        r.node,
+        r.parent
+            .as_ref()
+            .map_or_else(String::new, |p| format!(" (parent {p})")),
+        r.disks.len(),
+        bytes(copied),
+        bytes(stored),
+        r.duration_secs
+    )
 }
 
 fn print_report(r: &BackupReport) {

@@ -31,9 +31,23 @@ pub async fn run(args: Args) -> Result<()> {
         None => None,
     };
     let cleaned = cleanup::recover(qmp.as_ref(), &vm, &mut manifest, &guard).await?;
+    // Mounts of this VM's nodes whose qmpbak was killed while setting them up.
+    let mounts = qmpbak::mount::clean_interrupted(&manifest.vm)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&cleaned)?);
-    } else if cleaned.is_empty() {
+        let mut value = serde_json::to_value(&cleaned)?;
+        value["mounts"] = serde_json::to_value(&mounts)?;
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        return Ok(());
+    }
+    for m in &mounts {
+        println!(
+            "undid the interrupted mount of node {} (disk {}) at {}",
+            m.node,
+            m.disk,
+            m.dir.display()
+        );
+    }
+    if cleaned.is_empty() {
         println!("nothing to clean up for VM {}", manifest.vm);
     } else if cleaned.operations.is_empty() {
         println!("nothing was cleaned up for VM {}", manifest.vm);

@@ -4,17 +4,26 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
+use super::policy::KeepArgs;
+
 #[derive(clap::Args)]
 pub struct Args {
     /// Directory of the new repository (created; must not exist or be empty).
     repo: PathBuf,
+    /// A default retention, applied by `qmpbak prune` when it is given no --keep options (see `qmpbak policy`).
+    #[command(flatten)]
+    keep: KeepArgs,
     /// Print the result as JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    let repo = chain::Repository::init(&args.repo)?;
+    let settings = chain::Settings {
+        retention: args.keep.checked_policy()?,
+        ..chain::Settings::default()
+    };
+    let repo = chain::Repository::init_with(&args.repo, settings)?;
     let settings = repo.settings();
     if args.json {
         println!(
@@ -23,6 +32,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "repo": repo.path(),
                 "block_size": settings.block_size,
                 "full_every": settings.full_every,
+                "retention": settings.retention,
             })
         );
     } else {
@@ -32,6 +42,9 @@ pub fn run(args: &Args) -> Result<()> {
             settings.block_size / 1024,
             settings.full_every
         );
+        if let Some(policy) = settings.retention {
+            println!("default retention: {policy}");
+        }
     }
     Ok(())
 }

@@ -4,9 +4,12 @@ mod args;
 mod backup;
 mod bars;
 mod cleanup;
+mod completions;
 mod info;
 mod init;
 mod list;
+mod mount;
+mod policy;
 mod prune;
 mod qmp;
 mod restore;
@@ -16,7 +19,23 @@ mod verify;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use clap::Subcommand;
+use clap::{CommandFactory as _, Parser, Subcommand};
+
+/// The whole command line: global options and one subcommand.
+#[derive(Parser)]
+#[command(
+    name = "qmpbak",
+    version,
+    about = "Backups of QEMU virtual machines over QMP, without libvirt"
+)]
+pub struct Cli {
+    /// Log what qmpbak does to stderr: -v steps, -vv also every QMP command, reply and event, -vvv everything.
+    /// QMPBAK_LOG (a tracing filter such as `qmp_wire=debug`) overrides it.
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
 
 /// Set by a command that printed its `--json` report and then fails (verify finding damage): stdout already
 /// holds the one JSON object, so no error object follows it.
@@ -37,6 +56,8 @@ pub enum Command {
     Backup(backup::Args),
     /// Remove what an interrupted qmpbak left behind for a VM.
     Cleanup(cleanup::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell) to stdout.
+    Completions(completions::Args),
     /// Show a running VM's QEMU version, disks and dirty bitmaps.
     Info(info::Args),
     /// Create a new, empty backup repository.
@@ -45,41 +66,72 @@ pub enum Command {
     List(list::Args),
     /// Merge a time point's increment into its parent inside the running VM (keeps the chain short).
     Commit(snapshot::CommitArgs),
+    /// Mount a node's disk read-only (file systems under DIR), list its partitions, or export it as an image file.
+    Mount(mount::Args),
     /// Fold a node's recovery chain into a synthetic full (its descendants are unaffected).
     Merge(prune::MergeArgs),
+    /// Show or set the repository's default retention (what `qmpbak prune` applies without --keep options).
+    Policy(policy::Args),
     /// Thin a VM's backup tree out by a retention policy; removed interior nodes merge into their children.
     Prune(prune::Args),
     /// Send one raw QMP command and print the reply.
     Qmp(qmp::Args),
     /// Restore a node: offline into image files, or live into a running VM.
     Restore(restore::Args),
+    /// Write the man pages into a directory (used by scripts/man).
+    #[command(hide = true)]
+    Man(completions::ManArgs),
     /// Continue the running VM from a time point (the later points stay as a branch).
     Revert(snapshot::RevertArgs),
     /// Show one backup node and its recovery chain.
     Show(show::Args),
     /// Take a time point of a running VM by external snapshot (milliseconds, no copy).
     Snapshot(snapshot::Args),
+    /// Undo `qmpbak mount DIR` (also after that qmpbak was killed).
+    Umount(mount::UmountArgs),
     /// Re-read backups and compare them with their checking tables.
     Verify(verify::Args),
 }
 
 impl Command {
+    /// `qmpbak COMMAND VM` when the command was asked for a one-line `--summary`: on failure the binary then
+    /// prints `SUBJECT: FAILED (exit N): ...` on stdout, so a mail or a monitoring check always gets its line.
+    pub fn summary_subject(&self) -> Option<String> {
+        match self {
+            Command::Backup(args) => args.summary_subject(),
+            Command::Prune(args) => args.summary_subject(),
+            Command::Verify(args) => args.summary_subject(),
+            _ => None,
+        }
+    }
+
     pub async fn run(self) -> anyhow::Result<()> {
         match self {
             Command::Backup(args) => backup::run(args).await,
             Command::Cleanup(args) => cleanup::run(args).await,
             Command::Commit(args) => snapshot::commit(args).await,
+            Command::Completions(args) => completions::run(&args, Cli::command()),
             Command::Info(args) => info::run(args).await,
             Command::Init(args) => init::run(&args),
             Command::List(args) => list::run(&args),
+            Command::Man(args) => completions::man(&args, Cli::command()),
             Command::Merge(args) => prune::merge(args).await,
+            Command::Mount(args) => mount::run(args).await,
+            Command::Policy(args) => policy::run(&args),
             Command::Prune(args) => prune::run(&args).await,
             Command::Qmp(args) => qmp::run(args).await,
             Command::Restore(args) => restore::run(args).await,
             Command::Revert(args) => snapshot::revert(args).await,
             Command::Show(args) => show::run(&args),
             Command::Snapshot(args) => snapshot::run(args).await,
+            Command::Umount(args) => mount::umount(&args),
             Command::Verify(args) => verify::run(args).await,
         }
     }
+}
+
+/// The one-line summary of a failed run: the error's whole cause chain on one line.
+pub fn failure_summary(subject: &str, code: u8, err: &anyhow::Error) -> String {
+    let message = format!("{err:#}").replace('\n', " ");
+    format!("{subject}: FAILED (exit {code}): {message}")
 }

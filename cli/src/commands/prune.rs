@@ -3,46 +3,40 @@
 
 use std::io::IsTerminal as _;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use super::args::RepoVm;
 use super::bars::Bars;
+use super::policy::KeepArgs;
+use qmpbak::exit::Exit;
 use qmpbak::merge::{self, MergeOptions};
 
 use qmpbak::prune::{self, PruneOptions, PruneReport};
 use qmpbak::render::bytes;
 
 #[derive(clap::Args)]
-#[command(group(
-    clap::ArgGroup::new("policy")
-        .required(true)
-        .multiple(true)
-        .args(["keep_last", "keep_daily", "keep_weekly", "keep_monthly", "keep_tag"])
-))]
 pub struct Args {
     #[command(flatten)]
     target: RepoVm,
-    /// Keep the N newest backups of each branch (a branch: the path from a full to a leaf of the tree).
-    #[arg(long, value_name = "N")]
-    keep_last: Option<u32>,
-    /// Keep the newest backup of each of the last D days that have backups (UTC), per branch.
-    #[arg(long, value_name = "D")]
-    keep_daily: Option<u32>,
-    /// Keep the newest backup of each of the last W ISO weeks that have backups, per branch.
-    #[arg(long, value_name = "W")]
-    keep_weekly: Option<u32>,
-    /// Keep the newest backup of each of the last M months that have backups, per branch.
-    #[arg(long, value_name = "M")]
-    keep_monthly: Option<u32>,
-    /// Keep every tagged backup.
-    #[arg(long)]
-    keep_tag: bool,
+    /// The policy; without any --keep option, the repository's default retention (`qmpbak policy`).
+    #[command(flatten)]
+    keep: KeepArgs,
     /// Print the plan and change nothing.
     #[arg(long)]
     dry_run: bool,
     /// Print one JSON result (the plan and the bytes freed).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "summary")]
     json: bool,
+    /// Print one line, `qmpbak prune VM: OK ...` or `... FAILED (exit N): ...`, for a mail or a monitoring check.
+    #[arg(long)]
+    summary: bool,
+}
+
+impl Args {
+    /// `qmpbak prune VM`, when a one-line summary was asked for.
+    pub fn summary_subject(&self) -> Option<String> {
+        self.summary.then(|| format!("qmpbak prune {}", self.target.vm))
+    }
 }
 
 #[derive(clap::Args)]
@@ -56,21 +50,34 @@ pub struct MergeArgs {
     json: bool,
 }
 
+/// Where the policy of a prune came from.
+fn policy(args: &Args) -> Result<(chain::Policy, &'static str)> {
+    if let Some(policy) = args.keep.policy() {
+        return Ok((policy, "given"));
+    }
+    let repo = chain::Repository::open(&args.target.repo)?;
+    match repo.settings().retention {
+        Some(policy) => Ok((policy, "the repository's default")),
+        None => bail!(Exit::usage(format!(
+            "prune needs a policy: give --keep-last, --keep-daily, --keep-weekly, --keep-monthly or --keep-tag, or \
+             set a default retention for the repository with `qmpbak policy {} --keep-daily 7 ...` \
+             (it has none)",
+            args.target.repo.display()
+        ))),
+    }
+}
+
 pub async fn run(args: &Args) -> Result<()> {
+    let (policy, source) = policy(args)?;
+    tracing::info!(%policy, source, "prune policy");
     let opts = PruneOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),
-        policy: chain::Policy {
-            keep_last: args.keep_last.unwrap_or(0),
-            keep_daily: args.keep_daily.unwrap_or(0),
-            keep_weekly: args.keep_weekly.unwrap_or(0),
-            keep_monthly: args.keep_monthly.unwrap_or(0),
-            keep_tagged: args.keep_tag,
-        },
+        policy,
         dry_run: args.dry_run,
         lock_wait: args.target.lock.lock_wait(),
     };
-    let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
+    let progress = Bars::new(!args.json && !args.summary && std::io::stderr().is_terminal());
     let report = stoppable(
         &opts.repo,
         &opts.vm,
@@ -82,10 +89,27 @@ pub async fn run(args: &Args) -> Result<()> {
     let report = report?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
+    } else if args.summary {
+        let what = if report.dry_run { "would remove" } else { "removed" };
+        println!(
+            "qmpbak prune {}: OK {what} {} node(s), freed {} (policy {policy}, {source})",
+            report.vm,
+            report.removed.len(),
+            signed_bytes(report.freed_bytes)
+        );
     } else {
+        println!("policy: {policy} ({source})");
         print_plan(&report);
     }
     Ok(())
+}
+
+fn signed_bytes(n: i64) -> String {
+    if n >= 0 {
+        bytes(n.unsigned_abs())
+    } else {
+        format!("-{}", bytes(n.unsigned_abs()))
+    }
 }
 
 fn print_plan(report: &PruneReport) {
@@ -128,11 +152,7 @@ fn print_plan(report: &PruneReport) {
     } else if report.removed.is_empty() {
         println!("nothing to prune in VM {}", report.vm);
     } else {
-        let freed = if report.freed_bytes >= 0 {
-            bytes(report.freed_bytes.unsigned_abs())
-        } else {
-            format!("-{}", bytes(report.freed_bytes.unsigned_abs()))
-        };
+        let freed = signed_bytes(report.freed_bytes);
         println!(
             "removed {} node(s) of VM {} ({merged} merged into their children): freed {freed} (files removed {}, \
              children grew {}); `qmpbak verify` re-reads what stays",

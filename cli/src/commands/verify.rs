@@ -17,8 +17,19 @@ pub struct Args {
     #[command(flatten)]
     target: RepoVm,
     /// Print JSON.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "summary")]
     json: bool,
+    /// Print one line, `qmpbak verify VM: OK ...` or `... FAILED (exit N): ...`, for a mail or a monitoring
+    /// check.
+    #[arg(long)]
+    summary: bool,
+}
+
+impl Args {
+    /// `qmpbak verify VM`, when a one-line summary was asked for.
+    pub fn summary_subject(&self) -> Option<String> {
+        self.summary.then(|| format!("qmpbak verify {}", self.target.vm))
+    }
 }
 
 pub async fn run(args: Args) -> Result<()> {
@@ -38,7 +49,7 @@ pub async fn run(args: Args) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
         super::mark_report_printed();
-    } else {
+    } else if !args.summary {
         for node in &report.nodes {
             for d in &node.disks {
                 match (&d.error, d.ok) {
@@ -82,7 +93,13 @@ pub async fn run(args: Args) -> Result<()> {
             )
         ));
     }
-    if !args.json {
+    if args.summary {
+        println!(
+            "qmpbak verify {}: OK {} node(s) verified",
+            args.target.vm,
+            report.nodes.len()
+        );
+    } else if !args.json {
         println!("verified {} node(s): all ok", report.nodes.len());
     }
     Ok(())

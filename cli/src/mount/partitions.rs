@@ -1,0 +1,151 @@
+//! The partitions of a node's exported raw image and the file systems in them, found by reading the image file
+//! alone (`blkid -p`, `partx`: no root, no loop device needed), and how each file system is mounted read-only
+//! without replaying a journal.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context as _, Result, bail};
+use serde::Serialize;
+
+use super::state::run;
+
+/// One partition (or the whole disk, number 0) and what was done with it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Partition {
+    /// Partition number; 0 for a whole disk without a partition table.
+    pub number: u32,
+    /// Offset and size in bytes.
+    pub start: u64,
+    pub size: u64,
+    /// The partition type in the table (`0x83`, a GPT type UUID ...); none for a whole disk.
+    pub part_type: Option<String>,
+    /// The file system blkid finds (`ext4`, `xfs`, `vfat`, `swap` ...), if any.
+    pub fstype: Option<String>,
+    pub label: Option<String>,
+    /// Where it is mounted.
+    pub mounted_at: Option<PathBuf>,
+    /// Why it is not mounted, when it could have been.
+    pub error: Option<String>,
+}
+
+/// The partition table type and the partitions of the raw image (or the whole disk as partition 0), each with
+/// the file system blkid finds in it. Reads the image only; works without root.
+pub fn probe(image: &Path) -> Result<(Option<String>, Vec<Partition>)> {
+    let whole = blkid(image, None)?;
+    let size = std::fs::metadata(image)
+        .with_context(|| format!("inspecting {}", image.display()))?
+        .len();
+    let Some(table) = whole.get("PTTYPE").cloned() else {
+        return Ok((
+            None,
+            vec![Partition {
+                number: 0,
+                start: 0,
+                size,
+                part_type: None,
+                fstype: whole.get("TYPE").cloned(),
+                label: whole.get("LABEL").cloned(),
+                mounted_at: None,
+                error: None,
+            }],
+        ));
+    };
+    let listing = run(
+        "partx",
+        &[
+            "--bytes".as_ref(),
+            "--raw".as_ref(),
+            "--noheadings".as_ref(),
+            "--output".as_ref(),
+            "NR,START,SECTORS,TYPE".as_ref(),
+            image.as_os_str(),
+        ],
+    )?;
+    let mut partitions = Vec::new();
+    for line in listing.lines() {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        let [nr, start, sectors, part_type, ..] = fields[..] else {
+            continue;
+        };
+        let (Ok(number), Ok(start), Ok(sectors)) =
+            (nr.parse::<u32>(), start.parse::<u64>(), sectors.parse::<u64>())
+        else {
+            continue;
+        };
+        let (start, size) = (start * 512, sectors * 512);
+        let found = blkid(image, Some((start, size)))?;
+        partitions.push(Partition {
+            number,
+            start,
+            size,
+            part_type: Some(part_type.to_owned()),
+            fstype: found.get("TYPE").cloned(),
+            label: found.get("LABEL").cloned(),
+            mounted_at: None,
+            error: None,
+        });
+    }
+    Ok((Some(table), partitions))
+}
+
+/// `blkid -p` of the image or of a byte range of it: its `KEY=value` pairs (none when nothing is found).
+fn blkid(image: &Path, range: Option<(u64, u64)>) -> Result<HashMap<String, String>> {
+    let mut cmd = crate::children::std_command(std::path::Path::new("blkid"));
+    cmd.args(["-p", "-o", "export"]);
+    if let Some((offset, size)) = range {
+        cmd.arg("-O")
+            .arg(offset.to_string())
+            .arg("-S")
+            .arg(size.to_string());
+    }
+    let out = cmd.arg(image).output().context("running blkid")?;
+    // Exit 2: nothing found.
+    if !out.status.success() && out.status.code() != Some(2) {
+        bail!(
+            "blkid of {} failed: {}",
+            image.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_once('='))
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect())
+}
+
+/// The mount type and options for a file system: read-only, and never replaying a journal (which would write).
+pub fn mount_options(fstype: &str) -> Option<(&'static str, &'static str)> {
+    Some(match fstype {
+        "ext2" | "ext3" | "ext4" => ("ext4", "ro,noload"),
+        "xfs" => ("xfs", "ro,norecovery"),
+        "vfat" => ("vfat", "ro"),
+        "exfat" => ("exfat", "ro"),
+        "btrfs" => ("btrfs", "ro,rescue=nologreplay"),
+        "ntfs" => ("ntfs3", "ro"),
+        "iso9660" => ("iso9660", "ro"),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_systems_mount_read_only_without_journal_replay() {
+        assert_eq!(mount_options("ext4"), Some(("ext4", "ro,noload")));
+        assert_eq!(mount_options("ext3"), Some(("ext4", "ro,noload")));
+        assert_eq!(mount_options("xfs"), Some(("xfs", "ro,norecovery")));
+        assert_eq!(mount_options("vfat"), Some(("vfat", "ro")));
+        for (fstype, (_, options)) in ["ext2", "btrfs", "ntfs", "exfat", "iso9660"]
+            .iter()
+            .filter_map(|t| Some((t, mount_options(t)?)))
+        {
+            assert!(options.split(',').any(|o| o == "ro"), "{fstype}: {options}");
+        }
+        assert_eq!(mount_options("swap"), None);
+        assert_eq!(mount_options("LVM2_member"), None);
+    }
+}

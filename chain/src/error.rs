@@ -136,6 +136,12 @@ pub enum Error {
     },
     #[error("tag {tag:?} is already used by node {other} of VM {vm:?}; tags must be unique")]
     TagInUse { vm: String, tag: String, other: NodeId },
+    /// No node id is left: `next_seq` (or a node's number) is at the end of the 64-bit sequence.
+    #[error(
+        "VM {vm:?} has no node ids left: sequence number {seq} is the last one there is; start a new chain in \
+         another VM directory"
+    )]
+    NodeIdsExhausted { vm: String, seq: u64 },
     #[error("node {node} of VM {vm:?} cannot move under {parent}, which is in its own subtree")]
     MoveIntoOwnSubtree {
         vm: String,

@@ -225,7 +225,7 @@ pub async fn backup(
     progress.phase(&format!("{} backup: {}", level_name(plan.level), plan.reason));
 
     record_disks(&mut manifest, &disks);
-    let node = manifest.next_node_id();
+    let node = manifest.next_node_id()?;
     let targets = disks
         .iter()
         .enumerate()

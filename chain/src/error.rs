@@ -166,6 +166,14 @@ pub enum Error {
         lock: PathBuf,
         holder: Option<LockHolder>,
     },
+    /// The lock file is a symbolic link or not a regular file: qmpbak never follows it (it could point out of
+    /// the repository).
+    #[error(
+        "lock file {} is {what}; qmpbak only uses a regular file there and never follows a link out of the \
+         repository; remove it (qmpbak creates a new one)",
+        path.display()
+    )]
+    LockFileNotRegular { path: PathBuf, what: &'static str },
     #[error("saving the manifest of VM {vm:?} needs its exclusive lock; this one is shared")]
     LockNotExclusive { vm: String },
     #[error("saving the manifest of VM {vm:?} needs its own lock; this guard locks {}", lock.display())]

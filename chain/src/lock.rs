@@ -146,17 +146,41 @@ pub fn read_holder(lock: &Path) -> Option<LockHolder> {
     serde_json::from_slice(&bytes).ok()
 }
 
-/// Takes the lock of VM `vm` on file `path` (created if missing). `command` is recorded for an exclusive
-/// lock.
-pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &str) -> Result<LockGuard> {
+/// Opens (creating it if missing) the lock file, never through a symbolic link: a link could make qmpbak
+/// create or lock a file outside the repository.
+fn open_lock_file(path: &Path) -> Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
         .truncate(false)
         .mode(store::FILE_MODE)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits())
         .open(path)
-        .map_err(Error::io("open lock file", path))?;
+        .map_err(|e| {
+            if e.raw_os_error() == Some(nix::libc::ELOOP) {
+                Error::LockFileNotRegular {
+                    path: path.to_owned(),
+                    what: "a symbolic link",
+                }
+            } else {
+                Error::io("open lock file", path)(e)
+            }
+        })?;
+    let meta = file.metadata().map_err(Error::io("stat lock file", path))?;
+    if !meta.is_file() {
+        return Err(Error::LockFileNotRegular {
+            path: path.to_owned(),
+            what: "not a regular file",
+        });
+    }
+    Ok(file)
+}
+
+/// Takes the lock of VM `vm` on file `path` (created if missing). `command` is recorded for an exclusive
+/// lock.
+pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &str) -> Result<LockGuard> {
+    let file = open_lock_file(path)?;
     let deadline = match wait {
         LockWait::NoWait => None,
         LockWait::Wait(d) => Some(Instant::now() + d),
@@ -254,6 +278,27 @@ mod tests {
             panic!("{err:?}")
         };
         assert!(err.to_string().contains("did not record"), "{err}");
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_symlink_is_refused_and_nothing_is_created_where_it_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("created-by-qmpbak");
+        let path = dir.path().join(LOCK_FILE);
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        for mode in [LockMode::Shared, LockMode::Exclusive] {
+            let err = acquire("vm", &path, mode, LockWait::NoWait, "x").unwrap_err();
+            assert!(matches!(err, Error::LockFileNotRegular { .. }), "{err:?}");
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert!(!target.exists(), "nothing is created outside");
+        }
+        // A symlink to an existing file is refused too, and the file is not touched.
+        std::fs::write(&target, b"keep").unwrap();
+        let err = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "x").unwrap_err();
+        assert!(matches!(err, Error::LockFileNotRegular { .. }), "{err:?}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(!dir.path().join(HOLDER_FILE).exists());
     }
 
     #[test]

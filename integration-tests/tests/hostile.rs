@@ -91,3 +91,32 @@ async fn a_socket_the_user_may_not_open_is_a_clear_error() {
         "{stderr}"
     );
 }
+
+#[tokio::test]
+async fn a_lock_file_that_is_a_symlink_is_refused_and_nothing_is_created_outside() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x33, 0, MIB).await;
+    repo.backup(&vm, "vm1", &[]);
+    let outside = tempfile::tempdir().unwrap();
+    let target = outside.path().join("created-by-qmpbak");
+    let lock = repo.vm_dir("vm1").join("lock");
+    std::fs::remove_file(&lock).unwrap();
+    std::os::unix::fs::symlink(&target, &lock).unwrap();
+
+    let failures = [
+        cli::run_owned(&repo.backup_args(&vm, "vm1", &[])),
+        cli::run(&["list", repo.vm_dir("vm1").to_str().unwrap()]),
+        repo.run("vm1", &["verify"]),
+    ];
+    for out in failures {
+        assert_eq!(out.code(), Some(3), "{out:?}");
+        assert!(
+            out.stderr.contains("symbolic link") && out.stderr.contains("lock"),
+            "{}",
+            out.stderr
+        );
+    }
+    assert!(!target.exists(), "nothing is created where the link points");
+    assert_eq!(repo.manifest("vm1").nodes.len(), 1);
+}

@@ -48,6 +48,69 @@ impl TestRepo {
         repo.vm(vm).expect("vm store").load().expect("manifest loads")
     }
 
+    /// Adds VM `vm` with a manifest of `count` complete one-disk nodes written through the chain crate, no
+    /// QEMU and no node files (enough for `list` and `show`): a full, then a straight chain of incrementals,
+    /// with a branch off the full every `branch_every` nodes (0: none). Returns the node ids in order.
+    pub fn synthetic_vm(&self, vm: &str, count: u64, branch_every: u64) -> Vec<chain::NodeId> {
+        let repo = chain::Repository::open(self.path()).expect("open repository");
+        let store = repo.create_vm(vm).expect("create VM");
+        let guard = store
+            .lock_exclusive(chain::LockWait::NoWait, "test")
+            .expect("lock");
+        let mut manifest = store.load().expect("load");
+        // Times through serde: chrono is the chain crate's dependency, not this crate's.
+        let created = serde_json::from_value(serde_json::json!("2025-01-01T00:00:00Z")).expect("time");
+        let mut ids: Vec<chain::NodeId> = Vec::new();
+        for i in 0..count {
+            let id = manifest.next_node_id().expect("node id");
+            let parent = match ids.last() {
+                None => None,
+                Some(_) if branch_every > 0 && i % branch_every == 0 => Some(ids[0].clone()),
+                Some(last) => Some(last.clone()),
+            };
+            let disk = chain::NodeDisk {
+                disk: "disk0".into(),
+                file: chain::RelPath::disk_image(&id, "disk0").expect("path"),
+                backing: parent
+                    .as_ref()
+                    .map(|p| chain::RelPath::disk_image(p, "disk0").expect("path")),
+                virtual_size: 16 * crate::MIB,
+                allocated_bytes: crate::MIB,
+                bitmap: None,
+                table: Some(chain::RelPath::disk_table(&id, "disk0").expect("path")),
+                table_sha256: None,
+                location: chain::Location {
+                    host: "test-host".into(),
+                    path: format!("/nowhere/{id}/disk0.qcow2"),
+                    predecessor: None,
+                },
+            };
+            let kind = if parent.is_some() {
+                chain::NodeKind::Incremental
+            } else {
+                chain::NodeKind::Full
+            };
+            manifest
+                .add_node(chain::Node {
+                    id: id.clone(),
+                    parent,
+                    kind,
+                    created,
+                    state: chain::NodeState::Complete,
+                    tag: None,
+                    reason: None,
+                    lid: 0,
+                    tid: 0,
+                    disks: vec![disk],
+                })
+                .expect("add node");
+            ids.push(id);
+        }
+        manifest.current = ids.last().cloned();
+        store.save(&manifest, &guard).expect("save");
+        ids
+    }
+
     /// The node file of `node` for `disk`.
     pub fn node_file(&self, vm: &str, node: &str, disk: &str) -> PathBuf {
         self.vm_dir(vm).join(node).join(format!("{disk}.qcow2"))

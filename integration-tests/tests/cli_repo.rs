@@ -93,3 +93,31 @@ async fn list_draws_the_tree_and_show_gives_the_recovery_chain() {
         miss.stderr
     );
 }
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let repo = TestRepo::init();
+    repo.synthetic_vm("vm1", 50, 10);
+    let vm_dir = repo.vm_dir("vm1");
+    let vm_dir = vm_dir.to_str().unwrap();
+    let repo_path = repo.path();
+    let runs: [&[&str]; 4] = [
+        &["list", vm_dir],
+        &["list", vm_dir, "--json"],
+        &["list", repo_path.to_str().unwrap()],
+        &[
+            "show",
+            "0003",
+            "--repo",
+            repo_path.to_str().unwrap(),
+            "--vm",
+            "vm1",
+        ],
+    ];
+    for args in runs {
+        let out = cli::run_with_stdout_closed(args);
+        // 141 = 128 + SIGPIPE, what a shell reports for a pipeline stage whose reader went away.
+        assert_eq!(out.code(), Some(141), "{args:?}: {out:?}");
+        assert!(out.stderr.is_empty(), "{args:?}: {}", out.stderr);
+    }
+}

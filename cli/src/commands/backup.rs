@@ -83,22 +83,22 @@ pub async fn run(args: Args) -> Result<()> {
     progress.clear();
     let report = report?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(())
 }
 
-fn print_report(r: &BackupReport) {
+fn print_report(r: &BackupReport) -> Result<(), super::out::StdoutError> {
     if !r.cleaned.is_empty() {
-        println!(
+        outln!(
             "cleaned up after an interrupted run: {} (nodes marked failed: {})",
             r.cleaned.operations.join(", "),
             r.cleaned.failed_nodes.join(", ")
-        );
+        )?;
     }
-    println!(
+    outln!(
         "{} backup {} of {} ({}) in {:.1} s{}",
         r.level,
         r.node,
@@ -108,14 +108,15 @@ fn print_report(r: &BackupReport) {
         r.parent
             .as_ref()
             .map_or_else(String::new, |p| format!(", parent {p}"))
-    );
+    )?;
     for d in &r.disks {
-        println!(
+        outln!(
             "  disk {}: {} copied, {} stored ({} virtual)",
             d.disk,
             bytes(d.copied_bytes),
             bytes(d.stored_bytes),
             bytes(d.virtual_size)
-        );
+        )?;
     }
+    Ok(())
 }

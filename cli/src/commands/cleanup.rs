@@ -31,22 +31,22 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let cleaned = cleanup::recover(qmp.as_ref(), &vm, &mut manifest, &guard).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&cleaned)?);
+        outln!("{}", serde_json::to_string_pretty(&cleaned)?)?;
     } else if cleaned.is_empty() {
-        println!("nothing to clean up for VM {}", manifest.vm);
+        outln!("nothing to clean up for VM {}", manifest.vm)?;
     } else {
-        println!(
+        outln!(
             "cleaned up {} interrupted operation(s) of VM {}",
             cleaned.operations.len(),
             manifest.vm
-        );
-        println!("  jobs: {}", cleaned.jobs.join(", "));
-        println!("  block nodes: {}", cleaned.block_nodes.join(", "));
-        println!("  bitmaps: {}", cleaned.bitmaps.join(", "));
-        println!("  files: {}", cleaned.files.join(", "));
-        println!("  nodes marked failed: {}", cleaned.failed_nodes.join(", "));
+        )?;
+        outln!("  jobs: {}", cleaned.jobs.join(", "))?;
+        outln!("  block nodes: {}", cleaned.block_nodes.join(", "))?;
+        outln!("  bitmaps: {}", cleaned.bitmaps.join(", "))?;
+        outln!("  files: {}", cleaned.files.join(", "))?;
+        outln!("  nodes marked failed: {}", cleaned.failed_nodes.join(", "))?;
         if qmp.is_none() {
-            println!("  (without --socket, nothing was removed inside QEMU)");
+            outln!("  (without --socket, nothing was removed inside QEMU)")?;
         }
     }
     Ok(())

@@ -17,21 +17,21 @@ pub fn run(args: &Args) -> Result<()> {
     let repo = chain::Repository::init(&args.repo)?;
     let settings = repo.settings();
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "repo": repo.path(),
                 "block_size": settings.block_size,
                 "full_every": settings.full_every,
             })
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "initialised repository {} (checking-table block size {} KiB, a new full every {} backups)",
             repo.path().display(),
             settings.block_size / 1024,
             settings.full_every
-        );
+        )?;
     }
     Ok(())
 }

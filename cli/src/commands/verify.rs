@@ -30,22 +30,27 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let report = verify::verify(&opts).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
         for node in &report.nodes {
             for d in &node.disks {
                 match (&d.error, d.ok) {
-                    (Some(e), _) => println!("node {} disk {}: ERROR {e}", node.node, d.disk),
-                    (None, true) => println!(
+                    (Some(e), _) => outln!("node {} disk {}: ERROR {e}", node.node, d.disk)?,
+                    (None, true) => outln!(
                         "node {} disk {}: ok ({} blocks)",
-                        node.node, d.disk, d.blocks_checked
-                    ),
+                        node.node,
+                        d.disk,
+                        d.blocks_checked
+                    )?,
                     (None, false) => {
                         for b in &d.bad_blocks {
-                            println!(
+                            outln!(
                                 "node {} disk {}: BAD block {} (offset {})",
-                                node.node, d.disk, b.index, b.offset
-                            );
+                                node.node,
+                                d.disk,
+                                b.index,
+                                b.offset
+                            )?;
                         }
                     }
                 }
@@ -63,7 +68,7 @@ pub async fn run(args: Args) -> Result<()> {
         ));
     }
     if !args.json {
-        println!("verified {} node(s): all ok", report.nodes.len());
+        outln!("verified {} node(s): all ok", report.nodes.len())?;
     }
     Ok(())
 }

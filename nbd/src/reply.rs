@@ -35,6 +35,8 @@ pub(crate) struct ReadAssembly {
     offset: u64,
     pub(crate) buf: Vec<u8>,
     covered: Vec<Range<u64>>,
+    /// Bytes the chunks so far delivered: never more than the request's length.
+    filled: u64,
 }
 
 impl ReadAssembly {
@@ -50,6 +52,7 @@ impl ReadAssembly {
             offset,
             buf,
             covered: Vec::new(),
+            filled: 0,
         }
     }
 
@@ -68,6 +71,15 @@ impl ReadAssembly {
             })?;
         if len == 0 {
             return Err(format!("empty content chunk at offset {offset}"));
+        }
+        // Inside the buffer, so no overflow; more than asked for means chunks overlap.
+        self.filled += len;
+        if self.filled > self.buf.len() as u64 {
+            return Err(format!(
+                "content chunks deliver more than the {} bytes read at {}",
+                self.buf.len(),
+                self.offset
+            ));
         }
         self.covered.push(start..start + len);
         Ok(start as usize..(start + len) as usize)
@@ -212,8 +224,13 @@ mod tests {
 
         let mut r = ReadAssembly::new(0, 30);
         r.place(0, 20).unwrap();
-        r.place(10, 20).unwrap();
+        r.place(10, 10).unwrap();
         assert!(r.finish().unwrap_err().contains("overlap"));
+
+        // Overlapping chunks that add up to more than asked for are refused at once.
+        let mut r = ReadAssembly::new(0, 30);
+        r.place(0, 20).unwrap();
+        assert!(r.place(10, 20).unwrap_err().contains("more than the 30 bytes"));
 
         let mut r = ReadAssembly::new(0, 30);
         r.place(0, 10).unwrap();

@@ -202,6 +202,17 @@ pub enum Error {
         /// (block size, virtual size) of the second table.
         right: (u64, u64),
     },
+    /// A disk size (from a qcow2 header, an NBD server or a table file) beyond what a checking table covers.
+    #[error(
+        "a disk of {virtual_size} bytes is beyond what a checking table covers (at most {max_blocks} blocks of \
+         {block_size} bytes, and at most 2^63 - 1 bytes); a larger disk needs a repository with a larger \
+         block_size in qmpbak-repo.json"
+    )]
+    DiskTooLarge {
+        virtual_size: u64,
+        block_size: u64,
+        max_blocks: u64,
+    },
     #[error("block {index} is past the end of the checking table ({count} blocks)")]
     BlockOutOfRange { index: u64, count: u64 },
     #[error("a checking table of {expected} blocks cannot be made from {given} digests")]

@@ -178,3 +178,86 @@ fn read_errors_name_the_source_and_offset() {
         Err(Error::InvalidBlockSize { .. })
     ));
 }
+
+/// A source that claims a size and holds nothing but one zero extent (a crafted qcow2 header, a lying NBD
+/// server): nothing may be sized from its length before it is checked.
+struct Huge(u64);
+
+impl BlockSource for Huge {
+    fn len(&self) -> u64 {
+        self.0
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            offset,
+            len,
+            kind: ExtentKind::Zero,
+        }])
+    }
+
+    fn read_at(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_source_too_large_for_a_table_is_an_error_not_an_allocation() {
+    const PIB: u64 = 1 << 50;
+    for size in [u64::MAX, table::MAX_VIRTUAL_SIZE + 1, PIB] {
+        for result in [
+            Table::build(&Huge(size), 1 << 20, 1).map(|_| ()),
+            Table::build_blocks(&Huge(size), 1 << 20, &[0], 1).map(|_| ()),
+            Table::zeroed(1 << 20, size).map(|_| ()),
+        ] {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, Error::DiskTooLarge { virtual_size, .. } if virtual_size == size),
+                "{err:?}"
+            );
+        }
+    }
+    // The largest table there may be, and one block more.
+    let most = table::MAX_BLOCKS * BS;
+    assert_eq!(table::check_size(most, BS).unwrap(), table::MAX_BLOCKS);
+    assert!(matches!(
+        table::check_size(most + 1, BS),
+        Err(Error::DiskTooLarge { .. })
+    ));
+    let err = Table::zeroed(BS, most + 1).unwrap_err();
+    assert!(err.to_string().contains("block_size"), "{err}");
+}
+
+#[test]
+fn a_table_header_claiming_a_huge_disk_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.table");
+    let mut bytes = table::MAGIC.to_vec();
+    bytes.extend_from_slice(&table::VERSION.to_le_bytes());
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    bytes.extend_from_slice(&BS.to_le_bytes());
+    bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+    bytes.extend_from_slice(&u64::MAX.div_ceil(BS).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Table::load(&path).unwrap_err();
+    let Error::TableCorrupt { detail, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(detail.contains("beyond what a checking table covers"), "{detail}");
+}
+
+#[test]
+fn a_table_file_longer_than_any_table_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.table");
+    let file = std::fs::File::create(&path).unwrap();
+    // Sparse: nothing is written, and nothing may be read.
+    file.set_len(table::HEADER_LEN as u64 + table::MAX_BLOCKS * 32 + 32)
+        .unwrap();
+    let err = Table::load(&path).unwrap_err();
+    let Error::TableCorrupt { detail, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(detail.contains("longer than any checking table"), "{detail}");
+}

@@ -6,7 +6,7 @@
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use chain::{LockWait, NodeId, NodeState, Repository, Table};
@@ -161,7 +161,8 @@ async fn check_disk(
         Some(_) => Some(touched_blocks(
             &layer_extents(bins, &vm.resolve(&file.file)?)?,
             block_size,
-        )),
+            expected.len(),
+        )?),
     };
     let prefix = format!("v{n}-{i}-");
     let chain = graph::add_chain(daemon.qmp(), vm, manifest, id, disk, &prefix).await?;
@@ -172,6 +173,13 @@ async fn check_disk(
             .await?;
         let client = daemon.connect(&export).await?;
         let size = client.size();
+        if size != expected.virtual_size() {
+            bail!(
+                "its recovery chain reads as a disk of {size} bytes, but its checking table covers {} bytes: the \
+                 node's files were changed or damaged",
+                expected.virtual_size()
+            );
+        }
         let source = NbdSource::new(
             nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
             size,

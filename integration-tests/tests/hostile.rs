@@ -120,3 +120,24 @@ async fn a_lock_file_that_is_a_symlink_is_refused_and_nothing_is_created_outside
     assert!(!target.exists(), "nothing is created where the link points");
     assert_eq!(repo.manifest("vm1").nodes.len(), 1);
 }
+
+#[tokio::test]
+async fn a_node_file_grown_to_a_petabyte_is_a_clear_verify_error() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x44, 0, MIB).await;
+    let node = repo.backup_node(&vm, "vm1", &[]);
+    let file = repo.node_file("vm1", &node, "disk0");
+    image::qemu_img(&["resize", "-f", "qcow2", file.to_str().unwrap(), "1P"]);
+    let out = repo.run("vm1", &["verify", "--json"]);
+    assert_eq!(out.code(), Some(6), "{out:?}");
+    let report = out.json();
+    let error = report["nodes"][0]["disks"][0]["error"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        error.contains(&format!("disk of {} bytes", 1u64 << 50))
+            && error.contains(&format!("covers {} bytes", 16 * MIB)),
+        "{report}"
+    );
+}

@@ -49,9 +49,14 @@ impl TestRepo {
     }
 
     /// Adds VM `vm` with a manifest of `count` complete one-disk nodes written through the chain crate, no
-    /// QEMU and no node files (enough for `list` and `show`): a full, then a straight chain of incrementals,
-    /// with a branch off the full every `branch_every` nodes (0: none). Returns the node ids in order.
-    pub fn synthetic_vm(&self, vm: &str, count: u64, branch_every: u64) -> Vec<chain::NodeId> {
+    /// QEMU and no node files (enough for `list` and `show`): node `i`'s parent is node `parent_of(i)` (a
+    /// full where that is `None`). Returns the node ids in order.
+    pub fn synthetic_vm(
+        &self,
+        vm: &str,
+        count: usize,
+        parent_of: impl Fn(usize) -> Option<usize>,
+    ) -> Vec<chain::NodeId> {
         let repo = chain::Repository::open(self.path()).expect("open repository");
         let store = repo.create_vm(vm).expect("create VM");
         let guard = store
@@ -62,12 +67,8 @@ impl TestRepo {
         let created = serde_json::from_value(serde_json::json!("2025-01-01T00:00:00Z")).expect("time");
         let mut ids: Vec<chain::NodeId> = Vec::new();
         for i in 0..count {
-            let id = manifest.next_node_id().expect("node id");
-            let parent = match ids.last() {
-                None => None,
-                Some(_) if branch_every > 0 && i % branch_every == 0 => Some(ids[0].clone()),
-                Some(last) => Some(last.clone()),
-            };
+            let id = chain::NodeId::from_seq(i as u64 + 1);
+            let parent = parent_of(i).map(|p| ids[p].clone());
             let disk = chain::NodeDisk {
                 disk: "disk0".into(),
                 file: chain::RelPath::disk_image(&id, "disk0").expect("path"),
@@ -90,22 +91,23 @@ impl TestRepo {
             } else {
                 chain::NodeKind::Full
             };
-            manifest
-                .add_node(chain::Node {
-                    id: id.clone(),
-                    parent,
-                    kind,
-                    created,
-                    state: chain::NodeState::Complete,
-                    tag: None,
-                    reason: None,
-                    lid: 0,
-                    tid: 0,
-                    disks: vec![disk],
-                })
-                .expect("add node");
+            // Pushed, and numbered once at the end: `add_node` renumbers the tree each time.
+            manifest.nodes.push(chain::Node {
+                id: id.clone(),
+                parent,
+                kind,
+                created,
+                state: chain::NodeState::Complete,
+                tag: None,
+                reason: None,
+                lid: 0,
+                tid: 0,
+                disks: vec![disk],
+            });
             ids.push(id);
         }
+        manifest.next_seq = count as u64 + 1;
+        manifest.recompute_numbering().expect("a tree");
         manifest.current = ids.last().cloned();
         store.save(&manifest, &guard).expect("save");
         ids

@@ -70,6 +70,23 @@ fn check_against_naive(m: &Manifest) {
             "last full of {id}"
         );
     }
+    // Unions of subtrees: every third node, and every node, against the naive walks.
+    for step in [3, 1] {
+        let picked: Vec<&str> = nodes.iter().step_by(step).map(|n| n.id.as_str()).collect();
+        let mut naive_union = Vec::new();
+        for id in &picked {
+            naive_preorder(nodes, &NodeId::new(*id).unwrap(), &mut naive_union);
+        }
+        let mut naive_ids = ids(&naive_union);
+        naive_ids.sort();
+        naive_ids.dedup();
+        let mut union = ids(&tree.subtrees(picked.iter().copied()).unwrap());
+        let in_preorder = union.clone();
+        union.sort();
+        assert_eq!(union, naive_ids, "union of subtrees, every {step}th node");
+        assert_eq!(union.len(), in_preorder.len(), "each node once");
+    }
+    assert!(tree.subtrees(["nope"]).is_none());
     m.validate().unwrap();
 }
 

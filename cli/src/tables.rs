@@ -220,6 +220,12 @@ pub fn load_node_table(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &
     let n = manifest
         .node(node)
         .with_context(|| format!("node {node} is not in the manifest"))?;
+    load_table_of(vm, n, disk)
+}
+
+/// [`load_node_table`] for a node already found.
+pub fn load_table_of(vm: &VmStore, n: &chain::Node, disk: &str) -> Result<chain::Table> {
+    let node = &n.id;
     let d = n
         .disks
         .iter()

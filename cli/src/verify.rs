@@ -3,7 +3,6 @@
 //! qemu-storage-daemon; a bad block is reported with its node, disk and offset, together with the nodes whose
 //! restore it breaks: the damaged node's subtree, found by lid/tid.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -63,6 +62,8 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     let vm = repo.vm(&opts.vm)?;
     let _guard = vm.lock_shared(opts.lock_wait)?;
     let manifest = vm.load()?;
+    // Indexed once: per-node lookups in the node list would make a long chain quadratic.
+    let tree = manifest.tree()?;
     let mut ids: Vec<NodeId> = Vec::new();
     if opts.nodes.is_empty() {
         ids.extend(
@@ -81,10 +82,10 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     let daemon = StorageDaemon::start(&bins).await?;
     let mut verdicts = Vec::new();
     for (n, id) in ids.iter().enumerate() {
-        let node = manifest.node(id).context("node vanished")?;
+        let node = tree.get(id.as_str()).context("node vanished")?;
         let mut disks = Vec::new();
         for (i, disk) in node.disks.iter().enumerate() {
-            let verdict = match check_disk(&daemon, &bins, &vm, &manifest, id, &disk.disk, n, i).await {
+            let verdict = match check_disk(&daemon, &bins, &vm, &manifest, node, &disk.disk, n, i).await {
                 Ok((checked, bad, block_size)) => DiskVerdict {
                     disk: disk.disk.clone(),
                     ok: bad.is_empty(),
@@ -120,18 +121,19 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
         .filter(|v| v.disks.iter().any(|d| !d.ok))
         .map(|v| v.node.clone())
         .collect();
-    let mut broken = BTreeSet::new();
-    for d in &damaged {
-        for n in manifest.subtree(&d.parse()?)? {
-            broken.insert(n.id.to_string());
-        }
-    }
+    let mut broken: Vec<String> = tree
+        .subtrees(damaged.iter().map(String::as_str))
+        .context("a damaged node vanished")?
+        .into_iter()
+        .map(|n| n.id.to_string())
+        .collect();
+    broken.sort_unstable();
     Ok(VerifyReport {
         vm: opts.vm.clone(),
         ok: damaged.is_empty(),
         nodes: verdicts,
         damaged_nodes: damaged,
-        broken_restores: broken.into_iter().collect(),
+        broken_restores: broken,
     })
 }
 
@@ -142,14 +144,14 @@ async fn check_disk(
     bins: &QemuBins,
     vm: &chain::VmStore,
     manifest: &chain::Manifest,
-    id: &NodeId,
+    node: &chain::Node,
     disk: &str,
     n: usize,
     i: usize,
 ) -> Result<(u64, Vec<u64>, u64)> {
-    let expected = crate::tables::load_node_table(vm, manifest, id, disk)?;
+    let id = &node.id;
+    let expected = crate::tables::load_table_of(vm, node, disk)?;
     let block_size = expected.block_size();
-    let node = manifest.node(id).context("node vanished")?;
     let file = node
         .disks
         .iter()

@@ -166,3 +166,30 @@ fn list_of_a_deep_chain_stays_small() {
         "the deepest branch says how deep it is"
     );
 }
+
+/// How long `qmpbak verify --json` takes on a repository whose VM has a synthetic chain of `nodes` nodes
+/// (none has files, so every node is reported damaged and every restore broken: the report's bookkeeping
+/// is all there is to time).
+fn verify_time(nodes: usize) -> std::time::Duration {
+    let repo = TestRepo::init();
+    repo.synthetic_vm("vm1", nodes, straight);
+    let started = std::time::Instant::now();
+    let out = repo.run("vm1", &["verify", "--json"]);
+    let took = started.elapsed();
+    assert_eq!(out.code(), Some(6), "{}", out.stderr);
+    let report = out.json();
+    assert_eq!(report["damaged_nodes"].as_array().unwrap().len(), nodes);
+    assert_eq!(report["broken_restores"].as_array().unwrap().len(), nodes);
+    took
+}
+
+#[test]
+fn verify_time_grows_linearly_with_the_nodes() {
+    let small = (0..2).map(|_| verify_time(1_000)).min().unwrap();
+    let large = (0..2).map(|_| verify_time(10_000)).min().unwrap();
+    // Linear: about 10 times as long (less, with the fixed start-up); quadratic was 100 times.
+    assert!(
+        large < small * 40,
+        "verify: 1000 nodes {small:?}, 10 000 nodes {large:?}"
+    );
+}

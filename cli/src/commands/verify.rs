@@ -62,8 +62,8 @@ pub async fn run(args: Args) -> Result<()> {
             ExitCode::Damaged,
             format!(
                 "damaged: nodes {}; restoring any of {} would give wrong data",
-                report.damaged_nodes.join(", "),
-                report.broken_restores.join(", ")
+                some_of(&report.damaged_nodes),
+                some_of(&report.broken_restores)
             )
         ));
     }
@@ -71,4 +71,14 @@ pub async fn run(args: Args) -> Result<()> {
         outln!("verified {} node(s): all ok", report.nodes.len())?;
     }
     Ok(())
+}
+
+/// Node ids for a message: all of a few, the first ones of many (the report has them all).
+fn some_of(ids: &[String]) -> String {
+    const SHOWN: usize = 10;
+    if ids.len() <= SHOWN {
+        ids.join(", ")
+    } else {
+        format!("{} … ({} in all)", ids[..SHOWN].join(", "), ids.len())
+    }
 }

@@ -261,3 +261,71 @@ fn a_table_file_longer_than_any_table_is_refused_unread() {
     };
     assert!(detail.contains("longer than any checking table"), "{detail}");
 }
+
+/// A table file's bytes mutated at random: header fields set to extreme values, bytes changed, cut or added.
+fn load_bytes(bytes: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.table");
+    std::fs::write(&path, bytes).unwrap();
+    match Table::load(&path) {
+        Ok(t) => {
+            // What loads is consistent: one digest per block of its size.
+            assert_eq!(
+                t.len(),
+                table::check_size(t.virtual_size(), t.block_size()).unwrap()
+            );
+            assert_eq!(bytes.len() as u64, table::HEADER_LEN as u64 + t.len() * 32);
+        }
+        Err(e) => assert!(matches!(e, Error::TableCorrupt { .. }), "{e:?}"),
+    }
+}
+
+fn valid_table_bytes(blocks: u64, tail: u64) -> Vec<u8> {
+    let size = blocks * BS + tail;
+    let table = Table::zeroed(BS, size).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.table");
+    table.save(&path).unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_table_files_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600), magic in any::<bool>()) {
+        let mut file = if magic { table::MAGIC.to_vec() } else { Vec::new() };
+        file.extend_from_slice(&bytes);
+        load_bytes(&file);
+    }
+
+    #[test]
+    fn mutated_table_files_never_panic(
+        blocks in 0u64..8,
+        tail in 0u64..BS,
+        field in 0usize..5,
+        value in prop_oneof![any::<u64>(), Just(u64::MAX), Just(0), Just(1 << 63), Just(BS)],
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 0..4),
+    ) {
+        let mut bytes = valid_table_bytes(blocks, tail);
+        // Header fields: version+flags, block size, virtual size, block count, or none.
+        match field {
+            0 => bytes[8..16].copy_from_slice(&value.to_le_bytes()),
+            1 => bytes[16..24].copy_from_slice(&value.to_le_bytes()),
+            2 => bytes[24..32].copy_from_slice(&value.to_le_bytes()),
+            3 => bytes[32..40].copy_from_slice(&value.to_le_bytes()),
+            _ => {}
+        }
+        for (at, byte, how) in edits {
+            if bytes.is_empty() { break; }
+            let i = at.index(bytes.len());
+            match how {
+                0 => bytes[i] = byte,
+                1 => { bytes.remove(i); }
+                2 => bytes.insert(i, byte),
+                _ => bytes.truncate(i),
+            }
+        }
+        load_bytes(&bytes);
+    }
+}

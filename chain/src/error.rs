@@ -205,8 +205,8 @@ pub enum Error {
     /// A disk size (from a qcow2 header, an NBD server or a table file) beyond what a checking table covers.
     #[error(
         "a disk of {virtual_size} bytes is beyond what a checking table covers (at most {max_blocks} blocks of \
-         {block_size} bytes, and at most 2^63 - 1 bytes); a larger disk needs a repository with a larger \
-         block_size in qmpbak-repo.json"
+         {block_size} bytes, and at most 2^63 - 1 bytes): if the disk really is that large, it needs a \
+         repository with a larger block_size in qmpbak-repo.json; if not, an image header or a table was changed"
     )]
     DiskTooLarge {
         virtual_size: u64,

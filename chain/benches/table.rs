@@ -109,7 +109,7 @@ fn manifest(count: usize) {
     let mut last_full: Option<NodeId> = None;
     let mut previous: Option<NodeId> = None;
     for i in 0..count {
-        let id = m.next_node_id();
+        let id = m.next_node_id().expect("node id");
         let (kind, parent) = match i % 8 {
             0 => (NodeKind::Full, None),
             5 => (NodeKind::Differential, last_full.clone()),

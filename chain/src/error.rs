@@ -136,6 +136,12 @@ pub enum Error {
     },
     #[error("tag {tag:?} is already used by node {other} of VM {vm:?}; tags must be unique")]
     TagInUse { vm: String, tag: String, other: NodeId },
+    /// No node id is left: `next_seq` (or a node's number) is at the end of the 64-bit sequence.
+    #[error(
+        "VM {vm:?} has no node ids left: sequence number {seq} is the last one there is; start a new chain in \
+         another VM directory"
+    )]
+    NodeIdsExhausted { vm: String, seq: u64 },
     #[error("node {node} of VM {vm:?} cannot move under {parent}, which is in its own subtree")]
     MoveIntoOwnSubtree {
         vm: String,
@@ -160,6 +166,14 @@ pub enum Error {
         lock: PathBuf,
         holder: Option<LockHolder>,
     },
+    /// The lock file is a symbolic link or not a regular file: qmpbak never follows it (it could point out of
+    /// the repository).
+    #[error(
+        "lock file {} is {what}; qmpbak only uses a regular file there and never follows a link out of the \
+         repository; remove it (qmpbak creates a new one)",
+        path.display()
+    )]
+    LockFileNotRegular { path: PathBuf, what: &'static str },
     #[error("saving the manifest of VM {vm:?} needs its exclusive lock; this one is shared")]
     LockNotExclusive { vm: String },
     #[error("saving the manifest of VM {vm:?} needs its own lock; this guard locks {}", lock.display())]
@@ -187,6 +201,17 @@ pub enum Error {
         left: (u64, u64),
         /// (block size, virtual size) of the second table.
         right: (u64, u64),
+    },
+    /// A disk size (from a qcow2 header, an NBD server or a table file) beyond what a checking table covers.
+    #[error(
+        "a disk of {virtual_size} bytes is beyond what a checking table covers (at most {max_blocks} blocks of \
+         {block_size} bytes, and at most 2^63 - 1 bytes): if the disk really is that large, it needs a \
+         repository with a larger block_size in qmpbak-repo.json; if not, an image header or a table was changed"
+    )]
+    DiskTooLarge {
+        virtual_size: u64,
+        block_size: u64,
+        max_blocks: u64,
     },
     #[error("block {index} is past the end of the checking table ({count} blocks)")]
     BlockOutOfRange { index: u64, count: u64 },

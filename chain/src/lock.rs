@@ -1,6 +1,8 @@
 //! Per-VM locks on `VM/lock` (fs2, i.e. `flock`): exclusive for anything that changes the VM's backups,
 //! shared for reading them. The OS drops the lock of a process that dies, so a lock is never stale; the
 //! exclusive holder records who it is in `lock.holder.json` so that a refused process can say who holds it.
+//! A shared lock opens an existing lock file read-only, and where none can be created (a read-only mount, a
+//! write-protected copy) readers go on without one: nobody can change such a repository anyway.
 
 use std::fs::{File, OpenOptions};
 use std::io;
@@ -90,7 +92,8 @@ pub fn holder_path(lock: &Path) -> PathBuf {
 /// A held lock; dropping it releases it (and an exclusive holder removes its holder record first).
 #[derive(Debug)]
 pub struct LockGuard {
-    file: File,
+    /// `None` for a shared lock on a repository where no lock file can be created (read-only).
+    file: Option<File>,
     mode: LockMode,
     vm: String,
     path: PathBuf,
@@ -103,6 +106,11 @@ impl LockGuard {
 
     pub fn is_exclusive(&self) -> bool {
         self.mode == LockMode::Exclusive
+    }
+
+    /// Whether a lock is really held: false for a reader of a repository where no lock file can be created.
+    pub fn is_held(&self) -> bool {
+        self.file.is_some()
     }
 
     /// The VM it locks.
@@ -123,7 +131,9 @@ impl Drop for LockGuard {
             let _ = std::fs::remove_file(holder_path(&self.path));
         }
         // Closing the file releases the lock; say so explicitly for readability.
-        let _ = fs2::FileExt::unlock(&self.file);
+        if let Some(file) = &self.file {
+            let _ = fs2::FileExt::unlock(file);
+        }
     }
 }
 
@@ -146,17 +156,73 @@ pub fn read_holder(lock: &Path) -> Option<LockHolder> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// Opens (creating it if missing) the lock file, never through a symbolic link: a link could make qmpbak
+/// create or lock a file outside the repository. For a shared lock an existing file is opened read-only, and
+/// `None` means that there is none and none can be created (a read-only file system, or no write permission).
+fn open_lock_file(path: &Path, mode: LockMode) -> Result<Option<File>> {
+    let nofollow = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+    let refused = |e: &io::Error| {
+        matches!(
+            e.raw_os_error(),
+            Some(nix::libc::EROFS | nix::libc::EACCES | nix::libc::EPERM)
+        )
+    };
+    let opened = if mode == LockMode::Shared {
+        match OpenOptions::new().read(true).custom_flags(nofollow).open(path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+            other => Some(other),
+        }
+    } else {
+        None
+    };
+    let opened = if let Some(opened) = opened {
+        opened
+    } else {
+        let created = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .mode(store::FILE_MODE)
+            .custom_flags(nofollow)
+            .open(path);
+        match created {
+            Err(e) if mode == LockMode::Shared && refused(&e) => return Ok(None),
+            other => other,
+        }
+    };
+    let file = opened.map_err(|e| {
+        if e.raw_os_error() == Some(nix::libc::ELOOP) {
+            Error::LockFileNotRegular {
+                path: path.to_owned(),
+                what: "a symbolic link",
+            }
+        } else {
+            Error::io("open lock file", path)(e)
+        }
+    })?;
+    let meta = file.metadata().map_err(Error::io("stat lock file", path))?;
+    if !meta.is_file() {
+        return Err(Error::LockFileNotRegular {
+            path: path.to_owned(),
+            what: "not a regular file",
+        });
+    }
+    Ok(Some(file))
+}
+
 /// Takes the lock of VM `vm` on file `path` (created if missing). `command` is recorded for an exclusive
 /// lock.
 pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &str) -> Result<LockGuard> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(store::FILE_MODE)
-        .open(path)
-        .map_err(Error::io("open lock file", path))?;
+    let Some(file) = open_lock_file(path, mode)? else {
+        // Nothing can change a repository where no lock file can be created, so there is nothing to wait for.
+        return Ok(LockGuard {
+            file: None,
+            mode,
+            vm: vm.to_owned(),
+            path: path.to_owned(),
+        });
+    };
     let deadline = match wait {
         LockWait::NoWait => None,
         LockWait::Wait(d) => Some(Instant::now() + d),
@@ -178,7 +244,7 @@ pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &
         }
     }
     let guard = LockGuard {
-        file,
+        file: Some(file),
         mode,
         vm: vm.to_owned(),
         path: path.to_owned(),
@@ -254,6 +320,27 @@ mod tests {
             panic!("{err:?}")
         };
         assert!(err.to_string().contains("did not record"), "{err}");
+    }
+
+    #[test]
+    fn a_lock_file_that_is_a_symlink_is_refused_and_nothing_is_created_where_it_points() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().join("created-by-qmpbak");
+        let path = dir.path().join(LOCK_FILE);
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        for mode in [LockMode::Shared, LockMode::Exclusive] {
+            let err = acquire("vm", &path, mode, LockWait::NoWait, "x").unwrap_err();
+            assert!(matches!(err, Error::LockFileNotRegular { .. }), "{err:?}");
+            assert!(err.to_string().contains("symbolic link"), "{err}");
+            assert!(!target.exists(), "nothing is created outside");
+        }
+        // A symlink to an existing file is refused too, and the file is not touched.
+        std::fs::write(&target, b"keep").unwrap();
+        let err = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "x").unwrap_err();
+        assert!(matches!(err, Error::LockFileNotRegular { .. }), "{err:?}");
+        assert_eq!(std::fs::read(&target).unwrap(), b"keep");
+        assert!(!dir.path().join(HOLDER_FILE).exists());
     }
 
     #[test]

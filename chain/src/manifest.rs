@@ -309,14 +309,22 @@ impl Manifest {
     }
 
     /// Hands out the next node id ("0001", "0002" …) and advances `next_seq`. Never returns an id in use.
-    pub fn next_node_id(&mut self) -> NodeId {
+    ///
+    /// Fails with [`Error::NodeIdsExhausted`] (changing nothing) when the sequence would pass `u64::MAX`: it
+    /// never wraps around.
+    pub fn next_node_id(&mut self) -> Result<NodeId> {
+        let mut seq = self.next_seq.max(1);
         loop {
-            let seq = self.next_seq.max(1);
-            self.next_seq = seq + 1;
+            let next = seq.checked_add(1).ok_or_else(|| Error::NodeIdsExhausted {
+                vm: self.vm.clone(),
+                seq,
+            })?;
             let id = NodeId::from_seq(seq);
             if self.node(&id).is_none() && !self.nodes.iter().any(|n| n.tag.as_deref() == Some(id.as_str())) {
-                return id;
+                self.next_seq = next;
+                return Ok(id);
             }
+            seq = next;
         }
     }
 
@@ -423,7 +431,11 @@ impl Manifest {
             }
         }
         if let Some(seq) = node.id.seq() {
-            self.next_seq = self.next_seq.max(seq + 1);
+            let next = seq.checked_add(1).ok_or_else(|| Error::NodeIdsExhausted {
+                vm: self.vm.clone(),
+                seq,
+            })?;
+            self.next_seq = self.next_seq.max(next);
         }
         node.lid = 0;
         node.tid = 0;
@@ -673,6 +685,13 @@ impl Manifest {
         };
         if let Some(reason) = name_problem(&self.vm) {
             return invalid("vm".to_owned(), &self.vm, reason);
+        }
+        if self.next_seq == u64::MAX {
+            return invalid(
+                "next_seq".to_owned(),
+                &self.next_seq.to_string(),
+                "no node id can follow it (the sequence ends there)".to_owned(),
+            );
         }
         if !is_chain_id(&self.chain_id) {
             return invalid(

@@ -495,7 +495,7 @@ mod tests {
         let mut m = Manifest::new("vm", base());
         let mut parent: Option<NodeId> = None;
         for i in 0..n {
-            let id = m.next_node_id();
+            let id = m.next_node_id().unwrap();
             let kind = if parent.is_some() {
                 NodeKind::Incremental
             } else {
@@ -665,7 +665,7 @@ mod tests {
         // Two backups a day (06:00, 18:00) over 70 days.
         for day in 0..70 {
             for hour in [6, 18] {
-                let id = m.next_node_id();
+                let id = m.next_node_id().unwrap();
                 let created = Utc.with_ymd_and_hms(2025, 1, 1, hour, 0, 0).unwrap() + Duration::days(day);
                 let kind = if parent.is_some() {
                     NodeKind::Incremental

@@ -297,6 +297,33 @@ impl<'a> Tree<'a> {
         Some(self.by_lid.get(range)?.iter().map(|&p| &self.nodes[p]).collect())
     }
 
+    /// The union of the subtrees of `ids`, in preorder, each node once: one pass over the tree whatever the
+    /// number of ids (`None` if one is missing).
+    pub fn subtrees<'i>(&self, ids: impl IntoIterator<Item = &'i str>) -> Option<Vec<&'a Node>> {
+        let mut ranges = Vec::new();
+        for id in ids {
+            let x = self.get(id)?;
+            ranges.push((x.lid, x.tid));
+        }
+        ranges.sort_unstable();
+        let mut out = Vec::new();
+        let mut next = ranges.iter().peekable();
+        let mut covered_to = 0;
+        for node in self.preorder() {
+            while let Some(&&(lid, tid)) = next.peek() {
+                if lid > node.lid {
+                    break;
+                }
+                covered_to = covered_to.max(tid);
+                next.next();
+            }
+            if node.lid <= covered_to {
+                out.push(node);
+            }
+        }
+        Some(out)
+    }
+
     /// The nodes without children (`lid == tid`), in preorder.
     pub fn leaves(&self) -> Vec<&'a Node> {
         self.preorder().filter(|n| n.lid == n.tid).collect()

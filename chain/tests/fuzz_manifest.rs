@@ -105,4 +105,35 @@ proptest! {
         }
         load_text(&t, serde_json::to_string_pretty(&doc).unwrap().as_bytes());
     }
+
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 128, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..2000), json_start in any::<bool>()) {
+        let t = TestRepo::new();
+        // Half of the time past the first byte of JSON, to reach the parser's deeper paths.
+        let mut text = if json_start { b"{\"format_version\": 1, ".to_vec() } else { Vec::new() };
+        text.extend_from_slice(&bytes);
+        load_text(&t, &text);
+    }
+
+    #[test]
+    fn numbers_at_any_size_never_panic(
+        next_seq in any::<u64>(),
+        lid in any::<u64>(),
+        tid in any::<u64>(),
+        size in any::<u64>(),
+        node in 0usize..5,
+    ) {
+        let t = TestRepo::new();
+        let mut doc: Value = serde_json::from_str(&real_manifest(&t)).unwrap();
+        doc["next_seq"] = next_seq.into();
+        doc["nodes"][node]["lid"] = lid.into();
+        doc["nodes"][node]["tid"] = tid.into();
+        doc["nodes"][node]["disks"][0]["virtual_size"] = size.into();
+        load_text(&t, serde_json::to_string_pretty(&doc).unwrap().as_bytes());
+    }
 }

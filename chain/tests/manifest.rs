@@ -327,12 +327,44 @@ fn saving_refuses_an_invalid_manifest_and_keeps_the_old_one() {
 #[test]
 fn node_ids_count_up() {
     let mut m = Manifest::new("vm1", Utc::now());
-    assert_eq!(m.next_node_id().as_str(), "0001");
-    assert_eq!(m.next_node_id().as_str(), "0002");
+    assert_eq!(m.next_node_id().unwrap().as_str(), "0001");
+    assert_eq!(m.next_node_id().unwrap().as_str(), "0002");
     m.next_seq = 9999;
-    assert_eq!(m.next_node_id().as_str(), "9999");
-    assert_eq!(m.next_node_id().as_str(), "10000");
+    assert_eq!(m.next_node_id().unwrap().as_str(), "9999");
+    assert_eq!(m.next_node_id().unwrap().as_str(), "10000");
     assert_eq!(m.chain_id.len(), 8);
     assert_ne!(Manifest::new("vm1", Utc::now()).chain_id, m.chain_id);
     let _ = NodeKind::Full;
+}
+
+#[test]
+fn node_ids_never_wrap_at_the_end_of_the_sequence() {
+    let mut m = Manifest::new("vm1", Utc::now());
+    m.next_seq = u64::MAX - 1;
+    assert_eq!(m.next_node_id().unwrap().as_str(), (u64::MAX - 1).to_string());
+    assert_eq!(m.next_seq, u64::MAX);
+    let err = m.next_node_id().unwrap_err();
+    assert!(matches!(err, Error::NodeIdsExhausted { .. }), "{err:?}");
+    assert_eq!(m.next_seq, u64::MAX, "a failed call changes nothing");
+    assert!(err.to_string().contains(&u64::MAX.to_string()), "{err}");
+}
+
+#[test]
+fn a_node_id_at_the_end_of_the_sequence_is_refused() {
+    let mut m = Manifest::new("vm1", Utc::now());
+    let id = NodeId::new(u64::MAX.to_string()).unwrap();
+    let err = m.add_node(common::node(&id, None, NodeKind::Full)).unwrap_err();
+    assert!(matches!(err, Error::NodeIdsExhausted { .. }), "{err:?}");
+    assert!(m.nodes.is_empty());
+}
+
+#[test]
+fn a_next_seq_that_cannot_produce_an_id_is_refused_on_load() {
+    let (err, text) = load_edited(|v| v["next_seq"] = json!(u64::MAX));
+    let ManifestProblem::InvalidValue { field, value, .. } = problem(&err) else {
+        panic!("{err:?}")
+    };
+    assert_eq!(field, "next_seq");
+    assert_eq!(value, &u64::MAX.to_string());
+    assert!(text.contains(&u64::MAX.to_string()), "{text}");
 }

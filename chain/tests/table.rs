@@ -178,3 +178,154 @@ fn read_errors_name_the_source_and_offset() {
         Err(Error::InvalidBlockSize { .. })
     ));
 }
+
+/// A source that claims a size and holds nothing but one zero extent (a crafted qcow2 header, a lying NBD
+/// server): nothing may be sized from its length before it is checked.
+struct Huge(u64);
+
+impl BlockSource for Huge {
+    fn len(&self) -> u64 {
+        self.0
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<Extent>> {
+        Ok(vec![Extent {
+            offset,
+            len,
+            kind: ExtentKind::Zero,
+        }])
+    }
+
+    fn read_at(&self, _offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        buf.fill(0);
+        Ok(())
+    }
+}
+
+#[test]
+fn a_source_too_large_for_a_table_is_an_error_not_an_allocation() {
+    const PIB: u64 = 1 << 50;
+    for size in [u64::MAX, table::MAX_VIRTUAL_SIZE + 1, PIB] {
+        for result in [
+            Table::build(&Huge(size), 1 << 20, 1).map(|_| ()),
+            Table::build_blocks(&Huge(size), 1 << 20, &[0], 1).map(|_| ()),
+            Table::zeroed(1 << 20, size).map(|_| ()),
+        ] {
+            let err = result.unwrap_err();
+            assert!(
+                matches!(err, Error::DiskTooLarge { virtual_size, .. } if virtual_size == size),
+                "{err:?}"
+            );
+        }
+    }
+    // The largest table there may be, and one block more.
+    let most = table::MAX_BLOCKS * BS;
+    assert_eq!(table::check_size(most, BS).unwrap(), table::MAX_BLOCKS);
+    assert!(matches!(
+        table::check_size(most + 1, BS),
+        Err(Error::DiskTooLarge { .. })
+    ));
+    let err = Table::zeroed(BS, most + 1).unwrap_err();
+    assert!(err.to_string().contains("block_size"), "{err}");
+}
+
+#[test]
+fn a_table_header_claiming_a_huge_disk_is_corrupt() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("huge.table");
+    let mut bytes = table::MAGIC.to_vec();
+    bytes.extend_from_slice(&table::VERSION.to_le_bytes());
+    bytes.extend_from_slice(&0u32.to_le_bytes());
+    bytes.extend_from_slice(&BS.to_le_bytes());
+    bytes.extend_from_slice(&u64::MAX.to_le_bytes());
+    bytes.extend_from_slice(&u64::MAX.div_ceil(BS).to_le_bytes());
+    std::fs::write(&path, &bytes).unwrap();
+    let err = Table::load(&path).unwrap_err();
+    let Error::TableCorrupt { detail, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(detail.contains("beyond what a checking table covers"), "{detail}");
+}
+
+#[test]
+fn a_table_file_longer_than_any_table_is_refused_unread() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.table");
+    let file = std::fs::File::create(&path).unwrap();
+    // Sparse: nothing is written, and nothing may be read.
+    file.set_len(table::HEADER_LEN as u64 + table::MAX_BLOCKS * 32 + 32)
+        .unwrap();
+    let err = Table::load(&path).unwrap_err();
+    let Error::TableCorrupt { detail, .. } = &err else {
+        panic!("{err:?}")
+    };
+    assert!(detail.contains("longer than any checking table"), "{detail}");
+}
+
+/// A table file's bytes mutated at random: header fields set to extreme values, bytes changed, cut or added.
+fn load_bytes(bytes: &[u8]) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.table");
+    std::fs::write(&path, bytes).unwrap();
+    match Table::load(&path) {
+        Ok(t) => {
+            // What loads is consistent: one digest per block of its size.
+            assert_eq!(
+                t.len(),
+                table::check_size(t.virtual_size(), t.block_size()).unwrap()
+            );
+            assert_eq!(bytes.len() as u64, table::HEADER_LEN as u64 + t.len() * 32);
+        }
+        Err(e) => assert!(matches!(e, Error::TableCorrupt { .. }), "{e:?}"),
+    }
+}
+
+fn valid_table_bytes(blocks: u64, tail: u64) -> Vec<u8> {
+    let size = blocks * BS + tail;
+    let table = Table::zeroed(BS, size).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("t.table");
+    table.save(&path).unwrap();
+    std::fs::read(&path).unwrap()
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 256, ..ProptestConfig::default() })]
+
+    #[test]
+    fn arbitrary_table_files_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..600), magic in any::<bool>()) {
+        let mut file = if magic { table::MAGIC.to_vec() } else { Vec::new() };
+        file.extend_from_slice(&bytes);
+        load_bytes(&file);
+    }
+
+    #[test]
+    fn mutated_table_files_never_panic(
+        blocks in 0u64..8,
+        tail in 0u64..BS,
+        field in 0usize..5,
+        value in prop_oneof![any::<u64>(), Just(u64::MAX), Just(0), Just(1 << 63), Just(BS)],
+        edits in prop::collection::vec((any::<prop::sample::Index>(), any::<u8>(), 0u8..4), 0..4),
+    ) {
+        let mut bytes = valid_table_bytes(blocks, tail);
+        // Header fields: version+flags, block size, virtual size, block count, or none.
+        match field {
+            0 => bytes[8..16].copy_from_slice(&value.to_le_bytes()),
+            1 => bytes[16..24].copy_from_slice(&value.to_le_bytes()),
+            2 => bytes[24..32].copy_from_slice(&value.to_le_bytes()),
+            3 => bytes[32..40].copy_from_slice(&value.to_le_bytes()),
+            _ => {}
+        }
+        for (at, byte, how) in edits {
+            if bytes.is_empty() { break; }
+            let i = at.index(bytes.len());
+            match how {
+                0 => bytes[i] = byte,
+                1 => { bytes.remove(i); }
+                2 => bytes.insert(i, byte),
+                _ => bytes.truncate(i),
+            }
+        }
+        load_bytes(&bytes);
+    }
+}

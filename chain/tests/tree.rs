@@ -70,6 +70,23 @@ fn check_against_naive(m: &Manifest) {
             "last full of {id}"
         );
     }
+    // Unions of subtrees: every third node, and every node, against the naive walks.
+    for step in [3, 1] {
+        let picked: Vec<&str> = nodes.iter().step_by(step).map(|n| n.id.as_str()).collect();
+        let mut naive_union = Vec::new();
+        for id in &picked {
+            naive_preorder(nodes, &NodeId::new(*id).unwrap(), &mut naive_union);
+        }
+        let mut naive_ids = ids(&naive_union);
+        naive_ids.sort();
+        naive_ids.dedup();
+        let mut union = ids(&tree.subtrees(picked.iter().copied()).unwrap());
+        let in_preorder = union.clone();
+        union.sort();
+        assert_eq!(union, naive_ids, "union of subtrees, every {step}th node");
+        assert_eq!(union.len(), in_preorder.len(), "each node once");
+    }
+    assert!(tree.subtrees(["nope"]).is_none());
     m.validate().unwrap();
 }
 
@@ -140,7 +157,7 @@ fn removing_nodes() {
     assert_eq!(m.nodes[0].parent, None);
     check_against_naive(&m);
     // Ids are never reused.
-    assert_eq!(m.next_node_id(), id("0005"));
+    assert_eq!(m.next_node_id().unwrap(), id("0005"));
 }
 
 #[test]
@@ -161,7 +178,7 @@ fn adding_checks_the_node() {
     // A numeric id past next_seq moves it on.
     m.add_node(node(&id("0010"), Some(&a), NodeKind::Incremental))
         .unwrap();
-    assert_eq!(m.next_node_id(), id("0011"));
+    assert_eq!(m.next_node_id().unwrap(), id("0011"));
     // Tags: valid, unique, not another node's id.
     m.set_tag(&a, Some("golden".into())).unwrap();
     let mut tagged = node(&id("0012"), Some(&a), NodeKind::Incremental);

@@ -31,7 +31,7 @@ fn main() -> ExitCode {
                 let what = what.trim().strip_prefix("error: ").unwrap_or(what);
                 let message = what.split_whitespace().collect::<Vec<_>>().join(" ");
                 let err = qmpbak::exit::json_error(qmpbak::exit::ExitCode::Usage, &message, &[]);
-                println!("{err}");
+                let _ = commands::out::write(format_args!("{err}\n"));
             }
             e.exit()
         }
@@ -60,10 +60,11 @@ fn main() -> ExitCode {
                 );
             }
             if json && !commands::report_printed() {
-                println!("{}", qmpbak::exit::json_error_of(&err));
+                let _ = commands::out::write(format_args!("{}\n", qmpbak::exit::json_error_of(&err)));
             }
             if let Some(subject) = summary {
-                println!("{}", commands::failure_summary(&subject, code.code(), &err));
+                let summary = commands::failure_summary(&subject, code.code(), &err);
+                let _ = commands::out::write(format_args!("{summary}\n"));
             }
             ExitCode::from(code.code())
         }

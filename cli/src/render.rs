@@ -74,7 +74,13 @@ pub fn node_line(node: &Node, current: bool) -> String {
     line
 }
 
-/// The whole tree of a manifest, one node a line, children indented under their parent in creation order.
+/// Branch levels drawn with indentation; deeper ones are drawn at this depth, marked with their real depth.
+pub const MAX_DRAWN_DEPTH: usize = 16;
+
+/// The whole tree of a manifest, one node a line in creation order. A node's only child continues straight
+/// below it; only branches (a node with several children) indent, and no deeper than [`MAX_DRAWN_DEPTH`]
+/// levels: a deeper branch says "(depth N)". So the drawing grows with the number of nodes, never with the
+/// depth of a chain.
 pub fn tree(manifest: &Manifest) -> String {
     let mut children: HashMap<&str, Vec<&Node>> = HashMap::new();
     let mut roots = Vec::new();
@@ -86,26 +92,44 @@ pub fn tree(manifest: &Manifest) -> String {
     }
     let current = manifest.current.as_ref().map(chain::NodeId::as_str);
     let mut out = String::new();
-    // Iterative depth-first walk: (node, prefix for its children, its own connector).
-    let mut stack: Vec<(&Node, String, &str)> = roots.iter().rev().map(|n| (*n, String::new(), "")).collect();
-    while let Some((node, prefix, connector)) = stack.pop() {
-        let _ = writeln!(
-            out,
-            "{prefix}{connector}{}",
-            node_line(node, current == Some(node.id.as_str()))
-        );
+    // Iterative depth-first walk: (node, what goes before its line, the prefix of what is drawn below it,
+    // its branch depth).
+    let mut stack: Vec<(&Node, String, String, usize)> = roots
+        .iter()
+        .rev()
+        .map(|n| (*n, String::new(), String::new(), 0))
+        .collect();
+    while let Some((node, lead, prefix, depth)) = stack.pop() {
+        out.push_str(&lead);
+        write_node_line(&mut out, node, current == Some(node.id.as_str()));
+        out.push('\n');
         let kids = children
             .get(node.id.as_str())
             .map(Vec::as_slice)
             .unwrap_or_default();
-        let child_prefix = match connector {
-            "├── " => format!("{prefix}│   "),
-            "└── " => format!("{prefix}    "),
-            _ => prefix.clone(),
-        };
+        if let [only] = kids {
+            stack.push((only, prefix.clone(), prefix, depth));
+            continue;
+        }
+        let depth = depth + 1;
         for (i, kid) in kids.iter().enumerate().rev() {
             let last = i + 1 == kids.len();
-            stack.push((kid, child_prefix.clone(), if last { "└── " } else { "├── " }));
+            let (connector, below) = if last {
+                ("└── ", "    ")
+            } else {
+                ("├── ", "│   ")
+            };
+            if depth > MAX_DRAWN_DEPTH {
+                let lead = format!("{prefix}{connector}(depth {depth}) ");
+                stack.push((kid, lead, prefix.clone(), depth));
+            } else {
+                stack.push((
+                    kid,
+                    format!("{prefix}{connector}"),
+                    format!("{prefix}{below}"),
+                    depth,
+                ));
+            }
         }
     }
     out
@@ -114,6 +138,62 @@ pub fn tree(manifest: &Manifest) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn manifest(parents: &[Option<usize>]) -> Manifest {
+        let mut m: Manifest = serde_json::from_value(serde_json::json!({
+            "format_version": 1, "vm": "vm", "chain_id": "0123abcd", "created": "2025-01-01T00:00:00Z",
+            "next_seq": 1, "disks": [], "nodes": [], "current": null, "operations": []
+        }))
+        .unwrap();
+        for (i, parent) in parents.iter().enumerate() {
+            let id = chain::NodeId::from_seq(i as u64 + 1);
+            let node = serde_json::json!({
+                "id": id, "parent": parent.map(|p| chain::NodeId::from_seq(p as u64 + 1)),
+                "kind": if parent.is_some() { "incremental" } else { "full" },
+                "created": "2025-01-01T00:00:00Z", "state": "complete", "lid": 0, "tid": 0, "disks": []
+            });
+            m.add_node(serde_json::from_value(node).unwrap()).unwrap();
+        }
+        m
+    }
+
+    /// The drawing in front of each node line.
+    fn drawing(text: &str) -> Vec<String> {
+        text.lines()
+            .map(|l| l[..l.find("00").unwrap()].to_owned())
+            .collect()
+    }
+
+    #[test]
+    fn a_chain_is_drawn_straight_and_only_branches_indent() {
+        // 1 - 2 - 3, and 4 - 5 off 2.
+        let m = manifest(&[None, Some(0), Some(1), Some(1), Some(3)]);
+        assert_eq!(
+            drawing(&tree(&m)),
+            ["", "", "├── ", "└── ", "    "],
+            "{}",
+            tree(&m)
+        );
+    }
+
+    #[test]
+    fn deep_branches_stop_indenting_and_say_their_depth() {
+        // A comb: every spine node has a leaf and the next spine node.
+        let parents: Vec<Option<usize>> = (0..60)
+            .map(|i: usize| match i {
+                0 => None,
+                i if i % 2 == 0 => Some(i - 2),
+                i => Some(i - 1),
+            })
+            .collect();
+        let text = tree(&manifest(&parents));
+        let widest = drawing(&text).iter().map(|d| d.chars().count()).max().unwrap();
+        assert!(widest <= MAX_DRAWN_DEPTH * 4 + 20, "{text}");
+        assert!(
+            text.contains("(depth 17) ") && text.contains("(depth 29) "),
+            "{text}"
+        );
+    }
 
     #[test]
     fn bytes_are_binary_units() {

@@ -153,7 +153,7 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     if info.disks.is_empty() {
         bail!(Exit::usage("the VM has no disks"));
     }
-    let node = manifest.next_node_id();
+    let node = manifest.next_node_id()?;
     let chain_id = manifest.chain_id.clone();
     let bins = QemuBins::from_env();
 

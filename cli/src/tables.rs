@@ -120,15 +120,21 @@ pub fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
         .collect())
 }
 
-/// The indices of the `block_size` blocks that the byte ranges touch, sorted and unique.
-pub fn touched_blocks(ranges: &[(u64, u64)], block_size: u64) -> Vec<u64> {
+/// The indices of the `block_size` blocks that the byte ranges touch, sorted and unique; a block at or past
+/// `count` (the disk's blocks) is [`chain::Error::BlockOutOfRange`].
+pub fn touched_blocks(ranges: &[(u64, u64)], block_size: u64, count: u64) -> Result<Vec<u64>, chain::Error> {
     let mut blocks: Vec<u64> = Vec::new();
     for &(start, len) in ranges {
         if len == 0 {
             continue;
         }
         let first = start / block_size;
-        let last = (start + len - 1) / block_size;
+        // A range past the disk's `count` blocks (a layer larger than its table says) is refused before it
+        // sizes anything.
+        let last = start.saturating_add(len - 1) / block_size;
+        if last >= count {
+            return Err(chain::Error::BlockOutOfRange { index: last, count });
+        }
         for b in first..=last {
             if blocks.last() != Some(&b) {
                 blocks.push(b);
@@ -137,7 +143,7 @@ pub fn touched_blocks(ranges: &[(u64, u64)], block_size: u64) -> Vec<u64> {
     }
     blocks.sort_unstable();
     blocks.dedup();
-    blocks
+    Ok(blocks)
 }
 
 /// Builds the checking table of `node`'s disk `disk`. With `parent`, only the blocks changed in the node's own
@@ -163,7 +169,7 @@ pub async fn build(
                 Some(source) => source.top_layer_ranges().to_vec(),
                 None => layer_extents(bins, files.last().context("empty recovery chain")?)?,
             };
-            Some((parent.clone(), touched_blocks(&ranges, block_size)))
+            Some((parent.clone(), touched_blocks(&ranges, block_size, parent.len())?))
         }
     };
     if let Some(source) = direct {
@@ -214,13 +220,22 @@ pub fn load_node_table(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &
     let n = manifest
         .node(node)
         .with_context(|| format!("node {node} is not in the manifest"))?;
+    load_table_of(vm, n, disk)
+}
+
+/// [`load_node_table`] for a node already found.
+pub fn load_table_of(vm: &VmStore, n: &chain::Node, disk: &str) -> Result<chain::Table> {
+    let node = &n.id;
     let d = n
         .disks
         .iter()
         .find(|d| d.disk == disk)
         .with_context(|| format!("node {node} has no disk {disk}"))?;
     let (Some(table), Some(sha)) = (&d.table, &d.table_sha256) else {
-        bail!("node {node} has no checking table for disk {disk}");
+        bail!(crate::exit::Exit::new(
+            crate::exit::ExitCode::Repository,
+            format!("node {node} has no checking table for disk {disk} in the manifest")
+        ));
     };
     let path = vm.resolve(table)?;
     chain::Table::verify_file(&path, sha)?;
@@ -247,12 +262,22 @@ mod tests {
     #[test]
     fn touched_blocks_cover_partial_and_spanning_ranges() {
         let mib = 1 << 20;
-        assert_eq!(touched_blocks(&[(0, 1)], mib), vec![0]);
-        assert_eq!(touched_blocks(&[(mib - 1, 2)], mib), vec![0, 1]);
-        assert_eq!(
-            touched_blocks(&[(3 * mib, 2 * mib), (0, 10), (4 * mib, 1)], mib),
-            vec![0, 3, 4]
-        );
-        assert_eq!(touched_blocks(&[(5, 0)], mib), Vec::<u64>::new());
+        let ok = |ranges: &[(u64, u64)]| touched_blocks(ranges, mib, 8).unwrap();
+        assert_eq!(ok(&[(0, 1)]), vec![0]);
+        assert_eq!(ok(&[(mib - 1, 2)]), vec![0, 1]);
+        assert_eq!(ok(&[(3 * mib, 2 * mib), (0, 10), (4 * mib, 1)]), vec![0, 3, 4]);
+        assert_eq!(ok(&[(5, 0)]), Vec::<u64>::new());
+    }
+
+    #[test]
+    fn touched_blocks_past_the_disk_are_refused_before_they_are_listed() {
+        let mib = 1 << 20;
+        assert_eq!(touched_blocks(&[(7 * mib, mib)], mib, 8).unwrap(), vec![7]);
+        for range in [(7 * mib, mib + 1), (0, 1 << 50), (u64::MAX - 5, 10)] {
+            assert!(matches!(
+                touched_blocks(&[range], mib, 8),
+                Err(chain::Error::BlockOutOfRange { count: 8, .. })
+            ));
+        }
     }
 }

@@ -3,10 +3,9 @@
 //! qemu-storage-daemon; a bad block is reported with its node, disk and offset, together with the nodes whose
 //! restore it breaks: the damaged node's subtree, found by lid/tid.
 
-use std::collections::BTreeSet;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
 use chain::{LockWait, NodeId, NodeState, Repository, Table};
@@ -69,6 +68,8 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     let vm = repo.vm(&opts.vm)?;
     let _guard = vm.lock_shared(opts.lock_wait)?;
     let manifest = vm.load()?;
+    // Indexed once: per-node lookups in the node list would make a long chain quadratic.
+    let tree = manifest.tree()?;
     let mut ids: Vec<NodeId> = Vec::new();
     if opts.nodes.is_empty() {
         ids.extend(
@@ -87,11 +88,12 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     let daemon = StorageDaemon::start(&bins).await?;
     crate::crashpoint::pause_point("verify-reading").await;
     let mut verdicts = Vec::new();
+    let mut file_damage = FileDamage::default();
     for (n, id) in ids.iter().enumerate() {
-        let node = manifest.node(id).context("node vanished")?;
+        let node = tree.get(id.as_str()).context("node vanished")?;
         let mut disks = Vec::new();
         for (i, disk) in node.disks.iter().enumerate() {
-            let verdict = match check_disk(&daemon, &bins, &vm, &manifest, id, &disk.disk, n, i).await {
+            let verdict = match check_disk(&daemon, &bins, &vm, &manifest, node, &disk.disk, n, i).await {
                 Ok((checked, bad, block_size)) => DiskVerdict {
                     disk: disk.disk.clone(),
                     ok: bad.is_empty(),
@@ -107,13 +109,19 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
                     error: None,
                 },
                 Err(e) => {
-                    // Damage, or a failure of the reading machinery (the daemon, NBD): the files decide.
-                    let damage = match crate::direct::chain_files(&vm, &manifest, id, &disk.disk) {
-                        Ok(files) => crate::restore::chain_damage(&bins, &files),
-                        Err(e) => Some(format!("{e:#}")),
+                    // Damage (a damaged table or a chain of the wrong size say so themselves), or a failure of
+                    // the reading machinery (the daemon, NBD): then the files decide.
+                    let known = e.chain().any(|c| c.downcast_ref::<chain::Error>().is_some())
+                        || matches!(
+                            crate::exit::classify(&e),
+                            crate::exit::ExitCode::Damaged | crate::exit::ExitCode::Repository
+                        );
+                    let damage = if known {
+                        None
+                    } else {
+                        file_damage.of_chain(&bins, &vm, &manifest, id, &disk.disk)
                     };
-                    let is_table = e.chain().any(|c| c.downcast_ref::<chain::Error>().is_some());
-                    let checked = damage.is_some() || is_table;
+                    let checked = known || damage.is_some();
                     DiskVerdict {
                         disk: disk.disk.clone(),
                         ok: false,
@@ -146,18 +154,19 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
         .filter(|v| v.disks.iter().any(|d| !d.checked))
         .map(|v| v.node.clone())
         .collect();
-    let mut broken = BTreeSet::new();
-    for d in &damaged {
-        for n in manifest.subtree(&d.parse()?)? {
-            broken.insert(n.id.to_string());
-        }
-    }
+    let mut broken: Vec<String> = tree
+        .subtrees(damaged.iter().map(String::as_str))
+        .context("a damaged node vanished")?
+        .into_iter()
+        .map(|n| n.id.to_string())
+        .collect();
+    broken.sort_unstable();
     Ok(VerifyReport {
         vm: opts.vm.clone(),
         ok: damaged.is_empty() && unchecked.is_empty(),
         nodes: verdicts,
         damaged_nodes: damaged,
-        broken_restores: broken.into_iter().collect(),
+        broken_restores: broken,
         unchecked_nodes: unchecked,
     })
 }
@@ -169,14 +178,14 @@ async fn check_disk(
     bins: &QemuBins,
     vm: &chain::VmStore,
     manifest: &chain::Manifest,
-    id: &NodeId,
+    node: &chain::Node,
     disk: &str,
     n: usize,
     i: usize,
 ) -> Result<(u64, Vec<u64>, u64)> {
-    let expected = crate::tables::load_node_table(vm, manifest, id, disk)?;
+    let id = &node.id;
+    let expected = crate::tables::load_table_of(vm, node, disk)?;
     let block_size = expected.block_size();
-    let node = manifest.node(id).context("node vanished")?;
     let file = node
         .disks
         .iter()
@@ -188,7 +197,8 @@ async fn check_disk(
         Some(_) => Some(touched_blocks(
             &layer_extents(bins, &vm.resolve(&file.file)?)?,
             block_size,
-        )),
+            expected.len(),
+        )?),
     };
     let prefix = format!("v{n}-{i}-");
     let chain = graph::add_chain(daemon.qmp(), vm, manifest, id, disk, &prefix).await?;
@@ -199,6 +209,16 @@ async fn check_disk(
             .await?;
         let client = daemon.connect(&export).await?;
         let size = client.size();
+        if size != expected.virtual_size() {
+            bail!(crate::exit::Exit::new(
+                crate::exit::ExitCode::Damaged,
+                format!(
+                    "its recovery chain reads as a disk of {size} bytes, but its checking table covers {} bytes: \
+                     the node's files were changed or damaged",
+                    expected.virtual_size()
+                )
+            ));
+        }
         let source = NbdSource::new(
             nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
             size,
@@ -234,4 +254,51 @@ async fn check_disk(
         .await;
     graph::remove_chain(daemon.qmp(), &chain).await;
     result
+}
+
+/// Whether a node's recovery chain for a disk has a missing or unreadable file
+/// ([`crate::restore::chain_damage`]), remembered per node and disk: a node's answer is its own file's and its
+/// parent's, so a run asks about each file once and walks each chain once, however long.
+#[derive(Default)]
+struct FileDamage(std::collections::HashMap<(NodeId, String), Option<String>>);
+
+impl FileDamage {
+    fn of_chain(
+        &mut self,
+        bins: &QemuBins,
+        vm: &chain::VmStore,
+        manifest: &chain::Manifest,
+        node: &NodeId,
+        disk: &str,
+    ) -> Option<String> {
+        // The nodes up to the first one already known, then their answers from the top down.
+        let mut pending = Vec::new();
+        let mut at = Some(node.clone());
+        while let Some(id) = at {
+            if self.0.contains_key(&(id.clone(), disk.to_owned())) {
+                break;
+            }
+            at = manifest.node(&id).and_then(|n| n.parent.clone());
+            pending.push(id);
+        }
+        for id in pending.into_iter().rev() {
+            let parent = manifest.node(&id).and_then(|n| n.parent.clone());
+            let inherited = parent.and_then(|p| self.0.get(&(p, disk.to_owned())).cloned().flatten());
+            let verdict = inherited.or_else(|| {
+                let file = manifest
+                    .node(&id)?
+                    .disks
+                    .iter()
+                    .find(|d| d.disk == disk)?
+                    .file
+                    .clone();
+                match vm.resolve(&file) {
+                    Ok(path) => crate::restore::chain_damage(bins, &[path]),
+                    Err(e) => Some(e.to_string()),
+                }
+            });
+            self.0.insert((id, disk.to_owned()), verdict);
+        }
+        self.0.get(&(node.clone(), disk.to_owned())).cloned().flatten()
+    }
 }

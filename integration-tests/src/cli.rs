@@ -112,13 +112,28 @@ pub fn run_crashing_at(args: &[String], point: &str, timeout: Duration) -> Outpu
     wait(cmd.spawn().expect("spawn qmpbak"), timeout)
 }
 
-/// Waits for a started `qmpbak` within `timeout` (killing it past that) and collects its output.
+/// Runs `qmpbak ARGS` with its standard output a pipe whose reading end is already closed (as after `| head
+/// -1` has read its line), within [`CLI_TIMEOUT`]; its `stdout` is empty.
+pub fn run_with_stdout_closed(args: &[&str]) -> Output {
+    let (reader, writer) = nix::unistd::pipe().expect("pipe");
+    drop(reader);
+    let child = command(args)
+        .stdout(Stdio::from(writer))
+        .spawn()
+        .expect("spawn qmpbak");
+    wait(child, CLI_TIMEOUT)
+}
+
+/// Waits for a started `qmpbak` within `timeout` (killing it past that) and collects its output (an empty
+/// `stdout` if it was not piped).
 pub fn wait(mut child: Child, timeout: Duration) -> Output {
-    let mut stdout = child.stdout.take().expect("piped stdout");
+    let stdout = child.stdout.take();
     let mut stderr = child.stderr.take().expect("piped stderr");
     let out_reader = std::thread::spawn(move || {
         let mut s = String::new();
-        let _ = stdout.read_to_string(&mut s);
+        if let Some(mut stdout) = stdout {
+            let _ = stdout.read_to_string(&mut s);
+        }
         s
     });
     let err_reader = std::thread::spawn(move || {

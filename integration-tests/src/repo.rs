@@ -48,6 +48,71 @@ impl TestRepo {
         repo.vm(vm).expect("vm store").load().expect("manifest loads")
     }
 
+    /// Adds VM `vm` with a manifest of `count` complete one-disk nodes written through the chain crate, no
+    /// QEMU and no node files (enough for `list` and `show`): node `i`'s parent is node `parent_of(i)` (a
+    /// full where that is `None`). Returns the node ids in order.
+    pub fn synthetic_vm(
+        &self,
+        vm: &str,
+        count: usize,
+        parent_of: impl Fn(usize) -> Option<usize>,
+    ) -> Vec<chain::NodeId> {
+        let repo = chain::Repository::open(self.path()).expect("open repository");
+        let store = repo.create_vm(vm).expect("create VM");
+        let guard = store
+            .lock_exclusive(chain::LockWait::NoWait, "test")
+            .expect("lock");
+        let mut manifest = store.load().expect("load");
+        // Times through serde: chrono is the chain crate's dependency, not this crate's.
+        let created = serde_json::from_value(serde_json::json!("2025-01-01T00:00:00Z")).expect("time");
+        let mut ids: Vec<chain::NodeId> = Vec::new();
+        for i in 0..count {
+            let id = chain::NodeId::from_seq(i as u64 + 1);
+            let parent = parent_of(i).map(|p| ids[p].clone());
+            let disk = chain::NodeDisk {
+                disk: "disk0".into(),
+                file: chain::RelPath::disk_image(&id, "disk0").expect("path"),
+                backing: parent
+                    .as_ref()
+                    .map(|p| chain::RelPath::disk_image(p, "disk0").expect("path")),
+                virtual_size: 16 * crate::MIB,
+                allocated_bytes: crate::MIB,
+                bitmap: None,
+                table: Some(chain::RelPath::disk_table(&id, "disk0").expect("path")),
+                table_sha256: None,
+                location: chain::Location {
+                    host: "test-host".into(),
+                    path: format!("/nowhere/{id}/disk0.qcow2"),
+                    predecessor: None,
+                },
+            };
+            let kind = if parent.is_some() {
+                chain::NodeKind::Incremental
+            } else {
+                chain::NodeKind::Full
+            };
+            // Pushed, and numbered once at the end: `add_node` renumbers the tree each time.
+            manifest.nodes.push(chain::Node {
+                id: id.clone(),
+                parent,
+                kind,
+                created,
+                state: chain::NodeState::Complete,
+                tag: None,
+                reason: None,
+                lid: 0,
+                tid: 0,
+                disks: vec![disk],
+            });
+            ids.push(id);
+        }
+        manifest.next_seq = count as u64 + 1;
+        manifest.recompute_numbering().expect("a tree");
+        manifest.current = ids.last().cloned();
+        store.save(&manifest, &guard).expect("save");
+        ids
+    }
+
     /// The node file of `node` for `disk`.
     pub fn node_file(&self, vm: &str, node: &str, disk: &str) -> PathBuf {
         self.vm_dir(vm).join(node).join(format!("{disk}.qcow2"))

@@ -50,8 +50,9 @@ async fn list_draws_the_tree_and_show_gives_the_recovery_chain() {
     let text = cli::run(&["list", vm_dir.to_str().unwrap()]).success().stdout;
     assert!(text.starts_with("vm1: 3 nodes, current 0003"), "{text}");
     assert!(text.contains("0001  full") && text.contains("tag base"), "{text}");
+    // A straight chain is drawn straight: only branches indent.
     assert!(
-        text.contains("└── 0002  incremental") && text.contains("    └── 0003  incremental"),
+        text.contains("\n0002  incremental") && text.contains("\n0003  incremental"),
         "{text}"
     );
     assert!(text.contains("<- current"), "{text}");
@@ -91,5 +92,104 @@ async fn list_draws_the_tree_and_show_gives_the_recovery_chain() {
         miss.stderr.contains("did you mean") && miss.stderr.contains("base"),
         "{}",
         miss.stderr
+    );
+}
+
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    let repo = TestRepo::init();
+    // A chain with a branch off the full every 10 nodes.
+    repo.synthetic_vm("vm1", 50, |i| match i {
+        0 => None,
+        i if i % 10 == 0 => Some(0),
+        i => Some(i - 1),
+    });
+    let vm_dir = repo.vm_dir("vm1");
+    let vm_dir = vm_dir.to_str().unwrap();
+    let repo_path = repo.path();
+    let runs: [&[&str]; 4] = [
+        &["list", vm_dir],
+        &["list", vm_dir, "--json"],
+        &["list", repo_path.to_str().unwrap()],
+        &[
+            "show",
+            "0003",
+            "--repo",
+            repo_path.to_str().unwrap(),
+            "--vm",
+            "vm1",
+        ],
+    ];
+    for args in runs {
+        let out = cli::run_with_stdout_closed(args);
+        // 141 = 128 + SIGPIPE, what a shell reports for a pipeline stage whose reader went away.
+        assert_eq!(out.code(), Some(141), "{args:?}: {out:?}");
+        assert!(out.stderr.is_empty(), "{args:?}: {}", out.stderr);
+    }
+}
+
+/// A straight chain: every node the child of the one before.
+fn straight(i: usize) -> Option<usize> {
+    i.checked_sub(1)
+}
+
+/// A comb: a spine of nodes each with a leaf beside the next spine node, so that every level branches.
+fn comb(i: usize) -> Option<usize> {
+    match i {
+        0 => None,
+        i if i % 2 == 0 => Some(i - 2),
+        i => Some(i - 1),
+    }
+}
+
+#[test]
+fn list_of_a_deep_chain_stays_small() {
+    const NODES: usize = 10_000;
+    let repo = TestRepo::init();
+    repo.synthetic_vm("straight", NODES, straight);
+    repo.synthetic_vm("comb", NODES, comb);
+    for vm in ["straight", "comb"] {
+        let dir = repo.vm_dir(vm);
+        let out = cli::run(&["list", dir.to_str().unwrap()]).success().stdout;
+        assert_eq!(out.lines().count(), NODES + 1, "{vm}");
+        // About 100 bytes a node line; the drawing in front of it must not grow with the depth.
+        assert!(out.len() < NODES * 250, "{vm}: {} bytes", out.len());
+        let widest = out.lines().map(|l| l.chars().count()).max().unwrap();
+        assert!(widest < 250, "{vm}: a line of {widest} characters");
+    }
+    let text = cli::run(&["list", repo.vm_dir("comb").to_str().unwrap()])
+        .success()
+        .stdout;
+    // The last spine node is 4999 branches deep.
+    assert!(
+        text.contains("(depth 4999) ") && !text.contains("(depth 5000)"),
+        "the deepest branch says how deep it is"
+    );
+}
+
+/// How long `qmpbak verify --json` takes on a repository whose VM has a synthetic chain of `nodes` nodes
+/// (none has files, so every node is reported damaged and every restore broken: the report's bookkeeping
+/// is all there is to time).
+fn verify_time(nodes: usize) -> std::time::Duration {
+    let repo = TestRepo::init();
+    repo.synthetic_vm("vm1", nodes, straight);
+    let started = std::time::Instant::now();
+    let out = repo.run("vm1", &["verify", "--json"]);
+    let took = started.elapsed();
+    assert_eq!(out.code(), Some(6), "{}", out.stderr);
+    let report = out.json();
+    assert_eq!(report["damaged_nodes"].as_array().unwrap().len(), nodes);
+    assert_eq!(report["broken_restores"].as_array().unwrap().len(), nodes);
+    took
+}
+
+#[test]
+fn verify_time_grows_linearly_with_the_nodes() {
+    let small = (0..2).map(|_| verify_time(1_000)).min().unwrap();
+    let large = (0..2).map(|_| verify_time(10_000)).min().unwrap();
+    // Linear: about 10 times as long (less, with the fixed start-up); quadratic was 100 times.
+    assert!(
+        large < small * 40,
+        "verify: 1000 nodes {small:?}, 10 000 nodes {large:?}"
     );
 }

@@ -492,6 +492,12 @@ impl Client {
         }
     }
 
+    /// Requests waiting for a reply: (callers still waiting, abandoned by their callers).
+    #[cfg(test)]
+    pub(crate) fn pending_counts(&self) -> (usize, usize) {
+        self.inner.conn.pending_counts()
+    }
+
     async fn submit(&self, request: Request) -> Result<Ticket> {
         self.inner.conn.submit(request, self.timeout).await
     }

@@ -5,7 +5,9 @@
 //!
 //! The reader waits for the next reply without a deadline (an idle connection is fine); once a reply has
 //! begun, the rest of it must arrive within the I/O timeout or the connection is dropped. Callers bound
-//! their own wait with the per-request timeout.
+//! their own wait with the per-request timeout; a caller that times out or goes away abandons its request,
+//! whose entry drops its buffer at once and stays only as a note to skip the late reply by. A reply may not
+//! deliver more than its request asked for, nor more than [`MAX_REPLY_CHUNKS`] chunks.
 
 use std::collections::HashMap;
 use std::io;
@@ -28,6 +30,12 @@ const QUEUE_DEPTH: usize = 64;
 /// Largest payload of a chunk that is not read data (block status, errors). Servers send at most a few
 /// hundred KiB of descriptors; this only stops a bogus length from allocating gigabytes.
 const MAX_META_PAYLOAD: u32 = 16 << 20;
+/// Most chunks one structured reply may have. A read gets one per data or hole extent (QEMU sends a few);
+/// this stops a server from growing a reply's bookkeeping without end.
+pub(crate) const MAX_REPLY_CHUNKS: u32 = 1 << 16;
+/// Most requests whose callers gave up (timed out or dropped) while the server still owes their replies;
+/// past it the server is not answering and the connection is ended.
+pub(crate) const MAX_ABANDONED: usize = 1024;
 /// How long the writer spends on a farewell `NBD_CMD_DISC` when the last handle is dropped.
 const DROP_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -60,24 +68,39 @@ impl From<io::Error> for CloseReason {
 
 struct Pending {
     command: Command,
+    /// The request's length (a late reply to an abandoned read without structured replies is skipped by it).
+    len: u32,
     expect: Expect,
     /// The first error chunk of a structured reply; later chunks still have to be consumed.
     error: Option<(u32, String)>,
-    tx: oneshot::Sender<Result<ReplyData>>,
+    /// Chunks of a structured reply so far.
+    chunks: u32,
+    /// `None` once the caller gave up: the entry only remains so that the reply the server still owes
+    /// is recognised and skipped; its buffer is gone.
+    tx: Option<oneshot::Sender<Result<ReplyData>>>,
 }
 
 impl Pending {
+    fn abandoned(&self) -> bool {
+        self.tx.is_none()
+    }
+
     fn complete(self, result: Result<ReplyData>) {
         // The caller may have timed out and gone; its reply is then simply dropped.
-        let _ = self.tx.send(result);
+        if let Some(tx) = self.tx {
+            let _ = tx.send(result);
+        }
     }
 
     fn finish(self) {
+        let Some(tx) = self.tx else {
+            return;
+        };
         let result = match self.error {
             Some((errno, message)) => Err(reply::server_error(self.command, errno, message)),
             None => self.expect.finish(),
         };
-        let _ = self.tx.send(result);
+        let _ = tx.send(result);
     }
 }
 
@@ -116,6 +139,23 @@ impl Shared {
 
     fn put_back(&self, cookie: u64, pending: Pending) {
         self.lock().pending.insert(cookie, pending);
+    }
+
+    /// The caller of request `cookie` gave up: drop what it waited with (its read buffer), keep a note so
+    /// that the reply the server still owes is skipped. Too many such notes end the connection.
+    fn abandon(&self, cookie: u64) {
+        let mut state = self.lock();
+        let Some(pending) = state.pending.get_mut(&cookie) else {
+            return;
+        };
+        pending.tx = None;
+        pending.expect = Expect::Done;
+        pending.error = None;
+        if state.pending.values().filter(|p| p.abandoned()).count() > MAX_ABANDONED {
+            state.shut = true;
+            drop(state);
+            self.kill.notify_one();
+        }
     }
 
     fn shut(&self) {
@@ -158,17 +198,26 @@ enum Outgoing {
     },
 }
 
-/// A request on its way; wait for its reply with [`Ticket::wait`].
+/// A request on its way; wait for its reply with [`Ticket::wait`]. Dropping it unanswered (a timeout, a
+/// caller that gave up) abandons the request: its entry drops its buffer at once.
 pub(crate) struct Ticket {
     rx: oneshot::Receiver<Result<ReplyData>>,
     command: Command,
     deadline: Instant,
     after: Duration,
+    shared: Arc<Shared>,
+    cookie: u64,
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        self.shared.abandon(self.cookie);
+    }
 }
 
 impl Ticket {
-    pub(crate) async fn wait(self) -> Result<ReplyData> {
-        match timeout_at(self.deadline, self.rx).await {
+    pub(crate) async fn wait(mut self) -> Result<ReplyData> {
+        match timeout_at(self.deadline, &mut self.rx).await {
             Ok(Ok(result)) => result,
             // The entry was dropped: the connection ended, or the writer discarded a request whose
             // deadline had passed just before ours fired.
@@ -242,9 +291,11 @@ impl Conn {
             cookie,
             Pending {
                 command,
+                len,
                 expect,
                 error: None,
-                tx,
+                chunks: 0,
+                tx: Some(tx),
             },
         )?;
         let unsent = Unsent {
@@ -279,7 +330,17 @@ impl Conn {
             command,
             deadline,
             after: limit,
+            shared: Arc::clone(&self.shared),
+            cookie,
         })
+    }
+
+    /// Requests waiting for a reply: (callers still waiting, abandoned by their callers).
+    #[cfg(test)]
+    pub(crate) fn pending_counts(&self) -> (usize, usize) {
+        let state = self.shared.lock();
+        let abandoned = state.pending.values().filter(|p| p.abandoned()).count();
+        (state.pending.len() - abandoned, abandoned)
     }
 
     /// Soft disconnect: refuse new requests, send `NBD_CMD_DISC` after what is queued, and wait until the
@@ -444,7 +505,18 @@ async fn read_message<R: AsyncRead + Unpin>(
             let mut pending = shared.take(cookie).ok_or_else(|| {
                 CloseReason::Protocol(format!("structured reply chunk for unknown cookie {cookie:#x}"))
             })?;
-            if let Err(reason) = read_chunk(rd, &mut pending, flags, kind, len).await {
+            pending.chunks += 1;
+            let chunk = if pending.chunks > MAX_REPLY_CHUNKS {
+                Err(CloseReason::Protocol(format!(
+                    "reply to {} has more than {MAX_REPLY_CHUNKS} chunks",
+                    pending.command
+                )))
+            } else if pending.abandoned() {
+                skip_chunk(rd, &pending, len).await
+            } else {
+                read_chunk(rd, &mut pending, flags, kind, len).await
+            };
+            if let Err(reason) = chunk {
                 pending.complete(Err(reason.to_error()));
                 return Err(reason);
             }
@@ -467,6 +539,11 @@ async fn read_simple_reply<R: AsyncRead + Unpin>(
     structured: bool,
     errno: u32,
 ) -> Result<(), CloseReason> {
+    if pending.abandoned() && errno == 0 && pending.command == Command::Read && !structured {
+        // Nobody waits for this read any more, but its data follows the header.
+        skip(rd, pending.len).await?;
+        return Ok(());
+    }
     if errno != 0 {
         let command = pending.command;
         pending.complete(Err(reply::server_error(command, errno, String::new())));
@@ -570,6 +647,31 @@ async fn read_chunk<R: AsyncRead + Unpin>(
         _ => return Err(unexpected()),
     }
     Ok(())
+}
+
+/// Skips the payload of a chunk of an abandoned request's reply: at most what the request could bring.
+async fn skip_chunk<R: AsyncRead + Unpin>(
+    rd: &mut R,
+    pending: &Pending,
+    len: u32,
+) -> Result<(), CloseReason> {
+    let most = MAX_META_PAYLOAD.max(pending.len.saturating_add(8));
+    if len > most {
+        return Err(CloseReason::Protocol(format!(
+            "reply chunk of {len} bytes to {} is larger than the request allows",
+            pending.command
+        )));
+    }
+    skip(rd, len).await
+}
+
+async fn skip<R: AsyncRead + Unpin>(rd: &mut R, len: u32) -> Result<(), CloseReason> {
+    let skipped = tokio::io::copy(&mut rd.take(u64::from(len)), &mut tokio::io::sink()).await?;
+    if skipped == u64::from(len) {
+        Ok(())
+    } else {
+        Err(CloseReason::Closed)
+    }
 }
 
 async fn read_payload<R: AsyncRead + Unpin>(rd: &mut R, len: u32) -> Result<Vec<u8>, CloseReason> {

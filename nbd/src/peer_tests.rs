@@ -507,6 +507,114 @@ async fn a_silent_server_times_out_and_a_late_reply_is_discarded() {
 }
 
 #[tokio::test]
+async fn a_timed_out_read_gives_back_its_entry_and_its_late_reply_is_skipped() {
+    let (client, mut server) = connected(Peer::default()).await;
+    let client = client.with_timeout(Duration::from_millis(200));
+    let err = client.read(0, &mut [0; 4096]).await.unwrap_err();
+    assert!(matches!(err, Error::Timeout { .. }), "{err:?}");
+    assert_eq!(
+        client.pending_counts(),
+        (0, 1),
+        "only a note for the late reply stays"
+    );
+    let req = read_request(&mut server).await.unwrap();
+    // The late reply comes in two chunks; both are skipped, then the note goes.
+    server
+        .write_all(&data_chunk(req.cookie, false, 0, &[1; 2048]))
+        .await
+        .unwrap();
+    server
+        .write_all(&data_chunk(req.cookie, true, 2048, &[1; 2048]))
+        .await
+        .unwrap();
+    let serve = tokio::spawn(async move {
+        let req = read_request(&mut server).await.unwrap();
+        server
+            .write_all(&hole_chunk(req.cookie, true, 0, 10))
+            .await
+            .unwrap();
+        server
+    });
+    let mut buf = [9; 10];
+    client.read(0, &mut buf).await.unwrap();
+    assert_eq!(buf, [0; 10]);
+    assert_eq!(client.pending_counts(), (0, 0));
+    serve.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_dropped_read_gives_back_its_entry_and_a_late_simple_reply_is_skipped() {
+    let (client, mut server) = connected(Peer {
+        structured: false,
+        ..Peer::default()
+    })
+    .await;
+    let mut buf = vec![0; 100];
+    // The caller stops waiting long before the client's own timeout.
+    let gave_up = tokio::time::timeout(Duration::from_millis(100), client.read(0, &mut buf)).await;
+    assert!(gave_up.is_err());
+    assert_eq!(client.pending_counts(), (0, 1));
+    let req = read_request(&mut server).await.unwrap();
+    // Its data follows the header and must be skipped by the request's length.
+    server.write_all(&simple(req.cookie, 0, &[5; 100])).await.unwrap();
+    let serve = tokio::spawn(async move {
+        let req = read_request(&mut server).await.unwrap();
+        server.write_all(&simple(req.cookie, 0, &[7; 10])).await.unwrap();
+        server
+    });
+    let mut buf = [0; 10];
+    client.read(0, &mut buf).await.unwrap();
+    assert_eq!(buf, [7; 10]);
+    assert_eq!(client.pending_counts(), (0, 0));
+    serve.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reply_may_not_deliver_more_data_than_was_asked_for() {
+    let (client, mut server) = connected(Peer::default()).await;
+    let client = client.with_timeout(PEER_TIMEOUT);
+    let serve = tokio::spawn(async move {
+        let req = read_request(&mut server).await.unwrap();
+        // The same bytes twice, without ever saying it is done.
+        for _ in 0..2 {
+            server
+                .write_all(&data_chunk(req.cookie, false, 0, &[1; 4096]))
+                .await
+                .unwrap();
+        }
+        server
+    });
+    let err = client.read(0, &mut [0; 4096]).await.unwrap_err();
+    assert!(
+        matches!(err, Error::Protocol(ref m) if m.contains("more than the 4096 bytes")),
+        "{err:?}"
+    );
+    let _server = serve.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_reply_may_not_have_chunks_without_end() {
+    let (client, mut server) = connected(Peer::default()).await;
+    let client = client.with_timeout(PEER_TIMEOUT);
+    let serve = tokio::spawn(async move {
+        let req = read_request(&mut server).await.unwrap();
+        let mut p = 5u32.to_be_bytes().to_vec();
+        p.extend_from_slice(&0u16.to_be_bytes());
+        let one = chunk(req.cookie, 0, proto::REPLY_TYPE_ERROR_BIT + 1, &p);
+        let many = one.repeat(crate::conn::MAX_REPLY_CHUNKS as usize + 1);
+        // The client stops reading once it has seen enough.
+        let _ = server.write_all(&many).await;
+        server
+    });
+    let err = client.flush().await.unwrap_err();
+    assert!(
+        matches!(err, Error::Protocol(ref m) if m.contains("chunks")),
+        "{err:?}"
+    );
+    let _server = serve.await.unwrap();
+}
+
+#[tokio::test]
 async fn the_server_going_away_fails_pending_requests_with_closed() {
     let (client, mut server) = connected(Peer::default()).await;
     let pending = tokio::spawn({

@@ -35,6 +35,8 @@ pub(crate) struct ReadAssembly {
     offset: u64,
     pub(crate) buf: Vec<u8>,
     covered: Vec<Range<u64>>,
+    /// Bytes the chunks so far delivered: never more than the request's length.
+    filled: u64,
 }
 
 impl ReadAssembly {
@@ -50,6 +52,7 @@ impl ReadAssembly {
             offset,
             buf,
             covered: Vec::new(),
+            filled: 0,
         }
     }
 
@@ -68,6 +71,15 @@ impl ReadAssembly {
             })?;
         if len == 0 {
             return Err(format!("empty content chunk at offset {offset}"));
+        }
+        // Inside the buffer, so no overflow; more than asked for means chunks overlap.
+        self.filled += len;
+        if self.filled > self.buf.len() as u64 {
+            return Err(format!(
+                "content chunks deliver more than the {} bytes read at {}",
+                self.buf.len(),
+                self.offset
+            ));
         }
         self.covered.push(start..start + len);
         Ok(start as usize..(start + len) as usize)
@@ -212,8 +224,13 @@ mod tests {
 
         let mut r = ReadAssembly::new(0, 30);
         r.place(0, 20).unwrap();
-        r.place(10, 20).unwrap();
+        r.place(10, 10).unwrap();
         assert!(r.finish().unwrap_err().contains("overlap"));
+
+        // Overlapping chunks that add up to more than asked for are refused at once.
+        let mut r = ReadAssembly::new(0, 30);
+        r.place(0, 20).unwrap();
+        assert!(r.place(10, 20).unwrap_err().contains("more than the 30 bytes"));
 
         let mut r = ReadAssembly::new(0, 30);
         r.place(0, 10).unwrap();
@@ -255,5 +272,98 @@ mod tests {
         p.extend_from_slice(&[0; 8]);
         assert!(parse_block_status(&p).is_err());
         assert!(parse_block_status(&[]).is_err());
+    }
+
+    /// A read's chunks as a server might send them: a random tiling of the request, shuffled, sometimes with
+    /// a chunk dropped, doubled, moved or cut.
+    fn chunks() -> impl proptest::strategy::Strategy<Value = (u64, u32, Vec<(u64, u64, bool)>)> {
+        use proptest::prelude::*;
+        (
+            0u64..1 << 40,
+            prop::collection::vec((1u64..300, any::<bool>()), 1..12),
+            any::<u64>(),
+            0u8..6,
+        )
+            .prop_map(|(start, pieces, seed, damage)| {
+                let mut chunks = Vec::new();
+                let mut at = start;
+                for (len, hole) in pieces {
+                    chunks.push((at, len, hole));
+                    at += len;
+                }
+                let len = (at - start) as u32;
+                let i = (seed % chunks.len() as u64) as usize;
+                match damage {
+                    0 => {
+                        chunks.remove(i);
+                    }
+                    1 => chunks.push(chunks[i]),
+                    2 => chunks[i].0 += seed % 7 + 1,
+                    3 => chunks[i].1 -= chunks[i].1.min(seed % 3),
+                    _ => {}
+                }
+                // Shuffle by a seeded rotation and swap: order must not matter.
+                let n = chunks.len();
+                chunks.rotate_left((seed as usize / 7) % n.max(1));
+                if n > 1 {
+                    chunks.swap(0, (seed as usize / 11) % n);
+                }
+                (start, len, chunks)
+            })
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 512, ..Default::default() })]
+
+        /// Whatever chunks arrive, reassembly never panics, never takes more than the request's bytes, and
+        /// succeeds exactly when the chunks cover every byte once, with the bytes they carried.
+        #[test]
+        fn read_reassembly_accepts_exactly_the_tilings((start, len, chunks) in chunks()) {
+            let mut r = ReadAssembly::new(start, len);
+            let mut model = vec![0u8; len as usize];
+            let mut counts = vec![0u32; len as usize];
+            let mut placed_all = true;
+            for (k, &(offset, n, hole)) in chunks.iter().enumerate() {
+                let fill = k as u8 + 1;
+                let placed = if hole {
+                    u32::try_from(n).map_err(|e| e.to_string()).and_then(|n| r.hole(offset, n))
+                } else {
+                    r.place(offset, n).map(|range| r.buf[range].fill(fill))
+                };
+                let inside = n > 0 && offset >= start && offset + n <= start + u64::from(len);
+                if placed.is_err() {
+                    placed_all = false;
+                    break;
+                }
+                proptest::prop_assert!(inside, "chunk {offset}+{n} outside {start}+{len} accepted");
+                for b in (offset - start)..(offset - start + n) {
+                    counts[b as usize] += 1;
+                    model[b as usize] = if hole { 0 } else { fill };
+                }
+                proptest::prop_assert!(counts.iter().map(|&c| u64::from(c)).sum::<u64>() <= u64::from(len));
+            }
+            if !placed_all {
+                return Ok(());
+            }
+            let exact = counts.iter().all(|&c| c == 1);
+            match r.finish() {
+                Ok(buf) => {
+                    proptest::prop_assert!(exact, "an inexact tiling was accepted");
+                    proptest::prop_assert_eq!(buf, model);
+                }
+                Err(_) => proptest::prop_assert!(!exact, "an exact tiling was refused"),
+            }
+        }
+
+        /// Block status and error chunk payloads of any bytes parse or fail, never panic.
+        #[test]
+        fn chunk_payloads_never_panic(kind in proptest::prelude::any::<u16>(), payload in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..80)) {
+            if let Ok((_, descriptors)) = parse_block_status(&payload) {
+                proptest::prop_assert_eq!(descriptors.len(), (payload.len() - 4) / 8);
+            }
+            if let Ok((_, message)) = parse_error_chunk(kind, &payload) {
+                proptest::prop_assert!(message.len() <= payload.len() * 3);
+            }
+        }
     }
 }

@@ -235,4 +235,99 @@ mod tests {
         let v: Value = serde_json::from_slice(&encode_command("stop", Some(json!({"a": 1})), 8)).unwrap();
         assert_eq!(v, json!({"execute": "stop", "arguments": {"a": 1}, "id": 8}));
     }
+
+    /// A reader that hands out its bytes in the given piece sizes, as a socket would.
+    struct Pieces {
+        data: Vec<u8>,
+        sizes: Vec<usize>,
+        at: usize,
+        next: usize,
+    }
+
+    impl tokio::io::AsyncRead for Pieces {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _cx: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<io::Result<()>> {
+            let want = self.sizes.get(self.next).copied().unwrap_or(usize::MAX).max(1);
+            self.next += 1;
+            let n = want.min(buf.remaining()).min(self.data.len() - self.at);
+            let at = self.at;
+            buf.put_slice(&self.data[at..at + n]);
+            self.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig { cases: 256, ..Default::default() })]
+
+        /// Any byte stream, cut anywhere: lines come out as the stream says, none longer than the cap, and
+        /// parsing any of them never panics.
+        #[test]
+        fn arbitrary_streams_frame_and_parse_without_panicking(
+            data in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::prelude::any::<u8>(),
+                    proptest::prelude::Just(b'\n'),
+                    proptest::prelude::Just(b'\r'),
+                    proptest::prelude::Just(b'{'),
+                    proptest::prelude::Just(b'"'),
+                ],
+                0..400,
+            ),
+            sizes in proptest::collection::vec(1usize..50, 0..40),
+            max in 1usize..64,
+        ) {
+            let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            runtime.block_on(async {
+                let mut reader = LineReader::with_max(Pieces { data: data.clone(), sizes, at: 0, next: 0 }, max);
+                let mut got: Vec<Vec<u8>> = Vec::new();
+                let mut failed = false;
+                loop {
+                    match reader.next_line().await {
+                        Ok(Some(line)) => {
+                            assert!(line.len() <= max);
+                            let _ = Incoming::parse(line);
+                            got.push(line.to_vec());
+                        }
+                        Ok(None) => break,
+                        Err(ReadError::TooLong(_)) => {
+                            failed = true;
+                            break;
+                        }
+                        Err(ReadError::Io(e)) => panic!("{e}"),
+                    }
+                }
+                // The lines are the stream's, in order, without their line ends.
+                let expected: Vec<Vec<u8>> = data
+                    .split_inclusive(|&b| b == b'\n')
+                    .map(|l| {
+                        let mut end = l.len();
+                        while end > 0 && matches!(l[end - 1], b'\n' | b'\r') {
+                            end -= 1;
+                        }
+                        l[..end].to_vec()
+                    })
+                    .collect();
+                if failed {
+                    // Only a line longer than the cap (with its line end) fails the stream.
+                    assert!(data.split_inclusive(|&b| b == b'\n').any(|l| l.len() > max));
+                    assert_eq!(&got[..], &expected[..got.len()]);
+                } else {
+                    assert_eq!(got, expected);
+                }
+            });
+        }
+
+        /// Any JSON value as a line is sorted without panicking.
+        #[test]
+        fn arbitrary_json_lines_parse_without_panicking(text in "\\PC{0,200}") {
+            let _ = Incoming::parse(text.as_bytes());
+            if let Ok(value) = serde_json::from_str::<Value>(&text) {
+                let _ = Incoming::parse(value.to_string().as_bytes());
+            }
+        }
+    }
 }

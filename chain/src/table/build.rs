@@ -10,9 +10,7 @@ use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
-use super::{
-    Digest, Table, block_count, block_range, check_block_size, hash_zeros, zero_digest, zero_prefix_hasher,
-};
+use super::{Digest, Table, block_range, check_size, hash_zeros, zero_digest, zero_prefix_hasher};
 use crate::error::{Error, Result};
 
 /// A disk as the guest sees it, readable from many threads at once.
@@ -88,9 +86,8 @@ const KEPT_BUFFERS: usize = 4;
 impl Table {
     /// Hashes every block of `source` with `threads` workers (0: one per core).
     pub fn build<S: BlockSource + ?Sized>(source: &S, block_size: u64, threads: usize) -> Result<Table> {
-        check_block_size(block_size)?;
         let virtual_size = source.len();
-        let count = block_count(virtual_size, block_size);
+        let count = check_size(virtual_size, block_size)?;
         let digests = hash_blocks(source, block_size, count, &|job| job, threads, None)?;
         Ok(Table::assemble(block_size, virtual_size, digests))
     }
@@ -102,9 +99,8 @@ impl Table {
         threads: usize,
         visitor: &V,
     ) -> Result<Table> {
-        check_block_size(block_size)?;
         let virtual_size = source.len();
-        let count = block_count(virtual_size, block_size);
+        let count = check_size(virtual_size, block_size)?;
         let digests = hash_blocks(source, block_size, count, &|job| job, threads, Some(visitor))?;
         Ok(Table::assemble(block_size, virtual_size, digests))
     }
@@ -117,8 +113,7 @@ impl Table {
         indices: &[u64],
         threads: usize,
     ) -> Result<Vec<(u64, Digest)>> {
-        check_block_size(block_size)?;
-        let count = block_count(source.len(), block_size);
+        let count = check_size(source.len(), block_size)?;
         if let Some(&index) = indices.iter().find(|&&i| i >= count) {
             return Err(Error::BlockOutOfRange { index, count });
         }

@@ -36,6 +36,12 @@ pub const HEADER_LEN: usize = 40;
 pub const MIN_BLOCK_SIZE: u64 = 4 << 10;
 /// The largest block size a table may have.
 pub const MAX_BLOCK_SIZE: u64 = 16 << 20;
+/// The most blocks a table may have: 2 GiB of digests in memory, a 64 TiB disk at the default 1 MiB block
+/// size. Sizes come from qcow2 headers, NBD servers and table files, so they are checked before they size
+/// anything ([`check_size`]).
+pub const MAX_BLOCKS: u64 = 1 << 26;
+/// The largest disk a table may cover: offsets must fit an `off_t`.
+pub const MAX_VIRTUAL_SIZE: u64 = i64::MAX as u64;
 
 /// A checking table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -60,6 +66,21 @@ pub fn check_block_size(block_size: u64) -> Result<()> {
             max: MAX_BLOCK_SIZE,
         })
     }
+}
+
+/// The number of blocks of a table for a disk of `virtual_size` bytes, if a table may cover it:
+/// [`Error::DiskTooLarge`] past [`MAX_VIRTUAL_SIZE`] or [`MAX_BLOCKS`].
+pub fn check_size(virtual_size: u64, block_size: u64) -> Result<u64> {
+    check_block_size(block_size)?;
+    let count = block_count(virtual_size, block_size);
+    if virtual_size > MAX_VIRTUAL_SIZE || count > MAX_BLOCKS {
+        return Err(Error::DiskTooLarge {
+            virtual_size,
+            block_size,
+            max_blocks: MAX_BLOCKS,
+        });
+    }
+    Ok(count)
 }
 
 /// Number of blocks covering `virtual_size` bytes.
@@ -127,8 +148,7 @@ pub(crate) fn zero_prefix_hasher(len: u64) -> Sha256 {
 impl Table {
     /// A table from its parts; `digests` must have one entry per block.
     pub fn from_digests(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Result<Table> {
-        check_block_size(block_size)?;
-        let count = block_count(virtual_size, block_size);
+        let count = check_size(virtual_size, block_size)?;
         if digests.len() as u64 != count {
             return Err(Error::DigestCount {
                 given: digests.len() as u64,
@@ -155,8 +175,7 @@ impl Table {
 
     /// The table of an all-zero disk (a new, empty one).
     pub fn zeroed(block_size: u64, virtual_size: u64) -> Result<Table> {
-        check_block_size(block_size)?;
-        let count = block_count(virtual_size, block_size) as usize;
+        let count = check_size(virtual_size, block_size)? as usize;
         let mut table = Table::assemble(block_size, virtual_size, Vec::new());
         table.digests = vec![table.zero_full; count];
         if let Some(last) = table.digests.last_mut() {
@@ -272,7 +291,7 @@ impl Table {
     /// Reads a table file, checking its header, sizes and length ([`Error::TableCorrupt`]).
     pub fn load(path: impl AsRef<Path>) -> Result<Table> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(Error::io("read", path))?;
+        let bytes = read_table_file(path)?;
         Table::decode(&bytes).map_err(|detail| Error::TableCorrupt {
             path: path.to_owned(),
             detail,
@@ -282,7 +301,7 @@ impl Table {
     /// Reads a table file whose sha256 must be `expected_sha256` (hex), reading it once.
     pub fn load_verified(path: impl AsRef<Path>, expected_sha256: &str) -> Result<Table> {
         let path = path.as_ref();
-        let bytes = std::fs::read(path).map_err(Error::io("read", path))?;
+        let bytes = read_table_file(path)?;
         check_sha256(path, &hex::encode(Sha256::digest(&bytes)), expected_sha256)?;
         Table::decode(&bytes).map_err(|detail| Error::TableCorrupt {
             path: path.to_owned(),
@@ -334,7 +353,7 @@ impl Table {
                 "block size {block_size} is not a power of two from {MIN_BLOCK_SIZE} to {MAX_BLOCK_SIZE}"
             ));
         }
-        let expected_count = block_count(virtual_size, block_size);
+        let expected_count = check_size(virtual_size, block_size).map_err(|e| e.to_string())?;
         if count != expected_count {
             return Err(format!(
                 "it says {count} blocks, but {virtual_size} bytes in blocks of {block_size} make {expected_count}"
@@ -362,6 +381,25 @@ impl Table {
             .collect();
         Ok(Table::assemble(block_size, virtual_size, digests))
     }
+}
+
+/// The largest table file there can be.
+const MAX_FILE_LEN: u64 = HEADER_LEN as u64 + MAX_BLOCKS * 32;
+
+/// A table file's bytes, its length checked before anything is read: a file longer than any table is
+/// [`Error::TableCorrupt`] without being read.
+fn read_table_file(path: &Path) -> Result<Vec<u8>> {
+    let mut file = File::open(path).map_err(Error::io("open", path))?;
+    let len = file.metadata().map_err(Error::io("stat", path))?.len();
+    if len > MAX_FILE_LEN {
+        return Err(Error::TableCorrupt {
+            path: path.to_owned(),
+            detail: format!("it is {len} bytes long, longer than any checking table ({MAX_FILE_LEN} bytes)"),
+        });
+    }
+    let mut bytes = Vec::with_capacity(len as usize);
+    file.read_to_end(&mut bytes).map_err(Error::io("read", path))?;
+    Ok(bytes)
 }
 
 /// The byte range of block `index` of a disk: offset and length (the last block may be short).

@@ -42,7 +42,7 @@ pub fn node(id: &NodeId, parent: Option<&NodeId>, kind: NodeKind) -> Node {
 
 /// Adds a new node under `parent` (a full if there is none) and returns its id.
 pub fn add(m: &mut Manifest, parent: Option<&NodeId>) -> NodeId {
-    let id = m.next_node_id();
+    let id = m.next_node_id().unwrap();
     let kind = if parent.is_some() {
         NodeKind::Incremental
     } else {

@@ -237,7 +237,7 @@ pub async fn backup(
     let plan = plan::plan(opts.level, &facts, &disk_facts).map_err(|e| Exit::usage(e.to_string()))?;
     progress.phase(&format!("{} backup: {}", level_name(plan.level), plan.reason));
 
-    let node = manifest.next_node_id();
+    let node = manifest.next_node_id()?;
     let targets = disks
         .iter()
         .enumerate()

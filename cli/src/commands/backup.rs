@@ -95,11 +95,11 @@ pub async fn run(args: Args) -> Result<()> {
     progress.clear();
     let report = report?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if args.summary {
-        println!("{}", summary(&report));
+        outln!("{}", summary(&report))?;
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(())
 }
@@ -123,15 +123,15 @@ fn summary(r: &BackupReport) -> String {
     )
 }
 
-fn print_report(r: &BackupReport) {
+fn print_report(r: &BackupReport) -> Result<(), super::out::StdoutError> {
     if !r.cleaned.is_empty() {
-        println!(
+        outln!(
             "cleaned up after an interrupted run: {} (nodes marked failed: {})",
             r.cleaned.operations.join(", "),
             r.cleaned.failed_nodes.join(", ")
-        );
+        )?;
     }
-    println!(
+    outln!(
         "{} backup {} of {} ({}) in {:.1} s{}",
         r.level,
         r.node,
@@ -141,9 +141,9 @@ fn print_report(r: &BackupReport) {
         r.parent
             .as_ref()
             .map_or_else(String::new, |p| format!(", parent {p}"))
-    );
+    )?;
     for d in &r.disks {
-        println!(
+        outln!(
             "  disk {}: {} copied, {} stored ({} virtual){}",
             d.disk,
             bytes(d.copied_bytes),
@@ -152,9 +152,10 @@ fn print_report(r: &BackupReport) {
             d.bitmaps_volatile_why
                 .as_ref()
                 .map_or_else(String::new, |why| format!("; the disk {why}"))
-        );
+        )?;
     }
     for s in &r.skipped {
-        println!("  skipped {}: {}", s.disk, s.reason);
+        outln!("  skipped {}: {}", s.disk, s.reason)?;
     }
+    Ok(())
 }

@@ -36,39 +36,39 @@ pub async fn run(args: Args) -> Result<()> {
     if args.json {
         let mut value = serde_json::to_value(&cleaned)?;
         value["mounts"] = serde_json::to_value(&mounts)?;
-        println!("{}", serde_json::to_string_pretty(&value)?);
+        outln!("{}", serde_json::to_string_pretty(&value)?)?;
         return Ok(());
     }
     for m in &mounts {
-        println!(
+        outln!(
             "undid the interrupted mount of node {} (disk {}) at {}",
             m.node,
             m.disk,
             m.dir.display()
-        );
+        )?;
     }
     if cleaned.is_empty() {
-        println!("nothing to clean up for VM {}", manifest.vm);
+        outln!("nothing to clean up for VM {}", manifest.vm)?;
     } else if cleaned.operations.is_empty() {
-        println!("nothing was cleaned up for VM {}", manifest.vm);
+        outln!("nothing was cleaned up for VM {}", manifest.vm)?;
     } else {
-        println!(
+        outln!(
             "cleaned up {} interrupted operation(s) of VM {}",
             cleaned.operations.len(),
             manifest.vm
-        );
-        println!("  jobs: {}", cleaned.jobs.join(", "));
-        println!("  block nodes: {}", cleaned.block_nodes.join(", "));
-        println!("  bitmaps: {}", cleaned.bitmaps.join(", "));
-        println!("  files: {}", cleaned.files.join(", "));
-        println!("  nodes marked failed: {}", cleaned.failed_nodes.join(", "));
+        )?;
+        outln!("  jobs: {}", cleaned.jobs.join(", "))?;
+        outln!("  block nodes: {}", cleaned.block_nodes.join(", "))?;
+        outln!("  bitmaps: {}", cleaned.bitmaps.join(", "))?;
+        outln!("  files: {}", cleaned.files.join(", "))?;
+        outln!("  nodes marked failed: {}", cleaned.failed_nodes.join(", "))?;
         if qmp.is_none() {
-            println!("  (without --socket, nothing was removed inside QEMU)");
+            outln!("  (without --socket, nothing was removed inside QEMU)")?;
         }
     }
     if !args.json {
         for file in &cleaned.kept_outside {
-            println!("  left in place: {file}");
+            outln!("  left in place: {file}")?;
         }
     }
     if !cleaned.pending.is_empty() {

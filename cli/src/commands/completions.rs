@@ -41,6 +41,6 @@ pub fn man(args: &ManArgs, command: clap::Command) -> Result<()> {
         .filter(|n| n.ends_with(".1"))
         .collect();
     pages.sort();
-    println!("wrote {} man page(s) into {}", pages.len(), args.dir.display());
+    outln!("wrote {} man page(s) into {}", pages.len(), args.dir.display())?;
     Ok(())
 }

@@ -28,12 +28,12 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let info = inspect::inspect(&qmp).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&info)?);
+        outln!("{}", serde_json::to_string_pretty(&info)?)?;
         return Ok(());
     }
-    println!("QEMU {} ({})", info.qemu.version, info.qemu.package);
+    outln!("QEMU {} ({})", info.qemu.version, info.qemu.package)?;
     for disk in &info.disks {
-        println!(
+        outln!(
             "disk {} ({}): node {}, {} {}, {} virtual, {} allocated{}",
             disk.id,
             disk.id_source.describe(),
@@ -43,19 +43,19 @@ pub async fn run(args: Args) -> Result<()> {
             bytes(disk.virtual_size),
             disk.allocated_size.map_or_else(|| "?".to_owned(), bytes),
             if disk.read_only { ", read-only" } else { "" }
-        );
+        )?;
         if disk.removable {
-            println!(
+            outln!(
                 "  removable medium: backup skips it unless named with --disk {}",
                 disk.id
-            );
+            )?;
         }
         match &disk.bitmaps_volatile_why {
-            None => println!("  bitmaps persist across restarts: yes"),
-            Some(why) => println!("  bitmaps persist across restarts: no (disk {} {why})", disk.id),
+            None => outln!("  bitmaps persist across restarts: yes")?,
+            Some(why) => outln!("  bitmaps persist across restarts: no (disk {} {why})", disk.id)?,
         }
         if disk.bitmaps.is_empty() {
-            println!("  no dirty bitmaps");
+            outln!("  no dirty bitmaps")?;
         }
         for b in &disk.bitmaps {
             let mut flags = vec![if b.persistent { "persistent" } else { "transient" }];
@@ -66,17 +66,17 @@ pub async fn run(args: Args) -> Result<()> {
             if b.inconsistent {
                 flags.push("INCONSISTENT");
             }
-            println!(
+            outln!(
                 "  bitmap {}: {}, granularity {}, {} dirty",
                 b.name,
                 flags.join(", "),
                 bytes(b.granularity),
                 bytes(b.count)
-            );
+            )?;
         }
     }
     for id in &info.empty_drives {
-        println!("drive {id}: no medium");
+        outln!("drive {id}: no medium")?;
     }
     Ok(())
 }

@@ -26,7 +26,7 @@ pub fn run(args: &Args) -> Result<()> {
     let repo = chain::Repository::init_with(&args.repo, settings)?;
     let settings = repo.settings();
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "repo": repo.path(),
@@ -34,16 +34,16 @@ pub fn run(args: &Args) -> Result<()> {
                 "full_every": settings.full_every,
                 "retention": settings.retention,
             })
-        );
+        )?;
     } else {
-        println!(
+        outln!(
             "initialised repository {} (checking-table block size {} KiB, a new full every {} backups)",
             repo.path().display(),
             settings.block_size / 1024,
             settings.full_every
-        );
+        )?;
         if let Some(policy) = settings.retention {
-            println!("default retention: {policy}");
+            outln!("default retention: {policy}")?;
         }
     }
     Ok(())

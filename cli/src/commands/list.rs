@@ -38,7 +38,7 @@ pub fn run(args: &Args) -> Result<()> {
     let _guard = vm.lock_shared(args.lock.lock_wait())?;
     let manifest = vm.load()?;
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "vm": manifest.vm,
@@ -46,18 +46,18 @@ pub fn run(args: &Args) -> Result<()> {
                 "current": manifest.current,
                 "nodes": manifest.nodes,
             }))?
-        );
+        )?;
     } else {
         let current = manifest
             .current
             .as_ref()
             .map_or_else(|| "none".to_owned(), ToString::to_string);
-        println!(
+        outln!(
             "{}: {} nodes, current {current}",
             manifest.vm,
             manifest.nodes.len()
-        );
-        print!("{}", render::tree(&manifest));
+        )?;
+        out!("{}", render::tree(&manifest))?;
     }
     Ok(())
 }
@@ -77,18 +77,18 @@ fn list_vms(path: &Path, json: bool) -> Result<()> {
         }));
     }
     if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
+        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
     } else if rows.is_empty() {
-        println!("{}: no VMs backed up yet", repo.path().display());
+        outln!("{}: no VMs backed up yet", repo.path().display())?;
     } else {
         for row in rows {
-            println!(
+            outln!(
                 "{:<24} {:>5} nodes  current {}  last backup {}",
                 row["vm"].as_str().unwrap_or_default(),
                 row["nodes"],
                 row["current"].as_str().unwrap_or("none"),
                 row["last_backup"].as_str().unwrap_or("never")
-            );
+            )?;
         }
     }
     Ok(())

@@ -1,5 +1,8 @@
 //! One module per subcommand, each owning its clap arguments and its `run`.
 
+#[macro_use]
+pub mod out;
+
 mod args;
 mod backup;
 mod bars;
@@ -105,7 +108,17 @@ impl Command {
         }
     }
 
+    /// Runs the command. Output into a pipe whose reader has gone ends the process here, quietly, with
+    /// [`out::BROKEN_PIPE_EXIT`], once the command has let go of everything it held.
     pub async fn run(self) -> anyhow::Result<()> {
+        let result = self.dispatch().await;
+        match result {
+            Err(err) if out::is_broken_pipe(&err) => std::process::exit(out::BROKEN_PIPE_EXIT),
+            other => other,
+        }
+    }
+
+    async fn dispatch(self) -> anyhow::Result<()> {
         match self {
             Command::Backup(args) => backup::run(args).await,
             Command::Cleanup(args) => cleanup::run(args).await,

@@ -67,34 +67,34 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let report = mount::mount(&opts).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        print_report(&report);
+        print_report(&report)?;
     }
     Ok(())
 }
 
-fn print_report(r: &MountReport) {
+fn print_report(r: &MountReport) -> Result<(), super::out::StdoutError> {
     let check = if r.verified {
         "checked against its checking table"
     } else {
         "DAMAGED, mounted because of --force"
     };
-    println!(
+    outln!(
         "node {} of {}, disk {} ({}, {check})",
         r.node,
         r.vm,
         r.disk,
         bytes(r.virtual_size)
-    );
+    )?;
     if r.mode == MountMode::ImageOnly {
         if let Some(image) = &r.image {
-            println!("read-only raw image: {}", image.display());
+            outln!("read-only raw image: {}", image.display())?;
         }
     } else {
         match &r.partition_table {
-            Some(table) => println!("partition table: {table}"),
-            None => println!("no partition table"),
+            Some(table) => outln!("partition table: {table}")?,
+            None => outln!("no partition table")?,
         }
         for p in &r.partitions {
             let name = if p.number == 0 {
@@ -116,22 +116,23 @@ fn print_report(r: &MountReport) {
             if let Some(err) = &p.error {
                 let _ = write!(line, "  not mounted: {err}");
             }
-            println!("{line}");
+            outln!("{line}")?;
         }
     }
     if let Some(dir) = &r.dir {
         if r.mode != MountMode::List {
-            println!("`qmpbak umount {}` undoes it", dir.display());
+            outln!("`qmpbak umount {}` undoes it", dir.display())?;
         }
     }
+    Ok(())
 }
 
 pub fn umount(args: &UmountArgs) -> Result<()> {
     let report = mount::umount(&args.dir)?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!(
+        outln!(
             "unmounted node {} of {}, disk {}, from {}{}",
             report.node,
             report.vm,
@@ -142,7 +143,7 @@ pub fn umount(args: &UmountArgs) -> Result<()> {
             } else {
                 ""
             }
-        );
+        )?;
     }
     Ok(())
 }

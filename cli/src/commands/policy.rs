@@ -84,22 +84,22 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let retention = repo.settings().retention;
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::json!({ "repo": repo.path(), "retention": retention })
-        );
+        )?;
     } else {
         match retention {
-            Some(p) => println!(
+            Some(p) => outln!(
                 "retention of {}: {p} (applied by `qmpbak prune` without --keep options)",
                 repo.path().display()
-            ),
-            None => println!(
+            )?,
+            None => outln!(
                 "{} has no default retention: `qmpbak prune` needs --keep options (set one with `qmpbak policy \
                  {} --keep-daily 7 ...`)",
                 repo.path().display(),
                 repo.path().display()
-            ),
+            )?,
         }
     }
     Ok(())

@@ -88,18 +88,18 @@ pub async fn run(args: &Args) -> Result<()> {
     progress.clear();
     let report = report?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if args.summary {
         let what = if report.dry_run { "would remove" } else { "removed" };
-        println!(
+        outln!(
             "qmpbak prune {}: OK {what} {} node(s), freed {} (policy {policy}, {source})",
             report.vm,
             report.removed.len(),
             signed_bytes(report.freed_bytes)
-        );
+        )?;
     } else {
-        println!("policy: {policy} ({source})");
-        print_plan(&report);
+        outln!("policy: {policy} ({source})")?;
+        print_plan(&report)?;
     }
     Ok(())
 }
@@ -112,11 +112,14 @@ fn signed_bytes(n: i64) -> String {
     }
 }
 
-fn print_plan(report: &PruneReport) {
-    println!(
+fn print_plan(report: &PruneReport) -> Result<(), super::out::StdoutError> {
+    outln!(
         "{:<6} {:<12} {:<19}  {:<28} WHY",
-        "NODE", "KIND", "CREATED", "ACTION"
-    );
+        "NODE",
+        "KIND",
+        "CREATED",
+        "ACTION"
+    )?;
     for d in &report.plan {
         let action = if d.into.is_empty() {
             d.action.to_string()
@@ -125,43 +128,44 @@ fn print_plan(report: &PruneReport) {
             format!("{} {}", d.action, into.join(","))
         };
         let why: Vec<String> = d.why.iter().map(ToString::to_string).collect();
-        println!(
+        outln!(
             "{:<6} {:<12} {:<19}  {:<28} {}",
             d.node.as_str(),
             d.kind.to_string(),
             d.created.format("%Y-%m-%d %H:%M:%S"),
             action,
             why.join("; ")
-        );
+        )?;
     }
     if !report.leftovers.operations.is_empty() {
-        println!(
+        outln!(
             "finished interrupted operation(s) {} first: removed {} leftover file(s), {}",
             report.leftovers.operations.join(", "),
             report.leftovers.files.len(),
             bytes(report.leftovers.freed_bytes)
-        );
+        )?;
     }
     let merged = report.merged.len();
     if report.dry_run {
-        println!(
+        outln!(
             "dry run: nothing was changed; {} node(s) would go ({merged} merged into their children), up to {}",
             report.removed.len(),
             bytes(report.removed_bytes)
-        );
+        )?;
     } else if report.removed.is_empty() {
-        println!("nothing to prune in VM {}", report.vm);
+        outln!("nothing to prune in VM {}", report.vm)?;
     } else {
         let freed = signed_bytes(report.freed_bytes);
-        println!(
+        outln!(
             "removed {} node(s) of VM {} ({merged} merged into their children): freed {freed} (files removed {}, \
              children grew {}); `qmpbak verify` re-reads what stays",
             report.removed.len(),
             report.vm,
             bytes(report.removed_bytes),
             bytes(report.added_bytes)
-        );
+        )?;
     }
+    Ok(())
 }
 
 pub async fn merge(args: MergeArgs) -> Result<()> {
@@ -182,20 +186,21 @@ pub async fn merge(args: MergeArgs) -> Result<()> {
     progress.clear();
     let report = report?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else if report.previous_parent.is_none() {
-        println!(
+        outln!(
             "node {} of {} is a full already: nothing to merge",
-            report.node, report.vm
-        );
+            report.node,
+            report.vm
+        )?;
     } else {
-        println!(
+        outln!(
             "node {} of {} is now a full: folded {} into it; its files grew by {}",
             report.node,
             report.vm,
             report.folded.join(", "),
             bytes(report.added_bytes.max(0).unsigned_abs())
-        );
+        )?;
     }
     Ok(())
 }

@@ -33,8 +33,8 @@ pub async fn run(args: Args) -> Result<()> {
         .await
         .with_context(|| format!("QMP {}", args.command))?;
     match reply {
-        serde_json::Value::String(text) => print!("{text}"),
-        other => println!("{}", serde_json::to_string_pretty(&other)?),
+        serde_json::Value::String(text) => out!("{text}")?,
+        other => outln!("{}", serde_json::to_string_pretty(&other)?)?,
     }
     Ok(())
 }

@@ -73,16 +73,16 @@ pub async fn run(args: Args) -> Result<()> {
         progress.clear();
         let report = report?;
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&report)?);
+            outln!("{}", serde_json::to_string_pretty(&report)?)?;
         } else {
-            println!(
+            outln!(
                 "node {} of {} restored live into {}: VM running after {:.2} s, streaming done after {:.1} s",
                 report.node,
                 report.vm,
                 report.disks.join(", "),
                 report.running_after_secs,
                 report.duration_secs
-            );
+            )?;
         }
         return Ok(());
     }
@@ -113,7 +113,7 @@ pub async fn run(args: Args) -> Result<()> {
         )
         .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
         for d in &report.disks {
             let check = if d.verified {
@@ -121,12 +121,12 @@ pub async fn run(args: Args) -> Result<()> {
             } else {
                 "DOES NOT match its checking table"
             };
-            println!(
+            outln!(
                 "node {} disk {} -> {} ({check})",
                 report.node,
                 d.disk,
                 d.path.display()
-            );
+            )?;
         }
     }
     Ok(())

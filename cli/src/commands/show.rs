@@ -27,22 +27,22 @@ pub fn run(args: &Args) -> Result<()> {
     let chain = manifest.recovery_chain(&node.id)?;
     let current = manifest.current.as_ref() == Some(&node.id);
     if args.json {
-        println!(
+        outln!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
                 "node": node,
                 "current": current,
                 "recovery_chain": chain.iter().map(|n| n.id.to_string()).collect::<Vec<_>>(),
             }))?
-        );
+        )?;
         return Ok(());
     }
-    println!("{}", render::node_line(node, current));
+    outln!("{}", render::node_line(node, current))?;
     if let Some(reason) = &node.reason {
-        println!("  why:   {reason}");
+        outln!("  why:   {reason}")?;
     }
     for disk in &node.disks {
-        println!(
+        outln!(
             "  disk {}: {} ({} virtual, {} stored){}",
             disk.disk,
             disk.file,
@@ -51,15 +51,15 @@ pub fn run(args: &Args) -> Result<()> {
             disk.backing
                 .as_ref()
                 .map_or_else(String::new, |b| format!(", backing {b}"))
-        );
+        )?;
     }
-    println!(
+    outln!(
         "  recovery chain: {}",
         chain
             .iter()
             .map(|n| n.id.to_string())
             .collect::<Vec<_>>()
             .join(" <- ")
-    );
+    )?;
     Ok(())
 }

@@ -32,9 +32,9 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let report = snapshot::snapshot(&opts).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!(
+        outln!(
             "time point {} of {} taken in {:.1} ms{}",
             report.node,
             report.vm,
@@ -43,14 +43,14 @@ pub async fn run(args: Args) -> Result<()> {
                 .parent
                 .as_ref()
                 .map_or_else(String::new, |p| format!(" (after {p})"))
-        );
+        )?;
         for d in &report.disks {
-            println!(
+            outln!(
                 "  disk {}: frozen {}, writes go to {}",
                 d.disk,
                 d.frozen.display(),
                 d.overlay.display()
-            );
+            )?;
         }
     }
     Ok(())
@@ -77,12 +77,14 @@ pub async fn revert(args: RevertArgs) -> Result<()> {
     };
     let report = snapshot::revert(&opts).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!(
+        outln!(
             "{} continues from time point {} ({:.2} s)",
-            report.vm, report.node, report.duration_secs
-        );
+            report.vm,
+            report.node,
+            report.duration_secs
+        )?;
     }
     Ok(())
 }
@@ -108,9 +110,9 @@ pub async fn commit(args: CommitArgs) -> Result<()> {
     };
     let report = qmpbak::commit::commit(&opts).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
-        println!(
+        outln!(
             "time point {} now lives in the files of {}, which left the tree{} ({:.1} s)",
             report.node,
             report.removed,
@@ -119,7 +121,7 @@ pub async fn commit(args: CommitArgs) -> Result<()> {
                 .as_ref()
                 .map_or_else(String::new, |t| format!(" with its tag {t}")),
             report.duration_secs
-        );
+        )?;
     }
     Ok(())
 }

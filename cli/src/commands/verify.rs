@@ -47,26 +47,31 @@ pub async fn run(args: Args) -> Result<()> {
         )
         .await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        outln!("{}", serde_json::to_string_pretty(&report)?)?;
         super::mark_report_printed();
     } else if !args.summary {
         for node in &report.nodes {
             for d in &node.disks {
                 match (&d.error, d.ok) {
                     (Some(e), _) if d.checked => {
-                        println!("node {} disk {}: DAMAGED {e}", node.node, d.disk);
+                        outln!("node {} disk {}: DAMAGED {e}", node.node, d.disk)?;
                     }
-                    (Some(e), _) => println!("node {} disk {}: NOT CHECKED {e}", node.node, d.disk),
-                    (None, true) => println!(
+                    (Some(e), _) => outln!("node {} disk {}: NOT CHECKED {e}", node.node, d.disk)?,
+                    (None, true) => outln!(
                         "node {} disk {}: ok ({} blocks)",
-                        node.node, d.disk, d.blocks_checked
-                    ),
+                        node.node,
+                        d.disk,
+                        d.blocks_checked
+                    )?,
                     (None, false) => {
                         for b in &d.bad_blocks {
-                            println!(
+                            outln!(
                                 "node {} disk {}: BAD block {} (offset {})",
-                                node.node, d.disk, b.index, b.offset
-                            );
+                                node.node,
+                                d.disk,
+                                b.index,
+                                b.offset
+                            )?;
                         }
                     }
                 }
@@ -88,19 +93,29 @@ pub async fn run(args: Args) -> Result<()> {
             ExitCode::Damaged,
             format!(
                 "damaged: nodes {}; restoring any of {} would give wrong data",
-                report.damaged_nodes.join(", "),
-                report.broken_restores.join(", ")
+                some_of(&report.damaged_nodes),
+                some_of(&report.broken_restores)
             )
         ));
     }
     if args.summary {
-        println!(
+        outln!(
             "qmpbak verify {}: OK {} node(s) verified",
             args.target.vm,
             report.nodes.len()
-        );
+        )?;
     } else if !args.json {
-        println!("verified {} node(s): all ok", report.nodes.len());
+        outln!("verified {} node(s): all ok", report.nodes.len())?;
     }
     Ok(())
+}
+
+/// Node ids for a message: all of a few, the first ones of many (the report has them all).
+fn some_of(ids: &[String]) -> String {
+    const SHOWN: usize = 10;
+    if ids.len() <= SHOWN {
+        ids.join(", ")
+    } else {
+        format!("{} … ({} in all)", ids[..SHOWN].join(", "), ids.len())
+    }
 }

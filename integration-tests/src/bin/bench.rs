@@ -1707,7 +1707,7 @@ fn write_big_manifest(repo: &Path, count: u64) {
     let mut last_full = None;
     let mut prev: Option<chain::NodeId> = None;
     for i in 0..count {
-        let id = manifest.next_node_id();
+        let id = manifest.next_node_id().expect("node ids left");
         let (kind, parent) = if i % 7 == 0 {
             (chain::NodeKind::Full, None)
         } else if i % 50 == 25 {

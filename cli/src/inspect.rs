@@ -42,6 +42,9 @@ pub struct DiskInfo {
     pub allocated_size: Option<u64>,
     pub backing_file: Option<String>,
     pub read_only: bool,
+    /// Whether QEMU decrypts the disk's image or one of its backing images (LUKS, qcow2 `encrypt`): a copy of
+    /// what the guest sees is then plaintext of what the user encrypted.
+    pub encrypted: bool,
     pub bitmaps: Vec<BitmapInfo>,
 }
 
@@ -139,7 +142,9 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
                 .iter()
                 .find(|n| n.node_name.as_deref() == Some(name.as_str()));
         }
+        let encrypted = inserted.encrypted || crate::crypt::image_encrypted(&inserted.image);
         let info = node.cloned().unwrap_or(inserted);
+        let encrypted = encrypted || info.encrypted || crate::crypt::image_encrypted(&info.image);
         let bitmaps = info
             .dirty_bitmaps
             .unwrap_or_default()
@@ -164,6 +169,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
             allocated_size: info.image.actual_size,
             backing_file: info.backing_file,
             read_only: info.ro,
+            encrypted,
             bitmaps,
         });
     }

@@ -7,6 +7,7 @@ pub mod bitmaps;
 pub mod cleanup;
 pub mod commit;
 pub mod crashpoint;
+pub mod crypt;
 pub mod daemon;
 pub mod direct;
 pub mod exit;

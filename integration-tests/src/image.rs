@@ -33,6 +33,41 @@ pub fn create_qcow2(path: &Path, size: u64) {
     ]);
 }
 
+/// Creates a qcow2 image of `size` bytes encrypted with LUKS (`encrypt.format=luks`), its passphrase read from
+/// `key_file` (a fast key derivation: test images need no brute-force resistance).
+pub fn create_luks_qcow2(path: &Path, key_file: &Path, size: u64) {
+    qemu_img(&[
+        "create",
+        "-q",
+        "--object",
+        &format!("secret,id=sec0,file={}", key_file.display()),
+        "-f",
+        "qcow2",
+        "-o",
+        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+        &path.to_string_lossy(),
+        &size.to_string(),
+    ]);
+}
+
+/// [`convert_to_qcow2`] for a LUKS-encrypted qcow2 whose passphrase is in `key_file`; the copy is plain.
+pub fn convert_luks_to_qcow2(src: &Path, key_file: &Path, dst: &Path) {
+    qemu_img(&[
+        "convert",
+        "-U",
+        "--object",
+        &format!("secret,id=sec0,file={}", key_file.display()),
+        "--image-opts",
+        &format!(
+            "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
+            src.display()
+        ),
+        "-O",
+        "qcow2",
+        &dst.to_string_lossy(),
+    ]);
+}
+
 /// Copies an image (through its backing chain) into a standalone qcow2: a reference snapshot. `-U` because the
 /// source may be open in a paused QEMU.
 pub fn convert_to_qcow2(src: &Path, dst: &Path) {

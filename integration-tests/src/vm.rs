@@ -24,6 +24,9 @@ pub struct DiskSpec {
     pub size: u64,
     /// blkdebug `inject-error` rules for a blkdebug layer between the qcow2 node and its file (host offsets).
     pub inject_errors: Option<serde_json::Value>,
+    /// The LUKS passphrase of a qcow2 encrypted with `encrypt.format=luks`; QEMU gets it from a secret object
+    /// reading [`TestVm::disk_key_file`].
+    pub luks_passphrase: Option<String>,
 }
 
 impl DiskSpec {
@@ -32,6 +35,7 @@ impl DiskSpec {
             id: id.to_owned(),
             size,
             inject_errors: None,
+            luks_passphrase: None,
         }
     }
 
@@ -53,6 +57,16 @@ impl TestVmBuilder {
     #[must_use]
     pub fn disk(mut self, id: &str, size: u64) -> Self {
         self.disks.push(DiskSpec::new(id, size));
+        self
+    }
+
+    /// Adds a virtio-blk disk backed by a new LUKS-encrypted qcow2 image of `size` bytes (`encrypt.format=luks`)
+    /// with this passphrase.
+    #[must_use]
+    pub fn encrypted_disk(mut self, id: &str, size: u64, passphrase: &str) -> Self {
+        let mut disk = DiskSpec::new(id, size);
+        disk.luks_passphrase = Some(passphrase.to_owned());
+        self.disks.push(disk);
         self
     }
 
@@ -86,7 +100,15 @@ impl TestVmBuilder {
             .tempdir()
             .expect("create temp dir");
         for disk in &self.disks {
-            image::create_qcow2(&dir.path().join(format!("{}.qcow2", disk.id)), disk.size);
+            let path = dir.path().join(format!("{}.qcow2", disk.id));
+            match &disk.luks_passphrase {
+                Some(passphrase) => {
+                    let key = key_file(dir.path(), &disk.id);
+                    std::fs::write(&key, passphrase).expect("write disk key file");
+                    image::create_luks_qcow2(&path, &key, disk.size);
+                }
+                None => image::create_qcow2(&path, disk.size),
+            }
         }
         TestVm::launch(self, dir).await
     }
@@ -175,7 +197,16 @@ impl TestVm {
                 cmd.arg("-blockdev").arg(debug.to_string());
                 below = format!("{}-debug", disk.node_name());
             }
-            let fmt = serde_json::json!({ "driver": "qcow2", "file": below, "node-name": disk.node_name() });
+            let mut fmt =
+                serde_json::json!({ "driver": "qcow2", "file": below, "node-name": disk.node_name() });
+            if disk.luks_passphrase.is_some() {
+                let secret = format!("sec-{}", disk.id);
+                cmd.arg("-object").arg(format!(
+                    "secret,id={secret},file={}",
+                    key_file(dir.path(), &disk.id).display()
+                ));
+                fmt["encrypt"] = serde_json::json!({ "format": "luks", "key-secret": secret });
+            }
             cmd.arg("-blockdev").arg(fmt.to_string());
             cmd.arg("-device").arg(format!(
                 "virtio-blk-pci,drive={},id={}",
@@ -236,6 +267,11 @@ impl TestVm {
         self.dir().join(format!("{id}.qcow2"))
     }
 
+    /// The file holding the LUKS passphrase of encrypted disk `id`.
+    pub fn disk_key_file(&self, id: &str) -> PathBuf {
+        key_file(self.dir(), id)
+    }
+
     pub fn disks(&self) -> &[DiskSpec] {
         &self.config.disks
     }
@@ -293,7 +329,16 @@ impl TestVm {
         if was_running {
             self.qmp().execute_raw("stop", None).await.expect("stop");
         }
-        image::convert_to_qcow2(&self.active_image(id).await, dst);
+        match self
+            .config
+            .disks
+            .iter()
+            .find(|d| d.id == id && d.luks_passphrase.is_some())
+        {
+            // QEMU names an encrypted image with a `json:` description: the disk's own file (no snapshots).
+            Some(_) => image::convert_luks_to_qcow2(&self.disk_path(id), &self.disk_key_file(id), dst),
+            None => image::convert_to_qcow2(&self.active_image(id).await, dst),
+        }
         if was_running {
             self.qmp().execute_raw("cont", None).await.expect("cont");
         }
@@ -399,6 +444,11 @@ impl TestVm {
         self.kill();
         panic!("{what}\n{}", self.output());
     }
+}
+
+/// Where an encrypted disk's passphrase lives in the VM's directory.
+fn key_file(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.luks-key"))
 }
 
 impl Drop for TestVm {

@@ -55,6 +55,8 @@ pub struct BackupOptions {
     pub qga: Option<PathBuf>,
     pub lock_wait: LockWait,
     pub job_timeout: Duration,
+    /// Back up encrypted disks into a repository that is not encrypted (their contents then stored decrypted).
+    pub allow_plaintext: bool,
 }
 
 /// The outcome of a backup, as printed by `--json`.
@@ -75,6 +77,8 @@ pub struct BackupReport {
     pub quiesced: bool,
     /// What an earlier, interrupted run left behind and this run removed.
     pub cleaned: cleanup::Cleaned,
+    /// Encrypted disks stored decrypted in this repository (`--allow-plaintext`).
+    pub plaintext_of_encrypted: Vec<String>,
 }
 
 /// Per-disk figures of a backup.
@@ -200,6 +204,7 @@ pub async fn backup(
     interrupt: &Interrupt,
 ) -> Result<BackupReport> {
     let started = Instant::now();
+    let plaintext_of_encrypted = check_encrypted_sources(opts).await?;
     let crate::session::Session {
         repo,
         vm,
@@ -210,6 +215,7 @@ pub async fn backup(
     } = crate::session::open(&opts.repo, &opts.vm, &opts.socket, opts.lock_wait, "backup", true).await?;
     let info = inspect::inspect(&qmp).await?;
     let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
+    crate::crypt::check_sources(&disks, false, opts.allow_plaintext)?;
     for disk in &disks {
         if disk.read_only {
             bail!(Exit::usage(format!(
@@ -334,7 +340,19 @@ pub async fn backup(
         tables_secs,
         quiesced: opts.qga.is_some(),
         cleaned,
+        plaintext_of_encrypted,
     })
+}
+
+/// Refuses, before anything is written (not even a new VM's directory), to copy encrypted disks into a
+/// repository that is not encrypted, unless `--allow-plaintext` ([`crate::crypt::check_sources`]); returns the
+/// disks that are copied decrypted.
+async fn check_encrypted_sources(opts: &BackupOptions) -> Result<Vec<String>> {
+    chain::Repository::open(&opts.repo)?;
+    let qmp = inspect::connect(&opts.socket).await?;
+    let info = inspect::inspect(&qmp).await?;
+    let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
+    Ok(crate::crypt::check_sources(&disks, false, opts.allow_plaintext)?)
 }
 
 /// The result of the copy phase, per target: guest bytes copied, and the node's checking table when the copy

@@ -52,6 +52,10 @@ pub struct Args {
     /// A name for this backup, usable wherever a node id is.
     #[arg(long)]
     tag: Option<String>,
+    /// Back up encrypted disks (LUKS, qcow2 encryption) even into a repository that is not encrypted, where
+    /// their contents are stored decrypted. Without it such a backup is refused.
+    #[arg(long)]
+    allow_plaintext: bool,
     /// Print one JSON result.
     #[arg(long)]
     json: bool,
@@ -76,6 +80,7 @@ pub async fn run(args: Args) -> Result<()> {
         qga: if args.quiesce { args.qga } else { None },
         lock_wait: args.vm.target.lock.lock_wait(),
         job_timeout: backup::DEFAULT_JOB_TIMEOUT,
+        allow_plaintext: args.allow_plaintext,
     };
     let interrupt = Interrupt::new()?;
     let progress = Bars::new(!args.json && std::io::stderr().is_terminal());
@@ -91,6 +96,12 @@ pub async fn run(args: Args) -> Result<()> {
 }
 
 fn print_report(r: &BackupReport) {
+    if !r.plaintext_of_encrypted.is_empty() {
+        println!(
+            "warning: encrypted disk(s) {} stored DECRYPTED in this repository (--allow-plaintext)",
+            r.plaintext_of_encrypted.join(", ")
+        );
+    }
     if !r.cleaned.is_empty() {
         println!(
             "cleaned up after an interrupted run: {} (nodes marked failed: {})",

@@ -33,6 +33,7 @@
 //! A manifest is only ever replaced whole and atomically, after validation; a manifest that fails to load is
 //! reported (which file, what is wrong, where) and never rewritten.
 
+pub mod crypt;
 pub mod error;
 pub mod lock;
 pub mod manifest;
@@ -43,6 +44,7 @@ pub mod store;
 pub mod table;
 pub mod tree;
 
+pub use crypt::{Encryption, RepoKeys, TableKey};
 pub use error::{Error, ManifestProblem, Result};
 pub use lock::{LockGuard, LockHolder, LockMode, LockWait};
 pub use manifest::{

@@ -68,6 +68,7 @@ pub struct MergedDisk {
 /// Makes `opts.node` a synthetic full.
 pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     let repo = Repository::open(&opts.repo)?;
+    crate::crypt::unlock::refuse_if_encrypted(&repo, "merge")?;
     let vm = repo.vm(&opts.vm)?;
     let guard = vm.lock_exclusive(opts.lock_wait, "merge")?;
     let mut manifest = vm.load()?;

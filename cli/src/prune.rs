@@ -83,6 +83,7 @@ pub fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<PruneReport
         ));
     }
     let repo = Repository::open(&opts.repo)?;
+    crate::crypt::unlock::refuse_if_encrypted(&repo, "prune")?;
     let vm = repo.vm(&opts.vm)?;
     let guard = if opts.dry_run {
         vm.lock_shared(opts.lock_wait)?

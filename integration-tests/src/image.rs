@@ -34,20 +34,39 @@ pub fn create_qcow2(path: &Path, size: u64) {
 }
 
 /// Creates a qcow2 image of `size` bytes encrypted with LUKS (`encrypt.format=luks`), its passphrase read from
-/// `key_file` (a fast key derivation: test images need no brute-force resistance).
+/// `key_file` (a fast key derivation: test images need no brute-force resistance). QEMU 7.2 times its key
+/// derivation with a CPU clock that now and then reads nothing and then fails ("Unable to get accurate CPU
+/// usage"): that is tried again, a bounded number of times.
 pub fn create_luks_qcow2(path: &Path, key_file: &Path, size: u64) {
-    qemu_img(&[
-        "create",
-        "-q",
-        "--object",
-        &format!("secret,id=sec0,file={}", key_file.display()),
-        "-f",
-        "qcow2",
-        "-o",
-        "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
-        &path.to_string_lossy(),
-        &size.to_string(),
-    ]);
+    const ATTEMPTS: usize = 10;
+    let bins = QemuBinaries::from_env();
+    let mut report = String::new();
+    for _ in 0..ATTEMPTS {
+        let out = Command::new(&bins.img)
+            .args(["create", "-q", "--object"])
+            .arg(format!("secret,id=sec0,file={}", key_file.display()))
+            .args([
+                "-f",
+                "qcow2",
+                "-o",
+                "encrypt.format=luks,encrypt.key-secret=sec0,encrypt.iter-time=10",
+            ])
+            .arg(path)
+            .arg(size.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", bins.img.display()));
+        if out.status.success() {
+            return;
+        }
+        report = String::from_utf8_lossy(&out.stderr).into_owned();
+        if !report.contains("accurate CPU usage") {
+            break;
+        }
+    }
+    panic!(
+        "qemu-img create of the LUKS image {} failed: {report}",
+        path.display()
+    );
 }
 
 /// [`convert_to_qcow2`] for a LUKS-encrypted qcow2 whose passphrase is in `key_file`; the copy is plain.

@@ -215,7 +215,7 @@ pub async fn backup(
     } = crate::session::open(&opts.repo, &opts.vm, &opts.socket, opts.lock_wait, "backup", true).await?;
     let info = inspect::inspect(&qmp).await?;
     let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
-    crate::crypt::check_sources(&disks, false, opts.allow_plaintext)?;
+    crate::crypt::check_sources(&disks, repo.settings().encryption.is_some(), opts.allow_plaintext)?;
     for disk in &disks {
         if disk.read_only {
             bail!(Exit::usage(format!(
@@ -348,11 +348,17 @@ pub async fn backup(
 /// repository that is not encrypted, unless `--allow-plaintext` ([`crate::crypt::check_sources`]); returns the
 /// disks that are copied decrypted.
 async fn check_encrypted_sources(opts: &BackupOptions) -> Result<Vec<String>> {
-    chain::Repository::open(&opts.repo)?;
+    let repo = chain::Repository::open(&opts.repo)?;
+    // A missing or wrong key fails here, before anything is written.
+    crate::crypt::require(&repo)?;
     let qmp = inspect::connect(&opts.socket).await?;
     let info = inspect::inspect(&qmp).await?;
     let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
-    Ok(crate::crypt::check_sources(&disks, false, opts.allow_plaintext)?)
+    Ok(crate::crypt::check_sources(
+        &disks,
+        repo.settings().encryption.is_some(),
+        opts.allow_plaintext,
+    )?)
 }
 
 /// The result of the copy phase, per target: guest bytes copied, and the node's checking table when the copy
@@ -542,6 +548,7 @@ impl Run<'_> {
     async fn fail(&mut self, err: &anyhow::Error) {
         let mut cleaned = cleanup::Cleaned::default();
         cleanup::undo_in_qemu(self.qmp, &self.op, &mut cleaned).await;
+        crate::crypt::unlock::remove_secret(self.qmp).await;
         let in_use = cleanup::open_files(Some(self.qmp)).await;
         cleanup::undo_on_disk(self.vm, &self.op, &in_use, &mut cleaned);
         if let Some(node) = self.manifest.node_mut(&self.node) {

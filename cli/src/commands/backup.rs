@@ -62,6 +62,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let _key = args.vm.target.unlock()?;
     let opts = BackupOptions {
         socket: args.vm.socket,
         repo: args.vm.target.repo,

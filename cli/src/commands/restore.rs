@@ -54,6 +54,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let _key = args.target.unlock()?;
     if args.live {
         let Some(socket) = args.socket else {
             bail!(Exit::usage("--live needs --socket"))

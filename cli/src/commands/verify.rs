@@ -22,6 +22,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let _key = args.target.unlock()?;
     let opts = VerifyOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),

@@ -1,5 +1,12 @@
 //! Encryption at rest: finding the VM's encrypted disks, so that their plaintext never lands in a repository
-//! that is not encrypted without the user saying so (`--allow-plaintext`).
+//! that is not encrypted without the user saying so (`--allow-plaintext`); reading the repository key
+//! ([`key`]) and handing it to QEMU ([`unlock`]) for encrypted repositories.
+
+pub mod key;
+pub mod unlock;
+
+pub use key::KeySource;
+pub use unlock::{KeyGuard, require, unlock};
 
 use qmp::ImageInfo;
 

@@ -56,6 +56,7 @@ pub async fn restore_live(
     interrupt: &Interrupt,
 ) -> Result<LiveReport> {
     let started = Instant::now();
+    crate::crypt::unlock::refuse_if_encrypted(&chain::Repository::open(&opts.repo)?, "restore --live")?;
     let crate::session::Session {
         vm,
         guard,

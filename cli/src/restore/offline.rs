@@ -71,6 +71,7 @@ pub struct RestoredDisk {
 pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let repo = Repository::open(&opts.repo)?;
+    crate::crypt::require(&repo)?;
     let vm = repo.vm(&opts.vm)?;
     let guard = if opts.set_current {
         vm.lock_exclusive(opts.lock_wait, "restore")?
@@ -225,6 +226,7 @@ async fn convert(bins: &QemuBins, files: &[PathBuf], path: &Path, format: Format
     let spec = crate::direct::chain_spec(files);
     let out = tokio::process::Command::new(&bins.img)
         .args(["convert", "-n", "--target-is-zero", "-O", format.ext()])
+        .args(crate::crypt::unlock::qemu_img_args())
         .arg(format!("json:{spec}"))
         .arg(path)
         .kill_on_drop(true)

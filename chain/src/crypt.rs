@@ -194,4 +194,20 @@ mod tests {
         // Another repository (another salt) keys the same block differently.
         assert_ne!(ta.seal(0, &zero), b.table_key().seal(0, &zero));
     }
+
+    #[test]
+    fn a_keyed_table_says_so_in_its_file_and_hides_its_zero_blocks() {
+        let keys = Encryption::new(b"k").unwrap().unlock(b"k").unwrap();
+        let plain = Table::zeroed(64 << 10, 3 * (64 << 10)).unwrap();
+        assert!(plain.is_zero(0));
+        let keyed = keys.table_key().seal_table(&plain).unwrap();
+        assert!(keyed.is_keyed() && !keyed.is_zero(0));
+        assert_ne!(keyed.digest(0), keyed.digest(1));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.table");
+        keyed.save(&path).unwrap();
+        let loaded = Table::load(&path).unwrap();
+        assert_eq!(loaded, keyed);
+        assert!(loaded.is_keyed());
+    }
 }

@@ -207,6 +207,19 @@ impl Repository {
             ));
         }
         settings.check().map_err(|e| invalid(e.to_string()))?;
+        // Version 2 is exactly an encrypted repository, so that a qmpbak that knows nothing of encryption
+        // refuses it; an encryption record under version 1 would have been ignored by such a qmpbak.
+        if (settings.format_version >= SETTINGS_VERSION) != settings.encryption.is_some() {
+            return Err(invalid(format!(
+                "format_version {} {} an encryption record",
+                settings.format_version,
+                if settings.encryption.is_some() {
+                    "must not have"
+                } else {
+                    "needs"
+                }
+            )));
+        }
         Ok(Repository {
             path: path.to_owned(),
             settings,

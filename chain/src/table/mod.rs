@@ -499,7 +499,7 @@ mod tests {
         newer[8] = 2;
         corrupt(&newer, "newer qmpbak");
         let mut flags = good.clone();
-        flags[12] = 1;
+        flags[12] = 2;
         corrupt(&flags, "flags");
         let mut bs = good.clone();
         bs[16] = 1;

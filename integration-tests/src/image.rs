@@ -44,7 +44,7 @@ pub fn create_luks_qcow2(path: &Path, key_file: &Path, size: u64) {
     for _ in 0..ATTEMPTS {
         let out = Command::new(&bins.img)
             .args(["create", "-q", "--object"])
-            .arg(format!("secret,id=sec0,file={}", key_file.display()))
+            .arg(format!("secret,id=sec0,file={}", opt_value(key_file)))
             .args([
                 "-f",
                 "qcow2",
@@ -69,17 +69,22 @@ pub fn create_luks_qcow2(path: &Path, key_file: &Path, size: u64) {
     );
 }
 
+/// A path as a value in a QEMU option string: commas doubled.
+fn opt_value(path: &Path) -> String {
+    path.display().to_string().replace(',', ",,")
+}
+
 /// [`convert_to_qcow2`] for a LUKS-encrypted qcow2 whose passphrase is in `key_file`; the copy is plain.
 pub fn convert_luks_to_qcow2(src: &Path, key_file: &Path, dst: &Path) {
     qemu_img(&[
         "convert",
         "-U",
         "--object",
-        &format!("secret,id=sec0,file={}", key_file.display()),
+        &format!("secret,id=sec0,file={}", opt_value(key_file)),
         "--image-opts",
         &format!(
             "driver=qcow2,file.filename={},encrypt.key-secret=sec0",
-            src.display()
+            opt_value(src)
         ),
         "-O",
         "qcow2",

@@ -318,3 +318,53 @@ async fn a_checksum_diff_backup_into_an_encrypted_repository_compares_keyed_tabl
     image::assert_same(&reference, &to);
     er.run("vm1", &["verify"]).success();
 }
+
+#[tokio::test]
+async fn encrypt_output_restores_into_luks_images_that_open_with_the_given_key() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let node = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    // A path QEMU's option parser would split, for the output and its key.
+    let out_key = dir.path().join("out,key");
+    std::fs::write(&out_key, b"passphrase of the restored image").unwrap();
+    let to = dir.path().join("restored,1.qcow2");
+    er.run(
+        "vm1",
+        &[
+            "restore",
+            &node,
+            "--to",
+            to.to_str().unwrap(),
+            "--encrypt-output",
+            out_key.to_str().unwrap(),
+        ],
+    )
+    .success();
+    assert_eq!(image::info(&to)["encrypted"], true);
+    assert!(!holds_pattern(&to, PATTERN), "the restored image holds plaintext");
+    let plain = dir.path().join("plain.qcow2");
+    let key_copy = dir.path().join("out.key");
+    std::fs::copy(&out_key, &key_copy).unwrap();
+    image::convert_luks_to_qcow2(&to, &key_copy, &plain);
+    image::assert_same(&reference, &plain);
+    // Raw output cannot be encrypted.
+    let raw = dir.path().join("r.raw");
+    let refused = er.run(
+        "vm1",
+        &[
+            "restore",
+            &node,
+            "--to",
+            raw.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--encrypt-output",
+            out_key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(refused.code(), Some(2), "{refused:?}");
+}

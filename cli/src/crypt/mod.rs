@@ -3,6 +3,7 @@
 //! ([`key`]) and handing it to QEMU ([`unlock`]) for encrypted repositories.
 
 pub mod key;
+pub mod output;
 pub mod unlock;
 
 pub use key::KeySource;

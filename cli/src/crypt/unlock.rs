@@ -24,8 +24,6 @@ use crate::qemu_bins::QemuBins;
 pub const SECRET_ID: &str = "qmpbak-repo-key";
 /// LUKS key-derivation time per node file, in milliseconds (see the module docs).
 const LUKS_ITER_TIME_MS: u32 = 10;
-/// How many more times `qemu-img create` runs when QEMU's LUKS timing fails (see [`create_node_file`]).
-const CREATE_ATTEMPTS: usize = 9;
 
 /// The key of an unlocked repository and its private secret file.
 pub struct Unlocked {
@@ -207,35 +205,7 @@ const TEMPLATE_SIZE: u64 = 64 << 10;
 pub fn create_template(bins: &QemuBins, repo: &Path) -> Result<()> {
     let options = create_options().context("the repository is not unlocked")?;
     let path = repo.join(TEMPLATE_FILE);
-    let create = || {
-        std::process::Command::new(&bins.img)
-            .args(["create", "-q", "-f", "qcow2"])
-            .args(qemu_img_args())
-            .args(["-o", &options])
-            .arg(&path)
-            .arg(TEMPLATE_SIZE.to_string())
-            .output()
-            .with_context(|| format!("running {}", bins.img.display()))
-    };
-    let mut out = create()?;
-    // QEMU times its LUKS key derivation with the thread's CPU clock and gives up when that reads no time at
-    // all (QEMU 7.2 does now and then): nothing usable was made, so trying again is safe.
-    for _ in 0..CREATE_ATTEMPTS {
-        let flaky = String::from_utf8_lossy(&out.stderr).contains("Unable to get accurate CPU usage");
-        if out.status.success() || !flaky {
-            break;
-        }
-        out = create()?;
-    }
-    if !out.status.success() {
-        let _ = std::fs::remove_file(&path);
-        anyhow::bail!(
-            "creating the encrypted template {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    set_private(&path)?;
+    super::output::create_luks_qcow2(bins, &path, TEMPLATE_SIZE, &qemu_img_args(), &options)?;
     chain::store::sync_files(&[path]).context("syncing the template")?;
     Ok(())
 }

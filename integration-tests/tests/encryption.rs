@@ -197,6 +197,7 @@ async fn an_encrypted_repository_holds_no_plaintext_and_restores_every_node_with
     let inc = er.repo.backup(&vm, "vm1", &er.key_args());
     assert_eq!(inc["level"], "incremental", "{inc}");
 
+    assert_no_secret_left(&vm).await;
     // Every node file is a LUKS-encrypted qcow2; nothing the guest wrote is in any file of the repository.
     for node in [&full, &inc] {
         for disk in ["disk0", "disk1"] {
@@ -367,4 +368,38 @@ async fn encrypt_output_restores_into_luks_images_that_open_with_the_given_key()
         ],
     );
     assert_eq!(refused.code(), Some(2), "{refused:?}");
+}
+
+#[tokio::test]
+async fn a_live_restore_from_an_encrypted_repository_streams_the_node_and_leaves_no_key_in_qemu() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let node = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    let target = TestVm::start_paused(&[("disk0", 16 * MIB)]).await;
+    let args = er.repo.live_restore_args(&target.socket(), "vm1", &node, &[]);
+    let without_key = cli::run_owned(&args);
+    assert_eq!(without_key.code(), Some(3), "{without_key:?}");
+    assert!(!target.running().await, "a refused live restore started the VM");
+    cli::run_owned(&[args, er.key_args().map(str::to_owned).to_vec()].concat()).success();
+    let restored = dir.path().join("restored.qcow2");
+    target.capture_reference("disk0", &restored).await;
+    image::assert_same(&reference, &restored);
+    assert_no_secret_left(&target).await;
+}
+
+/// Asserts that QEMU holds no secret object of qmpbak's (the repository key) any more.
+async fn assert_no_secret_left(vm: &TestVm) {
+    let objects = vm
+        .qmp()
+        .execute_raw("qom-list", Some(serde_json::json!({ "path": "/objects" })))
+        .await
+        .unwrap();
+    assert!(
+        !objects.to_string().contains("qmpbak"),
+        "qmpbak left a secret in QEMU: {objects}"
+    );
 }

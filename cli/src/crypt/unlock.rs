@@ -181,6 +181,16 @@ pub async fn add_secret(qmp: &qmp::Qmp) -> Result<()> {
     Ok(())
 }
 
+/// Removes the secret from the QEMU behind `qmp` whether or not this process holds a key (cleanup finishing a
+/// live restore of a qmpbak that died); errors (no such object) are ignored.
+pub async fn forget_secret(qmp: &qmp::Qmp) {
+    let _ = qmp
+        .execute(&qmp::commands::ObjectDel {
+            id: SECRET_ID.to_owned(),
+        })
+        .await;
+}
+
 /// Removes the key from the QEMU behind `qmp` again; errors are ignored (cleanup paths).
 pub async fn remove_secret(qmp: &qmp::Qmp) {
     if active().is_some() {

@@ -56,7 +56,8 @@ pub async fn restore_live(
     interrupt: &Interrupt,
 ) -> Result<LiveReport> {
     let started = Instant::now();
-    crate::crypt::unlock::refuse_if_encrypted(&chain::Repository::open(&opts.repo)?, "restore --live")?;
+    // An encrypted repository needs its key, checked before anything changes.
+    crate::crypt::require(&chain::Repository::open(&opts.repo)?)?;
     let crate::session::Session {
         vm,
         guard,
@@ -130,6 +131,8 @@ pub async fn restore_live(
     vm.save(&manifest, &guard)?;
 
     let graph_file_children = file_children(&qmp).await?;
+    // The key of an encrypted repository, for the chain under the disks until streaming ends ([`finish`]).
+    crate::crypt::unlock::add_secret(&qmp).await?;
     for (i, d) in &targets {
         let chain = graph::add_chain(
             &qmp,
@@ -237,6 +240,8 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
             .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
             .await;
     }
+    // The chain is gone: so goes the key of an encrypted repository, also when cleanup finishes the restore.
+    crate::crypt::unlock::forget_secret(qmp).await;
     Ok(())
 }
 

@@ -403,3 +403,34 @@ async fn assert_no_secret_left(vm: &TestVm) {
         "qmpbak left a secret in QEMU: {objects}"
     );
 }
+
+#[tokio::test]
+async fn merge_in_an_encrypted_repository_writes_an_encrypted_synthetic_full_that_restores_exactly() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    er.repo.backup(&vm, "vm1", &er.key_args());
+    vm.write_pattern("disk0", 0x22, MIB, 2 * MIB).await;
+    vm.write_zeroes("disk0", 0, 512 << 10).await;
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let inc = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    let refused = er.repo.run("vm1", &["merge", &inc]);
+    assert_eq!(refused.code(), Some(3), "{refused:?}");
+    er.run("vm1", &["merge", &inc]).success();
+    let file = er.repo.node_file("vm1", &inc, "disk0");
+    assert_eq!(image::info(&file)["encrypted"], true);
+    for file in files_below(&er.repo.path()) {
+        assert!(
+            !holds_pattern(&file, PATTERN) && !holds_pattern(&file, 0x22),
+            "{}",
+            file.display()
+        );
+    }
+    let to = dir.path().join("restored.qcow2");
+    er.run("vm1", &["restore", &inc, "--to", to.to_str().unwrap()])
+        .success();
+    image::assert_same(&reference, &to);
+    er.run("vm1", &["verify"]).success();
+}

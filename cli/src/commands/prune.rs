@@ -139,6 +139,7 @@ fn print_plan(report: &PruneReport) {
 }
 
 pub async fn merge(args: MergeArgs) -> Result<()> {
+    let _key = args.target.unlock()?;
     let opts = MergeOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),

@@ -434,3 +434,51 @@ async fn merge_in_an_encrypted_repository_writes_an_encrypted_synthetic_full_tha
     image::assert_same(&reference, &to);
     er.run("vm1", &["verify"]).success();
 }
+
+#[tokio::test]
+async fn prune_in_an_encrypted_repository_merges_layers_and_the_kept_node_restores_exactly() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", PATTERN, 0, 4 * MIB).await;
+    let full = er
+        .repo
+        .backup_node(&vm, "vm1", &[&er.key_args()[..], &["--tag", "base"]].concat());
+    vm.write_pattern("disk0", 0x22, MIB, MIB).await;
+    er.repo.backup(&vm, "vm1", &er.key_args());
+    vm.write_pattern("disk0", 0x33, 3 * MIB, MIB).await;
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let last = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    let refused = er.repo.run("vm1", &["prune", "--keep-last", "1"]);
+    assert_eq!(refused.code(), Some(3), "{refused:?}");
+    let file = er.repo.node_file("vm1", &last, "disk0");
+    let restored = |label: &str| {
+        let to = dir.path().join(format!("restored-{label}.qcow2"));
+        er.run("vm1", &["restore", &last, "--to", to.to_str().unwrap()])
+            .success();
+        image::assert_same(&reference, &to);
+        er.run("vm1", &["verify"]).success();
+    };
+
+    // The middle node goes: the last one absorbs it and is based on the full, by a relative path.
+    er.run("vm1", &["prune", "--keep-last", "1", "--keep-tag"])
+        .success();
+    assert_eq!(er.repo.manifest("vm1").nodes.len(), 2);
+    assert_eq!(
+        image::info(&file)["backing-filename"],
+        format!("../{full}/disk0.qcow2")
+    );
+    restored("middle-gone");
+    // Then the full: the last node becomes one.
+    er.run("vm1", &["prune", "--keep-last", "1"]).success();
+    assert_eq!(er.repo.manifest("vm1").nodes.len(), 1);
+    assert_eq!(image::info(&file)["encrypted"], true);
+    assert!(image::info(&file)["backing-filename"].is_null());
+    for file in files_below(&er.repo.path()) {
+        for pattern in [PATTERN, 0x22, 0x33] {
+            assert!(!holds_pattern(&file, pattern), "{}", file.display());
+        }
+    }
+    restored("full-gone");
+}

@@ -57,6 +57,7 @@ pub struct MergeArgs {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    let _key = args.target.unlock()?;
     let opts = PruneOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),

@@ -272,12 +272,22 @@ async fn a_wrong_or_missing_key_fails_with_exit_3_and_changes_nothing() {
         snapshot_files(&er.repo.path()),
         "a refused command changed the repository"
     );
-    // The right key still works afterwards, from an environment variable too.
+    // The right key still works afterwards, from an environment variable too, and from a file descriptor.
     let verified = cli::command_owned(&er.repo.vm_args("vm1", &["verify"]))
         .env("QMPBAK_KEY", "0123456789abcdef0123456789abcdef")
         .output()
         .unwrap();
     assert!(verified.status.success(), "{verified:?}");
+    let mut child = cli::command_owned(&er.repo.vm_args("vm1", &["verify", "--key-fd", "0"]))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"0123456789abcdef0123456789abcdef\n").unwrap();
+    }
+    cli::wait(child, integration_tests::timeouts::CLI_TIMEOUT).success();
 }
 
 #[tokio::test]

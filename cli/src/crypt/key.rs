@@ -60,3 +60,29 @@ impl KeySource {
         Ok(key)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::KeySource;
+
+    #[test]
+    fn a_key_file_loses_one_trailing_newline_and_an_empty_key_is_refused() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("k");
+        std::fs::write(&path, b"secret\n\n").expect("write");
+        assert_eq!(KeySource::File(path.clone()).read().expect("read"), b"secret\n");
+        std::fs::write(&path, b"\r\n").expect("write");
+        assert!(KeySource::File(path).read().is_err());
+    }
+
+    #[test]
+    fn the_command_line_source_wins_over_the_environment() {
+        let file = KeySource::choose(Some("/k".into()), None, None);
+        assert_eq!(file, Some(KeySource::File("/k".into())));
+        assert_eq!(KeySource::choose(None, Some(3), None), Some(KeySource::Fd(3)));
+        assert_eq!(
+            KeySource::choose(None, None, Some("MY_KEY".into())),
+            Some(KeySource::Env("MY_KEY".into()))
+        );
+    }
+}

@@ -67,6 +67,31 @@ async fn an_encrypted_disk_is_refused_by_a_plain_repository_and_nothing_is_writt
 }
 
 #[tokio::test]
+async fn an_encrypted_disk_added_to_a_backed_up_vm_is_refused_and_the_manifest_is_unchanged() {
+    let vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .encrypted_disk("disk1", 16 * MIB, DISK_PASSPHRASE)
+        .start()
+        .await;
+    let repo = TestRepo::init();
+    repo.backup(&vm, "vm1", &["--exclude", "disk1"]);
+    let manifest = repo.vm_dir("vm1").join("manifest.json");
+    let before = std::fs::read(&manifest).unwrap();
+    let out = repo.try_backup(&vm, "vm1", &[]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("disk1") && !out.stderr.contains("disk0,"),
+        "{out:?}"
+    );
+    assert_eq!(
+        before,
+        std::fs::read(&manifest).unwrap(),
+        "the refused backup changed the manifest"
+    );
+    assert!(!repo.vm_dir("vm1").join("0002").exists());
+}
+
+#[tokio::test]
 async fn allow_plaintext_backs_up_an_encrypted_disk_decrypted_and_says_so() {
     let vm = encrypted_vm().await;
     vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;

@@ -204,7 +204,7 @@ pub async fn backup(
     interrupt: &Interrupt,
 ) -> Result<BackupReport> {
     let started = Instant::now();
-    let plaintext_of_encrypted = check_encrypted_sources(opts).await?;
+    check_encrypted_sources(opts).await?;
     let crate::session::Session {
         repo,
         vm,
@@ -215,7 +215,8 @@ pub async fn backup(
     } = crate::session::open(&opts.repo, &opts.vm, &opts.socket, opts.lock_wait, "backup", true).await?;
     let info = inspect::inspect(&qmp).await?;
     let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
-    crate::crypt::check_sources(&disks, repo.settings().encryption.is_some(), opts.allow_plaintext)?;
+    let plaintext_of_encrypted =
+        crate::crypt::check_sources(&disks, repo.settings().encryption.is_some(), opts.allow_plaintext)?;
     for disk in &disks {
         if disk.read_only {
             bail!(Exit::usage(format!(
@@ -344,21 +345,24 @@ pub async fn backup(
     })
 }
 
-/// Refuses, before anything is written (not even a new VM's directory), to copy encrypted disks into a
-/// repository that is not encrypted, unless `--allow-plaintext` ([`crate::crypt::check_sources`]); returns the
-/// disks that are copied decrypted.
-async fn check_encrypted_sources(opts: &BackupOptions) -> Result<Vec<String>> {
+/// Checks, before the session opens, what can be checked without writing: the key of an encrypted repository
+/// ([`crate::crypt::require`]) and, for a VM's first backup, whether it would copy encrypted disks into a
+/// repository that is not encrypted ([`crate::crypt::check_sources`]), so that a refused first backup does not
+/// even leave the VM's directory. Later backups check the disks under the VM's lock, on the session's QMP
+/// connection (QEMU serves one client per QMP socket: a check here would wait for a running backup's
+/// connection instead of failing at once on its lock).
+async fn check_encrypted_sources(opts: &BackupOptions) -> Result<()> {
     let repo = chain::Repository::open(&opts.repo)?;
     // A missing or wrong key fails here, before anything is written.
     crate::crypt::require(&repo)?;
+    if repo.vm(&opts.vm).is_ok_and(|vm| vm.dir().exists()) {
+        return Ok(());
+    }
     let qmp = inspect::connect(&opts.socket).await?;
     let info = inspect::inspect(&qmp).await?;
     let disks = select_disks(&info.disks, &opts.disks, &opts.exclude)?;
-    Ok(crate::crypt::check_sources(
-        &disks,
-        repo.settings().encryption.is_some(),
-        opts.allow_plaintext,
-    )?)
+    crate::crypt::check_sources(&disks, repo.settings().encryption.is_some(), opts.allow_plaintext)?;
+    Ok(())
 }
 
 /// The result of the copy phase, per target: guest bytes copied, and the node's checking table when the copy

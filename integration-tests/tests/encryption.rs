@@ -219,7 +219,10 @@ async fn an_encrypted_repository_holds_no_plaintext_and_restores_every_node_with
     let inc_refs = vm
         .capture_references(&["disk0", "disk1"], refs.path(), "inc")
         .await;
-    let inc = er.repo.backup(&vm, "vm1", &er.key_args());
+    // --compress works in an encrypted repository (QEMU encrypts compressed clusters as well).
+    let inc = er
+        .repo
+        .backup(&vm, "vm1", &[&er.key_args()[..], &["--compress"]].concat());
     assert_eq!(inc["level"], "incremental", "{inc}");
 
     assert_no_secret_left(&vm).await;

@@ -520,3 +520,24 @@ async fn prune_in_an_encrypted_repository_merges_layers_and_the_kept_node_restor
     }
     restored("full-gone");
 }
+
+#[test]
+fn init_wants_a_key_with_encrypt_and_encrypt_with_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"k").unwrap();
+    let no_key = cli::command(&["init", "--encrypt", repo.to_str().unwrap()])
+        .env_remove("QMPBAK_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(no_key.status.code(), Some(2), "{no_key:?}");
+    let no_encrypt = cli::run(&[
+        "init",
+        "--key-file",
+        key.to_str().unwrap(),
+        repo.to_str().unwrap(),
+    ]);
+    assert_eq!(no_encrypt.code(), Some(2), "{no_encrypt:?}");
+    assert!(!repo.join("qmpbak-repo.json").exists());
+}

@@ -22,6 +22,11 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    if !args.encrypt && (args.key.file.is_some() || args.key.fd.is_some() || args.key.env.is_some()) {
+        anyhow::bail!(qmpbak::exit::Exit::usage(
+            "a key was given without --encrypt: pass --encrypt to make an encrypted repository"
+        ));
+    }
     let key = if args.encrypt {
         let Some(source) = args.key.source() else {
             anyhow::bail!(qmpbak::exit::Exit::usage(

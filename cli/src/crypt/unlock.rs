@@ -133,7 +133,7 @@ impl Unlocked {
     pub fn object_arg(&self) -> String {
         format!(
             "secret,id={SECRET_ID},file={},format=raw",
-            self.secret_file.display()
+            super::output::qemu_opt_value(&self.secret_file)
         )
     }
 }

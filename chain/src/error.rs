@@ -54,6 +54,18 @@ pub enum Error {
         found: u32,
         supported: u32,
     },
+    #[error(
+        "the repository is encrypted and this key is not its key (the settings' verifier does not match); \
+         nothing was changed"
+    )]
+    WrongKey,
+    #[error(
+        "the repository is encrypted: pass its key with --key-file FILE, --key-fd N, --key-env NAME or \
+         QMPBAK_KEY; nothing was changed"
+    )]
+    KeyMissing,
+    #[error("the repository's encryption record is not one this qmpbak understands: {detail}")]
+    EncryptionUnsupported { detail: String },
     #[error("VM {vm:?} has no backups in repository {}; `qmpbak list {}` shows the VMs it has", repo.display(), repo.display())]
     VmNotFound { repo: PathBuf, vm: String },
     #[error("VM {vm:?} already has a manifest in {}", dir.display())]

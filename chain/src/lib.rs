@@ -29,11 +29,14 @@
 //! - [`store`]: atomic writes (temp file, fsync, rename, fsync directory) and loading with full checks.
 //! - [`lock`]: the per-VM fs2 lock and its holder record.
 //! - [`table`]: checking tables (a sha256 per block), built in parallel from a [`BlockSource`].
+//! - [`crypt`]: an encrypted repository's keys, derived from the user's key ([`Encryption`] in the settings),
+//!   and keyed checking tables ([`TableKey`]).
 //! - [`error`]: [`Error`], one variant per failure a caller can act on, and [`ManifestProblem`].
 //!
 //! A manifest is only ever replaced whole and atomically, after validation; a manifest that fails to load is
 //! reported (which file, what is wrong, where) and never rewritten.
 
+pub mod crypt;
 pub mod error;
 pub mod lock;
 pub mod manifest;
@@ -44,6 +47,7 @@ pub mod store;
 pub mod table;
 pub mod tree;
 
+pub use crypt::{Encryption, RepoKeys, TableKey};
 pub use error::{Error, ManifestProblem, Result};
 pub use lock::{LockGuard, LockHolder, LockMode, LockWait};
 pub use manifest::{

@@ -20,8 +20,11 @@ use crate::store;
 pub const SETTINGS_FILE: &str = "qmpbak-repo.json";
 /// A VM's manifest, in its directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
-/// The settings format this qmpbak writes and the newest it reads.
-pub const SETTINGS_VERSION: u32 = 1;
+/// The settings format this qmpbak writes and the newest it reads: 1, or 2 for an encrypted repository (so
+/// that a qmpbak that knows nothing of encryption refuses it rather than reading it as plain).
+pub const SETTINGS_VERSION: u32 = 2;
+/// The settings format of a repository that is not encrypted.
+pub const SETTINGS_VERSION_PLAIN: u32 = 1;
 /// Checking-table block size unless chosen otherwise: 1 MiB.
 pub const DEFAULT_BLOCK_SIZE: u64 = 1 << 20;
 /// The smallest block size a repository may use: 64 KiB.
@@ -45,6 +48,9 @@ pub struct Settings {
     /// Absent from the file when unset, so a qmpbak that predates it reads the file the same.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<Policy>,
+    /// Set when every node file is encrypted and every checking table keyed ([`crate::crypt`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<crate::crypt::Encryption>,
 }
 
 fn default_block_size() -> u64 {
@@ -58,17 +64,29 @@ fn default_full_every() -> u32 {
 impl Default for Settings {
     fn default() -> Settings {
         Settings {
-            format_version: SETTINGS_VERSION,
+            format_version: SETTINGS_VERSION_PLAIN,
             block_size: DEFAULT_BLOCK_SIZE,
             full_every: DEFAULT_FULL_EVERY,
             retention: None,
+            encryption: None,
         }
     }
 }
 
 impl Settings {
-    /// Checks the block size ([`Error::InvalidBlockSize`]).
+    /// Encrypted settings with the given `encryption` record (format version 2).
+    #[must_use]
+    pub fn encrypted(mut self, encryption: crate::crypt::Encryption) -> Settings {
+        self.format_version = SETTINGS_VERSION;
+        self.encryption = Some(encryption);
+        self
+    }
+
+    /// Checks the block size ([`Error::InvalidBlockSize`]) and the encryption record.
     pub fn check(&self) -> Result<()> {
+        if let Some(enc) = &self.encryption {
+            enc.check()?;
+        }
         let bs = self.block_size;
         if bs.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&bs) {
             Ok(())
@@ -202,6 +220,19 @@ impl Repository {
             ));
         }
         settings.check().map_err(|e| invalid(e.to_string()))?;
+        // Version 2 is exactly an encrypted repository, so that a qmpbak that knows nothing of encryption
+        // refuses it; an encryption record under version 1 would have been ignored by such a qmpbak.
+        if (settings.format_version >= SETTINGS_VERSION) != settings.encryption.is_some() {
+            return Err(invalid(format!(
+                "format_version {} {} an encryption record",
+                settings.format_version,
+                if settings.encryption.is_some() {
+                    "must not have"
+                } else {
+                    "needs"
+                }
+            )));
+        }
         Ok(Repository {
             path: path.to_owned(),
             settings,

@@ -107,9 +107,9 @@ fn open_refuses() {
     assert!(matches!(err, Error::SettingsInvalid { .. }), "{err:?}");
     assert!(err.to_string().contains("1000"), "{err}");
 
-    fs::write(&settings, br#"{"format_version": 2}"#).unwrap();
+    fs::write(&settings, br#"{"format_version": 3}"#).unwrap();
     let err = Repository::open(dir.path()).unwrap_err();
-    assert!(matches!(err, Error::RepositoryTooNew { found: 2, .. }), "{err:?}");
+    assert!(matches!(err, Error::RepositoryTooNew { found: 3, .. }), "{err:?}");
     assert!(err.to_string().contains("newer qmpbak"), "{err}");
 
     // Defaults fill in what an older file leaves out; unknown fields are ignored.

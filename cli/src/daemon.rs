@@ -44,6 +44,8 @@ impl StorageDaemon {
                 .args(["--monitor", "chardev=qmpbak"])
                 .arg("--nbd-server")
                 .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
+                // An encrypted repository's key, as a secret object reading a private file.
+                .args(crate::crypt::unlock::qemu_img_args())
                 .stdin(Stdio::null())
                 .stdout(Stdio::null())
                 .stderr(Stdio::piped()),

@@ -33,6 +33,7 @@ pub fn chain_spec(files: &[PathBuf]) -> Value {
             "file": { "driver": "file", "filename": path, "read-only": true },
             "backing": spec,
         });
+        crate::crypt::unlock::encrypt_node(&mut spec);
     }
     spec
 }
@@ -48,6 +49,7 @@ pub fn chain_files(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str)
 pub(crate) fn qemu_img_map(bins: &QemuBins, spec: &Value, force_share: bool) -> Result<Vec<MapEntry>> {
     let mut cmd = crate::children::std_command(&bins.img);
     cmd.args(["map", "--output=json"]);
+    cmd.args(crate::crypt::unlock::qemu_img_args());
     if force_share {
         cmd.arg("-U");
     }
@@ -116,6 +118,10 @@ impl DirectSource {
         let Some(top) = files.last() else {
             bail!("an empty chain has nothing to read");
         };
+        // The files of an encrypted repository hold ciphertext: only QEMU can read them.
+        if crate::crypt::unlock::active().is_some() {
+            return Ok(None);
+        }
         let entries = qemu_img_map(bins, &chain_spec(files), false)
             .with_context(|| format!("mapping the chain ending in {}", top.display()))?;
         let Some(map) = mapping(&entries, files.len())? else {

@@ -92,7 +92,8 @@ pub async fn add_chain(
     for (i, (id, path)) in layers.iter().enumerate() {
         let name = format!("{prefix}{}", first + i);
         debug_assert!(name.len() <= MAX_NODE_NAME, "block node name {name} too long");
-        let options = qcow2_options(&name, path, graph.top(), true);
+        let mut options = qcow2_options(&name, path, graph.top(), true);
+        crate::crypt::unlock::encrypt_node(&mut options);
         let added = qmp
             .execute_raw("blockdev-add", Some(options))
             .await

@@ -103,6 +103,7 @@ mod tests {
             removable: false,
             bitmaps_persist: true,
             bitmaps_volatile_why: None,
+            encrypted: false,
             bitmaps: vec![],
         }
     }

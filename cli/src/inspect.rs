@@ -88,6 +88,9 @@ pub struct DiskInfo {
     /// Why they cannot, when they cannot: they then live only in QEMU's memory.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub bitmaps_volatile_why: Option<String>,
+    /// Whether QEMU decrypts the disk's image or one of its backing images (LUKS, qcow2 `encrypt`): a copy of
+    /// what the guest sees is then plaintext of what the user encrypted.
+    pub encrypted: bool,
     pub bitmaps: Vec<BitmapInfo>,
 }
 
@@ -238,6 +241,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
                 .iter()
                 .find(|n| n.node_name.as_deref() == Some(name.as_str()));
         }
+        let encrypted = inserted.encrypted || crate::crypt::image_encrypted(&inserted.image);
         let info = node.cloned().unwrap_or(inserted);
         // The protocol node below the format node: its filename stays the image's path whatever options the
         // format node was opened or reopened with (its own filename may then be a `json:` pseudo-filename).
@@ -250,6 +254,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
                     .find(|n| n.node_name.as_deref() == Some(file.as_str()))
             })
             .map_or_else(|| info.file.clone(), |n| n.file.clone());
+        let encrypted = encrypted || info.encrypted || crate::crypt::image_encrypted(&info.image);
         let bitmaps = info
             .dirty_bitmaps
             .unwrap_or_default()
@@ -281,6 +286,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
             removable: block.removable,
             bitmaps_persist: bitmaps_volatile_why.is_none(),
             bitmaps_volatile_why,
+            encrypted,
             bitmaps,
         });
     }

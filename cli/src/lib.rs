@@ -8,6 +8,7 @@ pub mod children;
 pub mod cleanup;
 pub mod commit;
 pub mod crashpoint;
+pub mod crypt;
 pub mod daemon;
 pub mod direct;
 pub mod exit;

@@ -68,6 +68,7 @@ pub struct MergedDisk {
 /// Makes `opts.node` a synthetic full.
 pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<MergeReport> {
     let repo = Repository::open(&opts.repo)?;
+    crate::crypt::require(&repo)?;
     let vm = repo.vm(&opts.vm)?;
     let guard = vm.lock_exclusive(opts.lock_wait, "merge")?;
     let mut manifest = vm.load()?;
@@ -218,7 +219,8 @@ async fn flatten(
     temp: &Path,
 ) -> Result<()> {
     let expected = load_node_table(vm, manifest, node, disk)?;
-    bins.create_qcow2(temp, size, None)?;
+    // Encrypted like every node file in an encrypted repository.
+    crate::crypt::unlock::create_node_file(bins, temp, size, None)?;
     let qmp = daemon.qmp();
     let chain = graph::add_chain(qmp, vm, manifest, node, disk, &format!("m{index}-")).await?;
     let target = format!("mt{index}");
@@ -232,14 +234,13 @@ async fn flatten(
             .checked_sub(2)
             .and_then(|i| chain.layers.get(i))
             .context("the node has no parent")?;
-        qmp.execute_raw(
-            "blockdev-add",
-            Some(json!({
-                "driver": "qcow2", "node-name": target,
-                "file": { "driver": "file", "filename": temp },
-                "backing": below,
-            })),
-        )
+        let mut options = json!({
+            "driver": "qcow2", "node-name": target,
+            "file": { "driver": "file", "filename": temp },
+            "backing": below,
+        });
+        crate::crypt::unlock::encrypt_node(&mut options);
+        qmp.execute_raw("blockdev-add", Some(options))
         .await
         .with_context(|| format!("opening {} in qemu-storage-daemon", temp.display()))?;
         qmp.execute_raw(
@@ -287,16 +288,15 @@ async fn flatten(
     let check = format!("mc{index}");
     let export = format!("mc{index}-x");
     let checked = async {
-        qmp.execute_raw(
-            "blockdev-add",
-            Some(json!({
-                "driver": "qcow2", "node-name": check, "read-only": true,
-                "file": { "driver": "file", "filename": temp, "read-only": true },
-                "backing": null,
-            })),
-        )
-        .await
-        .with_context(|| format!("opening {} to check it", temp.display()))?;
+        let mut options = json!({
+            "driver": "qcow2", "node-name": check, "read-only": true,
+            "file": { "driver": "file", "filename": temp, "read-only": true },
+            "backing": null,
+        });
+        crate::crypt::unlock::encrypt_node(&mut options);
+        qmp.execute_raw("blockdev-add", Some(options))
+            .await
+            .with_context(|| format!("opening {} to check it", temp.display()))?;
         daemon.export(&check, &export, false).await?;
         let client = daemon.connect(&export).await?;
         let size = client.size();
@@ -305,9 +305,16 @@ async fn flatten(
             size,
         );
         let block_size = expected.block_size();
-        let actual = tokio::task::spawn_blocking(move || Table::build(&source, block_size, threads()))
-            .await
-            .context("table builder panicked")??;
+        let key = crate::crypt::unlock::table_key();
+        let actual = tokio::task::spawn_blocking(move || -> Result<Table> {
+            let table = Table::build(&source, block_size, threads())?;
+            Ok(match key {
+                Some(key) => key.seal_table(&table)?,
+                None => table,
+            })
+        })
+        .await
+        .context("table builder panicked")??;
         Ok::<_, anyhow::Error>(Table::diff(&expected, &actual)?)
     }
     .await;

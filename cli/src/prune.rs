@@ -82,6 +82,7 @@ pub async fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<Prune
         ));
     }
     let repo = Repository::open(&opts.repo)?;
+    crate::crypt::require(&repo)?;
     let vm = repo.vm(&opts.vm)?;
     let guard = if opts.dry_run {
         vm.lock_shared(opts.lock_wait)?
@@ -394,7 +395,12 @@ impl Run<'_> {
                 let path = self.vm.resolve(&disk.file)?;
                 let before = allocated(&path)?;
                 repair_header(&self.bins, &path, Some(backing)).await?;
-                rebase(&self.bins, &path, layer.backing.as_ref()).await?;
+                if crate::crypt::unlock::active().is_some() {
+                    let files = crate::direct::chain_files(self.vm, &self.manifest, &child.id, &disk.disk)?;
+                    rebase_encrypted(&self.bins, &files, layer.backing.as_ref()).await?;
+                } else {
+                    rebase(&self.bins, &path, layer.backing.as_ref()).await?;
+                }
                 self.rebased += 1;
                 if self.rebased == 1 {
                     crashpoint("prune-rebased");
@@ -536,12 +542,66 @@ async fn repair_header(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) 
         return Ok(());
     }
     let mut cmd = crate::children::command(&bins.img);
-    cmd.args(["rebase", "-q", "-u", "-f", "qcow2"]);
+    cmd.args(["rebase", "-q", "-u"]);
     match &want {
         Some(b) => cmd.args(["-F", "qcow2", "-b", b]),
         None => cmd.args(["-b", ""]),
     };
-    run_img(cmd.arg(path), bins, path).await
+    if crate::crypt::unlock::active().is_some() {
+        // An encrypted file opens only with its key: named by a `json:` description, not a path.
+        cmd.args(crate::crypt::unlock::qemu_img_args()).arg(format!(
+            "json:{}",
+            encrypted_image_spec(path, &serde_json::Value::Null)
+        ));
+    } else {
+        cmd.args(["-f", "qcow2"]).arg(path);
+    }
+    run_img(&mut cmd, bins, path).await
+}
+
+/// The `json:` description of the encrypted qcow2 at `path` (writable) over `backing` (a chain spec or null).
+fn encrypted_image_spec(path: &Path, backing: &serde_json::Value) -> serde_json::Value {
+    let mut spec = serde_json::json!({
+        "driver": "qcow2",
+        "file": { "driver": "file", "filename": path },
+        "backing": backing,
+    });
+    crate::crypt::unlock::encrypt_node(&mut spec);
+    spec
+}
+
+/// [`rebase`] for an encrypted repository, where every layer opens only with the key, so no layer may be
+/// found through a header: `files` is the image's recovery chain from the manifest, bottom first, the image
+/// last and the layer it absorbs just below it. The safe rebase copies that layer's data in with the old and
+/// new backing chains described in full (`json:`), which leaves a `json:` description in the header; a second,
+/// header-only rebase writes the relative path there. Killed between the two, the image reads the same, and
+/// [`repair_header`] finishes the header on the next run.
+async fn rebase_encrypted(bins: &QemuBins, files: &[PathBuf], backing: Option<&RelPath>) -> Result<()> {
+    let (Some((path, old)), true) = (files.split_last(), files.len() >= 2) else {
+        bail!("an encrypted rebase needs the image and the layer it absorbs");
+    };
+    let new = &old[..old.len() - 1];
+    let image = format!(
+        "json:{}",
+        encrypted_image_spec(path, &crate::direct::chain_spec(old))
+    );
+    let mut cmd = crate::children::command(&bins.img);
+    cmd.args(["rebase", "-q"])
+        .args(crate::crypt::unlock::qemu_img_args());
+    match backing {
+        Some(_) => cmd.args([
+            "-F",
+            "qcow2",
+            "-b",
+            &format!("json:{}", crate::direct::chain_spec(new)),
+        ]),
+        None => cmd.args(["-b", ""]),
+    };
+    run_img(cmd.arg(image), bins, path).await?;
+    if backing.is_some() {
+        repair_header(bins, path, backing).await?;
+    }
+    Ok(())
 }
 
 /// `qemu-img rebase` (safe mode) of `path` onto `backing`, or onto nothing: copies into the image whatever

@@ -123,6 +123,8 @@ fn operation(kind: &str, node: &NodeId, outside: &[PathBuf]) -> Operation {
 /// Takes a time point of every disk of the VM.
 pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     let started = Instant::now();
+    // A time point's files live in the VM's storage, outside the repository's encryption.
+    crate::crypt::unlock::refuse_if_encrypted(&chain::Repository::open(&opts.repo)?, "snapshot")?;
     let Session {
         repo,
         vm,

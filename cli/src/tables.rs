@@ -106,11 +106,12 @@ impl chain::BlockSource for NbdSource {
 
 /// The byte ranges allocated in this one qcow2 layer (data or zeroed clusters), not in its backing files.
 pub fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
-    let spec = serde_json::json!({
+    let mut spec = serde_json::json!({
         "driver": "qcow2",
         "file": { "driver": "file", "filename": path },
         "backing": null,
     });
+    crate::crypt::unlock::encrypt_node(&mut spec);
     let entries = crate::direct::qemu_img_map(bins, &spec, true)
         .with_context(|| format!("mapping {}", path.display()))?;
     Ok(entries
@@ -202,12 +203,18 @@ async fn hash_node<S: chain::BlockSource + Send + 'static>(
     threads: usize,
     changed: Option<(Table, Vec<u64>)>,
 ) -> Result<Table> {
+    // An encrypted repository's tables are keyed ([`chain::crypt`]).
+    let key = crate::crypt::unlock::table_key();
     tokio::task::spawn_blocking(move || -> Result<Table> {
-        Ok(match changed {
-            None => Table::build(&source, block_size, threads)?,
-            Some((parent, blocks)) => {
+        Ok(match (changed, key) {
+            (None, None) => Table::build(&source, block_size, threads)?,
+            (None, Some(key)) => key.seal_table(&Table::build(&source, block_size, threads)?)?,
+            (Some((parent, blocks)), key) => {
                 let hashes = Table::build_blocks(&source, block_size, &blocks, threads)?;
-                Table::derive(&parent, &hashes)?
+                match key {
+                    Some(key) => Table::derive(&parent, &key.seal_blocks(&hashes))?,
+                    None => Table::derive(&parent, &hashes)?,
+                }
             }
         })
     })

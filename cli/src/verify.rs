@@ -65,6 +65,7 @@ pub struct BadBlock {
 
 pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     let repo = Repository::open(&opts.repo)?;
+    crate::crypt::require(&repo)?;
     let vm = repo.vm(&opts.vm)?;
     let _guard = vm.lock_shared(opts.lock_wait)?;
     let manifest = vm.load()?;
@@ -223,14 +224,21 @@ async fn check_disk(
             nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
             size,
         );
+        let key = crate::crypt::unlock::table_key();
         let (checked, bad) = tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u64>)> {
             match blocks {
                 None => {
-                    let actual = Table::build(&source, block_size, threads())?;
+                    let mut actual = Table::build(&source, block_size, threads())?;
+                    if let Some(key) = &key {
+                        actual = key.seal_table(&actual)?;
+                    }
                     Ok((actual.len(), Table::diff(&expected, &actual)?))
                 }
                 Some(blocks) => {
-                    let hashes = Table::build_blocks(&source, block_size, &blocks, threads())?;
+                    let mut hashes = Table::build_blocks(&source, block_size, &blocks, threads())?;
+                    if let Some(key) = &key {
+                        hashes = key.seal_blocks(&hashes);
+                    }
                     let bad = hashes
                         .iter()
                         .filter(|(b, h)| expected.digest(*b) != Some(h))

@@ -28,6 +28,9 @@ pub struct DiskSpec {
     /// The qcow2 image's file name in the VM's directory (`<id>.qcow2` unless changed).
     pub image: String,
     pub device: Device,
+    /// The LUKS passphrase of a qcow2 encrypted with `encrypt.format=luks`; QEMU gets it from a secret object
+    /// reading [`TestVm::disk_key_file`].
+    pub luks_passphrase: Option<String>,
 }
 
 /// How a disk is attached to the VM.
@@ -71,6 +74,7 @@ impl DiskSpec {
             inject_errors: None,
             image: format!("{id}.qcow2"),
             device: Device::VirtioBlk,
+            luks_passphrase: None,
         }
     }
 
@@ -169,6 +173,16 @@ impl TestVmBuilder {
         self
     }
 
+    /// Adds a virtio-blk disk backed by a new LUKS-encrypted qcow2 image of `size` bytes (`encrypt.format=luks`)
+    /// with this passphrase.
+    #[must_use]
+    pub fn encrypted_disk(mut self, id: &str, size: u64, passphrase: &str) -> Self {
+        let mut disk = DiskSpec::new(id, size);
+        disk.luks_passphrase = Some(passphrase.to_owned());
+        self.disks.push(disk);
+        self
+    }
+
     /// Puts a blkdebug layer under disk `id`'s qcow2 node with these `inject-error` rules (host offsets).
     #[must_use]
     pub fn inject_errors(mut self, id: &str, rules: serde_json::Value) -> Self {
@@ -199,7 +213,15 @@ impl TestVmBuilder {
             .tempdir()
             .expect("create temp dir");
         for disk in &self.disks {
-            image::create_qcow2(&dir.path().join(&disk.image), disk.size);
+            let path = dir.path().join(&disk.image);
+            match &disk.luks_passphrase {
+                Some(passphrase) => {
+                    let key = key_file(dir.path(), &disk.id);
+                    std::fs::write(&key, passphrase).expect("write disk key file");
+                    image::create_luks_qcow2(&path, &key, disk.size);
+                }
+                None => image::create_qcow2(&path, disk.size),
+            }
         }
         TestVm::launch(self, dir).await
     }
@@ -319,7 +341,16 @@ impl TestVm {
                 cmd.arg("-blockdev").arg(debug.to_string());
                 below = format!("{}-debug", disk.node_name());
             }
-            let fmt = serde_json::json!({ "driver": "qcow2", "file": below, "node-name": disk.node_name() });
+            let mut fmt =
+                serde_json::json!({ "driver": "qcow2", "file": below, "node-name": disk.node_name() });
+            if disk.luks_passphrase.is_some() {
+                let secret = format!("sec-{}", disk.id);
+                cmd.arg("-object").arg(format!(
+                    "secret,id={secret},file={}",
+                    key_file(dir.path(), &disk.id).display()
+                ));
+                fmt["encrypt"] = serde_json::json!({ "format": "luks", "key-secret": secret });
+            }
             cmd.arg("-blockdev").arg(fmt.to_string());
             let (node, id) = (disk.node_name(), &disk.id);
             let device = match disk.device {
@@ -408,6 +439,11 @@ impl TestVm {
             .unwrap_or_else(|| DiskSpec::new(id, 0))
     }
 
+    /// The file holding the LUKS passphrase of encrypted disk `id`.
+    pub fn disk_key_file(&self, id: &str) -> PathBuf {
+        key_file(self.dir(), id)
+    }
+
     pub fn disks(&self) -> &[DiskSpec] {
         &self.config.disks
     }
@@ -465,7 +501,16 @@ impl TestVm {
         if was_running {
             self.qmp().execute_raw("stop", None).await.expect("stop");
         }
-        image::convert_to_qcow2(&self.active_image(id).await, dst);
+        match self
+            .config
+            .disks
+            .iter()
+            .find(|d| d.id == id && d.luks_passphrase.is_some())
+        {
+            // QEMU names an encrypted image with a `json:` description: the disk's own file (no snapshots).
+            Some(_) => image::convert_luks_to_qcow2(&self.disk_path(id), &self.disk_key_file(id), dst),
+            None => image::convert_to_qcow2(&self.active_image(id).await, dst),
+        }
         if was_running {
             self.qmp().execute_raw("cont", None).await.expect("cont");
         }
@@ -586,6 +631,11 @@ impl TestVm {
         self.kill();
         panic!("{what}\n{}", self.output());
     }
+}
+
+/// Where an encrypted disk's passphrase lives in the VM's directory.
+fn key_file(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.luks-key"))
 }
 
 impl Drop for TestVm {

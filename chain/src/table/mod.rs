@@ -53,7 +53,13 @@ pub struct Table {
     zero_full: Digest,
     /// Digest of an all-zero last block (which may be shorter).
     zero_last: Digest,
+    /// The digests are keyed (HMAC with a repository's table key, [`crate::crypt::TableKey`]): flag bit 0 in
+    /// the file. Zero blocks cannot be recognised in such a table.
+    keyed: bool,
 }
+
+/// The file flag of a keyed table.
+const FLAG_KEYED: u32 = 1;
 
 /// Checks a table block size ([`Error::InvalidBlockSize`]).
 pub fn check_block_size(block_size: u64) -> Result<()> {
@@ -158,6 +164,18 @@ impl Table {
         Ok(Table::assemble(block_size, virtual_size, digests))
     }
 
+    /// [`Table::from_digests`] for keyed digests ([`crate::crypt::TableKey`]).
+    pub fn from_digests_keyed(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Result<Table> {
+        let mut table = Table::from_digests(block_size, virtual_size, digests)?;
+        table.keyed = true;
+        Ok(table)
+    }
+
+    /// Whether the digests are keyed.
+    pub fn is_keyed(&self) -> bool {
+        self.keyed
+    }
+
     /// Builds the struct; the caller has checked the sizes.
     fn assemble(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Table {
         let last_len = match virtual_size % block_size {
@@ -170,6 +188,7 @@ impl Table {
             digests,
             zero_full: zero_digest(block_size),
             zero_last: zero_digest(last_len),
+            keyed: false,
         }
     }
 
@@ -225,7 +244,7 @@ impl Table {
 
     /// Whether block `index` is all zeros (false past the end).
     pub fn is_zero(&self, index: u64) -> bool {
-        self.digest(index).is_some_and(|d| *d == self.zero_for(index))
+        !self.keyed && self.digest(index).is_some_and(|d| *d == self.zero_for(index))
     }
 
     /// The table of a child node: the parent's digests with `changed` ones replaced.
@@ -264,7 +283,8 @@ impl Table {
     fn encode(&self, out: &mut dyn io::Write) -> io::Result<()> {
         out.write_all(MAGIC)?;
         out.write_all(&VERSION.to_le_bytes())?;
-        out.write_all(&0u32.to_le_bytes())?;
+        let flags = if self.keyed { FLAG_KEYED } else { 0 };
+        out.write_all(&flags.to_le_bytes())?;
         out.write_all(&self.block_size.to_le_bytes())?;
         out.write_all(&self.virtual_size.to_le_bytes())?;
         out.write_all(&self.len().to_le_bytes())?;
@@ -344,7 +364,7 @@ impl Table {
             });
         }
         let flags = u32_at(12);
-        if flags != 0 {
+        if flags & !FLAG_KEYED != 0 {
             return Err(format!("unknown flags {flags:#x}"));
         }
         let (block_size, virtual_size, count) = (u64_at(16), u64_at(24), u64_at(32));
@@ -379,7 +399,9 @@ impl Table {
                 d
             })
             .collect();
-        Ok(Table::assemble(block_size, virtual_size, digests))
+        let mut table = Table::assemble(block_size, virtual_size, digests);
+        table.keyed = flags & FLAG_KEYED != 0;
+        Ok(table)
     }
 }
 
@@ -515,7 +537,7 @@ mod tests {
         newer[8] = 2;
         corrupt(&newer, "newer qmpbak");
         let mut flags = good.clone();
-        flags[12] = 1;
+        flags[12] = 2;
         corrupt(&flags, "flags");
         let mut bs = good.clone();
         bs[16] = 1;

@@ -58,7 +58,9 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
     }
     run.save()?;
     for t in &run.targets {
-        run.bins.create_qcow2(
+        // In the repository's directory, holding old data of the disk: encrypted like the node files.
+        crate::crypt::unlock::create_node_file(
+            &run.bins,
             &run.vm.resolve(&fleece_file(run, t.index)?)?,
             t.info.virtual_size,
             None,
@@ -69,6 +71,7 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
 
 async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<Copied> {
     let qmp = run.qmp;
+    crate::crypt::unlock::add_secret(qmp).await?;
     // The fleecing overlays, on top of the live disks.
     for t in &run.targets {
         let path = run.vm.resolve(&fleece_file(run, t.index)?)?;
@@ -76,6 +79,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         options["backing"] = json!(t.info.node_name);
         // A scratch file, deleted after the run: its durability does not matter.
         options["cache"] = json!({ "no-flush": true });
+        crate::crypt::unlock::encrypt_node(&mut options);
         qmp.execute_raw("blockdev-add", Some(options))
             .await
             .context("adding the fleecing overlay")?;
@@ -150,6 +154,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         let source = NbdSource::new(nbd::BlockingClient::new(fleece.clone(), handle.clone()), size);
         let visitor = std::sync::Arc::new(CopyChanged {
             base,
+            key: crate::crypt::unlock::table_key(),
             target: nbd::BlockingClient::new(target.clone(), handle),
             hashed: AtomicU64::new(0),
             copied: AtomicU64::new(0),
@@ -181,6 +186,11 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
                     run.progress.advance(&t.info.id, visitor.hashed.load(Ordering::Relaxed), size);
                 }
             }
+        };
+        // Keyed like the base's table in an encrypted repository.
+        let table = match &visitor.key {
+            Some(key) => key.seal_table(&table)?,
+            None => table,
         };
         target.flush().await?;
         run.progress.finish_disk(&t.info.id);
@@ -219,6 +229,8 @@ async fn export(
 /// the table build just read and hashed; runs on the build's worker threads, so several writes are in flight.
 struct CopyChanged {
     base: chain::Table,
+    /// The table key of an encrypted repository: the base's digests are keyed.
+    key: Option<chain::TableKey>,
     target: nbd::BlockingClient,
     /// Bytes hashed so far, for the progress display.
     hashed: AtomicU64,
@@ -241,7 +253,8 @@ impl chain::BlockVisitor for CopyChanged {
         if self.cancelled.load(Ordering::Relaxed) {
             return Err(io::Error::new(io::ErrorKind::Interrupted, "interrupted"));
         }
-        if self.base.digest(index) == Some(digest) {
+        let keyed = self.key.as_ref().map(|k| k.seal(index, digest));
+        if self.base.digest(index) == Some(keyed.as_ref().unwrap_or(digest)) {
             return Ok(());
         }
         let zero = pieces.iter().all(|p| match p {
@@ -292,4 +305,5 @@ async fn teardown(run: &Run<'_>) {
             .execute_raw("blockdev-del", Some(json!({ "node-name": name })))
             .await;
     }
+    crate::crypt::unlock::remove_secret(qmp).await;
 }

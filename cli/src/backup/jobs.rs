@@ -61,14 +61,21 @@ pub(super) fn create_target_files(run: &Run<'_>) -> Result<()> {
     for t in &run.targets {
         // The header's backing path is relative to the node file's directory.
         let backing = t.backing.as_ref().map(|b| format!("../{b}"));
-        run.bins
-            .create_qcow2(&run.vm.resolve(&t.file)?, t.info.virtual_size, backing.as_deref())?;
+        crate::crypt::unlock::create_node_file(
+            &run.bins,
+            &run.vm.resolve(&t.file)?,
+            t.info.virtual_size,
+            backing.as_deref(),
+        )?;
     }
     Ok(())
 }
 
 /// Opens each target in the VM's QEMU, on top of the parent's chain when there is a parent.
 pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
+    // An encrypted repository's key, for the targets and the parents' chains (removed in `Run::fail` or
+    // `remove_targets`).
+    crate::crypt::unlock::add_secret(run.qmp).await?;
     for t in &run.targets {
         let backing = match &run.plan.parent {
             Some(parent) => {
@@ -90,6 +97,7 @@ pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
             graph::qcow2_options(&run.qemu_name("t", t.index), &path, backing.as_deref(), false);
         options["cache"] = json!({ "no-flush": true });
         options["file"] = crate::crashpoint::target_file_options(options["file"].take());
+        crate::crypt::unlock::encrypt_node(&mut options);
         run.qmp
             .execute_raw("blockdev-add", Some(options))
             .await
@@ -106,6 +114,7 @@ async fn remove_targets(run: &Run<'_>) {
             .execute_raw("blockdev-del", Some(json!({ "node-name": name })))
             .await;
     }
+    crate::crypt::unlock::remove_secret(run.qmp).await;
 }
 
 /// The one transaction: per disk, the new bitmaps and the copy job. The bitmaps are persistent where the image

@@ -55,6 +55,8 @@ pub struct BackupOptions {
     pub qga: Option<PathBuf>,
     pub lock_wait: LockWait,
     pub job_timeout: Duration,
+    /// Back up encrypted disks into a repository that is not encrypted (their contents then stored decrypted).
+    pub allow_plaintext: bool,
 }
 
 /// The outcome of a backup, as printed by `--json`.
@@ -77,6 +79,8 @@ pub struct BackupReport {
     pub cleaned: cleanup::Cleaned,
     /// Drives of the VM this backup did not copy, and why (removable media, empty drives).
     pub skipped: Vec<Skipped>,
+    /// Encrypted disks stored decrypted in this repository (`--allow-plaintext`).
+    pub plaintext_of_encrypted: Vec<String>,
 }
 
 /// A drive a backup left out by itself (not one the user excluded).
@@ -217,6 +221,7 @@ pub async fn backup(
     interrupt: &Interrupt,
 ) -> Result<BackupReport> {
     let started = Instant::now();
+    check_encrypted_sources(opts).await?;
     let crate::session::Session {
         repo,
         vm,
@@ -227,6 +232,8 @@ pub async fn backup(
     } = crate::session::open(&opts.repo, &opts.vm, &opts.socket, opts.lock_wait, "backup", true).await?;
     let info = inspect::inspect(&qmp).await?;
     let (disks, skipped) = select_disks(&info, &opts.disks, &opts.exclude)?;
+    let plaintext_of_encrypted =
+        crate::crypt::check_sources(&disks, repo.settings().encryption.is_some(), opts.allow_plaintext)?;
     for s in &skipped {
         progress.phase(&format!("skipping disk {}: {}", s.disk, s.reason));
     }
@@ -351,7 +358,28 @@ pub async fn backup(
         quiesced: opts.qga.is_some(),
         cleaned,
         skipped,
+        plaintext_of_encrypted,
     })
+}
+
+/// Checks, before the session opens, what can be checked without writing: the key of an encrypted repository
+/// ([`crate::crypt::require`]) and, for a VM's first backup, whether it would copy encrypted disks into a
+/// repository that is not encrypted ([`crate::crypt::check_sources`]), so that a refused first backup does not
+/// even leave the VM's directory. Later backups check the disks under the VM's lock, on the session's QMP
+/// connection (QEMU serves one client per QMP socket: a check here would wait for a running backup's
+/// connection instead of failing at once on its lock).
+async fn check_encrypted_sources(opts: &BackupOptions) -> Result<()> {
+    let repo = chain::Repository::open(&opts.repo)?;
+    // A missing or wrong key fails here, before anything is written.
+    crate::crypt::require(&repo)?;
+    if repo.vm(&opts.vm).is_ok_and(|vm| vm.dir().exists()) {
+        return Ok(());
+    }
+    let qmp = inspect::connect(&opts.socket).await?;
+    let info = inspect::inspect(&qmp).await?;
+    let (disks, _skipped) = select_disks(&info, &opts.disks, &opts.exclude)?;
+    crate::crypt::check_sources(&disks, repo.settings().encryption.is_some(), opts.allow_plaintext)?;
+    Ok(())
 }
 
 /// The result of the copy phase, per target: guest bytes copied, and the node's checking table when the copy
@@ -550,6 +578,7 @@ impl Run<'_> {
     async fn fail(&mut self, err: &anyhow::Error) {
         let mut cleaned = cleanup::Cleaned::default();
         cleanup::undo_in_qemu(self.qmp, &self.op, &mut cleaned).await;
+        crate::crypt::unlock::remove_secret(self.qmp).await;
         let in_use = cleanup::open_files(Some(self.qmp)).await;
         cleanup::undo_on_disk(self.vm, &self.manifest, &self.op, in_use.as_deref(), &mut cleaned);
         if let Some(node) = self.manifest.node_mut(&self.node) {

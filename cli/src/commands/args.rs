@@ -16,9 +16,18 @@ pub struct RepoVm {
     pub vm: String,
     #[command(flatten)]
     pub lock: LockArgs,
+    #[command(flatten)]
+    pub key: KeyArgs,
 }
 
 impl RepoVm {
+    /// Unlocks an encrypted repository with the key given ([`KeyArgs`]) for as long as the guard lives; a
+    /// repository that is not encrypted needs none.
+    pub fn unlock(&self) -> Result<Option<qmpbak::crypt::KeyGuard>> {
+        let repo = chain::Repository::open(&self.repo)?;
+        qmpbak::crypt::unlock(&repo, self.key.source().as_ref())
+    }
+
     /// Opens the repository and the VM's store (which must exist).
     pub fn open(&self) -> Result<(chain::Repository, chain::VmStore)> {
         let repo = chain::Repository::open(&self.repo)?;
@@ -51,5 +60,27 @@ impl LockArgs {
             Some(secs) => chain::LockWait::Wait(Duration::from_secs(secs)),
             None => chain::LockWait::NoWait,
         }
+    }
+}
+
+/// `--key-file FILE | --key-fd N | --key-env NAME`: the key of an encrypted repository (else `QMPBAK_KEY`).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct KeyArgs {
+    /// Read the key of an encrypted repository from FILE (also a systemd credential:
+    /// `$CREDENTIALS_DIRECTORY/NAME`). One trailing newline is ignored. Without any key option, the
+    /// environment variable QMPBAK_KEY holds the key, when set.
+    #[arg(long = "key-file", value_name = "FILE", group = "key")]
+    pub file: Option<PathBuf>,
+    /// Read the key from open file descriptor N (e.g. a pipe).
+    #[arg(long = "key-fd", value_name = "N", group = "key")]
+    pub fd: Option<u32>,
+    /// Read the key from environment variable NAME.
+    #[arg(long = "key-env", value_name = "NAME", group = "key")]
+    pub env: Option<String>,
+}
+
+impl KeyArgs {
+    pub fn source(&self) -> Option<qmpbak::crypt::KeySource> {
+        qmpbak::crypt::KeySource::choose(self.file.clone(), self.fd, self.env.clone())
     }
 }

@@ -52,6 +52,10 @@ pub struct Args {
     /// A name for this backup, usable wherever a node id is.
     #[arg(long)]
     tag: Option<String>,
+    /// Back up encrypted disks (LUKS, qcow2 encryption) even into a repository that is not encrypted, where
+    /// their contents are stored decrypted. Without it such a backup is refused.
+    #[arg(long)]
+    allow_plaintext: bool,
     /// Print one JSON result.
     #[arg(long, conflicts_with = "summary")]
     json: bool,
@@ -70,6 +74,7 @@ impl Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let _key = args.vm.target.unlock()?;
     let opts = BackupOptions {
         socket: args.vm.socket,
         repo: args.vm.target.repo,
@@ -88,6 +93,7 @@ pub async fn run(args: Args) -> Result<()> {
         qga: if args.quiesce { args.qga } else { None },
         lock_wait: args.vm.target.lock.lock_wait(),
         job_timeout: backup::DEFAULT_JOB_TIMEOUT,
+        allow_plaintext: args.allow_plaintext,
     };
     let interrupt = Interrupt::new()?;
     let progress = Bars::new(!args.json && !args.summary && std::io::stderr().is_terminal());
@@ -124,6 +130,12 @@ fn summary(r: &BackupReport) -> String {
 }
 
 fn print_report(r: &BackupReport) -> Result<(), super::out::StdoutError> {
+    if !r.plaintext_of_encrypted.is_empty() {
+        outln!(
+            "warning: encrypted disk(s) {} stored DECRYPTED in this repository (--allow-plaintext)",
+            r.plaintext_of_encrypted.join(", ")
+        )?;
+    }
     if !r.cleaned.is_empty() {
         outln!(
             "cleaned up after an interrupted run: {} (nodes marked failed: {})",

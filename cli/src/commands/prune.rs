@@ -70,6 +70,7 @@ fn policy(args: &Args) -> Result<(chain::Policy, &'static str)> {
 pub async fn run(args: &Args) -> Result<()> {
     let (policy, source) = policy(args)?;
     tracing::info!(%policy, source, "prune policy");
+    let _key = args.target.unlock()?;
     let opts = PruneOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),
@@ -169,6 +170,7 @@ fn print_plan(report: &PruneReport) -> Result<(), super::out::StdoutError> {
 }
 
 pub async fn merge(args: MergeArgs) -> Result<()> {
+    let _key = args.target.unlock()?;
     let opts = MergeOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),

@@ -45,6 +45,10 @@ pub struct Args {
     /// After an offline restore, make the node the VM's current node, so the next backup branches from it.
     #[arg(long, conflicts_with = "live")]
     set_current: bool,
+    /// Offline: encrypt the restored qcow2 images with LUKS, passphrase read from KEYFILE (exactly its bytes,
+    /// as QEMU's `--object secret,file=KEYFILE` reads them to open the images later).
+    #[arg(long, value_name = "KEYFILE", conflicts_with = "live")]
+    encrypt_output: Option<PathBuf>,
     /// Limit live streaming to BYTES per second per disk.
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     speed_limit: u64,
@@ -54,6 +58,7 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let _key = args.target.unlock()?;
     if args.live {
         let Some(socket) = args.socket else {
             bail!(Exit::usage("--live needs --socket"))
@@ -104,6 +109,7 @@ pub async fn run(args: Args) -> Result<()> {
         force: args.force,
         set_current: args.set_current,
         lock_wait: args.target.lock.lock_wait(),
+        encrypt_output: args.encrypt_output,
     };
     let interrupt = Interrupt::new()?;
     let report = interrupt

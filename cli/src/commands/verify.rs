@@ -33,6 +33,7 @@ impl Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let _key = args.target.unlock()?;
     let opts = VerifyOptions {
         repo: args.target.repo.clone(),
         vm: args.target.vm.clone(),

@@ -56,6 +56,8 @@ pub async fn restore_live(
     interrupt: &Interrupt,
 ) -> Result<LiveReport> {
     let started = Instant::now();
+    // An encrypted repository needs its key, checked before anything changes.
+    crate::crypt::require(&chain::Repository::open(&opts.repo)?)?;
     let crate::session::Session {
         vm,
         guard,
@@ -137,6 +139,8 @@ pub async fn restore_live(
     vm.save(&manifest, &guard)?;
 
     let graph_file_children = file_children(&qmp).await?;
+    // The key of an encrypted repository, for the chain under the disks until streaming ends ([`finish`]).
+    crate::crypt::unlock::add_secret(&qmp).await?;
     for ((i, d), bitmap) in targets.iter().zip(&bitmaps) {
         let chain = graph::add_chain(
             &qmp,
@@ -243,6 +247,8 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
             .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
             .await;
     }
+    // The chain is gone: so goes the key of an encrypted repository, also when cleanup finishes the restore.
+    crate::crypt::unlock::forget_secret(qmp).await;
     Ok(())
 }
 

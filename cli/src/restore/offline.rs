@@ -46,6 +46,8 @@ pub struct RestoreOptions {
     /// Make the restored node the VM's current node, so the next backup branches from it.
     pub set_current: bool,
     pub lock_wait: LockWait,
+    /// Encrypt the restored qcow2 images with LUKS, the passphrase read by QEMU from this file.
+    pub encrypt_output: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -71,6 +73,7 @@ pub struct RestoredDisk {
 pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     let started = Instant::now();
     let repo = Repository::open(&opts.repo)?;
+    crate::crypt::require(&repo)?;
     let vm = repo.vm(&opts.vm)?;
     let guard = if opts.set_current {
         vm.lock_exclusive(opts.lock_wait, "restore")?
@@ -80,6 +83,15 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
     let mut manifest = vm.load()?;
     let node = super::find_node(&manifest, &opts.node)?.clone();
     let disks = super::select_disks(&node, &opts.disks)?;
+    let encrypt = match &opts.encrypt_output {
+        Some(_) if opts.format == Format::Raw => {
+            bail!(Exit::usage(
+                "--encrypt-output makes qcow2 images: it cannot go with --format raw"
+            ))
+        }
+        Some(key) => Some(crate::crypt::output::output_key_file(key)?),
+        None => None,
+    };
     let outputs = output_paths(&opts.to, &disks, opts.format)?;
     for path in &outputs {
         // --force replaces a file; it must never unlink a device node, a pipe or a socket in its place.
@@ -112,7 +124,13 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
             .iter()
             .find(|d| &d.disk == disk)
             .map_or(0, |d| d.virtual_size);
-        match restore_disk(&bins, &vm, &manifest, &node, disk, temp, size, opts.format).await {
+        let out = Output {
+            path: temp,
+            size,
+            format: opts.format,
+            encrypt: encrypt.as_deref(),
+        };
+        match restore_disk(&bins, &vm, &manifest, &node, disk, &out).await {
             Ok(mismatched) => {
                 if !mismatched.is_empty() && damage.is_none() {
                     damage = Some(super::damaged(
@@ -200,24 +218,22 @@ fn output_paths(to: &Path, disks: &[String], format: Format) -> Result<Vec<PathB
 /// copies the recovery chain into the new image while the same chain is hashed beside it
 /// ([`crate::tables::build`]): every byte the copy reads is checked, and the wall time is that of the longer
 /// of the two rather than their sum. The image is fsynced before this returns.
-#[allow(clippy::too_many_arguments)]
 async fn restore_disk(
     bins: &QemuBins,
     vm: &chain::VmStore,
     manifest: &chain::Manifest,
     node: &chain::Node,
     disk: &str,
-    path: &Path,
-    size: u64,
-    format: Format,
+    out: &Output<'_>,
 ) -> Result<Vec<u64>> {
+    let path = out.path;
     let expected = load_node_table(vm, manifest, &node.id, disk)?;
-    create_image(bins, path, size, format)?;
+    create_image(bins, out)?;
     let files = crate::direct::chain_files(vm, manifest, &node.id, disk)?;
     let hash = crate::tables::build(bins, vm, manifest, &node.id, disk, expected.block_size(), None);
     let copy = async {
         let writeback = crate::writeback::EarlyWriteback::start(vec![path.to_owned()]);
-        convert(bins, &files, path, format).await?;
+        convert(bins, &files, out).await?;
         writeback.stop();
         // `qemu-img convert` writes with cache=unsafe: the image is synced while the hash finishes.
         let out = path.to_owned();
@@ -230,19 +246,38 @@ async fn restore_disk(
     Ok(Table::diff(&expected, &actual)?)
 }
 
-/// `qemu-img convert` of the chain `files` (bottom first) into the existing, empty image at `path`.
-async fn convert(bins: &QemuBins, files: &[PathBuf], path: &Path, format: Format) -> Result<()> {
+/// One restored image: where, how large, in which format, encrypted with which key file.
+struct Output<'a> {
+    path: &'a Path,
+    size: u64,
+    format: Format,
+    encrypt: Option<&'a Path>,
+}
+
+/// `qemu-img convert` of the chain `files` (bottom first) into the existing, empty image `out`.
+async fn convert(bins: &QemuBins, files: &[PathBuf], out: &Output<'_>) -> Result<()> {
+    let (path, format) = (out.path, out.format);
     let spec = crate::direct::chain_spec(files);
-    let child = crate::children::spawn(
-        crate::children::command(&bins.img)
-            .args(["convert", "-n", "--target-is-zero", "-O", format.ext()])
-            .arg(format!("json:{spec}"))
-            .arg(path)
-            .stdin(std::process::Stdio::null())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped()),
-    )
-    .with_context(|| format!("running {}", bins.img.display()))?;
+    let mut cmd = crate::children::command(&bins.img);
+    cmd.args(["convert", "-n", "--target-is-zero"])
+        .args(crate::crypt::unlock::qemu_img_args());
+    match out.encrypt {
+        // The target's options name its format.
+        Some(key) => cmd
+            .args(crate::crypt::output::output_object_args(key))
+            .arg("--target-image-opts"),
+        None => cmd.args(["-O", format.ext()]),
+    };
+    cmd.arg(format!("json:{spec}"));
+    match out.encrypt {
+        Some(_) => cmd.arg(crate::crypt::output::output_target_opts(path)),
+        None => cmd.arg(path),
+    };
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    let child =
+        crate::children::spawn(&mut cmd).with_context(|| format!("running {}", bins.img.display()))?;
     crate::crashpoint::pause_point("restore-converting").await;
     let out = child
         .output()
@@ -261,8 +296,12 @@ async fn convert(bins: &QemuBins, files: &[PathBuf], path: &Path, format: Format
     Ok(())
 }
 
-fn create_image(bins: &QemuBins, path: &Path, size: u64, format: Format) -> Result<()> {
-    match format {
+fn create_image(bins: &QemuBins, out: &Output<'_>) -> Result<()> {
+    let (path, size) = (out.path, out.size);
+    if let Some(key) = out.encrypt {
+        return crate::crypt::output::create_output(bins, path, size, key);
+    }
+    match out.format {
         Format::Raw => {
             let file = std::fs::OpenOptions::new()
                 .write(true)

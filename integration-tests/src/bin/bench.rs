@@ -52,8 +52,8 @@ usage: bench [--size SIZE] [--data SIZE] [--runs N] [--quick] [--json FILE] [--o
   --runs N        runs per measurement; min and median are reported (default 3)
   --quick         a 256 MiB disk with 96 MiB of data, one run each: a smoke test of the bench itself
   --json FILE     also write the results as JSON
-  --only LIST     comma-separated sections: full,inc,empty,cdiff,restore,live,verify,list,rss (default all;
-                  inc, empty, cdiff, restore, live and verify need full)
+  --only LIST     comma-separated sections: full,crypt,inc,empty,cdiff,restore,live,verify,list,rss (default
+                  all; crypt, inc, empty, cdiff, restore, live and verify need full)
   --keep          keep the work directory (repositories, images) and print its path
   --block-size S  checking-table block size of the repositories (default: the repository default, 1 MiB)
 ";
@@ -97,8 +97,8 @@ struct Options {
     rss_configs: [(u64, u64); 2],
 }
 
-const SECTIONS: [&str; 9] = [
-    "full", "inc", "empty", "cdiff", "restore", "live", "verify", "list", "rss",
+const SECTIONS: [&str; 10] = [
+    "full", "crypt", "inc", "empty", "cdiff", "restore", "live", "verify", "list", "rss",
 ];
 
 impl Options {
@@ -791,8 +791,13 @@ impl Tools {
     }
 
     fn backup(&self, vm: &TestVm, repo: &Path, level: &str) -> Measured {
+        self.backup_with(vm, repo, level, &[])
+    }
+
+    /// [`Tools::backup`] with `extra` arguments.
+    fn backup_with(&self, vm: &TestVm, repo: &Path, level: &str, extra: &[&str]) -> Measured {
         let socket = vm.socket();
-        self.qmpbak(&[
+        let args = [
             "backup",
             "--socket",
             s(&socket),
@@ -803,8 +808,8 @@ impl Tools {
             "--level",
             level,
             "--json",
-        ])
-        .ok()
+        ];
+        self.qmpbak(&[&args[..], extra].concat()).ok()
     }
 
     /// An offline restore of `node` into the new directory `to`.
@@ -817,8 +822,13 @@ impl Tools {
     }
 
     fn restore(&self, repo: &Path, node: &str, to: &Path) -> Measured {
+        self.restore_with(repo, node, to, &[])
+    }
+
+    /// [`Tools::restore`] with `extra` arguments.
+    fn restore_with(&self, repo: &Path, node: &str, to: &Path, extra: &[&str]) -> Measured {
         fs::create_dir_all(to).expect("create restore directory");
-        self.qmpbak(&[
+        let args = [
             "restore",
             node,
             "--repo",
@@ -828,8 +838,8 @@ impl Tools {
             "--to",
             s(to),
             "--json",
-        ])
-        .ok()
+        ];
+        self.qmpbak(&[&args[..], extra].concat()).ok()
     }
 }
 
@@ -890,9 +900,11 @@ async fn run(opts: &Options) -> Report {
         "loadavg_before": load_before,
     });
 
-    let needs_vm = ["full", "inc", "empty", "cdiff", "restore", "live", "verify"]
-        .iter()
-        .any(|s| opts.wants(s));
+    let needs_vm = [
+        "full", "crypt", "inc", "empty", "cdiff", "restore", "live", "verify",
+    ]
+    .iter()
+    .any(|s| opts.wants(s));
     if needs_vm {
         eprintln!(
             "bench: filling a {} disk with {} of data ({} extents)",
@@ -903,6 +915,9 @@ async fn run(opts: &Options) -> Report {
         let mut vm = start_filled_vm(&bench.tools, opts.size, &bench.layout).await;
         bench.full(&vm).await;
         if bench.full_node.is_some() {
+            if opts.wants("crypt") {
+                bench.encrypted(&vm);
+            }
             if opts.wants("inc") {
                 bench.incremental(&vm).await;
             }
@@ -1223,6 +1238,63 @@ impl Bench<'_> {
             "",
         );
         vm
+    }
+
+    /// A full backup into an encrypted repository and its offline restore, beside a plain restore of the plain
+    /// full (the plain full backup is the `full` section's).
+    fn encrypted(&mut self, vm: &TestVm) {
+        let runs = self.runs();
+        eprintln!("bench: encrypted full backup and restore x{runs}");
+        let key = self.work.join("repo.key");
+        fs::write(&key, [0x5au8; 32]).expect("write the key file");
+        let key_args = ["--key-file", s(&key)];
+        let full_node = self.full_node.clone().expect("a full node");
+        let (mut backups, mut restores, mut plain_restores) = (Vec::new(), Vec::new(), Vec::new());
+        for r in 0..runs {
+            let repo = self.work.join(format!("repo-crypt-{r}"));
+            self.tools
+                .qmpbak(&["init", "--encrypt", key_args[0], key_args[1], s(&repo)])
+                .ok();
+            let m = self.tools.backup_with(vm, &repo, "full", &key_args);
+            let node = m.json()["node"].as_str().expect("node").to_owned();
+            backups.push(m.secs);
+            let dir = self.work.join(format!("restore-crypt-{r}"));
+            restores.push(self.tools.restore_with(&repo, &node, &dir, &key_args).secs);
+            fs::remove_dir_all(&dir).expect("remove restore output");
+            fs::remove_dir_all(&repo).expect("remove repository");
+            let dir = self.work.join(format!("restore-plain-full-{r}"));
+            plain_restores.push(self.tools.restore(&self.repo, &full_node, &dir).secs);
+            fs::remove_dir_all(&dir).expect("remove restore output");
+        }
+        let plain_full = self.report.row("full_backup").cloned();
+        let crypt = self.report.add(
+            "full_backup_encrypted",
+            "full backup, encrypted repository",
+            "s",
+            backups,
+            "LUKS node file, keyed table",
+        );
+        let plain_restore = self.report.add(
+            "restore_full_plain",
+            "offline restore of the full",
+            "s",
+            plain_restores,
+            "",
+        );
+        let crypt_restore = self.report.add(
+            "restore_full_encrypted",
+            "offline restore of the full, encrypted repository",
+            "s",
+            restores,
+            "decrypted by QEMU, read over NBD (no direct reads)",
+        );
+        if let Some(plain_full) = plain_full {
+            self.report.notes.push(format!(
+                "encrypted against plain: full backup {}, restore of the full {}",
+                ratio(&crypt, &plain_full).1,
+                ratio(&crypt_restore, &plain_restore).1
+            ));
+        }
     }
 
     /// Offline restore of the top of a full + 10 incrementals against `qemu-img convert` of the top node's

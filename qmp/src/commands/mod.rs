@@ -8,6 +8,7 @@ mod export;
 mod job;
 mod machine;
 mod node;
+mod object;
 mod query;
 mod transaction;
 
@@ -25,6 +26,7 @@ pub use job::{
 };
 pub use machine::{Cont, HumanMonitorCommand, Quit, Stop, SystemPowerdown};
 pub use node::{BlockdevAdd, BlockdevCreate, BlockdevDel, BlockdevReopen, BlockdevSnapshot};
+pub use object::{ObjectAddSecret, ObjectDel};
 pub use query::{
     QueryBlock, QueryBlockJobs, QueryJobs, QueryNamedBlockNodes, QueryQmpSchema, QueryStatus, QueryVersion,
 };

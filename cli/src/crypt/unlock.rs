@@ -1,0 +1,281 @@
+//! The unlocked key of the encrypted repository this process works on, and how QEMU gets it: a `secret`
+//! object that reads a private file (mode 0600 in a 0700 directory, in memory under /dev/shm where it exists,
+//! removed when the [`KeyGuard`] drops) for `qemu-img` and `qemu-storage-daemon`, or `object-add` with the
+//! data over the QMP socket for the VM's QEMU. The key is never on a command line or in a log.
+//!
+//! Every node file of an encrypted repository is a qcow2 with a LUKS header (`encrypt.format=luks`) whose
+//! passphrase is derived from the user's key ([`chain::crypt`]): a 256-bit random-looking string, so LUKS's own
+//! slow key derivation adds nothing and runs with a short iteration time (opening a layer stays fast).
+
+use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, PoisonError};
+
+use anyhow::{Context, Result};
+use serde_json::{Value, json};
+
+use chain::{RepoKeys, Repository, TableKey};
+
+use super::key::KeySource;
+use crate::qemu_bins::QemuBins;
+
+/// The id of the secret object in every QEMU process qmpbak hands the key to.
+pub const SECRET_ID: &str = "qmpbak-repo-key";
+/// LUKS key-derivation time per node file, in milliseconds (see the module docs).
+const LUKS_ITER_TIME_MS: u32 = 10;
+
+/// The key of an unlocked repository and its private secret file.
+pub struct Unlocked {
+    keys: RepoKeys,
+    /// The repository's [`TEMPLATE_FILE`].
+    template: PathBuf,
+    salt: String,
+    secret_file: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+static ACTIVE: Mutex<Option<Arc<Unlocked>>> = Mutex::new(None);
+
+/// Keeps the repository unlocked; dropping it removes the secret file and forgets the key.
+#[must_use = "the repository is locked again when the guard drops"]
+pub struct KeyGuard(());
+
+impl Drop for KeyGuard {
+    fn drop(&mut self) {
+        ACTIVE.lock().unwrap_or_else(PoisonError::into_inner).take();
+    }
+}
+
+/// Unlocks `repo` with the key from `source`, for the rest of the guard's life. A repository that is not
+/// encrypted needs no key (any given is ignored). A missing or wrong key is a repository error (exit 3), before
+/// anything is changed.
+pub fn unlock(repo: &Repository, source: Option<&KeySource>) -> Result<Option<KeyGuard>> {
+    if repo.settings().encryption.is_none() {
+        return Ok(None);
+    }
+    let Some(source) = source else {
+        return Err(chain::Error::KeyMissing.into());
+    };
+    unlock_with(repo, &source.read()?).map(Some)
+}
+
+/// [`unlock`] with the key's bytes (read once: a pipe gives them only once).
+pub fn unlock_with(repo: &Repository, key: &[u8]) -> Result<KeyGuard> {
+    let Some(enc) = &repo.settings().encryption else {
+        anyhow::bail!("repository {} is not encrypted", repo.path().display());
+    };
+    let keys = enc.unlock(key)?;
+    let base = Path::new("/dev/shm");
+    let dir = if base.is_dir() {
+        tempfile::Builder::new().prefix("qmpbak-key-").tempdir_in(base)
+    } else {
+        tempfile::Builder::new().prefix("qmpbak-key-").tempdir()
+    }
+    .context("creating a private directory for the key")?;
+    let secret_file = dir.path().join("key");
+    // tempfile makes the directory 0700; the file is created 0600.
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&secret_file)
+        .with_context(|| format!("creating {}", secret_file.display()))?;
+    file.write_all(keys.luks_passphrase().as_bytes())
+        .with_context(|| format!("writing {}", secret_file.display()))?;
+    let unlocked = Unlocked {
+        keys,
+        template: repo.path().join(TEMPLATE_FILE),
+        salt: enc.salt.clone(),
+        secret_file,
+        _dir: dir,
+    };
+    *ACTIVE.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(unlocked));
+    Ok(KeyGuard(()))
+}
+
+/// The unlocked key, when there is one.
+pub fn active() -> Option<Arc<Unlocked>> {
+    ACTIVE.lock().unwrap_or_else(PoisonError::into_inner).clone()
+}
+
+/// Checks that `repo` can be worked on: not encrypted, or unlocked with its own key ([`unlock`]). Every
+/// command that reads or writes node data calls this first.
+pub fn require(repo: &Repository) -> Result<()> {
+    let Some(enc) = &repo.settings().encryption else {
+        return Ok(());
+    };
+    match active() {
+        Some(u) if u.salt == enc.salt => Ok(()),
+        _ => Err(chain::Error::KeyMissing.into()),
+    }
+}
+
+/// Refuses `what` in an encrypted repository: for the operations that do not handle encrypted node files yet
+/// (they would fail to open them, or write plaintext). A usage error (exit 2), before anything is changed.
+pub fn refuse_if_encrypted(repo: &Repository, what: &str) -> Result<()> {
+    if repo.settings().encryption.is_some() {
+        return Err(crate::exit::Exit::usage(format!(
+            "{what} does not support encrypted repositories yet; nothing was changed"
+        ))
+        .into());
+    }
+    Ok(())
+}
+
+impl Unlocked {
+    pub fn table_key(&self) -> &TableKey {
+        self.keys.table_key()
+    }
+
+    /// `secret,id=…,file=…` for `qemu-img --object` and `qemu-storage-daemon --object`: the path of the
+    /// private file, never the key.
+    pub fn object_arg(&self) -> String {
+        format!(
+            "secret,id={SECRET_ID},file={},format=raw",
+            super::output::qemu_opt_value(&self.secret_file)
+        )
+    }
+}
+
+/// The table key of the unlocked repository, if any: checking tables are keyed with it.
+pub fn table_key() -> Option<TableKey> {
+    active().map(|u| u.table_key().clone())
+}
+
+/// Adds the encryption options to a qcow2 node's options (blockdev-add or a `json:` image spec) when a
+/// repository is unlocked: for repository files only.
+pub fn encrypt_node(options: &mut Value) {
+    if active().is_some() {
+        options["encrypt"] = json!({ "format": "luks", "key-secret": SECRET_ID });
+    }
+}
+
+/// The arguments that give `qemu-img` the secret object (`--object secret,…`), when a repository is unlocked.
+pub fn qemu_img_args() -> Vec<String> {
+    active().map_or_else(Vec::new, |u| vec!["--object".to_owned(), u.object_arg()])
+}
+
+/// The `-o` options of `qemu-img create` for a new repository file, when a repository is unlocked.
+pub fn create_options() -> Option<String> {
+    active().map(|_| {
+        format!("encrypt.format=luks,encrypt.key-secret={SECRET_ID},encrypt.iter-time={LUKS_ITER_TIME_MS}")
+    })
+}
+
+/// Gives the QEMU behind `qmp` the key (`object-add` of a secret, over the socket), when a repository is
+/// unlocked. A secret left by a qmpbak that was killed is replaced.
+pub async fn add_secret(qmp: &qmp::Qmp) -> Result<()> {
+    let Some(u) = active() else { return Ok(()) };
+    let _ = qmp
+        .execute(&qmp::commands::ObjectDel {
+            id: SECRET_ID.to_owned(),
+        })
+        .await;
+    qmp.execute(&qmp::commands::ObjectAddSecret::new(
+        SECRET_ID,
+        u.keys.luks_passphrase(),
+    ))
+    .await
+    .context("giving QEMU the repository key (object-add of a secret)")?;
+    Ok(())
+}
+
+/// Removes the secret from the QEMU behind `qmp` whether or not this process holds a key (cleanup finishing a
+/// live restore of a qmpbak that died); errors (no such object) are ignored.
+pub async fn forget_secret(qmp: &qmp::Qmp) {
+    let _ = qmp
+        .execute(&qmp::commands::ObjectDel {
+            id: SECRET_ID.to_owned(),
+        })
+        .await;
+}
+
+/// Removes the key from the QEMU behind `qmp` again; errors are ignored (cleanup paths).
+pub async fn remove_secret(qmp: &qmp::Qmp) {
+    if active().is_some() {
+        let _ = qmp
+            .execute(&qmp::commands::ObjectDel {
+                id: SECRET_ID.to_owned(),
+            })
+            .await;
+    }
+}
+
+/// The LUKS-encrypted qcow2 in an encrypted repository's directory that every node file starts as.
+pub const TEMPLATE_FILE: &str = "qmpbak-luks-template.qcow2";
+/// The template's virtual size; node files are resized from it.
+const TEMPLATE_SIZE: u64 = 64 << 10;
+
+/// Makes the template of a new encrypted repository (unlocked by the caller): the one LUKS header `qemu-img
+/// create` formats, with a volume key of its own. Formatting is slow (QEMU times its key derivation for a
+/// second or more of CPU, and on a busy machine sometimes fails to) so it is done once per repository; every
+/// node file is then a copy of the template, resized ([`create_node_file`]). All node files of a repository
+/// thus share one volume key, protected by the repository key.
+pub fn create_template(bins: &QemuBins, repo: &Path) -> Result<()> {
+    let options = create_options().context("the repository is not unlocked")?;
+    let path = repo.join(TEMPLATE_FILE);
+    super::output::create_luks_qcow2(bins, &path, TEMPLATE_SIZE, &qemu_img_args(), &options)?;
+    chain::store::sync_files(&[path]).context("syncing the template")?;
+    Ok(())
+}
+
+fn set_private(path: &Path) -> Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("setting the mode of {}", path.display()))
+}
+
+/// Runs `qemu-img ARGS` and fails with its message.
+fn qemu_img(bins: &QemuBins, args: &[String], what: &str) -> Result<()> {
+    let out = std::process::Command::new(&bins.img)
+        .args(args)
+        .output()
+        .with_context(|| format!("running {}", bins.img.display()))?;
+    if !out.status.success() {
+        anyhow::bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+/// Creates a repository file: a qcow2 of `size` bytes (0600); in an unlocked encrypted repository a copy of
+/// its LUKS template ([`create_template`]), resized. `backing` is written into its header as given and not
+/// opened (see [`QemuBins::create_qcow2`]).
+pub fn create_node_file(bins: &QemuBins, path: &Path, size: u64, backing: Option<&str>) -> Result<()> {
+    let Some(unlocked) = active() else {
+        return bins.create_qcow2(path, size, backing);
+    };
+    let _ = std::fs::remove_file(path);
+    std::fs::copy(&unlocked.template, path).with_context(|| {
+        format!(
+            "copying the repository's encrypted template {} to {}",
+            unlocked.template.display(),
+            path.display()
+        )
+    })?;
+    set_private(path)?;
+    let mut spec = json!({ "driver": "qcow2", "file": { "driver": "file", "filename": path } });
+    encrypt_node(&mut spec);
+    let image = format!("json:{spec}");
+    let mut resize = vec!["resize".to_owned(), "-q".to_owned()];
+    resize.extend(qemu_img_args());
+    resize.extend([image.clone(), size.to_string()]);
+    qemu_img(bins, &resize, &format!("resizing {}", path.display()))?;
+    if let Some(backing) = backing {
+        let mut rebase = vec!["rebase".to_owned(), "-q".to_owned(), "-u".to_owned()];
+        rebase.extend(qemu_img_args());
+        rebase.extend([
+            "-F".to_owned(),
+            "qcow2".to_owned(),
+            "-b".to_owned(),
+            backing.to_owned(),
+            image,
+        ]);
+        qemu_img(
+            bins,
+            &rebase,
+            &format!("setting the backing file of {}", path.display()),
+        )?;
+    }
+    Ok(())
+}

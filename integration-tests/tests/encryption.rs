@@ -1,0 +1,543 @@
+//! Encryption at rest: an encrypted source disk is never copied decrypted into a repository that is not
+//! encrypted unless the user says so; an encrypted repository holds nothing of the guest's data in plaintext,
+//! restores every node exactly with its key, and refuses a wrong or missing key without changing anything.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+
+use integration_tests::cli::{self, Output};
+use integration_tests::repo::TestRepo;
+use integration_tests::{MIB, TestVm, image};
+
+/// The passphrase of the test VM's encrypted disk.
+const DISK_PASSPHRASE: &str = "disk passphrase of the test VM";
+
+/// The byte the guest writes: 64 of them in a row never occur by chance in ciphertext.
+const PATTERN: u8 = 0x11;
+
+/// Every regular file below `dir`.
+fn files_below(dir: &Path) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            out.extend(files_below(&path));
+        } else if path.is_file() {
+            out.push(path);
+        }
+    }
+    out
+}
+
+/// Whether the file holds 64 consecutive bytes of `pattern`.
+fn holds_pattern(path: &Path, pattern: u8) -> bool {
+    let bytes = std::fs::read(path).unwrap();
+    let needle = [pattern; 64];
+    bytes.windows(needle.len()).any(|w| w == needle)
+}
+
+async fn encrypted_vm() -> TestVm {
+    TestVm::builder()
+        .encrypted_disk("disk0", 16 * MIB, DISK_PASSPHRASE)
+        .start()
+        .await
+}
+
+#[tokio::test]
+async fn an_encrypted_disk_is_refused_by_a_plain_repository_and_nothing_is_written() {
+    let vm = encrypted_vm().await;
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    assert!(
+        !holds_pattern(&vm.disk_path("disk0"), PATTERN),
+        "the source disk is not encrypted"
+    );
+    let repo = TestRepo::init();
+    let out = repo.try_backup(&vm, "vm1", &[]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("disk0") && out.stderr.contains("--allow-plaintext"),
+        "{out:?}"
+    );
+    assert!(
+        !repo.vm_dir("vm1").exists(),
+        "the refused backup created the VM's directory"
+    );
+}
+
+#[tokio::test]
+async fn an_encrypted_disk_added_to_a_backed_up_vm_is_refused_and_the_manifest_is_unchanged() {
+    let vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .encrypted_disk("disk1", 16 * MIB, DISK_PASSPHRASE)
+        .start()
+        .await;
+    let repo = TestRepo::init();
+    repo.backup(&vm, "vm1", &["--exclude", "disk1"]);
+    let manifest = repo.vm_dir("vm1").join("manifest.json");
+    let before = std::fs::read(&manifest).unwrap();
+    let out = repo.try_backup(&vm, "vm1", &[]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("disk1") && !out.stderr.contains("disk0,"),
+        "{out:?}"
+    );
+    assert_eq!(
+        before,
+        std::fs::read(&manifest).unwrap(),
+        "the refused backup changed the manifest"
+    );
+    assert!(!repo.vm_dir("vm1").join("0002").exists());
+}
+
+#[tokio::test]
+async fn allow_plaintext_backs_up_an_encrypted_disk_decrypted_and_says_so() {
+    let vm = encrypted_vm().await;
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let repo = TestRepo::init();
+    let report = repo.backup(&vm, "vm1", &["--allow-plaintext"]);
+    assert_eq!(report["plaintext_of_encrypted"], serde_json::json!(["disk0"]));
+    let node = report["node"].as_str().unwrap();
+    image::assert_same(&reference, &repo.node_file("vm1", node, "disk0"));
+    assert!(holds_pattern(&repo.node_file("vm1", node, "disk0"), PATTERN));
+    // The text report says so too.
+    vm.write_pattern("disk0", 0x22, 0, MIB).await;
+    let text = integration_tests::cli::run_owned(&repo.vm_args(
+        "vm1",
+        &[
+            "backup",
+            "--allow-plaintext",
+            "--socket",
+            vm.socket().to_str().unwrap(),
+        ],
+    ))
+    .success();
+    assert!(text.stdout.contains("DECRYPTED"), "{text:?}");
+}
+
+/// An encrypted repository made by `qmpbak init --encrypt`, with its key file and a wrong one.
+struct EncryptedRepo {
+    repo: TestRepo,
+    key: PathBuf,
+    wrong_key: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl EncryptedRepo {
+    fn init() -> EncryptedRepo {
+        let dir = tempfile::tempdir().unwrap();
+        let key = dir.path().join("repo.key");
+        std::fs::write(&key, b"0123456789abcdef0123456789abcdef\n").unwrap();
+        let wrong_key = dir.path().join("wrong.key");
+        std::fs::write(&wrong_key, b"0123456789abcdef0123456789abcdeX").unwrap();
+        let path = dir.path().join("repo");
+        let out = cli::run(&[
+            "init",
+            "--encrypt",
+            "--key-file",
+            key.to_str().unwrap(),
+            path.to_str().unwrap(),
+        ]);
+        out.success();
+        EncryptedRepo {
+            repo: TestRepo::at(path),
+            key,
+            wrong_key,
+            _dir: dir,
+        }
+    }
+
+    fn key_args(&self) -> [&str; 2] {
+        ["--key-file", self.key.to_str().unwrap()]
+    }
+
+    fn wrong_key_args(&self) -> [&str; 2] {
+        ["--key-file", self.wrong_key.to_str().unwrap()]
+    }
+
+    /// `qmpbak ARGS --repo … --vm VM` with the right key.
+    fn run(&self, vm: &str, args: &[&str]) -> Output {
+        self.repo.run(vm, &[args, &self.key_args()].concat())
+    }
+}
+
+/// The repository's files and their bytes, to show that a refused command changed nothing.
+fn snapshot_files(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut files: Vec<_> = files_below(dir)
+        .into_iter()
+        .filter(|p| {
+            p.file_name()
+                .is_none_or(|n| !n.to_string_lossy().starts_with("lock"))
+        })
+        .map(|p| {
+            let bytes = std::fs::read(&p).unwrap();
+            (p, bytes)
+        })
+        .collect();
+    files.sort();
+    files
+}
+
+#[tokio::test]
+async fn an_encrypted_repository_holds_no_plaintext_and_restores_every_node_with_its_key() {
+    // One plain disk and one encrypted one: both are welcome in an encrypted repository.
+    let vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .encrypted_disk("disk1", 16 * MIB, DISK_PASSPHRASE)
+        .start()
+        .await;
+    let er = EncryptedRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let settings = std::fs::read_to_string(er.repo.path().join("qmpbak-repo.json")).unwrap();
+    assert!(
+        settings.contains("\"luks\"") && settings.contains("verifier"),
+        "{settings}"
+    );
+    assert!(
+        !settings.contains("0123456789abcdef"),
+        "the key is in the settings: {settings}"
+    );
+
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    vm.write_pattern("disk1", PATTERN, MIB, 2 * MIB).await;
+    let full_refs = vm
+        .capture_references(&["disk0", "disk1"], refs.path(), "full")
+        .await;
+    let full = er.repo.backup(&vm, "vm1", &er.key_args());
+    assert_eq!(full["level"], "full", "{full}");
+    assert!(
+        full["plaintext_of_encrypted"].as_array().unwrap().is_empty(),
+        "{full}"
+    );
+
+    vm.write_pattern("disk0", PATTERN, 8 * MIB, MIB).await;
+    vm.write_pattern("disk1", 0x22, 0, MIB).await;
+    let inc_refs = vm
+        .capture_references(&["disk0", "disk1"], refs.path(), "inc")
+        .await;
+    // --compress works in an encrypted repository (QEMU encrypts compressed clusters as well).
+    let inc = er
+        .repo
+        .backup(&vm, "vm1", &[&er.key_args()[..], &["--compress"]].concat());
+    assert_eq!(inc["level"], "incremental", "{inc}");
+
+    assert_no_secret_left(&vm).await;
+    // Every node file is a LUKS-encrypted qcow2; nothing the guest wrote is in any file of the repository.
+    for node in [&full, &inc] {
+        for disk in ["disk0", "disk1"] {
+            let file = er.repo.node_file("vm1", node["node"].as_str().unwrap(), disk);
+            assert_eq!(image::info(&file)["encrypted"], true, "{}", file.display());
+        }
+    }
+    for file in files_below(&er.repo.path()) {
+        assert!(
+            !holds_pattern(&file, PATTERN),
+            "{} holds the guest's data in plaintext",
+            file.display()
+        );
+        assert!(
+            !holds_pattern(&file, 0x22),
+            "{} holds the guest's data in plaintext",
+            file.display()
+        );
+    }
+
+    let out = tempfile::tempdir().unwrap();
+    for (node, refs) in [(&full, &full_refs), (&inc, &inc_refs)] {
+        let node = node["node"].as_str().unwrap();
+        let dir = out.path().join(node);
+        er.run("vm1", &["restore", node, "--to", dir.to_str().unwrap()])
+            .success();
+        image::assert_same(&refs[0], &dir.join("disk0.qcow2"));
+        image::assert_same(&refs[1], &dir.join("disk1.qcow2"));
+    }
+    er.run("vm1", &["verify"]).success();
+}
+
+#[tokio::test]
+async fn a_wrong_or_missing_key_fails_with_exit_3_and_changes_nothing() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, MIB).await;
+    let node = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    vm.write_pattern("disk0", 0x22, 0, MIB).await;
+    let before = snapshot_files(&er.repo.path());
+    let out = tempfile::tempdir().unwrap();
+    let to = out.path().join("restored.qcow2");
+    let wrong = er.wrong_key_args();
+    let attempts: Vec<(&str, Output)> = vec![
+        ("backup, wrong key", er.repo.try_backup(&vm, "vm1", &wrong)),
+        ("backup, no key", er.repo.try_backup(&vm, "vm1", &[])),
+        (
+            "restore, wrong key",
+            er.repo.run(
+                "vm1",
+                &["restore", &node, "--to", to.to_str().unwrap(), wrong[0], wrong[1]],
+            ),
+        ),
+        (
+            "restore, no key",
+            er.repo
+                .run("vm1", &["restore", &node, "--to", to.to_str().unwrap()]),
+        ),
+        (
+            "verify, wrong key",
+            er.repo.run("vm1", &["verify", wrong[0], wrong[1]]),
+        ),
+        ("verify, no key", er.repo.run("vm1", &["verify"])),
+    ];
+    for (what, result) in &attempts {
+        assert_eq!(result.code(), Some(3), "{what}: {result:?}");
+        assert!(result.stderr.contains("key"), "{what}: {result:?}");
+    }
+    assert!(!to.exists());
+    assert_eq!(
+        before,
+        snapshot_files(&er.repo.path()),
+        "a refused command changed the repository"
+    );
+    // The right key still works afterwards, from an environment variable too, and from a file descriptor.
+    let verified = cli::command_owned(&er.repo.vm_args("vm1", &["verify"]))
+        .env("QMPBAK_KEY", "0123456789abcdef0123456789abcdef")
+        .output()
+        .unwrap();
+    assert!(verified.status.success(), "{verified:?}");
+    let mut child = cli::command_owned(&er.repo.vm_args("vm1", &["verify", "--key-fd", "0"]))
+        .stdin(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().unwrap();
+        stdin.write_all(b"0123456789abcdef0123456789abcdef\n").unwrap();
+    }
+    cli::wait(child, integration_tests::timeouts::CLI_TIMEOUT).success();
+}
+
+#[tokio::test]
+async fn a_checksum_diff_backup_into_an_encrypted_repository_compares_keyed_tables() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", PATTERN, 0, 4 * MIB).await;
+    er.repo.backup(&vm, "vm1", &er.key_args());
+    // QEMU dies: its persistent bitmaps come back inconsistent, so the next backup compares tables.
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    let vm = vm.restart().await;
+    vm.write_pattern("disk0", 0x22, 2 * MIB, MIB).await;
+    let reference = refs.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let inc = er.repo.backup(&vm, "vm1", &er.key_args());
+    assert_eq!(inc["method"], "checksum-diff", "{inc}");
+    // Only the block that changed was copied: the keyed tables matched everywhere else.
+    assert_eq!(integration_tests::repo::copied_bytes(&inc), vec![MIB], "{inc}");
+    for file in files_below(&er.repo.path()) {
+        assert!(
+            !holds_pattern(&file, PATTERN) && !holds_pattern(&file, 0x22),
+            "{}",
+            file.display()
+        );
+    }
+    let to = refs.path().join("restored.qcow2");
+    er.run(
+        "vm1",
+        &[
+            "restore",
+            inc["node"].as_str().unwrap(),
+            "--to",
+            to.to_str().unwrap(),
+        ],
+    )
+    .success();
+    image::assert_same(&reference, &to);
+    er.run("vm1", &["verify"]).success();
+}
+
+#[tokio::test]
+async fn encrypt_output_restores_into_luks_images_that_open_with_the_given_key() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let node = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    // A path QEMU's option parser would split, for the output and its key.
+    let out_key = dir.path().join("out,key");
+    std::fs::write(&out_key, b"passphrase of the restored image").unwrap();
+    let to = dir.path().join("restored,1.qcow2");
+    er.run(
+        "vm1",
+        &[
+            "restore",
+            &node,
+            "--to",
+            to.to_str().unwrap(),
+            "--encrypt-output",
+            out_key.to_str().unwrap(),
+        ],
+    )
+    .success();
+    assert_eq!(image::info(&to)["encrypted"], true);
+    assert!(!holds_pattern(&to, PATTERN), "the restored image holds plaintext");
+    let plain = dir.path().join("plain.qcow2");
+    let key_copy = dir.path().join("out.key");
+    std::fs::copy(&out_key, &key_copy).unwrap();
+    image::convert_luks_to_qcow2(&to, &key_copy, &plain);
+    image::assert_same(&reference, &plain);
+    // Raw output cannot be encrypted.
+    let raw = dir.path().join("r.raw");
+    let refused = er.run(
+        "vm1",
+        &[
+            "restore",
+            &node,
+            "--to",
+            raw.to_str().unwrap(),
+            "--format",
+            "raw",
+            "--encrypt-output",
+            out_key.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(refused.code(), Some(2), "{refused:?}");
+}
+
+#[tokio::test]
+async fn a_live_restore_from_an_encrypted_repository_streams_the_node_and_leaves_no_key_in_qemu() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    let dir = tempfile::tempdir().unwrap();
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let node = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    let target = TestVm::start_paused(&[("disk0", 16 * MIB)]).await;
+    let args = er.repo.live_restore_args(&target.socket(), "vm1", &node, &[]);
+    let without_key = cli::run_owned(&args);
+    assert_eq!(without_key.code(), Some(3), "{without_key:?}");
+    assert!(!target.running().await, "a refused live restore started the VM");
+    cli::run_owned(&[args, er.key_args().map(str::to_owned).to_vec()].concat()).success();
+    let restored = dir.path().join("restored.qcow2");
+    target.capture_reference("disk0", &restored).await;
+    image::assert_same(&reference, &restored);
+    assert_no_secret_left(&target).await;
+}
+
+/// Asserts that QEMU holds no secret object of qmpbak's (the repository key) any more.
+async fn assert_no_secret_left(vm: &TestVm) {
+    let objects = vm
+        .qmp()
+        .execute_raw("qom-list", Some(serde_json::json!({ "path": "/objects" })))
+        .await
+        .unwrap();
+    assert!(
+        !objects.to_string().contains("qmpbak"),
+        "qmpbak left a secret in QEMU: {objects}"
+    );
+}
+
+#[tokio::test]
+async fn merge_in_an_encrypted_repository_writes_an_encrypted_synthetic_full_that_restores_exactly() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    er.repo.backup(&vm, "vm1", &er.key_args());
+    vm.write_pattern("disk0", 0x22, MIB, 2 * MIB).await;
+    vm.write_zeroes("disk0", 0, 512 << 10).await;
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let inc = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    let refused = er.repo.run("vm1", &["merge", &inc]);
+    assert_eq!(refused.code(), Some(3), "{refused:?}");
+    er.run("vm1", &["merge", &inc]).success();
+    let file = er.repo.node_file("vm1", &inc, "disk0");
+    assert_eq!(image::info(&file)["encrypted"], true);
+    for file in files_below(&er.repo.path()) {
+        assert!(
+            !holds_pattern(&file, PATTERN) && !holds_pattern(&file, 0x22),
+            "{}",
+            file.display()
+        );
+    }
+    let to = dir.path().join("restored.qcow2");
+    er.run("vm1", &["restore", &inc, "--to", to.to_str().unwrap()])
+        .success();
+    image::assert_same(&reference, &to);
+    er.run("vm1", &["verify"]).success();
+}
+
+#[tokio::test]
+async fn prune_in_an_encrypted_repository_merges_layers_and_the_kept_node_restores_exactly() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", PATTERN, 0, 4 * MIB).await;
+    let full = er
+        .repo
+        .backup_node(&vm, "vm1", &[&er.key_args()[..], &["--tag", "base"]].concat());
+    vm.write_pattern("disk0", 0x22, MIB, MIB).await;
+    er.repo.backup(&vm, "vm1", &er.key_args());
+    vm.write_pattern("disk0", 0x33, 3 * MIB, MIB).await;
+    let reference = dir.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let last = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    let refused = er.repo.run("vm1", &["prune", "--keep-last", "1"]);
+    assert_eq!(refused.code(), Some(3), "{refused:?}");
+    let file = er.repo.node_file("vm1", &last, "disk0");
+    let restored = |label: &str| {
+        let to = dir.path().join(format!("restored-{label}.qcow2"));
+        er.run("vm1", &["restore", &last, "--to", to.to_str().unwrap()])
+            .success();
+        image::assert_same(&reference, &to);
+        er.run("vm1", &["verify"]).success();
+    };
+
+    // The middle node goes: the last one absorbs it and is based on the full, by a relative path.
+    er.run("vm1", &["prune", "--keep-last", "1", "--keep-tag"])
+        .success();
+    assert_eq!(er.repo.manifest("vm1").nodes.len(), 2);
+    assert_eq!(
+        image::info(&file)["backing-filename"],
+        format!("../{full}/disk0.qcow2")
+    );
+    restored("middle-gone");
+    // Then the full: the last node becomes one.
+    er.run("vm1", &["prune", "--keep-last", "1"]).success();
+    assert_eq!(er.repo.manifest("vm1").nodes.len(), 1);
+    assert_eq!(image::info(&file)["encrypted"], true);
+    assert!(image::info(&file)["backing-filename"].is_null());
+    for file in files_below(&er.repo.path()) {
+        for pattern in [PATTERN, 0x22, 0x33] {
+            assert!(!holds_pattern(&file, pattern), "{}", file.display());
+        }
+    }
+    restored("full-gone");
+}
+
+#[test]
+fn init_wants_a_key_with_encrypt_and_encrypt_with_a_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let repo = dir.path().join("repo");
+    let key = dir.path().join("key");
+    std::fs::write(&key, b"k").unwrap();
+    let no_key = cli::command(&["init", "--encrypt", repo.to_str().unwrap()])
+        .env_remove("QMPBAK_KEY")
+        .output()
+        .unwrap();
+    assert_eq!(no_key.status.code(), Some(2), "{no_key:?}");
+    let no_encrypt = cli::run(&[
+        "init",
+        "--key-file",
+        key.to_str().unwrap(),
+        repo.to_str().unwrap(),
+    ]);
+    assert_eq!(no_encrypt.code(), Some(2), "{no_encrypt:?}");
+    assert!(!repo.join("qmpbak-repo.json").exists());
+}

@@ -75,7 +75,7 @@ pub(crate) fn create_luks_qcow2(
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
     let create = || {
-        std::process::Command::new(&bins.img)
+        crate::children::std_command(&bins.img)
             .args(["create", "-q", "-f", "qcow2"])
             .args(object_args)
             .args(["-o", options])

@@ -228,7 +228,7 @@ fn set_private(path: &Path) -> Result<()> {
 
 /// Runs `qemu-img ARGS` and fails with its message.
 fn qemu_img(bins: &QemuBins, args: &[String], what: &str) -> Result<()> {
-    let out = std::process::Command::new(&bins.img)
+    let out = crate::children::std_command(&bins.img)
         .args(args)
         .output()
         .with_context(|| format!("running {}", bins.img.display()))?;

@@ -65,6 +65,21 @@ pub fn mount_options(target: &Path) -> Option<String> {
         .and_then(|f| f.get(5).map(|s| (*s).to_owned()))
 }
 
+/// The file system's own (superblock) options of the mount at `target`: those after ` - TYPE SOURCE ` in
+/// /proc/self/mountinfo, where `norecovery` shows.
+pub fn super_options(target: &Path) -> Option<String> {
+    let wanted = target.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .map(|l| l.split(' ').collect::<Vec<_>>())
+        .find(|f| f.get(4) == Some(&wanted.as_str()))
+        .and_then(|f| {
+            let dash = f.iter().position(|s| *s == "-")?;
+            f.get(dash + 3).map(|s| (*s).to_owned())
+        })
+}
+
 /// Asserts that what the mount report `report` names is gone: nothing mounted under `dir`, which is empty
 /// again, the loop device detached from the image, the image gone and no process using it.
 pub fn assert_nothing_left(dir: &Path, report: &serde_json::Value) {

@@ -1,5 +1,6 @@
-//! `qmpbak mount`: a node's partitioned disk (an MBR with ext4 and vfat written as guest writes, backed up from
-//! a real QEMU) is listed, mounted read-only partition by partition and read back byte for byte, and exported
+//! `qmpbak mount`: a node's partitioned disk (an MBR with ext4, vfat and xfs written as guest writes, backed up
+//! from a real QEMU) is listed, mounted read-only partition by partition (ext4 with `noload`, xfs with
+//! `norecovery`) and read back byte for byte, and exported
 //! as an image file; `umount` leaves nothing behind, also after a killed mount (as `cleanup` does), nothing in
 //! the repository changes, a damaged node is refused unless `--force`, and without root qmpbak says what to do.
 
@@ -15,10 +16,15 @@ use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "vm1";
-const DISK_SIZE: u64 = 40 * MIB;
-/// Partition 1 (ext4): 1 MiB to 17 MiB; partition 2 (vfat): 17 MiB to 25 MiB.
+/// Large for xfs, but sparse: only what the file systems hold is ever written.
+const DISK_SIZE: u64 = 328 * MIB;
+/// Partition 1 (ext4): 1 MiB to 17 MiB; partition 2 (vfat): 17 MiB to 25 MiB; partition 3 (xfs, whose mkfs
+/// wants 300 MiB at least): 25 MiB to 325 MiB.
 const P1: (u64, u64) = (MIB, 16 * MIB);
 const P2: (u64, u64) = (17 * MIB, 8 * MIB);
+const P3: (u64, u64) = (25 * MIB, 300 * MIB);
+/// The file put into the xfs partition.
+const XFS_FILE: &str = "known.bin";
 
 /// Files put into the ext4 partition: name and content.
 fn files() -> Vec<(String, Vec<u8>)> {
@@ -32,7 +38,14 @@ fn files() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// An MBR sector with two primary partitions: (type, start, size) in bytes.
+/// The content of [`XFS_FILE`].
+fn xfs_file() -> Vec<u8> {
+    (0..300_001u32)
+        .map(|j| (j.wrapping_mul(13).wrapping_add(j >> 9) % 253) as u8)
+        .collect()
+}
+
+/// An MBR sector with primary partitions: (type, start, size) in bytes.
 fn mbr(parts: &[(u8, u64, u64)]) -> Vec<u8> {
     let mut sector = vec![0u8; 512];
     for (i, (kind, start, size)) in parts.iter().enumerate() {
@@ -55,8 +68,8 @@ fn run_ok(cmd: &mut Command) {
     );
 }
 
-/// Writes a partition table, an ext4 partition holding [`files`] and a vfat partition (when mkfs.vfat is
-/// installed) into disk0 of `vm`, as guest writes.
+/// Writes a partition table, an ext4 partition holding [`files`], a vfat partition (when mkfs.vfat is
+/// installed) and an xfs partition holding [`XFS_FILE`] into disk0 of `vm`, as guest writes.
 async fn partitioned_disk(vm: &TestVm, work: &Path) -> bool {
     let content = work.join("content");
     std::fs::create_dir(&content).unwrap();
@@ -82,7 +95,11 @@ async fn partitioned_disk(vm: &TestVm, work: &Path) -> bool {
         eprintln!("mkfs.vfat is not installed: partition 2 stays without a file system");
     }
     let table = work.join("mbr");
-    std::fs::write(&table, mbr(&[(0x83, P1.0, P1.1), (0x0c, P2.0, P2.1)])).unwrap();
+    std::fs::write(
+        &table,
+        mbr(&[(0x83, P1.0, P1.1), (0x0c, P2.0, P2.1), (0x83, P3.0, P3.1)]),
+    )
+    .unwrap();
     vm.qemu_io("disk0", &format!("write -s {} 0 512", table.display()))
         .await;
     vm.qemu_io("disk0", &format!("write -s {} {} {}", ext4.display(), P1.0, P1.1))
@@ -91,7 +108,69 @@ async fn partitioned_disk(vm: &TestVm, work: &Path) -> bool {
         vm.qemu_io("disk0", &format!("write -s {} {} {}", vfat.display(), P2.0, P2.1))
             .await;
     }
+    write_xfs(vm, work).await;
     has_vfat
+}
+
+/// Makes an xfs file system holding [`XFS_FILE`] in a sparse file (`mkfs.xfs -p` with a protofile: no root,
+/// no mount) and writes only its allocated extents into partition 3 of disk0, so that the disk and its backup
+/// stay small.
+async fn write_xfs(vm: &TestVm, work: &Path) {
+    let known = work.join(XFS_FILE);
+    std::fs::write(&known, xfs_file()).unwrap();
+    let proto = work.join("xfs.proto");
+    std::fs::write(
+        &proto,
+        format!(
+            "/dev/null\n0 0\nd--755 0 0\n{XFS_FILE} ---644 0 0 {}\n$\n$\n",
+            known.display()
+        ),
+    )
+    .unwrap();
+    let xfs = work.join("p3.xfs");
+    std::fs::File::create(&xfs).unwrap().set_len(P3.1).unwrap();
+    let made = Command::new("mkfs.xfs")
+        .args(["-q", "-L", "qmpbak-p3", "-p"])
+        .arg(&proto)
+        .arg(&xfs)
+        .output();
+    match made {
+        Ok(out) => assert!(
+            out.status.success(),
+            "mkfs.xfs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => panic!("mkfs.xfs: {e} (install xfsprogs: scripts/setup does)"),
+    }
+    let map: Vec<serde_json::Value> = serde_json::from_str(&image::qemu_img(&[
+        "map",
+        "--output=json",
+        "-f",
+        "raw",
+        xfs.to_str().unwrap(),
+    ]))
+    .unwrap();
+    let image = std::fs::read(&xfs).unwrap();
+    let mut written = 0;
+    for (i, extent) in map.iter().filter(|e| e["data"] == true).enumerate() {
+        let (start, len) = (
+            extent["start"].as_u64().unwrap(),
+            extent["length"].as_u64().unwrap(),
+        );
+        let range = usize::try_from(start).unwrap()..usize::try_from(start + len).unwrap();
+        let piece = work.join(format!("p3.extent{i}"));
+        std::fs::write(&piece, &image[range]).unwrap();
+        vm.qemu_io(
+            "disk0",
+            &format!("write -s {} {} {len}", piece.display(), P3.0 + start),
+        )
+        .await;
+        written += len;
+    }
+    assert!(
+        written > 0 && written < 16 * MIB,
+        "{written} bytes of xfs: {map:?}"
+    );
 }
 
 fn mount_args(repo: &TestRepo, node: &str, extra: &[&str]) -> Vec<String> {
@@ -121,7 +200,7 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     .json();
     assert_eq!(list["partition_table"], "dos", "{list}");
     let parts = list["partitions"].as_array().unwrap();
-    assert_eq!(parts.len(), 2, "{list}");
+    assert_eq!(parts.len(), 3, "{list}");
     assert_eq!(
         (parts[0]["number"].as_u64(), parts[0]["start"].as_u64()),
         (Some(1), Some(P1.0))
@@ -132,11 +211,22 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     if has_vfat {
         assert_eq!(parts[1]["fstype"], "vfat", "{list}");
     }
+    assert_eq!(
+        (parts[2]["number"].as_u64(), parts[2]["start"].as_u64()),
+        (Some(3), Some(P3.0))
+    );
+    assert_eq!(parts[2]["size"], P3.1);
+    assert_eq!(parts[2]["fstype"], "xfs", "{list}");
+    assert_eq!(parts[2]["label"], "qmpbak-p3", "{list}");
     let text = cli::run_owned(&mount_args(&repo, &node, &["--list", "--disk", "disk0"]))
         .success()
         .stdout;
     assert!(
-        text.contains("partition table: dos") && text.contains("p1") && text.contains("ext4"),
+        text.contains("partition table: dos")
+            && text.contains("p1")
+            && text.contains("ext4")
+            && text.contains("p3")
+            && text.contains("xfs"),
         "{text}"
     );
 
@@ -161,6 +251,9 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     }
     let options = mounts::mount_options(&p1).unwrap();
     assert!(options.split(',').any(|o| o == "ro"), "{options}");
+    // ext4 shows `noload` as `norecovery`.
+    let fs_options = mounts::super_options(&p1).unwrap();
+    assert!(fs_options.split(',').any(|o| o == "norecovery"), "{fs_options}");
     assert!(
         std::fs::write(p1.join("new"), b"x").is_err(),
         "the mount is writable"
@@ -184,6 +277,37 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
             "{report}"
         );
         assert!(!p2.exists(), "a directory for a partition that is not mounted");
+    }
+    // xfs: read-only, its log not replayed. Asked after the mount, which loads the kernel's module if it has one.
+    let p3 = dir.path().join("p3");
+    if kernel_knows("xfs") {
+        assert_eq!(
+            report["partitions"][2]["mounted_at"],
+            p3.to_str().unwrap(),
+            "{report}"
+        );
+        let options = mounts::mount_options(&p3).unwrap();
+        assert!(options.split(',').any(|o| o == "ro"), "{options}");
+        let fs_options = mounts::super_options(&p3).unwrap();
+        assert!(
+            fs_options.split(',').any(|o| o == "ro") && fs_options.split(',').any(|o| o == "norecovery"),
+            "{fs_options}"
+        );
+        assert!(
+            std::fs::read(p3.join(XFS_FILE)).unwrap() == xfs_file(),
+            "{XFS_FILE} differs"
+        );
+        assert!(
+            std::fs::write(p3.join("new"), b"x").is_err(),
+            "the xfs mount is writable"
+        );
+    } else {
+        eprintln!("this kernel has no xfs: partition 3 is only listed");
+        assert!(
+            report["partitions"][2]["error"].as_str().unwrap().contains("xfs"),
+            "{report}"
+        );
+        assert!(!p3.exists(), "a directory for a partition that is not mounted");
     }
 
     // The same directory twice is refused, naming what is there.

@@ -60,6 +60,22 @@ fn assert_restores_as(repo: &TestRepo, node: &str, disks: &[&str], refs: &[PathB
     }
 }
 
+/// Backs the VM up and checks that the new node restores as `disks` were just before it (references labelled
+/// `label` in `refs`); returns the backup's report and node id.
+async fn backup_checked(
+    repo: &TestRepo,
+    vm: &TestVm,
+    disks: &[&str],
+    refs: &Path,
+    label: &str,
+) -> (serde_json::Value, String) {
+    let references = vm.capture_references(disks, refs, label).await;
+    let report = repo.backup(vm, VM, &[]);
+    let node = report["node"].as_str().unwrap().to_owned();
+    assert_restores_as(repo, &node, disks, &references, refs);
+    (report, node)
+}
+
 /// Asserts a backup was a full and its reason names `disk` and contains `why`.
 #[track_caller]
 fn assert_full_because(report: &serde_json::Value, disk: &str, why: &str) {
@@ -84,10 +100,7 @@ async fn disks_in_another_order_are_read_whole_not_stacked_on_each_others_chains
         .await;
     vm.write_pattern("virtio0", 0xcc, 20 * MIB, MIB).await;
     let disks = ["virtio0", "virtio1"];
-    let moved_refs = vm.capture_references(&disks, refs.path(), "moved").await;
-    let report = repo.backup(&vm, VM, &[]);
-    let node = report["node"].as_str().unwrap().to_owned();
-    assert_restores_as(&repo, &node, &disks, &moved_refs, refs.path());
+    let (report, node) = backup_checked(&repo, &vm, &disks, refs.path(), "moved").await;
     let b = vm.disk_path("virtio0").display().to_string();
     assert_full_because(&report, "virtio0", &format!("is image {b}"));
     assert_full_because(&report, "virtio1", "a.qcow2");
@@ -145,10 +158,7 @@ async fn a_disk_replaced_by_a_copy_of_another_is_read_whole() {
     let vm = vm.restart_with(|b| b.image("disk1", "copy.qcow2")).await;
     vm.write_pattern("disk1", 0xcc, 20 * MIB, MIB).await;
     let disks = ["disk0", "disk1"];
-    let moved_refs = vm.capture_references(&disks, refs.path(), "copied").await;
-    let report = repo.backup(&vm, VM, &[]);
-    let node = report["node"].as_str().unwrap().to_owned();
-    assert_restores_as(&repo, &node, &disks, &moved_refs, refs.path());
+    let (report, _) = backup_checked(&repo, &vm, &disks, refs.path(), "copied").await;
     assert_full_because(&report, "disk1", "copy.qcow2");
 }
 
@@ -166,10 +176,7 @@ async fn a_copy_over_the_same_file_is_compared_with_that_disks_table_not_built_o
     let vm = vm.restart_with(|b| b).await;
     vm.write_pattern("disk1", 0xcc, 20 * MIB, MIB).await;
     let disks = ["disk0", "disk1"];
-    let moved_refs = vm.capture_references(&disks, refs.path(), "copied").await;
-    let report = repo.backup(&vm, VM, &[]);
-    let node = report["node"].as_str().unwrap().to_owned();
-    assert_restores_as(&repo, &node, &disks, &moved_refs, refs.path());
+    let (report, _) = backup_checked(&repo, &vm, &disks, refs.path(), "copied").await;
     assert_eq!(
         (&report["level"], &report["method"]),
         (&"incremental".into(), &"checksum-diff".into()),
@@ -195,10 +202,7 @@ async fn renamed_disks_are_read_whole_under_their_new_names() {
         .await;
     vm.write_pattern("disk1", 0xcc, 20 * MIB, MIB).await;
     let disks = ["disk1", "data"];
-    let moved_refs = vm.capture_references(&disks, refs.path(), "renamed").await;
-    let report = repo.backup(&vm, VM, &[]);
-    let node = report["node"].as_str().unwrap().to_owned();
-    assert_restores_as(&repo, &node, &disks, &moved_refs, refs.path());
+    let (report, _) = backup_checked(&repo, &vm, &disks, refs.path(), "renamed").await;
     assert_full_because(&report, "disk1", "a.qcow2");
     assert_full_because(&report, "data", "is not in the previous backup");
 }
@@ -385,10 +389,7 @@ async fn bitmaps_named_by_an_older_qmpbak_are_not_trusted_but_the_same_images_ar
 
     vm.write_pattern("disk1", 0xcc, 20 * MIB, MIB).await;
     let disks = ["disk0", "disk1"];
-    let upgraded_refs = vm.capture_references(&disks, refs.path(), "upgraded").await;
-    let report = repo.backup(&vm, VM, &[]);
-    let node = report["node"].as_str().unwrap().to_owned();
-    assert_restores_as(&repo, &node, &disks, &upgraded_refs, refs.path());
+    let (report, _) = backup_checked(&repo, &vm, &disks, refs.path(), "upgraded").await;
     assert_eq!(
         (&report["level"], &report["method"]),
         (&"incremental".into(), &"checksum-diff".into()),

@@ -410,6 +410,23 @@ async fn a_node_file_grown_to_a_petabyte_is_a_clear_verify_error() {
             && error.contains(&format!("covers {} bytes", 16 * MIB)),
         "{report}"
     );
+    // Restore refuses it before copying or hashing anything.
+    let out_dir = tempfile::tempdir().unwrap();
+    let target = out_dir.path().join("out.qcow2");
+    let started = std::time::Instant::now();
+    let out = repo.run("vm1", &["restore", &node, "--to", target.to_str().unwrap()]);
+    assert_eq!(out.code(), Some(6), "{out:?}");
+    assert!(
+        out.stderr
+            .contains(&format!("claims a disk of {} bytes", 1u64 << 50)),
+        "{out:?}"
+    );
+    assert!(!target.exists());
+    assert!(
+        started.elapsed() < integration_tests::timeouts::PROMPT_TIMEOUT,
+        "{:?}",
+        started.elapsed()
+    );
 }
 
 /// A read-only bind mount of a directory, unmounted when dropped.

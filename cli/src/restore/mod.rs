@@ -111,3 +111,20 @@ pub fn chain_damaged(node: &Node, disk: &str, why: &str) -> anyhow::Error {
     )
     .into()
 }
+
+/// The virtual size a qcow2 file's header claims (`qemu-img info`), `None` when it cannot be read without the
+/// repository's key or at all (then reading the chain reports the trouble).
+pub fn image_virtual_size(
+    bins: &crate::qemu_bins::QemuBins,
+    file: &std::path::Path,
+) -> anyhow::Result<Option<u64>> {
+    let out = crate::children::std_command(&bins.img)
+        .args(["info", "-U", "--output=json", "-f", "qcow2"])
+        .arg(file)
+        .output()?;
+    if !out.status.success() {
+        return Ok(None);
+    }
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    Ok(info["virtual-size"].as_u64())
+}

@@ -228,8 +228,25 @@ async fn restore_disk(
 ) -> Result<Vec<u64>> {
     let path = out.path;
     let expected = load_node_table(vm, manifest, &node.id, disk)?;
-    create_image(bins, out)?;
     let files = crate::direct::chain_files(vm, manifest, &node.id, disk)?;
+    // Sizes from files are checked before they size anything: a node file whose header claims another size
+    // than its checking table is damaged, and is not copied or hashed.
+    if let Some(top) = files.last() {
+        let claimed = super::image_virtual_size(bins, top)?;
+        if claimed.is_some_and(|c| c != expected.virtual_size()) {
+            bail!(super::chain_damaged(
+                node,
+                disk,
+                &format!(
+                    "{} claims a disk of {} bytes, but its checking table covers {} bytes",
+                    top.display(),
+                    claimed.unwrap_or_default(),
+                    expected.virtual_size()
+                )
+            ));
+        }
+    }
+    create_image(bins, out)?;
     let hash = crate::tables::build(bins, vm, manifest, &node.id, disk, expected.block_size(), None);
     let copy = async {
         let writeback = crate::writeback::EarlyWriteback::start(vec![path.to_owned()]);

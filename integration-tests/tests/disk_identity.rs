@@ -411,3 +411,21 @@ async fn bitmaps_named_by_an_older_qmpbak_are_not_trusted_but_the_same_images_ar
     assert_restores_as(&repo, &inc_node, &disks, &next_refs, refs.path());
     assert_no_leftovers(&vm, &expected_bitmaps(&repo.manifest(VM), &inc_node, &full)).await;
 }
+
+#[tokio::test]
+async fn a_live_restore_into_a_drive_disk_is_refused_with_a_way_out() {
+    let source = TestVm::start(&[("vd0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    source.write_pattern("vd0", 0x3c, 0, MIB).await;
+    let node = repo.backup_node(&source, VM, &[]);
+    let target = TestVm::builder()
+        .disk("vd0", 16 * MIB)
+        .device("vd0", Device::DriveVirtioBlk)
+        .paused()
+        .start()
+        .await;
+    let out = integration_tests::cli::run_owned(&repo.live_restore_args(&target.socket(), VM, &node, &[]));
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("attached with -drive"), "{out:?}");
+    assert!(!target.running().await, "the target VM must stay as it was");
+}

@@ -103,6 +103,15 @@ pub async fn restore_live(
                 "disk {id} of the VM has a backing file or is read-only: live restore needs an empty, writable image"
             )));
         }
+        if d.node_name.starts_with('#') {
+            // QEMU names the nodes of a `-drive` itself, and refuses to reopen them with a backing node
+            // ("Cannot change the option 'node-name'").
+            bail!(Exit::usage(format!(
+                "disk {id} of the VM was attached with -drive: live restore needs its disks as -blockdev (named \
+                 block nodes), because QEMU cannot give a node it named itself a backing chain; restore offline \
+                 and start the VM on the result, or start it with -blockdev"
+            )));
+        }
         targets.push((i, d.clone()));
     }
 

@@ -289,6 +289,26 @@ mod tests {
     }
 
     #[test]
+    fn a_refusal_says_whether_the_recorded_holder_was_gone_when_it_was_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        let _held = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "live").unwrap();
+        let err = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "x").unwrap_err();
+        assert!(matches!(err, Error::LockHeld { stale: false, .. }), "{err:?}");
+        assert!(!err.to_string().contains("stale"), "{err}");
+        // A record left by a process that is gone (this lock is really held by a live one: the record lies).
+        let dead = LockHolder {
+            pid: i32::MAX as u32,
+            ..LockHolder::current("dead")
+        };
+        fsio::write_atomic(&holder_path(&path), &serde_json::to_vec(&dead).unwrap()).unwrap();
+        let err = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "x").unwrap_err();
+        assert!(matches!(err, Error::LockHeld { stale: true, .. }), "{err:?}");
+        assert!(err.to_string().contains("stale"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::LockHeld);
+    }
+
+    #[test]
     fn a_dead_holder_is_called_stale() {
         let holder = LockHolder {
             pid: i32::MAX as u32,

@@ -7,8 +7,8 @@ use std::fmt;
 use std::io;
 use std::path::PathBuf;
 
-use crate::lock::LockHolder;
-use crate::names::NodeId;
+use crate::holder::{LockHolder, holder_path};
+use crate::ids::NodeId;
 
 /// `Result` with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
@@ -172,11 +172,13 @@ pub enum Error {
 
     // --- locks ---
     /// Another process holds the VM's lock.
-    #[error("{}", lock_held(vm, lock, holder.as_ref()))]
+    #[error("{}", lock_held(vm, lock, holder.as_ref(), *stale))]
     LockHeld {
         vm: String,
         lock: PathBuf,
         holder: Option<LockHolder>,
+        /// Whether `holder` was known to be gone (on this host, no such process) when the error was made.
+        stale: bool,
     },
     /// The lock file is a symbolic link or not a regular file: qmpbak never follows it (it could point out of
     /// the repository).
@@ -332,7 +334,74 @@ impl fmt::Display for ManifestProblem {
     }
 }
 
+/// The stable class of an [`Error`], for callers that act on the class rather than the variant (the CLI maps
+/// kinds to exit codes). New variants get one of these kinds; a new kind is a deliberate change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// A file system call failed (see the error's `source()`), or reading a block source did.
+    Io,
+    /// The directory is not a usable repository (no settings file, not a directory).
+    NotARepository,
+    /// Something on disk is already there: a repository, a VM, files where a new directory was expected.
+    Exists,
+    /// Settings, a manifest or a checking table on disk is invalid, damaged or in a format this qmpbak does
+    /// not read.
+    Invalid,
+    /// The repository's encryption: a wrong or missing key, or an unknown encryption record.
+    Key,
+    /// A name the caller gave is invalid, or names a VM the repository does not have.
+    Usage,
+    /// Another process holds the VM's lock.
+    LockHeld,
+    /// A change or query that the repository's current state does not allow (a node that is not there, a tag
+    /// in use, a lock of the wrong kind, a table of another shape …).
+    Refused,
+}
+
 impl Error {
+    /// The error's stable [`ErrorKind`].
+    pub fn kind(&self) -> ErrorKind {
+        use ErrorKind as K;
+        match self {
+            Error::Io { .. } | Error::SourceRead { .. } | Error::BlockVisit { .. } => K::Io,
+            Error::NotARepository { .. } | Error::NotADirectory { .. } => K::NotARepository,
+            Error::AlreadyARepository { .. }
+            | Error::DirectoryNotEmpty { .. }
+            | Error::VmExists { .. }
+            | Error::VmDirectoryNotEmpty { .. } => K::Exists,
+            Error::SettingsInvalid { .. }
+            | Error::RepositoryTooNew { .. }
+            | Error::InvalidPath { .. }
+            | Error::PathEscapes { .. }
+            | Error::ManifestMissing { .. }
+            | Error::ManifestSyntax { .. }
+            | Error::ManifestTooNew { .. }
+            | Error::ManifestFormatUnknown { .. }
+            | Error::ManifestInvalid { .. }
+            | Error::ManifestInconsistent { .. }
+            | Error::LockFileNotRegular { .. }
+            | Error::TableCorrupt { .. }
+            | Error::TableChecksumMismatch { .. }
+            | Error::DiskTooLarge { .. } => K::Invalid,
+            Error::WrongKey | Error::KeyMissing | Error::EncryptionUnsupported { .. } => K::Key,
+            Error::VmNotFound { .. } | Error::InvalidName { .. } => K::Usage,
+            Error::LockHeld { .. } => K::LockHeld,
+            Error::NodeNotFound { .. }
+            | Error::NodeExists { .. }
+            | Error::ParentNotFound { .. }
+            | Error::TagInUse { .. }
+            | Error::NodeIdsExhausted { .. }
+            | Error::MoveIntoOwnSubtree { .. }
+            | Error::NotALeaf { .. }
+            | Error::LockNotExclusive { .. }
+            | Error::LockOfOtherVm { .. }
+            | Error::TableShapeMismatch { .. }
+            | Error::BlockOutOfRange { .. }
+            | Error::DigestCount { .. }
+            | Error::InvalidBlockSize { .. } => K::Refused,
+        }
+    }
+
     /// An [`Error::Io`] for `action` on `path`.
     pub(crate) fn io(action: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> Error {
         let path = path.into();
@@ -344,10 +413,10 @@ fn list(ids: &[NodeId]) -> String {
     ids.iter().map(NodeId::as_str).collect::<Vec<_>>().join(", ")
 }
 
-fn lock_held(vm: &str, lock: &std::path::Path, holder: Option<&LockHolder>) -> String {
+fn lock_held(vm: &str, lock: &std::path::Path, holder: Option<&LockHolder>, stale: bool) -> String {
     let who = match holder {
         Some(h) => {
-            let stale = if h.is_dead() {
+            let stale = if stale {
                 "; that process no longer exists, so the record is stale"
             } else {
                 ""
@@ -358,7 +427,7 @@ fn lock_held(vm: &str, lock: &std::path::Path, holder: Option<&LockHolder>) -> S
                 h.host,
                 h.command,
                 h.since.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-                crate::lock::holder_path(lock).display()
+                holder_path(lock).display()
             )
         }
         None => {

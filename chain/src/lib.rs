@@ -23,23 +23,37 @@
 //! # Pieces
 //!
 //! - [`repo`]: [`Repository`] (init/open, [`Settings`]) and [`VmStore`] (one VM's files, lock, load/save).
-//! - [`manifest`]: the serde model ([`Manifest`], [`Node`] …), changes that keep the tree valid, validation.
+//! - [`model`]: the manifest's serde model ([`Manifest`], [`Node`] …); [`manifest`]: changes that keep the tree
+//!   valid, validation.
 //! - [`tree`]: `lid`/`tid` nested-set numbering and the queries built on it (recovery chain, subtree …).
 //! - [`retention`]: which nodes a prune keeps ([`Policy`]), and the safe order to remove the others ([`Plan`]).
-//! - [`store`]: atomic writes (temp file, fsync, rename, fsync directory) and loading with full checks.
-//! - [`lock`]: the per-VM fs2 lock and its holder record.
+//! - [`store`]: loading a manifest with full checks, and the bytes it is saved as.
+//! - [`fsio`]: generic file I/O: atomic writes (temp file, fsync, rename, fsync directory), fsyncs, private
+//!   modes, allocated bytes.
+//! - [`lock`]: the per-VM fs2 lock; [`holder`]: its holder record; [`host`]: this machine's host name.
 //! - [`table`]: checking tables (a sha256 per block), built in parallel from a [`BlockSource`].
 //! - [`crypt`]: an encrypted repository's keys, derived from the user's key ([`Encryption`] in the settings),
 //!   and keyed checking tables ([`TableKey`]).
-//! - [`error`]: [`Error`], one variant per failure a caller can act on, and [`ManifestProblem`].
+//! - [`error`]: [`Error`], one variant per failure a caller can act on, its stable [`ErrorKind`], and
+//!   [`ManifestProblem`].
+//!
+//! Modules import each other without cycles (`scripts/check-cycles` checks it). From the bottom: [`host`] and
+//! [`ids`] (the name types) depend on nothing; [`holder`] on `host`; [`error`] on `holder` and `ids`; [`names`]
+//! (validating constructors), [`fsio`] and [`lock`] on `error`; [`model`] (the manifest's serde types), then
+//! [`tree`], [`manifest`], [`store`], [`retention`], [`table`], [`crypt`], and [`repo`] on top.
 //!
 //! A manifest is only ever replaced whole and atomically, after validation; a manifest that fails to load is
 //! reported (which file, what is wrong, where) and never rewritten.
 
 pub mod crypt;
 pub mod error;
+pub mod fsio;
+pub mod holder;
+pub mod host;
+pub mod ids;
 pub mod lock;
 pub mod manifest;
+pub mod model;
 pub mod names;
 pub mod repo;
 pub mod retention;
@@ -48,7 +62,7 @@ pub mod table;
 pub mod tree;
 
 pub use crypt::{Encryption, RepoKeys, TableKey};
-pub use error::{Error, ManifestProblem, Result};
+pub use error::{Error, ErrorKind, ManifestProblem, Result};
 pub use lock::{LockGuard, LockHolder, LockMode, LockWait};
 pub use manifest::{
     BitmapRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk, NodeKind, NodeState,

@@ -10,16 +10,14 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+pub use crate::holder::{HOLDER_FILE, LockHolder, holder_path, read_holder};
+pub use crate::host::hostname;
 
 use crate::error::{Error, Result};
-use crate::store;
+use crate::fsio;
 
 /// The name of the lock file in a VM directory.
 pub const LOCK_FILE: &str = "lock";
-/// The name of the holder record beside it.
-pub const HOLDER_FILE: &str = "lock.holder.json";
 /// How often a waiting lock tries again.
 pub const RETRY_INTERVAL: Duration = Duration::from_millis(50);
 
@@ -37,56 +35,6 @@ pub enum LockWait {
 pub enum LockMode {
     Shared,
     Exclusive,
-}
-
-/// Who holds an exclusive lock, as it recorded itself. May be stale (a holder killed before it could remove
-/// it) or missing.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LockHolder {
-    pub pid: u32,
-    /// What it is doing ("qmpbak backup" …).
-    pub command: String,
-    pub host: String,
-    pub since: DateTime<Utc>,
-}
-
-impl LockHolder {
-    /// This process, doing `command`, from now.
-    pub fn current(command: &str) -> LockHolder {
-        LockHolder {
-            pid: std::process::id(),
-            command: command.to_owned(),
-            host: hostname(),
-            since: Utc::now(),
-        }
-    }
-
-    /// Whether the recorded process is known to be gone: it was on this host and no process has its pid.
-    pub fn is_dead(&self) -> bool {
-        if self.host != hostname() {
-            return false;
-        }
-        let Ok(pid) = i32::try_from(self.pid) else {
-            return false;
-        };
-        if pid <= 0 {
-            return false;
-        }
-        matches!(
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
-            Err(nix::errno::Errno::ESRCH)
-        )
-    }
-}
-
-/// This machine's host name ("unknown" if it has none).
-pub fn hostname() -> String {
-    nix::unistd::gethostname().map_or_else(|_| "unknown".to_owned(), |h| h.to_string_lossy().into_owned())
-}
-
-/// The holder record that belongs to a lock file.
-pub fn holder_path(lock: &Path) -> PathBuf {
-    lock.with_file_name(HOLDER_FILE)
 }
 
 /// A held lock; dropping it releases it (and an exclusive holder removes its holder record first).
@@ -150,12 +98,6 @@ fn try_lock(file: &File, mode: LockMode) -> io::Result<bool> {
     }
 }
 
-/// Reads the holder record, if there is a readable one.
-pub fn read_holder(lock: &Path) -> Option<LockHolder> {
-    let bytes = std::fs::read(holder_path(lock)).ok()?;
-    serde_json::from_slice(&bytes).ok()
-}
-
 /// Opens (creating it if missing) the lock file, never through a symbolic link: a link could make qmpbak
 /// create or lock a file outside the repository. For a shared lock an existing file is opened read-only, and
 /// `None` means that there is none and none can be created (a read-only file system, or no write permission).
@@ -183,7 +125,7 @@ fn open_lock_file(path: &Path, mode: LockMode) -> Result<Option<File>> {
             .write(true)
             .create(true)
             .truncate(false)
-            .mode(store::FILE_MODE)
+            .mode(fsio::FILE_MODE)
             .custom_flags(nofollow)
             .open(path);
         match created {
@@ -235,10 +177,12 @@ pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &
         match deadline {
             Some(deadline) if now < deadline => std::thread::sleep(RETRY_INTERVAL.min(deadline - now)),
             _ => {
+                let holder = read_holder(path);
                 return Err(Error::LockHeld {
                     vm: vm.to_owned(),
                     lock: path.to_owned(),
-                    holder: read_holder(path),
+                    stale: holder.as_ref().is_some_and(LockHolder::is_dead),
+                    holder,
                 });
             }
         }
@@ -252,13 +196,13 @@ pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &
     if mode == LockMode::Exclusive {
         // Temporary files of a holder record that a killed holder was writing; harmless if this fails.
         if let Some(dir) = path.parent() {
-            let _ = store::remove_stale_temps(dir, HOLDER_FILE);
+            let _ = fsio::remove_stale_temps(dir, HOLDER_FILE);
         }
         // The holder record only improves the "lock held" message: failing to write it (a full disk) must not
         // stop the holder, whose real work reports the real problem. A stale record is recognised by its pid.
         let holder = LockHolder::current(command);
         if let Ok(bytes) = serde_json::to_vec_pretty(&holder) {
-            let _ = store::write_atomic(&holder_path(path), &bytes);
+            let _ = fsio::write_atomic(&holder_path(path), &bytes);
         }
     }
     Ok(guard)
@@ -267,6 +211,7 @@ pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &
 #[cfg(test)]
 mod tests {
     use super::*;
+    use chrono::Utc;
 
     #[test]
     fn exclusive_excludes_within_a_process_too() {
@@ -341,6 +286,26 @@ mod tests {
         assert!(matches!(err, Error::LockFileNotRegular { .. }), "{err:?}");
         assert_eq!(std::fs::read(&target).unwrap(), b"keep");
         assert!(!dir.path().join(HOLDER_FILE).exists());
+    }
+
+    #[test]
+    fn a_refusal_says_whether_the_recorded_holder_was_gone_when_it_was_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(LOCK_FILE);
+        let _held = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "live").unwrap();
+        let err = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "x").unwrap_err();
+        assert!(matches!(err, Error::LockHeld { stale: false, .. }), "{err:?}");
+        assert!(!err.to_string().contains("stale"), "{err}");
+        // A record left by a process that is gone (this lock is really held by a live one: the record lies).
+        let dead = LockHolder {
+            pid: i32::MAX as u32,
+            ..LockHolder::current("dead")
+        };
+        fsio::write_atomic(&holder_path(&path), &serde_json::to_vec(&dead).unwrap()).unwrap();
+        let err = acquire("vm", &path, LockMode::Exclusive, LockWait::NoWait, "x").unwrap_err();
+        assert!(matches!(err, Error::LockHeld { stale: true, .. }), "{err:?}");
+        assert!(err.to_string().contains("stale"), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::LockHeld);
     }
 
     #[test]

@@ -1,157 +1,19 @@
-//! Files on disk: atomic writes (a temporary file in the same directory, fsync, rename, fsync the directory,
-//! so a crash leaves the old file or the new one, never a mix), private modes (files 0600, directories 0700),
-//! and loading a manifest with every check, reporting the first problem with the file it is in.
+//! Loading and saving a manifest: reading it with every check, reporting the first problem with the file it
+//! is in, and the bytes it is written as. The generic file I/O it builds on is [`crate::fsio`], re-exported
+//! here for callers that use the old paths.
 
-use std::fs::{self, DirBuilder, File};
-use std::io::{self, BufWriter, Write};
-use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::io;
 use std::path::Path;
 
 use serde::Deserialize;
 
+pub use crate::fsio::{
+    DIR_MODE, FILE_MODE, create_private_dir, read_optional, remove_stale_temps, sync_dir, sync_files,
+    write_atomic, write_atomic_with,
+};
+
 use crate::error::{Error, Result};
 use crate::manifest::{FORMAT_VERSION, Manifest};
-
-/// Mode of every file the repository creates.
-pub const FILE_MODE: u32 = 0o600;
-/// Mode of every directory the repository creates.
-pub const DIR_MODE: u32 = 0o700;
-
-/// The name prefix of our temporary files for `file_name`: `.NAME.`; they end in `.tmp`.
-fn temp_prefix(file_name: &str) -> String {
-    format!(".{file_name}.")
-}
-
-/// Writes `path` atomically with what `fill` writes (through a buffer). With `replace` false, an existing
-/// `path` is left alone and the error is `io::ErrorKind::AlreadyExists` (as an [`Error::Io`]).
-pub fn write_atomic_with(
-    path: &Path,
-    replace: bool,
-    fill: impl FnOnce(&mut dyn Write) -> io::Result<()>,
-) -> Result<()> {
-    let dir = parent_dir(path);
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let prefix = temp_prefix(&name);
-    let mut temp = tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(".tmp")
-        .permissions(fs::Permissions::from_mode(FILE_MODE))
-        .tempfile_in(dir)
-        .map_err(Error::io("create a temporary file in", dir))?;
-    let temp_path = temp.path().to_owned();
-    {
-        let mut writer = BufWriter::new(temp.as_file_mut());
-        fill(&mut writer).map_err(Error::io("write", &temp_path))?;
-        writer.flush().map_err(Error::io("write", &temp_path))?;
-    }
-    temp.as_file()
-        .sync_all()
-        .map_err(Error::io("fsync", temp.path()))?;
-    let persisted = if replace {
-        temp.persist(path)
-    } else {
-        temp.persist_noclobber(path)
-    };
-    persisted.map_err(|e| Error::Io {
-        action: "rename a temporary file to",
-        path: path.to_owned(),
-        source: e.error,
-    })?;
-    sync_dir(dir)
-}
-
-/// Writes `bytes` to `path` atomically, replacing it.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    write_atomic_with(path, true, |w| w.write_all(bytes))
-}
-
-/// The directory a path is in (`.` for a bare file name).
-fn parent_dir(path: &Path) -> &Path {
-    match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    }
-}
-
-/// fsyncs a directory, so that a rename or create in it is durable.
-pub fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(Error::io("fsync directory", dir))
-}
-
-/// fsyncs files another program wrote (QEMU, `qemu-img`), then each directory they are in, so that both
-/// their data and their names are durable. Used before a record names the files as complete.
-pub fn sync_files<P: AsRef<Path>>(files: &[P]) -> Result<()> {
-    let mut dirs: Vec<&Path> = Vec::new();
-    for file in files {
-        let file = file.as_ref();
-        File::open(file)
-            .and_then(|f| f.sync_all())
-            .map_err(Error::io("fsync", file))?;
-        let dir = parent_dir(file);
-        if !dirs.contains(&dir) {
-            dirs.push(dir);
-        }
-    }
-    dirs.into_iter().try_for_each(sync_dir)
-}
-
-/// Creates a directory with mode 0700 (the parent must exist); an existing directory is fine.
-pub fn create_private_dir(dir: &Path) -> Result<()> {
-    match DirBuilder::new().mode(DIR_MODE).create(dir) {
-        Ok(()) => sync_dir(parent_dir(dir)),
-        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => Ok(()),
-        Err(e) => Err(Error::Io {
-            action: "create directory",
-            path: dir.to_owned(),
-            source: e,
-        }),
-    }
-}
-
-/// Removes temporary files that a writer of `file_name` in `dir` left behind when it died. Call only while
-/// holding the lock that writers of that file take.
-pub fn remove_stale_temps(dir: &Path, file_name: &str) -> Result<()> {
-    let prefix = temp_prefix(file_name);
-    let entries = fs::read_dir(dir).map_err(Error::io("list", dir))?;
-    for entry in entries {
-        let entry = entry.map_err(Error::io("list", dir))?;
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        if name.starts_with(&prefix) && name.ends_with(".tmp") {
-            let path = entry.path();
-            match fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => {
-                    return Err(Error::Io {
-                        action: "remove stale temporary file",
-                        path,
-                        source: e,
-                    });
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
-/// Reads a whole file; a missing one is `Ok(None)`.
-pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    match fs::read(path) {
-        Ok(bytes) => Ok(Some(bytes)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-        Err(e) => Err(Error::Io {
-            action: "read",
-            path: path.to_owned(),
-            source: e,
-        }),
-    }
-}
 
 /// serde_json's message without its " at line L column C" tail (we report those as fields).
 pub fn serde_detail(err: &serde_json::Error) -> String {
@@ -235,73 +97,4 @@ pub fn manifest_bytes(manifest: &Manifest, path: &Path) -> Result<Vec<u8>> {
     })?;
     bytes.push(b'\n');
     Ok(bytes)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn atomic_write_replaces_and_is_private() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f.json");
-        write_atomic(&path, b"one").unwrap();
-        write_atomic(&path, b"two").unwrap();
-        assert_eq!(fs::read(&path).unwrap(), b"two");
-        let mode = fs::metadata(&path).unwrap().permissions().mode() & 0o777;
-        assert_eq!(mode, FILE_MODE);
-        // No temporary file is left behind.
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn sync_files_names_a_missing_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let here = dir.path().join("here");
-        fs::write(&here, b"data").unwrap();
-        sync_files(&[&here, &here]).unwrap();
-        let gone = dir.path().join("gone");
-        let err = sync_files(&[&here, &gone]).unwrap_err();
-        assert!(
-            matches!(&err, Error::Io { source, .. } if source.kind() == io::ErrorKind::NotFound),
-            "{err}"
-        );
-        assert!(err.to_string().contains("gone"), "{err}");
-    }
-
-    #[test]
-    fn no_clobber_keeps_the_old_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("f");
-        write_atomic_with(&path, false, |w| w.write_all(b"first")).unwrap();
-        let err = write_atomic_with(&path, false, |w| w.write_all(b"second")).unwrap_err();
-        assert!(
-            matches!(&err, Error::Io { source, .. } if source.kind() == io::ErrorKind::AlreadyExists),
-            "{err}"
-        );
-        assert_eq!(fs::read(&path).unwrap(), b"first");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 1);
-    }
-
-    #[test]
-    fn stale_temps_are_removed() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join(".manifest.json.abc123.tmp"), b"x").unwrap();
-        fs::write(dir.path().join("keep.tmp"), b"x").unwrap();
-        remove_stale_temps(dir.path(), "manifest.json").unwrap();
-        let left: Vec<_> = fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name())
-            .collect();
-        assert_eq!(left, vec![std::ffi::OsString::from("keep.tmp")]);
-    }
-
-    #[test]
-    fn private_dirs() {
-        let dir = tempfile::tempdir().unwrap();
-        let sub = dir.path().join("sub");
-        create_private_dir(&sub).unwrap();
-        create_private_dir(&sub).unwrap();
-        assert_eq!(fs::metadata(&sub).unwrap().permissions().mode() & 0o777, DIR_MODE);
-    }
 }

@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use crate::error::ManifestProblem;
-use crate::manifest::{Node, NodeKind};
+use crate::model::{Node, NodeKind};
 use crate::names::NodeId;
 
 const NONE: usize = usize::MAX;

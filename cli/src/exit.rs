@@ -120,15 +120,109 @@ pub fn classify(err: &anyhow::Error) -> ExitCode {
             return exit.code;
         }
         if let Some(e) = cause.downcast_ref::<chain::Error>() {
-            return match e {
-                chain::Error::LockHeld { .. } => ExitCode::LockHeld,
-                chain::Error::VmNotFound { .. } | chain::Error::InvalidName { .. } => ExitCode::Usage,
-                _ => ExitCode::Repository,
-            };
+            return chain_code(e.kind());
         }
-        if cause.downcast_ref::<qmp::Error>().is_some() || cause.downcast_ref::<nbd::Error>().is_some() {
-            return ExitCode::Qemu;
+        if let Some(e) = cause.downcast_ref::<qmp::Error>() {
+            return qmp_code(e.kind());
+        }
+        if let Some(e) = cause.downcast_ref::<nbd::Error>() {
+            return nbd_code(e.kind());
         }
     }
     ExitCode::Failure
+}
+
+/// The exit code of a repository error's kind. Exhaustive, so a new kind must be given a code here.
+fn chain_code(kind: chain::ErrorKind) -> ExitCode {
+    use chain::ErrorKind as K;
+    match kind {
+        K::LockHeld => ExitCode::LockHeld,
+        K::Usage => ExitCode::Usage,
+        K::Io | K::NotARepository | K::Exists | K::Invalid | K::Key | K::Refused => ExitCode::Repository,
+    }
+}
+
+/// The exit code of a QMP error's kind: whatever went wrong talking to QEMU is QEMU's class.
+fn qmp_code(kind: qmp::ErrorKind) -> ExitCode {
+    use qmp::ErrorKind as K;
+    match kind {
+        K::Connect | K::Timeout | K::Closed | K::Refused | K::Decode | K::Io => ExitCode::Qemu,
+    }
+}
+
+/// The exit code of an NBD error's kind: the NBD server is QEMU's, so its failures are QEMU's class.
+fn nbd_code(kind: nbd::ErrorKind) -> ExitCode {
+    use nbd::ErrorKind as K;
+    match kind {
+        K::Connect | K::Server | K::Closed | K::Timeout | K::Refused | K::Io => ExitCode::Qemu,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io;
+    use std::path::PathBuf;
+
+    use anyhow::Context as _;
+
+    use super::*;
+
+    fn code(err: impl std::error::Error + Send + Sync + 'static) -> ExitCode {
+        classify(&anyhow::Error::new(err).context("doing something"))
+    }
+
+    #[test]
+    fn repository_errors_map_by_kind() {
+        let lock = chain::Error::LockHeld {
+            vm: "vm".into(),
+            lock: PathBuf::from("/r/vm/lock"),
+            holder: None,
+            stale: false,
+        };
+        assert_eq!(code(lock), ExitCode::LockHeld);
+        let missing = chain::Error::VmNotFound {
+            repo: PathBuf::from("/r"),
+            vm: "vm".into(),
+        };
+        assert_eq!(code(missing), ExitCode::Usage);
+        let name = chain::check_name("VM name", "../x").unwrap_err();
+        assert_eq!(code(name), ExitCode::Usage);
+        let not_repo = chain::Error::NotARepository {
+            path: PathBuf::from("/r"),
+        };
+        assert_eq!(code(not_repo), ExitCode::Repository);
+        let io = chain::Error::Io {
+            action: "read",
+            path: PathBuf::from("/r/x"),
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        };
+        assert_eq!(code(io), ExitCode::Repository);
+        assert_eq!(code(chain::Error::WrongKey), ExitCode::Repository);
+    }
+
+    #[test]
+    fn qemu_errors_are_qemu_and_a_full_disk_is_a_plain_failure() {
+        assert_eq!(code(qmp::Error::Closed { detail: "eof".into() }), ExitCode::Qemu);
+        assert_eq!(code(nbd::Error::Closed), ExitCode::Qemu);
+        let full = chain::Error::Io {
+            action: "write",
+            path: PathBuf::from("/r/x"),
+            source: io::Error::from_raw_os_error(nix::libc::ENOSPC),
+        };
+        assert_eq!(code(full), ExitCode::Failure);
+        assert_eq!(code(io::Error::other("plain")), ExitCode::Failure);
+    }
+
+    #[test]
+    fn an_exit_decides_and_interrupted_wins_over_everything() {
+        let usage: anyhow::Error = Exit::usage("bad").into();
+        assert_eq!(classify(&usage), ExitCode::Usage);
+        let interrupted = Err::<(), _>(Exit::new(ExitCode::Interrupted, "stopped"))
+            .context(io::Error::from_raw_os_error(nix::libc::ENOSPC).to_string())
+            .unwrap_err();
+        assert_eq!(classify(&interrupted), ExitCode::Interrupted);
+        // An Exit below a context still decides.
+        let wrapped = anyhow::Error::new(Exit::usage("bad")).context("while doing something");
+        assert_eq!(classify(&wrapped), ExitCode::Usage);
+    }
 }

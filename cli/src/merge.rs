@@ -168,11 +168,11 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
     let mut sizes = Vec::new();
     for (disk, temp) in node.disks.iter().zip(&temp_paths) {
         let file = vm.resolve(&disk.file)?;
-        let before = prune::allocated(&file)?;
+        let before = crate::backup::allocated_bytes(&file)?;
         std::fs::rename(temp, &file)
             .with_context(|| format!("renaming {} to {}", temp.display(), file.display()))?;
         crashpoint("merge-renamed");
-        let after = prune::allocated(&file)?;
+        let after = crate::backup::allocated_bytes(&file)?;
         sizes.push(after);
         report.disks.push(MergedDisk {
             disk: disk.disk.clone(),

@@ -393,7 +393,7 @@ impl Run<'_> {
                     );
                 }
                 let path = self.vm.resolve(&disk.file)?;
-                let before = allocated(&path)?;
+                let before = crate::backup::allocated_bytes(&path)?;
                 repair_header(&self.bins, &path, Some(backing)).await?;
                 if crate::crypt::unlock::active().is_some() {
                     let files = crate::direct::chain_files(self.vm, &self.manifest, &child.id, &disk.disk)?;
@@ -405,7 +405,7 @@ impl Run<'_> {
                 if self.rebased == 1 {
                     crashpoint("prune-rebased");
                 }
-                let after = allocated(&path)?;
+                let after = crate::backup::allocated_bytes(&path)?;
                 self.added_bytes += after.saturating_sub(before);
                 self.removed_bytes += before.saturating_sub(after);
                 absorbed.push(Absorbed {
@@ -459,7 +459,7 @@ impl Run<'_> {
         self.vm.save(&self.manifest, self.guard)?;
         crashpoint("prune-dropped");
         for (_, path) in files {
-            let bytes = allocated(path)?;
+            let bytes = crate::backup::allocated_bytes(path)?;
             std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
             self.removed_bytes += bytes;
         }
@@ -501,12 +501,6 @@ fn node_files(vm: &VmStore, id: &NodeId) -> Result<Vec<(Option<RelPath>, PathBuf
     }
     files.sort();
     Ok(files)
-}
-
-/// Bytes a file occupies on the host.
-pub fn allocated(path: &Path) -> Result<u64> {
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(meta.blocks() * 512)
 }
 
 /// The backing file name in a qcow2 header (`None` for a standalone image).

@@ -177,7 +177,7 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
         .iter()
         .map(|f| overlay_path(f, &chain_id, node.as_str()))
         .collect();
-    let host = chain::lock::hostname();
+    let host = chain::host::hostname();
     let disks = info
         .disks
         .iter()

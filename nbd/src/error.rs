@@ -76,6 +76,42 @@ pub enum Error {
     Io(#[from] io::Error),
 }
 
+/// The stable class of an [`Error`], for callers that act on the class rather than the variant (the CLI maps
+/// kinds to exit codes). A new variant gets one of these kinds; a new kind is a deliberate change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The socket could not be opened, or the handshake failed (including an export that is not there).
+    Connect,
+    /// The server answered a request with an error.
+    Server,
+    /// The connection is gone, or was given up because the server broke the protocol.
+    Closed,
+    /// Something did not happen in time.
+    Timeout,
+    /// The request cannot be sent as it is (out of range, misaligned, read-only export, missing feature);
+    /// nothing was sent.
+    Refused,
+    /// An I/O error during the handshake.
+    Io,
+}
+
+impl Error {
+    /// The error's stable [`ErrorKind`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Connect { .. } | Error::Handshake(_) | Error::ExportNotFound { .. } => ErrorKind::Connect,
+            Error::Server { .. } => ErrorKind::Server,
+            Error::Closed | Error::Protocol(_) => ErrorKind::Closed,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::OutOfRange { .. }
+            | Error::Misaligned { .. }
+            | Error::ReadOnly { .. }
+            | Error::Unsupported { .. } => ErrorKind::Refused,
+            Error::Io(_) => ErrorKind::Io,
+        }
+    }
+}
+
 fn available_suffix(available: &[String]) -> String {
     if available.is_empty() {
         String::new()

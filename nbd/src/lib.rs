@@ -33,6 +33,6 @@ mod reply;
 
 pub use blocking::BlockingClient;
 pub use client::{Client, DEFAULT_TIMEOUT};
-pub use error::{Error, Result};
+pub use error::{Error, ErrorKind, Result};
 pub use extent::Extent;
 pub use proto::{Command, errno};

@@ -79,7 +79,37 @@ pub enum Error {
     JobNotFound { id: String },
 }
 
+/// The stable class of an [`Error`], for callers that act on the class rather than the variant (the CLI maps
+/// kinds to exit codes). A new variant gets one of these kinds; a new kind is a deliberate change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorKind {
+    /// The socket could not be connected, or the peer is not a QMP monitor.
+    Connect,
+    /// Nothing arrived in time.
+    Timeout,
+    /// The connection is gone, or was given up because the peer broke the protocol.
+    Closed,
+    /// QEMU refused or failed a command, or has no such job.
+    Refused,
+    /// QEMU's reply did not have the expected shape.
+    Decode,
+    /// An I/O error on an established connection.
+    Io,
+}
+
 impl Error {
+    /// The error's stable [`ErrorKind`].
+    pub fn kind(&self) -> ErrorKind {
+        match self {
+            Error::Connect { .. } | Error::NotQmp { .. } => ErrorKind::Connect,
+            Error::Timeout { .. } => ErrorKind::Timeout,
+            Error::Closed { .. } | Error::Protocol(_) => ErrorKind::Closed,
+            Error::Qmp { .. } | Error::JobNotFound { .. } => ErrorKind::Refused,
+            Error::Decode { .. } => ErrorKind::Decode,
+            Error::Io(_) => ErrorKind::Io,
+        }
+    }
+
     /// The I/O error kind behind a `Connect` or `Io` error.
     pub fn io_kind(&self) -> Option<io::ErrorKind> {
         match self {

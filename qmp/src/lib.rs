@@ -34,7 +34,7 @@ pub mod types;
 
 pub use client::{DEFAULT_COMMAND_TIMEOUT, Qmp};
 pub use commands::{Command, Empty};
-pub use error::{Error, ErrorClass};
+pub use error::{Error, ErrorClass, ErrorKind};
 pub use events::{Event, EventFilter, EventKind, EventStream};
 pub use jobs::JobOutcome;
 pub use schema::Capabilities;

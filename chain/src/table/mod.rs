@@ -21,7 +21,7 @@ pub use build::{BlockSource, BlockVisitor, Extent, ExtentKind, Piece};
 pub use source::{FileSource, MemSource};
 
 use crate::error::{Error, Result};
-use crate::store;
+use crate::fsio;
 
 /// A block's sha256.
 pub type Digest = [u8; 32];
@@ -298,7 +298,7 @@ impl Table {
     /// manifest.
     pub fn save(&self, path: impl AsRef<Path>) -> Result<String> {
         let mut hasher = Sha256::new();
-        store::write_atomic_with(path.as_ref(), true, |w| {
+        fsio::write_atomic_with(path.as_ref(), true, |w| {
             let mut tee = HashingWriter {
                 inner: w,
                 hasher: &mut hasher,

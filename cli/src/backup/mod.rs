@@ -292,7 +292,7 @@ pub async fn backup(
         node: Some(node.clone()),
         started: chrono::Utc::now(),
         pid: std::process::id(),
-        host: hostname(),
+        host: chain::host::hostname(),
         jobs: Vec::new(),
         block_nodes: Vec::new(),
         bitmaps: Vec::new(),
@@ -397,7 +397,7 @@ impl Run<'_> {
             Level::Incremental => NodeKind::Incremental,
             Level::Differential => NodeKind::Differential,
         };
-        let host = hostname();
+        let host = chain::host::hostname();
         let disks = self
             .targets
             .iter()
@@ -626,15 +626,10 @@ impl Run<'_> {
     }
 }
 
-/// Bytes a file occupies on the host (allocated blocks, not its apparent size).
+/// Bytes a file occupies on the host (allocated blocks, not its apparent size): the one helper for it in the
+/// CLI, over [`chain::fsio::allocated_bytes`].
 pub fn allocated_bytes(path: &std::path::Path) -> Result<u64> {
-    use std::os::unix::fs::MetadataExt as _;
-    let meta = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(meta.blocks() * 512)
-}
-
-pub fn hostname() -> String {
-    nix::unistd::gethostname().map_or_else(|_| "unknown".to_owned(), |h| h.to_string_lossy().into_owned())
+    chain::fsio::allocated_bytes(path).with_context(|| format!("reading {}", path.display()))
 }
 
 fn level_name(level: Level) -> &'static str {

@@ -8,7 +8,10 @@ use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Result;
-use serde_json::json;
+use qmp::commands::{
+    BlockDirtyBitmapRemove, BlockExportDel, BlockdevDel, JobCancel, JobDismiss, NbdServerStop,
+    QueryBlockExports, QueryNamedBlockNodes,
+};
 
 use chain::{LockGuard, Manifest, NodeId, NodeState, Operation, OperationKind, RelPath, VmStore};
 
@@ -42,17 +45,14 @@ impl Cleaned {
 
 /// Cancels (if still running) and dismisses a job; `false` if QEMU does not know it.
 pub async fn stop_job(qmp: &qmp::Qmp, id: &str) -> bool {
-    let Ok(jobs) = qmp.execute_raw("query-jobs", None).await else {
+    let Ok(Some(job)) = qmp.job_info(id).await else {
         return false;
     };
-    let Some(job) = jobs.as_array().into_iter().flatten().find(|j| j["id"] == id) else {
-        return false;
-    };
-    if job["status"] != "concluded" {
-        let _ = qmp.execute_raw("job-cancel", Some(json!({ "id": id }))).await;
+    if job.status != qmp::JobStatus::Concluded {
+        let _ = qmp.execute(&JobCancel::new(id)).await;
         let _ = qmp.wait_job(id, CANCEL_TIMEOUT).await;
     }
-    let _ = qmp.execute_raw("job-dismiss", Some(json!({ "id": id }))).await;
+    let _ = qmp.execute(&JobDismiss::new(id)).await;
     true
 }
 
@@ -60,17 +60,13 @@ pub async fn stop_job(qmp: &qmp::Qmp, id: &str) -> bool {
 /// first), then bitmaps. Safe to call on things that no longer exist.
 pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned) {
     // NBD exports an operation made are named after its id; the NBD server is stopped only if it started it.
-    if let Ok(exports) = qmp.execute_raw("query-block-exports", None).await {
-        for export in exports.as_array().into_iter().flatten() {
-            if let Some(id) = export["id"].as_str().filter(|id| id.starts_with(op.id.as_str())) {
-                let _ = qmp
-                    .execute_raw("block-export-del", Some(json!({ "id": id, "mode": "hard" })))
-                    .await;
-            }
+    if let Ok(exports) = qmp.execute(&QueryBlockExports).await {
+        for export in exports.iter().filter(|e| e.id.starts_with(op.id.as_str())) {
+            let _ = qmp.execute(&BlockExportDel::hard(export.id.as_str())).await;
         }
     }
     if op.note.as_deref() == Some(crate::backup::NBD_SERVER_NOTE) {
-        let _ = qmp.execute_raw("nbd-server-stop", None).await;
+        let _ = qmp.execute(&NbdServerStop).await;
     }
     for job in &op.jobs {
         if stop_job(qmp, job).await {
@@ -78,21 +74,13 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
         }
     }
     for node in &op.block_nodes {
-        if qmp
-            .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
-            .await
-            .is_ok()
-        {
+        if qmp.execute(&BlockdevDel::new(node.as_str())).await.is_ok() {
             cleaned.block_nodes.push(node.clone());
         }
     }
     for bitmap in &op.bitmaps {
-        let args = json!({ "node": bitmap.node, "name": bitmap.name });
-        if qmp
-            .execute_raw("block-dirty-bitmap-remove", Some(args))
-            .await
-            .is_ok()
-        {
+        let remove = BlockDirtyBitmapRemove::new(bitmap.node.as_str(), bitmap.name.as_str());
+        if qmp.execute(&remove).await.is_ok() {
             cleaned.bitmaps.push(format!("{}:{}", bitmap.node, bitmap.name));
         }
     }
@@ -102,16 +90,14 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
 /// asked (then no file outside the repository is removed).
 pub async fn open_files(qmp: Option<&qmp::Qmp>) -> Option<Vec<PathBuf>> {
     let nodes = qmp?
-        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
         .await
         .ok()?;
     Some(
         nodes
-            .as_array()
             .into_iter()
-            .flatten()
-            .filter_map(|n| n["file"].as_str())
-            .map(PathBuf::from)
+            .filter(|n| !n.file.is_empty())
+            .map(|n| PathBuf::from(n.file))
             .collect(),
     )
 }

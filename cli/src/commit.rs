@@ -12,8 +12,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use qmp::commands::{BlockCommit, BlockdevDel, JobComplete, QueryBlock, QueryNamedBlockNodes};
 use serde::{Deserialize, Serialize};
-use serde_json::json;
 
 use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind};
 
@@ -166,13 +166,11 @@ async fn commit_disk(
         );
     };
     let job = short_name(chain_id, "m", &record.node, i);
-    qmp.execute_raw(
-        "block-commit",
-        Some(
-            json!({ "job-id": job, "device": d.root_node, "top-node": top_node, "base-node": base_node,
-                     "auto-dismiss": false }),
-        ),
-    )
+    qmp.execute(&BlockCommit {
+        top_node: Some(top_node.clone()),
+        base_node: Some(base_node.clone()),
+        ..BlockCommit::new(job.as_str(), d.root_node.as_str())
+    })
     .await
     .with_context(|| format!("starting the commit of disk {disk}"))?;
     let status = qmp
@@ -180,8 +178,7 @@ async fn commit_disk(
         .await?;
     if status == qmp::JobStatus::Ready {
         // Active commit: the increment was the top of the graph; pivot onto the base.
-        qmp.execute_raw("job-complete", Some(json!({ "id": job })))
-            .await?;
+        qmp.execute(&JobComplete::new(job.as_str())).await?;
     }
     let outcome = qmp.wait_job(&job, COMMIT_TIMEOUT).await?;
     qmp.dismiss_job(&job).await?;
@@ -189,9 +186,7 @@ async fn commit_disk(
         bail!("committing disk {disk} failed: {error}");
     }
     // The increment left the chain; its node may still exist by name (qmpbak added it): drop it.
-    let _ = qmp
-        .execute_raw("blockdev-del", Some(json!({ "node-name": top_node })))
-        .await;
+    let _ = qmp.execute(&BlockdevDel::new(top_node.as_str())).await;
     Ok(())
 }
 
@@ -242,34 +237,25 @@ fn apply(manifest: &mut Manifest, record: &CommitNote) -> Result<()> {
 
 /// Block node names of the QEMU graph by the file they open (qcow2 nodes).
 async fn block_nodes_by_file(qmp: &qmp::Qmp) -> Result<std::collections::HashMap<String, String>> {
-    let nodes = qmp
-        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
-        .await?;
+    let nodes = qmp.execute(&QueryNamedBlockNodes { flat: Some(true) }).await?;
     Ok(nodes
-        .as_array()
         .into_iter()
-        .flatten()
-        .filter(|n| n["drv"] == "qcow2")
-        .filter_map(|n| {
-            Some((
-                n["file"].as_str()?.to_owned(),
-                n["node-name"].as_str()?.to_owned(),
-            ))
-        })
+        .filter(|n| n.drv == "qcow2" && !n.file.is_empty())
+        .filter_map(|n| Some((n.file, n.node_name?)))
         .collect())
 }
 
 /// Every image file in the backing chains of the VM's disks (`query-block`, following `backing-image`).
 async fn live_chain_files(qmp: &qmp::Qmp) -> Result<Vec<String>> {
-    let blocks = qmp.execute_raw("query-block", None).await?;
+    let blocks = qmp.execute(&QueryBlock).await?;
     let mut files = Vec::new();
-    for block in blocks.as_array().into_iter().flatten() {
-        let mut image = block.get("inserted").and_then(|i| i.get("image"));
+    for block in blocks {
+        let mut image = block.inserted.map(|i| i.image);
         while let Some(i) = image {
-            if let Some(f) = i["filename"].as_str() {
-                files.push(f.to_owned());
+            if !i.filename.is_empty() {
+                files.push(i.filename);
             }
-            image = i.get("backing-image");
+            image = i.backing_image.map(|b| *b);
         }
     }
     Ok(files)
@@ -305,8 +291,7 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
                     .wait_job_status(job, &[qmp::JobStatus::Ready], COMMIT_TIMEOUT)
                     .await?;
                 if status == qmp::JobStatus::Ready {
-                    qmp.execute_raw("job-complete", Some(json!({ "id": job })))
-                        .await?;
+                    qmp.execute(&JobComplete::new(job.as_str())).await?;
                 }
             }
             let _ = qmp.wait_job(job, COMMIT_TIMEOUT).await;
@@ -338,9 +323,7 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
     let names = block_nodes_by_file(qmp).await?;
     for (_, top, _) in &note.files {
         if let Some(node) = names.get(top) {
-            let _ = qmp
-                .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
-                .await;
+            let _ = qmp.execute(&BlockdevDel::new(node.as_str())).await;
         }
         remove_increment(top, &manifest.chain_id, &note.parent);
     }

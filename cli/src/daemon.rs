@@ -89,12 +89,7 @@ impl StorageDaemon {
     /// Exports block node `node` over NBD under the export name `name`.
     pub async fn export(&self, node: &str, name: &str, writable: bool) -> Result<()> {
         self.qmp
-            .execute_raw(
-                "block-export-add",
-                Some(serde_json::json!({
-                    "type": "nbd", "id": name, "node-name": node, "name": name, "writable": writable,
-                })),
-            )
+            .execute(&qmp::commands::BlockExportAdd::nbd(name, node, writable))
             .await
             .with_context(|| format!("exporting block node {node} over NBD"))?;
         Ok(())
@@ -109,7 +104,7 @@ impl StorageDaemon {
 
     /// Asks the daemon to quit and waits for it; kills it if it does not.
     pub async fn stop(mut self) -> Result<()> {
-        let _ = self.qmp.execute_raw("quit", None).await;
+        let _ = self.qmp.execute(&qmp::commands::Quit).await;
         if tokio::time::timeout(DAEMON_STOP_TIMEOUT, self.child.wait())
             .await
             .is_err()

@@ -95,7 +95,7 @@ pub async fn add_chain(
         let mut options = qcow2_options(&name, path, graph.top(), true);
         crate::crypt::unlock::encrypt_node(&mut options);
         let added = qmp
-            .execute_raw("blockdev-add", Some(options))
+            .execute(&qmp::commands::BlockdevAdd(options))
             .await
             .with_context(|| format!("opening {} (node {id}, disk {disk}) in QEMU", path.display()));
         if let Err(e) = added {
@@ -111,8 +111,6 @@ pub async fn add_chain(
 /// where a layer may already be gone.
 pub async fn remove_chain(qmp: &qmp::Qmp, graph: &ChainGraph) {
     for name in graph.layers.iter().rev() {
-        let _ = qmp
-            .execute_raw("blockdev-del", Some(json!({ "node-name": name })))
-            .await;
+        let _ = qmp.execute(&qmp::commands::BlockdevDel::new(name.as_str())).await;
     }
 }

@@ -208,7 +208,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
     let nodes = qmp
         .execute(&qmp::commands::QueryNamedBlockNodes { flat: Some(true) })
         .await?;
-    let graph = qmp.execute_raw("x-debug-query-block-graph", None).await.ok();
+    let graph = qmp.execute(&qmp::commands::XDebugQueryBlockGraph).await.ok();
     let mut disks = Vec::new();
     let mut empty_drives = Vec::new();
     for block in blocks {
@@ -247,12 +247,8 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
         // format node was opened or reopened with (its own filename may then be a `json:` pseudo-filename).
         let image = graph
             .as_ref()
-            .and_then(|g| child(g, &name, "file"))
-            .and_then(|file| {
-                nodes
-                    .iter()
-                    .find(|n| n.node_name.as_deref() == Some(file.as_str()))
-            })
+            .and_then(|g| g.child(&name, "file"))
+            .and_then(|file| nodes.iter().find(|n| n.node_name.as_deref() == Some(file)))
             .map_or_else(|| info.file.clone(), |n| n.file.clone());
         let encrypted = encrypted || info.encrypted || crate::crypt::image_encrypted(&info.image);
         let bitmaps = info
@@ -305,27 +301,11 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
 
 /// The child a filter node passes I/O to (`file`, or `backing` for older filters), from
 /// `x-debug-query-block-graph`.
-fn filtered_child(graph: &serde_json::Value, parent: &str) -> Option<String> {
+fn filtered_child(graph: &qmp::BlockGraph, parent: &str) -> Option<String> {
     ["file", "backing"]
         .iter()
-        .find_map(|edge| child(graph, parent, edge))
-}
-
-/// The node name of `parent`'s child on edge `edge` (`file`, `backing` …), from `x-debug-query-block-graph`.
-fn child(graph: &serde_json::Value, parent: &str, edge: &str) -> Option<String> {
-    let nodes = graph["nodes"].as_array()?;
-    let id_of = |name: &str| nodes.iter().find(|n| n["name"] == name).map(|n| n["id"].clone());
-    let name_of = |id: &serde_json::Value| {
-        nodes.iter().find(|n| n["id"] == *id)?["name"]
-            .as_str()
-            .map(str::to_owned)
-    };
-    let parent_id = id_of(parent)?;
-    let edges = graph["edges"].as_array()?;
-    edges
-        .iter()
-        .find(|e| e["parent"] == parent_id && e["name"] == edge)
-        .and_then(|e| name_of(&e["child"]))
+        .find_map(|edge| graph.child(parent, edge))
+        .map(str::to_owned)
 }
 
 #[cfg(test)]

@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
+use qmp::commands::{BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevDel};
 use serde::Serialize;
 use serde_json::json;
 
@@ -240,13 +241,15 @@ async fn flatten(
             "backing": below,
         });
         crate::crypt::unlock::encrypt_node(&mut options);
-        qmp.execute_raw("blockdev-add", Some(options))
-        .await
-        .with_context(|| format!("opening {} in qemu-storage-daemon", temp.display()))?;
-        qmp.execute_raw(
-            "blockdev-backup",
-            Some(json!({ "job-id": job, "device": top, "target": target, "sync": "full", "auto-dismiss": false })),
-        )
+        qmp.execute(&BlockdevAdd(options))
+            .await
+            .with_context(|| format!("opening {} in qemu-storage-daemon", temp.display()))?;
+        qmp.execute(&BlockdevBackup::new(
+            job.as_str(),
+            top,
+            target.as_str(),
+            qmp::MirrorSyncMode::Full,
+        ))
         .await
         .context("starting the merge copy job")?;
         let outcome = qmp.wait_job(&job, MERGE_JOB_TIMEOUT).await?;
@@ -257,9 +260,7 @@ async fn flatten(
         Ok(())
     }
     .await;
-    let _ = qmp
-        .execute_raw("blockdev-del", Some(json!({ "node-name": target })))
-        .await;
+    let _ = qmp.execute(&BlockdevDel::new(target.as_str())).await;
     graph::remove_chain(qmp, &chain).await;
     copied?;
 
@@ -294,7 +295,7 @@ async fn flatten(
             "backing": null,
         });
         crate::crypt::unlock::encrypt_node(&mut options);
-        qmp.execute_raw("blockdev-add", Some(options))
+        qmp.execute(&BlockdevAdd(options))
             .await
             .with_context(|| format!("opening {} to check it", temp.display()))?;
         daemon.export(&check, &export, false).await?;
@@ -318,12 +319,8 @@ async fn flatten(
         Ok::<_, anyhow::Error>(Table::diff(&expected, &actual)?)
     }
     .await;
-    let _ = qmp
-        .execute_raw("block-export-del", Some(json!({ "id": export, "mode": "hard" })))
-        .await;
-    let _ = qmp
-        .execute_raw("blockdev-del", Some(json!({ "node-name": check })))
-        .await;
+    let _ = qmp.execute(&BlockExportDel::hard(export.as_str())).await;
+    let _ = qmp.execute(&BlockdevDel::new(check.as_str())).await;
     let mismatched = checked?;
     if !mismatched.is_empty() {
         bail!(Exit::new(

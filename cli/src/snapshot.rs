@@ -16,6 +16,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use qmp::commands::{
+    BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockdevAdd, BlockdevDel, BlockdevMirror,
+    BlockdevSnapshot, Cont, JobComplete, QueryNamedBlockNodes, QueryStatus, Stop, Transaction,
+    TransactionAction,
+};
 use serde::Serialize;
 use serde_json::json;
 
@@ -227,28 +232,37 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
         for (i, (d, (f, o))) in info.disks.iter().zip(frozen.iter().zip(&overlays)).enumerate() {
             bins.create_qcow2(o, d.virtual_size, Some(&f.display().to_string()))?;
             let name = short_name(&chain_id, "o", node.as_str(), i);
-            qmp.execute_raw(
-                "blockdev-add",
-                Some(json!({ "driver": "qcow2", "node-name": name,
-                             "file": { "driver": "file", "filename": o }, "backing": null })),
-            )
-            .await
-            .with_context(|| format!("opening the overlay {}", o.display()))?;
-            actions.push(
-                json!({ "type": "blockdev-snapshot", "data": { "node": d.node_name, "overlay": name } }),
-            );
+            qmp.execute(&BlockdevAdd(json!({ "driver": "qcow2", "node-name": name,
+                             "file": { "driver": "file", "filename": o }, "backing": null })))
+                .await
+                .with_context(|| format!("opening the overlay {}", o.display()))?;
+            actions.push(TransactionAction::BlockdevSnapshot(BlockdevSnapshot {
+                node: d.node_name.clone(),
+                overlay: name.clone(),
+            }));
             // qmpbak's bitmaps move up with the disk: each is added to the overlay and filled from the frozen
             // top in the same transaction (no write falls between), so the next backup still knows everything
             // written since its base, before the time point and after it.
             for b in d.bitmaps.iter().filter(|b| carried(b, &chain_id)) {
-                actions.push(json!({ "type": "block-dirty-bitmap-add",
-                    "data": { "node": name, "name": b.name, "persistent": true, "granularity": b.granularity } }));
-                actions.push(json!({ "type": "block-dirty-bitmap-merge",
-                    "data": { "node": name, "target": b.name, "bitmaps": [{ "node": d.node_name, "name": b.name }] } }));
+                let granularity = u32::try_from(b.granularity)
+                    .with_context(|| format!("bitmap {} has granularity {}", b.name, b.granularity))?;
+                actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+                    persistent: Some(true),
+                    granularity: Some(granularity),
+                    ..BlockDirtyBitmapAdd::new(name.as_str(), b.name.as_str())
+                }));
+                actions.push(TransactionAction::BlockDirtyBitmapMerge(BlockDirtyBitmapMerge {
+                    node: name.clone(),
+                    target: b.name.clone(),
+                    bitmaps: vec![BitmapRef::Node {
+                        node: d.node_name.clone(),
+                        name: b.name.clone(),
+                    }],
+                }));
             }
         }
         let t = Instant::now();
-        qmp.execute_raw("transaction", Some(json!({ "actions": actions })))
+        qmp.execute(&Transaction::new(actions))
             .await
             .context("taking the snapshot (QMP transaction)")?;
         Ok::<_, anyhow::Error>(t.elapsed().as_secs_f64() * 1000.0)
@@ -515,16 +529,13 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
     let mut op = operation("revert", &target.id, &overlays);
     op.node = None;
     // A suffix no block node uses yet: the previous revert's overlay may still be the disks' top.
-    let existing = qmp
-        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
-        .await?
-        .to_string();
+    let existing = qmp.execute(&QueryNamedBlockNodes { flat: Some(true) }).await?;
     let seq = (0u32..10_000)
         .find(|n| {
-            !existing.contains(&format!(
-                "\"{}\"",
-                short_name(&chain_id, &format!("a{n}"), target.id.as_str(), 0)
-            ))
+            let name = short_name(&chain_id, &format!("a{n}"), target.id.as_str(), 0);
+            !existing
+                .iter()
+                .any(|node| node.node_name.as_deref() == Some(name.as_str()))
         })
         .unwrap_or(0);
     for (i, ..) in &plan {
@@ -537,15 +548,15 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;
 
-    let was_running = qmp.execute_raw("query-status", None).await?["running"] == true;
+    let was_running = qmp.execute(&QueryStatus).await?.running;
     if was_running {
-        qmp.execute_raw("stop", None)
+        qmp.execute(&Stop)
             .await
             .context("pausing the VM for the switch")?;
     }
     let result = switch(&qmp, &bins, &chain_id, &target, seq, &plan).await;
     if was_running {
-        qmp.execute_raw("cont", None).await.context("resuming the VM")?;
+        qmp.execute(&Cont).await.context("resuming the VM")?;
     }
     if let Err(err) = result {
         abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
@@ -589,13 +600,11 @@ async fn switch(
     seq: u32,
     plan: &[(usize, DiskInfo, PathBuf, PathBuf)],
 ) -> Result<()> {
-    let nodes = qmp
-        .execute_raw("query-named-block-nodes", Some(json!({ "flat": true })))
-        .await?;
+    let nodes = qmp.execute(&QueryNamedBlockNodes { flat: Some(true) }).await?;
     let node_for = |path: &Path| {
-        nodes.as_array().into_iter().flatten().find_map(|n| {
-            (n["drv"] == "qcow2" && n["file"].as_str() == Some(&path.display().to_string()))
-                .then(|| n["node-name"].as_str().map(str::to_owned))
+        nodes.iter().find_map(|n| {
+            (n.drv == "qcow2" && n.file == path.display().to_string())
+                .then(|| n.node_name.clone())
                 .flatten()
         })
     };
@@ -605,33 +614,33 @@ async fn switch(
         } else {
             // Not in the graph any more: open it (and what its header names below it) read-only.
             let name = short_name(chain_id, "f", target.id.as_str(), *i);
-            qmp.execute_raw(
-                "blockdev-add",
-                Some(json!({ "driver": "qcow2", "node-name": name, "read-only": true,
-                             "file": { "driver": "file", "filename": frozen } })),
-            )
+            qmp.execute(&BlockdevAdd(
+                json!({ "driver": "qcow2", "node-name": name, "read-only": true,
+                             "file": { "driver": "file", "filename": frozen } }),
+            ))
             .await
             .with_context(|| format!("opening {}", frozen.display()))?;
             name
         };
         bins.create_qcow2(overlay, d.virtual_size, Some(&frozen.display().to_string()))?;
         let name = short_name(chain_id, &format!("a{seq}"), target.id.as_str(), *i);
-        qmp.execute_raw(
-            "blockdev-add",
-            Some(json!({ "driver": "qcow2", "node-name": name,
-                         "file": { "driver": "file", "filename": overlay }, "backing": backing })),
-        )
-        .await
-        .with_context(|| format!("opening the overlay {}", overlay.display()))?;
+        qmp.execute(&BlockdevAdd(json!({ "driver": "qcow2", "node-name": name,
+                         "file": { "driver": "file", "filename": overlay }, "backing": backing })))
+            .await
+            .with_context(|| format!("opening the overlay {}", overlay.display()))?;
         let job = short_name(chain_id, "p", target.id.as_str(), *i);
         // QEMU starts a mirror only from a root node. Under a filter (throttle, ...) that is the filter; the
         // pivot then replaces the format node below it, so the filter stays on top of the new overlay.
-        let mut mirror = json!({ "job-id": job, "device": d.root_node, "target": name, "sync": "none",
-                                 "auto-dismiss": false });
+        let mut mirror = BlockdevMirror::new(
+            job.as_str(),
+            d.root_node.as_str(),
+            name.as_str(),
+            qmp::MirrorSyncMode::None,
+        );
         if d.root_node != d.node_name {
-            mirror["replaces"] = json!(d.node_name);
+            mirror.replaces = Some(d.node_name.clone());
         }
-        qmp.execute_raw("blockdev-mirror", Some(mirror))
+        qmp.execute(&mirror)
             .await
             .with_context(|| format!("starting the switch of disk {}", d.id))?;
         let status = qmp
@@ -646,8 +655,7 @@ async fn switch(
                 outcome.error.unwrap_or_default()
             );
         }
-        qmp.execute_raw("job-complete", Some(json!({ "id": job })))
-            .await?;
+        qmp.execute(&JobComplete::new(job.as_str())).await?;
         let outcome = qmp.wait_job(&job, PIVOT_TIMEOUT).await?;
         qmp.dismiss_job(&job).await?;
         if let Some(error) = outcome.error {
@@ -661,10 +669,7 @@ async fn switch(
         if ours
             && &old != frozen
             && d.node_name.starts_with("qb")
-            && qmp
-                .execute_raw("blockdev-del", Some(json!({ "node-name": d.node_name })))
-                .await
-                .is_ok()
+            && qmp.execute(&BlockdevDel::new(d.node_name.as_str())).await.is_ok()
         {
             let _ = std::fs::remove_file(&old);
         }

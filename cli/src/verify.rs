@@ -255,10 +255,7 @@ async fn check_disk(
     .await;
     let _ = daemon
         .qmp()
-        .execute_raw(
-            "block-export-del",
-            Some(serde_json::json!({ "id": export, "mode": "hard" })),
-        )
+        .execute(&qmp::commands::BlockExportDel::hard(export.as_str()))
         .await;
     graph::remove_chain(daemon.qmp(), &chain).await;
     result

@@ -12,6 +12,11 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use chain::Piece;
+use qmp::MirrorSyncMode;
+use qmp::commands::{
+    BlockDirtyBitmapAdd, BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevDel, JobCancel,
+    JobDismiss, NbdServerStart, NbdServerStop, TransactionAction,
+};
 use serde_json::json;
 
 use super::{Copied, Run, interrupted, jobs};
@@ -80,7 +85,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         // A scratch file, deleted after the run: its durability does not matter.
         options["cache"] = json!({ "no-flush": true });
         crate::crypt::unlock::encrypt_node(&mut options);
-        qmp.execute_raw("blockdev-add", Some(options))
+        qmp.execute(&BlockdevAdd(options))
             .await
             .context("adding the fleecing overlay")?;
     }
@@ -91,26 +96,22 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
     let mut actions = Vec::new();
     for t in &run.targets {
         for name in run.new_bitmaps(t) {
-            actions.push(json!({
-                "type": "block-dirty-bitmap-add",
-                "data": { "node": t.info.node_name, "name": name, "persistent": t.info.bitmaps_persist },
+            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+                persistent: Some(t.info.bitmaps_persist),
+                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), name)
             }));
         }
-        actions.push(json!({
-            "type": "blockdev-backup",
-            "data": {
-                "job-id": run.qemu_name("j", t.index), "device": t.info.node_name,
-                "target": run.qemu_name("f", t.index), "sync": "none", "auto-dismiss": false,
-            },
-        }));
+        actions.push(TransactionAction::BlockdevBackup(BlockdevBackup::new(
+            run.qemu_name("j", t.index),
+            t.info.node_name.as_str(),
+            run.qemu_name("f", t.index),
+            MirrorSyncMode::None,
+        )));
     }
     run.transaction(actions, "starting image fleecing (QMP transaction)")
         .await?;
 
-    qmp.execute_raw(
-        "nbd-server-start",
-        Some(json!({ "addr": { "type": "unix", "data": { "path": socket } } })),
-    )
+    qmp.execute(&NbdServerStart::unix(socket.display().to_string()))
     .await
     .map_err(|e| anyhow!(e))
     .context(
@@ -214,10 +215,7 @@ async fn export(
     socket: &std::path::Path,
 ) -> Result<nbd::Client> {
     run.qmp
-        .execute_raw(
-            "block-export-add",
-            Some(json!({ "type": "nbd", "id": id, "node-name": node, "name": id, "writable": writable })),
-        )
+        .execute(&BlockExportAdd::nbd(id, node, writable))
         .await
         .with_context(|| format!("exporting block node {node} over NBD"))?;
     nbd::Client::connect_unix(socket, id, NBD_CONNECT_TIMEOUT)
@@ -287,23 +285,19 @@ async fn teardown(run: &Run<'_>) {
     for t in &run.targets {
         for kind in ["f", "t"] {
             let id = format!("{}-{kind}{}", run.op.id, t.index);
-            let _ = qmp
-                .execute_raw("block-export-del", Some(json!({ "id": id, "mode": "hard" })))
-                .await;
+            let _ = qmp.execute(&BlockExportDel::hard(id)).await;
         }
     }
-    let _ = qmp.execute_raw("nbd-server-stop", None).await;
+    let _ = qmp.execute(&NbdServerStop).await;
     for t in &run.targets {
         let job = run.qemu_name("j", t.index);
-        let _ = qmp.execute_raw("job-cancel", Some(json!({ "id": job }))).await;
+        let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
         let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
-        let _ = qmp.execute_raw("job-dismiss", Some(json!({ "id": job }))).await;
+        let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
         cleanup::stop_job(qmp, &job).await;
     }
     for name in &run.op.block_nodes {
-        let _ = qmp
-            .execute_raw("blockdev-del", Some(json!({ "node-name": name })))
-            .await;
+        let _ = qmp.execute(&BlockdevDel::new(name.as_str())).await;
     }
     crate::crypt::unlock::remove_secret(qmp).await;
 }

@@ -12,7 +12,11 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use serde_json::{Value, json};
+use qmp::commands::{
+    BlockDirtyBitmapAdd, BlockdevAdd, BlockdevBackup, BlockdevDel, JobDismiss, QueryJobs, TransactionAction,
+};
+use qmp::{BitmapSyncMode, MirrorSyncMode};
+use serde_json::json;
 use tokio::task::JoinSet;
 
 use super::{Copied, Run, interrupted};
@@ -47,10 +51,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     writeback.stop();
     let bytes = outcome?;
     for job in &jobs {
-        let _ = run
-            .qmp
-            .execute_raw("job-dismiss", Some(json!({ "id": job })))
-            .await;
+        let _ = run.qmp.execute(&JobDismiss::new(job.as_str())).await;
     }
     remove_targets(run).await;
     Ok(Copied { bytes, tables: None })
@@ -99,7 +100,7 @@ pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
         options["file"] = crate::crashpoint::target_file_options(options["file"].take());
         crate::crypt::unlock::encrypt_node(&mut options);
         run.qmp
-            .execute_raw("blockdev-add", Some(options))
+            .execute(&BlockdevAdd(options))
             .await
             .with_context(|| format!("opening the backup target {} in QEMU", path.display()))?;
     }
@@ -109,10 +110,7 @@ pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
 /// Removes targets and parent chains from QEMU (the jobs are gone by now).
 async fn remove_targets(run: &Run<'_>) {
     for name in &run.op.block_nodes {
-        let _ = run
-            .qmp
-            .execute_raw("blockdev-del", Some(json!({ "node-name": name })))
-            .await;
+        let _ = run.qmp.execute(&BlockdevDel::new(name.as_str())).await;
     }
     crate::crypt::unlock::remove_secret(run.qmp).await;
 }
@@ -120,36 +118,38 @@ async fn remove_targets(run: &Run<'_>) {
 /// The one transaction: per disk, the new bitmaps and the copy job. The bitmaps are persistent where the image
 /// can store them (a writable qcow2); on a raw or read-only image they live in QEMU's memory, and after a restart
 /// of QEMU the next backup compares checking tables instead ([`crate::inspect::volatile_bitmaps_why`]).
-fn transaction(run: &Run<'_>) -> Vec<Value> {
+fn transaction(run: &Run<'_>) -> Vec<TransactionAction> {
     let mut actions = Vec::new();
     for t in &run.targets {
         let base = run.base_bitmap(t);
         for name in run.new_bitmaps(t) {
-            actions.push(json!({
-                "type": "block-dirty-bitmap-add",
-                "data": { "node": t.info.node_name, "name": name, "persistent": t.info.bitmaps_persist },
+            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+                persistent: Some(t.info.bitmaps_persist),
+                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), name)
             }));
         }
-        let mut job = json!({
-            "job-id": run.qemu_name("j", t.index),
-            "device": t.info.node_name,
-            "target": run.qemu_name("t", t.index),
-            "auto-dismiss": false,
-        });
-        if run.plan.method == Method::Bitmap {
-            job["sync"] = json!("bitmap");
-            job["bitmap"] = json!(base);
-            job["bitmap-mode"] = json!("never");
+        let sync = if run.plan.method == Method::Bitmap {
+            MirrorSyncMode::Bitmap
         } else {
-            job["sync"] = json!("full");
+            MirrorSyncMode::Full
+        };
+        let mut job = BlockdevBackup::new(
+            run.qemu_name("j", t.index),
+            t.info.node_name.as_str(),
+            run.qemu_name("t", t.index),
+            sync,
+        );
+        if run.plan.method == Method::Bitmap {
+            job.bitmap = base;
+            job.bitmap_mode = Some(BitmapSyncMode::Never);
         }
         if run.opts.speed_limit > 0 {
-            job["speed"] = json!(run.opts.speed_limit);
+            job.speed = Some(run.opts.speed_limit);
         }
         if run.opts.compress {
-            job["compress"] = json!(true);
+            job.compress = Some(true);
         }
-        actions.push(json!({ "type": "blockdev-backup", "data": job }));
+        actions.push(TransactionAction::BlockdevBackup(job));
     }
     actions
 }
@@ -203,15 +203,14 @@ async fn wait_jobs(run: &Run<'_>, jobs: &[String]) -> Result<Vec<u64>> {
 }
 
 async fn report_progress(run: &Run<'_>, jobs: &[String]) {
-    let Ok(list) = run.qmp.execute_raw("query-jobs", None).await else {
+    let Ok(list) = run.qmp.execute(&QueryJobs).await else {
         return;
     };
-    for job in list.as_array().into_iter().flatten() {
-        let Some(i) = jobs.iter().position(|j| job["id"] == j.as_str()) else {
+    for job in list {
+        let Some(i) = jobs.iter().position(|j| job.id == *j) else {
             continue;
         };
-        let done = job["current-progress"].as_u64().unwrap_or(0);
-        let total = job["total-progress"].as_u64().unwrap_or(0);
-        run.progress.advance(&run.targets[i].info.id, done, total);
+        run.progress
+            .advance(&run.targets[i].info.id, job.current_progress, job.total_progress);
     }
 }

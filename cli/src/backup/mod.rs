@@ -177,7 +177,11 @@ impl Run<'_> {
 
     /// Runs the backup's one QMP transaction; with `--quiesce` the guest's filesystems are frozen just before
     /// it and thawed right after it, whether it succeeded or not.
-    pub async fn transaction(&mut self, actions: Vec<serde_json::Value>, what: &str) -> Result<()> {
+    pub async fn transaction(
+        &mut self,
+        actions: Vec<qmp::commands::TransactionAction>,
+        what: &str,
+    ) -> Result<()> {
         if let Some(agent) = self.agent.as_mut() {
             let n = agent
                 .freeze()
@@ -185,10 +189,7 @@ impl Run<'_> {
                 .context("freezing the guest's filesystems (--quiesce)")?;
             self.progress.phase(&format!("froze {n} guest filesystem(s)"));
         }
-        let result = self
-            .qmp
-            .execute_raw("transaction", Some(serde_json::json!({ "actions": actions })))
-            .await;
+        let result = self.qmp.execute(&qmp::commands::Transaction::new(actions)).await;
         if let Some(agent) = self.agent.as_mut() {
             let mut thawed = agent.thaw().await;
             for _ in 0..2 {
@@ -615,11 +616,11 @@ impl Run<'_> {
             for b in &t.info.bitmaps {
                 let ours = BitmapName::parse(&b.name).is_some_and(|n| &n.chain_id == chain);
                 if ours && !keep.contains(&b.name) {
-                    let args = serde_json::json!({ "node": t.info.node_name, "name": b.name });
-                    let _ = self
-                        .qmp
-                        .execute_raw("block-dirty-bitmap-remove", Some(args))
-                        .await;
+                    let remove = qmp::commands::BlockDirtyBitmapRemove::new(
+                        t.info.node_name.as_str(),
+                        b.name.as_str(),
+                    );
+                    let _ = self.qmp.execute(&remove).await;
                 }
             }
         }

@@ -11,6 +11,9 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
+use qmp::commands::{
+    BlockDirtyBitmapAdd, BlockStream, BlockdevDel, BlockdevReopen, Cont, QueryStatus, XDebugQueryBlockGraph,
+};
 use serde::Serialize;
 use serde_json::json;
 
@@ -166,22 +169,22 @@ pub async fn restore_live(
             .map(|(_, child)| child.clone())
             .with_context(|| format!("cannot find the file child of block node {}", d.node_name))?;
         let top = chain.top().context("empty recovery chain")?;
-        qmp.execute_raw(
-            "blockdev-reopen",
-            Some(json!({ "options": [{ "driver": d.format, "node-name": d.node_name, "file": file, "backing": top }] })),
-        )
+        let options = json!({ "driver": d.format, "node-name": d.node_name, "file": file, "backing": top });
+        qmp.execute(&BlockdevReopen {
+            options: vec![options],
+        })
         .await
         .with_context(|| format!("putting node {}'s chain under disk {}", node.id, d.id))?;
-        qmp.execute_raw(
-            "block-dirty-bitmap-add",
-            Some(json!({ "node": d.node_name, "name": bitmap, "persistent": d.bitmaps_persist })),
-        )
+        qmp.execute(&BlockDirtyBitmapAdd {
+            persistent: Some(d.bitmaps_persist),
+            ..BlockDirtyBitmapAdd::new(d.node_name.as_str(), bitmap.as_str())
+        })
         .await
         .context("adding the dirty bitmap for the next backup")?;
     }
-    let status = qmp.execute_raw("query-status", None).await?;
-    if status["running"] != true {
-        qmp.execute_raw("cont", None).await.context("resuming the VM")?;
+    let status = qmp.execute(&QueryStatus).await?;
+    if !status.running {
+        qmp.execute(&Cont).await.context("resuming the VM")?;
     }
     let running_after = started.elapsed().as_secs_f64();
     progress.phase(&format!(
@@ -190,11 +193,11 @@ pub async fn restore_live(
     ));
 
     for (i, d) in &targets {
-        let mut job = json!({ "job-id": name("s", *i), "device": d.node_name, "auto-dismiss": false });
+        let mut job = BlockStream::new(name("s", *i), d.node_name.as_str());
         if opts.speed_limit > 0 {
-            job["speed"] = json!(opts.speed_limit);
+            job.speed = Some(opts.speed_limit);
         }
-        qmp.execute_raw("block-stream", Some(job))
+        qmp.execute(&job)
             .await
             .with_context(|| format!("streaming disk {}", d.id))?;
     }
@@ -252,9 +255,7 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
         progress.finish_disk(job);
     }
     for node in &op.block_nodes {
-        let _ = qmp
-            .execute_raw("blockdev-del", Some(json!({ "node-name": node })))
-            .await;
+        let _ = qmp.execute(&BlockdevDel::new(node.as_str())).await;
     }
     // The chain is gone: so goes the key of an encrypted repository, also when cleanup finishes the restore.
     crate::crypt::unlock::forget_secret(qmp).await;
@@ -264,27 +265,14 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
 /// `(parent node, file child node)` pairs from QEMU's block graph.
 async fn file_children(qmp: &qmp::Qmp) -> Result<Vec<(String, String)>> {
     let graph = qmp
-        .execute_raw("x-debug-query-block-graph", None)
+        .execute(&XDebugQueryBlockGraph)
         .await
         .context("reading QEMU's block graph (x-debug-query-block-graph)")?;
-    let name_of = |id: &serde_json::Value| {
-        graph["nodes"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|n| n["id"] == *id)
-            .and_then(|n| n["name"].as_str())
-    };
-    Ok(graph["edges"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter(|e| e["name"] == "file")
-        .filter_map(|e| {
-            Some((
-                name_of(&e["parent"])?.to_owned(),
-                name_of(&e["child"])?.to_owned(),
-            ))
-        })
+    let name_of = |id: u64| graph.nodes.iter().find(|n| n.id == id).map(|n| n.name.clone());
+    Ok(graph
+        .edges
+        .iter()
+        .filter(|e| e.name == "file")
+        .filter_map(|e| Some((name_of(e.parent)?, name_of(e.child)?)))
         .collect())
 }

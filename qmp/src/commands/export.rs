@@ -4,7 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::{Empty, command};
-use crate::types::BlockExportRemoveMode;
+use crate::types::{BlockExportInfo, BlockExportRemoveMode};
 
 /// `nbd-server-start`: starts QEMU's NBD server on `addr` (a `SocketAddressLegacy`, e.g.
 /// `{"type": "unix", "data": {"path": "/run/x.sock"}}`).
@@ -39,6 +39,15 @@ command!(NbdServerStop, "nbd-server-stop", Empty);
 pub struct BlockExportAdd(pub Value);
 command!(BlockExportAdd, "block-export-add", Empty);
 
+impl BlockExportAdd {
+    /// An NBD export of `node_name`, with export id and NBD export name both `id`.
+    pub fn nbd(id: &str, node_name: &str, writable: bool) -> BlockExportAdd {
+        BlockExportAdd(serde_json::json!({
+            "type": "nbd", "id": id, "node-name": node_name, "name": id, "writable": writable,
+        }))
+    }
+}
+
 /// `block-export-del`: removes an export; it is gone when `BLOCK_EXPORT_DELETED` arrives.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct BlockExportDel {
@@ -55,4 +64,17 @@ impl BlockExportDel {
             mode: None,
         }
     }
+
+    /// Removes the export even while clients are connected (`mode: hard`).
+    pub fn hard(id: impl Into<String>) -> BlockExportDel {
+        BlockExportDel {
+            id: id.into(),
+            mode: Some(BlockExportRemoveMode::Hard),
+        }
+    }
 }
+
+/// `query-block-exports`: the exports QEMU has.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueryBlockExports;
+command!(QueryBlockExports, "query-block-exports", Vec<BlockExportInfo>);

@@ -1,4 +1,4 @@
-//! Commands that start block jobs (backup, commit, stream) and that drive any job through its life.
+//! Commands that start block jobs (backup, mirror, commit, stream) and that drive any job through its life.
 //!
 //! The `new` constructors set `auto-dismiss: false`, so a job's outcome stays readable with `query-jobs`
 //! until it is dismissed (`Qmp::wait_job` relies on it).
@@ -66,6 +66,48 @@ impl BlockdevBackup {
             auto_dismiss: Some(false),
             filter_node_name: None,
             discard_source: None,
+        }
+    }
+}
+
+/// `blockdev-mirror`: copies `device` to the already-added node `target` and keeps them in step until the job
+/// is completed (it then pivots the guest onto `target`, in place of `replaces` if given) or cancelled.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockdevMirror {
+    pub job_id: String,
+    pub device: String,
+    pub target: String,
+    pub sync: MirrorSyncMode,
+    /// The node the pivot replaces, when it is not `device` itself (e.g. the format node under a filter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub speed: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_finalize: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auto_dismiss: Option<bool>,
+}
+command!(BlockdevMirror, "blockdev-mirror", Empty);
+
+impl BlockdevMirror {
+    /// A mirror with `auto-dismiss: false` and every other option at QEMU's default.
+    pub fn new(
+        job_id: impl Into<String>,
+        device: impl Into<String>,
+        target: impl Into<String>,
+        sync: MirrorSyncMode,
+    ) -> BlockdevMirror {
+        BlockdevMirror {
+            job_id: job_id.into(),
+            device: device.into(),
+            target: target.into(),
+            sync,
+            replaces: None,
+            speed: None,
+            auto_finalize: None,
+            auto_dismiss: Some(false),
         }
     }
 }

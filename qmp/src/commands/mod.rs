@@ -19,16 +19,17 @@ pub use bitmap::{
     BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapClear, BlockDirtyBitmapDisable, BlockDirtyBitmapEnable,
     BlockDirtyBitmapMerge, BlockDirtyBitmapRemove,
 };
-pub use export::{BlockExportAdd, BlockExportDel, NbdServerStart, NbdServerStop};
+pub use export::{BlockExportAdd, BlockExportDel, NbdServerStart, NbdServerStop, QueryBlockExports};
 pub use job::{
-    BlockCommit, BlockJobSetSpeed, BlockStream, BlockdevBackup, JobCancel, JobComplete, JobDismiss,
-    JobFinalize,
+    BlockCommit, BlockJobSetSpeed, BlockStream, BlockdevBackup, BlockdevMirror, JobCancel, JobComplete,
+    JobDismiss, JobFinalize,
 };
 pub use machine::{Cont, HumanMonitorCommand, Quit, Stop, SystemPowerdown};
 pub use node::{BlockdevAdd, BlockdevCreate, BlockdevDel, BlockdevReopen, BlockdevSnapshot};
 pub use object::{ObjectAddSecret, ObjectDel};
 pub use query::{
     QueryBlock, QueryBlockJobs, QueryJobs, QueryNamedBlockNodes, QueryQmpSchema, QueryStatus, QueryVersion,
+    XDebugQueryBlockGraph,
 };
 pub use transaction::{Transaction, TransactionAction, TransactionProperties};
 

@@ -1,9 +1,11 @@
-//! Read-only queries: version, schema, run state, block devices and nodes, jobs.
+//! Read-only queries: version, schema, run state, block devices, nodes and graph, jobs.
 
 use serde::{Deserialize, Serialize};
 
 use super::command;
-use crate::types::{BlockDeviceInfo, BlockInfo, BlockJobInfo, JobInfo, SchemaInfo, StatusInfo, VersionInfo};
+use crate::types::{
+    BlockDeviceInfo, BlockGraph, BlockInfo, BlockJobInfo, JobInfo, SchemaInfo, StatusInfo, VersionInfo,
+};
 
 /// `query-version`: QEMU's version.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -46,3 +48,9 @@ command!(QueryJobs, "query-jobs", Vec<JobInfo>);
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct QueryBlockJobs;
 command!(QueryBlockJobs, "query-block-jobs", Vec<BlockJobInfo>);
+
+/// `x-debug-query-block-graph`: every node and the edges (`file`, `backing`, …) between them. Unstable (`x-`)
+/// but present in every QEMU qmpbak supports.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct XDebugQueryBlockGraph;
+command!(XDebugQueryBlockGraph, "x-debug-query-block-graph", BlockGraph);

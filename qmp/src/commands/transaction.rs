@@ -164,4 +164,69 @@ mod tests {
         );
         assert_eq!(SystemPowerdown::NAME, "system_powerdown");
     }
+
+    #[test]
+    fn mirror_export_and_graph_commands_wire_format() {
+        use crate::commands::*;
+        assert_eq!(BlockdevMirror::NAME, "blockdev-mirror");
+        assert_eq!(
+            wire(&BlockdevMirror {
+                replaces: Some("fmt0".into()),
+                ..BlockdevMirror::new("p0", "throttle0", "ov0", MirrorSyncMode::None)
+            }),
+            json!({"job-id": "p0", "device": "throttle0", "target": "ov0", "sync": "none",
+                   "replaces": "fmt0", "auto-dismiss": false})
+        );
+        assert_eq!(
+            wire(&BlockExportAdd::nbd("e0", "n0", false)),
+            json!({"type": "nbd", "id": "e0", "node-name": "n0", "name": "e0", "writable": false})
+        );
+        assert_eq!(
+            wire(&BlockExportDel::hard("e0")),
+            json!({"id": "e0", "mode": "hard"})
+        );
+        assert_eq!(QueryBlockExports::NAME, "query-block-exports");
+        assert_eq!(wire(&QueryBlockExports), Value::Null);
+        assert_eq!(XDebugQueryBlockGraph::NAME, "x-debug-query-block-graph");
+        assert_eq!(wire(&XDebugQueryBlockGraph), Value::Null);
+        assert_eq!(wire(&QueryStatus), Value::Null);
+        assert_eq!(wire(&Cont), Value::Null);
+        assert_eq!(
+            wire(&BlockdevReopen {
+                options: vec![json!({"driver": "qcow2", "node-name": "n"})]
+            }),
+            json!({"options": [{"driver": "qcow2", "node-name": "n"}]})
+        );
+        assert_eq!(
+            wire(&BlockdevSnapshot {
+                node: "d".into(),
+                overlay: "o".into()
+            }),
+            json!({"node": "d", "overlay": "o"})
+        );
+    }
+
+    #[test]
+    fn export_list_and_block_graph_replies_decode_tolerantly() {
+        use crate::types::{BlockExportInfo, BlockGraph};
+        let exports: Vec<BlockExportInfo> = serde_json::from_value(json!([
+            {"id": "e0", "type": "nbd", "node-name": "n0", "shutting-down": false, "new": 1}
+        ]))
+        .unwrap();
+        assert_eq!(exports[0].id, "e0");
+        assert_eq!(exports[0].node_name, "n0");
+        let graph: BlockGraph = serde_json::from_value(json!({
+            "nodes": [{"id": 1, "type": "block-driver", "name": "fmt0"},
+                      {"id": 2, "type": "block-driver", "name": "file0"},
+                      {"id": 3, "type": "block-driver", "name": "base0"},
+                      {"id": 4, "type": "something-new", "name": "x"}],
+            "edges": [{"parent": 1, "child": 2, "name": "file", "perm": ["consistent-read"], "shared-perm": []},
+                      {"parent": 1, "child": 3, "name": "backing", "perm": [], "shared-perm": []}]
+        }))
+        .unwrap();
+        assert_eq!(graph.child("fmt0", "file"), Some("file0"));
+        assert_eq!(graph.child("fmt0", "backing"), Some("base0"));
+        assert_eq!(graph.child("file0", "file"), None);
+        assert_eq!(graph.child("nope", "file"), None);
+    }
 }

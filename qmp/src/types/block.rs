@@ -122,6 +122,68 @@ impl DirtyBitmapInfo {
     }
 }
 
+/// One entry of `query-block-exports` (`BlockExportInfo`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub struct BlockExportInfo {
+    pub id: String,
+    /// The export type (`nbd`, `fuse`, …).
+    #[serde(default, rename = "type")]
+    pub export_type: String,
+    #[serde(default)]
+    pub node_name: String,
+    #[serde(default)]
+    pub shutting_down: bool,
+}
+
+/// The reply of `x-debug-query-block-graph` (`XDbgBlockGraph`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlockGraph {
+    #[serde(default)]
+    pub nodes: Vec<BlockGraphNode>,
+    #[serde(default)]
+    pub edges: Vec<BlockGraphEdge>,
+}
+
+/// A node of the block graph: a block node, a backend or a job (`XDbgBlockGraphNode`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlockGraphNode {
+    /// Graph-local id that edges refer to.
+    pub id: u64,
+    /// `block-backend`, `block-job` or `block-driver`.
+    #[serde(default, rename = "type")]
+    pub node_type: String,
+    /// The node name (or backend/job name).
+    #[serde(default)]
+    pub name: String,
+}
+
+/// An edge from a parent to a child node (`XDbgBlockGraphEdge`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlockGraphEdge {
+    pub parent: u64,
+    pub child: u64,
+    /// The child's role: `file`, `backing`, `root`, …
+    #[serde(default)]
+    pub name: String,
+}
+
+impl BlockGraph {
+    /// The name of the node `parent`'s child on edge `edge` (`file`, `backing`, …).
+    pub fn child(&self, parent: &str, edge: &str) -> Option<&str> {
+        let parent_id = self.nodes.iter().find(|n| n.name == parent)?.id;
+        let child_id = self
+            .edges
+            .iter()
+            .find(|e| e.parent == parent_id && e.name == edge)?
+            .child;
+        self.nodes
+            .iter()
+            .find(|n| n.id == child_id)
+            .map(|n| n.name.as_str())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

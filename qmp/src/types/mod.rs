@@ -8,7 +8,10 @@ mod introspection;
 mod job;
 mod machine;
 
-pub use block::{BlockDeviceInfo, BlockInfo, DirtyBitmapInfo, ImageInfo};
+pub use block::{
+    BlockDeviceInfo, BlockExportInfo, BlockGraph, BlockGraphEdge, BlockGraphNode, BlockInfo, DirtyBitmapInfo,
+    ImageInfo,
+};
 pub use enums::{
     ActionCompletionMode, BitmapSyncMode, BlockDeviceIoStatus, BlockExportRemoveMode, BlockdevOnError,
     JobStatus, JobType, MirrorSyncMode, RunState, SchemaMetaType,

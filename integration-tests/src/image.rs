@@ -105,6 +105,22 @@ pub fn convert_to_qcow2(src: &Path, dst: &Path) {
     ]);
 }
 
+/// A standalone qcow2 at `dst` whose guest-visible contents are `bytes` (made through a raw file beside it).
+pub fn qcow2_from_bytes(dst: &Path, bytes: &[u8]) {
+    let raw = dst.with_extension("raw");
+    std::fs::write(&raw, bytes).expect("write the raw image");
+    qemu_img(&[
+        "convert",
+        "-q",
+        "-f",
+        "raw",
+        "-O",
+        "qcow2",
+        &raw.to_string_lossy(),
+        &dst.to_string_lossy(),
+    ]);
+}
+
 /// `qemu-img compare -U`: `Ok(())` when the guest-visible contents are equal, `Err(report)` otherwise.
 pub fn compare(a: &Path, b: &Path) -> Result<(), String> {
     let bins = QemuBinaries::from_env();

@@ -213,21 +213,10 @@ async fn a_qcow2_with_an_external_data_file_backs_up_and_keeps_its_bitmaps() {
 #[tokio::test]
 async fn a_vm_running_on_an_overlay_backs_up_what_the_guest_sees() {
     let images = tempfile::tempdir().unwrap();
-    let raw = images.path().join("base.raw");
     let mut bytes = vec![0u8; 8 * MIB as usize];
     bytes[..4 * MIB as usize].fill(0x3b);
-    std::fs::write(&raw, &bytes).unwrap();
     let base = images.path().join("base.qcow2");
-    image::qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        base.to_str().unwrap(),
-    ]);
+    image::qcow2_from_bytes(&base, &bytes);
     let overlay = images.path().join("overlay.qcow2");
     image::qemu_img(&[
         "create",

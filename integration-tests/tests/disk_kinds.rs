@@ -385,21 +385,10 @@ async fn a_cdrom_and_an_empty_drive_are_skipped_and_named() {
 async fn a_read_only_disk_is_backed_up_and_its_bitmap_kept_in_memory() {
     let images = tempfile::tempdir().unwrap();
     // The read-only disk's data, written before QEMU opens it.
-    let raw = images.path().join("ro-data.raw");
     let mut data = vec![0u8; 8 * MIB as usize];
     data[MIB as usize..3 * MIB as usize].fill(0x5c);
-    std::fs::write(&raw, &data).unwrap();
     let ro = images.path().join("ro0.qcow2");
-    image::qemu_img(&[
-        "convert",
-        "-q",
-        "-f",
-        "raw",
-        "-O",
-        "qcow2",
-        raw.to_str().unwrap(),
-        ro.to_str().unwrap(),
-    ]);
+    image::qcow2_from_bytes(&ro, &data);
     let vm = TestVm::builder()
         .disk("disk0", 8 * MIB)
         .arg("-drive")

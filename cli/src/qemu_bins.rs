@@ -59,4 +59,22 @@ impl QemuBins {
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
             .with_context(|| format!("setting the mode of {}", path.display()))
     }
+
+    /// `qemu-img info -U` of the qcow2 image at `path` (never probed as another format): its JSON, or the inner
+    /// error with what qemu-img said when it could not read the image. The outer error is failing to run
+    /// qemu-img at all, or output that is not JSON.
+    pub fn qcow2_info(&self, path: &std::path::Path) -> anyhow::Result<Result<serde_json::Value, String>> {
+        use anyhow::Context as _;
+        let out = crate::children::std_command(&self.img)
+            .args(["info", "-U", "--output=json", "-f", "qcow2"])
+            .arg(path)
+            .output()
+            .with_context(|| format!("running {}", self.img.display()))?;
+        if !out.status.success() {
+            return Ok(Err(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
+        }
+        Ok(Ok(
+            serde_json::from_slice(&out.stdout).context("parsing qemu-img info")?
+        ))
+    }
 }

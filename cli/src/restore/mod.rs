@@ -82,18 +82,11 @@ pub fn chain_damage(bins: &crate::qemu_bins::QemuBins, files: &[std::path::PathB
             }
             _ => {}
         }
-        let out = crate::children::std_command(&bins.img)
-            .args(["info", "-U", "--output=json", "-f", "qcow2"])
-            .arg(file)
-            .output();
-        if let Ok(out) = out {
-            if !out.status.success() {
-                return Some(format!(
-                    "{} is not a readable qcow2 image ({})",
-                    file.display(),
-                    String::from_utf8_lossy(&out.stderr).trim()
-                ));
-            }
+        if let Ok(Err(said)) = bins.qcow2_info(file) {
+            return Some(format!(
+                "{} is not a readable qcow2 image ({said})",
+                file.display()
+            ));
         }
     }
     None
@@ -118,13 +111,8 @@ pub fn image_virtual_size(
     bins: &crate::qemu_bins::QemuBins,
     file: &std::path::Path,
 ) -> anyhow::Result<Option<u64>> {
-    let out = crate::children::std_command(&bins.img)
-        .args(["info", "-U", "--output=json", "-f", "qcow2"])
-        .arg(file)
-        .output()?;
-    if !out.status.success() {
-        return Ok(None);
-    }
-    let info: serde_json::Value = serde_json::from_slice(&out.stdout)?;
-    Ok(info["virtual-size"].as_u64())
+    Ok(bins
+        .qcow2_info(file)?
+        .ok()
+        .and_then(|info| info["virtual-size"].as_u64()))
 }

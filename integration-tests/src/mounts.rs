@@ -54,30 +54,27 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// The mount options of the mount at `target`.
-pub fn mount_options(target: &Path) -> Option<String> {
+/// The fields of the /proc/self/mountinfo line of the mount at `target`.
+fn mountinfo_fields(target: &Path) -> Option<Vec<String>> {
     let wanted = target.display().to_string();
     std::fs::read_to_string("/proc/self/mountinfo")
         .expect("mountinfo")
         .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|f| f.get(4) == Some(&wanted.as_str()))
-        .and_then(|f| f.get(5).map(|s| (*s).to_owned()))
+        .map(|l| l.split(' ').map(str::to_owned).collect::<Vec<_>>())
+        .find(|f| f.get(4) == Some(&wanted))
+}
+
+/// The mount options of the mount at `target`.
+pub fn mount_options(target: &Path) -> Option<String> {
+    mountinfo_fields(target)?.get(5).cloned()
 }
 
 /// The file system's own (superblock) options of the mount at `target`: those after ` - TYPE SOURCE ` in
 /// /proc/self/mountinfo, where `norecovery` shows.
 pub fn super_options(target: &Path) -> Option<String> {
-    let wanted = target.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .expect("mountinfo")
-        .lines()
-        .map(|l| l.split(' ').collect::<Vec<_>>())
-        .find(|f| f.get(4) == Some(&wanted.as_str()))
-        .and_then(|f| {
-            let dash = f.iter().position(|s| *s == "-")?;
-            f.get(dash + 3).map(|s| (*s).to_owned())
-        })
+    let f = mountinfo_fields(target)?;
+    let dash = f.iter().position(|s| s == "-")?;
+    f.get(dash + 3).cloned()
 }
 
 /// Asserts that what the mount report `report` names is gone: nothing mounted under `dir`, which is empty

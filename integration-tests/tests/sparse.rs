@@ -1,6 +1,7 @@
 //! Big, mostly empty disks: what a backup costs follows the data, not the virtual size (issue 22). A full
 //! backup of a 1 TiB qcow2 disk holding a few MiB copies and stores those MiB, and every node still equals the
-//! guest's view at its instant.
+//! guest's view at its instant. Their checking tables are the size of the data too: zero blocks are not
+//! stored.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
@@ -48,6 +49,13 @@ async fn a_full_backup_of_a_mostly_empty_1_tib_disk_copies_and_stores_only_its_d
         "the full stores {stored} bytes for {data} of data"
     );
     image::assert_same(&full_ref, &file);
+    // 1 Mi blocks: a presence bitmap of 128 KiB and 8 digests, not 32 MiB of digests.
+    let table = file.with_extension("table");
+    assert!(
+        on_disk(&table) <= 256 << 10,
+        "the full's table takes {} bytes",
+        on_disk(&table)
+    );
 
     vm.write_pattern(DISK, 0x33, 300 * 1024 * MIB, MIB).await;
     vm.write_zeroes(DISK, 0, MIB).await;
@@ -55,5 +63,14 @@ async fn a_full_backup_of_a_mostly_empty_1_tib_disk_copies_and_stores_only_its_d
     vm.capture_reference(DISK, &inc_ref).await;
     let inc = repo.backup(&vm, VM, &[]);
     assert_eq!(inc["level"], "incremental", "{inc}");
-    image::assert_same(&inc_ref, &repo.node_file(VM, inc["node"].as_str().unwrap(), DISK));
+    let inc_file = repo.node_file(VM, inc["node"].as_str().unwrap(), DISK);
+    image::assert_same(&inc_ref, &inc_file);
+    let inc_table = inc_file.with_extension("table");
+    assert!(
+        on_disk(&inc_table) <= 256 << 10,
+        "the incremental's table takes {} bytes",
+        on_disk(&inc_table)
+    );
+    let verified = repo.run(VM, &["verify", "--json"]).success().json();
+    assert_eq!(verified["ok"], true, "{verified}");
 }

@@ -2,9 +2,15 @@
 //! block may be short and is hashed as it is). They let `verify` check a backup without its parents' data, and
 //! let a backup find changed blocks by comparing against the previous node when QEMU has lost its bitmaps.
 //!
-//! File format (integers little-endian): magic `QBAKTBL1`, u32 version (1), u32 flags (0), u64 block size,
-//! u64 virtual size, u64 block count (= virtual size / block size, rounded up), then one 32-byte digest per
-//! block.
+//! File format (integers little-endian): magic `QBAKTBL1`, u32 version, u32 flags (bit 0: keyed), u64 block
+//! size, u64 virtual size, u64 block count (= virtual size / block size, rounded up), then
+//! - version 2 (plain tables): a presence bitmap of `ceil(count / 8)` bytes (bit `i % 8` of byte `i / 8` set when
+//!   block `i` is stored; unused bits zero), then one 32-byte digest per stored block in block order. A block not
+//!   stored is all zeros: a mostly empty disk has a table the size of its data, not of its virtual size
+//!   (128 KiB of bitmap per TiB);
+//! - version 1 (keyed tables, and every table an older qmpbak wrote): one 32-byte digest per block. A keyed
+//!   table stays dense: a zero block's keyed digest cannot be told from another's, and leaving zero blocks out
+//!   would show which blocks of an encrypted disk are zeros.
 
 mod build;
 mod source;
@@ -28,8 +34,10 @@ pub type Digest = [u8; 32];
 
 /// The first 8 bytes of a table file.
 pub const MAGIC: &[u8; 8] = b"QBAKTBL1";
-/// The table format this qmpbak writes and reads.
-pub const VERSION: u32 = 1;
+/// The newest table format this qmpbak writes and reads: zero blocks implicit (plain tables).
+pub const VERSION: u32 = 2;
+/// The dense format: a digest per block (keyed tables; every table before version 2).
+pub const VERSION_DENSE: u32 = 1;
 /// Bytes before the first digest.
 pub const HEADER_LEN: usize = 40;
 /// The smallest block size a table may have (the repository's own minimum is larger).
@@ -279,16 +287,33 @@ impl Table {
             .collect())
     }
 
-    /// The file contents.
+    /// The file contents: version 2 for a plain table, version 1 (dense) for a keyed one.
     fn encode(&self, out: &mut dyn io::Write) -> io::Result<()> {
+        self.encode_as(if self.keyed { VERSION_DENSE } else { VERSION }, out)
+    }
+
+    /// The file contents in format `version` (1 or 2).
+    fn encode_as(&self, version: u32, out: &mut dyn io::Write) -> io::Result<()> {
         out.write_all(MAGIC)?;
-        out.write_all(&VERSION.to_le_bytes())?;
+        out.write_all(&version.to_le_bytes())?;
         let flags = if self.keyed { FLAG_KEYED } else { 0 };
         out.write_all(&flags.to_le_bytes())?;
         out.write_all(&self.block_size.to_le_bytes())?;
         out.write_all(&self.virtual_size.to_le_bytes())?;
         out.write_all(&self.len().to_le_bytes())?;
-        for digest in &self.digests {
+        if version == VERSION_DENSE {
+            for digest in &self.digests {
+                out.write_all(digest)?;
+            }
+            return Ok(());
+        }
+        let stored = |i: usize| !self.is_zero(i as u64);
+        let mut bitmap = vec![0u8; bitmap_len(self.len())];
+        for i in (0..self.digests.len()).filter(|&i| stored(i)) {
+            bitmap[i / 8] |= 1 << (i % 8);
+        }
+        out.write_all(&bitmap)?;
+        for (_, digest) in self.digests.iter().enumerate().filter(|&(i, _)| stored(i)) {
             out.write_all(digest)?;
         }
         Ok(())
@@ -356,9 +381,11 @@ impl Table {
             u64::from_le_bytes(b)
         };
         let version = u32_at(8);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_DENSE {
             return Err(if version > VERSION {
-                format!("format version {version}, written by a newer qmpbak (this one reads {VERSION})")
+                format!(
+                    "format version {version}, written by a newer qmpbak (this one reads up to {VERSION})"
+                )
             } else {
                 format!("unknown format version {version}")
             });
@@ -366,6 +393,12 @@ impl Table {
         let flags = u32_at(12);
         if flags & !FLAG_KEYED != 0 {
             return Err(format!("unknown flags {flags:#x}"));
+        }
+        let keyed = flags & FLAG_KEYED != 0;
+        if keyed && version != VERSION_DENSE {
+            return Err(format!(
+                "a keyed table in format version {version}: keyed tables are only written dense (version {VERSION_DENSE})"
+            ));
         }
         let (block_size, virtual_size, count) = (u64_at(16), u64_at(24), u64_at(32));
         if check_block_size(block_size).is_err() {
@@ -378,6 +411,9 @@ impl Table {
             return Err(format!(
                 "it says {count} blocks, but {virtual_size} bytes in blocks of {block_size} make {expected_count}"
             ));
+        }
+        if version == VERSION {
+            return Table::decode_sparse(block_size, virtual_size, count, &bytes[HEADER_LEN..]);
         }
         let body = (bytes.len() - HEADER_LEN) as u64;
         if body != count.saturating_mul(32) {
@@ -400,13 +436,62 @@ impl Table {
             })
             .collect();
         let mut table = Table::assemble(block_size, virtual_size, digests);
-        table.keyed = flags & FLAG_KEYED != 0;
+        table.keyed = keyed;
+        Ok(table)
+    }
+
+    /// The body of a version 2 table: presence bitmap, then the stored digests. `count` is checked.
+    fn decode_sparse(
+        block_size: u64,
+        virtual_size: u64,
+        count: u64,
+        body: &[u8],
+    ) -> std::result::Result<Table, String> {
+        let map_len = bitmap_len(count);
+        let Some((bitmap, digests)) = body.split_at_checked(map_len) else {
+            return Err(format!(
+                "truncated: {} bytes for a presence bitmap of {map_len} bytes",
+                body.len()
+            ));
+        };
+        if count % 8 != 0 && bitmap.last().is_some_and(|last| last >> (count % 8) != 0) {
+            return Err(format!(
+                "its presence bitmap marks blocks past the last one ({count} blocks)"
+            ));
+        }
+        let stored: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
+        let body = digests.len() as u64;
+        if body != stored * 32 {
+            let what = if body < stored * 32 {
+                "truncated"
+            } else {
+                "longer than its header says"
+            };
+            return Err(format!(
+                "{what}: {body} bytes of digests for {stored} stored blocks (expected {})",
+                stored * 32
+            ));
+        }
+        let mut table = Table::zeroed(block_size, virtual_size).map_err(|e| e.to_string())?;
+        let mut next = digests.chunks_exact(32);
+        for (i, slot) in table.digests.iter_mut().enumerate() {
+            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
+                if let Some(d) = next.next() {
+                    slot.copy_from_slice(d);
+                }
+            }
+        }
         Ok(table)
     }
 }
 
-/// The largest table file there can be.
-const MAX_FILE_LEN: u64 = HEADER_LEN as u64 + MAX_BLOCKS * 32;
+/// Bytes of a version 2 table's presence bitmap for `count` blocks.
+fn bitmap_len(count: u64) -> usize {
+    usize::try_from(count.div_ceil(8)).unwrap_or(usize::MAX)
+}
+
+/// The largest table file there can be (version 2 with every block stored).
+pub const MAX_FILE_LEN: u64 = HEADER_LEN as u64 + MAX_BLOCKS / 8 + MAX_BLOCKS * 32;
 
 /// A table file's bytes, its length checked before anything is read: a file longer than any table is
 /// [`Error::TableCorrupt`] without being read.
@@ -494,9 +579,10 @@ mod tests {
         let table = sample();
         let sha = table.save(&path).unwrap();
         assert_eq!(sha, sha256_file(&path).unwrap());
+        // a presence bitmap of one byte and four digests (no block of the sample is zero)
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
-            HEADER_LEN as u64 + 4 * 32
+            HEADER_LEN as u64 + 1 + 4 * 32
         );
         assert_eq!(Table::load(&path).unwrap(), table);
         Table::verify_file(&path, &sha).unwrap();
@@ -534,8 +620,14 @@ mod tests {
         bad_magic[0] = b'X';
         corrupt(&bad_magic, "does not start");
         let mut newer = good.clone();
-        newer[8] = 2;
+        newer[8] = 3;
         corrupt(&newer, "newer qmpbak");
+        let mut keyed_sparse = good.clone();
+        keyed_sparse[12] = 1;
+        corrupt(&keyed_sparse, "only written dense");
+        let mut past_end = good.clone();
+        past_end[HEADER_LEN] |= 0x10;
+        corrupt(&past_end, "past the last one");
         let mut flags = good.clone();
         flags[12] = 2;
         corrupt(&flags, "flags");
@@ -549,6 +641,45 @@ mod tests {
         let mut longer = good.clone();
         longer.push(0);
         corrupt(&longer, "longer than");
+    }
+
+    #[test]
+    fn a_mostly_zero_table_is_stored_in_the_size_of_its_data_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.table");
+        // 1000 blocks, 3 of them data, the short last one among them.
+        let mut table = Table::zeroed(BS, 999 * BS + 10).unwrap();
+        for (i, d) in [(0, [1u8; 32]), (500, [2; 32]), (999, [3; 32])] {
+            table.digests[i] = d;
+        }
+        table.save(&path).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, HEADER_LEN as u64 + 125 + 3 * 32);
+        assert_eq!(Table::load(&path).unwrap(), table);
+        let zeroed = Table::zeroed(BS, 999 * BS + 10).unwrap();
+        zeroed.save(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), HEADER_LEN as u64 + 125);
+        assert_eq!(Table::load(&path).unwrap(), zeroed);
+    }
+
+    #[test]
+    fn a_dense_version_1_table_still_reads_and_keyed_tables_are_written_dense() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.table");
+        let table = Table::zeroed(BS, 3 * BS).unwrap();
+        let mut old = Vec::new();
+        table.encode_as(VERSION_DENSE, &mut old).unwrap();
+        assert_eq!(old.len(), HEADER_LEN + 3 * 32);
+        std::fs::write(&path, &old).unwrap();
+        assert_eq!(Table::load(&path).unwrap(), table);
+
+        let keyed = Table::from_digests_keyed(BS, 3 * BS, vec![[0; 32]; 3]).unwrap();
+        let mut bytes = Vec::new();
+        keyed.encode(&mut bytes).unwrap();
+        assert_eq!(bytes[8], VERSION_DENSE as u8);
+        assert_eq!(bytes.len(), HEADER_LEN + 3 * 32);
+        keyed.save(&path).unwrap();
+        assert_eq!(Table::load(&path).unwrap(), keyed);
     }
 
     #[test]

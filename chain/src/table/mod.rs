@@ -56,7 +56,9 @@ pub const MAX_VIRTUAL_SIZE: u64 = i64::MAX as u64;
 pub struct Table {
     block_size: u64,
     virtual_size: u64,
-    digests: Vec<Digest>,
+    /// The number of blocks.
+    count: u64,
+    blocks: Blocks,
     /// Digest of an all-zero block of `block_size` bytes.
     zero_full: Digest,
     /// Digest of an all-zero last block (which may be shorter).
@@ -64,6 +66,16 @@ pub struct Table {
     /// The digests are keyed (HMAC with a repository's table key, [`crate::crypt::TableKey`]): flag bit 0 in
     /// the file. Zero blocks cannot be recognised in such a table.
     keyed: bool,
+}
+
+/// A table's digests in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Blocks {
+    /// One digest per block: keyed tables, whose zero blocks cannot be recognised.
+    Dense(Vec<Digest>),
+    /// The blocks that are not all zeros, sorted by index, never a zero block's digest: plain tables. A mostly
+    /// empty 1 TiB disk then takes a few KiB of memory, not 32 MiB per table.
+    Sparse(Vec<(u64, Digest)>),
 }
 
 /// The file flag of a keyed table.
@@ -174,7 +186,14 @@ impl Table {
 
     /// [`Table::from_digests`] for keyed digests ([`crate::crypt::TableKey`]).
     pub fn from_digests_keyed(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Result<Table> {
-        let mut table = Table::from_digests(block_size, virtual_size, digests)?;
+        let count = check_size(virtual_size, block_size)?;
+        if digests.len() as u64 != count {
+            return Err(Error::DigestCount {
+                given: digests.len() as u64,
+                expected: count,
+            });
+        }
+        let mut table = Table::shape(block_size, virtual_size, Blocks::Dense(digests));
         table.keyed = true;
         Ok(table)
     }
@@ -184,8 +203,22 @@ impl Table {
         self.keyed
     }
 
-    /// Builds the struct; the caller has checked the sizes.
+    /// A plain table from one digest per block (the caller has checked the sizes): its zero blocks are
+    /// dropped.
     fn assemble(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Table {
+        let mut table = Table::shape(block_size, virtual_size, Blocks::Sparse(Vec::new()));
+        let stored = digests
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (i as u64, d))
+            .filter(|(i, d)| *d != table.zero_for(*i))
+            .collect();
+        table.blocks = Blocks::Sparse(stored);
+        table
+    }
+
+    /// The struct around `blocks`, plain; the caller has checked the sizes.
+    fn shape(block_size: u64, virtual_size: u64, blocks: Blocks) -> Table {
         let last_len = match virtual_size % block_size {
             0 => block_size,
             rest => rest,
@@ -193,7 +226,8 @@ impl Table {
         Table {
             block_size,
             virtual_size,
-            digests,
+            count: block_count(virtual_size, block_size),
+            blocks,
             zero_full: zero_digest(block_size),
             zero_last: zero_digest(last_len),
             keyed: false,
@@ -202,13 +236,8 @@ impl Table {
 
     /// The table of an all-zero disk (a new, empty one).
     pub fn zeroed(block_size: u64, virtual_size: u64) -> Result<Table> {
-        let count = check_size(virtual_size, block_size)? as usize;
-        let mut table = Table::assemble(block_size, virtual_size, Vec::new());
-        table.digests = vec![table.zero_full; count];
-        if let Some(last) = table.digests.last_mut() {
-            *last = table.zero_last;
-        }
-        Ok(table)
+        check_size(virtual_size, block_size)?;
+        Ok(Table::shape(block_size, virtual_size, Blocks::Sparse(Vec::new())))
     }
 
     pub fn block_size(&self) -> u64 {
@@ -221,20 +250,39 @@ impl Table {
 
     /// The number of blocks.
     pub fn len(&self) -> u64 {
-        self.digests.len() as u64
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
+        self.count == 0
     }
 
-    pub fn digests(&self) -> &[Digest] {
-        &self.digests
+    /// Every block's digest, in block order (zero blocks included).
+    pub fn digests(&self) -> impl Iterator<Item = &Digest> + '_ {
+        (0..self.count).filter_map(|i| self.digest(i))
     }
 
-    /// Block `index`'s digest.
+    /// The number of digests held in memory: every block's for a keyed table, the non-zero blocks' for a
+    /// plain one.
+    pub fn stored(&self) -> u64 {
+        match &self.blocks {
+            Blocks::Dense(d) => d.len() as u64,
+            Blocks::Sparse(s) => s.len() as u64,
+        }
+    }
+
+    /// Block `index`'s digest (`None` past the end).
     pub fn digest(&self, index: u64) -> Option<&Digest> {
-        self.digests.get(usize::try_from(index).ok()?)
+        if index >= self.count {
+            return None;
+        }
+        match &self.blocks {
+            Blocks::Dense(d) => d.get(usize::try_from(index).ok()?),
+            Blocks::Sparse(s) => Some(match s.binary_search_by_key(&index, |(i, _)| *i) {
+                Ok(at) => &s[at].1,
+                Err(_) => self.zero_ref(index),
+            }),
+        }
     }
 
     /// The byte range of block `index`: its offset and length (the last one may be short).
@@ -243,10 +291,14 @@ impl Table {
     }
 
     fn zero_for(&self, index: u64) -> Digest {
-        if index + 1 == self.len() {
-            self.zero_last
+        *self.zero_ref(index)
+    }
+
+    fn zero_ref(&self, index: u64) -> &Digest {
+        if index + 1 == self.count {
+            &self.zero_last
         } else {
-            self.zero_full
+            &self.zero_full
         }
     }
 
@@ -255,22 +307,54 @@ impl Table {
         !self.keyed && self.digest(index).is_some_and(|d| *d == self.zero_for(index))
     }
 
-    /// The table of a child node: the parent's digests with `changed` ones replaced.
+    /// The table of a child node: the parent's digests with `changed` ones replaced (a later entry for the
+    /// same block wins). Linear in the parent's stored blocks plus the changes.
     pub fn derive(parent: &Table, changed: &[(u64, Digest)]) -> Result<Table> {
+        let count = parent.count;
+        if let Some(&(index, _)) = changed.iter().find(|(i, _)| *i >= count) {
+            return Err(Error::BlockOutOfRange { index, count });
+        }
         let mut child = parent.clone();
-        for &(index, digest) in changed {
-            let count = child.len();
-            let slot = usize::try_from(index)
-                .ok()
-                .and_then(|i| child.digests.get_mut(i))
-                .ok_or(Error::BlockOutOfRange { index, count })?;
-            *slot = digest;
+        match &mut child.blocks {
+            Blocks::Dense(digests) => {
+                for &(index, digest) in changed {
+                    // in range: checked above
+                    if let Some(slot) = usize::try_from(index).ok().and_then(|i| digests.get_mut(i)) {
+                        *slot = digest;
+                    }
+                }
+            }
+            Blocks::Sparse(stored) => {
+                let mut changes = changed.to_vec();
+                // stable: among entries for one block, the last stays last
+                changes.sort_by_key(|(i, _)| *i);
+                let mut merged = Vec::with_capacity(stored.len() + changes.len());
+                let mut old = std::mem::take(stored).into_iter().peekable();
+                let mut new = changes.into_iter().peekable();
+                while let Some(&(index, digest)) = new.peek() {
+                    while old.peek().is_some_and(|(i, _)| *i < index) {
+                        merged.extend(old.next());
+                    }
+                    new.next();
+                    if new.peek().is_some_and(|(i, _)| *i == index) {
+                        continue;
+                    }
+                    if old.peek().is_some_and(|(i, _)| *i == index) {
+                        old.next();
+                    }
+                    if digest != parent.zero_for(index) {
+                        merged.push((index, digest));
+                    }
+                }
+                merged.extend(old);
+                *stored = merged;
+            }
         }
         Ok(child)
     }
 
     /// The blocks whose digests differ. Tables of different shape (block size or virtual size: a resized
-    /// disk) are [`Error::TableShapeMismatch`].
+    /// disk) are [`Error::TableShapeMismatch`]. Two plain tables are compared by their stored blocks alone.
     pub fn diff(a: &Table, b: &Table) -> Result<Vec<u64>> {
         if a.block_size != b.block_size || a.virtual_size != b.virtual_size {
             return Err(Error::TableShapeMismatch {
@@ -278,13 +362,41 @@ impl Table {
                 right: (b.block_size, b.virtual_size),
             });
         }
-        Ok(a.digests
-            .iter()
-            .zip(&b.digests)
-            .enumerate()
-            .filter(|(_, (x, y))| x != y)
-            .map(|(i, _)| i as u64)
-            .collect())
+        let (Blocks::Sparse(x), Blocks::Sparse(y)) = (&a.blocks, &b.blocks) else {
+            return Ok((0..a.count).filter(|&i| a.digest(i) != b.digest(i)).collect());
+        };
+        // Both hold only non-zero blocks: a block stored in one alone differs.
+        let mut out = Vec::new();
+        let (mut x, mut y) = (x.iter().peekable(), y.iter().peekable());
+        loop {
+            match (x.peek(), y.peek()) {
+                (Some((i, d)), Some((j, e))) if i == j => {
+                    if d != e {
+                        out.push(*i);
+                    }
+                    x.next();
+                    y.next();
+                }
+                (Some((i, _)), Some((j, _))) if i < j => {
+                    out.push(*i);
+                    x.next();
+                }
+                (Some(_), Some((j, _))) => {
+                    out.push(*j);
+                    y.next();
+                }
+                (Some((i, _)), None) => {
+                    out.push(*i);
+                    x.next();
+                }
+                (None, Some((j, _))) => {
+                    out.push(*j);
+                    y.next();
+                }
+                (None, None) => break,
+            }
+        }
+        Ok(out)
     }
 
     /// The file contents: version 2 for a plain table, version 1 (dense) for a keyed one.
@@ -302,18 +414,21 @@ impl Table {
         out.write_all(&self.virtual_size.to_le_bytes())?;
         out.write_all(&self.len().to_le_bytes())?;
         if version == VERSION_DENSE {
-            for digest in &self.digests {
+            for digest in self.digests() {
                 out.write_all(digest)?;
             }
             return Ok(());
         }
-        let stored = |i: usize| !self.is_zero(i as u64);
-        let mut bitmap = vec![0u8; bitmap_len(self.len())];
-        for i in (0..self.digests.len()).filter(|&i| stored(i)) {
-            bitmap[i / 8] |= 1 << (i % 8);
+        let stored: Vec<(u64, &Digest)> = (0..self.count)
+            .filter_map(|i| self.digest(i).map(|d| (i, d)))
+            .filter(|(i, _)| !self.is_zero(*i))
+            .collect();
+        let mut bitmap = vec![0u8; bitmap_len(self.count)];
+        for (i, _) in &stored {
+            bitmap[(i / 8) as usize] |= 1 << (i % 8);
         }
         out.write_all(&bitmap)?;
-        for (_, digest) in self.digests.iter().enumerate().filter(|&(i, _)| stored(i)) {
+        for (_, digest) in stored {
             out.write_all(digest)?;
         }
         Ok(())
@@ -435,9 +550,13 @@ impl Table {
                 d
             })
             .collect();
-        let mut table = Table::assemble(block_size, virtual_size, digests);
-        table.keyed = keyed;
-        Ok(table)
+        Ok(if keyed {
+            let mut table = Table::shape(block_size, virtual_size, Blocks::Dense(digests));
+            table.keyed = true;
+            table
+        } else {
+            Table::assemble(block_size, virtual_size, digests)
+        })
     }
 
     /// The body of a version 2 table: presence bitmap, then the stored digests. `count` is checked.
@@ -473,14 +592,17 @@ impl Table {
             ));
         }
         let mut table = Table::zeroed(block_size, virtual_size).map_err(|e| e.to_string())?;
-        let mut next = digests.chunks_exact(32);
-        for (i, slot) in table.digests.iter_mut().enumerate() {
-            if bitmap[i / 8] & (1 << (i % 8)) != 0 {
-                if let Some(d) = next.next() {
-                    slot.copy_from_slice(d);
-                }
-            }
-        }
+        let indices = (0..count).filter(|i| bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0);
+        let stored = indices
+            .zip(digests.chunks_exact(32))
+            .map(|(i, c)| {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(c);
+                (i, d)
+            })
+            .filter(|(i, d)| *d != table.zero_for(*i))
+            .collect();
+        table.blocks = Blocks::Sparse(stored);
         Ok(table)
     }
 }
@@ -648,15 +770,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sparse.table");
         // 1000 blocks, 3 of them data, the short last one among them.
-        let mut table = Table::zeroed(BS, 999 * BS + 10).unwrap();
-        for (i, d) in [(0, [1u8; 32]), (500, [2; 32]), (999, [3; 32])] {
-            table.digests[i] = d;
-        }
+        let zeroed = Table::zeroed(BS, 999 * BS + 10).unwrap();
+        let table = Table::derive(&zeroed, &[(0, [1u8; 32]), (500, [2; 32]), (999, [3; 32])]).unwrap();
+        assert_eq!(table.stored(), 3);
         table.save(&path).unwrap();
         let len = std::fs::metadata(&path).unwrap().len();
         assert_eq!(len, HEADER_LEN as u64 + 125 + 3 * 32);
         assert_eq!(Table::load(&path).unwrap(), table);
-        let zeroed = Table::zeroed(BS, 999 * BS + 10).unwrap();
         zeroed.save(&path).unwrap();
         assert_eq!(std::fs::metadata(&path).unwrap().len(), HEADER_LEN as u64 + 125);
         assert_eq!(Table::load(&path).unwrap(), zeroed);

@@ -325,12 +325,12 @@ impl Table {
                 }
             }
             Blocks::Sparse(stored) => {
-                let mut changes = changed.to_vec();
+                let mut sorted = changed.to_vec();
                 // stable: among entries for one block, the last stays last
-                changes.sort_by_key(|(i, _)| *i);
-                let mut merged = Vec::with_capacity(stored.len() + changes.len());
+                sorted.sort_by_key(|(i, _)| *i);
+                let mut merged = Vec::with_capacity(stored.len() + changed.len());
                 let mut old = std::mem::take(stored).into_iter().peekable();
-                let mut new = changes.into_iter().peekable();
+                let mut new = sorted.into_iter().peekable();
                 while let Some(&(index, digest)) = new.peek() {
                     while old.peek().is_some_and(|(i, _)| *i < index) {
                         merged.extend(old.next());
@@ -362,38 +362,24 @@ impl Table {
                 right: (b.block_size, b.virtual_size),
             });
         }
-        let (Blocks::Sparse(x), Blocks::Sparse(y)) = (&a.blocks, &b.blocks) else {
+        let (Blocks::Sparse(left), Blocks::Sparse(right)) = (&a.blocks, &b.blocks) else {
             return Ok((0..a.count).filter(|&i| a.digest(i) != b.digest(i)).collect());
         };
         // Both hold only non-zero blocks: a block stored in one alone differs.
         let mut out = Vec::new();
-        let (mut x, mut y) = (x.iter().peekable(), y.iter().peekable());
+        let (mut left, mut right) = (left.iter().peekable(), right.iter().peekable());
         loop {
-            match (x.peek(), y.peek()) {
-                (Some((i, d)), Some((j, e))) if i == j => {
-                    if d != e {
-                        out.push(*i);
-                    }
-                    x.next();
-                    y.next();
-                }
-                (Some((i, _)), Some((j, _))) if i < j => {
-                    out.push(*i);
-                    x.next();
-                }
-                (Some(_), Some((j, _))) => {
-                    out.push(*j);
-                    y.next();
-                }
-                (Some((i, _)), None) => {
-                    out.push(*i);
-                    x.next();
-                }
-                (None, Some((j, _))) => {
-                    out.push(*j);
-                    y.next();
-                }
+            let (take_left, take_right) = match (left.peek().map(|e| e.0), right.peek().map(|e| e.0)) {
                 (None, None) => break,
+                (Some(l), Some(r)) => (l <= r, r <= l),
+                (Some(_), None) => (true, false),
+                (None, Some(_)) => (false, true),
+            };
+            let here = (left.next_if(|_| take_left), right.next_if(|_| take_right));
+            match here {
+                (Some(l), Some(r)) if l.1 == r.1 => {}
+                (Some(e), _) | (None, Some(e)) => out.push(e.0),
+                (None, None) => {}
             }
         }
         Ok(out)

@@ -449,6 +449,38 @@ async fn a_killed_mount_is_undone_by_umount_and_by_cleanup() {
     cli::run(&["umount", dir_arg]).success();
     assert_nothing_left(dir.path(), &report);
 
+    if kernel_knows("vfat") {
+        eprintln!("this kernel has vfat: fusefat's teardown is not tried");
+    } else {
+        // Killed with fusefat serving partition 2 before it was recorded: found by its source and undone.
+        let killed = cli::run_crashing_at(
+            &mount_args(&repo, &node, &[dir_arg]),
+            "mount-fuse-driver",
+            CLI_TIMEOUT,
+        );
+        killed.assert_crashed_at("mount-fuse-driver");
+        assert_eq!(fuse_drivers_under(dir.path()).len(), 1);
+        let out = cli::run(&["umount", dir_arg, "--json"]).success().json();
+        assert_eq!(out["interrupted"], true, "{out}");
+        assert_nothing_left(dir.path(), &out);
+        assert!(fuse_drivers_under(dir.path()).is_empty());
+
+        // fusefat killed under a complete mount: its dead mount is unmounted all the same.
+        let report = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--json"]))
+            .success()
+            .json();
+        let drivers = fuse_drivers_under(dir.path());
+        assert_eq!(drivers.len(), 1, "{report}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(drivers[0]),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        cli::run(&["umount", dir_arg]).success();
+        assert_nothing_left(dir.path(), &report);
+        assert!(fuse_drivers_under(dir.path()).is_empty());
+    }
+
     // A file of the user's where the image would go is refused and left alone.
     let mine = dir.path().join("disk0.img");
     std::fs::write(&mine, b"mine").unwrap();
@@ -488,6 +520,25 @@ async fn a_damaged_node_is_refused_unless_forced() {
     assert!(!report["mismatched_blocks"].as_array().unwrap().is_empty());
     cli::run(&["umount", dir_arg]).success();
     assert_nothing_left(dir.path(), &report);
+}
+
+/// The pids of the fusefat processes serving a mount under `dir` (their last argument).
+fn fuse_drivers_under(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let under = args.last().is_some_and(|t| Path::new(t).starts_with(dir));
+            (args.first()?.ends_with("fusefat") && under).then_some(pid)
+        })
+        .collect()
 }
 
 /// Whether the running kernel can mount file systems of type `fstype`.

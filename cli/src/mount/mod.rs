@@ -435,7 +435,10 @@ async fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) ->
             Err(e) if !kernel_has(kind) => match fuse_driver(kind) {
                 Some(driver) => fuse_mount(driver, &source, &target, &st.state_dir()?)
                     .await
-                    .map(|()| Some(driver.to_owned()))
+                    .map(|()| {
+                        crashpoint("mount-fuse-driver");
+                        Some(driver.to_owned())
+                    })
                     .map_err(|fuse| {
                         fuse.context(format!("this kernel has no {kind}, and its FUSE driver failed"))
                     }),

@@ -4,8 +4,9 @@
 //! and each file system is mounted read-only without replaying its journal (ext4 `noload`, xfs `norecovery`),
 //! so a crash-consistent image mounts without a single write; a file system the kernel lacks but a FUSE driver
 //! reads (vfat: fusefat) is mounted read-only through that driver. `--image-only` and `--list` need no root
-//! (FUSE only; their records are the user's own, see [`state::runtime_dir`]). Before anything is exported, the chain is checked
-//! against the node's checking table, as a restore does: a damaged node is refused unless `--force`.
+//! (FUSE only; their records are the user's own, see [`state::runtime_dir`]). Before anything is exported, the
+//! chain is checked against the node's checking table, as a restore does: a damaged node is refused unless
+//! `--force`.
 //!
 //! What is set up is recorded step by step ([`state`]); [`umount`] undoes it, also after the mounting qmpbak
 //! was killed, and [`clean_interrupted`] does so for every interrupted mount of a VM (`qmpbak cleanup`).

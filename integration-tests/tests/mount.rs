@@ -522,6 +522,20 @@ async fn a_damaged_node_is_refused_unless_forced() {
     assert_nothing_left(dir.path(), &report);
 }
 
+/// The pids of the processes whose command line names `path`.
+fn processes_naming(path: &Path) -> Vec<i32> {
+    let needle = path.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline).contains(needle).then_some(pid)
+        })
+        .collect()
+}
+
 /// The pids of the fusefat processes serving a mount under `dir` (their last argument).
 fn fuse_drivers_under(dir: &Path) -> Vec<i32> {
     std::fs::read_dir("/proc")
@@ -771,6 +785,22 @@ async fn image_only_works_for_a_user_without_root() {
     let cleaned = nobody(&repo.vm_args(VM, &["cleanup", "--json"])).success().json();
     assert_eq!(cleaned["mounts"][0]["dir"], mnt_arg, "{cleaned}");
     assert_nothing_left(&mnt, &cleaned["mounts"][0]);
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+
+    // The storage daemon SIGKILLed: its FUSE mount is left dangling, and the user's umount (which cannot
+    // umount(2)) takes it off with fusermount3.
+    let report = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
+        .success()
+        .json();
+    let daemons = processes_naming(&img);
+    assert_eq!(daemons.len(), 1, "{report}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemons[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    nobody(&["umount".to_owned(), mnt_arg.to_owned()]).success();
+    assert_nothing_left(&mnt, &report);
     assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
 
     assert_eq!(checksums(&repo.path()), before, "the repository changed");

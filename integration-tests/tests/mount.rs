@@ -13,7 +13,7 @@ use std::process::Command;
 
 use integration_tests::mounts::{self, Unmount, assert_nothing_left, can_mount, checksums};
 use integration_tests::repo::TestRepo;
-use integration_tests::timeouts::CLI_TIMEOUT;
+use integration_tests::timeouts::{CLI_TIMEOUT, PROCESS_EXIT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "vm1";
@@ -799,6 +799,39 @@ async fn image_only_works_for_a_user_without_root() {
         nix::sys::signal::Signal::SIGKILL,
     )
     .unwrap();
+    nobody(&["umount".to_owned(), mnt_arg.to_owned()]).success();
+    assert_nothing_left(&mnt, &report);
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+
+    // A complete mount whose export went away (its daemon stopped, as a restart would) is stale: a new mount
+    // of the directory undoes its record and its leftover image file first.
+    nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only"])).success();
+    let daemons = processes_naming(&img);
+    assert_eq!(daemons.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemons[0]),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + PROCESS_EXIT_TIMEOUT;
+    while !processes_naming(&img).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-storage-daemon did not exit on SIGTERM within {PROCESS_EXIT_TIMEOUT:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(mounts::mounts_under(&mnt).is_empty());
+    let report = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
+        .success()
+        .json();
+    let same = output(
+        as_nobody(&home, &img_tool)
+            .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+            .arg(&img)
+            .arg(&reference),
+    );
+    assert!(same.status.success(), "{same:?}");
     nobody(&["umount".to_owned(), mnt_arg.to_owned()]).success();
     assert_nothing_left(&mnt, &report);
     assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);

@@ -239,7 +239,7 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
 }
 
 /// Checks that `dir` can be a mount point: an existing, empty directory that is not mounted by qmpbak already.
-/// An earlier mount of it whose qmpbak was killed is undone first.
+/// An earlier mount of it whose qmpbak was killed, or whose export is gone (a restart), is undone first.
 fn check_mount_point(dir: &Path, mode: MountMode) -> Result<PathBuf> {
     let dir = std::fs::canonicalize(dir).map_err(|e| {
         Exit::usage(format!(
@@ -251,8 +251,8 @@ fn check_mount_point(dir: &Path, mode: MountMode) -> Result<PathBuf> {
         bail!(Exit::usage(format!("{} is not a directory", dir.display())));
     }
     if let Some(old) = MountState::load(&dir)? {
-        if old.interrupted() {
-            tracing::info!(dir = %dir.display(), "undoing an interrupted mount first");
+        if old.interrupted() || old.stale()? {
+            tracing::info!(dir = %dir.display(), "undoing an interrupted or stale mount first");
             state::teardown(&old)?;
         } else {
             bail!(Exit::usage(format!(

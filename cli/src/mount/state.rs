@@ -56,9 +56,11 @@ pub struct MountState {
 
 /// The directory holding every mount's state: private to its owner (0700), created if needed. Root's is
 /// `/run/qmpbak/mounts`; another user's is their own, so that `--image-only` and `--list` work without root:
-/// `$XDG_RUNTIME_DIR/qmpbak/mounts` where the session has a runtime directory (cleared at logout and reboot, as
-/// the mounts are), else `qmpbak/mounts` in their cache directory (`$XDG_CACHE_HOME`, or `~/.cache`). A shared
-/// place such as `/tmp` is never used: another user could create the name first.
+/// `qmpbak/mounts` in their cache directory (`$XDG_CACHE_HOME`, or `~/.cache`), else in the session's runtime
+/// directory (`$XDG_RUNTIME_DIR`). The cache comes first: it is the same for a login and a cron job, and it
+/// outlives a logout, which removes the runtime directory but not the mounts; a record that outlives its
+/// mount (a reboot) is found stale and undone. A shared place such as `/tmp` is never used: another user
+/// could create the name first.
 pub fn runtime_dir() -> Result<PathBuf> {
     if nix::unistd::geteuid().is_root() {
         let base = PathBuf::from("/run/qmpbak");
@@ -67,24 +69,15 @@ pub fn runtime_dir() -> Result<PathBuf> {
         private_dir(&dir)?;
         return Ok(dir);
     }
-    let env_dir = |name: &str| {
-        std::env::var_os(name)
-            .map(PathBuf::from)
-            .filter(|d| d.is_absolute())
-    };
-    let (parent, base) = if let Some(run) = env_dir("XDG_RUNTIME_DIR").filter(|d| d.is_dir()) {
-        (run.clone(), run.join("qmpbak"))
-    } else {
-        let cache = env_dir("XDG_CACHE_HOME")
-            .or_else(|| env_dir("HOME").map(|home| home.join(".cache")))
-            .ok_or_else(|| {
-                anyhow::anyhow!(
-                    "no private place for qmpbak's mount records: neither XDG_RUNTIME_DIR, XDG_CACHE_HOME nor \
-                     HOME is set to an absolute directory"
-                )
-            })?;
-        (cache.clone(), cache.join("qmpbak"))
-    };
+    let env = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let parent =
+        user_records_parent(env("XDG_RUNTIME_DIR"), env("XDG_CACHE_HOME"), env("HOME")).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no private place for qmpbak's mount records: neither XDG_CACHE_HOME, HOME nor \
+                 XDG_RUNTIME_DIR (an existing directory) is set to an absolute path"
+            )
+        })?;
+    let base = parent.join("qmpbak");
     // The cache directory itself may not exist yet: made as the user's own, private.
     fs::DirBuilder::new()
         .recursive(true)
@@ -95,6 +88,20 @@ pub fn runtime_dir() -> Result<PathBuf> {
     private_dir(&base)?;
     private_dir(&dir)?;
     Ok(dir)
+}
+
+/// Where a user other than root keeps `qmpbak/mounts`, given `$XDG_RUNTIME_DIR`, `$XDG_CACHE_HOME` and `$HOME`:
+/// the cache directory (`~/.cache` by default), else the session's runtime directory if it exists. Relative
+/// values are ignored, as the XDG base directory specification says.
+fn user_records_parent(
+    runtime: Option<PathBuf>,
+    cache: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Option<PathBuf> {
+    let absolute = |d: Option<PathBuf>| d.filter(|d| d.is_absolute());
+    absolute(cache)
+        .or_else(|| absolute(home).map(|home| home.join(".cache")))
+        .or_else(|| absolute(runtime).filter(|d| d.is_dir()))
 }
 
 /// Creates `dir` (0700) or checks that the existing one is a directory of ours that nobody else can write:
@@ -166,6 +173,12 @@ impl MountState {
     /// Whether the qmpbak that set this up died before finishing it.
     pub fn interrupted(&self) -> bool {
         !self.complete && !pid_alive(self.owner_pid)
+    }
+
+    /// Whether this complete mount is gone already: its export is no longer mounted (the machine restarted,
+    /// or the storage daemon was stopped by hand). What may be left of it is for a teardown.
+    pub fn stale(&self) -> Result<bool> {
+        Ok(self.complete && !mounts()?.iter().any(|(_, t)| t == &self.image))
     }
 }
 
@@ -431,6 +444,35 @@ pub fn make_private(path: &Path, mode: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_users_records_are_in_the_cache_dir_else_the_runtime_dir() {
+        let run = std::env::temp_dir();
+        let some = |p: &str| Some(PathBuf::from(p));
+        assert_eq!(
+            user_records_parent(Some(run.clone()), some("/c"), some("/h")),
+            some("/c")
+        );
+        assert_eq!(
+            user_records_parent(Some(run.clone()), None, some("/h")),
+            some("/h/.cache")
+        );
+        // Relative values are passed over; so is a runtime directory that does not exist.
+        assert_eq!(
+            user_records_parent(None, some("cache"), some("/h")),
+            some("/h/.cache")
+        );
+        assert_eq!(
+            user_records_parent(Some(run.clone()), some("c"), some("h")),
+            Some(run)
+        );
+        assert_eq!(
+            user_records_parent(some("/nonexistent/run/user/1"), None, None),
+            None
+        );
+        assert_eq!(user_records_parent(some("run"), None, None), None);
+        assert_eq!(user_records_parent(None, None, None), None);
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

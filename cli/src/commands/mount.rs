@@ -112,6 +112,13 @@ fn print_report(r: &MountReport) -> Result<(), super::out::StdoutError> {
             }
             if let Some(at) = &p.mounted_at {
                 let _ = write!(line, "  mounted read-only on {}", at.display());
+                if let Some(driver) = &p.fuse_driver {
+                    let _ = write!(
+                        line,
+                        " (through {driver}: the kernel has no {})",
+                        p.fstype.as_deref().unwrap_or("driver")
+                    );
+                }
             }
             if let Some(err) = &p.error {
                 let _ = write!(line, "  not mounted: {err}");

@@ -5,7 +5,9 @@
 //!   is released;
 //! - an [`Owned`] child that is dropped before it finished (its run failed, or SIGINT/SIGTERM made qmpbak drop
 //!   the command's future, see [`crate::signals::Interrupt::run`]) is killed and *reaped* in the drop, before
-//!   anything declared before it — the VM's lock among them — is released.
+//!   anything declared before it — the VM's lock among them — is released;
+//! - none inherits the repository key: `QMPBAK_KEY` and the variable `--key-env` named are removed from every
+//!   child's environment ([`crate::crypt::key::scrub_env`]), so no `/proc/PID/environ` of a child shows it.
 
 use std::io;
 use std::path::Path;
@@ -19,6 +21,7 @@ use tokio::io::AsyncReadExt as _;
 pub fn std_command(program: &Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
     die_with_parent(&mut cmd);
+    crate::crypt::key::scrub_env(&mut cmd);
     cmd
 }
 

@@ -593,6 +593,8 @@ async fn rebase_encrypted(bins: &QemuBins, files: &[PathBuf], backing: Option<&R
     };
     run_img(cmd.arg(image), bins, path).await?;
     if backing.is_some() {
+        // The header names the new chain as a `json:` description here, until the next rebase.
+        crashpoint("prune-encrypted-rebased");
         repair_header(bins, path, backing).await?;
     }
     Ok(())

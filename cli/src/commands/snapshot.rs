@@ -108,6 +108,12 @@ pub struct CommitArgs {
 }
 
 pub async fn commit(args: CommitArgs) -> Result<()> {
+    // Needed when a copied time point's copy must absorb its parent's copy (encrypted repositories).
+    let _key = if args.vm.target.key.source().is_some() {
+        args.vm.target.unlock()?
+    } else {
+        None
+    };
     let opts = qmpbak::commit::CommitOptions {
         socket: args.vm.socket,
         repo: args.vm.target.repo,

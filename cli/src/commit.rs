@@ -137,6 +137,8 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     for (_, top, _) in &files {
         remove_increment(top, &chain_id, &record.parent);
     }
+    // So did the parent's copies in the repository (the node's own copies absorbed them first).
+    remove_node_dir(&vm, &parent_id);
     Ok(CommitReport {
         vm: opts.vm.clone(),
         node: node.id.to_string(),
@@ -403,6 +405,30 @@ fn note_from_manifest(manifest: &Manifest, node: &NodeId) -> Result<CommitNote> 
         parent: parent_id.to_string(),
         files,
     })
+}
+
+/// Removes the regular files in the directory of `node`, which has left the tree (a time point's copies), and
+/// the directory; a symlink is left alone. A failure only leaves unused files behind, so it is a warning.
+fn remove_node_dir(vm: &chain::VmStore, node: &NodeId) {
+    let dir = vm.node_dir(node);
+    if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    let removed = std::fs::read_dir(&dir).and_then(|entries| {
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        std::fs::remove_dir(&dir)
+    });
+    if let Err(e) = removed {
+        eprintln!(
+            "qmpbak: warning: could not remove {} of time point {node}, which left the tree: {e}",
+            dir.display()
+        );
+    }
 }
 
 /// Removes a committed increment file, which has just left its disk's chain. It is always the overlay that the

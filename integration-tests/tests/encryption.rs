@@ -846,3 +846,66 @@ async fn an_encrypted_prune_killed_between_its_two_rebases_is_finished_by_the_ne
     assert_no_plaintext(&er.repo.path(), &patterns);
     restores_exactly("finished", &[&points[0], &points[2]]);
 }
+
+#[tokio::test]
+async fn a_commit_of_copied_time_points_in_an_encrypted_repository_needs_the_key_and_keeps_them_exact() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let patterns = [PATTERN, 0x22, 0x33];
+    let mut points = Vec::new();
+    for (i, (pattern, tag)) in patterns.iter().zip(["a", "b", "c"]).enumerate() {
+        vm.write_pattern("disk0", *pattern, i as u64 * 2 * MIB, 3 * MIB)
+            .await;
+        let reference = refs.path().join(format!("{tag}.qcow2"));
+        vm.capture_reference("disk0", &reference).await;
+        let taken = snapshot(&er, &vm, &["--copy", "--tag", tag], &er.key_args())
+            .success()
+            .json();
+        points.push((taken["node"].as_str().unwrap().to_owned(), reference));
+    }
+    // c's copy must absorb b's copy before b leaves the tree: that needs the key.
+    let commit = |key: &[&str]| {
+        cli::run_owned(
+            &er.repo
+                .socket_args(&vm.socket(), "vm1", &[&["commit", "c"], key].concat()),
+        )
+    };
+    let before = snapshot_files(&er.repo.path());
+    let refused = commit(&[]);
+    assert_eq!(refused.code(), Some(3), "{refused:?}");
+    assert_eq!(
+        before,
+        snapshot_files(&er.repo.path()),
+        "a refused commit changed the repository"
+    );
+    let refused = commit(&er.wrong_key_args());
+    assert_eq!(refused.code(), Some(3), "{refused:?}");
+    assert_eq!(
+        before,
+        snapshot_files(&er.repo.path()),
+        "a refused commit changed the repository"
+    );
+
+    commit(&er.key_args()).success();
+    let manifest = er.repo.manifest("vm1");
+    assert!(manifest.find("b").is_none());
+    assert!(
+        !er.repo.vm_dir("vm1").join(&points[1].0).exists(),
+        "b's copies stayed"
+    );
+    let c_file = er.repo.node_file("vm1", &points[2].0, "disk0");
+    assert_eq!(image::info(&c_file)["encrypted"], true);
+    assert_eq!(
+        image::info(&c_file)["backing-filename"],
+        format!("../{}/disk0.qcow2", points[0].0)
+    );
+    assert_no_plaintext(&er.repo.path(), &patterns);
+    for (node, reference) in [&points[0], &points[2]] {
+        let to = refs.path().join(format!("restored-{node}.qcow2"));
+        er.run("vm1", &["restore", node, "--to", to.to_str().unwrap()])
+            .success();
+        image::assert_same(reference, &to);
+    }
+    er.run("vm1", &["verify"]).success();
+}

@@ -301,6 +301,7 @@ async fn a_copied_time_point_still_restores_exactly_after_its_parent_was_committ
     }
     // c's copy holds its increment over b's copy; b leaves the tree.
     run(&args(&repo, &vm, &["commit", "c"]));
+    assert!(!repo.vm_dir(VM).join(&points[1].0).exists(), "b's copies stayed");
     let out = refs.path().join("out");
     std::fs::create_dir(&out).unwrap();
     for (node, reference) in [&points[0], &points[2]] {

@@ -482,24 +482,22 @@ fn encrypted_copy(
     dst: &Path,
     parent: Option<&NodeId>,
 ) -> Result<()> {
-    let backing = match parent {
-        Some(_) => Some(format!("../{}", d.backing.as_ref().context("no backing")?)),
+    let stacked = match parent {
+        Some(p) => Some((p, format!("../{}", d.backing.as_ref().context("no backing")?))),
         None => None,
     };
-    crate::crypt::unlock::create_node_file(bins, dst, d.virtual_size, backing.as_deref())?;
+    let header = stacked.as_ref().map(|(_, b)| b.as_str());
+    crate::crypt::unlock::create_node_file(bins, dst, d.virtual_size, header)?;
     cmd.args(["convert", "-U", "-n", "-O", "qcow2"])
         .args(crate::crypt::unlock::qemu_img_args());
-    let source = match (parent, &backing) {
-        (Some(p), Some(b)) => {
-            let below = crate::direct::chain_files(vm, manifest, p, &d.disk)?;
-            cmd.args(["-B", b.as_str(), "-F", "qcow2"]);
-            json!({ "driver": "qcow2", "file": { "driver": "file", "filename": frozen },
-                    "backing": crate::direct::chain_spec(&below) })
-        }
-        _ => {
-            cmd.arg("--target-is-zero");
-            json!({ "driver": "qcow2", "file": { "driver": "file", "filename": frozen } })
-        }
+    let source = if let Some((p, b)) = &stacked {
+        let below = crate::direct::chain_files(vm, manifest, p, &d.disk)?;
+        cmd.args(["-B", b.as_str(), "-F", "qcow2"]);
+        json!({ "driver": "qcow2", "file": { "driver": "file", "filename": frozen },
+                "backing": crate::direct::chain_spec(&below) })
+    } else {
+        cmd.arg("--target-is-zero");
+        json!({ "driver": "qcow2", "file": { "driver": "file", "filename": frozen } })
     };
     let mut target =
         json!({ "driver": "qcow2", "file": { "driver": "file", "filename": dst }, "backing": null });

@@ -2,41 +2,13 @@
 //! descriptor, or an environment variable. Never from a command-line value, which other users can read.
 
 use std::path::PathBuf;
-use std::sync::{Mutex, PoisonError};
 
 use anyhow::{Context, Result};
 
 use crate::exit::Exit;
 
 /// The environment variable read for the key when no other source is named.
-pub const KEY_ENV: &str = "QMPBAK_KEY";
-
-/// The environment variables a key was read from in this process (besides [`KEY_ENV`]): removed from every
-/// child's environment ([`scrub_env`]).
-static READ_FROM_ENV: Mutex<Vec<String>> = Mutex::new(Vec::new());
-
-/// Removes the key's environment variables from `cmd`'s environment: [`KEY_ENV`] always, and any other
-/// variable the key was read from (`--key-env NAME`). Every child qmpbak starts goes through this
-/// ([`crate::children::std_command`]); the parent's own environment is left alone (changing it is unsafe in a
-/// threaded process).
-pub fn scrub_env(cmd: &mut std::process::Command) {
-    cmd.env_remove(KEY_ENV);
-    for name in READ_FROM_ENV
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .iter()
-    {
-        cmd.env_remove(name);
-    }
-}
-
-/// Notes that `name` holds a key, for [`scrub_env`].
-fn remember_env(name: &str) {
-    let mut names = READ_FROM_ENV.lock().unwrap_or_else(PoisonError::into_inner);
-    if !names.iter().any(|n| n == name) {
-        names.push(name.to_owned());
-    }
-}
+pub const KEY_ENV: &str = crate::children::KEY_ENV;
 
 /// One source of the repository key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +26,7 @@ impl KeySource {
     pub fn choose(file: Option<PathBuf>, fd: Option<u32>, env: Option<String>) -> Option<KeySource> {
         // A variable named to hold the key is kept from children even when no key is read from it.
         if let Some(name) = &env {
-            remember_env(name);
+            crate::children::keep_env_from_children(name);
         }
         file.map(KeySource::File)
             .or(fd.map(KeySource::Fd))
@@ -73,7 +45,7 @@ impl KeySource {
                 .with_context(|| format!("reading the key from file descriptor {fd}"))?,
             KeySource::Env(name) => {
                 use std::os::unix::ffi::OsStringExt as _;
-                remember_env(name);
+                crate::children::keep_env_from_children(name);
                 std::env::var_os(name)
                     .with_context(|| {
                         format!("the environment variable {name} that should hold the key is not set")

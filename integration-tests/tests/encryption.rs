@@ -676,6 +676,28 @@ async fn time_points_copied_into_an_encrypted_repository_are_encrypted_and_resto
             .success();
         image::assert_same(&r[0], &dir.join("disk0.qcow2"));
     }
+
+    // Back to a copied time point, then a backup (a full: no backup is below a time point's chain): encrypted,
+    // and it restores exactly.
+    cli::run_owned(
+        &er.repo
+            .socket_args(&vm.socket(), "vm1", &["revert", &points[1].0]),
+    )
+    .success();
+    vm.write_pattern("disk0", 0x55, 12 * MIB, MIB).await;
+    let r = vm
+        .capture_references(&["disk0", "disk1"], refs.path(), "after-revert")
+        .await;
+    let after = er.repo.backup(&vm, "vm1", &er.key_args());
+    let node = after["node"].as_str().unwrap();
+    let dir = out.join(node);
+    er.run("vm1", &["restore", node, "--to", dir.to_str().unwrap()])
+        .success();
+    for (d, reference) in ["disk0", "disk1"].iter().zip(&r) {
+        image::assert_same(reference, &dir.join(format!("{d}.qcow2")));
+    }
+    assert_no_plaintext(&er.repo.path(), &[PATTERN, 0x22, 0x33, 0x44, 0x55]);
+    er.run("vm1", &["verify"]).success();
 }
 
 #[tokio::test]

@@ -58,6 +58,7 @@ const NOTE_PREFIX: &str = "commit:";
 pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     let started = Instant::now();
     let crate::session::Session {
+        repo,
         vm,
         guard,
         mut manifest,
@@ -97,6 +98,7 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     let info = inspect::inspect(&qmp).await?;
     let chain_id = manifest.chain_id.clone();
     let record = note_from_manifest(&manifest, &node.id)?;
+    restack_copies(&repo, &vm, &manifest, &node, &parent).await?;
     let files = record.files.clone();
     let mut op = Operation::new(OperationKind::Commit, None, chrono::Utc::now());
     op.id = format!("commit-{}", node.id);
@@ -135,6 +137,8 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     for (_, top, _) in &files {
         remove_increment(top, &chain_id, &record.parent);
     }
+    // So did the parent's copies in the repository (the node's own copies absorbed them first).
+    remove_node_dir(&vm, &parent_id);
     Ok(CommitReport {
         vm: opts.vm.clone(),
         node: node.id.to_string(),
@@ -190,6 +194,43 @@ async fn commit_disk(
     Ok(())
 }
 
+/// Makes the node's copies in the repository (`snapshot --copy`) that hold only their increment over the
+/// parent's copy hold the parent's layer too, before the parent leaves the tree: each is rebased (safe mode, as
+/// `prune` does) onto what the parent's copy is based on, or onto nothing. A copy reads the same over either
+/// base, so this changes no content and is safe to stop at any point; it runs before anything else changes.
+/// In an encrypted repository this needs the key (exit 3 without it).
+async fn restack_copies(
+    repo: &chain::Repository,
+    vm: &chain::VmStore,
+    manifest: &Manifest,
+    node: &chain::Node,
+    parent: &chain::Node,
+) -> Result<()> {
+    let mut stacked = Vec::new();
+    for d in node.disks.iter().filter(|d| d.table.is_some()) {
+        let Some(p) = parent.disks.iter().find(|p| p.disk == d.disk) else {
+            continue;
+        };
+        if d.backing.as_ref() == Some(&p.file) && p.table.is_some() {
+            stacked.push((d.disk.clone(), vm.resolve(&d.file)?, p.backing.clone()));
+        }
+    }
+    if stacked.is_empty() {
+        return Ok(());
+    }
+    crate::crypt::require(repo)?;
+    let bins = crate::qemu_bins::QemuBins::from_env();
+    for (disk, path, backing) in stacked {
+        if crate::crypt::unlock::active().is_some() {
+            let files = crate::direct::chain_files(vm, manifest, &node.id, &disk)?;
+            crate::prune::rebase_encrypted(&bins, &files, backing.as_ref()).await?;
+        } else {
+            crate::prune::rebase(&bins, &path, backing.as_ref()).await?;
+        }
+    }
+    Ok(())
+}
+
 /// What a commit that stopped after `committed` of its disks means for the user.
 fn half_done(record: &CommitNote, committed: usize) -> String {
     let disks = |range: std::ops::Range<usize>| {
@@ -224,7 +265,11 @@ fn apply(manifest: &mut Manifest, record: &CommitNote) -> Result<()> {
         for d in &mut n.disks {
             if let Some(p) = parent_disks.iter().find(|p| p.disk == d.disk) {
                 d.location = p.location.clone();
-                d.backing = p.backing.clone();
+                // A self-contained copy in the repository stays one; a copy stacked on the parent's copy was
+                // rebased onto the parent's base first ([`restack_copies`]).
+                if d.table.is_none() || d.backing.is_some() {
+                    d.backing = p.backing.clone();
+                }
             }
         }
     }
@@ -360,6 +405,30 @@ fn note_from_manifest(manifest: &Manifest, node: &NodeId) -> Result<CommitNote> 
         parent: parent_id.to_string(),
         files,
     })
+}
+
+/// Removes the regular files in the directory of `node`, which has left the tree (a time point's copies), and
+/// the directory; a symlink is left alone. A failure only leaves unused files behind, so it is a warning.
+fn remove_node_dir(vm: &chain::VmStore, node: &NodeId) {
+    let dir = vm.node_dir(node);
+    if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    let removed = std::fs::read_dir(&dir).and_then(|entries| {
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        std::fs::remove_dir(&dir)
+    });
+    if let Err(e) = removed {
+        eprintln!(
+            "qmpbak: warning: could not remove {} of time point {node}, which left the tree: {e}",
+            dir.display()
+        );
+    }
 }
 
 /// Removes a committed increment file, which has just left its disk's chain. It is always the overlay that the

@@ -317,7 +317,9 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
     st.save()?;
     state::make_private(&st.image, 0o600)?;
     // Deliberately not a `children` command: the export outlives this qmpbak (until `umount`).
-    let mut cmd = tokio::process::Command::new(&bins.storage_daemon);
+    let mut cmd = std::process::Command::new(&bins.storage_daemon);
+    crate::children::scrub_env(&mut cmd);
+    let mut cmd = tokio::process::Command::from(cmd);
     let mut below: Option<String> = None;
     for (i, file) in files.iter().enumerate() {
         let name = format!("mnt{i}");

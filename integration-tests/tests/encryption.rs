@@ -931,3 +931,47 @@ async fn a_commit_of_copied_time_points_in_an_encrypted_repository_needs_the_key
     }
     er.run("vm1", &["verify"]).success();
 }
+
+#[tokio::test]
+async fn an_encrypted_node_mounts_as_an_image_with_the_key_and_not_without() {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: /dev/fuse is absent, so no FUSE export can be made");
+        return;
+    }
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    vm.write_pattern("disk0", PATTERN, MIB, 2 * MIB).await;
+    let er = EncryptedRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let reference = refs.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let node = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    let before = snapshot_files(&er.repo.path());
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+
+    for refused in [
+        er.repo.run("vm1", &["mount", &node, dir_arg, "--image-only"]),
+        er.repo.run(
+            "vm1",
+            &[
+                &["mount", &node, dir_arg, "--image-only"][..],
+                &er.wrong_key_args(),
+            ]
+            .concat(),
+        ),
+    ] {
+        assert_eq!(refused.code(), Some(3), "{refused:?}");
+        assert!(!dir.path().join("disk0.img").exists());
+    }
+    er.run("vm1", &["mount", &node, dir_arg, "--image-only"])
+        .success();
+    let img = dir.path().join("disk0.img");
+    image::compare(&reference, &img).unwrap();
+    cli::run(&["umount", dir_arg]).success();
+    assert!(!img.exists());
+    assert_eq!(
+        snapshot_files(&er.repo.path()),
+        before,
+        "mount changed the repository"
+    );
+}

@@ -48,6 +48,7 @@ pub struct UmountArgs {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let _key = args.target.unlock()?;
     let mode = if args.list {
         MountMode::List
     } else if args.image_only {

@@ -105,6 +105,8 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
         (None, _) => bail!(Exit::usage("mount needs a directory to mount into")),
     };
     let repo = Repository::open(&opts.repo)?;
+    // An encrypted repository's chain is decrypted by the daemon with the key; without it, exit 3.
+    crate::crypt::require(&repo)?;
     let vm = repo.vm(&opts.vm)?;
     let guard = vm.lock_shared(opts.lock_wait)?;
     let manifest = vm.load()?;
@@ -319,11 +321,15 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
     // Deliberately not a `children` command: the export outlives this qmpbak (until `umount`).
     let mut cmd = std::process::Command::new(&bins.storage_daemon);
     crate::children::scrub_env(&mut cmd);
+    // An encrypted repository's key reaches the daemon as a secret object naming a private file, read at start
+    // (the file goes when this qmpbak is done; the export keeps working).
+    cmd.args(crate::crypt::unlock::qemu_img_args());
     let mut cmd = tokio::process::Command::from(cmd);
     let mut below: Option<String> = None;
     for (i, file) in files.iter().enumerate() {
         let name = format!("mnt{i}");
-        let options = crate::graph::qcow2_options(&name, file, below.as_deref(), true);
+        let mut options = crate::graph::qcow2_options(&name, file, below.as_deref(), true);
+        crate::crypt::unlock::encrypt_node(&mut options);
         cmd.arg("--blockdev").arg(options.to_string());
         below = Some(name);
     }

@@ -30,9 +30,11 @@ mod handshake;
 mod peer_tests;
 mod proto;
 mod reply;
+mod tls;
 
 pub use blocking::BlockingClient;
-pub use client::{Client, DEFAULT_TIMEOUT};
+pub use client::{Client, ConnectOptions, DEFAULT_TIMEOUT, dirty_bitmap_context};
 pub use error::{Error, ErrorKind, Result};
-pub use extent::Extent;
-pub use proto::{Command, errno};
+pub use extent::{ContextExtent, Extent};
+pub use proto::{Command, STATE_DIRTY, errno};
+pub use tls::{CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsCredentials, TlsFailure};

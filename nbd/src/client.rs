@@ -319,7 +319,7 @@ impl Client {
             .map_err(|e| tls::tls_error(target, &e))?;
         let info = handshake::negotiate_options(&mut stream, export, greeting, &options.meta_contexts)
             .await
-            .map_err(|e| tls::after_handshake(target, e))?;
+            .map_err(|e| tls::after_handshake(target, credentials, e))?;
         Ok(Self::start(stream, info, export))
     }
 

@@ -199,9 +199,9 @@ pub(crate) fn tls_error(target: &str, e: &io::Error) -> Error {
 
 /// An error from the options that follow the TLS handshake: with TLS 1.3 the server judges our
 /// certificate only after the client's side of the handshake is done, so its refusal arrives as the
-/// answer to the first option.
-pub(crate) fn after_handshake(target: &str, e: Error) -> Error {
-    match e {
+/// answer to the first option (an alert, or QEMU simply hanging up).
+pub(crate) fn after_handshake(target: &str, credentials: &TlsCredentials, e: Error) -> Error {
+    let mut e = match e {
         Error::Io(io) => tls_error(target, &io),
         Error::Handshake(m) if m == crate::handshake::CLOSED_DURING_HANDSHAKE => Error::Tls {
             target: target.to_owned(),
@@ -209,5 +209,20 @@ pub(crate) fn after_handshake(target: &str, e: Error) -> Error {
             detail: m,
         },
         other => other,
+    };
+    if let Error::Tls {
+        failure: TlsFailure::ClosedByServer | TlsFailure::RejectedByServer,
+        detail,
+        ..
+    } = &mut e
+    {
+        if !credentials.has_client_certificate() {
+            *detail = format!(
+                "{detail}; no client certificate was presented ({} has no {CLIENT_CERT}), and a server \
+                 with verify-peer=on requires one",
+                credentials.dir().display()
+            );
+        }
     }
+    e
 }

@@ -216,7 +216,9 @@ pub(crate) fn after_handshake(target: &str, credentials: &TlsCredentials, e: Err
         ..
     } = &mut e
     {
-        if !credentials.has_client_certificate() {
+        if credentials.has_client_certificate() {
+            detail.push_str("; the server may not trust our client certificate");
+        } else {
             *detail = format!(
                 "{detail}; no client certificate was presented ({} has no {CLIENT_CERT}), and a server \
                  with verify-peer=on requires one",

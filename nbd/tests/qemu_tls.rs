@@ -84,6 +84,7 @@ impl Pki {
         let (server_cert, server_key) = ca.issue(ExtendedKeyUsagePurpose::ServerAuth, false);
         let (old_cert, old_key) = ca.issue(ExtendedKeyUsagePurpose::ServerAuth, true);
         let (client_cert, client_key) = ca.issue(ExtendedKeyUsagePurpose::ClientAuth, false);
+        let (stranger_cert, stranger_key) = other_ca.issue(ExtendedKeyUsagePurpose::ClientAuth, false);
         let ca_pem = ca.cert.pem();
         pki.write(
             "server",
@@ -110,6 +111,15 @@ impl Pki {
             ],
         );
         pki.write("client-without-cert", &[("ca-cert.pem", &ca_pem)]);
+        // Trusts the right CA, but its own certificate comes from another.
+        pki.write(
+            "client-foreign-cert",
+            &[
+                ("ca-cert.pem", &ca_pem),
+                ("client-cert.pem", &stranger_cert),
+                ("client-key.pem", &stranger_key),
+            ],
+        );
         // Trusts another CA; its own certificate is fine, so only the server check can fail.
         pki.write(
             "client-wrong-ca",
@@ -407,6 +417,22 @@ async fn a_client_without_a_certificate_is_refused_by_verify_peer() {
     );
     // QEMU hangs up without an alert; the error says what is most likely missing.
     assert!(e.to_string().contains("no client certificate"), "{e}");
+}
+
+#[tokio::test]
+async fn a_client_certificate_from_another_ca_is_refused_by_verify_peer() {
+    let pki = Pki::new();
+    let image = Image::create(MIB);
+    let server = tls_server(&image, &pki.path("server"), "");
+    let options = ConnectOptions::new().tls(pki.client("client-foreign-cert"));
+    let e = expect_tls_failure(
+        connect(&server, &options).await,
+        &[TlsFailure::RejectedByServer, TlsFailure::ClosedByServer],
+    );
+    assert!(
+        e.to_string().contains("may not trust our client certificate"),
+        "{e}"
+    );
 }
 
 #[tokio::test]

@@ -200,4 +200,41 @@ mod tests {
         };
         assert_eq!(e.to_string(), "NBD_CMD_READ failed on the NBD server: EIO (5)");
     }
+
+    #[test]
+    fn tls_errors_are_of_kind_tls_and_say_what_to_do() {
+        let e = Error::PlaintextRefused {
+            target: "hv1:10809".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Tls);
+        assert!(e.to_string().contains("allow insecure plaintext explicitly"));
+        let e = Error::Tls {
+            target: "hv1:10809".into(),
+            failure: TlsFailure::Expired,
+            detail: "certificate expired".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Tls);
+        assert_eq!(
+            e.to_string(),
+            "TLS with the NBD server at hv1:10809 failed: the server's certificate has expired \
+             (certificate expired)"
+        );
+        for e in [
+            Error::TlsRequired,
+            Error::TlsNotOffered {
+                target: "t".into(),
+                reply: "NBD_REP_ERR_UNSUP".into(),
+            },
+            Error::TlsCredentials {
+                path: "/p".into(),
+                reason: "r".into(),
+            },
+        ] {
+            assert_eq!(e.kind(), ErrorKind::Tls);
+        }
+        assert_eq!(
+            Error::NoMetaContext { name: "x".into() }.kind(),
+            ErrorKind::Refused
+        );
+    }
 }

@@ -48,7 +48,6 @@ pub struct UmountArgs {
 }
 
 pub async fn run(args: Args) -> Result<()> {
-    let _key = args.target.unlock()?;
     let mode = if args.list {
         MountMode::List
     } else if args.image_only {
@@ -65,6 +64,7 @@ pub async fn run(args: Args) -> Result<()> {
         mode,
         force: args.force,
         lock_wait: args.target.lock.lock_wait(),
+        key: args.target.key.source(),
     };
     let report = mount::mount(&opts).await?;
     if args.json {

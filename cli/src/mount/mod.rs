@@ -65,6 +65,8 @@ pub struct MountOptions {
     /// Mount a node whose data does not match its checking table.
     pub force: bool,
     pub lock_wait: LockWait,
+    /// The key of an encrypted repository.
+    pub key: Option<crate::crypt::KeySource>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -106,7 +108,7 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
     };
     let repo = Repository::open(&opts.repo)?;
     // An encrypted repository's chain is decrypted by the daemon with the key; without it, exit 3.
-    crate::crypt::require(&repo)?;
+    let _key = crate::crypt::unlock(&repo, opts.key.as_ref())?;
     let vm = repo.vm(&opts.vm)?;
     let guard = vm.lock_shared(opts.lock_wait)?;
     let manifest = vm.load()?;

@@ -640,8 +640,17 @@ fn key_file(dir: &Path, id: &str) -> PathBuf {
 
 impl Drop for TestVm {
     fn drop(&mut self) {
+        // A QEMU that died on its own (a crash leaves its stderr empty): say how, before it is killed anyway.
+        let exited = if std::thread::panicking() {
+            self.child.as_mut().and_then(|c| c.try_wait().ok().flatten())
+        } else {
+            None
+        };
         self.kill();
         if std::thread::panicking() {
+            if let Some(status) = exited {
+                eprintln!("--- QEMU had exited before the test ended: {status} ---");
+            }
             eprintln!("{}", self.output());
             if std::env::var_os("QMPBAK_KEEP_TEST_DIRS").is_some() {
                 if let Some(dir) = self.dir.take() {

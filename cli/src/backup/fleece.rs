@@ -171,7 +171,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
             chain::Table::build_visiting(&source, block_size, threads(), worker.as_ref())
         });
         let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
-        let built = loop {
+        let outcome = loop {
             tokio::select! {
                 joined = &mut build => break joined.context("table builder panicked")?,
                 () = run.interrupt.wait() => {
@@ -188,7 +188,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         // Every write is answered before the table counts: a failed one is the error, even when the build
         // stopped for another reason meanwhile.
         let finished = visitor.finish().await;
-        let table = built?;
+        let table = outcome?;
         finished?;
         // Keyed like the base's table in an encrypted repository.
         let table = match &visitor.key {

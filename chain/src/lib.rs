@@ -71,5 +71,8 @@ pub use manifest::{
 pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};
 pub use retention::{Action, Decision, Plan, Policy, Why};
-pub use table::{BlockSource, BlockVisitor, Digest, Extent, ExtentKind, FileSource, MemSource, Piece, Table};
+pub use table::{
+    BlockSource, BlockVisitor, Digest, Extent, ExtentKind, FileSource, MemSource, Piece, Table,
+    VISIT_RUN_BYTES, Visited,
+};
 pub use tree::Tree;

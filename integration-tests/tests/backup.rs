@@ -155,6 +155,80 @@ async fn a_grown_disk_gets_a_full_with_the_reason() {
     );
 }
 
+/// The checksum-diff copy merges neighbouring changed blocks into one write and keeps several writes in
+/// flight: changed runs that cross the workers' run boundaries, zeroed blocks beside data blocks, isolated
+/// blocks, blocks that were holes in the full, the disk's last block, a block rewritten with its old bytes, and
+/// a disk changed end to end. Each node must read exactly as the disk did, and only changed blocks be copied.
+#[tokio::test]
+async fn a_checksum_diff_with_many_neighbouring_and_scattered_changes_is_exact() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 24 * MIB).await;
+    vm.write_pattern("disk1", 0x22, 0, 4 * MIB).await;
+    repo.backup(&vm, VM, &[]);
+
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    let vm = vm.restart().await;
+    // Blocks 3..=8: across the boundaries of 4 MiB runs.
+    vm.write_pattern("disk0", 0x33, 3 * MIB + MIB / 2, 5 * MIB).await;
+    // Blocks 10 and 11 zeroed, block 12 data beside them.
+    vm.write_zeroes("disk0", 10 * MIB, 2 * MIB).await;
+    vm.write_pattern("disk0", 0x44, 12 * MIB, 4096).await;
+    // Isolated blocks 15, 17 and 19.
+    vm.write_pattern("disk0", 0x55, 15 * MIB + 64 * 1024, 64 * 1024)
+        .await;
+    vm.write_pattern("disk0", 0x56, 17 * MIB, 4096).await;
+    vm.write_pattern("disk0", 0x57, 20 * MIB - 4096, 4096).await;
+    // Block 20 rewritten with the bytes it had: not a change.
+    vm.write_pattern("disk0", 0x11, 20 * MIB, MIB).await;
+    // Blocks 26 and 27 were never written before; block 31 is the last.
+    vm.write_pattern("disk0", 0x66, 26 * MIB, 2 * MIB).await;
+    vm.write_pattern("disk0", 0x77, 31 * MIB + MIB / 2, MIB / 2).await;
+    // All 16 blocks of disk1.
+    vm.write_pattern("disk1", 0x88, 0, 16 * MIB).await;
+    let refs = capture(&vm, refs_dir.path(), "after-crash").await;
+
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(inc["method"], "checksum-diff", "{inc}");
+    let id = inc["node"].as_str().unwrap().to_owned();
+    assert_node_equals(&repo, &id, &refs);
+    assert_eq!(
+        inc["disks"][0]["copied_bytes"].as_u64().unwrap(),
+        15 * MIB,
+        "{inc}"
+    );
+    assert_eq!(
+        inc["disks"][1]["copied_bytes"].as_u64().unwrap(),
+        16 * MIB,
+        "{inc}"
+    );
+    // The zeroed blocks are stored as zeroes, not as data.
+    assert_eq!(
+        image::allocated_data_bytes(&repo.node_file(VM, &id, "disk0")),
+        13 * MIB
+    );
+
+    // The restore of the node reads back the same disks.
+    let out = tempfile::tempdir().unwrap();
+    let restored = out.path().join("r");
+    cli::run(&[
+        "restore",
+        &id,
+        "--repo",
+        repo.path().to_str().unwrap(),
+        "--vm",
+        VM,
+        "--to",
+        restored.to_str().unwrap(),
+    ])
+    .success();
+    for (disk, reference) in DISKS.iter().zip(&refs) {
+        image::assert_same(reference, &restored.join(format!("{disk}.qcow2")));
+    }
+}
+
 #[tokio::test]
 async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental() {
     let vm = two_disk_vm().await;

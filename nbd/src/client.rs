@@ -519,6 +519,28 @@ impl Client {
         Ok(())
     }
 
+    /// [`Client::write`] of a buffer the caller gives up: a write that fits one request is sent from `data`
+    /// itself, without copying it (a task that writes in the background can own its bytes).
+    pub async fn write_owned(&self, offset: u64, data: Vec<u8>, fua: bool) -> Result<()> {
+        let len = data.len() as u64;
+        if fua || len == 0 || len > self.max_payload() {
+            return self.write(offset, &data, fua).await;
+        }
+        self.check_range(offset, len)?;
+        self.check_writable(Command::Write)?;
+        self.check_aligned(Command::Write, offset, len)?;
+        let request = Request {
+            command: Command::Write,
+            flags: 0,
+            offset,
+            len: len as u32,
+            payload: data,
+            expect: Expect::Done,
+        };
+        let ticket = self.submit(request).await?;
+        self.wait(ticket).await.map(drop)
+    }
+
     /// Makes `len` bytes at `offset` read as zeroes without sending them; `may_trim` lets the server
     /// deallocate the range instead of writing zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, may_trim: bool) -> Result<()> {

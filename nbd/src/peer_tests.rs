@@ -48,6 +48,8 @@ struct Req {
     cookie: u64,
     offset: u64,
     len: u32,
+    /// A write's bytes.
+    payload: Vec<u8>,
 }
 
 fn option_reply(option: u32, kind: u32, data: &[u8]) -> Vec<u8> {
@@ -212,10 +214,12 @@ async fn read_request(s: &mut DuplexStream) -> Option<Req> {
         cookie: proto::be_u64(&h, 8)?,
         offset: proto::be_u64(&h, 16)?,
         len: proto::be_u32(&h, 24)?,
+        payload: Vec::new(),
     };
+    let mut req = req;
     if req.command == Command::Write.code() {
-        let mut payload = vec![0; req.len as usize];
-        s.read_exact(&mut payload).await.ok()?;
+        req.payload = vec![0; req.len as usize];
+        s.read_exact(&mut req.payload).await.ok()?;
     }
     Some(req)
 }
@@ -320,6 +324,29 @@ async fn read_owned_fills_a_reused_buffer_with_one_request() {
     assert!(buf[4096..].iter().all(|&b| b == 0));
     let again = client.read_owned(4096, 8192, buf).await.unwrap();
     assert!(again[..4096].iter().all(|&b| b == 0x5a) && again[4096..].iter().all(|&b| b == 0));
+    serve.await.unwrap();
+}
+
+#[tokio::test]
+async fn write_owned_sends_the_bytes_in_one_request_and_refuses_misaligned_ones() {
+    let (client, mut server) = connected(Peer {
+        block_size: Some((512, 4096, 32 << 20)),
+        ..Peer::default()
+    })
+    .await;
+    let serve = tokio::spawn(async move {
+        let req = read_request(&mut server).await.unwrap();
+        assert_eq!(
+            (req.command, req.offset, req.len),
+            (Command::Write.code(), 8192, 4096)
+        );
+        assert!(req.payload.iter().all(|&b| b == 0x3c));
+        server.write_all(&simple(req.cookie, 0, &[])).await.unwrap();
+        server
+    });
+    client.write_owned(8192, vec![0x3c; 4096], false).await.unwrap();
+    let err = client.write_owned(100, vec![0; 512], false).await.unwrap_err();
+    assert!(matches!(err, Error::Misaligned { .. }), "{err:?}");
     serve.await.unwrap();
 }
 

@@ -23,7 +23,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
-pub use build::{BlockSource, BlockVisitor, Extent, ExtentKind, Piece};
+pub use build::{BlockSource, BlockVisitor, Extent, ExtentKind, Piece, VISIT_RUN_BYTES, Visited};
 pub use source::{FileSource, MemSource};
 
 use crate::error::{Error, Result};

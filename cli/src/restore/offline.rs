@@ -264,7 +264,9 @@ async fn restore_disk(
             .context("fsync task panicked")??;
         Ok::<_, anyhow::Error>(())
     };
-    let (actual, ()) = tokio::try_join!(hash, copy)?;
+    // The copy first: its `qemu-img convert` starts before the hash maps the chain (which waits for `qemu-img
+    // map` without yielding).
+    let ((), actual) = tokio::try_join!(copy, hash)?;
     Ok(Table::diff(&expected, &actual)?)
 }
 

@@ -53,8 +53,9 @@ usage: bench [--size SIZE] [--data SIZE] [--runs N] [--quick] [--json FILE] [--o
   --runs N        runs per measurement; min and median are reported (default 3)
   --quick         a 256 MiB disk with 96 MiB of data, one run each: a smoke test of the bench itself
   --json FILE     also write the results as JSON
-  --only LIST     comma-separated sections: full,crypt,inc,empty,cdiff,restore,live,verify,list,rss (default
-                  all; crypt, inc, empty, cdiff, restore, live and verify need full)
+  --only LIST     comma-separated sections: full,crypt,inc,empty,cdiff,restore,live,verify,sparse,list,rss
+                  (default all; crypt, inc, empty, cdiff, restore, live and verify need full; sparse is its own
+                  case: ten 64 MiB extents on a 1 TiB disk against the same on 4 GiB)
   --keep          keep the work directory (repositories, images) and print its path
   --block-size S  checking-table block size of the repositories (default: the repository default, 1 MiB)
 ";
@@ -98,8 +99,8 @@ struct Options {
     rss_configs: [(u64, u64); 2],
 }
 
-const SECTIONS: [&str; 10] = [
-    "full", "crypt", "inc", "empty", "cdiff", "restore", "live", "verify", "list", "rss",
+const SECTIONS: [&str; 11] = [
+    "full", "crypt", "inc", "empty", "cdiff", "restore", "live", "verify", "sparse", "list", "rss",
 ];
 
 impl Options {
@@ -940,6 +941,9 @@ async fn run(opts: &Options) -> Report {
         }
         drop(vm);
     }
+    if opts.wants("sparse") {
+        bench.sparse().await;
+    }
     if opts.wants("list") {
         bench.list();
     }
@@ -1575,6 +1579,151 @@ impl Bench<'_> {
         }
     }
 
+    /// Issue 22's case: the same ten extents (64 MiB each, 4 MiB with --quick) on a 1 TiB disk and on a 4 GiB
+    /// one. What a backup costs must follow the data, not the virtual size.
+    async fn sparse(&mut self) {
+        let extent = if self.opts.quick { 4 * MIB } else { 64 * MIB };
+        let runs = self.runs();
+        let mut per_size = Vec::new();
+        for (label, size) in [("4 GiB", 4 * GIB), ("1 TiB", 1024 * GIB)] {
+            eprintln!(
+                "bench: sparse case, ten {} extents on a {label} disk",
+                fmt_bytes(extent)
+            );
+            let layout = Layout {
+                extents: (0..10).map(|i| (i * (size / 10) / MIB * MIB, extent)).collect(),
+                zero: (size - MIB, MIB),
+            };
+            let vm = start_filled_vm(&self.tools, size, &layout).await;
+            let repo = self.work.join(format!("repo-sparse-{}", size / GIB));
+            let vm_dir = repo.join(VM);
+            let mut full = Vec::new();
+            let mut rss = Vec::new();
+            let mut full_stored = 0;
+            for r in 0..runs {
+                if r > 0 {
+                    fs::remove_dir_all(&repo).expect("remove the sparse repository");
+                }
+                self.tools.init_repo(&repo, self.opts.block_size);
+                let m = self.tools.backup(&vm, &repo, "full");
+                full_stored = dir_bytes(&vm_dir.join(m.json()["node"].as_str().unwrap_or("")));
+                rss.push(m.rss_kib);
+                full.push(m.secs);
+            }
+            let mut empty = Vec::new();
+            for _ in 0..runs {
+                let m = self.tools.backup(&vm, &repo, "inc");
+                rss.push(m.rss_kib);
+                empty.push(m.secs);
+            }
+            vm.write_pattern(DISK, 0x5a, size / 2 + 3 * MIB, MIB).await;
+            let before = dir_bytes(&vm_dir);
+            let inc = self.tools.backup(&vm, &repo, "inc");
+            rss.push(inc.rss_kib);
+            let inc_stored = dir_bytes(&vm_dir).saturating_sub(before);
+            let top = inc.json()["node"].as_str().unwrap_or("").to_owned();
+            let verify = self
+                .tools
+                .qmpbak(&["verify", "--repo", s(&repo), "--vm", VM, "--json"])
+                .ok();
+            rss.push(verify.rss_kib);
+            let top_file = vm_dir.join(&top).join(format!("{DISK}.qcow2"));
+            let (mut restore, mut convert_fsync) = (Vec::new(), Vec::new());
+            for r in 0..runs {
+                let dir = self.work.join(format!("restore-sparse-{r}"));
+                let m = self.tools.restore(&repo, &top, &dir);
+                rss.push(m.rss_kib);
+                restore.push(m.secs);
+                fs::remove_dir_all(&dir).expect("remove restore output");
+                let out = self.work.join("restore-sparse-convert.qcow2");
+                convert_fsync.push(self.tools.convert_then_sync(&top_file, &out).1);
+                fs::remove_file(&out).expect("remove convert output");
+            }
+            drop(vm);
+            let key = size / GIB;
+            let data = layout.data_bytes();
+            let full = self.report.add(
+                &format!("sparse_full_{key}g"),
+                &format!("sparse: full backup, {label} disk"),
+                "s",
+                full,
+                &format!("{} of data; stores {}", fmt_bytes(data), fmt_bytes(full_stored)),
+            );
+            let empty = self.report.add(
+                &format!("sparse_empty_{key}g"),
+                &format!("sparse: empty incremental, {label} disk"),
+                "s",
+                empty,
+                "",
+            );
+            let restore = self.report.add(
+                &format!("sparse_restore_{key}g"),
+                &format!(
+                    "sparse: restore of full + {} incrementals, {label} disk",
+                    runs + 1
+                ),
+                "s",
+                restore,
+                "",
+            );
+            let convert = self.report.add(
+                &format!("sparse_convert_fsync_{key}g"),
+                &format!("  qemu-img convert + fsync of the same chain, {label}"),
+                "s",
+                convert_fsync,
+                "",
+            );
+            let peak = rss.iter().copied().max().unwrap_or(0) as f64 / 1024.0;
+            self.report.notes.push(format!(
+                "sparse, {label} disk: a 1 MiB incremental stores {} (file + table + manifest); peak RSS of \
+                 its commands {peak:.1} MiB",
+                fmt_bytes(inc_stored)
+            ));
+            per_size.push((full, empty, restore, convert, full_stored, data, inc_stored, peak));
+        }
+        let [small, large] = &per_size[..] else { return };
+        let (ratio_empty, text) = ratio(&large.1, &small.1);
+        self.report.check(
+            "empty incremental of a mostly empty 1 TiB disk <= 2 x the same on 4 GiB",
+            ratio_empty <= 2.0,
+            text,
+            "<= 2.0x",
+        );
+        self.report.check(
+            "1 MiB incremental of the 1 TiB disk stores <= 2 MiB in all",
+            large.6 <= 2 * MIB,
+            fmt_bytes(large.6),
+            "<= 2 MiB",
+        );
+        let (ratio_full, text) = ratio(&large.0, &small.0);
+        self.report.check(
+            "full backup of the 1 TiB disk <= 1.3 x the full of the same data on 4 GiB",
+            ratio_full <= 1.3,
+            text,
+            "<= 1.3x",
+        );
+        let stored = large.4 as f64 / large.5 as f64;
+        self.report.check(
+            "full backup of the 1 TiB disk stores <= 1.05 x its data",
+            stored <= 1.05,
+            format!("{stored:.3}x ({} for {})", fmt_bytes(large.4), fmt_bytes(large.5)),
+            "<= 1.05x",
+        );
+        self.report.check(
+            "peak RSS of every command on the 1 TiB disk <= 64 MiB",
+            large.7 <= 64.0,
+            format!("{:.1} MiB", large.7),
+            "<= 64 MiB",
+        );
+        let (ratio_restore, text) = ratio(&large.2, &large.3);
+        self.report.check(
+            "restore of the 1 TiB chain <= 1.2 x qemu-img convert + fsync of the same chain",
+            ratio_restore <= 1.2,
+            text,
+            "<= 1.2x",
+        );
+    }
+
     fn rss_checks(&mut self) {
         let mut peaks: Vec<(String, f64)> = Vec::new();
         if !self.backup_rss.is_empty() {
@@ -1793,6 +1942,21 @@ fn write_big_manifest(repo: &Path, count: u64) {
         .lock_exclusive(chain::LockWait::NoWait, "bench")
         .expect("lock");
     store.save(&manifest, &guard).expect("save manifest");
+}
+
+/// Bytes the files below `path` take on disk (allocated blocks).
+fn dir_bytes(path: &Path) -> u64 {
+    let Ok(entries) = fs::read_dir(path) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+            Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
+            Err(_) => 0,
+        })
+        .sum()
 }
 
 fn cores() -> usize {

@@ -13,10 +13,7 @@ use qmp::commands::{
     QueryBlockExports, QueryNamedBlockNodes,
 };
 
-use chain::{LockGuard, Manifest, NodeId, NodeState, Operation, OperationKind, RelPath, VmStore};
-
-/// Prefix of an operation note that lists files created outside the repository, one per line.
-pub const OUTSIDE_FILES: &str = "files outside the repository:\n";
+use chain::{LockGuard, Manifest, NodeId, NodeState, Operation, Payload, RelPath, VmStore};
 
 /// How long a leftover job may take to stop after `job-cancel`.
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -65,7 +62,7 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
             let _ = qmp.execute(&BlockExportDel::hard(export.id.as_str())).await;
         }
     }
-    if op.note.as_deref() == Some(crate::backup::NBD_SERVER_NOTE) {
+    if op.payload.started_nbd_server() {
         let _ = qmp.execute(&NbdServerStop).await;
     }
     for job in &op.jobs {
@@ -169,21 +166,13 @@ pub fn undo_on_disk(
     in_use: Option<&[PathBuf]>,
     cleaned: &mut Cleaned,
 ) {
-    let outside = op
-        .note
-        .as_deref()
-        .and_then(|n| n.strip_prefix(OUTSIDE_FILES))
-        .unwrap_or_default();
     let inside = op
         .files
         .iter()
         .filter(|f| may_delete_in_repo(manifest, op, f))
         .filter_map(|f| vm.resolve(f).ok());
-    let outside = outside
-        .split('\n')
-        .filter(|p| !p.is_empty())
-        .map(PathBuf::from)
-        .filter(|path| match outside_file_problem(path, manifest, op, in_use) {
+    let outside = op.payload.outside_files().iter().filter(|path| {
+        match outside_file_problem(path, manifest, op, in_use) {
             None => true,
             Some(why) => {
                 if path.exists() {
@@ -191,8 +180,9 @@ pub fn undo_on_disk(
                 }
                 false
             }
-        });
-    for path in inside.chain(outside) {
+        }
+    });
+    for path in inside.chain(outside.cloned()) {
         if in_use.is_some_and(|open| open.contains(&path)) {
             continue;
         }
@@ -222,9 +212,21 @@ pub async fn recover(
     if manifest.operations.is_empty() {
         return Ok(cleaned);
     }
+    if let Some((op, was)) = manifest.operations.iter().find_map(|op| match &op.payload {
+        Payload::Unreadable { was } => Some((op, was)),
+        _ => None,
+    }) {
+        // A record that could not be read as its kind: what it did is unknown, so nothing is done.
+        anyhow::bail!(
+            "the {was} record {} could not be read (its note: {:?}): nothing was done; remove the record from \
+             the manifest only if you know what that operation did",
+            op.id,
+            op.legacy_note.as_deref().unwrap_or("")
+        );
+    }
     let operations = std::mem::take(&mut manifest.operations);
     for op in &operations {
-        if op.kind == OperationKind::Commit {
+        if let Payload::Commit(record) = &op.payload {
             // Finished if any increment left its graph (a commit cannot be undone), else nothing changed.
             let Some(qmp) = qmp else {
                 cleaned.pending.push(format!(
@@ -234,7 +236,7 @@ pub async fn recover(
                 manifest.operations.push(op.clone());
                 continue;
             };
-            if let Err(e) = crate::commit::recover(qmp, manifest, op).await {
+            if let Err(e) = crate::commit::recover(qmp, manifest, op, record).await {
                 manifest.operations.push(op.clone());
                 vm.save(manifest, guard)?;
                 return Err(e.context(format!("finishing the interrupted commit {}", op.id)));
@@ -242,7 +244,7 @@ pub async fn recover(
             cleaned.operations.push(op.id.clone());
             continue;
         }
-        if op.kind == OperationKind::Restore {
+        if op.payload == Payload::LiveRestore {
             // A live restore cannot be undone once the VM runs on the chain: finish it instead.
             let Some(qmp) = qmp else {
                 cleaned.pending.push(format!(

@@ -13,9 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use qmp::commands::{BlockCommit, BlockdevDel, JobComplete, QueryBlock, QueryNamedBlockNodes};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind};
+use chain::{CommitDisk, CommitRecord, LockWait, Manifest, NodeId, NodeKind, Operation, Payload};
 
 use crate::exit::Exit;
 use crate::graph::short_name;
@@ -43,17 +43,6 @@ pub struct CommitReport {
     pub removed_tag: Option<String>,
     pub duration_secs: f64,
 }
-
-/// What a commit operation record carries in its note, to finish or undo it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CommitNote {
-    node: String,
-    parent: String,
-    /// Per disk: the increment's file (leaves the chain) and the parent's file (absorbs it).
-    files: Vec<(String, String, String)>,
-}
-
-const NOTE_PREFIX: &str = "commit:";
 
 pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     let started = Instant::now();
@@ -96,11 +85,10 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     }
     let info = inspect::inspect(&qmp).await?;
     let chain_id = manifest.chain_id.clone();
-    let record = note_from_manifest(&manifest, &node.id)?;
-    let files = record.files.clone();
-    let mut op = Operation::new(OperationKind::Commit, None, chrono::Utc::now());
+    let record = record_from_manifest(&manifest, &node.id)?;
+    let files = record.disks.clone();
+    let mut op = Operation::new(Payload::Commit(record.clone()), None, chrono::Utc::now());
     op.id = format!("commit-{}", node.id);
-    op.note = Some(format!("{NOTE_PREFIX}{}", serde_json::to_string(&record)?));
     for i in 0..files.len() {
         op.jobs.push(short_name(&chain_id, "m", node.id.as_str(), i));
     }
@@ -132,8 +120,8 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     manifest.remove_operation(&op.id);
     vm.save(&manifest, &guard)?;
     // The increment files left every chain: remove them.
-    for (_, top, _) in &files {
-        remove_increment(top, &chain_id, &record.parent);
+    for d in &files {
+        remove_increment(&d.increment, &chain_id, record.parent.as_str());
     }
     Ok(CommitReport {
         vm: opts.vm.clone(),
@@ -150,10 +138,14 @@ async fn commit_disk(
     qmp: &qmp::Qmp,
     info: &inspect::VmInfo,
     chain_id: &str,
-    record: &CommitNote,
+    record: &CommitRecord,
     i: usize,
 ) -> Result<()> {
-    let (disk, top, base) = &record.files[i];
+    let CommitDisk {
+        disk,
+        increment: top,
+        into: base,
+    } = &record.disks[i];
     let Some(d) = info.disks.iter().find(|d| &d.id == disk) else {
         bail!("the VM has no disk {disk}");
     };
@@ -165,7 +157,7 @@ async fn commit_disk(
             record.parent
         );
     };
-    let job = short_name(chain_id, "m", &record.node, i);
+    let job = short_name(chain_id, "m", record.node.as_str(), i);
     qmp.execute(&BlockCommit {
         top_node: Some(top_node.clone()),
         base_node: Some(base_node.clone()),
@@ -191,11 +183,11 @@ async fn commit_disk(
 }
 
 /// What a commit that stopped after `committed` of its disks means for the user.
-fn half_done(record: &CommitNote, committed: usize) -> String {
+fn half_done(record: &CommitRecord, committed: usize) -> String {
     let disks = |range: std::ops::Range<usize>| {
-        record.files[range]
+        record.disks[range]
             .iter()
-            .map(|(disk, _, _)| disk.as_str())
+            .map(|d| d.disk.as_str())
             .collect::<Vec<_>>()
             .join(", ")
     };
@@ -206,15 +198,15 @@ fn half_done(record: &CommitNote, committed: usize) -> String {
         record.node,
         record.parent,
         disks(0..committed),
-        disks(committed..record.files.len()),
+        disks(committed..record.disks.len()),
         record.parent
     )
 }
 
 /// The manifest after a commit: the node now lives in its parent's files, the parent leaves the tree.
-fn apply(manifest: &mut Manifest, record: &CommitNote) -> Result<()> {
-    let node: NodeId = record.node.parse()?;
-    let parent: NodeId = record.parent.parse()?;
+fn apply(manifest: &mut Manifest, record: &CommitRecord) -> Result<()> {
+    let node = record.node.clone();
+    let parent = record.parent.clone();
     let grand = manifest.node(&parent).and_then(|p| p.parent.clone());
     let parent_disks = manifest
         .node(&parent)
@@ -265,15 +257,16 @@ async fn live_chain_files(qmp: &qmp::Qmp) -> Result<Vec<String>> {
 /// job finish. If no increment left its disk's graph, nothing changed and there is nothing to do (false). If
 /// some did, the commit cannot be undone: the disks left are committed now, then the manifest is updated
 /// (true). An error leaves the record for the next try.
-pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) -> Result<bool> {
-    let Some(note) = op.note.as_deref().and_then(|n| n.strip_prefix(NOTE_PREFIX)) else {
-        return Ok(false);
-    };
-    let note: CommitNote = serde_json::from_str(note).context("reading the commit record")?;
+pub async fn recover(
+    qmp: &qmp::Qmp,
+    manifest: &mut Manifest,
+    op: &Operation,
+    note: &CommitRecord,
+) -> Result<bool> {
     // The record names the nodes; their files come from the manifest, as when the commit began. A record whose
     // list differs was not written by qmpbak: nothing is done.
-    let from_manifest = note_from_manifest(manifest, &note.node.parse()?)?;
-    if from_manifest.parent != note.parent || from_manifest.files != note.files {
+    let from_manifest = record_from_manifest(manifest, &note.node)?;
+    if from_manifest != *note {
         bail!(
             "the commit record {} does not match the manifest's time points {} and {}: it was not written by \
              this qmpbak for this repository; nothing was done (remove the record only if you know why)",
@@ -299,20 +292,16 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
         }
     }
     let live = live_chain_files(qmp).await?;
-    let committed = note
-        .files
-        .iter()
-        .filter(|(_, top, _)| !live.contains(top))
-        .count();
+    let committed = note.disks.iter().filter(|d| !live.contains(&d.increment)).count();
     if committed == 0 {
         // Nothing changed: the surviving time point is as it was.
         return Ok(false);
     }
-    if committed < note.files.len() {
+    if committed < note.disks.len() {
         // Half done: a commit cannot be undone, so commit the disks that are left.
         let info = inspect::inspect(qmp).await?;
-        for (i, (_, top, _)) in note.files.iter().enumerate() {
-            if live.contains(top) {
+        for (i, d) in note.disks.iter().enumerate() {
+            if live.contains(&d.increment) {
                 commit_disk(qmp, &info, &manifest.chain_id, &note, i)
                     .await
                     .with_context(|| format!("finishing: {}", half_done(&note, committed)))?;
@@ -321,18 +310,18 @@ pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) ->
     }
     apply(manifest, &note)?;
     let names = block_nodes_by_file(qmp).await?;
-    for (_, top, _) in &note.files {
-        if let Some(node) = names.get(top) {
+    for d in &note.disks {
+        if let Some(node) = names.get(&d.increment) {
             let _ = qmp.execute(&BlockdevDel::new(node.as_str())).await;
         }
-        remove_increment(top, &manifest.chain_id, &note.parent);
+        remove_increment(&d.increment, &manifest.chain_id, note.parent.as_str());
     }
     Ok(true)
 }
 
 /// What a commit of time point `node` into its parent does, from the manifest: the per-disk increment files
 /// (they leave the chain) and the parent's files (they absorb them).
-fn note_from_manifest(manifest: &Manifest, node: &NodeId) -> Result<CommitNote> {
+fn record_from_manifest(manifest: &Manifest, node: &NodeId) -> Result<CommitRecord> {
     let n = manifest
         .node(node)
         .with_context(|| format!("time point {node} is not in the manifest"))?;
@@ -346,19 +335,23 @@ fn note_from_manifest(manifest: &Manifest, node: &NodeId) -> Result<CommitNote> 
     if n.kind != NodeKind::Snapshot || parent.kind != NodeKind::Snapshot {
         bail!("{node} and {parent_id} are not both time points");
     }
-    let mut files = Vec::new();
+    let mut disks = Vec::new();
     for d in &n.disks {
         let p = parent
             .disks
             .iter()
             .find(|p| p.disk == d.disk)
             .with_context(|| format!("time point {parent_id} has no disk {}", d.disk))?;
-        files.push((d.disk.clone(), d.location.path.clone(), p.location.path.clone()));
+        disks.push(CommitDisk {
+            disk: d.disk.clone(),
+            increment: d.location.path.clone(),
+            into: p.location.path.clone(),
+        });
     }
-    Ok(CommitNote {
-        node: node.to_string(),
-        parent: parent_id.to_string(),
-        files,
+    Ok(CommitRecord {
+        node: node.clone(),
+        parent: parent_id,
+        disks,
     })
 }
 

@@ -18,9 +18,7 @@ use qmp::commands::{BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevDel};
 use serde::Serialize;
 use serde_json::json;
 
-use chain::{
-    LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind, RelPath, Repository, Table, VmStore,
-};
+use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, Payload, RelPath, Repository, Table, VmStore};
 
 use crate::crashpoint::crashpoint;
 use crate::daemon::StorageDaemon;
@@ -111,16 +109,14 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
         .iter()
         .map(|d| format!("{}/{}.merging.qcow2", node.id, d.disk).parse())
         .collect::<chain::Result<_>>()?;
-    let mut op = Operation::new(OperationKind::Merge, Some(node.id.clone()), chrono::Utc::now());
+    // Its recovery chain is copied into the temporary files, which then replace the node's files; every step
+    // restores exactly, and `qmpbak merge` run again finishes it.
+    let payload = Payload::Merge {
+        folded: chain[..chain.len() - 1].to_vec(),
+    };
+    let mut op = Operation::new(payload, Some(node.id.clone()), chrono::Utc::now());
     op.id = format!("merge-{}-{}", node.id, op.id);
     op.files.clone_from(&temps);
-    op.note = Some(format!(
-        "merge {}: its recovery chain ({}) is copied into the temporary files, which then replace the node's \
-         files; every step restores exactly, run `qmpbak merge {}` again to finish",
-        node.id,
-        report.folded.join(" <- "),
-        node.id
-    ));
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 
 use chain::retention::{self, Action, Decision, Policy};
 use chain::{
-    LockGuard, LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind, RelPath, Repository, VmStore,
+    LockGuard, LockWait, Manifest, NodeId, NodeKind, Operation, Payload, RelPath, Repository, VmStore,
 };
 
 use crate::crashpoint::crashpoint;
@@ -131,13 +131,12 @@ pub async fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<Prune
         return Ok(report);
     }
 
-    let mut op = Operation::new(OperationKind::Prune, None, chrono::Utc::now());
+    let payload = Payload::Prune {
+        policy: describe(&opts.policy),
+        removing: plan.order.clone(),
+    };
+    let mut op = Operation::new(payload, None, chrono::Utc::now());
     op.id = format!("prune-{}", op.id);
-    op.note = Some(format!(
-        "prune by {}: removing {} in this order (a node with children is merged into them first)",
-        describe(&opts.policy),
-        report.removed.join(" ")
-    ));
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;
 
@@ -214,7 +213,7 @@ pub(crate) fn refuse_other_operations(manifest: &Manifest) -> Result<()> {
             "VM {} has an unfinished {} operation ({}, pid {} on {}, started {}); run `qmpbak cleanup --repo … --vm {} \
              --socket …` first",
             manifest.vm,
-            op.kind,
+            op.kind(),
             op.id,
             op.pid,
             op.host,
@@ -253,7 +252,7 @@ pub(crate) fn refuse_symlinks(vm: &VmStore, manifest: &Manifest) -> Result<()> {
 }
 
 fn is_ours(op: &Operation) -> bool {
-    matches!(op.kind, OperationKind::Prune | OperationKind::Merge)
+    matches!(op.payload, Payload::Prune { .. } | Payload::Merge { .. })
 }
 
 /// Finishes what an interrupted prune or merge left: deletes the files its record names that no node of the

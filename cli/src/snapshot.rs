@@ -25,8 +25,7 @@ use serde::Serialize;
 use serde_json::json;
 
 use chain::{
-    Location, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState, Operation, OperationKind,
-    RelPath,
+    Location, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState, Operation, Payload, RelPath,
 };
 
 use crate::bitmaps::BitmapName;
@@ -118,10 +117,17 @@ fn absolute(disk: &DiskInfo) -> Result<PathBuf> {
 }
 
 fn operation(kind: &str, node: &NodeId, outside: &[PathBuf]) -> Operation {
-    let mut op = Operation::new(OperationKind::Snapshot, Some(node.clone()), chrono::Utc::now());
+    let outside_files = outside.to_vec();
+    let payload = if kind == "revert" {
+        Payload::Revert {
+            time_point: node.clone(),
+            outside_files,
+        }
+    } else {
+        Payload::Snapshot { outside_files }
+    };
+    let mut op = Operation::new(payload, Some(node.clone()), chrono::Utc::now());
     op.id = format!("{kind}-{node}");
-    let list: Vec<String> = outside.iter().map(|p| p.display().to_string()).collect();
-    op.note = Some(format!("{}{}", cleanup::OUTSIDE_FILES, list.join("\n")));
     op
 }
 

@@ -26,9 +26,6 @@ use crate::graph;
 use crate::tables::load_node_table;
 use crate::tables::{NbdSource, threads};
 
-/// Marks an operation record whose run started the VM's NBD server (so cleanup stops it).
-pub const NBD_SERVER_NOTE: &str = "started the VM's NBD server";
-
 /// How often the progress display is updated while a disk is read.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
@@ -57,7 +54,9 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
         let rel = fleece_file(run, i)?;
         run.op.files.push(rel.clone());
     }
-    run.op.note = Some(NBD_SERVER_NOTE.to_owned());
+    run.op.payload = chain::Payload::Backup {
+        nbd_server_started: true,
+    };
     if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
         *op = run.op.clone();
     }

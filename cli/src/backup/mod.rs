@@ -10,8 +10,6 @@
 mod fleece;
 mod jobs;
 
-pub use fleece::NBD_SERVER_NOTE;
-
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,7 +19,7 @@ use serde::Serialize;
 
 use chain::{
     BitmapRecord, Location, LockGuard, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState,
-    Operation, OperationKind, RelPath, VmStore,
+    Operation, Payload, RelPath, VmStore,
 };
 
 use crate::bitmaps::{BitmapName, BitmapState, Role};
@@ -289,7 +287,6 @@ pub async fn backup(
     };
     let op = Operation {
         id: format!("backup-{node}"),
-        kind: OperationKind::Backup,
         node: Some(node.clone()),
         started: chrono::Utc::now(),
         pid: std::process::id(),
@@ -298,7 +295,10 @@ pub async fn backup(
         block_nodes: Vec::new(),
         bitmaps: Vec::new(),
         files: Vec::new(),
-        note: None,
+        payload: Payload::Backup {
+            nbd_server_started: false,
+        },
+        legacy_note: None,
     };
     let mut run = Run {
         qmp: &qmp,

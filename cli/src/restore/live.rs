@@ -17,7 +17,7 @@ use qmp::commands::{
 use serde::Serialize;
 use serde_json::json;
 
-use chain::{BitmapRecord, LockWait, Operation, OperationKind};
+use chain::{BitmapRecord, LockWait, Operation, Payload};
 
 use crate::bitmaps::BitmapName;
 use crate::exit::{Exit, ExitCode};
@@ -129,7 +129,7 @@ pub async fn restore_live(
     let bitmaps: Vec<String> = targets.iter().map(|(_, d)| bitmap_of(&d.id)).collect();
     let name = |what: &str, i: usize| graph::short_name(&chain_id, what, node.id.as_str(), i);
     let depth = manifest.recovery_chain(&node.id)?.len();
-    let mut op = Operation::new(OperationKind::Restore, Some(node.id.clone()), chrono::Utc::now());
+    let mut op = Operation::new(Payload::LiveRestore, Some(node.id.clone()), chrono::Utc::now());
     op.id = format!("restore-{}", node.id);
     op.pid = std::process::id();
     for ((i, d), bitmap) in targets.iter().zip(&bitmaps) {

@@ -10,7 +10,6 @@
 //! deletes what a killed one left in its record and plans afresh, which finishes the job; any other command's
 //! cleanup deletes the recorded files too.
 
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -275,14 +274,14 @@ pub fn finish_leftovers(vm: &VmStore, manifest: &mut Manifest, guard: &LockGuard
         for file in &op.files {
             // Only files of node directories that no node uses: a record cannot name the manifest, a lock or
             // a kept node's file.
-            if !crate::cleanup::may_delete_in_repo(manifest, op, file) {
+            if !crate::recovery::may_delete_in_repo(manifest, op, file) {
                 continue;
             }
             let path = vm.resolve(file)?;
             if let Ok(meta) = std::fs::symlink_metadata(&path) {
                 if meta.is_file() {
                     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-                    leftovers.freed_bytes += meta.blocks() * 512;
+                    leftovers.freed_bytes += chain::fsio::allocated(&meta);
                     leftovers.files.push(path.display().to_string());
                 }
             }
@@ -392,7 +391,7 @@ impl Run<'_> {
                     );
                 }
                 let path = self.vm.resolve(&disk.file)?;
-                let before = crate::backup::allocated_bytes(&path)?;
+                let before = crate::nodes::allocated_bytes(&path)?;
                 repair_header(&self.bins, &path, Some(backing)).await?;
                 if crate::crypt::unlock::active().is_some() {
                     let files = crate::direct::chain_files(self.vm, &self.manifest, &child.id, &disk.disk)?;
@@ -404,7 +403,7 @@ impl Run<'_> {
                 if self.rebased == 1 {
                     crashpoint("prune-rebased");
                 }
-                let after = crate::backup::allocated_bytes(&path)?;
+                let after = crate::nodes::allocated_bytes(&path)?;
                 self.added_bytes += after.saturating_sub(before);
                 self.removed_bytes += before.saturating_sub(after);
                 absorbed.push(Absorbed {
@@ -458,7 +457,7 @@ impl Run<'_> {
         self.vm.save(&self.manifest, self.guard)?;
         crashpoint("prune-dropped");
         for (_, path) in files {
-            let bytes = crate::backup::allocated_bytes(path)?;
+            let bytes = crate::nodes::allocated_bytes(path)?;
             std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
             self.removed_bytes += bytes;
         }

@@ -20,9 +20,9 @@ use qmp::commands::{
 use serde_json::json;
 
 use super::{Copied, Run, interrupted, jobs};
-use crate::cleanup;
 use crate::daemon::NBD_CONNECT_TIMEOUT;
 use crate::graph;
+use crate::recovery;
 use crate::tables::load_node_table;
 use crate::tables::{NbdSource, threads};
 
@@ -293,7 +293,7 @@ async fn teardown(run: &Run<'_>) {
         let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
         let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
         let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
-        cleanup::stop_job(qmp, &job).await;
+        recovery::stop_job(qmp, &job).await;
     }
     for name in &run.op.block_nodes {
         let _ = qmp.execute(&BlockdevDel::new(name.as_str())).await;

@@ -1,8 +1,18 @@
-//! Undoing what an interrupted operation left behind. Before qmpbak touches QEMU it writes an operation record
-//! into the manifest naming every job, block node, bitmap and file it will create; on success the record goes
-//! away in the same atomic manifest write that completes the node. When a run dies (SIGKILL, power loss), the
-//! next run finds the record and removes what is left, in QEMU and on disk, and marks the node failed.
-//! Removal is idempotent: things already gone are skipped.
+//! Recovery: what happens to an operation that did not finish. Before qmpbak touches QEMU it writes an
+//! operation record into the manifest naming every job, block node, bitmap and file it will create, and what
+//! its kind needs ([`chain::Payload`]); on success the record goes away in the same atomic manifest write that
+//! completes the node. A run that fails undoes what its record names ([`abandon`]); when a run dies (SIGKILL,
+//! power loss), the next command finds the record ([`recover`]) and removes what is left, in QEMU
+//! ([`undo_in_qemu`]) and on disk ([`undo_on_disk`]), and marks the node failed, except for the two kinds that
+//! cannot be undone and are finished instead: a commit ([`commit`]) and a live restore ([`live`]). Removal is
+//! idempotent: things already gone are skipped. Records are data from a file and are not trusted: what they
+//! name is checked before anything is deleted ([`may_delete_in_repo`], [`outside_file_problem`]).
+//!
+//! This module depends on the `qmp` and `chain` crates and on naming and inspection helpers, never on the
+//! commands whose records it finishes.
+
+pub mod commit;
+pub mod live;
 
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -122,7 +132,7 @@ pub fn may_delete_in_repo(manifest: &Manifest, op: &Operation, file: &RelPath) -
 /// an absolute, plain path to a regular file named as one of this chain's overlays for the record's node
 /// (`<stem>.qmpbak-<chain>-<node>….qcow2`, as `snapshot` and `revert` create them), beside an image the running
 /// VM has open, and not open itself. A tampered record can therefore name nothing else.
-fn outside_file_problem(
+pub fn outside_file_problem(
     path: &Path,
     manifest: &Manifest,
     op: &Operation,
@@ -136,7 +146,7 @@ fn outside_file_problem(
         return Some("not an absolute path of plain names".into());
     }
     let node = op.node.as_ref().map(NodeId::as_str);
-    if crate::snapshot::overlay_base(path, &manifest.chain_id).as_deref() != node || node.is_none() {
+    if crate::graph::overlay_base(path, &manifest.chain_id).as_deref() != node || node.is_none() {
         return Some(format!(
             "not named as an overlay of chain {} for node {}",
             manifest.chain_id,
@@ -199,9 +209,11 @@ pub fn undo_on_disk(
     }
 }
 
-/// Finishes every operation record in the manifest: undoes it in QEMU (when connected) and on disk, marks its
-/// node failed, and saves the manifest once. Called at the start of every command that changes a VM, under the
-/// exclusive lock, so no other qmpbak can own these records.
+/// Finishes every operation record in the manifest, as its kind says ([`Payload`]): a commit or a live restore
+/// is finished in the running VM (without one it stays, listed in `pending`); a record that could not be read
+/// stops recovery; any other is undone in QEMU (when connected) and on disk, and its node marked failed. The
+/// manifest is saved once. Called at the start of every command that changes a VM, under the exclusive lock,
+/// so no other qmpbak can own these records. On an error, the record at fault and those after it stay.
 pub async fn recover(
     qmp: Option<&qmp::Qmp>,
     vm: &VmStore,
@@ -212,81 +224,118 @@ pub async fn recover(
     if manifest.operations.is_empty() {
         return Ok(cleaned);
     }
-    if let Some((op, was)) = manifest.operations.iter().find_map(|op| match &op.payload {
-        Payload::Unreadable { was } => Some((op, was)),
-        _ => None,
-    }) {
-        // A record that could not be read as its kind: what it did is unknown, so nothing is done.
-        anyhow::bail!(
-            "the {was} record {} could not be read (its note: {:?}): nothing was done; remove the record from \
-             the manifest only if you know what that operation did",
-            op.id,
-            op.legacy_note.as_deref().unwrap_or("")
-        );
-    }
     let operations = std::mem::take(&mut manifest.operations);
-    for op in &operations {
-        if let Payload::Commit(record) = &op.payload {
+    for (i, op) in operations.iter().enumerate() {
+        let failed = match (&op.payload, qmp) {
+            (Payload::Unreadable { was }, _) => Some(anyhow::anyhow!(
+                "the {was} record {} could not be read (its note: {:?}): nothing was done; remove the record \
+                 from the manifest only if you know what that operation did",
+                op.id,
+                op.legacy_note.as_deref().unwrap_or("")
+            )),
+            (Payload::Commit(_) | Payload::LiveRestore, None) => {
+                cleaned.pending.push(format!(
+                    "{}: an interrupted {}, finished only in the running VM: give --socket",
+                    op.id,
+                    if op.payload == Payload::LiveRestore {
+                        "live restore"
+                    } else {
+                        "commit"
+                    }
+                ));
+                manifest.operations.push(op.clone());
+                continue;
+            }
             // Finished if any increment left its graph (a commit cannot be undone), else nothing changed.
-            let Some(qmp) = qmp else {
-                cleaned.pending.push(format!(
-                    "{}: an interrupted commit, finished only in the running VM: give --socket",
-                    op.id
-                ));
-                manifest.operations.push(op.clone());
-                continue;
-            };
-            if let Err(e) = crate::commit::recover(qmp, manifest, op, record).await {
-                manifest.operations.push(op.clone());
-                vm.save(manifest, guard)?;
-                return Err(e.context(format!("finishing the interrupted commit {}", op.id)));
-            }
-            cleaned.operations.push(op.id.clone());
-            continue;
-        }
-        if op.payload == Payload::LiveRestore {
+            (Payload::Commit(record), Some(qmp)) => commit::finish(qmp, manifest, op, record)
+                .await
+                .err()
+                .map(|e| e.context(format!("finishing the interrupted commit {}", op.id))),
             // A live restore cannot be undone once the VM runs on the chain: finish it instead.
-            let Some(qmp) = qmp else {
-                cleaned.pending.push(format!(
-                    "{}: an interrupted live restore, finished only in the running VM: give --socket",
-                    op.id
-                ));
-                manifest.operations.push(op.clone());
-                continue;
-            };
-            if let Err(e) = crate::restore::live::finish(qmp, op, &crate::progress::Silent).await {
-                manifest.operations.push(op.clone());
-                vm.save(manifest, guard)?;
-                return Err(e.context(format!("finishing the interrupted live restore {}", op.id)));
-            }
-            cleaned.jobs.extend(op.jobs.iter().cloned());
-            cleaned.block_nodes.extend(op.block_nodes.iter().cloned());
-            cleaned.operations.push(op.id.clone());
-            continue;
-        }
-        if let Some(qmp) = qmp {
-            undo_in_qemu(qmp, op, &mut cleaned).await;
-        }
-        let in_use = open_files(qmp).await;
-        undo_on_disk(vm, manifest, op, in_use.as_deref(), &mut cleaned);
-        if let Some(node_id) = &op.node {
-            if let Some(node) = manifest.node_mut(node_id) {
-                if node.state == NodeState::Pending {
-                    node.state = NodeState::Failed;
-                    let why = format!(
-                        "interrupted (pid {} on {}, started {})",
-                        op.pid, op.host, op.started
-                    );
-                    node.reason = Some(match node.reason.take() {
-                        Some(r) => format!("{r}; {why}"),
-                        None => why,
-                    });
-                    cleaned.failed_nodes.push(node_id.to_string());
+            (Payload::LiveRestore, Some(qmp)) => {
+                match live::finish(qmp, op, &crate::progress::Silent).await {
+                    Ok(()) => {
+                        cleaned.jobs.extend(op.jobs.iter().cloned());
+                        cleaned.block_nodes.extend(op.block_nodes.iter().cloned());
+                        None
+                    }
+                    Err(e) => Some(e.context(format!("finishing the interrupted live restore {}", op.id))),
                 }
             }
+            _ => {
+                undo(qmp, vm, manifest, op, &mut cleaned).await;
+                None
+            }
+        };
+        if let Some(err) = failed {
+            manifest.operations.extend(operations[i..].iter().cloned());
+            vm.save(manifest, guard)?;
+            return Err(err);
         }
         cleaned.operations.push(op.id.clone());
     }
     vm.save(manifest, guard)?;
     Ok(cleaned)
+}
+
+/// Undoes an interrupted operation that can be undone: in QEMU (when connected) and on disk, then marks its node
+/// failed, saying by whom and when it was interrupted.
+async fn undo(
+    qmp: Option<&qmp::Qmp>,
+    vm: &VmStore,
+    manifest: &mut Manifest,
+    op: &Operation,
+    cleaned: &mut Cleaned,
+) {
+    if let Some(qmp) = qmp {
+        undo_in_qemu(qmp, op, cleaned).await;
+    }
+    let in_use = open_files(qmp).await;
+    undo_on_disk(vm, manifest, op, in_use.as_deref(), cleaned);
+    if let Some(node) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
+        if node.state == NodeState::Pending {
+            node.state = NodeState::Failed;
+            let why = format!(
+                "interrupted (pid {} on {}, started {})",
+                op.pid, op.host, op.started
+            );
+            node.reason = Some(match node.reason.take() {
+                Some(r) => format!("{r}; {why}"),
+                None => why,
+            });
+            cleaned.failed_nodes.push(node.id.to_string());
+        }
+    }
+}
+
+/// Undoes a failed operation from its record (in QEMU, then on disk, never touching files QEMU uses), marks its
+/// node failed with the error, and drops the record: the one way a command gives up on a run it started
+/// (backup, snapshot, revert). The old bitmaps are untouched, so the next backup still sees every change.
+pub async fn abandon(
+    qmp: &qmp::Qmp,
+    vm: &VmStore,
+    manifest: &mut Manifest,
+    guard: &LockGuard,
+    op: &Operation,
+    err: &anyhow::Error,
+) {
+    let mut cleaned = Cleaned::default();
+    undo_in_qemu(qmp, op, &mut cleaned).await;
+    // The repository key's secret, if this process gave QEMU one for the run (an encrypted backup).
+    crate::crypt::unlock::remove_secret(qmp).await;
+    let in_use = open_files(Some(qmp)).await;
+    undo_on_disk(vm, manifest, op, in_use.as_deref(), &mut cleaned);
+    if let Some(n) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
+        if n.state == NodeState::Pending {
+            n.state = NodeState::Failed;
+            n.reason = Some(format!("{err:#}"));
+        }
+    }
+    manifest.remove_operation(&op.id);
+    if let Err(e) = vm.save(manifest, guard) {
+        eprintln!(
+            "qmpbak: could not record the failed {} in the manifest: {e:#}",
+            op.kind()
+        );
+    }
 }

@@ -3,8 +3,9 @@
 //! of the disk's graph). The later time point survives, now stored in the parent's file; the parent's own time
 //! point is gone, so a parent that other branches still build on is refused.
 //!
-//! The operation record names the commit jobs and the files. If qmpbak dies or a disk's commit fails midway,
-//! the next command looks at QEMU: if no increment has left its disk's graph nothing changed; if some have,
+//! The operation record names the commit jobs, and its payload the time points and files
+//! ([`chain::CommitRecord`]). If qmpbak dies or a disk's commit fails midway, the next command looks at QEMU
+//! ([`crate::recovery::commit::finish`]): if no increment has left its disk's graph nothing changed; if some have,
 //! the commit cannot be undone, so the other disks are committed too and the manifest is brought up to date.
 //! Until that succeeds the record stays, and the error says which disks are committed.
 

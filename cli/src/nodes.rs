@@ -20,7 +20,8 @@ pub fn find_node<'m>(manifest: &'m Manifest, wanted: &str) -> Result<&'m Node> {
     Ok(node)
 }
 
-/// Bytes a file occupies on the host (allocated blocks, not its apparent size): the one helper for it in the CLI, over [`chain::fsio::allocated_bytes`].
+/// Bytes a file occupies on the host (allocated blocks, not its apparent size): the one helper for it in the
+/// CLI, over [`chain::fsio::allocated_bytes`].
 pub fn allocated_bytes(path: &std::path::Path) -> Result<u64> {
     chain::fsio::allocated_bytes(path).with_context(|| format!("reading {}", path.display()))
 }

@@ -339,3 +339,69 @@ pub async fn abandon(
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, payload: Payload) -> Operation {
+        let mut op = Operation::new(payload, None, chrono::Utc::now());
+        op.id = id.to_owned();
+        op
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_stops_recovery_and_it_and_the_records_after_it_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = chain::Repository::init(dir.path().join("repo")).unwrap();
+        let vm = repo.create_vm("vm1").unwrap();
+        let guard = vm.lock_exclusive(chain::LockWait::NoWait, "test").unwrap();
+        let mut manifest = vm.load().unwrap();
+        let before = record(
+            "prune-a",
+            Payload::Prune {
+                policy: String::new(),
+                removing: Vec::new(),
+            },
+        );
+        let unreadable = record("commit-0003", Payload::Unreadable { was: "commit".into() });
+        let after = record(
+            "backup-0004",
+            Payload::Backup {
+                nbd_server_started: false,
+            },
+        );
+        for op in [&before, &unreadable, &after] {
+            manifest.add_operation(op.clone());
+        }
+        vm.save(&manifest, &guard).unwrap();
+        let err = recover(None, &vm, &mut manifest, &guard).await.unwrap_err();
+        assert!(format!("{err:#}").contains("could not be read"), "{err:#}");
+        let kept: Vec<&str> = manifest.operations.iter().map(|o| o.id.as_str()).collect();
+        assert_eq!(kept, ["commit-0003", "backup-0004"]);
+        assert_eq!(vm.load().unwrap().operations, manifest.operations);
+    }
+
+    #[tokio::test]
+    async fn without_qemu_a_commit_and_a_live_restore_stay_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = chain::Repository::init(dir.path().join("repo")).unwrap();
+        let vm = repo.create_vm("vm1").unwrap();
+        let guard = vm.lock_exclusive(chain::LockWait::NoWait, "test").unwrap();
+        let mut manifest = vm.load().unwrap();
+        manifest.add_operation(record("restore-0002", Payload::LiveRestore));
+        manifest.add_operation(record(
+            "commit-0003",
+            Payload::Commit(chain::CommitRecord {
+                node: "0003".parse().unwrap(),
+                parent: "0002".parse().unwrap(),
+                disks: Vec::new(),
+            }),
+        ));
+        let cleaned = recover(None, &vm, &mut manifest, &guard).await.unwrap();
+        assert_eq!(cleaned.pending.len(), 2, "{cleaned:?}");
+        assert!(cleaned.pending[0].contains("live restore"), "{cleaned:?}");
+        assert!(cleaned.operations.is_empty());
+        assert_eq!(manifest.operations.len(), 2);
+    }
+}

@@ -137,7 +137,6 @@ impl TableKey {
     pub fn seal_table(&self, table: &Table) -> Result<Table> {
         let digests = table
             .digests()
-            .iter()
             .enumerate()
             .map(|(i, d)| self.seal(i as u64, d))
             .collect();

@@ -5,11 +5,14 @@
 //!   is released;
 //! - an [`Owned`] child that is dropped before it finished (its run failed, or SIGINT/SIGTERM made qmpbak drop
 //!   the command's future, see [`crate::signals::Interrupt::run`]) is killed and *reaped* in the drop, before
-//!   anything declared before it — the VM's lock among them — is released.
+//!   anything declared before it — the VM's lock among them — is released;
+//! - none inherits the repository key: `QMPBAK_KEY` and the variable `--key-env` named are removed from every
+//!   child's environment ([`scrub_env`]), so no `/proc/PID/environ` of a child shows it.
 
 use std::io;
 use std::path::Path;
 use std::process::{ExitStatus, Output, Stdio};
+use std::sync::{Mutex, PoisonError};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -19,7 +22,37 @@ use tokio::io::AsyncReadExt as _;
 pub fn std_command(program: &Path) -> std::process::Command {
     let mut cmd = std::process::Command::new(program);
     die_with_parent(&mut cmd);
+    scrub_env(&mut cmd);
     cmd
+}
+
+/// The environment variable read for the repository key when no other source is named (`crypt::key::KEY_ENV`;
+/// defined here so that this module imports nothing of `crypt`, which uses it).
+pub const KEY_ENV: &str = "QMPBAK_KEY";
+
+/// The other environment variables that hold a key in this process (`--key-env NAME`).
+static KEY_VARIABLES: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+/// Keeps the environment variable `name`, which holds a key, out of every child's environment.
+pub fn keep_env_from_children(name: &str) {
+    let mut names = KEY_VARIABLES.lock().unwrap_or_else(PoisonError::into_inner);
+    if !names.iter().any(|n| n == name) {
+        names.push(name.to_owned());
+    }
+}
+
+/// Removes the key's environment variables from `cmd`'s environment: `QMPBAK_KEY` always, and those named by
+/// [`keep_env_from_children`]. The parent's own environment is left alone (changing it is unsafe in a threaded
+/// process).
+pub fn scrub_env(cmd: &mut std::process::Command) {
+    cmd.env_remove(KEY_ENV);
+    for name in KEY_VARIABLES
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .iter()
+    {
+        cmd.env_remove(name);
+    }
 }
 
 /// An async command for `program` whose process dies with qmpbak; spawn it with [`spawn`] (or [`output`]).

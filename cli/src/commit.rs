@@ -15,7 +15,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::Serialize;
 
-use chain::{LockWait, NodeKind, Operation, Payload};
+use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, Payload};
 
 use crate::exit::Exit;
 use crate::graph::short_name;
@@ -45,6 +45,7 @@ pub struct CommitReport {
 pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     let started = Instant::now();
     let crate::session::Session {
+        repo,
         vm,
         guard,
         mut manifest,
@@ -84,6 +85,7 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     let info = inspect::inspect(&qmp).await?;
     let chain_id = manifest.chain_id.clone();
     let record = finish::record_from_manifest(&manifest, &node.id)?;
+    restack_copies(&repo, &vm, &manifest, &node, &parent).await?;
     let files = record.disks.clone();
     let mut op = Operation::new(Payload::Commit(record.clone()), None, chrono::Utc::now());
     op.id = format!("commit-{}", node.id);
@@ -121,6 +123,8 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     for d in &files {
         finish::remove_increment(&d.increment, &chain_id, record.parent.as_str());
     }
+    // So did the parent's copies in the repository (the node's own copies absorbed them first).
+    remove_node_dir(&vm, &parent_id);
     Ok(CommitReport {
         vm: opts.vm.clone(),
         node: node.id.to_string(),
@@ -128,4 +132,65 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
         removed_tag: parent.tag.clone(),
         duration_secs: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Makes the node's copies in the repository (`snapshot --copy`) that hold only their increment over the
+/// parent's copy hold the parent's layer too, before the parent leaves the tree: each is rebased (safe mode, as
+/// `prune` does) onto what the parent's copy is based on, or onto nothing. A copy reads the same over either
+/// base, so this changes no content and is safe to stop at any point; it runs before anything else changes.
+/// In an encrypted repository this needs the key (exit 3 without it).
+async fn restack_copies(
+    repo: &chain::Repository,
+    vm: &chain::VmStore,
+    manifest: &Manifest,
+    node: &chain::Node,
+    parent: &chain::Node,
+) -> Result<()> {
+    let mut stacked = Vec::new();
+    for d in node.disks.iter().filter(|d| d.table.is_some()) {
+        let Some(p) = parent.disks.iter().find(|p| p.disk == d.disk) else {
+            continue;
+        };
+        if d.backing.as_ref() == Some(&p.file) && p.table.is_some() {
+            stacked.push((d.disk.clone(), vm.resolve(&d.file)?, p.backing.clone()));
+        }
+    }
+    if stacked.is_empty() {
+        return Ok(());
+    }
+    crate::crypt::require(repo)?;
+    let bins = crate::qemu_bins::QemuBins::from_env();
+    for (disk, path, backing) in stacked {
+        if crate::crypt::unlock::active().is_some() {
+            let files = crate::direct::chain_files(vm, manifest, &node.id, &disk)?;
+            crate::prune::rebase_encrypted(&bins, &files, backing.as_ref()).await?;
+        } else {
+            crate::prune::rebase(&bins, &path, backing.as_ref()).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Removes the regular files in the directory of `node`, which has left the tree (a time point's copies), and
+/// the directory; a symlink is left alone. A failure only leaves unused files behind, so it is a warning.
+fn remove_node_dir(vm: &chain::VmStore, node: &NodeId) {
+    let dir = vm.node_dir(node);
+    if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
+        return;
+    }
+    let removed = std::fs::read_dir(&dir).and_then(|entries| {
+        for entry in entries {
+            let entry = entry?;
+            if entry.file_type()?.is_file() {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        std::fs::remove_dir(&dir)
+    });
+    if let Err(e) = removed {
+        eprintln!(
+            "qmpbak: warning: could not remove {} of time point {node}, which left the tree: {e}",
+            dir.display()
+        );
+    }
 }

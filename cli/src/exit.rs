@@ -154,7 +154,7 @@ fn qmp_code(kind: qmp::ErrorKind) -> ExitCode {
 fn nbd_code(kind: nbd::ErrorKind) -> ExitCode {
     use nbd::ErrorKind as K;
     match kind {
-        K::Connect | K::Server | K::Closed | K::Timeout | K::Refused | K::Io => ExitCode::Qemu,
+        K::Connect | K::Server | K::Closed | K::Timeout | K::Refused | K::Tls | K::Io => ExitCode::Qemu,
     }
 }
 

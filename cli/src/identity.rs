@@ -99,6 +99,7 @@ mod tests {
             virtual_size: 1 << 20,
             allocated_size: None,
             backing_file: None,
+            has_backing: false,
             read_only: false,
             removable: false,
             bitmaps_persist: true,

@@ -80,6 +80,9 @@ pub struct DiskInfo {
     /// Bytes the image takes on the host.
     pub allocated_size: Option<u64>,
     pub backing_file: Option<String>,
+    /// Whether the format node has a backing image, named in its header or attached in QEMU: what the guest
+    /// sees is then more than this image's own clusters, and a full backup must copy the whole chain's view.
+    pub has_backing: bool,
     pub read_only: bool,
     /// Removable media (a CD-ROM, a floppy): backup skips it unless it is named with `--disk`.
     pub removable: bool,
@@ -266,6 +269,11 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
             })
             .collect();
         let bitmaps_volatile_why = volatile_bitmaps_why(&info.drv, info.ro);
+        let has_backing = info.backing_file.is_some()
+            || info.backing_file_depth > 0
+            || graph
+                .as_ref()
+                .is_some_and(|g| g.child(&name, "backing").is_some());
         disks.push(DiskInfo {
             id,
             id_source,
@@ -278,6 +286,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
             virtual_size: info.image.virtual_size,
             allocated_size: info.image.actual_size,
             backing_file: info.backing_file,
+            has_backing,
             read_only: info.ro,
             removable: block.removable,
             bitmaps_persist: bitmaps_volatile_why.is_none(),

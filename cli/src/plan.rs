@@ -29,7 +29,7 @@ pub enum Level {
 /// How the changed data is found.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Method {
-    /// `blockdev-backup sync=full`.
+    /// `blockdev-backup` of everything the guest sees (`sync=top` of an image without backing, else `sync=full`).
     Full,
     /// `blockdev-backup sync=bitmap` with qmpbak's persistent bitmap.
     Bitmap,

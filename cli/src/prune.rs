@@ -568,7 +568,11 @@ fn encrypted_image_spec(path: &Path, backing: &serde_json::Value) -> serde_json:
 /// new backing chains described in full (`json:`), which leaves a `json:` description in the header; a second,
 /// header-only rebase writes the relative path there. Killed between the two, the image reads the same, and
 /// [`repair_header`] finishes the header on the next run.
-async fn rebase_encrypted(bins: &QemuBins, files: &[PathBuf], backing: Option<&RelPath>) -> Result<()> {
+pub(crate) async fn rebase_encrypted(
+    bins: &QemuBins,
+    files: &[PathBuf],
+    backing: Option<&RelPath>,
+) -> Result<()> {
     let (Some((path, old)), true) = (files.split_last(), files.len() >= 2) else {
         bail!("an encrypted rebase needs the image and the layer it absorbs");
     };
@@ -591,6 +595,8 @@ async fn rebase_encrypted(bins: &QemuBins, files: &[PathBuf], backing: Option<&R
     };
     run_img(cmd.arg(image), bins, path).await?;
     if backing.is_some() {
+        // The header names the new chain as a `json:` description here, until the next rebase.
+        crashpoint("prune-encrypted-rebased");
         repair_header(bins, path, backing).await?;
     }
     Ok(())

@@ -131,8 +131,11 @@ fn operation(kind: &str, node: &NodeId, outside: &[PathBuf]) -> Operation {
 /// Takes a time point of every disk of the VM.
 pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     let started = Instant::now();
-    // A time point's files live in the VM's storage, outside the repository's encryption.
-    crate::crypt::unlock::refuse_if_encrypted(&chain::Repository::open(&opts.repo)?, "snapshot")?;
+    // The frozen files stay in the VM's storage, as the VM's disks do; a copy into an encrypted repository is
+    // encrypted there like a backup's files, so it needs the key (the command unlocked it).
+    if opts.copy {
+        crate::crypt::require(&chain::Repository::open(&opts.repo)?)?;
+    }
     let Session {
         repo,
         vm,
@@ -163,6 +166,7 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     if info.disks.is_empty() {
         bail!(Exit::usage("the VM has no disks"));
     }
+    refuse_encrypted_disks(&info.disks)?;
     let node = manifest.next_node_id()?;
     let chain_id = manifest.chain_id.clone();
     let bins = QemuBins::from_env();
@@ -322,6 +326,26 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     })
 }
 
+/// Refuses a time point of a VM with an encrypted disk (LUKS, or a qcow2 with `encrypt.format=luks`, in its
+/// chain): the new overlay would be a plain qcow2 holding the guest's later writes unencrypted beside the
+/// encrypted image. A usage error (exit 2), before anything is changed.
+fn refuse_encrypted_disks(disks: &[DiskInfo]) -> Result<()> {
+    let encrypted: Vec<&str> = disks
+        .iter()
+        .filter(|d| d.encrypted)
+        .map(|d| d.id.as_str())
+        .collect();
+    if encrypted.is_empty() {
+        return Ok(());
+    }
+    bail!(Exit::usage(format!(
+        "disk {} is encrypted: a time point's overlay would hold the guest's new writes unencrypted, so qmpbak \
+         takes no time points of encrypted disks; back the VM up instead (into an encrypted repository); \
+         nothing was changed",
+        encrypted.join(", ")
+    )))
+}
+
 /// Whether a bitmap of the disk moves onto a new overlay: one of this chain's, and sound (a busy, disabled or
 /// inconsistent one would carry a wrong record; without it the next backup compares checking tables instead).
 fn carried(b: &inspect::BitmapInfo, chain_id: &str) -> bool {
@@ -358,11 +382,15 @@ async fn copy_into_repo(
         .map(|d| vm.resolve(&d.file))
         .collect::<Result<Vec<_>, _>>()?;
     let writeback = crate::writeback::EarlyWriteback::start(files.clone());
+    let encrypted = crate::crypt::unlock::active().is_some();
     for (d, dst) in n.disks.iter().zip(&files) {
         let frozen = Path::new(&d.location.path);
         let stacked = parent_copied(&d.disk).is_some();
         let mut cmd = crate::children::command(&bins.img);
-        if stacked {
+        if encrypted {
+            let parent = stacked.then(|| n.parent.clone()).flatten();
+            encrypted_copy(&mut cmd, vm, manifest, bins, d, frozen, dst, parent.as_ref())?;
+        } else if stacked {
             // The increment alone, then its header pointed at the parent's copy.
             cmd.args(["convert", "-U", "-O", "qcow2", "-B"])
                 .arg(format!(
@@ -379,7 +407,10 @@ async fn copy_into_repo(
         } else {
             cmd.args(["convert", "-U", "-O", "qcow2"]).arg(frozen);
         }
-        let out = crate::children::output(cmd.arg(dst))
+        if !encrypted {
+            cmd.arg(dst);
+        }
+        let out = crate::children::output(&mut cmd)
             .await
             .with_context(|| format!("running {}", bins.img.display()))?;
         if !out.status.success() {
@@ -445,6 +476,46 @@ async fn copy_into_repo(
             d.allocated_bytes = stored;
         }
     }
+    Ok(())
+}
+
+/// The `qemu-img convert` of one frozen increment into an encrypted repository: `dst` is made first as every
+/// node file there is (a copy of the repository's LUKS template, [`crate::crypt::unlock::create_node_file`]),
+/// with its parent's copy as the backing named in its header when stacked, and the copy writes into it (`-n`)
+/// opened with the key. The source's layers below the frozen file are the parent's copies, opened explicitly
+/// with the key; a flattened copy reads the frozen file's own chain in the VM's storage.
+#[allow(clippy::too_many_arguments)]
+fn encrypted_copy(
+    cmd: &mut tokio::process::Command,
+    vm: &chain::VmStore,
+    manifest: &Manifest,
+    bins: &QemuBins,
+    d: &NodeDisk,
+    frozen: &Path,
+    dst: &Path,
+    parent: Option<&NodeId>,
+) -> Result<()> {
+    let stacked = match parent {
+        Some(p) => Some((p, format!("../{}", d.backing.as_ref().context("no backing")?))),
+        None => None,
+    };
+    let header = stacked.as_ref().map(|(_, b)| b.as_str());
+    crate::crypt::unlock::create_node_file(bins, dst, d.virtual_size, header)?;
+    cmd.args(["convert", "-U", "-n", "-O", "qcow2"])
+        .args(crate::crypt::unlock::qemu_img_args());
+    let source = if let Some((p, b)) = &stacked {
+        let below = crate::direct::chain_files(vm, manifest, p, &d.disk)?;
+        cmd.args(["-B", b.as_str(), "-F", "qcow2"]);
+        json!({ "driver": "qcow2", "file": { "driver": "file", "filename": frozen },
+                "backing": crate::direct::chain_spec(&below) })
+    } else {
+        cmd.arg("--target-is-zero");
+        json!({ "driver": "qcow2", "file": { "driver": "file", "filename": frozen } })
+    };
+    let mut target =
+        json!({ "driver": "qcow2", "file": { "driver": "file", "filename": dst }, "backing": null });
+    crate::crypt::unlock::encrypt_node(&mut target);
+    cmd.arg(format!("json:{source}")).arg(format!("json:{target}"));
     Ok(())
 }
 

@@ -69,6 +69,13 @@ pub fn mount_options(target: &Path) -> Option<String> {
     mountinfo_fields(target)?.get(5).cloned()
 }
 
+/// The file system type of the mount at `target` (`ext4`, `fuse.fusefat` ...).
+pub fn fs_type(target: &Path) -> Option<String> {
+    let f = mountinfo_fields(target)?;
+    let dash = f.iter().position(|s| s == "-")?;
+    f.get(dash + 1).cloned()
+}
+
 /// The file system's own (superblock) options of the mount at `target`: those after ` - TYPE SOURCE ` in
 /// /proc/self/mountinfo, where `norecovery` shows.
 pub fn super_options(target: &Path) -> Option<String> {

@@ -541,3 +541,437 @@ fn init_wants_a_key_with_encrypt_and_encrypt_with_a_key() {
     assert_eq!(no_encrypt.code(), Some(2), "{no_encrypt:?}");
     assert!(!repo.join("qmpbak-repo.json").exists());
 }
+
+/// `qmpbak snapshot ARGS` of `vm` into the encrypted repository, with `key` (nothing, the right or a wrong key).
+fn snapshot(er: &EncryptedRepo, vm: &TestVm, args: &[&str], key: &[&str]) -> Output {
+    cli::run_owned(
+        &er.repo
+            .socket_args(&vm.socket(), "vm1", &[&["snapshot"], args, key].concat()),
+    )
+}
+
+/// Asserts that no file below `dir` holds any of `patterns` in plaintext.
+fn assert_no_plaintext(dir: &Path, patterns: &[u8]) {
+    for file in files_below(dir) {
+        for &pattern in patterns {
+            assert!(
+                !holds_pattern(&file, pattern),
+                "{} holds the guest's 0x{pattern:02x} in plaintext",
+                file.display()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn time_points_copied_into_an_encrypted_repository_are_encrypted_and_restore_exactly_with_the_key() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB), ("disk1", 8 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let patterns = [PATTERN, 0x22, 0x33];
+    // A backup first: time points then stack on nothing of the repository (the first copy is flattened), the
+    // later copies on their parent's copy.
+    vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
+    er.repo.backup(&vm, "vm1", &er.key_args());
+    let mut points = Vec::new();
+    for (i, pattern) in patterns.iter().enumerate() {
+        let i = i as u64;
+        vm.write_pattern("disk0", *pattern, (i + 1) * 2 * MIB, 2 * MIB)
+            .await;
+        vm.write_pattern("disk1", *pattern, i * MIB, MIB).await;
+        let r = vm
+            .capture_references(&["disk0", "disk1"], refs.path(), &format!("p{i}"))
+            .await;
+        let taken = snapshot(&er, &vm, &["--copy"], &er.key_args()).success().json();
+        assert_eq!(taken["copied"], true, "{taken}");
+        points.push((taken["node"].as_str().unwrap().to_owned(), r));
+    }
+    let manifest = er.repo.manifest("vm1");
+    for (i, (node, _)) in points.iter().enumerate() {
+        let n = manifest.node(&node.parse().unwrap()).unwrap();
+        for d in &n.disks {
+            assert!(d.table.is_some(), "{node} {}: no table", d.disk);
+            // The first copy is self-contained, the later ones hold their increment over their parent's copy.
+            assert_eq!(d.backing.is_some(), i > 0, "{node} {}", d.disk);
+            let file = er.repo.node_file("vm1", node, &d.disk);
+            assert_eq!(image::info(&file)["encrypted"], true, "{}", file.display());
+        }
+    }
+    // (Encrypted files cannot be mapped without the key: their sizes on disk tell it.)
+    let on_disk = |node: &str| {
+        use std::os::unix::fs::MetadataExt as _;
+        std::fs::metadata(er.repo.node_file("vm1", node, "disk0"))
+            .unwrap()
+            .blocks()
+            * 512
+    };
+    let (first, last) = (on_disk(&points[0].0), on_disk(&points[2].0));
+    assert!(
+        last + MIB < first,
+        "the last copy ({last} bytes) holds more than its increment (the first, flattened: {first})"
+    );
+    // The guest's data is nowhere in the repository in plaintext.
+    assert_no_plaintext(&er.repo.path(), &patterns);
+
+    // A wrong or missing key: exit 3, nothing changed (in the repository or in the VM).
+    let before = snapshot_files(&er.repo.path());
+    let out = refs.path().join("out");
+    let (node, _) = &points[1];
+    let to = out.join("refused.qcow2");
+    let to_arg = to.to_str().unwrap();
+    let wrong = er.wrong_key_args();
+    let attempts = [
+        ("snapshot --copy, no key", snapshot(&er, &vm, &["--copy"], &[])),
+        (
+            "snapshot --copy, wrong key",
+            snapshot(&er, &vm, &["--copy"], &wrong),
+        ),
+        ("snapshot, wrong key", snapshot(&er, &vm, &[], &wrong)),
+        (
+            "restore, no key",
+            er.repo.run("vm1", &["restore", node, "--to", to_arg]),
+        ),
+        (
+            "restore, wrong key",
+            er.repo
+                .run("vm1", &["restore", node, "--to", to_arg, wrong[0], wrong[1]]),
+        ),
+    ];
+    for (what, result) in &attempts {
+        assert_eq!(result.code(), Some(3), "{what}: {result:?}");
+    }
+    assert!(!to.exists());
+    assert_eq!(
+        before,
+        snapshot_files(&er.repo.path()),
+        "a refused command changed the repository"
+    );
+
+    // Every time point restores exactly with the key, and verifies.
+    for (node, r) in &points {
+        let dir = out.join(node);
+        er.run("vm1", &["restore", node, "--to", dir.to_str().unwrap()])
+            .success();
+        for (d, reference) in ["disk0", "disk1"].iter().zip(r) {
+            image::assert_same(reference, &dir.join(format!("{d}.qcow2")));
+        }
+    }
+    er.run("vm1", &["verify"]).success();
+
+    // A time point without a copy writes nothing of the guest's into the repository and needs no key.
+    vm.write_pattern("disk0", 0x44, 0, MIB).await;
+    let plain = snapshot(&er, &vm, &[], &[]).success().json();
+    assert_eq!(plain["copied"], false, "{plain}");
+    let plain_node = plain["node"].as_str().unwrap();
+    assert!(!er.repo.vm_dir("vm1").join(plain_node).exists());
+    // Prune leaves time points alone; merge refuses them (their chains live partly in the VM's storage).
+    er.run("vm1", &["prune", "--keep-last", "1"]).success();
+    assert_eq!(er.repo.manifest("vm1").nodes.len(), 1 + points.len() + 1);
+    let merged = er.run("vm1", &["merge", &points[2].0]);
+    assert_eq!(merged.code(), Some(2), "{merged:?}");
+    assert_no_plaintext(&er.repo.path(), &[PATTERN, 0x22, 0x33, 0x44]);
+    for (node, r) in &points {
+        let dir = out.join(format!("again-{node}"));
+        er.run("vm1", &["restore", node, "--to", dir.to_str().unwrap()])
+            .success();
+        image::assert_same(&r[0], &dir.join("disk0.qcow2"));
+    }
+
+    // Back to a copied time point, then a backup (a full: no backup is below a time point's chain): encrypted,
+    // and it restores exactly.
+    cli::run_owned(
+        &er.repo
+            .socket_args(&vm.socket(), "vm1", &["revert", &points[1].0]),
+    )
+    .success();
+    vm.write_pattern("disk0", 0x55, 12 * MIB, MIB).await;
+    let r = vm
+        .capture_references(&["disk0", "disk1"], refs.path(), "after-revert")
+        .await;
+    let after = er.repo.backup(&vm, "vm1", &er.key_args());
+    let node = after["node"].as_str().unwrap();
+    let dir = out.join(node);
+    er.run("vm1", &["restore", node, "--to", dir.to_str().unwrap()])
+        .success();
+    for (d, reference) in ["disk0", "disk1"].iter().zip(&r) {
+        image::assert_same(reference, &dir.join(format!("{d}.qcow2")));
+    }
+    assert_no_plaintext(&er.repo.path(), &[PATTERN, 0x22, 0x33, 0x44, 0x55]);
+    er.run("vm1", &["verify"]).success();
+}
+
+#[tokio::test]
+async fn a_time_point_of_an_encrypted_disk_is_refused_and_no_new_write_lands_in_plaintext() {
+    let vm = encrypted_vm().await;
+    vm.write_pattern("disk0", PATTERN, 0, MIB).await;
+    // Into a plain repository and into an encrypted one alike: the overlay would be the VM's, not the
+    // repository's, and would hold the guest's later writes unencrypted.
+    let plain = TestRepo::init();
+    let er = EncryptedRepo::init();
+    let disk_dir = vm.disk_path("disk0").parent().unwrap().to_owned();
+    let files_before: Vec<PathBuf> = files_below(&disk_dir);
+    for (what, repo, key) in [
+        ("plain repository", &plain, &[][..]),
+        ("encrypted repository", &er.repo, &er.key_args()[..]),
+    ] {
+        for copy in [&[][..], &["--copy"][..]] {
+            let out =
+                cli::run_owned(&repo.socket_args(&vm.socket(), "vm1", &[&["snapshot"], copy, key].concat()));
+            assert_eq!(out.code(), Some(2), "{what} {copy:?}: {out:?}");
+            assert!(
+                out.stderr.contains("disk0") && out.stderr.contains("encrypted"),
+                "{what}: {out:?}"
+            );
+        }
+    }
+    assert!(!plain.vm_dir("vm1").join("0001").exists());
+    assert!(!er.repo.vm_dir("vm1").join("0001").exists());
+    // The guest writes on; its new data is still only in the encrypted image, no overlay appeared.
+    vm.write_pattern("disk0", 0x22, 2 * MIB, MIB).await;
+    assert_eq!(
+        files_before,
+        files_below(&disk_dir),
+        "a refused snapshot left files beside the disk"
+    );
+    assert_no_plaintext(&disk_dir, &[PATTERN, 0x22]);
+    assert!(vm.running().await);
+}
+
+/// The pids of the live children of process `pid`.
+fn children_of(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid …: comm may hold spaces, so split after its closing parenthesis.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        if fields.first() != Some(&"Z") && fields.get(1).and_then(|p| p.parse().ok()) == Some(pid) {
+            out.push(child);
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_key_from_the_environment_is_not_inherited_by_qemu_children() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, MIB).await;
+    er.repo.backup(&vm, "vm1", &er.key_args());
+    let key = "0123456789abcdef0123456789abcdef";
+    for (var, extra) in [
+        ("QMPBAK_KEY", &[][..]),
+        ("QB_TEST_KEY", &["--key-env", "QB_TEST_KEY"][..]),
+    ] {
+        let args = er.repo.vm_args("vm1", &[&["verify"], extra].concat());
+        let paused = cli::run_paused_at(&args, "verify-reading", &[(var, Path::new(key))], None);
+        // The qemu-storage-daemon serving the verify runs now.
+        let children = children_of(paused.pid());
+        let mut seen = 0;
+        for child in &children {
+            let Ok(environ) = std::fs::read(format!("/proc/{child}/environ")) else {
+                continue;
+            };
+            let text = String::from_utf8_lossy(&environ);
+            let cmdline = std::fs::read_to_string(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            if !cmdline.contains("qemu-storage-daemon") {
+                continue;
+            }
+            assert!(text.contains("PATH="), "{child}: environ unreadable: {text:?}");
+            assert!(!text.contains(key), "{var}: child {child} inherited the key");
+            assert!(
+                !text.contains(&format!("{var}=")),
+                "{var}: child {child} inherited {var}"
+            );
+            seen += 1;
+        }
+        assert_eq!(seen, 1, "{var}: no qemu-storage-daemon among {children:?}");
+        paused.signal(nix::sys::signal::Signal::SIGUSR1);
+        paused.finish().success();
+    }
+}
+
+#[tokio::test]
+async fn an_encrypted_prune_killed_between_its_two_rebases_is_finished_by_the_next_one() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let dir = tempfile::tempdir().unwrap();
+    let patterns = [PATTERN, 0x22, 0x33];
+    let mut points = Vec::new();
+    for (i, pattern) in patterns.iter().enumerate() {
+        vm.write_pattern("disk0", *pattern, i as u64 * MIB, 2 * MIB).await;
+        let reference = dir.path().join(format!("ref{i}.qcow2"));
+        vm.capture_reference("disk0", &reference).await;
+        // The full is tagged and kept: the last node absorbs the middle one over it (two rebases).
+        let tag: &[&str] = if i == 0 { &["--tag", "base"] } else { &[] };
+        let node = er
+            .repo
+            .backup_node(&vm, "vm1", &[&er.key_args()[..], tag].concat());
+        points.push((node, reference));
+    }
+    let restores_exactly = |label: &str, kept: &[&(String, PathBuf)]| {
+        for (node, reference) in kept {
+            let to = dir.path().join(format!("{label}-{node}.qcow2"));
+            er.run("vm1", &["restore", node, "--to", to.to_str().unwrap()])
+                .success();
+            image::assert_same(reference, &to);
+        }
+        er.run("vm1", &["verify"]).success();
+    };
+    // The middle node goes: the last one absorbs its layer (the data rebase), and the run dies before the
+    // header-only rebase writes the relative backing path.
+    let args = er.repo.vm_args(
+        "vm1",
+        &[&["prune", "--keep-last", "1", "--keep-tag"][..], &er.key_args()].concat(),
+    );
+    cli::run_crashing_at(
+        &args,
+        "prune-encrypted-rebased",
+        integration_tests::timeouts::CLI_TIMEOUT,
+    )
+    .assert_crashed_at("prune-encrypted-rebased");
+    let manifest = er.repo.manifest("vm1");
+    assert_eq!(manifest.nodes.len(), 3, "no node left the manifest yet");
+    assert_eq!(manifest.operations.len(), 1);
+    let last = er.repo.node_file("vm1", &points[2].0, "disk0");
+    let header = image::info(&last)["backing-filename"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned();
+    assert!(
+        header.starts_with("json:"),
+        "the header was already rewritten: {header}"
+    );
+    assert_no_plaintext(&er.repo.path(), &patterns);
+    restores_exactly("killed", &points.iter().collect::<Vec<_>>());
+
+    // The next prune finishes: the middle node is gone, the header names the full by a relative path again,
+    // and both kept nodes restore exactly.
+    er.run("vm1", &["prune", "--keep-last", "1", "--keep-tag"])
+        .success();
+    let manifest = er.repo.manifest("vm1");
+    assert!(manifest.operations.is_empty());
+    assert_eq!(manifest.nodes.len(), 2, "{manifest:?}");
+    assert!(!er.repo.vm_dir("vm1").join(&points[1].0).exists());
+    assert_eq!(image::info(&last)["encrypted"], true);
+    assert_eq!(
+        image::info(&last)["backing-filename"],
+        format!("../{}/disk0.qcow2", points[0].0)
+    );
+    assert_no_plaintext(&er.repo.path(), &patterns);
+    restores_exactly("finished", &[&points[0], &points[2]]);
+}
+
+#[tokio::test]
+async fn a_commit_of_copied_time_points_in_an_encrypted_repository_needs_the_key_and_keeps_them_exact() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let patterns = [PATTERN, 0x22, 0x33];
+    let mut points = Vec::new();
+    for (i, (pattern, tag)) in patterns.iter().zip(["a", "b", "c"]).enumerate() {
+        vm.write_pattern("disk0", *pattern, i as u64 * 2 * MIB, 3 * MIB)
+            .await;
+        let reference = refs.path().join(format!("{tag}.qcow2"));
+        vm.capture_reference("disk0", &reference).await;
+        let taken = snapshot(&er, &vm, &["--copy", "--tag", tag], &er.key_args())
+            .success()
+            .json();
+        points.push((taken["node"].as_str().unwrap().to_owned(), reference));
+    }
+    // c's copy must absorb b's copy before b leaves the tree: that needs the key.
+    let commit = |key: &[&str]| {
+        cli::run_owned(
+            &er.repo
+                .socket_args(&vm.socket(), "vm1", &[&["commit", "c"], key].concat()),
+        )
+    };
+    let before = snapshot_files(&er.repo.path());
+    let refused = commit(&[]);
+    assert_eq!(refused.code(), Some(3), "{refused:?}");
+    assert_eq!(
+        before,
+        snapshot_files(&er.repo.path()),
+        "a refused commit changed the repository"
+    );
+    let refused = commit(&er.wrong_key_args());
+    assert_eq!(refused.code(), Some(3), "{refused:?}");
+    assert_eq!(
+        before,
+        snapshot_files(&er.repo.path()),
+        "a refused commit changed the repository"
+    );
+
+    commit(&er.key_args()).success();
+    let manifest = er.repo.manifest("vm1");
+    assert!(manifest.find("b").is_none());
+    assert!(
+        !er.repo.vm_dir("vm1").join(&points[1].0).exists(),
+        "b's copies stayed"
+    );
+    let c_file = er.repo.node_file("vm1", &points[2].0, "disk0");
+    assert_eq!(image::info(&c_file)["encrypted"], true);
+    assert_eq!(
+        image::info(&c_file)["backing-filename"],
+        format!("../{}/disk0.qcow2", points[0].0)
+    );
+    assert_no_plaintext(&er.repo.path(), &patterns);
+    for (node, reference) in [&points[0], &points[2]] {
+        let to = refs.path().join(format!("restored-{node}.qcow2"));
+        er.run("vm1", &["restore", node, "--to", to.to_str().unwrap()])
+            .success();
+        image::assert_same(reference, &to);
+    }
+    er.run("vm1", &["verify"]).success();
+}
+
+#[tokio::test]
+async fn an_encrypted_node_mounts_as_an_image_with_the_key_and_not_without() {
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("skipped: /dev/fuse is absent, so no FUSE export can be made");
+        return;
+    }
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    vm.write_pattern("disk0", PATTERN, MIB, 2 * MIB).await;
+    let er = EncryptedRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let reference = refs.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    let node = er.repo.backup_node(&vm, "vm1", &er.key_args());
+    let before = snapshot_files(&er.repo.path());
+    let dir = tempfile::tempdir().unwrap();
+    let dir_arg = dir.path().to_str().unwrap();
+
+    for refused in [
+        er.repo.run("vm1", &["mount", &node, dir_arg, "--image-only"]),
+        er.repo.run(
+            "vm1",
+            &[
+                &["mount", &node, dir_arg, "--image-only"][..],
+                &er.wrong_key_args(),
+            ]
+            .concat(),
+        ),
+    ] {
+        assert_eq!(refused.code(), Some(3), "{refused:?}");
+        assert!(!dir.path().join("disk0.img").exists());
+    }
+    er.run("vm1", &["mount", &node, dir_arg, "--image-only"])
+        .success();
+    let img = dir.path().join("disk0.img");
+    image::compare(&reference, &img).unwrap();
+    cli::run(&["umount", dir_arg]).success();
+    assert!(!img.exists());
+    assert_eq!(
+        snapshot_files(&er.repo.path()),
+        before,
+        "mount changed the repository"
+    );
+}

@@ -1,18 +1,19 @@
 //! `qmpbak mount`: a node's partitioned disk (an MBR with ext4, vfat and xfs written as guest writes, backed up
 //! from a real QEMU) is listed, mounted read-only partition by partition (ext4 with `noload`, xfs with
-//! `norecovery`) and read back byte for byte, and exported
-//! as an image file; `umount` leaves nothing behind, also after a killed mount (as `cleanup` does), nothing in
+//! `norecovery`, vfat through fusefat where the kernel has no vfat) and read back byte for byte, and exported
+//! as an image file, also for a user without root; `umount` leaves nothing behind, also after a killed mount (as `cleanup` does), nothing in
 //! the repository changes, a damaged node is refused unless `--force`, and without root qmpbak says what to do.
 
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+use std::os::unix::fs::{MetadataExt as _, PermissionsExt as _};
 use std::path::Path;
 use std::process::Command;
 
 use integration_tests::mounts::{self, Unmount, assert_nothing_left, can_mount, checksums};
 use integration_tests::repo::TestRepo;
-use integration_tests::timeouts::CLI_TIMEOUT;
+use integration_tests::timeouts::{CLI_TIMEOUT, PROCESS_EXIT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "vm1";
@@ -91,7 +92,9 @@ async fn partitioned_disk(vm: &TestVm, work: &Path) -> bool {
         .arg((P2.1 / 1024).to_string())
         .output()
         .is_ok_and(|o| o.status.success());
-    if !has_vfat {
+    if has_vfat {
+        fill_vfat(&vfat, work);
+    } else {
         eprintln!("mkfs.vfat is not installed: partition 2 stays without a file system");
     }
     let table = work.join("mbr");
@@ -110,6 +113,44 @@ async fn partitioned_disk(vm: &TestVm, work: &Path) -> bool {
     }
     write_xfs(vm, work).await;
     has_vfat
+}
+
+/// Files put into the vfat partition: path and content. A short name in lower case (stored as an upper-case
+/// 8.3 name with a lower-case flag), a long name with spaces, and a file in a directory.
+fn vfat_files() -> Vec<(&'static str, Vec<u8>)> {
+    let bytes = |len: u32, seed: u32| -> Vec<u8> {
+        (0..len)
+            .map(|j| (j.wrapping_mul(17).wrapping_add(seed) % 241) as u8)
+            .collect()
+    };
+    vec![
+        ("short.bin", bytes(70_001, 1)),
+        ("A long name, with spaces.dat", bytes(200_000, 2)),
+        ("sub/nested.bin", bytes(4_097, 3)),
+    ]
+}
+
+/// Puts [`vfat_files`] into the vfat file system image `vfat` with mtools (no root, no mount).
+fn fill_vfat(vfat: &Path, work: &Path) {
+    let image = format!("{}", vfat.display());
+    let mtool = |program: &str, args: &[&str]| {
+        let out = Command::new(program)
+            .args(["-i", &image])
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{program}: {e} (install mtools: scripts/setup does)"));
+        assert!(
+            out.status.success(),
+            "{program} {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    mtool("mmd", &["::/sub"]);
+    for (i, (name, bytes)) in vfat_files().iter().enumerate() {
+        let local = work.join(format!("vfat{i}"));
+        std::fs::write(&local, bytes).unwrap();
+        mtool("mcopy", &[local.to_str().unwrap(), &format!("::/{name}")]);
+    }
 }
 
 /// Makes an xfs file system holding [`XFS_FILE`] in a sparse file (`mkfs.xfs -p` with a protofile: no root,
@@ -258,25 +299,33 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
         std::fs::write(p1.join("new"), b"x").is_err(),
         "the mount is writable"
     );
+    // vfat: by the kernel where it has vfat, else through fusefat; read-only either way, every file the same.
     let p2 = dir.path().join("p2");
-    if has_vfat && kernel_knows("vfat") {
-        assert_eq!(
-            report["partitions"][1]["mounted_at"],
-            p2.to_str().unwrap(),
-            "{report}"
-        );
+    if has_vfat {
+        let part = &report["partitions"][1];
+        assert_eq!(part["mounted_at"], p2.to_str().unwrap(), "{report}");
+        if kernel_knows("vfat") {
+            assert!(part["fuse_driver"].is_null(), "{report}");
+        } else {
+            eprintln!("this kernel has no vfat: partition 2 is mounted through fusefat");
+            assert_eq!(part["fuse_driver"], "fusefat", "{report}");
+            assert!(mounts::fs_type(&p2).unwrap().starts_with("fuse"));
+        }
         assert!(mounts::mount_options(&p2).unwrap().split(',').any(|o| o == "ro"));
-    } else if has_vfat {
-        // A file system the kernel cannot mount is reported, and the others are mounted all the same.
-        eprintln!("this kernel has no vfat: partition 2 is only listed");
+        for (name, bytes) in vfat_files() {
+            assert!(
+                std::fs::read(p2.join(name)).unwrap() == bytes,
+                "{name} differs on vfat"
+            );
+        }
         assert!(
-            report["partitions"][1]["error"]
-                .as_str()
-                .unwrap()
-                .contains("vfat"),
-            "{report}"
+            std::fs::write(p2.join("new.txt"), b"x").is_err(),
+            "the vfat mount is writable"
         );
-        assert!(!p2.exists(), "a directory for a partition that is not mounted");
+        assert!(
+            std::fs::write(p2.join("short.bin"), b"x").is_err(),
+            "a vfat file is writable"
+        );
     }
     // xfs: read-only, its log not replayed. Asked after the mount, which loads the kernel's module if it has one.
     let p3 = dir.path().join("p3");
@@ -400,6 +449,38 @@ async fn a_killed_mount_is_undone_by_umount_and_by_cleanup() {
     cli::run(&["umount", dir_arg]).success();
     assert_nothing_left(dir.path(), &report);
 
+    if kernel_knows("vfat") {
+        eprintln!("this kernel has vfat: fusefat's teardown is not tried");
+    } else {
+        // Killed with fusefat serving partition 2 before it was recorded: found by its source and undone.
+        let killed = cli::run_crashing_at(
+            &mount_args(&repo, &node, &[dir_arg]),
+            "mount-fuse-driver",
+            CLI_TIMEOUT,
+        );
+        killed.assert_crashed_at("mount-fuse-driver");
+        assert_eq!(fuse_drivers_under(dir.path()).len(), 1);
+        let out = cli::run(&["umount", dir_arg, "--json"]).success().json();
+        assert_eq!(out["interrupted"], true, "{out}");
+        assert_nothing_left(dir.path(), &out);
+        assert!(fuse_drivers_under(dir.path()).is_empty());
+
+        // fusefat killed under a complete mount: its dead mount is unmounted all the same.
+        let report = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--json"]))
+            .success()
+            .json();
+        let drivers = fuse_drivers_under(dir.path());
+        assert_eq!(drivers.len(), 1, "{report}");
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(drivers[0]),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .unwrap();
+        cli::run(&["umount", dir_arg]).success();
+        assert_nothing_left(dir.path(), &report);
+        assert!(fuse_drivers_under(dir.path()).is_empty());
+    }
+
     // A file of the user's where the image would go is refused and left alone.
     let mine = dir.path().join("disk0.img");
     std::fs::write(&mine, b"mine").unwrap();
@@ -439,6 +520,39 @@ async fn a_damaged_node_is_refused_unless_forced() {
     assert!(!report["mismatched_blocks"].as_array().unwrap().is_empty());
     cli::run(&["umount", dir_arg]).success();
     assert_nothing_left(dir.path(), &report);
+}
+
+/// The pids of the processes whose command line names `path`.
+fn processes_naming(path: &Path) -> Vec<i32> {
+    let needle = path.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            String::from_utf8_lossy(&cmdline).contains(needle).then_some(pid)
+        })
+        .collect()
+}
+
+/// The pids of the fusefat processes serving a mount under `dir` (their last argument).
+fn fuse_drivers_under(dir: &Path) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<String> = cmdline
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            let under = args.last().is_some_and(|t| Path::new(t).starts_with(dir));
+            (args.first()?.ends_with("fusefat") && under).then_some(pid)
+        })
+        .collect()
 }
 
 /// Whether the running kernel can mount file systems of type `fstype`.
@@ -497,4 +611,230 @@ fn without_root_mount_says_so_and_offers_image_only() {
         stderr.contains("needs root") && stderr.contains("--image-only"),
         "{stderr}"
     );
+}
+
+/// The unprivileged user the image-only test runs qmpbak as.
+const NOBODY: u32 = 65534;
+
+/// A command that runs `program` as [`NOBODY`] (no supplementary groups) with `home` as its home, no session
+/// runtime directory (so qmpbak keeps its mount records in `home/.cache`), and the rest of this environment
+/// (`PATH`, `QMPBAK_QEMU_PREFIX`).
+fn as_nobody(home: &Path, program: &Path) -> Command {
+    let mut cmd = Command::new("setpriv");
+    cmd.arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .args(["--clear-groups", "--"])
+        .arg(program)
+        .env("HOME", home)
+        .env_remove("XDG_RUNTIME_DIR")
+        .env_remove("XDG_CACHE_HOME")
+        .stdin(std::process::Stdio::null());
+    cmd
+}
+
+/// Runs `cmd` within [`CLI_TIMEOUT`].
+fn output(cmd: &mut Command) -> cli::Output {
+    cmd.stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT)
+}
+
+/// Runs `qmpbak umount DIR` as [`NOBODY`] when dropped (see [`Unmount`]).
+struct UnmountAsNobody {
+    home: std::path::PathBuf,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for UnmountAsNobody {
+    fn drop(&mut self) {
+        let _ = as_nobody(&self.home, &cli::qmpbak_bin())
+            .arg("umount")
+            .arg(&self.dir)
+            .output();
+    }
+}
+
+fn chown_nobody(path: &Path) {
+    run_ok(
+        Command::new("chown")
+            .args(["-R", &format!("{NOBODY}:{NOBODY}")])
+            .arg(path),
+    );
+}
+
+#[tokio::test]
+async fn image_only_works_for_a_user_without_root() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("not root: cannot make an unprivileged user's repository to test with; not checked");
+        return;
+    }
+    let fuse = Path::new("/dev/fuse");
+    if !fuse.exists() {
+        eprintln!("skipped: /dev/fuse is absent, so no FUSE export can be made (load the fuse module)");
+        return;
+    }
+    let fuse_mode = std::fs::metadata(fuse).unwrap().permissions().mode();
+    assert!(
+        fuse_mode & 0o006 == 0o006,
+        "/dev/fuse is {:o}: users other than root cannot use FUSE (udev makes it 0666; scripts/setup does \
+         where there is no udev)",
+        fuse_mode & 0o777
+    );
+    assert!(
+        Path::new("/usr/bin/fusermount3").exists() || Path::new("/bin/fusermount3").exists(),
+        "fusermount3 is missing: install fuse3 (scripts/setup does)"
+    );
+
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    vm.write_pattern("disk0", 0x5a, 0, 3 * MIB).await;
+    vm.write_pattern("disk0", 0xc3, 9 * MIB + 4096, 1500 * 1024).await;
+    // Everything the user touches lives in one directory it can reach: a home, the repository, a reference
+    // of the disk, the mount point.
+    let work = tempfile::tempdir().unwrap();
+    std::fs::set_permissions(work.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let home = work.path().join("home");
+    let mnt = work.path().join("mnt");
+    let repo_path = work.path().join("repo");
+    for d in [&home, &mnt] {
+        std::fs::create_dir(d).unwrap();
+    }
+    cli::run(&["init", repo_path.to_str().unwrap()]).success();
+    let repo = TestRepo::at(repo_path);
+    let node = repo.backup_node(&vm, VM, &[]);
+    let reference = work.path().join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    for p in [&home, &mnt, &repo.path(), &reference] {
+        chown_nobody(p);
+    }
+    let before = checksums(&repo.path());
+    let qmpbak = cli::qmpbak_bin();
+    let nobody = |args: &[String]| output(as_nobody(&home, &qmpbak).args(args));
+    let mnt_arg = mnt.to_str().unwrap();
+
+    // Mounting file systems needs root: said so, with the way that does not.
+    let refused = nobody(&mount_args(&repo, &node, &[mnt_arg]));
+    assert_eq!(refused.code(), Some(2), "{refused:?}");
+    assert!(
+        refused.stderr.contains("needs root") && refused.stderr.contains("--image-only"),
+        "{}",
+        refused.stderr
+    );
+    // Listing needs none.
+    let list = nobody(&mount_args(&repo, &node, &["--list", "--json"]))
+        .success()
+        .json();
+    assert_eq!(list["virtual_size"], 16 * MIB, "{list}");
+
+    let _unmount = UnmountAsNobody {
+        home: home.clone(),
+        dir: mnt.clone(),
+    };
+    let report = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
+        .success()
+        .json();
+    assert_eq!(report["verified"], true, "{report}");
+    let img = mnt.join("disk0.img");
+    assert_eq!(report["image"], img.to_str().unwrap(), "{report}");
+    // The user's own private place holds the record.
+    let records = home.join(".cache/qmpbak/mounts");
+    for d in [home.join(".cache/qmpbak"), records.clone()] {
+        let meta = std::fs::metadata(&d).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o700, "{}", d.display());
+        assert_eq!(meta.uid(), NOBODY, "{}", d.display());
+    }
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 1);
+
+    // The image is the node's disk, byte for byte (read as the user: the FUSE export is theirs alone).
+    let img_tool = integration_tests::qemu::QemuBinaries::from_env().img;
+    let same = output(
+        as_nobody(&home, &img_tool)
+            .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+            .arg(&img)
+            .arg(&reference),
+    );
+    assert!(same.status.success(), "{same:?}");
+    // Read-only: the user cannot write it, not even its first byte.
+    let written = output(
+        as_nobody(&home, Path::new("/usr/bin/dd"))
+            .args(["if=/dev/zero", "bs=512", "count=1", "conv=notrunc,fsync"])
+            .arg(format!("of={}", img.display())),
+    );
+    assert!(!written.status.success(), "the image is writable: {written:?}");
+    let same = output(
+        as_nobody(&home, &img_tool)
+            .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+            .arg(&img)
+            .arg(&reference),
+    );
+    assert!(same.status.success(), "{same:?}");
+
+    let out = nobody(&["umount".to_owned(), mnt_arg.to_owned()])
+        .success()
+        .stdout;
+    assert!(out.contains(&format!("unmounted node {node}")), "{out}");
+    assert_nothing_left(&mnt, &report);
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+
+    // Killed with the export up: `qmpbak cleanup` run by the user finds the record in its place and undoes it.
+    let killed = output(
+        as_nobody(&home, &qmpbak)
+            .args(mount_args(&repo, &node, &[mnt_arg, "--image-only"]))
+            .env("QMPBAK_CRASH_AT", "mount-exported"),
+    );
+    killed.assert_crashed_at("mount-exported");
+    let cleaned = nobody(&repo.vm_args(VM, &["cleanup", "--json"])).success().json();
+    assert_eq!(cleaned["mounts"][0]["dir"], mnt_arg, "{cleaned}");
+    assert_nothing_left(&mnt, &cleaned["mounts"][0]);
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+
+    // The storage daemon SIGKILLed: its FUSE mount is left dangling, and the user's umount (which cannot
+    // umount(2)) takes it off with fusermount3.
+    let report = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
+        .success()
+        .json();
+    let daemons = processes_naming(&img);
+    assert_eq!(daemons.len(), 1, "{report}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemons[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    nobody(&["umount".to_owned(), mnt_arg.to_owned()]).success();
+    assert_nothing_left(&mnt, &report);
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+
+    // A complete mount whose export went away (its daemon stopped, as a restart would) is stale: a new mount
+    // of the directory undoes its record and its leftover image file first.
+    nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only"])).success();
+    let daemons = processes_naming(&img);
+    assert_eq!(daemons.len(), 1);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(daemons[0]),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let deadline = std::time::Instant::now() + PROCESS_EXIT_TIMEOUT;
+    while !processes_naming(&img).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "qemu-storage-daemon did not exit on SIGTERM within {PROCESS_EXIT_TIMEOUT:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(mounts::mounts_under(&mnt).is_empty());
+    let report = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
+        .success()
+        .json();
+    let same = output(
+        as_nobody(&home, &img_tool)
+            .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])
+            .arg(&img)
+            .arg(&reference),
+    );
+    assert!(same.status.success(), "{same:?}");
+    nobody(&["umount".to_owned(), mnt_arg.to_owned()]).success();
+    assert_nothing_left(&mnt, &report);
+    assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
+
+    assert_eq!(checksums(&repo.path()), before, "the repository changed");
 }

@@ -78,9 +78,23 @@ async fn a_stopped_restore_leaves_no_image_and_no_child() {
     paused.finish();
     cli::assert_no_process_mentions(out_dir.to_str().unwrap(), PROCESS_EXIT_TIMEOUT);
     assert!(!out_dir.join("disk0.qcow2").exists());
-    // The same restore, uninterrupted, is exact.
-    repo.run("vm1", &["restore", last, "--to", &target]).success();
+    let left = entries(&out_dir);
+    assert!(
+        left.len() == 1 && left[0].starts_with(".disk0.qcow2.qmpbak-partial-"),
+        "a killed restore leaves its temporary image: {left:?}"
+    );
+    // The same restore, uninterrupted, is exact, and removes what the killed one left, saying so.
+    let out = repo
+        .run("vm1", &["restore", last, "--to", &target, "--json"])
+        .success();
     image::assert_same(&reference, &out_dir.join("disk0.qcow2"));
+    assert_eq!(entries(&out_dir), ["disk0.qcow2"]);
+    let removed = out.json()["removed_partials"].clone();
+    assert_eq!(removed, serde_json::json!([out_dir.join(&left[0])]), "{out:?}");
+    assert!(
+        out.stderr.contains("left by a restore that was killed"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]

@@ -284,3 +284,31 @@ async fn a_commit_killed_between_two_disks_is_finished_not_abandoned() {
         image::assert_same(expected, got);
     }
 }
+
+#[tokio::test]
+async fn a_copied_time_point_still_restores_exactly_after_its_parent_was_committed_away() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    let mut points = Vec::new();
+    for (i, tag) in ["a", "b", "c"].iter().enumerate() {
+        vm.write_pattern("disk0", 0x31 + i as u8, i as u64 * 2 * MIB, 3 * MIB)
+            .await;
+        let reference = refs.path().join(format!("{tag}.qcow2"));
+        vm.capture_reference("disk0", &reference).await;
+        let r = run(&args(&repo, &vm, &["snapshot", "--copy", "--tag", tag]));
+        points.push((r["node"].as_str().unwrap().to_owned(), reference));
+    }
+    // c's copy holds its increment over b's copy; b leaves the tree.
+    run(&args(&repo, &vm, &["commit", "c"]));
+    assert!(!repo.vm_dir(VM).join(&points[1].0).exists(), "b's copies stayed");
+    let out = refs.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    for (node, reference) in [&points[0], &points[2]] {
+        let to = out.join(format!("{node}.qcow2"));
+        repo.run(VM, &["restore", node, "--to", to.to_str().unwrap()])
+            .success();
+        image::assert_same(reference, &to);
+    }
+    repo.run(VM, &["verify"]).success();
+}

@@ -4,21 +4,24 @@
 
 use std::collections::VecDeque;
 use std::fmt;
-use std::net::SocketAddr;
+use std::io;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpStream, UnixStream};
+use tokio::net::{TcpStream, UnixStream, lookup_host};
 use tokio::time::{Instant, timeout_at};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::conn::{Conn, Request, Ticket};
 use crate::error::{Error, Result};
-use crate::extent::{Extent, push_merged};
+use crate::extent::{ContextExtent, Extent, push_merged};
 use crate::handshake::{self, ExportInfo};
 use crate::proto::{self, Command, errno};
 use crate::reply::{Expect, ReadAssembly, ReplyData};
+use crate::tls::{self, TlsCredentials};
 
 /// Per-request timeout unless changed with [`Client::set_timeout`] or [`Client::with_timeout`]. It also
 /// bounds how long the server may take to finish a reply it has begun.
@@ -52,9 +55,93 @@ impl fmt::Debug for Client {
     }
 }
 
+/// How to connect: TLS or (explicitly) plaintext for TCP, and the metadata contexts to negotiate besides
+/// `base:allocation`. The default is plaintext over a Unix socket with `base:allocation` only; TCP then
+/// needs [`ConnectOptions::tls`] or [`ConnectOptions::insecure_plaintext`].
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    tls: Option<TlsCredentials>,
+    server_name: Option<String>,
+    insecure_plaintext: bool,
+    meta_contexts: Vec<String>,
+}
+
+impl ConnectOptions {
+    /// Plaintext, `base:allocation` only.
+    pub fn new() -> ConnectOptions {
+        ConnectOptions::default()
+    }
+
+    /// TLS with these credentials: `NBD_OPT_STARTTLS` before any other option, the server's certificate
+    /// checked against the CA and the host name, the client certificate presented.
+    #[must_use]
+    pub fn tls(mut self, credentials: TlsCredentials) -> ConnectOptions {
+        self.tls = Some(credentials);
+        self
+    }
+
+    /// The name the server's certificate must carry, if not the host connected to (needed for TLS over a
+    /// Unix socket or a given stream, which have no host).
+    #[must_use]
+    pub fn server_name(mut self, name: impl Into<String>) -> ConnectOptions {
+        self.server_name = Some(name.into());
+        self
+    }
+
+    /// Allows plaintext NBD over TCP: anyone on the path can read and change the disk's data. For tests and
+    /// trusted links only; ignored when TLS credentials are given.
+    #[must_use]
+    pub fn insecure_plaintext(mut self) -> ConnectOptions {
+        self.insecure_plaintext = true;
+        self
+    }
+
+    /// Also negotiates the metadata context `name` (e.g. `qemu:allocation-depth`); query it with
+    /// [`Client::context_status`].
+    #[must_use]
+    pub fn meta_context(mut self, name: impl Into<String>) -> ConnectOptions {
+        self.meta_contexts.push(name.into());
+        self
+    }
+
+    /// Also negotiates QEMU's context for the dirty bitmap `bitmap` (`qemu:dirty-bitmap:BITMAP`, present
+    /// when the export was made with that bitmap); query it with [`Client::dirty_extents`].
+    #[must_use]
+    pub fn dirty_bitmap(self, bitmap: &str) -> ConnectOptions {
+        self.meta_context(dirty_bitmap_context(bitmap))
+    }
+}
+
+/// The metadata context name QEMU exports a dirty bitmap under.
+pub fn dirty_bitmap_context(bitmap: &str) -> String {
+    format!("{}{bitmap}", proto::QEMU_DIRTY_BITMAP)
+}
+
+/// Splits `host:port` (`[v6]:port` for IPv6) into the host, without brackets, and the port.
+fn split_host_port(addr: &str) -> Option<(&str, u16)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = match host.strip_prefix('[') {
+        Some(inner) => inner.strip_suffix(']')?,
+        None if host.contains(':') => return None,
+        None => host,
+    };
+    let port = port.parse().ok()?;
+    (!host.is_empty()).then_some((host, port))
+}
+
 impl Client {
     /// Connects to a Unix socket and opens `export`. `timeout` bounds connecting and the handshake together.
     pub async fn connect_unix(path: impl AsRef<Path>, export: &str, timeout: Duration) -> Result<Client> {
+        Self::connect_unix_with(path, export, &ConnectOptions::new(), timeout).await
+    }
+
+    /// [`Client::connect_unix`] with options (metadata contexts; TLS needs [`ConnectOptions::server_name`]).
+    pub async fn connect_unix_with(
+        path: impl AsRef<Path>,
+        export: &str,
+        options: &ConnectOptions,
+        timeout: Duration,
+    ) -> Result<Client> {
         let path = path.as_ref();
         let deadline = Instant::now() + timeout;
         let target = path.display().to_string();
@@ -68,14 +155,41 @@ impl Client {
                 });
             }
         };
-        Self::handshake(stream, export, deadline, timeout).await
+        Self::handshake(stream, &target, None, export, options, deadline, timeout).await
     }
 
-    /// Connects over TCP and opens `export`. `timeout` bounds connecting and the handshake together.
-    pub async fn connect_tcp(addr: SocketAddr, export: &str, timeout: Duration) -> Result<Client> {
+    /// Connects over TCP to `addr` (`host:port`, `[v6]:port`) and opens `export`: with TLS if `options`
+    /// has credentials (the certificate must name `host`, or [`ConnectOptions::server_name`]), in
+    /// plaintext only with [`ConnectOptions::insecure_plaintext`], else [`Error::PlaintextRefused`] before
+    /// anything is sent. `timeout` bounds resolving, connecting and the handshake together.
+    pub async fn connect_tcp(
+        addr: &str,
+        export: &str,
+        options: &ConnectOptions,
+        timeout: Duration,
+    ) -> Result<Client> {
+        let target = addr.to_owned();
+        let Some((host, port)) = split_host_port(addr) else {
+            return Err(Error::Connect {
+                target,
+                source: io::Error::new(io::ErrorKind::InvalidInput, "not HOST:PORT"),
+            });
+        };
+        if options.tls.is_none() && !options.insecure_plaintext {
+            return Err(Error::PlaintextRefused { target });
+        }
         let deadline = Instant::now() + timeout;
-        let target = addr.to_string();
-        let stream = match timeout_at(deadline, TcpStream::connect(addr)).await {
+        let connect = async {
+            let mut last = None;
+            for sa in lookup_host((host, port)).await? {
+                match TcpStream::connect(sa).await {
+                    Ok(stream) => return Ok(stream),
+                    Err(e) => last = Some(e),
+                }
+            }
+            Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address")))
+        };
+        let stream = match timeout_at(deadline, connect).await {
             Ok(Ok(stream)) => stream,
             Ok(Err(source)) => return Err(Error::Connect { target, source }),
             Err(_) => {
@@ -85,10 +199,11 @@ impl Client {
                 });
             }
         };
-        stream
-            .set_nodelay(true)
-            .map_err(|source| Error::Connect { target, source })?;
-        Self::handshake(stream, export, deadline, timeout).await
+        stream.set_nodelay(true).map_err(|source| Error::Connect {
+            target: target.clone(),
+            source,
+        })?;
+        Self::handshake(stream, &target, Some(host), export, options, deadline, timeout).await
     }
 
     /// Opens `export` over an already connected stream (a socket pair, a vsock, a test peer).
@@ -96,31 +211,131 @@ impl Client {
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        Self::handshake(stream, export, Instant::now() + timeout, timeout).await
+        Self::connect_stream_with(stream, export, &ConnectOptions::new(), timeout).await
     }
 
-    async fn handshake<S>(mut stream: S, export: &str, deadline: Instant, timeout: Duration) -> Result<Client>
+    /// [`Client::connect_stream`] with options (TLS needs [`ConnectOptions::server_name`]).
+    pub async fn connect_stream_with<S>(
+        stream: S,
+        export: &str,
+        options: &ConnectOptions,
+        timeout: Duration,
+    ) -> Result<Client>
     where
         S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
     {
-        let info = match timeout_at(deadline, handshake::negotiate(&mut stream, export)).await {
-            Ok(info) => info?,
-            Err(_) => {
-                return Err(Error::Timeout {
-                    what: format!("the NBD handshake for export {export:?}"),
-                    after: timeout,
-                });
-            }
+        let deadline = Instant::now() + timeout;
+        Self::handshake(
+            stream,
+            "the given stream",
+            None,
+            export,
+            options,
+            deadline,
+            timeout,
+        )
+        .await
+    }
+
+    async fn handshake<S>(
+        stream: S,
+        target: &str,
+        host: Option<&str>,
+        export: &str,
+        options: &ConnectOptions,
+        deadline: Instant,
+        timeout: Duration,
+    ) -> Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        match timeout_at(deadline, Self::negotiate(stream, target, host, export, options)).await {
+            Ok(client) => client,
+            Err(_) => Err(Error::Timeout {
+                what: format!("the NBD handshake for export {export:?}"),
+                after: timeout,
+            }),
+        }
+    }
+
+    async fn negotiate<S>(
+        mut stream: S,
+        target: &str,
+        host: Option<&str>,
+        export: &str,
+        options: &ConnectOptions,
+    ) -> Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let greeting = handshake::greet(&mut stream, export).await?;
+        let contexts = &options.meta_contexts;
+        let Some(credentials) = &options.tls else {
+            let info = handshake::negotiate_options(&mut stream, export, greeting, contexts).await?;
+            return Ok(Self::start(stream, info, export));
         };
+        // Boxed: a TLS session is large, and futures that connect should stay small for their callers.
+        Box::pin(Self::negotiate_tls(
+            stream,
+            greeting,
+            credentials,
+            target,
+            host,
+            export,
+            options,
+        ))
+        .await
+    }
+
+    /// `NBD_OPT_STARTTLS`, the TLS handshake, and the rest of the options over TLS.
+    async fn negotiate_tls<S>(
+        mut stream: S,
+        greeting: handshake::Greeting,
+        credentials: &TlsCredentials,
+        target: &str,
+        host: Option<&str>,
+        export: &str,
+        options: &ConnectOptions,
+    ) -> Result<Client>
+    where
+        S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
+    {
+        let name = options
+            .server_name
+            .as_deref()
+            .or(host)
+            .ok_or_else(|| Error::TlsCredentials {
+                path: credentials.dir().to_owned(),
+                reason: format!("no server name to check the certificate of {target} against"),
+            })?;
+        let server_name = ServerName::try_from(name.to_owned()).map_err(|e| Error::TlsCredentials {
+            path: credentials.dir().to_owned(),
+            reason: format!("{name:?} is not a usable server name: {e}"),
+        })?;
+        handshake::starttls(&mut stream, target).await?;
+        let mut stream = TlsConnector::from(Arc::clone(&credentials.config))
+            .connect(server_name, stream)
+            .await
+            .map_err(|e| tls::tls_error(target, &e))?;
+        let info = handshake::negotiate_options(&mut stream, export, greeting, &options.meta_contexts)
+            .await
+            .map_err(|e| tls::after_handshake(target, credentials, e))?;
+        Ok(Self::start(stream, info, export))
+    }
+
+    fn start<S>(stream: S, info: ExportInfo, export: &str) -> Client
+    where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         let conn = Conn::start(stream, info.structured, DEFAULT_TIMEOUT);
-        Ok(Client {
+        Client {
             inner: Arc::new(Inner {
                 conn,
                 info,
                 export: export.to_owned(),
             }),
             timeout: DEFAULT_TIMEOUT,
-        })
+        }
     }
 
     /// The export's name as given to `connect_*`.
@@ -141,6 +356,25 @@ impl Client {
     /// Whether the server selected `base:allocation`, so [`Client::block_status`] reports real extents.
     pub fn block_status_supported(&self) -> bool {
         self.inner.info.allocation_context.is_some()
+    }
+
+    /// The metadata contexts the server selected, `base:allocation` included.
+    pub fn meta_contexts(&self) -> impl Iterator<Item = &str> {
+        self.inner.info.contexts.iter().map(|(name, _)| name.as_str())
+    }
+
+    /// Whether the server selected the metadata context `name`.
+    pub fn has_meta_context(&self, name: &str) -> bool {
+        self.context_id(name).is_some()
+    }
+
+    fn context_id(&self, name: &str) -> Option<u32> {
+        self.inner
+            .info
+            .contexts
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|&(_, id)| id)
     }
 
     /// The preferred block size from `NBD_INFO_BLOCK_SIZE`, if the server sent one.
@@ -348,7 +582,6 @@ impl Client {
         if len == 0 {
             return Ok(Vec::new());
         }
-        let end = offset + len;
         let Some(context) = self.inner.info.allocation_context else {
             return Ok(vec![Extent {
                 offset,
@@ -357,13 +590,78 @@ impl Client {
                 zero: false,
             }]);
         };
+        let mut extents = Vec::new();
+        self.status_of(context, offset, len, |lo, hi, flags| {
+            push_merged(
+                &mut extents,
+                Extent {
+                    offset: lo,
+                    len: hi - lo,
+                    hole: flags & proto::STATE_HOLE != 0,
+                    zero: flags & proto::STATE_ZERO != 0,
+                },
+            );
+        })
+        .await?;
+        Ok(extents)
+    }
+
+    /// The status of `[offset, offset + len)` in the negotiated metadata context `name`, as sorted,
+    /// touching extents with the context's raw flags that cover exactly that range (neighbours with equal
+    /// flags merged). [`Error::NoMetaContext`] if the server did not select `name`; nothing is sent then.
+    pub async fn context_status(&self, name: &str, offset: u64, len: u64) -> Result<Vec<ContextExtent>> {
+        self.check_range(offset, len)?;
+        let context = self.context_id(name).ok_or_else(|| Error::NoMetaContext {
+            name: name.to_owned(),
+        })?;
+        let mut extents: Vec<ContextExtent> = Vec::new();
+        if len == 0 {
+            return Ok(extents);
+        }
+        self.status_of(context, offset, len, |lo, hi, flags| match extents.last_mut() {
+            Some(last) if last.end() == lo && last.flags == flags => last.len += hi - lo,
+            _ => extents.push(ContextExtent {
+                offset: lo,
+                len: hi - lo,
+                flags,
+            }),
+        })
+        .await?;
+        Ok(extents)
+    }
+
+    /// The dirty bitmap `bitmap` over `[offset, offset + len)` (QEMU's `qemu:dirty-bitmap:BITMAP`, asked
+    /// for with [`ConnectOptions::dirty_bitmap`]): extents as [`Client::context_status`] gives them, with
+    /// [`ContextExtent::dirty`] telling which changed.
+    pub async fn dirty_extents(&self, bitmap: &str, offset: u64, len: u64) -> Result<Vec<ContextExtent>> {
+        self.context_status(&dirty_bitmap_context(bitmap), offset, len)
+            .await
+    }
+
+    /// Block status requests for `context` over `[offset, offset + len)` (widened to whole blocks), as many
+    /// as the server needs to cover it; `each(lo, hi, flags)` gets the descriptors cut to the range, in order.
+    async fn status_of(
+        &self,
+        context: u32,
+        offset: u64,
+        len: u64,
+        mut each: impl FnMut(u64, u64, u32),
+    ) -> Result<()> {
+        let end = offset + len;
+        let others: Vec<u32> = self
+            .inner
+            .info
+            .contexts
+            .iter()
+            .map(|&(_, id)| id)
+            .filter(|&id| id != context)
+            .collect();
         let align = self.align();
         let mut at = offset - offset % align;
         let stop = end
             .checked_next_multiple_of(align)
             .map_or(self.size(), |e| e.min(self.size()));
         let max_len = u64::from(u32::MAX) / align * align;
-        let mut extents = Vec::new();
         while at < stop {
             let request = Request {
                 command: Command::BlockStatus,
@@ -373,6 +671,7 @@ impl Client {
                 payload: Vec::new(),
                 expect: Expect::BlockStatus {
                     context,
+                    others: others.clone(),
                     descriptors: None,
                 },
             };
@@ -385,17 +684,7 @@ impl Client {
                 let next = at.saturating_add(u64::from(n)).min(stop);
                 let (lo, hi) = (at.max(offset), next.min(end));
                 if lo < hi {
-                    let hole = flags & proto::STATE_HOLE != 0;
-                    let zero = flags & proto::STATE_ZERO != 0;
-                    push_merged(
-                        &mut extents,
-                        Extent {
-                            offset: lo,
-                            len: hi - lo,
-                            hole,
-                            zero,
-                        },
-                    );
+                    each(lo, hi, flags);
                 }
                 at = next;
                 if at == stop {
@@ -403,7 +692,7 @@ impl Client {
                 }
             }
         }
-        Ok(extents)
+        Ok(())
     }
 
     /// Soft disconnect: no new requests from any clone, `NBD_CMD_DISC`, then waits (within the timeout)

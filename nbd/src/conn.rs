@@ -622,11 +622,20 @@ async fn read_chunk<R: AsyncRead + Unpin>(
             read.hole(offset, size).map_err(CloseReason::Protocol)?;
         }
         proto::REPLY_TYPE_BLOCK_STATUS => {
-            let Expect::BlockStatus { context, descriptors } = &mut pending.expect else {
+            let Expect::BlockStatus {
+                context,
+                others,
+                descriptors,
+            } = &mut pending.expect
+            else {
                 return Err(unexpected());
             };
             let payload = read_payload(rd, len).await?;
             let (got, list) = reply::parse_block_status(&payload).map_err(CloseReason::Protocol)?;
+            if got != *context && others.contains(&got) {
+                // The server reports every negotiated context; this request wants another one.
+                return Ok(());
+            }
             if got != *context {
                 return Err(CloseReason::Protocol(format!(
                     "block status for unknown context id {got}"

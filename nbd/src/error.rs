@@ -2,6 +2,7 @@
 //! it once at the edge.
 
 use std::io;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::proto::{Command, errno};
@@ -71,6 +72,37 @@ pub enum Error {
     #[error("the NBD server does not support {feature}")]
     Unsupported { feature: &'static str },
 
+    /// No metadata context of that name was negotiated (not asked for at connect, or the server does not
+    /// have it, e.g. a dirty bitmap the export does not carry); nothing was sent.
+    #[error("the NBD connection has no metadata context {name:?}")]
+    NoMetaContext { name: String },
+
+    /// A plaintext TCP connection was asked for without `insecure_plaintext`; nothing was sent.
+    #[error(
+        "refusing plaintext NBD over TCP to {target}: give TLS credentials, or allow insecure plaintext explicitly"
+    )]
+    PlaintextRefused { target: String },
+
+    /// The server does not do TLS (it refused `NBD_OPT_STARTTLS`); nothing else was sent.
+    #[error("the NBD server at {target} does not offer TLS: it answered NBD_OPT_STARTTLS with {reply}")]
+    TlsNotOffered { target: String, reply: String },
+
+    /// The server demands TLS (`NBD_REP_ERR_TLS_REQD`) and the connection is plaintext.
+    #[error("the NBD server requires TLS, and this connection is plaintext")]
+    TlsRequired,
+
+    /// The TLS handshake failed, or the server broke off TLS at the first option.
+    #[error("TLS with the NBD server at {target} failed: {failure} ({detail})")]
+    Tls {
+        target: String,
+        failure: TlsFailure,
+        detail: String,
+    },
+
+    /// The TLS credentials could not be read or do not fit together.
+    #[error("bad TLS credentials {}: {reason}", path.display())]
+    TlsCredentials { path: PathBuf, reason: String },
+
     /// An I/O error during the handshake.
     #[error("NBD I/O error")]
     Io(#[from] io::Error),
@@ -91,6 +123,9 @@ pub enum ErrorKind {
     /// The request cannot be sent as it is (out of range, misaligned, read-only export, missing feature);
     /// nothing was sent.
     Refused,
+    /// TLS: plaintext refused, TLS not offered or required, a failed TLS handshake (untrusted, expired or
+    /// misnamed server certificate, our certificate refused), unusable credentials. Nothing was read.
+    Tls,
     /// An I/O error during the handshake.
     Io,
 }
@@ -106,7 +141,13 @@ impl Error {
             Error::OutOfRange { .. }
             | Error::Misaligned { .. }
             | Error::ReadOnly { .. }
-            | Error::Unsupported { .. } => ErrorKind::Refused,
+            | Error::Unsupported { .. }
+            | Error::NoMetaContext { .. } => ErrorKind::Refused,
+            Error::PlaintextRefused { .. }
+            | Error::TlsNotOffered { .. }
+            | Error::TlsRequired
+            | Error::Tls { .. }
+            | Error::TlsCredentials { .. } => ErrorKind::Tls,
             Error::Io(_) => ErrorKind::Io,
         }
     }
@@ -125,6 +166,46 @@ fn message_suffix(message: &str) -> String {
         String::new()
     } else {
         format!(": {message}")
+    }
+}
+
+/// Why a TLS handshake with an NBD server failed, as far as the client can tell.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TlsFailure {
+    /// The server's certificate is not signed by the CA we trust.
+    UnknownIssuer,
+    /// The server's certificate has expired.
+    Expired,
+    /// The server's certificate is not valid yet.
+    NotYetValid,
+    /// The server's certificate does not name the host we connected to.
+    WrongName,
+    /// The server's certificate is unusable for another reason.
+    BadCertificate,
+    /// The server ended the handshake with an alert: most often it did not accept our client certificate
+    /// (none presented, or not signed by the CA it trusts).
+    RejectedByServer,
+    /// The server closed the connection in the middle of TLS.
+    ClosedByServer,
+    /// Anything else TLS reported.
+    Other,
+}
+
+impl std::fmt::Display for TlsFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TlsFailure::UnknownIssuer => "the server's certificate is not signed by the trusted CA",
+            TlsFailure::Expired => "the server's certificate has expired",
+            TlsFailure::NotYetValid => "the server's certificate is not valid yet",
+            TlsFailure::WrongName => "the server's certificate does not name the host connected to",
+            TlsFailure::BadCertificate => "the server's certificate is unusable",
+            TlsFailure::RejectedByServer => {
+                "the server rejected the TLS session (is our client certificate missing or not trusted?)"
+            }
+            TlsFailure::ClosedByServer => "the server closed the connection during TLS",
+            TlsFailure::Other => "TLS failed",
+        })
     }
 }
 
@@ -157,5 +238,42 @@ mod tests {
             message: String::new(),
         };
         assert_eq!(e.to_string(), "NBD_CMD_READ failed on the NBD server: EIO (5)");
+    }
+
+    #[test]
+    fn tls_errors_are_of_kind_tls_and_say_what_to_do() {
+        let e = Error::PlaintextRefused {
+            target: "hv1:10809".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Tls);
+        assert!(e.to_string().contains("allow insecure plaintext explicitly"));
+        let e = Error::Tls {
+            target: "hv1:10809".into(),
+            failure: TlsFailure::Expired,
+            detail: "certificate expired".into(),
+        };
+        assert_eq!(e.kind(), ErrorKind::Tls);
+        assert_eq!(
+            e.to_string(),
+            "TLS with the NBD server at hv1:10809 failed: the server's certificate has expired \
+             (certificate expired)"
+        );
+        for e in [
+            Error::TlsRequired,
+            Error::TlsNotOffered {
+                target: "t".into(),
+                reply: "NBD_REP_ERR_UNSUP".into(),
+            },
+            Error::TlsCredentials {
+                path: "/p".into(),
+                reason: "r".into(),
+            },
+        ] {
+            assert_eq!(e.kind(), ErrorKind::Tls);
+        }
+        assert_eq!(
+            Error::NoMetaContext { name: "x".into() }.kind(),
+            ErrorKind::Refused
+        );
     }
 }

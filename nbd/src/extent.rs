@@ -1,5 +1,6 @@
-//! Extents of the `base:allocation` metadata context: which parts of an export hold data, and which are
-//! holes or read as zeroes.
+//! Extents of metadata contexts: [`Extent`] for `base:allocation` (which parts of an export hold data,
+//! and which are holes or read as zeroes), [`ContextExtent`] with the raw flags of any other context
+//! (a dirty bitmap's: changed or not).
 
 /// A run of bytes with one allocation status.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -16,6 +17,27 @@ impl Extent {
     /// The first byte after the extent.
     pub fn end(&self) -> u64 {
         self.offset.saturating_add(self.len)
+    }
+}
+
+/// A run of bytes with one status in a metadata context other than `base:allocation`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ContextExtent {
+    pub offset: u64,
+    pub len: u64,
+    /// The context's flags for the run, as the server sent them.
+    pub flags: u32,
+}
+
+impl ContextExtent {
+    /// The first byte after the extent.
+    pub fn end(&self) -> u64 {
+        self.offset.saturating_add(self.len)
+    }
+
+    /// For a `qemu:dirty-bitmap:NAME` context: whether the run changed (`NBD_STATE_DIRTY`).
+    pub fn dirty(&self) -> bool {
+        self.flags & crate::proto::STATE_DIRTY != 0
     }
 }
 

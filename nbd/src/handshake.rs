@@ -1,6 +1,8 @@
-//! Fixed-newstyle negotiation: ask for structured replies and the `base:allocation` metadata context,
-//! then enter transmission with `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` for old servers).
-//! The caller bounds the whole exchange with one deadline.
+//! Fixed-newstyle negotiation: the greeting, `NBD_OPT_STARTTLS` when the connection is to be TLS (first,
+//! before any other option; the caller then runs the TLS handshake and goes on over TLS), structured
+//! replies, the metadata contexts (`base:allocation` and any the caller asked for), then transmission with
+//! `NBD_OPT_GO` (falling back to `NBD_OPT_EXPORT_NAME` for old servers). The caller bounds the whole
+//! exchange with one deadline.
 
 use std::io;
 use std::time::Duration;
@@ -34,7 +36,18 @@ pub(crate) struct ExportInfo {
     pub structured: bool,
     /// Context id of `base:allocation`, if the server selected it.
     pub allocation_context: Option<u32>,
+    /// Every context the server selected, `base:allocation` included: (name, id).
+    pub contexts: Vec<(String, u32)>,
 }
+
+/// What the greeting settled.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Greeting {
+    no_zeroes: bool,
+}
+
+/// The handshake error for a server that hung up.
+pub(crate) const CLOSED_DURING_HANDSHAKE: &str = "the server closed the connection during the handshake";
 
 struct OptionReply {
     kind: u32,
@@ -59,7 +72,7 @@ impl OptionReply {
 
 fn handshake_io(e: io::Error) -> Error {
     if e.kind() == io::ErrorKind::UnexpectedEof {
-        Error::Handshake("the server closed the connection during the handshake".into())
+        Error::Handshake(CLOSED_DURING_HANDSHAKE.into())
     } else {
         Error::Io(e)
     }
@@ -90,6 +103,9 @@ async fn read_option_reply<S: AsyncRead + Unpin>(s: &mut S, option: u32) -> Resu
             "reply to option {replied_to} while waiting for option {option}"
         )));
     }
+    if kind == proto::REP_ERR_TLS_REQD {
+        return Err(Error::TlsRequired);
+    }
     if len > MAX_OPTION_REPLY {
         return Err(Error::Handshake(format!(
             "option reply of {len} bytes is implausibly large"
@@ -100,11 +116,8 @@ async fn read_option_reply<S: AsyncRead + Unpin>(s: &mut S, option: u32) -> Resu
     Ok(OptionReply { kind, data })
 }
 
-/// Runs the handshake on a freshly connected stream and leaves it in the transmission phase.
-pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
-    s: &mut S,
-    export: &str,
-) -> Result<ExportInfo> {
+/// Reads the server's greeting and answers with our flags; options come next.
+pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, export: &str) -> Result<Greeting> {
     if export.len() > proto::MAX_STRING {
         return Err(Error::Handshake(format!(
             "export name is longer than {} bytes",
@@ -145,20 +158,56 @@ pub(crate) async fn negotiate<S: AsyncRead + AsyncWrite + Unpin>(
     s.write_all(&client_flags.to_be_bytes())
         .await
         .map_err(handshake_io)?;
+    Ok(Greeting { no_zeroes })
+}
 
+/// `NBD_OPT_STARTTLS`, right after the greeting. On success the caller must run the TLS handshake on the
+/// stream at once; a server that refuses is told goodbye and the connection is not used further.
+pub(crate) async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(s: &mut S, target: &str) -> Result<()> {
+    send_option(s, proto::OPT_STARTTLS, &[]).await?;
+    let reply = read_option_reply(s, proto::OPT_STARTTLS).await?;
+    match reply.kind {
+        proto::REP_ACK if reply.data.is_empty() => Ok(()),
+        proto::REP_ACK => Err(Error::Handshake(
+            "NBD_REP_ACK to NBD_OPT_STARTTLS with a payload".into(),
+        )),
+        _ if reply.is_error() => {
+            abort(s).await;
+            Err(Error::TlsNotOffered {
+                target: target.to_owned(),
+                reply: format!("{}{}", proto::rep_err_name(reply.kind), reply.message()),
+            })
+        }
+        _ => Err(unexpected("NBD_OPT_STARTTLS", &reply)),
+    }
+}
+
+/// The options after the greeting (and after TLS, if any): structured replies, metadata contexts
+/// (`base:allocation` and `contexts`), `NBD_OPT_GO`. Leaves the stream in the transmission phase.
+pub(crate) async fn negotiate_options<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    export: &str,
+    greeting: Greeting,
+    contexts: &[String],
+) -> Result<ExportInfo> {
     let structured = negotiate_structured_replies(s).await?;
-    let allocation_context = if structured {
-        negotiate_allocation_context(s, export).await?
+    let selected = if structured {
+        negotiate_meta_contexts(s, export, contexts).await?
     } else {
-        None
+        Vec::new()
     };
-    let (size, flags, block_size) = go(s, export, no_zeroes).await?;
+    let allocation_context = selected
+        .iter()
+        .find(|(name, _)| name == proto::BASE_ALLOCATION)
+        .map(|&(_, id)| id);
+    let (size, flags, block_size) = go(s, export, greeting.no_zeroes).await?;
     Ok(ExportInfo {
         size,
         flags,
         block_size,
         structured,
         allocation_context,
+        contexts: selected,
     })
 }
 
@@ -172,29 +221,53 @@ async fn negotiate_structured_replies<S: AsyncRead + AsyncWrite + Unpin>(s: &mut
     }
 }
 
-async fn negotiate_allocation_context<S: AsyncRead + AsyncWrite + Unpin>(
+/// Asks for `base:allocation` and `extra`; returns what the server selected (name, id). Names the server
+/// selected but we did not ask for are ignored.
+async fn negotiate_meta_contexts<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     export: &str,
-) -> Result<Option<u32>> {
+    extra: &[String],
+) -> Result<Vec<(String, u32)>> {
+    let mut wanted: Vec<&str> = vec![proto::BASE_ALLOCATION];
+    for name in extra {
+        if name.len() > proto::MAX_STRING {
+            return Err(Error::Handshake(format!(
+                "metadata context name is longer than {} bytes",
+                proto::MAX_STRING
+            )));
+        }
+        if !wanted.contains(&name.as_str()) {
+            wanted.push(name);
+        }
+    }
     let mut data = Vec::new();
     proto::put_string32(&mut data, export);
-    data.extend_from_slice(&1u32.to_be_bytes());
-    proto::put_string32(&mut data, proto::BASE_ALLOCATION);
+    data.extend_from_slice(&(wanted.len() as u32).to_be_bytes());
+    for name in &wanted {
+        proto::put_string32(&mut data, name);
+    }
     send_option(s, proto::OPT_SET_META_CONTEXT, &data).await?;
-    let mut context = None;
+    let mut selected: Vec<(String, u32)> = Vec::new();
     for _ in 0..MAX_REPLIES_PER_OPTION {
         let reply = read_option_reply(s, proto::OPT_SET_META_CONTEXT).await?;
         match reply.kind {
             proto::REP_META_CONTEXT => {
                 let id = be_u32(&reply.data, 0)
                     .ok_or_else(|| Error::Handshake("NBD_REP_META_CONTEXT shorter than 4 bytes".into()))?;
-                if &reply.data[4..] == proto::BASE_ALLOCATION.as_bytes() {
-                    context = Some(id);
+                let name = &reply.data[4..];
+                let Some(name) = wanted.iter().find(|w| w.as_bytes() == name) else {
+                    continue;
+                };
+                if selected.iter().any(|(n, i)| n == name || *i == id) {
+                    return Err(Error::Handshake(format!(
+                        "metadata context {name:?} or id {id} selected twice"
+                    )));
                 }
+                selected.push(((*name).to_owned(), id));
             }
-            proto::REP_ACK => return Ok(context),
+            proto::REP_ACK => return Ok(selected),
             // The server cannot select contexts; block status is then reported as all data.
-            _ if reply.is_error() => return Ok(None),
+            _ if reply.is_error() => return Ok(Vec::new()),
             _ => return Err(unexpected("NBD_OPT_SET_META_CONTEXT", &reply)),
         }
     }

@@ -8,10 +8,12 @@ use proptest::prelude::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 
 use crate::proto::{self, Command};
-use crate::{Client, Error, Extent};
+use crate::{Client, ConnectOptions, ContextExtent, Error, Extent};
 
 const PEER_TIMEOUT: Duration = Duration::from_secs(5);
 const CONTEXT_ID: u32 = 7;
+/// The id the peer gives `qemu:dirty-bitmap:bm0` when asked for it.
+const DIRTY_ID: u32 = 9;
 
 struct Peer {
     size: u64,
@@ -111,12 +113,16 @@ fn error_chunk(cookie: u64, errno: u32, message: &str) -> Vec<u8> {
 }
 
 fn status_chunk(cookie: u64, descriptors: &[(u32, u32)]) -> Vec<u8> {
-    let mut p = CONTEXT_ID.to_be_bytes().to_vec();
+    context_chunk(cookie, true, CONTEXT_ID, descriptors)
+}
+
+fn context_chunk(cookie: u64, done: bool, context: u32, descriptors: &[(u32, u32)]) -> Vec<u8> {
+    let mut p = context.to_be_bytes().to_vec();
     for (len, flags) in descriptors {
         p.extend_from_slice(&len.to_be_bytes());
         p.extend_from_slice(&flags.to_be_bytes());
     }
-    chunk(cookie, proto::REPLY_FLAG_DONE, proto::REPLY_TYPE_BLOCK_STATUS, &p)
+    chunk(cookie, u16::from(done), proto::REPLY_TYPE_BLOCK_STATUS, &p)
 }
 
 impl Peer {
@@ -139,9 +145,23 @@ impl Peer {
                     s.write_all(&reply(proto::REP_ACK, &[])).await.unwrap();
                 }
                 proto::OPT_SET_META_CONTEXT if self.meta => {
-                    let mut ctx = CONTEXT_ID.to_be_bytes().to_vec();
-                    ctx.extend_from_slice(proto::BASE_ALLOCATION.as_bytes());
-                    s.write_all(&reply(proto::REP_META_CONTEXT, &ctx)).await.unwrap();
+                    // Export name, count, names: select the ones this peer has.
+                    let skip = 4 + proto::be_u32(&data, 0).unwrap() as usize;
+                    let count = proto::be_u32(&data, skip).unwrap();
+                    let mut at = skip + 4;
+                    for _ in 0..count {
+                        let len = proto::be_u32(&data, at).unwrap() as usize;
+                        let name = &data[at + 4..at + 4 + len];
+                        at += 4 + len;
+                        let id = match name {
+                            b"base:allocation" => CONTEXT_ID,
+                            b"qemu:dirty-bitmap:bm0" => DIRTY_ID,
+                            _ => continue,
+                        };
+                        let mut ctx = id.to_be_bytes().to_vec();
+                        ctx.extend_from_slice(name);
+                        s.write_all(&reply(proto::REP_META_CONTEXT, &ctx)).await.unwrap();
+                    }
                     s.write_all(&reply(proto::REP_ACK, &[])).await.unwrap();
                 }
                 proto::OPT_GO => {
@@ -421,6 +441,136 @@ async fn block_status_loops_clips_and_merges() {
         ]
     );
     serve.await.unwrap();
+}
+
+/// A client that asked for `qemu:dirty-bitmap:bm0` besides `base:allocation`.
+async fn connected_with_bitmap() -> (Client, DuplexStream) {
+    let (client_end, mut server_end) = tokio::io::duplex(1 << 20);
+    let server = tokio::spawn(async move {
+        assert!(Peer::default().handshake(&mut server_end).await);
+        server_end
+    });
+    let options = ConnectOptions::new().dirty_bitmap("bm0").dirty_bitmap("absent");
+    let client = Client::connect_stream_with(client_end, "disk", &options, PEER_TIMEOUT)
+        .await
+        .unwrap();
+    (client, server.await.unwrap())
+}
+
+#[tokio::test]
+async fn each_context_gets_its_own_chunk_of_a_reply_for_all() {
+    let (client, mut server) = connected_with_bitmap().await;
+    assert_eq!(
+        client.meta_contexts().collect::<Vec<_>>(),
+        ["base:allocation", "qemu:dirty-bitmap:bm0"]
+    );
+    let serve = tokio::spawn(async move {
+        // The server reports every negotiated context, in any order.
+        let req = read_request(&mut server).await.unwrap();
+        assert_eq!((req.command, req.offset, req.len), (7, 0, 8192));
+        server
+            .write_all(&context_chunk(req.cookie, false, CONTEXT_ID, &[(8192, 0)]))
+            .await
+            .unwrap();
+        server
+            .write_all(&context_chunk(
+                req.cookie,
+                true,
+                DIRTY_ID,
+                &[(4096, 0), (2048, 1), (2048, 1)],
+            ))
+            .await
+            .unwrap();
+        let req = read_request(&mut server).await.unwrap();
+        server
+            .write_all(&context_chunk(req.cookie, false, DIRTY_ID, &[(8192, 1)]))
+            .await
+            .unwrap();
+        server
+            .write_all(&context_chunk(req.cookie, true, CONTEXT_ID, &[(8192, 3)]))
+            .await
+            .unwrap();
+        server
+    });
+    let dirty = client.dirty_extents("bm0", 0, 8192).await.unwrap();
+    assert_eq!(
+        dirty,
+        vec![
+            ContextExtent {
+                offset: 0,
+                len: 4096,
+                flags: 0
+            },
+            ContextExtent {
+                offset: 4096,
+                len: 4096,
+                flags: proto::STATE_DIRTY
+            },
+        ]
+    );
+    assert!(dirty[1].dirty() && !dirty[0].dirty());
+    let extents = client.block_status(0, 8192).await.unwrap();
+    assert_eq!(
+        extents,
+        vec![Extent {
+            offset: 0,
+            len: 8192,
+            hole: true,
+            zero: true
+        }]
+    );
+    // Asked for, not selected: refused before anything is sent.
+    let err = client.dirty_extents("absent", 0, 8192).await.unwrap_err();
+    assert!(matches!(err, Error::NoMetaContext { .. }), "{err:?}");
+    serve.await.unwrap();
+}
+
+#[tokio::test]
+async fn a_chunk_for_an_unnegotiated_context_or_twice_for_one_ends_the_connection() {
+    for (first, second) in [(DIRTY_ID, 77), (DIRTY_ID, DIRTY_ID)] {
+        let (client, mut server) = connected_with_bitmap().await;
+        let serve = tokio::spawn(async move {
+            let req = read_request(&mut server).await.unwrap();
+            server
+                .write_all(&context_chunk(req.cookie, false, first, &[(8192, 1)]))
+                .await
+                .unwrap();
+            server
+                .write_all(&context_chunk(req.cookie, true, second, &[(8192, 1)]))
+                .await
+                .unwrap();
+            server
+        });
+        let err = client.dirty_extents("bm0", 0, 8192).await.unwrap_err();
+        assert!(matches!(err, Error::Protocol(_)), "{err:?}");
+        let err = client.block_status(0, 8192).await.unwrap_err();
+        assert!(matches!(err, Error::Closed), "{err:?}");
+        drop(serve.await.unwrap());
+    }
+}
+
+#[tokio::test]
+async fn a_server_that_refuses_starttls_is_told_goodbye() {
+    let (client_end, mut server_end) = tokio::io::duplex(1 << 16);
+    let server = tokio::spawn(async move {
+        // Refuses STARTTLS as a server without TLS does; the client must send nothing but ABORT after.
+        assert!(!Peer::default().handshake(&mut server_end).await);
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let ca = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    std::fs::write(dir.path().join(crate::CA_CERT), ca.cert.pem()).unwrap();
+    let options = ConnectOptions::new()
+        .tls(crate::TlsCredentials::from_dir(dir.path()).unwrap())
+        .server_name("localhost");
+    let err = Client::connect_stream_with(client_end, "disk", &options, PEER_TIMEOUT)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, Error::TlsNotOffered { reply, .. } if reply.starts_with("NBD_REP_ERR_UNSUP")),
+        "{err:?}"
+    );
+    assert_eq!(err.kind(), crate::ErrorKind::Tls);
+    server.await.unwrap();
 }
 
 #[tokio::test]

@@ -24,6 +24,7 @@ pub(crate) const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 pub(crate) const OPT_EXPORT_NAME: u32 = 1;
 pub(crate) const OPT_ABORT: u32 = 2;
 pub(crate) const OPT_LIST: u32 = 3;
+pub(crate) const OPT_STARTTLS: u32 = 5;
 pub(crate) const OPT_GO: u32 = 7;
 pub(crate) const OPT_STRUCTURED_REPLY: u32 = 8;
 pub(crate) const OPT_SET_META_CONTEXT: u32 = 10;
@@ -35,6 +36,7 @@ pub(crate) const REP_INFO: u32 = 3;
 pub(crate) const REP_META_CONTEXT: u32 = 4;
 pub(crate) const REP_ERR_BIT: u32 = 1 << 31;
 pub(crate) const REP_ERR_UNSUP: u32 = REP_ERR_BIT + 1;
+pub(crate) const REP_ERR_TLS_REQD: u32 = REP_ERR_BIT + 5;
 pub(crate) const REP_ERR_UNKNOWN: u32 = REP_ERR_BIT + 6;
 
 // NBD_REP_INFO types.
@@ -64,9 +66,13 @@ pub(crate) const REPLY_TYPE_ERROR_OFFSET: u16 = REPLY_TYPE_ERROR_BIT + 2;
 // base:allocation status flags.
 pub(crate) const STATE_HOLE: u32 = 1 << 0;
 pub(crate) const STATE_ZERO: u32 = 1 << 1;
+/// `qemu:dirty-bitmap:NAME`: the block changed since the bitmap was started or last cleared.
+pub const STATE_DIRTY: u32 = 1 << 0;
 
 /// The metadata context that block status asks for.
 pub(crate) const BASE_ALLOCATION: &str = "base:allocation";
+/// Prefix of QEMU's metadata contexts that export a dirty bitmap.
+pub(crate) const QEMU_DIRTY_BITMAP: &str = "qemu:dirty-bitmap:";
 
 /// Longest string the protocol allows (export names, messages).
 pub(crate) const MAX_STRING: usize = 4096;

@@ -24,7 +24,10 @@ pub(crate) enum Expect {
     Done,
     Read(ReadAssembly),
     BlockStatus {
+        /// The context whose descriptors the request wants.
         context: u32,
+        /// The other negotiated contexts: the server reports them too, and their chunks are skipped.
+        others: Vec<u32>,
         descriptors: Option<Vec<(u32, u32)>>,
     },
 }

@@ -2,9 +2,15 @@
 //! block may be short and is hashed as it is). They let `verify` check a backup without its parents' data, and
 //! let a backup find changed blocks by comparing against the previous node when QEMU has lost its bitmaps.
 //!
-//! File format (integers little-endian): magic `QBAKTBL1`, u32 version (1), u32 flags (0), u64 block size,
-//! u64 virtual size, u64 block count (= virtual size / block size, rounded up), then one 32-byte digest per
-//! block.
+//! File format (integers little-endian): magic `QBAKTBL1`, u32 version, u32 flags (bit 0: keyed), u64 block
+//! size, u64 virtual size, u64 block count (= virtual size / block size, rounded up), then
+//! - version 2 (plain tables): a presence bitmap of `ceil(count / 8)` bytes (bit `i % 8` of byte `i / 8` set when
+//!   block `i` is stored; unused bits zero), then one 32-byte digest per stored block in block order. A block not
+//!   stored is all zeros: a mostly empty disk has a table the size of its data, not of its virtual size
+//!   (128 KiB of bitmap per TiB);
+//! - version 1 (keyed tables, and every table an older qmpbak wrote): one 32-byte digest per block. A keyed
+//!   table stays dense: a zero block's keyed digest cannot be told from another's, and leaving zero blocks out
+//!   would show which blocks of an encrypted disk are zeros.
 
 mod build;
 mod source;
@@ -28,8 +34,10 @@ pub type Digest = [u8; 32];
 
 /// The first 8 bytes of a table file.
 pub const MAGIC: &[u8; 8] = b"QBAKTBL1";
-/// The table format this qmpbak writes and reads.
-pub const VERSION: u32 = 1;
+/// The newest table format this qmpbak writes and reads: zero blocks implicit (plain tables).
+pub const VERSION: u32 = 2;
+/// The dense format: a digest per block (keyed tables; every table before version 2).
+pub const VERSION_DENSE: u32 = 1;
 /// Bytes before the first digest.
 pub const HEADER_LEN: usize = 40;
 /// The smallest block size a table may have (the repository's own minimum is larger).
@@ -48,7 +56,9 @@ pub const MAX_VIRTUAL_SIZE: u64 = i64::MAX as u64;
 pub struct Table {
     block_size: u64,
     virtual_size: u64,
-    digests: Vec<Digest>,
+    /// The number of blocks.
+    count: u64,
+    blocks: Blocks,
     /// Digest of an all-zero block of `block_size` bytes.
     zero_full: Digest,
     /// Digest of an all-zero last block (which may be shorter).
@@ -56,6 +66,16 @@ pub struct Table {
     /// The digests are keyed (HMAC with a repository's table key, [`crate::crypt::TableKey`]): flag bit 0 in
     /// the file. Zero blocks cannot be recognised in such a table.
     keyed: bool,
+}
+
+/// A table's digests in memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Blocks {
+    /// One digest per block: keyed tables, whose zero blocks cannot be recognised.
+    Dense(Vec<Digest>),
+    /// The blocks that are not all zeros, sorted by index, never a zero block's digest: plain tables. A mostly
+    /// empty 1 TiB disk then takes a few KiB of memory, not 32 MiB per table.
+    Sparse(Vec<(u64, Digest)>),
 }
 
 /// The file flag of a keyed table.
@@ -166,7 +186,14 @@ impl Table {
 
     /// [`Table::from_digests`] for keyed digests ([`crate::crypt::TableKey`]).
     pub fn from_digests_keyed(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Result<Table> {
-        let mut table = Table::from_digests(block_size, virtual_size, digests)?;
+        let count = check_size(virtual_size, block_size)?;
+        if digests.len() as u64 != count {
+            return Err(Error::DigestCount {
+                given: digests.len() as u64,
+                expected: count,
+            });
+        }
+        let mut table = Table::shape(block_size, virtual_size, Blocks::Dense(digests));
         table.keyed = true;
         Ok(table)
     }
@@ -176,8 +203,22 @@ impl Table {
         self.keyed
     }
 
-    /// Builds the struct; the caller has checked the sizes.
+    /// A plain table from one digest per block (the caller has checked the sizes): its zero blocks are
+    /// dropped.
     fn assemble(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Table {
+        let mut table = Table::shape(block_size, virtual_size, Blocks::Sparse(Vec::new()));
+        let stored = digests
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (i as u64, d))
+            .filter(|(i, d)| *d != table.zero_for(*i))
+            .collect();
+        table.blocks = Blocks::Sparse(stored);
+        table
+    }
+
+    /// The struct around `blocks`, plain; the caller has checked the sizes.
+    fn shape(block_size: u64, virtual_size: u64, blocks: Blocks) -> Table {
         let last_len = match virtual_size % block_size {
             0 => block_size,
             rest => rest,
@@ -185,7 +226,8 @@ impl Table {
         Table {
             block_size,
             virtual_size,
-            digests,
+            count: block_count(virtual_size, block_size),
+            blocks,
             zero_full: zero_digest(block_size),
             zero_last: zero_digest(last_len),
             keyed: false,
@@ -194,13 +236,8 @@ impl Table {
 
     /// The table of an all-zero disk (a new, empty one).
     pub fn zeroed(block_size: u64, virtual_size: u64) -> Result<Table> {
-        let count = check_size(virtual_size, block_size)? as usize;
-        let mut table = Table::assemble(block_size, virtual_size, Vec::new());
-        table.digests = vec![table.zero_full; count];
-        if let Some(last) = table.digests.last_mut() {
-            *last = table.zero_last;
-        }
-        Ok(table)
+        check_size(virtual_size, block_size)?;
+        Ok(Table::shape(block_size, virtual_size, Blocks::Sparse(Vec::new())))
     }
 
     pub fn block_size(&self) -> u64 {
@@ -213,20 +250,39 @@ impl Table {
 
     /// The number of blocks.
     pub fn len(&self) -> u64 {
-        self.digests.len() as u64
+        self.count
     }
 
     pub fn is_empty(&self) -> bool {
-        self.digests.is_empty()
+        self.count == 0
     }
 
-    pub fn digests(&self) -> &[Digest] {
-        &self.digests
+    /// Every block's digest, in block order (zero blocks included).
+    pub fn digests(&self) -> impl Iterator<Item = &Digest> + '_ {
+        (0..self.count).filter_map(|i| self.digest(i))
     }
 
-    /// Block `index`'s digest.
+    /// The number of digests held in memory: every block's for a keyed table, the non-zero blocks' for a
+    /// plain one.
+    pub fn stored(&self) -> u64 {
+        match &self.blocks {
+            Blocks::Dense(d) => d.len() as u64,
+            Blocks::Sparse(s) => s.len() as u64,
+        }
+    }
+
+    /// Block `index`'s digest (`None` past the end).
     pub fn digest(&self, index: u64) -> Option<&Digest> {
-        self.digests.get(usize::try_from(index).ok()?)
+        if index >= self.count {
+            return None;
+        }
+        match &self.blocks {
+            Blocks::Dense(d) => d.get(usize::try_from(index).ok()?),
+            Blocks::Sparse(s) => Some(match s.binary_search_by_key(&index, |(i, _)| *i) {
+                Ok(at) => &s[at].1,
+                Err(_) => self.zero_ref(index),
+            }),
+        }
     }
 
     /// The byte range of block `index`: its offset and length (the last one may be short).
@@ -235,10 +291,14 @@ impl Table {
     }
 
     fn zero_for(&self, index: u64) -> Digest {
-        if index + 1 == self.len() {
-            self.zero_last
+        *self.zero_ref(index)
+    }
+
+    fn zero_ref(&self, index: u64) -> &Digest {
+        if index + 1 == self.count {
+            &self.zero_last
         } else {
-            self.zero_full
+            &self.zero_full
         }
     }
 
@@ -247,22 +307,54 @@ impl Table {
         !self.keyed && self.digest(index).is_some_and(|d| *d == self.zero_for(index))
     }
 
-    /// The table of a child node: the parent's digests with `changed` ones replaced.
+    /// The table of a child node: the parent's digests with `changed` ones replaced (a later entry for the
+    /// same block wins). Linear in the parent's stored blocks plus the changes.
     pub fn derive(parent: &Table, changed: &[(u64, Digest)]) -> Result<Table> {
+        let count = parent.count;
+        if let Some(&(index, _)) = changed.iter().find(|(i, _)| *i >= count) {
+            return Err(Error::BlockOutOfRange { index, count });
+        }
         let mut child = parent.clone();
-        for &(index, digest) in changed {
-            let count = child.len();
-            let slot = usize::try_from(index)
-                .ok()
-                .and_then(|i| child.digests.get_mut(i))
-                .ok_or(Error::BlockOutOfRange { index, count })?;
-            *slot = digest;
+        match &mut child.blocks {
+            Blocks::Dense(digests) => {
+                for &(index, digest) in changed {
+                    // in range: checked above
+                    if let Some(slot) = usize::try_from(index).ok().and_then(|i| digests.get_mut(i)) {
+                        *slot = digest;
+                    }
+                }
+            }
+            Blocks::Sparse(stored) => {
+                let mut sorted = changed.to_vec();
+                // stable: among entries for one block, the last stays last
+                sorted.sort_by_key(|(i, _)| *i);
+                let mut merged = Vec::with_capacity(stored.len() + changed.len());
+                let mut old = std::mem::take(stored).into_iter().peekable();
+                let mut new = sorted.into_iter().peekable();
+                while let Some(&(index, digest)) = new.peek() {
+                    while old.peek().is_some_and(|(i, _)| *i < index) {
+                        merged.extend(old.next());
+                    }
+                    new.next();
+                    if new.peek().is_some_and(|(i, _)| *i == index) {
+                        continue;
+                    }
+                    if old.peek().is_some_and(|(i, _)| *i == index) {
+                        old.next();
+                    }
+                    if digest != parent.zero_for(index) {
+                        merged.push((index, digest));
+                    }
+                }
+                merged.extend(old);
+                *stored = merged;
+            }
         }
         Ok(child)
     }
 
     /// The blocks whose digests differ. Tables of different shape (block size or virtual size: a resized
-    /// disk) are [`Error::TableShapeMismatch`].
+    /// disk) are [`Error::TableShapeMismatch`]. Two plain tables are compared by their stored blocks alone.
     pub fn diff(a: &Table, b: &Table) -> Result<Vec<u64>> {
         if a.block_size != b.block_size || a.virtual_size != b.virtual_size {
             return Err(Error::TableShapeMismatch {
@@ -270,25 +362,59 @@ impl Table {
                 right: (b.block_size, b.virtual_size),
             });
         }
-        Ok(a.digests
-            .iter()
-            .zip(&b.digests)
-            .enumerate()
-            .filter(|(_, (x, y))| x != y)
-            .map(|(i, _)| i as u64)
-            .collect())
+        let (Blocks::Sparse(left), Blocks::Sparse(right)) = (&a.blocks, &b.blocks) else {
+            return Ok((0..a.count).filter(|&i| a.digest(i) != b.digest(i)).collect());
+        };
+        // Both hold only non-zero blocks: a block stored in one alone differs.
+        let mut out = Vec::new();
+        let (mut left, mut right) = (left.iter().peekable(), right.iter().peekable());
+        loop {
+            let (take_left, take_right) = match (left.peek().map(|e| e.0), right.peek().map(|e| e.0)) {
+                (None, None) => break,
+                (Some(l), Some(r)) => (l <= r, r <= l),
+                (Some(_), None) => (true, false),
+                (None, Some(_)) => (false, true),
+            };
+            let here = (left.next_if(|_| take_left), right.next_if(|_| take_right));
+            match here {
+                (Some(l), Some(r)) if l.1 == r.1 => {}
+                (Some(e), _) | (None, Some(e)) => out.push(e.0),
+                (None, None) => {}
+            }
+        }
+        Ok(out)
     }
 
-    /// The file contents.
+    /// The file contents: version 2 for a plain table, version 1 (dense) for a keyed one.
     fn encode(&self, out: &mut dyn io::Write) -> io::Result<()> {
+        self.encode_as(if self.keyed { VERSION_DENSE } else { VERSION }, out)
+    }
+
+    /// The file contents in format `version` (1 or 2).
+    fn encode_as(&self, version: u32, out: &mut dyn io::Write) -> io::Result<()> {
         out.write_all(MAGIC)?;
-        out.write_all(&VERSION.to_le_bytes())?;
+        out.write_all(&version.to_le_bytes())?;
         let flags = if self.keyed { FLAG_KEYED } else { 0 };
         out.write_all(&flags.to_le_bytes())?;
         out.write_all(&self.block_size.to_le_bytes())?;
         out.write_all(&self.virtual_size.to_le_bytes())?;
         out.write_all(&self.len().to_le_bytes())?;
-        for digest in &self.digests {
+        if version == VERSION_DENSE {
+            for digest in self.digests() {
+                out.write_all(digest)?;
+            }
+            return Ok(());
+        }
+        let stored: Vec<(u64, &Digest)> = (0..self.count)
+            .filter_map(|i| self.digest(i).map(|d| (i, d)))
+            .filter(|(i, _)| !self.is_zero(*i))
+            .collect();
+        let mut bitmap = vec![0u8; bitmap_len(self.count)];
+        for (i, _) in &stored {
+            bitmap[(i / 8) as usize] |= 1 << (i % 8);
+        }
+        out.write_all(&bitmap)?;
+        for (_, digest) in stored {
             out.write_all(digest)?;
         }
         Ok(())
@@ -356,9 +482,11 @@ impl Table {
             u64::from_le_bytes(b)
         };
         let version = u32_at(8);
-        if version != VERSION {
+        if version != VERSION && version != VERSION_DENSE {
             return Err(if version > VERSION {
-                format!("format version {version}, written by a newer qmpbak (this one reads {VERSION})")
+                format!(
+                    "format version {version}, written by a newer qmpbak (this one reads up to {VERSION})"
+                )
             } else {
                 format!("unknown format version {version}")
             });
@@ -366,6 +494,12 @@ impl Table {
         let flags = u32_at(12);
         if flags & !FLAG_KEYED != 0 {
             return Err(format!("unknown flags {flags:#x}"));
+        }
+        let keyed = flags & FLAG_KEYED != 0;
+        if keyed && version != VERSION_DENSE {
+            return Err(format!(
+                "a keyed table in format version {version}: keyed tables are only written dense (version {VERSION_DENSE})"
+            ));
         }
         let (block_size, virtual_size, count) = (u64_at(16), u64_at(24), u64_at(32));
         if check_block_size(block_size).is_err() {
@@ -378,6 +512,9 @@ impl Table {
             return Err(format!(
                 "it says {count} blocks, but {virtual_size} bytes in blocks of {block_size} make {expected_count}"
             ));
+        }
+        if version == VERSION {
+            return Table::decode_sparse(block_size, virtual_size, count, &bytes[HEADER_LEN..]);
         }
         let body = (bytes.len() - HEADER_LEN) as u64;
         if body != count.saturating_mul(32) {
@@ -399,14 +536,70 @@ impl Table {
                 d
             })
             .collect();
-        let mut table = Table::assemble(block_size, virtual_size, digests);
-        table.keyed = flags & FLAG_KEYED != 0;
+        Ok(if keyed {
+            let mut table = Table::shape(block_size, virtual_size, Blocks::Dense(digests));
+            table.keyed = true;
+            table
+        } else {
+            Table::assemble(block_size, virtual_size, digests)
+        })
+    }
+
+    /// The body of a version 2 table: presence bitmap, then the stored digests. `count` is checked.
+    fn decode_sparse(
+        block_size: u64,
+        virtual_size: u64,
+        count: u64,
+        body: &[u8],
+    ) -> std::result::Result<Table, String> {
+        let map_len = bitmap_len(count);
+        let Some((bitmap, digests)) = body.split_at_checked(map_len) else {
+            return Err(format!(
+                "truncated: {} bytes for a presence bitmap of {map_len} bytes",
+                body.len()
+            ));
+        };
+        if count % 8 != 0 && bitmap.last().is_some_and(|last| last >> (count % 8) != 0) {
+            return Err(format!(
+                "its presence bitmap marks blocks past the last one ({count} blocks)"
+            ));
+        }
+        let stored: u64 = bitmap.iter().map(|b| u64::from(b.count_ones())).sum();
+        let body = digests.len() as u64;
+        if body != stored * 32 {
+            let what = if body < stored * 32 {
+                "truncated"
+            } else {
+                "longer than its header says"
+            };
+            return Err(format!(
+                "{what}: {body} bytes of digests for {stored} stored blocks (expected {})",
+                stored * 32
+            ));
+        }
+        let mut table = Table::zeroed(block_size, virtual_size).map_err(|e| e.to_string())?;
+        let indices = (0..count).filter(|i| bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0);
+        let stored = indices
+            .zip(digests.chunks_exact(32))
+            .map(|(i, c)| {
+                let mut d = [0u8; 32];
+                d.copy_from_slice(c);
+                (i, d)
+            })
+            .filter(|(i, d)| *d != table.zero_for(*i))
+            .collect();
+        table.blocks = Blocks::Sparse(stored);
         Ok(table)
     }
 }
 
-/// The largest table file there can be.
-const MAX_FILE_LEN: u64 = HEADER_LEN as u64 + MAX_BLOCKS * 32;
+/// Bytes of a version 2 table's presence bitmap for `count` blocks.
+fn bitmap_len(count: u64) -> usize {
+    usize::try_from(count.div_ceil(8)).unwrap_or(usize::MAX)
+}
+
+/// The largest table file there can be (version 2 with every block stored).
+pub const MAX_FILE_LEN: u64 = HEADER_LEN as u64 + MAX_BLOCKS / 8 + MAX_BLOCKS * 32;
 
 /// A table file's bytes, its length checked before anything is read: a file longer than any table is
 /// [`Error::TableCorrupt`] without being read.
@@ -494,9 +687,10 @@ mod tests {
         let table = sample();
         let sha = table.save(&path).unwrap();
         assert_eq!(sha, sha256_file(&path).unwrap());
+        // a presence bitmap of one byte and four digests (no block of the sample is zero)
         assert_eq!(
             std::fs::metadata(&path).unwrap().len(),
-            HEADER_LEN as u64 + 4 * 32
+            HEADER_LEN as u64 + 1 + 4 * 32
         );
         assert_eq!(Table::load(&path).unwrap(), table);
         Table::verify_file(&path, &sha).unwrap();
@@ -534,8 +728,14 @@ mod tests {
         bad_magic[0] = b'X';
         corrupt(&bad_magic, "does not start");
         let mut newer = good.clone();
-        newer[8] = 2;
+        newer[8] = 3;
         corrupt(&newer, "newer qmpbak");
+        let mut keyed_sparse = good.clone();
+        keyed_sparse[12] = 1;
+        corrupt(&keyed_sparse, "only written dense");
+        let mut past_end = good.clone();
+        past_end[HEADER_LEN] |= 0x10;
+        corrupt(&past_end, "past the last one");
         let mut flags = good.clone();
         flags[12] = 2;
         corrupt(&flags, "flags");
@@ -549,6 +749,43 @@ mod tests {
         let mut longer = good.clone();
         longer.push(0);
         corrupt(&longer, "longer than");
+    }
+
+    #[test]
+    fn a_mostly_zero_table_is_stored_in_the_size_of_its_data_and_reads_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sparse.table");
+        // 1000 blocks, 3 of them data, the short last one among them.
+        let zeroed = Table::zeroed(BS, 999 * BS + 10).unwrap();
+        let table = Table::derive(&zeroed, &[(0, [1u8; 32]), (500, [2; 32]), (999, [3; 32])]).unwrap();
+        assert_eq!(table.stored(), 3);
+        table.save(&path).unwrap();
+        let len = std::fs::metadata(&path).unwrap().len();
+        assert_eq!(len, HEADER_LEN as u64 + 125 + 3 * 32);
+        assert_eq!(Table::load(&path).unwrap(), table);
+        zeroed.save(&path).unwrap();
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), HEADER_LEN as u64 + 125);
+        assert_eq!(Table::load(&path).unwrap(), zeroed);
+    }
+
+    #[test]
+    fn a_dense_version_1_table_still_reads_and_keyed_tables_are_written_dense() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("old.table");
+        let table = Table::zeroed(BS, 3 * BS).unwrap();
+        let mut old = Vec::new();
+        table.encode_as(VERSION_DENSE, &mut old).unwrap();
+        assert_eq!(old.len(), HEADER_LEN + 3 * 32);
+        std::fs::write(&path, &old).unwrap();
+        assert_eq!(Table::load(&path).unwrap(), table);
+
+        let keyed = Table::from_digests_keyed(BS, 3 * BS, vec![[0; 32]; 3]).unwrap();
+        let mut bytes = Vec::new();
+        keyed.encode(&mut bytes).unwrap();
+        assert_eq!(bytes[8], VERSION_DENSE as u8);
+        assert_eq!(bytes.len(), HEADER_LEN + 3 * 32);
+        keyed.save(&path).unwrap();
+        assert_eq!(Table::load(&path).unwrap(), keyed);
     }
 
     #[test]

@@ -48,6 +48,7 @@ pub struct UmountArgs {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let _key = args.target.unlock()?;
     let mode = if args.list {
         MountMode::List
     } else if args.image_only {
@@ -112,6 +113,13 @@ fn print_report(r: &MountReport) -> Result<(), super::out::StdoutError> {
             }
             if let Some(at) = &p.mounted_at {
                 let _ = write!(line, "  mounted read-only on {}", at.display());
+                if let Some(driver) = &p.fuse_driver {
+                    let _ = write!(
+                        line,
+                        " (through {driver}: the kernel has no {})",
+                        p.fstype.as_deref().unwrap_or("driver")
+                    );
+                }
             }
             if let Some(err) = &p.error {
                 let _ = write!(line, "  not mounted: {err}");

@@ -13,7 +13,7 @@ pub struct Args {
     #[arg(long)]
     tag: Option<String>,
     /// Also copy the frozen increments into the repository, so the time point survives the loss of the VM's
-    /// storage (takes as long as the copy).
+    /// storage (takes as long as the copy); in an encrypted repository they are encrypted there, with its key.
     #[arg(long)]
     copy: bool,
     /// Print JSON.
@@ -22,6 +22,13 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    // A copy into an encrypted repository is encrypted with its key; a time point without a copy writes no data
+    // into the repository and needs none (a key given is checked all the same).
+    let _key = if args.copy || args.vm.target.key.source().is_some() {
+        args.vm.target.unlock()?
+    } else {
+        None
+    };
     let opts = SnapshotOptions {
         socket: args.vm.socket,
         repo: args.vm.target.repo,
@@ -101,6 +108,12 @@ pub struct CommitArgs {
 }
 
 pub async fn commit(args: CommitArgs) -> Result<()> {
+    // Needed when a copied time point's copy must absorb its parent's copy (encrypted repositories).
+    let _key = if args.vm.target.key.source().is_some() {
+        args.vm.target.unlock()?
+    } else {
+        None
+    };
     let opts = qmpbak::commit::CommitOptions {
         socket: args.vm.socket,
         repo: args.vm.target.repo,

@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use crate::exit::Exit;
 
 /// The environment variable read for the key when no other source is named.
-pub const KEY_ENV: &str = "QMPBAK_KEY";
+pub const KEY_ENV: &str = crate::children::KEY_ENV;
 
 /// One source of the repository key.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -24,6 +24,10 @@ pub enum KeySource {
 impl KeySource {
     /// The source named on the command line, else [`KEY_ENV`] when it is set, else none.
     pub fn choose(file: Option<PathBuf>, fd: Option<u32>, env: Option<String>) -> Option<KeySource> {
+        // A variable named to hold the key is kept from children even when no key is read from it.
+        if let Some(name) = &env {
+            crate::children::keep_env_from_children(name);
+        }
         file.map(KeySource::File)
             .or(fd.map(KeySource::Fd))
             .or(env.map(KeySource::Env))
@@ -41,6 +45,7 @@ impl KeySource {
                 .with_context(|| format!("reading the key from file descriptor {fd}"))?,
             KeySource::Env(name) => {
                 use std::os::unix::ffi::OsStringExt as _;
+                crate::children::keep_env_from_children(name);
                 std::env::var_os(name)
                     .with_context(|| {
                         format!("the environment variable {name} that should hold the key is not set")

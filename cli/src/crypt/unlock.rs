@@ -111,18 +111,6 @@ pub fn require(repo: &Repository) -> Result<()> {
     }
 }
 
-/// Refuses `what` in an encrypted repository: for the operations that do not handle encrypted node files yet
-/// (they would fail to open them, or write plaintext). A usage error (exit 2), before anything is changed.
-pub fn refuse_if_encrypted(repo: &Repository, what: &str) -> Result<()> {
-    if repo.settings().encryption.is_some() {
-        return Err(crate::exit::Exit::usage(format!(
-            "{what} does not support encrypted repositories yet; nothing was changed"
-        ))
-        .into());
-    }
-    Ok(())
-}
-
 impl Unlocked {
     pub fn table_key(&self) -> &TableKey {
         self.keys.table_key()

@@ -2,8 +2,11 @@
 //! manifest (layers named explicitly, as for restore) in a qemu-storage-daemon that exports the disk read-only
 //! as a raw image file over FUSE; for file access a read-only loop device with partitions goes over that file,
 //! and each file system is mounted read-only without replaying its journal (ext4 `noload`, xfs `norecovery`),
-//! so a crash-consistent image mounts without a single write. Before anything is exported, the chain is checked
-//! against the node's checking table, as a restore does: a damaged node is refused unless `--force`.
+//! so a crash-consistent image mounts without a single write; a file system the kernel lacks but a FUSE driver
+//! reads (vfat: fusefat) is mounted read-only through that driver. `--image-only` and `--list` need no root
+//! (FUSE only; their records are the user's own, see [`state::runtime_dir`]). Before anything is exported, the
+//! chain is checked against the node's checking table, as a restore does: a damaged node is refused unless
+//! `--force`.
 //!
 //! What is set up is recorded step by step ([`state`]); [`umount`] undoes it, also after the mounting qmpbak
 //! was killed, and [`clean_interrupted`] does so for every interrupted mount of a VM (`qmpbak cleanup`).
@@ -12,6 +15,7 @@ pub mod partitions;
 pub mod state;
 
 use std::ffi::OsStr;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
@@ -26,12 +30,15 @@ use crate::exit::{Exit, ExitCode};
 use crate::qemu_bins::QemuBins;
 use crate::tables::load_node_table;
 pub use partitions::Partition;
-use partitions::{mount_options, probe};
+use partitions::{fuse_driver, kernel_has, mount_options, probe};
 use state::{MountState, run};
 
 /// How long qemu-storage-daemon may take to open the chain and set up its FUSE export (`--daemonize` returns
 /// once it has).
 pub const EXPORT_START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a FUSE file system driver (fusefat) may take to mount a partition and detach.
+pub const FUSE_MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What to do with the node's disk.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -98,6 +105,8 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
         (None, _) => bail!(Exit::usage("mount needs a directory to mount into")),
     };
     let repo = Repository::open(&opts.repo)?;
+    // An encrypted repository's chain is decrypted by the daemon with the key; without it, exit 3.
+    crate::crypt::require(&repo)?;
     let vm = repo.vm(&opts.vm)?;
     let guard = vm.lock_shared(opts.lock_wait)?;
     let manifest = vm.load()?;
@@ -192,7 +201,7 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
         report.partitions = partitions;
         if opts.mode == MountMode::Mount {
             if let Some(dir) = &dir {
-                mount_all(&mut st, dir, &mut report)?;
+                mount_all(&mut st, dir, &mut report).await?;
             }
         }
         Ok::<_, anyhow::Error>(report)
@@ -232,7 +241,7 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
 }
 
 /// Checks that `dir` can be a mount point: an existing, empty directory that is not mounted by qmpbak already.
-/// An earlier mount of it whose qmpbak was killed is undone first.
+/// An earlier mount of it whose qmpbak was killed, or whose export is gone (a restart), is undone first.
 fn check_mount_point(dir: &Path, mode: MountMode) -> Result<PathBuf> {
     let dir = std::fs::canonicalize(dir).map_err(|e| {
         Exit::usage(format!(
@@ -244,8 +253,8 @@ fn check_mount_point(dir: &Path, mode: MountMode) -> Result<PathBuf> {
         bail!(Exit::usage(format!("{} is not a directory", dir.display())));
     }
     if let Some(old) = MountState::load(&dir)? {
-        if old.interrupted() {
-            tracing::info!(dir = %dir.display(), "undoing an interrupted mount first");
+        if old.interrupted() || old.stale()? {
+            tracing::info!(dir = %dir.display(), "undoing an interrupted or stale mount first");
             state::teardown(&old)?;
         } else {
             bail!(Exit::usage(format!(
@@ -320,11 +329,17 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
     st.save()?;
     state::make_private(&st.image, 0o600)?;
     // Deliberately not a `children` command: the export outlives this qmpbak (until `umount`).
-    let mut cmd = tokio::process::Command::new(&bins.storage_daemon);
+    let mut cmd = std::process::Command::new(&bins.storage_daemon);
+    crate::children::scrub_env(&mut cmd);
+    // An encrypted repository's key reaches the daemon as a secret object naming a private file, read at start
+    // (the file goes when this qmpbak is done; the export keeps working).
+    cmd.args(crate::crypt::unlock::qemu_img_args());
+    let mut cmd = tokio::process::Command::from(cmd);
     let mut below: Option<String> = None;
     for (i, file) in files.iter().enumerate() {
         let name = format!("mnt{i}");
-        let options = crate::graph::qcow2_options(&name, file, below.as_deref(), true);
+        let mut options = crate::graph::qcow2_options(&name, file, below.as_deref(), true);
+        crate::crypt::unlock::encrypt_node(&mut options);
         cmd.arg("--blockdev").arg(options.to_string());
         below = Some(name);
     }
@@ -378,8 +393,9 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
 }
 
 /// Sets up the read-only loop device with partitions over the image and mounts every file system it knows
-/// read-only: a whole disk at `dir`, partition N at `dir/pN`. Each step is recorded before the next.
-fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) -> Result<()> {
+/// read-only: a whole disk at `dir`, partition N at `dir/pN`, with the kernel's driver or, where the kernel
+/// lacks the file system, a FUSE driver ([`fuse_mount`]). Each step is recorded before the next.
+async fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) -> Result<()> {
     let device = run(
         "losetup",
         &[
@@ -423,7 +439,7 @@ fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) -> Resul
             st.save()?;
             (partition_device(part.number), target)
         };
-        let mounted = run(
+        let mounted = match run(
             "mount",
             &[
                 "-t".as_ref(),
@@ -433,12 +449,30 @@ fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) -> Resul
                 source.as_os_str(),
                 target.as_os_str(),
             ],
-        );
+        ) {
+            Ok(_) => Ok(None),
+            // The kernel lacks the file system (asked after the attempt, which loads its module if there is
+            // one): its FUSE driver mounts it instead, where there is one.
+            Err(e) if !kernel_has(kind) => match fuse_driver(kind) {
+                Some(driver) => fuse_mount(driver, &source, &target, &st.state_dir()?)
+                    .await
+                    .map(|()| {
+                        crashpoint("mount-fuse-driver");
+                        Some(driver.to_owned())
+                    })
+                    .map_err(|fuse| {
+                        fuse.context(format!("this kernel has no {kind}, and its FUSE driver failed"))
+                    }),
+                None => Err(e),
+            },
+            Err(e) => Err(e),
+        };
         match mounted {
-            Ok(_) => {
+            Ok(driver) => {
                 st.mounts.push(target.clone());
                 st.save()?;
                 part.mounted_at = Some(target);
+                part.fuse_driver = driver;
             }
             Err(e) => {
                 part.error = Some(format!("{e:#}"));
@@ -448,6 +482,69 @@ fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) -> Resul
                 }
             }
         }
+    }
+    Ok(())
+}
+
+/// Mounts the file system on device `source` at `target` read-only with FUSE driver `driver` (`fusefat`), which
+/// detaches once the file system is mounted and serves it until it is unmounted. It only reads: read-only is
+/// its default (writing needs its `rw+`), `ro` makes the mount itself read-only too, and `source` is a
+/// partition of a read-only loop device over a read-only export, so no write could reach the image anyway.
+/// The mount names `source` as its source (`fsname`), so that a teardown finds it even when it was not
+/// recorded. The starting process is owned: if qmpbak dies while it starts, it dies too.
+async fn fuse_mount(driver: &str, source: &Path, target: &Path, state_dir: &Path) -> Result<()> {
+    if !source.is_absolute() || !target.is_absolute() {
+        bail!(
+            "{driver} is only given absolute paths ({}, {})",
+            source.display(),
+            target.display()
+        );
+    }
+    let program = state::find_program(driver).ok_or_else(|| {
+        anyhow::anyhow!("{driver} is not installed (Debian package {driver}); nothing else can mount it")
+    })?;
+    // Its error output goes to a private file, not a pipe: the detached driver could keep a pipe open.
+    let log = state_dir.join(format!("{driver}.stderr"));
+    let log_file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&log)
+        .with_context(|| format!("creating {}", log.display()))?;
+    let mut cmd = crate::children::command(&program);
+    cmd.arg("-o")
+        .arg(format!("ro,fsname={},subtype={driver}", source.display()))
+        .arg(source)
+        .arg(target)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::from(log_file));
+    tracing::info!(program = %program.display(), source = %source.display(), target = %target.display(),
+        "mounting read-only through FUSE");
+    let mut child =
+        crate::children::spawn(&mut cmd).with_context(|| format!("starting {}", program.display()))?;
+    let status = tokio::time::timeout(FUSE_MOUNT_TIMEOUT, child.wait())
+        .await
+        .map_err(|_| {
+            anyhow::anyhow!(
+                "{driver} did not mount {} within {FUSE_MOUNT_TIMEOUT:?}",
+                source.display()
+            )
+        })?
+        .with_context(|| format!("waiting for {driver}"))?;
+    let stderr = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    if !status.success() {
+        bail!("{} failed ({status}): {}", program.display(), stderr.trim());
+    }
+    if !state::mounts()?.iter().any(|(_, t)| t == target) {
+        bail!(
+            "{} exited without mounting {}: {}",
+            program.display(),
+            target.display(),
+            stderr.trim()
+        );
     }
     Ok(())
 }

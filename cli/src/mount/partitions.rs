@@ -25,6 +25,9 @@ pub struct Partition {
     pub label: Option<String>,
     /// Where it is mounted.
     pub mounted_at: Option<PathBuf>,
+    /// The FUSE driver that mounted it (`fusefat`) where the kernel lacks the file system; none for the
+    /// kernel's own.
+    pub fuse_driver: Option<String>,
     /// Why it is not mounted, when it could have been.
     pub error: Option<String>,
 }
@@ -47,6 +50,7 @@ pub fn probe(image: &Path) -> Result<(Option<String>, Vec<Partition>)> {
                 fstype: whole.get("TYPE").cloned(),
                 label: whole.get("LABEL").cloned(),
                 mounted_at: None,
+                fuse_driver: None,
                 error: None,
             }],
         ));
@@ -83,6 +87,7 @@ pub fn probe(image: &Path) -> Result<(Option<String>, Vec<Partition>)> {
             fstype: found.get("TYPE").cloned(),
             label: found.get("LABEL").cloned(),
             mounted_at: None,
+            fuse_driver: None,
             error: None,
         });
     }
@@ -129,6 +134,25 @@ pub fn mount_options(fstype: &str) -> Option<(&'static str, &'static str)> {
     })
 }
 
+/// The FUSE driver that mounts file systems of mount type `kind` read-only where the kernel lacks them: a
+/// program that detaches once mounted and is stopped by unmounting.
+pub fn fuse_driver(kind: &str) -> Option<&'static str> {
+    match kind {
+        "vfat" => Some("fusefat"),
+        _ => None,
+    }
+}
+
+/// The programs [`fuse_driver`] names (a teardown looks for them).
+pub const FUSE_DRIVERS: &[&str] = &["fusefat"];
+
+/// Whether the running kernel can mount file systems of type `kind` now (`/proc/filesystems`; a module that
+/// is not loaded yet does not count, so ask after a mount attempt has loaded it).
+pub fn kernel_has(kind: &str) -> bool {
+    std::fs::read_to_string("/proc/filesystems")
+        .is_ok_and(|text| text.lines().any(|l| l.split_whitespace().last() == Some(kind)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -146,6 +170,9 @@ mod tests {
             assert!(options.split(',').any(|o| o == "ro"), "{fstype}: {options}");
         }
         assert_eq!(mount_options("swap"), None);
+        for driver in FUSE_DRIVERS {
+            assert!(["vfat"].iter().any(|k| fuse_driver(k) == Some(*driver)));
+        }
         assert_eq!(mount_options("LVM2_member"), None);
     }
 }

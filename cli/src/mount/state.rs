@@ -1,11 +1,13 @@
-//! What a `qmpbak mount` set up, recorded in a state file in a private runtime directory (`/run/qmpbak/mounts`
-//! for root, `$XDG_RUNTIME_DIR/qmpbak/mounts` or `/tmp/qmpbak-UID/mounts` otherwise), one directory per mount
-//! point: so `qmpbak umount` and `qmpbak cleanup` can undo it after the mounting qmpbak was killed. Teardown does
-//! not trust the record alone: it also finds the loop devices backed by the exported image and the mounts of
-//! those devices, so a kill between a step and its record leaves nothing behind either.
+//! What a `qmpbak mount` set up, recorded in a state file in a private directory ([`runtime_dir`]:
+//! `/run/qmpbak/mounts` for root, `$XDG_RUNTIME_DIR/qmpbak/mounts` or `~/.cache/qmpbak/mounts` for another
+//! user), one directory per mount point: so `qmpbak umount` and `qmpbak cleanup` can undo it after the mounting
+//! qmpbak was killed. Teardown does not trust the record alone: it also finds the loop devices backed by the
+//! exported image, the mounts of those devices (a FUSE driver's mount names its device as its source) and the
+//! FUSE drivers serving them, so a kill between a step and its record leaves nothing behind either.
 
 use std::fs;
 use std::io;
+use std::os::unix::ffi::OsStrExt as _;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -16,6 +18,10 @@ use sha2::{Digest as _, Sha256};
 
 /// How long the storage daemon may take to exit after SIGTERM before it is killed.
 pub const DAEMON_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a FUSE file system driver (fusefat) may take to exit after its file system was unmounted before
+/// it is killed.
+pub const FUSE_DRIVER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The name of the record in a mount's state directory.
 const STATE_FILE: &str = "state.json";
@@ -48,21 +54,54 @@ pub struct MountState {
     pub complete: bool,
 }
 
-/// The directory holding every mount's state: private to its owner, created if needed.
+/// The directory holding every mount's state: private to its owner (0700), created if needed. Root's is
+/// `/run/qmpbak/mounts`; another user's is their own, so that `--image-only` and `--list` work without root:
+/// `qmpbak/mounts` in their cache directory (`$XDG_CACHE_HOME`, or `~/.cache`), else in the session's runtime
+/// directory (`$XDG_RUNTIME_DIR`). The cache comes first: it is the same for a login and a cron job, and it
+/// outlives a logout, which removes the runtime directory but not the mounts; a record that outlives its
+/// mount (a reboot) is found stale and undone. A shared place such as `/tmp` is never used: another user
+/// could create the name first.
 pub fn runtime_dir() -> Result<PathBuf> {
-    let base = if nix::unistd::geteuid().is_root() {
-        PathBuf::from("/run/qmpbak")
-    } else {
-        match std::env::var_os("XDG_RUNTIME_DIR").filter(|d| Path::new(d).is_absolute()) {
-            Some(dir) => PathBuf::from(dir).join("qmpbak"),
-            None => PathBuf::from(format!("/tmp/qmpbak-{}", nix::unistd::geteuid())),
-        }
-    };
-    let dir = base.join("mounts");
-    for d in [&base, &dir] {
-        private_dir(d)?;
+    if nix::unistd::geteuid().is_root() {
+        let base = PathBuf::from("/run/qmpbak");
+        let dir = base.join("mounts");
+        private_dir(&base)?;
+        private_dir(&dir)?;
+        return Ok(dir);
     }
+    let env = |name: &str| std::env::var_os(name).map(PathBuf::from);
+    let parent =
+        user_records_parent(env("XDG_RUNTIME_DIR"), env("XDG_CACHE_HOME"), env("HOME")).ok_or_else(|| {
+            anyhow::anyhow!(
+                "no private place for qmpbak's mount records: neither XDG_CACHE_HOME, HOME nor \
+                 XDG_RUNTIME_DIR (an existing directory) is set to an absolute path"
+            )
+        })?;
+    let base = parent.join("qmpbak");
+    // The cache directory itself may not exist yet: made as the user's own, private.
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&parent)
+        .with_context(|| format!("creating {} for qmpbak's mount records", parent.display()))?;
+    let dir = base.join("mounts");
+    private_dir(&base)?;
+    private_dir(&dir)?;
     Ok(dir)
+}
+
+/// Where a user other than root keeps `qmpbak/mounts`, given `$XDG_RUNTIME_DIR`, `$XDG_CACHE_HOME` and `$HOME`:
+/// the cache directory (`~/.cache` by default), else the session's runtime directory if it exists. Relative
+/// values are ignored, as the XDG base directory specification says.
+fn user_records_parent(
+    runtime: Option<PathBuf>,
+    cache: Option<PathBuf>,
+    home: Option<PathBuf>,
+) -> Option<PathBuf> {
+    let absolute = |d: Option<PathBuf>| d.filter(|d| d.is_absolute());
+    absolute(cache)
+        .or_else(|| absolute(home).map(|home| home.join(".cache")))
+        .or_else(|| absolute(runtime).filter(|d| d.is_dir()))
 }
 
 /// Creates `dir` (0700) or checks that the existing one is a directory of ours that nobody else can write:
@@ -135,6 +174,12 @@ impl MountState {
     pub fn interrupted(&self) -> bool {
         !self.complete && !pid_alive(self.owner_pid)
     }
+
+    /// Whether this complete mount is gone already: its export is no longer mounted (the machine restarted,
+    /// or the storage daemon was stopped by hand). What may be left of it is for a teardown.
+    pub fn stale(&self) -> Result<bool> {
+        Ok(self.complete && !mounts()?.iter().any(|(_, t)| t == &self.image))
+    }
 }
 
 fn pid_alive(pid: u32) -> bool {
@@ -145,8 +190,8 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 /// Undoes everything `state` names (and what a kill may have left unrecorded), in reverse order: the file
-/// systems, the loop devices over the image, the storage daemon, a FUSE mount left by a killed daemon, the
-/// directories and image file qmpbak created, and the record. A busy file system stops it with an error
+/// systems, the FUSE drivers serving some of them, the loop devices over the image, the storage daemon, a FUSE
+/// mount left by a killed daemon, the directories and image file qmpbak created, and the record. A busy file system stops it with an error
 /// saying so, having changed nothing after it; running it again finishes the job.
 pub fn teardown(state: &MountState) -> Result<()> {
     let loops = loop_devices(state);
@@ -176,6 +221,9 @@ pub fn teardown(state: &MountState) -> Result<()> {
             })?;
         }
     }
+    // A FUSE driver exits once its file system is unmounted; one still serving a device of ours (its mount
+    // gone with a kill of the driver, say) is stopped before the device is detached.
+    stop_fuse_drivers(&loops);
     for device in &loops {
         // Partitions added with partx stay until deleted; ignore "none there".
         let _ = run("partx", &["--delete".as_ref(), device.as_os_str()]);
@@ -303,6 +351,69 @@ fn is_our_daemon(pid: u32, image: &Path) -> bool {
     is_daemon && args.iter().any(|a| a.windows(image.len()).any(|w| w == image))
 }
 
+/// The running FUSE file system drivers ([`super::partitions::FUSE_DRIVERS`]) whose command line names one of
+/// `devices` or a partition of one (`/dev/loop3`, `/dev/loop3p2`).
+fn fuse_drivers(devices: &[PathBuf]) -> Vec<nix::unistd::Pid> {
+    let Ok(entries) = fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let names_ours = |arg: &[u8]| {
+        devices.iter().any(|d| {
+            let d = d.as_os_str().as_encoded_bytes();
+            arg.strip_prefix(d).is_some_and(|rest| {
+                rest.is_empty()
+                    || rest
+                        .strip_prefix(b"p")
+                        .is_some_and(|n| !n.is_empty() && n.iter().all(u8::is_ascii_digit))
+            })
+        })
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid: i32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = fs::read(entry.path().join("cmdline")).ok()?;
+            let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+            let program = Path::new(std::ffi::OsStr::from_bytes(args.first()?));
+            let is_driver = program
+                .file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| super::partitions::FUSE_DRIVERS.contains(&n));
+            (is_driver && args.iter().any(|a| names_ours(a))).then(|| nix::unistd::Pid::from_raw(pid))
+        })
+        .collect()
+}
+
+/// Waits for the FUSE drivers serving `devices` to exit (they do once unmounted), and kills those that do not
+/// within [`FUSE_DRIVER_EXIT_TIMEOUT`].
+fn stop_fuse_drivers(devices: &[PathBuf]) {
+    let deadline = Instant::now() + FUSE_DRIVER_EXIT_TIMEOUT;
+    loop {
+        let left = fuse_drivers(devices);
+        if left.is_empty() {
+            return;
+        }
+        if Instant::now() >= deadline {
+            for pid in left {
+                tracing::warn!(%pid, "a FUSE driver did not exit after its unmount: killing it");
+                let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            }
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The absolute path of `program` on `PATH` (absolute entries only) or in the system's program directories.
+pub fn find_program(program: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .filter(|d| d.is_absolute())
+        .chain(["/usr/local/bin", "/usr/bin", "/bin", "/usr/sbin", "/sbin"].map(PathBuf::from))
+        .map(|d| d.join(program))
+        .find(|p| fs::metadata(p).is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0))
+}
+
 /// Runs a program to completion; a failure carries its stderr.
 pub fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
     tracing::info!(program, ?args, "running");
@@ -333,6 +444,35 @@ pub fn make_private(path: &Path, mode: u32) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_users_records_are_in_the_cache_dir_else_the_runtime_dir() {
+        let run = std::env::temp_dir();
+        let some = |p: &str| Some(PathBuf::from(p));
+        assert_eq!(
+            user_records_parent(Some(run.clone()), some("/c"), some("/h")),
+            some("/c")
+        );
+        assert_eq!(
+            user_records_parent(Some(run.clone()), None, some("/h")),
+            some("/h/.cache")
+        );
+        // Relative values are passed over; so is a runtime directory that does not exist.
+        assert_eq!(
+            user_records_parent(None, some("cache"), some("/h")),
+            some("/h/.cache")
+        );
+        assert_eq!(
+            user_records_parent(Some(run.clone()), some("c"), some("h")),
+            Some(run)
+        );
+        assert_eq!(
+            user_records_parent(some("/nonexistent/run/user/1"), None, None),
+            None
+        );
+        assert_eq!(user_records_parent(some("run"), None, None), None);
+        assert_eq!(user_records_parent(None, None, None), None);
+    }
 
     #[test]
     fn mountinfo_escapes_are_decoded() {

@@ -99,7 +99,11 @@ pub fn apply(manifest: &mut Manifest, record: &CommitRecord) -> Result<()> {
         for d in &mut n.disks {
             if let Some(p) = parent_disks.iter().find(|p| p.disk == d.disk) {
                 d.location = p.location.clone();
-                d.backing = p.backing.clone();
+                // A self-contained copy in the repository stays one; a copy stacked on the parent's copy was
+                // rebased onto the parent's base first (the `commit` command's `restack_copies`).
+                if d.table.is_none() || d.backing.is_some() {
+                    d.backing = p.backing.clone();
+                }
             }
         }
     }

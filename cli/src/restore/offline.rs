@@ -57,6 +57,9 @@ pub struct RestoreReport {
     pub format: Format,
     pub disks: Vec<RestoredDisk>,
     pub duration_secs: f64,
+    /// Temporary images of an earlier restore to the same outputs that was killed (SIGKILL, a crash), removed.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub removed_partials: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,6 +116,7 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
 
     // Each image is written under a temporary name beside its final one and renamed into place only once it
     // is complete, checked and synced: the final name never holds an unchecked image, whatever stops the run.
+    let removed_partials = Partial::remove_stale(&outputs);
     let partial = Partial::new(&outputs);
     let bins = QemuBins::from_env();
     let mut restored = Vec::new();
@@ -185,6 +189,7 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
         format: opts.format,
         disks: restored,
         duration_secs: started.elapsed().as_secs_f64(),
+        removed_partials,
     })
 }
 
@@ -358,15 +363,49 @@ impl Partial {
         let pid = std::process::id();
         let paths = outputs
             .iter()
-            .map(|out| {
-                let name = out
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                out.with_file_name(format!(".{name}.qmpbak-partial-{pid}"))
-            })
+            .map(|out| out.with_file_name(format!("{}{pid}", Partial::prefix(out))))
             .collect();
         Partial { paths, placed: false }
+    }
+
+    /// `.<name>.qmpbak-partial-`: the temporary name of `out` without the pid.
+    fn prefix(out: &Path) -> String {
+        let name = out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        format!(".{name}.qmpbak-partial-")
+    }
+
+    /// Removes the temporary images that a killed restore to the same outputs left: regular files named for
+    /// one of `outputs` with the pid of a process that no longer runs (a running restore's file is left alone).
+    /// Each removal is said on stderr and returned for the report.
+    fn remove_stale(outputs: &[PathBuf]) -> Vec<PathBuf> {
+        let mut removed = Vec::new();
+        for out in outputs {
+            let (Some(dir), prefix) = (out.parent(), Partial::prefix(out)) else {
+                continue;
+            };
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let Some(pid) = name.strip_prefix(&prefix).and_then(|p| p.parse::<u32>().ok()) else {
+                    continue;
+                };
+                let stale = pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists();
+                let regular = entry.file_type().is_ok_and(|t| t.is_file());
+                if stale && regular && std::fs::remove_file(entry.path()).is_ok() {
+                    eprintln!(
+                        "qmpbak: removed {}, left by a restore that was killed (pid {pid})",
+                        entry.path().display()
+                    );
+                    removed.push(entry.path());
+                }
+            }
+        }
+        removed
     }
 
     /// Renames each temporary image to its output's name (replacing a file there: `--force`) and syncs the

@@ -1,6 +1,7 @@
 //! Test fixture: qcow2 images made with qemu-img/qemu-io in a temp dir, and a qemu-nbd or
-//! qemu-storage-daemon serving one, killed when the fixture is dropped (its log is printed if the test
-//! failed).
+//! qemu-storage-daemon serving one, killed and reaped when the fixture is dropped (its log is printed if
+//! the test failed). The QEMU programs come from `PATH`, or from `QMPBAK_QEMU_PREFIX/usr/bin` (the
+//! setting the rest of the test suite uses to run against a second QEMU version).
 
 #![allow(dead_code)] // each test binary uses a different part of the fixture
 
@@ -26,7 +27,15 @@ const POLL_INTERVAL: Duration = Duration::from_millis(20);
 pub const MIB: u64 = 1 << 20;
 pub const KIB: u64 = 1 << 10;
 
-fn run(cmd: &mut Command) -> String {
+/// A QEMU program: from `QMPBAK_QEMU_PREFIX/usr/bin` if that is set, else from `PATH`.
+pub fn qemu_bin(name: &str) -> PathBuf {
+    match std::env::var_os("QMPBAK_QEMU_PREFIX") {
+        Some(prefix) if !prefix.is_empty() => Path::new(&prefix).join("usr/bin").join(name),
+        _ => PathBuf::from(name),
+    }
+}
+
+pub fn run(cmd: &mut Command) -> String {
     let out = cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
     assert!(
         out.status.success(),
@@ -47,7 +56,7 @@ impl Image {
     pub fn create(size: u64) -> Image {
         let dir = tempfile::tempdir().expect("create a temp dir");
         let path = dir.path().join("disk.qcow2");
-        run(Command::new("qemu-img")
+        run(Command::new(qemu_bin("qemu-img"))
             .args(["create", "-q", "-f", "qcow2"])
             .arg(&path)
             .arg(size.to_string()));
@@ -58,9 +67,14 @@ impl Image {
         &self.path
     }
 
+    /// The image's temp dir (for the server's socket, log and other files of the test).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
     /// Runs qemu-io commands (e.g. `write -P 0x5a 1M 64k`) on the image; only while no server has it open.
     pub fn qemu_io(&self, commands: &[String]) {
-        let mut cmd = Command::new("qemu-io");
+        let mut cmd = Command::new(qemu_bin("qemu-io"));
         cmd.args(["-f", "qcow2"]);
         for c in commands {
             cmd.arg("-c").arg(c);
@@ -74,7 +88,7 @@ impl Image {
 
     /// What `qemu-img map` says, in NBD terms (`hole` = not data), neighbours with equal status merged.
     pub fn map(&self) -> Vec<Extent> {
-        let json = run(Command::new("qemu-img")
+        let json = run(Command::new(qemu_bin("qemu-img"))
             .args(["map", "-U", "--output=json", "-f", "qcow2"])
             .arg(&self.path));
         let entries: Vec<serde_json::Value> = serde_json::from_str(&json).expect("qemu-img map JSON");
@@ -121,7 +135,7 @@ impl NbdServer {
     pub fn qemu_nbd(image: &Image, export: &str, extra: &[&str]) -> NbdServer {
         let socket = image.dir.path().join("nbd.sock");
         let log = image.dir.path().join("qemu-nbd.log");
-        let mut cmd = Command::new("qemu-nbd");
+        let mut cmd = Command::new(qemu_bin("qemu-nbd"));
         cmd.arg(format!("--socket={}", socket.display()))
             .arg(format!("--export-name={export}"))
             .args(["--format=qcow2", "--persistent", "--shared=8"])
@@ -139,7 +153,7 @@ impl NbdServer {
         };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let log = image.dir.path().join("qsd.log");
-        let mut cmd = Command::new("qemu-storage-daemon");
+        let mut cmd = Command::new(qemu_bin("qemu-storage-daemon"));
         cmd.arg("--blockdev")
             .arg(format!(
                 "driver=file,node-name=file0,filename={}",
@@ -155,7 +169,73 @@ impl NbdServer {
         Self::spawn(cmd, Address::Tcp(addr), log)
     }
 
-    fn spawn(mut cmd: Command, address: Address, log: PathBuf) -> NbdServer {
+    /// `qemu-storage-daemon` with the image read-only as a `file` + `qcow2` node, an NBD server on
+    /// 127.0.0.1 with `server_opts` appended (e.g. `,tls-creds=tls0`), `objects` given as `--object`, and
+    /// an export of the node named `export` with `export_opts` appended (e.g. `,bitmaps.0=bm0`).
+    pub fn storage_daemon_ro(
+        image: &Image,
+        export: &str,
+        objects: &[String],
+        server_opts: &str,
+        export_opts: &str,
+    ) -> NbdServer {
+        Self::try_storage_daemon_ro(image, export, objects, server_opts, export_opts)
+            .unwrap_or_else(|log| panic!("NBD server exited before listening:\n{log}"))
+    }
+
+    /// [`NbdServer::storage_daemon_ro`], or the daemon's log if it exited before listening.
+    pub fn try_storage_daemon_ro(
+        image: &Image,
+        export: &str,
+        objects: &[String],
+        server_opts: &str,
+        export_opts: &str,
+    ) -> Result<NbdServer, String> {
+        let port = {
+            let probe = TcpListener::bind("127.0.0.1:0").expect("bind a probe port");
+            probe.local_addr().expect("probe port").port()
+        };
+        let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+        let log = image.dir.path().join("qsd.log");
+        let mut cmd = Command::new(qemu_bin("qemu-storage-daemon"));
+        for object in objects {
+            cmd.arg("--object").arg(object);
+        }
+        cmd.arg("--blockdev")
+            .arg(format!(
+                "driver=file,node-name=file0,read-only=on,filename={}",
+                image.path().display()
+            ))
+            .args([
+                "--blockdev",
+                "driver=qcow2,node-name=disk0,read-only=on,file=file0",
+            ])
+            .arg("--nbd-server")
+            .arg(format!(
+                "addr.type=inet,addr.host=127.0.0.1,addr.port={port}{server_opts}"
+            ))
+            .arg("--export")
+            .arg(format!(
+                "type=nbd,id=exp0,node-name=disk0,name={export}{export_opts}"
+            ));
+        Self::try_spawn(cmd, Address::Tcp(addr), log)
+    }
+
+    /// The TCP address the server listens on, if it is on TCP.
+    pub fn tcp_addr(&self) -> Option<SocketAddr> {
+        match &self.address {
+            Address::Tcp(addr) => Some(*addr),
+            Address::Unix(_) => None,
+        }
+    }
+
+    fn spawn(cmd: Command, address: Address, log: PathBuf) -> NbdServer {
+        Self::try_spawn(cmd, address, log)
+            .unwrap_or_else(|log| panic!("NBD server exited before listening:\n{log}"))
+    }
+
+    /// Starts the server and waits until it listens; its log if it exits first.
+    fn try_spawn(mut cmd: Command, address: Address, log: PathBuf) -> Result<NbdServer, String> {
         let log_file = std::fs::File::create(&log).expect("create the server log");
         cmd.stdin(Stdio::null())
             .stdout(log_file.try_clone().expect("dup the log file"))
@@ -164,13 +244,13 @@ impl NbdServer {
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {cmd:?}: {e}"));
         let mut server = NbdServer { child, address, log };
-        server.wait_until_listening();
-        server
+        server.wait_until_listening()?;
+        Ok(server)
     }
 
     /// Polls until a connection is accepted: the server is up once it listens, and a process start has no
-    /// event to wait for.
-    fn wait_until_listening(&mut self) {
+    /// event to wait for. The log if the server exits first (it has been reaped then).
+    fn wait_until_listening(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + SERVER_START_TIMEOUT;
         loop {
             let up = match &self.address {
@@ -178,13 +258,10 @@ impl NbdServer {
                 Address::Tcp(addr) => TcpStream::connect_timeout(addr, POLL_INTERVAL).is_ok(),
             };
             if up {
-                return;
+                return Ok(());
             }
             if let Some(status) = self.child.try_wait().expect("poll the server process") {
-                panic!(
-                    "NBD server exited with {status} before listening:\n{}",
-                    self.log()
-                );
+                return Err(format!("exit {status}: {}", self.log()));
             }
             assert!(
                 Instant::now() < deadline,
@@ -204,7 +281,10 @@ impl NbdServer {
     pub async fn try_connect(&self, export: &str) -> nbd::Result<Client> {
         match &self.address {
             Address::Unix(path) => Client::connect_unix(path, export, CONNECT_TIMEOUT).await,
-            Address::Tcp(addr) => Client::connect_tcp(*addr, export, CONNECT_TIMEOUT).await,
+            Address::Tcp(addr) => {
+                let options = nbd::ConnectOptions::new().insecure_plaintext();
+                Client::connect_tcp(&addr.to_string(), export, &options, CONNECT_TIMEOUT).await
+            }
         }
     }
 

@@ -152,7 +152,12 @@ pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
 
 /// Bytes a file occupies on the host (its allocated blocks, not its apparent size).
 pub fn allocated_bytes(path: &Path) -> io::Result<u64> {
-    Ok(fs::metadata(path)?.blocks() * 512)
+    Ok(allocated(&fs::metadata(path)?))
+}
+
+/// Bytes the file described by `meta` occupies on the host: its 512-byte blocks.
+pub fn allocated(meta: &fs::Metadata) -> u64 {
+    meta.blocks() * 512
 }
 
 #[cfg(test)]

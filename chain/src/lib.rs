@@ -27,7 +27,8 @@
 //!   valid, validation.
 //! - [`tree`]: `lid`/`tid` nested-set numbering and the queries built on it (recovery chain, subtree …).
 //! - [`retention`]: which nodes a prune keeps ([`Policy`]), and the safe order to remove the others ([`Plan`]).
-//! - [`store`]: loading a manifest with full checks, and the bytes it is saved as.
+//! - [`store`]: loading a manifest with full checks, and the bytes it is saved as; [`v1`]: reading manifests of
+//!   format 1 (operation records with free-text notes).
 //! - [`fsio`]: generic file I/O: atomic writes (temp file, fsync, rename, fsync directory), fsyncs, private
 //!   modes, allocated bytes.
 //! - [`lock`]: the per-VM fs2 lock; [`holder`]: its holder record; [`host`]: this machine's host name.
@@ -40,7 +41,7 @@
 //! Modules import each other without cycles (`scripts/check-cycles` checks it). From the bottom: [`host`] and
 //! [`ids`] (the name types) depend on nothing; [`holder`] on `host`; [`error`] on `holder` and `ids`; [`names`]
 //! (validating constructors), [`fsio`] and [`lock`] on `error`; [`model`] (the manifest's serde types), then
-//! [`tree`], [`manifest`], [`store`], [`retention`], [`table`], [`crypt`], and [`repo`] on top.
+//! [`v1`], [`tree`], [`manifest`], [`store`], [`retention`], [`table`], [`crypt`], and [`repo`] on top.
 //!
 //! A manifest is only ever replaced whole and atomically, after validation; a manifest that fails to load is
 //! reported (which file, what is wrong, where) and never rewritten.
@@ -60,13 +61,14 @@ pub mod retention;
 pub mod store;
 pub mod table;
 pub mod tree;
+pub mod v1;
 
 pub use crypt::{Encryption, RepoKeys, TableKey};
 pub use error::{Error, ErrorKind, ManifestProblem, Result};
 pub use lock::{LockGuard, LockHolder, LockMode, LockWait};
 pub use manifest::{
-    BitmapRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk, NodeKind, NodeState,
-    Operation, OperationKind, new_disk_key,
+    BitmapRecord, CommitDisk, CommitRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk,
+    NodeKind, NodeState, Operation, Payload, new_disk_key,
 };
 pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};

@@ -11,8 +11,8 @@ use crate::names::{NodeId, RelPath, check_name, name_problem, rel_path_problem};
 use crate::tree::{self, Tree};
 
 pub use crate::model::{
-    BitmapRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk, NodeKind, NodeState,
-    Operation, OperationKind, new_disk_key,
+    BitmapRecord, CommitDisk, CommitRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk,
+    NodeKind, NodeState, Operation, Payload, new_disk_key,
 };
 use crate::model::{is_chain_id, random_hex8};
 
@@ -501,6 +501,18 @@ impl Manifest {
             for (f, file) in op.files.iter().enumerate() {
                 if let Some(reason) = rel_path_problem(file.as_str()) {
                     return invalid(format!("operations[{i}].files[{f}]"), file.as_str(), reason);
+                }
+            }
+            let named: Vec<&NodeId> = match &op.payload {
+                Payload::Revert { time_point, .. } => vec![time_point],
+                Payload::Commit(record) => vec![&record.node, &record.parent],
+                Payload::Prune { removing, .. } => removing.iter().collect(),
+                Payload::Merge { folded } => folded.iter().collect(),
+                _ => Vec::new(),
+            };
+            for node in named {
+                if let Some(reason) = name_problem(node.as_str()) {
+                    return invalid(format!("operations[{i}].payload"), node.as_str(), reason);
                 }
             }
         }

@@ -3,6 +3,7 @@
 //! [`crate::manifest`], which keeps the tree valid.
 
 use std::fmt;
+use std::path::PathBuf;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -10,7 +11,10 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use crate::ids::{NodeId, RelPath};
 
 /// The manifest format this qmpbak writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+///
+/// 2: an operation record's payload is a typed [`Payload`] (tagged by `kind`); format 1 had a `kind` string
+/// and a free-text `note`, and is read by converting its records ([`crate::v1`]).
+pub const FORMAT_VERSION: u32 = 2;
 
 /// One VM's backups.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -163,12 +167,14 @@ pub struct Location {
 }
 
 /// An operation in progress: what it created in QEMU and on disk, so that a later run can clean up after a
-/// process that died.
+/// process that died. What is particular to its kind, and what recovery needs to know of it, is its
+/// [`Payload`]. A record is data from a file: recovery checks everything it names before acting on it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Operation {
     pub id: String,
-    pub kind: OperationKind,
+    /// The node the operation makes (a backup's, a time point's, a live restore's or a merge's); `None` for
+    /// the operations that work on no one node (revert, commit, prune).
     pub node: Option<NodeId>,
     pub started: DateTime<Utc>,
     pub pid: u32,
@@ -184,7 +190,13 @@ pub struct Operation {
     /// Files created, relative to the VM directory.
     #[serde(default)]
     pub files: Vec<RelPath>,
-    pub note: Option<String>,
+    /// What the operation is, with what recovery needs to know of it.
+    #[serde(serialize_with = "write_payload", deserialize_with = "read_payload")]
+    pub payload: Payload,
+    /// The free-text note of a format-1 record that no field of its payload took (see [`crate::v1`]): kept for
+    /// the reader, never acted on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub legacy_note: Option<String>,
 }
 
 /// A dirty bitmap on a block node.
@@ -195,71 +207,162 @@ pub struct BitmapRecord {
     pub name: String,
 }
 
-/// What an [`Operation`] does. Open: a kind this qmpbak does not know is kept as [`OperationKind::Other`].
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum OperationKind {
-    Backup,
-    Restore,
-    Snapshot,
-    Commit,
-    Prune,
-    Merge,
+/// What an [`Operation`] does, one variant per kind, tagged `kind` in the manifest. A kind this qmpbak does
+/// not know is read as [`Payload::Other`] (its other fields dropped).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Payload {
+    /// A backup into the record's node.
+    Backup {
+        /// The run started the VM's NBD server (a checksum-diff reads the disks over it): recovery stops it.
+        #[serde(default)]
+        nbd_server_started: bool,
+    },
+    /// A time point (the record's node).
+    Snapshot {
+        /// The overlays it created beside the VM's disks (absolute paths), outside the repository.
+        #[serde(default)]
+        outside_files: Vec<PathBuf>,
+    },
+    /// A revert to a time point; makes no node.
+    Revert {
+        time_point: NodeId,
+        /// The overlays it created beside the VM's disks (absolute paths), outside the repository.
+        #[serde(default)]
+        outside_files: Vec<PathBuf>,
+    },
+    /// A commit of a time point into its parent. It cannot be undone once a disk is committed, so recovery
+    /// finishes it.
+    Commit(CommitRecord),
+    /// A live restore of the record's node: the VM runs on the node's chain until streaming ends, so recovery
+    /// finishes it.
+    LiveRestore,
+    /// A prune (offline), removing nodes in this order.
+    Prune {
+        /// The retention policy, in words.
+        #[serde(default)]
+        policy: String,
+        #[serde(default)]
+        removing: Vec<NodeId>,
+    },
+    /// A merge (offline) of the record's node's recovery chain into the node.
+    Merge {
+        /// The nodes folded into it, oldest first.
+        #[serde(default)]
+        folded: Vec<NodeId>,
+    },
+    /// A format-1 record that could not be read as its kind `was` (its note is kept in
+    /// [`Operation::legacy_note`]): recovery does not act on it.
+    Unreadable { was: String },
+    /// A kind this qmpbak does not know (written by another version); written back as its bare kind.
+    #[serde(skip)]
     Other(String),
 }
 
-impl OperationKind {
-    pub fn as_str(&self) -> &str {
+/// What a commit needs to be finished: the time point, its parent, and per disk the files involved. Taken from
+/// the manifest when the commit begins; recovery acts only if the manifest still says the same.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRecord {
+    /// The time point whose increment is merged (it stays in the tree).
+    pub node: NodeId,
+    /// Its parent, which absorbs it and leaves the tree.
+    pub parent: NodeId,
+    pub disks: Vec<CommitDisk>,
+}
+
+/// One disk of a [`CommitRecord`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitDisk {
+    pub disk: String,
+    /// The time point's increment (its location in the VM's storage): leaves the disk's chain.
+    pub increment: String,
+    /// The parent's file: absorbs the increment.
+    pub into: String,
+}
+
+impl Payload {
+    /// The kind names this qmpbak reads as typed payloads.
+    pub const KINDS: [&'static str; 8] = [
+        "backup",
+        "snapshot",
+        "revert",
+        "commit",
+        "live_restore",
+        "prune",
+        "merge",
+        "unreadable",
+    ];
+
+    /// The kind's name, as the manifest's `kind` tag writes it.
+    pub fn kind(&self) -> &str {
         match self {
-            OperationKind::Backup => "backup",
-            OperationKind::Restore => "restore",
-            OperationKind::Snapshot => "snapshot",
-            OperationKind::Commit => "commit",
-            OperationKind::Prune => "prune",
-            OperationKind::Merge => "merge",
-            OperationKind::Other(other) => other,
+            Payload::Backup { .. } => "backup",
+            Payload::Snapshot { .. } => "snapshot",
+            Payload::Revert { .. } => "revert",
+            Payload::Commit(_) => "commit",
+            Payload::LiveRestore => "live_restore",
+            Payload::Prune { .. } => "prune",
+            Payload::Merge { .. } => "merge",
+            Payload::Unreadable { .. } => "unreadable",
+            Payload::Other(kind) => kind,
         }
     }
-}
 
-impl From<&str> for OperationKind {
-    fn from(s: &str) -> OperationKind {
-        match s {
-            "backup" => OperationKind::Backup,
-            "restore" => OperationKind::Restore,
-            "snapshot" => OperationKind::Snapshot,
-            "commit" => OperationKind::Commit,
-            "prune" => OperationKind::Prune,
-            "merge" => OperationKind::Merge,
-            other => OperationKind::Other(other.to_owned()),
+    /// The files a snapshot or revert created outside the repository (none for other kinds).
+    pub fn outside_files(&self) -> &[PathBuf] {
+        match self {
+            Payload::Snapshot { outside_files } | Payload::Revert { outside_files, .. } => outside_files,
+            _ => &[],
         }
     }
-}
 
-impl fmt::Display for OperationKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+    /// Whether recovery stops the VM's NBD server: only a backup that started it.
+    pub fn started_nbd_server(&self) -> bool {
+        matches!(
+            self,
+            Payload::Backup {
+                nbd_server_started: true
+            }
+        )
     }
 }
 
-impl Serialize for OperationKind {
-    fn serialize<S: Serializer>(&self, serializer: S) -> std::result::Result<S::Ok, S::Error> {
-        serializer.serialize_str(self.as_str())
+/// Writes a payload; [`Payload::Other`] as its bare kind.
+fn write_payload<S: Serializer>(payload: &Payload, serializer: S) -> std::result::Result<S::Ok, S::Error> {
+    match payload {
+        Payload::Other(kind) => {
+            use serde::ser::SerializeMap as _;
+            let mut map = serializer.serialize_map(Some(1))?;
+            map.serialize_entry("kind", kind)?;
+            map.end()
+        }
+        known => known.serialize(serializer),
     }
 }
 
-impl<'de> Deserialize<'de> for OperationKind {
-    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(deserializer)?;
-        Ok(OperationKind::from(s.as_str()))
+/// Reads a payload: a known kind strictly (a malformed one fails the manifest's load), any other kind as
+/// [`Payload::Other`].
+fn read_payload<'de, D: Deserializer<'de>>(deserializer: D) -> std::result::Result<Payload, D::Error> {
+    use serde::de::Error as _;
+    let value = serde_json::Value::deserialize(deserializer)?;
+    let kind = value
+        .get("kind")
+        .and_then(serde_json::Value::as_str)
+        .ok_or_else(|| D::Error::missing_field("kind"))?;
+    if Payload::KINDS.contains(&kind) {
+        Payload::deserialize(value).map_err(D::Error::custom)
+    } else {
+        Ok(Payload::Other(kind.to_owned()))
     }
 }
 
 impl Operation {
     /// A new operation by this process on this host, with a random id.
-    pub fn new(kind: OperationKind, node: Option<NodeId>, now: DateTime<Utc>) -> Operation {
+    pub fn new(payload: Payload, node: Option<NodeId>, now: DateTime<Utc>) -> Operation {
         Operation {
             id: format!("{}-{}", now.format("%Y%m%dT%H%M%SZ"), random_hex8()),
-            kind,
             node,
             started: now,
             pid: std::process::id(),
@@ -268,8 +371,14 @@ impl Operation {
             block_nodes: Vec::new(),
             bitmaps: Vec::new(),
             files: Vec::new(),
-            note: None,
+            payload,
+            legacy_note: None,
         }
+    }
+
+    /// The kind's name ([`Payload::kind`]).
+    pub fn kind(&self) -> &str {
+        self.payload.kind()
     }
 }
 

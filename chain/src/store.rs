@@ -48,27 +48,28 @@ pub fn load_manifest(path: &Path, vm: &str) -> Result<Manifest> {
         found,
         supported: FORMAT_VERSION,
     };
-    let manifest: Manifest = match serde_json::from_slice(&bytes) {
-        Ok(manifest) => manifest,
-        Err(e) => {
-            // A newer format may not parse as this one: say that rather than which field failed.
-            if let Ok(VersionProbe {
-                format_version: Some(found),
-            }) = serde_json::from_slice(&bytes)
-            {
-                if found > FORMAT_VERSION {
-                    return Err(too_new(found));
-                }
-            }
-            return Err(syntax(&e));
+    let manifest: Manifest = match serde_json::from_slice::<VersionProbe>(&bytes) {
+        // Format 1: its operation records are converted ([`crate::v1`]); the rest reads as it is.
+        Ok(VersionProbe {
+            format_version: Some(1),
+        }) => {
+            let mut value: serde_json::Value = serde_json::from_slice(&bytes).map_err(|e| syntax(&e))?;
+            crate::v1::upgrade(&mut value).map_err(|e| syntax(&e))?;
+            serde_json::from_value(value).map_err(|e| syntax(&e))?
         }
+        // A newer format may not parse as this one: say that rather than which field failed.
+        Ok(VersionProbe {
+            format_version: Some(found),
+        }) if found > FORMAT_VERSION => return Err(too_new(found)),
+        _ => serde_json::from_slice(&bytes).map_err(|e| syntax(&e))?,
     };
     match manifest.format_version {
         found if found > FORMAT_VERSION => return Err(too_new(found)),
-        0 => {
+        // 0 was never written; 1 was converted above, so a 1 here is a malformed file.
+        found if found < FORMAT_VERSION => {
             return Err(Error::ManifestFormatUnknown {
                 path: path.to_owned(),
-                found: 0,
+                found,
                 supported: FORMAT_VERSION,
             });
         }

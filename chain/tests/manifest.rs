@@ -7,9 +7,7 @@ mod common;
 
 use std::fs;
 
-use chain::{
-    Error, LockWait, Manifest, ManifestProblem, NodeId, NodeKind, Operation, OperationKind, RelPath,
-};
+use chain::{Error, LockWait, Manifest, ManifestProblem, NodeId, NodeKind, Operation, Payload, RelPath};
 use chrono::Utc;
 use common::{TestRepo, add};
 use serde_json::{Value, json};
@@ -25,12 +23,18 @@ fn saved() -> (TestRepo, Manifest) {
     add(&mut m, Some(&a));
     m.current = Some(c);
     m.set_tag(&b, Some("weekly".into())).unwrap();
-    let mut op = Operation::new(OperationKind::Backup, Some(b.clone()), Utc::now());
+    let mut op = Operation::new(
+        Payload::Backup {
+            nbd_server_started: false,
+        },
+        Some(b.clone()),
+        Utc::now(),
+    );
     op.files.push(RelPath::disk_image(&b, "disk0").unwrap());
     op.jobs.push("job-1".into());
     m.add_operation(op);
     m.add_operation(Operation::new(
-        OperationKind::from("defragment"),
+        Payload::Other("defragment".into()),
         None,
         Utc::now(),
     ));
@@ -45,7 +49,7 @@ fn a_manifest_round_trips_through_disk() {
     assert_eq!(loaded, m);
     // Human-readable: pretty, snake_case, RFC 3339 times, relative paths.
     let text = fs::read_to_string(t.vm.manifest_path()).unwrap();
-    assert!(text.contains("\n  \"format_version\": 1,"), "{text}");
+    assert!(text.contains("\n  \"format_version\": 2,"), "{text}");
     assert!(text.contains("\"chain_id\""));
     assert!(text.contains("\"kind\": \"incremental\""));
     assert!(text.contains("\"file\": \"0002/disk0.qcow2\""));
@@ -54,10 +58,7 @@ fn a_manifest_round_trips_through_disk() {
         "unknown operation kinds are kept"
     );
     assert!(text.contains("T03:04:05Z"), "times are RFC 3339");
-    assert_eq!(
-        loaded.operations[1].kind,
-        OperationKind::Other("defragment".into())
-    );
+    assert_eq!(loaded.operations[1].payload, Payload::Other("defragment".into()));
 }
 
 /// Writes `edit`ed JSON over the saved manifest, loads it, checks the file was not touched, returns the error.
@@ -122,13 +123,13 @@ fn schema_errors_give_line_and_column() {
 
 #[test]
 fn format_versions() {
-    let (err, text) = load_edited(|v| v["format_version"] = json!(2));
+    let (err, text) = load_edited(|v| v["format_version"] = json!(3));
     assert!(
         matches!(
             err,
             Error::ManifestTooNew {
-                found: 2,
-                supported: 1,
+                found: 3,
+                supported: 2,
                 ..
             }
         ),
@@ -367,4 +368,65 @@ fn a_next_seq_that_cannot_produce_an_id_is_refused_on_load() {
     assert_eq!(field, "next_seq");
     assert_eq!(value, &u64::MAX.to_string());
     assert!(text.contains(&u64::MAX.to_string()), "{text}");
+}
+
+#[test]
+fn a_format_1_manifest_is_read_with_its_records_converted_and_left_as_it_was() {
+    let (t, m) = saved();
+    let path = t.vm.manifest_path();
+    let mut value: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    value["format_version"] = json!(1);
+    let b = m.operations[0].node.clone().unwrap();
+    value["operations"] = json!([
+        {
+            "id": "backup-x", "kind": "backup", "node": b, "started": "2026-01-01T00:00:00Z", "pid": 1,
+            "host": "h", "jobs": ["job-1"], "block_nodes": [], "bitmaps": [], "files": ["0002/disk0.qcow2"],
+            "note": "started the VM's NBD server",
+        },
+        {
+            "id": "revert-0001", "kind": "snapshot", "node": null, "started": "2026-01-01T00:00:00Z", "pid": 1,
+            "host": "h", "note": "files outside the repository:\n/vm/disk0.qmpbak-x-0001.qcow2",
+        },
+    ]);
+    let bytes = serde_json::to_vec_pretty(&value).unwrap();
+    fs::write(&path, &bytes).unwrap();
+    let loaded = t.vm.load().unwrap();
+    assert_eq!(loaded.format_version, chain::FORMAT_VERSION);
+    assert_eq!(loaded.nodes, m.nodes);
+    assert_eq!(
+        loaded.operations[0].payload,
+        Payload::Backup {
+            nbd_server_started: true
+        }
+    );
+    assert_eq!(loaded.operations[0].files, m.operations[0].files);
+    assert_eq!(
+        loaded.operations[1].payload,
+        Payload::Revert {
+            time_point: "0001".parse().unwrap(),
+            outside_files: vec!["/vm/disk0.qmpbak-x-0001.qcow2".into()],
+        }
+    );
+    // Reading converts in memory only: the file is rewritten by the next save, not by a load.
+    assert_eq!(fs::read(&path).unwrap(), bytes);
+    // A format-1 record with a field of format 2 is no format-1 record.
+    let (err, text) = load_edited(|v| {
+        v["format_version"] = json!(1);
+        v["operations"][0]["note"] = json!(null);
+    });
+    assert!(matches!(err, Error::ManifestSyntax { .. }), "{err:?}");
+    assert!(text.contains("operations[0] (format 1)"), "{text}");
+}
+
+#[test]
+fn a_malformed_record_of_a_known_kind_fails_the_load() {
+    let (err, text) = load_edited(|v| v["operations"][0]["payload"]["nbd_server_started"] = json!("yes"));
+    assert!(matches!(err, Error::ManifestSyntax { .. }), "{err:?}");
+    assert!(text.contains("manifest"), "{text}");
+    let (err, _) = load_edited(|v| v["operations"][0]["payload"] = json!({"kind": "commit", "node": "0002"}));
+    assert!(matches!(err, Error::ManifestSyntax { .. }), "{err:?}");
+    let (err, _) = load_edited(|v| {
+        v["operations"][0]["payload"] = json!({"kind": "revert", "time_point": "../x", "outside_files": []});
+    });
+    assert!(matches!(err, Error::ManifestInvalid { .. }), "{err:?}");
 }

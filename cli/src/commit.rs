@@ -3,26 +3,24 @@
 //! of the disk's graph). The later time point survives, now stored in the parent's file; the parent's own time
 //! point is gone, so a parent that other branches still build on is refused.
 //!
-//! The operation record names the commit jobs and the files. If qmpbak dies or a disk's commit fails midway,
-//! the next command looks at QEMU: if no increment has left its disk's graph nothing changed; if some have,
+//! The operation record names the commit jobs, and its payload the time points and files
+//! ([`chain::CommitRecord`]). If qmpbak dies or a disk's commit fails midway, the next command looks at QEMU
+//! ([`crate::recovery::commit::finish`]): if no increment has left its disk's graph nothing changed; if some have,
 //! the commit cannot be undone, so the other disks are committed too and the manifest is brought up to date.
 //! Until that succeeds the record stays, and the error says which disks are committed.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use qmp::commands::{BlockCommit, BlockdevDel, JobComplete, QueryBlock, QueryNamedBlockNodes};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
-use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind};
+use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, Payload};
 
 use crate::exit::Exit;
 use crate::graph::short_name;
 use crate::inspect;
-
-/// Bound on one commit job.
-pub const COMMIT_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+use crate::recovery::commit as finish;
 
 #[derive(Debug, Clone)]
 pub struct CommitOptions {
@@ -44,17 +42,6 @@ pub struct CommitReport {
     pub duration_secs: f64,
 }
 
-/// What a commit operation record carries in its note, to finish or undo it.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct CommitNote {
-    node: String,
-    parent: String,
-    /// Per disk: the increment's file (leaves the chain) and the parent's file (absorbs it).
-    files: Vec<(String, String, String)>,
-}
-
-const NOTE_PREFIX: &str = "commit:";
-
 pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     let started = Instant::now();
     let crate::session::Session {
@@ -73,7 +60,7 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
         false,
     )
     .await?;
-    let node = crate::restore::find_node(&manifest, &opts.node)?.clone();
+    let node = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     let Some(parent_id) = node.parent.clone() else {
         bail!(Exit::usage(format!(
             "node {} has no parent to commit into",
@@ -97,12 +84,11 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     }
     let info = inspect::inspect(&qmp).await?;
     let chain_id = manifest.chain_id.clone();
-    let record = note_from_manifest(&manifest, &node.id)?;
+    let record = finish::record_from_manifest(&manifest, &node.id)?;
     restack_copies(&repo, &vm, &manifest, &node, &parent).await?;
-    let files = record.files.clone();
-    let mut op = Operation::new(OperationKind::Commit, None, chrono::Utc::now());
+    let files = record.disks.clone();
+    let mut op = Operation::new(Payload::Commit(record.clone()), None, chrono::Utc::now());
     op.id = format!("commit-{}", node.id);
-    op.note = Some(format!("{NOTE_PREFIX}{}", serde_json::to_string(&record)?));
     for i in 0..files.len() {
         op.jobs.push(short_name(&chain_id, "m", node.id.as_str(), i));
     }
@@ -111,7 +97,7 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
 
     let mut committed = 0;
     for i in 0..files.len() {
-        let done = commit_disk(&qmp, &info, &chain_id, &record, i).await;
+        let done = finish::commit_disk(&qmp, &info, &chain_id, &record, i).await;
         match done {
             Ok(()) => committed += 1,
             Err(e) if committed == 0 => {
@@ -121,11 +107,11 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
                 return Err(e);
             }
             // A commit cannot be undone: the record stays, and the next command on the VM finishes it.
-            Err(e) => return Err(e.context(half_done(&record, committed))),
+            Err(e) => return Err(e.context(finish::half_done(&record, committed))),
         }
         crate::crashpoint::crashpoint("commit-disk-done");
     }
-    apply(&mut manifest, &record)?;
+    finish::apply(&mut manifest, &record)?;
     // An active commit leaves a disk on its parent's file, with the same content: still the same disk.
     // Not read: the disks stay unproven, and the next backup takes the safe way.
     if let Ok(now) = inspect::inspect(&qmp).await {
@@ -134,8 +120,8 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     manifest.remove_operation(&op.id);
     vm.save(&manifest, &guard)?;
     // The increment files left every chain: remove them.
-    for (_, top, _) in &files {
-        remove_increment(top, &chain_id, &record.parent);
+    for d in &files {
+        finish::remove_increment(&d.increment, &chain_id, record.parent.as_str());
     }
     // So did the parent's copies in the repository (the node's own copies absorbed them first).
     remove_node_dir(&vm, &parent_id);
@@ -146,52 +132,6 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
         removed_tag: parent.tag.clone(),
         duration_secs: started.elapsed().as_secs_f64(),
     })
-}
-
-/// Commits disk `i` of `record` in the VM: the increment's file into the parent's, through a `block-commit` job
-/// (completed at once when it is an active commit), then drops the increment's block node.
-async fn commit_disk(
-    qmp: &qmp::Qmp,
-    info: &inspect::VmInfo,
-    chain_id: &str,
-    record: &CommitNote,
-    i: usize,
-) -> Result<()> {
-    let (disk, top, base) = &record.files[i];
-    let Some(d) = info.disks.iter().find(|d| &d.id == disk) else {
-        bail!("the VM has no disk {disk}");
-    };
-    let names = block_nodes_by_file(qmp).await?;
-    let (Some(top_node), Some(base_node)) = (names.get(top), names.get(base)) else {
-        bail!(
-            "the files of time points {} and {} are not both in disk {disk}'s live chain",
-            record.node,
-            record.parent
-        );
-    };
-    let job = short_name(chain_id, "m", &record.node, i);
-    qmp.execute(&BlockCommit {
-        top_node: Some(top_node.clone()),
-        base_node: Some(base_node.clone()),
-        ..BlockCommit::new(job.as_str(), d.root_node.as_str())
-    })
-    .await
-    .with_context(|| format!("starting the commit of disk {disk}"))?;
-    let status = qmp
-        .wait_job_status(&job, &[qmp::JobStatus::Ready], COMMIT_TIMEOUT)
-        .await?;
-    if status == qmp::JobStatus::Ready {
-        // Active commit: the increment was the top of the graph; pivot onto the base.
-        qmp.execute(&JobComplete::new(job.as_str())).await?;
-    }
-    let outcome = qmp.wait_job(&job, COMMIT_TIMEOUT).await?;
-    qmp.dismiss_job(&job).await?;
-    if let Some(error) = outcome.error {
-        bail!("committing disk {disk} failed: {error}");
-    }
-    // The increment left the chain; its node may still exist by name (qmpbak added it): drop it.
-    let _ = qmp.execute(&BlockdevDel::new(top_node.as_str())).await;
-    Ok(())
 }
 
 /// Makes the node's copies in the repository (`snapshot --copy`) that hold only their increment over the
@@ -231,182 +171,6 @@ async fn restack_copies(
     Ok(())
 }
 
-/// What a commit that stopped after `committed` of its disks means for the user.
-fn half_done(record: &CommitNote, committed: usize) -> String {
-    let disks = |range: std::ops::Range<usize>| {
-        record.files[range]
-            .iter()
-            .map(|(disk, _, _)| disk.as_str())
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    format!(
-        "the commit of time point {} into {} is half done: committed {}, not yet {}. A commit \
-         cannot be undone, so time point {} no longer holds its own data for the committed disks; the next \
-         qmpbak command on this VM (or `qmpbak cleanup`) finishes the commit once the cause is fixed",
-        record.node,
-        record.parent,
-        disks(0..committed),
-        disks(committed..record.files.len()),
-        record.parent
-    )
-}
-
-/// The manifest after a commit: the node now lives in its parent's files, the parent leaves the tree.
-fn apply(manifest: &mut Manifest, record: &CommitNote) -> Result<()> {
-    let node: NodeId = record.node.parse()?;
-    let parent: NodeId = record.parent.parse()?;
-    let grand = manifest.node(&parent).and_then(|p| p.parent.clone());
-    let parent_disks = manifest
-        .node(&parent)
-        .map(|p| p.disks.clone())
-        .unwrap_or_default();
-    if let Some(n) = manifest.node_mut(&node) {
-        for d in &mut n.disks {
-            if let Some(p) = parent_disks.iter().find(|p| p.disk == d.disk) {
-                d.location = p.location.clone();
-                // A self-contained copy in the repository stays one; a copy stacked on the parent's copy was
-                // rebased onto the parent's base first ([`restack_copies`]).
-                if d.table.is_none() || d.backing.is_some() {
-                    d.backing = p.backing.clone();
-                }
-            }
-        }
-    }
-    manifest.remove_node_reparent(&parent)?;
-    if manifest.node(&node).and_then(|n| n.parent.clone()) != grand {
-        manifest.reparent(&node, grand)?;
-    }
-    Ok(())
-}
-
-/// Block node names of the QEMU graph by the file they open (qcow2 nodes).
-async fn block_nodes_by_file(qmp: &qmp::Qmp) -> Result<std::collections::HashMap<String, String>> {
-    let nodes = qmp.execute(&QueryNamedBlockNodes { flat: Some(true) }).await?;
-    Ok(nodes
-        .into_iter()
-        .filter(|n| n.drv == "qcow2" && !n.file.is_empty())
-        .filter_map(|n| Some((n.file, n.node_name?)))
-        .collect())
-}
-
-/// Every image file in the backing chains of the VM's disks (`query-block`, following `backing-image`).
-async fn live_chain_files(qmp: &qmp::Qmp) -> Result<Vec<String>> {
-    let blocks = qmp.execute(&QueryBlock).await?;
-    let mut files = Vec::new();
-    for block in blocks {
-        let mut image = block.inserted.map(|i| i.image);
-        while let Some(i) = image {
-            if !i.filename.is_empty() {
-                files.push(i.filename);
-            }
-            image = i.backing_image.map(|b| *b);
-        }
-    }
-    Ok(files)
-}
-
-/// Finishes an interrupted commit (called by cleanup with the VM's QMP connection), after letting a running
-/// job finish. If no increment left its disk's graph, nothing changed and there is nothing to do (false). If
-/// some did, the commit cannot be undone: the disks left are committed now, then the manifest is updated
-/// (true). An error leaves the record for the next try.
-pub async fn recover(qmp: &qmp::Qmp, manifest: &mut Manifest, op: &Operation) -> Result<bool> {
-    let Some(note) = op.note.as_deref().and_then(|n| n.strip_prefix(NOTE_PREFIX)) else {
-        return Ok(false);
-    };
-    let note: CommitNote = serde_json::from_str(note).context("reading the commit record")?;
-    // The record names the nodes; their files come from the manifest, as when the commit began. A record whose
-    // list differs was not written by qmpbak: nothing is done.
-    let from_manifest = note_from_manifest(manifest, &note.node.parse()?)?;
-    if from_manifest.parent != note.parent || from_manifest.files != note.files {
-        bail!(
-            "the commit record {} does not match the manifest's time points {} and {}: it was not written by \
-             this qmpbak for this repository; nothing was done (remove the record only if you know why)",
-            op.id,
-            note.node,
-            note.parent
-        );
-    }
-    let note = from_manifest;
-    for job in &op.jobs {
-        if let Some(info) = qmp.job_info(job).await? {
-            if info.status != qmp::JobStatus::Concluded {
-                // Let a running commit finish: cancelling it midway would leave the parent half-written.
-                let status = qmp
-                    .wait_job_status(job, &[qmp::JobStatus::Ready], COMMIT_TIMEOUT)
-                    .await?;
-                if status == qmp::JobStatus::Ready {
-                    qmp.execute(&JobComplete::new(job.as_str())).await?;
-                }
-            }
-            let _ = qmp.wait_job(job, COMMIT_TIMEOUT).await;
-            let _ = qmp.dismiss_job(job).await;
-        }
-    }
-    let live = live_chain_files(qmp).await?;
-    let committed = note
-        .files
-        .iter()
-        .filter(|(_, top, _)| !live.contains(top))
-        .count();
-    if committed == 0 {
-        // Nothing changed: the surviving time point is as it was.
-        return Ok(false);
-    }
-    if committed < note.files.len() {
-        // Half done: a commit cannot be undone, so commit the disks that are left.
-        let info = inspect::inspect(qmp).await?;
-        for (i, (_, top, _)) in note.files.iter().enumerate() {
-            if live.contains(top) {
-                commit_disk(qmp, &info, &manifest.chain_id, &note, i)
-                    .await
-                    .with_context(|| format!("finishing: {}", half_done(&note, committed)))?;
-            }
-        }
-    }
-    apply(manifest, &note)?;
-    let names = block_nodes_by_file(qmp).await?;
-    for (_, top, _) in &note.files {
-        if let Some(node) = names.get(top) {
-            let _ = qmp.execute(&BlockdevDel::new(node.as_str())).await;
-        }
-        remove_increment(top, &manifest.chain_id, &note.parent);
-    }
-    Ok(true)
-}
-
-/// What a commit of time point `node` into its parent does, from the manifest: the per-disk increment files
-/// (they leave the chain) and the parent's files (they absorb them).
-fn note_from_manifest(manifest: &Manifest, node: &NodeId) -> Result<CommitNote> {
-    let n = manifest
-        .node(node)
-        .with_context(|| format!("time point {node} is not in the manifest"))?;
-    let parent_id = n
-        .parent
-        .clone()
-        .with_context(|| format!("time point {node} has no parent"))?;
-    let parent = manifest
-        .node(&parent_id)
-        .with_context(|| format!("time point {parent_id} is not in the manifest"))?;
-    if n.kind != NodeKind::Snapshot || parent.kind != NodeKind::Snapshot {
-        bail!("{node} and {parent_id} are not both time points");
-    }
-    let mut files = Vec::new();
-    for d in &n.disks {
-        let p = parent
-            .disks
-            .iter()
-            .find(|p| p.disk == d.disk)
-            .with_context(|| format!("time point {parent_id} has no disk {}", d.disk))?;
-        files.push((d.disk.clone(), d.location.path.clone(), p.location.path.clone()));
-    }
-    Ok(CommitNote {
-        node: node.to_string(),
-        parent: parent_id.to_string(),
-        files,
-    })
-}
-
 /// Removes the regular files in the directory of `node`, which has left the tree (a time point's copies), and
 /// the directory; a symlink is left alone. A failure only leaves unused files behind, so it is a warning.
 fn remove_node_dir(vm: &chain::VmStore, node: &NodeId) {
@@ -427,23 +191,6 @@ fn remove_node_dir(vm: &chain::VmStore, node: &NodeId) {
         eprintln!(
             "qmpbak: warning: could not remove {} of time point {node}, which left the tree: {e}",
             dir.display()
-        );
-    }
-}
-
-/// Removes a committed increment file, which has just left its disk's chain. It is always the overlay that the
-/// parent time point's snapshot created (`<stem>.qmpbak-<chain>-<parent>….qcow2`); a path that is not named so,
-/// or not a regular file, is left alone whatever the manifest says.
-fn remove_increment(top: &str, chain_id: &str, parent: &str) {
-    let path = std::path::Path::new(top);
-    let ours = path.is_absolute()
-        && crate::snapshot::overlay_base(path, chain_id).as_deref() == Some(parent)
-        && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
-    if ours {
-        let _ = std::fs::remove_file(path);
-    } else {
-        eprintln!(
-            "qmpbak: warning: left {top} in place: it is not one of qmpbak's overlays for time point {parent}"
         );
     }
 }

@@ -114,3 +114,60 @@ pub async fn remove_chain(qmp: &qmp::Qmp, graph: &ChainGraph) {
         let _ = qmp.execute(&qmp::commands::BlockdevDel::new(name.as_str())).await;
     }
 }
+
+/// The node a qmpbak overlay's writes start from, read from its file name.
+pub fn overlay_base(path: &std::path::Path, chain_id: &str) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let rest = &name[name.find(&format!(".qmpbak-{chain_id}-"))? + 9 + chain_id.len()..];
+    let node = rest.split('.').next()?;
+    (!node.is_empty()).then(|| node.to_owned())
+}
+
+/// Whether `name` is a block node name qmpbak gives an overlay of chain `chain_id` ([`short_name`]: a
+/// snapshot's `o`, a revert's `a<n>`), so qmpbak added that node and may delete it.
+pub fn names_overlay_node(chain_id: &str, name: &str) -> bool {
+    let chain: String = chain_id.chars().take(4).collect();
+    let Some(rest) = name.strip_prefix(&format!("qb{chain}")) else {
+        return false;
+    };
+    let Some((head, disk)) = rest.rsplit_once('-') else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    digits(disk)
+        && ["o", "a"]
+            .iter()
+            .any(|w| head.strip_prefix(w).is_some_and(digits))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overlay_node_names_are_recognised_by_chain_and_role() {
+        assert!(names_overlay_node(
+            "ab12cd34",
+            &short_name("ab12cd34", "o", "0003", 1)
+        ));
+        assert!(names_overlay_node(
+            "ab12cd34",
+            &short_name("ab12cd34", "a12", "0003", 0)
+        ));
+        // Another chain's, another role's (a backup target, a fleecing overlay), or the user's.
+        assert!(!names_overlay_node(
+            "ffff0000",
+            &short_name("ab12cd34", "o", "0003", 1)
+        ));
+        assert!(!names_overlay_node(
+            "ab12cd34",
+            &short_name("ab12cd34", "t", "0003", 1)
+        ));
+        assert!(!names_overlay_node(
+            "ab12cd34",
+            &short_name("ab12cd34", "f", "0003", 1)
+        ));
+        assert!(!names_overlay_node("ab12cd34", "qbab12-user-disk"));
+        assert!(!names_overlay_node("ab12cd34", "node-disk0"));
+    }
+}

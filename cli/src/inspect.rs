@@ -244,7 +244,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
                 .iter()
                 .find(|n| n.node_name.as_deref() == Some(name.as_str()));
         }
-        let encrypted = inserted.encrypted || crate::crypt::image_encrypted(&inserted.image);
+        let encrypted = inserted.encrypted || image_encrypted(&inserted.image);
         let info = node.cloned().unwrap_or(inserted);
         // The protocol node below the format node: its filename stays the image's path whatever options the
         // format node was opened or reopened with (its own filename may then be a `json:` pseudo-filename).
@@ -253,7 +253,7 @@ pub async fn inspect(qmp: &qmp::Qmp) -> Result<VmInfo> {
             .and_then(|g| g.child(&name, "file"))
             .and_then(|file| nodes.iter().find(|n| n.node_name.as_deref() == Some(file)))
             .map_or_else(|| info.file.clone(), |n| n.file.clone());
-        let encrypted = encrypted || info.encrypted || crate::crypt::image_encrypted(&info.image);
+        let encrypted = encrypted || info.encrypted || image_encrypted(&info.image);
         let bitmaps = info
             .dirty_bitmaps
             .unwrap_or_default()
@@ -315,6 +315,16 @@ fn filtered_child(graph: &qmp::BlockGraph, parent: &str) -> Option<String> {
         .iter()
         .find_map(|edge| graph.child(parent, edge))
         .map(str::to_owned)
+}
+
+/// Whether QEMU reports this image, or any image in its backing chain, as encrypted: a LUKS image (`luks`
+/// format) or a qcow2 with an `encrypt` section.
+pub fn image_encrypted(image: &qmp::ImageInfo) -> bool {
+    let own = image.format == "luks"
+        || image.format_specific.as_ref().is_some_and(|spec| {
+            spec["type"] == "luks" || spec["data"].get("encrypt").is_some_and(|e| !e.is_null())
+        });
+    own || image.backing_image.as_deref().is_some_and(image_encrypted)
 }
 
 #[cfg(test)]

@@ -18,9 +18,7 @@ use qmp::commands::{BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevDel};
 use serde::Serialize;
 use serde_json::json;
 
-use chain::{
-    LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind, RelPath, Repository, Table, VmStore,
-};
+use chain::{LockWait, NodeId, NodeKind, Operation, Payload, RelPath, Repository, Table};
 
 use crate::crashpoint::crashpoint;
 use crate::daemon::StorageDaemon;
@@ -29,6 +27,7 @@ use crate::graph;
 use crate::progress::Progress;
 use crate::prune::{self, Leftovers};
 use crate::qemu_bins::QemuBins;
+use crate::tables::DiskAt;
 use crate::tables::{NbdSource, layer_extents, load_node_table, threads};
 
 /// Bound on one disk's copy job.
@@ -76,7 +75,7 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
     let leftovers = prune::finish_leftovers(&vm, &mut manifest, &guard)?;
     prune::refuse_other_operations(&manifest)?;
     prune::refuse_symlinks(&vm, &manifest)?;
-    let node = crate::restore::find_node(&manifest, &opts.node)?.clone();
+    let node = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     let chain: Vec<NodeId> = manifest
         .recovery_chain(&node.id)?
         .iter()
@@ -111,16 +110,14 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
         .iter()
         .map(|d| format!("{}/{}.merging.qcow2", node.id, d.disk).parse())
         .collect::<chain::Result<_>>()?;
-    let mut op = Operation::new(OperationKind::Merge, Some(node.id.clone()), chrono::Utc::now());
+    // Its recovery chain is copied into the temporary files, which then replace the node's files; every step
+    // restores exactly, and `qmpbak merge` run again finishes it.
+    let payload = Payload::Merge {
+        folded: chain[..chain.len() - 1].to_vec(),
+    };
+    let mut op = Operation::new(payload, Some(node.id.clone()), chrono::Utc::now());
     op.id = format!("merge-{}-{}", node.id, op.id);
     op.files.clone_from(&temps);
-    op.note = Some(format!(
-        "merge {}: its recovery chain ({}) is copied into the temporary files, which then replace the node's \
-         files; every step restores exactly, run `qmpbak merge {}` again to finish",
-        node.id,
-        report.folded.join(" <- "),
-        node.id
-    ));
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;
 
@@ -135,19 +132,16 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
         let mut result = Ok(());
         for (i, (disk, temp)) in node.disks.iter().zip(&temp_paths).enumerate() {
             progress.phase(&format!("flattening disk {} of {}", disk.disk, node.id));
-            result = flatten(
-                &daemon,
-                &bins,
-                &vm,
-                &manifest,
-                &node.id,
-                &disk.disk,
-                disk.virtual_size,
-                i,
-                temp,
-            )
-            .await
-            .with_context(|| format!("merging disk {} of node {}", disk.disk, node.id));
+            let at = DiskAt {
+                bins: &bins,
+                vm: &vm,
+                manifest: &manifest,
+                node: &node.id,
+                disk: &disk.disk,
+            };
+            result = flatten(&daemon, at, disk.virtual_size, i, temp)
+                .await
+                .with_context(|| format!("merging disk {} of node {}", disk.disk, node.id));
             if result.is_err() {
                 break;
             }
@@ -169,11 +163,11 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
     let mut sizes = Vec::new();
     for (disk, temp) in node.disks.iter().zip(&temp_paths) {
         let file = vm.resolve(&disk.file)?;
-        let before = crate::backup::allocated_bytes(&file)?;
+        let before = crate::nodes::allocated_bytes(&file)?;
         std::fs::rename(temp, &file)
             .with_context(|| format!("renaming {} to {}", temp.display(), file.display()))?;
         crashpoint("merge-renamed");
-        let after = crate::backup::allocated_bytes(&file)?;
+        let after = crate::nodes::allocated_bytes(&file)?;
         sizes.push(after);
         report.disks.push(MergedDisk {
             disk: disk.disk.clone(),
@@ -207,18 +201,14 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
 /// Copies disk `disk` of `node` as its recovery chain reads into `temp`, a new qcow2, and proves the copy
 /// reads the same on its own: every cluster allocated (data or zero) and its checking table equal to the
 /// node's. Syncs it.
-#[allow(clippy::too_many_arguments)]
-async fn flatten(
-    daemon: &StorageDaemon,
-    bins: &QemuBins,
-    vm: &VmStore,
-    manifest: &Manifest,
-    node: &NodeId,
-    disk: &str,
-    size: u64,
-    index: usize,
-    temp: &Path,
-) -> Result<()> {
+async fn flatten(daemon: &StorageDaemon, at: DiskAt<'_>, size: u64, index: usize, temp: &Path) -> Result<()> {
+    let DiskAt {
+        bins,
+        vm,
+        manifest,
+        node,
+        disk,
+    } = at;
     let expected = load_node_table(vm, manifest, node, disk)?;
     // Encrypted like every node file in an encrypted repository.
     crate::crypt::unlock::create_node_file(bins, temp, size, None)?;

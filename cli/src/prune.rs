@@ -10,7 +10,6 @@
 //! deletes what a killed one left in its record and plans afresh, which finishes the job; any other command's
 //! cleanup deletes the recorded files too.
 
-use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
@@ -18,7 +17,7 @@ use serde::Serialize;
 
 use chain::retention::{self, Action, Decision, Policy};
 use chain::{
-    LockGuard, LockWait, Manifest, NodeId, NodeKind, Operation, OperationKind, RelPath, Repository, VmStore,
+    LockGuard, LockWait, Manifest, NodeId, NodeKind, Operation, Payload, RelPath, Repository, VmStore,
 };
 
 use crate::crashpoint::crashpoint;
@@ -131,13 +130,12 @@ pub async fn prune(opts: &PruneOptions, progress: &dyn Progress) -> Result<Prune
         return Ok(report);
     }
 
-    let mut op = Operation::new(OperationKind::Prune, None, chrono::Utc::now());
+    let payload = Payload::Prune {
+        policy: describe(&opts.policy),
+        removing: plan.order.clone(),
+    };
+    let mut op = Operation::new(payload, None, chrono::Utc::now());
     op.id = format!("prune-{}", op.id);
-    op.note = Some(format!(
-        "prune by {}: removing {} in this order (a node with children is merged into them first)",
-        describe(&opts.policy),
-        report.removed.join(" ")
-    ));
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;
 
@@ -214,7 +212,7 @@ pub(crate) fn refuse_other_operations(manifest: &Manifest) -> Result<()> {
             "VM {} has an unfinished {} operation ({}, pid {} on {}, started {}); run `qmpbak cleanup --repo … --vm {} \
              --socket …` first",
             manifest.vm,
-            op.kind,
+            op.kind(),
             op.id,
             op.pid,
             op.host,
@@ -253,7 +251,7 @@ pub(crate) fn refuse_symlinks(vm: &VmStore, manifest: &Manifest) -> Result<()> {
 }
 
 fn is_ours(op: &Operation) -> bool {
-    matches!(op.kind, OperationKind::Prune | OperationKind::Merge)
+    matches!(op.payload, Payload::Prune { .. } | Payload::Merge { .. })
 }
 
 /// Finishes what an interrupted prune or merge left: deletes the files its record names that no node of the
@@ -276,14 +274,14 @@ pub fn finish_leftovers(vm: &VmStore, manifest: &mut Manifest, guard: &LockGuard
         for file in &op.files {
             // Only files of node directories that no node uses: a record cannot name the manifest, a lock or
             // a kept node's file.
-            if !crate::cleanup::may_delete_in_repo(manifest, op, file) {
+            if !crate::recovery::may_delete_in_repo(manifest, op, file) {
                 continue;
             }
             let path = vm.resolve(file)?;
             if let Ok(meta) = std::fs::symlink_metadata(&path) {
                 if meta.is_file() {
                     std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
-                    leftovers.freed_bytes += meta.blocks() * 512;
+                    leftovers.freed_bytes += chain::fsio::allocated(&meta);
                     leftovers.files.push(path.display().to_string());
                 }
             }
@@ -393,7 +391,7 @@ impl Run<'_> {
                     );
                 }
                 let path = self.vm.resolve(&disk.file)?;
-                let before = crate::backup::allocated_bytes(&path)?;
+                let before = crate::nodes::allocated_bytes(&path)?;
                 repair_header(&self.bins, &path, Some(backing)).await?;
                 if crate::crypt::unlock::active().is_some() {
                     let files = crate::direct::chain_files(self.vm, &self.manifest, &child.id, &disk.disk)?;
@@ -405,7 +403,7 @@ impl Run<'_> {
                 if self.rebased == 1 {
                     crashpoint("prune-rebased");
                 }
-                let after = crate::backup::allocated_bytes(&path)?;
+                let after = crate::nodes::allocated_bytes(&path)?;
                 self.added_bytes += after.saturating_sub(before);
                 self.removed_bytes += before.saturating_sub(after);
                 absorbed.push(Absorbed {
@@ -459,7 +457,7 @@ impl Run<'_> {
         self.vm.save(&self.manifest, self.guard)?;
         crashpoint("prune-dropped");
         for (_, path) in files {
-            let bytes = crate::backup::allocated_bytes(path)?;
+            let bytes = crate::nodes::allocated_bytes(path)?;
             std::fs::remove_file(path).with_context(|| format!("removing {}", path.display()))?;
             self.removed_bytes += bytes;
         }

@@ -8,8 +8,8 @@ use anyhow::Result;
 
 use chain::{LockGuard, LockWait, Manifest, Repository, VmStore};
 
-use crate::cleanup::{self, Cleaned};
 use crate::inspect;
+use crate::recovery::{self, Cleaned};
 
 /// An open, locked VM with its manifest and QEMU connection.
 pub struct Session {
@@ -47,7 +47,7 @@ pub async fn open(
     );
     let qmp = inspect::connect(socket).await?;
     tracing::info!(socket = %socket.display(), qemu = %qmp.greeting().version, "connected to QEMU");
-    let cleaned = cleanup::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
+    let cleaned = recovery::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
     Ok(Session {
         repo,
         vm,

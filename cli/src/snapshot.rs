@@ -25,16 +25,15 @@ use serde::Serialize;
 use serde_json::json;
 
 use chain::{
-    Location, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState, Operation, OperationKind,
-    RelPath,
+    Location, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState, Operation, Payload, RelPath,
 };
 
 use crate::bitmaps::BitmapName;
-use crate::cleanup;
 use crate::exit::Exit;
 use crate::graph::short_name;
 use crate::inspect::{self, DiskInfo};
 use crate::qemu_bins::QemuBins;
+use crate::recovery;
 use crate::session::{self, Session};
 
 /// Bound on the pivot job of a revert (nothing is copied: the VM is paused).
@@ -71,14 +70,6 @@ pub struct SnapshotDisk {
     pub disk: String,
     pub frozen: PathBuf,
     pub overlay: PathBuf,
-}
-
-/// The node a qmpbak overlay's writes start from, read from its file name.
-pub fn overlay_base(path: &Path, chain_id: &str) -> Option<String> {
-    let name = path.file_name()?.to_str()?;
-    let rest = &name[name.find(&format!(".qmpbak-{chain_id}-"))? + 9 + chain_id.len()..];
-    let node = rest.split('.').next()?;
-    (!node.is_empty()).then(|| node.to_owned())
 }
 
 /// The image name without qmpbak's overlay suffix: `disk0.qmpbak-ab12-0003.2.qcow2` → `disk0`.
@@ -118,10 +109,22 @@ fn absolute(disk: &DiskInfo) -> Result<PathBuf> {
 }
 
 fn operation(kind: &str, node: &NodeId, outside: &[PathBuf]) -> Operation {
-    let mut op = Operation::new(OperationKind::Snapshot, Some(node.clone()), chrono::Utc::now());
+    let outside_files = outside.to_vec();
+    // A revert makes no node: its record names the time point in its payload.
+    let (payload, makes) = if kind == "revert" {
+        let time_point = node.clone();
+        (
+            Payload::Revert {
+                time_point,
+                outside_files,
+            },
+            None,
+        )
+    } else {
+        (Payload::Snapshot { outside_files }, Some(node.clone()))
+    };
+    let mut op = Operation::new(payload, makes, chrono::Utc::now());
     op.id = format!("{kind}-{node}");
-    let list: Vec<String> = outside.iter().map(|p| p.display().to_string()).collect();
-    op.note = Some(format!("{}{}", cleanup::OUTSIDE_FILES, list.join("\n")));
     op
 }
 
@@ -173,7 +176,7 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     let mut frozen = Vec::new();
     for d in &info.disks {
         let file = absolute(d)?;
-        let base = overlay_base(&file, &chain_id).and_then(|n| n.parse::<NodeId>().ok());
+        let base = crate::graph::overlay_base(&file, &chain_id).and_then(|n| n.parse::<NodeId>().ok());
         let base = base.filter(|b| manifest.node(b).is_some_and(|n| n.kind == NodeKind::Snapshot));
         if frozen.is_empty() {
             parent = base;
@@ -275,7 +278,7 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     let transaction_ms = match result {
         Ok(ms) => ms,
         Err(err) => {
-            abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
+            recovery::abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
             return Err(err);
         }
     };
@@ -442,8 +445,18 @@ async fn copy_into_repo(
             (true, Some(p)) => Some(crate::tables::load_node_table(vm, manifest, p, &disk)?),
             _ => None,
         };
-        let table =
-            crate::tables::build(bins, vm, manifest, node, &disk, block_size, parent_table.as_ref()).await?;
+        let table = crate::tables::build(
+            crate::tables::DiskAt {
+                bins,
+                vm,
+                manifest,
+                node,
+                disk: &disk,
+            },
+            block_size,
+            parent_table.as_ref(),
+        )
+        .await?;
         let rel = RelPath::disk_table(node, &disk)?;
         let sha = table.save(vm.resolve(&rel)?)?;
         let file = manifest
@@ -451,7 +464,7 @@ async fn copy_into_repo(
             .and_then(|m| m.disks.iter().find(|d| d.disk == disk))
             .map(|d| d.file.clone());
         let stored = match file {
-            Some(f) => crate::backup::allocated_bytes(&vm.resolve(&f)?)?,
+            Some(f) => crate::nodes::allocated_bytes(&vm.resolve(&f)?)?,
             None => 0,
         };
         if let Some(d) = manifest
@@ -506,32 +519,6 @@ fn encrypted_copy(
     Ok(())
 }
 
-/// Undoes a failed snapshot or revert from its record (never touching files QEMU uses) and marks the node
-/// failed.
-async fn abandon(
-    qmp: &qmp::Qmp,
-    vm: &chain::VmStore,
-    manifest: &mut Manifest,
-    guard: &chain::LockGuard,
-    op: &Operation,
-    err: &anyhow::Error,
-) {
-    let mut cleaned = cleanup::Cleaned::default();
-    cleanup::undo_in_qemu(qmp, op, &mut cleaned).await;
-    let in_use = cleanup::open_files(Some(qmp)).await;
-    cleanup::undo_on_disk(vm, manifest, op, in_use.as_deref(), &mut cleaned);
-    if let Some(n) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
-        if n.state == NodeState::Pending {
-            n.state = NodeState::Failed;
-            n.reason = Some(format!("{err:#}"));
-        }
-    }
-    manifest.remove_operation(&op.id);
-    if let Err(e) = vm.save(manifest, guard) {
-        eprintln!("qmpbak: could not record the failure in the manifest: {e:#}");
-    }
-}
-
 #[derive(Debug, Clone)]
 pub struct RevertOptions {
     pub socket: PathBuf,
@@ -567,7 +554,7 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
         false,
     )
     .await?;
-    let target = crate::restore::find_node(&manifest, &opts.node)?.clone();
+    let target = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     if target.kind != NodeKind::Snapshot {
         bail!(Exit::usage(format!(
             "node {} is a {} backup, not a time point: use `qmpbak restore` for backups",
@@ -598,7 +585,6 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
     }
     let overlays: Vec<PathBuf> = plan.iter().map(|p| p.3.clone()).collect();
     let mut op = operation("revert", &target.id, &overlays);
-    op.node = None;
     // A suffix no block node uses yet: the previous revert's overlay may still be the disks' top.
     let existing = qmp.execute(&QueryNamedBlockNodes { flat: Some(true) }).await?;
     let seq = (0u32..10_000)
@@ -630,7 +616,7 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
         qmp.execute(&Cont).await.context("resuming the VM")?;
     }
     if let Err(err) = result {
-        abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
+        recovery::abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
         return Err(err);
     }
     manifest.remove_operation(&op.id);
@@ -739,7 +725,7 @@ async fn switch(
             .is_some_and(|n| n.to_string_lossy().contains(&format!(".qmpbak-{chain_id}-")));
         if ours
             && &old != frozen
-            && d.node_name.starts_with("qb")
+            && crate::graph::names_overlay_node(chain_id, &d.node_name)
             && qmp.execute(&BlockdevDel::new(d.node_name.as_str())).await.is_ok()
         {
             let _ = std::fs::remove_file(&old);
@@ -756,13 +742,20 @@ mod tests {
     fn overlay_names_carry_their_base_node() {
         let p = overlay_path(Path::new("/vm/disk0.qcow2"), "ab12cd34", "0003");
         assert_eq!(p, Path::new("/vm/disk0.qmpbak-ab12cd34-0003.qcow2"));
-        assert_eq!(overlay_base(&p, "ab12cd34").as_deref(), Some("0003"));
         assert_eq!(
-            overlay_base(Path::new("/vm/disk0.qmpbak-ab12cd34-0007.4.qcow2"), "ab12cd34").as_deref(),
+            crate::graph::overlay_base(&p, "ab12cd34").as_deref(),
+            Some("0003")
+        );
+        assert_eq!(
+            crate::graph::overlay_base(Path::new("/vm/disk0.qmpbak-ab12cd34-0007.4.qcow2"), "ab12cd34")
+                .as_deref(),
             Some("0007")
         );
-        assert_eq!(overlay_base(Path::new("/vm/disk0.qcow2"), "ab12cd34"), None);
-        assert_eq!(overlay_base(&p, "ffffffff"), None);
+        assert_eq!(
+            crate::graph::overlay_base(Path::new("/vm/disk0.qcow2"), "ab12cd34"),
+            None
+        );
+        assert_eq!(crate::graph::overlay_base(&p, "ffffffff"), None);
         assert_eq!(stem(Path::new("/vm/disk0.qmpbak-ab12cd34-0007.4.qcow2")), "disk0");
     }
 }

@@ -147,19 +147,28 @@ pub fn touched_blocks(ranges: &[(u64, u64)], block_size: u64, count: u64) -> Res
     Ok(blocks)
 }
 
+/// One disk of one node of a VM's repository, with what reading its recovery chain needs: the context of the
+/// functions that hash, verify or flatten a node's disk.
+#[derive(Clone, Copy)]
+pub struct DiskAt<'a> {
+    pub bins: &'a QemuBins,
+    pub vm: &'a VmStore,
+    pub manifest: &'a Manifest,
+    pub node: &'a NodeId,
+    pub disk: &'a str,
+}
+
 /// Builds the checking table of `node`'s disk `disk`. With `parent`, only the blocks changed in the node's own
 /// layer are read; otherwise the whole disk is. The chain is read straight from its files when it can be
 /// ([`DirectSource`]), otherwise over NBD from a qemu-storage-daemon started for it.
-#[allow(clippy::too_many_arguments)]
-pub async fn build(
-    bins: &QemuBins,
-    vm: &VmStore,
-    manifest: &Manifest,
-    node: &NodeId,
-    disk: &str,
-    block_size: u64,
-    parent: Option<&Table>,
-) -> Result<Table> {
+pub async fn build(at: DiskAt<'_>, block_size: u64, parent: Option<&Table>) -> Result<Table> {
+    let DiskAt {
+        bins,
+        vm,
+        manifest,
+        node,
+        disk,
+    } = at;
     let files = crate::direct::chain_files(vm, manifest, node, disk)?;
     let direct = DirectSource::open(bins, &files)?;
     // An incremental's table is its parent's with the blocks its own layer touched rehashed.

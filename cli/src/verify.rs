@@ -13,6 +13,7 @@ use chain::{LockWait, NodeId, NodeKind, NodeState, Repository, Table};
 use crate::daemon::StorageDaemon;
 use crate::graph;
 use crate::qemu_bins::QemuBins;
+use crate::tables::DiskAt;
 use crate::tables::{NbdSource, layer_extents, threads, touched_blocks};
 
 #[derive(Debug, Clone)]
@@ -85,7 +86,7 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
         );
     } else {
         for wanted in &opts.nodes {
-            ids.push(crate::restore::find_node(&manifest, wanted)?.id.clone());
+            ids.push(crate::nodes::find_node(&manifest, wanted)?.id.clone());
         }
     }
     let bins = QemuBins::from_env();
@@ -97,7 +98,21 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
         let node = tree.get(id.as_str()).context("node vanished")?;
         let mut disks = Vec::new();
         for (i, disk) in node.disks.iter().enumerate() {
-            let verdict = match check_disk(&daemon, &bins, &vm, &manifest, node, &disk.disk, n, i).await {
+            let verdict = match check_disk(
+                &daemon,
+                DiskAt {
+                    bins: &bins,
+                    vm: &vm,
+                    manifest: &manifest,
+                    node: &node.id,
+                    disk: &disk.disk,
+                },
+                node,
+                n,
+                i,
+            )
+            .await
+            {
                 Ok((checked, bad, block_size)) => DiskVerdict {
                     disk: disk.disk.clone(),
                     ok: bad.is_empty(),
@@ -176,17 +191,20 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
 }
 
 /// Checks one disk of one node: returns (blocks checked, bad block indices, block size).
-#[allow(clippy::too_many_arguments)]
 async fn check_disk(
     daemon: &StorageDaemon,
-    bins: &QemuBins,
-    vm: &chain::VmStore,
-    manifest: &chain::Manifest,
+    at: DiskAt<'_>,
     node: &chain::Node,
-    disk: &str,
     n: usize,
     i: usize,
 ) -> Result<(u64, Vec<u64>, u64)> {
+    let DiskAt {
+        bins,
+        vm,
+        manifest,
+        disk,
+        ..
+    } = at;
     let id = &node.id;
     let expected = crate::tables::load_table_of(vm, node, disk)?;
     let block_size = expected.block_size();

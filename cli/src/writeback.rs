@@ -9,7 +9,6 @@
 //! writeback early: durability still comes from that final fsync.
 
 use std::fs::File;
-use std::os::unix::fs::MetadataExt;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::Duration;
@@ -42,7 +41,7 @@ impl EarlyWriteback {
                             *slot = File::open(path).ok().map(|f| (f, Due::default()));
                         }
                         if let Some((file, due)) = slot {
-                            let allocated = file.metadata().map_or(0, |m| m.blocks() * 512);
+                            let allocated = file.metadata().map_or(0, |m| chain::fsio::allocated(&m));
                             if due.check(allocated) {
                                 let _ = file.sync_data();
                             }

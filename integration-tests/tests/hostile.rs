@@ -165,10 +165,30 @@ fn two_time_points(repo: &TestRepo, socket: &str) -> Vec<String> {
         .collect()
 }
 
-/// Adds `op` to the operation records of VM `vm`'s manifest, as a tampered repository would hold it.
+/// Adds `op`, a record of manifest format 1 (a `kind` and a free-text `note`), to the operation records of VM
+/// `vm`'s manifest, as a tampered repository of that format would hold it: the manifest is made format 1, which
+/// differs from format 2 in its records alone.
 fn forge_operation(repo: &TestRepo, vm: &str, op: serde_json::Value) {
     let path = repo.vm_dir(vm).join("manifest.json");
     let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    if manifest["format_version"] != 1 {
+        assert_eq!(
+            manifest["operations"],
+            serde_json::json!([]),
+            "records of format 2 would stay"
+        );
+        manifest["format_version"] = serde_json::json!(1);
+    }
+    manifest["operations"].as_array_mut().unwrap().push(op);
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+}
+
+/// Adds `op`, a record of the current manifest format, to VM `vm`'s manifest, as a tampered repository would
+/// hold it.
+fn forge_typed_operation(repo: &TestRepo, vm: &str, op: serde_json::Value) {
+    let path = repo.vm_dir(vm).join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    assert_eq!(manifest["format_version"], chain::FORMAT_VERSION);
     manifest["operations"].as_array_mut().unwrap().push(op);
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
 }
@@ -258,6 +278,37 @@ async fn a_tampered_operation_record_deletes_nothing_it_may_not() {
     );
     repo.run("vm1", &["prune", "--keep-last", "5"]).success();
     assert!(repo.manifest("vm1").operations.is_empty());
+    // Nor is a record of the current format: its typed lists get the same checks.
+    forge_typed_operation(
+        &repo,
+        "vm1",
+        serde_json::json!({
+            "id": "snapshot-0009", "node": "0009", "started": "2026-01-01T00:00:00Z", "pid": 1,
+            "host": "elsewhere", "jobs": [], "block_nodes": [], "bitmaps": [], "files": [&file, &table],
+            "payload": { "kind": "snapshot", "outside_files": victims },
+        }),
+    );
+    forge_typed_operation(
+        &repo,
+        "vm1",
+        serde_json::json!({
+            "id": "backup-0007", "node": "0007", "started": "2026-01-01T00:00:00Z", "pid": 1,
+            "host": "elsewhere", "files": ["manifest.json", &file],
+            "payload": { "kind": "backup", "nbd_server_started": true },
+        }),
+    );
+    let cleaned = repo
+        .run(
+            "vm1",
+            &["cleanup", "--socket", socket.to_str().unwrap(), "--json"],
+        )
+        .success()
+        .json();
+    assert_eq!(cleaned["files"], serde_json::json!([]), "{cleaned}");
+    assert_eq!(cleaned["kept_outside"].as_array().unwrap().len(), 3, "{cleaned}");
+    for v in &victims {
+        assert!(v.exists(), "{} was deleted", v.display());
+    }
     repo.run("vm1", &["verify"]).success();
     let restored = outside.path().join("restored.qcow2");
     repo.run("vm1", &["restore", &node, "--to", restored.to_str().unwrap()])

@@ -308,7 +308,10 @@ async fn a_prune_killed_midway_leaves_an_exact_tree_and_the_next_prune_finishes_
     let manifest = repo.manifest(VM);
     assert_eq!(manifest.nodes.len(), 5);
     assert_eq!(manifest.operations.len(), 1);
-    assert_eq!(manifest.operations[0].kind, chain::OperationKind::Prune);
+    assert!(matches!(
+        manifest.operations[0].payload,
+        chain::Payload::Prune { .. }
+    ));
     for point in &points {
         assert_restores_exactly(&repo, point, &out);
     }

@@ -23,14 +23,11 @@ use serde_json::json;
 use tokio::sync::Semaphore;
 
 use super::{Copied, Run, interrupted, jobs};
-use crate::cleanup;
 use crate::daemon::NBD_CONNECT_TIMEOUT;
 use crate::graph;
+use crate::recovery;
 use crate::tables::load_node_table;
 use crate::tables::{NbdSource, threads};
-
-/// Marks an operation record whose run started the VM's NBD server (so cleanup stops it).
-pub const NBD_SERVER_NOTE: &str = "started the VM's NBD server";
 
 /// How often the progress display is updated while a disk is read.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -60,7 +57,9 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
         let rel = fleece_file(run, i)?;
         run.op.files.push(rel.clone());
     }
-    run.op.note = Some(NBD_SERVER_NOTE.to_owned());
+    run.op.payload = chain::Payload::Backup {
+        nbd_server_started: true,
+    };
     if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
         *op = run.op.clone();
     }
@@ -397,7 +396,7 @@ async fn teardown(run: &Run<'_>) {
         let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
         let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
         let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
-        cleanup::stop_job(qmp, &job).await;
+        recovery::stop_job(qmp, &job).await;
     }
     for name in &run.op.block_nodes {
         let _ = qmp.execute(&BlockdevDel::new(name.as_str())).await;

@@ -20,10 +20,10 @@ use serde_json::json;
 use tokio::task::JoinSet;
 
 use super::{Copied, Run, interrupted};
-use crate::cleanup;
 use crate::exit::{Exit, ExitCode};
 use crate::graph;
 use crate::plan::Method;
+use crate::recovery;
 
 /// How often job progress is read for the progress display.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -43,7 +43,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         outcome = wait_jobs(run, &jobs) => outcome,
         () = run.interrupt.wait() => {
             for job in &jobs {
-                cleanup::stop_job(run.qmp, job).await;
+                recovery::stop_job(run.qmp, job).await;
             }
             return Err(interrupted());
         }
@@ -193,7 +193,7 @@ async fn wait_jobs(run: &Run<'_>, jobs: &[String]) -> Result<Vec<u64>> {
                             Exit::new(ExitCode::Qemu, format!("the backup job of disk {disk} failed: {why}")).into()
                         });
                         for job in jobs {
-                            cleanup::stop_job(run.qmp, job).await;
+                            recovery::stop_job(run.qmp, job).await;
                         }
                     }
                     Err(e) => {

@@ -10,8 +10,6 @@
 mod fleece;
 mod jobs;
 
-pub use fleece::NBD_SERVER_NOTE;
-
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -21,17 +19,17 @@ use serde::Serialize;
 
 use chain::{
     BitmapRecord, Location, LockGuard, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState,
-    Operation, OperationKind, RelPath, VmStore,
+    Operation, Payload, RelPath, VmStore,
 };
 
 use crate::bitmaps::{BitmapName, BitmapState, Role};
-use crate::cleanup;
 use crate::crashpoint::crashpoint;
 use crate::exit::{Exit, ExitCode};
 use crate::inspect::{self, DiskInfo};
 use crate::plan::{self, ChainFacts, DiskFacts, Level, Method, Plan, Requested};
 use crate::progress::Progress;
 use crate::qemu_bins::QemuBins;
+use crate::recovery;
 use crate::signals::Interrupt;
 
 /// Bound on one copy job, start to end. Large: a job's speed is the disk's; the progress output shows it moving.
@@ -76,7 +74,7 @@ pub struct BackupReport {
     /// Whether the guest's filesystems were frozen for the backup instant.
     pub quiesced: bool,
     /// What an earlier, interrupted run left behind and this run removed.
-    pub cleaned: cleanup::Cleaned,
+    pub cleaned: recovery::Cleaned,
     /// Drives of the VM this backup did not copy, and why (removable media, empty drives).
     pub skipped: Vec<Skipped>,
     /// Encrypted disks stored decrypted in this repository (`--allow-plaintext`).
@@ -289,7 +287,6 @@ pub async fn backup(
     };
     let op = Operation {
         id: format!("backup-{node}"),
-        kind: OperationKind::Backup,
         node: Some(node.clone()),
         started: chrono::Utc::now(),
         pid: std::process::id(),
@@ -298,7 +295,10 @@ pub async fn backup(
         block_nodes: Vec::new(),
         bitmaps: Vec::new(),
         files: Vec::new(),
-        note: None,
+        payload: Payload::Backup {
+            nbd_server_started: false,
+        },
+        legacy_note: None,
     };
     let mut run = Run {
         qmp: &qmp,
@@ -505,7 +505,7 @@ impl Run<'_> {
             let table_path = self.vm.resolve(&t.table)?;
             let sha = table.save(&table_path)?;
             let file_path = self.vm.resolve(&t.file)?;
-            let stored = allocated_bytes(&file_path)?;
+            let stored = crate::nodes::allocated_bytes(&file_path)?;
             let node = next
                 .node_mut(&self.node)
                 .context("pending node vanished from the manifest")?;
@@ -557,39 +557,26 @@ impl Run<'_> {
                 )?),
                 None => None,
             };
-            let table = crate::tables::build(
-                &self.bins,
-                self.vm,
-                &self.manifest,
-                &self.node,
-                &t.info.id,
-                self.block_size,
-                parent_table.as_ref(),
-            )
-            .await
-            .with_context(|| format!("building the checking table of disk {}", t.info.id))?;
+            let at = crate::tables::DiskAt {
+                bins: &self.bins,
+                vm: self.vm,
+                manifest: &self.manifest,
+                node: &self.node,
+                disk: &t.info.id,
+            };
+            let table = crate::tables::build(at, self.block_size, parent_table.as_ref())
+                .await
+                .with_context(|| format!("building the checking table of disk {}", t.info.id))?;
             self.progress.finish_disk(&t.info.id);
             tables.push(table);
         }
         Ok(tables)
     }
 
-    /// Undoes everything this run created and records the node as failed with the error; the old bitmaps are
-    /// untouched, so the next backup still sees every change.
+    /// Undoes everything this run created and records the node as failed with the error
+    /// ([`recovery::abandon`]); the old bitmaps are untouched, so the next backup still sees every change.
     async fn fail(&mut self, err: &anyhow::Error) {
-        let mut cleaned = cleanup::Cleaned::default();
-        cleanup::undo_in_qemu(self.qmp, &self.op, &mut cleaned).await;
-        crate::crypt::unlock::remove_secret(self.qmp).await;
-        let in_use = cleanup::open_files(Some(self.qmp)).await;
-        cleanup::undo_on_disk(self.vm, &self.manifest, &self.op, in_use.as_deref(), &mut cleaned);
-        if let Some(node) = self.manifest.node_mut(&self.node) {
-            node.state = NodeState::Failed;
-            node.reason = Some(format!("{err:#}"));
-        }
-        self.manifest.operations.retain(|o| o.id != self.op.id);
-        if let Err(e) = self.save() {
-            eprintln!("qmpbak: could not record the failed backup in the manifest: {e:#}");
-        }
+        recovery::abandon(self.qmp, self.vm, &mut self.manifest, self.guard, &self.op, err).await;
     }
 
     /// After success: removes qmpbak bitmaps of this chain that no longer mean anything: everything but the
@@ -625,12 +612,6 @@ impl Run<'_> {
             }
         }
     }
-}
-
-/// Bytes a file occupies on the host (allocated blocks, not its apparent size): the one helper for it in the
-/// CLI, over [`chain::fsio::allocated_bytes`].
-pub fn allocated_bytes(path: &std::path::Path) -> Result<u64> {
-    chain::fsio::allocated_bytes(path).with_context(|| format!("reading {}", path.display()))
 }
 
 fn level_name(level: Level) -> &'static str {

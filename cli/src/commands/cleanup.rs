@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 
 use super::args::RepoVm;
 use qmpbak::exit::Exit;
-use qmpbak::{cleanup, inspect};
+use qmpbak::{inspect, recovery};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -30,7 +30,7 @@ pub async fn run(args: Args) -> Result<()> {
         Some(socket) => Some(inspect::connect(socket).await?),
         None => None,
     };
-    let cleaned = cleanup::recover(qmp.as_ref(), &vm, &mut manifest, &guard).await?;
+    let cleaned = recovery::recover(qmp.as_ref(), &vm, &mut manifest, &guard).await?;
     // Mounts of this VM's nodes whose qmpbak was killed while setting them up.
     let mounts = qmpbak::mount::clean_interrupted(&manifest.vm)?;
     if args.json {

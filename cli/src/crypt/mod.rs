@@ -9,20 +9,8 @@ pub mod unlock;
 pub use key::KeySource;
 pub use unlock::{KeyGuard, require, unlock};
 
-use qmp::ImageInfo;
-
 use crate::exit::Exit;
 use crate::inspect::DiskInfo;
-
-/// Whether QEMU reports this image, or any image in its backing chain, as encrypted: a LUKS image (`luks`
-/// format) or a qcow2 with an `encrypt` section.
-pub fn image_encrypted(image: &ImageInfo) -> bool {
-    let own = image.format == "luks"
-        || image.format_specific.as_ref().is_some_and(|spec| {
-            spec["type"] == "luks" || spec["data"].get("encrypt").is_some_and(|e| !e.is_null())
-        });
-    own || image.backing_image.as_deref().is_some_and(image_encrypted)
-}
 
 /// The ids of the selected disks that QEMU decrypts. Backing them up into a repository that is not encrypted
 /// would store in plaintext what the user encrypted: refused (exit 2) unless `allow_plaintext`.

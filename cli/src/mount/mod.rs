@@ -112,7 +112,7 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
     let vm = repo.vm(&opts.vm)?;
     let guard = vm.lock_shared(opts.lock_wait)?;
     let manifest = vm.load()?;
-    let node = crate::restore::find_node(&manifest, &opts.node)?.clone();
+    let node = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     let disk = match &opts.disk {
         Some(disk) => crate::restore::select_disks(&node, std::slice::from_ref(disk))?.remove(0),
         None if node.disks.len() == 1 => node.disks[0].disk.clone(),
@@ -302,8 +302,18 @@ async fn check_chain(
             ));
         }
     };
-    let actual =
-        crate::tables::build(bins, vm, manifest, &node.id, disk, expected.block_size(), None).await?;
+    let actual = crate::tables::build(
+        crate::tables::DiskAt {
+            bins,
+            vm,
+            manifest,
+            node: &node.id,
+            disk,
+        },
+        expected.block_size(),
+        None,
+    )
+    .await?;
     Ok(Table::diff(&expected, &actual)?)
 }
 

@@ -8,16 +8,16 @@
 //! `qmpbak cleanup --socket` (or any later command on the VM) finish it.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use qmp::commands::{
-    BlockDirtyBitmapAdd, BlockStream, BlockdevDel, BlockdevReopen, Cont, QueryStatus, XDebugQueryBlockGraph,
+    BlockDirtyBitmapAdd, BlockStream, BlockdevReopen, Cont, QueryStatus, XDebugQueryBlockGraph,
 };
 use serde::Serialize;
 use serde_json::json;
 
-use chain::{BitmapRecord, LockWait, Operation, OperationKind};
+use chain::{BitmapRecord, LockWait, Operation, Payload};
 
 use crate::bitmaps::BitmapName;
 use crate::exit::{Exit, ExitCode};
@@ -25,9 +25,6 @@ use crate::graph;
 use crate::inspect;
 use crate::progress::Progress;
 use crate::signals::Interrupt;
-
-/// Bound on streaming one disk.
-pub const STREAM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
 #[derive(Debug, Clone)]
 pub struct LiveOptions {
@@ -76,7 +73,7 @@ pub async fn restore_live(
         false,
     )
     .await?;
-    let node = super::find_node(&manifest, &opts.node)?.clone();
+    let node = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     let disks = super::select_disks(&node, &opts.disks)?;
     let info = inspect::inspect(&qmp).await?;
 
@@ -129,7 +126,7 @@ pub async fn restore_live(
     let bitmaps: Vec<String> = targets.iter().map(|(_, d)| bitmap_of(&d.id)).collect();
     let name = |what: &str, i: usize| graph::short_name(&chain_id, what, node.id.as_str(), i);
     let depth = manifest.recovery_chain(&node.id)?.len();
-    let mut op = Operation::new(OperationKind::Restore, Some(node.id.clone()), chrono::Utc::now());
+    let mut op = Operation::new(Payload::LiveRestore, Some(node.id.clone()), chrono::Utc::now());
     op.id = format!("restore-{}", node.id);
     op.pid = std::process::id();
     for ((i, d), bitmap) in targets.iter().zip(&bitmaps) {
@@ -203,7 +200,7 @@ pub async fn restore_live(
     }
     crate::crashpoint::crashpoint("restore-streaming");
 
-    let finish = finish(&qmp, &op, progress);
+    let finish = crate::recovery::live::finish(&qmp, &op, progress);
     tokio::select! {
         result = finish => result?,
         () = interrupt.wait() => {
@@ -222,44 +219,6 @@ pub async fn restore_live(
         running_after_secs: running_after,
         duration_secs: started.elapsed().as_secs_f64(),
     })
-}
-
-/// Waits for a live restore's stream jobs and detaches the chain. Also used by cleanup to finish a restore whose
-/// qmpbak died. A failed stream leaves the chain attached (the VM depends on it) and is an error.
-pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> Result<()> {
-    for job in &op.jobs {
-        let Some(info) = qmp.job_info(job).await? else {
-            continue;
-        };
-        let outcome = if info.status == qmp::JobStatus::Concluded {
-            qmp.wait_job(job, Duration::from_secs(5)).await?
-        } else {
-            let wait = qmp.wait_job(job, STREAM_TIMEOUT);
-            tokio::pin!(wait);
-            let mut ticker = tokio::time::interval(Duration::from_millis(250));
-            loop {
-                tokio::select! {
-                    outcome = &mut wait => break outcome?,
-                    _ = ticker.tick() => {
-                        if let Ok(Some(now)) = qmp.job_info(job).await {
-                            progress.advance(job, now.current_progress, now.total_progress);
-                        }
-                    }
-                }
-            }
-        };
-        qmp.dismiss_job(job).await?;
-        if let Some(error) = outcome.error {
-            bail!("streaming ({job}) failed: {error}; the VM still runs on the backup chain");
-        }
-        progress.finish_disk(job);
-    }
-    for node in &op.block_nodes {
-        let _ = qmp.execute(&BlockdevDel::new(node.as_str())).await;
-    }
-    // The chain is gone: so goes the key of an encrypted repository, also when cleanup finishes the restore.
-    crate::crypt::unlock::forget_secret(qmp).await;
-    Ok(())
 }
 
 /// `(parent node, file child node)` pairs from QEMU's block graph.

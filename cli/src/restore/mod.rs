@@ -7,23 +7,9 @@ pub mod offline;
 
 use anyhow::{Result, bail};
 
-use chain::{Manifest, Node, NodeState};
+use chain::Node;
 
 use crate::exit::{Exit, ExitCode};
-
-/// Finds a node by id or tag; a miss is a usage error listing near matches.
-pub fn find_node<'m>(manifest: &'m Manifest, wanted: &str) -> Result<&'m Node> {
-    let Some(node) = manifest.find(wanted) else {
-        bail!(Exit::usage(crate::render::not_found(manifest, wanted)));
-    };
-    if node.state != NodeState::Complete {
-        bail!(Exit::usage(format!(
-            "node {} of VM {} is {:?}, not complete: it cannot be restored",
-            node.id, manifest.vm, node.state
-        )));
-    }
-    Ok(node)
-}
 
 /// The node's disks to restore: all, or the ones named (each must exist).
 pub fn select_disks(node: &Node, only: &[String]) -> Result<Vec<String>> {

@@ -84,7 +84,7 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
         vm.lock_shared(opts.lock_wait)?
     };
     let mut manifest = vm.load()?;
-    let node = super::find_node(&manifest, &opts.node)?.clone();
+    let node = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     let disks = super::select_disks(&node, &opts.disks)?;
     let encrypt = match &opts.encrypt_output {
         Some(_) if opts.format == Format::Raw => {
@@ -252,7 +252,17 @@ async fn restore_disk(
         }
     }
     create_image(bins, out)?;
-    let hash = crate::tables::build(bins, vm, manifest, &node.id, disk, expected.block_size(), None);
+    let hash = crate::tables::build(
+        crate::tables::DiskAt {
+            bins,
+            vm,
+            manifest,
+            node: &node.id,
+            disk,
+        },
+        expected.block_size(),
+        None,
+    );
     let copy = async {
         let writeback = crate::writeback::EarlyWriteback::start(vec![path.to_owned()]);
         convert(bins, &files, out).await?;

@@ -1,0 +1,407 @@
+//! Recovery: what happens to an operation that did not finish. Before qmpbak touches QEMU it writes an
+//! operation record into the manifest naming every job, block node, bitmap and file it will create, and what
+//! its kind needs ([`chain::Payload`]); on success the record goes away in the same atomic manifest write that
+//! completes the node. A run that fails undoes what its record names ([`abandon`]); when a run dies (SIGKILL,
+//! power loss), the next command finds the record ([`recover`]) and removes what is left, in QEMU
+//! ([`undo_in_qemu`]) and on disk ([`undo_on_disk`]), and marks the node failed, except for the two kinds that
+//! cannot be undone and are finished instead: a commit ([`commit`]) and a live restore ([`live`]). Removal is
+//! idempotent: things already gone are skipped. Records are data from a file and are not trusted: what they
+//! name is checked before anything is deleted ([`may_delete_in_repo`], [`outside_file_problem`]).
+//!
+//! This module depends on the `qmp` and `chain` crates and on naming and inspection helpers, never on the
+//! commands whose records it finishes.
+
+pub mod commit;
+pub mod live;
+
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Result;
+use qmp::commands::{
+    BlockDirtyBitmapRemove, BlockExportDel, BlockdevDel, JobCancel, JobDismiss, NbdServerStop,
+    QueryBlockExports, QueryNamedBlockNodes,
+};
+
+use chain::{LockGuard, Manifest, NodeId, NodeState, Operation, Payload, RelPath, VmStore};
+
+/// How long a leftover job may take to stop after `job-cancel`.
+pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What a cleanup removed, for the output.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Cleaned {
+    pub operations: Vec<String>,
+    pub jobs: Vec<String>,
+    pub block_nodes: Vec<String>,
+    pub bitmaps: Vec<String>,
+    pub files: Vec<String>,
+    pub failed_nodes: Vec<String>,
+    /// Records left in place, each with what it needs to be finished.
+    pub pending: Vec<String>,
+    /// Files a record named outside the repository that were not removed, each with the reason: only files
+    /// provably qmpbak's own overlays, beside an image of the running VM, are ever removed.
+    pub kept_outside: Vec<String>,
+}
+
+impl Cleaned {
+    pub fn is_empty(&self) -> bool {
+        self.operations.is_empty() && self.pending.is_empty() && self.kept_outside.is_empty()
+    }
+}
+
+/// Cancels (if still running) and dismisses a job; `false` if QEMU does not know it.
+pub async fn stop_job(qmp: &qmp::Qmp, id: &str) -> bool {
+    let Ok(Some(job)) = qmp.job_info(id).await else {
+        return false;
+    };
+    if job.status != qmp::JobStatus::Concluded {
+        let _ = qmp.execute(&JobCancel::new(id)).await;
+        let _ = qmp.wait_job(id, CANCEL_TIMEOUT).await;
+    }
+    let _ = qmp.execute(&JobDismiss::new(id)).await;
+    true
+}
+
+/// Removes in QEMU what an operation record names: jobs, then block nodes (in the recorded order, newest
+/// first), then bitmaps. Safe to call on things that no longer exist.
+pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned) {
+    // NBD exports an operation made are named after its id; the NBD server is stopped only if it started it.
+    if let Ok(exports) = qmp.execute(&QueryBlockExports).await {
+        for export in exports.iter().filter(|e| e.id.starts_with(op.id.as_str())) {
+            let _ = qmp.execute(&BlockExportDel::hard(export.id.as_str())).await;
+        }
+    }
+    if op.payload.started_nbd_server() {
+        let _ = qmp.execute(&NbdServerStop).await;
+    }
+    for job in &op.jobs {
+        if stop_job(qmp, job).await {
+            cleaned.jobs.push(job.clone());
+        }
+    }
+    for node in &op.block_nodes {
+        if qmp.execute(&BlockdevDel::new(node.as_str())).await.is_ok() {
+            cleaned.block_nodes.push(node.clone());
+        }
+    }
+    for bitmap in &op.bitmaps {
+        let remove = BlockDirtyBitmapRemove::new(bitmap.node.as_str(), bitmap.name.as_str());
+        if qmp.execute(&remove).await.is_ok() {
+            cleaned.bitmaps.push(format!("{}:{}", bitmap.node, bitmap.name));
+        }
+    }
+}
+
+/// The image files QEMU has open, so that cleanup never deletes one a VM is using; `None` when QEMU cannot be
+/// asked (then no file outside the repository is removed).
+pub async fn open_files(qmp: Option<&qmp::Qmp>) -> Option<Vec<PathBuf>> {
+    let nodes = qmp?
+        .execute(&QueryNamedBlockNodes { flat: Some(true) })
+        .await
+        .ok()?;
+    Some(
+        nodes
+            .into_iter()
+            .filter(|n| !n.file.is_empty())
+            .map(|n| PathBuf::from(n.file))
+            .collect(),
+    )
+}
+
+/// Whether a file that operation `op`'s record names inside the repository may be deleted. A record is data
+/// from a file, so it is not trusted: only a file directly in a node's directory (`<node>/<name>`) qualifies,
+/// never one that a node of the manifest uses — except the files of the record's own node while that node is
+/// not complete (the backup being undone).
+pub fn may_delete_in_repo(manifest: &Manifest, op: &Operation, file: &RelPath) -> bool {
+    let parts: Vec<Component<'_>> = file.as_path().components().collect();
+    let in_node_dir = parts.len() == 2
+        && matches!(parts[0], Component::Normal(dir) if dir.to_str().is_some_and(|d| d.parse::<NodeId>().is_ok()));
+    if !in_node_dir {
+        return false;
+    }
+    !manifest
+        .nodes
+        .iter()
+        .filter(|n| !(Some(&n.id) == op.node.as_ref() && n.state != NodeState::Complete))
+        .flat_map(|n| &n.disks)
+        .any(|d| d.file == *file || d.table.as_ref() == Some(file))
+}
+
+/// Why a file that `op`'s record names outside the repository may not be deleted (`None`: it may). It must be
+/// an absolute, plain path to a regular file named as one of this chain's overlays for the record's node
+/// (`<stem>.qmpbak-<chain>-<node>….qcow2`, as `snapshot` and `revert` create them), beside an image the running
+/// VM has open, and not open itself. A tampered record can therefore name nothing else.
+pub fn outside_file_problem(
+    path: &Path,
+    manifest: &Manifest,
+    op: &Operation,
+    in_use: Option<&[PathBuf]>,
+) -> Option<String> {
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+    {
+        return Some("not an absolute path of plain names".into());
+    }
+    let node = op.node.as_ref().map(NodeId::as_str);
+    if crate::graph::overlay_base(path, &manifest.chain_id).as_deref() != node || node.is_none() {
+        return Some(format!(
+            "not named as an overlay of chain {} for node {}",
+            manifest.chain_id,
+            node.unwrap_or("-")
+        ));
+    }
+    let Some(in_use) = in_use else {
+        return Some("QEMU could not be asked which files the VM uses (give --socket)".into());
+    };
+    if !in_use.iter().any(|f| f.parent() == path.parent()) {
+        return Some("not beside any image the VM has open".into());
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() => Some("not a regular file".into()),
+        _ => None,
+    }
+}
+
+/// Removes the files an operation record names (inside the repository, and `outside`: absolute paths a
+/// snapshot created next to the VM's disks) and the node's directory if it is left empty. A file QEMU still
+/// has open (`in_use`) is never deleted, nor one the record may not name ([`may_delete_in_repo`],
+/// [`outside_file_problem`]); those outside the repository are listed in `cleaned.kept_outside`.
+pub fn undo_on_disk(
+    vm: &VmStore,
+    manifest: &Manifest,
+    op: &Operation,
+    in_use: Option<&[PathBuf]>,
+    cleaned: &mut Cleaned,
+) {
+    let inside = op
+        .files
+        .iter()
+        .filter(|f| may_delete_in_repo(manifest, op, f))
+        .filter_map(|f| vm.resolve(f).ok());
+    let outside = op.payload.outside_files().iter().filter(|path| {
+        match outside_file_problem(path, manifest, op, in_use) {
+            None => true,
+            Some(why) => {
+                if path.exists() {
+                    cleaned.kept_outside.push(format!("{}: {why}", path.display()));
+                }
+                false
+            }
+        }
+    });
+    for path in inside.chain(outside.cloned()) {
+        if in_use.is_some_and(|open| open.contains(&path)) {
+            continue;
+        }
+        // Never through a symlink: what is removed is the file the record names, or nothing.
+        if !std::fs::symlink_metadata(&path).is_ok_and(|m| m.is_file()) {
+            continue;
+        }
+        if std::fs::remove_file(&path).is_ok() {
+            cleaned.files.push(path.display().to_string());
+        }
+    }
+    if let Some(node) = &op.node {
+        let _ = std::fs::remove_dir(vm.node_dir(node));
+    }
+}
+
+/// Finishes every operation record in the manifest, as its kind says ([`Payload`]): a commit or a live restore
+/// is finished in the running VM (without one it stays, listed in `pending`); a record that could not be read
+/// stops recovery; any other is undone in QEMU (when connected) and on disk, and its node marked failed. The
+/// manifest is saved once. Called at the start of every command that changes a VM, under the exclusive lock,
+/// so no other qmpbak can own these records. On an error, the record at fault and those after it stay.
+pub async fn recover(
+    qmp: Option<&qmp::Qmp>,
+    vm: &VmStore,
+    manifest: &mut Manifest,
+    guard: &LockGuard,
+) -> Result<Cleaned> {
+    let mut cleaned = Cleaned::default();
+    if manifest.operations.is_empty() {
+        return Ok(cleaned);
+    }
+    let operations = std::mem::take(&mut manifest.operations);
+    for (i, op) in operations.iter().enumerate() {
+        let failed = match (&op.payload, qmp) {
+            (Payload::Unreadable { was }, _) => Some(anyhow::anyhow!(
+                "the {was} record {} could not be read (its note: {:?}): nothing was done; remove the record \
+                 from the manifest only if you know what that operation did",
+                op.id,
+                op.legacy_note.as_deref().unwrap_or("")
+            )),
+            (Payload::Commit(_) | Payload::LiveRestore, None) => {
+                cleaned.pending.push(format!(
+                    "{}: an interrupted {}, finished only in the running VM: give --socket",
+                    op.id,
+                    if op.payload == Payload::LiveRestore {
+                        "live restore"
+                    } else {
+                        "commit"
+                    }
+                ));
+                manifest.operations.push(op.clone());
+                continue;
+            }
+            // Finished if any increment left its graph (a commit cannot be undone), else nothing changed.
+            (Payload::Commit(record), Some(qmp)) => commit::finish(qmp, manifest, op, record)
+                .await
+                .err()
+                .map(|e| e.context(format!("finishing the interrupted commit {}", op.id))),
+            // A live restore cannot be undone once the VM runs on the chain: finish it instead.
+            (Payload::LiveRestore, Some(qmp)) => {
+                match live::finish(qmp, op, &crate::progress::Silent).await {
+                    Ok(()) => {
+                        cleaned.jobs.extend(op.jobs.iter().cloned());
+                        cleaned.block_nodes.extend(op.block_nodes.iter().cloned());
+                        None
+                    }
+                    Err(e) => Some(e.context(format!("finishing the interrupted live restore {}", op.id))),
+                }
+            }
+            _ => {
+                undo(qmp, vm, manifest, op, &mut cleaned).await;
+                None
+            }
+        };
+        if let Some(err) = failed {
+            manifest.operations.extend(operations[i..].iter().cloned());
+            vm.save(manifest, guard)?;
+            return Err(err);
+        }
+        cleaned.operations.push(op.id.clone());
+    }
+    vm.save(manifest, guard)?;
+    Ok(cleaned)
+}
+
+/// Undoes an interrupted operation that can be undone: in QEMU (when connected) and on disk, then marks its node
+/// failed, saying by whom and when it was interrupted.
+async fn undo(
+    qmp: Option<&qmp::Qmp>,
+    vm: &VmStore,
+    manifest: &mut Manifest,
+    op: &Operation,
+    cleaned: &mut Cleaned,
+) {
+    if let Some(qmp) = qmp {
+        undo_in_qemu(qmp, op, cleaned).await;
+    }
+    let in_use = open_files(qmp).await;
+    undo_on_disk(vm, manifest, op, in_use.as_deref(), cleaned);
+    if let Some(node) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
+        if node.state == NodeState::Pending {
+            node.state = NodeState::Failed;
+            let why = format!(
+                "interrupted (pid {} on {}, started {})",
+                op.pid, op.host, op.started
+            );
+            node.reason = Some(match node.reason.take() {
+                Some(r) => format!("{r}; {why}"),
+                None => why,
+            });
+            cleaned.failed_nodes.push(node.id.to_string());
+        }
+    }
+}
+
+/// Undoes a failed operation from its record (in QEMU, then on disk, never touching files QEMU uses), marks its
+/// node failed with the error, and drops the record: the one way a command gives up on a run it started
+/// (backup, snapshot, revert). The old bitmaps are untouched, so the next backup still sees every change.
+pub async fn abandon(
+    qmp: &qmp::Qmp,
+    vm: &VmStore,
+    manifest: &mut Manifest,
+    guard: &LockGuard,
+    op: &Operation,
+    err: &anyhow::Error,
+) {
+    let mut cleaned = Cleaned::default();
+    undo_in_qemu(qmp, op, &mut cleaned).await;
+    // The repository key's secret, if this process gave QEMU one for the run (an encrypted backup).
+    crate::crypt::unlock::remove_secret(qmp).await;
+    let in_use = open_files(Some(qmp)).await;
+    undo_on_disk(vm, manifest, op, in_use.as_deref(), &mut cleaned);
+    if let Some(n) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
+        if n.state == NodeState::Pending {
+            n.state = NodeState::Failed;
+            n.reason = Some(format!("{err:#}"));
+        }
+    }
+    manifest.remove_operation(&op.id);
+    if let Err(e) = vm.save(manifest, guard) {
+        eprintln!(
+            "qmpbak: could not record the failed {} in the manifest: {e:#}",
+            op.kind()
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str, payload: Payload) -> Operation {
+        let mut op = Operation::new(payload, None, chrono::Utc::now());
+        op.id = id.to_owned();
+        op
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_record_stops_recovery_and_it_and_the_records_after_it_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = chain::Repository::init(dir.path().join("repo")).unwrap();
+        let vm = repo.create_vm("vm1").unwrap();
+        let guard = vm.lock_exclusive(chain::LockWait::NoWait, "test").unwrap();
+        let mut manifest = vm.load().unwrap();
+        let before = record(
+            "prune-a",
+            Payload::Prune {
+                policy: String::new(),
+                removing: Vec::new(),
+            },
+        );
+        let unreadable = record("commit-0003", Payload::Unreadable { was: "commit".into() });
+        let after = record(
+            "backup-0004",
+            Payload::Backup {
+                nbd_server_started: false,
+            },
+        );
+        for op in [&before, &unreadable, &after] {
+            manifest.add_operation(op.clone());
+        }
+        vm.save(&manifest, &guard).unwrap();
+        let err = recover(None, &vm, &mut manifest, &guard).await.unwrap_err();
+        assert!(format!("{err:#}").contains("could not be read"), "{err:#}");
+        let kept: Vec<&str> = manifest.operations.iter().map(|o| o.id.as_str()).collect();
+        assert_eq!(kept, ["commit-0003", "backup-0004"]);
+        assert_eq!(vm.load().unwrap().operations, manifest.operations);
+    }
+
+    #[tokio::test]
+    async fn without_qemu_a_commit_and_a_live_restore_stay_pending() {
+        let dir = tempfile::tempdir().unwrap();
+        let repo = chain::Repository::init(dir.path().join("repo")).unwrap();
+        let vm = repo.create_vm("vm1").unwrap();
+        let guard = vm.lock_exclusive(chain::LockWait::NoWait, "test").unwrap();
+        let mut manifest = vm.load().unwrap();
+        manifest.add_operation(record("restore-0002", Payload::LiveRestore));
+        manifest.add_operation(record(
+            "commit-0003",
+            Payload::Commit(chain::CommitRecord {
+                node: "0003".parse().unwrap(),
+                parent: "0002".parse().unwrap(),
+                disks: Vec::new(),
+            }),
+        ));
+        let cleaned = recover(None, &vm, &mut manifest, &guard).await.unwrap();
+        assert_eq!(cleaned.pending.len(), 2, "{cleaned:?}");
+        assert!(cleaned.pending[0].contains("live restore"), "{cleaned:?}");
+        assert!(cleaned.operations.is_empty());
+        assert_eq!(manifest.operations.len(), 2);
+    }
+}

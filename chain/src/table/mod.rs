@@ -405,10 +405,14 @@ impl Table {
             }
             return Ok(());
         }
-        let stored: Vec<(u64, &Digest)> = (0..self.count)
-            .filter_map(|i| self.digest(i).map(|d| (i, d)))
-            .filter(|(i, _)| !self.is_zero(*i))
-            .collect();
+        let stored: Vec<(u64, &Digest)> = match &self.blocks {
+            // only non-zero blocks, in order
+            Blocks::Sparse(stored) => stored.iter().map(|(i, d)| (*i, d)).collect(),
+            Blocks::Dense(_) => (0..self.count)
+                .filter_map(|i| self.digest(i).map(|d| (i, d)))
+                .filter(|(i, _)| !self.is_zero(*i))
+                .collect(),
+        };
         let mut bitmap = vec![0u8; bitmap_len(self.count)];
         for (i, _) in &stored {
             bitmap[(i / 8) as usize] |= 1 << (i % 8);
@@ -578,7 +582,16 @@ impl Table {
             ));
         }
         let mut table = Table::zeroed(block_size, virtual_size).map_err(|e| e.to_string())?;
-        let indices = (0..count).filter(|i| bitmap[(i / 8) as usize] & (1 << (i % 8)) != 0);
+        // The set bits in order, a byte at a time: a mostly empty table has mostly zero bytes.
+        let indices = bitmap
+            .iter()
+            .enumerate()
+            .filter(|(_, b)| **b != 0)
+            .flat_map(|(at, b)| {
+                (0..8u64)
+                    .filter(move |bit| b & (1 << bit) != 0)
+                    .map(move |bit| at as u64 * 8 + bit)
+            });
         let stored = indices
             .zip(digests.chunks_exact(32))
             .map(|(i, c)| {

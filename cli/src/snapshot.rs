@@ -389,7 +389,13 @@ async fn copy_into_repo(
         let mut cmd = crate::children::command(&bins.img);
         if encrypted {
             let parent = stacked.then(|| n.parent.clone()).flatten();
-            encrypted_copy(&mut cmd, vm, manifest, bins, d, frozen, dst, parent.as_ref())?;
+            let copy = CopyOf {
+                disk: d,
+                frozen,
+                dst,
+                parent: parent.as_ref(),
+            };
+            encrypted_copy(&mut cmd, vm, manifest, bins, &copy)?;
         } else if stacked {
             // The increment alone, then its header pointed at the parent's copy.
             cmd.args(["convert", "-U", "-O", "qcow2", "-B"])
@@ -484,17 +490,19 @@ async fn copy_into_repo(
 /// with its parent's copy as the backing named in its header when stacked, and the copy writes into it (`-n`)
 /// opened with the key. The source's layers below the frozen file are the parent's copies, opened explicitly
 /// with the key; a flattened copy reads the frozen file's own chain in the VM's storage.
-#[allow(clippy::too_many_arguments)]
 fn encrypted_copy(
     cmd: &mut tokio::process::Command,
     vm: &chain::VmStore,
     manifest: &Manifest,
     bins: &QemuBins,
-    d: &NodeDisk,
-    frozen: &Path,
-    dst: &Path,
-    parent: Option<&NodeId>,
+    copy: &CopyOf<'_>,
 ) -> Result<()> {
+    let CopyOf {
+        disk: d,
+        frozen,
+        dst,
+        parent,
+    } = *copy;
     let stacked = match parent {
         Some(p) => Some((p, format!("../{}", d.backing.as_ref().context("no backing")?))),
         None => None,
@@ -517,6 +525,16 @@ fn encrypted_copy(
     crate::crypt::unlock::encrypt_node(&mut target);
     cmd.arg(format!("json:{source}")).arg(format!("json:{target}"));
     Ok(())
+}
+
+/// One disk's copy of a time point: its record, the frozen file in the VM's storage, the new file in the
+/// repository, and the parent node whose copy it stacks on (`None`: flattened).
+#[derive(Clone, Copy)]
+struct CopyOf<'a> {
+    disk: &'a NodeDisk,
+    frozen: &'a Path,
+    dst: &'a Path,
+    parent: Option<&'a NodeId>,
 }
 
 #[derive(Debug, Clone)]

@@ -171,7 +171,6 @@ fn worker_count(threads: usize, jobs: u64) -> usize {
 
 /// Hashes `jobs` blocks, job `j` being block `index_of(j)`, into a list indexed by job; each worker claims about
 /// `run_bytes` of blocks at a time.
-#[allow(clippy::too_many_arguments)]
 fn hash_blocks<S: BlockSource + ?Sized>(
     source: &S,
     block_size: u64,

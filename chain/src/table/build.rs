@@ -10,7 +10,7 @@ use std::sync::{Mutex, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
-use super::{Digest, Table, block_range, check_size, hash_zeros, zero_digest, zero_prefix_hasher};
+use super::{Blocks, Digest, Table, block_range, check_size, hash_zeros, zero_digest, zero_prefix_hasher};
 use crate::error::{Error, Result};
 
 /// A disk as the guest sees it, readable from many threads at once.
@@ -106,10 +106,17 @@ const KEPT_BUFFERS: usize = 4;
 impl Table {
     /// Hashes every block of `source` with `threads` workers (0: one per core).
     pub fn build<S: BlockSource + ?Sized>(source: &S, block_size: u64, threads: usize) -> Result<Table> {
-        let virtual_size = source.len();
-        let count = check_size(virtual_size, block_size)?;
-        let digests = hash_blocks(source, block_size, count, &|job| job, threads, RUN_BYTES, None)?;
-        Ok(Table::assemble(block_size, virtual_size, digests))
+        let mut table = Table::zeroed(block_size, source.len())?;
+        let count = table.len();
+        let keep = |index: u64, digest: &Digest| *digest != table.zero_for(index);
+        let jobs = Jobs {
+            count,
+            index_of: &|job| job,
+            keep: &keep,
+        };
+        let stored = hash_blocks(source, block_size, &jobs, threads, RUN_BYTES, None)?;
+        table.blocks = Blocks::Sparse(stored);
+        Ok(table)
     }
 
     /// [`Table::build`], handing every block to `visitor` after hashing it, in runs of about
@@ -120,18 +127,17 @@ impl Table {
         threads: usize,
         visitor: &V,
     ) -> Result<Table> {
-        let virtual_size = source.len();
-        let count = check_size(virtual_size, block_size)?;
-        let digests = hash_blocks(
-            source,
-            block_size,
+        let mut table = Table::zeroed(block_size, source.len())?;
+        let count = table.len();
+        let keep = |index: u64, digest: &Digest| *digest != table.zero_for(index);
+        let jobs = Jobs {
             count,
-            &|job| job,
-            threads,
-            VISIT_RUN_BYTES,
-            Some(visitor),
-        )?;
-        Ok(Table::assemble(block_size, virtual_size, digests))
+            index_of: &|job| job,
+            keep: &keep,
+        };
+        let stored = hash_blocks(source, block_size, &jobs, threads, VISIT_RUN_BYTES, Some(visitor))?;
+        table.blocks = Blocks::Sparse(stored);
+        Ok(table)
     }
 
     /// Hashes only the blocks `indices` of `source`, returning `(index, digest)` pairs in the same order:
@@ -146,16 +152,18 @@ impl Table {
         if let Some(&index) = indices.iter().find(|&&i| i >= count) {
             return Err(Error::BlockOutOfRange { index, count });
         }
-        let digests = hash_blocks(
-            source,
-            block_size,
-            indices.len() as u64,
-            &|job| indices[job as usize],
-            threads,
-            RUN_BYTES,
-            None,
-        )?;
-        Ok(indices.iter().copied().zip(digests).collect())
+        let jobs = Jobs {
+            count: indices.len() as u64,
+            index_of: &|job| indices[job as usize],
+            keep: &|_, _| true,
+        };
+        let digests = hash_blocks(source, block_size, &jobs, threads, RUN_BYTES, None)?;
+        // every job kept, in job order
+        Ok(indices
+            .iter()
+            .copied()
+            .zip(digests.into_iter().map(|(_, d)| d))
+            .collect())
     }
 }
 
@@ -169,18 +177,32 @@ fn worker_count(threads: usize, jobs: u64) -> usize {
     wanted.min(usize::try_from(jobs).unwrap_or(usize::MAX)).max(1)
 }
 
-/// Hashes `jobs` blocks, job `j` being block `index_of(j)`, into a list indexed by job; each worker claims about
-/// `run_bytes` of blocks at a time.
+/// What [`hash_blocks`] hashes: `count` jobs, job `j` being block `index_of(j)`, and which results it keeps.
+#[derive(Clone, Copy)]
+struct Jobs<'a> {
+    count: u64,
+    index_of: &'a (dyn Fn(u64) -> u64 + Sync),
+    keep: &'a (dyn Fn(u64, &Digest) -> bool + Sync),
+}
+
+/// Hashes `jobs` blocks, job `j` being block `index_of(j)`, into `(job, digest)` pairs in job order, keeping
+/// only those `keep(job, digest)` accepts (a whole disk's table keeps its non-zero blocks, so a mostly empty
+/// disk's build holds a few digests, not one per block); each worker claims about `run_bytes` of blocks at a
+/// time.
 fn hash_blocks<S: BlockSource + ?Sized>(
     source: &S,
     block_size: u64,
-    jobs: u64,
-    index_of: &(dyn Fn(u64) -> u64 + Sync),
+    jobs: &Jobs<'_>,
     threads: usize,
     run_bytes: u64,
     visitor: Option<&dyn BlockVisitor>,
-) -> Result<Vec<Digest>> {
-    let digests = Mutex::new(vec![[0u8; 32]; jobs as usize]);
+) -> Result<Vec<(u64, Digest)>> {
+    let Jobs {
+        count: jobs,
+        index_of,
+        keep,
+    } = *jobs;
+    let digests: Mutex<Vec<(u64, Digest)>> = Mutex::new(Vec::new());
     let next = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let virtual_size = source.len();
@@ -191,9 +213,7 @@ fn hash_blocks<S: BlockSource + ?Sized>(
         let mut done: Vec<(u64, Digest)> = Vec::with_capacity(BATCH);
         let store = |done: &mut Vec<(u64, Digest)>| {
             let mut all = digests.lock().unwrap_or_else(PoisonError::into_inner);
-            for (job, digest) in done.drain(..) {
-                all[job as usize] = digest;
-            }
+            all.extend(done.drain(..).filter(|(job, digest)| keep(*job, digest)));
         };
         while !failed.load(Ordering::Relaxed) {
             let first = next.fetch_add(per_claim, Ordering::Relaxed);
@@ -248,7 +268,9 @@ fn hash_blocks<S: BlockSource + ?Sized>(
         });
         results.into_iter().collect::<Result<Vec<()>>>()?;
     }
-    Ok(digests.into_inner().unwrap_or_else(PoisonError::into_inner))
+    let mut digests = digests.into_inner().unwrap_or_else(PoisonError::into_inner);
+    digests.sort_unstable_by_key(|(job, _)| *job);
+    Ok(digests)
 }
 
 /// The extents of `[offset, offset + len)` in order, without gaps (uncovered bytes are data) or overlaps,

@@ -106,17 +106,7 @@ const KEPT_BUFFERS: usize = 4;
 impl Table {
     /// Hashes every block of `source` with `threads` workers (0: one per core).
     pub fn build<S: BlockSource + ?Sized>(source: &S, block_size: u64, threads: usize) -> Result<Table> {
-        let mut table = Table::zeroed(block_size, source.len())?;
-        let count = table.len();
-        let keep = |index: u64, digest: &Digest| *digest != table.zero_for(index);
-        let jobs = Jobs {
-            count,
-            index_of: &|job| job,
-            keep: &keep,
-        };
-        let stored = hash_blocks(source, block_size, &jobs, threads, RUN_BYTES, None)?;
-        table.blocks = Blocks::Sparse(stored);
-        Ok(table)
+        Table::build_whole(source, block_size, threads, RUN_BYTES, None)
     }
 
     /// [`Table::build`], handing every block to `visitor` after hashing it, in runs of about
@@ -127,15 +117,25 @@ impl Table {
         threads: usize,
         visitor: &V,
     ) -> Result<Table> {
+        Table::build_whole(source, block_size, threads, VISIT_RUN_BYTES, Some(visitor))
+    }
+
+    /// The table of the whole of `source`, keeping only its non-zero blocks as the workers hand them in.
+    fn build_whole<S: BlockSource + ?Sized>(
+        source: &S,
+        block_size: u64,
+        threads: usize,
+        run_bytes: u64,
+        visitor: Option<&dyn BlockVisitor>,
+    ) -> Result<Table> {
         let mut table = Table::zeroed(block_size, source.len())?;
-        let count = table.len();
         let keep = |index: u64, digest: &Digest| *digest != table.zero_for(index);
         let jobs = Jobs {
-            count,
+            count: table.len(),
             index_of: &|job| job,
             keep: &keep,
         };
-        let stored = hash_blocks(source, block_size, &jobs, threads, VISIT_RUN_BYTES, Some(visitor))?;
+        let stored = hash_blocks(source, block_size, &jobs, threads, run_bytes, visitor)?;
         table.blocks = Blocks::Sparse(stored);
         Ok(table)
     }

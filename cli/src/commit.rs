@@ -24,7 +24,7 @@ use crate::recovery::commit as finish;
 
 #[derive(Debug, Clone)]
 pub struct CommitOptions {
-    pub socket: PathBuf,
+    pub qmp: crate::qmp_target::QmpTarget,
     pub repo: PathBuf,
     pub vm: String,
     pub node: String,
@@ -51,15 +51,7 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
         mut manifest,
         qmp,
         ..
-    } = crate::session::open(
-        &opts.repo,
-        &opts.vm,
-        &opts.socket,
-        opts.lock_wait,
-        "commit",
-        false,
-    )
-    .await?;
+    } = crate::session::open(&opts.repo, &opts.vm, &opts.qmp, opts.lock_wait, "commit", false).await?;
     let node = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     let Some(parent_id) = node.parent.clone() else {
         bail!(Exit::usage(format!(

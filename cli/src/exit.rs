@@ -128,6 +128,10 @@ pub fn classify(err: &anyhow::Error) -> ExitCode {
         if let Some(e) = cause.downcast_ref::<nbd::Error>() {
             return nbd_code(e.kind());
         }
+        // Unusable TLS credentials, read before a connection: the class of the TLS errors above.
+        if cause.downcast_ref::<qmp::pki::Error>().is_some() {
+            return nbd_code(nbd::ErrorKind::Tls);
+        }
     }
     ExitCode::Failure
 }
@@ -142,11 +146,12 @@ fn chain_code(kind: chain::ErrorKind) -> ExitCode {
     }
 }
 
-/// The exit code of a QMP error's kind: whatever went wrong talking to QEMU is QEMU's class.
+/// The exit code of a QMP error's kind: whatever went wrong talking to QEMU is QEMU's class, TLS included
+/// (as for NBD).
 fn qmp_code(kind: qmp::ErrorKind) -> ExitCode {
     use qmp::ErrorKind as K;
     match kind {
-        K::Connect | K::Timeout | K::Closed | K::Refused | K::Decode | K::Io => ExitCode::Qemu,
+        K::Connect | K::Timeout | K::Closed | K::Refused | K::Decode | K::Io | K::Tls => ExitCode::Qemu,
     }
 }
 

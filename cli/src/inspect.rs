@@ -6,13 +6,13 @@
 //! else the drive name of a `-drive`, else the device's QOM path. Never a block node name: `snapshot`,
 //! `revert` and a live restore put new nodes on top of a disk.
 
-use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
 
 use crate::exit::{Exit, ExitCode};
+use crate::qmp_target::QmpTarget;
 
 /// How long connecting and negotiating QMP may take.
 pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -123,31 +123,40 @@ pub struct BitmapInfo {
     pub count: u64,
 }
 
-/// Connects to a QMP socket, naming the socket in every error and saying what to check.
-pub async fn connect(socket: &Path) -> Result<qmp::Qmp> {
+/// Connects to the VM's QMP monitor (the one place that does), naming the socket or endpoint in every error
+/// and saying what to check. A unix socket is looked at first, so a missing one or a file that is not a
+/// socket is said plainly.
+pub async fn connect(target: &QmpTarget) -> Result<qmp::Qmp> {
     use std::os::unix::fs::FileTypeExt as _;
     let qemu_error = |what: String| Exit::new(ExitCode::Qemu, what);
-    match std::fs::metadata(socket) {
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(qemu_error(format!(
-                "QMP socket {} does not exist: is QEMU running with -qmp unix:{},server=on,wait=off?",
-                socket.display(),
-                socket.display()
-            ))
-            .into());
+    if let Some(socket) = target.socket() {
+        match std::fs::metadata(socket) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(qemu_error(format!(
+                    "QMP socket {} does not exist: is QEMU running with -qmp unix:{},server=on,wait=off?",
+                    socket.display(),
+                    socket.display()
+                ))
+                .into());
+            }
+            Ok(meta) if !meta.file_type().is_socket() => {
+                return Err(qemu_error(format!(
+                    "{} is not a socket: pass the path of QEMU's QMP socket (-qmp unix:PATH,server=on)",
+                    socket.display()
+                ))
+                .into());
+            }
+            _ => {}
         }
-        Ok(meta) if !meta.file_type().is_socket() => {
-            return Err(qemu_error(format!(
-                "{} is not a socket: pass the path of QEMU's QMP socket (-qmp unix:PATH,server=on)",
-                socket.display()
-            ))
-            .into());
-        }
-        _ => {}
+        return target
+            .connect(QMP_CONNECT_TIMEOUT)
+            .await
+            .with_context(|| format!("connecting to QEMU's QMP socket {}", socket.display()));
     }
-    qmp::Qmp::connect(socket, QMP_CONNECT_TIMEOUT)
+    target
+        .connect(QMP_CONNECT_TIMEOUT)
         .await
-        .with_context(|| format!("connecting to QEMU's QMP socket {}", socket.display()))
+        .with_context(|| format!("connecting to QEMU's QMP endpoint {target}"))
 }
 
 /// The qdev id in a qdev path: `/machine/peripheral/disk0/virtio-backend` → `disk0`.

@@ -23,6 +23,7 @@ pub mod progress;
 pub mod prune;
 pub mod qemu_bins;
 pub mod qga;
+pub mod qmp_target;
 pub mod recovery;
 pub mod render;
 pub mod restore;

@@ -9,6 +9,7 @@ use anyhow::Result;
 use chain::{LockGuard, LockWait, Manifest, Repository, VmStore};
 
 use crate::inspect;
+use crate::qmp_target::QmpTarget;
 use crate::recovery::{self, Cleaned};
 
 /// An open, locked VM with its manifest and QEMU connection.
@@ -26,11 +27,14 @@ pub struct Session {
 pub async fn open(
     repo: &Path,
     vm: &str,
-    socket: &Path,
+    target: &QmpTarget,
     wait: LockWait,
     command: &str,
     create: bool,
 ) -> Result<Session> {
+    // Until backups are pulled over NBD, every command that opens a session needs the VM's QEMU to reach
+    // the repository's files or makes files beside the VM's disks: refused over TCP before anything.
+    target.require_local(command, repo)?;
     let repo = Repository::open(repo)?;
     let vm = match repo.vm(vm) {
         Ok(store) if store.dir().exists() => store,
@@ -45,8 +49,8 @@ pub async fn open(
         nodes = manifest.nodes.len(),
         "locked the VM and loaded its manifest"
     );
-    let qmp = inspect::connect(socket).await?;
-    tracing::info!(socket = %socket.display(), qemu = %qmp.greeting().version, "connected to QEMU");
+    let qmp = inspect::connect(target).await?;
+    tracing::info!(qmp = %target, qemu = %qmp.greeting().version, "connected to QEMU");
     let cleaned = recovery::recover(Some(&qmp), &vm, &mut manifest, &guard).await?;
     Ok(Session {
         repo,

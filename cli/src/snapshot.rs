@@ -41,7 +41,7 @@ pub const PIVOT_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Debug, Clone)]
 pub struct SnapshotOptions {
-    pub socket: PathBuf,
+    pub qmp: crate::qmp_target::QmpTarget,
     pub repo: PathBuf,
     pub vm: String,
     pub tag: Option<String>,
@@ -143,15 +143,7 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
         mut manifest,
         qmp,
         ..
-    } = session::open(
-        &opts.repo,
-        &opts.vm,
-        &opts.socket,
-        opts.lock_wait,
-        "snapshot",
-        true,
-    )
-    .await?;
+    } = session::open(&opts.repo, &opts.vm, &opts.qmp, opts.lock_wait, "snapshot", true).await?;
     if let Some(tag) = &opts.tag {
         if manifest.find(tag).is_some() {
             bail!(Exit::usage(format!(
@@ -539,7 +531,7 @@ struct CopyOf<'a> {
 
 #[derive(Debug, Clone)]
 pub struct RevertOptions {
-    pub socket: PathBuf,
+    pub qmp: crate::qmp_target::QmpTarget,
     pub repo: PathBuf,
     pub vm: String,
     pub node: String,
@@ -563,15 +555,7 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
         mut manifest,
         qmp,
         ..
-    } = session::open(
-        &opts.repo,
-        &opts.vm,
-        &opts.socket,
-        opts.lock_wait,
-        "revert",
-        false,
-    )
-    .await?;
+    } = session::open(&opts.repo, &opts.vm, &opts.qmp, opts.lock_wait, "revert", false).await?;
     let target = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     if target.kind != NodeKind::Snapshot {
         bail!(Exit::usage(format!(

@@ -313,7 +313,7 @@ impl Client {
             reason: format!("{name:?} is not a usable server name: {e}"),
         })?;
         handshake::starttls(&mut stream, target).await?;
-        let mut stream = TlsConnector::from(Arc::clone(&credentials.config))
+        let mut stream = TlsConnector::from(Arc::clone(credentials.config()))
             .connect(server_name, stream)
             .await
             .map_err(|e| tls::tls_error(target, &e))?;

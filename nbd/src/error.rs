@@ -169,45 +169,7 @@ fn message_suffix(message: &str) -> String {
     }
 }
 
-/// Why a TLS handshake with an NBD server failed, as far as the client can tell.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum TlsFailure {
-    /// The server's certificate is not signed by the CA we trust.
-    UnknownIssuer,
-    /// The server's certificate has expired.
-    Expired,
-    /// The server's certificate is not valid yet.
-    NotYetValid,
-    /// The server's certificate does not name the host we connected to.
-    WrongName,
-    /// The server's certificate is unusable for another reason.
-    BadCertificate,
-    /// The server ended the handshake with an alert: most often it did not accept our client certificate
-    /// (none presented, or not signed by the CA it trusts).
-    RejectedByServer,
-    /// The server closed the connection in the middle of TLS.
-    ClosedByServer,
-    /// Anything else TLS reported.
-    Other,
-}
-
-impl std::fmt::Display for TlsFailure {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            TlsFailure::UnknownIssuer => "the server's certificate is not signed by the trusted CA",
-            TlsFailure::Expired => "the server's certificate has expired",
-            TlsFailure::NotYetValid => "the server's certificate is not valid yet",
-            TlsFailure::WrongName => "the server's certificate does not name the host connected to",
-            TlsFailure::BadCertificate => "the server's certificate is unusable",
-            TlsFailure::RejectedByServer => {
-                "the server rejected the TLS session (is our client certificate missing or not trusted?)"
-            }
-            TlsFailure::ClosedByServer => "the server closed the connection during TLS",
-            TlsFailure::Other => "TLS failed",
-        })
-    }
-}
+pub use pki::TlsFailure;
 
 #[cfg(test)]
 mod tests {

@@ -8,36 +8,27 @@
 
 use std::fmt;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::{CertificateError, ClientConfig, RootCertStore};
+use rustls::ClientConfig;
 
-pub use crate::error::TlsFailure;
+pub use pki::{CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsFailure};
+
 use crate::error::{Error, Result};
 
-/// The CA certificates that sign the server's certificate (QEMU's name).
-pub const CA_CERT: &str = "ca-cert.pem";
-/// The client's certificate, presented to the server (QEMU's name).
-pub const CLIENT_CERT: &str = "client-cert.pem";
-/// The client certificate's private key (QEMU's name).
-pub const CLIENT_KEY: &str = "client-key.pem";
-
-/// x509 credentials for NBD over TLS. Cheap to clone; one value serves any number of connections.
+/// x509 credentials for NBD over TLS (the `pki` crate's [`pki::ClientCredentials`], whose errors this
+/// crate reports as [`Error::TlsCredentials`]). Cheap to clone; one value serves any number of connections.
 #[derive(Clone)]
 pub struct TlsCredentials {
-    pub(crate) config: Arc<ClientConfig>,
-    dir: PathBuf,
-    client_cert: bool,
+    inner: pki::ClientCredentials,
 }
 
 impl fmt::Debug for TlsCredentials {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TlsCredentials")
-            .field("dir", &self.dir)
-            .field("client_cert", &self.client_cert)
+            .field("dir", &self.inner.dir())
+            .field("client_cert", &self.inner.has_client_certificate())
             .finish_non_exhaustive()
     }
 }
@@ -47,110 +38,44 @@ impl TlsCredentials {
     /// `client-cert.pem` with `client-key.pem` (both or neither; without them no client certificate is
     /// presented, which a server with `verify-peer=on` refuses).
     pub fn from_dir(dir: impl AsRef<Path>) -> Result<TlsCredentials> {
-        let dir = dir.as_ref();
-        let ca = dir.join(CA_CERT);
-        let roots = load_roots(&ca)?;
-        let (cert, key) = (dir.join(CLIENT_CERT), dir.join(CLIENT_KEY));
-        let builder = ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| creds_error(dir, e.to_string()))?
-            .with_root_certificates(roots);
-        let (config, client_cert) = match (cert.exists(), key.exists()) {
-            (false, false) => (builder.with_no_client_auth(), false),
-            (true, true) => {
-                let chain = load_certs(&cert)?;
-                let key = PrivateKeyDer::from_pem_file(&key)
-                    .map_err(|e| creds_error(&key, format!("no usable private key: {e}")))?;
-                let config = builder
-                    .with_client_auth_cert(chain, key)
-                    .map_err(|e| creds_error(&cert, format!("does not go with {CLIENT_KEY}: {e}")))?;
-                (config, true)
-            }
-            (true, false) => {
-                return Err(creds_error(
-                    &key,
-                    "missing, but the client certificate is there".into(),
-                ));
-            }
-            (false, true) => return Err(creds_error(&cert, "missing, but the client key is there".into())),
-        };
-        Ok(TlsCredentials {
-            config: Arc::new(config),
-            dir: dir.to_owned(),
-            client_cert,
-        })
+        match pki::ClientCredentials::from_dir(dir) {
+            Ok(inner) => Ok(TlsCredentials { inner }),
+            Err(e) => Err(Error::TlsCredentials {
+                path: e.path().to_owned(),
+                reason: e.reason().to_owned(),
+            }),
+        }
     }
 
     /// The directory the credentials were read from.
     pub fn dir(&self) -> &Path {
-        &self.dir
+        self.inner.dir()
     }
 
     /// Whether a client certificate is presented.
     pub fn has_client_certificate(&self) -> bool {
-        self.client_cert
+        self.inner.has_client_certificate()
+    }
+
+    /// The credentials as the `pki` crate holds them (for another protocol, e.g. QMP over TLS).
+    pub fn pki(&self) -> &pki::ClientCredentials {
+        &self.inner
+    }
+
+    pub(crate) fn config(&self) -> &Arc<ClientConfig> {
+        self.inner.config()
     }
 }
 
-fn creds_error(path: &Path, reason: String) -> Error {
-    Error::TlsCredentials {
-        path: path.to_owned(),
-        reason,
+impl From<pki::ClientCredentials> for TlsCredentials {
+    fn from(inner: pki::ClientCredentials) -> TlsCredentials {
+        TlsCredentials { inner }
     }
-}
-
-fn load_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
-    let certs = CertificateDer::pem_file_iter(path)
-        .and_then(Iterator::collect::<Result<Vec<_>, _>>)
-        .map_err(|e| creds_error(path, format!("cannot read certificates: {e}")))?;
-    if certs.is_empty() {
-        return Err(creds_error(path, "holds no certificate".into()));
-    }
-    Ok(certs)
-}
-
-fn load_roots(path: &Path) -> Result<RootCertStore> {
-    let mut roots = RootCertStore::empty();
-    for cert in load_certs(path)? {
-        roots
-            .add(cert)
-            .map_err(|e| creds_error(path, format!("not a usable CA certificate: {e}")))?;
-    }
-    Ok(roots)
-}
-
-/// What rustls reported inside an I/O error, sorted.
-pub(crate) fn classify(e: &io::Error) -> (TlsFailure, String) {
-    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-    let failure = match inner {
-        Some(rustls::Error::InvalidCertificate(c)) => match c {
-            CertificateError::UnknownIssuer | CertificateError::BadSignature => TlsFailure::UnknownIssuer,
-            CertificateError::Expired | CertificateError::ExpiredContext { .. } => TlsFailure::Expired,
-            CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                TlsFailure::NotYetValid
-            }
-            CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
-                TlsFailure::WrongName
-            }
-            _ => TlsFailure::BadCertificate,
-        },
-        Some(rustls::Error::AlertReceived(_)) => TlsFailure::RejectedByServer,
-        None if matches!(
-            e.kind(),
-            io::ErrorKind::UnexpectedEof | io::ErrorKind::ConnectionReset | io::ErrorKind::BrokenPipe
-        ) =>
-        {
-            TlsFailure::ClosedByServer
-        }
-        Some(_) | None => TlsFailure::Other,
-    };
-    let detail = inner.map_or_else(|| e.to_string(), ToString::to_string);
-    (failure, detail)
 }
 
 /// A failure during or right after the TLS handshake, as an [`Error::Tls`] for `target`.
 pub(crate) fn tls_error(target: &str, e: &io::Error) -> Error {
-    let (failure, detail) = classify(e);
+    let (failure, detail) = pki::classify(e);
     Error::Tls {
         target: target.to_owned(),
         failure,
@@ -177,15 +102,7 @@ pub(crate) fn after_handshake(target: &str, credentials: &TlsCredentials, e: Err
         ..
     } = &mut e
     {
-        if credentials.has_client_certificate() {
-            detail.push_str("; the server may not trust our client certificate");
-        } else {
-            *detail = format!(
-                "{detail}; no client certificate was presented ({} has no {CLIENT_CERT}), and a server \
-                 with verify-peer=on requires one",
-                credentials.dir().display()
-            );
-        }
+        *detail = format!("{detail}; {}", credentials.pki().refusal_hint());
     }
     e
 }

@@ -10,8 +10,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
-use tokio::net::unix::OwnedReadHalf;
 use tokio::sync::OnceCell;
 use tokio::time::Instant;
 
@@ -24,6 +24,9 @@ use crate::types::Greeting;
 
 /// The command timeout a new connection starts with.
 pub const DEFAULT_COMMAND_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The `NotQmp` detail of a peer that hung up before greeting (over TLS: most often a refused certificate).
+pub(crate) const CLOSED_WITHOUT_GREETING: &str = "it closed the connection without a greeting";
 
 /// How much of an unexpected first line is quoted in a `NotQmp` error.
 const QUOTE_LIMIT: usize = 120;
@@ -38,6 +41,7 @@ struct Inner {
     connection: crate::transport::Connection,
     greeting: Greeting,
     path: PathBuf,
+    remote: bool,
     command_timeout_ns: AtomicU64,
     capabilities: OnceCell<Capabilities>,
 }
@@ -73,28 +77,45 @@ impl Qmp {
                 });
             }
         };
-        Qmp::handshake(stream, path.to_owned(), deadline, timeout).await
+        let (read, write) = stream.into_split();
+        Qmp::handshake(read, write, path.to_owned(), false, deadline, timeout).await
     }
 
     /// Speaks QMP on an already-connected stream (e.g. one QEMU connected to with a client-mode `-qmp`).
     pub async fn from_stream(stream: UnixStream, timeout: Duration) -> crate::Result<Qmp> {
         let path = stream_path(&stream);
-        Qmp::handshake(stream, path, Instant::now() + timeout, timeout).await
+        let (read, write) = stream.into_split();
+        Qmp::handshake(read, write, path, false, Instant::now() + timeout, timeout).await
     }
 
-    async fn handshake(
-        stream: UnixStream,
+    /// Reads the greeting on a connected stream's halves and leaves capabilities negotiation mode, by
+    /// `deadline`. `path` names the peer in messages; `remote` says it is reached over the network.
+    pub(crate) async fn handshake<R, W>(
+        read: R,
+        write: W,
         path: PathBuf,
+        remote: bool,
         deadline: Instant,
         total: Duration,
-    ) -> crate::Result<Qmp> {
-        let (read, write) = stream.into_split();
+    ) -> crate::Result<Qmp>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let mut reader = LineReader::new(read);
         let Ok(greeting) = tokio::time::timeout_at(deadline, read_greeting(&mut reader, &path)).await else {
-            let what = format!(
-                "the QMP greeting on {} (is another client connected to it?)",
-                path.display()
-            );
+            let what = if remote {
+                format!(
+                    "the QMP greeting on {} (is another client connected to it, or does it want TLS or \
+                     plaintext where the other was used?)",
+                    path.display()
+                )
+            } else {
+                format!(
+                    "the QMP greeting on {} (is another client connected to it?)",
+                    path.display()
+                )
+            };
             return Err(Error::Timeout { what, after: total });
         };
         let greeting = greeting?;
@@ -114,6 +135,7 @@ impl Qmp {
             connection,
             greeting,
             path,
+            remote,
             command_timeout_ns: AtomicU64::new(nanos(DEFAULT_COMMAND_TIMEOUT)),
             capabilities: OnceCell::new(),
         };
@@ -127,9 +149,16 @@ impl Qmp {
         &self.inner.greeting
     }
 
-    /// The socket path (or a description of the stream) this connection talks to.
+    /// The socket path (or a description of the stream, or the `tls://` or `tcp://` endpoint) this
+    /// connection talks to.
     pub fn path(&self) -> &Path {
         &self.inner.path
+    }
+
+    /// Whether QEMU is reached over the network, so it may run on another host: the paths it reports (its
+    /// images, its sockets) are then not paths on this host.
+    pub fn is_remote(&self) -> bool {
+        self.inner.remote
     }
 
     /// Sets how long `execute` and `execute_raw` wait for a reply (for every clone of this handle).
@@ -224,7 +253,10 @@ impl Qmp {
     }
 }
 
-async fn read_greeting(reader: &mut LineReader<OwnedReadHalf>, path: &Path) -> crate::Result<Greeting> {
+async fn read_greeting<R: AsyncRead + Unpin>(
+    reader: &mut LineReader<R>,
+    path: &Path,
+) -> crate::Result<Greeting> {
     let not_qmp = |detail: String| Error::NotQmp {
         path: path.to_owned(),
         detail,
@@ -233,7 +265,7 @@ async fn read_greeting(reader: &mut LineReader<OwnedReadHalf>, path: &Path) -> c
         match reader.next_line().await {
             Ok(Some(line)) if line.iter().all(u8::is_ascii_whitespace) => {}
             Ok(Some(line)) => break line,
-            Ok(None) => return Err(not_qmp("it closed the connection without a greeting".into())),
+            Ok(None) => return Err(not_qmp(CLOSED_WITHOUT_GREETING.into())),
             Err(ReadError::Io(e)) => return Err(Error::Io(e)),
             Err(ReadError::TooLong(max)) => {
                 return Err(not_qmp(format!("its first line is over {max} bytes")));

@@ -35,6 +35,42 @@ pub enum Error {
         source: io::Error,
     },
 
+    /// A TCP connection to a QMP endpoint could not be made (refused, unreachable, no such host).
+    #[error(
+        "cannot connect to QEMU's QMP endpoint {target}; check that the VM is running, that its -chardev \
+         socket listens there, and that the network lets us through"
+    )]
+    ConnectTcp {
+        target: String,
+        #[source]
+        source: io::Error,
+    },
+
+    /// Plaintext TCP was asked for without allowing it explicitly; nothing was sent.
+    #[error(
+        "refusing plaintext QMP over TCP to {target}: use tls:// with TLS credentials, or allow insecure \
+         plaintext explicitly"
+    )]
+    PlaintextRefused { target: String },
+
+    /// QMP over TLS was asked for without TLS credentials; nothing was sent.
+    #[error(
+        "QMP over TLS to {target} needs TLS credentials (a CA certificate, a client certificate and key)"
+    )]
+    NoCredentials { target: String },
+
+    /// The TLS credentials could not be read or do not fit together.
+    #[error(transparent)]
+    Credentials(#[from] pki::Error),
+
+    /// The TLS handshake failed, or the server broke off TLS before its greeting. Nothing was sent.
+    #[error("TLS with QEMU's QMP endpoint {target} failed: {failure} ({detail})")]
+    Tls {
+        target: String,
+        failure: pki::TlsFailure,
+        detail: String,
+    },
+
     /// The peer answered, but not with a QMP greeting.
     #[error(
         "{} did not greet like a QMP monitor ({detail}); is it a -qmp socket rather than HMP or a console?",
@@ -95,13 +131,20 @@ pub enum ErrorKind {
     Decode,
     /// An I/O error on an established connection.
     Io,
+    /// TLS: plaintext refused, no or unusable credentials, a server without TLS, a failed TLS handshake
+    /// (untrusted, expired or misnamed server certificate, our certificate refused). Nothing was sent.
+    Tls,
 }
 
 impl Error {
     /// The error's stable [`ErrorKind`].
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Connect { .. } | Error::NotQmp { .. } => ErrorKind::Connect,
+            Error::Connect { .. } | Error::ConnectTcp { .. } | Error::NotQmp { .. } => ErrorKind::Connect,
+            Error::PlaintextRefused { .. }
+            | Error::NoCredentials { .. }
+            | Error::Credentials(_)
+            | Error::Tls { .. } => ErrorKind::Tls,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Closed { .. } | Error::Protocol(_) => ErrorKind::Closed,
             Error::Qmp { .. } | Error::JobNotFound { .. } => ErrorKind::Refused,
@@ -113,7 +156,9 @@ impl Error {
     /// The I/O error kind behind a `Connect` or `Io` error.
     pub fn io_kind(&self) -> Option<io::ErrorKind> {
         match self {
-            Error::Connect { source, .. } | Error::Io(source) => Some(source.kind()),
+            Error::Connect { source, .. } | Error::ConnectTcp { source, .. } | Error::Io(source) => {
+                Some(source.kind())
+            }
             _ => None,
         }
     }

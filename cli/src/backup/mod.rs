@@ -38,7 +38,7 @@ pub const DEFAULT_JOB_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// What to back up and how.
 #[derive(Debug, Clone)]
 pub struct BackupOptions {
-    pub socket: PathBuf,
+    pub qmp: crate::qmp_target::QmpTarget,
     pub repo: PathBuf,
     pub vm: String,
     pub level: Requested,
@@ -228,7 +228,7 @@ pub async fn backup(
         mut manifest,
         qmp,
         cleaned,
-    } = crate::session::open(&opts.repo, &opts.vm, &opts.socket, opts.lock_wait, "backup", true).await?;
+    } = crate::session::open(&opts.repo, &opts.vm, &opts.qmp, opts.lock_wait, "backup", true).await?;
     let info = inspect::inspect(&qmp).await?;
     let (disks, skipped) = select_disks(&info, &opts.disks, &opts.exclude)?;
     let plaintext_of_encrypted =
@@ -376,7 +376,7 @@ async fn check_encrypted_sources(opts: &BackupOptions) -> Result<()> {
     if repo.vm(&opts.vm).is_ok_and(|vm| vm.dir().exists()) {
         return Ok(());
     }
-    let qmp = inspect::connect(&opts.socket).await?;
+    let qmp = inspect::connect(&opts.qmp).await?;
     let info = inspect::inspect(&qmp).await?;
     let (disks, _skipped) = select_disks(&info, &opts.disks, &opts.exclude)?;
     crate::crypt::check_sources(&disks, repo.settings().encryption.is_some(), opts.allow_plaintext)?;

@@ -5,6 +5,9 @@ use std::time::Duration;
 
 use anyhow::Result;
 
+use qmpbak::exit::Exit;
+use qmpbak::qmp_target::QmpTarget;
+
 /// `--repo REPO --vm NAME`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct RepoVm {
@@ -36,14 +39,77 @@ impl RepoVm {
     }
 }
 
-/// `--socket SOCK --repo REPO --vm NAME [--wait]`: a running VM and its chain in a repository.
+/// `--socket SOCK | --qmp URL, --repo REPO --vm NAME [--wait]`: a running VM and its chain in a repository.
 #[derive(clap::Args, Debug, Clone)]
 pub struct LiveVm {
-    /// QEMU's QMP socket.
+    /// QEMU's QMP socket (the same as `--qmp unix:PATH`).
+    #[arg(long, required_unless_present = "qmp", conflicts_with = "qmp")]
+    pub socket: Option<PathBuf>,
+    /// QEMU's QMP monitor: `unix:PATH`, `tls://HOST:PORT` (with --tls-dir) or `tcp://HOST:PORT` (with
+    /// --insecure-plaintext).
+    #[arg(long, value_name = "URL")]
+    pub qmp: Option<qmp::Endpoint>,
+    /// Directory with TLS credentials in the layout of QEMU's tls-creds-x509 (ca-cert.pem, client-cert.pem,
+    /// client-key.pem), for `--qmp tls://` and for NBD over TCP.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Allow plaintext TCP for QMP and NBD (tests and trusted networks only).
     #[arg(long)]
-    pub socket: PathBuf,
+    pub insecure_plaintext: bool,
     #[command(flatten)]
     pub target: RepoVm,
+}
+
+impl LiveVm {
+    /// How to reach the VM's QEMU (clap makes sure one of `--socket` and `--qmp` is there).
+    pub fn qmp_target(&self) -> Result<QmpTarget> {
+        QmpTarget::from_args(
+            self.socket.clone(),
+            self.qmp.clone(),
+            self.tls_dir.clone(),
+            self.insecure_plaintext,
+        )?
+        .ok_or_else(|| Exit::usage("give --socket PATH or --qmp URL").into())
+    }
+}
+
+/// `--socket SOCK | --qmp URL [--tls-dir DIR] [--insecure-plaintext]`: QEMU's QMP monitor, for commands that
+/// need no repository (`info`, `qmp`) or may go without one (`cleanup`). Which of the two is required is the
+/// command's choice ([`Monitor::target`]).
+#[derive(clap::Args, Debug, Clone)]
+pub struct Monitor {
+    /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`; the same as `--qmp unix:PATH`).
+    #[arg(long, conflicts_with = "qmp")]
+    pub socket: Option<PathBuf>,
+    /// QEMU's QMP monitor: `unix:PATH`, `tls://HOST:PORT` (with --tls-dir) or `tcp://HOST:PORT` (with
+    /// --insecure-plaintext).
+    #[arg(long, value_name = "URL")]
+    pub qmp: Option<qmp::Endpoint>,
+    /// Directory with TLS credentials in the layout of QEMU's tls-creds-x509 (ca-cert.pem, client-cert.pem,
+    /// client-key.pem), for `--qmp tls://`.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Allow plaintext TCP for QMP (tests and trusted networks only).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
+}
+
+impl Monitor {
+    /// The monitor, if `--socket` or `--qmp` was given.
+    pub fn target(&self) -> Result<Option<QmpTarget>> {
+        QmpTarget::from_args(
+            self.socket.clone(),
+            self.qmp.clone(),
+            self.tls_dir.clone(),
+            self.insecure_plaintext,
+        )
+    }
+
+    /// The monitor, which the command cannot do without.
+    pub fn required(&self) -> Result<QmpTarget> {
+        self.target()?
+            .ok_or_else(|| Exit::usage("give --socket PATH or --qmp URL").into())
+    }
 }
 
 /// `--wait [SECS]`: wait for a held lock instead of failing at once.

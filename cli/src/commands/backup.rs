@@ -74,9 +74,12 @@ impl Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let qmp = args.vm.qmp_target()?;
+    // Until backups are pulled over NBD, QEMU writes the node's files itself: it must reach the repository.
+    qmp.require_local("backup", &args.vm.target.repo)?;
     let _key = args.vm.target.unlock()?;
     let opts = BackupOptions {
-        socket: args.vm.socket,
+        qmp,
         repo: args.vm.target.repo,
         vm: args.vm.target.vm,
         level: match args.level {

@@ -2,11 +2,9 @@
 //! files), and mark its node failed. Every command that changes a VM does this first; this command does only
 //! that.
 
-use std::path::PathBuf;
-
 use anyhow::{Result, bail};
 
-use super::args::RepoVm;
+use super::args::{Monitor, RepoVm};
 use qmpbak::exit::Exit;
 use qmpbak::{inspect, recovery};
 
@@ -14,20 +12,22 @@ use qmpbak::{inspect, recovery};
 pub struct Args {
     #[command(flatten)]
     target: RepoVm,
-    /// QEMU's QMP socket, to remove leftover jobs, block nodes and bitmaps in the running VM too.
-    #[arg(long)]
-    socket: Option<PathBuf>,
+    /// QEMU's QMP monitor (`--socket` or `--qmp`), to remove leftover jobs, block nodes and bitmaps in the
+    /// running VM too.
+    #[command(flatten)]
+    monitor: Monitor,
     /// Print JSON.
     #[arg(long)]
     json: bool,
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let target = args.monitor.target()?;
     let (_repo, vm) = args.target.open()?;
     let guard = vm.lock_exclusive(args.target.lock.lock_wait(), "cleanup")?;
     let mut manifest = vm.load()?;
-    let qmp = match &args.socket {
-        Some(socket) => Some(inspect::connect(socket).await?),
+    let qmp = match &target {
+        Some(target) => Some(inspect::connect(target).await?),
         None => None,
     };
     let cleaned = recovery::recover(qmp.as_ref(), &vm, &mut manifest, &guard).await?;
@@ -63,7 +63,7 @@ pub async fn run(args: Args) -> Result<()> {
         outln!("  files: {}", cleaned.files.join(", "))?;
         outln!("  nodes marked failed: {}", cleaned.failed_nodes.join(", "))?;
         if qmp.is_none() {
-            outln!("  (without --socket, nothing was removed inside QEMU)")?;
+            outln!("  (without --socket or --qmp, nothing was removed inside QEMU)")?;
         }
     }
     if !args.json {

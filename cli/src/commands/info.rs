@@ -1,18 +1,18 @@
-//! `qmpbak info --socket PATH`: QEMU's version, each disk and its dirty bitmaps.
+//! `qmpbak info --socket PATH | --qmp URL`: QEMU's version, each disk and its dirty bitmaps.
 
-use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
+use super::args::Monitor;
 use qmpbak::inspect;
+use qmpbak::qmp_target::QmpTarget;
 use qmpbak::render::bytes;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// QEMU's QMP socket (`-qmp unix:PATH,server=on,wait=off`).
-    #[arg(long)]
-    socket: PathBuf,
+    #[command(flatten)]
+    monitor: Monitor,
     /// Wait up to SECS seconds for the socket to appear and accept (for a QEMU that is still starting).
     #[arg(long, value_name = "SECS")]
     wait_socket: Option<u64>,
@@ -22,9 +22,10 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let target = args.monitor.required()?;
     let qmp = match args.wait_socket {
-        Some(secs) => connect_waiting(&args.socket, Duration::from_secs(secs)).await?,
-        None => inspect::connect(&args.socket).await?,
+        Some(secs) => connect_waiting(&target, Duration::from_secs(secs)).await?,
+        None => inspect::connect(&target).await?,
     };
     let info = inspect::inspect(&qmp).await?;
     if args.json {
@@ -81,13 +82,21 @@ pub async fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Retries the connection until it succeeds or `limit` passes (QEMU creates its socket while starting).
-async fn connect_waiting(socket: &Path, limit: Duration) -> Result<qmp::Qmp> {
+/// Retries the connection until it succeeds or `limit` passes (QEMU creates its socket while starting). A TLS
+/// failure is not retried: waiting does not make a certificate trusted.
+async fn connect_waiting(target: &QmpTarget, limit: Duration) -> Result<qmp::Qmp> {
     let deadline = Instant::now() + limit;
     loop {
-        match inspect::connect(socket).await {
+        match inspect::connect(target).await {
             Ok(qmp) => return Ok(qmp),
             Err(e) if Instant::now() >= deadline => return Err(e),
+            Err(e)
+                if e.chain()
+                    .filter_map(|c| c.downcast_ref::<qmp::Error>())
+                    .any(|q| q.kind() == qmp::ErrorKind::Tls) =>
+            {
+                return Err(e);
+            }
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
     }

@@ -1,18 +1,16 @@
-//! `qmpbak qmp --socket PATH COMMAND [ARGS-JSON]`: send one raw QMP command and print its reply, for scripts
+//! `qmpbak qmp --socket PATH | --qmp URL COMMAND [ARGS-JSON]`: send one raw QMP command and print its reply, for scripts
 //! and for looking at what qmpbak sees (for example `human-monitor-command` or `query-jobs`).
-
-use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 
+use super::args::Monitor;
 use qmpbak::exit::Exit;
 use qmpbak::inspect;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// QEMU's QMP socket.
-    #[arg(long)]
-    socket: PathBuf,
+    #[command(flatten)]
+    monitor: Monitor,
     /// The QMP command, e.g. query-block.
     command: String,
     /// Its arguments as a JSON object.
@@ -27,7 +25,8 @@ pub async fn run(args: Args) -> Result<()> {
         ),
         None => None,
     };
-    let qmp = inspect::connect(&args.socket).await?;
+    let target = args.monitor.required()?;
+    let qmp = inspect::connect(&target).await?;
     let reply = qmp
         .execute_raw(&args.command, arguments)
         .await

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use super::args::RepoVm;
+use super::args::{Monitor, RepoVm};
 use super::bars::Bars;
 use qmpbak::exit::Exit;
 use qmpbak::restore::live::{self, LiveOptions};
@@ -30,12 +30,13 @@ pub struct Args {
     /// Image format of an offline restore (raw output is sparse).
     #[arg(long, value_enum, default_value = "qcow2")]
     format: FormatArg,
-    /// Live: restore into the running VM behind --socket, whose disks are empty images of the right size.
-    #[arg(long, requires = "socket")]
-    live: bool,
-    /// QEMU's QMP socket (with --live).
+    /// Live: restore into the running VM behind --socket (or --qmp), whose disks are empty images of the right
+    /// size.
     #[arg(long)]
-    socket: Option<PathBuf>,
+    live: bool,
+    /// QEMU's QMP monitor (with --live).
+    #[command(flatten)]
+    monitor: Monitor,
     /// Only this disk; repeat for more. Default: every disk of the node.
     #[arg(long = "disk", value_name = "ID")]
     disks: Vec<String>,
@@ -58,16 +59,22 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    let live_qmp = match (args.live, args.monitor.target()?) {
+        (true, None) => bail!(Exit::usage("--live needs --socket or --qmp")),
+        (true, Some(qmp)) => {
+            // QEMU opens the node's files in the repository: it must reach them.
+            qmp.require_local("restore --live", &args.target.repo)?;
+            Some(qmp)
+        }
+        (false, _) => None,
+    };
     let _key = args.target.unlock()?;
-    if args.live {
-        let Some(socket) = args.socket else {
-            bail!(Exit::usage("--live needs --socket"))
-        };
+    if let Some(qmp) = live_qmp {
         let opts = LiveOptions {
             repo: args.target.repo.clone(),
             vm: args.target.vm.clone(),
             node: args.node,
-            socket,
+            qmp,
             disks: args.disks,
             speed_limit: args.speed_limit,
             lock_wait: args.target.lock.lock_wait(),

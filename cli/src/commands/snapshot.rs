@@ -22,6 +22,9 @@ pub struct Args {
 }
 
 pub async fn run(args: Args) -> Result<()> {
+    // Overlays are made and checked beside the VM's disks, and a copy is read by QEMU into the repository.
+    let qmp = args.vm.qmp_target()?;
+    qmp.require_local("snapshot", &args.vm.target.repo)?;
     // A copy into an encrypted repository is encrypted with its key; a time point without a copy writes no data
     // into the repository and needs none (a key given is checked all the same).
     let _key = if args.copy || args.vm.target.key.source().is_some() {
@@ -30,7 +33,7 @@ pub async fn run(args: Args) -> Result<()> {
         None
     };
     let opts = SnapshotOptions {
-        socket: args.vm.socket,
+        qmp: qmp.clone(),
         repo: args.vm.target.repo,
         vm: args.vm.target.vm,
         tag: args.tag,
@@ -75,8 +78,10 @@ pub struct RevertArgs {
 }
 
 pub async fn revert(args: RevertArgs) -> Result<()> {
+    let qmp = args.vm.qmp_target()?;
+    qmp.require_local("revert", &args.vm.target.repo)?;
     let opts = RevertOptions {
-        socket: args.vm.socket,
+        qmp: qmp.clone(),
         repo: args.vm.target.repo,
         vm: args.vm.target.vm,
         node: args.node,
@@ -108,6 +113,8 @@ pub struct CommitArgs {
 }
 
 pub async fn commit(args: CommitArgs) -> Result<()> {
+    let qmp = args.vm.qmp_target()?;
+    qmp.require_local("commit", &args.vm.target.repo)?;
     // Needed when a copied time point's copy must absorb its parent's copy (encrypted repositories).
     let _key = if args.vm.target.key.source().is_some() {
         args.vm.target.unlock()?
@@ -115,7 +122,7 @@ pub async fn commit(args: CommitArgs) -> Result<()> {
         None
     };
     let opts = qmpbak::commit::CommitOptions {
-        socket: args.vm.socket,
+        qmp: qmp.clone(),
         repo: args.vm.target.repo,
         vm: args.vm.target.vm,
         node: args.node,

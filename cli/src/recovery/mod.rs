@@ -168,12 +168,15 @@ pub fn outside_file_problem(
 /// Removes the files an operation record names (inside the repository, and `outside`: absolute paths a
 /// snapshot created next to the VM's disks) and the node's directory if it is left empty. A file QEMU still
 /// has open (`in_use`) is never deleted, nor one the record may not name ([`may_delete_in_repo`],
-/// [`outside_file_problem`]); those outside the repository are listed in `cleaned.kept_outside`.
+/// [`outside_file_problem`]); those outside the repository are listed in `cleaned.kept_outside`. With
+/// `qemu_remote` (QEMU reached over TCP, perhaps on another host) the files beside the VM's disks are not
+/// this host's to judge: none is deleted, each is listed.
 pub fn undo_on_disk(
     vm: &VmStore,
     manifest: &Manifest,
     op: &Operation,
     in_use: Option<&[PathBuf]>,
+    qemu_remote: bool,
     cleaned: &mut Cleaned,
 ) {
     let inside = op
@@ -182,6 +185,13 @@ pub fn undo_on_disk(
         .filter(|f| may_delete_in_repo(manifest, op, f))
         .filter_map(|f| vm.resolve(f).ok());
     let outside = op.payload.outside_files().iter().filter(|path| {
+        if qemu_remote {
+            cleaned.kept_outside.push(format!(
+                "{}: beside the VM's disks on the VM's host (QEMU is reached over TCP); remove it there",
+                path.display()
+            ));
+            return false;
+        }
         match outside_file_problem(path, manifest, op, in_use) {
             None => true,
             Some(why) => {
@@ -246,6 +256,20 @@ pub async fn recover(
                 manifest.operations.push(op.clone());
                 continue;
             }
+            // Both judge and remove files beside the VM's disks: only on the VM's host.
+            (Payload::Commit(_) | Payload::LiveRestore, Some(qmp)) if qmp.is_remote() => {
+                cleaned.pending.push(format!(
+                    "{}: an interrupted {}, finished only from the VM's host: give --socket there",
+                    op.id,
+                    if op.payload == Payload::LiveRestore {
+                        "live restore"
+                    } else {
+                        "commit"
+                    }
+                ));
+                manifest.operations.push(op.clone());
+                continue;
+            }
             // Finished if any increment left its graph (a commit cannot be undone), else nothing changed.
             (Payload::Commit(record), Some(qmp)) => commit::finish(qmp, manifest, op, record)
                 .await
@@ -291,7 +315,8 @@ async fn undo(
         undo_in_qemu(qmp, op, cleaned).await;
     }
     let in_use = open_files(qmp).await;
-    undo_on_disk(vm, manifest, op, in_use.as_deref(), cleaned);
+    let remote = qmp.is_some_and(qmp::Qmp::is_remote);
+    undo_on_disk(vm, manifest, op, in_use.as_deref(), remote, cleaned);
     if let Some(node) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
         if node.state == NodeState::Pending {
             node.state = NodeState::Failed;
@@ -324,7 +349,7 @@ pub async fn abandon(
     // The repository key's secret, if this process gave QEMU one for the run (an encrypted backup).
     crate::crypt::unlock::remove_secret(qmp).await;
     let in_use = open_files(Some(qmp)).await;
-    undo_on_disk(vm, manifest, op, in_use.as_deref(), &mut cleaned);
+    undo_on_disk(vm, manifest, op, in_use.as_deref(), qmp.is_remote(), &mut cleaned);
     if let Some(n) = op.node.as_ref().and_then(|id| manifest.node_mut(id)) {
         if n.state == NodeState::Pending {
             n.state = NodeState::Failed;

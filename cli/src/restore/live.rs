@@ -31,7 +31,7 @@ pub struct LiveOptions {
     pub repo: PathBuf,
     pub vm: String,
     pub node: String,
-    pub socket: PathBuf,
+    pub qmp: crate::qmp_target::QmpTarget,
     pub disks: Vec<String>,
     /// Bytes per second per disk for streaming, 0 = unlimited.
     pub speed_limit: u64,
@@ -67,7 +67,7 @@ pub async fn restore_live(
     } = crate::session::open(
         &opts.repo,
         &opts.vm,
-        &opts.socket,
+        &opts.qmp,
         opts.lock_wait,
         "restore --live",
         false,
@@ -207,7 +207,7 @@ pub async fn restore_live(
             return Err(Exit::new(ExitCode::Interrupted, format!(
                 "interrupted: the VM runs on the restored data and streaming goes on inside QEMU; \
                  `qmpbak cleanup --socket {} --repo {} --vm {}` finishes it",
-                opts.socket.display(), opts.repo.display(), opts.vm)).into());
+                opts.qmp, opts.repo.display(), opts.vm)).into());
         }
     }
     manifest.remove_operation(&op.id);

@@ -15,6 +15,17 @@ use anyhow::Result;
 
 use crate::exit::Exit;
 
+/// Why a command needs QEMU on this host ([`QmpTarget::require_local`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Local {
+    /// QEMU writes files into the repository (a backup, until backups are pulled over NBD).
+    QemuWritesRepository,
+    /// QEMU opens files in the repository (a live restore, a snapshot's copy).
+    QemuReadsRepository,
+    /// Files beside the VM's disks are made, judged or removed (time points).
+    FilesBesideDisks,
+}
+
 /// The VM's QMP monitor and what is needed to reach it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QmpTarget {
@@ -76,18 +87,32 @@ impl QmpTarget {
     }
 
     /// Refuses (exit 2, before anything is touched) a target over TCP for `command`, which needs the
-    /// VM's QEMU to open files in the repository `repo` or makes and checks files beside the VM's disks:
-    /// neither is reachable across hosts.
-    pub fn require_local(&self, command: &str, repo: &Path) -> Result<()> {
+    /// VM's QEMU to open files in the repository `repo` (`why` says which), or makes and checks files beside
+    /// the VM's disks: neither is reachable across hosts.
+    pub fn require_local(&self, command: &str, why: Local, repo: &Path) -> Result<()> {
         if !self.is_remote() {
             return Ok(());
         }
+        let why = match why {
+            Local::QemuWritesRepository => format!(
+                "the VM's QEMU writes the backup's files itself, and the repository {} is not reachable by a \
+                 QEMU on another host",
+                repo.display()
+            ),
+            Local::QemuReadsRepository => format!(
+                "the VM's QEMU opens the node's files in the repository {}, which is not reachable by a QEMU \
+                 on another host",
+                repo.display()
+            ),
+            Local::FilesBesideDisks => {
+                "it makes and checks files beside the VM's disks, which are on the VM's \
+                 host, not this one"
+                    .to_owned()
+            }
+        };
         Err(Exit::usage(format!(
-            "{command} cannot work over {}: it needs the VM's QEMU to open files in the repository {} (or \
-             makes and checks files beside the VM's disks), and the repository is not reachable by a QEMU on \
-             another host; run qmpbak on the VM's host with --socket (nothing was done)",
-            self.endpoint,
-            repo.display()
+            "{command} cannot work over {}: {why}; run qmpbak on the VM's host with --socket (nothing was done)",
+            self.endpoint
         ))
         .into())
     }
@@ -141,13 +166,13 @@ mod tests {
             .unwrap();
         assert!(remote.is_remote());
         let err = remote
-            .require_local("backup", Path::new("/backup/repo"))
+            .require_local("backup", Local::QemuWritesRepository, Path::new("/backup/repo"))
             .unwrap_err();
         assert_eq!(crate::exit::classify(&err), crate::exit::ExitCode::Usage);
         assert!(err.to_string().contains("not reachable"), "{err}");
         assert!(
             QmpTarget::unix("/s")
-                .require_local("backup", Path::new("/r"))
+                .require_local("backup", Local::FilesBesideDisks, Path::new("/r"))
                 .is_ok()
         );
     }

@@ -9,7 +9,7 @@ use anyhow::Result;
 use chain::{LockGuard, LockWait, Manifest, Repository, VmStore};
 
 use crate::inspect;
-use crate::qmp_target::QmpTarget;
+use crate::qmp_target::{Local, QmpTarget};
 use crate::recovery::{self, Cleaned};
 
 /// An open, locked VM with its manifest and QEMU connection.
@@ -33,8 +33,9 @@ pub async fn open(
     create: bool,
 ) -> Result<Session> {
     // Until backups are pulled over NBD, every command that opens a session needs the VM's QEMU to reach
-    // the repository's files or makes files beside the VM's disks: refused over TCP before anything.
-    target.require_local(command, repo)?;
+    // the repository's files or makes files beside the VM's disks: refused over TCP before anything (the
+    // commands refuse earlier still, with their own reason).
+    target.require_local(command, Local::QemuWritesRepository, repo)?;
     let repo = Repository::open(repo)?;
     let vm = match repo.vm(vm) {
         Ok(store) if store.dir().exists() => store,

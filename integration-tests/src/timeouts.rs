@@ -24,3 +24,5 @@ pub const NBD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PROMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A `qmpbak` run told to pause at a step (`QMPBAK_PAUSE_AT`), until it says it is there.
 pub const PAUSE_REACHED_TIMEOUT: Duration = Duration::from_secs(120);
+/// One `ip` command that makes or removes a network namespace, a veth pair or an address.
+pub const NETNS_TIMEOUT: Duration = Duration::from_secs(20);

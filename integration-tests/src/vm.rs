@@ -129,6 +129,7 @@ pub struct TestVmBuilder {
     disks: Vec<DiskSpec>,
     paused: bool,
     extra_args: Vec<String>,
+    netns: Option<String>,
 }
 
 impl TestVmBuilder {
@@ -196,6 +197,34 @@ impl TestVmBuilder {
     #[must_use]
     pub fn paused(mut self) -> Self {
         self.paused = true;
+        self
+    }
+
+    /// Runs QEMU in network namespace `name` (`ip netns exec`; see [`crate::netns`]).
+    #[must_use]
+    pub fn netns(mut self, name: &str) -> Self {
+        self.netns = Some(name.to_owned());
+        self
+    }
+
+    /// A QMP monitor on TCP `host:port` (besides the unix ones), with TLS from the credentials in `dir`
+    /// (QEMU's `endpoint=server` layout, the client's certificate required), or plaintext without `dir`.
+    #[must_use]
+    pub fn tcp_qmp(mut self, host: &str, port: u16, tls_dir: Option<&Path>) -> Self {
+        let n = self.extra_args.len();
+        let mut chardev = format!("socket,id=tcpmon{n},host={host},port={port},server=on,wait=off");
+        if let Some(dir) = tls_dir {
+            self.extra_args.push("-object".into());
+            self.extra_args.push(format!(
+                "tls-creds-x509,id=tls{n},dir={},endpoint=server,verify-peer=on",
+                dir.display()
+            ));
+            chardev.push_str(&format!(",tls-creds=tls{n}"));
+        }
+        self.extra_args.push("-chardev".into());
+        self.extra_args.push(chardev);
+        self.extra_args.push("-mon".into());
+        self.extra_args.push(format!("chardev=tcpmon{n},mode=control"));
         self
     }
 
@@ -268,7 +297,14 @@ impl TestVm {
         let server_sock = dir.path().join("qmp.sock");
         let _ = std::fs::remove_file(&server_sock);
 
-        let mut cmd = Command::new(&bins.system);
+        let mut cmd = match &config.netns {
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(&bins.system);
+                cmd
+            }
+            None => Command::new(&bins.system),
+        };
         if let Some(data) = &bins.data_dir {
             cmd.arg("-L").arg(data);
         }

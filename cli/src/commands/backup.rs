@@ -9,6 +9,7 @@ use super::args::LiveVm;
 use super::bars::Bars;
 use qmpbak::backup::{self, BackupOptions, BackupReport};
 use qmpbak::plan::Requested;
+use qmpbak::qmp_target::Local;
 use qmpbak::render::bytes;
 use qmpbak::signals::Interrupt;
 
@@ -76,7 +77,7 @@ impl Args {
 pub async fn run(args: Args) -> Result<()> {
     let qmp = args.vm.qmp_target()?;
     // Until backups are pulled over NBD, QEMU writes the node's files itself: it must reach the repository.
-    qmp.require_local("backup", &args.vm.target.repo)?;
+    qmp.require_local("backup", Local::QemuWritesRepository, &args.vm.target.repo)?;
     let _key = args.vm.target.unlock()?;
     let opts = BackupOptions {
         qmp,

@@ -8,6 +8,7 @@ use anyhow::{Result, bail};
 use super::args::{Monitor, RepoVm};
 use super::bars::Bars;
 use qmpbak::exit::Exit;
+use qmpbak::qmp_target::Local;
 use qmpbak::restore::live::{self, LiveOptions};
 use qmpbak::restore::offline::{self, Format, RestoreOptions};
 use qmpbak::signals::Interrupt;
@@ -63,7 +64,7 @@ pub async fn run(args: Args) -> Result<()> {
         (true, None) => bail!(Exit::usage("--live needs --socket or --qmp")),
         (true, Some(qmp)) => {
             // QEMU opens the node's files in the repository: it must reach them.
-            qmp.require_local("restore --live", &args.target.repo)?;
+            qmp.require_local("restore --live", Local::QemuReadsRepository, &args.target.repo)?;
             Some(qmp)
         }
         (false, _) => None,

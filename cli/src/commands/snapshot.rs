@@ -3,6 +3,7 @@
 use anyhow::Result;
 
 use super::args::LiveVm;
+use qmpbak::qmp_target::Local;
 use qmpbak::snapshot::{self, RevertOptions, SnapshotOptions};
 
 #[derive(clap::Args)]
@@ -24,7 +25,7 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     // Overlays are made and checked beside the VM's disks, and a copy is read by QEMU into the repository.
     let qmp = args.vm.qmp_target()?;
-    qmp.require_local("snapshot", &args.vm.target.repo)?;
+    qmp.require_local("snapshot", Local::FilesBesideDisks, &args.vm.target.repo)?;
     // A copy into an encrypted repository is encrypted with its key; a time point without a copy writes no data
     // into the repository and needs none (a key given is checked all the same).
     let _key = if args.copy || args.vm.target.key.source().is_some() {
@@ -79,7 +80,7 @@ pub struct RevertArgs {
 
 pub async fn revert(args: RevertArgs) -> Result<()> {
     let qmp = args.vm.qmp_target()?;
-    qmp.require_local("revert", &args.vm.target.repo)?;
+    qmp.require_local("revert", Local::FilesBesideDisks, &args.vm.target.repo)?;
     let opts = RevertOptions {
         qmp: qmp.clone(),
         repo: args.vm.target.repo,
@@ -114,7 +115,7 @@ pub struct CommitArgs {
 
 pub async fn commit(args: CommitArgs) -> Result<()> {
     let qmp = args.vm.qmp_target()?;
-    qmp.require_local("commit", &args.vm.target.repo)?;
+    qmp.require_local("commit", Local::FilesBesideDisks, &args.vm.target.repo)?;
     // Needed when a copied time point's copy must absorb its parent's copy (encrypted repositories).
     let _key = if args.vm.target.key.source().is_some() {
         args.vm.target.unlock()?

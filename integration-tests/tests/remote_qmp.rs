@@ -1,0 +1,330 @@
+//! qmpbak on a backup host talking to QEMU over the network (issue 19): `--qmp tls://HOST:PORT` with
+//! `--tls-dir`, plaintext `tcp://` only with `--insecure-plaintext`. Against real QEMU with a TLS QMP
+//! chardev (`tls-creds-x509,endpoint=server,verify-peer=on`) and a plaintext one, certificates made in the
+//! test (`integration_tests::pki`). The first test puts QEMU and qmpbak in two network namespaces joined by
+//! a veth pair (root; skipped with a message otherwise), the loopback ones run anywhere. Each failure is a
+//! clear error with its exit code (5: QEMU's class, as NBD's TLS errors), and a backup over a remote QMP is
+//! refused (exit 2) before anything is written.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::path::Path;
+use std::sync::Arc;
+
+use integration_tests::cli::{self, Output};
+use integration_tests::netns::NetnsPair;
+use integration_tests::pki::TestPki;
+use integration_tests::repo::TestRepo;
+use integration_tests::timeouts::{CLI_TIMEOUT, PROMPT_TIMEOUT};
+use integration_tests::{MIB, TestVm};
+
+/// Where qmpbak runs: on this host, or in the backup namespace of a pair.
+enum Host<'a> {
+    Here,
+    Backup(&'a NetnsPair),
+}
+
+impl Host<'_> {
+    fn qmpbak(&self, args: &[String]) -> Output {
+        let cmd = match self {
+            Host::Here => cli::command_owned(args),
+            Host::Backup(pair) => pair.qmpbak(args),
+        };
+        let mut cmd = cmd;
+        cli::wait(cmd.spawn().expect("spawn qmpbak"), CLI_TIMEOUT)
+    }
+}
+
+fn args(words: &[&str]) -> Vec<String> {
+    words.iter().map(|w| (*w).to_owned()).collect()
+}
+
+fn dir(path: &Path) -> &str {
+    path.to_str().unwrap()
+}
+
+/// The run failed with `code`, and its message says `needle`.
+#[track_caller]
+fn expect_failure(out: &Output, code: i32, needle: &str) {
+    eprintln!("exit {:?}: {}", out.code(), out.stderr.trim_end());
+    assert_eq!(out.code(), Some(code), "{out:?}");
+    assert!(out.stderr.contains(needle), "no {needle:?} in:\n{}", out.stderr);
+}
+
+/// A free TCP port on 127.0.0.1 (for the loopback tests; inside a namespace any port is free).
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Everything a backup host does with a remote QMP, against QEMU with a TLS monitor on `host:tls_port`
+/// and a plaintext one on `host:plain_port`.
+fn check_remote_qmp(on: &Host<'_>, host: &str, tls_port: u16, plain_port: u16, pki: &TestPki) {
+    let tls = format!("tls://{host}:{tls_port}");
+    let client = pki.path("client");
+
+    // info lists the disks.
+    let out = on
+        .qmpbak(&args(&[
+            "info",
+            "--qmp",
+            &tls,
+            "--tls-dir",
+            dir(&client),
+            "--json",
+        ]))
+        .success();
+    let info = out.json();
+    let disks = info["disks"].as_array().unwrap();
+    assert_eq!(disks.len(), 1, "{info:#}");
+    assert_eq!(disks[0]["id"], "disk0");
+    assert_eq!(disks[0]["virtual_size"], 16 * MIB);
+
+    // The passthrough works.
+    let out = on
+        .qmpbak(&args(&[
+            "qmp",
+            "--qmp",
+            &tls,
+            "--tls-dir",
+            dir(&client),
+            "query-status",
+        ]))
+        .success();
+    assert!(out.stdout.contains("\"running\""), "{}", out.stdout);
+
+    // A CA that did not sign the server's certificate.
+    let out = on.qmpbak(&args(&[
+        "info",
+        "--qmp",
+        &tls,
+        "--tls-dir",
+        dir(&pki.path("client-wrong-ca")),
+    ]));
+    expect_failure(&out, 5, "not signed by the trusted CA");
+
+    // Our certificate from another CA: QEMU (verify-peer=on) refuses it.
+    let out = on.qmpbak(&args(&[
+        "info",
+        "--qmp",
+        &tls,
+        "--tls-dir",
+        dir(&pki.path("client-foreign-cert")),
+    ]));
+    expect_failure(&out, 5, "the server may not trust our client certificate");
+
+    // No client certificate at all.
+    let out = on.qmpbak(&args(&[
+        "info",
+        "--qmp",
+        &tls,
+        "--tls-dir",
+        dir(&pki.path("client-without-cert")),
+    ]));
+    expect_failure(&out, 5, "no client certificate was presented");
+
+    // A plaintext server met with TLS.
+    let plain_as_tls = format!("tls://{host}:{plain_port}");
+    let out = on.qmpbak(&args(&[
+        "info",
+        "--qmp",
+        &plain_as_tls,
+        "--tls-dir",
+        dir(&client),
+    ]));
+    expect_failure(&out, 5, "does not speak TLS");
+
+    // Plaintext without leave: refused before anything is sent.
+    let plain = format!("tcp://{host}:{plain_port}");
+    let out = on.qmpbak(&args(&["info", "--qmp", &plain]));
+    expect_failure(&out, 5, "refusing plaintext QMP");
+    // With leave it works.
+    let out = on
+        .qmpbak(&args(&[
+            "info",
+            "--qmp",
+            &plain,
+            "--insecure-plaintext",
+            "--json",
+        ]))
+        .success();
+    assert_eq!(out.json()["disks"][0]["id"], "disk0");
+
+    // tls:// without credentials is a usage error.
+    let out = on.qmpbak(&args(&["info", "--qmp", &tls]));
+    expect_failure(&out, 2, "--tls-dir");
+
+    // A backup over a remote QMP is refused before anything is written: QEMU there cannot reach the repository.
+    let repo = TestRepo::init();
+    let before = std::fs::read_dir(repo.path()).unwrap().count();
+    let out = on.qmpbak(&args(&[
+        "backup",
+        "--qmp",
+        &tls,
+        "--tls-dir",
+        dir(&client),
+        "--repo",
+        dir(&repo.path()),
+        "--vm",
+        "web1",
+    ]));
+    expect_failure(&out, 2, "is not reachable by a QEMU on another host");
+    assert!(!repo.vm_dir("web1").exists());
+    assert_eq!(std::fs::read_dir(repo.path()).unwrap().count(), before);
+    // So is a live restore into it.
+    let out = on.qmpbak(&args(&[
+        "restore",
+        "0001",
+        "--live",
+        "--qmp",
+        &tls,
+        "--tls-dir",
+        dir(&client),
+        "--repo",
+        dir(&repo.path()),
+        "--vm",
+        "web1",
+    ]));
+    expect_failure(&out, 2, "is not reachable by a QEMU on another host");
+    // Time points make and check files beside the VM's disks, on its host.
+    repo.synthetic_vm("db1", 1, |_| None);
+    let remote_vm = |command: &str| {
+        args(&[
+            command,
+            "--qmp",
+            &tls,
+            "--tls-dir",
+            dir(&client),
+            "--repo",
+            dir(&repo.path()),
+            "--vm",
+            "db1",
+        ])
+    };
+    let before = std::fs::read(repo.vm_dir("db1").join("manifest.json")).unwrap();
+    let out = on.qmpbak(&remote_vm("snapshot"));
+    expect_failure(&out, 2, "beside the VM's disks");
+    assert_eq!(std::fs::read(repo.vm_dir("db1").join("manifest.json")).unwrap(), before);
+    // cleanup works remotely.
+    let out = on.qmpbak(&remote_vm("cleanup")).success();
+    assert!(out.stdout.contains("nothing to clean up"), "{}", out.stdout);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_qmp_across_network_namespaces() {
+    let pair = match NetnsPair::create() {
+        Ok(pair) => pair,
+        Err(why) => {
+            eprintln!("SKIPPED remote_qmp_across_network_namespaces: {why}");
+            return;
+        }
+    };
+    let pki = TestPki::new(&[IpAddr::V4(pair.hv_addr)]);
+    let host = pair.hv_addr.to_string();
+    let _vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .netns(&pair.hv)
+        .tcp_qmp(&host, 4444, Some(&pki.path("server")))
+        .tcp_qmp(&host, 4445, None)
+        .start()
+        .await;
+    let on = Host::Backup(&pair);
+    tokio::task::block_in_place(|| check_remote_qmp(&on, &host, 4444, 4445, &pki));
+    // The hypervisor's address is not reachable from this host's namespace: the test really crossed.
+    let out = cli::run_owned(&args(&[
+        "info",
+        "--qmp",
+        &format!("tcp://{host}:4445"),
+        "--insecure-plaintext",
+    ]));
+    assert_eq!(out.code(), Some(5), "{out:?}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_qmp_over_loopback() {
+    let pki = TestPki::new(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let (tls_port, plain_port) = (free_port(), free_port());
+    let _vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .tcp_qmp("127.0.0.1", tls_port, Some(&pki.path("server")))
+        .tcp_qmp("127.0.0.1", plain_port, None)
+        .start()
+        .await;
+    tokio::task::block_in_place(|| check_remote_qmp(&Host::Here, "127.0.0.1", tls_port, plain_port, &pki));
+}
+
+/// A server certificate that names neither the address connected to (it names 192.0.2.1 and localhost).
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_qmp_refuses_a_certificate_for_another_name() {
+    let pki = TestPki::new(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let port = free_port();
+    let _vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .tcp_qmp("127.0.0.1", port, Some(&pki.path("misnamed-server")))
+        .start()
+        .await;
+    let out = tokio::task::block_in_place(|| {
+        cli::run_owned(&args(&[
+            "info",
+            "--qmp",
+            &format!("tls://127.0.0.1:{port}"),
+            "--tls-dir",
+            dir(&pki.path("client")),
+        ]))
+    });
+    expect_failure(&out, 5, "does not name the host connected to");
+}
+
+/// QEMU refuses to load an expired certificate, so a stand-in TLS server (rustls) presents one, as a QEMU
+/// whose certificate expired while it ran would: the client's own check refuses it.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_qmp_refuses_an_expired_server_certificate() {
+    use rustls::pki_types::pem::PemObject as _;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    use tokio_rustls::rustls;
+
+    let pki = TestPki::new(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let expired = pki.path("expired-server");
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(expired.join("server-cert.pem"))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_file(expired.join("server-key.pem")).unwrap();
+    let config =
+        rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(certs, key)
+            .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .await
+        .unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let serve = tokio::spawn(async move {
+        let (stream, _) = listener.accept().await.unwrap();
+        // The client gives up during the handshake.
+        acceptor.accept(stream).await.is_err()
+    });
+    let out = tokio::task::block_in_place(|| {
+        cli::run_owned(&args(&[
+            "info",
+            "--qmp",
+            &format!("tls://127.0.0.1:{port}"),
+            "--tls-dir",
+            dir(&pki.path("client")),
+        ]))
+    });
+    expect_failure(&out, 5, "the server's certificate has expired");
+    let refused = tokio::time::timeout(PROMPT_TIMEOUT, serve)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(refused, "the stand-in saw a finished handshake");
+}

@@ -214,12 +214,12 @@ impl TestVmBuilder {
         let n = self.extra_args.len();
         let mut chardev = format!("socket,id=tcpmon{n},host={host},port={port},server=on,wait=off");
         if let Some(dir) = tls_dir {
+            chardev = format!("{chardev},tls-creds=tls{n}");
             self.extra_args.push("-object".into());
             self.extra_args.push(format!(
                 "tls-creds-x509,id=tls{n},dir={},endpoint=server,verify-peer=on",
                 dir.display()
             ));
-            chardev.push_str(&format!(",tls-creds=tls{n}"));
         }
         self.extra_args.push("-chardev".into());
         self.extra_args.push(chardev);

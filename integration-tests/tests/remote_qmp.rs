@@ -209,7 +209,10 @@ fn check_remote_qmp(on: &Host<'_>, host: &str, tls_port: u16, plain_port: u16, p
     let before = std::fs::read(repo.vm_dir("db1").join("manifest.json")).unwrap();
     let out = on.qmpbak(&remote_vm("snapshot"));
     expect_failure(&out, 2, "beside the VM's disks");
-    assert_eq!(std::fs::read(repo.vm_dir("db1").join("manifest.json")).unwrap(), before);
+    assert_eq!(
+        std::fs::read(repo.vm_dir("db1").join("manifest.json")).unwrap(),
+        before
+    );
     // cleanup works remotely.
     let out = on.qmpbak(&remote_vm("cleanup")).success();
     assert!(out.stdout.contains("nothing to clean up"), "{}", out.stdout);
@@ -235,14 +238,6 @@ async fn remote_qmp_across_network_namespaces() {
         .await;
     let on = Host::Backup(&pair);
     tokio::task::block_in_place(|| check_remote_qmp(&on, &host, 4444, 4445, &pki));
-    // The hypervisor's address is not reachable from this host's namespace: the test really crossed.
-    let out = cli::run_owned(&args(&[
-        "info",
-        "--qmp",
-        &format!("tcp://{host}:4445"),
-        "--insecure-plaintext",
-    ]));
-    assert_eq!(out.code(), Some(5), "{out:?}");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -78,23 +78,26 @@ impl Qmp {
             }
         };
         let (read, write) = stream.into_split();
-        Qmp::handshake(read, write, path.to_owned(), false, deadline, timeout).await
+        Qmp::handshake(read, write, path.to_owned(), false, false, deadline, timeout).await
     }
 
     /// Speaks QMP on an already-connected stream (e.g. one QEMU connected to with a client-mode `-qmp`).
     pub async fn from_stream(stream: UnixStream, timeout: Duration) -> crate::Result<Qmp> {
         let path = stream_path(&stream);
         let (read, write) = stream.into_split();
-        Qmp::handshake(read, write, path, false, Instant::now() + timeout, timeout).await
+        Qmp::handshake(read, write, path, false, false, Instant::now() + timeout, timeout).await
     }
 
     /// Reads the greeting on a connected stream's halves and leaves capabilities negotiation mode, by
-    /// `deadline`. `path` names the peer in messages; `remote` says it is reached over the network.
+    /// `deadline`. `path` names the peer in messages; `remote` says it is reached over the network, `tls`
+    /// that the stream is TLS.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) async fn handshake<R, W>(
         read: R,
         write: W,
         path: PathBuf,
         remote: bool,
+        tls: bool,
         deadline: Instant,
         total: Duration,
     ) -> crate::Result<Qmp>
@@ -119,7 +122,7 @@ impl Qmp {
             return Err(Error::Timeout { what, after: total });
         };
         let greeting = greeting?;
-        let connection = crate::transport::Connection::start(reader, write);
+        let connection = crate::transport::Connection::start(reader, write, tls);
         let arguments = greeting
             .capabilities
             .iter()

@@ -93,7 +93,7 @@ impl Qmp {
                     }
                 };
                 let (read, write) = tokio::io::split(stream);
-                Qmp::handshake(read, write, PathBuf::from(&target), true, deadline, timeout)
+                Qmp::handshake(read, write, PathBuf::from(&target), true, true, deadline, timeout)
                     .await
                     .map_err(|e| after_tls_handshake(&target, credentials, e))
             }
@@ -104,7 +104,16 @@ impl Qmp {
                 let deadline = Instant::now() + timeout;
                 let stream = connect_tcp(host, *port, &target, deadline, timeout).await?;
                 let (read, write) = stream.into_split();
-                Qmp::handshake(read, write, PathBuf::from(&target), true, deadline, timeout).await
+                Qmp::handshake(
+                    read,
+                    write,
+                    PathBuf::from(&target),
+                    true,
+                    false,
+                    deadline,
+                    timeout,
+                )
+                .await
             }
         }
     }

@@ -150,8 +150,10 @@ pub(crate) struct Connection {
 }
 
 impl Connection {
-    /// Starts the tasks on an already-greeted stream; `reader` may hold bytes read past the greeting.
-    pub(crate) fn start<R, W>(reader: LineReader<R>, writer: W) -> Connection
+    /// Starts the tasks on an already-greeted stream; `reader` may hold bytes read past the greeting. With
+    /// `wake_record` (a TLS stream), each command is followed by a separate one-byte write, see
+    /// [`WAKE_RECORD`].
+    pub(crate) fn start<R, W>(reader: LineReader<R>, writer: W, wake_record: bool) -> Connection
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -163,7 +165,7 @@ impl Connection {
         });
         let (outgoing, queue) = mpsc::unbounded_channel();
         let reader = tokio::spawn(read_loop(Arc::clone(&shared), reader));
-        tokio::spawn(write_loop(Arc::clone(&shared), queue, writer));
+        tokio::spawn(write_loop(Arc::clone(&shared), queue, writer, wake_record));
         Connection {
             shared,
             outgoing,
@@ -293,6 +295,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     shared: Arc<Shared>,
     mut queue: mpsc::UnboundedReceiver<Vec<u8>>,
     mut writer: W,
+    wake_record: bool,
 ) {
     loop {
         let line = tokio::select! {
@@ -303,7 +306,7 @@ async fn write_loop<W: AsyncWrite + Unpin>(
         // A line is written whole or the connection is given up: a half-written command would corrupt the
         // stream for every command after it.
         let written = tokio::select! {
-            written = write_line(&mut writer, &line) => written,
+            written = write_line(&mut writer, &line, wake_record) => written,
             () = shared.closed() => break,
         };
         if let Err(e) = written {
@@ -316,7 +319,24 @@ async fn write_loop<W: AsyncWrite + Unpin>(
     let _ = tokio::time::timeout(Duration::from_secs(1), writer.shutdown()).await;
 }
 
-async fn write_line<W: AsyncWrite + Unpin>(writer: &mut W, line: &[u8]) -> std::io::Result<()> {
+/// What follows each command on a TLS connection, written and flushed on its own so that it is a TLS record
+/// of its own. QEMU 7.2 reads a monitor's chardev one byte per wakeup and, over TLS, waits for the socket to
+/// become readable again while gnutls holds the rest of the record it decrypted: the last record sent stays
+/// unread until another arrives, so a lone command is never answered. After this one-byte record (JSON
+/// whitespace, which QMP ignores), the command's record is read whole and nothing is left over. QEMU 10.0
+/// does not need it and is not harmed.
+const WAKE_RECORD: &[u8] = b"\n";
+
+async fn write_line<W: AsyncWrite + Unpin>(
+    writer: &mut W,
+    line: &[u8],
+    wake_record: bool,
+) -> std::io::Result<()> {
     writer.write_all(line).await?;
-    writer.flush().await
+    writer.flush().await?;
+    if wake_record {
+        writer.write_all(WAKE_RECORD).await?;
+        writer.flush().await?;
+    }
+    Ok(())
 }

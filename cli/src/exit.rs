@@ -209,6 +209,17 @@ mod tests {
     fn qemu_errors_are_qemu_and_a_full_disk_is_a_plain_failure() {
         assert_eq!(code(qmp::Error::Closed { detail: "eof".into() }), ExitCode::Qemu);
         assert_eq!(code(nbd::Error::Closed), ExitCode::Qemu);
+        // TLS failures of QMP and NBD, and unusable credentials, are one class.
+        let plaintext = qmp::Error::PlaintextRefused {
+            target: "tcp://hv1:4444".into(),
+        };
+        assert_eq!(code(plaintext), ExitCode::Qemu);
+        assert_eq!(code(nbd::Error::TlsRequired), ExitCode::Qemu);
+        let creds = qmp::pki::Error::Credentials {
+            path: PathBuf::from("/etc/qmpbak/pki/ca-cert.pem"),
+            reason: "missing".into(),
+        };
+        assert_eq!(code(creds), ExitCode::Qemu);
         let full = chain::Error::Io {
             action: "write",
             path: PathBuf::from("/r/x"),

@@ -1,10 +1,11 @@
-//! TLS for NBD (`NBD_OPT_STARTTLS`): x509 credentials read from a directory in the layout of QEMU's
-//! `tls-creds-x509` objects, the rustls client configuration made from them, and the sorting of a failed
-//! TLS handshake into a [`TlsFailure`] a caller can act on.
+//! TLS for NBD (`NBD_OPT_STARTTLS`): [`TlsCredentials`], x509 credentials read by the `pki` crate from a
+//! directory in the layout of QEMU's `tls-creds-x509` objects (the same reader the `qmp` crate uses), with
+//! this crate's error type; and the mapping of a failed TLS handshake to an [`Error::Tls`] with a
+//! [`TlsFailure`] a caller can act on.
 //!
 //! The server's certificate must chain to the given CA and name the host connected to; the client
 //! certificate, if the directory has one, is presented (QEMU's `verify-peer=on` demands it). The crypto is
-//! rustls with the `ring` provider, chosen here rather than through a process-wide default.
+//! rustls with the `ring` provider, chosen in `pki` rather than through a process-wide default.
 
 use std::fmt;
 use std::io;

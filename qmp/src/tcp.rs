@@ -196,3 +196,26 @@ fn after_tls_handshake(target: &str, credentials: &pki::ClientCredentials, e: Er
         other => other,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn nothing_is_sent_without_tls_credentials_or_leave_for_plaintext() {
+        // No listener at these ports: an attempt to connect would fail differently.
+        let timeout = Duration::from_secs(5);
+        let tcp: Endpoint = "tcp://127.0.0.1:9".parse().unwrap();
+        let err = Qmp::connect_endpoint(&tcp, &TcpOptions::new(), timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::PlaintextRefused { .. }), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::Tls);
+        let tls: Endpoint = "tls://127.0.0.1:9".parse().unwrap();
+        let err = Qmp::connect_endpoint(&tls, &TcpOptions::new().insecure_plaintext(true), timeout)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, Error::NoCredentials { .. }), "{err}");
+        assert_eq!(err.kind(), crate::ErrorKind::Tls);
+    }
+}

@@ -323,3 +323,73 @@ async fn remote_qmp_refuses_an_expired_server_certificate() {
         .unwrap();
     assert!(refused, "the stand-in saw a finished handshake");
 }
+
+/// Adds `op`, a record of the current manifest format, to VM `vm`'s manifest (as an interrupted run leaves it).
+fn add_operation(repo: &TestRepo, vm: &str, op: serde_json::Value) {
+    let path = repo.vm_dir(vm).join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["operations"].as_array_mut().unwrap().push(op);
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+}
+
+/// `cleanup` over a remote QMP cannot tell what the paths QEMU reports are on this host: an interrupted
+/// snapshot's overlay beside the VM's disks is listed, not deleted (over the unix socket, the same record
+/// deletes it), and an interrupted live restore stays pending for a run on the VM's host.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_cleanup_deletes_nothing_beside_the_disks() {
+    let pki = TestPki::new(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let port = free_port();
+    let vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .tcp_qmp("127.0.0.1", port, Some(&pki.path("server")))
+        .start()
+        .await;
+    let repo = TestRepo::init();
+    tokio::task::block_in_place(|| {
+        repo.backup_node(&vm, "vm1", &[]);
+    });
+    let chain_id = repo.manifest("vm1").chain_id;
+    let overlay = vm.dir().join(format!("disk0.qmpbak-{chain_id}-0009.qcow2"));
+    let snapshot_record = serde_json::json!({
+        "id": "snapshot-0009", "node": "0009", "started": "2026-01-01T00:00:00Z", "pid": 1,
+        "host": "elsewhere", "jobs": [], "block_nodes": [], "bitmaps": [], "files": [],
+        "payload": { "kind": "snapshot", "outside_files": [&overlay] },
+    });
+    std::fs::write(&overlay, b"an interrupted snapshot's overlay").unwrap();
+    add_operation(&repo, "vm1", snapshot_record.clone());
+    let tls = format!("tls://127.0.0.1:{port}");
+    let client = pki.path("client");
+    let remote = |extra: &[&str]| {
+        let mut a = args(&["cleanup", "--qmp", &tls, "--tls-dir", dir(&client), "--repo"]);
+        a.extend(args(&[dir(&repo.path()), "--vm", "vm1"]));
+        a.extend(args(extra));
+        tokio::task::block_in_place(|| cli::run_owned(&a))
+    };
+    let cleaned = remote(&["--json"]).success().json();
+    assert!(overlay.exists(), "deleted over a remote QMP: {cleaned}");
+    let kept = cleaned["kept_outside"].to_string();
+    assert!(kept.contains("on the VM's host"), "{cleaned}");
+
+    // The control: over the unix socket the same record deletes it.
+    add_operation(&repo, "vm1", snapshot_record);
+    let socket = vm.socket();
+    let cleaned =
+        tokio::task::block_in_place(|| repo.run("vm1", &["cleanup", "--socket", dir(&socket), "--json"]))
+            .success()
+            .json();
+    assert!(!overlay.exists(), "not deleted over the unix socket: {cleaned}");
+
+    // An interrupted live restore is finished only from the VM's host.
+    add_operation(
+        &repo,
+        "vm1",
+        serde_json::json!({
+            "id": "restore-0001", "node": "0001", "started": "2026-01-01T00:00:00Z", "pid": 1,
+            "host": "elsewhere", "jobs": [], "block_nodes": [], "bitmaps": [], "files": [],
+            "payload": { "kind": "live_restore" },
+        }),
+    );
+    let out = remote(&[]);
+    expect_failure(&out, 2, "finished only from the VM's host");
+    assert_eq!(repo.manifest("vm1").operations.len(), 1);
+}

@@ -329,15 +329,13 @@ pub async fn backup(
             copied
         }
         Err(err) => {
-            run.fail(&err).await;
-            return Err(err);
+            return Err(run.fail(err).await);
         }
     };
     let (report_disks, tables_secs) = match run.complete(&copied).await {
         Ok(done) => done,
         Err(err) => {
-            run.fail(&err).await;
-            return Err(err);
+            return Err(run.fail(err).await);
         }
     };
     crashpoint("backup-completed");
@@ -575,8 +573,8 @@ impl Run<'_> {
 
     /// Undoes everything this run created and records the node as failed with the error
     /// ([`recovery::abandon`]); the old bitmaps are untouched, so the next backup still sees every change.
-    async fn fail(&mut self, err: &anyhow::Error) {
-        recovery::abandon(self.qmp, self.vm, &mut self.manifest, self.guard, &self.op, err).await;
+    async fn fail(&mut self, err: anyhow::Error) -> anyhow::Error {
+        recovery::abandon(self.qmp, self.vm, &mut self.manifest, self.guard, &self.op, err).await
     }
 
     /// After success: removes qmpbak bitmaps of this chain that no longer mean anything: everything but the

@@ -28,6 +28,7 @@ mod events;
 mod framing;
 mod jobs;
 mod open_enum;
+pub mod qga;
 mod schema;
 mod transport;
 pub mod types;

@@ -20,6 +20,7 @@ use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, Payload};
 use crate::exit::Exit;
 use crate::graph::short_name;
 use crate::inspect;
+use crate::progress::Progress;
 use crate::recovery::commit as finish;
 
 #[derive(Debug, Clone)]
@@ -42,7 +43,7 @@ pub struct CommitReport {
     pub duration_secs: f64,
 }
 
-pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
+pub async fn commit(opts: &CommitOptions, progress: &dyn Progress) -> Result<CommitReport> {
     let started = Instant::now();
     let crate::session::Session {
         repo,
@@ -113,10 +114,14 @@ pub async fn commit(opts: &CommitOptions) -> Result<CommitReport> {
     vm.save(&manifest, &guard)?;
     // The increment files left every chain: remove them.
     for d in &files {
-        finish::remove_increment(&d.increment, &chain_id, record.parent.as_str());
+        if let Some(kept) = finish::remove_increment(&d.increment, &chain_id, record.parent.as_str()) {
+            progress.warning(&kept);
+        }
     }
     // So did the parent's copies in the repository (the node's own copies absorbed them first).
-    remove_node_dir(&vm, &parent_id);
+    if let Some(kept) = remove_node_dir(&vm, &parent_id) {
+        progress.warning(&kept);
+    }
     Ok(CommitReport {
         vm: opts.vm.clone(),
         node: node.id.to_string(),
@@ -164,11 +169,12 @@ async fn restack_copies(
 }
 
 /// Removes the regular files in the directory of `node`, which has left the tree (a time point's copies), and
-/// the directory; a symlink is left alone. A failure only leaves unused files behind, so it is a warning.
-fn remove_node_dir(vm: &chain::VmStore, node: &NodeId) {
+/// the directory; a symlink is left alone. A failure only leaves unused files behind, so it is a warning,
+/// which this returns.
+fn remove_node_dir(vm: &chain::VmStore, node: &NodeId) -> Option<String> {
     let dir = vm.node_dir(node);
     if !std::fs::symlink_metadata(&dir).is_ok_and(|m| m.is_dir()) {
-        return;
+        return None;
     }
     let removed = std::fs::read_dir(&dir).and_then(|entries| {
         for entry in entries {
@@ -179,10 +185,10 @@ fn remove_node_dir(vm: &chain::VmStore, node: &NodeId) {
         }
         std::fs::remove_dir(&dir)
     });
-    if let Err(e) = removed {
-        eprintln!(
-            "qmpbak: warning: could not remove {} of time point {node}, which left the tree: {e}",
+    removed.err().map(|e| {
+        format!(
+            "could not remove {} of time point {node}, which left the tree: {e}",
             dir.display()
-        );
-    }
+        )
+    })
 }

@@ -22,7 +22,6 @@ pub mod plan;
 pub mod progress;
 pub mod prune;
 pub mod qemu_bins;
-pub mod qga;
 pub mod qmp_target;
 pub mod recovery;
 pub mod render;

@@ -9,9 +9,15 @@ pub trait Progress: Send + Sync {
     fn advance(&self, _disk: &str, _done: u64, _total: u64) {}
     /// A disk's work in the current phase finished.
     fn finish_disk(&self, _disk: &str) {}
+    /// Something the user must hear of that does not stop the operation (a copy that failed beside a result
+    /// that stands, a file left in place, damage kept because of `--force`). Never dropped: without a sink of
+    /// its own it goes to the `tracing` log at `warn`.
+    fn warning(&self, message: &str) {
+        tracing::warn!(target: "qmpbak::warning", "{message}");
+    }
 }
 
-/// Shows nothing.
+/// Shows no progress; warnings still go to the `tracing` log.
 pub struct Silent;
 
 impl Progress for Silent {}

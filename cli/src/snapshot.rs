@@ -32,6 +32,7 @@ use crate::bitmaps::BitmapName;
 use crate::exit::Exit;
 use crate::graph::short_name;
 use crate::inspect::{self, DiskInfo};
+use crate::progress::Progress;
 use crate::qemu_bins::QemuBins;
 use crate::recovery;
 use crate::session::{self, Session};
@@ -129,7 +130,7 @@ fn operation(kind: &str, node: &NodeId, outside: &[PathBuf]) -> Operation {
 }
 
 /// Takes a time point of every disk of the VM.
-pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
+pub async fn snapshot(opts: &SnapshotOptions, progress: &dyn Progress) -> Result<SnapshotReport> {
     let started = Instant::now();
     // The frozen files stay in the VM's storage, as the VM's disks do; a copy into an encrypted repository is
     // encrypted there like a backup's files, so it needs the key (the command unlocked it).
@@ -270,15 +271,16 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
     let transaction_ms = match result {
         Ok(ms) => ms,
         Err(err) => {
-            recovery::abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
-            return Err(err);
+            return Err(recovery::abandon(&qmp, &vm, &mut manifest, &guard, &op, err).await);
         }
     };
     crate::crashpoint::crashpoint("snapshot-taken");
     if opts.copy {
         if let Err(err) = copy_into_repo(&vm, &mut manifest, &node, &bins, repo.settings().block_size).await {
             // The time point itself exists in QEMU; record it without the copy and say why.
-            eprintln!("qmpbak: warning: copying time point {node} into the repository failed: {err:#}");
+            progress.warning(&format!(
+                "copying time point {node} into the repository failed: {err:#}"
+            ));
             let _ = std::fs::remove_dir_all(vm.node_dir(&node));
             if let Some(n) = manifest.node_mut(&node) {
                 for d in &mut n.disks {
@@ -618,8 +620,7 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
         qmp.execute(&Cont).await.context("resuming the VM")?;
     }
     if let Err(err) = result {
-        recovery::abandon(&qmp, &vm, &mut manifest, &guard, &op, &err).await;
-        return Err(err);
+        return Err(recovery::abandon(&qmp, &vm, &mut manifest, &guard, &op, err).await);
     }
     manifest.remove_operation(&op.id);
     manifest.current = Some(target.id.clone());

@@ -113,6 +113,29 @@ pub enum Error {
     /// QEMU has no job with this id.
     #[error("QEMU has no job {id}; it may never have started or may have been dismissed already")]
     JobNotFound { id: String },
+
+    /// The guest agent's socket could not be connected.
+    #[error(
+        "cannot connect to the guest agent socket {}; check the -chardev socket of the VM's virtio-serial port",
+        path.display()
+    )]
+    AgentConnect {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+
+    /// The guest agent refused a command.
+    #[error("the guest agent refused {command}: {desc}")]
+    AgentRefused { command: String, desc: String },
+
+    /// An I/O error talking to the guest agent (it closed the connection: the agent stopped, or the guest).
+    #[error("I/O error talking to the guest agent at {}", path.display())]
+    AgentIo {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// The stable class of an [`Error`], for callers that act on the class rather than the variant (the CLI maps
@@ -140,25 +163,30 @@ impl Error {
     /// The error's stable [`ErrorKind`].
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Connect { .. } | Error::ConnectTcp { .. } | Error::NotQmp { .. } => ErrorKind::Connect,
+            Error::Connect { .. }
+            | Error::ConnectTcp { .. }
+            | Error::NotQmp { .. }
+            | Error::AgentConnect { .. } => ErrorKind::Connect,
             Error::PlaintextRefused { .. }
             | Error::NoCredentials { .. }
             | Error::Credentials(_)
             | Error::Tls { .. } => ErrorKind::Tls,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::Closed { .. } | Error::Protocol(_) => ErrorKind::Closed,
-            Error::Qmp { .. } | Error::JobNotFound { .. } => ErrorKind::Refused,
+            Error::Qmp { .. } | Error::JobNotFound { .. } | Error::AgentRefused { .. } => ErrorKind::Refused,
             Error::Decode { .. } => ErrorKind::Decode,
-            Error::Io(_) => ErrorKind::Io,
+            Error::Io(_) | Error::AgentIo { .. } => ErrorKind::Io,
         }
     }
 
     /// The I/O error kind behind a `Connect` or `Io` error.
     pub fn io_kind(&self) -> Option<io::ErrorKind> {
         match self {
-            Error::Connect { source, .. } | Error::ConnectTcp { source, .. } | Error::Io(source) => {
-                Some(source.kind())
-            }
+            Error::Connect { source, .. }
+            | Error::ConnectTcp { source, .. }
+            | Error::Io(source)
+            | Error::AgentConnect { source, .. }
+            | Error::AgentIo { source, .. } => Some(source.kind()),
             _ => None,
         }
     }

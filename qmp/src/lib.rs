@@ -33,6 +33,7 @@ mod events;
 mod framing;
 mod jobs;
 mod open_enum;
+pub mod qga;
 mod schema;
 mod tcp;
 mod transport;

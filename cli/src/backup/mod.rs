@@ -133,7 +133,7 @@ pub(crate) struct Run<'a> {
     pub opts: &'a BackupOptions,
     pub progress: &'a dyn Progress,
     pub interrupt: &'a Interrupt,
-    pub agent: Option<crate::qga::GuestAgent>,
+    pub agent: Option<qmp::qga::GuestAgent>,
 }
 
 impl Run<'_> {
@@ -197,7 +197,7 @@ impl Run<'_> {
                 thawed = agent.thaw().await;
             }
             if let Err(e) = thawed {
-                return Err(e.context("THE GUEST'S FILESYSTEMS MAY STILL BE FROZEN: thawing failed; run guest-fsfreeze-thaw through the guest agent"));
+                return Err(anyhow::Error::new(e).context("THE GUEST'S FILESYSTEMS MAY STILL BE FROZEN: thawing failed; run guest-fsfreeze-thaw through the guest agent"));
             }
             self.progress.phase("thawed the guest's filesystems");
         }
@@ -279,7 +279,7 @@ pub async fn backup(
     // Reach the guest agent before anything changes, so a wrong socket fails early.
     let agent = match &opts.qga {
         Some(path) => Some(
-            crate::qga::GuestAgent::connect(path)
+            qmp::qga::GuestAgent::connect(path)
                 .await
                 .context("--quiesce needs the guest agent")?,
         ),
@@ -329,15 +329,13 @@ pub async fn backup(
             copied
         }
         Err(err) => {
-            run.fail(&err).await;
-            return Err(err);
+            return Err(run.fail(err).await);
         }
     };
     let (report_disks, tables_secs) = match run.complete(&copied).await {
         Ok(done) => done,
         Err(err) => {
-            run.fail(&err).await;
-            return Err(err);
+            return Err(run.fail(err).await);
         }
     };
     crashpoint("backup-completed");
@@ -575,8 +573,8 @@ impl Run<'_> {
 
     /// Undoes everything this run created and records the node as failed with the error
     /// ([`recovery::abandon`]); the old bitmaps are untouched, so the next backup still sees every change.
-    async fn fail(&mut self, err: &anyhow::Error) {
-        recovery::abandon(self.qmp, self.vm, &mut self.manifest, self.guard, &self.op, err).await;
+    async fn fail(&mut self, err: anyhow::Error) -> anyhow::Error {
+        recovery::abandon(self.qmp, self.vm, &mut self.manifest, self.guard, &self.op, err).await
     }
 
     /// After success: removes qmpbak bitmaps of this chain that no longer mean anything: everything but the

@@ -49,6 +49,17 @@ fn new_bar(multi: &MultiProgress, label: &str, total: u64) -> ProgressBar {
 const OVERALL: &str = "all disks";
 
 impl Progress for Bars {
+    /// Always shown, above the bars when there are any, even where phase lines are not.
+    fn warning(&self, message: &str) {
+        let line = format!("qmpbak: warning: {message}");
+        match &self.multi {
+            Some(multi) => {
+                let _ = multi.println(&line);
+            }
+            None => eprintln!("{line}"),
+        }
+    }
+
     fn phase(&self, message: &str) {
         match &self.multi {
             Some(multi) => {

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::args::RepoVm;
+use super::bars::Bars;
 use qmpbak::mount::{self, MountMode, MountOptions, MountReport};
 use qmpbak::render::bytes;
 
@@ -66,7 +67,7 @@ pub async fn run(args: Args) -> Result<()> {
         lock_wait: args.target.lock.lock_wait(),
         key: args.target.key.source(),
     };
-    let report = mount::mount(&opts).await?;
+    let report = mount::mount(&opts, &Bars::new(false)).await?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {

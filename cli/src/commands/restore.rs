@@ -122,7 +122,7 @@ pub async fn run(args: Args) -> Result<()> {
     let interrupt = Interrupt::new()?;
     let report = interrupt
         .run(
-            offline::restore(&opts),
+            offline::restore(&opts, &Bars::new(false)),
             "the restore was stopped and its partial images removed; nothing is left under the --to names",
         )
         .await?;

@@ -3,6 +3,7 @@
 use anyhow::Result;
 
 use super::args::LiveVm;
+use super::bars::Bars;
 use qmpbak::qmp_target::Local;
 use qmpbak::snapshot::{self, RevertOptions, SnapshotOptions};
 
@@ -41,7 +42,7 @@ pub async fn run(args: Args) -> Result<()> {
         copy: args.copy,
         lock_wait: args.vm.target.lock.lock_wait(),
     };
-    let report = snapshot::snapshot(&opts).await?;
+    let report = snapshot::snapshot(&opts, &Bars::new(false)).await?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {
@@ -129,7 +130,7 @@ pub async fn commit(args: CommitArgs) -> Result<()> {
         node: args.node,
         lock_wait: args.vm.target.lock.lock_wait(),
     };
-    let report = qmpbak::commit::commit(&opts).await?;
+    let report = qmpbak::commit::commit(&opts, &Bars::new(false)).await?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {

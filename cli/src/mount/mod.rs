@@ -27,6 +27,7 @@ use chain::{LockWait, Repository, Table};
 
 use crate::crashpoint::crashpoint;
 use crate::exit::{Exit, ExitCode};
+use crate::progress::Progress;
 use crate::qemu_bins::QemuBins;
 use crate::tables::load_node_table;
 pub use partitions::Partition;
@@ -97,7 +98,7 @@ fn needs_root() -> Exit {
 }
 
 /// Mounts, lists or exports a node's disk as `opts.mode` says.
-pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
+pub async fn mount(opts: &MountOptions, progress: &dyn Progress) -> Result<MountReport> {
     if opts.mode == MountMode::Mount && !nix::unistd::geteuid().is_root() {
         bail!(needs_root());
     }
@@ -135,7 +136,7 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
     let bins = QemuBins::from_env();
 
     // The chain is checked against the node's table before anything is exported, as a restore checks it.
-    let mismatched = check_chain(&bins, &vm, &manifest, &node, &disk, opts.force).await?;
+    let mismatched = check_chain(&bins, &vm, &manifest, &node, &disk, opts.force, progress).await?;
     if !mismatched.is_empty() {
         let damage = crate::restore::damaged(&node, &disk, &mismatched, repo.settings().block_size);
         if !opts.force {
@@ -144,7 +145,7 @@ pub async fn mount(opts: &MountOptions) -> Result<MountReport> {
                 node.id
             )));
         }
-        eprintln!("qmpbak: warning (mounting all the same because of --force): {damage:#}");
+        progress.warning(&format!("mounting all the same because of --force: {damage:#}"));
     }
     let files: Vec<PathBuf> = crate::direct::chain_files(&vm, &manifest, &node.id, &disk)?
         .iter()
@@ -289,11 +290,12 @@ async fn check_chain(
     node: &chain::Node,
     disk: &str,
     force: bool,
+    progress: &dyn Progress,
 ) -> Result<Vec<u64>> {
     let expected = match load_node_table(vm, manifest, &node.id, disk) {
         Ok(table) => table,
         Err(e) if force => {
-            eprintln!("qmpbak: warning (mounting unchecked because of --force): {e:#}");
+            progress.warning(&format!("mounting unchecked because of --force: {e:#}"));
             return Ok(Vec::new());
         }
         Err(e) => {

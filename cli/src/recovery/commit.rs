@@ -143,12 +143,14 @@ async fn live_chain_files(qmp: &qmp::Qmp) -> Result<Vec<String>> {
 /// Finishes an interrupted commit (called by cleanup with the VM's QMP connection), after letting a running
 /// job finish. If no increment left its disk's graph, nothing changed and there is nothing to do (false). If
 /// some did, the commit cannot be undone: the disks left are committed now, then the manifest is updated
-/// (true). An error leaves the record for the next try.
+/// (true). An error leaves the record for the next try. An increment file left in place (not provably ours) is
+/// added to `kept`, with the reason.
 pub async fn finish(
     qmp: &qmp::Qmp,
     manifest: &mut Manifest,
     op: &Operation,
     note: &CommitRecord,
+    kept: &mut Vec<String>,
 ) -> Result<bool> {
     // The record names the nodes; their files come from the manifest, as when the commit began. A record whose
     // list differs was not written by qmpbak: nothing is done.
@@ -201,7 +203,11 @@ pub async fn finish(
         if let Some(node) = names.get(&d.increment) {
             let _ = qmp.execute(&BlockdevDel::new(node.as_str())).await;
         }
-        remove_increment(&d.increment, &manifest.chain_id, note.parent.as_str());
+        kept.extend(remove_increment(
+            &d.increment,
+            &manifest.chain_id,
+            note.parent.as_str(),
+        ));
     }
     Ok(true)
 }
@@ -244,17 +250,18 @@ pub fn record_from_manifest(manifest: &Manifest, node: &NodeId) -> Result<Commit
 
 /// Removes a committed increment file, which has just left its disk's chain. It is always the overlay that the
 /// parent time point's snapshot created (`<stem>.qmpbak-<chain>-<parent>….qcow2`); a path that is not named so,
-/// or not a regular file, is left alone whatever the manifest says.
-pub fn remove_increment(top: &str, chain_id: &str, parent: &str) {
+/// or not a regular file, is left alone whatever the manifest says, and the returned line says so.
+pub fn remove_increment(top: &str, chain_id: &str, parent: &str) -> Option<String> {
     let path = std::path::Path::new(top);
     let ours = path.is_absolute()
         && crate::graph::overlay_base(path, chain_id).as_deref() == Some(parent)
         && std::fs::symlink_metadata(path).is_ok_and(|m| m.is_file());
     if ours {
         let _ = std::fs::remove_file(path);
+        None
     } else {
-        eprintln!(
-            "qmpbak: warning: left {top} in place: it is not one of qmpbak's overlays for time point {parent}"
-        );
+        Some(format!(
+            "left {top} in place: it is not one of qmpbak's overlays for time point {parent}"
+        ))
     }
 }

@@ -271,10 +271,12 @@ pub async fn recover(
                 continue;
             }
             // Finished if any increment left its graph (a commit cannot be undone), else nothing changed.
-            (Payload::Commit(record), Some(qmp)) => commit::finish(qmp, manifest, op, record)
-                .await
-                .err()
-                .map(|e| e.context(format!("finishing the interrupted commit {}", op.id))),
+            (Payload::Commit(record), Some(qmp)) => {
+                commit::finish(qmp, manifest, op, record, &mut cleaned.kept_outside)
+                    .await
+                    .err()
+                    .map(|e| e.context(format!("finishing the interrupted commit {}", op.id)))
+            }
             // A live restore cannot be undone once the VM runs on the chain: finish it instead.
             (Payload::LiveRestore, Some(qmp)) => {
                 match live::finish(qmp, op, &crate::progress::Silent).await {
@@ -336,14 +338,16 @@ async fn undo(
 /// Undoes a failed operation from its record (in QEMU, then on disk, never touching files QEMU uses), marks its
 /// node failed with the error, and drops the record: the one way a command gives up on a run it started
 /// (backup, snapshot, revert). The old bitmaps are untouched, so the next backup still sees every change.
+/// Returns the error to report: `err`, with a word on the record left in place if the manifest could not be
+/// written (the next command finishes the undo from it).
 pub async fn abandon(
     qmp: &qmp::Qmp,
     vm: &VmStore,
     manifest: &mut Manifest,
     guard: &LockGuard,
     op: &Operation,
-    err: &anyhow::Error,
-) {
+    err: anyhow::Error,
+) -> anyhow::Error {
     let mut cleaned = Cleaned::default();
     undo_in_qemu(qmp, op, &mut cleaned).await;
     // The repository key's secret, if this process gave QEMU one for the run (an encrypted backup).
@@ -357,11 +361,13 @@ pub async fn abandon(
         }
     }
     manifest.remove_operation(&op.id);
-    if let Err(e) = vm.save(manifest, guard) {
-        eprintln!(
-            "qmpbak: could not record the failed {} in the manifest: {e:#}",
+    match vm.save(manifest, guard) {
+        Ok(()) => err,
+        Err(e) => err.context(format!(
+            "the failed {} could not be recorded in the manifest ({e:#}); its record stays, and the next \
+             qmpbak command on this VM (or `qmpbak cleanup`) finishes the undo",
             op.kind()
-        );
+        )),
     }
 }
 

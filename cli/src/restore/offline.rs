@@ -13,6 +13,7 @@ use serde::Serialize;
 use chain::{LockWait, Repository, Table};
 
 use crate::exit::Exit;
+use crate::progress::Progress;
 use crate::qemu_bins::QemuBins;
 use crate::tables::load_node_table;
 
@@ -73,7 +74,7 @@ pub struct RestoredDisk {
 }
 
 /// Restores a node into image files.
-pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
+pub async fn restore(opts: &RestoreOptions, progress: &dyn Progress) -> Result<RestoreReport> {
     let started = Instant::now();
     let repo = Repository::open(&opts.repo)?;
     crate::crypt::require(&repo)?;
@@ -116,7 +117,7 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
 
     // Each image is written under a temporary name beside its final one and renamed into place only once it
     // is complete, checked and synced: the final name never holds an unchecked image, whatever stops the run.
-    let removed_partials = Partial::remove_stale(&outputs);
+    let removed_partials = Partial::remove_stale(&outputs, progress);
     let partial = Partial::new(&outputs);
     let bins = QemuBins::from_env();
     let mut restored = Vec::new();
@@ -169,7 +170,7 @@ pub async fn restore(opts: &RestoreOptions) -> Result<RestoreReport> {
         (Some(e), _) => Some(e),
         (None, Some(d)) if !opts.force => Some(d),
         (None, Some(d)) => {
-            eprintln!("qmpbak: warning (kept because of --force): {d:#}");
+            progress.warning(&format!("kept because of --force: {d:#}"));
             None
         }
         (None, None) => None,
@@ -392,7 +393,7 @@ impl Partial {
     /// Removes the temporary images that a killed restore to the same outputs left: regular files named for
     /// one of `outputs` with the pid of a process that no longer runs (a running restore's file is left alone).
     /// Each removal is said on stderr and returned for the report.
-    fn remove_stale(outputs: &[PathBuf]) -> Vec<PathBuf> {
+    fn remove_stale(outputs: &[PathBuf], progress: &dyn Progress) -> Vec<PathBuf> {
         let mut removed = Vec::new();
         for out in outputs {
             let (Some(dir), prefix) = (out.parent(), Partial::prefix(out)) else {
@@ -409,10 +410,10 @@ impl Partial {
                 let stale = pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists();
                 let regular = entry.file_type().is_ok_and(|t| t.is_file());
                 if stale && regular && std::fs::remove_file(entry.path()).is_ok() {
-                    eprintln!(
-                        "qmpbak: removed {}, left by a restore that was killed (pid {pid})",
+                    progress.warning(&format!(
+                        "removed {}, left by a restore that was killed (pid {pid})",
                         entry.path().display()
-                    );
+                    ));
                     removed.push(entry.path());
                 }
             }

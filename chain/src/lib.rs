@@ -74,7 +74,8 @@ pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};
 pub use retention::{Action, Decision, Plan, Policy, Why};
 pub use table::{
-    BlockSource, BlockVisitor, Digest, Extent, ExtentKind, FileSource, MemSource, Piece, Table,
+    BlockSource, BlockVisitor, Digest, Extent, ExtentKind, FileSource, MemSource, Piece, Table, TableDiff, TableFile,
+    is_difference_file,
     VISIT_RUN_BYTES, Visited,
 };
 pub use tree::Tree;

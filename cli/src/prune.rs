@@ -428,7 +428,16 @@ impl Run<'_> {
             disk.allocated_bytes = a.allocated;
             disk.location.predecessor = predecessor;
         }
-        let files = node_files(self.vm, id)?;
+        // The children's difference tables name this node's table as their base: each is written anew, as a
+        // difference against the node's parent or whole, before the node leaves. The new files enter the record
+        // first (a run killed before the switch leaves them to be deleted), the switch happens in the same
+        // manifest write that removes the node, and the old files are deleted with the node's.
+        let rewrites = self.rewrite_tables(&children, node.parent.as_ref())?;
+        let mut files = node_files(self.vm, id)?;
+        crate::tables::switch_rewrites(&mut self.manifest, &rewrites)?;
+        for (r, _) in &rewrites {
+            files.push((Some(r.old.clone()), self.vm.resolve(&r.old)?));
+        }
         self.manifest.remove_node_reparent(id)?;
         for child in &children {
             if let Some(c) = self.manifest.node_mut(&child.id) {
@@ -442,6 +451,38 @@ impl Run<'_> {
             }
         }
         self.drop_files(id, &files)
+    }
+
+    /// Writes the tables of `children` that are differences against their parent's (the node about to go)
+    /// anew, against `new_parent` or whole ([`crate::tables::write_rewrite`]), after recording their names in
+    /// the operation record. Returns them with their sha256s, for the manifest to switch to.
+    fn rewrite_tables(
+        &mut self,
+        children: &[chain::Node],
+        new_parent: Option<&NodeId>,
+    ) -> Result<Vec<(crate::tables::Rewrite, String)>> {
+        let mut planned = Vec::new();
+        for child in children {
+            planned.extend(crate::tables::rewrites_for(self.vm, child, new_parent)?);
+        }
+        if planned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = self
+            .manifest
+            .operations
+            .iter_mut()
+            .find(|o| o.id == self.op_id)
+            .context("the prune's operation record vanished")?;
+        op.files.extend(planned.iter().map(|r| r.new.clone()));
+        self.vm.save(&self.manifest, self.guard)?;
+        let mut written = Vec::new();
+        for r in planned {
+            let sha = crate::tables::write_rewrite(self.vm, &self.manifest, &r, new_parent)?;
+            written.push((r, sha));
+        }
+        crashpoint("prune-tables-rewritten");
+        Ok(written)
     }
 
     /// Records `files` (of node `id`, which has just left the manifest) in the operation record in the same

@@ -206,7 +206,7 @@ async fn check_disk(
         ..
     } = at;
     let id = &node.id;
-    let expected = crate::tables::load_table_of(vm, node, disk)?;
+    let (expected, _) = crate::tables::load_table_of(vm, manifest, node, disk)?;
     let block_size = expected.block_size();
     let file = node
         .disks

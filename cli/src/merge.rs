@@ -2,7 +2,9 @@
 //! qemu-storage-daemon from the manifest (as restore does) and copied by a `blockdev-backup` job into a
 //! temporary qcow2 in the node's directory; the copy is read back on its own and compared with the node's
 //! checking table, synced, and renamed over the node's file. The node then has no parent and is a full; its
-//! descendants read the same data at the same path, and its old ancestors stay as they are.
+//! descendants read the same data at the same path, and its old ancestors stay as they are. A node whose
+//! checking table is a difference against its parent's gets it written whole (the same content id, so its
+//! children's differences still fit), under a new name the manifest switches to.
 //!
 //! The copy is written with the parent's chain as its backing in QEMU, so every cluster the guest reads as zero
 //! is recorded as a zero cluster rather than left unallocated: the new file reads the same with or without a

@@ -1,7 +1,9 @@
 //! `prune`: thin a VM's backup tree out by a retention policy ([`chain::retention`]). Leaves that go are
 //! deleted; an interior node that goes is first absorbed by each of its children: `qemu-img rebase` in safe mode
 //! copies into the child whatever differs between the node's chain and its parent's, so the child reads exactly
-//! as before and its checking table stays valid. Nodes go one at a time, bottom-up.
+//! as before and its checking table keeps its content; a child's table that is a difference against the node's
+//! is written anew against the node's parent (or whole) before the node leaves. Nodes go one at a time,
+//! bottom-up.
 //!
 //! Prune never needs QEMU running: the VM's dirty bitmaps count from the current node, which is always kept.
 //! Before any file changes, an operation record (kind `prune`) lists the plan. Every step leaves a tree that
@@ -414,6 +416,12 @@ impl Run<'_> {
                 });
             }
         }
+        // The children's difference tables name this node's table as their base: each is written anew, as a
+        // difference against the node's parent or whole, before the node leaves. The new files enter the record
+        // first (a run killed before the switch leaves them to be deleted; that manifest write happens before
+        // the children's new backing files are noted, which only the write that removes the node may say), the
+        // switch happens in the write that removes the node, and the old files are deleted with the node's.
+        let rewrites = self.rewrite_tables(&children, node.parent.as_ref())?;
         for a in absorbed {
             let predecessor = match &a.backing {
                 Some(b) => Some(self.vm.resolve(b)?.display().to_string()),
@@ -428,11 +436,6 @@ impl Run<'_> {
             disk.allocated_bytes = a.allocated;
             disk.location.predecessor = predecessor;
         }
-        // The children's difference tables name this node's table as their base: each is written anew, as a
-        // difference against the node's parent or whole, before the node leaves. The new files enter the record
-        // first (a run killed before the switch leaves them to be deleted), the switch happens in the same
-        // manifest write that removes the node, and the old files are deleted with the node's.
-        let rewrites = self.rewrite_tables(&children, node.parent.as_ref())?;
         let mut files = node_files(self.vm, id)?;
         crate::tables::switch_rewrites(&mut self.manifest, &rewrites)?;
         for (r, _) in &rewrites {

@@ -275,7 +275,12 @@ pub fn load_table_file(vm: &VmStore, n: &chain::Node, disk: &str) -> Result<(Tab
 /// ([`chain::Error::TableBaseMismatch`]), and the result against the content id the node's own file records:
 /// a table that does not fit is an error, never a silently wrong table. The files are read once each and the
 /// table stays sparse.
-pub fn load_table_of(vm: &VmStore, manifest: &Manifest, n: &chain::Node, disk: &str) -> Result<(Table, Digest)> {
+pub fn load_table_of(
+    vm: &VmStore,
+    manifest: &Manifest,
+    n: &chain::Node,
+    disk: &str,
+) -> Result<(Table, Digest)> {
     let (file, path) = load_table_file(vm, n, disk)?;
     let want = *file.id();
     let mut diffs: Vec<(TableDiff, PathBuf)> = Vec::new();
@@ -302,7 +307,10 @@ pub fn load_table_of(vm: &VmStore, manifest: &Manifest, n: &chain::Node, disk: &
                     let (_, path) = diffs.pop().context("no difference to apply")?;
                     return Err(chain::Error::TableBaseMissing {
                         path,
-                        why: format!("the parent node {} has no checking table for disk {disk}", parent.id),
+                        why: format!(
+                            "the parent node {} has no checking table for disk {disk}",
+                            parent.id
+                        ),
                     }
                     .into());
                 }

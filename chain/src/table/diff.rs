@@ -9,8 +9,7 @@ use std::path::Path;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    Digest, FLAG_KEYED, HEADER_LEN, HashingWriter, MAGIC, Table, VERSION_DIFF, check_sha256,
-    read_table_file,
+    Digest, FLAG_KEYED, HEADER_LEN, HashingWriter, MAGIC, Table, VERSION_DIFF, check_sha256, read_table_file,
 };
 use crate::error::{Error, Result};
 use crate::fsio;
@@ -38,7 +37,10 @@ pub struct TableDiff {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TableFile {
     /// A whole table and its content id.
-    Whole { table: Table, id: Digest },
+    Whole {
+        table: Table,
+        id: Digest,
+    },
     Diff(TableDiff),
 }
 
@@ -236,7 +238,9 @@ pub(super) fn decode(
             return Err(format!("it names block {index} of a disk of {count} blocks"));
         }
         if changes.last().is_some_and(|(last, _)| *last >= index) {
-            return Err(format!("its block indices are not strictly increasing (at block {index})"));
+            return Err(format!(
+                "its block indices are not strictly increasing (at block {index})"
+            ));
         }
         let mut digest = [0u8; 32];
         digest.copy_from_slice(&entry[8..]);
@@ -308,7 +312,8 @@ mod tests {
             panic!("not a difference")
         };
         assert_eq!(diff.id(), &child.content_id());
-        let TableFile::Whole { table, id } = TableFile::load_verified(&parent_path, &parent_sha).unwrap() else {
+        let TableFile::Whole { table, id } = TableFile::load_verified(&parent_path, &parent_sha).unwrap()
+        else {
             panic!("not whole")
         };
         let mut derived = table;
@@ -324,7 +329,10 @@ mod tests {
     fn a_difference_refuses_a_base_that_is_not_its_own() {
         let parent = base();
         let child = Table::derive(&parent, &[(3, [4; 32])]).unwrap();
-        let diff = child.diff_against(&parent, &parent.content_id()).unwrap().unwrap();
+        let diff = child
+            .diff_against(&parent, &parent.content_id())
+            .unwrap()
+            .unwrap();
         let mut other = Table::derive(&parent, &[(4, [4; 32])]).unwrap();
         let id = other.content_id();
         let err = other.apply_diff(&id, &diff, Path::new("x.table")).unwrap_err();
@@ -332,7 +340,12 @@ mod tests {
         assert!(err.to_string().contains("x.table"), "{err}");
         // another shape is never a difference
         let grown = Table::zeroed(BS, 1000 * BS).unwrap();
-        assert!(grown.diff_against(&parent, &parent.content_id()).unwrap().is_none());
+        assert!(
+            grown
+                .diff_against(&parent, &parent.content_id())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]
@@ -342,7 +355,9 @@ mod tests {
         let diff = child.diff_against(&dense, &dense.content_id()).unwrap().unwrap();
         assert_eq!(diff.len(), 1);
         let mut derived = dense.clone();
-        derived.apply_diff(&dense.content_id(), &diff, Path::new("k")).unwrap();
+        derived
+            .apply_diff(&dense.content_id(), &diff, Path::new("k"))
+            .unwrap();
         assert_eq!(derived, child);
         assert!(derived.is_keyed());
     }
@@ -361,7 +376,10 @@ mod tests {
     fn corrupt_differences_are_refused_before_they_size_anything() {
         let parent = base();
         let child = Table::derive(&parent, &[(3, [4; 32]), (9, [5; 32])]).unwrap();
-        let diff = child.diff_against(&parent, &parent.content_id()).unwrap().unwrap();
+        let diff = child
+            .diff_against(&parent, &parent.content_id())
+            .unwrap()
+            .unwrap();
         let mut good = Vec::new();
         diff.encode(parent.len(), &mut good).unwrap();
         let n_at = HEADER_LEN + 64;

@@ -578,15 +578,7 @@ impl Table {
                 "it says {count} blocks, but {virtual_size} bytes in blocks of {block_size} make {expected_count}"
             ));
         }
-        let whole = |table: Table, canonical: bool| {
-            (
-                TableFile::Whole {
-                    table,
-                    id: [0; 32],
-                },
-                canonical,
-            )
-        };
+        let whole = |table: Table, canonical: bool| (TableFile::Whole { table, id: [0; 32] }, canonical);
         if version == VERSION_DIFF {
             let diff = diff::decode(block_size, virtual_size, count, keyed, &bytes[HEADER_LEN..])?;
             return Ok((TableFile::Diff(diff), false));
@@ -692,7 +684,8 @@ fn bitmap_len(count: u64) -> usize {
 
 /// The largest table file there can be (a difference naming every block: larger than version 2 with every
 /// block stored).
-pub const MAX_FILE_LEN: u64 = HEADER_LEN as u64 + diff::DIFF_HEADER_LEN as u64 + MAX_BLOCKS * diff::ENTRY_LEN as u64;
+pub const MAX_FILE_LEN: u64 =
+    HEADER_LEN as u64 + diff::DIFF_HEADER_LEN as u64 + MAX_BLOCKS * diff::ENTRY_LEN as u64;
 
 /// A table file's bytes, its length checked before anything is read: a file longer than any table is
 /// [`Error::TableCorrupt`] without being read.

@@ -490,14 +490,13 @@ impl Run<'_> {
         // QEMU wrote them with `cache.no-flush` (see [`jobs`]): until this is done they may be only in memory.
         let sync = tokio::task::spawn_blocking(move || chain::store::sync_files(&files));
         // The parent's tables: what the new ones are built on and stored as differences against.
-        let (tables, bases) = match &copied.tables {
+        let (tables, bases) = if let Some(tables) = &copied.tables {
             // A checksum-diff built its tables against them already; one that cannot be read again (it just
             // was) only costs the difference: the table is stored whole.
-            Some(tables) => (tables.clone(), self.base_tables().unwrap_or_default()),
-            None => {
-                let bases = self.base_tables()?;
-                (self.build_tables(&bases).await?, bases)
-            }
+            (tables.clone(), self.base_tables().unwrap_or_default())
+        } else {
+            let bases = self.base_tables()?;
+            (self.build_tables(&bases).await?, bases)
         };
         let tables_secs = started.elapsed().as_secs_f64();
         sync.await.context("fsync task panicked")??;
@@ -552,7 +551,10 @@ impl Run<'_> {
 
     /// Builds each disk's checking table ([`crate::tables::build`]): derived from the parent's table for an
     /// incremental or differential, whole for a full.
-    async fn build_tables(&self, bases: &[Option<(chain::Table, chain::Digest)>]) -> Result<Vec<chain::Table>> {
+    async fn build_tables(
+        &self,
+        bases: &[Option<(chain::Table, chain::Digest)>],
+    ) -> Result<Vec<chain::Table>> {
         self.progress.phase("building checking tables");
         let mut tables = Vec::new();
         for (i, t) in self.targets.iter().enumerate() {

@@ -482,6 +482,8 @@ impl Run<'_> {
         let mut written = Vec::new();
         for r in planned {
             let sha = crate::tables::write_rewrite(self.vm, &self.manifest, &r, new_parent)?;
+            // The old file goes with the node's (counted as removed); the new one stays.
+            self.added_bytes += crate::nodes::allocated_bytes(&self.vm.resolve(&r.new)?)?;
             written.push((r, sha));
         }
         crashpoint("prune-tables-rewritten");

@@ -281,6 +281,27 @@ pub fn load_table_of(
     n: &chain::Node,
     disk: &str,
 ) -> Result<(Table, Digest)> {
+    load_table_above(vm, manifest, n, disk, None)
+}
+
+/// A node's full table already derived: where [`load_table_above`] may start instead of the nearest whole
+/// table.
+pub struct Known<'a> {
+    pub node: &'a NodeId,
+    pub table: &'a Table,
+    pub id: &'a Digest,
+}
+
+/// [`load_table_of`], starting from `known` when the walk down the recovery chain meets its node: a caller
+/// that loads the tables of a chain's nodes in order (verify) applies one difference per node instead of
+/// re-deriving each from the full. The same checks hold: the difference's base must be `known`'s content id.
+pub fn load_table_above(
+    vm: &VmStore,
+    manifest: &Manifest,
+    n: &chain::Node,
+    disk: &str,
+    known: Option<Known<'_>>,
+) -> Result<(Table, Digest)> {
     let (file, path) = load_table_file(vm, n, disk)?;
     let want = *file.id();
     let mut diffs: Vec<(TableDiff, PathBuf)> = Vec::new();
@@ -303,6 +324,9 @@ pub fn load_table_of(
                     .disks
                     .iter()
                     .any(|d| d.disk == disk && d.table.is_some() && d.table_sha256.is_some());
+                if let Some(k) = known.as_ref().filter(|k| *k.node == parent.id) {
+                    break (k.table.clone(), *k.id);
+                }
                 if !has_table {
                     let (_, path) = diffs.pop().context("no difference to apply")?;
                     return Err(chain::Error::TableBaseMissing {

@@ -286,6 +286,7 @@ pub fn load_table_of(
 
 /// A node's full table already derived: where [`load_table_above`] may start instead of the nearest whole
 /// table.
+#[derive(Clone, Copy)]
 pub struct Known<'a> {
     pub node: &'a NodeId,
     pub table: &'a Table,
@@ -324,7 +325,7 @@ pub fn load_table_above(
                     .disks
                     .iter()
                     .any(|d| d.disk == disk && d.table.is_some() && d.table_sha256.is_some());
-                if let Some(k) = known.as_ref().filter(|k| *k.node == parent.id) {
+                if let Some(k) = known.filter(|k| *k.node == parent.id) {
                     break (k.table.clone(), *k.id);
                 }
                 if !has_table {

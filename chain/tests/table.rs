@@ -430,5 +430,9 @@ proptest! {
 }
 
 fn hex_of(d: &table::Digest) -> String {
-    d.iter().map(|b| format!("{b:02x}")).collect()
+    use std::fmt::Write as _;
+    d.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }

@@ -1,7 +1,10 @@
 //! Building a backup node's checking tables by reading its disk images through QEMU: the node's recovery chain
 //! is opened in a qemu-storage-daemon and read over NBD, holes skipped by block status. A full node is hashed
 //! whole; an incremental node rehashes only the blocks its own layer changed (found with `qemu-img map` on the
-//! layer opened without its backing) and takes every other check value from its parent's table.
+//! layer opened without its backing) and takes every other check value from its parent's table; it is stored as
+//! a difference against that table. Loading a node's full table ([`load_table_of`], the one place that does)
+//! derives it along the recovery chain, and prune and merge rewrite a table whose base goes away
+//! ([`rewrites_for`], [`write_rewrite`]).
 
 use std::io;
 use std::path::{Path, PathBuf};

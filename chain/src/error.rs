@@ -205,6 +205,26 @@ pub enum Error {
         expected: String,
         actual: String,
     },
+    /// A difference table applied to a table that is not the one it was written against (its recorded base
+    /// content id differs), or whose result is not the table it records: never a silently wrong table.
+    #[error(
+        "checking table {} is a difference against a table with content id {expected}, but the table below it \
+         in the node's recovery chain has {actual}; the repository's tables do not fit together (a table was \
+         replaced or the tree was changed by hand)",
+        path.display()
+    )]
+    TableBaseMismatch {
+        path: PathBuf,
+        expected: String,
+        actual: String,
+    },
+    /// A difference table with nothing below it to apply it to.
+    #[error(
+        "checking table {} is a difference against its parent node's table, but {why}; the node's full table \
+         cannot be derived",
+        path.display()
+    )]
+    TableBaseMissing { path: PathBuf, why: String },
     #[error(
         "checking tables do not cover the same disk: block size {} vs {}, virtual size {} vs {}; a resized disk \
          needs a new full backup",
@@ -382,6 +402,8 @@ impl Error {
             | Error::LockFileNotRegular { .. }
             | Error::TableCorrupt { .. }
             | Error::TableChecksumMismatch { .. }
+            | Error::TableBaseMismatch { .. }
+            | Error::TableBaseMissing { .. }
             | Error::DiskTooLarge { .. } => K::Invalid,
             Error::WrongKey | Error::KeyMissing | Error::EncryptionUnsupported { .. } => K::Key,
             Error::VmNotFound { .. } | Error::InvalidName { .. } => K::Usage,

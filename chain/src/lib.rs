@@ -13,7 +13,9 @@
 //!     lock.holder.json          who holds the exclusive lock: pid, command, host, since (may be stale)
 //!     NODE/                     one directory per backup node, named by its id ("0001" …)
 //!       DISK.qcow2              the node's data for disk DISK (its qdev id)
-//!       DISK.table              the checking table of DISK at this node
+//!       DISK.table              the checking table of DISK at this node (whole, or a difference against
+//!                               the parent node's; prune and merge may rewrite it as DISK.table-on-NODE
+//!                               or DISK.table-whole: the manifest names the file)
 //! ```
 //!
 //! Every path inside a manifest is relative to the VM directory ([`RelPath`]), so a repository can be moved
@@ -74,7 +76,7 @@ pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};
 pub use retention::{Action, Decision, Plan, Policy, Why};
 pub use table::{
-    BlockSource, BlockVisitor, Digest, Extent, ExtentKind, FileSource, MemSource, Piece, Table,
-    VISIT_RUN_BYTES, Visited,
+    BlockSource, BlockVisitor, Digest, Extent, ExtentKind, FileSource, MemSource, Piece, Table, TableDiff,
+    TableFile, VISIT_RUN_BYTES, Visited, is_difference_file,
 };
 pub use tree::Tree;

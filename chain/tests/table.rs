@@ -10,7 +10,7 @@ use std::io;
 use std::os::unix::fs::FileExt;
 
 use chain::table::{self, digest_of};
-use chain::{BlockSource, Error, Extent, ExtentKind, FileSource, MemSource, Table};
+use chain::{BlockSource, Error, Extent, ExtentKind, FileSource, MemSource, Table, TableFile};
 use common::Rng;
 use proptest::prelude::*;
 
@@ -391,7 +391,48 @@ proptest! {
         prop_assert_eq!(Table::from_digests(BS, size, child_model).unwrap(), b.clone());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.table");
-        b.save(&path).unwrap();
-        prop_assert_eq!(Table::load(&path).unwrap(), b);
+        let sha = b.save(&path).unwrap();
+        prop_assert_eq!(Table::load(&path).unwrap(), b.clone());
+        // The content id is the sha256 of the whole file; a difference against `a` derives `b` from it.
+        prop_assert_eq!(hex_of(&b.content_id()), sha);
+        let diff_path = dir.path().join("d.table");
+        let diff_sha = b.save_against(Some((&a, &a.content_id())), &diff_path).unwrap();
+        prop_assert_eq!(
+            std::fs::metadata(&diff_path).unwrap().len(),
+            table::diff_file_len(Table::diff(&a, &b).unwrap().len() as u64)
+        );
+        let TableFile::Diff(diff) = TableFile::load_verified(&diff_path, &diff_sha).unwrap() else {
+            panic!("not a difference");
+        };
+        let mut derived = a.clone();
+        derived.apply_diff(&a.content_id(), &diff, &diff_path).unwrap();
+        prop_assert_eq!(&derived, &b);
+        prop_assert_eq!(diff.id(), &b.content_id());
+        // Mutated, a difference file is refused (corrupt, or not the base), or derives `b`, or a table whose
+        // content id is not the one it records; it never panics.
+        let mut bytes = std::fs::read(&diff_path).unwrap();
+        let at = (blocks as usize * 7 + tail as usize) % bytes.len();
+        bytes[at] ^= 0x5a;
+        std::fs::write(&diff_path, &bytes).unwrap();
+        let sha = table::sha256_file(&diff_path).unwrap();
+        match TableFile::load_verified(&diff_path, &sha) {
+            Ok(TableFile::Diff(diff)) => {
+                let mut derived = a.clone();
+                // What derives to the content id it records is `b`; anything else is refused by that id.
+                if derived.apply_diff(&a.content_id(), &diff, &diff_path).is_ok() && derived.content_id() == *diff.id() {
+                    prop_assert_eq!(&derived, &b);
+                }
+            }
+            Ok(TableFile::Whole { .. }) => {}
+            Err(e) => prop_assert!(matches!(e, Error::TableCorrupt { .. }), "{:?}", e),
+        }
     }
+}
+
+fn hex_of(d: &table::Digest) -> String {
+    use std::fmt::Write as _;
+    d.iter().fold(String::new(), |mut out, b| {
+        let _ = write!(out, "{b:02x}");
+        out
+    })
 }

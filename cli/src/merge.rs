@@ -2,7 +2,9 @@
 //! qemu-storage-daemon from the manifest (as restore does) and copied by a `blockdev-backup` job into a
 //! temporary qcow2 in the node's directory; the copy is read back on its own and compared with the node's
 //! checking table, synced, and renamed over the node's file. The node then has no parent and is a full; its
-//! descendants read the same data at the same path, and its old ancestors stay as they are.
+//! descendants read the same data at the same path, and its old ancestors stay as they are. A node whose
+//! checking table is a difference against its parent's gets it written whole (the same content id, so its
+//! children's differences still fit), under a new name the manifest switches to.
 //!
 //! The copy is written with the parent's chain as its backing in QEMU, so every cluster the guest reads as zero
 //! is recorded as a zero cluster rather than left unallocated: the new file reads the same with or without a
@@ -118,6 +120,14 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
     let mut op = Operation::new(payload, Some(node.id.clone()), chrono::Utc::now());
     op.id = format!("merge-{}-{}", node.id, op.id);
     op.files.clone_from(&temps);
+    // A full's tables are whole: the node's difference tables are written anew, whole (the same content, so
+    // its children's differences still fit). Both names are in the record: the new files until the manifest
+    // names them, the old ones once it no longer does.
+    let rewrites = crate::tables::rewrites_for(&vm, &node, None)?;
+    for r in &rewrites {
+        op.files.push(r.new.clone());
+        op.files.push(r.old.clone());
+    }
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;
 
@@ -176,7 +186,13 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
         });
         report.added_bytes += i64::try_from(after).unwrap_or(i64::MAX) - i64::try_from(before).unwrap_or(0);
     }
+    let mut written = Vec::new();
+    for r in rewrites {
+        let sha = crate::tables::write_rewrite(&vm, &manifest, &r, None)?;
+        written.push((r, sha));
+    }
     chain::store::sync_dir(&vm.node_dir(&node.id))?;
+    crashpoint("merge-tables-rewritten");
 
     let was = node.kind;
     let updated = manifest
@@ -193,6 +209,20 @@ pub async fn merge(opts: &MergeOptions, progress: &dyn Progress) -> Result<Merge
         disk.location.predecessor = None;
     }
     manifest.reparent(&node.id, None)?;
+    crate::tables::switch_rewrites(&mut manifest, &written)?;
+    if written.is_empty() {
+        manifest.remove_operation(&op.id);
+        vm.save(&manifest, &guard)?;
+        return Ok(report);
+    }
+    // The old tables leave with the record: deleted once no node names them, as the next prune, merge or
+    // cleanup would.
+    vm.save(&manifest, &guard)?;
+    crashpoint("merge-tables-switched");
+    for (r, _) in &written {
+        let old = vm.resolve(&r.old)?;
+        std::fs::remove_file(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
     manifest.remove_operation(&op.id);
     vm.save(&manifest, &guard)?;
     Ok(report)

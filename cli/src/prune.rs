@@ -1,7 +1,9 @@
 //! `prune`: thin a VM's backup tree out by a retention policy ([`chain::retention`]). Leaves that go are
 //! deleted; an interior node that goes is first absorbed by each of its children: `qemu-img rebase` in safe mode
 //! copies into the child whatever differs between the node's chain and its parent's, so the child reads exactly
-//! as before and its checking table stays valid. Nodes go one at a time, bottom-up.
+//! as before and its checking table keeps its content; a child's table that is a difference against the node's
+//! is written anew against the node's parent (or whole) before the node leaves. Nodes go one at a time,
+//! bottom-up.
 //!
 //! Prune never needs QEMU running: the VM's dirty bitmaps count from the current node, which is always kept.
 //! Before any file changes, an operation record (kind `prune`) lists the plan. Every step leaves a tree that
@@ -414,6 +416,12 @@ impl Run<'_> {
                 });
             }
         }
+        // The children's difference tables name this node's table as their base: each is written anew, as a
+        // difference against the node's parent or whole, before the node leaves. The new files enter the record
+        // first (a run killed before the switch leaves them to be deleted; that manifest write happens before
+        // the children's new backing files are noted, which only the write that removes the node may say), the
+        // switch happens in the write that removes the node, and the old files are deleted with the node's.
+        let rewrites = self.rewrite_tables(&children, node.parent.as_ref())?;
         for a in absorbed {
             let predecessor = match &a.backing {
                 Some(b) => Some(self.vm.resolve(b)?.display().to_string()),
@@ -428,7 +436,11 @@ impl Run<'_> {
             disk.allocated_bytes = a.allocated;
             disk.location.predecessor = predecessor;
         }
-        let files = node_files(self.vm, id)?;
+        let mut files = node_files(self.vm, id)?;
+        crate::tables::switch_rewrites(&mut self.manifest, &rewrites)?;
+        for (r, _) in &rewrites {
+            files.push((Some(r.old.clone()), self.vm.resolve(&r.old)?));
+        }
         self.manifest.remove_node_reparent(id)?;
         for child in &children {
             if let Some(c) = self.manifest.node_mut(&child.id) {
@@ -442,6 +454,40 @@ impl Run<'_> {
             }
         }
         self.drop_files(id, &files)
+    }
+
+    /// Writes the tables of `children` that are differences against their parent's (the node about to go)
+    /// anew, against `new_parent` or whole ([`crate::tables::write_rewrite`]), after recording their names in
+    /// the operation record. Returns them with their sha256s, for the manifest to switch to.
+    fn rewrite_tables(
+        &mut self,
+        children: &[chain::Node],
+        new_parent: Option<&NodeId>,
+    ) -> Result<Vec<(crate::tables::Rewrite, String)>> {
+        let mut planned = Vec::new();
+        for child in children {
+            planned.extend(crate::tables::rewrites_for(self.vm, child, new_parent)?);
+        }
+        if planned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let op = self
+            .manifest
+            .operations
+            .iter_mut()
+            .find(|o| o.id == self.op_id)
+            .context("the prune's operation record vanished")?;
+        op.files.extend(planned.iter().map(|r| r.new.clone()));
+        self.vm.save(&self.manifest, self.guard)?;
+        let mut written = Vec::new();
+        for r in planned {
+            let sha = crate::tables::write_rewrite(self.vm, &self.manifest, &r, new_parent)?;
+            // The old file goes with the node's (counted as removed); the new one stays.
+            self.added_bytes += crate::nodes::allocated_bytes(&self.vm.resolve(&r.new)?)?;
+            written.push((r, sha));
+        }
+        crashpoint("prune-tables-rewritten");
+        Ok(written)
     }
 
     /// Records `files` (of node `id`, which has just left the manifest) in the operation record in the same

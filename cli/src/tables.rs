@@ -1,15 +1,18 @@
 //! Building a backup node's checking tables by reading its disk images through QEMU: the node's recovery chain
 //! is opened in a qemu-storage-daemon and read over NBD, holes skipped by block status. A full node is hashed
 //! whole; an incremental node rehashes only the blocks its own layer changed (found with `qemu-img map` on the
-//! layer opened without its backing) and takes every other check value from its parent's table.
+//! layer opened without its backing) and takes every other check value from its parent's table; it is stored as
+//! a difference against that table. Loading a node's full table ([`load_table_of`], the one place that does)
+//! derives it along the recovery chain, and prune and merge rewrite a table whose base goes away
+//! ([`rewrites_for`], [`write_rewrite`]).
 
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 
 use anyhow::{Context, Result, bail};
 
-use chain::{Manifest, NodeId, Table, VmStore};
+use chain::{Digest, Manifest, NodeId, RelPath, Table, TableDiff, TableFile, VmStore};
 
 use crate::daemon::StorageDaemon;
 use crate::direct::DirectSource;
@@ -233,14 +236,25 @@ async fn hash_node<S: chain::BlockSource + Send + 'static>(
 
 /// Loads and verifies a node's checking table for one disk.
 pub fn load_node_table(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str) -> Result<chain::Table> {
+    Ok(load_node_table_with_id(vm, manifest, node, disk)?.0)
+}
+
+/// [`load_node_table`] and the table's content id ([`Table::content_id`]), which a child's difference table
+/// names as its base.
+pub fn load_node_table_with_id(
+    vm: &VmStore,
+    manifest: &Manifest,
+    node: &NodeId,
+    disk: &str,
+) -> Result<(chain::Table, Digest)> {
     let n = manifest
         .node(node)
         .with_context(|| format!("node {node} is not in the manifest"))?;
-    load_table_of(vm, n, disk)
+    load_table_of(vm, manifest, n, disk)
 }
 
-/// [`load_node_table`] for a node already found.
-pub fn load_table_of(vm: &VmStore, n: &chain::Node, disk: &str) -> Result<chain::Table> {
+/// A node's disk's table file as the manifest names it, checked against its sha256: whole or a difference.
+pub fn load_table_file(vm: &VmStore, n: &chain::Node, disk: &str) -> Result<(TableFile, PathBuf)> {
     let node = &n.id;
     let d = n
         .disks
@@ -254,8 +268,205 @@ pub fn load_table_of(vm: &VmStore, n: &chain::Node, disk: &str) -> Result<chain:
         ));
     };
     let path = vm.resolve(table)?;
-    chain::Table::verify_file(&path, sha)?;
-    Ok(chain::Table::load(&path)?)
+    Ok((TableFile::load_verified(&path, sha)?, path))
+}
+
+/// The full checking table of node `n`'s disk `disk`, and its content id: the ONE place a node's table is
+/// loaded. A whole table is read as it is; a difference table is applied to its parent's table, derived the
+/// same way, down the recovery chain to the nearest whole table. Each file is checked against the sha256 in
+/// the manifest, each difference against the content id of the table it is applied to
+/// ([`chain::Error::TableBaseMismatch`]), and the result against the content id the node's own file records:
+/// a table that does not fit is an error, never a silently wrong table. The files are read once each and the
+/// table stays sparse.
+pub fn load_table_of(
+    vm: &VmStore,
+    manifest: &Manifest,
+    n: &chain::Node,
+    disk: &str,
+) -> Result<(Table, Digest)> {
+    load_table_above(vm, manifest, n, disk, None)
+}
+
+/// A node's full table already derived: where [`load_table_above`] may start instead of the nearest whole
+/// table.
+#[derive(Clone, Copy)]
+pub struct Known<'a> {
+    pub node: &'a NodeId,
+    pub table: &'a Table,
+    pub id: &'a Digest,
+}
+
+/// [`load_table_of`], starting from `known` when the walk down the recovery chain meets its node: a caller
+/// that loads the tables of a chain's nodes in order (verify) applies one difference per node instead of
+/// re-deriving each from the full. The same checks hold: the difference's base must be `known`'s content id.
+pub fn load_table_above(
+    vm: &VmStore,
+    manifest: &Manifest,
+    n: &chain::Node,
+    disk: &str,
+    known: Option<Known<'_>>,
+) -> Result<(Table, Digest)> {
+    let (file, path) = load_table_file(vm, n, disk)?;
+    let want = *file.id();
+    let mut diffs: Vec<(TableDiff, PathBuf)> = Vec::new();
+    let mut below = manifest.recovery_chain(&n.id)?;
+    below.pop(); // n itself
+    let (mut table, mut id) = match file {
+        TableFile::Whole { table, id } => return Ok((table, id)),
+        TableFile::Diff(diff) => {
+            diffs.push((diff, path));
+            loop {
+                let Some(parent) = below.pop() else {
+                    let (_, path) = diffs.pop().context("no difference to apply")?;
+                    return Err(chain::Error::TableBaseMissing {
+                        path,
+                        why: "its node has no parent in the tree".to_owned(),
+                    }
+                    .into());
+                };
+                let has_table = parent
+                    .disks
+                    .iter()
+                    .any(|d| d.disk == disk && d.table.is_some() && d.table_sha256.is_some());
+                if let Some(k) = known.filter(|k| *k.node == parent.id) {
+                    break (k.table.clone(), *k.id);
+                }
+                if !has_table {
+                    let (_, path) = diffs.pop().context("no difference to apply")?;
+                    return Err(chain::Error::TableBaseMissing {
+                        path,
+                        why: format!(
+                            "the parent node {} has no checking table for disk {disk}",
+                            parent.id
+                        ),
+                    }
+                    .into());
+                }
+                match load_table_file(vm, parent, disk)? {
+                    (TableFile::Whole { table, id }, _) => break (table, id),
+                    (TableFile::Diff(diff), path) => diffs.push((diff, path)),
+                }
+            }
+        }
+    };
+    // Oldest first: each applied to the table below it.
+    while let Some((diff, path)) = diffs.pop() {
+        table.apply_diff(&id, &diff, &path)?;
+        id = *diff.id();
+    }
+    let actual = table.content_id();
+    if actual != want || id != want {
+        return Err(chain::Error::TableBaseMismatch {
+            path: vm.resolve(
+                n.disks
+                    .iter()
+                    .find(|d| d.disk == disk)
+                    .and_then(|d| d.table.as_ref())
+                    .context("the node's table vanished")?,
+            )?,
+            expected: hex::encode(want),
+            actual: format!("{} once derived", hex::encode(actual)),
+        }
+        .into());
+    }
+    Ok((table, want))
+}
+
+/// A node's table file written anew because the table it is a difference against is going away (prune merges
+/// the node's parent into it, merge makes the node a full): the same content (the same content id, so the
+/// tables that name it as their base stay valid), under a new name, as a difference against the node's new
+/// parent or whole.
+#[derive(Debug, Clone)]
+pub struct Rewrite {
+    pub node: NodeId,
+    pub disk: String,
+    /// The file the manifest names now.
+    pub old: RelPath,
+    /// The file it will name.
+    pub new: RelPath,
+}
+
+/// The table files of `node` that must be rewritten before its parent changes to `new_parent` (`None`: it
+/// becomes a root): those that are differences. Only headers are read. The new names say what they are
+/// relative to (`DISK.table-on-NODE`, `DISK.table-whole`), so they never collide with the old ones.
+pub fn rewrites_for(vm: &VmStore, node: &chain::Node, new_parent: Option<&NodeId>) -> Result<Vec<Rewrite>> {
+    let mut out = Vec::new();
+    for d in &node.disks {
+        let Some(old) = &d.table else { continue };
+        if !chain::is_difference_file(&vm.resolve(old)?)? {
+            continue;
+        }
+        let stem = match new_parent {
+            Some(p) => format!("{}/{}.table-on-{p}", node.id, d.disk),
+            None => format!("{}/{}.table-whole", node.id, d.disk),
+        };
+        let mut new: RelPath = stem.parse()?;
+        let mut n = 1;
+        while new == *old {
+            new = format!("{stem}.{n}").parse()?;
+            n += 1;
+        }
+        out.push(Rewrite {
+            node: node.id.clone(),
+            disk: d.disk.clone(),
+            old: old.clone(),
+            new,
+        });
+    }
+    Ok(out)
+}
+
+/// Writes `rewrite.new`: the node's full table, derived in `manifest` as it is now (the old base still in
+/// it), as a difference against `new_parent`'s table for the disk (when it has one of the same shape) or
+/// whole. Returns the file's sha256 for the manifest. The content id is checked to be unchanged.
+pub fn write_rewrite(
+    vm: &VmStore,
+    manifest: &Manifest,
+    rewrite: &Rewrite,
+    new_parent: Option<&NodeId>,
+) -> Result<String> {
+    let (table, id) = load_node_table_with_id(vm, manifest, &rewrite.node, &rewrite.disk)?;
+    let base = match new_parent {
+        Some(p) => {
+            let has_table = manifest
+                .node(p)
+                .and_then(|n| n.disks.iter().find(|d| d.disk == rewrite.disk))
+                .is_some_and(|d| d.table.is_some() && d.table_sha256.is_some());
+            if has_table {
+                Some(load_node_table_with_id(vm, manifest, p, &rewrite.disk)?)
+            } else {
+                None
+            }
+        }
+        None => None,
+    };
+    let path = vm.resolve(&rewrite.new)?;
+    let sha = table.save_against(base.as_ref().map(|(t, i)| (t, i)), &path)?;
+    // What was written reads back as the same content.
+    let check = TableFile::load_verified(&path, &sha)?;
+    if *check.id() != id {
+        bail!(
+            "rewriting the checking table of node {} disk {} changed its content id: {} is not {}",
+            rewrite.node,
+            rewrite.disk,
+            hex::encode(check.id()),
+            hex::encode(id)
+        );
+    }
+    Ok(sha)
+}
+
+/// Makes the manifest name the rewritten tables (in memory; the caller saves).
+pub fn switch_rewrites(manifest: &mut Manifest, rewrites: &[(Rewrite, String)]) -> Result<()> {
+    for (r, sha) in rewrites {
+        let d = manifest
+            .node_mut(&r.node)
+            .and_then(|n| n.disks.iter_mut().find(|d| d.disk == r.disk))
+            .with_context(|| format!("node {} disk {} vanished from the manifest", r.node, r.disk))?;
+        d.table = Some(r.new.clone());
+        d.table_sha256 = Some(sha.clone());
+    }
+    Ok(())
 }
 
 fn disk_index(manifest: &Manifest, node: &NodeId, disk: &str) -> usize {

@@ -3,6 +3,7 @@
 //! qemu-storage-daemon; a bad block is reported with its node, disk and offset, together with the nodes whose
 //! restore it breaks: the damaged node's subtree, found by lid/tid.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
@@ -94,6 +95,7 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     crate::crashpoint::pause_point("verify-reading").await;
     let mut verdicts = Vec::new();
     let mut file_damage = FileDamage::default();
+    let mut last = LastTables::default();
     for (n, id) in ids.iter().enumerate() {
         let node = tree.get(id.as_str()).context("node vanished")?;
         let mut disks = Vec::new();
@@ -108,8 +110,8 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
                     disk: &disk.disk,
                 },
                 node,
-                n,
-                i,
+                (n, i),
+                &mut last,
             )
             .await
             {
@@ -190,13 +192,47 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
     })
 }
 
+/// The table derived last for each disk: nodes are checked in creation order, so a node's parent has usually
+/// just been derived, and its table is one difference away ([`crate::tables::load_table_above`]) instead of a
+/// walk down to the full (which would make verifying a long chain quadratic).
+#[derive(Default)]
+struct LastTables(HashMap<String, (NodeId, chain::Table, chain::Digest)>);
+
+impl LastTables {
+    fn derive(
+        &mut self,
+        vm: &chain::VmStore,
+        manifest: &chain::Manifest,
+        node: &chain::Node,
+        disk: &str,
+    ) -> Result<(chain::Table, chain::Digest)> {
+        let known = self.0.get(disk).map(|(id, table, digest)| crate::tables::Known {
+            node: id,
+            table,
+            id: digest,
+        });
+        let derived = crate::tables::load_table_above(vm, manifest, node, disk, known);
+        match derived {
+            Ok((table, id)) => {
+                self.0
+                    .insert(disk.to_owned(), (node.id.clone(), table.clone(), id));
+                Ok((table, id))
+            }
+            Err(e) => {
+                self.0.remove(disk);
+                Err(e)
+            }
+        }
+    }
+}
+
 /// Checks one disk of one node: returns (blocks checked, bad block indices, block size).
 async fn check_disk(
     daemon: &StorageDaemon,
     at: DiskAt<'_>,
     node: &chain::Node,
-    n: usize,
-    i: usize,
+    (n, i): (usize, usize),
+    last: &mut LastTables,
 ) -> Result<(u64, Vec<u64>, u64)> {
     let DiskAt {
         bins,
@@ -206,7 +242,7 @@ async fn check_disk(
         ..
     } = at;
     let id = &node.id;
-    let expected = crate::tables::load_table_of(vm, node, disk)?;
+    let (expected, _) = last.derive(vm, manifest, node, disk)?;
     let block_size = expected.block_size();
     let file = node
         .disks

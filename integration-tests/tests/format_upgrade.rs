@@ -82,6 +82,15 @@ async fn a_repository_of_format_1_is_read_backed_up_into_and_restored() {
         manifest.node(&"0002".parse().unwrap()).unwrap().state,
         chain::NodeState::Failed
     );
+    // The new node's table is a difference against the format-1 (dense) table of its parent: the one block
+    // that changed.
+    let table = manifest.node(&node.parse().unwrap()).unwrap().disks[0]
+        .table
+        .clone()
+        .unwrap();
+    let bytes = std::fs::read(repo.vm_dir("vm1").join(table.as_path())).unwrap();
+    assert_eq!(bytes[8], 3, "a difference table");
+    assert_eq!(bytes.len() as u64, chain::table::diff_file_len(1));
     let text = std::fs::read_to_string(repo.vm_dir("vm1").join("manifest.json")).unwrap();
     assert!(
         text.contains("\n  \"format_version\": 2,"),

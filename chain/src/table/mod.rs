@@ -10,9 +10,20 @@
 //!   (128 KiB of bitmap per TiB);
 //! - version 1 (keyed tables, and every table an older qmpbak wrote): one 32-byte digest per block. A keyed
 //!   table stays dense: a zero block's keyed digest cannot be told from another's, and leaving zero blocks out
-//!   would show which blocks of an encrypted disk are zeros.
+//!   would show which blocks of an encrypted disk are zeros;
+//! - version 3 (a *difference* table, [`TableDiff`]): the content id of the node's full table and of the table
+//!   it is a difference against (32 bytes each), a u64 number of entries, then per entry a u64 block index
+//!   (strictly increasing, below the block count) and the block's 32-byte digest: only the blocks whose
+//!   digest differs from the base's, a block that became zeros included (keyed or plain alike, so a keyed
+//!   difference shows no more than which blocks changed, which the node's qcow2 shows anyway).
+//!
+//! A table's *content id* ([`Table::content_id`]) is the sha256 of its whole encoding (version 2 for a plain
+//! table, version 1 for a keyed one): the sha256 of the file that a whole table of this content is. A
+//! difference table names its base by content id, not by file, so rewriting a table as whole or against
+//! another base (prune, merge) changes no id and no table that names it.
 
 mod build;
+mod diff;
 mod source;
 
 use std::collections::HashMap;
@@ -24,6 +35,7 @@ use std::sync::{Mutex, OnceLock, PoisonError};
 use sha2::{Digest as _, Sha256};
 
 pub use build::{BlockSource, BlockVisitor, Extent, ExtentKind, Piece, VISIT_RUN_BYTES, Visited};
+pub use diff::{TableDiff, TableFile, diff_file_len, is_difference_file};
 pub use source::{FileSource, MemSource};
 
 use crate::error::{Error, Result};
@@ -38,6 +50,8 @@ pub const MAGIC: &[u8; 8] = b"QBAKTBL1";
 pub const VERSION: u32 = 2;
 /// The dense format: a digest per block (keyed tables; every table before version 2).
 pub const VERSION_DENSE: u32 = 1;
+/// The difference format: the blocks that differ from a base table ([`TableDiff`]).
+pub const VERSION_DIFF: u32 = 3;
 /// Bytes before the first digest.
 pub const HEADER_LEN: usize = 40;
 /// The smallest block size a table may have (the repository's own minimum is larger).
@@ -310,12 +324,20 @@ impl Table {
     /// The table of a child node: the parent's digests with `changed` ones replaced (a later entry for the
     /// same block wins). Linear in the parent's stored blocks plus the changes.
     pub fn derive(parent: &Table, changed: &[(u64, Digest)]) -> Result<Table> {
-        let count = parent.count;
+        let mut child = parent.clone();
+        child.apply(changed)?;
+        Ok(child)
+    }
+
+    /// [`Table::derive`] in place: replaces the `changed` digests (a later entry for the same block wins).
+    pub fn apply(&mut self, changed: &[(u64, Digest)]) -> Result<()> {
+        let count = self.count;
         if let Some(&(index, _)) = changed.iter().find(|(i, _)| *i >= count) {
             return Err(Error::BlockOutOfRange { index, count });
         }
-        let mut child = parent.clone();
-        match &mut child.blocks {
+        let (zero_full, zero_last) = (self.zero_full, self.zero_last);
+        let zero_for = |index: u64| if index + 1 == count { zero_last } else { zero_full };
+        match &mut self.blocks {
             Blocks::Dense(digests) => {
                 for &(index, digest) in changed {
                     // in range: checked above
@@ -342,7 +364,7 @@ impl Table {
                     if old.peek().is_some_and(|(i, _)| *i == index) {
                         old.next();
                     }
-                    if digest != parent.zero_for(index) {
+                    if digest != zero_for(index) {
                         merged.push((index, digest));
                     }
                 }
@@ -350,7 +372,33 @@ impl Table {
                 *stored = merged;
             }
         }
-        Ok(child)
+        Ok(())
+    }
+
+    /// The content id: the sha256 of the table's whole encoding (version 2 plain, version 1 keyed), which is
+    /// the sha256 of the file [`Table::save`] writes for it. A difference table names its base by it.
+    pub fn content_id(&self) -> Digest {
+        let mut hasher = Sha256::new();
+        {
+            let mut sink = io::sink();
+            let mut tee = HashingWriter {
+                inner: &mut sink,
+                hasher: &mut hasher,
+            };
+            let mut buffered = io::BufWriter::with_capacity(1 << 16, &mut tee);
+            // Writing into a sink cannot fail.
+            let _ = self.encode(&mut buffered);
+            let _ = io::Write::flush(&mut buffered);
+        }
+        hasher.finalize().into()
+    }
+
+    /// Whether `other` covers the same disk the same way (block size, virtual size, keyed or not): whether
+    /// one can be a difference against the other.
+    pub fn same_shape(&self, other: &Table) -> bool {
+        self.block_size == other.block_size
+            && self.virtual_size == other.virtual_size
+            && self.keyed == other.keyed
     }
 
     /// The blocks whose digests differ. Tables of different shape (block size or virtual size: a resized
@@ -467,6 +515,19 @@ impl Table {
     }
 
     fn decode(bytes: &[u8]) -> std::result::Result<Table, String> {
+        match Table::decode_any(bytes)? {
+            (TableFile::Whole { table, .. }, _) => Ok(table),
+            (TableFile::Diff(_), _) => Err(format!(
+                "it is a difference table (format version {VERSION_DIFF}): it holds only the blocks that differ \
+                 from its parent node's table and is read through the node's recovery chain"
+            )),
+        }
+    }
+
+    /// Any table file: a whole table (its content id left zero for the caller, who knows the file's sha256)
+    /// or a difference, and whether a whole table is encoded canonically (then its content id is the file's
+    /// sha256).
+    fn decode_any(bytes: &[u8]) -> std::result::Result<(TableFile, bool), String> {
         if bytes.len() < HEADER_LEN {
             return Err(format!(
                 "it is {} bytes long, shorter than the {HEADER_LEN}-byte header",
@@ -486,10 +547,10 @@ impl Table {
             u64::from_le_bytes(b)
         };
         let version = u32_at(8);
-        if version != VERSION && version != VERSION_DENSE {
-            return Err(if version > VERSION {
+        if ![VERSION, VERSION_DENSE, VERSION_DIFF].contains(&version) {
+            return Err(if version > VERSION_DIFF {
                 format!(
-                    "format version {version}, written by a newer qmpbak (this one reads up to {VERSION})"
+                    "format version {version}, written by a newer qmpbak (this one reads up to {VERSION_DIFF})"
                 )
             } else {
                 format!("unknown format version {version}")
@@ -500,7 +561,7 @@ impl Table {
             return Err(format!("unknown flags {flags:#x}"));
         }
         let keyed = flags & FLAG_KEYED != 0;
-        if keyed && version != VERSION_DENSE {
+        if keyed && version == VERSION {
             return Err(format!(
                 "a keyed table in format version {version}: keyed tables are only written dense (version {VERSION_DENSE})"
             ));
@@ -517,8 +578,15 @@ impl Table {
                 "it says {count} blocks, but {virtual_size} bytes in blocks of {block_size} make {expected_count}"
             ));
         }
+        let whole = |table: Table, canonical: bool| (TableFile::Whole { table, id: [0; 32] }, canonical);
+        if version == VERSION_DIFF {
+            let diff = diff::decode(block_size, virtual_size, count, keyed, &bytes[HEADER_LEN..])?;
+            return Ok((TableFile::Diff(diff), false));
+        }
         if version == VERSION {
-            return Table::decode_sparse(block_size, virtual_size, count, &bytes[HEADER_LEN..]);
+            let (table, canonical) =
+                Table::decode_sparse(block_size, virtual_size, count, &bytes[HEADER_LEN..])?;
+            return Ok(whole(table, canonical));
         }
         let body = (bytes.len() - HEADER_LEN) as u64;
         if body != count.saturating_mul(32) {
@@ -543,9 +611,9 @@ impl Table {
         Ok(if keyed {
             let mut table = Table::shape(block_size, virtual_size, Blocks::Dense(digests));
             table.keyed = true;
-            table
+            whole(table, true)
         } else {
-            Table::assemble(block_size, virtual_size, digests)
+            whole(Table::assemble(block_size, virtual_size, digests), false)
         })
     }
 
@@ -555,7 +623,7 @@ impl Table {
         virtual_size: u64,
         count: u64,
         body: &[u8],
-    ) -> std::result::Result<Table, String> {
+    ) -> std::result::Result<(Table, bool), String> {
         let map_len = bitmap_len(count);
         let Some((bitmap, digests)) = body.split_at_checked(map_len) else {
             return Err(format!(
@@ -592,7 +660,7 @@ impl Table {
                     .filter(move |bit| b & (1 << bit) != 0)
                     .map(move |bit| at as u64 * 8 + bit)
             });
-        let stored = indices
+        let stored: Vec<(u64, Digest)> = indices
             .zip(digests.chunks_exact(32))
             .map(|(i, c)| {
                 let mut d = [0u8; 32];
@@ -601,8 +669,11 @@ impl Table {
             })
             .filter(|(i, d)| *d != table.zero_for(*i))
             .collect();
+        // A zero block's digest stored anyway is read as not stored: the file is then not the encoding this
+        // qmpbak writes.
+        let canonical = stored.len() as u64 == digests.len() as u64 / 32;
         table.blocks = Blocks::Sparse(stored);
-        Ok(table)
+        Ok((table, canonical))
     }
 }
 
@@ -611,8 +682,10 @@ fn bitmap_len(count: u64) -> usize {
     usize::try_from(count.div_ceil(8)).unwrap_or(usize::MAX)
 }
 
-/// The largest table file there can be (version 2 with every block stored).
-pub const MAX_FILE_LEN: u64 = HEADER_LEN as u64 + MAX_BLOCKS / 8 + MAX_BLOCKS * 32;
+/// The largest table file there can be (a difference naming every block: larger than version 2 with every
+/// block stored).
+pub const MAX_FILE_LEN: u64 =
+    HEADER_LEN as u64 + diff::DIFF_HEADER_LEN as u64 + MAX_BLOCKS * diff::ENTRY_LEN as u64;
 
 /// A table file's bytes, its length checked before anything is read: a file longer than any table is
 /// [`Error::TableCorrupt`] without being read.
@@ -741,7 +814,7 @@ mod tests {
         bad_magic[0] = b'X';
         corrupt(&bad_magic, "does not start");
         let mut newer = good.clone();
-        newer[8] = 3;
+        newer[8] = 4;
         corrupt(&newer, "newer qmpbak");
         let mut keyed_sparse = good.clone();
         keyed_sparse[12] = 1;

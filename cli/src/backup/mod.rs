@@ -487,9 +487,14 @@ impl Run<'_> {
         let files = self.target_files()?;
         // QEMU wrote them with `cache.no-flush` (see [`jobs`]): until this is done they may be only in memory.
         let sync = tokio::task::spawn_blocking(move || chain::store::sync_files(&files));
-        let tables = match &copied.tables {
-            Some(tables) => tables.clone(),
-            None => self.build_tables().await?,
+        // The parent's tables: what the new ones are built on and stored as differences against.
+        let (tables, bases) = if let Some(tables) = &copied.tables {
+            // A checksum-diff built its tables against them already; one that cannot be read again (it just
+            // was) only costs the difference: the table is stored whole.
+            (tables.clone(), self.base_tables().unwrap_or_default())
+        } else {
+            let bases = self.base_tables()?;
+            (self.build_tables(&bases).await?, bases)
         };
         let tables_secs = started.elapsed().as_secs_f64();
         sync.await.context("fsync task panicked")??;
@@ -499,9 +504,11 @@ impl Run<'_> {
         // `fail` to undo, and `current` where it was.
         let mut next = self.manifest.clone();
         let mut reports = Vec::new();
-        for (t, table) in self.targets.iter().zip(&tables) {
+        for (i, (t, table)) in self.targets.iter().zip(&tables).enumerate() {
             let table_path = self.vm.resolve(&t.table)?;
-            let sha = table.save(&table_path)?;
+            // An incremental's or differential's table holds only the blocks that differ from its parent's.
+            let base = bases.get(i).and_then(Option::as_ref).map(|(b, id)| (b, id));
+            let sha = table.save_against(base, &table_path)?;
             let file_path = self.vm.resolve(&t.file)?;
             let stored = crate::nodes::allocated_bytes(&file_path)?;
             let node = next
@@ -542,19 +549,14 @@ impl Run<'_> {
 
     /// Builds each disk's checking table ([`crate::tables::build`]): derived from the parent's table for an
     /// incremental or differential, whole for a full.
-    async fn build_tables(&self) -> Result<Vec<chain::Table>> {
+    async fn build_tables(
+        &self,
+        bases: &[Option<(chain::Table, chain::Digest)>],
+    ) -> Result<Vec<chain::Table>> {
         self.progress.phase("building checking tables");
         let mut tables = Vec::new();
-        for t in &self.targets {
-            let parent_table = match &self.plan.parent {
-                Some(parent) => Some(crate::tables::load_node_table(
-                    self.vm,
-                    &self.manifest,
-                    &parent.parse()?,
-                    &t.info.id,
-                )?),
-                None => None,
-            };
+        for (i, t) in self.targets.iter().enumerate() {
+            let parent_table = bases.get(i).and_then(Option::as_ref).map(|(table, _)| table);
             let at = crate::tables::DiskAt {
                 bins: &self.bins,
                 vm: self.vm,
@@ -562,13 +564,27 @@ impl Run<'_> {
                 node: &self.node,
                 disk: &t.info.id,
             };
-            let table = crate::tables::build(at, self.block_size, parent_table.as_ref())
+            let table = crate::tables::build(at, self.block_size, parent_table)
                 .await
                 .with_context(|| format!("building the checking table of disk {}", t.info.id))?;
             self.progress.finish_disk(&t.info.id);
             tables.push(table);
         }
         Ok(tables)
+    }
+
+    /// Each target's parent table and its content id (none for a full), in target order.
+    fn base_tables(&self) -> Result<Vec<Option<(chain::Table, chain::Digest)>>> {
+        let Some(parent) = &self.plan.parent else {
+            return Ok(self.targets.iter().map(|_| None).collect());
+        };
+        let parent: NodeId = parent.parse()?;
+        self.targets
+            .iter()
+            .map(|t| {
+                crate::tables::load_node_table_with_id(self.vm, &self.manifest, &parent, &t.info.id).map(Some)
+            })
+            .collect()
     }
 
     /// Undoes everything this run created and records the node as failed with the error

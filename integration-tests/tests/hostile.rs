@@ -369,6 +369,11 @@ async fn cleanup_without_a_socket_says_what_it_could_not_finish() {
     assert_eq!(out.code(), Some(2), "{out:?}");
     assert!(out.stderr.contains("give --socket"), "{out:?}");
     assert!(!out.stdout.contains("nothing to clean up"), "{out:?}");
+    // The same with --json: one report on stdout that names what is pending, and still exit 2 (it was 0).
+    let out = repo.run("vm1", &["cleanup", "--json"]);
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON report on stdout");
+    assert_eq!(report["pending"].as_array().map(Vec::len), Some(1), "{report}");
     repo.run("vm1", &["cleanup", "--socket", socket]).success();
     assert!(repo.manifest("vm1").operations.is_empty());
 }

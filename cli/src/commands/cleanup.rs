@@ -37,9 +37,29 @@ pub async fn run(args: Args) -> Result<()> {
         let mut value = serde_json::to_value(&cleaned)?;
         value["mounts"] = serde_json::to_value(&mounts)?;
         outln!("{}", serde_json::to_string_pretty(&value)?)?;
-        return Ok(());
+        // A record still pending is exit 2 all the same; the report above is the output, not an error object.
+        super::mark_report_printed();
+    } else {
+        print_text(&cleaned, &mounts, &manifest.vm, qmp.is_some())?;
     }
-    for m in &mounts {
+    if !cleaned.pending.is_empty() {
+        bail!(Exit::usage(format!(
+            "VM {} still has unfinished operations: {}",
+            manifest.vm,
+            cleaned.pending.join("; ")
+        )));
+    }
+    Ok(())
+}
+
+/// The text report: mounts undone, what was cleaned, and files left in place.
+fn print_text(
+    cleaned: &recovery::Cleaned,
+    mounts: &[qmpbak::mount::UmountReport],
+    vm: &str,
+    in_qemu: bool,
+) -> Result<(), super::out::StdoutError> {
+    for m in mounts {
         outln!(
             "undid the interrupted mount of node {} (disk {}) at {}",
             m.node,
@@ -48,35 +68,25 @@ pub async fn run(args: Args) -> Result<()> {
         )?;
     }
     if cleaned.is_empty() {
-        outln!("nothing to clean up for VM {}", manifest.vm)?;
+        outln!("nothing to clean up for VM {vm}")?;
     } else if cleaned.operations.is_empty() {
-        outln!("nothing was cleaned up for VM {}", manifest.vm)?;
+        outln!("nothing was cleaned up for VM {vm}")?;
     } else {
         outln!(
-            "cleaned up {} interrupted operation(s) of VM {}",
-            cleaned.operations.len(),
-            manifest.vm
+            "cleaned up {} interrupted operation(s) of VM {vm}",
+            cleaned.operations.len()
         )?;
         outln!("  jobs: {}", cleaned.jobs.join(", "))?;
         outln!("  block nodes: {}", cleaned.block_nodes.join(", "))?;
         outln!("  bitmaps: {}", cleaned.bitmaps.join(", "))?;
         outln!("  files: {}", cleaned.files.join(", "))?;
         outln!("  nodes marked failed: {}", cleaned.failed_nodes.join(", "))?;
-        if qmp.is_none() {
+        if !in_qemu {
             outln!("  (without --socket or --qmp, nothing was removed inside QEMU)")?;
         }
     }
-    if !args.json {
-        for file in &cleaned.kept_outside {
-            outln!("  left in place: {file}")?;
-        }
-    }
-    if !cleaned.pending.is_empty() {
-        bail!(Exit::usage(format!(
-            "VM {} still has unfinished operations: {}",
-            manifest.vm,
-            cleaned.pending.join("; ")
-        )));
+    for file in &cleaned.kept_outside {
+        outln!("  left in place: {file}")?;
     }
     Ok(())
 }

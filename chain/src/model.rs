@@ -217,6 +217,10 @@ pub enum Payload {
         /// The run started the VM's NBD server (a checksum-diff reads the disks over it): recovery stops it.
         #[serde(default)]
         nbd_server_started: bool,
+        /// Scratch images a pull backup made on the hypervisor for the disks' old data (absolute paths there,
+        /// written only through the VM's QEMU): recovery empties them (QMP cannot delete a file).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        scratch: Vec<PathBuf>,
     },
     /// A time point (the record's node).
     Snapshot {
@@ -323,7 +327,8 @@ impl Payload {
         matches!(
             self,
             Payload::Backup {
-                nbd_server_started: true
+                nbd_server_started: true,
+                ..
             }
         )
     }

@@ -7,8 +7,12 @@
 //! therefore never loses a change. When the bitmaps cannot be trusted, the disk is read at one instant through
 //! an image-fleecing overlay and compared block by block with the base node's checking table ([`fleece`]).
 
+mod copy;
 mod fleece;
 mod jobs;
+mod pull;
+
+pub use pull::{DEFAULT_NBD_LISTEN, PullOptions, scratch_name};
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -55,6 +59,8 @@ pub struct BackupOptions {
     pub job_timeout: Duration,
     /// Back up encrypted disks into a repository that is not encrypted (their contents then stored decrypted).
     pub allow_plaintext: bool,
+    /// Pull the disks over NBD instead of having QEMU write into the repository ([`pull`]).
+    pub pull: Option<PullOptions>,
 }
 
 /// The outcome of a backup, as printed by `--json`.
@@ -97,6 +103,9 @@ pub struct DiskReport {
     pub copied_bytes: u64,
     /// Bytes the node's file takes on the host.
     pub stored_bytes: u64,
+    /// Of a pull backup: the disk's data bytes read over NBD (allocated or dirty extents only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pulled_bytes: Option<u64>,
     /// Whether the disk's bitmaps survive a restart of QEMU; when not, the next backup after one compares
     /// checking tables (see `bitmaps_volatile_why`).
     pub bitmaps_persist: bool,
@@ -297,6 +306,7 @@ pub async fn backup(
         files: Vec::new(),
         payload: Payload::Backup {
             nbd_server_started: false,
+            scratch: Vec::new(),
         },
         legacy_note: None,
     };
@@ -320,6 +330,7 @@ pub async fn backup(
     crashpoint("backup-begun");
 
     let result = match run.plan.method {
+        _ if opts.pull.is_some() => pull::copy(&mut run).await,
         Method::Full | Method::Bitmap => jobs::copy(&mut run).await,
         Method::ChecksumDiff => fleece::copy(&mut run).await,
     };
@@ -388,6 +399,8 @@ async fn check_encrypted_sources(opts: &BackupOptions) -> Result<()> {
 pub(crate) struct Copied {
     pub bytes: Vec<u64>,
     pub tables: Option<Vec<chain::Table>>,
+    /// Data bytes read over NBD per target, for a pull.
+    pub pulled: Option<Vec<u64>>,
 }
 
 impl Run<'_> {
@@ -522,6 +535,7 @@ impl Run<'_> {
                 virtual_size: t.info.virtual_size,
                 copied_bytes: copied.bytes.get(t.index).copied().unwrap_or(0),
                 stored_bytes: stored,
+                pulled_bytes: copied.pulled.as_ref().and_then(|p| p.get(t.index).copied()),
                 bitmaps_persist: t.info.bitmaps_persist,
                 bitmaps_volatile_why: t.info.bitmaps_volatile_why.clone(),
             });

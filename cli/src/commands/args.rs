@@ -44,6 +44,13 @@ pub struct LiveVm {
     pub socket: PathBuf,
     #[command(flatten)]
     pub target: RepoVm,
+    /// Directory with TLS credentials in the layout of QEMU's tls-creds-x509 (ca-cert.pem, client-cert.pem,
+    /// client-key.pem), for `--qmp tls://` and for NBD over TCP.
+    #[arg(long, value_name = "DIR")]
+    pub tls_dir: Option<PathBuf>,
+    /// Allow plaintext TCP for QMP and NBD (tests and trusted networks only).
+    #[arg(long)]
+    pub insecure_plaintext: bool,
 }
 
 /// `--wait [SECS]`: wait for a held lock instead of failing at once.

@@ -56,6 +56,23 @@ pub struct Args {
     /// their contents are stored decrypted. Without it such a backup is refused.
     #[arg(long)]
     allow_plaintext: bool,
+    /// Pull: the VM's QEMU exports a point-in-time view of each disk over NBD on TCP (TLS with --tls-dir,
+    /// plaintext only with --insecure-plaintext), and qmpbak reads it and writes the backup files here. The
+    /// repository then need not be reachable from the VM's host.
+    #[arg(long)]
+    pull: bool,
+    /// With --pull: the address QEMU's NBD server listens on and qmpbak connects to.
+    #[arg(long, value_name = "HOST:PORT", requires = "pull", default_value = backup::DEFAULT_NBD_LISTEN)]
+    nbd_listen: String,
+    /// With --pull: the id of the tls-creds-x509 object (endpoint=server) in the VM's QEMU for its NBD server
+    /// (default: its only one).
+    #[arg(long, value_name = "ID", requires = "pull")]
+    tls_creds: Option<String>,
+    /// With --pull: a directory on the VM's host for the scratch images that keep old data while the disks are
+    /// read (default: beside each disk's image). QEMU creates them and empties them afterwards; an empty file
+    /// stays.
+    #[arg(long, value_name = "DIR", requires = "pull")]
+    scratch_dir: Option<PathBuf>,
     /// Print one JSON result.
     #[arg(long, conflicts_with = "summary")]
     json: bool,
@@ -94,6 +111,13 @@ pub async fn run(args: Args) -> Result<()> {
         lock_wait: args.vm.target.lock.lock_wait(),
         job_timeout: backup::DEFAULT_JOB_TIMEOUT,
         allow_plaintext: args.allow_plaintext,
+        pull: args.pull.then(|| backup::PullOptions {
+            nbd_listen: args.nbd_listen,
+            tls_dir: args.vm.tls_dir,
+            insecure_plaintext: args.vm.insecure_plaintext,
+            tls_creds: args.tls_creds,
+            scratch_dir: args.scratch_dir,
+        }),
     };
     let interrupt = Interrupt::new()?;
     let progress = Bars::new(!args.json && !args.summary && std::io::stderr().is_terminal());
@@ -156,11 +180,13 @@ fn print_report(r: &BackupReport) -> Result<(), super::out::StdoutError> {
     )?;
     for d in &r.disks {
         outln!(
-            "  disk {}: {} copied, {} stored ({} virtual){}",
+            "  disk {}: {} copied, {} stored ({} virtual){}{}",
             d.disk,
             bytes(d.copied_bytes),
             bytes(d.stored_bytes),
             bytes(d.virtual_size),
+            d.pulled_bytes
+                .map_or_else(String::new, |p| format!(", {} read over NBD", bytes(p))),
             d.bitmaps_volatile_why
                 .as_ref()
                 .map_or_else(String::new, |why| format!("; the disk {why}"))

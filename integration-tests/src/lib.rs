@@ -6,6 +6,7 @@ pub mod cli;
 pub mod guest;
 pub mod image;
 pub mod mounts;
+pub mod pki;
 pub mod qemu;
 pub mod repo;
 pub mod timeouts;

@@ -336,6 +336,7 @@ async fn view_and_copy(
             .with_context(|| format!("exporting the view of disk {} over NBD", t.info.id))?;
     }
     crashpoint("pull-exported");
+    crate::crashpoint::pause_point("pull-exported").await;
 
     // The new node files, written here by a qemu-storage-daemon of our own.
     let daemon = StorageDaemon::start(&run.bins).await?;

@@ -150,8 +150,8 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
     ] {
         assert_restores(&repo, id, refs);
     }
+    // Each table is the node's disk's (so that of its reference, which the node equals).
     repo.run(VM, &["verify"]).success();
-    // The tables equal those a local backup would compute from the references.
     let manifest = repo.manifest(VM);
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &cd_id, &full_id)).await;
     assert_no_exports(&vm).await;
@@ -264,4 +264,35 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, inc["node"].as_str().unwrap(), &full_id)).await;
     assert_no_exports(&vm).await;
     assert_scratch_empty(&vm);
+}
+
+#[tokio::test]
+async fn an_interrupted_pull_exits_130_and_leaves_nothing() {
+    let pki = Pki::new();
+    let port = free_port();
+    let args = pull_args(&pki, "client", port);
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    let full_id = repo.backup_node(&vm, VM, &strs(&args));
+    vm.write_pattern("disk1", 0x22, MIB, MIB).await;
+
+    let paused = cli::run_paused_at(&repo.backup_args(&vm, VM, &strs(&args)), "pull-exported", &[], None);
+    paused.signal(nix::sys::signal::Signal::SIGINT);
+    let out = paused.finish();
+    assert_eq!(out.code(), Some(130), "{out:?}");
+    assert!(out.stderr.contains("interrupted"), "{out:?}");
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+    assert_eq!(manifest.current.as_ref().map(|c| c.as_str()), Some(full_id.as_str()));
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
+    assert_no_exports(&vm).await;
+    assert_scratch_empty(&vm);
+
+    // No change lost: the next incremental has disk1's write.
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
+    let inc = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
 }

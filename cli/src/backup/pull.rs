@@ -336,7 +336,10 @@ async fn view_and_copy(
             .with_context(|| format!("exporting the view of disk {} over NBD", t.info.id))?;
     }
     crashpoint("pull-exported");
-    crate::crashpoint::pause_point("pull-exported").await;
+    tokio::select! {
+        () = crate::crashpoint::pause_point("pull-exported") => {}
+        () = run.interrupt.wait() => return Err(interrupted()),
+    }
 
     // The new node files, written here by a qemu-storage-daemon of our own.
     let daemon = StorageDaemon::start(&run.bins).await?;

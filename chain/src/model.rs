@@ -153,6 +153,10 @@ pub struct NodeDisk {
     /// sha256 of the table file.
     pub table_sha256: Option<String>,
     pub location: Location,
+    /// The host whose QEMU served the disk's data (the hypervisor), when it is not `location.host`, the host
+    /// that wrote the file: a pull backup reads the disk over the network. Absent in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_host: Option<String>,
 }
 
 /// Where a file was written, for the record (the manifest's relative path is what is used).

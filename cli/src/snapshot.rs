@@ -196,6 +196,7 @@ pub async fn snapshot(opts: &SnapshotOptions) -> Result<SnapshotReport> {
         .zip(&frozen)
         .map(|(d, f)| {
             Ok(NodeDisk {
+                source_host: None,
                 disk: d.id.clone(),
                 file: RelPath::disk_image(&node, &d.id)?,
                 backing: match &parent {

@@ -54,7 +54,8 @@ impl NbdSource {
     }
 
     fn count(&self, n: usize) {
-        self.read.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 

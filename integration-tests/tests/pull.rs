@@ -71,17 +71,22 @@ fn assert_scratch_empty(vm: &TestVm) {
         .collect();
     assert!(!scratch.is_empty(), "no scratch image in {}", dir.display());
     for s in scratch {
-        assert_eq!(std::fs::metadata(&s).unwrap().len(), 0, "{} not emptied", s.display());
+        assert_eq!(
+            std::fs::metadata(&s).unwrap().len(),
+            0,
+            "{} not emptied",
+            s.display()
+        );
     }
 }
 
 async fn assert_no_exports(vm: &TestVm) {
-    let exports = vm
-        .qmp()
-        .execute_raw("query-block-exports", None)
-        .await
-        .unwrap();
-    assert_eq!(exports.as_array().map(Vec::len), Some(0), "leftover exports: {exports}");
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    assert_eq!(
+        exports.as_array().map(Vec::len),
+        Some(0),
+        "leftover exports: {exports}"
+    );
 }
 
 fn pulled(report: &serde_json::Value, disk: usize) -> u64 {
@@ -103,7 +108,11 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
 
     let full_refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
     let full = repo.backup(&vm, VM, &strs(&args));
-    assert_eq!((full["level"].as_str(), full["method"].as_str()), (Some("full"), Some("full")), "{full}");
+    assert_eq!(
+        (full["level"].as_str(), full["method"].as_str()),
+        (Some("full"), Some("full")),
+        "{full}"
+    );
     let full_id = full["node"].as_str().unwrap().to_owned();
     assert_node_equals(&repo, &full_id, &full_refs);
     // Only the allocated extents crossed the connection.
@@ -114,7 +123,11 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
     vm.write_pattern("disk1", 0x44, 0, 64 * 1024).await;
     let inc_refs = vm.capture_references(&DISKS, refs_dir.path(), "inc").await;
     let inc = repo.backup(&vm, VM, &strs(&args));
-    assert_eq!((inc["level"].as_str(), inc["method"].as_str()), (Some("incremental"), Some("bitmap")), "{inc}");
+    assert_eq!(
+        (inc["level"].as_str(), inc["method"].as_str()),
+        (Some("incremental"), Some("bitmap")),
+        "{inc}"
+    );
     let inc_id = inc["node"].as_str().unwrap().to_owned();
     assert_node_equals(&repo, &inc_id, &inc_refs);
     // The blocks the dirty extents touch, holes not read: 1 MiB of disk0's new data (the zeroed block is a
@@ -153,6 +166,17 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
     // Each table is the node's disk's (so that of its reference, which the node equals).
     repo.run(VM, &["verify"]).success();
     let manifest = repo.manifest(VM);
+    // Every pulled disk names the host that served it (QEMU on this host: a Unix QMP socket).
+    for n in &manifest.nodes {
+        for d in &n.disks {
+            assert_eq!(
+                d.source_host.as_deref(),
+                Some(d.location.host.as_str()),
+                "{}",
+                n.id
+            );
+        }
+    }
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &cd_id, &full_id)).await;
     assert_no_exports(&vm).await;
     assert_scratch_empty(&vm);
@@ -207,20 +231,31 @@ async fn a_wrong_ca_or_no_credentials_is_a_clear_error_and_leaves_nothing() {
     assert!(plain.stderr.contains("--tls-dir"), "{}", plain.stderr);
     let manifest = repo.manifest(VM);
     assert!(
-        manifest.nodes.iter().all(|n| n.state != chain::NodeState::Complete),
+        manifest
+            .nodes
+            .iter()
+            .all(|n| n.state != chain::NodeState::Complete),
         "a node was completed"
     );
     assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
     for n in &manifest.nodes {
         for d in DISKS {
-            assert!(!repo.node_file(VM, n.id.as_str(), d).exists(), "node file of {} left", n.id);
+            assert!(
+                !repo.node_file(VM, n.id.as_str(), d).exists(),
+                "node file of {} left",
+                n.id
+            );
         }
     }
     assert_no_leftovers(&vm, &[]).await;
     assert_no_exports(&vm).await;
 
     // Plaintext when asked for, then TLS with the right credentials.
-    let plain = repo.backup(&vm, VM, &["--pull", "--nbd-listen", &port_s, "--insecure-plaintext"]);
+    let plain = repo.backup(
+        &vm,
+        VM,
+        &["--pull", "--nbd-listen", &port_s, "--insecure-plaintext"],
+    );
     assert_eq!(plain["level"], "full", "{plain}");
     let ok = repo.backup(&vm, VM, &strs(&pull_args(&pki, "client", port)));
     assert_eq!(ok["level"], "incremental", "{ok}");
@@ -251,7 +286,11 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
         let round = u8::try_from(round).unwrap();
         vm.write_pattern("disk0", 0x20 + round, (4 + u64::from(round)) * MIB, 256 * 1024)
             .await;
-        let crashed = cli::run_crashing_at(&repo.backup_args(&vm, VM, &strs(&args)), point, PROCESS_EXIT_TIMEOUT);
+        let crashed = cli::run_crashing_at(
+            &repo.backup_args(&vm, VM, &strs(&args)),
+            point,
+            PROCESS_EXIT_TIMEOUT,
+        );
         crashed.assert_crashed_at(point);
     }
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "last").await;
@@ -261,7 +300,11 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
-    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, inc["node"].as_str().unwrap(), &full_id)).await;
+    assert_no_leftovers(
+        &vm,
+        &expected_bitmaps(&manifest, inc["node"].as_str().unwrap(), &full_id),
+    )
+    .await;
     assert_no_exports(&vm).await;
     assert_scratch_empty(&vm);
 }
@@ -278,14 +321,22 @@ async fn an_interrupted_pull_exits_130_and_leaves_nothing() {
     let full_id = repo.backup_node(&vm, VM, &strs(&args));
     vm.write_pattern("disk1", 0x22, MIB, MIB).await;
 
-    let paused = cli::run_paused_at(&repo.backup_args(&vm, VM, &strs(&args)), "pull-exported", &[], None);
+    let paused = cli::run_paused_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "pull-exported",
+        &[],
+        None,
+    );
     paused.signal(nix::sys::signal::Signal::SIGINT);
     let out = paused.finish();
     assert_eq!(out.code(), Some(130), "{out:?}");
     assert!(out.stderr.contains("interrupted"), "{out:?}");
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
-    assert_eq!(manifest.current.as_ref().map(|c| c.as_str()), Some(full_id.as_str()));
+    assert_eq!(
+        manifest.current.as_ref().map(chain::NodeId::as_str),
+        Some(full_id.as_str())
+    );
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
     assert_no_exports(&vm).await;
     assert_scratch_empty(&vm);

@@ -160,7 +160,14 @@ impl Table {
         threads: usize,
         visitor: &V,
     ) -> Result<Vec<(u64, Digest)>> {
-        Table::build_some(source, block_size, indices, threads, VISIT_RUN_BYTES, Some(visitor))
+        Table::build_some(
+            source,
+            block_size,
+            indices,
+            threads,
+            VISIT_RUN_BYTES,
+            Some(visitor),
+        )
     }
 
     fn build_some<S: BlockSource + ?Sized>(

@@ -77,8 +77,13 @@ pub(super) async fn hash_and_copy(run: &Run<'_>, pass: Pass<'_>) -> Result<(chai
                 })
             }
             Some(blocks) => {
-                let hashes =
-                    chain::Table::build_blocks_visiting(&source, block_size, &blocks, threads(), worker.as_ref())?;
+                let hashes = chain::Table::build_blocks_visiting(
+                    &source,
+                    block_size,
+                    &blocks,
+                    threads(),
+                    worker.as_ref(),
+                )?;
                 let base = worker.base.as_ref().context("no base table")?;
                 Ok(match &key {
                     Some(key) => chain::Table::derive(base, &key.seal_blocks(&hashes))?,
@@ -272,4 +277,3 @@ impl chain::BlockVisitor for CopyChanged {
         Ok(())
     }
 }
-

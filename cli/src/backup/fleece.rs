@@ -21,8 +21,8 @@ use super::{Copied, Run, copy, interrupted, jobs};
 use crate::daemon::NBD_CONNECT_TIMEOUT;
 use crate::graph;
 use crate::recovery;
-use crate::tables::load_node_table;
 use crate::tables::NbdSource;
+use crate::tables::load_node_table;
 
 /// How long a fleecing job may take to stop after `job-cancel`.
 const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);

@@ -417,6 +417,7 @@ impl Run<'_> {
             .iter()
             .map(|t| {
                 Ok(NodeDisk {
+                    source_host: self.opts.pull.as_ref().map(|p| p.hypervisor.clone()),
                     disk: t.info.id.clone(),
                     file: t.file.clone(),
                     backing: t.backing.clone(),

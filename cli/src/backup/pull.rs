@@ -60,6 +60,9 @@ pub struct PullOptions {
     pub tls_creds: Option<String>,
     /// Where the scratch images go on the hypervisor (absolute); default: beside each disk's image.
     pub scratch_dir: Option<PathBuf>,
+    /// The name of the host the VM's QEMU runs on, recorded with each node disk (`source_host`): this host's
+    /// name for a QMP socket on this host.
+    pub hypervisor: String,
 }
 
 /// Runs the copy phase of a pull backup: view, export, one pass per disk, teardown.
@@ -99,7 +102,10 @@ fn split_listen(addr: &str) -> Result<(String, u16)> {
     let (host, port) = addr
         .rsplit_once(':')
         .with_context(|| format!("--nbd-listen {addr:?} is not HOST:PORT"))?;
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     let port: u16 = port
         .parse()
         .ok()
@@ -156,29 +162,43 @@ async fn find_tls_creds(qmp: &qmp::Qmp) -> Result<String> {
 /// The scratch image of disk `t` on the hypervisor: `<dir>/<image name>.qmpbak-<chain>-<node>-scratch<i>.qcow2`.
 fn scratch_path(run: &Run<'_>, pull: &PullOptions, t: &Target) -> Result<PathBuf> {
     let image = Path::new(&t.info.image);
-    let dir = match &pull.scratch_dir {
-        Some(dir) => dir.clone(),
-        None => {
-            if !image.is_absolute() {
-                bail!(
-                    "disk {}'s image {:?} is not a file path: name a directory on the hypervisor for the scratch \
-                     image with --scratch-dir",
-                    t.info.id,
-                    t.info.image
-                );
-            }
-            image.parent().context("the disk's image has no directory")?.to_owned()
+    let dir = if let Some(dir) = &pull.scratch_dir {
+        dir.clone()
+    } else {
+        if !image.is_absolute() {
+            bail!(
+                "disk {}'s image {:?} is not a file path: name a directory on the hypervisor for the scratch \
+                 image with --scratch-dir",
+                t.info.id,
+                t.info.image
+            );
         }
+        image
+            .parent()
+            .context("the disk's image has no directory")?
+            .to_owned()
     };
-    if !dir.is_absolute() || dir.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
-        bail!("--scratch-dir {} must be an absolute path without '..'", dir.display());
+    if !dir.is_absolute()
+        || dir
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        bail!(
+            "--scratch-dir {} must be an absolute path without '..'",
+            dir.display()
+        );
     }
     let stem = image
         .file_name()
         .and_then(|n| n.to_str())
         .filter(|n| !n.is_empty())
         .unwrap_or("disk");
-    Ok(dir.join(scratch_name(stem, &run.manifest.chain_id, run.node.as_str(), t.index)))
+    Ok(dir.join(scratch_name(
+        stem,
+        &run.manifest.chain_id,
+        run.node.as_str(),
+        t.index,
+    )))
 }
 
 /// The file name of a scratch image, which recovery checks before it empties a file a record names.
@@ -251,9 +271,11 @@ async fn view_and_copy(
         create(qmp, &job, json!({"driver": "file", "filename": path, "size": 0}))
             .await
             .with_context(|| format!("creating the scratch file {} on the hypervisor", path.display()))?;
-        qmp.execute(&BlockdevAdd(json!({"driver": "file", "node-name": file, "filename": path})))
-            .await
-            .with_context(|| format!("opening the scratch file {}", path.display()))?;
+        qmp.execute(&BlockdevAdd(
+            json!({"driver": "file", "node-name": file, "filename": path}),
+        ))
+        .await
+        .with_context(|| format!("opening the scratch file {}", path.display()))?;
         create(
             qmp,
             &job,
@@ -287,7 +309,9 @@ async fn view_and_copy(
             }));
         }
         if run.plan.method == Method::Bitmap {
-            let base = run.base_bitmap(t).context("an incremental without a base bitmap")?;
+            let base = run
+                .base_bitmap(t)
+                .context("an incremental without a base bitmap")?;
             let granularity = t
                 .info
                 .bitmaps
@@ -371,7 +395,12 @@ async fn pull_disks(
             return Err(interrupted());
         }
         let base = match &run.plan.parent {
-            Some(parent) => Some(load_node_table(run.vm, &run.manifest, &parent.parse()?, &t.info.id)?),
+            Some(parent) => Some(load_node_table(
+                run.vm,
+                &run.manifest,
+                &parent.parse()?,
+                &t.info.id,
+            )?),
             None => None,
         };
         let frozen = frozen_bitmap(run, t);
@@ -382,7 +411,12 @@ async fn pull_disks(
         let export = export_id(run, t);
         let view = nbd::Client::connect_tcp(&addr, &export, &options, NBD_CONNECT_TIMEOUT)
             .await
-            .with_context(|| format!("connecting to the NBD export {export} of disk {} at {addr}", t.info.id))?;
+            .with_context(|| {
+                format!(
+                    "connecting to the NBD export {export} of disk {} at {addr}",
+                    t.info.id
+                )
+            })?;
         if view.size() != t.info.virtual_size {
             bail!(
                 "the NBD export of disk {} has {} bytes, the disk {}",
@@ -394,7 +428,11 @@ async fn pull_disks(
         let blocks = match run.plan.method {
             Method::Bitmap => {
                 let count = chain::table::check_size(view.size(), run.block_size)?;
-                Some(touched_blocks(&dirty_ranges(&view, &frozen).await?, run.block_size, count)?)
+                Some(touched_blocks(
+                    &dirty_ranges(&view, &frozen).await?,
+                    run.block_size,
+                    count,
+                )?)
             }
             Method::Full | Method::ChecksumDiff => None,
         };
@@ -519,8 +557,10 @@ async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
     }
     for (t, path) in run.targets.iter().zip(scratch) {
         if let Err(e) = recovery::empty_scratch(qmp, &run.qemu_name("k", t.index), path).await {
-            run.progress
-                .phase(&format!("could not empty the scratch image {}: {e:#}", path.display()));
+            run.progress.phase(&format!(
+                "could not empty the scratch image {}: {e:#}",
+                path.display()
+            ));
         }
     }
 }

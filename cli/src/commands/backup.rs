@@ -117,6 +117,8 @@ pub async fn run(args: Args) -> Result<()> {
             insecure_plaintext: args.vm.insecure_plaintext,
             tls_creds: args.tls_creds,
             scratch_dir: args.scratch_dir,
+            // QMP over a Unix socket: QEMU runs on this host.
+            hypervisor: chain::host::hostname(),
         }),
     };
     let interrupt = Interrupt::new()?;

@@ -97,7 +97,10 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
                 tracing::warn!(path = %path.display(), why, "not emptying a scratch image the record names");
                 continue;
             }
-            if empty_scratch(qmp, &format!("qmpbak-empty-{i}"), path).await.is_ok() {
+            if empty_scratch(qmp, &format!("qmpbak-empty-{i}"), path)
+                .await
+                .is_ok()
+            {
                 cleaned.files.push(path.display().to_string());
             }
         }
@@ -108,7 +111,11 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
 /// file: only an absolute, plain path whose name is a scratch image of the record's own node qualifies
 /// ([`crate::backup::scratch_name`]).
 pub fn scratch_problem(path: &Path, op: &Operation) -> Option<&'static str> {
-    if !path.is_absolute() || path.components().any(|c| !matches!(c, Component::RootDir | Component::Normal(_))) {
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+    {
         return Some("not an absolute plain path");
     }
     let name = path.file_name().and_then(|n| n.to_str())?;

@@ -1924,6 +1924,7 @@ fn write_big_manifest(repo: &Path, count: u64) {
             lid: 0,
             tid: 0,
             disks: vec![chain::NodeDisk {
+                source_host: None,
                 disk: DISK.into(),
                 file: file.clone(),
                 backing,

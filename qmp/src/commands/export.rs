@@ -33,7 +33,8 @@ impl NbdServerStart {
 
     /// A server on TCP `host`:`port`, with TLS when `tls_creds` names a credentials object.
     pub fn tcp(host: impl Into<String>, port: u16, tls_creds: Option<String>) -> NbdServerStart {
-        let addr = serde_json::json!({"type": "inet", "data": {"host": host.into(), "port": port.to_string()}});
+        let addr =
+            serde_json::json!({"type": "inet", "data": {"host": host.into(), "port": port.to_string()}});
         NbdServerStart {
             addr,
             tls_creds,

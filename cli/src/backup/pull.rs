@@ -564,3 +564,58 @@ async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listen_address_is_a_host_and_a_port_qmpbak_can_connect_to() {
+        assert_eq!(
+            split_listen("127.0.0.1:10809").unwrap(),
+            ("127.0.0.1".to_owned(), 10809)
+        );
+        assert_eq!(split_listen("[::1]:5000").unwrap(), ("::1".to_owned(), 5000));
+        assert_eq!(
+            split_listen("hv1.example:7").unwrap(),
+            ("hv1.example".to_owned(), 7)
+        );
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:x",
+            ":10809",
+            "0.0.0.0:10809",
+            "[::]:1",
+        ] {
+            assert!(split_listen(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn only_a_scratch_image_of_the_records_node_is_emptied() {
+        let op = chain::Operation::new(
+            chain::Payload::Backup {
+                nbd_server_started: true,
+                scratch: Vec::new(),
+            },
+            Some("0007".parse().unwrap()),
+            chrono::Utc::now(),
+        );
+        let ok = format!("/var/lib/vm/{}", scratch_name("disk0.qcow2", "abcd", "0007", 1));
+        assert_eq!(recovery::scratch_problem(Path::new(&ok), &op), None);
+        for bad in [
+            format!("/var/lib/vm/{}", scratch_name("disk0.qcow2", "abcd", "0006", 1)),
+            format!(
+                "/var/lib/vm/../{}",
+                scratch_name("disk0.qcow2", "abcd", "0007", 1)
+            ),
+            scratch_name("disk0.qcow2", "abcd", "0007", 1),
+            "/var/lib/vm/disk0.qcow2".to_owned(),
+            "/var/lib/vm/disk0.qmpbak-abcd-0007-scratchX.qcow2".to_owned(),
+            "/etc/passwd".to_owned(),
+        ] {
+            assert!(recovery::scratch_problem(Path::new(&bad), &op).is_some(), "{bad}");
+        }
+    }
+}

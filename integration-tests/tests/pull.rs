@@ -347,3 +347,101 @@ async fn an_interrupted_pull_exits_130_and_leaves_nothing() {
     assert_eq!(inc["method"], "bitmap", "{inc}");
     assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
 }
+
+#[tokio::test]
+async fn a_pull_whose_nbd_server_goes_away_fails_clearly_and_the_next_is_exact() {
+    let pki = Pki::new();
+    let port = free_port();
+    let args = pull_args(&pki, "client", port);
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    let full_id = repo.backup_node(&vm, VM, &strs(&args));
+    vm.write_pattern("disk0", 0x22, 3 * MIB, MIB).await;
+
+    // The connection is gone before qmpbak reads (as if the network dropped): the server stops.
+    let paused = cli::run_paused_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "pull-exported",
+        &[],
+        None,
+    );
+    vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let out = paused.finish();
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("connecting to the NBD export"),
+        "{}",
+        out.stderr
+    );
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
+    assert_scratch_empty(&vm);
+
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
+    let inc = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+}
+
+#[tokio::test]
+async fn a_pull_into_an_encrypted_repository_is_encrypted_exact_and_verifies() {
+    let pki = Pki::new();
+    let port = free_port();
+    let vm = tls_vm(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("repo.key");
+    std::fs::write(&key, b"0123456789abcdef0123456789abcdef\n").unwrap();
+    let path = dir.path().join("repo");
+    cli::run(&[
+        "init",
+        "--encrypt",
+        "--key-file",
+        key.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ])
+    .success();
+    let repo = TestRepo::at(path);
+    let key_args = ["--key-file", key.to_str().unwrap()];
+    let args = [strs(&pull_args(&pki, "client", port)), key_args.to_vec()].concat();
+    let refs_dir = tempfile::tempdir().unwrap();
+
+    vm.write_pattern("disk0", 0x5a, 0, 2 * MIB).await;
+    let full_refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
+    let full_id = repo.backup_node(&vm, VM, &args);
+    vm.write_pattern("disk0", 0x5a, 4 * MIB, MIB).await;
+    vm.write_pattern("disk1", 0x5b, 0, MIB).await;
+    let inc_refs = vm.capture_references(&DISKS, refs_dir.path(), "inc").await;
+    let inc = repo.backup(&vm, VM, &args);
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    let inc_id = inc["node"].as_str().unwrap().to_owned();
+
+    // Ciphertext on disk: the pattern is nowhere in the node files.
+    for node in [&full_id, &inc_id] {
+        let bytes = std::fs::read(repo.node_file(VM, node, "disk0")).unwrap();
+        assert!(
+            !bytes.windows(64).any(|w| w == [0x5a; 64]),
+            "node {node} holds plaintext"
+        );
+    }
+    repo.run(VM, &[&["verify"][..], &key_args].concat()).success();
+    for (node, refs) in [(&full_id, &full_refs), (&inc_id, &inc_refs)] {
+        let out = tempfile::tempdir().unwrap();
+        let restored = out.path().join("r");
+        repo.run(
+            VM,
+            &[
+                &["restore", node.as_str(), "--to", restored.to_str().unwrap()][..],
+                &key_args,
+            ]
+            .concat(),
+        )
+        .success();
+        for (disk, reference) in DISKS.iter().zip(refs) {
+            image::assert_same(reference, &restored.join(format!("{disk}.qcow2")));
+        }
+    }
+}

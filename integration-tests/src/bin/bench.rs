@@ -1208,7 +1208,7 @@ impl Bench<'_> {
             vm.qmp()
                 .execute_raw(
                     "block-export-add",
-                    Some(json!({"type": "nbd", "id": "ref", "node-name": node, "writable": false})),
+                    Some(json!({"type": "nbd", "id": "ref", "name": "ref", "node-name": node, "writable": false})),
                 )
                 .await
                 .expect("block-export-add");

@@ -406,7 +406,8 @@ async fn a_pull_into_an_encrypted_repository_is_encrypted_exact_and_verifies() {
     .success();
     let repo = TestRepo::at(path);
     let key_args = ["--key-file", key.to_str().unwrap()];
-    let args = [strs(&pull_args(&pki, "client", port)), key_args.to_vec()].concat();
+    let pull = pull_args(&pki, "client", port);
+    let args = [strs(&pull), key_args.to_vec()].concat();
     let refs_dir = tempfile::tempdir().unwrap();
 
     vm.write_pattern("disk0", 0x5a, 0, 2 * MIB).await;

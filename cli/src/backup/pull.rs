@@ -263,6 +263,30 @@ async fn view_and_copy(
     tls_creds: Option<String>,
     connect: &nbd::ConnectOptions,
 ) -> Result<Copied> {
+    // The new node files are written here by a qemu-storage-daemon of our own, which starts while the VM's
+    // QEMU makes the views (a failure of either drops, so kills and reaps, the daemon).
+    let bins = run.bins.clone();
+    let (daemon, exported) = tokio::join!(
+        StorageDaemon::start(&bins),
+        export_views(run, scratch, host, port, tls_creds)
+    );
+    let daemon = daemon?;
+    exported?;
+    let result = pull_disks(run, &daemon, host, port, connect).await;
+    let stopped = daemon.stop().await;
+    let copied = result?;
+    stopped?;
+    Ok(copied)
+}
+
+/// Makes the scratch overlays, the views (one transaction), the NBD server and the exports in the VM's QEMU.
+async fn export_views(
+    run: &mut Run<'_>,
+    scratch: &[PathBuf],
+    host: &str,
+    port: u16,
+    tls_creds: Option<String>,
+) -> Result<()> {
     let qmp = run.qmp;
     // The scratch overlays on the hypervisor, on top of the live disks.
     for (t, path) in run.targets.iter().zip(scratch) {
@@ -364,14 +388,7 @@ async fn view_and_copy(
         () = crate::crashpoint::pause_point("pull-exported") => {}
         () = run.interrupt.wait() => return Err(interrupted()),
     }
-
-    // The new node files, written here by a qemu-storage-daemon of our own.
-    let daemon = StorageDaemon::start(&run.bins).await?;
-    let result = pull_disks(run, &daemon, host, port, connect).await;
-    let stopped = daemon.stop().await;
-    let copied = result?;
-    stopped?;
-    Ok(copied)
+    Ok(())
 }
 
 /// Reads, hashes and writes each disk in turn.

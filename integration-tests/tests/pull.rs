@@ -277,6 +277,7 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
         "pull-recorded",
         "pull-scratch-added",
         "pull-view-started",
+        "pull-server-started",
         "pull-exported",
         "pull-copied",
     ]
@@ -445,4 +446,30 @@ async fn a_pull_into_an_encrypted_repository_is_encrypted_exact_and_verifies() {
             image::assert_same(reference, &restored.join(format!("{disk}.qcow2")));
         }
     }
+}
+
+#[tokio::test]
+async fn a_pull_into_a_qemu_whose_nbd_server_runs_fails_and_leaves_that_server_running() {
+    let pki = Pki::new();
+    let port = free_port();
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x11, 0, MIB).await;
+    let socket = vm.dir().join("someone-elses-nbd.sock");
+    let theirs =
+        serde_json::json!({"addr": {"type": "unix", "data": {"path": socket.display().to_string()}}});
+    vm.qmp()
+        .execute_raw("nbd-server-start", Some(theirs.clone()))
+        .await
+        .unwrap();
+
+    let out = repo.try_backup(&vm, VM, &strs(&pull_args(&pki, "client", port)));
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(out.stderr.contains("another NBD server"), "{}", out.stderr);
+    // Still running: a second start is refused.
+    let again = vm.qmp().execute_raw("nbd-server-start", Some(theirs)).await;
+    assert!(again.is_err(), "the other NBD server was stopped");
+    assert_no_exports(&vm).await;
+    assert_no_leftovers(&vm, &[]).await;
+    assert_scratch_empty(&vm);
 }

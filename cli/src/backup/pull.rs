@@ -230,8 +230,9 @@ fn record(run: &mut Run<'_>, scratch: &[PathBuf]) -> Result<()> {
             });
         }
     }
+    // The NBD server is recorded only once it runs: a server that was already running is not ours to stop.
     run.op.payload = chain::Payload::Backup {
-        nbd_server_started: true,
+        nbd_server_started: false,
         scratch: scratch.to_vec(),
     };
     if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
@@ -372,6 +373,17 @@ async fn export_views(
         .with_context(|| {
             format!("starting an NBD server on {host}:{port} in the VM's QEMU (is another NBD server running in it?)")
         })?;
+    if let chain::Payload::Backup {
+        nbd_server_started, ..
+    } = &mut run.op.payload
+    {
+        *nbd_server_started = true;
+    }
+    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
+        *op = run.op.clone();
+    }
+    run.save()?;
+    crashpoint("pull-server-started");
     for t in &run.targets {
         let id = export_id(run, t);
         let node = run.qemu_name("f", t.index);
@@ -557,7 +569,9 @@ async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
     for t in &run.targets {
         let _ = qmp.execute(&BlockExportDel::hard(export_id(run, t))).await;
     }
-    let _ = qmp.execute(&NbdServerStop).await;
+    if run.op.payload.started_nbd_server() {
+        let _ = qmp.execute(&NbdServerStop).await;
+    }
     for t in &run.targets {
         let job = run.qemu_name("j", t.index);
         let _ = qmp.execute(&JobCancel::new(job.as_str())).await;

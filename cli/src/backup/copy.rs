@@ -19,15 +19,15 @@ use chain::Piece;
 use tokio::sync::Semaphore;
 
 use super::{Run, interrupted};
-use crate::tables::{NbdSource, threads};
+use crate::tables::threads;
 
 /// How often the progress display is updated while a disk is read.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// One disk's pass: where to read, what, against which table, into which file.
-pub(super) struct Pass<'a> {
+pub(super) struct Pass<'a, S> {
     pub disk: &'a str,
-    pub source: NbdSource,
+    pub source: S,
     /// Only these blocks (ascending), the rest taken from `base`; `None`: the whole disk.
     pub blocks: Option<Vec<u64>>,
     /// The table the new node's file reads as before the pass (its backing's); `None`: it reads as zeros.
@@ -38,7 +38,10 @@ pub(super) struct Pass<'a> {
 
 /// Runs `pass`: returns the new node's table for the disk and the bytes written into its file. Every write is
 /// answered before the table counts; an interrupt stops the workers, waits for the writes and is the error.
-pub(super) async fn hash_and_copy(run: &Run<'_>, pass: Pass<'_>) -> Result<(chain::Table, u64)> {
+pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
+    run: &Run<'_>,
+    pass: Pass<'_, S>,
+) -> Result<(chain::Table, u64)> {
     let Pass {
         disk,
         source,

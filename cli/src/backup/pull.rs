@@ -454,16 +454,16 @@ async fn pull_disks(
                 t.info.virtual_size
             );
         }
-        let blocks = match run.plan.method {
-            Method::Bitmap => {
-                let count = chain::table::check_size(view.size(), run.block_size)?;
-                Some(touched_blocks(
-                    &dirty_ranges(&view, &frozen).await?,
-                    run.block_size,
-                    count,
-                )?)
-            }
+        let dirty = match run.plan.method {
+            Method::Bitmap => Some(dirty_ranges(&view, &frozen).await?),
             Method::Full | Method::ChecksumDiff => None,
+        };
+        let blocks = match &dirty {
+            Some(dirty) => {
+                let count = chain::table::check_size(view.size(), run.block_size)?;
+                Some(touched_blocks(dirty, run.block_size, count)?)
+            }
+            None => None,
         };
         let target = open_target(run, daemon, t).await?;
         run.progress.phase(&format!(
@@ -475,19 +475,35 @@ async fn pull_disks(
                 " (plaintext)"
             }
         ));
-        let source = NbdSource::new(
-            nbd::BlockingClient::new(view.clone(), tokio::runtime::Handle::current()),
+        let handle = tokio::runtime::Handle::current();
+        let remote = NbdSource::new(
+            nbd::BlockingClient::new(view.clone(), handle.clone()),
             view.size(),
         );
-        let counter = source.read_counter();
-        let pass = copy::Pass {
-            disk: &t.info.id,
-            source,
-            blocks,
-            base,
-            target: target.clone(),
+        let counter = remote.read_counter();
+        // The parts of the touched blocks that the bitmap leaves clean are the parent's: read here, from the new
+        // node's file (the parent's chain below it), not over the network.
+        let (table, copied) = if let Some(dirty) = dirty {
+            let local = NbdSource::new(nbd::BlockingClient::new(target.clone(), handle), target.size());
+            let source = DirtyOrParent { remote, local, dirty };
+            let pass = copy::Pass {
+                disk: &t.info.id,
+                source,
+                blocks,
+                base,
+                target: target.clone(),
+            };
+            copy::hash_and_copy(run, pass).await?
+        } else {
+            let pass = copy::Pass {
+                disk: &t.info.id,
+                source: remote,
+                blocks,
+                base,
+                target: target.clone(),
+            };
+            copy::hash_and_copy(run, pass).await?
         };
-        let (table, copied) = copy::hash_and_copy(run, pass).await?;
         target.flush().await?;
         run.progress.finish_disk(&t.info.id);
         let _ = view.disconnect().await;
@@ -502,6 +518,92 @@ async fn pull_disks(
         tables: Some(tables),
         pulled: Some(pulled),
     })
+}
+
+/// An incremental's view of a disk: the ranges its bitmap marks dirty are read from the hypervisor's export
+/// (`remote`), every other byte from the new node's file (`local`), which reads as the parent there. The bitmap
+/// counts every write since the parent (as for a local incremental), so outside `dirty` the disk at the backup
+/// instant is the parent's; only the dirty ranges cross the network. Each block is read before the pass writes
+/// it, and a write copies the block as read, so reading the node's file stays right while the pass writes it.
+struct DirtyOrParent {
+    remote: NbdSource,
+    local: NbdSource,
+    /// Sorted, disjoint `(offset, len)`.
+    dirty: Vec<(u64, u64)>,
+}
+
+impl DirtyOrParent {
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        cut(&self.dirty, offset, len)
+    }
+}
+
+/// `[offset, offset + len)` cut at the edges of `dirty` (sorted, disjoint `(offset, len)`): `(start, len,
+/// dirty)`, in order.
+fn cut(dirty: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let end = offset.saturating_add(len);
+    let mut out = Vec::new();
+    let mut at = offset;
+    let first = dirty.partition_point(|&(o, l)| o.saturating_add(l) <= offset);
+    for &(o, l) in &dirty[first..] {
+        if at >= end || o >= end {
+            break;
+        }
+        if o > at {
+            out.push((at, o - at, false));
+            at = o;
+        }
+        let stop = o.saturating_add(l).min(end);
+        if stop > at {
+            out.push((at, stop - at, true));
+            at = stop;
+        }
+    }
+    if at < end {
+        out.push((at, end - at, false));
+    }
+    out
+}
+
+impl chain::BlockSource for DirtyOrParent {
+    fn len(&self) -> u64 {
+        chain::BlockSource::len(&self.remote)
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<chain::Extent>> {
+        let mut out = Vec::new();
+        for (start, n, dirty) in self.pieces(offset, len) {
+            let source = if dirty { &self.remote } else { &self.local };
+            // Each source's extents clipped to its piece (the builder fills gaps as data).
+            for e in source.extents(start, n)? {
+                let lo = e.offset.max(start);
+                let hi = e.offset.saturating_add(e.len).min(start + n);
+                if hi > lo {
+                    out.push(chain::Extent {
+                        offset: lo,
+                        len: hi - lo,
+                        kind: e.kind,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let len = buf.len() as u64;
+        for (start, n, dirty) in self.pieces(offset, len) {
+            let source = if dirty { &self.remote } else { &self.local };
+            let from = usize::try_from(start - offset).map_err(std::io::Error::other)?;
+            let to = usize::try_from(start - offset + n).map_err(std::io::Error::other)?;
+            source.read_at(start, &mut buf[from..to])?;
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        "the disk's view (dirty ranges) and the parent's data".to_owned()
+    }
 }
 
 /// The byte ranges the export's dirty bitmap marks, in rounds of under 4 GiB.
@@ -621,6 +723,30 @@ mod tests {
         ] {
             assert!(split_listen(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_range_is_cut_at_the_dirty_ranges_edges() {
+        let dirty = [(10, 5), (20, 10), (40, 1)];
+        assert_eq!(
+            cut(&dirty, 0, 50),
+            vec![
+                (0, 10, false),
+                (10, 5, true),
+                (15, 5, false),
+                (20, 10, true),
+                (30, 10, false),
+                (40, 1, true),
+                (41, 9, false)
+            ]
+        );
+        assert_eq!(
+            cut(&dirty, 12, 10),
+            vec![(12, 3, true), (15, 5, false), (20, 2, true)]
+        );
+        assert_eq!(cut(&dirty, 31, 5), vec![(31, 5, false)]);
+        assert_eq!(cut(&dirty, 22, 3), vec![(22, 3, true)]);
+        assert_eq!(cut(&[], 0, 7), vec![(0, 7, false)]);
     }
 
     #[test]

@@ -299,6 +299,12 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
         );
         crashed.assert_crashed_at(point);
     }
+    // The last one (killed after the copy, its server and exports still there) is cleaned up by `cleanup`.
+    let socket = vm.socket().display().to_string();
+    repo.run(VM, &["cleanup", "--socket", &socket]).success();
+    assert!(repo.manifest(VM).operations.is_empty());
+    assert_no_exports(&vm).await;
+    assert_scratch_empty(&vm);
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "last").await;
     let inc = repo.backup(&vm, VM, &strs(&args));
     assert_eq!(inc["method"], "bitmap", "{inc}");

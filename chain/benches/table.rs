@@ -154,6 +154,7 @@ fn manifest(count: usize) {
 
 fn node(id: &NodeId, parent: Option<NodeId>, kind: NodeKind) -> Node {
     let disk = |name: &str| NodeDisk {
+        source_host: None,
         disk: name.to_owned(),
         file: RelPath::disk_image(id, name).expect("path"),
         backing: parent

@@ -153,6 +153,10 @@ pub struct NodeDisk {
     /// sha256 of the table file.
     pub table_sha256: Option<String>,
     pub location: Location,
+    /// The host whose QEMU served the disk's data (the hypervisor), when it is not `location.host`, the host
+    /// that wrote the file: a pull backup reads the disk over the network. Absent in older manifests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_host: Option<String>,
 }
 
 /// Where a file was written, for the record (the manifest's relative path is what is used).
@@ -217,6 +221,10 @@ pub enum Payload {
         /// The run started the VM's NBD server (a checksum-diff reads the disks over it): recovery stops it.
         #[serde(default)]
         nbd_server_started: bool,
+        /// Scratch images a pull backup made on the hypervisor for the disks' old data (absolute paths there,
+        /// written only through the VM's QEMU): recovery empties them (QMP cannot delete a file).
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        scratch: Vec<PathBuf>,
     },
     /// A time point (the record's node).
     Snapshot {
@@ -323,7 +331,8 @@ impl Payload {
         matches!(
             self,
             Payload::Backup {
-                nbd_server_started: true
+                nbd_server_started: true,
+                ..
             }
         )
     }

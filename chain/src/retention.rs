@@ -473,6 +473,7 @@ mod tests {
             lid: 0,
             tid: 0,
             disks: vec![NodeDisk {
+                source_host: None,
                 disk: "disk0".into(),
                 file: RelPath::disk_image(id, "disk0").unwrap(),
                 backing: parent.map(|p| RelPath::disk_image(p, "disk0").unwrap()),

@@ -59,12 +59,14 @@ impl From<OperationV1> for Operation {
             "backup" if note.as_deref() == Some(NBD_SERVER_NOTE) => (
                 Payload::Backup {
                     nbd_server_started: true,
+                    scratch: Vec::new(),
                 },
                 None,
             ),
             "backup" => (
                 Payload::Backup {
                     nbd_server_started: false,
+                    scratch: Vec::new(),
                 },
                 note,
             ),
@@ -197,7 +199,8 @@ mod tests {
         assert_eq!(
             op.payload,
             Payload::Backup {
-                nbd_server_started: true
+                nbd_server_started: true,
+                scratch: Vec::new(),
             }
         );
         assert_eq!(op.legacy_note, None);
@@ -222,7 +225,8 @@ mod tests {
         assert_eq!(
             op.payload,
             Payload::Backup {
-                nbd_server_started: false
+                nbd_server_started: false,
+                scratch: Vec::new(),
             }
         );
         // Any other note is words: kept, and it starts nothing.

@@ -26,6 +26,7 @@ fn saved() -> (TestRepo, Manifest) {
     let mut op = Operation::new(
         Payload::Backup {
             nbd_server_started: false,
+            scratch: Vec::new(),
         },
         Some(b.clone()),
         Utc::now(),
@@ -396,7 +397,8 @@ fn a_format_1_manifest_is_read_with_its_records_converted_and_left_as_it_was() {
     assert_eq!(
         loaded.operations[0].payload,
         Payload::Backup {
-            nbd_server_started: true
+            nbd_server_started: true,
+            scratch: Vec::new(),
         }
     );
     assert_eq!(loaded.operations[0].files, m.operations[0].files);

@@ -52,7 +52,16 @@ pub async fn commit(opts: &CommitOptions, progress: &dyn Progress) -> Result<Com
         mut manifest,
         qmp,
         ..
-    } = crate::session::open(&opts.repo, &opts.vm, &opts.qmp, opts.lock_wait, "commit", false).await?;
+    } = crate::session::open(
+        &opts.repo,
+        &opts.vm,
+        &opts.qmp,
+        Some(crate::qmp_target::Local::FilesBesideDisks),
+        opts.lock_wait,
+        "commit",
+        false,
+    )
+    .await?;
     let node = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     let Some(parent_id) = node.parent.clone() else {
         bail!(Exit::usage(format!(

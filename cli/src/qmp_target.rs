@@ -78,6 +78,14 @@ impl QmpTarget {
         self.endpoint.is_remote()
     }
 
+    /// The host named in a TCP endpoint (the VM's host as this one reaches it); `None` for a unix socket.
+    pub fn host(&self) -> Option<&str> {
+        match &self.endpoint {
+            qmp::Endpoint::Tls { host, .. } | qmp::Endpoint::Tcp { host, .. } => Some(host),
+            qmp::Endpoint::Unix(_) => None,
+        }
+    }
+
     /// The unix socket, for a local target.
     pub fn socket(&self) -> Option<&Path> {
         match &self.endpoint {

@@ -23,19 +23,22 @@ pub struct Session {
     pub cleaned: Cleaned,
 }
 
-/// Opens a session for `command`; with `create`, a VM seen for the first time gets its directory.
+/// Opens a session for `command`; with `create`, a VM seen for the first time gets its directory. `local` says
+/// why the command needs the VM's QEMU on this host (its QEMU reaches the repository's files, or it makes
+/// files beside the VM's disks), `None` when it does not (a pull backup): a target over TCP is then refused
+/// before anything is touched (the commands refuse earlier still, with the same reason).
 pub async fn open(
     repo: &Path,
     vm: &str,
     target: &QmpTarget,
+    local: Option<Local>,
     wait: LockWait,
     command: &str,
     create: bool,
 ) -> Result<Session> {
-    // Until backups are pulled over NBD, every command that opens a session needs the VM's QEMU to reach
-    // the repository's files or makes files beside the VM's disks: refused over TCP before anything (the
-    // commands refuse earlier still, with their own reason).
-    target.require_local(command, Local::QemuWritesRepository, repo)?;
+    if let Some(why) = local {
+        target.require_local(command, why, repo)?;
+    }
     let repo = Repository::open(repo)?;
     let vm = match repo.vm(vm) {
         Ok(store) if store.dir().exists() => store,

@@ -34,6 +34,7 @@ use crate::graph::short_name;
 use crate::inspect::{self, DiskInfo};
 use crate::progress::Progress;
 use crate::qemu_bins::QemuBins;
+use crate::qmp_target::Local;
 use crate::recovery;
 use crate::session::{self, Session};
 
@@ -144,7 +145,16 @@ pub async fn snapshot(opts: &SnapshotOptions, progress: &dyn Progress) -> Result
         mut manifest,
         qmp,
         ..
-    } = session::open(&opts.repo, &opts.vm, &opts.qmp, opts.lock_wait, "snapshot", true).await?;
+    } = session::open(
+        &opts.repo,
+        &opts.vm,
+        &opts.qmp,
+        Some(Local::FilesBesideDisks),
+        opts.lock_wait,
+        "snapshot",
+        true,
+    )
+    .await?;
     if let Some(tag) = &opts.tag {
         if manifest.find(tag).is_some() {
             bail!(Exit::usage(format!(
@@ -189,6 +199,7 @@ pub async fn snapshot(opts: &SnapshotOptions, progress: &dyn Progress) -> Result
         .zip(&frozen)
         .map(|(d, f)| {
             Ok(NodeDisk {
+                source_host: None,
                 disk: d.id.clone(),
                 file: RelPath::disk_image(&node, &d.id)?,
                 backing: match &parent {
@@ -557,7 +568,16 @@ pub async fn revert(opts: &RevertOptions) -> Result<RevertReport> {
         mut manifest,
         qmp,
         ..
-    } = session::open(&opts.repo, &opts.vm, &opts.qmp, opts.lock_wait, "revert", false).await?;
+    } = session::open(
+        &opts.repo,
+        &opts.vm,
+        &opts.qmp,
+        Some(Local::FilesBesideDisks),
+        opts.lock_wait,
+        "revert",
+        false,
+    )
+    .await?;
     let target = crate::nodes::find_node(&manifest, &opts.node)?.clone();
     if target.kind != NodeKind::Snapshot {
         bail!(Exit::usage(format!(

@@ -27,6 +27,8 @@ const STATUS_WINDOW: u64 = 1 << 30;
 pub struct NbdSource {
     client: nbd::BlockingClient,
     size: u64,
+    /// Bytes read so far (data only: holes are not read).
+    read: std::sync::Arc<std::sync::atomic::AtomicU64>,
     /// The extents of the last window asked for.
     window: Mutex<Window>,
 }
@@ -44,8 +46,19 @@ impl NbdSource {
         NbdSource {
             client,
             size,
+            read: std::sync::Arc::default(),
             window: Mutex::new(Window::default()),
         }
+    }
+
+    /// The count of bytes read (the data that crossed the connection), shared.
+    pub fn read_counter(&self) -> std::sync::Arc<std::sync::atomic::AtomicU64> {
+        std::sync::Arc::clone(&self.read)
+    }
+
+    fn count(&self, n: usize) {
+        self.read
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
@@ -95,10 +108,12 @@ impl chain::BlockSource for NbdSource {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.count(buf.len());
         self.client.read_at(offset, buf).map_err(io_error)
     }
 
     fn read_into(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<()> {
+        self.count(len);
         *buf = self
             .client
             .read_owned(offset, len, std::mem::take(buf))

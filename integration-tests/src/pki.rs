@@ -146,3 +146,25 @@ impl TestPki {
         self.dir.path()
     }
 }
+
+impl TestPki {
+    /// Credentials for a server on 127.0.0.1 (and localhost) only: loopback tests.
+    pub fn loopback() -> TestPki {
+        TestPki::new(&[IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)])
+    }
+
+    /// QEMU's `-object` for the server credentials, id `id`, the client's certificate required.
+    pub fn server_object(&self, id: &str) -> String {
+        format!(
+            "tls-creds-x509,id={id},dir={},endpoint=server,verify-peer=on",
+            self.path("server").display()
+        )
+    }
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago (for a server QEMU starts; another process may take
+/// it in between, which a test then reports as QEMU failing to listen).
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local address").port()
+}

@@ -70,6 +70,7 @@ impl TestRepo {
             let id = chain::NodeId::from_seq(i as u64 + 1);
             let parent = parent_of(i).map(|p| ids[p].clone());
             let disk = chain::NodeDisk {
+                source_host: None,
                 disk: "disk0".into(),
                 file: chain::RelPath::disk_image(&id, "disk0").expect("path"),
                 backing: parent

@@ -60,7 +60,8 @@ async fn a_repository_of_format_1_is_read_backed_up_into_and_restored() {
     assert_eq!(
         manifest.operations[0].payload,
         chain::Payload::Backup {
-            nbd_server_started: true
+            nbd_server_started: true,
+            scratch: Vec::new(),
         }
     );
 

@@ -9,16 +9,16 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, Ipv4Addr, TcpListener};
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
 
 use integration_tests::cli::{self, Output};
 use integration_tests::netns::NetnsPair;
-use integration_tests::pki::TestPki;
+use integration_tests::pki::{TestPki, free_port};
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::{CLI_TIMEOUT, PROMPT_TIMEOUT};
-use integration_tests::{MIB, TestVm};
+use integration_tests::{MIB, TestVm, image};
 
 /// Where qmpbak runs: on this host, or in the backup namespace of a pair.
 enum Host<'a> {
@@ -51,15 +51,6 @@ fn expect_failure(out: &Output, code: i32, needle: &str) {
     eprintln!("exit {:?}: {}", out.code(), out.stderr.trim_end());
     assert_eq!(out.code(), Some(code), "{out:?}");
     assert!(out.stderr.contains(needle), "no {needle:?} in:\n{}", out.stderr);
-}
-
-/// A free TCP port on 127.0.0.1 (for the loopback tests; inside a namespace any port is free).
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 /// Everything a backup host does with a remote QMP, against QEMU with a TLS monitor on `host:tls_port`
@@ -159,24 +150,22 @@ fn check_remote_qmp(on: &Host<'_>, host: &str, tls_port: u16, plain_port: u16, p
     let out = on.qmpbak(&args(&["info", "--qmp", &tls]));
     expect_failure(&out, 2, "--tls-dir");
 
-    // A backup over a remote QMP is refused before anything is written: QEMU there cannot reach the repository.
+    // A backup over a remote QMP is a pull (remote_pull_* below); a pull-only option needs one.
     let repo = TestRepo::init();
-    let before = std::fs::read_dir(repo.path()).unwrap().count();
     let out = on.qmpbak(&args(&[
         "backup",
-        "--qmp",
-        &tls,
-        "--tls-dir",
-        dir(&client),
+        "--socket",
+        "/nonexistent/qmp.sock",
+        "--scratch-dir",
+        "/tmp",
         "--repo",
         dir(&repo.path()),
         "--vm",
         "web1",
     ]));
-    expect_failure(&out, 2, "is not reachable by a QEMU on another host");
+    expect_failure(&out, 2, "--scratch-dir is for a pull backup");
     assert!(!repo.vm_dir("web1").exists());
-    assert_eq!(std::fs::read_dir(repo.path()).unwrap().count(), before);
-    // So is a live restore into it.
+    // A live restore into a remote QEMU is refused before anything is written: it cannot reach the repository.
     let out = on.qmpbak(&args(&[
         "restore",
         "0001",
@@ -392,4 +381,119 @@ async fn remote_cleanup_deletes_nothing_beside_the_disks() {
     let out = remote(&[]);
     expect_failure(&out, 2, "finished only from the VM's host");
     assert_eq!(repo.manifest("vm1").operations.len(), 1);
+}
+
+/// A backup over `--qmp tls://` pulls: every node equals its reference, restores and verifies on the backup
+/// host, and the incremental reads only what the guest wrote.
+async fn check_remote_pull(vm: &TestVm, on: &Host<'_>, tls: &str, pki: &TestPki, nbd: Option<&str>) {
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    let client = pki.path("client");
+    let mut backup = args(&[
+        "backup",
+        "--qmp",
+        tls,
+        "--tls-dir",
+        dir(&client),
+        "--repo",
+        dir(&repo.path()),
+        "--vm",
+        "web1",
+        "--json",
+    ]);
+    if let Some(listen) = nbd {
+        backup.extend(args(&["--nbd-listen", listen]));
+    }
+    vm.write_pattern("disk0", 0x5a, MIB, 3 * MIB).await;
+    let full_refs = vm.capture_references(&["disk0"], refs_dir.path(), "full").await;
+    let full = tokio::task::block_in_place(|| on.qmpbak(&backup).success().json());
+    assert_eq!(full["level"], "full", "{full}");
+    assert_eq!(full["disks"][0]["pulled_bytes"].as_u64(), Some(3 * MIB), "{full}");
+    vm.write_pattern("disk0", 0x6b, 9 * MIB, 256 * 1024).await;
+    let inc_refs = vm.capture_references(&["disk0"], refs_dir.path(), "inc").await;
+    let inc = tokio::task::block_in_place(|| on.qmpbak(&backup).success().json());
+    assert_eq!(
+        (inc["level"].as_str(), inc["method"].as_str()),
+        (Some("incremental"), Some("bitmap")),
+        "{inc}"
+    );
+    assert_eq!(
+        inc["disks"][0]["pulled_bytes"].as_u64(),
+        Some(256 * 1024),
+        "{inc}"
+    );
+    let restored = tempfile::tempdir().unwrap();
+    for (report, refs) in [(&full, &full_refs), (&inc, &inc_refs)] {
+        let node = report["node"].as_str().unwrap();
+        image::assert_same(&refs[0], &repo.node_file("web1", node, "disk0"));
+        // One disk: --to names the image file itself.
+        let to = restored.path().join(format!("{node}.qcow2"));
+        let restore = args(&[
+            "restore",
+            node,
+            "--to",
+            dir(&to),
+            "--repo",
+            dir(&repo.path()),
+            "--vm",
+            "web1",
+        ]);
+        tokio::task::block_in_place(|| on.qmpbak(&restore).success());
+        image::assert_same(&refs[0], &to);
+    }
+    let verify = args(&["verify", "--repo", dir(&repo.path()), "--vm", "web1"]);
+    tokio::task::block_in_place(|| on.qmpbak(&verify).success());
+    // The node's disks name the host that served them: the VM's host as the backup host reached it.
+    let host = tls.trim_start_matches("tls://").rsplit_once(':').unwrap().0;
+    for n in &repo.manifest("web1").nodes {
+        assert_eq!(n.disks[0].source_host.as_deref(), Some(host), "{}", n.id);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_pull_across_network_namespaces() {
+    let pair = match NetnsPair::create() {
+        Ok(pair) => pair,
+        Err(why) => {
+            eprintln!("SKIPPED remote_pull_across_network_namespaces: {why}");
+            return;
+        }
+    };
+    let pki = TestPki::new(&[IpAddr::V4(pair.hv_addr)]);
+    let host = pair.hv_addr.to_string();
+    let vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .netns(&pair.hv)
+        .tcp_qmp(&host, 4444, Some(&pki.path("server")))
+        .start()
+        .await;
+    // QEMU's NBD server listens on the address the backup host reached its monitor at, port 10809.
+    check_remote_pull(
+        &vm,
+        &Host::Backup(&pair),
+        &format!("tls://{host}:4444"),
+        &pki,
+        None,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_pull_over_loopback() {
+    let pki = TestPki::new(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
+    let (port, nbd) = (free_port(), free_port());
+    let vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .tcp_qmp("127.0.0.1", port, Some(&pki.path("server")))
+        .start()
+        .await;
+    let listen = format!("127.0.0.1:{nbd}");
+    check_remote_pull(
+        &vm,
+        &Host::Here,
+        &format!("tls://127.0.0.1:{port}"),
+        &pki,
+        Some(&listen),
+    )
+    .await;
 }

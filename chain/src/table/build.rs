@@ -148,6 +148,36 @@ impl Table {
         indices: &[u64],
         threads: usize,
     ) -> Result<Vec<(u64, Digest)>> {
+        Table::build_some(source, block_size, indices, threads, RUN_BYTES, None)
+    }
+
+    /// [`Table::build_blocks`] (`indices` ascending), handing every block to `visitor` after hashing it, in
+    /// runs of consecutive blocks of about [`VISIT_RUN_BYTES`]. A visitor error stops the build.
+    pub fn build_blocks_visiting<S: BlockSource + ?Sized, V: BlockVisitor>(
+        source: &S,
+        block_size: u64,
+        indices: &[u64],
+        threads: usize,
+        visitor: &V,
+    ) -> Result<Vec<(u64, Digest)>> {
+        Table::build_some(
+            source,
+            block_size,
+            indices,
+            threads,
+            VISIT_RUN_BYTES,
+            Some(visitor),
+        )
+    }
+
+    fn build_some<S: BlockSource + ?Sized>(
+        source: &S,
+        block_size: u64,
+        indices: &[u64],
+        threads: usize,
+        run_bytes: u64,
+        visitor: Option<&dyn BlockVisitor>,
+    ) -> Result<Vec<(u64, Digest)>> {
         let count = check_size(source.len(), block_size)?;
         if let Some(&index) = indices.iter().find(|&&i| i >= count) {
             return Err(Error::BlockOutOfRange { index, count });
@@ -157,7 +187,7 @@ impl Table {
             index_of: &|job| indices[job as usize],
             keep: &|_, _| true,
         };
-        let digests = hash_blocks(source, block_size, &jobs, threads, RUN_BYTES, None)?;
+        let digests = hash_blocks(source, block_size, &jobs, threads, run_bytes, visitor)?;
         // every job kept, in job order
         Ok(indices
             .iter()

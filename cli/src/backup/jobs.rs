@@ -54,7 +54,11 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         let _ = run.qmp.execute(&JobDismiss::new(job.as_str())).await;
     }
     remove_targets(run).await;
-    Ok(Copied { bytes, tables: None })
+    Ok(Copied {
+        bytes,
+        tables: None,
+        pulled: None,
+    })
 }
 
 /// `qemu-img create` of each node file; incremental ones name the parent's file as backing file (relative).

@@ -7,8 +7,12 @@
 //! therefore never loses a change. When the bitmaps cannot be trusted, the disk is read at one instant through
 //! an image-fleecing overlay and compared block by block with the base node's checking table ([`fleece`]).
 
+mod copy;
 mod fleece;
 mod jobs;
+mod pull;
+
+pub use pull::{DEFAULT_NBD_LISTEN, DEFAULT_NBD_PORT, PullOptions, scratch_name};
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -55,6 +59,8 @@ pub struct BackupOptions {
     pub job_timeout: Duration,
     /// Back up encrypted disks into a repository that is not encrypted (their contents then stored decrypted).
     pub allow_plaintext: bool,
+    /// Pull the disks over NBD instead of having QEMU write into the repository ([`pull`]).
+    pub pull: Option<PullOptions>,
 }
 
 /// The outcome of a backup, as printed by `--json`.
@@ -97,6 +103,9 @@ pub struct DiskReport {
     pub copied_bytes: u64,
     /// Bytes the node's file takes on the host.
     pub stored_bytes: u64,
+    /// Of a pull backup: the disk's data bytes read over NBD (allocated or dirty extents only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pulled_bytes: Option<u64>,
     /// Whether the disk's bitmaps survive a restart of QEMU; when not, the next backup after one compares
     /// checking tables (see `bitmaps_volatile_why`).
     pub bitmaps_persist: bool,
@@ -228,7 +237,18 @@ pub async fn backup(
         mut manifest,
         qmp,
         cleaned,
-    } = crate::session::open(&opts.repo, &opts.vm, &opts.qmp, opts.lock_wait, "backup", true).await?;
+    } = crate::session::open(
+        &opts.repo,
+        &opts.vm,
+        &opts.qmp,
+        opts.pull
+            .is_none()
+            .then_some(crate::qmp_target::Local::QemuWritesRepository),
+        opts.lock_wait,
+        "backup",
+        true,
+    )
+    .await?;
     let info = inspect::inspect(&qmp).await?;
     let (disks, skipped) = select_disks(&info, &opts.disks, &opts.exclude)?;
     let plaintext_of_encrypted =
@@ -297,6 +317,7 @@ pub async fn backup(
         files: Vec::new(),
         payload: Payload::Backup {
             nbd_server_started: false,
+            scratch: Vec::new(),
         },
         legacy_note: None,
     };
@@ -320,6 +341,7 @@ pub async fn backup(
     crashpoint("backup-begun");
 
     let result = match run.plan.method {
+        _ if opts.pull.is_some() => pull::copy(&mut run).await,
         Method::Full | Method::Bitmap => jobs::copy(&mut run).await,
         Method::ChecksumDiff => fleece::copy(&mut run).await,
     };
@@ -386,6 +408,8 @@ async fn check_encrypted_sources(opts: &BackupOptions) -> Result<()> {
 pub(crate) struct Copied {
     pub bytes: Vec<u64>,
     pub tables: Option<Vec<chain::Table>>,
+    /// Data bytes read over NBD per target, for a pull.
+    pub pulled: Option<Vec<u64>>,
 }
 
 impl Run<'_> {
@@ -402,6 +426,7 @@ impl Run<'_> {
             .iter()
             .map(|t| {
                 Ok(NodeDisk {
+                    source_host: self.opts.pull.as_ref().map(|p| p.hypervisor.clone()),
                     disk: t.info.id.clone(),
                     file: t.file.clone(),
                     backing: t.backing.clone(),
@@ -527,6 +552,7 @@ impl Run<'_> {
                 virtual_size: t.info.virtual_size,
                 copied_bytes: copied.bytes.get(t.index).copied().unwrap_or(0),
                 stored_bytes: stored,
+                pulled_bytes: copied.pulled.as_ref().and_then(|p| p.get(t.index).copied()),
                 bitmaps_persist: t.info.bitmaps_persist,
                 bitmaps_volatile_why: t.info.bitmaps_volatile_why.clone(),
             });

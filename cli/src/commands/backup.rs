@@ -3,11 +3,12 @@
 use std::io::IsTerminal as _;
 use std::path::PathBuf;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use super::args::LiveVm;
 use super::bars::Bars;
 use qmpbak::backup::{self, BackupOptions, BackupReport};
+use qmpbak::exit::Exit;
 use qmpbak::plan::Requested;
 use qmpbak::qmp_target::Local;
 use qmpbak::render::bytes;
@@ -57,6 +58,25 @@ pub struct Args {
     /// their contents are stored decrypted. Without it such a backup is refused.
     #[arg(long)]
     allow_plaintext: bool,
+    /// Pull: the VM's QEMU exports a point-in-time view of each disk over NBD on TCP (TLS with --tls-dir,
+    /// plaintext only with --insecure-plaintext), and qmpbak reads it and writes the backup files here. The
+    /// repository then need not be reachable from the VM's host. A QEMU reached with `--qmp tls://` or
+    /// `tcp://` is always backed up this way.
+    #[arg(long)]
+    pull: bool,
+    /// For a pull: the address QEMU's NBD server listens on and qmpbak connects to (default: the `--qmp`
+    /// host, port 10809; 127.0.0.1:10809 with a unix socket).
+    #[arg(long, value_name = "HOST:PORT")]
+    nbd_listen: Option<String>,
+    /// For a pull: the id of the tls-creds-x509 object (endpoint=server) in the VM's QEMU for its NBD server
+    /// (default: its only one).
+    #[arg(long, value_name = "ID")]
+    tls_creds: Option<String>,
+    /// For a pull: a directory on the VM's host for the scratch images that keep old data while the disks are
+    /// read (default: beside each disk's image). QEMU creates them and empties them afterwards; an empty file
+    /// stays.
+    #[arg(long, value_name = "DIR")]
+    scratch_dir: Option<PathBuf>,
     /// Print one JSON result.
     #[arg(long, conflicts_with = "summary")]
     json: bool,
@@ -76,8 +96,29 @@ impl Args {
 
 pub async fn run(args: Args) -> Result<()> {
     let qmp = args.vm.qmp_target()?;
-    // Until backups are pulled over NBD, QEMU writes the node's files itself: it must reach the repository.
-    qmp.require_local("backup", Local::QemuWritesRepository, &args.vm.target.repo)?;
+    // A QEMU on another host cannot reach the repository: its disks are pulled over NBD. Otherwise QEMU writes
+    // the node's files itself, unless --pull asks for the pull all the same.
+    let pull = args.pull || qmp.is_remote();
+    if !pull {
+        let pull_only = [
+            ("--nbd-listen", args.nbd_listen.is_some()),
+            ("--tls-creds", args.tls_creds.is_some()),
+            ("--scratch-dir", args.scratch_dir.is_some()),
+        ];
+        if let Some((flag, _)) = pull_only.iter().find(|(_, given)| *given) {
+            bail!(Exit::usage(format!(
+                "{flag} is for a pull backup: add --pull, or reach QEMU with --qmp tls://HOST:PORT"
+            )));
+        }
+        qmp.require_local("backup", Local::QemuWritesRepository, &args.vm.target.repo)?;
+    }
+    let hypervisor = qmp.host().map_or_else(chain::host::hostname, str::to_owned);
+    let nbd_listen = match (&args.nbd_listen, qmp.host()) {
+        (Some(listen), _) => listen.clone(),
+        (None, Some(host)) if host.contains(':') => format!("[{host}]:{}", backup::DEFAULT_NBD_PORT),
+        (None, Some(host)) => format!("{host}:{}", backup::DEFAULT_NBD_PORT),
+        (None, None) => backup::DEFAULT_NBD_LISTEN.to_owned(),
+    };
     let _key = args.vm.target.unlock()?;
     let opts = BackupOptions {
         qmp,
@@ -98,6 +139,14 @@ pub async fn run(args: Args) -> Result<()> {
         lock_wait: args.vm.target.lock.lock_wait(),
         job_timeout: backup::DEFAULT_JOB_TIMEOUT,
         allow_plaintext: args.allow_plaintext,
+        pull: pull.then_some(backup::PullOptions {
+            nbd_listen,
+            tls_dir: args.vm.tls_dir,
+            insecure_plaintext: args.vm.insecure_plaintext,
+            tls_creds: args.tls_creds,
+            scratch_dir: args.scratch_dir,
+            hypervisor,
+        }),
     };
     let interrupt = Interrupt::new()?;
     let progress = Bars::new(!args.json && !args.summary && std::io::stderr().is_terminal());
@@ -160,11 +209,13 @@ fn print_report(r: &BackupReport) -> Result<(), super::out::StdoutError> {
     )?;
     for d in &r.disks {
         outln!(
-            "  disk {}: {} copied, {} stored ({} virtual){}",
+            "  disk {}: {} copied, {} stored ({} virtual){}{}",
             d.disk,
             bytes(d.copied_bytes),
             bytes(d.stored_bytes),
             bytes(d.virtual_size),
+            d.pulled_bytes
+                .map_or_else(String::new, |p| format!(", {} read over NBD", bytes(p))),
             d.bitmaps_volatile_why
                 .as_ref()
                 .map_or_else(String::new, |why| format!("; the disk {why}"))

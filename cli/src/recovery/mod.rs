@@ -91,6 +91,64 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
             cleaned.bitmaps.push(format!("{}:{}", bitmap.node, bitmap.name));
         }
     }
+    if let Payload::Backup { scratch, .. } = &op.payload {
+        for (i, path) in scratch.iter().enumerate() {
+            if let Some(why) = scratch_problem(path, op) {
+                tracing::warn!(path = %path.display(), why, "not emptying a scratch image the record names");
+                continue;
+            }
+            if empty_scratch(qmp, &format!("qmpbak-empty-{i}"), path)
+                .await
+                .is_ok()
+            {
+                cleaned.files.push(path.display().to_string());
+            }
+        }
+    }
+}
+
+/// Why a scratch image that `op`'s record names may not be emptied (`None`: it may). A record is data from a
+/// file: only an absolute, plain path whose name is a scratch image of the record's own node qualifies
+/// ([`crate::backup::scratch_name`]).
+pub fn scratch_problem(path: &Path, op: &Operation) -> Option<&'static str> {
+    if !path.is_absolute()
+        || path
+            .components()
+            .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
+    {
+        return Some("not an absolute plain path");
+    }
+    let name = path.file_name().and_then(|n| n.to_str())?;
+    let node = op.node.as_ref()?;
+    let suffix_ok = name
+        .strip_suffix(".qcow2")
+        .and_then(|n| n.rsplit_once("-scratch"))
+        .is_some_and(|(rest, disk)| {
+            !disk.is_empty()
+                && disk.bytes().all(|b| b.is_ascii_digit())
+                && rest.ends_with(&format!("-{node}"))
+                && rest.contains(".qmpbak-")
+        });
+    (!suffix_ok).then_some("not named as a scratch image of the record's node")
+}
+
+/// Empties a scratch image in the VM's QEMU (QMP cannot delete files): `blockdev-create` of the file again with
+/// size 0, through job `job`.
+pub async fn empty_scratch(qmp: &qmp::Qmp, job: &str, path: &Path) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    let options = serde_json::json!({"driver": "file", "filename": path, "size": 0});
+    qmp.execute(&qmp::commands::BlockdevCreate {
+        job_id: job.to_owned(),
+        options,
+    })
+    .await
+    .with_context(|| format!("emptying {}", path.display()))?;
+    let outcome = qmp.wait_job(job, CANCEL_TIMEOUT).await;
+    let _ = qmp.execute(&JobDismiss::new(job)).await;
+    match outcome?.error {
+        Some(e) => anyhow::bail!("emptying {}: {e}", path.display()),
+        None => Ok(()),
+    }
 }
 
 /// The image files QEMU has open, so that cleanup never deletes one a VM is using; `None` when QEMU cannot be
@@ -400,6 +458,7 @@ mod tests {
             "backup-0004",
             Payload::Backup {
                 nbd_server_started: false,
+                scratch: Vec::new(),
             },
         );
         for op in [&before, &unreadable, &after] {

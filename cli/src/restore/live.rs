@@ -68,6 +68,7 @@ pub async fn restore_live(
         &opts.repo,
         &opts.vm,
         &opts.qmp,
+        Some(crate::qmp_target::Local::QemuReadsRepository),
         opts.lock_wait,
         "restore --live",
         false,

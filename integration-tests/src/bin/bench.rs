@@ -53,9 +53,10 @@ usage: bench [--size SIZE] [--data SIZE] [--runs N] [--quick] [--json FILE] [--o
   --runs N        runs per measurement; min and median are reported (default 3)
   --quick         a 256 MiB disk with 96 MiB of data, one run each: a smoke test of the bench itself
   --json FILE     also write the results as JSON
-  --only LIST     comma-separated sections: full,crypt,inc,empty,cdiff,restore,live,verify,sparse,list,rss
+  --only LIST     comma-separated sections: full,crypt,inc,empty,cdiff,restore,live,verify,sparse,list,rss,pull
                   (default all; crypt, inc, empty, cdiff, restore, live and verify need full; sparse is its own
-                  case: ten 64 MiB extents on a 1 TiB disk against the same on 4 GiB)
+                  case: ten 64 MiB extents on a 1 TiB disk against the same on 4 GiB; pull boots its own VM
+                  with TLS credentials and compares backup --pull with qemu-img convert over NBD)
   --keep          keep the work directory (repositories, images) and print its path
   --block-size S  checking-table block size of the repositories (default: the repository default, 1 MiB)
 ";
@@ -99,8 +100,8 @@ struct Options {
     rss_configs: [(u64, u64); 2],
 }
 
-const SECTIONS: [&str; 11] = [
-    "full", "crypt", "inc", "empty", "cdiff", "restore", "live", "verify", "sparse", "list", "rss",
+const SECTIONS: [&str; 12] = [
+    "full", "crypt", "inc", "empty", "cdiff", "restore", "live", "verify", "sparse", "list", "rss", "pull",
 ];
 
 impl Options {
@@ -952,6 +953,9 @@ async fn run(opts: &Options) -> Report {
     if opts.wants("sparse") {
         bench.sparse().await;
     }
+    if opts.wants("pull") {
+        bench.pull().await;
+    }
     if opts.wants("list") {
         bench.list();
     }
@@ -1117,6 +1121,174 @@ impl Bench<'_> {
             job_ratio <= 1.4,
             text,
             "<= 1.4 x",
+        );
+    }
+
+    /// `backup --pull` over loopback TCP, with TLS and in plaintext, against `qemu-img convert` reading the same
+    /// kind of export (QEMU's NBD server on the same port, the disk exported read-only with the VM paused) into
+    /// a local qcow2, then a pull incremental of 1 % dirty against a local one in the same chain.
+    async fn pull(&mut self) {
+        use integration_tests::pki::{TestPki, free_port};
+        let runs = self.runs();
+        let pki = TestPki::loopback();
+        let port = free_port();
+        let listen = format!("127.0.0.1:{port}");
+        let client = pki.path("client");
+        eprintln!("bench: a VM with TLS credentials for the pull");
+        let mut vm = TestVm::builder()
+            .disk(DISK, self.opts.size)
+            .arg("-object")
+            .arg(&pki.server_object("tls0"))
+            .start()
+            .await;
+        vm.kill();
+        self.layout.write(&self.tools.qemu_io, &vm.disk_path(DISK));
+        let vm = vm.restart().await;
+        let tls: Vec<&str> = vec!["--pull", "--nbd-listen", &listen, "--tls-dir", s(&client)];
+        let plain: Vec<&str> = vec!["--pull", "--nbd-listen", &listen, "--insecure-plaintext"];
+        let repo = self.work.join("repo-pull");
+        let mut rows = Vec::new();
+        for (key, label, extra) in [
+            (
+                "pull_full_tls",
+                "pull full backup over NBD+TLS (with tables)",
+                &tls,
+            ),
+            ("pull_full_plain", "  the same in plaintext", &plain),
+        ] {
+            eprintln!("bench: {key} x{runs}");
+            let mut times = Vec::new();
+            let mut pulled = 0;
+            for r in 0..runs {
+                let dir = self.work.join(format!("repo-{key}-{r}"));
+                self.tools.init_repo(&dir, self.opts.block_size);
+                let m = self.tools.backup_with(&vm, &dir, "full", extra);
+                let j = m.json();
+                assert_eq!(j["level"], "full", "{}", m.stdout);
+                pulled = j["disks"][0]["pulled_bytes"].as_u64().unwrap_or(0);
+                times.push(m.secs);
+                if key == "pull_full_tls" && r + 1 == runs {
+                    fs::rename(&dir, &repo).expect("keep the pull repository");
+                } else {
+                    fs::remove_dir_all(&dir).expect("remove repository");
+                }
+            }
+            rows.push(self.report.add(
+                key,
+                label,
+                "s",
+                times,
+                &format!("{} read over NBD", fmt_bytes(pulled)),
+            ));
+        }
+
+        // The references: qemu-img convert from QEMU's own NBD export of the paused disk.
+        eprintln!("bench: qemu-img convert over NBD x{runs}");
+        let node = vm.disks()[0].node_name();
+        vm.qmp().execute_raw("stop", None).await.expect("stop");
+        let out = self.work.join("nbd-convert.qcow2");
+        let mut refs = Vec::new();
+        for (key, label, creds) in [
+            (
+                "pull_convert_tls",
+                "qemu-img convert from the NBD export, TLS (VM paused)",
+                true,
+            ),
+            ("pull_convert_plain", "  the same in plaintext", false),
+        ] {
+            let mut start =
+                json!({"addr": {"type": "inet", "data": {"host": "127.0.0.1", "port": port.to_string()}}});
+            if creds {
+                start["tls-creds"] = json!("tls0");
+            }
+            vm.qmp()
+                .execute_raw("nbd-server-start", Some(start))
+                .await
+                .expect("nbd-server-start");
+            vm.qmp()
+                .execute_raw(
+                    "block-export-add",
+                    Some(json!({"type": "nbd", "id": "ref", "name": "ref", "node-name": node, "writable": false})),
+                )
+                .await
+                .expect("block-export-add");
+            let object = format!("tls-creds-x509,id=tls0,dir={},endpoint=client", client.display());
+            let mut source =
+                format!("driver=nbd,server.type=inet,server.host=127.0.0.1,server.port={port},export=ref");
+            if creds {
+                source.push_str(",tls-creds=tls0");
+            }
+            let mut times = Vec::new();
+            for _ in 0..runs {
+                let _ = fs::remove_file(&out);
+                let mut args = vec!["convert", "-O", "qcow2"];
+                if creds {
+                    args.extend(["--object", &object]);
+                }
+                args.extend(["--image-opts", &source, s(&out)]);
+                let convert = measure(&self.tools.qemu_img, &args).ok();
+                let sync = measure_now(Path::new("sync"), &[s(&out)]).ok();
+                times.push(convert.secs + sync.secs);
+            }
+            vm.qmp()
+                .execute_raw("nbd-server-stop", None)
+                .await
+                .expect("nbd-server-stop");
+            refs.push(self.report.add(key, label, "s", times, "+ fsync of the output"));
+        }
+        let _ = fs::remove_file(&out);
+        vm.qmp().execute_raw("cont", None).await.expect("cont");
+        let (r, text) = ratio(&rows[0], &refs[0]);
+        self.report.check(
+            "pull full (TLS, with tables) <= 1.1 x qemu-img convert over NBD+TLS + fsync",
+            r <= 1.1,
+            text,
+            "<= 1.1 x",
+        );
+        self.report.notes.push(format!(
+            "pull full in plaintext against qemu-img convert in plaintext: {}",
+            ratio(&rows[1], &refs[1]).1
+        ));
+        self.report.notes.push(format!(
+            "TLS cost of the pull full: {} (TLS against plaintext)",
+            ratio(&rows[0], &rows[1]).1
+        ));
+
+        // Incrementals of 1 % dirty: pulled, and local, alternating in the same chain.
+        eprintln!("bench: pull and local 1 %-dirty incrementals x{runs}");
+        let (mut pulls, mut locals) = (Vec::new(), Vec::new());
+        let mut pulled = 0;
+        for r in 0..runs {
+            dirty_one_percent(&vm, self.opts.size, 100 + 2 * r as u64).await;
+            let m = self.tools.backup_with(&vm, &repo, "inc", &tls);
+            let j = m.json();
+            assert_eq!(j["method"], "bitmap", "{}", m.stdout);
+            pulled = j["disks"][0]["pulled_bytes"].as_u64().unwrap_or(0);
+            pulls.push(m.secs);
+            dirty_one_percent(&vm, self.opts.size, 101 + 2 * r as u64).await;
+            let m = self.tools.backup_with(&vm, &repo, "inc", &[]);
+            assert_eq!(m.json()["method"], "bitmap", "{}", m.stdout);
+            locals.push(m.secs);
+        }
+        let pull_inc = self.report.add(
+            "pull_incremental_1pct",
+            "pull incremental, 1 % dirty, TLS",
+            "s",
+            pulls,
+            &format!("{} read over NBD", fmt_bytes(pulled)),
+        );
+        let local_inc = self.report.add(
+            "pull_local_incremental_1pct",
+            "  a local incremental of the same chain, 1 % dirty",
+            "s",
+            locals,
+            "",
+        );
+        self.report.check(
+            "pull incremental of 1 % dirty <= the local incremental + 0.1 s",
+            pull_inc.best() <= local_inc.best() + 0.1,
+            format!("{:.3} s against {:.3} s", pull_inc.best(), local_inc.best()),
+            "<= local + 0.1 s",
         );
     }
 
@@ -1928,6 +2100,7 @@ fn write_big_manifest(repo: &Path, count: u64) {
             lid: 0,
             tid: 0,
             disks: vec![chain::NodeDisk {
+                source_host: None,
                 disk: DISK.into(),
                 file: file.clone(),
                 backing,

@@ -12,6 +12,9 @@ use crate::types::{BlockExportInfo, BlockExportRemoveMode};
 #[serde(rename_all = "kebab-case")]
 pub struct NbdServerStart {
     pub addr: Value,
+    /// The id of a `tls-creds-x509` object (endpoint=server): clients must negotiate TLS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls_creds: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_connections: Option<u32>,
 }
@@ -23,8 +26,31 @@ impl NbdServerStart {
         let addr = serde_json::json!({"type": "unix", "data": {"path": path.into()}});
         NbdServerStart {
             addr,
+            tls_creds: None,
             max_connections: None,
         }
+    }
+
+    /// A server on TCP `host`:`port`, with TLS when `tls_creds` names a credentials object.
+    pub fn tcp(host: impl Into<String>, port: u16, tls_creds: Option<String>) -> NbdServerStart {
+        let addr =
+            serde_json::json!({"type": "inet", "data": {"host": host.into(), "port": port.to_string()}});
+        NbdServerStart {
+            addr,
+            tls_creds,
+            max_connections: None,
+        }
+    }
+}
+
+impl BlockExportAdd {
+    /// A read-only NBD export of `node_name` that also offers the dirty bitmap `bitmap` (found on the node or
+    /// below it) as the metadata context `qemu:dirty-bitmap:BITMAP`.
+    pub fn nbd_with_bitmap(id: &str, node_name: &str, bitmap: &str) -> BlockExportAdd {
+        BlockExportAdd(serde_json::json!({
+            "type": "nbd", "id": id, "node-name": node_name, "name": id, "writable": false,
+            "bitmaps": [bitmap],
+        }))
     }
 }
 

@@ -43,6 +43,28 @@ pub struct ObjectDel {
 }
 command!(ObjectDel, "object-del", Empty);
 
+/// `qom-list`: the properties (children and links included) of the QOM object at `path`, e.g. `/objects`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QomList {
+    pub path: String,
+}
+command!(QomList, "qom-list", Vec<ObjectPropertyInfo>);
+
+/// One property of a QOM object: a child object's type reads `child<TYPE>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectPropertyInfo {
+    pub name: String,
+    #[serde(rename = "type")]
+    pub type_: String,
+}
+
+impl ObjectPropertyInfo {
+    /// The type of the child object this property holds (`child<TYPE>`), if it is one.
+    pub fn child_type(&self) -> Option<&str> {
+        self.type_.strip_prefix("child<")?.strip_suffix('>')
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

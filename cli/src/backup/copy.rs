@@ -1,0 +1,282 @@
+//! One pass over a point-in-time view of a disk, shared by the checksum-diff and the pull backup: the view is
+//! read over NBD and hashed into the node's checking table, and what the new node must hold is written into its
+//! file as soon as it is hashed, from the same buffer (nothing read twice): neighbouring blocks in one write,
+//! several writes in flight while the hashing workers go on.
+//!
+//! What is read: the whole disk (a full, a checksum-diff) or only some blocks (an incremental's dirty ones),
+//! holes skipped by block status either way. What is written: the blocks whose check value differs from the
+//! base's table (the parent node, whose file backs the new one), or without a base every block that is not all
+//! zeros (a new file without backing reads as zeros). The table is the whole disk's, or the base's with the
+//! blocks read rehashed.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use chain::Piece;
+use tokio::sync::Semaphore;
+
+use super::{Run, interrupted};
+use crate::tables::threads;
+
+/// How often the progress display is updated while a disk is read.
+const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
+
+/// One disk's pass: where to read, what, against which table, into which file.
+pub(super) struct Pass<'a, S> {
+    pub disk: &'a str,
+    pub source: S,
+    /// Only these blocks (ascending), the rest taken from `base`; `None`: the whole disk.
+    pub blocks: Option<Vec<u64>>,
+    /// The table the new node's file reads as before the pass (its backing's); `None`: it reads as zeros.
+    pub base: Option<chain::Table>,
+    /// The new node's file, writable.
+    pub target: nbd::Client,
+}
+
+/// Runs `pass`: returns the new node's table for the disk and the bytes written into its file. Every write is
+/// answered before the table counts; an interrupt stops the workers, waits for the writes and is the error.
+pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
+    run: &Run<'_>,
+    pass: Pass<'_, S>,
+) -> Result<(chain::Table, u64)> {
+    let Pass {
+        disk,
+        source,
+        blocks,
+        base,
+        target,
+    } = pass;
+    let block_size = run.block_size;
+    if let Some(base) = &base {
+        if base.block_size() != block_size {
+            bail!(
+                "the base node's checking table of disk {disk} has {}-byte blocks, the repository {block_size}-byte blocks",
+                base.block_size(),
+            );
+        }
+    }
+    if blocks.is_some() && base.is_none() {
+        bail!("hashing some blocks of disk {disk} needs the base's table for the others");
+    }
+    let size = chain::BlockSource::len(&source);
+    let total = match &blocks {
+        Some(b) => (b.len() as u64).saturating_mul(block_size).min(size),
+        None => size,
+    };
+    let handle = tokio::runtime::Handle::current();
+    let visitor = Arc::new(CopyChanged::new(base, target, handle));
+    let worker = Arc::clone(&visitor);
+    let mut build = tokio::task::spawn_blocking(move || -> Result<chain::Table> {
+        let key = worker.key.clone();
+        match blocks {
+            None => {
+                let table = chain::Table::build_visiting(&source, block_size, threads(), worker.as_ref())?;
+                Ok(match &key {
+                    Some(key) => key.seal_table(&table)?,
+                    None => table,
+                })
+            }
+            Some(blocks) => {
+                let hashes = chain::Table::build_blocks_visiting(
+                    &source,
+                    block_size,
+                    &blocks,
+                    threads(),
+                    worker.as_ref(),
+                )?;
+                let base = worker.base.as_ref().context("no base table")?;
+                Ok(match &key {
+                    Some(key) => chain::Table::derive(base, &key.seal_blocks(&hashes))?,
+                    None => chain::Table::derive(base, &hashes)?,
+                })
+            }
+        }
+    });
+    let mut ticker = tokio::time::interval(PROGRESS_INTERVAL);
+    let outcome = loop {
+        tokio::select! {
+            joined = &mut build => break joined.context("table builder panicked")?,
+            () = run.interrupt.wait() => {
+                visitor.cancelled.store(true, Ordering::Relaxed);
+                let _ = build.await;
+                let _ = visitor.finish().await;
+                return Err(interrupted());
+            }
+            _ = ticker.tick() => {
+                run.progress.advance(disk, visitor.hashed.load(Ordering::Relaxed), total);
+            }
+        }
+    };
+    // Every write is answered before the table counts: a failed one is the error, even when the build
+    // stopped for another reason meanwhile.
+    let finished = visitor.finish().await;
+    let table = outcome?;
+    finished?;
+    Ok((table, visitor.copied.load(Ordering::Relaxed)))
+}
+
+/// Copies each block the new node must hold into its file, from the bytes the table build just read and hashed:
+/// a block whose check value differs from the base's or, without a base (the file reads as zeros), every block
+/// that is not all zeros. It runs on the build's worker threads, which see runs of consecutive
+/// blocks: neighbouring changed blocks of one kind become one write (data, or zeroes), and writes go on in the
+/// background, up to [`WRITE_BYTES_IN_FLIGHT`] of them, while the workers read and hash on.
+struct CopyChanged {
+    base: Option<chain::Table>,
+    /// The table key of an encrypted repository: the base's digests are keyed.
+    key: Option<chain::TableKey>,
+    target: nbd::Client,
+    /// The runtime the writes run on (the workers are plain threads).
+    handle: tokio::runtime::Handle,
+    /// Bounds the bytes of writes in flight, one permit per [`WRITE_PERMIT_BYTES`].
+    in_flight: Arc<Semaphore>,
+    /// The first write that failed: (offset, error).
+    write_error: Arc<Mutex<Option<(u64, nbd::Error)>>>,
+    /// Bytes hashed so far, for the progress display.
+    hashed: AtomicU64,
+    /// Bytes written into the new node.
+    copied: AtomicU64,
+    /// Set on an interrupt: the next run ends the build.
+    cancelled: AtomicBool,
+}
+
+/// Bytes of writes into the new node in flight at once; each holds a copy of its bytes until it is answered.
+const WRITE_BYTES_IN_FLIGHT: u64 = 16 << 20;
+
+/// What one permit of [`CopyChanged::in_flight`] stands for.
+const WRITE_PERMIT_BYTES: u64 = 64 << 10;
+
+/// Permits of [`CopyChanged::in_flight`] in all.
+const WRITE_PERMITS: u32 = (WRITE_BYTES_IN_FLIGHT / WRITE_PERMIT_BYTES) as u32;
+
+impl CopyChanged {
+    fn new(base: Option<chain::Table>, target: nbd::Client, handle: tokio::runtime::Handle) -> CopyChanged {
+        CopyChanged {
+            base,
+            key: crate::crypt::unlock::table_key(),
+            target,
+            handle,
+            in_flight: Arc::new(Semaphore::new(WRITE_PERMITS as usize)),
+            write_error: Arc::new(Mutex::new(None)),
+            hashed: AtomicU64::new(0),
+            copied: AtomicU64::new(0),
+            cancelled: AtomicBool::new(false),
+        }
+    }
+
+    /// `None` when the new node's file already reads as the block (the base's block, or zeros without a base);
+    /// else whether it reads as zeros.
+    fn change(&self, block: &chain::Visited<'_>) -> Option<bool> {
+        let zero = block.pieces.iter().all(|p| match p {
+            Piece::Data(d) => d.iter().all(|&b| b == 0),
+            Piece::Zero(_) => true,
+        });
+        let Some(base) = &self.base else {
+            return (!zero).then_some(false);
+        };
+        let keyed = self.key.as_ref().map(|k| k.seal(block.index, &block.digest));
+        if base.digest(block.index) == Some(keyed.as_ref().unwrap_or(&block.digest)) {
+            return None;
+        }
+        Some(zero)
+    }
+
+    /// The first failed write, as an I/O error.
+    fn failed_write(&self) -> Option<io::Error> {
+        let failed = self.write_error.lock().unwrap_or_else(PoisonError::into_inner);
+        failed
+            .as_ref()
+            .map(|(offset, e)| io::Error::other(format!("writing the new node at byte {offset}: {e}")))
+    }
+
+    /// Starts the write of `blocks` (consecutive, changed, all zero or not) as one request, after waiting for
+    /// room among the writes in flight.
+    fn write(&self, blocks: &[chain::Visited<'_>], zero: bool) -> io::Result<()> {
+        let Some(first) = blocks.first() else {
+            return Ok(());
+        };
+        let offset = first.offset;
+        let len: u64 = blocks.iter().map(|b| b.len).sum();
+        let data = (!zero).then(|| {
+            let mut bytes = Vec::with_capacity(len as usize);
+            for p in blocks.iter().flat_map(|b| &b.pieces) {
+                match p {
+                    Piece::Data(d) => bytes.extend_from_slice(d),
+                    Piece::Zero(n) => bytes.resize(bytes.len() + *n as usize, 0),
+                }
+            }
+            bytes
+        });
+        let permits = u32::try_from(len.div_ceil(WRITE_PERMIT_BYTES))
+            .unwrap_or(u32::MAX)
+            .clamp(1, WRITE_PERMITS);
+        let permit = self
+            .handle
+            .block_on(Arc::clone(&self.in_flight).acquire_many_owned(permits))
+            .map_err(io::Error::other)?;
+        let target = self.target.clone();
+        let failed = Arc::clone(&self.write_error);
+        self.handle.spawn(async move {
+            let written = match data {
+                Some(bytes) => target.write_owned(offset, bytes, false).await,
+                None => target.write_zeroes(offset, len, false).await,
+            };
+            if let Err(e) = written {
+                failed
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .get_or_insert((offset, e));
+            }
+            drop(permit);
+        });
+        self.copied.fetch_add(len, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Waits until every write started has been answered; the first that failed is the error.
+    async fn finish(&self) -> Result<()> {
+        let all = self
+            .in_flight
+            .acquire_many(WRITE_PERMITS)
+            .await
+            .context("waiting for the writes into the new node")?;
+        drop(all);
+        match self.failed_write() {
+            Some(e) => Err(anyhow!(e)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl chain::BlockVisitor for CopyChanged {
+    fn run(&self, blocks: &[chain::Visited<'_>]) -> Result<(), (u64, io::Error)> {
+        let first = blocks.first().map_or(0, |b| b.index);
+        self.hashed
+            .fetch_add(blocks.iter().map(|b| b.len).sum(), Ordering::Relaxed);
+        if self.cancelled.load(Ordering::Relaxed) {
+            return Err((first, io::Error::new(io::ErrorKind::Interrupted, "interrupted")));
+        }
+        // A write that failed in the background stops the build at the next run.
+        if let Some(e) = self.failed_write() {
+            return Err((first, e));
+        }
+        let changes: Vec<Option<bool>> = blocks.iter().map(|b| self.change(b)).collect();
+        let mut i = 0;
+        while i < blocks.len() {
+            let Some(zero) = changes[i] else {
+                i += 1;
+                continue;
+            };
+            let mut j = i + 1;
+            while j < blocks.len() && changes[j] == Some(zero) {
+                j += 1;
+            }
+            self.write(&blocks[i..j], zero)
+                .map_err(|e| (blocks[i].index, e))?;
+            i = j;
+        }
+        Ok(())
+    }
+}

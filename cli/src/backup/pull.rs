@@ -1,0 +1,781 @@
+//! The pull backup (`backup --pull`): the repository lives only on the backup host, and QEMU writes nothing
+//! into it. The VM's QEMU keeps a point-in-time view of every disk (image fleecing: a `blockdev-backup
+//! sync=none` job, which inserts QEMU's copy-before-write filter above the disk and copies old data into a
+//! scratch overlay before the guest overwrites it) and exports the views over NBD on TCP with TLS; qmpbak reads
+//! them, hashes them into the node's checking tables and writes the node's qcow2 files locally through a
+//! qemu-storage-daemon of its own, in one pass ([`super::copy`]).
+//!
+//! What is read over the network: a full reads the allocated extents (`base:allocation`), an incremental or
+//! differential the extents of a frozen copy of its bitmap (`qemu:dirty-bitmap:NAME`), a checksum-diff the whole
+//! disk (holes skipped), compared with the base node's table.
+//!
+//! The scratch overlay must live where the VM's QEMU can write: on the hypervisor, beside the disk's image by
+//! default (`--scratch-dir` elsewhere). QMP can create files (`blockdev-create`) but not delete them, so after
+//! the run each scratch file is emptied (created again with size 0) and an empty file stays. The operation
+//! record names the scratch files, the temporary bitmaps, the exports and the NBD server, so the next run (or
+//! `qmpbak cleanup`) removes them and empties the scratch after a kill.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use qmp::MirrorSyncMode;
+use qmp::commands::{
+    BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportAdd,
+    BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevCreate, BlockdevDel, JobCancel, JobDismiss,
+    NbdServerStart, NbdServerStop, QomList, TransactionAction,
+};
+use serde_json::json;
+
+use super::{Copied, Run, Target, copy, interrupted, jobs};
+use crate::crashpoint::crashpoint;
+use crate::daemon::{NBD_CONNECT_TIMEOUT, StorageDaemon};
+use crate::graph;
+use crate::plan::Method;
+use crate::recovery;
+use crate::tables::{NbdSource, load_node_table, touched_blocks};
+
+/// How long a fleecing job may take to stop after `job-cancel`.
+const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long creating (or emptying) a scratch image may take.
+pub const SCRATCH_CREATE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// The NBD address QEMU listens on when `--nbd-listen` is not given.
+pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
+
+/// The NBD port QEMU listens on for a pull from another host, unless told otherwise (NBD's registered port).
+pub const DEFAULT_NBD_PORT: u16 = 10809;
+
+/// Bytes of the export one block-status request of the dirty bitmap covers (32-bit requests: under 4 GiB).
+const STATUS_ROUND: u64 = 1 << 31;
+
+/// How a pull backup reaches the VM's disks.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// `HOST:PORT` QEMU's NBD server listens on; qmpbak connects to the same address.
+    pub nbd_listen: String,
+    /// Client credentials (QEMU's `tls-creds-x509` layout, `endpoint=client`).
+    pub tls_dir: Option<PathBuf>,
+    /// Plaintext NBD (no `--tls-dir`).
+    pub insecure_plaintext: bool,
+    /// The id of the `tls-creds-x509` object (endpoint=server) in the VM's QEMU; found when it is the only one.
+    pub tls_creds: Option<String>,
+    /// Where the scratch images go on the hypervisor (absolute); default: beside each disk's image.
+    pub scratch_dir: Option<PathBuf>,
+    /// The name of the host the VM's QEMU runs on, recorded with each node disk (`source_host`): this host's
+    /// name for a QMP socket on this host.
+    pub hypervisor: String,
+}
+
+/// Runs the copy phase of a pull backup: view, export, one pass per disk, teardown.
+pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
+    let pull = run.opts.pull.clone().context("not a pull backup")?;
+    // Everything that can be checked before anything is created.
+    let (host, port) = split_listen(&pull.nbd_listen)?;
+    let connect = connect_options(&pull)?;
+    if let Some(t) = run.targets.iter().find(|t| t.info.encrypted) {
+        bail!(
+            "disk {} is encrypted: a pull backup would keep its old data decrypted in a scratch image on the \
+             hypervisor; back it up without --pull",
+            t.info.id
+        );
+    }
+    let tls_creds = match (&pull.tls_dir, &pull.tls_creds) {
+        (None, _) => None,
+        (Some(_), Some(id)) => Some(id.clone()),
+        (Some(_), None) => Some(find_tls_creds(run.qmp).await?),
+    };
+    let scratch: Vec<PathBuf> = run
+        .targets
+        .iter()
+        .map(|t| scratch_path(run, &pull, t))
+        .collect::<Result<_>>()?;
+
+    jobs::create_target_files(run)?;
+    record(run, &scratch)?;
+    crashpoint("pull-recorded");
+    let result = view_and_copy(run, &scratch, &host, port, tls_creds, &connect).await;
+    teardown(run, &scratch).await;
+    result
+}
+
+/// `HOST:PORT` (`[V6]:PORT`) of `--nbd-listen`.
+fn split_listen(addr: &str) -> Result<(String, u16)> {
+    let (host, port) = addr
+        .rsplit_once(':')
+        .with_context(|| format!("--nbd-listen {addr:?} is not HOST:PORT"))?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    let port: u16 = port
+        .parse()
+        .ok()
+        .filter(|&p| p != 0)
+        .with_context(|| format!("--nbd-listen {addr:?}: the port must be 1-65535"))?;
+    if host.is_empty() || host == "0.0.0.0" || host == "::" {
+        bail!("--nbd-listen {addr:?}: name the address qmpbak connects to, not a wildcard");
+    }
+    Ok((host.to_owned(), port))
+}
+
+/// TLS with the client credentials of `--tls-dir`, or plaintext only with `--insecure-plaintext`.
+fn connect_options(pull: &PullOptions) -> Result<nbd::ConnectOptions> {
+    match (&pull.tls_dir, pull.insecure_plaintext) {
+        (Some(dir), _) => {
+            let creds = nbd::TlsCredentials::from_dir(dir)
+                .with_context(|| format!("reading TLS credentials from {}", dir.display()))?;
+            Ok(nbd::ConnectOptions::new().tls(creds))
+        }
+        (None, true) => Ok(nbd::ConnectOptions::new().insecure_plaintext()),
+        (None, false) => bail!(crate::exit::Exit::usage(
+            "a pull backup reads the disks over TCP: give --tls-dir (TLS credentials), or --insecure-plaintext"
+                .to_owned()
+        )),
+    }
+}
+
+/// The one `tls-creds-x509` object of the VM's QEMU (`qom-list /objects`).
+async fn find_tls_creds(qmp: &qmp::Qmp) -> Result<String> {
+    let objects = qmp
+        .execute(&QomList {
+            path: "/objects".to_owned(),
+        })
+        .await
+        .context("listing the VM's QEMU objects (qom-list /objects)")?;
+    let creds: Vec<String> = objects
+        .into_iter()
+        .filter(|o| o.child_type() == Some("tls-creds-x509"))
+        .map(|o| o.name)
+        .collect();
+    match creds.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => bail!(
+            "the VM's QEMU has no tls-creds-x509 object for its NBD server: start it with \
+             -object tls-creds-x509,id=ID,dir=DIR,endpoint=server,verify-peer=on (or use --insecure-plaintext)"
+        ),
+        many => bail!(
+            "the VM's QEMU has several tls-creds-x509 objects ({}): name the NBD server's with --tls-creds",
+            many.join(", ")
+        ),
+    }
+}
+
+/// The scratch image of disk `t` on the hypervisor: `<dir>/<image name>.qmpbak-<chain>-<node>-scratch<i>.qcow2`.
+fn scratch_path(run: &Run<'_>, pull: &PullOptions, t: &Target) -> Result<PathBuf> {
+    let image = Path::new(&t.info.image);
+    let dir = if let Some(dir) = &pull.scratch_dir {
+        dir.clone()
+    } else {
+        if !image.is_absolute() {
+            bail!(
+                "disk {}'s image {:?} is not a file path: name a directory on the hypervisor for the scratch \
+                 image with --scratch-dir",
+                t.info.id,
+                t.info.image
+            );
+        }
+        image
+            .parent()
+            .context("the disk's image has no directory")?
+            .to_owned()
+    };
+    if !dir.is_absolute()
+        || dir
+            .components()
+            .any(|c| matches!(c, std::path::Component::ParentDir))
+    {
+        bail!(
+            "--scratch-dir {} must be an absolute path without '..'",
+            dir.display()
+        );
+    }
+    let stem = image
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| !n.is_empty())
+        .unwrap_or("disk");
+    Ok(dir.join(scratch_name(
+        stem,
+        &run.manifest.chain_id,
+        run.node.as_str(),
+        t.index,
+    )))
+}
+
+/// The file name of a scratch image, which recovery checks before it empties a file a record names.
+pub fn scratch_name(stem: &str, chain: &str, node: &str, disk: usize) -> String {
+    format!("{stem}.qmpbak-{chain}-{node}-scratch{disk}.qcow2")
+}
+
+/// The name of disk `t`'s frozen copy of the bitmap an incremental reads (not a [`crate::bitmaps::BitmapName`]:
+/// tidying never takes it for one of the chain's).
+fn frozen_bitmap(run: &Run<'_>, t: &Target) -> String {
+    format!("qmpbak.pull.{}.{}.{}", run.manifest.chain_id, run.node, t.index)
+}
+
+fn export_id(run: &Run<'_>, t: &Target) -> String {
+    format!("{}-p{}", run.op.id, t.index)
+}
+
+/// Puts what this run creates in the VM's QEMU and on the hypervisor into the operation record, before any of it
+/// exists: the NBD server, the scratch images and their nodes, the create jobs, the frozen bitmaps.
+fn record(run: &mut Run<'_>, scratch: &[PathBuf]) -> Result<()> {
+    for t in &run.targets {
+        run.op.jobs.push(run.qemu_name("k", t.index));
+        // After the overlay ("f", recorded by `begin`): removed after it.
+        run.op.block_nodes.push(run.qemu_name("s", t.index));
+        if run.plan.method == Method::Bitmap {
+            run.op.bitmaps.push(chain::BitmapRecord {
+                node: t.info.node_name.clone(),
+                name: frozen_bitmap(run, t),
+            });
+        }
+    }
+    // The NBD server is recorded only once it runs: a server that was already running is not ours to stop.
+    run.op.payload = chain::Payload::Backup {
+        nbd_server_started: false,
+        scratch: scratch.to_vec(),
+    };
+    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
+        *op = run.op.clone();
+    }
+    run.save()
+}
+
+/// Creates an image in the VM's QEMU with `blockdev-create` and waits for the job.
+async fn create(qmp: &qmp::Qmp, job: &str, options: serde_json::Value) -> Result<()> {
+    qmp.execute(&BlockdevCreate {
+        job_id: job.to_owned(),
+        options,
+    })
+    .await?;
+    let outcome = qmp.wait_job(job, SCRATCH_CREATE_TIMEOUT).await;
+    let _ = qmp.execute(&JobDismiss::new(job)).await;
+    match outcome?.error {
+        Some(e) => Err(anyhow!(e)),
+        None => Ok(()),
+    }
+}
+
+async fn view_and_copy(
+    run: &mut Run<'_>,
+    scratch: &[PathBuf],
+    host: &str,
+    port: u16,
+    tls_creds: Option<String>,
+    connect: &nbd::ConnectOptions,
+) -> Result<Copied> {
+    // The new node files are written here by a qemu-storage-daemon of our own, which starts while the VM's
+    // QEMU makes the views (a failure of either drops, so kills and reaps, the daemon).
+    let bins = run.bins.clone();
+    let (daemon, exported) = tokio::join!(
+        StorageDaemon::start(&bins),
+        export_views(run, scratch, host, port, tls_creds)
+    );
+    let daemon = daemon?;
+    exported?;
+    let result = pull_disks(run, &daemon, host, port, connect).await;
+    let stopped = daemon.stop().await;
+    let copied = result?;
+    stopped?;
+    Ok(copied)
+}
+
+/// Makes the scratch overlays, the views (one transaction), the NBD server and the exports in the VM's QEMU.
+async fn export_views(
+    run: &mut Run<'_>,
+    scratch: &[PathBuf],
+    host: &str,
+    port: u16,
+    tls_creds: Option<String>,
+) -> Result<()> {
+    let qmp = run.qmp;
+    // The scratch overlays on the hypervisor, on top of the live disks.
+    for (t, path) in run.targets.iter().zip(scratch) {
+        let job = run.qemu_name("k", t.index);
+        let file = run.qemu_name("s", t.index);
+        create(qmp, &job, json!({"driver": "file", "filename": path, "size": 0}))
+            .await
+            .with_context(|| format!("creating the scratch file {} on the hypervisor", path.display()))?;
+        qmp.execute(&BlockdevAdd(
+            json!({"driver": "file", "node-name": file, "filename": path}),
+        ))
+        .await
+        .with_context(|| format!("opening the scratch file {}", path.display()))?;
+        create(
+            qmp,
+            &job,
+            json!({"driver": "qcow2", "file": file, "size": t.info.virtual_size}),
+        )
+        .await
+        .with_context(|| format!("formatting the scratch image {}", path.display()))?;
+        qmp.execute(&BlockdevAdd(json!({
+            "driver": "qcow2",
+            "node-name": run.qemu_name("f", t.index),
+            "file": file,
+            "backing": t.info.node_name,
+            // Old data for the run only, emptied afterwards: its durability does not matter.
+            "cache": {"no-flush": true},
+        })))
+        .await
+        .context("adding the scratch overlay")?;
+    }
+    crashpoint("pull-scratch-added");
+    if run.interrupt.arrived().await {
+        return Err(interrupted());
+    }
+
+    // One instant for every disk: the views, the new bitmaps and the frozen copies of the bitmaps read.
+    let mut actions = Vec::new();
+    for t in &run.targets {
+        for name in run.new_bitmaps(t) {
+            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+                persistent: Some(t.info.bitmaps_persist),
+                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), name)
+            }));
+        }
+        if run.plan.method == Method::Bitmap {
+            let base = run
+                .base_bitmap(t)
+                .context("an incremental without a base bitmap")?;
+            let granularity = t
+                .info
+                .bitmaps
+                .iter()
+                .find(|b| b.name == base)
+                .and_then(|b| u32::try_from(b.granularity).ok());
+            let frozen = frozen_bitmap(run, t);
+            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+                persistent: Some(false),
+                disabled: Some(true),
+                granularity,
+                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), frozen.as_str())
+            }));
+            actions.push(TransactionAction::BlockDirtyBitmapMerge(BlockDirtyBitmapMerge {
+                node: t.info.node_name.clone(),
+                target: frozen,
+                bitmaps: vec![BitmapRef::Name(base)],
+            }));
+        }
+        actions.push(TransactionAction::BlockdevBackup(BlockdevBackup::new(
+            run.qemu_name("j", t.index),
+            t.info.node_name.as_str(),
+            run.qemu_name("f", t.index),
+            MirrorSyncMode::None,
+        )));
+    }
+    run.transaction(actions, "starting the point-in-time views (QMP transaction)")
+        .await?;
+    crashpoint("pull-view-started");
+
+    qmp.execute(&NbdServerStart::tcp(host, port, tls_creds))
+        .await
+        .map_err(|e| anyhow!(e))
+        .with_context(|| {
+            format!("starting an NBD server on {host}:{port} in the VM's QEMU (is another NBD server running in it?)")
+        })?;
+    if let chain::Payload::Backup {
+        nbd_server_started, ..
+    } = &mut run.op.payload
+    {
+        *nbd_server_started = true;
+    }
+    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
+        *op = run.op.clone();
+    }
+    run.save()?;
+    crashpoint("pull-server-started");
+    for t in &run.targets {
+        let id = export_id(run, t);
+        let node = run.qemu_name("f", t.index);
+        let export = match run.plan.method {
+            Method::Bitmap => BlockExportAdd::nbd_with_bitmap(&id, &node, &frozen_bitmap(run, t)),
+            Method::Full | Method::ChecksumDiff => BlockExportAdd::nbd(&id, &node, false),
+        };
+        qmp.execute(&export)
+            .await
+            .with_context(|| format!("exporting the view of disk {} over NBD", t.info.id))?;
+    }
+    crashpoint("pull-exported");
+    tokio::select! {
+        () = crate::crashpoint::pause_point("pull-exported") => {}
+        () = run.interrupt.wait() => return Err(interrupted()),
+    }
+    Ok(())
+}
+
+/// Reads, hashes and writes each disk in turn.
+async fn pull_disks(
+    run: &Run<'_>,
+    daemon: &StorageDaemon,
+    host: &str,
+    port: u16,
+    connect: &nbd::ConnectOptions,
+) -> Result<Copied> {
+    let addr = if host.contains(':') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    };
+    let mut bytes = Vec::new();
+    let mut pulled = Vec::new();
+    let mut tables = Vec::new();
+    for t in &run.targets {
+        if run.interrupt.arrived().await {
+            return Err(interrupted());
+        }
+        let base = match &run.plan.parent {
+            Some(parent) => Some(load_node_table(
+                run.vm,
+                &run.manifest,
+                &parent.parse()?,
+                &t.info.id,
+            )?),
+            None => None,
+        };
+        let frozen = frozen_bitmap(run, t);
+        let options = match run.plan.method {
+            Method::Bitmap => connect.clone().dirty_bitmap(&frozen),
+            Method::Full | Method::ChecksumDiff => connect.clone(),
+        };
+        let export = export_id(run, t);
+        let view = nbd::Client::connect_tcp(&addr, &export, &options, NBD_CONNECT_TIMEOUT)
+            .await
+            .with_context(|| {
+                format!(
+                    "connecting to the NBD export {export} of disk {} at {addr}",
+                    t.info.id
+                )
+            })?;
+        if view.size() != t.info.virtual_size {
+            bail!(
+                "the NBD export of disk {} has {} bytes, the disk {}",
+                t.info.id,
+                view.size(),
+                t.info.virtual_size
+            );
+        }
+        let dirty = match run.plan.method {
+            Method::Bitmap => Some(dirty_ranges(&view, &frozen).await?),
+            Method::Full | Method::ChecksumDiff => None,
+        };
+        let blocks = match &dirty {
+            Some(dirty) => {
+                let count = chain::table::check_size(view.size(), run.block_size)?;
+                Some(touched_blocks(dirty, run.block_size, count)?)
+            }
+            None => None,
+        };
+        let target = open_target(run, daemon, t).await?;
+        run.progress.phase(&format!(
+            "pulling disk {} over NBD{}",
+            t.info.id,
+            if run.opts.pull.as_ref().is_some_and(|p| p.tls_dir.is_some()) {
+                " (TLS)"
+            } else {
+                " (plaintext)"
+            }
+        ));
+        let handle = tokio::runtime::Handle::current();
+        let remote = NbdSource::new(
+            nbd::BlockingClient::new(view.clone(), handle.clone()),
+            view.size(),
+        );
+        let counter = remote.read_counter();
+        // The parts of the touched blocks that the bitmap leaves clean are the parent's: read here, from the new
+        // node's file (the parent's chain below it), not over the network.
+        let (table, copied) = if let Some(dirty) = dirty {
+            let local = NbdSource::new(nbd::BlockingClient::new(target.clone(), handle), target.size());
+            let source = DirtyOrParent { remote, local, dirty };
+            let pass = copy::Pass {
+                disk: &t.info.id,
+                source,
+                blocks,
+                base,
+                target: target.clone(),
+            };
+            copy::hash_and_copy(run, pass).await?
+        } else {
+            let pass = copy::Pass {
+                disk: &t.info.id,
+                source: remote,
+                blocks,
+                base,
+                target: target.clone(),
+            };
+            copy::hash_and_copy(run, pass).await?
+        };
+        target.flush().await?;
+        run.progress.finish_disk(&t.info.id);
+        let _ = view.disconnect().await;
+        let _ = target.disconnect().await;
+        bytes.push(copied);
+        pulled.push(counter.load(std::sync::atomic::Ordering::Relaxed));
+        tables.push(table);
+    }
+    crashpoint("pull-copied");
+    Ok(Copied {
+        bytes,
+        tables: Some(tables),
+        pulled: Some(pulled),
+    })
+}
+
+/// An incremental's view of a disk: the ranges its bitmap marks dirty are read from the hypervisor's export
+/// (`remote`), every other byte from the new node's file (`local`), which reads as the parent there. The bitmap
+/// counts every write since the parent (as for a local incremental), so outside `dirty` the disk at the backup
+/// instant is the parent's; only the dirty ranges cross the network. Each block is read before the pass writes
+/// it, and a write copies the block as read, so reading the node's file stays right while the pass writes it.
+struct DirtyOrParent {
+    remote: NbdSource,
+    local: NbdSource,
+    /// Sorted, disjoint `(offset, len)`.
+    dirty: Vec<(u64, u64)>,
+}
+
+impl DirtyOrParent {
+    fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+        cut(&self.dirty, offset, len)
+    }
+}
+
+/// `[offset, offset + len)` cut at the edges of `dirty` (sorted, disjoint `(offset, len)`): `(start, len,
+/// dirty)`, in order.
+fn cut(dirty: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let end = offset.saturating_add(len);
+    let mut out = Vec::new();
+    let mut at = offset;
+    let first = dirty.partition_point(|&(o, l)| o.saturating_add(l) <= offset);
+    for &(o, l) in &dirty[first..] {
+        if at >= end || o >= end {
+            break;
+        }
+        if o > at {
+            out.push((at, o - at, false));
+            at = o;
+        }
+        let stop = o.saturating_add(l).min(end);
+        if stop > at {
+            out.push((at, stop - at, true));
+            at = stop;
+        }
+    }
+    if at < end {
+        out.push((at, end - at, false));
+    }
+    out
+}
+
+impl chain::BlockSource for DirtyOrParent {
+    fn len(&self) -> u64 {
+        chain::BlockSource::len(&self.remote)
+    }
+
+    fn extents(&self, offset: u64, len: u64) -> std::io::Result<Vec<chain::Extent>> {
+        let mut out = Vec::new();
+        for (start, n, dirty) in self.pieces(offset, len) {
+            let source = if dirty { &self.remote } else { &self.local };
+            // Each source's extents clipped to its piece (the builder fills gaps as data).
+            for e in source.extents(start, n)? {
+                let lo = e.offset.max(start);
+                let hi = e.offset.saturating_add(e.len).min(start + n);
+                if hi > lo {
+                    out.push(chain::Extent {
+                        offset: lo,
+                        len: hi - lo,
+                        kind: e.kind,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let len = buf.len() as u64;
+        for (start, n, dirty) in self.pieces(offset, len) {
+            let source = if dirty { &self.remote } else { &self.local };
+            let from = usize::try_from(start - offset).map_err(std::io::Error::other)?;
+            let to = usize::try_from(start - offset + n).map_err(std::io::Error::other)?;
+            source.read_at(start, &mut buf[from..to])?;
+        }
+        Ok(())
+    }
+
+    fn name(&self) -> String {
+        "the disk's view (dirty ranges) and the parent's data".to_owned()
+    }
+}
+
+/// The byte ranges the export's dirty bitmap marks, in rounds of under 4 GiB.
+async fn dirty_ranges(view: &nbd::Client, bitmap: &str) -> Result<Vec<(u64, u64)>> {
+    let size = view.size();
+    let mut ranges = Vec::new();
+    let mut offset = 0;
+    while offset < size {
+        let len = (size - offset).min(STATUS_ROUND);
+        let extents = view
+            .dirty_extents(bitmap, offset, len)
+            .await
+            .with_context(|| format!("reading the dirty bitmap {bitmap} over NBD"))?;
+        let mut next = offset;
+        for e in &extents {
+            if e.dirty() {
+                ranges.push((e.offset, e.len));
+            }
+            next = next.max(e.end());
+        }
+        if next <= offset {
+            bail!("the NBD server answered no extent for the dirty bitmap at byte {offset}");
+        }
+        offset = next;
+    }
+    Ok(ranges)
+}
+
+/// Opens disk `t`'s new node file in the daemon, on top of the parent's chain, and connects to it writable.
+async fn open_target(run: &Run<'_>, daemon: &StorageDaemon, t: &Target) -> Result<nbd::Client> {
+    let qmp = daemon.qmp();
+    let backing = match &run.plan.parent {
+        Some(parent) => {
+            let chain = graph::add_chain(
+                qmp,
+                run.vm,
+                &run.manifest,
+                &parent.parse()?,
+                &t.info.id,
+                &run.chain_prefix(t.index),
+            )
+            .await?;
+            chain.top().map(str::to_owned)
+        }
+        None => None,
+    };
+    let path = run.vm.resolve(&t.file)?;
+    let node = run.qemu_name("t", t.index);
+    let mut options = graph::qcow2_options(&node, &path, backing.as_deref(), false);
+    options["cache"] = json!({ "no-flush": true });
+    options["file"] = crate::crashpoint::target_file_options(options["file"].take());
+    crate::crypt::unlock::encrypt_node(&mut options);
+    qmp.execute(&BlockdevAdd(options))
+        .await
+        .with_context(|| format!("opening the backup target {}", path.display()))?;
+    let name = format!("w{}", t.index);
+    daemon.export(&node, &name, true).await?;
+    daemon.connect(&name).await
+}
+
+/// Removes the exports, the NBD server, the views and the frozen bitmaps from the VM's QEMU and empties the
+/// scratch images.
+async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
+    let qmp = run.qmp;
+    for t in &run.targets {
+        let _ = qmp.execute(&BlockExportDel::hard(export_id(run, t))).await;
+    }
+    if run.op.payload.started_nbd_server() {
+        let _ = qmp.execute(&NbdServerStop).await;
+    }
+    for t in &run.targets {
+        let job = run.qemu_name("j", t.index);
+        let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
+        let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
+        let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
+        recovery::stop_job(qmp, &job).await;
+        for what in ["f", "s"] {
+            let _ = qmp.execute(&BlockdevDel::new(run.qemu_name(what, t.index))).await;
+        }
+        if run.plan.method == Method::Bitmap {
+            let remove = BlockDirtyBitmapRemove::new(t.info.node_name.as_str(), frozen_bitmap(run, t));
+            let _ = qmp.execute(&remove).await;
+        }
+    }
+    for (t, path) in run.targets.iter().zip(scratch) {
+        if let Err(e) = recovery::empty_scratch(qmp, &run.qemu_name("k", t.index), path).await {
+            run.progress.phase(&format!(
+                "could not empty the scratch image {}: {e:#}",
+                path.display()
+            ));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_listen_address_is_a_host_and_a_port_qmpbak_can_connect_to() {
+        assert_eq!(
+            split_listen("127.0.0.1:10809").unwrap(),
+            ("127.0.0.1".to_owned(), 10809)
+        );
+        assert_eq!(split_listen("[::1]:5000").unwrap(), ("::1".to_owned(), 5000));
+        assert_eq!(
+            split_listen("hv1.example:7").unwrap(),
+            ("hv1.example".to_owned(), 7)
+        );
+        for bad in [
+            "127.0.0.1",
+            "127.0.0.1:0",
+            "127.0.0.1:x",
+            ":10809",
+            "0.0.0.0:10809",
+            "[::]:1",
+        ] {
+            assert!(split_listen(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_range_is_cut_at_the_dirty_ranges_edges() {
+        let dirty = [(10, 5), (20, 10), (40, 1)];
+        assert_eq!(
+            cut(&dirty, 0, 50),
+            vec![
+                (0, 10, false),
+                (10, 5, true),
+                (15, 5, false),
+                (20, 10, true),
+                (30, 10, false),
+                (40, 1, true),
+                (41, 9, false)
+            ]
+        );
+        assert_eq!(
+            cut(&dirty, 12, 10),
+            vec![(12, 3, true), (15, 5, false), (20, 2, true)]
+        );
+        assert_eq!(cut(&dirty, 31, 5), vec![(31, 5, false)]);
+        assert_eq!(cut(&dirty, 22, 3), vec![(22, 3, true)]);
+        assert_eq!(cut(&[], 0, 7), vec![(0, 7, false)]);
+    }
+
+    #[test]
+    fn only_a_scratch_image_of_the_records_node_is_emptied() {
+        let op = chain::Operation::new(
+            chain::Payload::Backup {
+                nbd_server_started: true,
+                scratch: Vec::new(),
+            },
+            Some("0007".parse().unwrap()),
+            chrono::Utc::now(),
+        );
+        let ok = format!("/var/lib/vm/{}", scratch_name("disk0.qcow2", "abcd", "0007", 1));
+        assert_eq!(recovery::scratch_problem(Path::new(&ok), &op), None);
+        for bad in [
+            format!("/var/lib/vm/{}", scratch_name("disk0.qcow2", "abcd", "0006", 1)),
+            format!(
+                "/var/lib/vm/../{}",
+                scratch_name("disk0.qcow2", "abcd", "0007", 1)
+            ),
+            scratch_name("disk0.qcow2", "abcd", "0007", 1),
+            "/var/lib/vm/disk0.qcow2".to_owned(),
+            "/var/lib/vm/disk0.qmpbak-abcd-0007-scratchX.qcow2".to_owned(),
+            "/etc/passwd".to_owned(),
+        ] {
+            assert!(recovery::scratch_problem(Path::new(&bad), &op).is_some(), "{bad}");
+        }
+    }
+}

@@ -1,0 +1,486 @@
+//! `qmpbak backup --pull` against real QEMU: the VM's QEMU exports point-in-time views of its disks over NBD on
+//! loopback TCP with TLS (x509 credentials made with rcgen), qmpbak reads them and writes the nodes itself.
+//! Every node equals a reference captured at its instant, restores and verifies; a wrong CA or a missing
+//! --tls-dir is a clear error that leaves nothing behind; a kill at each new step is cleaned up by the next run,
+//! which loses no change.
+
+// Test code: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+use std::path::PathBuf;
+
+use integration_tests::pki::{TestPki, free_port};
+use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
+use integration_tests::timeouts::PROCESS_EXIT_TIMEOUT;
+use integration_tests::{MIB, TestVm, cli, image};
+
+const VM: &str = "vm1";
+const DISKS: [&str; 2] = ["disk0", "disk1"];
+
+/// A VM with two disks and server credentials `tls0`.
+async fn tls_vm(pki: &TestPki) -> TestVm {
+    TestVm::builder()
+        .disk("disk0", 32 * MIB)
+        .disk("disk1", 16 * MIB)
+        .arg("-object")
+        .arg(&pki.server_object("tls0"))
+        .start()
+        .await
+}
+
+/// The arguments of a pull over TLS with the client credentials `creds` on `port`.
+fn pull_args(pki: &TestPki, creds: &str, port: u16) -> Vec<String> {
+    vec![
+        "--pull".into(),
+        "--nbd-listen".into(),
+        format!("127.0.0.1:{port}"),
+        "--tls-dir".into(),
+        pki.path(creds).display().to_string(),
+    ]
+}
+
+fn strs(args: &[String]) -> Vec<&str> {
+    args.iter().map(String::as_str).collect()
+}
+
+fn assert_node_equals(repo: &TestRepo, node: &str, refs: &[PathBuf]) {
+    for (disk, reference) in DISKS.iter().zip(refs) {
+        image::assert_same(reference, &repo.node_file(VM, node, disk));
+    }
+}
+
+/// Restores `node` offline and compares each disk with its reference.
+fn assert_restores(repo: &TestRepo, node: &str, refs: &[PathBuf]) {
+    let out = tempfile::tempdir().unwrap();
+    let restored = out.path().join("r");
+    repo.run(VM, &["restore", node, "--to", restored.to_str().unwrap()])
+        .success();
+    for (disk, reference) in DISKS.iter().zip(refs) {
+        image::assert_same(reference, &restored.join(format!("{disk}.qcow2")));
+    }
+}
+
+/// The scratch images beside the VM's disk images: there, and empty.
+fn assert_scratch_empty(vm: &TestVm) {
+    let dir = vm.disk_path("disk0").parent().unwrap().to_owned();
+    let scratch: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains("-scratch"))
+        .collect();
+    assert!(!scratch.is_empty(), "no scratch image in {}", dir.display());
+    for s in scratch {
+        assert_eq!(
+            std::fs::metadata(&s).unwrap().len(),
+            0,
+            "{} not emptied",
+            s.display()
+        );
+    }
+}
+
+async fn assert_no_exports(vm: &TestVm) {
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    assert_eq!(
+        exports.as_array().map(Vec::len),
+        Some(0),
+        "leftover exports: {exports}"
+    );
+}
+
+fn pulled(report: &serde_json::Value, disk: usize) -> u64 {
+    report["disks"][disk]["pulled_bytes"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no pulled_bytes: {report}"))
+}
+
+#[tokio::test]
+async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let args = pull_args(&pki, "client", port);
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    vm.write_pattern("disk1", 0x22, 2 * MIB, MIB).await;
+
+    let full_refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
+    let full = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(
+        (full["level"].as_str(), full["method"].as_str()),
+        (Some("full"), Some("full")),
+        "{full}"
+    );
+    let full_id = full["node"].as_str().unwrap().to_owned();
+    assert_node_equals(&repo, &full_id, &full_refs);
+    // Only the allocated extents crossed the connection.
+    assert_eq!((pulled(&full, 0), pulled(&full, 1)), (4 * MIB, MIB), "{full}");
+
+    vm.write_pattern("disk0", 0x33, 8 * MIB + 4096, 512 * 1024).await;
+    vm.write_zeroes("disk0", 0, MIB).await;
+    // Inside a block of the full's data: the rest of the block comes from the parent.
+    vm.write_pattern("disk0", 0x37, MIB + 128 * 1024, 64 * 1024).await;
+    vm.write_pattern("disk1", 0x44, 0, 64 * 1024).await;
+    let inc_refs = vm.capture_references(&DISKS, refs_dir.path(), "inc").await;
+    let inc = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(
+        (inc["level"].as_str(), inc["method"].as_str()),
+        (Some("incremental"), Some("bitmap")),
+        "{inc}"
+    );
+    let inc_id = inc["node"].as_str().unwrap().to_owned();
+    assert_node_equals(&repo, &inc_id, &inc_refs);
+    // Only the dirty extents cross the connection (the bitmap's 64 KiB granularity; the zeroed block is a hole
+    // in the view): the rest of each touched block is the parent's, read locally.
+    assert_eq!(
+        (pulled(&inc, 0), pulled(&inc, 1)),
+        (640 * 1024, 64 * 1024),
+        "{inc}"
+    );
+
+    vm.write_pattern("disk1", 0x55, 5 * MIB, MIB).await;
+    let diff_refs = vm.capture_references(&DISKS, refs_dir.path(), "diff").await;
+    let diff = repo.backup(&vm, VM, &[&["--level", "diff"], strs(&args).as_slice()].concat());
+    assert_eq!(diff["level"], "differential", "{diff}");
+    assert_eq!(diff["parent"], serde_json::json!(full_id), "{diff}");
+    let diff_id = diff["node"].as_str().unwrap().to_owned();
+    assert_node_equals(&repo, &diff_id, &diff_refs);
+
+    // QEMU dies after a stop: its bitmaps come back inconsistent, and the next pull compares tables.
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    let vm = vm.restart().await;
+    vm.write_pattern("disk0", 0x66, 2 * MIB, MIB).await;
+    let cd_refs = vm.capture_references(&DISKS, refs_dir.path(), "cd").await;
+    let cd = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(cd["method"], "checksum-diff", "{cd}");
+    let cd_id = cd["node"].as_str().unwrap().to_owned();
+    assert_node_equals(&repo, &cd_id, &cd_refs);
+    assert_eq!(cd["disks"][0]["copied_bytes"].as_u64(), Some(MIB), "{cd}");
+
+    for (id, refs) in [
+        (&full_id, &full_refs),
+        (&inc_id, &inc_refs),
+        (&diff_id, &diff_refs),
+        (&cd_id, &cd_refs),
+    ] {
+        assert_restores(&repo, id, refs);
+    }
+    // Each table is the node's disk's (so that of its reference, which the node equals).
+    repo.run(VM, &["verify"]).success();
+    let manifest = repo.manifest(VM);
+    // Every pulled disk names the host that served it (QEMU on this host: a Unix QMP socket).
+    for n in &manifest.nodes {
+        for d in &n.disks {
+            assert_eq!(
+                d.source_host.as_deref(),
+                Some(d.location.host.as_str()),
+                "{}",
+                n.id
+            );
+        }
+    }
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &cd_id, &full_id)).await;
+    assert_no_exports(&vm).await;
+    assert_scratch_empty(&vm);
+}
+
+#[tokio::test]
+async fn guest_writes_during_a_pull_are_not_in_the_node_and_are_in_the_next() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let args = pull_args(&pki, "client", port);
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    repo.backup(&vm, VM, &strs(&args));
+    vm.write_pattern("disk0", 0x22, 6 * MIB, MIB).await;
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "at").await;
+
+    // Held after the views are exported: the guest overwrites data the pull has yet to read.
+    let inc_args = repo.backup_args(&vm, VM, &strs(&args));
+    let paused = cli::run_paused_at(&inc_args, "pull-exported", &[], None);
+    vm.write_pattern("disk0", 0x33, 0, 8 * MIB).await;
+    vm.write_pattern("disk1", 0x44, 0, 2 * MIB).await;
+    let after = vm.capture_references(&DISKS, refs_dir.path(), "after").await;
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let inc = paused.finish().success().json();
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+
+    let next = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(next["method"], "bitmap", "{next}");
+    assert_node_equals(&repo, next["node"].as_str().unwrap(), &after);
+}
+
+#[tokio::test]
+async fn a_wrong_ca_or_no_credentials_is_a_clear_error_and_leaves_nothing() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x11, 0, MIB).await;
+
+    let wrong = repo.try_backup(&vm, VM, &strs(&pull_args(&pki, "client-wrong-ca", port)));
+    assert_ne!(wrong.code(), Some(0), "{wrong:?}");
+    assert!(
+        wrong.stderr.to_lowercase().contains("certificate"),
+        "{}",
+        wrong.stderr
+    );
+    let port_s = format!("127.0.0.1:{port}");
+    let plain = repo.try_backup(&vm, VM, &["--pull", "--nbd-listen", &port_s]);
+    assert_eq!(plain.code(), Some(2), "{plain:?}");
+    assert!(plain.stderr.contains("--tls-dir"), "{}", plain.stderr);
+    let manifest = repo.manifest(VM);
+    assert!(
+        manifest
+            .nodes
+            .iter()
+            .all(|n| n.state != chain::NodeState::Complete),
+        "a node was completed"
+    );
+    assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+    for n in &manifest.nodes {
+        for d in DISKS {
+            assert!(
+                !repo.node_file(VM, n.id.as_str(), d).exists(),
+                "node file of {} left",
+                n.id
+            );
+        }
+    }
+    assert_no_leftovers(&vm, &[]).await;
+    assert_no_exports(&vm).await;
+
+    // Plaintext when asked for, then TLS with the right credentials.
+    let plain = repo.backup(
+        &vm,
+        VM,
+        &["--pull", "--nbd-listen", &port_s, "--insecure-plaintext"],
+    );
+    assert_eq!(plain["level"], "full", "{plain}");
+    let ok = repo.backup(&vm, VM, &strs(&pull_args(&pki, "client", port)));
+    assert_eq!(ok["level"], "incremental", "{ok}");
+}
+
+#[tokio::test]
+async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let args = pull_args(&pki, "client", port);
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    let full = repo.backup(&vm, VM, &strs(&args));
+    let full_id = full["node"].as_str().unwrap().to_owned();
+
+    for (round, point) in [
+        "pull-recorded",
+        "pull-scratch-added",
+        "pull-view-started",
+        "pull-server-started",
+        "pull-exported",
+        "pull-copied",
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let round = u8::try_from(round).unwrap();
+        vm.write_pattern("disk0", 0x20 + round, (4 + u64::from(round)) * MIB, 256 * 1024)
+            .await;
+        let crashed = cli::run_crashing_at(
+            &repo.backup_args(&vm, VM, &strs(&args)),
+            point,
+            PROCESS_EXIT_TIMEOUT,
+        );
+        crashed.assert_crashed_at(point);
+    }
+    // The last one (killed after the copy, its server and exports still there) is cleaned up by `cleanup`.
+    let socket = vm.socket().display().to_string();
+    repo.run(VM, &["cleanup", "--socket", &socket]).success();
+    assert!(repo.manifest(VM).operations.is_empty());
+    assert_no_exports(&vm).await;
+    assert_scratch_empty(&vm);
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "last").await;
+    let inc = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_eq!(inc["parent"], serde_json::json!(full_id), "{inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+    assert_no_leftovers(
+        &vm,
+        &expected_bitmaps(&manifest, inc["node"].as_str().unwrap(), &full_id),
+    )
+    .await;
+    assert_no_exports(&vm).await;
+    assert_scratch_empty(&vm);
+}
+
+#[tokio::test]
+async fn an_interrupted_pull_exits_130_and_leaves_nothing() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let args = pull_args(&pki, "client", port);
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    let full_id = repo.backup_node(&vm, VM, &strs(&args));
+    vm.write_pattern("disk1", 0x22, MIB, MIB).await;
+
+    let paused = cli::run_paused_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "pull-exported",
+        &[],
+        None,
+    );
+    paused.signal(nix::sys::signal::Signal::SIGINT);
+    let out = paused.finish();
+    assert_eq!(out.code(), Some(130), "{out:?}");
+    assert!(out.stderr.contains("interrupted"), "{out:?}");
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+    assert_eq!(
+        manifest.current.as_ref().map(chain::NodeId::as_str),
+        Some(full_id.as_str())
+    );
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
+    assert_no_exports(&vm).await;
+    assert_scratch_empty(&vm);
+
+    // No change lost: the next incremental has disk1's write.
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
+    let inc = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+}
+
+#[tokio::test]
+async fn a_pull_whose_nbd_server_goes_away_fails_clearly_and_the_next_is_exact() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let args = pull_args(&pki, "client", port);
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    let full_id = repo.backup_node(&vm, VM, &strs(&args));
+    vm.write_pattern("disk0", 0x22, 3 * MIB, MIB).await;
+
+    // The connection is gone before qmpbak reads (as if the network dropped): the server stops.
+    let paused = cli::run_paused_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "pull-exported",
+        &[],
+        None,
+    );
+    vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let out = paused.finish();
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.contains("connecting to the NBD export"),
+        "{}",
+        out.stderr
+    );
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
+    assert_scratch_empty(&vm);
+
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
+    let inc = repo.backup(&vm, VM, &strs(&args));
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+}
+
+#[tokio::test]
+async fn a_pull_into_an_encrypted_repository_is_encrypted_exact_and_verifies() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let vm = tls_vm(&pki).await;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("repo.key");
+    std::fs::write(&key, b"0123456789abcdef0123456789abcdef\n").unwrap();
+    let path = dir.path().join("repo");
+    cli::run(&[
+        "init",
+        "--encrypt",
+        "--key-file",
+        key.to_str().unwrap(),
+        path.to_str().unwrap(),
+    ])
+    .success();
+    let repo = TestRepo::at(path);
+    let key_args = ["--key-file", key.to_str().unwrap()];
+    let pull = pull_args(&pki, "client", port);
+    let args = [strs(&pull), key_args.to_vec()].concat();
+    let refs_dir = tempfile::tempdir().unwrap();
+
+    vm.write_pattern("disk0", 0x5a, 0, 2 * MIB).await;
+    let full_refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
+    let full_id = repo.backup_node(&vm, VM, &args);
+    vm.write_pattern("disk0", 0x5a, 4 * MIB, MIB).await;
+    vm.write_pattern("disk1", 0x5b, 0, MIB).await;
+    let inc_refs = vm.capture_references(&DISKS, refs_dir.path(), "inc").await;
+    let inc = repo.backup(&vm, VM, &args);
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    let inc_id = inc["node"].as_str().unwrap().to_owned();
+
+    // Ciphertext on disk: the pattern is nowhere in the node files.
+    for node in [&full_id, &inc_id] {
+        let bytes = std::fs::read(repo.node_file(VM, node, "disk0")).unwrap();
+        assert!(
+            !bytes.windows(64).any(|w| w == [0x5a; 64]),
+            "node {node} holds plaintext"
+        );
+    }
+    repo.run(VM, &[&["verify"][..], &key_args].concat()).success();
+    for (node, refs) in [(&full_id, &full_refs), (&inc_id, &inc_refs)] {
+        let out = tempfile::tempdir().unwrap();
+        let restored = out.path().join("r");
+        repo.run(
+            VM,
+            &[
+                &["restore", node.as_str(), "--to", restored.to_str().unwrap()][..],
+                &key_args,
+            ]
+            .concat(),
+        )
+        .success();
+        for (disk, reference) in DISKS.iter().zip(refs) {
+            image::assert_same(reference, &restored.join(format!("{disk}.qcow2")));
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_pull_into_a_qemu_whose_nbd_server_runs_fails_and_leaves_that_server_running() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x11, 0, MIB).await;
+    let socket = vm.dir().join("someone-elses-nbd.sock");
+    let theirs =
+        serde_json::json!({"addr": {"type": "unix", "data": {"path": socket.display().to_string()}}});
+    vm.qmp()
+        .execute_raw("nbd-server-start", Some(theirs.clone()))
+        .await
+        .unwrap();
+
+    let out = repo.try_backup(&vm, VM, &strs(&pull_args(&pki, "client", port)));
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(out.stderr.contains("another NBD server"), "{}", out.stderr);
+    // Still running: a second start is refused.
+    let again = vm.qmp().execute_raw("nbd-server-start", Some(theirs)).await;
+    assert!(again.is_err(), "the other NBD server was stopped");
+    assert_no_exports(&vm).await;
+    assert_no_leftovers(&vm, &[]).await;
+    assert_scratch_empty(&vm);
+}

@@ -286,6 +286,42 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     .await;
 }
 
+/// A checksum-diff reads the disks through an NBD server in the VM's QEMU. When another tool already runs one
+/// there, the backup fails clearly and that server keeps running (teardown once stopped it unconditionally);
+/// the next backup, once it is gone, is exact.
+#[tokio::test]
+async fn a_checksum_diff_into_a_qemu_whose_nbd_server_runs_leaves_that_server_running() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    repo.backup(&vm, VM, &[]);
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    let vm = vm.restart().await;
+    vm.write_pattern("disk0", 0x33, MIB, MIB).await;
+    let socket = vm.dir().join("someone-elses-nbd.sock");
+    let theirs =
+        serde_json::json!({"addr": {"type": "unix", "data": {"path": socket.display().to_string()}}});
+    vm.qmp()
+        .execute_raw("nbd-server-start", Some(theirs.clone()))
+        .await
+        .unwrap();
+
+    let out = repo.try_backup(&vm, VM, &[]);
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(out.stderr.contains("another NBD server"), "{}", out.stderr);
+    let again = vm.qmp().execute_raw("nbd-server-start", Some(theirs)).await;
+    assert!(again.is_err(), "the other NBD server was stopped");
+    assert!(repo.manifest(VM).operations.is_empty());
+
+    vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
+    let refs = capture(&vm, refs_dir.path(), "after").await;
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(inc["method"], "checksum-diff", "{inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+}
+
 #[tokio::test]
 async fn a_backup_of_one_disk_holds_that_disk_and_the_next_of_all_disks_is_a_full() {
     let vm = two_disk_vm().await;

@@ -49,10 +49,6 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
         let rel = fleece_file(run, i)?;
         run.op.files.push(rel.clone());
     }
-    run.op.payload = chain::Payload::Backup {
-        nbd_server_started: true,
-        scratch: Vec::new(),
-    };
     if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
         *op = run.op.clone();
     }
@@ -112,6 +108,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
     .context(
         "starting an NBD server in the VM's QEMU to read the disks (is another NBD server running in it?)",
     )?;
+    run.record_nbd_server_started()?;
 
     let mut bytes = Vec::new();
     let mut tables = Vec::new();
@@ -197,7 +194,9 @@ async fn teardown(run: &Run<'_>) {
             let _ = qmp.execute(&BlockExportDel::hard(id)).await;
         }
     }
-    let _ = qmp.execute(&NbdServerStop).await;
+    if run.op.payload.started_nbd_server() {
+        let _ = qmp.execute(&NbdServerStop).await;
+    }
     for t in &run.targets {
         let job = run.qemu_name("j", t.index);
         let _ = qmp.execute(&JobCancel::new(job.as_str())).await;

@@ -219,6 +219,22 @@ impl Run<'_> {
         self.vm.save(&self.manifest, self.guard)?;
         Ok(())
     }
+
+    /// Records that this run started the NBD server in the VM's QEMU, once `nbd-server-start` has succeeded:
+    /// only then may teardown or recovery stop it. A server that was already running (another tool's, which
+    /// makes ours fail to start) is never recorded, so never stopped.
+    pub fn record_nbd_server_started(&mut self) -> Result<()> {
+        if let chain::Payload::Backup {
+            nbd_server_started, ..
+        } = &mut self.op.payload
+        {
+            *nbd_server_started = true;
+        }
+        if let Some(op) = self.manifest.operations.iter_mut().find(|o| o.id == self.op.id) {
+            *op = self.op.clone();
+        }
+        self.save()
+    }
 }
 
 /// Runs a backup. The VM keeps running throughout; on any failure what was started is undone and the node is

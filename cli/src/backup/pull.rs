@@ -376,16 +376,7 @@ async fn export_views(
         .with_context(|| {
             format!("starting an NBD server on {host}:{port} in the VM's QEMU (is another NBD server running in it?)")
         })?;
-    if let chain::Payload::Backup {
-        nbd_server_started, ..
-    } = &mut run.op.payload
-    {
-        *nbd_server_started = true;
-    }
-    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
-        *op = run.op.clone();
-    }
-    run.save()?;
+    run.record_nbd_server_started()?;
     crashpoint("pull-server-started");
     for t in &run.targets {
         let id = export_id(run, t);

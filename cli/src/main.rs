@@ -2,6 +2,7 @@
 //! once, with its whole cause chain, mapped to a documented exit code.
 
 mod commands;
+mod logging;
 
 use std::process::ExitCode;
 
@@ -30,13 +31,14 @@ fn main() -> ExitCode {
                 let what = text.split("\n\nUsage:").next().unwrap_or_default();
                 let what = what.trim().strip_prefix("error: ").unwrap_or(what);
                 let message = what.split_whitespace().collect::<Vec<_>>().join(" ");
-                let err = qmpbak::exit::json_error(qmpbak::exit::ExitCode::Usage, &message, &[]);
+                let err =
+                    qmpbak_engine::exit::json_error(qmpbak_engine::exit::ExitCode::Usage, &message, &[]);
                 let _ = commands::out::write(format_args!("{err}\n"));
             }
             e.exit()
         }
     };
-    qmpbak::logging::init(cli.verbose);
+    logging::init(cli.verbose);
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
@@ -51,16 +53,16 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            let code = qmpbak::exit::classify(&err);
+            let code = qmpbak_engine::exit::classify(&err);
             eprintln!("qmpbak: {err:#}");
-            if qmpbak::exit::is_no_space(&err) {
+            if qmpbak_engine::exit::is_no_space(&err) {
                 eprintln!(
                     "qmpbak: a filesystem is full (the repository's, or the restore's target): free space or \
                      `qmpbak prune`, then run again; nothing half-written was kept"
                 );
             }
             if json && !commands::report_printed() {
-                let _ = commands::out::write(format_args!("{}\n", qmpbak::exit::json_error_of(&err)));
+                let _ = commands::out::write(format_args!("{}\n", qmpbak_engine::exit::json_error_of(&err)));
             }
             if let Some(subject) = summary {
                 let summary = commands::failure_summary(&subject, code.code(), &err);

@@ -5,8 +5,8 @@ use std::time::Duration;
 
 use anyhow::Result;
 
-use qmpbak::exit::Exit;
-use qmpbak::qmp_target::QmpTarget;
+use qmpbak_engine::exit::Exit;
+use qmpbak_engine::qmp_target::QmpTarget;
 
 /// `--repo REPO --vm NAME`.
 #[derive(clap::Args, Debug, Clone)]
@@ -26,9 +26,9 @@ pub struct RepoVm {
 impl RepoVm {
     /// Unlocks an encrypted repository with the key given ([`KeyArgs`]) for as long as the guard lives; a
     /// repository that is not encrypted needs none.
-    pub fn unlock(&self) -> Result<Option<qmpbak::crypt::KeyGuard>> {
+    pub fn unlock(&self) -> Result<Option<qmpbak_engine::crypt::KeyGuard>> {
         let repo = chain::Repository::open(&self.repo)?;
-        qmpbak::crypt::unlock(&repo, self.key.source().as_ref())
+        qmpbak_engine::crypt::unlock(&repo, self.key.source().as_ref())
     }
 
     /// Opens the repository and the VM's store (which must exist).
@@ -146,7 +146,7 @@ pub struct KeyArgs {
 }
 
 impl KeyArgs {
-    pub fn source(&self) -> Option<qmpbak::crypt::KeySource> {
-        qmpbak::crypt::KeySource::choose(self.file.clone(), self.fd, self.env.clone())
+    pub fn source(&self) -> Option<qmpbak_engine::crypt::KeySource> {
+        qmpbak_engine::crypt::KeySource::choose(self.file.clone(), self.fd, self.env.clone())
     }
 }

@@ -7,12 +7,12 @@ use anyhow::{Result, bail};
 
 use super::args::LiveVm;
 use super::bars::Bars;
-use qmpbak::backup::{self, BackupOptions, BackupReport};
-use qmpbak::exit::Exit;
-use qmpbak::plan::Requested;
-use qmpbak::qmp_target::Local;
-use qmpbak::render::bytes;
-use qmpbak::signals::Interrupt;
+use qmpbak_engine::backup::{self, BackupOptions, BackupReport};
+use qmpbak_engine::exit::Exit;
+use qmpbak_engine::plan::Requested;
+use qmpbak_engine::qmp_target::Local;
+use qmpbak_engine::render::bytes;
+use qmpbak_engine::signals::Interrupt;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum LevelArg {

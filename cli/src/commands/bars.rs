@@ -6,7 +6,7 @@ use std::sync::Mutex;
 
 use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
 
-use qmpbak::progress::Progress;
+use qmpbak_engine::progress::Progress;
 
 /// Progress bars on a terminal; phase lines only otherwise (nothing animated when not a TTY).
 pub struct Bars {

@@ -5,8 +5,8 @@
 use anyhow::{Result, bail};
 
 use super::args::{Monitor, RepoVm};
-use qmpbak::exit::Exit;
-use qmpbak::{inspect, recovery};
+use qmpbak_engine::exit::Exit;
+use qmpbak_engine::{inspect, recovery};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -32,7 +32,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let cleaned = recovery::recover(qmp.as_ref(), &vm, &mut manifest, &guard).await?;
     // Mounts of this VM's nodes whose qmpbak was killed while setting them up.
-    let mounts = qmpbak::mount::clean_interrupted(&manifest.vm)?;
+    let mounts = qmpbak_engine::mount::clean_interrupted(&manifest.vm)?;
     if args.json {
         let mut value = serde_json::to_value(&cleaned)?;
         value["mounts"] = serde_json::to_value(&mounts)?;
@@ -55,7 +55,7 @@ pub async fn run(args: Args) -> Result<()> {
 /// The text report: mounts undone, what was cleaned, and files left in place.
 fn print_text(
     cleaned: &recovery::Cleaned,
-    mounts: &[qmpbak::mount::UmountReport],
+    mounts: &[qmpbak_engine::mount::UmountReport],
     vm: &str,
     in_qemu: bool,
 ) -> Result<(), super::out::StdoutError> {

@@ -5,9 +5,9 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use super::args::Monitor;
-use qmpbak::inspect;
-use qmpbak::qmp_target::QmpTarget;
-use qmpbak::render::bytes;
+use qmpbak_engine::inspect;
+use qmpbak_engine::qmp_target::QmpTarget;
+use qmpbak_engine::render::bytes;
 
 #[derive(clap::Args)]
 pub struct Args {

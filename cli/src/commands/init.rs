@@ -28,13 +28,13 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     if !args.encrypt && (args.key.file.is_some() || args.key.fd.is_some() || args.key.env.is_some()) {
-        anyhow::bail!(qmpbak::exit::Exit::usage(
+        anyhow::bail!(qmpbak_engine::exit::Exit::usage(
             "a key was given without --encrypt: pass --encrypt to make an encrypted repository"
         ));
     }
     let key = if args.encrypt {
         let Some(source) = args.key.source() else {
-            anyhow::bail!(qmpbak::exit::Exit::usage(
+            anyhow::bail!(qmpbak_engine::exit::Exit::usage(
                 "--encrypt needs the key: --key-file FILE, --key-fd N, --key-env NAME or QMPBAK_KEY"
             ));
         };
@@ -52,8 +52,11 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let repo = chain::Repository::init_with(&args.repo, settings)?;
     if let Some(key) = &key {
-        let made = qmpbak::crypt::unlock::unlock_with(&repo, key).and_then(|_key| {
-            qmpbak::crypt::unlock::create_template(&qmpbak::qemu_bins::QemuBins::from_env(), repo.path())
+        let made = qmpbak_engine::crypt::unlock::unlock_with(&repo, key).and_then(|_key| {
+            qmpbak_engine::crypt::unlock::create_template(
+                &qmpbak_engine::qemu_bins::QemuBins::from_env(),
+                repo.path(),
+            )
         });
         if let Err(e) = made {
             // Not a repository yet: without its template nothing could be backed up into it.

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Result, bail};
 
 use super::args::LockArgs;
-use qmpbak::render;
+use qmpbak_engine::render;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -23,7 +23,7 @@ pub fn run(args: &Args) -> Result<()> {
         return list_vms(&args.path, args.json);
     }
     let (Some(parent), Some(name)) = (args.path.parent(), args.path.file_name()) else {
-        bail!(qmpbak::exit::Exit::usage(format!(
+        bail!(qmpbak_engine::exit::Exit::usage(format!(
             "{} is not a repository",
             args.path.display()
         )));

@@ -8,8 +8,8 @@ use anyhow::Result;
 
 use super::args::RepoVm;
 use super::bars::Bars;
-use qmpbak::mount::{self, MountMode, MountOptions, MountReport};
-use qmpbak::render::bytes;
+use qmpbak_engine::mount::{self, MountMode, MountOptions, MountReport};
+use qmpbak_engine::render::bytes;
 
 #[derive(clap::Args)]
 pub struct Args {

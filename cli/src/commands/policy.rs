@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use qmpbak::exit::Exit;
+use qmpbak_engine::exit::Exit;
 
 /// `--keep-last N --keep-daily D --keep-weekly W --keep-monthly M --keep-tag` (named as the options).
 #[allow(clippy::struct_field_names)]

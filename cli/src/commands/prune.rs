@@ -8,11 +8,11 @@ use anyhow::{Result, bail};
 use super::args::RepoVm;
 use super::bars::Bars;
 use super::policy::KeepArgs;
-use qmpbak::exit::Exit;
-use qmpbak::merge::{self, MergeOptions};
+use qmpbak_engine::exit::Exit;
+use qmpbak_engine::merge::{self, MergeOptions};
 
-use qmpbak::prune::{self, PruneOptions, PruneReport};
-use qmpbak::render::bytes;
+use qmpbak_engine::prune::{self, PruneOptions, PruneReport};
+use qmpbak_engine::render::bytes;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -207,7 +207,7 @@ pub async fn merge(args: MergeArgs) -> Result<()> {
     Ok(())
 }
 
-/// Runs a prune or merge that SIGINT/SIGTERM may stop ([`qmpbak::signals::Interrupt::run`]); a stopped one has
+/// Runs a prune or merge that SIGINT/SIGTERM may stop ([`qmpbak_engine::signals::Interrupt::run`]); a stopped one has
 /// its operation record finished at once ([`prune::finish_interrupted`]).
 async fn stoppable<T>(
     repo: &std::path::Path,
@@ -215,9 +215,9 @@ async fn stoppable<T>(
     work: impl std::future::Future<Output = Result<T>>,
     what: &str,
 ) -> Result<T> {
-    let interrupt = qmpbak::signals::Interrupt::new()?;
+    let interrupt = qmpbak_engine::signals::Interrupt::new()?;
     match interrupt.run(work, what).await {
-        Err(e) if qmpbak::exit::classify(&e) == qmpbak::exit::ExitCode::Interrupted => {
+        Err(e) if qmpbak_engine::exit::classify(&e) == qmpbak_engine::exit::ExitCode::Interrupted => {
             Err(prune::finish_interrupted(repo, vm, e))
         }
         other => other,

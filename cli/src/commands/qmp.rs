@@ -4,8 +4,8 @@
 use anyhow::{Context, Result};
 
 use super::args::Monitor;
-use qmpbak::exit::Exit;
-use qmpbak::inspect;
+use qmpbak_engine::exit::Exit;
+use qmpbak_engine::inspect;
 
 #[derive(clap::Args)]
 pub struct Args {

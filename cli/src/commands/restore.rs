@@ -7,11 +7,11 @@ use anyhow::{Result, bail};
 
 use super::args::{Monitor, RepoVm};
 use super::bars::Bars;
-use qmpbak::exit::Exit;
-use qmpbak::qmp_target::Local;
-use qmpbak::restore::live::{self, LiveOptions};
-use qmpbak::restore::offline::{self, Format, RestoreOptions};
-use qmpbak::signals::Interrupt;
+use qmpbak_engine::exit::Exit;
+use qmpbak_engine::qmp_target::Local;
+use qmpbak_engine::restore::live::{self, LiveOptions};
+use qmpbak_engine::restore::offline::{self, Format, RestoreOptions};
+use qmpbak_engine::signals::Interrupt;
 
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum FormatArg {

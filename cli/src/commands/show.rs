@@ -3,8 +3,8 @@
 use anyhow::{Result, bail};
 
 use super::args::RepoVm;
-use qmpbak::exit::Exit;
-use qmpbak::render;
+use qmpbak_engine::exit::Exit;
+use qmpbak_engine::render;
 
 #[derive(clap::Args)]
 pub struct Args {

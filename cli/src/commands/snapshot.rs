@@ -4,8 +4,8 @@ use anyhow::Result;
 
 use super::args::LiveVm;
 use super::bars::Bars;
-use qmpbak::qmp_target::Local;
-use qmpbak::snapshot::{self, RevertOptions, SnapshotOptions};
+use qmpbak_engine::qmp_target::Local;
+use qmpbak_engine::snapshot::{self, RevertOptions, SnapshotOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -123,14 +123,14 @@ pub async fn commit(args: CommitArgs) -> Result<()> {
     } else {
         None
     };
-    let opts = qmpbak::commit::CommitOptions {
+    let opts = qmpbak_engine::commit::CommitOptions {
         qmp: qmp.clone(),
         repo: args.vm.target.repo,
         vm: args.vm.target.vm,
         node: args.node,
         lock_wait: args.vm.target.lock.lock_wait(),
     };
-    let report = qmpbak::commit::commit(&opts, &Bars::new(false)).await?;
+    let report = qmpbak_engine::commit::commit(&opts, &Bars::new(false)).await?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {

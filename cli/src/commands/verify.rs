@@ -4,8 +4,8 @@
 use anyhow::{Result, bail};
 
 use super::args::RepoVm;
-use qmpbak::exit::{Exit, ExitCode};
-use qmpbak::verify::{self, VerifyOptions};
+use qmpbak_engine::exit::{Exit, ExitCode};
+use qmpbak_engine::verify::{self, VerifyOptions};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,7 +40,7 @@ pub async fn run(args: Args) -> Result<()> {
         nodes: if args.all { Vec::new() } else { args.nodes },
         lock_wait: args.target.lock.lock_wait(),
     };
-    let interrupt = qmpbak::signals::Interrupt::new()?;
+    let interrupt = qmpbak_engine::signals::Interrupt::new()?;
     let report = interrupt
         .run(
             verify::verify(&opts),

@@ -14,7 +14,6 @@ pub mod exit;
 pub mod graph;
 pub mod identity;
 pub mod inspect;
-pub mod logging;
 pub mod merge;
 pub mod mount;
 pub mod nodes;

@@ -1,4 +1,4 @@
-//! [`qmpbak::direct::DirectSource`] against QEMU itself: a three-layer qcow2 chain with data in every layer,
+//! [`qmpbak_engine::direct::DirectSource`] against QEMU itself: a three-layer qcow2 chain with data in every layer,
 //! partial-cluster overwrites, zero clusters, discards and a hole reads byte for byte as `qemu-img convert`
 //! flattens it, and hashes to the same checking table. A compressed image is refused (read through QEMU then).
 //! Needs `qemu-img` and `qemu-io` (scripts/setup installs them).
@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use chain::{BlockSource as _, FileSource, Table};
-use qmpbak::direct::{DirectSource, chain_spec};
-use qmpbak::qemu_bins::QemuBins;
+use qmpbak_engine::direct::{DirectSource, chain_spec};
+use qmpbak_engine::qemu_bins::QemuBins;
 
 const MIB: u64 = 1 << 20;
 
@@ -83,7 +83,7 @@ fn a_chain_reads_and_hashes_as_qemu_flattens_it() {
         .expect("an uncompressed chain is read directly");
     let expected = std::fs::read(&flat).unwrap();
     assert_eq!(direct.len(), 8 * MIB);
-    let top_alone = qmpbak::tables::layer_extents(&QemuBins::from_env(), &files[2]).unwrap();
+    let top_alone = qmpbak_engine::tables::layer_extents(&QemuBins::from_env(), &files[2]).unwrap();
     assert_eq!(
         direct.top_layer_ranges(),
         &top_alone[..],

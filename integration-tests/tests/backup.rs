@@ -371,3 +371,114 @@ async fn after_a_snapshot_the_next_backup_is_still_a_bitmap_incremental() {
         "{next}"
     );
 }
+
+/// The checking table of `node`'s disk `disk` equals one built from `reference` (a qcow2 captured at the
+/// node's instant), block for block.
+fn assert_table_of(repo: &TestRepo, node: &str, disk: &str, reference: &Path) {
+    let raw = reference.with_extension("raw");
+    image::qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        reference.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let block_size = chain::Repository::open(repo.path())
+        .unwrap()
+        .settings()
+        .block_size;
+    let expected = chain::Table::build(&chain::FileSource::open(&raw).unwrap(), block_size, 0).unwrap();
+    let stored = chain::Table::load(repo.vm_dir(VM).join(node).join(format!("{disk}.table"))).unwrap();
+    assert_eq!(stored.virtual_size(), expected.virtual_size(), "{disk}");
+    let differ: Vec<usize> = stored
+        .digests()
+        .zip(expected.digests())
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{disk}: table blocks {differ:?} are not the instant's"
+    );
+    std::fs::remove_file(raw).unwrap();
+}
+
+/// A full backup hashes the disks while its jobs copy them (issue 20): the guest's writes after the instant,
+/// made while the hashing reads the live disks, are rehashed from the node's file, so the stored table is the
+/// instant's, block for block, and the node is the instant's image.
+#[tokio::test]
+async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 12 * MIB).await;
+    vm.write_pattern("disk1", 0x22, MIB, 3 * MIB).await;
+    let refs = capture(&vm, refs_dir.path(), "instant").await;
+
+    let args = repo.backup_args(&vm, VM, &[]);
+    let paused = cli::run_paused_at(&args, "backup-hashing-live", &[], None);
+    // After the instant and before the hashing reads: new data over old (whole and partial blocks), zeroes over
+    // data, data into a hole, on both disks.
+    vm.write_pattern("disk0", 0x33, 2 * MIB, 3 * MIB + 4096).await;
+    vm.write_zeroes("disk0", 8 * MIB, MIB).await;
+    vm.write_pattern("disk0", 0x44, 20 * MIB + 512, 64 * 1024).await;
+    vm.write_pattern("disk1", 0x55, 0, 512).await;
+    vm.write_pattern("disk1", 0x66, 10 * MIB, 2 * MIB).await;
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let out = paused.finish().success();
+    let report = out.json();
+    assert_eq!(report["level"], "full", "{report}");
+    assert_eq!(report["tables_during_copy"], true, "{report}");
+    let node = report["node"].as_str().unwrap();
+    assert_node_equals(&repo, node, &refs);
+    for (disk, reference) in DISKS.iter().zip(&refs) {
+        assert_table_of(&repo, node, disk, reference);
+    }
+    repo.run(VM, &["verify"]).success();
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty());
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, node, node)).await;
+
+    // The next incremental holds exactly the writes made during the full.
+    let after = capture(&vm, refs_dir.path(), "after").await;
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    let inc = inc["node"].as_str().unwrap();
+    assert_node_equals(&repo, inc, &after);
+    for (disk, reference) in DISKS.iter().zip(&after) {
+        assert_table_of(&repo, inc, disk, reference);
+    }
+}
+
+/// When the VM's QEMU already runs an NBD server (the user's), a full builds its tables after the copy, says so,
+/// and leaves that server running.
+#[tokio::test]
+async fn with_the_users_nbd_server_running_a_full_hashes_after_the_copy_and_says_why() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    let socket = refs_dir.path().join("users-nbd.sock");
+    let addr = serde_json::json!({ "type": "unix", "data": { "path": socket } });
+    vm.qmp()
+        .execute_raw("nbd-server-start", Some(serde_json::json!({ "addr": addr })))
+        .await
+        .unwrap();
+    let refs = capture(&vm, refs_dir.path(), "full").await;
+    let report = repo.backup(&vm, VM, &[]);
+    assert_eq!(report["tables_during_copy"], false, "{report}");
+    let warnings = report["warnings"].to_string();
+    assert!(warnings.contains("NBD server"), "{report}");
+    let node = report["node"].as_str().unwrap();
+    assert_node_equals(&repo, node, &refs);
+    repo.run(VM, &["verify"]).success();
+    assert!(repo.manifest(VM).operations.is_empty());
+    // The user's server still runs: a second start is refused.
+    let again = vm
+        .qmp()
+        .execute_raw("nbd-server-start", Some(serde_json::json!({ "addr": addr })))
+        .await;
+    assert!(again.is_err(), "the user's NBD server was stopped");
+    vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
+}

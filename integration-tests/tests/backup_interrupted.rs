@@ -231,3 +231,95 @@ async fn a_full_disk_at_the_final_manifest_write_leaves_current_where_it_was() {
         .success();
     image::assert_same(&reference, &restored);
 }
+
+/// No NBD server and no export is left in the VM's QEMU: a new server starts (and is stopped again).
+async fn assert_no_nbd_left(vm: &TestVm, dir: &std::path::Path, what: &str) {
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    assert_eq!(
+        exports.as_array().map(Vec::len),
+        Some(0),
+        "{what}: exports left: {exports}"
+    );
+    let addr = serde_json::json!({ "type": "unix", "data": { "path": dir.join("probe.sock") } });
+    vm.qmp()
+        .execute_raw("nbd-server-start", Some(serde_json::json!({ "addr": addr })))
+        .await
+        .unwrap_or_else(|e| panic!("{what}: an NBD server was left running: {e}"));
+    vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
+}
+
+/// A full backup killed at each step of hashing the live disks while the jobs copy (issue 20), or stopped by
+/// SIGINT while it hashes: the next run removes the watch bitmaps, the exports and the NBD server, and its full
+/// is exact.
+#[tokio::test]
+async fn a_full_killed_or_stopped_while_hashing_the_live_disks_is_undone_by_the_next_run() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB), ("disk1", 8 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    for (i, point) in [
+        "backup-live-recorded",
+        "backup-jobs-started",
+        "backup-live-read",
+        "SIGINT",
+    ]
+    .iter()
+    .enumerate()
+    {
+        vm.write_pattern("disk0", 0x10 + i as u8, i as u64 * MIB, 2 * MIB)
+            .await;
+        vm.write_pattern("disk1", 0x20 + i as u8, i as u64 * MIB, 64 * 1024)
+            .await;
+        let args = repo.backup_args(&vm, VM, &["--level", "full"]);
+        let out = if *point == "SIGINT" {
+            let paused = cli::run_paused_at(&args, "backup-hashing-live", &[], None);
+            paused.signal(nix::sys::signal::Signal::SIGINT);
+            paused.signal(nix::sys::signal::Signal::SIGUSR1);
+            let out = paused.finish();
+            assert_eq!(out.code(), Some(130), "{out:?}");
+            assert!(out.stderr.contains("interrupted"), "{out:?}");
+            // SIGINT cleans up at once.
+            let manifest = repo.manifest(VM);
+            assert!(manifest.operations.is_empty(), "{point}");
+            let current = manifest.current.as_ref().unwrap().to_string();
+            assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &current, &current)).await;
+            assert_no_nbd_left(&vm, refs.path(), point).await;
+            out
+        } else {
+            let mut cmd = cli::command(&args.iter().map(String::as_str).collect::<Vec<_>>());
+            cmd.env("QMPBAK_CRASH_AT", point);
+            let out = cli::wait(cmd.spawn().unwrap(), CLI_CRASH_TIMEOUT);
+            assert!(out.stderr.contains(point), "{point}: {}", out.stderr);
+            out
+        };
+        assert!(
+            !out.status.success(),
+            "{point}: the run should have failed: {out:?}"
+        );
+        assert!(vm.running().await, "{point}: the VM keeps running");
+
+        let reference: Vec<_> = ["disk0", "disk1"]
+            .iter()
+            .map(|d| refs.path().join(format!("{i}-{d}.qcow2")))
+            .collect();
+        for (d, p) in ["disk0", "disk1"].iter().zip(&reference) {
+            vm.capture_reference(d, p).await;
+        }
+        let next = repo.backup(&vm, VM, &["--level", "full"]);
+        assert_eq!(next["tables_during_copy"], true, "{point}: {next}");
+        if *point != "SIGINT" {
+            assert!(
+                !next["cleaned"]["operations"].as_array().unwrap().is_empty(),
+                "{point}: {next}"
+            );
+        }
+        let id = next["node"].as_str().unwrap().to_owned();
+        for (d, p) in ["disk0", "disk1"].iter().zip(&reference) {
+            image::assert_same(p, &repo.node_file(VM, &id, d));
+        }
+        let manifest = repo.manifest(VM);
+        assert!(manifest.operations.is_empty(), "{point}");
+        assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &id, &id)).await;
+        assert_no_nbd_left(&vm, refs.path(), point).await;
+    }
+    repo.run(VM, &["verify"]).success();
+}

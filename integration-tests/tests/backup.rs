@@ -482,3 +482,40 @@ async fn with_the_users_nbd_server_running_a_full_hashes_after_the_copy_and_says
     assert!(again.is_err(), "the user's NBD server was stopped");
     vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
 }
+
+/// An incremental and a differential hash the blocks their jobs copy while the jobs run (issue 20): the guest's
+/// writes meanwhile, inside and outside those blocks, leave each table at its instant.
+#[tokio::test]
+async fn guest_writes_during_an_incremental_and_a_differential_leave_their_tables_at_the_instant() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 12 * MIB).await;
+    vm.write_pattern("disk1", 0x22, MIB, 3 * MIB).await;
+    repo.backup(&vm, VM, &[]);
+    for (i, level) in ["inc", "diff"].into_iter().enumerate() {
+        let p = 0x30 + 0x10 * i as u8;
+        vm.write_pattern("disk0", p, 3 * MIB, 2 * MIB + 512).await;
+        vm.write_zeroes("disk0", 10 * MIB, 64 * 1024).await;
+        vm.write_pattern("disk1", p + 1, 7 * MIB, 4096).await;
+        let refs = capture(&vm, refs_dir.path(), level).await;
+        let args = repo.backup_args(&vm, VM, &["--level", level]);
+        let paused = cli::run_paused_at(&args, "backup-hashing-live", &[], None);
+        // Inside the blocks the job copies, and outside them.
+        vm.write_pattern("disk0", p + 2, 4 * MIB, 4096).await;
+        vm.write_pattern("disk0", p + 3, 16 * MIB, MIB).await;
+        vm.write_zeroes("disk1", 7 * MIB, 4096).await;
+        vm.write_pattern("disk1", p + 4, 0, 512).await;
+        paused.signal(nix::sys::signal::Signal::SIGUSR1);
+        let report = paused.finish().success().json();
+        assert_eq!(report["method"], "bitmap", "{report}");
+        assert_eq!(report["tables_during_copy"], true, "{report}");
+        let node = report["node"].as_str().unwrap();
+        assert_node_equals(&repo, node, &refs);
+        for (disk, reference) in DISKS.iter().zip(&refs) {
+            assert_table_of(&repo, node, disk, reference);
+        }
+        assert!(repo.manifest(VM).operations.is_empty());
+    }
+    repo.run(VM, &["verify"]).success();
+}

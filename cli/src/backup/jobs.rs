@@ -32,7 +32,7 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     create_target_files(run)?;
     add_targets(run).await?;
-    // A full's tables are hashed from the live disks while the jobs copy ([`super::live`]).
+    // The tables are hashed from the live disks while the jobs copy ([`super::live`]).
     let mut live = super::live::Live::prepare(run).await?;
     let jobs: Vec<String> = run.targets.iter().map(|t| run.qemu_name("j", t.index)).collect();
     run.progress.phase(if live.is_some() {
@@ -40,10 +40,13 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     } else {
         "copying"
     });
-    let mut actions = transaction(run);
-    if let Some(live) = &live {
-        actions.extend(live.actions(run)?);
-    }
+    // The live hashing's bitmaps first: a job makes the bitmap it reads busy, and the copy of it must be
+    // merged before.
+    let mut actions = match &live {
+        Some(live) => live.actions(run)?,
+        None => Vec::new(),
+    };
+    actions.extend(transaction(run));
     run.transaction(actions, "starting the backup jobs (QMP transaction)")
         .await?;
     crate::crashpoint::crashpoint("backup-jobs-started");

@@ -1,5 +1,7 @@
-//! A full backup's checking tables, hashed from the live disks while the copy jobs run, so that a full takes
-//! about the longer of the copy and the hashing instead of their sum.
+//! A backup's checking tables, hashed from the live disks while the copy jobs run, so that a backup takes
+//! about the longer of the copy and the hashing instead of their sum. A full hashes every block; an incremental
+//! or differential the blocks its job copies (a disabled copy of the bitmap the job reads, made in the same
+//! transaction and read over NBD), over its parent's table.
 //!
 //! The backup's transaction also adds a *watch* bitmap to each disk (in QEMU's memory, one bit per table
 //! block). While the jobs copy, qmpbak reads each disk as the guest sees it now, over NBD from the VM's QEMU
@@ -24,8 +26,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::{Context, Result, anyhow, bail};
 use chain::{BitmapRecord, Payload, Table};
 use qmp::commands::{
-    BlockDirtyBitmapAdd, BlockDirtyBitmapDisable, BlockDirtyBitmapRemove, BlockExportAdd, BlockExportDel,
-    NbdServerStart, NbdServerStop, Transaction, TransactionAction,
+    BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapDisable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove,
+    BlockExportAdd, BlockExportDel, NbdServerStart, NbdServerStop, Transaction, TransactionAction,
 };
 use tokio::task::JoinHandle;
 
@@ -47,6 +49,9 @@ pub(super) struct Live {
     socket: PathBuf,
     /// Per target, the watch bitmap's name.
     watch: Vec<String>,
+    /// For an incremental or differential, per target: the copy of the bitmap the job reads, made in the
+    /// transaction (disabled, so QEMU exports it): the blocks the job copies, the ones to hash.
+    snap: Option<Vec<String>>,
     /// Set when the run gives up: the hashing workers stop at their next read.
     cancel: Arc<AtomicBool>,
 }
@@ -63,28 +68,39 @@ fn watch_name(run: &Run<'_>, t: &super::Target) -> String {
     format!("qmpbak-{}-{}-watch-{}", run.manifest.chain_id, t.key, run.node)
 }
 
+/// The name of the copy of a disk's base bitmap at the instant (see [`Live::snap`]), of an unknown role too.
+fn snap_name(run: &Run<'_>, t: &super::Target) -> String {
+    format!("qmpbak-{}-{}-snap-{}", run.manifest.chain_id, t.key, run.node)
+}
+
 /// An NBD export's id: the operation's id first, as recovery finds the exports an operation left.
 fn export_id(run: &Run<'_>, kind: &str, disk: usize) -> String {
     format!("{}-{kind}{disk}", run.op.id)
 }
 
 impl Live {
-    /// For a full backup: records the watch bitmaps and the NBD server in the operation record, then starts the
-    /// server. `None` (said on the progress output and in the log) when this is not a full or the server
-    /// cannot be started; the tables are then built after the copy.
+    /// For a full, incremental or differential backup: records the bitmaps and the NBD server in the operation
+    /// record, then starts the server. `None` for a checksum-diff (which hashes as it copies anyway), and when
+    /// the server cannot be started (said on the progress output, in the log and in the report): the tables
+    /// are then built after the copy.
     pub(super) async fn prepare(run: &mut Run<'_>) -> Result<Option<Live>> {
-        if run.plan.method != Method::Full {
-            return Ok(None);
-        }
+        let snap = match run.plan.method {
+            Method::Full => None,
+            Method::Bitmap => Some(run.targets.iter().map(|t| snap_name(run, t)).collect::<Vec<_>>()),
+            Method::ChecksumDiff => return Ok(None),
+        };
         let sockdir = crate::daemon::private_temp_dir("qmpbak-nbd-")?;
         let socket = sockdir.path().join("nbd.sock");
         let watch: Vec<String> = run.targets.iter().map(|t| watch_name(run, t)).collect();
         let before = run.op.clone();
-        for (t, name) in run.targets.iter().zip(&watch) {
-            run.op.bitmaps.push(BitmapRecord {
-                node: t.info.node_name.clone(),
-                name: name.clone(),
-            });
+        for (i, t) in run.targets.iter().enumerate() {
+            let names = [Some(&watch[i]), snap.as_ref().map(|s| &s[i])];
+            for name in names.into_iter().flatten() {
+                run.op.bitmaps.push(BitmapRecord {
+                    node: t.info.node_name.clone(),
+                    name: name.clone(),
+                });
+            }
         }
         run.op.payload = Payload::Backup {
             nbd_server_started: true,
@@ -111,38 +127,67 @@ impl Live {
             _sockdir: sockdir,
             socket,
             watch,
+            snap,
             cancel: Arc::new(AtomicBool::new(false)),
         }))
     }
 
-    /// The transaction's actions that add the watch bitmaps: one bit per table block, in QEMU's memory only.
+    /// The transaction's actions that add the watch bitmaps (one bit per table block, in QEMU's memory only)
+    /// and, for an incremental, the copies of the bitmaps its jobs read.
     pub(super) fn actions(&self, run: &Run<'_>) -> Result<Vec<TransactionAction>> {
         let granularity = u32::try_from(run.block_size).context("table block size too large for a bitmap")?;
-        Ok(run
-            .targets
-            .iter()
-            .zip(&self.watch)
-            .map(|(t, name)| {
-                TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+        let mut actions = Vec::new();
+        for (i, t) in run.targets.iter().enumerate() {
+            let node = t.info.node_name.as_str();
+            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+                granularity: Some(granularity),
+                persistent: Some(false),
+                ..BlockDirtyBitmapAdd::new(node, self.watch[i].as_str())
+            }));
+            if let Some(snap) = &self.snap {
+                let base = run
+                    .base_bitmap(t)
+                    .context("an incremental without a base bitmap")?;
+                actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
                     granularity: Some(granularity),
                     persistent: Some(false),
-                    ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), name.as_str())
-                })
-            })
-            .collect())
+                    disabled: Some(true),
+                    ..BlockDirtyBitmapAdd::new(node, snap[i].as_str())
+                }));
+                actions.push(TransactionAction::BlockDirtyBitmapMerge(BlockDirtyBitmapMerge {
+                    node: node.to_owned(),
+                    target: snap[i].clone(),
+                    bitmaps: vec![BitmapRef::Name(base)],
+                }));
+            }
+        }
+        Ok(actions)
     }
 
-    /// After the transaction: exports each disk read-only and starts hashing them on worker threads.
+    /// After the transaction: exports each disk read-only and starts hashing them on worker threads: all of a
+    /// full's blocks; for an incremental, the blocks its job copies, over the parent's table.
     pub(super) async fn start(&self, run: &Run<'_>) -> Result<Hashing> {
         let handle = tokio::runtime::Handle::current();
         let mut sources = Vec::new();
+        let mut over = Vec::new();
         for t in &run.targets {
             let id = export_id(run, "l", t.index);
+            let snap = self.snap.as_ref().map(|s| s[t.index].as_str());
+            let (export, options) = match snap {
+                None => (
+                    BlockExportAdd::nbd(&id, &t.info.node_name, false),
+                    nbd::ConnectOptions::new(),
+                ),
+                Some(snap) => (
+                    BlockExportAdd::nbd_with_bitmap(&id, &t.info.node_name, snap),
+                    nbd::ConnectOptions::new().dirty_bitmap(snap),
+                ),
+            };
             run.qmp
-                .execute(&BlockExportAdd::nbd(&id, &t.info.node_name, false))
+                .execute(&export)
                 .await
                 .with_context(|| format!("exporting disk {} over NBD", t.info.id))?;
-            let client = nbd::Client::connect_unix(&self.socket, &id, NBD_CONNECT_TIMEOUT)
+            let client = nbd::Client::connect_unix_with(&self.socket, &id, &options, NBD_CONNECT_TIMEOUT)
                 .await
                 .with_context(|| format!("connecting to NBD export {id}"))?;
             let size = client.size();
@@ -152,6 +197,32 @@ impl Live {
                     t.info.id,
                     t.info.virtual_size
                 );
+            }
+            if let Some(snap) = snap {
+                let parent = run
+                    .plan
+                    .parent
+                    .as_ref()
+                    .context("an incremental without a parent")?;
+                let parent =
+                    crate::tables::load_node_table(run.vm, &run.manifest, &parent.parse()?, &t.info.id)?;
+                if parent.virtual_size() != size || parent.block_size() != run.block_size {
+                    bail!(
+                        "the parent's checking table of disk {} does not fit the disk",
+                        t.info.id
+                    );
+                }
+                let copied = client
+                    .dirty_extents(snap, 0, size)
+                    .await
+                    .with_context(|| format!("reading the copied blocks of disk {}", t.info.id))?;
+                let ranges: Vec<(u64, u64)> = copied
+                    .iter()
+                    .filter(|e| e.dirty())
+                    .map(|e| (e.offset, e.len))
+                    .collect();
+                let blocks = touched_blocks(&ranges, run.block_size, parent.len())?;
+                over.push((parent, blocks));
             }
             sources.push(Cancellable {
                 inner: NbdSource::new(nbd::BlockingClient::new(client, handle.clone()), size),
@@ -163,13 +234,25 @@ impl Live {
         // An encrypted repository's tables are keyed ([`chain::crypt`]).
         let key = crate::crypt::unlock::table_key();
         Ok(tokio::task::spawn_blocking(move || {
+            let mut over = over.into_iter();
             sources
                 .iter()
                 .map(|source| {
-                    let table = Table::build(source, block_size, threads())?;
-                    Ok(match &key {
-                        Some(key) => key.seal_table(&table)?,
-                        None => table,
+                    Ok(match over.next() {
+                        None => {
+                            let table = Table::build(source, block_size, threads())?;
+                            match &key {
+                                Some(key) => key.seal_table(&table)?,
+                                None => table,
+                            }
+                        }
+                        Some((parent, blocks)) => {
+                            let hashes = Table::build_blocks(source, block_size, &blocks, threads())?;
+                            match &key {
+                                Some(key) => Table::derive(&parent, &key.seal_blocks(&hashes))?,
+                                None => Table::derive(&parent, &hashes)?,
+                            }
+                        }
                     })
                 })
                 .collect()
@@ -286,16 +369,21 @@ impl Live {
         }
         // Stopping the server waits until its exports are gone, so the bitmaps are no longer busy.
         let _ = run.qmp.execute(&NbdServerStop).await;
+        let mut ours = Vec::new();
         let mut left = Vec::new();
-        for (t, name) in run.targets.iter().zip(&self.watch) {
-            let remove = BlockDirtyBitmapRemove::new(t.info.node_name.as_str(), name.as_str());
-            if run.qmp.execute(&remove).await.is_err() {
-                left.push(name.clone());
+        for (i, t) in run.targets.iter().enumerate() {
+            let names = [Some(&self.watch[i]), self.snap.as_ref().map(|s| &s[i])];
+            for name in names.into_iter().flatten() {
+                ours.push(name.clone());
+                let remove = BlockDirtyBitmapRemove::new(t.info.node_name.as_str(), name.as_str());
+                if run.qmp.execute(&remove).await.is_err() {
+                    left.push(name.clone());
+                }
             }
         }
         run.op
             .bitmaps
-            .retain(|b| !self.watch.contains(&b.name) || left.contains(&b.name));
+            .retain(|b| !ours.contains(&b.name) || left.contains(&b.name));
         run.op.payload = Payload::Backup {
             nbd_server_started: false,
         };

@@ -70,7 +70,7 @@ pub struct BackupReport {
     pub disks: Vec<DiskReport>,
     pub duration_secs: f64,
     /// Of `duration_secs`, the time spent building checking tables after the copy (0 when the copy built them,
-    /// as a checksum-diff does; for a full hashed during the copy, rehashing the blocks the guest wrote then).
+    /// as a checksum-diff does; for tables hashed during the copy, rehashing the blocks the guest wrote then).
     pub tables_secs: f64,
     /// Whether the guest's filesystems were frozen for the backup instant.
     pub quiesced: bool,

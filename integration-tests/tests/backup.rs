@@ -416,7 +416,9 @@ async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
     vm.write_pattern("disk1", 0x22, MIB, 3 * MIB).await;
     let refs = capture(&vm, refs_dir.path(), "instant").await;
 
-    let args = repo.backup_args(&vm, VM, &[]);
+    // Compressed: the node's file cannot be read directly, so the whole disk is hashed over NBD while the guest
+    // writes (an uncompressed one is read from the file once the job is done, which the writes do not reach).
+    let args = repo.backup_args(&vm, VM, &["--compress"]);
     let paused = cli::run_paused_at(&args, "backup-hashing-live", &[], None);
     // After the instant and before the hashing reads: new data over old (whole and partial blocks), zeroes over
     // data, data into a hole, on both disks.
@@ -499,7 +501,8 @@ async fn guest_writes_during_an_incremental_and_a_differential_leave_their_table
         vm.write_zeroes("disk0", 10 * MIB, 64 * 1024).await;
         vm.write_pattern("disk1", p + 1, 7 * MIB, 4096).await;
         let refs = capture(&vm, refs_dir.path(), level).await;
-        let args = repo.backup_args(&vm, VM, &["--level", level]);
+        // Compressed, so the blocks are hashed over NBD (see the test above).
+        let args = repo.backup_args(&vm, VM, &["--level", level, "--compress"]);
         let paused = cli::run_paused_at(&args, "backup-hashing-live", &[], None);
         // Inside the blocks the job copies, and outside them.
         vm.write_pattern("disk0", p + 2, 4 * MIB, 4096).await;

@@ -11,7 +11,9 @@
 //! bitmap. Once the jobs are done and the hashing has finished, one transaction stops the watch bitmaps (a
 //! transaction drains the I/O in flight first, so every write that overlapped a hashing read has completed and
 //! marked its block), the bitmaps are read over NBD (`qemu:dirty-bitmap:NAME`), and the marked blocks are
-//! rehashed from the finished node file ([`crate::tables::rehash`]).
+//! rehashed from the finished node file ([`crate::tables::rehash`]). Once the jobs are done and the node's file
+//! is closed, what is left to hash is read from that file (`pread`, [`DirectSource`]) rather than over NBD,
+//! where the chain allows it: it holds the instant's data, and is read faster than through QEMU's NBD server.
 //!
 //! Everything this adds in QEMU (the bitmaps, the NBD server, the exports, named after the operation) is in
 //! the operation record before it exists, so a killed run is undone by the next ([`crate::recovery`]). When
@@ -20,11 +22,11 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 
 use anyhow::{Context, Result, anyhow, bail};
-use chain::{BitmapRecord, Payload, Table};
+use chain::{BitmapRecord, BlockSource as _, Payload, Table};
 use qmp::commands::{
     BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapDisable, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove,
     BlockExportAdd, BlockExportDel, NbdServerStart, NbdServerStop, Transaction, TransactionAction,
@@ -33,6 +35,7 @@ use tokio::task::JoinHandle;
 
 use super::{Run, interrupted};
 use crate::daemon::NBD_CONNECT_TIMEOUT;
+use crate::direct::DirectSource;
 use crate::plan::Method;
 use crate::tables::{NbdSource, threads, touched_blocks};
 
@@ -54,6 +57,8 @@ pub(super) struct Live {
     snap: Option<Vec<String>>,
     /// Set when the run gives up: the hashing workers stop at their next read.
     cancel: Arc<AtomicBool>,
+    /// Per target, the node's closed file, once the job is done: the rest of the hashing reads it.
+    files: Vec<Arc<OnceLock<DirectSource>>>,
 }
 
 impl Drop for Live {
@@ -129,6 +134,7 @@ impl Live {
             watch,
             snap,
             cancel: Arc::new(AtomicBool::new(false)),
+            files: run.targets.iter().map(|_| Arc::new(OnceLock::new())).collect(),
         }))
     }
 
@@ -224,8 +230,9 @@ impl Live {
                 let blocks = touched_blocks(&ranges, run.block_size, parent.len())?;
                 over.push((parent, blocks));
             }
-            sources.push(Cancellable {
-                inner: NbdSource::new(nbd::BlockingClient::new(client, handle.clone()), size),
+            sources.push(LiveSource {
+                nbd: NbdSource::new(nbd::BlockingClient::new(client, handle.clone()), size),
+                file: Arc::clone(&self.files[t.index]),
                 cancel: Arc::clone(&self.cancel),
             });
         }
@@ -264,6 +271,9 @@ impl Live {
     /// something failed: the tables are then built after the copy.
     pub(super) async fn finish(self, run: &mut Run<'_>, hashing: Hashing) -> Result<Option<LiveTables>> {
         run.progress.phase("hashing the disks (the copy is done)");
+        if !hashing.is_finished() {
+            self.switch_to_files(run).await;
+        }
         let hashed = tokio::select! {
             joined = hashing => joined.map_err(|e| anyhow!("the hashing workers panicked: {e}")).and_then(|r| r),
             () = run.interrupt.wait() => {
@@ -297,6 +307,30 @@ impl Live {
             &format!("the disks could not be read while they are copied: {why:#}"),
         );
         Ok(())
+    }
+
+    /// Has the hashing read the rest of each disk from the node's closed file, where it can be read directly (an
+    /// uncompressed, unencrypted chain); else it goes on over NBD. A failure only leaves it on NBD.
+    async fn switch_to_files(&self, run: &Run<'_>) {
+        for t in &run.targets {
+            let files = match crate::direct::chain_files(run.vm, &run.manifest, &run.node, &t.info.id) {
+                Ok(files) => files,
+                Err(e) => {
+                    tracing::debug!("hashing disk {} goes on over NBD: {e:#}", t.info.id);
+                    continue;
+                }
+            };
+            let bins = run.bins.clone();
+            let opened = tokio::task::spawn_blocking(move || DirectSource::open(&bins, &files)).await;
+            match opened {
+                Ok(Ok(Some(file))) if file.len() == t.info.virtual_size => {
+                    let _ = self.files[t.index].set(file);
+                }
+                Ok(Ok(_)) => {}
+                Ok(Err(e)) => tracing::debug!("hashing disk {} goes on over NBD: {e:#}", t.info.id),
+                Err(e) => tracing::debug!("hashing disk {} goes on over NBD: {e}", t.info.id),
+            }
+        }
     }
 
     /// Stops the watch bitmaps and reads, per disk, which table blocks the guest wrote since the instant.
@@ -399,13 +433,18 @@ fn fallback(run: &mut Run<'_>, why: &str) {
     run.warnings.push(text);
 }
 
-/// A block source whose reads fail once the run is given up, so the hashing workers stop.
-struct Cancellable {
-    inner: NbdSource,
+/// A disk read for hashing: over NBD from the live disk until the node's file is closed, then from the file
+/// ([`DirectSource`], when the chain can be read directly), which is faster than QEMU's NBD server. Either
+/// reads every block the guest has not written since the instant as it was then, and the blocks it wrote are
+/// rehashed anyway, so a block may even mix the two. Reads fail once the run is given up, so the hashing
+/// workers stop.
+struct LiveSource {
+    nbd: NbdSource,
+    file: Arc<OnceLock<DirectSource>>,
     cancel: Arc<AtomicBool>,
 }
 
-impl Cancellable {
+impl LiveSource {
     fn check(&self) -> io::Result<()> {
         if self.cancel.load(Ordering::Relaxed) {
             return Err(io::Error::new(
@@ -417,27 +456,36 @@ impl Cancellable {
     }
 }
 
-impl chain::BlockSource for Cancellable {
+impl chain::BlockSource for LiveSource {
     fn len(&self) -> u64 {
-        self.inner.len()
+        self.nbd.len()
     }
 
     fn extents(&self, offset: u64, len: u64) -> io::Result<Vec<chain::Extent>> {
         self.check()?;
-        self.inner.extents(offset, len)
+        match self.file.get() {
+            Some(file) => file.extents(offset, len),
+            None => self.nbd.extents(offset, len),
+        }
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
         self.check()?;
-        self.inner.read_at(offset, buf)
+        match self.file.get() {
+            Some(file) => file.read_at(offset, buf),
+            None => self.nbd.read_at(offset, buf),
+        }
     }
 
     fn read_into(&self, offset: u64, len: usize, buf: &mut Vec<u8>) -> io::Result<()> {
         self.check()?;
-        self.inner.read_into(offset, len, buf)
+        match self.file.get() {
+            Some(file) => file.read_into(offset, len, buf),
+            None => self.nbd.read_into(offset, len, buf),
+        }
     }
 
     fn name(&self) -> String {
-        self.inner.name()
+        self.nbd.name()
     }
 }

@@ -182,36 +182,6 @@ pub async fn build(at: DiskAt<'_>, block_size: u64, parent: Option<&Table>) -> R
             Some((parent.clone(), touched_blocks(&ranges, block_size, parent.len())?))
         }
     };
-    hash_chain(at, direct, block_size, changed).await
-}
-
-/// `base` (a table of `node`'s disk hashed elsewhere, keyed as the repository's tables are) with the blocks
-/// `blocks` rehashed from the node's chain: what a full backup's table hashed from the live disk needs for the
-/// blocks the guest wrote meanwhile ([`crate::backup`]). No block: `base` as it is, nothing read.
-pub async fn rehash(at: DiskAt<'_>, block_size: u64, base: Table, blocks: Vec<u64>) -> Result<Table> {
-    if blocks.is_empty() {
-        return Ok(base);
-    }
-    let files = crate::direct::chain_files(at.vm, at.manifest, at.node, at.disk)?;
-    let direct = DirectSource::open(at.bins, &files)?;
-    hash_chain(at, direct, block_size, Some((base, blocks))).await
-}
-
-/// Hashes `node`'s disk (whole, or the `changed` blocks over a base table) from `direct` when the chain can be
-/// read from its files, else over NBD from a qemu-storage-daemon started for it.
-async fn hash_chain(
-    at: DiskAt<'_>,
-    direct: Option<DirectSource>,
-    block_size: u64,
-    changed: Option<(Table, Vec<u64>)>,
-) -> Result<Table> {
-    let DiskAt {
-        bins,
-        vm,
-        manifest,
-        node,
-        disk,
-    } = at;
     if let Some(source) = direct {
         return hash_node(source, block_size, 0, changed).await;
     }

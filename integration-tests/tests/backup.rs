@@ -404,9 +404,9 @@ fn assert_table_of(repo: &TestRepo, node: &str, disk: &str, reference: &Path) {
     std::fs::remove_file(raw).unwrap();
 }
 
-/// A full backup hashes the disks while its jobs copy them (issue 20): the guest's writes after the instant,
-/// made while the hashing reads the live disks, are rehashed from the node's file, so the stored table is the
-/// instant's, block for block, and the node is the instant's image.
+/// The guest's writes after a full's instant, made while its jobs copy, reach neither its node nor its checking
+/// table: the table is the instant's, block for block (issue 20: the property any table built during the copy
+/// must keep).
 #[tokio::test]
 async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
     let vm = two_disk_vm().await;
@@ -416,12 +416,10 @@ async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
     vm.write_pattern("disk1", 0x22, MIB, 3 * MIB).await;
     let refs = capture(&vm, refs_dir.path(), "instant").await;
 
-    // Compressed: the node's file cannot be read directly, so the whole disk is hashed over NBD while the guest
-    // writes (an uncompressed one is read from the file once the job is done, which the writes do not reach).
-    let args = repo.backup_args(&vm, VM, &["--compress"]);
-    let paused = cli::run_paused_at(&args, "backup-hashing-live", &[], None);
-    // After the instant and before the hashing reads: new data over old (whole and partial blocks), zeroes over
-    // data, data into a hole, on both disks.
+    let args = repo.backup_args(&vm, VM, &[]);
+    let paused = cli::run_paused_at(&args, "backup-copying", &[], None);
+    // After the instant: new data over old (whole and partial blocks), zeroes over data, data into a hole, on
+    // both disks.
     vm.write_pattern("disk0", 0x33, 2 * MIB, 3 * MIB + 4096).await;
     vm.write_zeroes("disk0", 8 * MIB, MIB).await;
     vm.write_pattern("disk0", 0x44, 20 * MIB + 512, 64 * 1024).await;
@@ -431,7 +429,6 @@ async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
     let out = paused.finish().success();
     let report = out.json();
     assert_eq!(report["level"], "full", "{report}");
-    assert_eq!(report["tables_during_copy"], true, "{report}");
     let node = report["node"].as_str().unwrap();
     assert_node_equals(&repo, node, &refs);
     for (disk, reference) in DISKS.iter().zip(&refs) {
@@ -453,40 +450,8 @@ async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
     }
 }
 
-/// When the VM's QEMU already runs an NBD server (the user's), a full builds its tables after the copy, says so,
-/// and leaves that server running.
-#[tokio::test]
-async fn with_the_users_nbd_server_running_a_full_hashes_after_the_copy_and_says_why() {
-    let vm = two_disk_vm().await;
-    let repo = TestRepo::init();
-    let refs_dir = tempfile::tempdir().unwrap();
-    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
-    let socket = refs_dir.path().join("users-nbd.sock");
-    let addr = serde_json::json!({ "type": "unix", "data": { "path": socket } });
-    vm.qmp()
-        .execute_raw("nbd-server-start", Some(serde_json::json!({ "addr": addr })))
-        .await
-        .unwrap();
-    let refs = capture(&vm, refs_dir.path(), "full").await;
-    let report = repo.backup(&vm, VM, &[]);
-    assert_eq!(report["tables_during_copy"], false, "{report}");
-    let warnings = report["warnings"].to_string();
-    assert!(warnings.contains("NBD server"), "{report}");
-    let node = report["node"].as_str().unwrap();
-    assert_node_equals(&repo, node, &refs);
-    repo.run(VM, &["verify"]).success();
-    assert!(repo.manifest(VM).operations.is_empty());
-    // The user's server still runs: a second start is refused.
-    let again = vm
-        .qmp()
-        .execute_raw("nbd-server-start", Some(serde_json::json!({ "addr": addr })))
-        .await;
-    assert!(again.is_err(), "the user's NBD server was stopped");
-    vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
-}
-
-/// An incremental and a differential hash the blocks their jobs copy while the jobs run (issue 20): the guest's
-/// writes meanwhile, inside and outside those blocks, leave each table at its instant.
+/// The guest's writes while an incremental's or a differential's job copies, inside and outside the blocks it
+/// copies, leave each node and table at its instant (issue 20).
 #[tokio::test]
 async fn guest_writes_during_an_incremental_and_a_differential_leave_their_tables_at_the_instant() {
     let vm = two_disk_vm().await;
@@ -501,9 +466,8 @@ async fn guest_writes_during_an_incremental_and_a_differential_leave_their_table
         vm.write_zeroes("disk0", 10 * MIB, 64 * 1024).await;
         vm.write_pattern("disk1", p + 1, 7 * MIB, 4096).await;
         let refs = capture(&vm, refs_dir.path(), level).await;
-        // Compressed, so the blocks are hashed over NBD (see the test above).
-        let args = repo.backup_args(&vm, VM, &["--level", level, "--compress"]);
-        let paused = cli::run_paused_at(&args, "backup-hashing-live", &[], None);
+        let args = repo.backup_args(&vm, VM, &["--level", level]);
+        let paused = cli::run_paused_at(&args, "backup-copying", &[], None);
         // Inside the blocks the job copies, and outside them.
         vm.write_pattern("disk0", p + 2, 4 * MIB, 4096).await;
         vm.write_pattern("disk0", p + 3, 16 * MIB, MIB).await;
@@ -512,7 +476,6 @@ async fn guest_writes_during_an_incremental_and_a_differential_leave_their_table
         paused.signal(nix::sys::signal::Signal::SIGUSR1);
         let report = paused.finish().success().json();
         assert_eq!(report["method"], "bitmap", "{report}");
-        assert_eq!(report["tables_during_copy"], true, "{report}");
         let node = report["node"].as_str().unwrap();
         assert_node_equals(&repo, node, &refs);
         for (disk, reference) in DISKS.iter().zip(&refs) {

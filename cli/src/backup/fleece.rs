@@ -205,7 +205,6 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
     Ok(Copied {
         bytes,
         tables: Some(tables),
-        live: None,
     })
 }
 

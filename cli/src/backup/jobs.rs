@@ -32,41 +32,18 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     create_target_files(run)?;
     add_targets(run).await?;
-    // The tables are hashed from the live disks while the jobs copy ([`super::live`]).
-    let mut live = super::live::Live::prepare(run).await?;
     let jobs: Vec<String> = run.targets.iter().map(|t| run.qemu_name("j", t.index)).collect();
-    run.progress.phase(if live.is_some() {
-        "copying, and hashing the disks meanwhile"
-    } else {
-        "copying"
-    });
-    // The live hashing's bitmaps first: a job makes the bitmap it reads busy, and the copy of it must be
-    // merged before.
-    let mut actions = match &live {
-        Some(live) => live.actions(run)?,
-        None => Vec::new(),
-    };
-    actions.extend(transaction(run));
+    run.progress.phase("copying");
+    let actions = transaction(run);
     run.transaction(actions, "starting the backup jobs (QMP transaction)")
         .await?;
     crate::crashpoint::crashpoint("backup-jobs-started");
+    // Tests hold the run here to write to the disks while the jobs copy.
+    crate::crashpoint::pause_point("backup-copying").await;
     let writeback = crate::writeback::EarlyWriteback::start(run.target_files()?);
-    let hashing = match &live {
-        Some(l) => match l.start(run).await {
-            Ok(hashing) => Some(hashing),
-            Err(e) => {
-                if let Some(l) = live.take() {
-                    l.give_up(run, &e).await?;
-                }
-                None
-            }
-        },
-        None => None,
-    };
     let outcome = tokio::select! {
         outcome = wait_jobs(run, &jobs) => outcome,
         () = run.interrupt.wait() => {
-            drop(live);
             for job in &jobs {
                 recovery::stop_job(run.qmp, job).await;
             }
@@ -79,15 +56,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         let _ = run.qmp.execute(&JobDismiss::new(job.as_str())).await;
     }
     remove_targets(run).await;
-    let live = match (live, hashing) {
-        (Some(live), Some(hashing)) => live.finish(run, hashing).await?,
-        _ => None,
-    };
-    Ok(Copied {
-        bytes,
-        tables: None,
-        live,
-    })
+    Ok(Copied { bytes, tables: None })
 }
 
 /// `qemu-img create` of each node file; incremental ones name the parent's file as backing file (relative).

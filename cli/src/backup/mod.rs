@@ -9,7 +9,6 @@
 
 mod fleece;
 mod jobs;
-mod live;
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -70,7 +69,7 @@ pub struct BackupReport {
     pub disks: Vec<DiskReport>,
     pub duration_secs: f64,
     /// Of `duration_secs`, the time spent building checking tables after the copy (0 when the copy built them,
-    /// as a checksum-diff does; for tables hashed during the copy, rehashing the blocks the guest wrote then).
+    /// as a checksum-diff does).
     pub tables_secs: f64,
     /// Whether the guest's filesystems were frozen for the backup instant.
     pub quiesced: bool,
@@ -80,12 +79,6 @@ pub struct BackupReport {
     pub skipped: Vec<Skipped>,
     /// Encrypted disks stored decrypted in this repository (`--allow-plaintext`).
     pub plaintext_of_encrypted: Vec<String>,
-    /// Whether the checking tables were hashed from the live disks while the copy ran (a full backup's way);
-    /// when a full could not, `warnings` says why.
-    pub tables_during_copy: bool,
-    /// What went slower than it should and why (the run is still exact).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
 }
 
 /// A drive a backup left out by itself (not one the user excluded).
@@ -141,8 +134,6 @@ pub(crate) struct Run<'a> {
     pub progress: &'a dyn Progress,
     pub interrupt: &'a Interrupt,
     pub agent: Option<crate::qga::GuestAgent>,
-    /// For the report: what went slower than it should, and why.
-    pub warnings: Vec<String>,
 }
 
 impl Run<'_> {
@@ -212,14 +203,6 @@ impl Run<'_> {
         }
         result.with_context(|| what.to_owned())?;
         Ok(())
-    }
-
-    /// Puts the operation record as it is now into the manifest and saves it.
-    pub fn record(&mut self) -> Result<()> {
-        if let Some(op) = self.manifest.operations.iter_mut().find(|o| o.id == self.op.id) {
-            *op = self.op.clone();
-        }
-        self.save()
     }
 
     /// Saves the manifest (atomically).
@@ -332,7 +315,6 @@ pub async fn backup(
         progress,
         interrupt,
         agent,
-        warnings: Vec::new(),
     };
     run.begin()?;
     crashpoint("backup-begun");
@@ -351,7 +333,6 @@ pub async fn backup(
             return Err(err);
         }
     };
-    let tables_during_copy = copied.live.is_some();
     let (report_disks, tables_secs) = match run.complete(&copied).await {
         Ok(done) => done,
         Err(err) => {
@@ -379,8 +360,6 @@ pub async fn backup(
         cleaned,
         skipped,
         plaintext_of_encrypted,
-        tables_during_copy,
-        warnings: run.warnings.clone(),
     })
 }
 
@@ -409,9 +388,6 @@ async fn check_encrypted_sources(opts: &BackupOptions) -> Result<()> {
 pub(crate) struct Copied {
     pub bytes: Vec<u64>,
     pub tables: Option<Vec<chain::Table>>,
-    /// Tables hashed from the live disks while the copy ran, with the blocks to rehash from the node's files
-    /// ([`live`]).
-    pub live: Option<live::LiveTables>,
 }
 
 impl Run<'_> {
@@ -513,10 +489,9 @@ impl Run<'_> {
         let files = self.target_files()?;
         // QEMU wrote them with `cache.no-flush` (see [`jobs`]): until this is done they may be only in memory.
         let sync = tokio::task::spawn_blocking(move || chain::store::sync_files(&files));
-        let tables = match (&copied.tables, &copied.live) {
-            (Some(tables), _) => tables.clone(),
-            (None, Some(live)) => self.rehash_tables(live).await?,
-            (None, None) => self.build_tables().await?,
+        let tables = match &copied.tables {
+            Some(tables) => tables.clone(),
+            None => self.build_tables().await?,
         };
         let tables_secs = started.elapsed().as_secs_f64();
         sync.await.context("fsync task panicked")??;
@@ -590,33 +565,6 @@ impl Run<'_> {
                 disk: &t.info.id,
             };
             let table = crate::tables::build(at, self.block_size, parent_table.as_ref())
-                .await
-                .with_context(|| format!("building the checking table of disk {}", t.info.id))?;
-            self.progress.finish_disk(&t.info.id);
-            tables.push(table);
-        }
-        Ok(tables)
-    }
-
-    /// Each disk's table hashed from the live disk with the blocks the guest wrote during the copy rehashed from
-    /// the node's file ([`crate::tables::rehash`]).
-    async fn rehash_tables(&self, live: &live::LiveTables) -> Result<Vec<chain::Table>> {
-        let blocks: usize = live.iter().map(|(_, b)| b.len()).sum();
-        if blocks > 0 {
-            self.progress.phase(&format!(
-                "rehashing {blocks} block(s) the guest wrote during the copy"
-            ));
-        }
-        let mut tables = Vec::new();
-        for (t, (base, blocks)) in self.targets.iter().zip(live) {
-            let at = crate::tables::DiskAt {
-                bins: &self.bins,
-                vm: self.vm,
-                manifest: &self.manifest,
-                node: &self.node,
-                disk: &t.info.id,
-            };
-            let table = crate::tables::rehash(at, self.block_size, base.clone(), blocks.clone())
                 .await
                 .with_context(|| format!("building the checking table of disk {}", t.info.id))?;
             self.progress.finish_disk(&t.info.id);

@@ -136,9 +136,6 @@ fn print_report(r: &BackupReport) -> Result<(), super::out::StdoutError> {
             r.plaintext_of_encrypted.join(", ")
         )?;
     }
-    for warning in &r.warnings {
-        outln!("warning: {warning}")?;
-    }
     if !r.cleaned.is_empty() {
         outln!(
             "cleaned up after an interrupted run: {} (nodes marked failed: {})",

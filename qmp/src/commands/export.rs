@@ -46,16 +46,6 @@ impl BlockExportAdd {
             "type": "nbd", "id": id, "node-name": node_name, "name": id, "writable": writable,
         }))
     }
-
-    /// A read-only NBD export of `node_name` that also serves dirty bitmap `bitmap` of that node as the
-    /// metadata context `qemu:dirty-bitmap:<bitmap>` (QEMU refuses a bitmap that is still recording: disable it
-    /// first).
-    pub fn nbd_with_bitmap(id: &str, node_name: &str, bitmap: &str) -> BlockExportAdd {
-        BlockExportAdd(serde_json::json!({
-            "type": "nbd", "id": id, "node-name": node_name, "name": id, "writable": false,
-            "bitmaps": [bitmap],
-        }))
-    }
 }
 
 /// `block-export-del`: removes an export; it is gone when `BLOCK_EXPORT_DELETED` arrives.

@@ -407,3 +407,117 @@ async fn after_a_snapshot_the_next_backup_is_still_a_bitmap_incremental() {
         "{next}"
     );
 }
+
+/// The checking table of `node`'s disk `disk` equals one built from `reference` (a qcow2 captured at the
+/// node's instant), block for block.
+fn assert_table_of(repo: &TestRepo, node: &str, disk: &str, reference: &Path) {
+    let raw = reference.with_extension("raw");
+    image::qemu_img(&[
+        "convert",
+        "-O",
+        "raw",
+        reference.to_str().unwrap(),
+        raw.to_str().unwrap(),
+    ]);
+    let block_size = chain::Repository::open(repo.path())
+        .unwrap()
+        .settings()
+        .block_size;
+    let expected = chain::Table::build(&chain::FileSource::open(&raw).unwrap(), block_size, 0).unwrap();
+    let stored = chain::Table::load(repo.vm_dir(VM).join(node).join(format!("{disk}.table"))).unwrap();
+    assert_eq!(stored.virtual_size(), expected.virtual_size(), "{disk}");
+    let differ: Vec<usize> = stored
+        .digests()
+        .zip(expected.digests())
+        .enumerate()
+        .filter(|(_, (a, b))| a != b)
+        .map(|(i, _)| i)
+        .collect();
+    assert!(
+        differ.is_empty(),
+        "{disk}: table blocks {differ:?} are not the instant's"
+    );
+    std::fs::remove_file(raw).unwrap();
+}
+
+/// The guest's writes after a full's instant, made while its jobs copy, reach neither its node nor its checking
+/// table: the table is the instant's, block for block (issue 20: the property any table built during the copy
+/// must keep).
+#[tokio::test]
+async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 12 * MIB).await;
+    vm.write_pattern("disk1", 0x22, MIB, 3 * MIB).await;
+    let refs = capture(&vm, refs_dir.path(), "instant").await;
+
+    let args = repo.backup_args(&vm, VM, &[]);
+    let paused = cli::run_paused_at(&args, "backup-copying", &[], None);
+    // After the instant: new data over old (whole and partial blocks), zeroes over data, data into a hole, on
+    // both disks.
+    vm.write_pattern("disk0", 0x33, 2 * MIB, 3 * MIB + 4096).await;
+    vm.write_zeroes("disk0", 8 * MIB, MIB).await;
+    vm.write_pattern("disk0", 0x44, 20 * MIB + 512, 64 * 1024).await;
+    vm.write_pattern("disk1", 0x55, 0, 512).await;
+    vm.write_pattern("disk1", 0x66, 10 * MIB, 2 * MIB).await;
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let out = paused.finish().success();
+    let report = out.json();
+    assert_eq!(report["level"], "full", "{report}");
+    let node = report["node"].as_str().unwrap();
+    assert_node_equals(&repo, node, &refs);
+    for (disk, reference) in DISKS.iter().zip(&refs) {
+        assert_table_of(&repo, node, disk, reference);
+    }
+    repo.run(VM, &["verify"]).success();
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty());
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, node, node)).await;
+
+    // The next incremental holds exactly the writes made during the full.
+    let after = capture(&vm, refs_dir.path(), "after").await;
+    let inc = repo.backup(&vm, VM, &[]);
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    let inc = inc["node"].as_str().unwrap();
+    assert_node_equals(&repo, inc, &after);
+    for (disk, reference) in DISKS.iter().zip(&after) {
+        assert_table_of(&repo, inc, disk, reference);
+    }
+}
+
+/// The guest's writes while an incremental's or a differential's job copies, inside and outside the blocks it
+/// copies, leave each node and table at its instant (issue 20).
+#[tokio::test]
+async fn guest_writes_during_an_incremental_and_a_differential_leave_their_tables_at_the_instant() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 12 * MIB).await;
+    vm.write_pattern("disk1", 0x22, MIB, 3 * MIB).await;
+    repo.backup(&vm, VM, &[]);
+    for (i, level) in ["inc", "diff"].into_iter().enumerate() {
+        let p = 0x30 + 0x10 * i as u8;
+        vm.write_pattern("disk0", p, 3 * MIB, 2 * MIB + 512).await;
+        vm.write_zeroes("disk0", 10 * MIB, 64 * 1024).await;
+        vm.write_pattern("disk1", p + 1, 7 * MIB, 4096).await;
+        let refs = capture(&vm, refs_dir.path(), level).await;
+        let args = repo.backup_args(&vm, VM, &["--level", level]);
+        let paused = cli::run_paused_at(&args, "backup-copying", &[], None);
+        // Inside the blocks the job copies, and outside them.
+        vm.write_pattern("disk0", p + 2, 4 * MIB, 4096).await;
+        vm.write_pattern("disk0", p + 3, 16 * MIB, MIB).await;
+        vm.write_zeroes("disk1", 7 * MIB, 4096).await;
+        vm.write_pattern("disk1", p + 4, 0, 512).await;
+        paused.signal(nix::sys::signal::Signal::SIGUSR1);
+        let report = paused.finish().success().json();
+        assert_eq!(report["method"], "bitmap", "{report}");
+        let node = report["node"].as_str().unwrap();
+        assert_node_equals(&repo, node, &refs);
+        for (disk, reference) in DISKS.iter().zip(&refs) {
+            assert_table_of(&repo, node, disk, reference);
+        }
+        assert!(repo.manifest(VM).operations.is_empty());
+    }
+    repo.run(VM, &["verify"]).success();
+}

@@ -38,6 +38,8 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     run.transaction(actions, "starting the backup jobs (QMP transaction)")
         .await?;
     crate::crashpoint::crashpoint("backup-jobs-started");
+    // Tests hold the run here to write to the disks while the jobs copy.
+    crate::crashpoint::pause_point("backup-copying").await;
     let writeback = crate::writeback::EarlyWriteback::start(run.target_files()?);
     let outcome = tokio::select! {
         outcome = wait_jobs(run, &jobs) => outcome,

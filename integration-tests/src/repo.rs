@@ -114,6 +114,36 @@ impl TestRepo {
         ids
     }
 
+    /// A node's full checking table as the manifest's files give it: whole tables read, differences applied in
+    /// recovery chain order, each checked against its base (what qmpbak derives, rebuilt here independently).
+    pub fn derived_table(&self, vm: &str, node: &str, disk: &str) -> chain::Table {
+        let manifest = self.manifest(vm);
+        let id = node.parse().expect("a node id");
+        let mut table: Option<(chain::Table, chain::Digest)> = None;
+        for n in manifest.recovery_chain(&id).expect("the node's recovery chain") {
+            let d = n
+                .disks
+                .iter()
+                .find(|d| d.disk == disk)
+                .expect("the node has the disk");
+            let rel = d.table.as_ref().expect("the node's disk has a table");
+            let sha = d.table_sha256.as_ref().expect("the table's sha256");
+            let path = self.vm_dir(vm).join(rel.as_path());
+            match chain::TableFile::load_verified(&path, sha).expect("a table file that verifies") {
+                chain::TableFile::Whole { table: t, id } => table = Some((t, id)),
+                chain::TableFile::Diff(diff) => {
+                    let (t, id) = table.as_mut().expect("a difference above a whole table");
+                    t.apply_diff(id, &diff, &path)
+                        .expect("the difference applies to its base");
+                    *id = *diff.id();
+                }
+            }
+        }
+        let (table, id) = table.expect("a whole table at the bottom of the chain");
+        assert_eq!(table.content_id(), id);
+        table
+    }
+
     /// The node file of `node` for `disk`.
     pub fn node_file(&self, vm: &str, node: &str, disk: &str) -> PathBuf {
         self.vm_dir(vm).join(node).join(format!("{disk}.qcow2"))

@@ -424,7 +424,7 @@ fn assert_table_of(repo: &TestRepo, node: &str, disk: &str, reference: &Path) {
         .settings()
         .block_size;
     let expected = chain::Table::build(&chain::FileSource::open(&raw).unwrap(), block_size, 0).unwrap();
-    let stored = chain::Table::load(repo.vm_dir(VM).join(node).join(format!("{disk}.table"))).unwrap();
+    let stored = repo.derived_table(VM, node, disk);
     assert_eq!(stored.virtual_size(), expected.virtual_size(), "{disk}");
     let differ: Vec<usize> = stored
         .digests()

@@ -10,7 +10,7 @@
 
 use std::path::{Path, PathBuf};
 
-use chain::{Table, TableFile};
+use chain::Table;
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
@@ -47,28 +47,6 @@ fn version(path: &Path) -> u8 {
     std::fs::read(path).unwrap()[8]
 }
 
-/// A node's full table as the manifest's files give it: whole tables read, differences applied in recovery
-/// chain order, each checked against its base.
-fn derived(repo: &TestRepo, node: &str, disk: &str) -> Table {
-    let manifest = repo.manifest(VM);
-    let mut table: Option<(Table, chain::Digest)> = None;
-    for n in manifest.recovery_chain(&node.parse().unwrap()).unwrap() {
-        let d = n.disks.iter().find(|d| d.disk == disk).unwrap();
-        let path = repo.vm_dir(VM).join(d.table.as_ref().unwrap().as_path());
-        match TableFile::load_verified(&path, d.table_sha256.as_ref().unwrap()).unwrap() {
-            TableFile::Whole { table: t, id } => table = Some((t, id)),
-            TableFile::Diff(diff) => {
-                let (t, id) = table.as_mut().expect("a difference above a whole table");
-                t.apply_diff(id, &diff, &path).unwrap();
-                *id = *diff.id();
-            }
-        }
-    }
-    let (table, id) = table.unwrap();
-    assert_eq!(table.content_id(), id);
-    table
-}
-
 /// Restores `point` as raw images, checks them against its references, and checks that the table built from
 /// each restored image is the node's derived table.
 #[track_caller]
@@ -83,7 +61,7 @@ fn assert_exact(repo: &TestRepo, point: &Point, out: &Path) {
         let built = Table::build(&chain::FileSource::open(&raw).unwrap(), MIB, 2).unwrap();
         assert_eq!(
             built,
-            derived(repo, &point.node, disk),
+            repo.derived_table(VM, &point.node, disk),
             "node {} disk {disk}",
             point.node
         );

@@ -10,10 +10,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use qmp::MirrorSyncMode;
 use qmp::commands::{
-    BlockDirtyBitmapAdd, BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevDel, JobCancel,
-    JobDismiss, NbdServerStart, NbdServerStop, TransactionAction,
+    BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevDel, JobCancel, JobDismiss, NbdServerStart,
+    NbdServerStop,
 };
 use serde_json::json;
 
@@ -86,18 +85,8 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
     // One instant for every disk: fleecing jobs and the new bitmaps.
     let mut actions = Vec::new();
     for t in &run.targets {
-        for name in run.new_bitmaps(t) {
-            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
-                persistent: Some(t.info.bitmaps_persist),
-                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), name)
-            }));
-        }
-        actions.push(TransactionAction::BlockdevBackup(BlockdevBackup::new(
-            run.qemu_name("j", t.index),
-            t.info.node_name.as_str(),
-            run.qemu_name("f", t.index),
-            MirrorSyncMode::None,
-        )));
+        actions.extend(run.new_bitmap_actions(t));
+        actions.push(run.view_action(t));
     }
     run.transaction(actions, "starting image fleecing (QMP transaction)")
         .await?;

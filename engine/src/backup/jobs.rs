@@ -12,9 +12,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow};
-use qmp::commands::{
-    BlockDirtyBitmapAdd, BlockdevAdd, BlockdevBackup, BlockdevDel, JobDismiss, QueryJobs, TransactionAction,
-};
+use qmp::commands::{BlockdevAdd, BlockdevBackup, BlockdevDel, JobDismiss, QueryJobs, TransactionAction};
 use qmp::{BitmapSyncMode, MirrorSyncMode};
 use serde_json::json;
 use tokio::task::JoinSet;
@@ -128,12 +126,7 @@ fn transaction(run: &Run<'_>) -> Vec<TransactionAction> {
     let mut actions = Vec::new();
     for t in &run.targets {
         let base = run.base_bitmap(t);
-        for name in run.new_bitmaps(t) {
-            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
-                persistent: Some(t.info.bitmaps_persist),
-                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), name)
-            }));
-        }
+        actions.extend(run.new_bitmap_actions(t));
         let sync = full_or_bitmap_sync(run.plan.method, t.info.has_backing);
         let mut job = BlockdevBackup::new(
             run.qemu_name("j", t.index),

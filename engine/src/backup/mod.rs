@@ -182,6 +182,31 @@ impl Run<'_> {
         names
     }
 
+    /// The transaction's actions that add the new node's bitmaps to disk `t` (persistent where QEMU can store
+    /// them), the same for every method.
+    pub fn new_bitmap_actions(&self, t: &Target) -> Vec<qmp::commands::TransactionAction> {
+        self.new_bitmaps(t)
+            .into_iter()
+            .map(|name| {
+                qmp::commands::TransactionAction::BlockDirtyBitmapAdd(qmp::commands::BlockDirtyBitmapAdd {
+                    persistent: Some(t.info.bitmaps_persist),
+                    ..qmp::commands::BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), name)
+                })
+            })
+            .collect()
+    }
+
+    /// The transaction's action that starts disk `t`'s point-in-time view: a `blockdev-backup sync=none` job
+    /// into the overlay `f<index>` (QEMU's copy-before-write filter), for a checksum-diff and a pull.
+    pub fn view_action(&self, t: &Target) -> qmp::commands::TransactionAction {
+        qmp::commands::TransactionAction::BlockdevBackup(qmp::commands::BlockdevBackup::new(
+            self.qemu_name("j", t.index),
+            t.info.node_name.as_str(),
+            self.qemu_name("f", t.index),
+            qmp::MirrorSyncMode::None,
+        ))
+    }
+
     /// Runs the backup's one QMP transaction; with `--quiesce` the guest's filesystems are frozen just before
     /// it and thawed right after it, whether it succeeded or not.
     pub async fn transaction(

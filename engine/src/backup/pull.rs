@@ -19,11 +19,10 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
-use qmp::MirrorSyncMode;
 use qmp::commands::{
     BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportAdd,
-    BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevCreate, BlockdevDel, JobCancel, JobDismiss,
-    NbdServerStart, NbdServerStop, QomList, TransactionAction,
+    BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevDel, JobCancel, JobDismiss, NbdServerStart,
+    NbdServerStop, QomList, TransactionAction,
 };
 use serde_json::json;
 
@@ -330,12 +329,7 @@ async fn export_views(
     // One instant for every disk: the views, the new bitmaps and the frozen copies of the bitmaps read.
     let mut actions = Vec::new();
     for t in &run.targets {
-        for name in run.new_bitmaps(t) {
-            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
-                persistent: Some(t.info.bitmaps_persist),
-                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), name)
-            }));
-        }
+        actions.extend(run.new_bitmap_actions(t));
         if run.plan.method == Method::Bitmap {
             let base = run
                 .base_bitmap(t)
@@ -359,12 +353,7 @@ async fn export_views(
                 bitmaps: vec![BitmapRef::Name(base)],
             }));
         }
-        actions.push(TransactionAction::BlockdevBackup(BlockdevBackup::new(
-            run.qemu_name("j", t.index),
-            t.info.node_name.as_str(),
-            run.qemu_name("f", t.index),
-            MirrorSyncMode::None,
-        )));
+        actions.push(run.view_action(t));
     }
     run.transaction(actions, "starting the point-in-time views (QMP transaction)")
         .await?;

@@ -484,3 +484,54 @@ async fn a_pull_into_a_qemu_whose_nbd_server_runs_fails_and_leaves_that_server_r
     assert_no_leftovers(&vm, &[]).await;
     assert_scratch_empty(&vm);
 }
+
+/// Two VMs (two QEMUs, as on two hypervisors) pulled at the same time into one repository: each VM's lock is
+/// its own, both backups run at once, and every node of each equals its own references.
+#[tokio::test]
+async fn two_vms_pulled_at_once_into_one_repository_are_each_exact() {
+    let pki = TestPki::loopback();
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    let vms = [tls_vm(&pki).await, tls_vm(&pki).await];
+    let names = ["web1", "db1"];
+    let ports = [free_port(), free_port()];
+    let mut refs = Vec::new();
+    let mut nodes = Vec::new();
+    for round in 0..2u8 {
+        for (i, vm) in vms.iter().enumerate() {
+            let pattern = 0x10 * (round + 1) + u8::try_from(i).unwrap();
+            vm.write_pattern("disk0", pattern, u64::from(round) * 4 * MIB, 2 * MIB)
+                .await;
+            let label = format!("{}-{round}", names[i]);
+            refs.push(vm.capture_references(&DISKS, refs_dir.path(), &label).await);
+        }
+        // Both pulls started before either is waited for.
+        let children: Vec<_> = vms
+            .iter()
+            .zip(names)
+            .zip(ports)
+            .map(|((vm, name), port)| {
+                let args = pull_args(&pki, "client", port);
+                let mut cmd = cli::command_owned(&repo.backup_args(vm, name, &strs(&args)));
+                cmd.spawn().expect("spawn qmpbak backup")
+            })
+            .collect();
+        for child in children {
+            let report = cli::wait(child, integration_tests::timeouts::CLI_TIMEOUT)
+                .success()
+                .json();
+            nodes.push(report["node"].as_str().unwrap().to_owned());
+        }
+    }
+    // nodes and refs are in the same order: round 0 (web1, db1), round 1 (web1, db1).
+    for (k, (node, refs)) in nodes.iter().zip(&refs).enumerate() {
+        let name = names[k % 2];
+        for (disk, reference) in DISKS.iter().zip(refs) {
+            image::assert_same(reference, &repo.node_file(name, node, disk));
+        }
+    }
+    for name in names {
+        repo.run(name, &["verify"]).success();
+        assert_eq!(repo.manifest(name).nodes.len(), 2, "{name}");
+    }
+}

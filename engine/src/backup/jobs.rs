@@ -82,21 +82,7 @@ pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
     // `remove_targets`).
     crate::crypt::unlock::add_secret(run.qmp).await?;
     for t in &run.targets {
-        let backing = match &run.plan.parent {
-            Some(parent) => {
-                let chain = graph::add_chain(
-                    run.qmp,
-                    run.vm,
-                    &run.manifest,
-                    &parent.parse()?,
-                    &t.info.id,
-                    &run.chain_prefix(t.index),
-                )
-                .await?;
-                chain.top().map(str::to_owned)
-            }
-            None => None,
-        };
+        let backing = run.add_parent_chain(run.qmp, t).await?;
         let path = run.vm.resolve(&t.file)?;
         let mut options =
             graph::qcow2_options(&run.qemu_name("t", t.index), &path, backing.as_deref(), false);

@@ -182,6 +182,24 @@ impl Run<'_> {
         names
     }
 
+    /// Opens the parent node's recovery chain of disk `t` in `qmp` (the VM's QEMU, or a pull's local
+    /// qemu-storage-daemon) and returns its top node: the backing of the new node file. `None` for a full.
+    pub async fn add_parent_chain(&self, qmp: &qmp::Qmp, t: &Target) -> Result<Option<String>> {
+        let Some(parent) = &self.plan.parent else {
+            return Ok(None);
+        };
+        let chain = crate::graph::add_chain(
+            qmp,
+            self.vm,
+            &self.manifest,
+            &parent.parse()?,
+            &t.info.id,
+            &self.chain_prefix(t.index),
+        )
+        .await?;
+        Ok(chain.top().map(str::to_owned))
+    }
+
     /// The transaction's actions that add the new node's bitmaps to disk `t` (persistent where QEMU can store
     /// them), the same for every method.
     pub fn new_bitmap_actions(&self, t: &Target) -> Vec<qmp::commands::TransactionAction> {

@@ -618,21 +618,7 @@ async fn dirty_ranges(view: &nbd::Client, bitmap: &str) -> Result<Vec<(u64, u64)
 /// Opens disk `t`'s new node file in the daemon, on top of the parent's chain, and connects to it writable.
 async fn open_target(run: &Run<'_>, daemon: &StorageDaemon, t: &Target) -> Result<nbd::Client> {
     let qmp = daemon.qmp();
-    let backing = match &run.plan.parent {
-        Some(parent) => {
-            let chain = graph::add_chain(
-                qmp,
-                run.vm,
-                &run.manifest,
-                &parent.parse()?,
-                &t.info.id,
-                &run.chain_prefix(t.index),
-            )
-            .await?;
-            chain.top().map(str::to_owned)
-        }
-        None => None,
-    };
+    let backing = run.add_parent_chain(qmp, t).await?;
     let path = run.vm.resolve(&t.file)?;
     let node = run.qemu_name("t", t.index);
     let mut options = graph::qcow2_options(&node, &path, backing.as_deref(), false);

@@ -301,30 +301,21 @@ pub async fn recover(
                 op.id,
                 op.legacy_note.as_deref().unwrap_or("")
             )),
-            (Payload::Commit(_) | Payload::LiveRestore, None) => {
-                cleaned.pending.push(format!(
-                    "{}: an interrupted {}, finished only in the running VM: give --socket",
-                    op.id,
-                    if op.payload == Payload::LiveRestore {
-                        "live restore"
-                    } else {
-                        "commit"
-                    }
-                ));
-                manifest.operations.push(op.clone());
-                continue;
-            }
-            // Both judge and remove files beside the VM's disks: only on the VM's host.
-            (Payload::Commit(_) | Payload::LiveRestore, Some(qmp)) if qmp.is_remote() => {
-                cleaned.pending.push(format!(
-                    "{}: an interrupted {}, finished only from the VM's host: give --socket there",
-                    op.id,
-                    if op.payload == Payload::LiveRestore {
-                        "live restore"
-                    } else {
-                        "commit"
-                    }
-                ));
+            // Finished only in the running VM, and (both judge and remove files beside the VM's disks) only
+            // from the VM's host.
+            (Payload::Commit(_) | Payload::LiveRestore, qmp) if qmp.is_none_or(qmp::Qmp::is_remote) => {
+                let what = if op.payload == Payload::LiveRestore {
+                    "live restore"
+                } else {
+                    "commit"
+                };
+                let how = match qmp {
+                    None => "finished only in the running VM: give --socket",
+                    Some(_) => "finished only from the VM's host: give --socket there",
+                };
+                cleaned
+                    .pending
+                    .push(format!("{}: an interrupted {what}, {how}", op.id));
                 manifest.operations.push(op.clone());
                 continue;
             }

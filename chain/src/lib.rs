@@ -70,7 +70,7 @@ pub use error::{Error, ErrorKind, ManifestProblem, Result};
 pub use lock::{LockGuard, LockHolder, LockMode, LockWait};
 pub use manifest::{
     BitmapRecord, CommitDisk, CommitRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk,
-    NodeKind, NodeState, Operation, Payload, new_disk_key,
+    NodeKind, NodeState, Operation, Payload, ServedChain, new_disk_key,
 };
 pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};

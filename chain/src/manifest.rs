@@ -12,7 +12,7 @@ use crate::tree::{self, Tree};
 
 pub use crate::model::{
     BitmapRecord, CommitDisk, CommitRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk,
-    NodeKind, NodeState, Operation, Payload, new_disk_key,
+    NodeKind, NodeState, Operation, Payload, ServedChain, new_disk_key,
 };
 use crate::model::{is_chain_id, random_hex8};
 

@@ -244,7 +244,12 @@ pub enum Payload {
     Commit(CommitRecord),
     /// A live restore of the record's node: the VM runs on the node's chain until streaming ends, so recovery
     /// finishes it.
-    LiveRestore,
+    LiveRestore {
+        /// Across hosts: the chain is served from the backup host over NBD (absent: the VM's QEMU opens the
+        /// repository's files itself).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        served: Option<ServedChain>,
+    },
     /// A prune (offline), removing nodes in this order.
     Prune {
         /// The retention policy, in words.
@@ -265,6 +270,25 @@ pub enum Payload {
     /// A kind this qmpbak does not know (written by another version); written back as its bare kind.
     #[serde(skip)]
     Other(String),
+}
+
+/// How a live restore across hosts serves its node's chain: a qemu-storage-daemon on the backup host listening
+/// on `host:port` (restarted there by recovery, which needs the same address), one read-only export per disk,
+/// and in the VM's QEMU one `nbd` block node per disk (the record's `block_nodes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServedChain {
+    /// The address the daemon listens on (an IP address of the backup host).
+    pub host: String,
+    pub port: u16,
+    /// The disks restored, in the order of their index in the jobs' and nodes' names.
+    pub disks: Vec<String>,
+    /// TLS (`false`: plaintext, as `--insecure-plaintext` allowed).
+    pub tls: bool,
+    /// The `tls-creds-x509` object qmpbak added to the VM's QEMU for the NBD client (removed at the end); `None`
+    /// when it used one the VM had, or none (plaintext).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creds_object: Option<String>,
 }
 
 /// What a commit needs to be finished: the time point, its parent, and per disk the files involved. Taken from
@@ -310,7 +334,7 @@ impl Payload {
             Payload::Snapshot { .. } => "snapshot",
             Payload::Revert { .. } => "revert",
             Payload::Commit(_) => "commit",
-            Payload::LiveRestore => "live_restore",
+            Payload::LiveRestore { .. } => "live_restore",
             Payload::Prune { .. } => "prune",
             Payload::Merge { .. } => "merge",
             Payload::Unreadable { .. } => "unreadable",

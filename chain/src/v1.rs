@@ -96,7 +96,7 @@ impl From<OperationV1> for Operation {
                     note,
                 ),
             },
-            "restore" => (Payload::LiveRestore, note),
+            "restore" => (Payload::LiveRestore { served: None }, note),
             "prune" => (
                 Payload::Prune {
                     policy: String::new(),
@@ -325,7 +325,7 @@ mod tests {
     #[test]
     fn pending_restore_prune_merge_and_unknown_records_convert() {
         let op = v1("restore-0002", "restore", Some("0002"), None);
-        assert_eq!(op.payload, Payload::LiveRestore);
+        assert_eq!(op.payload, Payload::LiveRestore { served: None });
         let op = v1(
             "prune-x",
             "prune",

@@ -32,9 +32,53 @@ pub struct StorageDaemon {
 impl StorageDaemon {
     /// Starts a daemon with an NBD server on a private unix socket.
     pub async fn start(bins: &QemuBins) -> Result<StorageDaemon> {
+        Self::launch(bins, None).await
+    }
+
+    /// Starts a daemon whose NBD server listens on TCP `addr` instead (for a QEMU on another host), with TLS
+    /// from `tls_dir` (QEMU's server layout: ca-cert.pem, server-cert.pem, server-key.pem; the client's
+    /// certificate is required and verified), or plaintext without it.
+    pub async fn start_tcp(
+        bins: &QemuBins,
+        addr: std::net::SocketAddr,
+        tls_dir: Option<&Path>,
+    ) -> Result<StorageDaemon> {
+        Self::launch(bins, Some((addr, tls_dir))).await
+    }
+
+    async fn launch(
+        bins: &QemuBins,
+        tcp: Option<(std::net::SocketAddr, Option<&Path>)>,
+    ) -> Result<StorageDaemon> {
         let dir = private_temp_dir("qmpbak-qsd-")?;
         let monitor = dir.path().join("monitor.sock");
         let nbd_socket = dir.path().join("nbd.sock");
+        let mut server_args: Vec<String> = Vec::new();
+        match tcp {
+            None => {
+                server_args.push("--nbd-server".to_owned());
+                server_args.push(format!("addr.type=unix,addr.path={}", nbd_socket.display()));
+            }
+            Some((addr, tls_dir)) => {
+                let mut nbd = format!("addr.type=inet,addr.host={},addr.port={}", addr.ip(), addr.port());
+                if let Some(tls) = tls_dir {
+                    if !tls.is_absolute() || tls.to_str().is_none_or(|t| t.contains(',')) {
+                        bail!(
+                            "the TLS credentials directory {} must be an absolute path without commas",
+                            tls.display()
+                        );
+                    }
+                    server_args.push("--object".to_owned());
+                    server_args.push(format!(
+                        "tls-creds-x509,id=qmpbak-serve-tls,dir={},endpoint=server,verify-peer=on",
+                        tls.display()
+                    ));
+                    nbd.push_str(",tls-creds=qmpbak-serve-tls");
+                }
+                server_args.push("--nbd-server".to_owned());
+                server_args.push(nbd);
+            }
+        }
         let listener =
             UnixListener::bind(&monitor).with_context(|| format!("listening on {}", monitor.display()))?;
         let mut child = children::spawn(
@@ -42,8 +86,7 @@ impl StorageDaemon {
                 .arg("--chardev")
                 .arg(format!("socket,id=qmpbak,path={}", monitor.display()))
                 .args(["--monitor", "chardev=qmpbak"])
-                .arg("--nbd-server")
-                .arg(format!("addr.type=unix,addr.path={}", nbd_socket.display()))
+                .args(&server_args)
                 // An encrypted repository's key, as a secret object reading a private file.
                 .args(crate::crypt::unlock::qemu_img_args())
                 .stdin(Stdio::null())

@@ -25,6 +25,7 @@ pub mod qmp_target;
 pub mod recovery;
 pub mod render;
 pub mod restore;
+pub mod serve;
 pub mod session;
 pub mod signals;
 pub mod snapshot;

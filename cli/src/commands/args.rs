@@ -112,6 +112,37 @@ impl Monitor {
     }
 }
 
+/// How this host serves a node's chain over TCP (a live restore across hosts, and cleanup finishing one).
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct ServeArgs {
+    /// TLS credentials for serving the backup over NBD, in QEMU's server layout (ca-cert.pem,
+    /// server-cert.pem, server-key.pem; the certificate names this host's address); the VM's QEMU must present
+    /// a client certificate of that CA. Without it, only with --insecure-plaintext.
+    #[arg(long, value_name = "DIR")]
+    pub serve_tls_dir: Option<PathBuf>,
+    /// Address and port of this host to serve the backup on (default: the address that reaches the --qmp host,
+    /// a free port). Never every address.
+    #[arg(long, value_name = "IP:PORT")]
+    pub serve_listen: Option<std::net::SocketAddr>,
+}
+
+impl ServeArgs {
+    /// The credentials, the directory made absolute (QEMU is given it).
+    pub fn credentials(&self, insecure_plaintext: bool) -> Result<qmpbak_engine::serve::ServeCredentials> {
+        let tls_dir = match &self.serve_tls_dir {
+            Some(dir) => Some(
+                std::fs::canonicalize(dir)
+                    .map_err(|e| Exit::usage(format!("--serve-tls-dir {}: {e}", dir.display())))?,
+            ),
+            None => None,
+        };
+        Ok(qmpbak_engine::serve::ServeCredentials {
+            tls_dir,
+            insecure_plaintext,
+        })
+    }
+}
+
 /// `--wait [SECS]`: wait for a held lock instead of failing at once.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct LockArgs {

@@ -4,7 +4,7 @@
 
 use anyhow::{Result, bail};
 
-use super::args::{Monitor, RepoVm};
+use super::args::{Monitor, RepoVm, ServeArgs};
 use qmpbak_engine::exit::Exit;
 use qmpbak_engine::{inspect, recovery};
 
@@ -16,6 +16,10 @@ pub struct Args {
     /// running VM too.
     #[command(flatten)]
     monitor: Monitor,
+    /// To finish a live restore across hosts whose qmpbak died: how to serve its chain again (on the address
+    /// and port the record names).
+    #[command(flatten)]
+    serve: ServeArgs,
     /// Print JSON.
     #[arg(long)]
     json: bool,
@@ -23,6 +27,13 @@ pub struct Args {
 
 pub async fn run(args: Args) -> Result<()> {
     let target = args.monitor.target()?;
+    qmpbak_engine::serve::set_credentials(args.serve.credentials(args.monitor.insecure_plaintext)?);
+    // An encrypted repository's key, to serve its chain again.
+    let _key = if args.serve.serve_tls_dir.is_some() {
+        args.target.unlock()?
+    } else {
+        None
+    };
     let (_repo, vm) = args.target.open()?;
     let guard = vm.lock_exclusive(args.target.lock.lock_wait(), "cleanup")?;
     let mut manifest = vm.load()?;

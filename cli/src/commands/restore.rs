@@ -5,11 +5,11 @@ use std::path::PathBuf;
 
 use anyhow::{Result, bail};
 
-use super::args::{Monitor, RepoVm};
+use super::args::{Monitor, RepoVm, ServeArgs};
 use super::bars::Bars;
 use qmpbak_engine::exit::Exit;
 use qmpbak_engine::qmp_target::Local;
-use qmpbak_engine::restore::live::{self, LiveOptions};
+use qmpbak_engine::restore::live::{self, LiveOptions, ServedOptions, Source};
 use qmpbak_engine::restore::offline::{self, Format, RestoreOptions};
 use qmpbak_engine::signals::Interrupt;
 
@@ -54,6 +54,20 @@ pub struct Args {
     /// Limit live streaming to BYTES per second per disk.
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     speed_limit: u64,
+    #[command(flatten)]
+    serve: ServeArgs,
+    /// Live across hosts: the VM's QEMU object to reach this host's NBD server with (a tls-creds-x509 with
+    /// endpoint=client). Default: its only such object, unless --target-tls-dir.
+    #[arg(long, value_name = "ID", conflicts_with = "target_tls_dir")]
+    target_tls_creds: Option<String>,
+    /// Live across hosts: a directory on the VM's host (absolute) with ca-cert.pem, client-cert.pem and
+    /// client-key.pem; qmpbak adds a client tls-creds-x509 object reading it for the run.
+    #[arg(long, value_name = "DIR")]
+    target_tls_dir: Option<PathBuf>,
+    /// Live across hosts: seconds the VM's NBD client keeps reconnecting to this host before a read of data not
+    /// streamed yet fails (QEMU's reconnect-delay).
+    #[arg(long, value_name = "SECS", default_value_t = 30)]
+    reconnect_delay: u32,
     /// Print one JSON result.
     #[arg(long)]
     json: bool,
@@ -62,15 +76,28 @@ pub struct Args {
 pub async fn run(args: Args) -> Result<()> {
     let live_qmp = match (args.live, args.monitor.target()?) {
         (true, None) => bail!(Exit::usage("--live needs --socket or --qmp")),
+        (true, Some(qmp)) if qmp.is_remote() => {
+            // Across hosts: this host serves the node's chain over NBD.
+            let creds = args.serve.credentials(args.monitor.insecure_plaintext)?;
+            qmpbak_engine::serve::set_credentials(creds.clone());
+            let source = Source::Served(ServedOptions {
+                listen: args.serve.serve_listen,
+                creds,
+                target_tls_creds: args.target_tls_creds.clone(),
+                target_tls_dir: args.target_tls_dir.clone(),
+                reconnect_delay: args.reconnect_delay,
+            });
+            Some((qmp, source))
+        }
         (true, Some(qmp)) => {
             // QEMU opens the node's files in the repository: it must reach them.
             qmp.require_local("restore --live", Local::QemuReadsRepository, &args.target.repo)?;
-            Some(qmp)
+            Some((qmp, Source::Local))
         }
         (false, _) => None,
     };
     let _key = args.target.unlock()?;
-    if let Some(qmp) = live_qmp {
+    if let Some((qmp, source)) = live_qmp {
         let opts = LiveOptions {
             repo: args.target.repo.clone(),
             vm: args.target.vm.clone(),
@@ -79,6 +106,7 @@ pub async fn run(args: Args) -> Result<()> {
             disks: args.disks,
             speed_limit: args.speed_limit,
             lock_wait: args.target.lock.lock_wait(),
+            source,
         };
         let interrupt = Interrupt::new()?;
         let progress = Bars::new(!args.json && std::io::stderr().is_terminal());

@@ -1,21 +1,30 @@
 //! Finishing a live restore: its stream jobs run inside QEMU, and once they end the repository's chain is
 //! detached from the VM's disks. A live restore cannot be undone once the VM runs on the chain, so a restore
-//! whose qmpbak died is finished from its record, never undone.
+//! whose qmpbak died is finished from its record, never undone. Across hosts the chain came from the dead
+//! qmpbak's NBD server: [`finish_served`] starts it again on the recorded address and port first.
 
-use std::time::Duration;
+use std::net::{IpAddr, SocketAddr};
+use std::time::{Duration, Instant};
 
-use anyhow::{Result, bail};
-use qmp::commands::BlockdevDel;
+use anyhow::{Context, Result, bail};
+use qmp::commands::{BlockdevDel, JobResume, ObjectDel};
 
-use chain::Operation;
+use chain::{Manifest, Operation, ServedChain, VmStore};
 
 use crate::progress::Progress;
 
 /// Bound on streaming one disk.
 pub const STREAM_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// How long a stream may stay paused on read errors, resumed again and again without progress, before the
+/// restore gives up (the VM keeps running on the chain; a later cleanup tries again).
+pub const STREAM_STALL_TIMEOUT: Duration = Duration::from_secs(300);
+/// How often a stream paused on an error is resumed.
+const RESUME_EVERY: Duration = Duration::from_secs(1);
 
 /// Waits for a live restore's stream jobs and detaches the chain. Also used by cleanup to finish a restore whose
-/// qmpbak died. A failed stream leaves the chain attached (the VM depends on it) and is an error.
+/// qmpbak died. A stream paused on a read error (`on-error: stop`, across hosts) is resumed until it makes
+/// progress again, for at most [`STREAM_STALL_TIMEOUT`]. A failed stream leaves the chain attached (the VM
+/// depends on it) and is an error.
 pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> Result<()> {
     for job in &op.jobs {
         let Some(info) = qmp.job_info(job).await? else {
@@ -27,12 +36,29 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
             let wait = qmp.wait_job(job, STREAM_TIMEOUT);
             tokio::pin!(wait);
             let mut ticker = tokio::time::interval(Duration::from_millis(250));
+            let mut last = (info.current_progress, Instant::now());
+            let mut resumed = Instant::now() - RESUME_EVERY;
             loop {
                 tokio::select! {
                     outcome = &mut wait => break outcome?,
                     _ = ticker.tick() => {
-                        if let Ok(Some(now)) = qmp.job_info(job).await {
-                            progress.advance(job, now.current_progress, now.total_progress);
+                        let Ok(Some(now)) = qmp.job_info(job).await else { continue };
+                        progress.advance(job, now.current_progress, now.total_progress);
+                        if now.current_progress != last.0 {
+                            last = (now.current_progress, Instant::now());
+                        }
+                        if now.status == qmp::JobStatus::Paused {
+                            if last.1.elapsed() > STREAM_STALL_TIMEOUT {
+                                bail!(
+                                    "streaming ({job}) stopped on read errors and made no progress for \
+                                     {STREAM_STALL_TIMEOUT:?}; the VM still runs on the backup chain (the job \
+                                     is paused): a later `qmpbak cleanup` resumes it"
+                                );
+                            }
+                            if resumed.elapsed() >= RESUME_EVERY {
+                                resumed = Instant::now();
+                                let _ = qmp.execute(&JobResume::new(job.as_str())).await;
+                            }
                         }
                     }
                 }
@@ -50,4 +76,93 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
     // The chain is gone: so goes the key of an encrypted repository, also when cleanup finishes the restore.
     crate::crypt::unlock::forget_secret(qmp).await;
     Ok(())
+}
+
+/// Why a live restore across hosts cannot be finished by this run (`None`: it can): the server must be
+/// started again here, with the credentials this command was given.
+pub fn served_problem(served: &ServedChain) -> Option<String> {
+    let creds = crate::serve::credentials();
+    let ok = match &creds {
+        None => false,
+        Some(c) if served.tls => c.tls_dir.is_some(),
+        Some(c) => c.insecure_plaintext,
+    };
+    (!ok).then(|| {
+        format!(
+            "its chain was served from {}:{} on the backup host: run `qmpbak cleanup --qmp … {}` there to serve \
+             it again and finish",
+            served.host,
+            served.port,
+            if served.tls {
+                "--serve-tls-dir DIR"
+            } else {
+                "--insecure-plaintext"
+            }
+        )
+    })
+}
+
+/// Finishes a live restore across hosts whose qmpbak died: serves the node's chain again on the recorded
+/// address and port (the VM's NBD client reconnects there), resumes and waits for the streams ([`finish`]),
+/// removes the client credentials qmpbak added, stops the server.
+pub async fn finish_served(
+    qmp: &qmp::Qmp,
+    vm: &VmStore,
+    manifest: &Manifest,
+    op: &Operation,
+    served: &ServedChain,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let node = op
+        .node
+        .as_ref()
+        .context("the live restore record names no node")?;
+    // A record is data from a file: the address must be one of this host's (binding fails otherwise), never
+    // every address.
+    let ip: IpAddr = served.host.parse().with_context(|| {
+        format!(
+            "the record's server address {:?} is not an IP address",
+            served.host
+        )
+    })?;
+    if ip.is_unspecified() {
+        bail!("the record's server address {ip} is every address: not serving there");
+    }
+    let mut running = false;
+    for job in &op.jobs {
+        if let Some(info) = qmp.job_info(job).await? {
+            running |= info.status != qmp::JobStatus::Concluded;
+        }
+    }
+    let creds = crate::serve::credentials().unwrap_or_default();
+    let server = if running {
+        Some(
+            crate::serve::ChainServer::start(
+                vm,
+                manifest,
+                node,
+                &served.disks,
+                SocketAddr::new(ip, served.port),
+                &creds,
+            )
+            .await
+            .context("serving the chain again for the interrupted live restore")?,
+        )
+    } else {
+        None
+    };
+    let result = finish(qmp, op, progress).await;
+    if result.is_ok() {
+        if let Some(id) = served
+            .creds_object
+            .as_ref()
+            .filter(|id| id.starts_with(crate::serve::CLIENT_CREDS_PREFIX))
+        {
+            let _ = qmp.execute(&ObjectDel { id: id.clone() }).await;
+        }
+    }
+    if let Some(server) = server {
+        server.stop().await?;
+    }
+    result
 }

@@ -303,15 +303,39 @@ pub async fn recover(
             )),
             // Finished only in the running VM, and (both judge and remove files beside the VM's disks) only
             // from the VM's host.
-            (Payload::Commit(_) | Payload::LiveRestore, qmp) if qmp.is_none_or(qmp::Qmp::is_remote) => {
-                let what = if op.payload == Payload::LiveRestore {
+            // Across hosts: finished here, with the chain served again, when the command can serve it.
+            (Payload::LiveRestore { served: Some(served) }, Some(qmp)) => {
+                if let Some(how) = live::served_problem(served) {
+                    cleaned.pending.push(format!(
+                        "{}: an interrupted live restore across hosts, {how}",
+                        op.id
+                    ));
+                    manifest.operations.push(op.clone());
+                    continue;
+                }
+                match live::finish_served(qmp, vm, manifest, op, served, &crate::progress::Silent).await {
+                    Ok(()) => {
+                        cleaned.jobs.extend(op.jobs.iter().cloned());
+                        cleaned.block_nodes.extend(op.block_nodes.iter().cloned());
+                        None
+                    }
+                    Err(e) => Some(e.context(format!("finishing the interrupted live restore {}", op.id))),
+                }
+            }
+            (Payload::Commit(_) | Payload::LiveRestore { .. }, qmp)
+                if qmp.is_none_or(qmp::Qmp::is_remote) =>
+            {
+                let what = if matches!(op.payload, Payload::LiveRestore { .. }) {
                     "live restore"
                 } else {
                     "commit"
                 };
-                let how = match qmp {
-                    None => "finished only in the running VM: give --socket",
-                    Some(_) => "finished only from the VM's host: give --socket there",
+                let how = match (qmp, &op.payload) {
+                    (None, Payload::LiveRestore { served: Some(_) }) => {
+                        "finished only in the running VM: give --qmp (and --serve-tls-dir)"
+                    }
+                    (None, _) => "finished only in the running VM: give --socket",
+                    (Some(_), _) => "finished only from the VM's host: give --socket there",
                 };
                 cleaned
                     .pending
@@ -327,7 +351,7 @@ pub async fn recover(
                     .map(|e| e.context(format!("finishing the interrupted commit {}", op.id)))
             }
             // A live restore cannot be undone once the VM runs on the chain: finish it instead.
-            (Payload::LiveRestore, Some(qmp)) => {
+            (Payload::LiveRestore { .. }, Some(qmp)) => {
                 match live::finish(qmp, op, &crate::progress::Silent).await {
                     Ok(()) => {
                         cleaned.jobs.extend(op.jobs.iter().cloned());
@@ -470,7 +494,7 @@ mod tests {
         let vm = repo.create_vm("vm1").unwrap();
         let guard = vm.lock_exclusive(chain::LockWait::NoWait, "test").unwrap();
         let mut manifest = vm.load().unwrap();
-        manifest.add_operation(record("restore-0002", Payload::LiveRestore));
+        manifest.add_operation(record("restore-0002", Payload::LiveRestore { served: None }));
         manifest.add_operation(record(
             "commit-0003",
             Payload::Commit(chain::CommitRecord {

@@ -4,20 +4,30 @@
 //! streaming only fills clusters the guest has not written. When streaming ends the chain is removed and the
 //! VM depends on nothing in the repository.
 //!
+//! The chain comes from the repository opened by the VM's QEMU itself, or, across hosts, from this host's NBD
+//! server ([`super::backing`] holds that difference).
+//!
 //! If qmpbak dies while streaming, the VM keeps running on the chain; the operation record lets
-//! `qmpbak cleanup --socket` (or any later command on the VM) finish it.
+//! `qmpbak cleanup --socket` (or any later command on the VM) finish it. Across hosts the server dies with
+//! qmpbak: the streams pause on the read errors (`on-error: stop`), the VM's NBD client reconnects for
+//! `reconnect-delay` seconds and then fails the guest's reads of blocks not yet streamed, and `qmpbak cleanup
+//! --qmp … --serve-tls-dir …` on the backup host restarts the server on the recorded address and finishes.
 
 use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use qmp::commands::{
-    BlockDirtyBitmapAdd, BlockStream, BlockdevReopen, Cont, QueryStatus, XDebugQueryBlockGraph,
+    BlockDirtyBitmapAdd, BlockJobSetSpeed, BlockStream, BlockdevReopen, Cont, QueryStatus,
+    XDebugQueryBlockGraph,
 };
 use serde::Serialize;
 use serde_json::json;
 
 use chain::{BitmapRecord, LockWait, Operation, Payload};
+
+use super::backing::Backing;
+pub use super::backing::{ServedOptions, Source};
 
 use crate::bitmaps::BitmapName;
 use crate::exit::{Exit, ExitCode};
@@ -36,6 +46,8 @@ pub struct LiveOptions {
     /// Bytes per second per disk for streaming, 0 = unlimited.
     pub speed_limit: u64,
     pub lock_wait: LockWait,
+    /// Where the VM's QEMU reads the chain from.
+    pub source: Source,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -58,6 +70,11 @@ pub async fn restore_live(
     let started = Instant::now();
     // An encrypted repository needs its key, checked before anything changes.
     crate::crypt::require(&chain::Repository::open(&opts.repo)?)?;
+    // Across hosts the VM's QEMU reads nothing of the repository: this host serves the chain.
+    let local = match opts.source {
+        Source::Local => Some(crate::qmp_target::Local::QemuReadsRepository),
+        Source::Served(_) => None,
+    };
     let crate::session::Session {
         vm,
         guard,
@@ -68,7 +85,7 @@ pub async fn restore_live(
         &opts.repo,
         &opts.vm,
         &opts.qmp,
-        Some(crate::qmp_target::Local::QemuReadsRepository),
+        local,
         opts.lock_wait,
         "restore --live",
         false,
@@ -116,6 +133,8 @@ pub async fn restore_live(
         targets.push((i, d.clone()));
     }
 
+    let mut backing = Backing::prepare(&opts.source, &opts.qmp, &qmp, &node.id).await?;
+    let before = manifest.clone();
     let chain_id = manifest.chain_id.clone();
     // The disks become this node's from here on: their images and keys are recorded with the node made current.
     let infos: Vec<inspect::DiskInfo> = targets.iter().map(|(_, d)| d.clone()).collect();
@@ -126,15 +145,16 @@ pub async fn restore_live(
     };
     let bitmaps: Vec<String> = targets.iter().map(|(_, d)| bitmap_of(&d.id)).collect();
     let name = |what: &str, i: usize| graph::short_name(&chain_id, what, node.id.as_str(), i);
-    let depth = manifest.recovery_chain(&node.id)?.len();
-    let mut op = Operation::new(Payload::LiveRestore, Some(node.id.clone()), chrono::Utc::now());
+    let mut op = Operation::new(
+        Payload::LiveRestore { served: None },
+        Some(node.id.clone()),
+        chrono::Utc::now(),
+    );
     op.id = format!("restore-{}", node.id);
     op.pid = std::process::id();
+    backing.record(&mut op, &manifest, &node.id, &disks)?;
     for ((i, d), bitmap) in targets.iter().zip(&bitmaps) {
         op.jobs.push(name("s", *i));
-        for layer in (0..depth).rev() {
-            op.block_nodes.push(format!("{}-{layer}", name("l", *i)));
-        }
         op.bitmaps.push(BitmapRecord {
             node: d.node_name.clone(),
             name: bitmap.clone(),
@@ -148,31 +168,50 @@ pub async fn restore_live(
     manifest.add_operation(op.clone());
     vm.save(&manifest, &guard)?;
 
-    let graph_file_children = file_children(&qmp).await?;
-    // The key of an encrypted repository, for the chain under the disks until streaming ends ([`finish`]).
-    crate::crypt::unlock::add_secret(&qmp).await?;
-    for ((i, d), bitmap) in targets.iter().zip(&bitmaps) {
-        let chain = graph::add_chain(
-            &qmp,
-            &vm,
-            &manifest,
-            &node.id,
-            &d.id,
-            &format!("{}-", name("l", *i)),
-        )
-        .await?;
-        let file = graph_file_children
-            .iter()
-            .find(|(parent, _)| parent == &d.node_name)
-            .map(|(_, child)| child.clone())
-            .with_context(|| format!("cannot find the file child of block node {}", d.node_name))?;
-        let top = chain.top().context("empty recovery chain")?;
+    // Until a disk takes the chain as backing, a failure leaves the VM and the manifest as they were.
+    let attached = async {
+        let graph_file_children = file_children(&qmp).await?;
+        let tops = backing.attach(&qmp, &vm, &manifest, &node.id, &disks).await?;
+        let mut files = Vec::new();
+        for (_, d) in &targets {
+            let file = graph_file_children
+                .iter()
+                .find(|(parent, _)| parent == &d.node_name)
+                .map(|(_, child)| child.clone())
+                .with_context(|| format!("cannot find the file child of block node {}", d.node_name))?;
+            files.push(file);
+        }
+        anyhow::Ok((tops, files))
+    }
+    .await;
+    let (tops, files) = match attached {
+        Ok(attached) => attached,
+        Err(e) => {
+            backing.detach(&qmp, &manifest, &node.id, disks.len()).await;
+            vm.save(&before, &guard)?;
+            return Err(e);
+        }
+    };
+    for (n, (((_, d), bitmap), (top, file))) in targets
+        .iter()
+        .zip(&bitmaps)
+        .zip(tops.iter().zip(&files))
+        .enumerate()
+    {
         let options = json!({ "driver": d.format, "node-name": d.node_name, "file": file, "backing": top });
-        qmp.execute(&BlockdevReopen {
-            options: vec![options],
-        })
-        .await
-        .with_context(|| format!("putting node {}'s chain under disk {}", node.id, d.id))?;
+        let reopened = qmp
+            .execute(&BlockdevReopen {
+                options: vec![options],
+            })
+            .await
+            .with_context(|| format!("putting node {}'s chain under disk {}", node.id, d.id));
+        if let Err(e) = reopened {
+            if n == 0 {
+                backing.detach(&qmp, &manifest, &node.id, disks.len()).await;
+                vm.save(&before, &guard)?;
+            }
+            return Err(e);
+        }
         qmp.execute(&BlockDirtyBitmapAdd {
             persistent: Some(d.bitmaps_persist),
             ..BlockDirtyBitmapAdd::new(d.node_name.as_str(), bitmap.as_str())
@@ -195,6 +234,11 @@ pub async fn restore_live(
         if opts.speed_limit > 0 {
             job.speed = Some(opts.speed_limit);
         }
+        if backing.is_served() {
+            // A read error over the network (the server gone a while) pauses the job instead of failing it,
+            // so that it can go on once the server is back (`recovery::live::finish` resumes it).
+            job.on_error = Some("stop".to_owned());
+        }
         qmp.execute(&job)
             .await
             .with_context(|| format!("streaming disk {}", d.id))?;
@@ -202,17 +246,39 @@ pub async fn restore_live(
     crate::crashpoint::crashpoint("restore-streaming");
 
     let finish = crate::recovery::live::finish(&qmp, &op, progress);
+    tokio::pin!(finish);
+    let mut interrupted = false;
     tokio::select! {
-        result = finish => result?,
+        result = &mut finish => result?,
         () = interrupt.wait() => {
-            return Err(Exit::new(ExitCode::Interrupted, format!(
-                "interrupted: the VM runs on the restored data and streaming goes on inside QEMU; \
-                 `qmpbak cleanup --socket {} --repo {} --vm {}` finishes it",
-                opts.qmp, opts.repo.display(), opts.vm)).into());
+            if !backing.is_served() {
+                return Err(Exit::new(ExitCode::Interrupted, format!(
+                    "interrupted: the VM runs on the restored data and streaming goes on inside QEMU; \
+                     `qmpbak cleanup --socket {} --repo {} --vm {}` finishes it",
+                    opts.qmp, opts.repo.display(), opts.vm)).into());
+            }
+            // The VM reads the blocks not streamed yet from this process's server: stopping now would take them
+            // away. Stream at full speed and finish first.
+            interrupted = true;
+            progress.phase("interrupted: the VM reads unstreamed data from this host; finishing the streams \
+                            at full speed first");
+            for job in &op.jobs {
+                let _ = qmp.execute(&BlockJobSetSpeed { device: job.clone(), speed: 0 }).await;
+            }
+            finish.await?;
         }
     }
+    backing.release(&qmp).await;
     manifest.remove_operation(&op.id);
     vm.save(&manifest, &guard)?;
+    if interrupted {
+        return Err(Exit::new(
+            ExitCode::Interrupted,
+            "interrupted: the restore was finished first (the VM depended on this host's server); the VM no \
+             longer depends on the backup",
+        )
+        .into());
+    }
     Ok(LiveReport {
         vm: opts.vm.clone(),
         node: node.id.to_string(),

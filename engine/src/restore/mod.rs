@@ -2,6 +2,7 @@
 //! into a running QEMU ([`live`]). Either way the node's recovery chain is rebuilt as a blockdev graph from the
 //! manifest (see [`crate::graph`]), and the result is checked against the node's checking tables.
 
+pub mod backing;
 pub mod live;
 pub mod offline;
 

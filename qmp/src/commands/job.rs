@@ -158,6 +158,9 @@ pub struct BlockStream {
     pub backing_file: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub speed: Option<u64>,
+    /// What the job does on an I/O error: `report` (QEMU's default: fail), `stop` (pause until resumed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_error: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub auto_finalize: Option<bool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -209,6 +212,11 @@ job_command!(
     /// `job-dismiss`: removes a `concluded` job; its outcome is gone afterwards.
     JobDismiss,
     "job-dismiss"
+);
+job_command!(
+    /// `job-resume`: resumes a `paused` job, e.g. one that stopped on an error with `on-error: stop`.
+    JobResume,
+    "job-resume"
 );
 job_command!(
     /// `job-complete`: completes a `ready` mirror or active commit.

@@ -22,11 +22,11 @@ pub use bitmap::{
 pub use export::{BlockExportAdd, BlockExportDel, NbdServerStart, NbdServerStop, QueryBlockExports};
 pub use job::{
     BlockCommit, BlockJobSetSpeed, BlockStream, BlockdevBackup, BlockdevMirror, JobCancel, JobComplete,
-    JobDismiss, JobFinalize,
+    JobDismiss, JobFinalize, JobResume,
 };
 pub use machine::{Cont, HumanMonitorCommand, Quit, Stop, SystemPowerdown};
 pub use node::{BlockdevAdd, BlockdevCreate, BlockdevDel, BlockdevReopen, BlockdevSnapshot};
-pub use object::{ObjectAddSecret, ObjectDel, ObjectPropertyInfo, QomList};
+pub use object::{ObjectAddSecret, ObjectAddTlsCredsX509, ObjectDel, ObjectPropertyInfo, QomGet, QomList};
 pub use query::{
     QueryBlock, QueryBlockJobs, QueryJobs, QueryNamedBlockNodes, QueryQmpSchema, QueryStatus, QueryVersion,
     XDebugQueryBlockGraph,

@@ -1,4 +1,5 @@
-//! Commands that add and remove QOM objects; only the `secret` object qmpbak needs is typed.
+//! Commands that add, read and remove QOM objects; only the objects qmpbak needs are typed: `secret` and
+//! `tls-creds-x509`.
 
 use serde::{Deserialize, Serialize};
 
@@ -35,6 +36,42 @@ impl std::fmt::Debug for ObjectAddSecret {
             .finish_non_exhaustive()
     }
 }
+
+/// `object-add` of a `tls-creds-x509` object reading `ca-cert.pem` and, for a client, `client-cert.pem` and
+/// `client-key.pem` (a server: `server-cert.pem`, `server-key.pem`) from `dir`, a directory on QEMU's host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObjectAddTlsCredsX509 {
+    #[serde(rename = "qom-type")]
+    pub qom_type: String,
+    pub id: String,
+    pub dir: String,
+    /// `client` or `server`.
+    pub endpoint: String,
+    #[serde(rename = "verify-peer")]
+    pub verify_peer: bool,
+}
+command!(ObjectAddTlsCredsX509, "object-add", Empty);
+
+impl ObjectAddTlsCredsX509 {
+    /// Client credentials that verify the server's certificate against the CA in `dir`.
+    pub fn client(id: impl Into<String>, dir: impl Into<String>) -> ObjectAddTlsCredsX509 {
+        ObjectAddTlsCredsX509 {
+            qom_type: "tls-creds-x509".to_owned(),
+            id: id.into(),
+            dir: dir.into(),
+            endpoint: "client".to_owned(),
+            verify_peer: true,
+        }
+    }
+}
+
+/// `qom-get`: one property of the QOM object at `path` (e.g. `/objects/tls0`, property `endpoint`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QomGet {
+    pub path: String,
+    pub property: String,
+}
+command!(QomGet, "qom-get", serde_json::Value);
 
 /// `object-del`: removes an object added with `object-add`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -1,7 +1,8 @@
 //! Throwaway x509 credentials for TLS tests, made with rcgen in a temp directory, in the layouts of QEMU's
 //! `tls-creds-x509` objects: `server/` (ca-cert.pem, server-cert.pem, server-key.pem) for QEMU,
 //! `client/` (ca-cert.pem, client-cert.pem, client-key.pem) for qmpbak, and the wrong ones: `client-wrong-ca/`
-//! (trusts another CA), `client-foreign-cert/` (its certificate from another CA), `client-without-cert/`,
+//! (trusts another CA), `client-other-ca/` (a sound client of another CA entirely: a QEMU NBD client that
+//! trusts another CA), `client-foreign-cert/` (its certificate from another CA), `client-without-cert/`,
 //! `misnamed-server/` (a server certificate for 192.0.2.1 and localhost only, not the test's addresses),
 //! and `expired-server/` (a server certificate whose validity ended in 2021, which QEMU refuses to load,
 //! for a stand-in server).
@@ -115,6 +116,14 @@ impl TestPki {
             "client-foreign-cert",
             &[
                 ("ca-cert.pem", &ca_pem),
+                ("client-cert.pem", &stranger_cert),
+                ("client-key.pem", &stranger_key),
+            ],
+        );
+        pki.write(
+            "client-other-ca",
+            &[
+                ("ca-cert.pem", &other.cert.pem()),
                 ("client-cert.pem", &stranger_cert),
                 ("client-key.pem", &stranger_key),
             ],

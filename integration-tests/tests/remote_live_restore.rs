@@ -283,7 +283,7 @@ async fn remote_live_restore_refusals_leave_the_vm_untouched() {
     let (repo, full, inc) = backed_up().await;
     let port = free_port();
     let qmp_url = format!("tls://127.0.0.1:{port}");
-    let vm = target_vm("127.0.0.1", port, &pki, "client-wrong-ca", None).await;
+    let vm = target_vm("127.0.0.1", port, &pki, "client-other-ca", None).await;
     let untouched = |out: &Output| {
         let manifest = repo.manifest(VM);
         assert!(manifest.operations.is_empty(), "{out:?}");

@@ -79,6 +79,13 @@ pub async fn run(args: Args) -> Result<()> {
         (true, Some(qmp)) if qmp.is_remote() => {
             // Across hosts: this host serves the node's chain over NBD.
             let creds = args.serve.credentials(args.monitor.insecure_plaintext)?;
+            if creds.tls_dir.is_none() && !creds.insecure_plaintext {
+                bail!(Exit::usage(
+                    "restore --live over --qmp tls:// or tcp:// serves the backup from this host over NBD: give \
+                     --serve-tls-dir DIR (ca-cert.pem, server-cert.pem, server-key.pem), or --insecure-plaintext \
+                     (nothing was done)"
+                ));
+            }
             qmpbak_engine::serve::set_credentials(creds.clone());
             let source = Source::Served(ServedOptions {
                 listen: args.serve.serve_listen,

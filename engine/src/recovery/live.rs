@@ -37,7 +37,7 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
             tokio::pin!(wait);
             let mut ticker = tokio::time::interval(Duration::from_millis(250));
             let mut last = (info.current_progress, Instant::now());
-            let mut resumed = Instant::now() - RESUME_EVERY;
+            let mut resumed: Option<Instant> = None;
             loop {
                 tokio::select! {
                     outcome = &mut wait => break outcome?,
@@ -55,8 +55,8 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
                                      is paused): a later `qmpbak cleanup` resumes it"
                                 );
                             }
-                            if resumed.elapsed() >= RESUME_EVERY {
-                                resumed = Instant::now();
+                            if resumed.is_none_or(|at| at.elapsed() >= RESUME_EVERY) {
+                                resumed = Some(Instant::now());
                                 let _ = qmp.execute(&JobResume::new(job.as_str())).await;
                             }
                         }
@@ -135,7 +135,7 @@ pub async fn finish_served(
         }
     }
     let creds = crate::serve::credentials().unwrap_or_default();
-    let server = if running {
+    let daemon = if running {
         Some(
             crate::serve::ChainServer::start(
                 vm,
@@ -161,8 +161,8 @@ pub async fn finish_served(
             let _ = qmp.execute(&ObjectDel { id: id.clone() }).await;
         }
     }
-    if let Some(server) = server {
-        server.stop().await?;
+    if let Some(daemon) = daemon {
+        daemon.stop().await?;
     }
     result
 }

@@ -51,7 +51,7 @@ pub(super) enum Backing {
         addr: SocketAddr,
         /// The client credentials object in the VM's QEMU (`None`: plaintext), and whether qmpbak adds it.
         creds: Option<(String, bool)>,
-        server: Option<ChainServer>,
+        server: Option<Box<ChainServer>>,
     },
 }
 
@@ -72,18 +72,17 @@ impl Backing {
                  server-cert.pem, server-key.pem), or --insecure-plaintext"
             ));
         }
-        let addr = match opts.listen {
-            Some(addr) => addr,
-            None => {
-                let (host, port) = match &target.endpoint {
-                    qmp::Endpoint::Tls { host, port } | qmp::Endpoint::Tcp { host, port } => {
-                        (host.clone(), *port)
-                    }
-                    qmp::Endpoint::Unix(_) => ("127.0.0.1".to_owned(), 0),
-                };
-                let ip = serve::local_address_towards(&host, port.max(1))?;
-                SocketAddr::new(ip, serve::free_port(ip)?)
-            }
+        let addr = if let Some(addr) = opts.listen {
+            addr
+        } else {
+            let (host, port) = match &target.endpoint {
+                qmp::Endpoint::Tls { host, port } | qmp::Endpoint::Tcp { host, port } => {
+                    (host.clone(), *port)
+                }
+                qmp::Endpoint::Unix(_) => ("127.0.0.1".to_owned(), 0),
+            };
+            let ip = serve::local_address_towards(&host, port.max(1))?;
+            SocketAddr::new(ip, serve::free_port(ip)?)
         };
         if addr.ip().is_unspecified() || addr.port() == 0 {
             bail!(Exit::usage(format!(
@@ -198,7 +197,9 @@ impl Backing {
                 creds,
                 server,
             } => {
-                *server = Some(ChainServer::start(vm, manifest, node, disks, *addr, &opts.creds).await?);
+                *server = Some(Box::new(
+                    ChainServer::start(vm, manifest, node, disks, *addr, &opts.creds).await?,
+                ));
                 if let (Some((id, true)), Some(dir)) = (creds.as_ref(), &opts.target_tls_dir) {
                     qmp.execute(&ObjectAddTlsCredsX509::client(
                         id.as_str(),

@@ -432,3 +432,40 @@ fn a_malformed_record_of_a_known_kind_fails_the_load() {
     });
     assert!(matches!(err, Error::ManifestInvalid { .. }), "{err:?}");
 }
+
+#[test]
+fn a_live_restore_record_reads_as_before_and_keeps_how_its_chain_was_served() {
+    let (t, _) = saved();
+    let path = t.vm.manifest_path();
+    let mut value: Value = serde_json::from_slice(&fs::read(&path).unwrap()).unwrap();
+    let served = json!({
+        "kind": "live_restore", "served": {"host": "10.0.0.2", "port": 10810, "disks": ["disk0"], "tls": true,
+        "creds_object": "qmpbak-nbd-client-0002"},
+    });
+    value["operations"][0]["payload"] = json!({"kind": "live_restore"});
+    value["operations"][1] = value["operations"][0].clone();
+    value["operations"][1]["id"] = json!("restore-0002");
+    value["operations"][1]["payload"] = served.clone();
+    fs::write(&path, serde_json::to_vec_pretty(&value).unwrap()).unwrap();
+    let loaded = t.vm.load().unwrap();
+    // A record of an older qmpbak: a live restore on the VM's host.
+    assert_eq!(
+        loaded.operations[0].payload,
+        Payload::LiveRestore { served: None }
+    );
+    match &loaded.operations[1].payload {
+        Payload::LiveRestore { served: Some(s) } => {
+            assert_eq!((s.host.as_str(), s.port, s.tls), ("10.0.0.2", 10810, true));
+            assert_eq!(s.creds_object.as_deref(), Some("qmpbak-nbd-client-0002"));
+        }
+        other => panic!("{other:?}"),
+    }
+    // Written back as read: the local one without `served`.
+    let written = serde_json::to_value(&loaded.operations).unwrap();
+    assert_eq!(written[0]["payload"], json!({"kind": "live_restore"}));
+    assert_eq!(written[1]["payload"], served);
+    let (err, _) = load_edited(|v| {
+        v["operations"][0]["payload"] = json!({"kind": "live_restore", "served": {"host": "h", "port": "x"}});
+    });
+    assert!(matches!(err, Error::ManifestSyntax { .. }), "{err:?}");
+}

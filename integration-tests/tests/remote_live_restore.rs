@@ -313,3 +313,49 @@ async fn remote_live_restore_refusals_leave_the_vm_untouched() {
     untouched(&out);
     assert_only_own_nodes(&vm).await;
 }
+
+/// SIGINT while streaming across hosts: the VM reads unstreamed data from qmpbak's server, so qmpbak finishes
+/// the streams at full speed first, detaches, removes the client credentials it added (`--target-tls-dir`) and
+/// stops its server, then exits 130.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_live_restore_interrupted_finishes_first_and_exits_130() {
+    let pki = TestPki::loopback();
+    let (repo, _full, inc) = backed_up().await;
+    let work = tempfile::tempdir().unwrap();
+    let exp = expected(&repo, &inc, work.path(), &[]);
+    let port = free_port();
+    let vm = target_vm("127.0.0.1", port, &pki, "client", None).await;
+    let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
+    let args = live_args(
+        &repo,
+        &inc,
+        &format!("tls://127.0.0.1:{port}"),
+        &pki,
+        &[
+            "--serve-tls-dir",
+            &s(&pki.path("server")),
+            "--target-tls-dir",
+            &s(&pki.path("client")),
+            "--speed-limit",
+            &MIB.to_string(),
+        ],
+    );
+    let child = Host::Here.spawn(&args, &[]);
+    stream_started(&mut events).await;
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    let out = tokio::task::block_in_place(|| cli::wait(child, CLI_TIMEOUT));
+    assert_eq!(out.code(), Some(130), "{out:?}");
+    assert!(out.stderr.contains("finished first"), "{out:?}");
+    assert!(repo.manifest(VM).operations.is_empty());
+    let objects = vm
+        .qmp()
+        .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
+        .await
+        .unwrap();
+    assert!(
+        !objects.to_string().contains("qmpbak-nbd-client"),
+        "the client credentials qmpbak added are left: {objects}"
+    );
+    assert_restored(&vm, &exp).await;
+}

@@ -213,6 +213,18 @@ async fn remote_live_restore_across_network_namespaces() {
 /// on the backup host serves the chain again on the recorded address and finishes the restore.
 #[tokio::test(flavor = "multi_thread")]
 async fn remote_live_restore_killed_mid_stream_is_finished_by_cleanup() {
+    check_killed_at("restore-streaming", true).await;
+}
+
+/// qmpbak killed after the disk took the served chain as backing, before its stream started (the VM still
+/// paused): `cleanup` serves the chain again and starts the stream itself, so the VM never keeps a backing that
+/// is gone.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_live_restore_killed_before_streaming_is_finished_by_cleanup() {
+    check_killed_at("restore-attached", false).await;
+}
+
+async fn check_killed_at(point: &str, running: bool) {
     let pki = TestPki::new(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     let (repo, _full, inc) = backed_up().await;
     let work = tempfile::tempdir().unwrap();
@@ -234,10 +246,13 @@ async fn remote_live_restore_killed_mid_stream_is_finished_by_cleanup() {
             "2",
         ],
     );
-    let out =
-        tokio::task::block_in_place(|| cli::run_crashing_at(&args, "restore-streaming", CLI_CRASH_TIMEOUT));
-    out.assert_crashed_at("restore-streaming");
-    assert!(vm.running().await, "the VM runs on the chain");
+    let out = tokio::task::block_in_place(|| cli::run_crashing_at(&args, point, CLI_CRASH_TIMEOUT));
+    out.assert_crashed_at(point);
+    assert_eq!(
+        vm.running().await,
+        running,
+        "the VM runs on the chain once resumed"
+    );
     let record = repo.manifest(VM).operations;
     assert_eq!(record.len(), 1, "{record:?}");
     match &record[0].payload {

@@ -7,7 +7,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use qmp::commands::{BlockdevDel, JobResume, ObjectDel};
+use qmp::commands::{BlockStream, BlockdevDel, JobResume, ObjectDel, XDebugQueryBlockGraph};
 
 use chain::{Manifest, Operation, ServedChain, VmStore};
 
@@ -26,6 +26,16 @@ const RESUME_EVERY: Duration = Duration::from_secs(1);
 /// progress again, for at most [`STREAM_STALL_TIMEOUT`]. A failed stream leaves the chain attached (the VM
 /// depends on it) and is an error.
 pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> Result<()> {
+    // A run killed after a disk took the chain as backing but before its stream started: start it now, or the
+    // VM would keep depending on the chain once the record is gone.
+    for i in unstreamed(qmp, op).await? {
+        let disk = &op.bitmaps[i].node;
+        let mut job = BlockStream::new(op.jobs[i].as_str(), disk.as_str());
+        job.on_error = Some("stop".to_owned());
+        qmp.execute(&job)
+            .await
+            .with_context(|| format!("streaming the restored data into block node {disk}"))?;
+    }
     for job in &op.jobs {
         let Some(info) = qmp.job_info(job).await? else {
             continue;
@@ -78,6 +88,56 @@ pub async fn finish(qmp: &qmp::Qmp, op: &Operation, progress: &dyn Progress) -> 
     Ok(())
 }
 
+/// The indexes of the record's disks that still have one of the record's block nodes as backing but no stream
+/// job (jobs, disks and bitmaps are recorded in the same order).
+async fn unstreamed(qmp: &qmp::Qmp, op: &Operation) -> Result<Vec<usize>> {
+    let mut missing = Vec::new();
+    for (i, job) in op.jobs.iter().enumerate() {
+        if op.bitmaps.get(i).is_some() && qmp.job_info(job).await?.is_none() {
+            missing.push(i);
+        }
+    }
+    if missing.is_empty() {
+        return Ok(missing);
+    }
+    let graph = qmp
+        .execute(&XDebugQueryBlockGraph)
+        .await
+        .context("reading QEMU's block graph (x-debug-query-block-graph)")?;
+    let driver = |id: u64| {
+        graph
+            .nodes
+            .iter()
+            .find(|n| n.id == id && n.node_type == "block-driver")
+            .map(|n| n.name.as_str())
+    };
+    let backed = |disk: &str| {
+        graph.edges.iter().any(|e| {
+            e.name == "backing"
+                && driver(e.parent) == Some(disk)
+                && driver(e.child).is_some_and(|c| op.block_nodes.iter().any(|n| n == c))
+        })
+    };
+    Ok(missing
+        .into_iter()
+        .filter(|&i| backed(&op.bitmaps[i].node))
+        .collect())
+}
+
+/// Whether a disk of the record still reads from the record's block nodes (a stream to wait for or to start).
+async fn depends_on_chain(qmp: &qmp::Qmp, op: &Operation) -> Result<bool> {
+    for job in &op.jobs {
+        if qmp
+            .job_info(job)
+            .await?
+            .is_some_and(|info| info.status != qmp::JobStatus::Concluded)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(!unstreamed(qmp, op).await?.is_empty())
+}
+
 /// Why a live restore across hosts cannot be finished by this run (`None`: it can): the server must be
 /// started again here, with the credentials this command was given.
 pub fn served_problem(served: &ServedChain) -> Option<String> {
@@ -128,12 +188,7 @@ pub async fn finish_served(
     if ip.is_unspecified() {
         bail!("the record's server address {ip} is every address: not serving there");
     }
-    let mut running = false;
-    for job in &op.jobs {
-        if let Some(info) = qmp.job_info(job).await? {
-            running |= info.status != qmp::JobStatus::Concluded;
-        }
-    }
+    let running = depends_on_chain(qmp, op).await?;
     let creds = crate::serve::credentials().unwrap_or_default();
     let daemon = if running {
         Some(

@@ -219,6 +219,7 @@ pub async fn restore_live(
         .await
         .context("adding the dirty bitmap for the next backup")?;
     }
+    crate::crashpoint::crashpoint("restore-attached");
     let status = qmp.execute(&QueryStatus).await?;
     if !status.running {
         qmp.execute(&Cont).await.context("resuming the VM")?;

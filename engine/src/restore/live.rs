@@ -192,57 +192,79 @@ pub async fn restore_live(
             return Err(e);
         }
     };
-    for (n, (((_, d), bitmap), (top, file))) in targets
-        .iter()
-        .zip(&bitmaps)
-        .zip(tops.iter().zip(&files))
-        .enumerate()
-    {
-        let options = json!({ "driver": d.format, "node-name": d.node_name, "file": file, "backing": top });
-        let reopened = qmp
-            .execute(&BlockdevReopen {
+    // From the first reopen on the VM reads from the chain: a failure can no longer be undone.
+    let mut reopened_any = false;
+    let mut running_after = 0.0;
+    let begun: Result<()> = async {
+        for (((_, d), bitmap), (top, file)) in targets.iter().zip(&bitmaps).zip(tops.iter().zip(&files)) {
+            let options =
+                json!({ "driver": d.format, "node-name": d.node_name, "file": file, "backing": top });
+            qmp.execute(&BlockdevReopen {
                 options: vec![options],
             })
             .await
-            .with_context(|| format!("putting node {}'s chain under disk {}", node.id, d.id));
-        if let Err(e) = reopened {
-            if n == 0 {
-                backing.detach(&qmp, &manifest, &node.id, disks.len()).await;
-                vm.save(&before, &guard)?;
+            .with_context(|| format!("putting node {}'s chain under disk {}", node.id, d.id))?;
+            reopened_any = true;
+            qmp.execute(&BlockDirtyBitmapAdd {
+                persistent: Some(d.bitmaps_persist),
+                ..BlockDirtyBitmapAdd::new(d.node_name.as_str(), bitmap.as_str())
+            })
+            .await
+            .context("adding the dirty bitmap for the next backup")?;
+        }
+        crate::crashpoint::crashpoint("restore-attached");
+        let status = qmp.execute(&QueryStatus).await?;
+        if !status.running {
+            qmp.execute(&Cont).await.context("resuming the VM")?;
+        }
+        running_after = started.elapsed().as_secs_f64();
+        progress.phase(&format!(
+            "VM running on node {} after {running_after:.2} s; streaming the data in",
+            node.id
+        ));
+        for (i, d) in &targets {
+            let mut job = BlockStream::new(name("s", *i), d.node_name.as_str());
+            if opts.speed_limit > 0 {
+                job.speed = Some(opts.speed_limit);
             }
+            if backing.is_served() {
+                // A read error over the network (the server gone a while) pauses the job instead of failing
+                // it, so that it can go on once the server is back (`recovery::live::finish` resumes it).
+                job.on_error = Some("stop".to_owned());
+            }
+            qmp.execute(&job)
+                .await
+                .with_context(|| format!("streaming disk {}", d.id))?;
+        }
+        Ok(())
+    }
+    .await;
+    if let Err(e) = begun {
+        if !reopened_any {
+            backing.detach(&qmp, &manifest, &node.id, disks.len()).await;
+            vm.save(&before, &guard)?;
             return Err(e);
         }
-        qmp.execute(&BlockDirtyBitmapAdd {
-            persistent: Some(d.bitmaps_persist),
-            ..BlockDirtyBitmapAdd::new(d.node_name.as_str(), bitmap.as_str())
-        })
-        .await
-        .context("adding the dirty bitmap for the next backup")?;
-    }
-    crate::crashpoint::crashpoint("restore-attached");
-    let status = qmp.execute(&QueryStatus).await?;
-    if !status.running {
-        qmp.execute(&Cont).await.context("resuming the VM")?;
-    }
-    let running_after = started.elapsed().as_secs_f64();
-    progress.phase(&format!(
-        "VM running on node {} after {running_after:.2} s; streaming the data in",
-        node.id
-    ));
-
-    for (i, d) in &targets {
-        let mut job = BlockStream::new(name("s", *i), d.node_name.as_str());
-        if opts.speed_limit > 0 {
-            job.speed = Some(opts.speed_limit);
+        if !backing.is_served() {
+            // The chain stays where it is, in the repository: the record lets cleanup finish.
+            return Err(e);
         }
-        if backing.is_served() {
-            // A read error over the network (the server gone a while) pauses the job instead of failing it,
-            // so that it can go on once the server is back (`recovery::live::finish` resumes it).
-            job.on_error = Some("stop".to_owned());
-        }
-        qmp.execute(&job)
-            .await
-            .with_context(|| format!("streaming disk {}", d.id))?;
+        // Across hosts the chain leaves with this process: stream what a disk reads from it before that.
+        return match crate::recovery::live::finish(&qmp, &op, progress).await {
+            Ok(()) => {
+                backing.release(&qmp).await;
+                manifest.remove_operation(&op.id);
+                vm.save(&manifest, &guard)?;
+                Err(e.context(
+                    "the live restore failed after the VM took the served chain; the disks were streamed all the \
+                     same and the VM no longer depends on this host",
+                ))
+            }
+            Err(f) => Err(e.context(format!(
+                "the live restore failed after the VM took the served chain, and streaming it failed too ({f:#}); \
+                 `qmpbak cleanup --qmp … --serve-tls-dir …` on this host finishes it"
+            ))),
+        };
     }
     crate::crashpoint::crashpoint("restore-streaming");
 

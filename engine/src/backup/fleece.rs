@@ -155,6 +155,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         bytes,
         tables: Some(tables),
         pulled: None,
+        view: None,
     })
 }
 

@@ -21,8 +21,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use qmp::commands::{
     BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportAdd,
-    BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevDel, JobCancel, JobDismiss, NbdServerStart,
-    NbdServerStop, QomList, TransactionAction,
+    BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevDel, Cont, JobCancel, JobDismiss, NbdServerStart,
+    NbdServerStop, QomList, QomSet, QueryStatus, Stop, Transaction, TransactionAction,
 };
 use serde_json::json;
 
@@ -45,6 +45,10 @@ pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 
 /// The NBD port QEMU listens on for a pull from another host, unless told otherwise (NBD's registered port).
 pub const DEFAULT_NBD_PORT: u16 = 10809;
+
+/// How long a guest write may wait for the copy-before-write filter to copy the old data out (`cbw-timeout`):
+/// past it the view breaks (the pull fails) and the write goes on.
+const CBW_TIMEOUT_SECS: u64 = 60;
 
 /// Bytes of the export one block-status request of the dirty bitmap covers (32-bit requests: under 4 GiB).
 const STATUS_ROUND: u64 = 1 << 31;
@@ -91,12 +95,58 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         .map(|t| scratch_path(run, &pull, t))
         .collect::<Result<_>>()?;
 
+    let view = choose_view(run).await?;
+
     jobs::create_target_files(run)?;
-    record(run, &scratch)?;
+    record(run, &scratch, view)?;
     crashpoint("pull-recorded");
-    let result = view_and_copy(run, &scratch, &host, port, tls_creds, &connect).await;
-    teardown(run, &scratch).await;
-    result
+    let result = view_and_copy(run, view, &scratch, &host, port, tls_creds, &connect).await;
+    let torn_down = teardown(run, view, &scratch).await;
+    let mut copied = result?;
+    torn_down?;
+    copied.view = Some(view.name());
+    Ok(copied)
+}
+
+/// How the VM's QEMU keeps the disks' point-in-time view for a pull.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum View {
+    /// A `copy-before-write` filter above each disk's root node (the device switched to it with `qom-set
+    /// drive` while the VM is paused for the instant), read through a `snapshot-access` node.
+    CopyBeforeWrite,
+    /// A `blockdev-backup sync=none` job into an overlay whose backing is the disk (image fleecing).
+    Fleece,
+}
+
+impl View {
+    fn name(self) -> &'static str {
+        match self {
+            View::CopyBeforeWrite => "copy-before-write",
+            View::Fleece => "fleece",
+        }
+    }
+}
+
+/// Copy-before-write where the VM's QEMU has the filter with `on-cbw-error` and `snapshot-access` (from its
+/// schema, QEMU 7.1+) and every disk has a device to switch; the fleece otherwise (or when a test forces it,
+/// [`crate::crashpoint::force_fleece`]).
+async fn choose_view(run: &Run<'_>) -> Result<View> {
+    if crate::crashpoint::force_fleece() {
+        return Ok(View::Fleece);
+    }
+    let caps = run
+        .qmp
+        .capabilities()
+        .await
+        .context("reading what the VM's QEMU can do (query-qmp-schema)")?;
+    let devices = run.targets.iter().all(|t| t.info.qdev.is_some());
+    Ok(
+        if caps.copy_before_write && caps.snapshot_access && caps.cbw_on_error && devices {
+            View::CopyBeforeWrite
+        } else {
+            View::Fleece
+        },
+    )
 }
 
 /// `HOST:PORT` (`[V6]:PORT`) of `--nbd-listen`.
@@ -219,8 +269,9 @@ fn export_id(run: &Run<'_>, t: &Target) -> String {
 }
 
 /// Puts what this run creates in the VM's QEMU and on the hypervisor into the operation record, before any of it
-/// exists: the NBD server, the scratch images and their nodes, the create jobs, the frozen bitmaps.
-fn record(run: &mut Run<'_>, scratch: &[PathBuf]) -> Result<()> {
+/// exists: the NBD server, the scratch images and their nodes, the create jobs, the frozen bitmaps; for a
+/// copy-before-write view its filters and `snapshot-access` nodes and the devices it switches to them.
+fn record(run: &mut Run<'_>, scratch: &[PathBuf], view: View) -> Result<()> {
     for t in &run.targets {
         run.op.jobs.push(run.qemu_name("k", t.index));
         // After the overlay ("f", recorded by `begin`): removed after it.
@@ -232,10 +283,35 @@ fn record(run: &mut Run<'_>, scratch: &[PathBuf]) -> Result<()> {
             });
         }
     }
+    let view = match view {
+        View::Fleece => None,
+        View::CopyBeforeWrite => {
+            // Newest first: each snapshot-access node, then its filter (removed once the device is back on its
+            // node), before the filter's target "f" that `begin` recorded.
+            let mut front = Vec::new();
+            let mut switched = Vec::new();
+            for t in &run.targets {
+                front.push(run.qemu_name("v", t.index));
+                front.push(run.qemu_name("b", t.index));
+                let qdev = t.info.qdev.as_deref().context("a disk without a device")?;
+                switched.push(chain::DriveSwitch {
+                    device: recovery::view::device_path(qdev),
+                    original: t.info.root_node.clone(),
+                    filter: run.qemu_name("b", t.index),
+                });
+            }
+            run.op.block_nodes.splice(0..0, front);
+            Some(chain::ViewRecord {
+                paused_vm: false,
+                switched,
+            })
+        }
+    };
     // The NBD server is recorded only once it runs: a server that was already running is not ours to stop.
     run.op.payload = chain::Payload::Backup {
         nbd_server_started: false,
         scratch: scratch.to_vec(),
+        view,
     };
     if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
         *op = run.op.clone();
@@ -260,6 +336,7 @@ async fn create(qmp: &qmp::Qmp, job: &str, options: serde_json::Value) -> Result
 
 async fn view_and_copy(
     run: &mut Run<'_>,
+    view: View,
     scratch: &[PathBuf],
     host: &str,
     port: u16,
@@ -271,7 +348,7 @@ async fn view_and_copy(
     let bins = run.bins.clone();
     let (daemon, exported) = tokio::join!(
         StorageDaemon::start(&bins),
-        export_views(run, scratch, host, port, tls_creds)
+        export_views(run, view, scratch, host, port, tls_creds)
     );
     let daemon = daemon?;
     exported?;
@@ -282,9 +359,11 @@ async fn view_and_copy(
     Ok(copied)
 }
 
-/// Makes the scratch overlays, the views (one transaction), the NBD server and the exports in the VM's QEMU.
+/// Makes the scratch images, the views (one instant for every disk), the NBD server and the exports in the VM's
+/// QEMU.
 async fn export_views(
     run: &mut Run<'_>,
+    view: View,
     scratch: &[PathBuf],
     host: &str,
     port: u16,
@@ -310,16 +389,22 @@ async fn export_views(
         )
         .await
         .with_context(|| format!("formatting the scratch image {}", path.display()))?;
-        qmp.execute(&BlockdevAdd(json!({
+        let mut options = json!({
             "driver": "qcow2",
             "node-name": run.qemu_name("f", t.index),
             "file": file,
-            "backing": t.info.node_name,
             // Old data for the run only, emptied afterwards: its durability does not matter.
             "cache": {"no-flush": true},
-        })))
-        .await
-        .context("adding the scratch overlay")?;
+        });
+        // The fleece reads the disk through the overlay's backing; a copy-before-write target holds only the
+        // old data (snapshot-access knows which clusters it has).
+        if view == View::Fleece {
+            options["backing"] = json!(t.info.node_name);
+        }
+        options["file"] = crate::crashpoint::scratch_file_options(options["file"].take());
+        qmp.execute(&BlockdevAdd(options))
+            .await
+            .context("adding the scratch overlay")?;
     }
     crashpoint("pull-scratch-added");
     if run.interrupt.arrived().await {
@@ -329,34 +414,29 @@ async fn export_views(
     // One instant for every disk: the views, the new bitmaps and the frozen copies of the bitmaps read.
     let mut actions = Vec::new();
     for t in &run.targets {
-        actions.extend(run.new_bitmap_actions(t));
-        if run.plan.method == Method::Bitmap {
-            let base = run
-                .base_bitmap(t)
-                .context("an incremental without a base bitmap")?;
-            let granularity = t
-                .info
-                .bitmaps
-                .iter()
-                .find(|b| b.name == base)
-                .and_then(|b| u32::try_from(b.granularity).ok());
-            let frozen = frozen_bitmap(run, t);
-            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
-                persistent: Some(false),
-                disabled: Some(true),
-                granularity,
-                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), frozen.as_str())
-            }));
-            actions.push(TransactionAction::BlockDirtyBitmapMerge(BlockDirtyBitmapMerge {
-                node: t.info.node_name.clone(),
-                target: frozen,
-                bitmaps: vec![BitmapRef::Name(base)],
-            }));
+        actions.extend(bitmap_actions(run, t)?);
+        if view == View::Fleece {
+            actions.push(run.view_action(t));
         }
-        actions.push(run.view_action(t));
     }
-    run.transaction(actions, "starting the point-in-time views (QMP transaction)")
-        .await?;
+    match view {
+        View::Fleece => {
+            run.transaction(actions, "starting the point-in-time views (QMP transaction)")
+                .await?;
+        }
+        View::CopyBeforeWrite => {
+            cbw_instant(run, actions).await?;
+            for t in &run.targets {
+                qmp.execute(&BlockdevAdd(json!({
+                    "driver": "snapshot-access",
+                    "node-name": run.qemu_name("v", t.index),
+                    "file": run.qemu_name("b", t.index),
+                })))
+                .await
+                .with_context(|| format!("opening the point-in-time view of disk {}", t.info.id))?;
+            }
+        }
+    }
     crashpoint("pull-view-started");
 
     qmp.execute(&NbdServerStart::tcp(host, port, tls_creds))
@@ -369,10 +449,24 @@ async fn export_views(
     crashpoint("pull-server-started");
     for t in &run.targets {
         let id = export_id(run, t);
-        let node = run.qemu_name("f", t.index);
-        let export = match run.plan.method {
-            Method::Bitmap => BlockExportAdd::nbd_with_bitmap(&id, &node, &frozen_bitmap(run, t)),
-            Method::Full | Method::ChecksumDiff => BlockExportAdd::nbd(&id, &node, false),
+        let frozen = frozen_bitmap(run, t);
+        let export = match (view, run.plan.method) {
+            (View::Fleece, Method::Bitmap) => {
+                BlockExportAdd::nbd_with_bitmap(&id, &run.qemu_name("f", t.index), &frozen)
+            }
+            (View::Fleece, Method::Full | Method::ChecksumDiff) => {
+                BlockExportAdd::nbd(&id, &run.qemu_name("f", t.index), false)
+            }
+            // QEMU looks for an export's bitmap through filters and backing files, not below snapshot-access.
+            (View::CopyBeforeWrite, Method::Bitmap) => BlockExportAdd::nbd_with_node_bitmap(
+                &id,
+                &run.qemu_name("v", t.index),
+                &t.info.node_name,
+                &frozen,
+            ),
+            (View::CopyBeforeWrite, Method::Full | Method::ChecksumDiff) => {
+                BlockExportAdd::nbd(&id, &run.qemu_name("v", t.index), false)
+            }
         };
         qmp.execute(&export)
             .await
@@ -383,6 +477,118 @@ async fn export_views(
         () = crate::crashpoint::pause_point("pull-exported") => {}
         () = run.interrupt.wait() => return Err(interrupted()),
     }
+    Ok(())
+}
+
+/// The transaction's bitmap actions for disk `t`: the new node's bitmaps and, for an incremental or
+/// differential, a disabled copy of the bitmap it reads (frozen at the instant, exported with the view).
+fn bitmap_actions(run: &Run<'_>, t: &Target) -> Result<Vec<TransactionAction>> {
+    let mut actions = run.new_bitmap_actions(t);
+    if run.plan.method == Method::Bitmap {
+        let base = run
+            .base_bitmap(t)
+            .context("an incremental without a base bitmap")?;
+        let granularity = t
+            .info
+            .bitmaps
+            .iter()
+            .find(|b| b.name == base)
+            .and_then(|b| u32::try_from(b.granularity).ok());
+        let frozen = frozen_bitmap(run, t);
+        actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+            persistent: Some(false),
+            disabled: Some(true),
+            granularity,
+            ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), frozen.as_str())
+        }));
+        actions.push(TransactionAction::BlockDirtyBitmapMerge(BlockDirtyBitmapMerge {
+            node: t.info.node_name.clone(),
+            target: frozen,
+            bitmaps: vec![BitmapRef::Name(base)],
+        }));
+    }
+    Ok(actions)
+}
+
+/// The copy-before-write view's instant: `qom-set` is no transaction action, so the VM is paused (if it runs)
+/// while each disk's filter is added and its device switched to it and the bitmap transaction runs; the guest
+/// sees a pause of a few milliseconds. With `--quiesce` the guest's filesystems are frozen around it.
+async fn cbw_instant(run: &mut Run<'_>, actions: Vec<TransactionAction>) -> Result<()> {
+    run.freeze().await?;
+    let result = paused_instant(run, actions).await;
+    let thawed = run.thaw().await;
+    result?;
+    thawed
+}
+
+async fn paused_instant(run: &mut Run<'_>, actions: Vec<TransactionAction>) -> Result<()> {
+    let qmp = run.qmp;
+    let running = qmp
+        .execute(&QueryStatus)
+        .await
+        .context("asking whether the VM runs (query-status)")?
+        .running;
+    if running {
+        // Recorded before the VM stops: recovery resumes a VM the record says the run paused, if paused.
+        set_paused(run, true)?;
+        qmp.execute(&Stop)
+            .await
+            .context("pausing the VM for the backup instant")?;
+        crashpoint("pull-vm-paused");
+    }
+    let result = switch_to_filters(run, actions).await;
+    if running {
+        qmp.execute(&Cont)
+            .await
+            .context("resuming the VM after the backup instant")?;
+        set_paused(run, false)?;
+    }
+    result
+}
+
+/// Records whether the run has the VM paused.
+fn set_paused(run: &mut Run<'_>, paused: bool) -> Result<()> {
+    if let chain::Payload::Backup { view: Some(view), .. } = &mut run.op.payload {
+        view.paused_vm = paused;
+    }
+    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
+        *op = run.op.clone();
+    }
+    run.save()
+}
+
+/// With the VM paused: a copy-before-write filter above each disk's root node, writing old data into the
+/// scratch image (a failed copy breaks the view, never the guest's write), each device switched to its
+/// filter, then the bitmap transaction.
+async fn switch_to_filters(run: &Run<'_>, actions: Vec<TransactionAction>) -> Result<()> {
+    let qmp = run.qmp;
+    for t in &run.targets {
+        let filter = run.qemu_name("b", t.index);
+        qmp.execute(&BlockdevAdd(json!({
+            "driver": "copy-before-write",
+            "node-name": filter,
+            "file": t.info.root_node,
+            "target": run.qemu_name("f", t.index),
+            "on-cbw-error": "break-snapshot",
+            "cbw-timeout": CBW_TIMEOUT_SECS,
+        })))
+        .await
+        .with_context(|| format!("adding the copy-before-write filter of disk {}", t.info.id))?;
+        let qdev = t.info.qdev.as_deref().context("a disk without a device")?;
+        let device = recovery::view::device_path(qdev);
+        qmp.execute(&QomSet::drive(device.as_str(), filter.as_str()))
+            .await
+            .with_context(|| {
+                format!(
+                    "attaching disk {}'s device {device} to its copy-before-write filter (qom-set drive)",
+                    t.info.id
+                )
+            })?;
+    }
+    crashpoint("pull-drives-switched");
+    qmp.execute(&Transaction::new(actions))
+        .await
+        .context("adding the bitmaps at the backup instant (QMP transaction)")?;
     Ok(())
 }
 
@@ -438,7 +644,11 @@ async fn pull_disks(
             );
         }
         let dirty = match run.plan.method {
-            Method::Bitmap => Some(dirty_ranges(&view, &frozen).await?),
+            Method::Bitmap => Some(
+                dirty_ranges(&view, &frozen)
+                    .await
+                    .with_context(|| broken_view(&t.info.id))?,
+            ),
             Method::Full | Method::ChecksumDiff => None,
         };
         let blocks = match &dirty {
@@ -476,7 +686,9 @@ async fn pull_disks(
                 base,
                 target: target.clone(),
             };
-            copy::hash_and_copy(run, pass).await?
+            copy::hash_and_copy(run, pass)
+                .await
+                .with_context(|| broken_view(&t.info.id))?
         } else {
             let pass = copy::Pass {
                 disk: &t.info.id,
@@ -485,7 +697,9 @@ async fn pull_disks(
                 base,
                 target: target.clone(),
             };
-            copy::hash_and_copy(run, pass).await?
+            copy::hash_and_copy(run, pass)
+                .await
+                .with_context(|| broken_view(&t.info.id))?
         };
         target.flush().await?;
         run.progress.finish_disk(&t.info.id);
@@ -500,7 +714,18 @@ async fn pull_disks(
         bytes,
         tables: Some(tables),
         pulled: Some(pulled),
+        view: None,
     })
+}
+
+/// What a failed read of disk `id`'s view says: a copy-before-write view that could not keep old data (its
+/// scratch image full or failing, or a copy slower than the timeout) is broken on purpose, so that the guest's
+/// write goes on, and every read of it fails.
+fn broken_view(id: &str) -> String {
+    format!(
+        "reading the point-in-time view of disk {id} (if QEMU could not keep the old data in the scratch image, \
+         the view breaks instead of the guest's write; see QEMU's log)"
+    )
 }
 
 /// An incremental's view of a disk: the ranges its bitmap marks dirty are read from the hypervisor's export
@@ -634,8 +859,9 @@ async fn open_target(run: &Run<'_>, daemon: &StorageDaemon, t: &Target) -> Resul
 }
 
 /// Removes the exports, the NBD server, the views and the frozen bitmaps from the VM's QEMU and empties the
-/// scratch images.
-async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
+/// scratch images. A copy-before-write view's devices go back to their nodes first; if one cannot, the error
+/// says so and the filters, the scratch and the record stay for recovery.
+async fn teardown(run: &Run<'_>, view: View, scratch: &[PathBuf]) -> Result<()> {
     let qmp = run.qmp;
     for t in &run.targets {
         let _ = qmp.execute(&BlockExportDel::hard(export_id(run, t))).await;
@@ -643,13 +869,25 @@ async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
     if run.op.payload.started_nbd_server() {
         let _ = qmp.execute(&NbdServerStop).await;
     }
+    if view == View::CopyBeforeWrite {
+        for t in &run.targets {
+            let _ = qmp.execute(&BlockdevDel::new(run.qemu_name("v", t.index))).await;
+        }
+        if let chain::Payload::Backup { view: Some(v), .. } = &run.op.payload {
+            recovery::view::switch_back(qmp, &run.op, v)
+                .await
+                .context("putting the VM's devices back on their disks after the pull")?;
+        }
+    }
     for t in &run.targets {
-        let job = run.qemu_name("j", t.index);
-        let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
-        let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
-        let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
-        recovery::stop_job(qmp, &job).await;
-        for what in ["f", "s"] {
+        if view == View::Fleece {
+            let job = run.qemu_name("j", t.index);
+            let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
+            let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
+            let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
+            recovery::stop_job(qmp, &job).await;
+        }
+        for what in ["b", "f", "s"] {
             let _ = qmp.execute(&BlockdevDel::new(run.qemu_name(what, t.index))).await;
         }
         if run.plan.method == Method::Bitmap {
@@ -665,6 +903,7 @@ async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
             ));
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -724,6 +963,7 @@ mod tests {
             chain::Payload::Backup {
                 nbd_server_started: true,
                 scratch: Vec::new(),
+                view: None,
             },
             Some("0007".parse().unwrap()),
             chrono::Utc::now(),

@@ -26,7 +26,7 @@ pub use job::{
 };
 pub use machine::{Cont, HumanMonitorCommand, Quit, Stop, SystemPowerdown};
 pub use node::{BlockdevAdd, BlockdevCreate, BlockdevDel, BlockdevReopen, BlockdevSnapshot};
-pub use object::{ObjectAddSecret, ObjectDel, ObjectPropertyInfo, QomList};
+pub use object::{ObjectAddSecret, ObjectDel, ObjectPropertyInfo, QomList, QomSet};
 pub use query::{
     QueryBlock, QueryBlockJobs, QueryJobs, QueryNamedBlockNodes, QueryQmpSchema, QueryStatus, QueryVersion,
     XDebugQueryBlockGraph,

@@ -1,9 +1,13 @@
 //! The pull backup (`backup --pull`): the repository lives only on the backup host, and QEMU writes nothing
-//! into it. The VM's QEMU keeps a point-in-time view of every disk (image fleecing: a `blockdev-backup
-//! sync=none` job, which inserts QEMU's copy-before-write filter above the disk and copies old data into a
-//! scratch overlay before the guest overwrites it) and exports the views over NBD on TCP with TLS; qmpbak reads
-//! them, hashes them into the node's checking tables and writes the node's qcow2 files locally through a
-//! qemu-storage-daemon of its own, in one pass ([`super::copy`]).
+//! into it. The VM's QEMU keeps a point-in-time view of every disk and exports the views over NBD on TCP with
+//! TLS; qmpbak reads them, hashes them into the node's checking tables and writes the node's qcow2 files
+//! locally through a qemu-storage-daemon of its own, in one pass ([`super::copy`]).
+//!
+//! The view, chosen by QEMU's schema: a `copy-before-write` filter above each disk (the device switched to it
+//! with `qom-set drive`, with the VM paused for the instant, since that is no transaction action) read through
+//! `snapshot-access`; or, where QEMU lacks them, image fleecing (a `blockdev-backup sync=none` job into a
+//! scratch overlay whose backing is the disk). Either copies old data into a scratch image on the hypervisor
+//! before the guest overwrites it.
 //!
 //! What is read over the network: a full reads the allocated extents (`base:allocation`), an incremental or
 //! differential the extents of a frozen copy of its bitmap (`qemu:dirty-bitmap:NAME`), a checksum-diff the whole

@@ -48,7 +48,7 @@ pub async fn switch_back(qmp: &qmp::Qmp, op: &Operation, view: &ViewRecord) -> R
             // Never switched, or switched back already.
             continue;
         };
-        let drv = block.inserted.as_ref().map(|i| i.drv.as_str()).unwrap_or("");
+        let drv = block.inserted.as_ref().map_or("", |i| i.drv.as_str());
         if drv != "copy-before-write" || !op.block_nodes.contains(&s.filter) {
             bail!(
                 "device {} is attached to node {} ({drv}), which is not a copy-before-write filter of record \

@@ -324,7 +324,7 @@ async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup()
         .to_owned();
     let before = attached(&vm).await;
     let socket = vm.socket().display().to_string();
-    for (round, point) in ["pull-vm-paused", "pull-drives-switched"].into_iter().enumerate() {
+    for (round, point) in ["view-vm-paused", "view-drives-switched"].into_iter().enumerate() {
         let crashed = cli::run_crashing_at(
             &repo.backup_args(&vm, VM, &strs(&args)),
             point,
@@ -332,7 +332,7 @@ async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup()
         );
         crashed.assert_crashed_at(point);
         assert!(!running(&vm).await, "{point}: the VM runs");
-        if point == "pull-drives-switched" {
+        if point == "view-drives-switched" {
             let now = attached(&vm).await;
             assert!(
                 now.iter().all(|(_, drv)| drv == "copy-before-write"),
@@ -468,8 +468,8 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     for (round, point) in [
         "pull-recorded",
         "pull-scratch-added",
-        "pull-vm-paused",
-        "pull-drives-switched",
+        "view-vm-paused",
+        "view-drives-switched",
         "pull-view-started",
         "pull-server-started",
         "pull-exported",

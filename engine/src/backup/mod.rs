@@ -11,6 +11,7 @@ mod copy;
 mod fleece;
 mod jobs;
 mod pull;
+mod view;
 
 pub use pull::{DEFAULT_NBD_LISTEN, DEFAULT_NBD_PORT, PullOptions, scratch_name};
 

@@ -25,11 +25,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use qmp::commands::{
     BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportAdd,
-    BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevDel, Cont, JobCancel, JobDismiss, NbdServerStart,
-    NbdServerStop, QomList, QomSet, QueryStatus, Stop, Transaction, TransactionAction,
+    BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevDel, JobDismiss, NbdServerStart, NbdServerStop,
+    QomList, TransactionAction,
 };
 use serde_json::json;
 
+use super::view::View;
 use super::{Copied, Run, Target, copy, interrupted, jobs};
 use crate::crashpoint::crashpoint;
 use crate::daemon::{NBD_CONNECT_TIMEOUT, StorageDaemon};
@@ -37,9 +38,6 @@ use crate::graph;
 use crate::plan::Method;
 use crate::recovery;
 use crate::tables::{NbdSource, load_node_table, touched_blocks};
-
-/// How long a fleecing job may take to stop after `job-cancel`.
-const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long creating (or emptying) a scratch image may take.
 pub const SCRATCH_CREATE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -49,10 +47,6 @@ pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 
 /// The NBD port QEMU listens on for a pull from another host, unless told otherwise (NBD's registered port).
 pub const DEFAULT_NBD_PORT: u16 = 10809;
-
-/// How long a guest write may wait for the copy-before-write filter to copy the old data out (`cbw-timeout`):
-/// past it the view breaks (the pull fails) and the write goes on.
-const CBW_TIMEOUT_SECS: u64 = 60;
 
 /// Bytes of the export one block-status request of the dirty bitmap covers (32-bit requests: under 4 GiB).
 const STATUS_ROUND: u64 = 1 << 31;
@@ -99,7 +93,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         .map(|t| scratch_path(run, &pull, t))
         .collect::<Result<_>>()?;
 
-    let view = choose_view(run).await?;
+    let view = View::choose(run).await?;
 
     jobs::create_target_files(run)?;
     record(run, &scratch, view)?;
@@ -110,47 +104,6 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     torn_down?;
     copied.view = Some(view.name());
     Ok(copied)
-}
-
-/// How the VM's QEMU keeps the disks' point-in-time view for a pull.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum View {
-    /// A `copy-before-write` filter above each disk's root node (the device switched to it with `qom-set
-    /// drive` while the VM is paused for the instant), read through a `snapshot-access` node.
-    CopyBeforeWrite,
-    /// A `blockdev-backup sync=none` job into an overlay whose backing is the disk (image fleecing).
-    Fleece,
-}
-
-impl View {
-    fn name(self) -> &'static str {
-        match self {
-            View::CopyBeforeWrite => "copy-before-write",
-            View::Fleece => "fleece",
-        }
-    }
-}
-
-/// Copy-before-write where the VM's QEMU has the filter with `on-cbw-error` and `snapshot-access` (from its
-/// schema, QEMU 7.1+) and every disk has a device to switch; the fleece otherwise (or when a test forces it,
-/// [`crate::crashpoint::force_fleece`]).
-async fn choose_view(run: &Run<'_>) -> Result<View> {
-    if crate::crashpoint::force_fleece() {
-        return Ok(View::Fleece);
-    }
-    let caps = run
-        .qmp
-        .capabilities()
-        .await
-        .context("reading what the VM's QEMU can do (query-qmp-schema)")?;
-    let devices = run.targets.iter().all(|t| t.info.qdev.is_some());
-    Ok(
-        if caps.copy_before_write && caps.snapshot_access && caps.cbw_on_error && devices {
-            View::CopyBeforeWrite
-        } else {
-            View::Fleece
-        },
-    )
 }
 
 /// `HOST:PORT` (`[V6]:PORT`) of `--nbd-listen`.
@@ -287,30 +240,7 @@ fn record(run: &mut Run<'_>, scratch: &[PathBuf], view: View) -> Result<()> {
             });
         }
     }
-    let view = match view {
-        View::Fleece => None,
-        View::CopyBeforeWrite => {
-            // Newest first: each snapshot-access node, then its filter (removed once the device is back on its
-            // node), before the filter's target "f" that `begin` recorded.
-            let mut front = Vec::new();
-            let mut switched = Vec::new();
-            for t in &run.targets {
-                front.push(run.qemu_name("v", t.index));
-                front.push(run.qemu_name("b", t.index));
-                let qdev = t.info.qdev.as_deref().context("a disk without a device")?;
-                switched.push(chain::DriveSwitch {
-                    device: recovery::view::device_path(qdev),
-                    original: t.info.root_node.clone(),
-                    filter: run.qemu_name("b", t.index),
-                });
-            }
-            run.op.block_nodes.splice(0..0, front);
-            Some(chain::ViewRecord {
-                paused_vm: false,
-                switched,
-            })
-        }
-    };
+    let view = super::view::record(run, view)?;
     // The NBD server is recorded only once it runs: a server that was already running is not ours to stop.
     run.op.payload = chain::Payload::Backup {
         nbd_server_started: false,
@@ -402,8 +332,8 @@ async fn export_views(
         });
         // The fleece reads the disk through the overlay's backing; a copy-before-write target holds only the
         // old data (snapshot-access knows which clusters it has).
-        if view == View::Fleece {
-            options["backing"] = json!(t.info.node_name);
+        if let Some(backing) = view.overlay_backing(t) {
+            options["backing"] = json!(backing);
         }
         options["file"] = crate::crashpoint::scratch_file_options(options["file"].take());
         qmp.execute(&BlockdevAdd(options))
@@ -419,28 +349,8 @@ async fn export_views(
     let mut actions = Vec::new();
     for t in &run.targets {
         actions.extend(bitmap_actions(run, t)?);
-        if view == View::Fleece {
-            actions.push(run.view_action(t));
-        }
     }
-    match view {
-        View::Fleece => {
-            run.transaction(actions, "starting the point-in-time views (QMP transaction)")
-                .await?;
-        }
-        View::CopyBeforeWrite => {
-            cbw_instant(run, actions).await?;
-            for t in &run.targets {
-                qmp.execute(&BlockdevAdd(json!({
-                    "driver": "snapshot-access",
-                    "node-name": run.qemu_name("v", t.index),
-                    "file": run.qemu_name("b", t.index),
-                })))
-                .await
-                .with_context(|| format!("opening the point-in-time view of disk {}", t.info.id))?;
-            }
-        }
-    }
+    super::view::start(run, view, actions).await?;
     crashpoint("pull-view-started");
 
     qmp.execute(&NbdServerStart::tcp(host, port, tls_creds))
@@ -454,23 +364,14 @@ async fn export_views(
     for t in &run.targets {
         let id = export_id(run, t);
         let frozen = frozen_bitmap(run, t);
+        let node = view.read_node(run, t);
         let export = match (view, run.plan.method) {
-            (View::Fleece, Method::Bitmap) => {
-                BlockExportAdd::nbd_with_bitmap(&id, &run.qemu_name("f", t.index), &frozen)
-            }
-            (View::Fleece, Method::Full | Method::ChecksumDiff) => {
-                BlockExportAdd::nbd(&id, &run.qemu_name("f", t.index), false)
-            }
+            (View::Fleece, Method::Bitmap) => BlockExportAdd::nbd_with_bitmap(&id, &node, &frozen),
             // QEMU looks for an export's bitmap through filters and backing files, not below snapshot-access.
-            (View::CopyBeforeWrite, Method::Bitmap) => BlockExportAdd::nbd_with_node_bitmap(
-                &id,
-                &run.qemu_name("v", t.index),
-                &t.info.node_name,
-                &frozen,
-            ),
-            (View::CopyBeforeWrite, Method::Full | Method::ChecksumDiff) => {
-                BlockExportAdd::nbd(&id, &run.qemu_name("v", t.index), false)
+            (View::CopyBeforeWrite, Method::Bitmap) => {
+                BlockExportAdd::nbd_with_node_bitmap(&id, &node, &t.info.node_name, &frozen)
             }
+            (_, Method::Full | Method::ChecksumDiff) => BlockExportAdd::nbd(&id, &node, false),
         };
         qmp.execute(&export)
             .await
@@ -512,88 +413,6 @@ fn bitmap_actions(run: &Run<'_>, t: &Target) -> Result<Vec<TransactionAction>> {
         }));
     }
     Ok(actions)
-}
-
-/// The copy-before-write view's instant: `qom-set` is no transaction action, so the VM is paused (if it runs)
-/// while each disk's filter is added and its device switched to it and the bitmap transaction runs; the guest
-/// sees a pause of a few milliseconds. With `--quiesce` the guest's filesystems are frozen around it.
-async fn cbw_instant(run: &mut Run<'_>, actions: Vec<TransactionAction>) -> Result<()> {
-    run.freeze().await?;
-    let result = paused_instant(run, actions).await;
-    let thawed = run.thaw().await;
-    result?;
-    thawed
-}
-
-async fn paused_instant(run: &mut Run<'_>, actions: Vec<TransactionAction>) -> Result<()> {
-    let qmp = run.qmp;
-    let running = qmp
-        .execute(&QueryStatus)
-        .await
-        .context("asking whether the VM runs (query-status)")?
-        .running;
-    if running {
-        // Recorded before the VM stops: recovery resumes a VM the record says the run paused, if paused.
-        set_paused(run, true)?;
-        qmp.execute(&Stop)
-            .await
-            .context("pausing the VM for the backup instant")?;
-        crashpoint("pull-vm-paused");
-    }
-    let result = switch_to_filters(run, actions).await;
-    if running {
-        qmp.execute(&Cont)
-            .await
-            .context("resuming the VM after the backup instant")?;
-        set_paused(run, false)?;
-    }
-    result
-}
-
-/// Records whether the run has the VM paused.
-fn set_paused(run: &mut Run<'_>, paused: bool) -> Result<()> {
-    if let chain::Payload::Backup { view: Some(view), .. } = &mut run.op.payload {
-        view.paused_vm = paused;
-    }
-    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
-        *op = run.op.clone();
-    }
-    run.save()
-}
-
-/// With the VM paused: a copy-before-write filter above each disk's root node, writing old data into the
-/// scratch image (a failed copy breaks the view, never the guest's write), each device switched to its
-/// filter, then the bitmap transaction.
-async fn switch_to_filters(run: &Run<'_>, actions: Vec<TransactionAction>) -> Result<()> {
-    let qmp = run.qmp;
-    for t in &run.targets {
-        let filter = run.qemu_name("b", t.index);
-        qmp.execute(&BlockdevAdd(json!({
-            "driver": "copy-before-write",
-            "node-name": filter,
-            "file": t.info.root_node,
-            "target": run.qemu_name("f", t.index),
-            "on-cbw-error": "break-snapshot",
-            "cbw-timeout": CBW_TIMEOUT_SECS,
-        })))
-        .await
-        .with_context(|| format!("adding the copy-before-write filter of disk {}", t.info.id))?;
-        let qdev = t.info.qdev.as_deref().context("a disk without a device")?;
-        let device = recovery::view::device_path(qdev);
-        qmp.execute(&QomSet::drive(device.as_str(), filter.as_str()))
-            .await
-            .with_context(|| {
-                format!(
-                    "attaching disk {}'s device {device} to its copy-before-write filter (qom-set drive)",
-                    t.info.id
-                )
-            })?;
-    }
-    crashpoint("pull-drives-switched");
-    qmp.execute(&Transaction::new(actions))
-        .await
-        .context("adding the bitmaps at the backup instant (QMP transaction)")?;
-    Ok(())
 }
 
 /// Reads, hashes and writes each disk in turn.
@@ -873,24 +692,10 @@ async fn teardown(run: &Run<'_>, view: View, scratch: &[PathBuf]) -> Result<()> 
     if run.op.payload.started_nbd_server() {
         let _ = qmp.execute(&NbdServerStop).await;
     }
-    if view == View::CopyBeforeWrite {
-        for t in &run.targets {
-            let _ = qmp.execute(&BlockdevDel::new(run.qemu_name("v", t.index))).await;
-        }
-        if let chain::Payload::Backup { view: Some(v), .. } = &run.op.payload {
-            recovery::view::switch_back(qmp, &run.op, v)
-                .await
-                .context("putting the VM's devices back on their disks after the pull")?;
-        }
-    }
+    super::view::stop(run, view)
+        .await
+        .context("putting the VM's devices back on their disks after the pull")?;
     for t in &run.targets {
-        if view == View::Fleece {
-            let job = run.qemu_name("j", t.index);
-            let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
-            let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
-            let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
-            recovery::stop_job(qmp, &job).await;
-        }
         for what in ["b", "f", "s"] {
             let _ = qmp.execute(&BlockdevDel::new(run.qemu_name(what, t.index))).await;
         }

@@ -66,8 +66,8 @@ pub fn scratch_file_options(file: serde_json::Value) -> serde_json::Value {
     })
 }
 
-/// With `QMPBAK_PULL_VIEW=fleece`, a pull keeps its view with the `blockdev-backup sync=none` fleece even where
+/// With `QMPBAK_VIEW=fleece`, a pull keeps its view with the `blockdev-backup sync=none` fleece even where
 /// QEMU has copy-before-write and `snapshot-access`, so tests cover both views on every QEMU.
 pub fn force_fleece() -> bool {
-    std::env::var_os("QMPBAK_PULL_VIEW").is_some_and(|v| v == "fleece")
+    std::env::var_os("QMPBAK_VIEW").is_some_and(|v| v == "fleece")
 }

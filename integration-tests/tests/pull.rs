@@ -107,7 +107,7 @@ fn backup_env(
 }
 
 /// The environment that makes a pull use the fleece where QEMU has copy-before-write.
-const FLEECE: [(&str, &str); 1] = [("QMPBAK_PULL_VIEW", "fleece")];
+const FLEECE: [(&str, &str); 1] = [("QMPBAK_VIEW", "fleece")];
 const CBW: &str = "copy-before-write";
 
 /// Whether the VM's vCPUs run (`query-status`).

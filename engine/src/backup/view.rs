@@ -8,7 +8,7 @@
 //!   paused (only if it runs) while the filters are added, the devices switched and the bitmap transaction
 //!   runs: one instant for every disk and the bitmaps. A copy that fails breaks the view, never the guest's
 //!   write (`on-cbw-error: break-snapshot`).
-//! - **fleece** (older QEMUs; `QMPBAK_PULL_VIEW=fleece` in tests): the scratch image is an overlay whose backing
+//! - **fleece** (older QEMUs; `QMPBAK_VIEW=fleece` in tests): the scratch image is an overlay whose backing
 //!   is the disk, and the transaction starts a `blockdev-backup sync=none` job into it.
 //!
 //! The operation record says whether the run paused the VM and which devices it switched

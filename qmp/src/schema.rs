@@ -300,6 +300,7 @@ mod tests {
         );
         assert!(caps.backup_bitmap_mode && !caps.backup_discard_source);
         assert!(!caps.copy_before_write && !caps.snapshot_access && !caps.block_export_add);
+        assert!(!caps.cbw_on_error);
     }
 
     #[test]

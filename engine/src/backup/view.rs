@@ -202,11 +202,16 @@ async fn paused_instant(run: &mut Run<'_>, actions: Vec<TransactionAction>) -> R
             .context("pausing the VM for the backup instant")?;
         crashpoint("view-vm-paused");
     }
+    let paused = std::time::Instant::now();
     let result = switch_to_filters(run, actions).await;
     if running {
         qmp.execute(&Cont)
             .await
             .context("resuming the VM after the backup instant")?;
+        let ms = paused.elapsed().as_millis();
+        tracing::info!(ms, "the VM was paused for the backup instant");
+        run.progress
+            .phase(&format!("the VM was paused for {ms} ms at the backup instant"));
         set_paused(run, false)?;
     }
     result

@@ -727,3 +727,76 @@ async fn two_vms_pulled_at_once_into_one_repository_are_each_exact() {
         assert_eq!(repo.manifest(name).nodes.len(), 2, "{name}");
     }
 }
+
+/// Every kind of device is switched to its copy-before-write filter and back (`qom-set drive` on scsi-hd,
+/// nvme, ide-hd, virtio-blk with and without id, and `-drive` disks whose nodes QEMU named): full and
+/// incremental pulls are exact, guest writes during the pull are not in the node, and every device ends on
+/// its own node.
+#[tokio::test]
+async fn every_device_kind_is_pulled_through_its_filter_and_put_back() {
+    use integration_tests::Device;
+    const KINDS: [(&str, Device); 7] = [
+        ("sd0", Device::ScsiHd),
+        ("nv0", Device::Nvme),
+        ("hd0", Device::IdeHd),
+        ("peripheral-anon-device0", Device::VirtioBlkNoId),
+        ("virtio0", Device::DriveIfVirtio),
+        ("vd0", Device::DriveVirtioBlk),
+        ("drv0", Device::DriveVirtioBlkNoId),
+    ];
+    let pki = TestPki::loopback();
+    let args = pull_args(&pki, "client", free_port());
+    let mut builder = TestVm::builder();
+    for (id, device) in KINDS {
+        builder = builder.disk(id, 8 * MIB).device(id, device);
+    }
+    let vm = builder
+        .arg("-object")
+        .arg(&pki.server_object("tls0"))
+        .start()
+        .await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    let ids: Vec<&str> = KINDS.iter().map(|k| k.0).collect();
+    let before = attached(&vm).await;
+    let node_equals = |node: &str, refs: &[PathBuf]| {
+        for (disk, reference) in ids.iter().zip(refs) {
+            image::assert_same(reference, &repo.node_file(VM, node, disk));
+        }
+    };
+    for (i, id) in ids.iter().enumerate() {
+        vm.write_pattern(id, 0x10 + u8::try_from(i).unwrap(), 0, MIB)
+            .await;
+    }
+    let full_refs = vm.capture_references(&ids, refs_dir.path(), "full").await;
+    let full = backup_env(&repo, &vm, &strs(&args), &[], CBW);
+    node_equals(full["node"].as_str().unwrap(), &full_refs);
+    assert_eq!(attached(&vm).await, before);
+
+    for (i, id) in ids.iter().enumerate() {
+        vm.write_pattern(id, 0x20 + u8::try_from(i).unwrap(), 2 * MIB, MIB)
+            .await;
+    }
+    let refs = vm.capture_references(&ids, refs_dir.path(), "inc").await;
+    let paused = cli::run_paused_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "pull-exported",
+        &[],
+        None,
+    );
+    for id in &ids {
+        vm.write_pattern(id, 0x77, 0, 4 * MIB).await;
+    }
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let inc = paused.finish().success().json();
+    assert_eq!(
+        (inc["method"].as_str(), inc["view"].as_str()),
+        (Some("bitmap"), Some(CBW)),
+        "{inc}"
+    );
+    node_equals(inc["node"].as_str().unwrap(), &refs);
+    assert_eq!(attached(&vm).await, before);
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty());
+    assert!(running(&vm).await);
+}

@@ -800,3 +800,44 @@ async fn every_device_kind_is_pulled_through_its_filter_and_put_back() {
     assert!(manifest.operations.is_empty());
     assert!(running(&vm).await);
 }
+
+/// A copy-before-write filter of a killed run whose record is gone (here: removed from the manifest by hand)
+/// is refused with a clear error before anything is created, never stacked under a new filter.
+#[tokio::test]
+async fn a_leftover_filter_without_a_record_is_refused() {
+    let pki = TestPki::loopback();
+    let args = pull_args(&pki, "client", free_port());
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x11, 0, MIB).await;
+    backup_env(&repo, &vm, &strs(&args), &[], CBW);
+    let crashed = cli::run_crashing_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "view-drives-switched",
+        PROCESS_EXIT_TIMEOUT,
+    );
+    crashed.assert_crashed_at("view-drives-switched");
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    // The record is lost.
+    let path = repo.vm_dir(VM).join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["operations"] = serde_json::json!([]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let filters = attached(&vm).await;
+    assert!(
+        filters.iter().all(|(_, drv)| drv == "copy-before-write"),
+        "{filters:?}"
+    );
+
+    let out = repo.try_backup(&vm, VM, &strs(&args));
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("a copy-before-write filter an earlier qmpbak run left"),
+        "{}",
+        out.stderr
+    );
+    // Nothing was stacked: the devices are on the same filters.
+    assert_eq!(attached(&vm).await, filters);
+    assert!(repo.manifest(VM).operations.is_empty());
+}

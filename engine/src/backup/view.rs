@@ -49,6 +49,7 @@ impl View {
     /// schema, QEMU 7.1+) and every disk has a device to switch; the fleece otherwise (or when a test forces
     /// it, [`crate::crashpoint::force_fleece`]).
     pub async fn choose(run: &Run<'_>) -> Result<View> {
+        refuse_leftover_filters(run).await?;
         if crate::crashpoint::force_fleece() {
             return Ok(View::Fleece);
         }
@@ -91,6 +92,35 @@ impl View {
             View::CopyBeforeWrite => run.qemu_name("v", t.index),
         }
     }
+}
+
+/// Refuses a view of a disk whose device is still attached to a copy-before-write filter of qmpbak's (named
+/// as its block nodes are, `qb…`) that no record names any more: recovery, which runs first, puts back every
+/// device a record names, so such a filter is one whose record was lost. Stacking another filter on it would
+/// work, but the device could then never be put back where it was; the user decides.
+async fn refuse_leftover_filters(run: &Run<'_>) -> Result<()> {
+    let blocks = run
+        .qmp
+        .execute(&qmp::commands::QueryBlock)
+        .await
+        .context("listing the VM's disks (query-block)")?;
+    for t in &run.targets {
+        let leftover = blocks.iter().filter_map(|b| b.inserted.as_ref()).find(|i| {
+            i.node_name.as_deref() == Some(t.info.root_node.as_str())
+                && i.drv == "copy-before-write"
+                && t.info.root_node.starts_with("qb")
+        });
+        if leftover.is_some() {
+            anyhow::bail!(
+                "disk {}'s device is attached to {}, a copy-before-write filter an earlier qmpbak run left \
+                 without a record: put the device back on the node below it (qom-set <device> drive <node>) \
+                 and remove the filter (blockdev-del), then back up again",
+                t.info.id,
+                t.info.root_node
+            );
+        }
+    }
+    Ok(())
 }
 
 /// For a copy-before-write view: puts its `snapshot-access` nodes and filters into the record's block nodes

@@ -69,8 +69,8 @@ pub use crypt::{Encryption, RepoKeys, TableKey};
 pub use error::{Error, ErrorKind, ManifestProblem, Result};
 pub use lock::{LockGuard, LockHolder, LockMode, LockWait};
 pub use manifest::{
-    BitmapRecord, CommitDisk, CommitRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk,
-    NodeKind, NodeState, Operation, Payload, ServedChain, new_disk_key,
+    BitmapRecord, CommitDisk, CommitRecord, DiskIdentity, DriveSwitch, FORMAT_VERSION, Location, Manifest,
+    Node, NodeDisk, NodeKind, NodeState, Operation, Payload, ServedChain, ViewRecord, new_disk_key,
 };
 pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};

@@ -11,8 +11,8 @@ use crate::names::{NodeId, RelPath, check_name, name_problem, rel_path_problem};
 use crate::tree::{self, Tree};
 
 pub use crate::model::{
-    BitmapRecord, CommitDisk, CommitRecord, DiskIdentity, FORMAT_VERSION, Location, Manifest, Node, NodeDisk,
-    NodeKind, NodeState, Operation, Payload, ServedChain, new_disk_key,
+    BitmapRecord, CommitDisk, CommitRecord, DiskIdentity, DriveSwitch, FORMAT_VERSION, Location, Manifest,
+    Node, NodeDisk, NodeKind, NodeState, Operation, Payload, ServedChain, ViewRecord, new_disk_key,
 };
 use crate::model::{is_chain_id, random_hex8};
 

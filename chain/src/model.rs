@@ -211,6 +211,28 @@ pub struct BitmapRecord {
     pub name: String,
 }
 
+/// What a pull backup's copy-before-write view changed in the VM's QEMU, recorded before each change is made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ViewRecord {
+    /// The run paused a running VM for the view's instant (set before `stop`, cleared after `cont`).
+    #[serde(default)]
+    pub paused_vm: bool,
+    /// The devices whose drive the run switches (or switched) to a copy-before-write filter.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub switched: Vec<DriveSwitch>,
+}
+
+/// One device's drive switched to a copy-before-write filter: QOM path of the device, the node it was attached
+/// to, the filter's node name.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveSwitch {
+    pub device: String,
+    pub original: String,
+    pub filter: String,
+}
+
 /// What an [`Operation`] does, one variant per kind, tagged `kind` in the manifest. A kind this qmpbak does
 /// not know is read as [`Payload::Other`] (its other fields dropped).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -225,6 +247,10 @@ pub enum Payload {
         /// written only through the VM's QEMU): recovery empties them (QMP cannot delete a file).
         #[serde(default, skip_serializing_if = "Vec::is_empty")]
         scratch: Vec<PathBuf>,
+        /// A pull's copy-before-write view: whether the run paused the VM and which devices it switched to
+        /// its filters (recovery switches them back and resumes a VM the run paused).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        view: Option<ViewRecord>,
     },
     /// A time point (the record's node).
     Snapshot {

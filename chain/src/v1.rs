@@ -60,6 +60,7 @@ impl From<OperationV1> for Operation {
                 Payload::Backup {
                     nbd_server_started: true,
                     scratch: Vec::new(),
+                    view: None,
                 },
                 None,
             ),
@@ -67,6 +68,7 @@ impl From<OperationV1> for Operation {
                 Payload::Backup {
                     nbd_server_started: false,
                     scratch: Vec::new(),
+                    view: None,
                 },
                 note,
             ),
@@ -201,6 +203,7 @@ mod tests {
             Payload::Backup {
                 nbd_server_started: true,
                 scratch: Vec::new(),
+                view: None,
             }
         );
         assert_eq!(op.legacy_note, None);
@@ -227,6 +230,7 @@ mod tests {
             Payload::Backup {
                 nbd_server_started: false,
                 scratch: Vec::new(),
+                view: None,
             }
         );
         // Any other note is words: kept, and it starts nothing.

@@ -27,6 +27,7 @@ fn saved() -> (TestRepo, Manifest) {
         Payload::Backup {
             nbd_server_started: false,
             scratch: Vec::new(),
+            view: None,
         },
         Some(b.clone()),
         Utc::now(),
@@ -399,6 +400,7 @@ fn a_format_1_manifest_is_read_with_its_records_converted_and_left_as_it_was() {
         Payload::Backup {
             nbd_server_started: true,
             scratch: Vec::new(),
+            view: None,
         }
     );
     assert_eq!(loaded.operations[0].files, m.operations[0].files);

@@ -51,3 +51,23 @@ pub fn fail_point(name: &str) -> std::io::Result<()> {
     }
     Ok(())
 }
+
+/// With `QMPBAK_INJECT_SCRATCH_EIO` set, a pull's scratch image (the copy-before-write target) is opened
+/// through blkdebug failing every write with EIO, so tests can prove that a failing view fails the backup and
+/// never a guest write. Without it, `file` is returned unchanged.
+pub fn scratch_file_options(file: serde_json::Value) -> serde_json::Value {
+    if std::env::var_os("QMPBAK_INJECT_SCRATCH_EIO").is_none() {
+        return file;
+    }
+    serde_json::json!({
+        "driver": "blkdebug",
+        "image": file,
+        "inject-error": [{ "event": "write_aio", "errno": 5, "once": false }],
+    })
+}
+
+/// With `QMPBAK_VIEW=fleece`, a pull keeps its view with the `blockdev-backup sync=none` fleece even where
+/// QEMU has copy-before-write and `snapshot-access`, so tests cover both views on every QEMU.
+pub fn force_fleece() -> bool {
+    std::env::var_os("QMPBAK_VIEW").is_some_and(|v| v == "fleece")
+}

@@ -168,3 +168,26 @@ pub fn allocated_data_bytes(path: &Path) -> u64 {
         .map(|e| e["length"].as_u64().unwrap_or(0))
         .sum()
 }
+
+/// Asserts that the guest-visible bytes `[offset, offset + len)` of image `path` all are `pattern` (read from a
+/// raw copy made with `qemu-img convert -U`).
+#[track_caller]
+pub fn assert_pattern(path: &Path, offset: u64, len: u64, pattern: u8) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let raw = dir.path().join("raw");
+    let (src, dst) = (
+        path.to_str().expect("UTF-8 path"),
+        raw.to_str().expect("UTF-8 path"),
+    );
+    qemu_img(&["convert", "-U", "-O", "raw", src, dst]);
+    let bytes = std::fs::read(&raw).expect("read the raw copy");
+    let start = usize::try_from(offset).expect("offset");
+    let end = usize::try_from(offset + len).expect("length");
+    let bad = bytes[start..end].iter().position(|&b| b != pattern);
+    assert!(
+        bad.is_none(),
+        "{}: byte {} is not {pattern:#x}",
+        path.display(),
+        offset + bad.unwrap_or(0) as u64
+    );
+}

@@ -252,6 +252,7 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     let inc = repo.backup(&vm, VM, &[]);
     assert_eq!(inc["level"], "incremental", "{inc}");
     assert_eq!(inc["method"], "checksum-diff", "{inc}");
+    assert_eq!(inc["view"], "copy-before-write", "{inc}");
     let reason = inc["reason"].as_str().unwrap();
     assert!(reason.contains("disk0") && reason.contains(&full_id), "{reason}");
     let id = inc["node"].as_str().unwrap().to_owned();
@@ -284,6 +285,81 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
         &expected_bitmaps(&manifest, next["node"].as_str().unwrap(), &full_id),
     )
     .await;
+}
+
+/// The nodes each disk's device is attached to (`query-block`), with their drivers.
+async fn attached(vm: &TestVm) -> Vec<(String, String)> {
+    let blocks = vm.qmp().execute_raw("query-block", None).await.unwrap();
+    blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let i = &b["inserted"];
+            (
+                i["node-name"].as_str().unwrap_or_default().to_owned(),
+                i["drv"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
+/// A checksum-diff takes the same copy-before-write view as a pull (or the fleece when forced): killed with
+/// the VM paused for the instant or with its devices on the filters, the next run resumes the VM and puts the
+/// devices back; guest writes reach the images, and checksum-diffs with either view are exact.
+#[tokio::test]
+async fn a_checksum_diff_killed_in_its_view_is_undone_and_both_views_are_exact() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    repo.backup(&vm, VM, &[]);
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    let mut vm = vm.restart().await;
+    let before = attached(&vm).await;
+    for (round, point) in ["view-vm-paused", "view-drives-switched"].into_iter().enumerate() {
+        let round = u8::try_from(round).unwrap();
+        vm.write_pattern("disk1", 0x40 + round, u64::from(round) * MIB, MIB)
+            .await;
+        let crashed = cli::run_crashing_at(
+            &repo.backup_args(&vm, VM, &[]),
+            point,
+            integration_tests::timeouts::PROCESS_EXIT_TIMEOUT,
+        );
+        crashed.assert_crashed_at(point);
+        assert!(!vm.running().await, "{point}: the VM runs");
+        let refs = capture(&vm, refs_dir.path(), point).await;
+        let next = repo.backup(&vm, VM, &[]);
+        assert_eq!(next["method"], "checksum-diff", "{next}");
+        assert_eq!(next["view"], "copy-before-write", "{next}");
+        assert!(next["cleaned"]["resumed_vm"].as_bool().unwrap_or(false), "{next}");
+        assert_node_equals(&repo, next["node"].as_str().unwrap(), &refs);
+        assert!(vm.running().await, "{point}");
+        assert_eq!(attached(&vm).await, before, "{point}");
+        // Bitmaps inconsistent again: the next backup is a checksum-diff.
+        vm.qmp().execute_raw("stop", None).await.unwrap();
+        vm.qmp().execute_raw("cont", None).await.unwrap();
+        vm = vm.restart().await;
+    }
+    // The fleece, forced, on the same QEMU.
+    vm.write_pattern("disk0", 0x66, 2 * MIB, MIB).await;
+    let refs = capture(&vm, refs_dir.path(), "fleece").await;
+    let mut cmd = cli::command_owned(&repo.backup_args(&vm, VM, &[]));
+    cmd.env("QMPBAK_VIEW", "fleece");
+    let inc = cli::wait(cmd.spawn().unwrap(), integration_tests::timeouts::CLI_TIMEOUT)
+        .success()
+        .json();
+    assert_eq!(
+        (inc["method"].as_str(), inc["view"].as_str()),
+        (Some("checksum-diff"), Some("fleece")),
+        "{inc}"
+    );
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    assert_eq!(attached(&vm).await, before);
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty());
+    repo.run(VM, &["verify"]).success();
 }
 
 /// A checksum-diff reads the disks through an NBD server in the VM's QEMU. When another tool already runs one

@@ -62,6 +62,7 @@ async fn a_repository_of_format_1_is_read_backed_up_into_and_restored() {
         chain::Payload::Backup {
             nbd_server_started: true,
             scratch: Vec::new(),
+            view: None,
         }
     );
 

@@ -7,11 +7,11 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use integration_tests::pki::{TestPki, free_port};
 use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
-use integration_tests::timeouts::PROCESS_EXIT_TIMEOUT;
+use integration_tests::timeouts::{CLI_TIMEOUT, PROCESS_EXIT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "vm1";
@@ -89,6 +89,50 @@ async fn assert_no_exports(vm: &TestVm) {
     );
 }
 
+/// Runs a successful pull of `vm` with the extra environment `env` and returns its report, after checking that
+/// it read the view `view` (`copy-before-write` or `fleece`).
+#[track_caller]
+fn backup_env(
+    repo: &TestRepo,
+    vm: &TestVm,
+    args: &[&str],
+    env: &[(&str, &str)],
+    view: &str,
+) -> serde_json::Value {
+    let mut cmd = cli::command_owned(&repo.backup_args(vm, VM, args));
+    cmd.envs(env.iter().copied());
+    let report = cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT).success().json();
+    assert_eq!(report["view"], view, "{report}");
+    report
+}
+
+/// The environment that makes a pull use the fleece where QEMU has copy-before-write.
+const FLEECE: [(&str, &str); 1] = [("QMPBAK_VIEW", "fleece")];
+const CBW: &str = "copy-before-write";
+
+/// Whether the VM's vCPUs run (`query-status`).
+async fn running(vm: &TestVm) -> bool {
+    let status = vm.qmp().execute_raw("query-status", None).await.unwrap();
+    status["running"].as_bool().unwrap()
+}
+
+/// The node each disk's device is attached to (`query-block`), with its driver.
+async fn attached(vm: &TestVm) -> Vec<(String, String)> {
+    let blocks = vm.qmp().execute_raw("query-block", None).await.unwrap();
+    blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| {
+            let i = &b["inserted"];
+            (
+                i["node-name"].as_str().unwrap_or_default().to_owned(),
+                i["drv"].as_str().unwrap_or_default().to_owned(),
+            )
+        })
+        .collect()
+}
+
 fn pulled(report: &serde_json::Value, disk: usize) -> u64 {
     report["disks"][disk]["pulled_bytes"]
         .as_u64()
@@ -97,6 +141,15 @@ fn pulled(report: &serde_json::Value, disk: usize) -> u64 {
 
 #[tokio::test]
 async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact() {
+    pull_every_level(&[], CBW).await;
+}
+
+#[tokio::test]
+async fn pull_every_level_with_the_fleece_view_is_exact() {
+    pull_every_level(&FLEECE, "fleece").await;
+}
+
+async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     let pki = TestPki::loopback();
     let port = free_port();
     let args = pull_args(&pki, "client", port);
@@ -107,7 +160,7 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
     vm.write_pattern("disk1", 0x22, 2 * MIB, MIB).await;
 
     let full_refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
-    let full = repo.backup(&vm, VM, &strs(&args));
+    let full = backup_env(&repo, &vm, &strs(&args), env, view);
     assert_eq!(
         (full["level"].as_str(), full["method"].as_str()),
         (Some("full"), Some("full")),
@@ -124,7 +177,7 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
     vm.write_pattern("disk0", 0x37, MIB + 128 * 1024, 64 * 1024).await;
     vm.write_pattern("disk1", 0x44, 0, 64 * 1024).await;
     let inc_refs = vm.capture_references(&DISKS, refs_dir.path(), "inc").await;
-    let inc = repo.backup(&vm, VM, &strs(&args));
+    let inc = backup_env(&repo, &vm, &strs(&args), env, view);
     assert_eq!(
         (inc["level"].as_str(), inc["method"].as_str()),
         (Some("incremental"), Some("bitmap")),
@@ -142,7 +195,13 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
 
     vm.write_pattern("disk1", 0x55, 5 * MIB, MIB).await;
     let diff_refs = vm.capture_references(&DISKS, refs_dir.path(), "diff").await;
-    let diff = repo.backup(&vm, VM, &[&["--level", "diff"], strs(&args).as_slice()].concat());
+    let diff = backup_env(
+        &repo,
+        &vm,
+        &[&["--level", "diff"], strs(&args).as_slice()].concat(),
+        env,
+        view,
+    );
     assert_eq!(diff["level"], "differential", "{diff}");
     assert_eq!(diff["parent"], serde_json::json!(full_id), "{diff}");
     let diff_id = diff["node"].as_str().unwrap().to_owned();
@@ -154,7 +213,7 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
     let vm = vm.restart().await;
     vm.write_pattern("disk0", 0x66, 2 * MIB, MIB).await;
     let cd_refs = vm.capture_references(&DISKS, refs_dir.path(), "cd").await;
-    let cd = repo.backup(&vm, VM, &strs(&args));
+    let cd = backup_env(&repo, &vm, &strs(&args), env, view);
     assert_eq!(cd["method"], "checksum-diff", "{cd}");
     let cd_id = cd["node"].as_str().unwrap().to_owned();
     assert_node_equals(&repo, &cd_id, &cd_refs);
@@ -189,6 +248,15 @@ async fn pull_full_incremental_differential_and_checksum_diff_over_tls_are_exact
 
 #[tokio::test]
 async fn guest_writes_during_a_pull_are_not_in_the_node_and_are_in_the_next() {
+    guest_writes_during_a_pull(&[], CBW).await;
+}
+
+#[tokio::test]
+async fn guest_writes_during_a_fleece_pull_are_not_in_the_node_and_are_in_the_next() {
+    guest_writes_during_a_pull(&FLEECE, "fleece").await;
+}
+
+async fn guest_writes_during_a_pull(env: &[(&str, &str)], view: &str) {
     let pki = TestPki::loopback();
     let port = free_port();
     let args = pull_args(&pki, "client", port);
@@ -196,23 +264,141 @@ async fn guest_writes_during_a_pull_are_not_in_the_node_and_are_in_the_next() {
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
-    repo.backup(&vm, VM, &strs(&args));
+    backup_env(&repo, &vm, &strs(&args), env, view);
     vm.write_pattern("disk0", 0x22, 6 * MIB, MIB).await;
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "at").await;
 
     // Held after the views are exported: the guest overwrites data the pull has yet to read.
     let inc_args = repo.backup_args(&vm, VM, &strs(&args));
-    let paused = cli::run_paused_at(&inc_args, "pull-exported", &[], None);
+    let env_paths: Vec<(&str, &Path)> = env.iter().map(|(k, v)| (*k, Path::new(*v))).collect();
+    let paused = cli::run_paused_at(&inc_args, "pull-exported", &env_paths, None);
     vm.write_pattern("disk0", 0x33, 0, 8 * MIB).await;
     vm.write_pattern("disk1", 0x44, 0, 2 * MIB).await;
     let after = vm.capture_references(&DISKS, refs_dir.path(), "after").await;
     paused.signal(nix::sys::signal::Signal::SIGUSR1);
     let inc = paused.finish().success().json();
+    assert_eq!(inc["view"], view, "{inc}");
     assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    assert_restores(&repo, inc["node"].as_str().unwrap(), &refs);
 
-    let next = repo.backup(&vm, VM, &strs(&args));
+    let next = backup_env(&repo, &vm, &strs(&args), env, view);
     assert_eq!(next["method"], "bitmap", "{next}");
     assert_node_equals(&repo, next["node"].as_str().unwrap(), &after);
+    assert_restores(&repo, next["node"].as_str().unwrap(), &after);
+    assert!(running(&vm).await);
+}
+
+/// A VM the user paused stays paused through a copy-before-write pull (the run pauses only a running VM, and
+/// resumes only what it paused).
+#[tokio::test]
+async fn a_pull_of_a_paused_vm_leaves_it_paused() {
+    let pki = TestPki::loopback();
+    let args = pull_args(&pki, "client", free_port());
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, MIB).await;
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
+    let full = backup_env(&repo, &vm, &strs(&args), &[], CBW);
+    assert_node_equals(&repo, full["node"].as_str().unwrap(), &refs);
+    assert!(!running(&vm).await, "the pull resumed a VM the user paused");
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    assert!(running(&vm).await);
+}
+
+/// Killed with the VM paused for the instant, or with the devices on the filters: `cleanup` puts every device
+/// back on its node and resumes the VM; the guest's writes then reach the disk images, no qmpbak node stays,
+/// and the next pull is exact.
+#[tokio::test]
+async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup() {
+    let pki = TestPki::loopback();
+    let args = pull_args(&pki, "client", free_port());
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    let full_id = backup_env(&repo, &vm, &strs(&args), &[], CBW)["node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let before = attached(&vm).await;
+    let socket = vm.socket().display().to_string();
+    for (round, point) in ["view-vm-paused", "view-drives-switched"].into_iter().enumerate() {
+        let crashed = cli::run_crashing_at(
+            &repo.backup_args(&vm, VM, &strs(&args)),
+            point,
+            PROCESS_EXIT_TIMEOUT,
+        );
+        crashed.assert_crashed_at(point);
+        assert!(!running(&vm).await, "{point}: the VM runs");
+        if point == "view-drives-switched" {
+            let now = attached(&vm).await;
+            assert!(
+                now.iter().all(|(_, drv)| drv == "copy-before-write"),
+                "{point}: {now:?}"
+            );
+        }
+        let out = repo.run(VM, &["cleanup", "--socket", &socket]).success();
+        assert!(out.stdout.contains("resumed the VM"), "{}", out.stdout);
+        assert!(running(&vm).await, "{point}: cleanup did not resume the VM");
+        assert_eq!(attached(&vm).await, before, "{point}");
+        assert!(repo.manifest(VM).operations.is_empty());
+        // The guest's writes reach the image files.
+        let round = u8::try_from(round).unwrap();
+        vm.write_pattern("disk1", 0x40 + round, u64::from(round) * MIB, MIB)
+            .await;
+    }
+    let manifest = repo.manifest(VM);
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
+    assert_scratch_empty(&vm);
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
+    // disk1's image file holds both writes (the reference is read from the image file).
+    image::assert_pattern(&refs[1], 0, MIB, 0x40);
+    image::assert_pattern(&refs[1], MIB, MIB, 0x41);
+    let inc = backup_env(&repo, &vm, &strs(&args), &[], CBW);
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+}
+
+/// A copy-before-write target that fails every write (blkdebug) breaks the view, never the guest's write: the
+/// guest's write during the pull reaches the disk, the pull fails clearly and leaves nothing, and the next pull
+/// has the write.
+#[tokio::test]
+async fn a_failing_view_fails_the_pull_and_never_the_guest_write() {
+    let pki = TestPki::loopback();
+    let args = pull_args(&pki, "client", free_port());
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    let full_id = backup_env(&repo, &vm, &strs(&args), &[], CBW)["node"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    vm.write_pattern("disk0", 0x22, 6 * MIB, MIB).await;
+    let paused = cli::run_paused_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "pull-exported",
+        &[("QMPBAK_INJECT_SCRATCH_EIO", Path::new("1"))],
+        None,
+    );
+    // Overwrites data the pull has yet to read: the old data cannot be copied out.
+    vm.write_pattern("disk0", 0x33, 0, 8 * MIB).await;
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let out = paused.finish();
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(out.stderr.contains("disk0"), "{}", out.stderr);
+    assert!(running(&vm).await);
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
+    assert_no_exports(&vm).await;
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "after").await;
+    image::assert_pattern(&refs[0], 0, 8 * MIB, 0x33);
+    let inc = backup_env(&repo, &vm, &strs(&args), &[], CBW);
+    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
 }
 
 #[tokio::test]
@@ -277,10 +463,13 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
     let full = repo.backup(&vm, VM, &strs(&args));
     let full_id = full["node"].as_str().unwrap().to_owned();
+    let before = attached(&vm).await;
 
     for (round, point) in [
         "pull-recorded",
         "pull-scratch-added",
+        "view-vm-paused",
+        "view-drives-switched",
         "pull-view-started",
         "pull-server-started",
         "pull-exported",
@@ -305,6 +494,9 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     assert!(repo.manifest(VM).operations.is_empty());
     assert_no_exports(&vm).await;
     assert_scratch_empty(&vm);
+    // Every device is back on its own node (never a filter of a killed run under the next one's), and runs.
+    assert_eq!(attached(&vm).await, before);
+    assert!(running(&vm).await);
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "last").await;
     let inc = repo.backup(&vm, VM, &strs(&args));
     assert_eq!(inc["method"], "bitmap", "{inc}");
@@ -534,4 +726,118 @@ async fn two_vms_pulled_at_once_into_one_repository_are_each_exact() {
         repo.run(name, &["verify"]).success();
         assert_eq!(repo.manifest(name).nodes.len(), 2, "{name}");
     }
+}
+
+/// Every kind of device is switched to its copy-before-write filter and back (`qom-set drive` on scsi-hd,
+/// nvme, ide-hd, virtio-blk with and without id, and `-drive` disks whose nodes QEMU named): full and
+/// incremental pulls are exact, guest writes during the pull are not in the node, and every device ends on
+/// its own node.
+#[tokio::test]
+async fn every_device_kind_is_pulled_through_its_filter_and_put_back() {
+    use integration_tests::Device;
+    const KINDS: [(&str, Device); 7] = [
+        ("sd0", Device::ScsiHd),
+        ("nv0", Device::Nvme),
+        ("hd0", Device::IdeHd),
+        ("peripheral-anon-device0", Device::VirtioBlkNoId),
+        ("virtio0", Device::DriveIfVirtio),
+        ("vd0", Device::DriveVirtioBlk),
+        ("drv0", Device::DriveVirtioBlkNoId),
+    ];
+    let pki = TestPki::loopback();
+    let args = pull_args(&pki, "client", free_port());
+    let mut builder = TestVm::builder();
+    for (id, device) in KINDS {
+        builder = builder.disk(id, 8 * MIB).device(id, device);
+    }
+    let vm = builder
+        .arg("-object")
+        .arg(&pki.server_object("tls0"))
+        .start()
+        .await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    let ids: Vec<&str> = KINDS.iter().map(|k| k.0).collect();
+    let before = attached(&vm).await;
+    let node_equals = |node: &str, refs: &[PathBuf]| {
+        for (disk, reference) in ids.iter().zip(refs) {
+            image::assert_same(reference, &repo.node_file(VM, node, disk));
+        }
+    };
+    for (i, id) in ids.iter().enumerate() {
+        vm.write_pattern(id, 0x10 + u8::try_from(i).unwrap(), 0, MIB)
+            .await;
+    }
+    let full_refs = vm.capture_references(&ids, refs_dir.path(), "full").await;
+    let full = backup_env(&repo, &vm, &strs(&args), &[], CBW);
+    node_equals(full["node"].as_str().unwrap(), &full_refs);
+    assert_eq!(attached(&vm).await, before);
+
+    for (i, id) in ids.iter().enumerate() {
+        vm.write_pattern(id, 0x20 + u8::try_from(i).unwrap(), 2 * MIB, MIB)
+            .await;
+    }
+    let refs = vm.capture_references(&ids, refs_dir.path(), "inc").await;
+    let paused = cli::run_paused_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "pull-exported",
+        &[],
+        None,
+    );
+    for id in &ids {
+        vm.write_pattern(id, 0x77, 0, 4 * MIB).await;
+    }
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let inc = paused.finish().success().json();
+    assert_eq!(
+        (inc["method"].as_str(), inc["view"].as_str()),
+        (Some("bitmap"), Some(CBW)),
+        "{inc}"
+    );
+    node_equals(inc["node"].as_str().unwrap(), &refs);
+    assert_eq!(attached(&vm).await, before);
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty());
+    assert!(running(&vm).await);
+}
+
+/// A copy-before-write filter of a killed run whose record is gone (here: removed from the manifest by hand)
+/// is refused with a clear error before anything is created, never stacked under a new filter.
+#[tokio::test]
+async fn a_leftover_filter_without_a_record_is_refused() {
+    let pki = TestPki::loopback();
+    let args = pull_args(&pki, "client", free_port());
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x11, 0, MIB).await;
+    backup_env(&repo, &vm, &strs(&args), &[], CBW);
+    let crashed = cli::run_crashing_at(
+        &repo.backup_args(&vm, VM, &strs(&args)),
+        "view-drives-switched",
+        PROCESS_EXIT_TIMEOUT,
+    );
+    crashed.assert_crashed_at("view-drives-switched");
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    // The record is lost.
+    let path = repo.vm_dir(VM).join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["operations"] = serde_json::json!([]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let filters = attached(&vm).await;
+    assert!(
+        filters.iter().all(|(_, drv)| drv == "copy-before-write"),
+        "{filters:?}"
+    );
+
+    let out = repo.try_backup(&vm, VM, &strs(&args));
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("a copy-before-write filter an earlier qmpbak run left"),
+        "{}",
+        out.stderr
+    );
+    // Nothing was stacked: the devices are on the same filters.
+    assert_eq!(attached(&vm).await, filters);
+    assert!(repo.manifest(VM).operations.is_empty());
 }

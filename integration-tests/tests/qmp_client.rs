@@ -243,4 +243,6 @@ async fn capabilities_come_from_the_schema() {
     assert!(caps.blockdev_reopen);
     assert!(caps.copy_before_write);
     assert!(caps.block_export_add);
+    // What the copy-before-write view of a pull or checksum-diff needs (QEMU 7.1+).
+    assert!(caps.snapshot_access && caps.cbw_on_error);
 }

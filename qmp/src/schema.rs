@@ -155,6 +155,9 @@ pub struct Capabilities {
     pub copy_before_write: bool,
     /// The `snapshot-access` driver exists (QEMU 7.0+), for reading a copy-before-write snapshot.
     pub snapshot_access: bool,
+    /// The `copy-before-write` filter takes `on-cbw-error` (QEMU 7.1+): a failed copy breaks the snapshot
+    /// instead of failing the guest's write.
+    pub cbw_on_error: bool,
     /// `blockdev-backup` takes `discard-source` (QEMU 9.1+).
     pub backup_discard_source: bool,
     /// `block-export-add` exists (QEMU 5.2+).
@@ -174,6 +177,7 @@ impl Capabilities {
         caps.blockdev_reopen = caps.has_command("blockdev-reopen");
         caps.copy_before_write = caps.blockdev_driver("copy-before-write");
         caps.snapshot_access = caps.blockdev_driver("snapshot-access");
+        caps.cbw_on_error = caps.command_has_arg("blockdev-add", "on-cbw-error");
         caps.backup_discard_source = caps.command_has_arg("blockdev-backup", "discard-source");
         caps.block_export_add = caps.has_command("block-export-add");
         caps.backup_bitmap_mode = caps.command_has_arg("blockdev-backup", "bitmap-mode");
@@ -296,6 +300,7 @@ mod tests {
         );
         assert!(caps.backup_bitmap_mode && !caps.backup_discard_source);
         assert!(!caps.copy_before_write && !caps.snapshot_access && !caps.block_export_add);
+        assert!(!caps.cbw_on_error);
     }
 
     #[test]

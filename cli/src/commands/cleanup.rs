@@ -92,12 +92,24 @@ fn print_text(
         outln!("  bitmaps: {}", cleaned.bitmaps.join(", "))?;
         outln!("  files: {}", cleaned.files.join(", "))?;
         outln!("  nodes marked failed: {}", cleaned.failed_nodes.join(", "))?;
+        if !cleaned.devices_restored.is_empty() {
+            outln!(
+                "  devices put back on their disks: {}",
+                cleaned.devices_restored.join(", ")
+            )?;
+        }
+        if cleaned.resumed_vm {
+            outln!("  resumed the VM the interrupted backup had paused")?;
+        }
         if !in_qemu {
             outln!("  (without --socket or --qmp, nothing was removed inside QEMU)")?;
         }
     }
     for file in &cleaned.kept_outside {
         outln!("  left in place: {file}")?;
+    }
+    for what in &cleaned.left_in_qemu {
+        outln!("  left in QEMU: {what}")?;
     }
     Ok(())
 }

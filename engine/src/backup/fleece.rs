@@ -1,52 +1,56 @@
 //! The copy phase of a checksum-diff incremental, used when QEMU's dirty bitmaps cannot be trusted (missing
-//! after a restart, inconsistent, busy, or relative to another node). Image fleecing gives a point-in-time
-//! view of each running disk: a `blockdev-backup sync=none` job copies old data into a temporary overlay before
-//! the guest overwrites it, and reads of the overlay see the disk as it was at the transaction. qmpbak reads
+//! after a restart, inconsistent, busy, or relative to another node). The pull's point-in-time view
+//! ([`super::view`]: copy-before-write + `snapshot-access`, or image fleecing on older QEMUs) keeps each
+//! running disk as it was at the instant, its old data in a temporary image in the repository. qmpbak reads
 //! that view over NBD from the VM's QEMU and hashes it into a full checking table; each block whose check
 //! value differs from the base node's is written into the new node's file as soon as it is hashed, from the
 //! same buffer (nothing read twice): neighbouring changed blocks in one write, several writes in flight while
 //! the hashing workers go on.
 
-use std::time::Duration;
-
 use anyhow::{Context, Result, anyhow};
 use qmp::commands::{
-    BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevDel, JobCancel, JobDismiss, NbdServerStart,
-    NbdServerStop,
+    BlockExportAdd, BlockExportDel, BlockdevAdd, BlockdevDel, NbdServerStart, NbdServerStop,
 };
 use serde_json::json;
 
+use super::view::View;
 use super::{Copied, Run, copy, interrupted, jobs};
 use crate::daemon::NBD_CONNECT_TIMEOUT;
 use crate::graph;
-use crate::recovery;
 use crate::tables::NbdSource;
 use crate::tables::load_node_table;
 
-/// How long a fleecing job may take to stop after `job-cancel`.
-const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
-
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
+    let view = View::choose(run).await?;
     jobs::create_target_files(run)?;
     let sockdir = crate::daemon::private_temp_dir("qmpbak-nbd-")?;
     let socket = sockdir.path().join("nbd.sock");
-    create_fleece_files(run)?;
-    let result = fleece_and_copy(run, &socket).await;
-    teardown(run).await;
-    for t in &run.targets {
-        let _ = std::fs::remove_file(run.vm.resolve(&fleece_file(run, t.index)?)?);
+    create_fleece_files(run, view)?;
+    let result = fleece_and_copy(run, view, &socket).await;
+    let torn_down = teardown(run, view).await;
+    if torn_down.is_ok() {
+        for t in &run.targets {
+            let _ = std::fs::remove_file(run.vm.resolve(&fleece_file(run, t.index)?)?);
+        }
     }
-    result
+    let mut copied = result?;
+    torn_down?;
+    copied.view = Some(view.name());
+    Ok(copied)
 }
 
 fn fleece_file(run: &Run<'_>, disk: usize) -> Result<chain::RelPath> {
     Ok(format!("{}/fleece-{disk}.qcow2", run.node).parse()?)
 }
 
-fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
+fn create_fleece_files(run: &mut Run<'_>, view: View) -> Result<()> {
     for i in 0..run.targets.len() {
         let rel = fleece_file(run, i)?;
         run.op.files.push(rel.clone());
+    }
+    let recorded = super::view::record(run, view)?;
+    if let chain::Payload::Backup { view, .. } = &mut run.op.payload {
+        *view = recorded;
     }
     if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
         *op = run.op.clone();
@@ -64,14 +68,16 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
     Ok(())
 }
 
-async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<Copied> {
+async fn fleece_and_copy(run: &mut Run<'_>, view: View, socket: &std::path::Path) -> Result<Copied> {
     let qmp = run.qmp;
     crate::crypt::unlock::add_secret(qmp).await?;
     // The fleecing overlays, on top of the live disks.
     for t in &run.targets {
         let path = run.vm.resolve(&fleece_file(run, t.index)?)?;
         let mut options = graph::qcow2_options(&run.qemu_name("f", t.index), &path, None, false);
-        options["backing"] = json!(t.info.node_name);
+        if let Some(backing) = view.overlay_backing(t) {
+            options["backing"] = json!(backing);
+        }
         // A scratch file, deleted after the run: its durability does not matter.
         options["cache"] = json!({ "no-flush": true });
         crate::crypt::unlock::encrypt_node(&mut options);
@@ -82,14 +88,12 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
     // The new node files, on top of the parent's chain.
     jobs::add_targets(run).await?;
 
-    // One instant for every disk: fleecing jobs and the new bitmaps.
+    // One instant for every disk: the views and the new bitmaps.
     let mut actions = Vec::new();
     for t in &run.targets {
         actions.extend(run.new_bitmap_actions(t));
-        actions.push(run.view_action(t));
     }
-    run.transaction(actions, "starting image fleecing (QMP transaction)")
-        .await?;
+    super::view::start(run, view, actions).await?;
 
     qmp.execute(&NbdServerStart::unix(socket.display().to_string()))
     .await
@@ -114,7 +118,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         let fleece = export(
             run,
             &format!("{}-f{}", run.op.id, t.index),
-            &run.qemu_name("f", t.index),
+            &view.read_node(run, t),
             false,
             socket,
         )
@@ -155,6 +159,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, socket: &std::path::Path) -> Result<
         bytes,
         tables: Some(tables),
         pulled: None,
+        view: None,
     })
 }
 
@@ -174,8 +179,9 @@ async fn export(
         .with_context(|| format!("connecting to NBD export {id}"))
 }
 
-/// Stops exports, the NBD server, and the fleecing jobs; removes the block nodes.
-async fn teardown(run: &Run<'_>) {
+/// Stops exports, the NBD server, and the view; removes the block nodes. A device that cannot be put back on
+/// its node is an error, and the filters, the fleece files and the record stay for recovery.
+async fn teardown(run: &Run<'_>, view: View) -> Result<()> {
     let qmp = run.qmp;
     for t in &run.targets {
         for kind in ["f", "t"] {
@@ -186,15 +192,12 @@ async fn teardown(run: &Run<'_>) {
     if run.op.payload.started_nbd_server() {
         let _ = qmp.execute(&NbdServerStop).await;
     }
-    for t in &run.targets {
-        let job = run.qemu_name("j", t.index);
-        let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
-        let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
-        let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
-        recovery::stop_job(qmp, &job).await;
-    }
+    let stopped = super::view::stop(run, view)
+        .await
+        .context("putting the VM's devices back on their disks after the checksum-diff");
     for name in &run.op.block_nodes {
         let _ = qmp.execute(&BlockdevDel::new(name.as_str())).await;
     }
     crate::crypt::unlock::remove_secret(qmp).await;
+    stopped
 }

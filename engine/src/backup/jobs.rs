@@ -58,6 +58,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         bytes,
         tables: None,
         pulled: None,
+        view: None,
     })
 }
 

@@ -11,6 +11,7 @@ mod copy;
 mod fleece;
 mod jobs;
 mod pull;
+mod view;
 
 pub use pull::{DEFAULT_NBD_LISTEN, DEFAULT_NBD_PORT, PullOptions, scratch_name};
 
@@ -85,6 +86,10 @@ pub struct BackupReport {
     pub skipped: Vec<Skipped>,
     /// Encrypted disks stored decrypted in this repository (`--allow-plaintext`).
     pub plaintext_of_encrypted: Vec<String>,
+    /// Of a pull: how the VM's QEMU kept the point-in-time view (`copy-before-write`: a filter and
+    /// `snapshot-access`, the VM paused for the instant; `fleece`: a `blockdev-backup sync=none` job).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub view: Option<&'static str>,
 }
 
 /// A drive a backup left out by itself (not one the user excluded).
@@ -232,6 +237,15 @@ impl Run<'_> {
         actions: Vec<qmp::commands::TransactionAction>,
         what: &str,
     ) -> Result<()> {
+        self.freeze().await?;
+        let result = self.qmp.execute(&qmp::commands::Transaction::new(actions)).await;
+        self.thaw().await?;
+        result.with_context(|| what.to_owned())?;
+        Ok(())
+    }
+
+    /// With `--quiesce`, freezes the guest's filesystems for the backup instant (nothing without).
+    pub async fn freeze(&mut self) -> Result<()> {
         if let Some(agent) = self.agent.as_mut() {
             let n = agent
                 .freeze()
@@ -239,7 +253,11 @@ impl Run<'_> {
                 .context("freezing the guest's filesystems (--quiesce)")?;
             self.progress.phase(&format!("froze {n} guest filesystem(s)"));
         }
-        let result = self.qmp.execute(&qmp::commands::Transaction::new(actions)).await;
+        Ok(())
+    }
+
+    /// Thaws what [`Run::freeze`] froze, trying three times; an error says the guest may still be frozen.
+    pub async fn thaw(&mut self) -> Result<()> {
         if let Some(agent) = self.agent.as_mut() {
             let mut thawed = agent.thaw().await;
             for _ in 0..2 {
@@ -253,7 +271,6 @@ impl Run<'_> {
             }
             self.progress.phase("thawed the guest's filesystems");
         }
-        result.with_context(|| what.to_owned())?;
         Ok(())
     }
 
@@ -377,6 +394,7 @@ pub async fn backup(
         payload: Payload::Backup {
             nbd_server_started: false,
             scratch: Vec::new(),
+            view: None,
         },
         legacy_note: None,
     };
@@ -439,6 +457,7 @@ pub async fn backup(
         cleaned,
         skipped,
         plaintext_of_encrypted,
+        view: copied.view,
     })
 }
 
@@ -469,6 +488,8 @@ pub(crate) struct Copied {
     pub tables: Option<Vec<chain::Table>>,
     /// Data bytes read over NBD per target, for a pull.
     pub pulled: Option<Vec<u64>>,
+    /// Of a pull: the kind of point-in-time view read ([`BackupReport::view`]).
+    pub view: Option<&'static str>,
 }
 
 impl Run<'_> {

@@ -1,9 +1,13 @@
 //! The pull backup (`backup --pull`): the repository lives only on the backup host, and QEMU writes nothing
-//! into it. The VM's QEMU keeps a point-in-time view of every disk (image fleecing: a `blockdev-backup
-//! sync=none` job, which inserts QEMU's copy-before-write filter above the disk and copies old data into a
-//! scratch overlay before the guest overwrites it) and exports the views over NBD on TCP with TLS; qmpbak reads
-//! them, hashes them into the node's checking tables and writes the node's qcow2 files locally through a
-//! qemu-storage-daemon of its own, in one pass ([`super::copy`]).
+//! into it. The VM's QEMU keeps a point-in-time view of every disk and exports the views over NBD on TCP with
+//! TLS; qmpbak reads them, hashes them into the node's checking tables and writes the node's qcow2 files
+//! locally through a qemu-storage-daemon of its own, in one pass ([`super::copy`]).
+//!
+//! The view, chosen by QEMU's schema: a `copy-before-write` filter above each disk (the device switched to it
+//! with `qom-set drive`, with the VM paused for the instant, since that is no transaction action) read through
+//! `snapshot-access`; or, where QEMU lacks them, image fleecing (a `blockdev-backup sync=none` job into a
+//! scratch overlay whose backing is the disk). Either copies old data into a scratch image on the hypervisor
+//! before the guest overwrites it.
 //!
 //! What is read over the network: a full reads the allocated extents (`base:allocation`), an incremental or
 //! differential the extents of a frozen copy of its bitmap (`qemu:dirty-bitmap:NAME`), a checksum-diff the whole
@@ -21,11 +25,12 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use qmp::commands::{
     BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportAdd,
-    BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevDel, JobCancel, JobDismiss, NbdServerStart,
-    NbdServerStop, QomList, TransactionAction,
+    BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevDel, JobDismiss, NbdServerStart, NbdServerStop,
+    QomList, TransactionAction,
 };
 use serde_json::json;
 
+use super::view::View;
 use super::{Copied, Run, Target, copy, interrupted, jobs};
 use crate::crashpoint::crashpoint;
 use crate::daemon::{NBD_CONNECT_TIMEOUT, StorageDaemon};
@@ -33,9 +38,6 @@ use crate::graph;
 use crate::plan::Method;
 use crate::recovery;
 use crate::tables::{NbdSource, load_node_table, touched_blocks};
-
-/// How long a fleecing job may take to stop after `job-cancel`.
-const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// How long creating (or emptying) a scratch image may take.
 pub const SCRATCH_CREATE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -91,12 +93,17 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         .map(|t| scratch_path(run, &pull, t))
         .collect::<Result<_>>()?;
 
+    let view = View::choose(run).await?;
+
     jobs::create_target_files(run)?;
-    record(run, &scratch)?;
+    record(run, &scratch, view)?;
     crashpoint("pull-recorded");
-    let result = view_and_copy(run, &scratch, &host, port, tls_creds, &connect).await;
-    teardown(run, &scratch).await;
-    result
+    let result = view_and_copy(run, view, &scratch, &host, port, tls_creds, &connect).await;
+    let torn_down = teardown(run, view, &scratch).await;
+    let mut copied = result?;
+    torn_down?;
+    copied.view = Some(view.name());
+    Ok(copied)
 }
 
 /// `HOST:PORT` (`[V6]:PORT`) of `--nbd-listen`.
@@ -219,8 +226,9 @@ fn export_id(run: &Run<'_>, t: &Target) -> String {
 }
 
 /// Puts what this run creates in the VM's QEMU and on the hypervisor into the operation record, before any of it
-/// exists: the NBD server, the scratch images and their nodes, the create jobs, the frozen bitmaps.
-fn record(run: &mut Run<'_>, scratch: &[PathBuf]) -> Result<()> {
+/// exists: the NBD server, the scratch images and their nodes, the create jobs, the frozen bitmaps; for a
+/// copy-before-write view its filters and `snapshot-access` nodes and the devices it switches to them.
+fn record(run: &mut Run<'_>, scratch: &[PathBuf], view: View) -> Result<()> {
     for t in &run.targets {
         run.op.jobs.push(run.qemu_name("k", t.index));
         // After the overlay ("f", recorded by `begin`): removed after it.
@@ -232,10 +240,12 @@ fn record(run: &mut Run<'_>, scratch: &[PathBuf]) -> Result<()> {
             });
         }
     }
+    let view = super::view::record(run, view)?;
     // The NBD server is recorded only once it runs: a server that was already running is not ours to stop.
     run.op.payload = chain::Payload::Backup {
         nbd_server_started: false,
         scratch: scratch.to_vec(),
+        view,
     };
     if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
         *op = run.op.clone();
@@ -260,6 +270,7 @@ async fn create(qmp: &qmp::Qmp, job: &str, options: serde_json::Value) -> Result
 
 async fn view_and_copy(
     run: &mut Run<'_>,
+    view: View,
     scratch: &[PathBuf],
     host: &str,
     port: u16,
@@ -271,7 +282,7 @@ async fn view_and_copy(
     let bins = run.bins.clone();
     let (daemon, exported) = tokio::join!(
         StorageDaemon::start(&bins),
-        export_views(run, scratch, host, port, tls_creds)
+        export_views(run, view, scratch, host, port, tls_creds)
     );
     let daemon = daemon?;
     exported?;
@@ -282,9 +293,11 @@ async fn view_and_copy(
     Ok(copied)
 }
 
-/// Makes the scratch overlays, the views (one transaction), the NBD server and the exports in the VM's QEMU.
+/// Makes the scratch images, the views (one instant for every disk), the NBD server and the exports in the VM's
+/// QEMU.
 async fn export_views(
     run: &mut Run<'_>,
+    view: View,
     scratch: &[PathBuf],
     host: &str,
     port: u16,
@@ -310,16 +323,22 @@ async fn export_views(
         )
         .await
         .with_context(|| format!("formatting the scratch image {}", path.display()))?;
-        qmp.execute(&BlockdevAdd(json!({
+        let mut options = json!({
             "driver": "qcow2",
             "node-name": run.qemu_name("f", t.index),
             "file": file,
-            "backing": t.info.node_name,
             // Old data for the run only, emptied afterwards: its durability does not matter.
             "cache": {"no-flush": true},
-        })))
-        .await
-        .context("adding the scratch overlay")?;
+        });
+        // The fleece reads the disk through the overlay's backing; a copy-before-write target holds only the
+        // old data (snapshot-access knows which clusters it has).
+        if let Some(backing) = view.overlay_backing(t) {
+            options["backing"] = json!(backing);
+        }
+        options["file"] = crate::crashpoint::scratch_file_options(options["file"].take());
+        qmp.execute(&BlockdevAdd(options))
+            .await
+            .context("adding the scratch overlay")?;
     }
     crashpoint("pull-scratch-added");
     if run.interrupt.arrived().await {
@@ -329,34 +348,9 @@ async fn export_views(
     // One instant for every disk: the views, the new bitmaps and the frozen copies of the bitmaps read.
     let mut actions = Vec::new();
     for t in &run.targets {
-        actions.extend(run.new_bitmap_actions(t));
-        if run.plan.method == Method::Bitmap {
-            let base = run
-                .base_bitmap(t)
-                .context("an incremental without a base bitmap")?;
-            let granularity = t
-                .info
-                .bitmaps
-                .iter()
-                .find(|b| b.name == base)
-                .and_then(|b| u32::try_from(b.granularity).ok());
-            let frozen = frozen_bitmap(run, t);
-            actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
-                persistent: Some(false),
-                disabled: Some(true),
-                granularity,
-                ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), frozen.as_str())
-            }));
-            actions.push(TransactionAction::BlockDirtyBitmapMerge(BlockDirtyBitmapMerge {
-                node: t.info.node_name.clone(),
-                target: frozen,
-                bitmaps: vec![BitmapRef::Name(base)],
-            }));
-        }
-        actions.push(run.view_action(t));
+        actions.extend(bitmap_actions(run, t)?);
     }
-    run.transaction(actions, "starting the point-in-time views (QMP transaction)")
-        .await?;
+    super::view::start(run, view, actions).await?;
     crashpoint("pull-view-started");
 
     qmp.execute(&NbdServerStart::tcp(host, port, tls_creds))
@@ -369,10 +363,15 @@ async fn export_views(
     crashpoint("pull-server-started");
     for t in &run.targets {
         let id = export_id(run, t);
-        let node = run.qemu_name("f", t.index);
-        let export = match run.plan.method {
-            Method::Bitmap => BlockExportAdd::nbd_with_bitmap(&id, &node, &frozen_bitmap(run, t)),
-            Method::Full | Method::ChecksumDiff => BlockExportAdd::nbd(&id, &node, false),
+        let frozen = frozen_bitmap(run, t);
+        let node = view.read_node(run, t);
+        let export = match (view, run.plan.method) {
+            (View::Fleece, Method::Bitmap) => BlockExportAdd::nbd_with_bitmap(&id, &node, &frozen),
+            // QEMU looks for an export's bitmap through filters and backing files, not below snapshot-access.
+            (View::CopyBeforeWrite, Method::Bitmap) => {
+                BlockExportAdd::nbd_with_node_bitmap(&id, &node, &t.info.node_name, &frozen)
+            }
+            (_, Method::Full | Method::ChecksumDiff) => BlockExportAdd::nbd(&id, &node, false),
         };
         qmp.execute(&export)
             .await
@@ -384,6 +383,36 @@ async fn export_views(
         () = run.interrupt.wait() => return Err(interrupted()),
     }
     Ok(())
+}
+
+/// The transaction's bitmap actions for disk `t`: the new node's bitmaps and, for an incremental or
+/// differential, a disabled copy of the bitmap it reads (frozen at the instant, exported with the view).
+fn bitmap_actions(run: &Run<'_>, t: &Target) -> Result<Vec<TransactionAction>> {
+    let mut actions = run.new_bitmap_actions(t);
+    if run.plan.method == Method::Bitmap {
+        let base = run
+            .base_bitmap(t)
+            .context("an incremental without a base bitmap")?;
+        let granularity = t
+            .info
+            .bitmaps
+            .iter()
+            .find(|b| b.name == base)
+            .and_then(|b| u32::try_from(b.granularity).ok());
+        let frozen = frozen_bitmap(run, t);
+        actions.push(TransactionAction::BlockDirtyBitmapAdd(BlockDirtyBitmapAdd {
+            persistent: Some(false),
+            disabled: Some(true),
+            granularity,
+            ..BlockDirtyBitmapAdd::new(t.info.node_name.as_str(), frozen.as_str())
+        }));
+        actions.push(TransactionAction::BlockDirtyBitmapMerge(BlockDirtyBitmapMerge {
+            node: t.info.node_name.clone(),
+            target: frozen,
+            bitmaps: vec![BitmapRef::Name(base)],
+        }));
+    }
+    Ok(actions)
 }
 
 /// Reads, hashes and writes each disk in turn.
@@ -438,7 +467,11 @@ async fn pull_disks(
             );
         }
         let dirty = match run.plan.method {
-            Method::Bitmap => Some(dirty_ranges(&view, &frozen).await?),
+            Method::Bitmap => Some(
+                dirty_ranges(&view, &frozen)
+                    .await
+                    .with_context(|| broken_view(&t.info.id))?,
+            ),
             Method::Full | Method::ChecksumDiff => None,
         };
         let blocks = match &dirty {
@@ -476,7 +509,9 @@ async fn pull_disks(
                 base,
                 target: target.clone(),
             };
-            copy::hash_and_copy(run, pass).await?
+            copy::hash_and_copy(run, pass)
+                .await
+                .with_context(|| broken_view(&t.info.id))?
         } else {
             let pass = copy::Pass {
                 disk: &t.info.id,
@@ -485,7 +520,9 @@ async fn pull_disks(
                 base,
                 target: target.clone(),
             };
-            copy::hash_and_copy(run, pass).await?
+            copy::hash_and_copy(run, pass)
+                .await
+                .with_context(|| broken_view(&t.info.id))?
         };
         target.flush().await?;
         run.progress.finish_disk(&t.info.id);
@@ -500,7 +537,18 @@ async fn pull_disks(
         bytes,
         tables: Some(tables),
         pulled: Some(pulled),
+        view: None,
     })
+}
+
+/// What a failed read of disk `id`'s view says: a copy-before-write view that could not keep old data (its
+/// scratch image full or failing, or a copy slower than the timeout) is broken on purpose, so that the guest's
+/// write goes on, and every read of it fails.
+fn broken_view(id: &str) -> String {
+    format!(
+        "reading the point-in-time view of disk {id} (if QEMU could not keep the old data in the scratch image, \
+         the view breaks instead of the guest's write; see QEMU's log)"
+    )
 }
 
 /// An incremental's view of a disk: the ranges its bitmap marks dirty are read from the hypervisor's export
@@ -634,8 +682,9 @@ async fn open_target(run: &Run<'_>, daemon: &StorageDaemon, t: &Target) -> Resul
 }
 
 /// Removes the exports, the NBD server, the views and the frozen bitmaps from the VM's QEMU and empties the
-/// scratch images.
-async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
+/// scratch images. A copy-before-write view's devices go back to their nodes first; if one cannot, the error
+/// says so and the filters, the scratch and the record stay for recovery.
+async fn teardown(run: &Run<'_>, view: View, scratch: &[PathBuf]) -> Result<()> {
     let qmp = run.qmp;
     for t in &run.targets {
         let _ = qmp.execute(&BlockExportDel::hard(export_id(run, t))).await;
@@ -643,13 +692,11 @@ async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
     if run.op.payload.started_nbd_server() {
         let _ = qmp.execute(&NbdServerStop).await;
     }
+    super::view::stop(run, view)
+        .await
+        .context("putting the VM's devices back on their disks after the pull")?;
     for t in &run.targets {
-        let job = run.qemu_name("j", t.index);
-        let _ = qmp.execute(&JobCancel::new(job.as_str())).await;
-        let _ = qmp.wait_job(&job, FLEECE_STOP_TIMEOUT).await;
-        let _ = qmp.execute(&JobDismiss::new(job.as_str())).await;
-        recovery::stop_job(qmp, &job).await;
-        for what in ["f", "s"] {
+        for what in ["b", "f", "s"] {
             let _ = qmp.execute(&BlockdevDel::new(run.qemu_name(what, t.index))).await;
         }
         if run.plan.method == Method::Bitmap {
@@ -665,6 +712,7 @@ async fn teardown(run: &Run<'_>, scratch: &[PathBuf]) {
             ));
         }
     }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -724,6 +772,7 @@ mod tests {
             chain::Payload::Backup {
                 nbd_server_started: true,
                 scratch: Vec::new(),
+                view: None,
             },
             Some("0007".parse().unwrap()),
             chrono::Utc::now(),

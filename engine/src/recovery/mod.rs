@@ -13,6 +13,7 @@
 
 pub mod commit;
 pub mod live;
+pub mod view;
 
 use std::path::{Component, Path, PathBuf};
 use std::time::Duration;
@@ -42,11 +43,23 @@ pub struct Cleaned {
     /// Files a record named outside the repository that were not removed, each with the reason: only files
     /// provably qmpbak's own overlays, beside an image of the running VM, are ever removed.
     pub kept_outside: Vec<String>,
+    /// Devices put back on the node they were attached to before a pull's copy-before-write view.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub devices_restored: Vec<String>,
+    /// Whether a VM that an interrupted backup paused was resumed.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub resumed_vm: bool,
+    /// What could not be undone in QEMU, each with the reason (a device left on a filter, a VM left paused).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub left_in_qemu: Vec<String>,
 }
 
 impl Cleaned {
     pub fn is_empty(&self) -> bool {
-        self.operations.is_empty() && self.pending.is_empty() && self.kept_outside.is_empty()
+        self.operations.is_empty()
+            && self.pending.is_empty()
+            && self.kept_outside.is_empty()
+            && self.left_in_qemu.is_empty()
     }
 }
 
@@ -66,6 +79,19 @@ pub async fn stop_job(qmp: &qmp::Qmp, id: &str) -> bool {
 /// Removes in QEMU what an operation record names: jobs, then block nodes (in the recorded order, newest
 /// first), then bitmaps. Safe to call on things that no longer exist.
 pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned) {
+    let view = match &op.payload {
+        Payload::Backup { view: Some(v), .. } => Some(v),
+        _ => None,
+    };
+    // A VM a pull paused for its view's instant runs again first.
+    if let Some(v) = view {
+        match view::resume(qmp, v).await {
+            Ok(resumed) => cleaned.resumed_vm |= resumed,
+            Err(e) => cleaned.left_in_qemu.push(format!(
+                "THE VM MAY STILL BE PAUSED: {e:#}; resume it with `cont`"
+            )),
+        }
+    }
     // NBD exports an operation made are named after its id; the NBD server is stopped only if it started it.
     if let Ok(exports) = qmp.execute(&QueryBlockExports).await {
         for export in exports.iter().filter(|e| e.id.starts_with(op.id.as_str())) {
@@ -80,9 +106,29 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
             cleaned.jobs.push(job.clone());
         }
     }
+    let mut left: Vec<&String> = Vec::new();
     for node in &op.block_nodes {
         if qmp.execute(&BlockdevDel::new(node.as_str())).await.is_ok() {
             cleaned.block_nodes.push(node.clone());
+        } else {
+            left.push(node);
+        }
+    }
+    // A pull's copy-before-write view: once its snapshot-access nodes are gone (they take the filter's file
+    // child's write permission), each device goes back to its node, and then the filters and what they held
+    // can go.
+    if let Some(v) = view {
+        match view::switch_back(qmp, op, v).await {
+            Ok(devices) => cleaned.devices_restored.extend(devices),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "a device stays on a copy-before-write filter");
+                cleaned.left_in_qemu.push(format!("{e:#}"));
+            }
+        }
+        for node in left {
+            if qmp.execute(&BlockdevDel::new(node.as_str())).await.is_ok() {
+                cleaned.block_nodes.push(node.clone());
+            }
         }
     }
     for bitmap in &op.bitmaps {
@@ -362,8 +408,16 @@ pub async fn recover(
                 }
             }
             _ => {
+                let left = cleaned.left_in_qemu.len();
                 undo(qmp, vm, manifest, op, &mut cleaned).await;
-                None
+                (cleaned.left_in_qemu.len() > left).then(|| {
+                    anyhow::anyhow!(
+                        "the interrupted {} could not be undone in QEMU: {}; its record stays, and the next \
+                         qmpbak command on this VM (or `qmpbak cleanup`) tries again",
+                        op.id,
+                        cleaned.left_in_qemu[left..].join("; ")
+                    )
+                })
             }
         };
         if let Some(err) = failed {
@@ -433,7 +487,18 @@ pub async fn abandon(
             n.reason = Some(format!("{err:#}"));
         }
     }
-    manifest.remove_operation(&op.id);
+    // What could not be undone in QEMU (a device left on a filter) keeps the record for the next command.
+    let err = if cleaned.left_in_qemu.is_empty() {
+        manifest.remove_operation(&op.id);
+        err
+    } else {
+        err.context(format!(
+            "the failed {} could not be undone in QEMU: {}; its record stays, and the next qmpbak command on \
+             this VM (or `qmpbak cleanup`) tries again",
+            op.kind(),
+            cleaned.left_in_qemu.join("; ")
+        ))
+    };
     match vm.save(manifest, guard) {
         Ok(()) => err,
         Err(e) => err.context(format!(
@@ -474,6 +539,7 @@ mod tests {
             Payload::Backup {
                 nbd_server_started: false,
                 scratch: Vec::new(),
+                view: None,
             },
         );
         for op in [&before, &unreadable, &after] {

@@ -52,6 +52,21 @@ impl BlockExportAdd {
             "bitmaps": [bitmap],
         }))
     }
+
+    /// Like [`BlockExportAdd::nbd_with_bitmap`], with the bitmap named by its node: for an export of a node
+    /// the bitmap is not found below by QEMU's search (a `snapshot-access` node over a copy-before-write
+    /// filter). The metadata context is still `qemu:dirty-bitmap:BITMAP`.
+    pub fn nbd_with_node_bitmap(
+        id: &str,
+        node_name: &str,
+        bitmap_node: &str,
+        bitmap: &str,
+    ) -> BlockExportAdd {
+        BlockExportAdd(serde_json::json!({
+            "type": "nbd", "id": id, "node-name": node_name, "name": id, "writable": false,
+            "bitmaps": [{"node": bitmap_node, "name": bitmap}],
+        }))
+    }
 }
 
 /// `nbd-server-stop`: stops the NBD server and removes its exports.

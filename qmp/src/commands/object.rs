@@ -95,6 +95,27 @@ pub struct ObjectPropertyInfo {
     pub type_: String,
 }
 
+/// `qom-set`: sets property `property` of the QOM object at `path` to `value`. Typed for what qmpbak sets: a
+/// device's `drive` (the block node it is attached to), which QEMU lets change on a realized device.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QomSet {
+    pub path: String,
+    pub property: String,
+    pub value: String,
+}
+command!(QomSet, "qom-set", Empty);
+
+impl QomSet {
+    /// Attaches the device at QOM path `device` to block node `node` (`qom-set DEVICE drive NODE`).
+    pub fn drive(device: impl Into<String>, node: impl Into<String>) -> QomSet {
+        QomSet {
+            path: device.into(),
+            property: "drive".to_owned(),
+            value: node.into(),
+        }
+    }
+}
+
 impl ObjectPropertyInfo {
     /// The type of the child object this property holds (`child<TYPE>`), if it is one.
     pub fn child_type(&self) -> Option<&str> {

@@ -26,7 +26,9 @@ pub use job::{
 };
 pub use machine::{Cont, HumanMonitorCommand, Quit, Stop, SystemPowerdown};
 pub use node::{BlockdevAdd, BlockdevCreate, BlockdevDel, BlockdevReopen, BlockdevSnapshot};
-pub use object::{ObjectAddSecret, ObjectAddTlsCredsX509, ObjectDel, ObjectPropertyInfo, QomGet, QomList, QomSet};
+pub use object::{
+    ObjectAddSecret, ObjectAddTlsCredsX509, ObjectDel, ObjectPropertyInfo, QomGet, QomList, QomSet,
+};
 pub use query::{
     QueryBlock, QueryBlockJobs, QueryJobs, QueryNamedBlockNodes, QueryQmpSchema, QueryStatus, QueryVersion,
     XDebugQueryBlockGraph,

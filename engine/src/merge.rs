@@ -241,7 +241,7 @@ async fn flatten(daemon: &StorageDaemon, at: DiskAt<'_>, size: u64, index: usize
     } = at;
     let expected = load_node_table(vm, manifest, node, disk)?;
     // Encrypted like every node file in an encrypted repository.
-    crate::crypt::unlock::create_node_file(bins, temp, size, None)?;
+    crate::crypt::unlock::create_node_file(bins, temp, size, None).await?;
     let qmp = daemon.qmp();
     let chain = graph::add_chain(qmp, vm, manifest, node, disk, &format!("m{index}-")).await?;
     let target = format!("mt{index}");
@@ -286,7 +286,7 @@ async fn flatten(daemon: &StorageDaemon, at: DiskAt<'_>, size: u64, index: usize
 
     let mut covered = 0;
     let mut gaps = Vec::new();
-    for (start, len) in layer_extents(bins, temp)? {
+    for (start, len) in layer_extents(bins, temp).await? {
         if start > covered {
             gaps.push((covered, start - covered));
         }

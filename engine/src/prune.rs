@@ -548,12 +548,10 @@ fn node_files(vm: &VmStore, id: &NodeId) -> Result<Vec<(Option<RelPath>, PathBuf
 }
 
 /// The backing file name in a qcow2 header (`None` for a standalone image).
-pub fn header_backing(bins: &QemuBins, path: &Path) -> Result<Option<String>> {
-    let out = crate::children::std_command(&bins.img)
-        .args(["info", "-U", "--output=json"])
-        .arg(path)
-        .output()
-        .with_context(|| format!("running {}", bins.img.display()))?;
+pub async fn header_backing(bins: &QemuBins, path: &Path) -> Result<Option<String>> {
+    let out = bins
+        .img_output(bins.img_command().args(["info", "-U", "--output=json"]).arg(path))
+        .await?;
     if !out.status.success() {
         bail!(
             "qemu-img info {} failed: {}",
@@ -576,10 +574,10 @@ fn header_form(backing: &RelPath) -> String {
 /// itself.
 async fn repair_header(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
     let want = backing.map(header_form);
-    if header_backing(bins, path)? == want {
+    if header_backing(bins, path).await? == want {
         return Ok(());
     }
-    let mut cmd = crate::children::command(&bins.img);
+    let mut cmd = bins.img_command();
     cmd.args(["rebase", "-q", "-u"]);
     match &want {
         Some(b) => cmd.args(["-F", "qcow2", "-b", b]),
@@ -627,7 +625,7 @@ pub(crate) async fn rebase_encrypted(
         "json:{}",
         encrypted_image_spec(path, &crate::direct::chain_spec(old))
     );
-    let mut cmd = crate::children::command(&bins.img);
+    let mut cmd = bins.img_command();
     cmd.args(["rebase", "-q"])
         .args(crate::crypt::unlock::qemu_img_args());
     match backing {
@@ -654,7 +652,7 @@ pub(crate) async fn rebase_encrypted(
 /// The child is owned ([`crate::children`]): if the prune is stopped, it is killed and reaped before the lock
 /// goes. A half-rebased image still reads correctly through its old backing file.
 pub async fn rebase(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
-    let mut cmd = crate::children::command(&bins.img);
+    let mut cmd = bins.img_command();
     cmd.args(["rebase", "-q", "-f", "qcow2"]);
     match backing {
         Some(b) => cmd.args(["-F", "qcow2", "-b", &header_form(b)]),

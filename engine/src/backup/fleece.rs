@@ -27,10 +27,10 @@ use crate::tables::load_node_table;
 const FLEECE_STOP_TIMEOUT: Duration = Duration::from_secs(60);
 
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
-    jobs::create_target_files(run)?;
+    jobs::create_target_files(run).await?;
     let sockdir = crate::daemon::private_temp_dir("qmpbak-nbd-")?;
     let socket = sockdir.path().join("nbd.sock");
-    create_fleece_files(run)?;
+    create_fleece_files(run).await?;
     let result = fleece_and_copy(run, &socket).await;
     teardown(run).await;
     for t in &run.targets {
@@ -43,7 +43,7 @@ fn fleece_file(run: &Run<'_>, disk: usize) -> Result<chain::RelPath> {
     Ok(format!("{}/fleece-{disk}.qcow2", run.node).parse()?)
 }
 
-fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
+async fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
     for i in 0..run.targets.len() {
         let rel = fleece_file(run, i)?;
         run.op.files.push(rel.clone());
@@ -59,7 +59,8 @@ fn create_fleece_files(run: &mut Run<'_>) -> Result<()> {
             &run.vm.resolve(&fleece_file(run, t.index)?)?,
             t.info.virtual_size,
             None,
-        )?;
+        )
+        .await?;
     }
     Ok(())
 }

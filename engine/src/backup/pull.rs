@@ -91,7 +91,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         .map(|t| scratch_path(run, &pull, t))
         .collect::<Result<_>>()?;
 
-    jobs::create_target_files(run)?;
+    jobs::create_target_files(run).await?;
     record(run, &scratch)?;
     crashpoint("pull-recorded");
     let result = view_and_copy(run, &scratch, &host, port, tls_creds, &connect).await;

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use qmp::commands::{BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevDel};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use chain::{LockWait, NodeId, NodeKind, Operation, Payload, RelPath, Repository, Table};
@@ -45,7 +45,7 @@ pub struct MergeOptions {
 }
 
 /// The outcome of a merge, as printed by `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeReport {
     pub vm: String,
     pub node: String,
@@ -60,7 +60,7 @@ pub struct MergeReport {
     pub leftovers: Leftovers,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergedDisk {
     pub disk: String,
     pub before_bytes: u64,

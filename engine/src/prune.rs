@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::retention::{self, Action, Decision, Policy};
 use chain::{
@@ -39,7 +39,7 @@ pub struct PruneOptions {
 }
 
 /// The outcome of a prune, as printed by `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PruneReport {
     pub vm: String,
     pub dry_run: bool,
@@ -61,14 +61,14 @@ pub struct PruneReport {
 }
 
 /// A node merged into its children.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergedNode {
     pub node: String,
     pub into: Vec<String>,
 }
 
 /// What an interrupted prune or merge left behind and was removed.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Leftovers {
     pub operations: Vec<String>,
     pub files: Vec<String>,

@@ -21,7 +21,7 @@ use qmp::commands::{
     BlockdevSnapshot, Cont, JobComplete, QueryNamedBlockNodes, QueryStatus, Stop, Transaction,
     TransactionAction,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use chain::{
@@ -53,7 +53,7 @@ pub struct SnapshotOptions {
     pub lock_wait: LockWait,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotReport {
     pub vm: String,
     pub node: String,
@@ -67,7 +67,7 @@ pub struct SnapshotReport {
     pub duration_secs: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotDisk {
     pub disk: String,
     pub frozen: PathBuf,
@@ -550,7 +550,7 @@ pub struct RevertOptions {
     pub lock_wait: LockWait,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevertReport {
     pub vm: String,
     pub node: String,

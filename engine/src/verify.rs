@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{BlockSource as _, LockWait, NodeId, NodeKind, NodeState, Repository, Table};
 
@@ -29,7 +29,7 @@ pub struct VerifyOptions {
     pub lock_wait: LockWait,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub vm: String,
     pub ok: bool,
@@ -43,13 +43,13 @@ pub struct VerifyReport {
     pub unchecked_nodes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeVerdict {
     pub node: String,
     pub disks: Vec<DiskVerdict>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskVerdict {
     pub disk: String,
     pub ok: bool,
@@ -62,7 +62,7 @@ pub struct DiskVerdict {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BadBlock {
     pub index: u64,
     pub offset: u64,

@@ -19,7 +19,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{
     BitmapRecord, Location, LockGuard, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState,
@@ -64,13 +64,13 @@ pub struct BackupOptions {
 }
 
 /// The outcome of a backup, as printed by `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupReport {
     pub vm: String,
     pub node: String,
     pub parent: Option<String>,
-    pub level: &'static str,
-    pub method: &'static str,
+    pub level: std::borrow::Cow<'static, str>,
+    pub method: std::borrow::Cow<'static, str>,
     pub reason: String,
     pub disks: Vec<DiskReport>,
     pub duration_secs: f64,
@@ -88,14 +88,14 @@ pub struct BackupReport {
 }
 
 /// A drive a backup left out by itself (not one the user excluded).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Skipped {
     pub disk: String,
     pub reason: String,
 }
 
 /// Per-disk figures of a backup.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskReport {
     pub disk: String,
     pub virtual_size: u64,
@@ -425,12 +425,13 @@ pub async fn backup(
         vm: opts.vm.clone(),
         node: run.node.to_string(),
         parent: run.plan.parent.clone(),
-        level: level_name(run.plan.level),
+        level: level_name(run.plan.level).into(),
         method: match run.plan.method {
             Method::Full => "full",
             Method::Bitmap => "bitmap",
             Method::ChecksumDiff => "checksum-diff",
-        },
+        }
+        .into(),
         reason: run.plan.reason.clone(),
         disks: report_disks,
         duration_secs: started.elapsed().as_secs_f64(),

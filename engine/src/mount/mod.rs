@@ -21,7 +21,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{LockWait, Repository, Table};
 
@@ -42,7 +42,7 @@ pub const EXPORT_START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FUSE_MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What to do with the node's disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MountMode {
     /// Mount every file system read-only under the directory (needs root).
@@ -70,7 +70,7 @@ pub struct MountOptions {
     pub key: Option<crate::crypt::KeySource>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountReport {
     pub vm: String,
     pub node: String,
@@ -576,7 +576,7 @@ fn describe_unmounted(partitions: &[Partition]) -> String {
 }
 
 /// What `umount` undid.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UmountReport {
     pub dir: PathBuf,
     pub vm: String,

@@ -14,7 +14,7 @@ use anyhow::{Context, Result, bail};
 use qmp::commands::{
     BlockDirtyBitmapAdd, BlockStream, BlockdevReopen, Cont, QueryStatus, XDebugQueryBlockGraph,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use chain::{BitmapRecord, LockWait, Operation, Payload};
@@ -38,7 +38,7 @@ pub struct LiveOptions {
     pub lock_wait: LockWait,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveReport {
     pub vm: String,
     pub node: String,

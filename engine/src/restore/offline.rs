@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{LockWait, Repository, Table};
 
@@ -17,7 +17,7 @@ use crate::progress::Progress;
 use crate::qemu_bins::QemuBins;
 use crate::tables::load_node_table;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Qcow2,
@@ -51,7 +51,7 @@ pub struct RestoreOptions {
     pub encrypt_output: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestoreReport {
     pub vm: String,
     pub node: String,
@@ -63,7 +63,7 @@ pub struct RestoreReport {
     pub removed_partials: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestoredDisk {
     pub disk: String,
     pub path: PathBuf,

@@ -376,7 +376,7 @@ async fn bitmaps_named_by_an_older_qmpbak_are_not_trusted_but_the_same_images_ar
                 .execute_raw("block-dirty-bitmap-remove", Some(args))
                 .await
                 .unwrap();
-            let old = format!("qmpbak-{}-{role}-{full:?}", manifest.chain_id);
+            let old = format!("qmpbak-{}-{role}-{full}", manifest.chain_id);
             let args = serde_json::json!({"node": node, "name": old, "persistent": true});
             vm.qmp()
                 .execute_raw("block-dirty-bitmap-add", Some(args))

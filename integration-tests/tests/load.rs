@@ -105,7 +105,7 @@ async fn a_hundred_backups_with_a_prune_every_ten_keep_everything_flat_and_exact
     assert!(references.len() >= 5, "{references:?}");
     let out = refs.path().join("out");
     for (node, reference) in references.iter().rev().step_by(2) {
-        let to = out.join(format!("{node:?}.qcow2"));
+        let to = out.join(format!("{node}.qcow2"));
         cli::run(&[
             "restore",
             node,

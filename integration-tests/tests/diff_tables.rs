@@ -14,6 +14,7 @@ use chain::Table;
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::verify::VerifyReport;
 
 const VM: &str = "vm1";
 const DISKS: [&str; 2] = ["disk0", "disk1"];
@@ -71,8 +72,8 @@ fn assert_exact(repo: &TestRepo, point: &Point, out: &Path) {
 
 #[track_caller]
 fn assert_verifies(repo: &TestRepo) {
-    let report = repo.run(VM, &["verify", "--json"]).success().json();
-    assert_eq!(report["ok"], true, "{report:?}");
+    let report: VerifyReport = repo.run(VM, &["verify", "--json"]).success().report();
+    assert!(report.ok, "{report:?}");
 }
 
 /// A full (tagged `base`) and four incrementals with known changes, per disk the number of 1 MiB blocks
@@ -299,15 +300,13 @@ async fn a_difference_over_a_table_that_is_not_its_base_is_refused_with_a_clear_
         );
     }
     // verify says which nodes: node 3 and node 4 (whose table derives through node 3's), not the others.
-    let report = repo.run(VM, &["verify", "--json"]).json();
-    assert_eq!(report["ok"], false, "{report:?}");
-    let damaged: Vec<&str> = report["damaged_nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert_eq!(damaged, [ids[3].as_str(), ids[4].as_str()], "{report:?}");
+    let report: VerifyReport = repo.run(VM, &["verify", "--json"]).report();
+    assert!(!report.ok, "{report:?}");
+    assert_eq!(
+        report.damaged_nodes,
+        [ids[3].as_str(), ids[4].as_str()],
+        "{report:?}"
+    );
     // The nodes below still restore.
     let ok = work.path().join("ok");
     repo.run(VM, &["restore", &ids[2], "--to", ok.to_str().unwrap()])

@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::verify::VerifyReport;
 
 const VM: &str = "vm1";
 const DISKS: [&str; 2] = ["disk0", "disk1"];
@@ -91,8 +92,8 @@ fn assert_restores_exactly(repo: &TestRepo, point: &Point, out: &Path) {
 
 #[track_caller]
 fn assert_verifies(repo: &TestRepo) {
-    let report = repo.run(VM, &["verify", "--json"]).success().json();
-    assert_eq!(report["ok"], true, "{report:?}");
+    let report: VerifyReport = repo.run(VM, &["verify", "--json"]).success().report();
+    assert!(report.ok, "{report:?}");
 }
 
 /// Bytes the files of the node directories take on the host.

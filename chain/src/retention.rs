@@ -75,7 +75,7 @@ impl Policy {
 }
 
 /// What a prune does with a node.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Action {
     /// Stays as it is.
@@ -163,8 +163,52 @@ impl Serialize for Why {
     }
 }
 
+impl Why {
+    /// The reason whose [`Display`](fmt::Display) text `text` is (how a report prints it), or `None`.
+    pub fn parse(text: &str) -> Option<Why> {
+        let node = |id: &str| NodeId(id.to_owned());
+        Some(match text {
+            "current (the VM's bitmaps count from it)" => Why::Current,
+            "snapshot: lives in the VM's storage, prune does not touch it" => Why::Snapshot,
+            "pending: a backup is being written" => Why::Pending,
+            "failed, but other nodes are based on it" => Why::FailedWithChildren,
+            "failed backup" => Why::Failed,
+            "no rule keeps it" => Why::NotSelected,
+            _ => {
+                if let Some(rest) = text.strip_prefix("one of the last ") {
+                    let (n, branch) = rest.split_once(" of the branch to ")?;
+                    Why::Last {
+                        n: n.parse().ok()?,
+                        branch: node(branch),
+                    }
+                } else if let Some(day) = text.strip_prefix("newest of day ") {
+                    Why::Daily(day.to_owned())
+                } else if let Some(week) = text.strip_prefix("newest of week ") {
+                    Why::Weekly(week.to_owned())
+                } else if let Some(month) = text.strip_prefix("newest of month ") {
+                    Why::Monthly(month.to_owned())
+                } else if let Some(tag) = text.strip_prefix("tagged ") {
+                    Why::Tagged(tag.to_owned())
+                } else if let Some(rest) = text.strip_prefix("based on snapshot ") {
+                    Why::BasedOnSnapshot(node(rest.strip_suffix(", which prune does not touch")?))
+                } else {
+                    Why::Blocks(node(text.strip_suffix(" is based on it and cannot absorb it")?))
+                }
+            }
+        })
+    }
+}
+
+/// Read back from its text, as a report prints it (for programs that read `qmpbak prune --json`).
+impl<'de> Deserialize<'de> for Why {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> std::result::Result<Why, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        Why::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("not a prune reason: {text:?}")))
+    }
+}
+
 /// The plan for one node.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Decision {
     pub node: NodeId,
     pub kind: NodeKind,
@@ -451,6 +495,34 @@ pub fn removed_set(plan: &Plan) -> HashSet<NodeId> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn every_reason_reads_back_from_its_text() {
+        let id = |s: &str| NodeId(s.to_owned());
+        let all = [
+            Why::Current,
+            Why::Last {
+                n: 3,
+                branch: id("0007"),
+            },
+            Why::Daily("2025-01-31".into()),
+            Why::Weekly("2025-W05".into()),
+            Why::Monthly("2025-01".into()),
+            Why::Tagged("before-upgrade".into()),
+            Why::Snapshot,
+            Why::Pending,
+            Why::BasedOnSnapshot(id("0002")),
+            Why::Blocks(id("0004")),
+            Why::FailedWithChildren,
+            Why::Failed,
+            Why::NotSelected,
+        ];
+        for why in all {
+            let json = serde_json::to_string(&why).unwrap();
+            assert_eq!(serde_json::from_str::<Why>(&json).unwrap(), why, "{json}");
+        }
+        assert!(Why::parse("no such reason").is_none());
+    }
+
     use super::*;
     use crate::manifest::{Location, NodeDisk};
     use crate::names::RelPath;

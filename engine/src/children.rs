@@ -7,7 +7,12 @@
 //!   the command's future, see [`crate::signals::Interrupt::run`]) is killed and *reaped* in the drop, before
 //!   anything declared before it — the VM's lock among them — is released;
 //! - none inherits the repository key: `QMPBAK_KEY` and the variable `--key-env` named are removed from every
-//!   child's environment ([`scrub_env`]), so no `/proc/PID/environ` of a child shows it.
+//!   child's environment, so no `/proc/PID/environ` of a child shows it.
+//!
+//! Every child is a [`tokio::process::Command`] made here ([`command`]) and run as an [`Owned`] child
+//! ([`spawn`], [`output`]): no code of the engine runs a program through blocking `std::process`, so no async
+//! task blocks a runtime thread on a child. QEMU's programs are made by [`crate::qemu_bins::QemuBins`] (which
+//! calls [`command`]); other programs (`blkid`, `losetup`, `mount`, a FUSE driver …) by [`command`] directly.
 
 use std::io;
 use std::path::Path;
@@ -17,14 +22,6 @@ use std::sync::{Mutex, PoisonError};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::AsyncReadExt as _;
-
-/// A blocking command for `program` whose process dies with qmpbak. For short runs outside async code.
-pub fn std_command(program: &Path) -> std::process::Command {
-    let mut cmd = std::process::Command::new(program);
-    die_with_parent(&mut cmd);
-    scrub_env(&mut cmd);
-    cmd
-}
 
 /// The environment variable read for the repository key when no other source is named (`crypt::key::KEY_ENV`;
 /// defined here so that this module imports nothing of `crypt`, which uses it).
@@ -44,7 +41,7 @@ pub fn keep_env_from_children(name: &str) {
 /// Removes the key's environment variables from `cmd`'s environment: `QMPBAK_KEY` always, and those named by
 /// [`keep_env_from_children`]. The parent's own environment is left alone (changing it is unsafe in a threaded
 /// process).
-pub fn scrub_env(cmd: &mut std::process::Command) {
+fn scrub_env(cmd: &mut std::process::Command) {
     cmd.env_remove(KEY_ENV);
     for name in KEY_VARIABLES
         .lock()
@@ -55,11 +52,15 @@ pub fn scrub_env(cmd: &mut std::process::Command) {
     }
 }
 
-/// An async command for `program` whose process dies with qmpbak; spawn it with [`spawn`] (or [`output`]).
+/// An async command for `program` whose process dies with qmpbak and inherits no key; spawn it with [`spawn`]
+/// (or [`output`]).
 pub fn command(program: &Path) -> tokio::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    die_with_parent(&mut cmd);
+    scrub_env(&mut cmd);
     // Not `kill_on_drop`: an [`Owned`] child is killed and reaped by its own drop, and a second kill by pid
     // after the reaping could hit an unrelated process that reused the pid.
-    tokio::process::Command::from(std_command(program))
+    tokio::process::Command::from(cmd)
 }
 
 /// Makes the child get SIGKILL when qmpbak exits, however it exits.

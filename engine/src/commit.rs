@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{LockWait, Manifest, NodeId, NodeKind, Operation, Payload};
 
@@ -32,7 +32,7 @@ pub struct CommitOptions {
     pub lock_wait: LockWait,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CommitReport {
     pub vm: String,
     /// The time point whose increment was merged, still in the tree.

@@ -82,7 +82,7 @@ impl StorageDaemon {
         let listener =
             UnixListener::bind(&monitor).with_context(|| format!("listening on {}", monitor.display()))?;
         let mut child = children::spawn(
-            children::command(&bins.storage_daemon)
+            bins.storage_daemon_command()
                 .arg("--chardev")
                 .arg(format!("socket,id=qmpbak,path={}", monitor.display()))
                 .args(["--monitor", "chardev=qmpbak"])

@@ -46,17 +46,14 @@ pub fn chain_files(vm: &VmStore, manifest: &Manifest, node: &NodeId, disk: &str)
 
 /// `qemu-img map --output=json` of the image `spec`; `force_share` (`-U`) reads it even where another process
 /// holds it open for writing.
-pub(crate) fn qemu_img_map(bins: &QemuBins, spec: &Value, force_share: bool) -> Result<Vec<MapEntry>> {
-    let mut cmd = crate::children::std_command(&bins.img);
+pub(crate) async fn qemu_img_map(bins: &QemuBins, spec: &Value, force_share: bool) -> Result<Vec<MapEntry>> {
+    let mut cmd = bins.img_command();
     cmd.args(["map", "--output=json"]);
     cmd.args(crate::crypt::unlock::qemu_img_args());
     if force_share {
         cmd.arg("-U");
     }
-    let out = cmd
-        .arg(format!("json:{spec}"))
-        .output()
-        .with_context(|| format!("running {}", bins.img.display()))?;
+    let out = bins.img_output(cmd.arg(format!("json:{spec}"))).await?;
     if !out.status.success() {
         bail!(
             "qemu-img map failed: {}",
@@ -114,7 +111,7 @@ pub struct DirectSource {
 impl DirectSource {
     /// Maps the chain `files` (bottom first). `None` when some data has no host offset (compressed clusters):
     /// read it through QEMU then.
-    pub fn open(bins: &QemuBins, files: &[PathBuf]) -> Result<Option<DirectSource>> {
+    pub async fn open(bins: &QemuBins, files: &[PathBuf]) -> Result<Option<DirectSource>> {
         let Some(top) = files.last() else {
             bail!("an empty chain has nothing to read");
         };
@@ -123,6 +120,7 @@ impl DirectSource {
             return Ok(None);
         }
         let entries = qemu_img_map(bins, &chain_spec(files), false)
+            .await
             .with_context(|| format!("mapping the chain ending in {}", top.display()))?;
         let Some(map) = mapping(&entries, files.len())? else {
             return Ok(None);

@@ -9,7 +9,7 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::exit::{Exit, ExitCode};
 use crate::qmp_target::QmpTarget;
@@ -18,7 +18,7 @@ use crate::qmp_target::QmpTarget;
 pub const QMP_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A VM as QEMU describes it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VmInfo {
     pub qemu: QemuInfo,
     pub disks: Vec<DiskInfo>,
@@ -26,14 +26,14 @@ pub struct VmInfo {
     pub empty_drives: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct QemuInfo {
     pub version: String,
     pub package: String,
 }
 
 /// Where a disk's id comes from ([`disk_name`]).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum NameSource {
     /// The device's qdev id, `-device ...,id=ID`.
@@ -59,7 +59,7 @@ impl NameSource {
 }
 
 /// One disk of the VM.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskInfo {
     /// The stable name qmpbak uses ([`disk_name`]).
     pub id: String,
@@ -111,7 +111,7 @@ pub fn volatile_bitmaps_why(format: &str, read_only: bool) -> Option<String> {
 
 /// A dirty bitmap of a disk: QEMU's flags, one field each as QEMU reports them.
 #[allow(clippy::struct_excessive_bools)]
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BitmapInfo {
     pub name: String,
     pub persistent: bool,

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use qmp::commands::{BlockExportDel, BlockdevAdd, BlockdevBackup, BlockdevDel};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use chain::{LockWait, NodeId, NodeKind, Operation, Payload, RelPath, Repository, Table};
@@ -45,7 +45,7 @@ pub struct MergeOptions {
 }
 
 /// The outcome of a merge, as printed by `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergeReport {
     pub vm: String,
     pub node: String,
@@ -60,7 +60,7 @@ pub struct MergeReport {
     pub leftovers: Leftovers,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergedDisk {
     pub disk: String,
     pub before_bytes: u64,
@@ -241,7 +241,7 @@ async fn flatten(daemon: &StorageDaemon, at: DiskAt<'_>, size: u64, index: usize
     } = at;
     let expected = load_node_table(vm, manifest, node, disk)?;
     // Encrypted like every node file in an encrypted repository.
-    crate::crypt::unlock::create_node_file(bins, temp, size, None)?;
+    crate::crypt::unlock::create_node_file(bins, temp, size, None).await?;
     let qmp = daemon.qmp();
     let chain = graph::add_chain(qmp, vm, manifest, node, disk, &format!("m{index}-")).await?;
     let target = format!("mt{index}");
@@ -286,7 +286,7 @@ async fn flatten(daemon: &StorageDaemon, at: DiskAt<'_>, size: u64, index: usize
 
     let mut covered = 0;
     let mut gaps = Vec::new();
-    for (start, len) in layer_extents(bins, temp)? {
+    for (start, len) in layer_extents(bins, temp).await? {
         if start > covered {
             gaps.push((covered, start - covered));
         }

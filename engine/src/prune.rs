@@ -15,7 +15,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::retention::{self, Action, Decision, Policy};
 use chain::{
@@ -39,7 +39,7 @@ pub struct PruneOptions {
 }
 
 /// The outcome of a prune, as printed by `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PruneReport {
     pub vm: String,
     pub dry_run: bool,
@@ -61,14 +61,14 @@ pub struct PruneReport {
 }
 
 /// A node merged into its children.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MergedNode {
     pub node: String,
     pub into: Vec<String>,
 }
 
 /// What an interrupted prune or merge left behind and was removed.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Leftovers {
     pub operations: Vec<String>,
     pub files: Vec<String>,
@@ -548,12 +548,10 @@ fn node_files(vm: &VmStore, id: &NodeId) -> Result<Vec<(Option<RelPath>, PathBuf
 }
 
 /// The backing file name in a qcow2 header (`None` for a standalone image).
-pub fn header_backing(bins: &QemuBins, path: &Path) -> Result<Option<String>> {
-    let out = crate::children::std_command(&bins.img)
-        .args(["info", "-U", "--output=json"])
-        .arg(path)
-        .output()
-        .with_context(|| format!("running {}", bins.img.display()))?;
+pub async fn header_backing(bins: &QemuBins, path: &Path) -> Result<Option<String>> {
+    let out = bins
+        .img_output(bins.img_command().args(["info", "-U", "--output=json"]).arg(path))
+        .await?;
     if !out.status.success() {
         bail!(
             "qemu-img info {} failed: {}",
@@ -576,10 +574,10 @@ fn header_form(backing: &RelPath) -> String {
 /// itself.
 async fn repair_header(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
     let want = backing.map(header_form);
-    if header_backing(bins, path)? == want {
+    if header_backing(bins, path).await? == want {
         return Ok(());
     }
-    let mut cmd = crate::children::command(&bins.img);
+    let mut cmd = bins.img_command();
     cmd.args(["rebase", "-q", "-u"]);
     match &want {
         Some(b) => cmd.args(["-F", "qcow2", "-b", b]),
@@ -627,7 +625,7 @@ pub(crate) async fn rebase_encrypted(
         "json:{}",
         encrypted_image_spec(path, &crate::direct::chain_spec(old))
     );
-    let mut cmd = crate::children::command(&bins.img);
+    let mut cmd = bins.img_command();
     cmd.args(["rebase", "-q"])
         .args(crate::crypt::unlock::qemu_img_args());
     match backing {
@@ -654,7 +652,7 @@ pub(crate) async fn rebase_encrypted(
 /// The child is owned ([`crate::children`]): if the prune is stopped, it is killed and reaped before the lock
 /// goes. A half-rebased image still reads correctly through its old backing file.
 pub async fn rebase(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
-    let mut cmd = crate::children::command(&bins.img);
+    let mut cmd = bins.img_command();
     cmd.args(["rebase", "-q", "-f", "qcow2"]);
     match backing {
         Some(b) => cmd.args(["-F", "qcow2", "-b", &header_form(b)]),

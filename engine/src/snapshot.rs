@@ -21,7 +21,7 @@ use qmp::commands::{
     BlockdevSnapshot, Cont, JobComplete, QueryNamedBlockNodes, QueryStatus, Stop, Transaction,
     TransactionAction,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use chain::{
@@ -53,7 +53,7 @@ pub struct SnapshotOptions {
     pub lock_wait: LockWait,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotReport {
     pub vm: String,
     pub node: String,
@@ -67,7 +67,7 @@ pub struct SnapshotReport {
     pub duration_secs: f64,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct SnapshotDisk {
     pub disk: String,
     pub frozen: PathBuf,
@@ -241,7 +241,8 @@ pub async fn snapshot(opts: &SnapshotOptions, progress: &dyn Progress) -> Result
     let result = async {
         let mut actions = Vec::new();
         for (i, (d, (f, o))) in info.disks.iter().zip(frozen.iter().zip(&overlays)).enumerate() {
-            bins.create_qcow2(o, d.virtual_size, Some(&f.display().to_string()))?;
+            bins.create_qcow2(o, d.virtual_size, Some(&f.display().to_string()))
+                .await?;
             let name = short_name(&chain_id, "o", node.as_str(), i);
             qmp.execute(&BlockdevAdd(json!({ "driver": "qcow2", "node-name": name,
                              "file": { "driver": "file", "filename": o }, "backing": null })))
@@ -391,7 +392,7 @@ async fn copy_into_repo(
     for (d, dst) in n.disks.iter().zip(&files) {
         let frozen = Path::new(&d.location.path);
         let stacked = parent_copied(&d.disk).is_some();
-        let mut cmd = crate::children::command(&bins.img);
+        let mut cmd = bins.img_command();
         if encrypted {
             let parent = stacked.then(|| n.parent.clone()).flatten();
             let copy = CopyOf {
@@ -400,7 +401,7 @@ async fn copy_into_repo(
                 dst,
                 parent: parent.as_ref(),
             };
-            encrypted_copy(&mut cmd, vm, manifest, bins, &copy)?;
+            encrypted_copy(&mut cmd, vm, manifest, bins, &copy).await?;
         } else if stacked {
             // The increment alone, then its header pointed at the parent's copy.
             cmd.args(["convert", "-U", "-O", "qcow2", "-B"])
@@ -421,9 +422,7 @@ async fn copy_into_repo(
         if !encrypted {
             cmd.arg(dst);
         }
-        let out = crate::children::output(&mut cmd)
-            .await
-            .with_context(|| format!("running {}", bins.img.display()))?;
+        let out = bins.img_output(&mut cmd).await?;
         if !out.status.success() {
             bail!(
                 "copying {} failed: {}",
@@ -495,7 +494,7 @@ async fn copy_into_repo(
 /// with its parent's copy as the backing named in its header when stacked, and the copy writes into it (`-n`)
 /// opened with the key. The source's layers below the frozen file are the parent's copies, opened explicitly
 /// with the key; a flattened copy reads the frozen file's own chain in the VM's storage.
-fn encrypted_copy(
+async fn encrypted_copy(
     cmd: &mut tokio::process::Command,
     vm: &chain::VmStore,
     manifest: &Manifest,
@@ -513,7 +512,7 @@ fn encrypted_copy(
         None => None,
     };
     let header = stacked.as_ref().map(|(_, b)| b.as_str());
-    crate::crypt::unlock::create_node_file(bins, dst, d.virtual_size, header)?;
+    crate::crypt::unlock::create_node_file(bins, dst, d.virtual_size, header).await?;
     cmd.args(["convert", "-U", "-n", "-O", "qcow2"])
         .args(crate::crypt::unlock::qemu_img_args());
     let source = if let Some((p, b)) = &stacked {
@@ -551,7 +550,7 @@ pub struct RevertOptions {
     pub lock_wait: LockWait,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RevertReport {
     pub vm: String,
     pub node: String,
@@ -702,7 +701,8 @@ async fn switch(
             .with_context(|| format!("opening {}", frozen.display()))?;
             name
         };
-        bins.create_qcow2(overlay, d.virtual_size, Some(&frozen.display().to_string()))?;
+        bins.create_qcow2(overlay, d.virtual_size, Some(&frozen.display().to_string()))
+            .await?;
         let name = short_name(chain_id, &format!("a{seq}"), target.id.as_str(), *i);
         qmp.execute(&BlockdevAdd(json!({ "driver": "qcow2", "node-name": name,
                          "file": { "driver": "file", "filename": overlay }, "backing": backing })))

@@ -123,7 +123,7 @@ impl chain::BlockSource for NbdSource {
 }
 
 /// The byte ranges allocated in this one qcow2 layer (data or zeroed clusters), not in its backing files.
-pub fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
+pub async fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
     let mut spec = serde_json::json!({
         "driver": "qcow2",
         "file": { "driver": "file", "filename": path },
@@ -131,6 +131,7 @@ pub fn layer_extents(bins: &QemuBins, path: &Path) -> Result<Vec<(u64, u64)>> {
     });
     crate::crypt::unlock::encrypt_node(&mut spec);
     let entries = crate::direct::qemu_img_map(bins, &spec, true)
+        .await
         .with_context(|| format!("mapping {}", path.display()))?;
     Ok(entries
         .into_iter()
@@ -188,14 +189,14 @@ pub async fn build(at: DiskAt<'_>, block_size: u64, parent: Option<&Table>) -> R
         disk,
     } = at;
     let files = crate::direct::chain_files(vm, manifest, node, disk)?;
-    let direct = DirectSource::open(bins, &files)?;
+    let direct = DirectSource::open(bins, &files).await?;
     // An incremental's table is its parent's with the blocks its own layer touched rehashed.
     let changed = match parent {
         None => None,
         Some(parent) => {
             let ranges = match &direct {
                 Some(source) => source.top_layer_ranges().to_vec(),
-                None => layer_extents(bins, files.last().context("empty recovery chain")?)?,
+                None => layer_extents(bins, files.last().context("empty recovery chain")?).await?,
             };
             Some((parent.clone(), touched_blocks(&ranges, block_size, parent.len())?))
         }

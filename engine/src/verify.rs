@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{BlockSource as _, LockWait, NodeId, NodeKind, NodeState, Repository, Table};
 
@@ -29,7 +29,7 @@ pub struct VerifyOptions {
     pub lock_wait: LockWait,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct VerifyReport {
     pub vm: String,
     pub ok: bool,
@@ -43,13 +43,13 @@ pub struct VerifyReport {
     pub unchecked_nodes: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct NodeVerdict {
     pub node: String,
     pub disks: Vec<DiskVerdict>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskVerdict {
     pub disk: String,
     pub ok: bool,
@@ -62,7 +62,7 @@ pub struct DiskVerdict {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BadBlock {
     pub index: u64,
     pub offset: u64,
@@ -143,7 +143,7 @@ pub async fn verify(opts: &VerifyOptions) -> Result<VerifyReport> {
                     let damage = if known {
                         None
                     } else {
-                        file_damage.of_chain(&bins, &vm, &manifest, id, &disk.disk)
+                        file_damage.of_chain(&bins, &vm, &manifest, id, &disk.disk).await
                     };
                     let checked = known || damage.is_some();
                     DiskVerdict {
@@ -256,7 +256,7 @@ async fn check_disk(
     // (`qemu-img map`): QEMU's reading of the qcow2 metadata, without a daemon copying every byte through a
     // socket. Anything else is read through the daemon.
     let files = crate::direct::chain_files(vm, manifest, id, disk)?;
-    if let Some(source) = DirectSource::open(bins, &files)? {
+    if let Some(source) = DirectSource::open(bins, &files).await? {
         if source.len() != expected.virtual_size() {
             bail!(wrong_size(source.len(), expected.virtual_size()));
         }
@@ -277,7 +277,7 @@ async fn check_disk(
     let blocks: Option<Vec<u64>> = match node.parent {
         None => None,
         Some(_) => Some(touched_blocks(
-            &layer_extents(bins, &vm.resolve(&file.file)?)?,
+            &layer_extents(bins, &vm.resolve(&file.file)?).await?,
             block_size,
             expected.len(),
         )?),
@@ -365,7 +365,7 @@ async fn compare<S: chain::BlockSource + Send + 'static>(
 struct FileDamage(std::collections::HashMap<(NodeId, String), Option<String>>);
 
 impl FileDamage {
-    fn of_chain(
+    async fn of_chain(
         &mut self,
         bins: &QemuBins,
         vm: &chain::VmStore,
@@ -386,19 +386,18 @@ impl FileDamage {
         for id in pending.into_iter().rev() {
             let parent = manifest.node(&id).and_then(|n| n.parent.clone());
             let inherited = parent.and_then(|p| self.0.get(&(p, disk.to_owned())).cloned().flatten());
-            let verdict = inherited.or_else(|| {
-                let file = manifest
-                    .node(&id)?
-                    .disks
-                    .iter()
-                    .find(|d| d.disk == disk)?
-                    .file
-                    .clone();
-                match vm.resolve(&file) {
-                    Ok(path) => crate::restore::chain_damage(bins, &[path]),
+            let file = manifest
+                .node(&id)
+                .and_then(|n| n.disks.iter().find(|d| d.disk == disk))
+                .map(|d| d.file.clone());
+            let verdict = match (inherited, file) {
+                (Some(inherited), _) => Some(inherited),
+                (None, None) => None,
+                (None, Some(file)) => match vm.resolve(&file) {
+                    Ok(path) => crate::restore::chain_damage(bins, &[path]).await,
                     Err(e) => Some(e.to_string()),
-                }
-            });
+                },
+            };
             self.0.insert((id, disk.to_owned()), verdict);
         }
         self.0.get(&(node.clone(), disk.to_owned())).cloned().flatten()

@@ -39,8 +39,8 @@ fn layer(dir: &Path, name: &str, backing: Option<&str>, ops: &[&str]) -> PathBuf
     path
 }
 
-#[test]
-fn a_chain_reads_and_hashes_as_qemu_flattens_it() {
+#[tokio::test]
+async fn a_chain_reads_and_hashes_as_qemu_flattens_it() {
     let dir = tempfile::tempdir().unwrap();
     let base = layer(
         dir.path(),
@@ -79,11 +79,14 @@ fn a_chain_reads_and_hashes_as_qemu_flattens_it() {
 
     let files = vec![base, mid, top];
     let direct = DirectSource::open(&QemuBins::from_env(), &files)
+        .await
         .unwrap()
         .expect("an uncompressed chain is read directly");
     let expected = std::fs::read(&flat).unwrap();
     assert_eq!(direct.len(), 8 * MIB);
-    let top_alone = qmpbak_engine::tables::layer_extents(&QemuBins::from_env(), &files[2]).unwrap();
+    let top_alone = qmpbak_engine::tables::layer_extents(&QemuBins::from_env(), &files[2])
+        .await
+        .unwrap();
     assert_eq!(
         direct.top_layer_ranges(),
         &top_alone[..],
@@ -119,8 +122,8 @@ fn a_chain_reads_and_hashes_as_qemu_flattens_it() {
     }
 }
 
-#[test]
-fn compressed_images_are_left_to_qemu() {
+#[tokio::test]
+async fn compressed_images_are_left_to_qemu() {
     let dir = tempfile::tempdir().unwrap();
     let plain = layer(dir.path(), "plain.qcow2", None, &["write -P 0x55 0 1M"]);
     let packed = dir.path().join("packed.qcow2");
@@ -136,8 +139,8 @@ fn compressed_images_are_left_to_qemu() {
         ],
     );
     let bins = QemuBins::from_env();
-    assert!(DirectSource::open(&bins, &[packed]).unwrap().is_none());
-    assert!(DirectSource::open(&bins, &[plain]).unwrap().is_some());
+    assert!(DirectSource::open(&bins, &[packed]).await.unwrap().is_none());
+    assert!(DirectSource::open(&bins, &[plain]).await.unwrap().is_some());
 }
 
 #[test]

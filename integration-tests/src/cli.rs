@@ -65,7 +65,23 @@ impl Output {
         assert!(!self.status.success() && self.stderr.contains(point), "{self:?}");
     }
 
-    /// Parses stdout as JSON (for `--json` runs).
+    /// Parses stdout as the report type `T` that the command prints with `--json`: the engine's own type
+    /// (`qmpbak_engine::backup::BackupReport`, `…::verify::VerifyReport` …), so a test reads fields, not keys.
+    #[track_caller]
+    pub fn report<T: serde::de::DeserializeOwned>(&self) -> T {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "qmpbak stdout is not a {} ({e}):\n{}\n{}",
+                std::any::type_name::<T>(),
+                self.stdout,
+                self.stderr
+            )
+        })
+    }
+
+    /// Parses stdout as JSON (for `--json` runs). Tests read a report as its type ([`Output::report`]); the raw
+    /// JSON is for checking the printed shape itself (key names, [`assert_keys`]) and for output that has no
+    /// engine type.
     #[track_caller]
     pub fn json(&self) -> serde_json::Value {
         serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
@@ -75,6 +91,29 @@ impl Output {
             )
         })
     }
+}
+
+/// Runs `qmpbak ARGS` (a `--json` run), asserts that it succeeded and reads its report as `T`
+/// ([`Output::report`]).
+#[track_caller]
+pub fn run_json<T: serde::de::DeserializeOwned>(args: &[&str]) -> T {
+    run(args).success().report()
+}
+
+/// Asserts that the JSON object `value` has exactly the keys `keys`: the documented shape of a report, so that
+/// renaming or dropping a field of a report type is caught where the typed reads would not notice.
+#[track_caller]
+pub fn assert_keys(value: &serde_json::Value, keys: &[&str]) {
+    let mut have: Vec<&str> = value
+        .as_object()
+        .unwrap_or_else(|| panic!("not a JSON object: {value}"))
+        .keys()
+        .map(String::as_str)
+        .collect();
+    have.sort_unstable();
+    let mut want = keys.to_vec();
+    want.sort_unstable();
+    assert_eq!(have, want, "the keys of {value}");
 }
 
 /// A `qmpbak` command with the given arguments, not yet started.

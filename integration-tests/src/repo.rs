@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 
 use crate::cli::{self, Output};
 use crate::vm::TestVm;
+pub use qmpbak_engine::backup::BackupReport;
 
 /// A repository in its own temporary directory (or at a given path).
 pub struct TestRepo {
@@ -200,14 +201,16 @@ impl TestRepo {
         self.try_backup(vm, name, extra).success().json()
     }
 
+    /// Runs a successful `qmpbak backup --json` and returns its report.
+    #[track_caller]
+    pub fn backup_report(&self, vm: &TestVm, name: &str, extra: &[&str]) -> BackupReport {
+        self.try_backup(vm, name, extra).success().report()
+    }
+
     /// Runs a successful `qmpbak backup --json` and returns the id of the node it made.
     #[track_caller]
     pub fn backup_node(&self, vm: &TestVm, name: &str, extra: &[&str]) -> String {
-        let report = self.backup(vm, name, extra);
-        report["node"]
-            .as_str()
-            .unwrap_or_else(|| panic!("backup report without a node: {report}"))
-            .to_owned()
+        self.backup_report(vm, name, extra).node
     }
 
     /// Arguments for `qmpbak restore NODE --live --json` of VM `vm`'s node `node` from this repository into the
@@ -221,13 +224,8 @@ impl TestRepo {
 
 /// The `copied_bytes` of each disk in a `qmpbak backup --json` report, in the report's order.
 #[track_caller]
-pub fn copied_bytes(report: &serde_json::Value) -> Vec<u64> {
-    report["disks"]
-        .as_array()
-        .unwrap_or_else(|| panic!("backup report without disks: {report}"))
-        .iter()
-        .map(|d| d["copied_bytes"].as_u64().expect("copied_bytes"))
-        .collect()
+pub fn copied_bytes(report: &BackupReport) -> Vec<u64> {
+    report.disks.iter().map(|d| d.copied_bytes).collect()
 }
 
 /// Asserts that QEMU has no jobs and no block nodes but the VM's own, and that every qmpbak bitmap on the

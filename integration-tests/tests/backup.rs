@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use integration_tests::repo::{TestRepo, assert_no_leftovers, copied_bytes, expected_bitmaps};
+use integration_tests::repo::{BackupReport, TestRepo, assert_no_leftovers, copied_bytes, expected_bitmaps};
 use integration_tests::{MIB, TestVm, cli, image};
 
 const VM: &str = "vm1";
@@ -37,13 +37,10 @@ async fn full_then_five_incrementals_are_each_exact() {
     vm.write_pattern("disk1", 0x22, 2 * MIB, MIB).await;
 
     let full_refs = capture(&vm, refs_dir.path(), "full").await;
-    let full = repo.backup(&vm, VM, &[]);
-    assert_eq!(full["level"], "full");
-    assert!(
-        full["reason"].as_str().unwrap().contains("first backup"),
-        "{full}"
-    );
-    let full_id = full["node"].as_str().unwrap().to_owned();
+    let full = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(full.level, "full");
+    assert!(full.reason.as_str().contains("first backup"), "{full:?}");
+    let full_id = full.node.clone();
     assert_node_equals(&repo, &full_id, &full_refs);
 
     let mut nodes = vec![(full_id.clone(), full_refs)];
@@ -61,13 +58,13 @@ async fn full_then_five_incrementals_are_each_exact() {
             vm.write_zeroes("disk0", 0, MIB).await;
         }
         let refs = capture(&vm, refs_dir.path(), &format!("inc{round}")).await;
-        let inc = repo.backup(&vm, VM, &[]);
-        assert_eq!(inc["level"], "incremental", "{inc}");
-        assert_eq!(inc["method"], "bitmap", "{inc}");
-        assert_eq!(inc["parent"], serde_json::json!(nodes.last().unwrap().0), "{inc}");
-        let id = inc["node"].as_str().unwrap().to_owned();
+        let inc = repo.backup_report(&vm, VM, &[]);
+        assert_eq!(inc.level, "incremental", "{inc:?}");
+        assert_eq!(inc.method, "bitmap", "{inc:?}");
+        assert_eq!(inc.parent.as_ref(), Some(&nodes.last().unwrap().0), "{inc:?}");
+        let id = inc.node.clone();
         // Only what changed was copied.
-        let copied = inc["disks"][0]["copied_bytes"].as_u64().unwrap();
+        let copied = inc.disks[0].copied_bytes;
         assert!(
             copied <= 2 * MIB,
             "incremental {round} copied {copied} bytes of disk0"
@@ -103,38 +100,41 @@ async fn differential_after_three_incrementals_equals_its_instant() {
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x01, 0, 2 * MIB).await;
-    let full = repo.backup(&vm, VM, &["--level", "full"]);
-    let full_id = full["node"].as_str().unwrap().to_owned();
+    let full = repo.backup_report(&vm, VM, &["--level", "full"]);
+    let full_id = full.node.clone();
     for round in 0..3u8 {
         vm.write_pattern("disk0", 0x10 + round, (u64::from(round) + 4) * MIB, MIB)
             .await;
         vm.write_pattern("disk1", 0x20 + round, u64::from(round) * MIB, 64 * 1024)
             .await;
-        assert_eq!(repo.backup(&vm, VM, &["--level", "inc"])["level"], "incremental");
+        assert_eq!(
+            repo.backup_report(&vm, VM, &["--level", "inc"]).level,
+            "incremental"
+        );
     }
     vm.write_pattern("disk0", 0x77, 10 * MIB, MIB).await;
     let refs = capture(&vm, refs_dir.path(), "diff").await;
-    let diff = repo.backup(&vm, VM, &["--level", "diff"]);
-    assert_eq!(diff["level"], "differential", "{diff}");
-    assert_eq!(diff["parent"], serde_json::json!(full_id));
-    let id = diff["node"].as_str().unwrap();
+    let diff = repo.backup_report(&vm, VM, &["--level", "diff"]);
+    assert_eq!(diff.level, "differential", "{diff:?}");
+    assert_eq!(diff.parent.as_deref(), Some(&*full_id));
+    let id = diff.node.as_str();
     assert_node_equals(&repo, id, &refs);
     // The differential copied everything since the full: four writes of 1 MiB on disk0.
-    assert_eq!(diff["disks"][0]["copied_bytes"].as_u64().unwrap(), 4 * MIB);
+    assert_eq!(diff.disks[0].copied_bytes, 4 * MIB);
 
     // An incremental after it is relative to the differential.
     vm.write_pattern("disk1", 0x99, 0, 64 * 1024).await;
     let refs = capture(&vm, refs_dir.path(), "after-diff").await;
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["parent"], serde_json::json!(id));
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.parent.as_deref(), Some(id));
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
 }
 
 #[tokio::test]
 async fn a_grown_disk_gets_a_full_with_the_reason() {
     let vm = two_disk_vm().await;
     let repo = TestRepo::init();
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
     vm.qmp()
         .execute_raw(
             "block_resize",
@@ -145,12 +145,12 @@ async fn a_grown_disk_gets_a_full_with_the_reason() {
     let explicit = repo.try_backup(&vm, VM, &["--level", "inc"]);
     assert_eq!(explicit.code(), Some(2), "{explicit:?}");
     assert!(explicit.stderr.contains("disk disk1 grew"), "{}", explicit.stderr);
-    let report = repo.backup(&vm, VM, &[]);
-    assert_eq!(report["level"], "full", "{report}");
+    let report = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(report.level, "full", "{report:?}");
     assert!(
-        report["reason"]
+        report
+            .reason
             .as_str()
-            .unwrap()
             .contains("disk disk1 grew from 16777216 to 25165824 bytes")
     );
 }
@@ -166,7 +166,7 @@ async fn a_checksum_diff_with_many_neighbouring_and_scattered_changes_is_exact()
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 24 * MIB).await;
     vm.write_pattern("disk1", 0x22, 0, 4 * MIB).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
 
     vm.qmp().execute_raw("stop", None).await.unwrap();
     vm.qmp().execute_raw("cont", None).await.unwrap();
@@ -190,20 +190,12 @@ async fn a_checksum_diff_with_many_neighbouring_and_scattered_changes_is_exact()
     vm.write_pattern("disk1", 0x88, 0, 16 * MIB).await;
     let refs = capture(&vm, refs_dir.path(), "after-crash").await;
 
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["method"], "checksum-diff", "{inc}");
-    let id = inc["node"].as_str().unwrap().to_owned();
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.method, "checksum-diff", "{inc:?}");
+    let id = inc.node.clone();
     assert_node_equals(&repo, &id, &refs);
-    assert_eq!(
-        inc["disks"][0]["copied_bytes"].as_u64().unwrap(),
-        15 * MIB,
-        "{inc}"
-    );
-    assert_eq!(
-        inc["disks"][1]["copied_bytes"].as_u64().unwrap(),
-        16 * MIB,
-        "{inc}"
-    );
+    assert_eq!(inc.disks[0].copied_bytes, 15 * MIB, "{inc:?}");
+    assert_eq!(inc.disks[1].copied_bytes, 16 * MIB, "{inc:?}");
     // The zeroed blocks are stored as zeroes, not as data.
     assert_eq!(
         image::allocated_data_bytes(&repo.node_file(VM, &id, "disk0")),
@@ -236,8 +228,8 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 8 * MIB).await;
     vm.write_pattern("disk1", 0x22, 0, 4 * MIB).await;
-    let full = repo.backup(&vm, VM, &[]);
-    let full_id = full["node"].as_str().unwrap().to_owned();
+    let full = repo.backup_report(&vm, VM, &[]);
+    let full_id = full.node.clone();
 
     // The guest's data is on disk (stop flushes), then QEMU dies: its persistent bitmaps were never stored
     // cleanly, so it comes back with them inconsistent.
@@ -249,21 +241,17 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     vm.write_pattern("disk1", 0x55, 3 * MIB, MIB).await;
     let refs = capture(&vm, refs_dir.path(), "after-crash").await;
 
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["level"], "incremental", "{inc}");
-    assert_eq!(inc["method"], "checksum-diff", "{inc}");
-    assert_eq!(inc["view"], "copy-before-write", "{inc}");
-    let reason = inc["reason"].as_str().unwrap();
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.level, "incremental", "{inc:?}");
+    assert_eq!(inc.method, "checksum-diff", "{inc:?}");
+    assert_eq!(inc.view.as_deref(), Some("copy-before-write"), "{inc:?}");
+    let reason = inc.reason.as_str();
     assert!(reason.contains("disk0") && reason.contains(&full_id), "{reason}");
-    let id = inc["node"].as_str().unwrap().to_owned();
+    let id = inc.node.clone();
     assert_node_equals(&repo, &id, &refs);
     // Only the blocks (1 MiB each) whose checksums changed were stored: two on disk0, one on disk1.
-    assert_eq!(
-        inc["disks"][0]["copied_bytes"].as_u64().unwrap(),
-        2 * MIB,
-        "{inc}"
-    );
-    assert_eq!(inc["disks"][1]["copied_bytes"].as_u64().unwrap(), MIB, "{inc}");
+    assert_eq!(inc.disks[0].copied_bytes, 2 * MIB, "{inc:?}");
+    assert_eq!(inc.disks[1].copied_bytes, MIB, "{inc:?}");
     assert_eq!(
         image::allocated_data_bytes(&repo.node_file(VM, &id, "disk0")),
         2 * MIB
@@ -276,15 +264,11 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     // The bitmaps are healthy again: the next backup uses them.
     vm.write_pattern("disk1", 0x66, 0, 64 * 1024).await;
     let refs = capture(&vm, refs_dir.path(), "next").await;
-    let next = repo.backup(&vm, VM, &[]);
-    assert_eq!(next["method"], "bitmap", "{next}");
-    assert_node_equals(&repo, next["node"].as_str().unwrap(), &refs);
+    let next = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(next.method, "bitmap", "{next:?}");
+    assert_node_equals(&repo, next.node.as_str(), &refs);
     let manifest = repo.manifest(VM);
-    assert_no_leftovers(
-        &vm,
-        &expected_bitmaps(&manifest, next["node"].as_str().unwrap(), &full_id),
-    )
-    .await;
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, next.node.as_str(), &full_id)).await;
 }
 
 /// The nodes each disk's device is attached to (`query-block`), with their drivers.
@@ -371,7 +355,7 @@ async fn a_checksum_diff_into_a_qemu_whose_nbd_server_runs_leaves_that_server_ru
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
     vm.qmp().execute_raw("stop", None).await.unwrap();
     vm.qmp().execute_raw("cont", None).await.unwrap();
     let vm = vm.restart().await;
@@ -393,9 +377,9 @@ async fn a_checksum_diff_into_a_qemu_whose_nbd_server_runs_leaves_that_server_ru
 
     vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
     let refs = capture(&vm, refs_dir.path(), "after").await;
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["method"], "checksum-diff", "{inc}");
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.method, "checksum-diff", "{inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
 }
 
 #[tokio::test]
@@ -405,15 +389,15 @@ async fn a_backup_of_one_disk_holds_that_disk_and_the_next_of_all_disks_is_a_ful
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
     vm.write_pattern("disk1", 0x22, 0, 2 * MIB).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
 
     vm.write_pattern("disk0", 0x33, 4 * MIB, MIB).await;
     vm.write_pattern("disk1", 0x44, 4 * MIB, MIB).await;
     let refs = capture(&vm, refs_dir.path(), "subset").await;
-    let subset = repo.backup(&vm, VM, &["--disk", "disk0"]);
-    assert_eq!(subset["level"], "incremental", "{subset}");
-    assert_eq!(subset["method"], "bitmap", "{subset}");
-    let subset_id = subset["node"].as_str().unwrap().to_owned();
+    let subset = repo.backup_report(&vm, VM, &["--disk", "disk0"]);
+    assert_eq!(subset.level, "incremental", "{subset:?}");
+    assert_eq!(subset.method, "bitmap", "{subset:?}");
+    let subset_id = subset.node.clone();
     let node = repo.manifest(VM).find(&subset_id).unwrap().clone();
     assert_eq!(
         node.disks.iter().map(|d| d.disk.as_str()).collect::<Vec<_>>(),
@@ -437,16 +421,15 @@ async fn a_backup_of_one_disk_holds_that_disk_and_the_next_of_all_disks_is_a_ful
 
     // auto takes a full of every disk, and says why.
     let full_refs = capture(&vm, refs_dir.path(), "full-again").await;
-    let full = repo.backup(&vm, VM, &[]);
-    assert_eq!(full["level"], "full", "{full}");
+    let full = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(full.level, "full", "{full:?}");
     assert!(
-        full["reason"]
+        full.reason
             .as_str()
-            .unwrap()
             .contains("disk disk1 is not in the previous backup"),
-        "{full}"
+        "{full:?}"
     );
-    let full_id = full["node"].as_str().unwrap().to_owned();
+    let full_id = full.node.clone();
     assert_node_equals(&repo, &full_id, &full_refs);
     let manifest = repo.manifest(VM);
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
@@ -458,30 +441,23 @@ async fn after_a_snapshot_the_next_backup_is_still_a_bitmap_incremental() {
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
     // Written before the time point (in its frozen file) and after it (in the new overlay).
     vm.write_pattern("disk0", 0x22, 4 * MIB, MIB).await;
     cli::run_owned(&repo.socket_args(&vm.socket(), VM, &["snapshot", "--tag", "tp"])).success();
     vm.write_pattern("disk1", 0x33, 8 * MIB, MIB).await;
 
     let refs = capture(&vm, refs_dir.path(), "after").await;
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["level"], "incremental", "{inc}");
-    assert_eq!(inc["method"], "bitmap", "{inc}");
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.level, "incremental", "{inc:?}");
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
     let copied = copied_bytes(&inc);
-    assert_eq!(copied, [MIB, MIB], "both writes and nothing else: {inc}");
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    assert_eq!(copied, [MIB, MIB], "both writes and nothing else: {inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
     // And the chain of bitmaps goes on from there.
-    let next = repo.backup(&vm, VM, &[]);
-    assert_eq!(next["method"], "bitmap", "{next}");
-    assert!(
-        next["disks"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|d| d["copied_bytes"] == 0),
-        "{next}"
-    );
+    let next = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(next.method, "bitmap", "{next:?}");
+    assert!(next.disks.iter().all(|d| d.copied_bytes == 0), "{next:?}");
 }
 
 /// The checking table of `node`'s disk `disk` equals one built from `reference` (a qcow2 captured at the
@@ -539,9 +515,39 @@ async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
     vm.write_pattern("disk1", 0x66, 10 * MIB, 2 * MIB).await;
     paused.signal(nix::sys::signal::Signal::SIGUSR1);
     let out = paused.finish().success();
-    let report = out.json();
-    assert_eq!(report["level"], "full", "{report}");
-    let node = report["node"].as_str().unwrap();
+    // The printed shape: the report's documented keys (and each disk's), so a renamed field is caught.
+    let raw = out.json();
+    cli::assert_keys(
+        &raw,
+        &[
+            "vm",
+            "node",
+            "parent",
+            "level",
+            "method",
+            "reason",
+            "disks",
+            "duration_secs",
+            "tables_secs",
+            "quiesced",
+            "cleaned",
+            "skipped",
+            "plaintext_of_encrypted",
+        ],
+    );
+    cli::assert_keys(
+        &raw["disks"][0],
+        &[
+            "disk",
+            "virtual_size",
+            "copied_bytes",
+            "stored_bytes",
+            "bitmaps_persist",
+        ],
+    );
+    let report: BackupReport = out.report();
+    assert_eq!(report.level, "full", "{report:?}");
+    let node = report.node.as_str();
     assert_node_equals(&repo, node, &refs);
     for (disk, reference) in DISKS.iter().zip(&refs) {
         assert_table_of(&repo, node, disk, reference);
@@ -553,9 +559,9 @@ async fn guest_writes_during_a_full_leave_its_table_at_the_instant() {
 
     // The next incremental holds exactly the writes made during the full.
     let after = capture(&vm, refs_dir.path(), "after").await;
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    let inc = inc["node"].as_str().unwrap();
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    let inc = inc.node.as_str();
     assert_node_equals(&repo, inc, &after);
     for (disk, reference) in DISKS.iter().zip(&after) {
         assert_table_of(&repo, inc, disk, reference);
@@ -571,7 +577,7 @@ async fn guest_writes_during_an_incremental_and_a_differential_leave_their_table
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 12 * MIB).await;
     vm.write_pattern("disk1", 0x22, MIB, 3 * MIB).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
     for (i, level) in ["inc", "diff"].into_iter().enumerate() {
         let p = 0x30 + 0x10 * i as u8;
         vm.write_pattern("disk0", p, 3 * MIB, 2 * MIB + 512).await;
@@ -586,9 +592,9 @@ async fn guest_writes_during_an_incremental_and_a_differential_leave_their_table
         vm.write_zeroes("disk1", 7 * MIB, 4096).await;
         vm.write_pattern("disk1", p + 4, 0, 512).await;
         paused.signal(nix::sys::signal::Signal::SIGUSR1);
-        let report = paused.finish().success().json();
-        assert_eq!(report["method"], "bitmap", "{report}");
-        let node = report["node"].as_str().unwrap();
+        let report: BackupReport = paused.finish().success().report();
+        assert_eq!(report.method, "bitmap", "{report:?}");
+        let node = report.node.as_str();
         assert_node_equals(&repo, node, &refs);
         for (disk, reference) in DISKS.iter().zip(&refs) {
             assert_table_of(&repo, node, disk, reference);

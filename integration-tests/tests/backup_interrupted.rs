@@ -5,7 +5,9 @@
 #![allow(clippy::unwrap_used)]
 
 use integration_tests::cli;
-use integration_tests::repo::{TestRepo, any_file_named, assert_no_leftovers, expected_bitmaps};
+use integration_tests::repo::{
+    BackupReport, TestRepo, any_file_named, assert_no_leftovers, expected_bitmaps,
+};
 use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_CRASH_TIMEOUT, CLI_TIMEOUT, PROMPT_TIMEOUT};
 use integration_tests::{MIB, TestVm, image};
 use qmp::EventFilter;
@@ -42,7 +44,7 @@ async fn writes_during_a_throttled_backup_do_not_reach_it() {
     // While the job copies at 2 MiB/s, the guest overwrites all of it.
     vm.write_pattern("disk0", 0xee, 0, 16 * MIB).await;
     let out = cli::wait(child, CLI_TIMEOUT).success();
-    let node = out.json()["node"].as_str().unwrap().to_owned();
+    let node = out.report::<BackupReport>().node;
     image::assert_same(&reference, &repo.node_file(VM, &node, "disk0"));
 }
 
@@ -52,8 +54,8 @@ async fn sigint_cancels_and_cleans_up_and_the_next_backup_is_exact() {
     let repo = TestRepo::init();
     let refs = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 8 * MIB).await;
-    let full = repo.backup(&vm, VM, &[]);
-    let full_id = full["node"].as_str().unwrap().to_owned();
+    let full = repo.backup_report(&vm, VM, &[]);
+    let full_id = full.node.clone();
     vm.write_pattern("disk0", 0x22, 0, 8 * MIB).await;
 
     let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
@@ -87,13 +89,10 @@ async fn sigint_cancels_and_cleans_up_and_the_next_backup_is_exact() {
     // The next backup still sees every change since the full.
     let reference = refs.path().join("ref.qcow2");
     vm.capture_reference("disk0", &reference).await;
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    assert_eq!(inc["parent"], serde_json::json!(full_id));
-    image::assert_same(
-        &reference,
-        &repo.node_file(VM, inc["node"].as_str().unwrap(), "disk0"),
-    );
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    assert_eq!(inc.parent.as_deref(), Some(&*full_id));
+    image::assert_same(&reference, &repo.node_file(VM, inc.node.as_str(), "disk0"));
 }
 
 #[tokio::test]
@@ -102,8 +101,8 @@ async fn killed_at_every_step_the_next_run_cleans_up_and_is_exact() {
     let repo = TestRepo::init();
     let refs = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x01, 0, 4 * MIB).await;
-    let full = repo.backup(&vm, VM, &[]);
-    let mut parent = full["node"].as_str().unwrap().to_owned();
+    let full = repo.backup_report(&vm, VM, &[]);
+    let mut parent = full.node.clone();
     let full_id = parent.clone();
 
     let points = [
@@ -142,19 +141,16 @@ async fn killed_at_every_step_the_next_run_cleans_up_and_is_exact() {
         for (d, p) in &refs_now {
             vm.capture_reference(d, p).await;
         }
-        let next = repo.backup(&vm, VM, &[]);
-        let id = next["node"].as_str().unwrap().to_owned();
+        let next = repo.backup_report(&vm, VM, &[]);
+        let id = next.node.clone();
         if *point == "backup-completed" {
             // The killed run had finished its node; the next one builds on it.
             let killed = manifest.current.as_ref().unwrap().to_string();
             assert_ne!(killed, parent, "{point}");
-            assert_eq!(next["parent"], serde_json::json!(killed), "{point}");
+            assert_eq!(next.parent, Some(killed), "{point}");
         } else {
-            assert_eq!(next["parent"], serde_json::json!(parent), "{point}: {next}");
-            assert!(
-                !next["cleaned"]["operations"].as_array().unwrap().is_empty(),
-                "{point}: {next}"
-            );
+            assert_eq!(next.parent.as_ref(), Some(&parent), "{point}: {next:?}");
+            assert!(!next.cleaned.operations.is_empty(), "{point}: {next:?}");
         }
         for (d, p) in &refs_now {
             image::assert_same(p, &repo.node_file(VM, &id, d));
@@ -172,7 +168,7 @@ async fn a_second_backup_of_the_same_vm_fails_at_once_with_the_lock_error() {
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
     let repo = TestRepo::init();
     vm.write_pattern("disk0", 0x11, 0, 8 * MIB).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
     vm.write_pattern("disk0", 0x22, 0, 8 * MIB).await;
 
     let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
@@ -222,10 +218,10 @@ async fn a_full_disk_at_the_final_manifest_write_leaves_current_where_it_was() {
     vm.write_pattern("disk0", 0x33, 8 * MIB, MIB).await;
     let reference = refs.path().join("ref.qcow2");
     vm.capture_reference("disk0", &reference).await;
-    let report = repo.backup(&vm, VM, &[]);
-    assert_eq!(report["parent"], full.as_str(), "{report}");
-    assert_eq!(report["method"], "bitmap", "{report}");
-    let node = report["node"].as_str().unwrap();
+    let report = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(report.parent.as_ref(), Some(&full), "{report:?}");
+    assert_eq!(report.method, "bitmap", "{report:?}");
+    let node = report.node.as_str();
     let restored = refs.path().join("restored.qcow2");
     repo.run(VM, &["restore", node, "--to", restored.to_str().unwrap()])
         .success();

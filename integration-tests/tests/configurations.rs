@@ -95,12 +95,12 @@ async fn full_then_incremental(vm: &TestVm, disks: &[Disk]) -> TestRepo {
             capture(vm, id, &r).await;
             refs_now.push(r);
         }
-        let report = repo.backup(vm, VM, &[]);
-        assert_eq!(report["level"], level, "{report:#}");
+        let report = repo.backup_report(vm, VM, &[]);
+        assert_eq!(report.level, level, "{report:#?}");
         if round == 1 {
-            assert_eq!(report["method"], "bitmap", "{report:#}");
+            assert_eq!(report.method, "bitmap", "{report:#?}");
         }
-        let node = report["node"].as_str().unwrap();
+        let node = report.node.as_str();
         for (id, r) in ids.iter().zip(&refs_now) {
             image::assert_same(r, &repo.node_file(VM, node, id));
         }
@@ -205,9 +205,9 @@ async fn a_qcow2_with_an_external_data_file_backs_up_and_keeps_its_bitmaps() {
     let refs = tempfile::tempdir().unwrap();
     let r = refs.path().join("r.qcow2");
     capture(&vm, &id, &r).await;
-    let report = repo.backup(&vm, VM, &[]);
-    assert_eq!(report["method"], "bitmap", "{report:#}");
-    image::assert_same(&r, &repo.node_file(VM, report["node"].as_str().unwrap(), &id));
+    let report = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(report.method, "bitmap", "{report:#?}");
+    image::assert_same(&r, &repo.node_file(VM, report.node.as_str(), &id));
 }
 
 #[tokio::test]
@@ -279,9 +279,9 @@ async fn a_disk_in_an_iothread_backs_up_and_after_a_crash_by_checksums() {
     let refs = tempfile::tempdir().unwrap();
     let r = refs.path().join("r.qcow2");
     capture(&vm, &id, &r).await;
-    let report = repo.backup(&vm, VM, &[]);
-    assert_eq!(report["method"], "checksum-diff", "{report:#}");
-    image::assert_same(&r, &repo.node_file(VM, report["node"].as_str().unwrap(), &id));
+    let report = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(report.method, "checksum-diff", "{report:#?}");
+    image::assert_same(&r, &repo.node_file(VM, report.node.as_str(), &id));
     // Time points in the iothread: snapshot, write, revert.
     let run = |args: &[&str]| {
         cli::run_owned(&repo.socket_args(&vm.socket(), VM, args))
@@ -307,7 +307,7 @@ async fn a_disk_hot_plugged_between_backups_gets_a_full_that_says_why() {
         .await;
     let repo = TestRepo::init();
     vm.write_pattern("disk0", 0x11, 0, MIB).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
 
     let images = tempfile::tempdir().unwrap();
     let img = images.path().join("hot0.qcow2");
@@ -331,17 +331,17 @@ async fn a_disk_hot_plugged_between_backups_gets_a_full_that_says_why() {
     let refs = tempfile::tempdir().unwrap();
     let r = refs.path().join("hot0.qcow2");
     vm.capture_reference("hot0", &r).await;
-    let report = repo.backup(&vm, VM, &[]);
-    assert_eq!(report["level"], "full", "{report:#}");
+    let report = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(report.level, "full", "{report:#?}");
     assert!(
-        report["reason"]
+        report
+            .reason
             .as_str()
-            .unwrap()
             .contains("disk hot0 is not in the previous backup"),
-        "{report:#}"
+        "{report:#?}"
     );
-    image::assert_same(&r, &repo.node_file(VM, report["node"].as_str().unwrap(), "hot0"));
+    image::assert_same(&r, &repo.node_file(VM, report.node.as_str(), "hot0"));
     vm.write_pattern("hot0", 0x33, 0, MIB).await;
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["method"], "bitmap", "{inc:#}");
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.method, "bitmap", "{inc:#?}");
 }

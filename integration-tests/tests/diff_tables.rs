@@ -14,6 +14,7 @@ use chain::Table;
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::verify::VerifyReport;
 
 const VM: &str = "vm1";
 const DISKS: [&str; 2] = ["disk0", "disk1"];
@@ -71,8 +72,8 @@ fn assert_exact(repo: &TestRepo, point: &Point, out: &Path) {
 
 #[track_caller]
 fn assert_verifies(repo: &TestRepo) {
-    let report = repo.run(VM, &["verify", "--json"]).success().json();
-    assert_eq!(report["ok"], true, "{report}");
+    let report: VerifyReport = repo.run(VM, &["verify", "--json"]).success().report();
+    assert!(report.ok, "{report:?}");
 }
 
 /// A full (tagged `base`) and four incrementals with known changes, per disk the number of 1 MiB blocks
@@ -166,7 +167,7 @@ async fn prune_in_the_middle_and_merge_rewrite_difference_tables_and_keep_every_
     assert_eq!(
         report["leftovers"]["operations"].as_array().unwrap().len(),
         1,
-        "{report}"
+        "{report:?}"
     );
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
@@ -223,7 +224,7 @@ async fn prune_in_the_middle_and_merge_rewrite_difference_tables_and_keep_every_
     assert_eq!(
         report["leftovers"]["operations"].as_array().unwrap().len(),
         1,
-        "{report}"
+        "{report:?}"
     );
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
@@ -299,15 +300,13 @@ async fn a_difference_over_a_table_that_is_not_its_base_is_refused_with_a_clear_
         );
     }
     // verify says which nodes: node 3 and node 4 (whose table derives through node 3's), not the others.
-    let report = repo.run(VM, &["verify", "--json"]).json();
-    assert_eq!(report["ok"], false, "{report}");
-    let damaged: Vec<&str> = report["damaged_nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap())
-        .collect();
-    assert_eq!(damaged, [ids[3].as_str(), ids[4].as_str()], "{report}");
+    let report: VerifyReport = repo.run(VM, &["verify", "--json"]).report();
+    assert!(!report.ok, "{report:?}");
+    assert_eq!(
+        report.damaged_nodes,
+        [ids[3].as_str(), ids[4].as_str()],
+        "{report:?}"
+    );
     // The nodes below still restore.
     let ok = work.path().join("ok");
     repo.run(VM, &["restore", &ids[2], "--to", ok.to_str().unwrap()])
@@ -336,23 +335,15 @@ async fn a_checksum_diff_after_a_qemu_restart_compares_with_a_table_derived_from
     vm.write_pattern("disk0", 0x55, 20 * MIB, 4096).await;
     vm.write_pattern("disk1", 0x56, 9 * MIB, 2 * MIB).await;
     let refs = vm.capture_references(&DISKS, work.path(), "after").await;
-    let report = repo.backup(&vm, VM, &[]);
-    assert_eq!(report["method"], "checksum-diff", "{report}");
+    let report = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(report.method, "checksum-diff", "{report:?}");
     let point = Point {
-        node: report["node"].as_str().unwrap().to_owned(),
+        node: report.node.clone(),
         refs,
     };
     // Only the changed blocks were copied and stored in its table.
-    assert_eq!(
-        report["disks"][0]["copied_bytes"].as_u64().unwrap(),
-        MIB,
-        "{report}"
-    );
-    assert_eq!(
-        report["disks"][1]["copied_bytes"].as_u64().unwrap(),
-        2 * MIB,
-        "{report}"
-    );
+    assert_eq!(report.disks[0].copied_bytes, MIB, "{report:?}");
+    assert_eq!(report.disks[1].copied_bytes, 2 * MIB, "{report:?}");
     for (disk, count) in DISKS.iter().zip([1, 2]) {
         let path = table_path(&repo, &point.node, disk);
         assert_eq!(

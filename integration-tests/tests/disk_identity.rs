@@ -9,7 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
-use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
+use integration_tests::repo::{BackupReport, TestRepo, assert_no_leftovers, expected_bitmaps};
 use integration_tests::{Device, MIB, TestVm, cli, image};
 
 const VM: &str = "moved";
@@ -44,9 +44,9 @@ async fn named_vm() -> TestVm {
 async fn full_of_distinct_disks(repo: &TestRepo, vm: &TestVm, ids: [&str; 2]) -> String {
     vm.write_pattern(ids[0], 0xaa, 0, MIB).await;
     vm.write_pattern(ids[1], 0xbb, 8 * MIB, MIB).await;
-    let full = repo.backup(vm, VM, &[]);
-    assert_eq!(full["level"], "full", "{full}");
-    full["node"].as_str().unwrap().to_owned()
+    let full = repo.backup_report(vm, VM, &[]);
+    assert_eq!(full.level, "full", "{full:?}");
+    full.node.clone()
 }
 
 /// Restores `node` offline and asserts each of `disks` equals its reference.
@@ -68,19 +68,19 @@ async fn backup_checked(
     disks: &[&str],
     refs: &Path,
     label: &str,
-) -> (serde_json::Value, String) {
+) -> (BackupReport, String) {
     let references = vm.capture_references(disks, refs, label).await;
-    let report = repo.backup(vm, VM, &[]);
-    let node = report["node"].as_str().unwrap().to_owned();
+    let report = repo.backup_report(vm, VM, &[]);
+    let node = report.node.clone();
     assert_restores_as(repo, &node, disks, &references, refs);
     (report, node)
 }
 
 /// Asserts a backup was a full and its reason names `disk` and contains `why`.
 #[track_caller]
-fn assert_full_because(report: &serde_json::Value, disk: &str, why: &str) {
-    assert_eq!(report["level"], "full", "{report}");
-    let reason = report["reason"].as_str().unwrap();
+fn assert_full_because(report: &BackupReport, disk: &str, why: &str) {
+    assert_eq!(report.level, "full", "{report:?}");
+    let reason = report.reason.as_str();
     assert!(
         reason.contains(&format!("disk {disk} ")) && reason.contains(why),
         "the reason should name disk {disk} and say {why:?}: {reason}"
@@ -108,13 +108,13 @@ async fn disks_in_another_order_are_read_whole_not_stacked_on_each_others_chains
     // From here the disks build on their own bitmaps again.
     vm.write_pattern("virtio1", 0xdd, 4 * MIB, MIB).await;
     let next_refs = vm.capture_references(&disks, refs.path(), "next").await;
-    let inc = repo.backup(&vm, VM, &[]);
+    let inc = repo.backup_report(&vm, VM, &[]);
     assert_eq!(
-        (&inc["level"], &inc["method"]),
-        (&"incremental".into(), &"bitmap".into()),
-        "{inc}"
+        (inc.level.as_ref(), inc.method.as_ref()),
+        ("incremental", "bitmap"),
+        "{inc:?}"
     );
-    let inc_node = inc["node"].as_str().unwrap().to_owned();
+    let inc_node = inc.node.clone();
     assert_restores_as(&repo, &inc_node, &disks, &next_refs, refs.path());
     // The bitmaps that came along on the moved images are gone; each disk has its own.
     assert_no_leftovers(&vm, &expected_bitmaps(&repo.manifest(VM), &inc_node, &node)).await;
@@ -133,8 +133,8 @@ async fn a_removed_disk_does_not_lend_its_chain_to_the_disk_that_takes_its_name(
         .await;
     vm.write_pattern("virtio0", 0xcc, 20 * MIB, MIB).await;
     let moved_refs = vm.capture_references(&["virtio0"], refs.path(), "moved").await;
-    let report = repo.backup(&vm, VM, &[]);
-    let node = report["node"].as_str().unwrap().to_owned();
+    let report = repo.backup_report(&vm, VM, &[]);
+    let node = report.node.clone();
     assert_restores_as(&repo, &node, &["virtio0"], &moved_refs, refs.path());
     assert_full_because(&report, "virtio0", "b.qcow2");
     assert_eq!(
@@ -178,11 +178,11 @@ async fn a_copy_over_the_same_file_is_compared_with_that_disks_table_not_built_o
     let disks = ["disk0", "disk1"];
     let (report, _) = backup_checked(&repo, &vm, &disks, refs.path(), "copied").await;
     assert_eq!(
-        (&report["level"], &report["method"]),
-        (&"incremental".into(), &"checksum-diff".into()),
-        "{report}"
+        (report.level.as_ref(), report.method.as_ref()),
+        ("incremental", "checksum-diff"),
+        "{report:?}"
     );
-    let reason = report["reason"].as_str().unwrap();
+    let reason = report.reason.as_str();
     assert!(
         reason.contains("disk disk1") && reason.contains("cannot prove"),
         "{reason}"
@@ -262,22 +262,22 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_revert_commit_
     for (i, id) in ids.iter().enumerate() {
         vm.write_pattern(id, 0x10 + i as u8, 0, MIB).await;
     }
-    let full = repo.backup(&vm, VM, &[]);
-    assert_eq!(full["level"], "full", "{full}");
-    assert_eq!(node_disks(&repo, full["node"].as_str().unwrap()), sorted);
+    let full = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(full.level, "full", "{full:?}");
+    assert_eq!(node_disks(&repo, full.node.as_str()), sorted);
 
     // A QEMU restart: same names, the bitmaps still theirs.
     let vm = vm.quit_and_restart_with(|b| b).await;
     for (i, id) in ids.iter().enumerate() {
         vm.write_pattern(id, 0x20 + i as u8, MIB, MIB).await;
     }
-    let inc = repo.backup(&vm, VM, &[]);
+    let inc = repo.backup_report(&vm, VM, &[]);
     assert_eq!(
-        (&inc["level"], &inc["method"]),
-        (&"incremental".into(), &"bitmap".into()),
-        "{inc}"
+        (inc.level.as_ref(), inc.method.as_ref()),
+        ("incremental", "bitmap"),
+        "{inc:?}"
     );
-    assert_eq!(node_disks(&repo, inc["node"].as_str().unwrap()), sorted);
+    assert_eq!(node_disks(&repo, inc.node.as_str()), sorted);
 
     // A snapshot puts new block nodes on top of every disk: same names, still bitmap incrementals.
     let socket_run = |cmd: &[&str]| {
@@ -289,13 +289,13 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_revert_commit_
     for (i, id) in ids.iter().enumerate() {
         vm.write_pattern(id, 0x30 + i as u8, 2 * MIB, MIB).await;
     }
-    let after = repo.backup(&vm, VM, &[]);
+    let after = repo.backup_report(&vm, VM, &[]);
     assert_eq!(
-        (&after["level"], &after["method"]),
-        (&"incremental".into(), &"bitmap".into()),
-        "{after}"
+        (after.level.as_ref(), after.method.as_ref()),
+        ("incremental", "bitmap"),
+        "{after:?}"
     );
-    assert_eq!(node_disks(&repo, after["node"].as_str().unwrap()), sorted);
+    assert_eq!(node_disks(&repo, after.node.as_str()), sorted);
 
     // Revert finds every disk of the time point by name; the next backup is exact.
     socket_run(&["revert", "tp"]);
@@ -303,8 +303,8 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_revert_commit_
         vm.write_pattern(id, 0x40 + i as u8, 3 * MIB, MIB).await;
     }
     let refs_now = vm.capture_references(&ids, refs.path(), "reverted").await;
-    let last = repo.backup(&vm, VM, &[]);
-    let node = last["node"].as_str().unwrap().to_owned();
+    let last = repo.backup_report(&vm, VM, &[]);
+    let node = last.node.clone();
     assert_eq!(node_disks(&repo, &node), sorted);
     assert_restores_as(&repo, &node, &ids, &refs_now, refs.path());
 
@@ -314,13 +314,13 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_revert_commit_
     for (i, id) in ids.iter().enumerate() {
         vm.write_pattern(id, 0x50 + i as u8, 4 * MIB, MIB).await;
     }
-    let committed = repo.backup(&vm, VM, &[]);
+    let committed = repo.backup_report(&vm, VM, &[]);
     assert_eq!(
-        (&committed["level"], &committed["method"]),
-        (&"incremental".into(), &"bitmap".into()),
-        "{committed}"
+        (committed.level.as_ref(), committed.method.as_ref()),
+        ("incremental", "bitmap"),
+        "{committed:?}"
     );
-    assert_eq!(node_disks(&repo, committed["node"].as_str().unwrap()), sorted);
+    assert_eq!(node_disks(&repo, committed.node.as_str()), sorted);
 
     // A live restore into a new VM with the same devices finds every disk by the same names. (Not the -drive
     // disks: QEMU refuses `blockdev-reopen` of a node whose name it generated, so a live restore cannot put a
@@ -342,15 +342,19 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_revert_commit_
         let i = ids.iter().position(|x| x == id).unwrap();
         image::assert_same(&refs_now[i], restored);
     }
-    let branch = repo.backup(&vm2, VM, &[]);
+    let branch = repo.backup_report(&vm2, VM, &[]);
     assert_eq!(
-        (&branch["level"], &branch["method"], &branch["parent"]),
-        (&"incremental".into(), &"bitmap".into(), &node.clone().into()),
-        "{branch}"
+        (
+            branch.level.as_ref(),
+            branch.method.as_ref(),
+            branch.parent.as_deref()
+        ),
+        ("incremental", "bitmap", Some(node.as_str())),
+        "{branch:?}"
     );
     let mut live_sorted: Vec<String> = live_ids.iter().map(|s| (*s).to_owned()).collect();
     live_sorted.sort();
-    assert_eq!(node_disks(&repo, branch["node"].as_str().unwrap()), live_sorted);
+    assert_eq!(node_disks(&repo, branch.node.as_str()), live_sorted);
 }
 
 #[tokio::test]
@@ -391,23 +395,23 @@ async fn bitmaps_named_by_an_older_qmpbak_are_not_trusted_but_the_same_images_ar
     let disks = ["disk0", "disk1"];
     let (report, _) = backup_checked(&repo, &vm, &disks, refs.path(), "upgraded").await;
     assert_eq!(
-        (&report["level"], &report["method"]),
-        (&"incremental".into(), &"checksum-diff".into()),
-        "{report}"
+        (report.level.as_ref(), report.method.as_ref()),
+        ("incremental", "checksum-diff"),
+        "{report:?}"
     );
-    let reason = report["reason"].as_str().unwrap();
+    let reason = report.reason.as_str();
     assert!(reason.contains("cannot prove"), "{reason}");
 
     // The disks have keys and their own bitmaps now; the old ones are gone.
     vm.write_pattern("disk0", 0xdd, 4 * MIB, MIB).await;
     let next_refs = vm.capture_references(&disks, refs.path(), "next").await;
-    let inc = repo.backup(&vm, VM, &[]);
+    let inc = repo.backup_report(&vm, VM, &[]);
     assert_eq!(
-        (&inc["level"], &inc["method"]),
-        (&"incremental".into(), &"bitmap".into()),
-        "{inc}"
+        (inc.level.as_ref(), inc.method.as_ref()),
+        ("incremental", "bitmap"),
+        "{inc:?}"
     );
-    let inc_node = inc["node"].as_str().unwrap().to_owned();
+    let inc_node = inc.node.clone();
     assert_restores_as(&repo, &inc_node, &disks, &next_refs, refs.path());
     assert_no_leftovers(&vm, &expected_bitmaps(&repo.manifest(VM), &inc_node, &full)).await;
 }

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use integration_tests::cli::{self, Output};
 use integration_tests::repo::TestRepo;
 use integration_tests::{MIB, TestVm, image};
+use qmpbak_engine::snapshot::SnapshotReport;
 
 /// The passphrase of the test VM's encrypted disk.
 const DISK_PASSPHRASE: &str = "disk passphrase of the test VM";
@@ -74,7 +75,7 @@ async fn an_encrypted_disk_added_to_a_backed_up_vm_is_refused_and_the_manifest_i
         .start()
         .await;
     let repo = TestRepo::init();
-    repo.backup(&vm, "vm1", &["--exclude", "disk1"]);
+    repo.backup_report(&vm, "vm1", &["--exclude", "disk1"]);
     let manifest = repo.vm_dir("vm1").join("manifest.json");
     let before = std::fs::read(&manifest).unwrap();
     let out = repo.try_backup(&vm, "vm1", &[]);
@@ -99,9 +100,9 @@ async fn allow_plaintext_backs_up_an_encrypted_disk_decrypted_and_says_so() {
     let reference = dir.path().join("ref.qcow2");
     vm.capture_reference("disk0", &reference).await;
     let repo = TestRepo::init();
-    let report = repo.backup(&vm, "vm1", &["--allow-plaintext"]);
-    assert_eq!(report["plaintext_of_encrypted"], serde_json::json!(["disk0"]));
-    let node = report["node"].as_str().unwrap();
+    let report = repo.backup_report(&vm, "vm1", &["--allow-plaintext"]);
+    assert_eq!(report.plaintext_of_encrypted, ["disk0"]);
+    let node = report.node.as_str();
     image::assert_same(&reference, &repo.node_file("vm1", node, "disk0"));
     assert!(holds_pattern(&repo.node_file("vm1", node, "disk0"), PATTERN));
     // The text report says so too.
@@ -207,12 +208,9 @@ async fn an_encrypted_repository_holds_no_plaintext_and_restores_every_node_with
     let full_refs = vm
         .capture_references(&["disk0", "disk1"], refs.path(), "full")
         .await;
-    let full = er.repo.backup(&vm, "vm1", &er.key_args());
-    assert_eq!(full["level"], "full", "{full}");
-    assert!(
-        full["plaintext_of_encrypted"].as_array().unwrap().is_empty(),
-        "{full}"
-    );
+    let full = er.repo.backup_report(&vm, "vm1", &er.key_args());
+    assert_eq!(full.level, "full", "{full:?}");
+    assert!(full.plaintext_of_encrypted.is_empty(), "{full:?}");
 
     vm.write_pattern("disk0", PATTERN, 8 * MIB, MIB).await;
     vm.write_pattern("disk1", 0x22, 0, MIB).await;
@@ -222,14 +220,14 @@ async fn an_encrypted_repository_holds_no_plaintext_and_restores_every_node_with
     // --compress works in an encrypted repository (QEMU encrypts compressed clusters as well).
     let inc = er
         .repo
-        .backup(&vm, "vm1", &[&er.key_args()[..], &["--compress"]].concat());
-    assert_eq!(inc["level"], "incremental", "{inc}");
+        .backup_report(&vm, "vm1", &[&er.key_args()[..], &["--compress"]].concat());
+    assert_eq!(inc.level, "incremental", "{inc:?}");
 
     assert_no_secret_left(&vm).await;
     // Every node file is a LUKS-encrypted qcow2; nothing the guest wrote is in any file of the repository.
     for node in [&full, &inc] {
         for disk in ["disk0", "disk1"] {
-            let file = er.repo.node_file("vm1", node["node"].as_str().unwrap(), disk);
+            let file = er.repo.node_file("vm1", node.node.as_str(), disk);
             assert_eq!(image::info(&file)["encrypted"], true, "{}", file.display());
         }
     }
@@ -248,7 +246,7 @@ async fn an_encrypted_repository_holds_no_plaintext_and_restores_every_node_with
 
     let out = tempfile::tempdir().unwrap();
     for (node, refs) in [(&full, &full_refs), (&inc, &inc_refs)] {
-        let node = node["node"].as_str().unwrap();
+        let node = node.node.as_str();
         let dir = out.path().join(node);
         er.run("vm1", &["restore", node, "--to", dir.to_str().unwrap()])
             .success();
@@ -324,7 +322,7 @@ async fn a_checksum_diff_backup_into_an_encrypted_repository_compares_keyed_tabl
     let er = EncryptedRepo::init();
     let refs = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", PATTERN, 0, 4 * MIB).await;
-    er.repo.backup(&vm, "vm1", &er.key_args());
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
     // QEMU dies: its persistent bitmaps come back inconsistent, so the next backup compares tables.
     vm.qmp().execute_raw("stop", None).await.unwrap();
     vm.qmp().execute_raw("cont", None).await.unwrap();
@@ -332,10 +330,10 @@ async fn a_checksum_diff_backup_into_an_encrypted_repository_compares_keyed_tabl
     vm.write_pattern("disk0", 0x22, 2 * MIB, MIB).await;
     let reference = refs.path().join("ref.qcow2");
     vm.capture_reference("disk0", &reference).await;
-    let inc = er.repo.backup(&vm, "vm1", &er.key_args());
-    assert_eq!(inc["method"], "checksum-diff", "{inc}");
+    let inc = er.repo.backup_report(&vm, "vm1", &er.key_args());
+    assert_eq!(inc.method, "checksum-diff", "{inc:?}");
     // Only the block that changed was copied: the keyed tables matched everywhere else.
-    assert_eq!(integration_tests::repo::copied_bytes(&inc), vec![MIB], "{inc}");
+    assert_eq!(integration_tests::repo::copied_bytes(&inc), vec![MIB], "{inc:?}");
     for file in files_below(&er.repo.path()) {
         assert!(
             !holds_pattern(&file, PATTERN) && !holds_pattern(&file, 0x22),
@@ -346,12 +344,7 @@ async fn a_checksum_diff_backup_into_an_encrypted_repository_compares_keyed_tabl
     let to = refs.path().join("restored.qcow2");
     er.run(
         "vm1",
-        &[
-            "restore",
-            inc["node"].as_str().unwrap(),
-            "--to",
-            to.to_str().unwrap(),
-        ],
+        &["restore", inc.node.as_str(), "--to", to.to_str().unwrap()],
     )
     .success();
     image::assert_same(&reference, &to);
@@ -448,7 +441,7 @@ async fn merge_in_an_encrypted_repository_writes_an_encrypted_synthetic_full_tha
     let er = EncryptedRepo::init();
     let dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
-    er.repo.backup(&vm, "vm1", &er.key_args());
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
     vm.write_pattern("disk0", 0x22, MIB, 2 * MIB).await;
     vm.write_zeroes("disk0", 0, 512 << 10).await;
     let reference = dir.path().join("ref.qcow2");
@@ -483,7 +476,7 @@ async fn prune_in_an_encrypted_repository_merges_layers_and_the_kept_node_restor
         .repo
         .backup_node(&vm, "vm1", &[&er.key_args()[..], &["--tag", "base"]].concat());
     vm.write_pattern("disk0", 0x22, MIB, MIB).await;
-    er.repo.backup(&vm, "vm1", &er.key_args());
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
     vm.write_pattern("disk0", 0x33, 3 * MIB, MIB).await;
     let reference = dir.path().join("ref.qcow2");
     vm.capture_reference("disk0", &reference).await;
@@ -572,7 +565,7 @@ async fn time_points_copied_into_an_encrypted_repository_are_encrypted_and_resto
     // A backup first: time points then stack on nothing of the repository (the first copy is flattened), the
     // later copies on their parent's copy.
     vm.write_pattern("disk0", PATTERN, 0, 2 * MIB).await;
-    er.repo.backup(&vm, "vm1", &er.key_args());
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
     let mut points = Vec::new();
     for (i, pattern) in patterns.iter().enumerate() {
         let i = i as u64;
@@ -582,9 +575,9 @@ async fn time_points_copied_into_an_encrypted_repository_are_encrypted_and_resto
         let r = vm
             .capture_references(&["disk0", "disk1"], refs.path(), &format!("p{i}"))
             .await;
-        let taken = snapshot(&er, &vm, &["--copy"], &er.key_args()).success().json();
-        assert_eq!(taken["copied"], true, "{taken}");
-        points.push((taken["node"].as_str().unwrap().to_owned(), r));
+        let taken: SnapshotReport = snapshot(&er, &vm, &["--copy"], &er.key_args()).success().report();
+        assert!(taken.copied, "{taken:?}");
+        points.push((taken.node.clone(), r));
     }
     let manifest = er.repo.manifest("vm1");
     for (i, (node, _)) in points.iter().enumerate() {
@@ -660,9 +653,9 @@ async fn time_points_copied_into_an_encrypted_repository_are_encrypted_and_resto
 
     // A time point without a copy writes nothing of the guest's into the repository and needs no key.
     vm.write_pattern("disk0", 0x44, 0, MIB).await;
-    let plain = snapshot(&er, &vm, &[], &[]).success().json();
-    assert_eq!(plain["copied"], false, "{plain}");
-    let plain_node = plain["node"].as_str().unwrap();
+    let plain: SnapshotReport = snapshot(&er, &vm, &[], &[]).success().report();
+    assert!(!plain.copied, "{plain:?}");
+    let plain_node = plain.node.as_str();
     assert!(!er.repo.vm_dir("vm1").join(plain_node).exists());
     // Prune leaves time points alone; merge refuses them (their chains live partly in the VM's storage).
     er.run("vm1", &["prune", "--keep-last", "1"]).success();
@@ -688,8 +681,8 @@ async fn time_points_copied_into_an_encrypted_repository_are_encrypted_and_resto
     let r = vm
         .capture_references(&["disk0", "disk1"], refs.path(), "after-revert")
         .await;
-    let after = er.repo.backup(&vm, "vm1", &er.key_args());
-    let node = after["node"].as_str().unwrap();
+    let after = er.repo.backup_report(&vm, "vm1", &er.key_args());
+    let node = after.node.as_str();
     let dir = out.join(node);
     er.run("vm1", &["restore", node, "--to", dir.to_str().unwrap()])
         .success();
@@ -764,7 +757,7 @@ async fn the_key_from_the_environment_is_not_inherited_by_qemu_children() {
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
     let er = EncryptedRepo::init();
     vm.write_pattern("disk0", PATTERN, 0, MIB).await;
-    er.repo.backup(&vm, "vm1", &er.key_args());
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
     let key = "0123456789abcdef0123456789abcdef";
     for (var, extra) in [
         ("QMPBAK_KEY", &[][..]),
@@ -888,10 +881,10 @@ async fn a_commit_of_copied_time_points_in_an_encrypted_repository_needs_the_key
             .await;
         let reference = refs.path().join(format!("{tag}.qcow2"));
         vm.capture_reference("disk0", &reference).await;
-        let taken = snapshot(&er, &vm, &["--copy", "--tag", tag], &er.key_args())
+        let taken: SnapshotReport = snapshot(&er, &vm, &["--copy", "--tag", tag], &er.key_args())
             .success()
-            .json();
-        points.push((taken["node"].as_str().unwrap().to_owned(), reference));
+            .report();
+        points.push((taken.node.clone(), reference));
     }
     // c's copy must absorb b's copy before b leaves the tree: that needs the key.
     let commit = |key: &[&str]| {

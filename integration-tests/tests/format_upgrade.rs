@@ -69,15 +69,11 @@ async fn a_repository_of_format_1_is_read_backed_up_into_and_restored() {
     // Backed up into: the killed backup's record is finished first, then the disks are compared with node
     // 0001's table (its bitmaps are not in this QEMU).
     vm.write_pattern("disk0", 0x33, 8 * MIB, MIB).await;
-    let report = repo.backup(&vm, "vm1", &[]);
-    assert_eq!(
-        report["cleaned"]["operations"],
-        serde_json::json!(["backup-0002"]),
-        "{report}"
-    );
-    assert_eq!(report["parent"], "0001", "{report}");
-    assert_eq!(report["method"], "checksum-diff", "{report}");
-    let node = report["node"].as_str().unwrap().to_owned();
+    let report = repo.backup_report(&vm, "vm1", &[]);
+    assert_eq!(report.cleaned.operations, ["backup-0002"], "{report:?}");
+    assert_eq!(report.parent.as_deref(), Some("0001"), "{report:?}");
+    assert_eq!(report.method, "checksum-diff", "{report:?}");
+    let node = report.node.clone();
     let manifest = repo.manifest("vm1");
     assert!(manifest.operations.is_empty());
     assert_eq!(

@@ -11,7 +11,7 @@ use sha2::{Digest as _, Sha256};
 
 use integration_tests::guest::TestGuest;
 use integration_tests::mounts::{self, Unmount, assert_nothing_left, can_mount, checksums};
-use integration_tests::repo::TestRepo;
+use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::{MIB, cli};
 
 const DISK: &str = "disk0";
@@ -59,15 +59,15 @@ async fn files_the_guest_wrote_before_the_backup_are_read_back_from_the_mount() 
         &["--quiesce", "--qga", qga.to_str().unwrap()],
     ))
     .success()
-    .json();
-    let quiesced = quiesced["node"].as_str().unwrap().to_owned();
+    .report::<BackupReport>();
+    let quiesced = quiesced.node;
     // Crash consistent: taken while the guest writes.
     let seen = guest.files_written();
     guest.wait_for_file(seen + 3).await;
     let crash = cli::run_owned(&repo.socket_backup_args(&guest.socket(), VM, &[]))
         .success()
-        .json();
-    let crash = crash["node"].as_str().unwrap().to_owned();
+        .report::<BackupReport>();
+    let crash = crash.node;
     let before = checksums(&repo.path());
 
     let list = repo

@@ -8,8 +8,9 @@ use std::ffi::OsStr;
 use std::os::unix::fs::PermissionsExt as _;
 use std::path::Path;
 
-use integration_tests::repo::TestRepo;
+use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::snapshot::SnapshotReport;
 
 #[tokio::test]
 async fn paths_with_shell_and_qemu_metacharacters_are_only_ever_data() {
@@ -20,7 +21,7 @@ async fn paths_with_shell_and_qemu_metacharacters_are_only_ever_data() {
     cli::run(&["init", repo.to_str().unwrap()]).success();
     let repo = TestRepo::at(repo);
     vm.write_pattern("disk0", 0x5a, 0, 4 * MIB).await;
-    repo.backup(&vm, "vm1", &[]);
+    repo.backup_report(&vm, "vm1", &[]);
     vm.write_pattern("disk0", 0xa5, MIB, MIB).await;
     let reference = dir.path().join("ref.qcow2");
     vm.capture_reference("disk0", &reference).await;
@@ -50,9 +51,9 @@ async fn what_qmpbak_creates_is_private_to_its_owner() {
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
     let repo = TestRepo::init();
     vm.write_pattern("disk0", 0x11, 0, MIB).await;
-    repo.backup(&vm, "vm1", &[]);
+    repo.backup_report(&vm, "vm1", &[]);
     vm.write_pattern("disk0", 0x22, 0, MIB).await;
-    repo.backup(&vm, "vm1", &[]);
+    repo.backup_report(&vm, "vm1", &[]);
     let mut entries = vec![(
         repo.path(),
         std::fs::metadata(repo.path()).unwrap().permissions().mode() & 0o777,
@@ -130,7 +131,7 @@ async fn a_relative_repository_path_never_reaches_another_repository_through_qem
         "--json",
     ])
     .success();
-    let node = out.json()["node"].as_str().unwrap().to_owned();
+    let node = out.report::<BackupReport>().node;
     assert_eq!(
         node, victim_node,
         "the same node id in both repositories makes the test meaningful"
@@ -160,7 +161,7 @@ fn two_time_points(repo: &TestRepo, socket: &str) -> Vec<String> {
         .iter()
         .map(|tag| {
             let out = repo.run("vm1", &["snapshot", "--socket", socket, "--tag", tag, "--json"]);
-            out.success().json()["node"].as_str().unwrap().to_owned()
+            out.success().report::<SnapshotReport>().node
         })
         .collect()
 }
@@ -423,7 +424,7 @@ async fn a_lock_file_that_is_a_symlink_is_refused_and_nothing_is_created_outside
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
     let repo = TestRepo::init();
     vm.write_pattern("disk0", 0x33, 0, MIB).await;
-    repo.backup(&vm, "vm1", &[]);
+    repo.backup_report(&vm, "vm1", &[]);
     let outside = tempfile::tempdir().unwrap();
     let target = outside.path().join("created-by-qmpbak");
     let lock = repo.vm_dir("vm1").join("lock");
@@ -515,7 +516,7 @@ async fn a_read_only_repository_can_be_listed_shown_verified_and_restored() {
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
     let repo = TestRepo::init();
     vm.write_pattern("disk0", 0x61, 0, 2 * MIB).await;
-    repo.backup(&vm, "vm1", &[]);
+    repo.backup_report(&vm, "vm1", &[]);
     vm.write_pattern("disk0", 0x62, MIB, MIB).await;
     let reference = repo.temp_dir().unwrap().join("ref.qcow2");
     vm.capture_reference("disk0", &reference).await;

@@ -4,7 +4,7 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
-use integration_tests::repo::TestRepo;
+use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
 
@@ -38,8 +38,8 @@ async fn four_vms_backed_up_at_once_into_one_repository_are_each_exact() {
             children.push((i, child, reference));
         }
         for (i, child, reference) in children {
-            let out = cli::wait(child, CLI_TIMEOUT).success().json();
-            let node = out["node"].as_str().unwrap();
+            let out: BackupReport = cli::wait(child, CLI_TIMEOUT).success().report();
+            let node = out.node.as_str();
             image::assert_same(&reference, &repo.node_file(&format!("vm{i}"), node, "disk0"));
         }
     }
@@ -81,7 +81,7 @@ async fn a_hundred_backups_with_a_prune_every_ten_keep_everything_flat_and_exact
         .await;
         let reference = refs.path().join(format!("ref-{n}.qcow2"));
         vm.capture_reference("disk0", &reference).await;
-        let node = repo.backup(&vm, "vm1", &[])["node"].as_str().unwrap().to_owned();
+        let node = repo.backup_report(&vm, "vm1", &[]).node.as_str().to_owned();
         references.push((node, reference));
         if n % 10 == 9 {
             cli::run(&["prune", "--repo", &repo_arg, "--vm", "vm1", "--keep-last", "5"]).success();

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
-use integration_tests::repo::TestRepo;
+use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::verify::VerifyReport;
 
 const VM: &str = "vm1";
 const DISKS: [&str; 2] = ["disk0", "disk1"];
@@ -44,11 +45,11 @@ async fn change(vm: &TestVm, i: u8) {
 }
 
 /// Captures references of `vm`'s disks into `work` as `label`, then backs it up: the report and the new point.
-async fn backup_point(repo: &TestRepo, vm: &TestVm, work: &Path, label: &str) -> (serde_json::Value, Point) {
+async fn backup_point(repo: &TestRepo, vm: &TestVm, work: &Path, label: &str) -> (BackupReport, Point) {
     let refs = vm.capture_references(&DISKS, work, label).await;
-    let report = repo.backup(vm, VM, &[]);
+    let report = repo.backup_report(vm, VM, &[]);
     let point = Point {
-        node: report["node"].as_str().unwrap().to_owned(),
+        node: report.node.clone(),
         refs,
     };
     (report, point)
@@ -91,8 +92,8 @@ fn assert_restores_exactly(repo: &TestRepo, point: &Point, out: &Path) {
 
 #[track_caller]
 fn assert_verifies(repo: &TestRepo) {
-    let report = repo.run(VM, &["verify", "--json"]).success().json();
-    assert_eq!(report["ok"], true, "{report}");
+    let report: VerifyReport = repo.run(VM, &["verify", "--json"]).success().report();
+    assert!(report.ok, "{report:?}");
 }
 
 /// Bytes the files of the node directories take on the host.
@@ -175,15 +176,15 @@ async fn keep_last_three_of_eight_merges_the_rest_away_and_what_stays_restores_e
         all[..5].iter().rev().cloned().collect::<Vec<_>>()
     );
     for merged in report["merged"].as_array().unwrap() {
-        assert_eq!(strs(&merged["into"]), [all[5].clone()], "{report}");
+        assert_eq!(strs(&merged["into"]), [all[5].clone()], "{report:?}");
     }
     let freed = report["freed_bytes"].as_i64().unwrap();
     assert_eq!(
         freed,
         i64::try_from(bytes_before).unwrap() - i64::try_from(bytes_after).unwrap(),
-        "freed bytes are what left the disk: {report}"
+        "freed bytes are what left the disk: {report:?}"
     );
-    assert!(freed > 0, "{report}");
+    assert!(freed > 0, "{report:?}");
     assert_eq!(
         report["removed_bytes"].as_i64().unwrap() - report["added_bytes"].as_i64().unwrap(),
         freed
@@ -214,9 +215,9 @@ async fn keep_last_three_of_eight_merges_the_rest_away_and_what_stays_restores_e
     // The VM's bitmaps count from the current node, which stayed: the next backup is a bitmap incremental.
     change(&vm, 9).await;
     let (report, next) = backup_point(&repo, &vm, work.path(), "after").await;
-    assert_eq!(report["level"], "incremental", "{report}");
-    assert_eq!(report["method"], "bitmap", "{report}");
-    assert_eq!(report["parent"], serde_json::json!(all[7]));
+    assert_eq!(report.level, "incremental", "{report:?}");
+    assert_eq!(report.method, "bitmap", "{report:?}");
+    assert_eq!(report.parent.as_ref(), Some(&all[7]));
     assert_restores_exactly(&repo, &next, &out);
 
     // Pruning again with the same policy has nothing more to do than the new backup asks.
@@ -288,8 +289,8 @@ async fn a_tree_with_two_branches_keeps_the_newest_of_each_and_merges_the_shared
 
     change(&vm2, 30).await;
     let (report, next) = backup_point(&repo, &vm2, work.path(), "after").await;
-    assert_eq!(report["method"], "bitmap", "{report}");
-    assert_eq!(report["parent"], serde_json::json!(all[4]));
+    assert_eq!(report.method, "bitmap", "{report:?}");
+    assert_eq!(report.parent.as_ref(), Some(&all[4]));
     assert_restores_exactly(&repo, &next, &out);
 }
 
@@ -333,9 +334,9 @@ async fn a_prune_killed_midway_leaves_an_exact_tree_and_the_next_prune_finishes_
     assert_eq!(
         report["leftovers"]["operations"].as_array().unwrap().len(),
         1,
-        "{report}"
+        "{report:?}"
     );
-    assert!(!strs(&report["leftovers"]["files"]).is_empty(), "{report}");
+    assert!(!strs(&report["leftovers"]["files"]).is_empty(), "{report:?}");
     assert_eq!(strs(&report["removed"]), [&all[1], &all[0]].map(String::clone));
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
@@ -358,8 +359,8 @@ async fn a_prune_killed_midway_leaves_an_exact_tree_and_the_next_prune_finishes_
     assert_verifies(&repo);
 
     change(&vm, 7).await;
-    let next = repo.backup(&vm, VM, &[]);
-    assert_eq!(next["method"], "bitmap", "{next}");
+    let next = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(next.method, "bitmap", "{next:?}");
 }
 
 #[tokio::test]
@@ -383,7 +384,7 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
     assert_eq!(
         report["leftovers"]["operations"].as_array().unwrap().len(),
         1,
-        "{report}"
+        "{report:?}"
     );
     let manifest = repo.manifest(VM);
     let node = manifest.node(&all[2].parse().unwrap()).unwrap();
@@ -418,8 +419,8 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
     assert!(again["previous_parent"].is_null(), "{again}");
     change(&vm, 8).await;
     let (report, next) = backup_point(&repo, &vm, work.path(), "after").await;
-    assert_eq!(report["method"], "bitmap", "{report}");
-    assert_eq!(report["parent"], serde_json::json!(all[4]));
+    assert_eq!(report.method, "bitmap", "{report:?}");
+    assert_eq!(report.parent.as_ref(), Some(&all[4]));
     assert_restores_exactly(&repo, &next, &out);
 }
 
@@ -427,7 +428,7 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
 async fn prune_without_a_policy_is_a_usage_error_and_failed_backups_go() {
     let repo = TestRepo::init();
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
     let out = prune(&repo, &[]);
     assert_eq!(out.code(), Some(2), "{out:?}");
     // A backup killed midway leaves a failed node once cleaned up; prune removes it.
@@ -446,7 +447,7 @@ async fn prune_without_a_policy_is_a_usage_error_and_failed_backups_go() {
         .map(|n| n.id.to_string())
         .unwrap();
     let report = prune(&repo, &["--keep-last", "5"]).success().json();
-    assert_eq!(strs(&report["removed"]), vec![failed.clone()], "{report}");
+    assert_eq!(strs(&report["removed"]), vec![failed.clone()], "{report:?}");
     assert!(repo.manifest(VM).node(&failed.parse().unwrap()).is_none());
     assert!(!repo.vm_dir(VM).join(&failed).exists());
 }

@@ -104,8 +104,8 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
                 vm.write_zeroes("disk0", 0, MIB).await;
             }
             let refs = vm.capture_references(&DISKS, work.path(), &format!("a{i}")).await;
-            let report = repo.backup(&vm, VM, &["--level", level]);
-            nodes.push((report["node"].as_str().unwrap().to_owned(), refs));
+            let report = repo.backup_report(&vm, VM, &["--level", level]);
+            nodes.push((report.node.clone(), refs));
         }
     }
     // A second branch: node 2 restored live into a new VM, which then changes and is backed up.
@@ -114,10 +114,10 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
     cli::run_owned(&live_args(&repo, &vm2, &branch_point, &[])).success();
     vm2.write_pattern("disk1", 0x77, 0, MIB).await;
     let refs = vm2.capture_references(&DISKS, work.path(), "branch").await;
-    let branch = repo.backup(&vm2, VM, &[]);
-    assert_eq!(branch["parent"], serde_json::json!(branch_point), "{branch}");
-    assert_eq!(branch["method"], "bitmap", "{branch}");
-    nodes.push((branch["node"].as_str().unwrap().to_owned(), refs));
+    let branch = repo.backup_report(&vm2, VM, &[]);
+    assert_eq!(branch.parent.as_ref(), Some(&branch_point), "{branch:?}");
+    assert_eq!(branch.method, "bitmap", "{branch:?}");
+    nodes.push((branch.node.clone(), refs));
 
     let manifest = repo.manifest(VM);
     assert_eq!(
@@ -178,7 +178,7 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
         let vm = TestVm::start(&sizes()).await;
         vm.write_pattern("disk0", 0x5a, 0, 16 * MIB).await;
         vm.write_pattern("disk1", 0xa5, 0, 8 * MIB).await;
-        repo.backup(&vm, VM, &[]);
+        repo.backup_report(&vm, VM, &[]);
         vm.write_pattern("disk0", 0x6b, 4 * MIB, MIB).await;
         repo.backup_node(&vm, VM, &[])
     };
@@ -269,11 +269,11 @@ async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
     let out = verify(&repo, &["--all"]);
     assert_eq!(out.code(), Some(6), "{out:?}");
     let report = out.json();
-    assert_eq!(report["damaged_nodes"], serde_json::json!([ids[1]]), "{report}");
+    assert_eq!(report["damaged_nodes"], serde_json::json!([ids[1]]), "{report:?}");
     assert_eq!(
         report["broken_restores"],
         serde_json::json!([ids[1], ids[2]]),
-        "{report}"
+        "{report:?}"
     );
     let bad = report["nodes"]
         .as_array()
@@ -407,24 +407,19 @@ async fn compressed_backups_are_hashed_through_qemu_and_restore_exactly() {
     let vm = TestVm::start(&sizes()).await;
     vm.write_pattern("disk0", 0x31, 0, 3 * MIB).await;
     vm.write_pattern("disk1", 0x32, MIB, MIB).await;
-    let full = repo.backup(&vm, VM, &["--level", "full", "--compress"]);
+    let full = repo.backup_report(&vm, VM, &["--level", "full", "--compress"]);
     vm.write_pattern("disk0", 0x33, 2 * MIB, 2 * MIB).await;
     vm.write_zeroes("disk1", MIB, 64 * 1024).await;
     let refs = vm.capture_references(&DISKS, work.path(), "compressed").await;
-    let inc = repo.backup(&vm, VM, &["--compress"]);
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    let file = repo.node_file(VM, full["node"].as_str().unwrap(), "disk0");
+    let inc = repo.backup_report(&vm, VM, &["--compress"]);
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    let file = repo.node_file(VM, full.node.as_str(), "disk0");
     let map = image::qemu_img(&["map", "--output=json", file.to_str().unwrap()]);
     assert!(
         map.contains("\"compressed\": true") || !map.contains("\"offset\""),
         "the full is compressed: {map}"
     );
-    assert_restores_exactly(
-        &repo,
-        inc["node"].as_str().unwrap(),
-        &refs,
-        &work.path().join("out"),
-    );
+    assert_restores_exactly(&repo, inc.node.as_str(), &refs, &work.path().join("out"));
     let ok = verify(&repo, &[]).success().json();
     assert_eq!(ok["ok"], true, "{ok}");
 }
@@ -446,11 +441,15 @@ async fn the_first_incremental_after_a_live_restore_copies_only_the_guests_write
     cli::wait(child, CLI_TIMEOUT).success();
     vm.write_pattern("disk0", 0x77, 20 * MIB, MIB).await;
     let refs = vm.capture_references(&DISKS, work.path(), "after-restore").await;
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["level"], "incremental", "{inc}");
-    assert_eq!(inc["method"], "bitmap", "{inc}");
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.level, "incremental", "{inc:?}");
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
     let copied = copied_bytes(&inc);
     // The stream's own writes do not mark the new bitmap (QEMU's copy-on-read path): only the guest's do.
-    assert_eq!(copied, [2 * MIB, 0], "only the guest's writes are copied: {inc}");
-    assert_restores_exactly(&repo, inc["node"].as_str().unwrap(), &refs, work.path());
+    assert_eq!(
+        copied,
+        [2 * MIB, 0],
+        "only the guest's writes are copied: {inc:?}"
+    );
+    assert_restores_exactly(&repo, inc.node.as_str(), &refs, work.path());
 }

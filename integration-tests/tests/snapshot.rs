@@ -7,6 +7,7 @@
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::CLI_CRASH_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::snapshot::SnapshotReport;
 
 const VM: &str = "ci";
 
@@ -16,6 +17,10 @@ fn args(repo: &TestRepo, vm: &TestVm, cmd: &[&str]) -> Vec<String> {
 
 fn run(a: &[String]) -> serde_json::Value {
     cli::run_owned(a).success().json()
+}
+
+fn snapshot(a: &[String]) -> SnapshotReport {
+    cli::run_owned(a).success().report()
 }
 
 /// Runs `qmpbak commit NODE` killed right after its first disk's commit; its record is left behind.
@@ -51,9 +56,9 @@ async fn snapshot_trash_revert_ten_times_without_restarting_qemu() {
     let clean = vm
         .capture_references(&["disk0", "disk1"], refs.path(), "clean")
         .await;
-    let taken = run(&args(&repo, &vm, &["snapshot", "--tag", "clean"]));
-    let clean_id = taken["node"].as_str().unwrap().to_owned();
-    assert_eq!(taken["parent"], serde_json::Value::Null);
+    let taken = snapshot(&args(&repo, &vm, &["snapshot", "--tag", "clean"]));
+    let clean_id = taken.node.clone();
+    assert_eq!(taken.parent, None);
 
     for round in 0..10u8 {
         // The test run trashes the disks, and its end state is kept as a time point of its own.
@@ -109,8 +114,8 @@ async fn snapshot_ms(size: u64, data: u64) -> f64 {
     }
     let mut times = Vec::new();
     for i in 0..3 {
-        let r = run(&args(&repo, &vm, &["snapshot", "--tag", &format!("p{i}")]));
-        times.push(r["transaction_ms"].as_f64().unwrap());
+        let r = snapshot(&args(&repo, &vm, &["snapshot", "--tag", &format!("p{i}")]));
+        times.push(r.transaction_ms);
     }
     times.sort_by(f64::total_cmp);
     times[1]
@@ -138,8 +143,8 @@ async fn commit_of_the_middle_of_a_chain_keeps_every_remaining_point_exact() {
             .await;
         let reference = refs.path().join(format!("{tag}.qcow2"));
         vm.capture_reference("disk0", &reference).await;
-        let r = run(&args(&repo, &vm, &["snapshot", "--tag", tag]));
-        points.push((tag.to_string(), r["node"].as_str().unwrap().to_owned(), reference));
+        let r = snapshot(&args(&repo, &vm, &["snapshot", "--tag", tag]));
+        points.push((tag.to_string(), r.node.clone(), reference));
     }
     vm.write_pattern("disk0", 0x99, MIB, MIB).await;
     let live = refs.path().join("live.qcow2");
@@ -188,9 +193,9 @@ async fn copied_time_points_survive_in_the_repository_and_restore_exactly() {
         let r = vm
             .capture_references(&["disk0", "disk1"], refs.path(), &format!("p{i}"))
             .await;
-        let taken = run(&args(&repo, &vm, &["snapshot", "--copy"]));
-        assert_eq!(taken["copied"], true, "{taken}");
-        points.push((taken["node"].as_str().unwrap().to_owned(), r));
+        let taken = snapshot(&args(&repo, &vm, &["snapshot", "--copy"]));
+        assert!(taken.copied, "{taken:?}");
+        points.push((taken.node.clone(), r));
     }
     // Later copies hold only their increment.
     let stored = integration_tests::image::allocated_data_bytes(&repo.node_file(VM, &points[2].0, "disk0"));
@@ -296,8 +301,8 @@ async fn a_copied_time_point_still_restores_exactly_after_its_parent_was_committ
             .await;
         let reference = refs.path().join(format!("{tag}.qcow2"));
         vm.capture_reference("disk0", &reference).await;
-        let r = run(&args(&repo, &vm, &["snapshot", "--copy", "--tag", tag]));
-        points.push((r["node"].as_str().unwrap().to_owned(), reference));
+        let r = snapshot(&args(&repo, &vm, &["snapshot", "--copy", "--tag", tag]));
+        points.push((r.node.clone(), reference));
     }
     // c's copy holds its increment over b's copy; b leaves the tree.
     run(&args(&repo, &vm, &["commit", "c"]));

@@ -11,6 +11,7 @@ use std::path::Path;
 
 use integration_tests::repo::{TestRepo, copied_bytes};
 use integration_tests::{MIB, TestVm, image};
+use qmpbak_engine::verify::VerifyReport;
 
 const VM: &str = "sparse";
 const DISK: &str = "big0";
@@ -32,13 +33,13 @@ async fn a_full_backup_of_a_mostly_empty_1_tib_disk_copies_and_stores_only_its_d
 
     let full_ref = refs.path().join("full.qcow2");
     vm.capture_reference(DISK, &full_ref).await;
-    let full = repo.backup(&vm, VM, &[]);
-    let full_node = full["node"].as_str().unwrap();
-    assert_eq!(full["level"], "full", "{full}");
+    let full = repo.backup_report(&vm, VM, &[]);
+    let full_node = full.node.as_str();
+    assert_eq!(full.level, "full", "{full:?}");
     assert_eq!(
         copied_bytes(&full),
         [data],
-        "only the allocated clusters are copied: {full}"
+        "only the allocated clusters are copied: {full:?}"
     );
     let file = repo.node_file(VM, full_node, DISK);
     // qcow2 header, L1, refcounts and the L2 tables of the two extents: a few hundred KiB. sync=full wrote a
@@ -61,9 +62,9 @@ async fn a_full_backup_of_a_mostly_empty_1_tib_disk_copies_and_stores_only_its_d
     vm.write_zeroes(DISK, 0, MIB).await;
     let inc_ref = refs.path().join("inc.qcow2");
     vm.capture_reference(DISK, &inc_ref).await;
-    let inc = repo.backup(&vm, VM, &[]);
-    assert_eq!(inc["level"], "incremental", "{inc}");
-    let inc_file = repo.node_file(VM, inc["node"].as_str().unwrap(), DISK);
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.level, "incremental", "{inc:?}");
+    let inc_file = repo.node_file(VM, inc.node.as_str(), DISK);
     image::assert_same(&inc_ref, &inc_file);
     let inc_table = inc_file.with_extension("table");
     assert!(
@@ -71,6 +72,6 @@ async fn a_full_backup_of_a_mostly_empty_1_tib_disk_copies_and_stores_only_its_d
         "the incremental's table takes {} bytes",
         on_disk(&inc_table)
     );
-    let verified = repo.run(VM, &["verify", "--json"]).success().json();
-    assert_eq!(verified["ok"], true, "{verified}");
+    let verified: VerifyReport = repo.run(VM, &["verify", "--json"]).success().report();
+    assert!(verified.ok, "{verified:?}");
 }

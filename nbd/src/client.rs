@@ -10,10 +10,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::{TcpStream, UnixStream, lookup_host};
+use tokio::net::UnixStream;
 use tokio::time::{Instant, timeout_at};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::conn::{Conn, Request, Ticket};
 use crate::error::{Error, Result};
@@ -179,30 +177,16 @@ impl Client {
             return Err(Error::PlaintextRefused { target });
         }
         let deadline = Instant::now() + timeout;
-        let connect = async {
-            let mut last = None;
-            for sa in lookup_host((host, port)).await? {
-                match TcpStream::connect(sa).await {
-                    Ok(stream) => return Ok(stream),
-                    Err(e) => last = Some(e),
-                }
-            }
-            Err(last.unwrap_or_else(|| io::Error::new(io::ErrorKind::NotFound, "the host has no address")))
-        };
-        let stream = match timeout_at(deadline, connect).await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(source)) => return Err(Error::Connect { target, source }),
-            Err(_) => {
+        let stream = match pki::connect_tcp(host, port, deadline).await {
+            Ok(stream) => stream,
+            Err(pki::ConnectFailure::Io(source)) => return Err(Error::Connect { target, source }),
+            Err(pki::ConnectFailure::Timeout) => {
                 return Err(Error::Timeout {
                     what: format!("connecting to {target}"),
                     after: timeout,
                 });
             }
         };
-        stream.set_nodelay(true).map_err(|source| Error::Connect {
-            target: target.clone(),
-            source,
-        })?;
         Self::handshake(stream, &target, Some(host), export, options, deadline, timeout).await
     }
 
@@ -308,13 +292,12 @@ impl Client {
                 path: credentials.dir().to_owned(),
                 reason: format!("no server name to check the certificate of {target} against"),
             })?;
-        let server_name = ServerName::try_from(name.to_owned()).map_err(|e| Error::TlsCredentials {
-            path: credentials.dir().to_owned(),
-            reason: format!("{name:?} is not a usable server name: {e}"),
+        let server_name = pki::server_name(credentials.pki(), name).map_err(|e| Error::TlsCredentials {
+            path: e.path().to_owned(),
+            reason: e.reason().to_owned(),
         })?;
         handshake::starttls(&mut stream, target).await?;
-        let mut stream = TlsConnector::from(Arc::clone(credentials.config()))
-            .connect(server_name, stream)
+        let mut stream = pki::tls_connect(credentials.pki(), server_name, stream)
             .await
             .map_err(|e| tls::tls_error(target, &e))?;
         let info = handshake::negotiate_options(&mut stream, export, greeting, &options.meta_contexts)

@@ -10,9 +10,6 @@
 use std::fmt;
 use std::io;
 use std::path::Path;
-use std::sync::Arc;
-
-use rustls::ClientConfig;
 
 pub use pki::{CA_CERT, CLIENT_CERT, CLIENT_KEY, TlsFailure};
 
@@ -61,10 +58,6 @@ impl TlsCredentials {
     /// The credentials as the `pki` crate holds them (for another protocol, e.g. QMP over TLS).
     pub fn pki(&self) -> &pki::ClientCredentials {
         &self.inner
-    }
-
-    pub(crate) fn config(&self) -> &Arc<ClientConfig> {
-        self.inner.config()
     }
 }
 

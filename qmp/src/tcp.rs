@@ -7,16 +7,13 @@
 
 use std::io;
 use std::path::PathBuf;
-use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpStream, lookup_host};
+use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
-use tokio_rustls::TlsConnector;
-use tokio_rustls::rustls::pki_types::ServerName;
 
 use crate::client::{CLOSED_WITHOUT_GREETING, Qmp};
-use crate::endpoint::{Endpoint, host_port};
+use crate::endpoint::Endpoint;
 use crate::error::Error;
 
 /// How to reach a QMP monitor over TCP: TLS credentials, or explicit leave to use plaintext.
@@ -73,16 +70,11 @@ impl Qmp {
                     return Err(Error::NoCredentials { target });
                 };
                 let name = options.server_name.as_deref().unwrap_or(host);
-                let server_name = ServerName::try_from(name.to_owned()).map_err(|e| {
-                    Error::Credentials(pki::Error::Credentials {
-                        path: credentials.dir().to_owned(),
-                        reason: format!("{name:?} is not a usable server name: {e}"),
-                    })
-                })?;
+                let server_name = pki::server_name(credentials, name).map_err(Error::Credentials)?;
                 let deadline = Instant::now() + timeout;
                 let stream = connect_tcp(host, *port, &target, deadline, timeout).await?;
-                let tls = TlsConnector::from(Arc::clone(credentials.config()));
-                let stream = match timeout_at(deadline, tls.connect(server_name, stream)).await {
+                let tls = pki::tls_connect(credentials, server_name, stream);
+                let stream = match timeout_at(deadline, tls).await {
                     Ok(Ok(stream)) => stream,
                     Ok(Err(e)) => return Err(tls_error(&target, &e)),
                     Err(_) => {
@@ -126,41 +118,18 @@ async fn connect_tcp(
     deadline: Instant,
     timeout: Duration,
 ) -> crate::Result<TcpStream> {
-    let connect = async {
-        let mut last = None;
-        for sa in lookup_host((host, port)).await? {
-            match TcpStream::connect(sa).await {
-                Ok(stream) => return Ok(stream),
-                Err(e) => last = Some(e),
-            }
-        }
-        Err(last.unwrap_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("{} has no address", host_port(host, port)),
-            )
-        }))
-    };
-    let stream = match timeout_at(deadline, connect).await {
-        Ok(Ok(stream)) => stream,
-        Ok(Err(source)) => {
-            return Err(Error::ConnectTcp {
+    pki::connect_tcp(host, port, deadline)
+        .await
+        .map_err(|failure| match failure {
+            pki::ConnectFailure::Io(source) => Error::ConnectTcp {
                 target: target.to_owned(),
                 source,
-            });
-        }
-        Err(_) => {
-            return Err(Error::Timeout {
+            },
+            pki::ConnectFailure::Timeout => Error::Timeout {
                 what: format!("a connection to {target}"),
                 after: timeout,
-            });
-        }
-    };
-    stream.set_nodelay(true).map_err(|source| Error::ConnectTcp {
-        target: target.to_owned(),
-        source,
-    })?;
-    Ok(stream)
+            },
+        })
 }
 
 fn tls_error(target: &str, e: &io::Error) -> Error {

@@ -43,7 +43,7 @@ pub async fn run(args: Args) -> Result<()> {
     };
     let cleaned = recovery::recover(qmp.as_ref(), &vm, &mut manifest, &guard).await?;
     // Mounts of this VM's nodes whose qmpbak was killed while setting them up.
-    let mounts = qmpbak_engine::mount::clean_interrupted(&manifest.vm)?;
+    let mounts = qmpbak_engine::mount::clean_interrupted(&manifest.vm).await?;
     if args.json {
         let mut value = serde_json::to_value(&cleaned)?;
         value["mounts"] = serde_json::to_value(&mounts)?;

@@ -26,7 +26,7 @@ pub struct Args {
     json: bool,
 }
 
-pub fn run(args: &Args) -> Result<()> {
+pub async fn run(args: &Args) -> Result<()> {
     if !args.encrypt && (args.key.file.is_some() || args.key.fd.is_some() || args.key.env.is_some()) {
         anyhow::bail!(qmpbak_engine::exit::Exit::usage(
             "a key was given without --encrypt: pass --encrypt to make an encrypted repository"
@@ -52,12 +52,16 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let repo = chain::Repository::init_with(&args.repo, settings)?;
     if let Some(key) = &key {
-        let made = qmpbak_engine::crypt::unlock::unlock_with(&repo, key).and_then(|_key| {
-            qmpbak_engine::crypt::unlock::create_template(
-                &qmpbak_engine::qemu_bins::QemuBins::from_env(),
-                repo.path(),
-            )
-        });
+        let made = match qmpbak_engine::crypt::unlock::unlock_with(&repo, key) {
+            Ok(_key) => {
+                qmpbak_engine::crypt::unlock::create_template(
+                    &qmpbak_engine::qemu_bins::QemuBins::from_env(),
+                    repo.path(),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        };
         if let Err(e) = made {
             // Not a repository yet: without its template nothing could be backed up into it.
             let _ = std::fs::remove_file(repo.path().join(chain::repo::SETTINGS_FILE));

@@ -125,7 +125,7 @@ impl Command {
             Command::Commit(args) => snapshot::commit(args).await,
             Command::Completions(args) => completions::run(&args, Cli::command()),
             Command::Info(args) => info::run(args).await,
-            Command::Init(args) => init::run(&args),
+            Command::Init(args) => init::run(&args).await,
             Command::List(args) => list::run(&args),
             Command::Man(args) => completions::man(&args, Cli::command()),
             Command::Merge(args) => prune::merge(args).await,
@@ -137,7 +137,7 @@ impl Command {
             Command::Revert(args) => snapshot::revert(args).await,
             Command::Show(args) => show::run(&args),
             Command::Snapshot(args) => snapshot::run(args).await,
-            Command::Umount(args) => mount::umount(&args),
+            Command::Umount(args) => mount::umount(&args).await,
             Command::Verify(args) => verify::run(args).await,
         }
     }

@@ -136,8 +136,8 @@ fn print_report(r: &MountReport) -> Result<(), super::out::StdoutError> {
     Ok(())
 }
 
-pub fn umount(args: &UmountArgs) -> Result<()> {
-    let report = mount::umount(&args.dir)?;
+pub async fn umount(args: &UmountArgs) -> Result<()> {
+    let report = mount::umount(&args.dir).await?;
     if args.json {
         outln!("{}", serde_json::to_string_pretty(&report)?)?;
     } else {

@@ -22,10 +22,10 @@ use crate::tables::load_node_table;
 
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     let view = View::choose(run).await?;
-    jobs::create_target_files(run)?;
+    jobs::create_target_files(run).await?;
     let sockdir = crate::daemon::private_temp_dir("qmpbak-nbd-")?;
     let socket = sockdir.path().join("nbd.sock");
-    create_fleece_files(run, view)?;
+    create_fleece_files(run, view).await?;
     let result = fleece_and_copy(run, view, &socket).await;
     let torn_down = teardown(run, view).await;
     if torn_down.is_ok() {
@@ -43,7 +43,7 @@ fn fleece_file(run: &Run<'_>, disk: usize) -> Result<chain::RelPath> {
     Ok(format!("{}/fleece-{disk}.qcow2", run.node).parse()?)
 }
 
-fn create_fleece_files(run: &mut Run<'_>, view: View) -> Result<()> {
+async fn create_fleece_files(run: &mut Run<'_>, view: View) -> Result<()> {
     for i in 0..run.targets.len() {
         let rel = fleece_file(run, i)?;
         run.op.files.push(rel.clone());
@@ -63,7 +63,8 @@ fn create_fleece_files(run: &mut Run<'_>, view: View) -> Result<()> {
             &run.vm.resolve(&fleece_file(run, t.index)?)?,
             t.info.virtual_size,
             None,
-        )?;
+        )
+        .await?;
     }
     Ok(())
 }

@@ -28,7 +28,7 @@ const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Creates the targets, runs the copy jobs and removes them from QEMU again. Returns the bytes copied per disk.
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
-    create_target_files(run)?;
+    create_target_files(run).await?;
     add_targets(run).await?;
     let jobs: Vec<String> = run.targets.iter().map(|t| run.qemu_name("j", t.index)).collect();
     run.progress.phase("copying");
@@ -63,7 +63,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
 }
 
 /// `qemu-img create` of each node file; incremental ones name the parent's file as backing file (relative).
-pub(super) fn create_target_files(run: &Run<'_>) -> Result<()> {
+pub(super) async fn create_target_files(run: &Run<'_>) -> Result<()> {
     for t in &run.targets {
         // The header's backing path is relative to the node file's directory.
         let backing = t.backing.as_ref().map(|b| format!("../{b}"));
@@ -72,7 +72,8 @@ pub(super) fn create_target_files(run: &Run<'_>) -> Result<()> {
             &run.vm.resolve(&t.file)?,
             t.info.virtual_size,
             backing.as_deref(),
-        )?;
+        )
+        .await?;
     }
     Ok(())
 }

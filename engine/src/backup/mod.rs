@@ -20,7 +20,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{
     BitmapRecord, Location, LockGuard, LockWait, Manifest, Node, NodeDisk, NodeId, NodeKind, NodeState,
@@ -65,13 +65,13 @@ pub struct BackupOptions {
 }
 
 /// The outcome of a backup, as printed by `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct BackupReport {
     pub vm: String,
     pub node: String,
     pub parent: Option<String>,
-    pub level: &'static str,
-    pub method: &'static str,
+    pub level: std::borrow::Cow<'static, str>,
+    pub method: std::borrow::Cow<'static, str>,
     pub reason: String,
     pub disks: Vec<DiskReport>,
     pub duration_secs: f64,
@@ -88,19 +88,19 @@ pub struct BackupReport {
     pub plaintext_of_encrypted: Vec<String>,
     /// Of a pull: how the VM's QEMU kept the point-in-time view (`copy-before-write`: a filter and
     /// `snapshot-access`, the VM paused for the instant; `fleece`: a `blockdev-backup sync=none` job).
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub view: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub view: Option<std::borrow::Cow<'static, str>>,
 }
 
 /// A drive a backup left out by itself (not one the user excluded).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Skipped {
     pub disk: String,
     pub reason: String,
 }
 
 /// Per-disk figures of a backup.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DiskReport {
     pub disk: String,
     pub virtual_size: u64,
@@ -443,12 +443,13 @@ pub async fn backup(
         vm: opts.vm.clone(),
         node: run.node.to_string(),
         parent: run.plan.parent.clone(),
-        level: level_name(run.plan.level),
+        level: level_name(run.plan.level).into(),
         method: match run.plan.method {
             Method::Full => "full",
             Method::Bitmap => "bitmap",
             Method::ChecksumDiff => "checksum-diff",
-        },
+        }
+        .into(),
         reason: run.plan.reason.clone(),
         disks: report_disks,
         duration_secs: started.elapsed().as_secs_f64(),
@@ -457,7 +458,7 @@ pub async fn backup(
         cleaned,
         skipped,
         plaintext_of_encrypted,
-        view: copied.view,
+        view: copied.view.map(std::borrow::Cow::Borrowed),
     })
 }
 

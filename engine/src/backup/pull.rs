@@ -95,7 +95,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
 
     let view = View::choose(run).await?;
 
-    jobs::create_target_files(run)?;
+    jobs::create_target_files(run).await?;
     record(run, &scratch, view)?;
     crashpoint("pull-recorded");
     let result = view_and_copy(run, view, &scratch, &host, port, tls_creds, &connect).await;

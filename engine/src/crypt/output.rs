@@ -51,7 +51,7 @@ pub fn output_target_opts(path: &Path) -> String {
 
 /// Creates an encrypted output image of `size` bytes (0600) whose passphrase is in `key_file`, with QEMU's
 /// default key-derivation time: the passphrase is the user's, maybe a weak one.
-pub fn create_output(bins: &QemuBins, path: &Path, size: u64, key_file: &Path) -> Result<()> {
+pub async fn create_output(bins: &QemuBins, path: &Path, size: u64, key_file: &Path) -> Result<()> {
     let [flag, object] = output_object_args(key_file);
     create_luks_qcow2(
         bins,
@@ -60,13 +60,14 @@ pub fn create_output(bins: &QemuBins, path: &Path, size: u64, key_file: &Path) -
         &[flag, object],
         &format!("encrypt.format=luks,encrypt.key-secret={OUTPUT_SECRET_ID}"),
     )
+    .await
 }
 
 /// `qemu-img create -f qcow2 OBJECT_ARGS -o OPTIONS PATH SIZE` for a LUKS-encrypted qcow2 (mode 0600). QEMU
 /// times its LUKS key derivation with the thread's CPU clock and gives up when that reads no time at all
 /// ("Unable to get accurate CPU usage", QEMU 7.2 does now and then): nothing usable was made then, so it runs
 /// again, a bounded number of times.
-pub(crate) fn create_luks_qcow2(
+pub(crate) async fn create_luks_qcow2(
     bins: &QemuBins,
     path: &Path,
     size: u64,
@@ -74,23 +75,24 @@ pub(crate) fn create_luks_qcow2(
     options: &str,
 ) -> Result<()> {
     use std::os::unix::fs::PermissionsExt as _;
-    let create = || {
-        crate::children::std_command(&bins.img)
-            .args(["create", "-q", "-f", "qcow2"])
-            .args(object_args)
-            .args(["-o", options])
-            .arg(path)
-            .arg(size.to_string())
-            .output()
-            .with_context(|| format!("running {}", bins.img.display()))
+    let create = || async {
+        bins.img_output(
+            bins.img_command()
+                .args(["create", "-q", "-f", "qcow2"])
+                .args(object_args)
+                .args(["-o", options])
+                .arg(path)
+                .arg(size.to_string()),
+        )
+        .await
     };
-    let mut out = create()?;
+    let mut out = create().await?;
     for _ in 0..CREATE_ATTEMPTS {
         let flaky = String::from_utf8_lossy(&out.stderr).contains("Unable to get accurate CPU usage");
         if out.status.success() || !flaky {
             break;
         }
-        out = create()?;
+        out = create().await?;
     }
     if !out.status.success() {
         let _ = std::fs::remove_file(path);

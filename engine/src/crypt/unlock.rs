@@ -200,10 +200,10 @@ const TEMPLATE_SIZE: u64 = 64 << 10;
 /// second or more of CPU, and on a busy machine sometimes fails to) so it is done once per repository; every
 /// node file is then a copy of the template, resized ([`create_node_file`]). All node files of a repository
 /// thus share one volume key, protected by the repository key.
-pub fn create_template(bins: &QemuBins, repo: &Path) -> Result<()> {
+pub async fn create_template(bins: &QemuBins, repo: &Path) -> Result<()> {
     let options = create_options().context("the repository is not unlocked")?;
     let path = repo.join(TEMPLATE_FILE);
-    super::output::create_luks_qcow2(bins, &path, TEMPLATE_SIZE, &qemu_img_args(), &options)?;
+    super::output::create_luks_qcow2(bins, &path, TEMPLATE_SIZE, &qemu_img_args(), &options).await?;
     chain::store::sync_files(&[path]).context("syncing the template")?;
     Ok(())
 }
@@ -215,11 +215,8 @@ fn set_private(path: &Path) -> Result<()> {
 }
 
 /// Runs `qemu-img ARGS` and fails with its message.
-fn qemu_img(bins: &QemuBins, args: &[String], what: &str) -> Result<()> {
-    let out = crate::children::std_command(&bins.img)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {}", bins.img.display()))?;
+async fn qemu_img(bins: &QemuBins, args: &[String], what: &str) -> Result<()> {
+    let out = bins.img(args).await?;
     if !out.status.success() {
         anyhow::bail!("{what} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
     }
@@ -229,9 +226,9 @@ fn qemu_img(bins: &QemuBins, args: &[String], what: &str) -> Result<()> {
 /// Creates a repository file: a qcow2 of `size` bytes (0600); in an unlocked encrypted repository a copy of
 /// its LUKS template ([`create_template`]), resized. `backing` is written into its header as given and not
 /// opened (see [`QemuBins::create_qcow2`]).
-pub fn create_node_file(bins: &QemuBins, path: &Path, size: u64, backing: Option<&str>) -> Result<()> {
+pub async fn create_node_file(bins: &QemuBins, path: &Path, size: u64, backing: Option<&str>) -> Result<()> {
     let Some(unlocked) = active() else {
-        return bins.create_qcow2(path, size, backing);
+        return bins.create_qcow2(path, size, backing).await;
     };
     let _ = std::fs::remove_file(path);
     std::fs::copy(&unlocked.template, path).with_context(|| {
@@ -248,7 +245,7 @@ pub fn create_node_file(bins: &QemuBins, path: &Path, size: u64, backing: Option
     let mut resize = vec!["resize".to_owned(), "-q".to_owned()];
     resize.extend(qemu_img_args());
     resize.extend([image.clone(), size.to_string()]);
-    qemu_img(bins, &resize, &format!("resizing {}", path.display()))?;
+    qemu_img(bins, &resize, &format!("resizing {}", path.display())).await?;
     if let Some(backing) = backing {
         let mut rebase = vec!["rebase".to_owned(), "-q".to_owned(), "-u".to_owned()];
         rebase.extend(qemu_img_args());
@@ -263,7 +260,8 @@ pub fn create_node_file(bins: &QemuBins, path: &Path, size: u64, backing: Option
             bins,
             &rebase,
             &format!("setting the backing file of {}", path.display()),
-        )?;
+        )
+        .await?;
     }
     Ok(())
 }

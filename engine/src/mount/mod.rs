@@ -21,7 +21,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{LockWait, Repository, Table};
 
@@ -42,7 +42,7 @@ pub const EXPORT_START_TIMEOUT: Duration = Duration::from_secs(30);
 pub const FUSE_MOUNT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What to do with the node's disk.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum MountMode {
     /// Mount every file system read-only under the directory (needs root).
@@ -70,7 +70,7 @@ pub struct MountOptions {
     pub key: Option<crate::crypt::KeySource>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct MountReport {
     pub vm: String,
     pub node: String,
@@ -103,7 +103,7 @@ pub async fn mount(opts: &MountOptions, progress: &dyn Progress) -> Result<Mount
         bail!(needs_root());
     }
     let dir = match (&opts.dir, opts.mode) {
-        (Some(dir), _) => Some(check_mount_point(dir, opts.mode)?),
+        (Some(dir), _) => Some(check_mount_point(dir, opts.mode).await?),
         (None, MountMode::List) => None,
         (None, _) => bail!(Exit::usage("mount needs a directory to mount into")),
     };
@@ -199,7 +199,7 @@ pub async fn mount(opts: &MountOptions, progress: &dyn Progress) -> Result<Mount
         if opts.mode == MountMode::ImageOnly {
             return Ok(report);
         }
-        let (table, partitions) = probe(&image)?;
+        let (table, partitions) = probe(&image).await?;
         report.partition_table = table;
         report.partitions = partitions;
         if opts.mode == MountMode::Mount {
@@ -215,7 +215,7 @@ pub async fn mount(opts: &MountOptions, progress: &dyn Progress) -> Result<Mount
         Ok(mut report) if opts.mode != MountMode::List => {
             if opts.mode == MountMode::Mount && !report.partitions.iter().any(|p| p.mounted_at.is_some()) {
                 let why = describe_unmounted(&report.partitions);
-                state::teardown(&st)?;
+                state::teardown(&st).await?;
                 bail!(Exit::new(
                     ExitCode::Failure,
                     format!(
@@ -230,12 +230,12 @@ pub async fn mount(opts: &MountOptions, progress: &dyn Progress) -> Result<Mount
             Ok(report)
         }
         Ok(mut report) => {
-            state::teardown(&st)?;
+            state::teardown(&st).await?;
             report.image = None;
             Ok(report)
         }
         Err(e) => {
-            if let Err(undo) = state::teardown(&st) {
+            if let Err(undo) = state::teardown(&st).await {
                 return Err(e.context(format!("and undoing the mount failed too: {undo:#}")));
             }
             Err(e)
@@ -245,7 +245,7 @@ pub async fn mount(opts: &MountOptions, progress: &dyn Progress) -> Result<Mount
 
 /// Checks that `dir` can be a mount point: an existing, empty directory that is not mounted by qmpbak already.
 /// An earlier mount of it whose qmpbak was killed, or whose export is gone (a restart), is undone first.
-fn check_mount_point(dir: &Path, mode: MountMode) -> Result<PathBuf> {
+async fn check_mount_point(dir: &Path, mode: MountMode) -> Result<PathBuf> {
     let dir = std::fs::canonicalize(dir).map_err(|e| {
         Exit::usage(format!(
             "{}: {e} (give an existing, empty directory)",
@@ -258,7 +258,7 @@ fn check_mount_point(dir: &Path, mode: MountMode) -> Result<PathBuf> {
     if let Some(old) = MountState::load(&dir)? {
         if old.interrupted() || old.stale()? {
             tracing::info!(dir = %dir.display(), "undoing an interrupted or stale mount first");
-            state::teardown(&old)?;
+            state::teardown(&old).await?;
         } else {
             bail!(Exit::usage(format!(
                 "{} already holds node {} of VM {} (mounted by qmpbak): `qmpbak umount {}` first",
@@ -332,13 +332,13 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
     st.image_created = true;
     st.save()?;
     state::make_private(&st.image, 0o600)?;
-    // Deliberately not a `children` command: the export outlives this qmpbak (until `umount`).
-    let mut cmd = std::process::Command::new(&bins.storage_daemon);
-    crate::children::scrub_env(&mut cmd);
+    // The starter is an owned child (dies with qmpbak, killed and reaped if the start is given up); the daemon
+    // it forks with `--daemonize` is not its child, and fork clears `PR_SET_PDEATHSIG`, so the export outlives
+    // this qmpbak (until `umount`).
+    let mut cmd = bins.storage_daemon_command();
     // An encrypted repository's key reaches the daemon as a secret object naming a private file, read at start
     // (the file goes when this qmpbak is done; the export keeps working).
     cmd.args(crate::crypt::unlock::qemu_img_args());
-    let mut cmd = tokio::process::Command::from(cmd);
     let mut below: Option<String> = None;
     for (i, file) in files.iter().enumerate() {
         let name = format!("mnt{i}");
@@ -359,14 +359,12 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
         .arg("--daemonize")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
+        .stderr(Stdio::piped());
     tracing::info!(program = %bins.storage_daemon.display(), layers = files.len(), image = %st.image.display(),
         "starting qemu-storage-daemon with a read-only FUSE export");
-    let child = cmd
-        .spawn()
+    let child = crate::children::spawn(&mut cmd)
         .with_context(|| format!("starting {}", bins.storage_daemon.display()))?;
-    let out = tokio::time::timeout(EXPORT_START_TIMEOUT, child.wait_with_output())
+    let out = tokio::time::timeout(EXPORT_START_TIMEOUT, child.output())
         .await
         .map_err(|_| {
             anyhow::anyhow!("qemu-storage-daemon did not set up its export within {EXPORT_START_TIMEOUT:?}")
@@ -409,7 +407,8 @@ async fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) ->
             "--partscan".as_ref(),
             st.image.as_os_str(),
         ],
-    )?;
+    )
+    .await?;
     let device = PathBuf::from(device.trim());
     st.loop_device = Some(device.clone());
     st.save()?;
@@ -424,7 +423,7 @@ async fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) ->
     if numbered.iter().any(|n| !partition_device(*n).exists()) {
         // Some kernels (or their loop driver's settings) do not scan a loop device's partitions even with
         // --partscan: add them from the table ourselves.
-        run("partx", &["--add".as_ref(), device.as_os_str()])?;
+        run("partx", &["--add".as_ref(), device.as_os_str()]).await?;
     }
     for part in &mut report.partitions {
         let Some(fstype) = part.fstype.clone() else {
@@ -453,7 +452,9 @@ async fn mount_all(st: &mut MountState, dir: &Path, report: &mut MountReport) ->
                 source.as_os_str(),
                 target.as_os_str(),
             ],
-        ) {
+        )
+        .await
+        {
             Ok(_) => Ok(None),
             // The kernel lacks the file system (asked after the attempt, which loads its module if there is
             // one): its FUSE driver mounts it instead, where there is one.
@@ -575,7 +576,7 @@ fn describe_unmounted(partitions: &[Partition]) -> String {
 }
 
 /// What `umount` undid.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct UmountReport {
     pub dir: PathBuf,
     pub vm: String,
@@ -603,7 +604,7 @@ impl UmountReport {
 }
 
 /// Undoes the mount at `dir` (complete, or left by a killed qmpbak).
-pub fn umount(dir: &Path) -> Result<UmountReport> {
+pub async fn umount(dir: &Path) -> Result<UmountReport> {
     let abs = std::fs::canonicalize(dir)
         .unwrap_or_else(|_| std::path::absolute(dir).unwrap_or_else(|_| dir.to_owned()));
     let Some(st) = MountState::load(&abs)? else {
@@ -613,16 +614,16 @@ pub fn umount(dir: &Path) -> Result<UmountReport> {
             state::runtime_dir()?.display()
         )));
     };
-    state::teardown(&st)?;
+    state::teardown(&st).await?;
     Ok(UmountReport::of(&st))
 }
 
 /// Undoes every mount of VM `vm` whose qmpbak was killed before it finished (complete mounts stay).
-pub fn clean_interrupted(vm: &str) -> Result<Vec<UmountReport>> {
+pub async fn clean_interrupted(vm: &str) -> Result<Vec<UmountReport>> {
     let mut undone = Vec::new();
     for st in MountState::all()? {
         if st.vm == vm && st.interrupted() {
-            state::teardown(&st)?;
+            state::teardown(&st).await?;
             undone.push(UmountReport::of(&st));
         }
     }

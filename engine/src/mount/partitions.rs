@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context as _, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::state::run;
 
 /// One partition (or the whole disk, number 0) and what was done with it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Partition {
     /// Partition number; 0 for a whole disk without a partition table.
     pub number: u32,
@@ -34,8 +34,8 @@ pub struct Partition {
 
 /// The partition table type and the partitions of the raw image (or the whole disk as partition 0), each with
 /// the file system blkid finds in it. Reads the image only; works without root.
-pub fn probe(image: &Path) -> Result<(Option<String>, Vec<Partition>)> {
-    let whole = blkid(image, None)?;
+pub async fn probe(image: &Path) -> Result<(Option<String>, Vec<Partition>)> {
+    let whole = blkid(image, None).await?;
     let size = std::fs::metadata(image)
         .with_context(|| format!("inspecting {}", image.display()))?
         .len();
@@ -65,7 +65,8 @@ pub fn probe(image: &Path) -> Result<(Option<String>, Vec<Partition>)> {
             "NR,START,SECTORS,TYPE".as_ref(),
             image.as_os_str(),
         ],
-    )?;
+    )
+    .await?;
     let mut partitions = Vec::new();
     for line in listing.lines() {
         let fields: Vec<&str> = line.split_whitespace().collect();
@@ -78,7 +79,7 @@ pub fn probe(image: &Path) -> Result<(Option<String>, Vec<Partition>)> {
             continue;
         };
         let (start, size) = (start * 512, sectors * 512);
-        let found = blkid(image, Some((start, size)))?;
+        let found = blkid(image, Some((start, size))).await?;
         partitions.push(Partition {
             number,
             start,
@@ -95,8 +96,8 @@ pub fn probe(image: &Path) -> Result<(Option<String>, Vec<Partition>)> {
 }
 
 /// `blkid -p` of the image or of a byte range of it: its `KEY=value` pairs (none when nothing is found).
-fn blkid(image: &Path, range: Option<(u64, u64)>) -> Result<HashMap<String, String>> {
-    let mut cmd = crate::children::std_command(std::path::Path::new("blkid"));
+async fn blkid(image: &Path, range: Option<(u64, u64)>) -> Result<HashMap<String, String>> {
+    let mut cmd = crate::children::command(Path::new("blkid"));
     cmd.args(["-p", "-o", "export"]);
     if let Some((offset, size)) = range {
         cmd.arg("-O")
@@ -104,7 +105,9 @@ fn blkid(image: &Path, range: Option<(u64, u64)>) -> Result<HashMap<String, Stri
             .arg("-S")
             .arg(size.to_string());
     }
-    let out = cmd.arg(image).output().context("running blkid")?;
+    let out = crate::children::output(cmd.arg(image))
+        .await
+        .context("running blkid")?;
     // Exit 2: nothing found.
     if !out.status.success() && out.status.code() != Some(2) {
         bail!(

@@ -193,8 +193,8 @@ fn pid_alive(pid: u32) -> bool {
 /// systems, the FUSE drivers serving some of them, the loop devices over the image, the storage daemon, a FUSE
 /// mount left by a killed daemon, the directories and image file qmpbak created, and the record. A busy file system stops it with an error
 /// saying so, having changed nothing after it; running it again finishes the job.
-pub fn teardown(state: &MountState) -> Result<()> {
-    let loops = loop_devices(state);
+pub async fn teardown(state: &MountState) -> Result<()> {
+    let loops = loop_devices(state).await;
     let mountinfo = mounts()?;
     // Recorded mounts first, then any mount of our loop devices (a kill after `mount`, before the record).
     let mut targets: Vec<PathBuf> = state.mounts.iter().rev().cloned().collect();
@@ -212,7 +212,7 @@ pub fn teardown(state: &MountState) -> Result<()> {
     }
     for target in &targets {
         if mountinfo.iter().any(|(_, t)| t == target) {
-            run("umount", &[target.as_os_str()]).map_err(|e| {
+            run("umount", &[target.as_os_str()]).await.map_err(|e| {
                 e.context(format!(
                     "cannot unmount {}: is a shell or a program using it? Leave it and run `qmpbak umount {}` again",
                     target.display(),
@@ -223,17 +223,18 @@ pub fn teardown(state: &MountState) -> Result<()> {
     }
     // A FUSE driver exits once its file system is unmounted; one still serving a device of ours (its mount
     // gone with a kill of the driver, say) is stopped before the device is detached.
-    stop_fuse_drivers(&loops);
+    stop_fuse_drivers(&loops).await;
     for device in &loops {
         // Partitions added with partx stay until deleted; ignore "none there".
-        let _ = run("partx", &["--delete".as_ref(), device.as_os_str()]);
-        run("losetup", &["--detach".as_ref(), device.as_os_str()])?;
+        let _ = run("partx", &["--delete".as_ref(), device.as_os_str()]).await;
+        run("losetup", &["--detach".as_ref(), device.as_os_str()]).await?;
     }
-    stop_daemon(state);
+    stop_daemon(state).await;
     if mounts()?.iter().any(|(_, t)| t == &state.image) {
         // The daemon died without unmounting its FUSE export (SIGKILL): the mount point is left dangling.
-        run("umount", &[state.image.as_os_str()])
-            .or_else(|_| run("fusermount3", &["-u".as_ref(), state.image.as_os_str()]))?;
+        if run("umount", &[state.image.as_os_str()]).await.is_err() {
+            run("fusermount3", &["-u".as_ref(), state.image.as_os_str()]).await?;
+        }
     }
     for dir in state.created_dirs.iter().rev() {
         let _ = fs::remove_dir(dir);
@@ -249,12 +250,14 @@ pub fn teardown(state: &MountState) -> Result<()> {
 }
 
 /// The loop devices over the image: the recorded one and any other `losetup` reports for that file.
-fn loop_devices(state: &MountState) -> Vec<PathBuf> {
+async fn loop_devices(state: &MountState) -> Vec<PathBuf> {
     let mut devices: Vec<PathBuf> = state.loop_device.iter().cloned().collect();
-    let found = crate::children::std_command(std::path::Path::new("losetup"))
-        .args(["--noheadings", "--output", "NAME", "--associated"])
-        .arg(&state.image)
-        .output();
+    let found = crate::children::output(
+        crate::children::command(Path::new("losetup"))
+            .args(["--noheadings", "--output", "NAME", "--associated"])
+            .arg(&state.image),
+    )
+    .await;
     if let Ok(out) = found {
         for line in String::from_utf8_lossy(&out.stdout).lines() {
             let device = PathBuf::from(line.trim());
@@ -315,7 +318,7 @@ fn unescape(field: &str) -> String {
 
 /// Stops the recorded storage daemon, if it is still the daemon we started: its command line must be
 /// qemu-storage-daemon's and name our image (a recycled pid is left alone).
-fn stop_daemon(state: &MountState) {
+async fn stop_daemon(state: &MountState) {
     let pid = state.daemon_pid.or_else(|| {
         fs::read_to_string(&state.pidfile)
             .ok()
@@ -336,7 +339,7 @@ fn stop_daemon(state: &MountState) {
             let _ = nix::sys::signal::kill(target, nix::sys::signal::Signal::SIGKILL);
             break;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -386,7 +389,7 @@ fn fuse_drivers(devices: &[PathBuf]) -> Vec<nix::unistd::Pid> {
 
 /// Waits for the FUSE drivers serving `devices` to exit (they do once unmounted), and kills those that do not
 /// within [`FUSE_DRIVER_EXIT_TIMEOUT`].
-fn stop_fuse_drivers(devices: &[PathBuf]) {
+async fn stop_fuse_drivers(devices: &[PathBuf]) {
     let deadline = Instant::now() + FUSE_DRIVER_EXIT_TIMEOUT;
     loop {
         let left = fuse_drivers(devices);
@@ -400,7 +403,7 @@ fn stop_fuse_drivers(devices: &[PathBuf]) {
             }
             return;
         }
-        std::thread::sleep(Duration::from_millis(20));
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -415,11 +418,10 @@ pub fn find_program(program: &str) -> Option<PathBuf> {
 }
 
 /// Runs a program to completion; a failure carries its stderr.
-pub fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
+pub async fn run(program: &str, args: &[&std::ffi::OsStr]) -> Result<String> {
     tracing::info!(program, ?args, "running");
-    let out = crate::children::std_command(std::path::Path::new(program))
-        .args(args)
-        .output()
+    let out = crate::children::output(crate::children::command(Path::new(program)).args(args))
+        .await
         .with_context(|| format!("running {program}"))?;
     if !out.status.success() {
         bail!(

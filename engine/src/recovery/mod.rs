@@ -30,7 +30,7 @@ use chain::{LockGuard, Manifest, NodeId, NodeState, Operation, Payload, RelPath,
 pub const CANCEL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What a cleanup removed, for the output.
-#[derive(Debug, Default, Clone, serde::Serialize)]
+#[derive(Debug, Default, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Cleaned {
     pub operations: Vec<String>,
     pub jobs: Vec<String>,

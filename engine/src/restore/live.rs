@@ -21,7 +21,7 @@ use qmp::commands::{
     BlockDirtyBitmapAdd, BlockJobSetSpeed, BlockStream, BlockdevReopen, Cont, QueryStatus,
     XDebugQueryBlockGraph,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use chain::{BitmapRecord, LockWait, Operation, Payload};
@@ -50,7 +50,7 @@ pub struct LiveOptions {
     pub source: Source,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LiveReport {
     pub vm: String,
     pub node: String,

@@ -58,7 +58,7 @@ pub fn damaged(node: &Node, disk: &str, blocks: &[u64], block_size: u64) -> anyh
 /// When reading a node's chain failed: whether one of its files is missing or is not a qcow2 image QEMU can
 /// open, said for the user (`None`: the files look sound, so the failure lies elsewhere: QEMU, NBD, the host).
 /// This decides between "the backup is damaged" (exit 6) and any other failure.
-pub fn chain_damage(bins: &crate::qemu_bins::QemuBins, files: &[std::path::PathBuf]) -> Option<String> {
+pub async fn chain_damage(bins: &crate::qemu_bins::QemuBins, files: &[std::path::PathBuf]) -> Option<String> {
     for file in files {
         match std::fs::symlink_metadata(file) {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -69,7 +69,7 @@ pub fn chain_damage(bins: &crate::qemu_bins::QemuBins, files: &[std::path::PathB
             }
             _ => {}
         }
-        if let Ok(Err(said)) = bins.qcow2_info(file) {
+        if let Ok(Err(said)) = bins.qcow2_info(file).await {
             return Some(format!(
                 "{} is not a readable qcow2 image ({said})",
                 file.display()
@@ -94,12 +94,13 @@ pub fn chain_damaged(node: &Node, disk: &str, why: &str) -> anyhow::Error {
 
 /// The virtual size a qcow2 file's header claims (`qemu-img info`), `None` when it cannot be read without the
 /// repository's key or at all (then reading the chain reports the trouble).
-pub fn image_virtual_size(
+pub async fn image_virtual_size(
     bins: &crate::qemu_bins::QemuBins,
     file: &std::path::Path,
 ) -> anyhow::Result<Option<u64>> {
     Ok(bins
-        .qcow2_info(file)?
+        .qcow2_info(file)
+        .await?
         .ok()
         .and_then(|info| info["virtual-size"].as_u64()))
 }

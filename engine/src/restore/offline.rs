@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use chain::{LockWait, Repository, Table};
 
@@ -17,7 +17,7 @@ use crate::progress::Progress;
 use crate::qemu_bins::QemuBins;
 use crate::tables::load_node_table;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Format {
     Qcow2,
@@ -51,7 +51,7 @@ pub struct RestoreOptions {
     pub encrypt_output: Option<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestoreReport {
     pub vm: String,
     pub node: String,
@@ -63,7 +63,7 @@ pub struct RestoreReport {
     pub removed_partials: Vec<PathBuf>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestoredDisk {
     pub disk: String,
     pub path: PathBuf,
@@ -154,9 +154,10 @@ pub async fn restore(opts: &RestoreOptions, progress: &dyn Progress) -> Result<R
                 });
             }
             Err(e) => {
-                let damage = crate::direct::chain_files(&vm, &manifest, &node.id, disk)
-                    .ok()
-                    .and_then(|files| super::chain_damage(&bins, &files));
+                let damage = match crate::direct::chain_files(&vm, &manifest, &node.id, disk) {
+                    Ok(files) => super::chain_damage(&bins, &files).await,
+                    Err(_) => None,
+                };
                 error = Some(match damage {
                     Some(why) => super::chain_damaged(&node, disk, &why).context(format!("{e:#}")),
                     None => e.context(format!("restoring disk {disk} of node {}", node.id)),
@@ -239,15 +240,14 @@ async fn restore_disk(
     // than its checking table is damaged, and is not copied or hashed.
     // The header is read while the output is created (two `qemu-img` runs at once: each costs tens of ms on a
     // big disk); on a mismatch the output, a temporary file, goes with the failed restore.
-    let (claimed, created) = std::thread::scope(|scope| {
-        let info = scope.spawn(|| files.last().map(|top| super::image_virtual_size(bins, top)));
-        let created = create_image(bins, out);
-        (info.join(), created)
-    });
-    let claimed = claimed
-        .map_err(|_| anyhow::anyhow!("the thread reading the image header panicked"))?
-        .transpose()?
-        .flatten();
+    let claimed = async {
+        match files.last() {
+            Some(top) => super::image_virtual_size(bins, top).await,
+            None => Ok(None),
+        }
+    };
+    let (claimed, created) = tokio::join!(claimed, create_image(bins, out));
+    let claimed = claimed?;
     if let Some(top) = files.last() {
         if claimed.is_some_and(|c| c != expected.virtual_size()) {
             bail!(super::chain_damaged(
@@ -303,7 +303,7 @@ struct Output<'a> {
 async fn convert(bins: &QemuBins, files: &[PathBuf], out: &Output<'_>) -> Result<()> {
     let (path, format) = (out.path, out.format);
     let spec = crate::direct::chain_spec(files);
-    let mut cmd = crate::children::command(&bins.img);
+    let mut cmd = bins.img_command();
     cmd.args(["convert", "-n", "--target-is-zero"])
         .args(crate::crypt::unlock::qemu_img_args());
     match out.encrypt {
@@ -341,10 +341,10 @@ async fn convert(bins: &QemuBins, files: &[PathBuf], out: &Output<'_>) -> Result
     Ok(())
 }
 
-fn create_image(bins: &QemuBins, out: &Output<'_>) -> Result<()> {
+async fn create_image(bins: &QemuBins, out: &Output<'_>) -> Result<()> {
     let (path, size) = (out.path, out.size);
     if let Some(key) = out.encrypt {
-        return crate::crypt::output::create_output(bins, path, size, key);
+        return crate::crypt::output::create_output(bins, path, size, key).await;
     }
     match out.format {
         Format::Raw => {
@@ -356,7 +356,7 @@ fn create_image(bins: &QemuBins, out: &Output<'_>) -> Result<()> {
             file.set_len(size)
                 .with_context(|| format!("sizing {}", path.display()))?;
         }
-        Format::Qcow2 => bins.create_qcow2(path, size, None)?,
+        Format::Qcow2 => bins.create_qcow2(path, size, None).await?,
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("setting the mode of {}", path.display()))?;

@@ -199,7 +199,7 @@ impl Client {
                 });
             }
         };
-        stream.set_nodelay(true).map_err(|source| Error::Connect {
+        crate::liveness::bound(&stream).map_err(|source| Error::Connect {
             target: target.clone(),
             source,
         })?;

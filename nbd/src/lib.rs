@@ -51,6 +51,7 @@ mod conn;
 mod error;
 mod extent;
 mod handshake;
+pub mod liveness;
 #[cfg(test)]
 mod peer_tests;
 mod proto;

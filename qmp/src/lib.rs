@@ -32,6 +32,7 @@ mod error;
 mod events;
 mod framing;
 mod jobs;
+pub mod liveness;
 mod open_enum;
 pub mod qga;
 mod schema;

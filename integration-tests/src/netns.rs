@@ -88,6 +88,30 @@ impl NetnsPair {
         cmd
     }
 
+    /// Adds another "hypervisor" namespace joined to this pair's backup namespace by its own veth pair
+    /// (`veth0` there, `veth<k>` in the backup namespace; `10.(77+k).N.1` and `.2`), deleted with the pair.
+    /// Returns its name and address.
+    pub fn add_hypervisor(&mut self) -> Result<(String, Ipv4Addr), String> {
+        let k = u8::try_from(self.created.len() - 1).map_err(|_| "too many hypervisors".to_owned())?;
+        let tag = self.hv.trim_end_matches("-hv").to_owned();
+        let ns = format!("{tag}-hv{}", k + 1);
+        let octet = self.hv_addr.octets()[2];
+        let (hv_addr, backup_addr) = (
+            Ipv4Addr::new(10, 77 + k, octet, 1),
+            Ipv4Addr::new(10, 77 + k, octet, 2),
+        );
+        let peer = format!("veth{k}");
+        ip(&["netns", "add", &ns])?;
+        self.created.push(ns.clone());
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+        ip(&["-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", &peer, "netns", &self.backup])?;
+        ip(&["-n", &ns, "addr", "add", &format!("{hv_addr}/24"), "dev", "veth0"])?;
+        ip(&["-n", &self.backup, "addr", "add", &format!("{backup_addr}/24"), "dev", &peer])?;
+        ip(&["-n", &ns, "link", "set", "veth0", "up"])?;
+        ip(&["-n", &self.backup, "link", "set", &peer, "up"])?;
+        Ok((ns, hv_addr))
+    }
+
     /// Cuts the network between the two (`true`: every packet either way is lost, as when a switch between
     /// two hosts dies; both ends keep their carrier and TCP sees its packets sent: tc's `blackhole` qdisc) or mends it (`false`, which also lifts [`Self::throttle`]).
     pub fn cut(&self, cut: bool) -> Result<(), String> {

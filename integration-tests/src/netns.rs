@@ -104,9 +104,30 @@ impl NetnsPair {
         ip(&["netns", "add", &ns])?;
         self.created.push(ns.clone());
         ip(&["-n", &ns, "link", "set", "lo", "up"])?;
-        ip(&["-n", &ns, "link", "add", "veth0", "type", "veth", "peer", "name", &peer, "netns", &self.backup])?;
+        ip(&[
+            "-n",
+            &ns,
+            "link",
+            "add",
+            "veth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &peer,
+            "netns",
+            &self.backup,
+        ])?;
         ip(&["-n", &ns, "addr", "add", &format!("{hv_addr}/24"), "dev", "veth0"])?;
-        ip(&["-n", &self.backup, "addr", "add", &format!("{backup_addr}/24"), "dev", &peer])?;
+        ip(&[
+            "-n",
+            &self.backup,
+            "addr",
+            "add",
+            &format!("{backup_addr}/24"),
+            "dev",
+            &peer,
+        ])?;
         ip(&["-n", &ns, "link", "set", "veth0", "up"])?;
         ip(&["-n", &self.backup, "link", "set", &peer, "up"])?;
         Ok((ns, hv_addr))

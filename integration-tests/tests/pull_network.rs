@@ -205,9 +205,35 @@ async fn full_then_changes(pair: &NetnsPair, pki: &TestPki, repo: &TestRepo, vm:
     full["node"].as_str().unwrap().to_owned()
 }
 
+/// How the network drops.
+#[derive(Clone, Copy, PartialEq)]
+enum Outage {
+    /// Every packet lost between the hosts, both links up (a switch dies).
+    Blackhole,
+    /// The backup host's link loses its carrier (the hypervisor's end goes down).
+    Carrier,
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_pull_whose_network_drops_mid_copy_fails_in_bounded_time_and_cleanup_then_finishes_the_undo() {
-    let test = "a_pull_whose_network_drops_mid_copy_fails_in_bounded_time_and_cleanup_then_finishes_the_undo";
+    network_drop_mid_copy(
+        "a_pull_whose_network_drops_mid_copy_fails_in_bounded_time_and_cleanup_then_finishes_the_undo",
+        Outage::Blackhole,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pull_whose_link_loses_its_carrier_mid_copy_fails_in_bounded_time_and_cleanup_then_finishes_the_undo()
+ {
+    network_drop_mid_copy(
+        "a_pull_whose_link_loses_its_carrier_mid_copy_fails_in_bounded_time_and_cleanup_then_finishes_the_undo",
+        Outage::Carrier,
+    )
+    .await;
+}
+
+async fn network_drop_mid_copy(test: &str, how: Outage) {
     let Some((pair, pki, vm)) = remote_vm(test).await else {
         return;
     };
@@ -215,7 +241,10 @@ async fn a_pull_whose_network_drops_mid_copy_fails_in_bounded_time_and_cleanup_t
     let full = full_then_changes(&pair, &pki, &repo, &vm).await;
 
     let child = tokio::task::block_in_place(|| pull_under_way(&pair, &pki, &repo));
-    pair.cut(true).unwrap();
+    match how {
+        Outage::Blackhole => pair.cut(true).unwrap(),
+        Outage::Carrier => pair.set_link(false).unwrap(),
+    }
     let dropped = Instant::now();
     let out = tokio::task::block_in_place(|| cli::wait(child, CLI_TIMEOUT));
     let took = dropped.elapsed();
@@ -239,7 +268,13 @@ async fn a_pull_whose_network_drops_mid_copy_fails_in_bounded_time_and_cleanup_t
         "the record of the undo in QEMU is gone"
     );
 
-    pair.cut(false).unwrap();
+    match how {
+        Outage::Blackhole => pair.cut(false).unwrap(),
+        Outage::Carrier => {
+            pair.set_link(true).unwrap();
+            pair.throttle(None).unwrap();
+        }
+    }
     // QEMU keeps its end of the lost monitor connection until it next writes to it (a listening chardev has
     // no keepalive, and it reads no new client meanwhile): a cleanup now meets a TLS handshake that times out.
     let held = tokio::task::block_in_place(|| run(&pair, &remote_args(&pair, &pki, &repo, "cleanup", &[])));

@@ -25,7 +25,9 @@ async fn four_vms_on_two_hypervisors_pulled_at_once_into_one_repository_each_res
     let mut pair = match NetnsPair::create() {
         Ok(pair) => pair,
         Err(why) => {
-            eprintln!("SKIPPED four_vms_on_two_hypervisors_pulled_at_once_into_one_repository_each_restore_exact: {why}");
+            eprintln!(
+                "SKIPPED four_vms_on_two_hypervisors_pulled_at_once_into_one_repository_each_restore_exact: {why}"
+            );
             return;
         }
     };
@@ -46,10 +48,7 @@ async fn four_vms_on_two_hypervisors_pulled_at_once_into_one_repository_each_res
             .start()
             .await;
         vms.push(vm);
-        targets.push((
-            format!("tls://{addr}:{port}"),
-            format!("{addr}:{}", 10809 + i),
-        ));
+        targets.push((format!("tls://{addr}:{port}"), format!("{addr}:{}", 10809 + i)));
     }
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
@@ -71,7 +70,14 @@ async fn four_vms_on_two_hypervisors_pulled_at_once_into_one_repository_each_res
             .map(|i| {
                 let (qmp, nbd) = &targets[i];
                 let args: Vec<String> = [
-                    "backup", "--qmp", qmp, "--tls-dir", &client, "--nbd-listen", nbd, "--json",
+                    "backup",
+                    "--qmp",
+                    qmp,
+                    "--tls-dir",
+                    &client,
+                    "--nbd-listen",
+                    nbd,
+                    "--json",
                 ]
                 .iter()
                 .map(|s| (*s).to_owned())

@@ -148,8 +148,9 @@ pub(crate) struct Connection {
     next_id: AtomicU64,
     reader: JoinHandle<()>,
     /// A command left without a reply for at least this long ends the connection (a monitor over the
-    /// network: the link or QEMU's host is gone, and every later command would wait its full timeout too;
-    /// TCP's own bounds do not fire when our side of the link lost its carrier). `None`: never.
+    /// network: the link or QEMU's host is gone, or QEMU no longer answers while its host still acknowledges
+    /// the bytes, which TCP's own bounds cannot see; every later command would wait its full timeout too).
+    /// `None`: never.
     give_up_after: Option<Duration>,
 }
 

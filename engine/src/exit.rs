@@ -120,6 +120,13 @@ pub fn classify(err: &anyhow::Error) -> ExitCode {
             return exit.code;
         }
         if let Some(e) = cause.downcast_ref::<chain::Error>() {
+            // A table build whose source failed: the source's class when it is QEMU's (a view read over
+            // NBD whose connection broke is QEMU's or the network's fault, not the repository's).
+            if e.kind() == chain::ErrorKind::Io {
+                if let Some(code) = peer_code_in_io(err) {
+                    return code;
+                }
+            }
             return chain_code(e.kind());
         }
         if let Some(e) = cause.downcast_ref::<qmp::Error>() {
@@ -134,6 +141,18 @@ pub fn classify(err: &anyhow::Error) -> ExitCode {
         }
     }
     ExitCode::Failure
+}
+
+/// The class of an NBD or QMP error carried inside an `io::Error` of `err`'s chain (`io::Error::other`, as the
+/// NBD block sources wrap theirs; the inner error is not itself in the chain, only reachable by `get_ref`).
+fn peer_code_in_io(err: &anyhow::Error) -> Option<ExitCode> {
+    err.chain().find_map(|cause| {
+        let inner = cause.downcast_ref::<std::io::Error>()?.get_ref()?;
+        if let Some(e) = inner.downcast_ref::<nbd::Error>() {
+            return Some(nbd_code(e.kind()));
+        }
+        inner.downcast_ref::<qmp::Error>().map(|e| qmp_code(e.kind()))
+    })
 }
 
 /// The exit code of a repository error's kind. Exhaustive, so a new kind must be given a code here.
@@ -209,6 +228,23 @@ mod tests {
     fn qemu_errors_are_qemu_and_a_full_disk_is_a_plain_failure() {
         assert_eq!(code(qmp::Error::Closed { detail: "eof".into() }), ExitCode::Qemu);
         assert_eq!(code(nbd::Error::Closed), ExitCode::Qemu);
+        // A view read over NBD failing inside a table build is the NBD server's (or the network's) class.
+        let read = chain::Error::SourceRead {
+            source_name: "the disk's view".into(),
+            offset: 0,
+            len: 4096,
+            source: io::Error::other(nbd::Error::Broken {
+                detail: "Connection timed out (os error 110)".into(),
+            }),
+        };
+        assert_eq!(code(read), ExitCode::Qemu);
+        let local = chain::Error::SourceRead {
+            source_name: "/r/vm/0001/disk0.qcow2".into(),
+            offset: 0,
+            len: 4096,
+            source: io::Error::from(io::ErrorKind::UnexpectedEof),
+        };
+        assert_eq!(code(local), ExitCode::Repository);
         // TLS failures of QMP and NBD, and unusable credentials, are one class.
         let plaintext = qmp::Error::PlaintextRefused {
             target: "tcp://hv1:4444".into(),

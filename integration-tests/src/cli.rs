@@ -223,10 +223,15 @@ pub fn run_paused_at(args: &[String], point: &str, env: &[(&str, &Path)], umask:
         }
         None => command_owned(args),
     };
-    cmd.env("QMPBAK_PAUSE_AT", point);
     for (k, v) in env {
         cmd.env(k, v);
     }
+    paused_at(cmd, point)
+}
+
+/// [`run_paused_at`] for a command made elsewhere (e.g. `qmpbak` in a network namespace, with piped output).
+pub fn paused_at(mut cmd: Command, point: &str) -> Paused {
+    cmd.env("QMPBAK_PAUSE_AT", point);
     let mut child = cmd.spawn().expect("spawn qmpbak");
     let stderr = child.stderr.take().expect("piped stderr");
     let (tx, rx) = std::sync::mpsc::channel();

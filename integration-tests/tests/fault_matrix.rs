@@ -9,6 +9,7 @@
 
 use std::path::{Path, PathBuf};
 
+use integration_tests::pki::{TestPki, free_port};
 use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
 use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
@@ -32,6 +33,16 @@ enum Fault {
     BitmapInconsistent,
     BitmapBusy,
     BitmapRenamed,
+    /// A pull over loopback TLS (`--pull`, QEMU's NBD server) killed at a crash point of the pull path.
+    PullKill(&'static str),
+    /// A pull whose NBD server goes away (stopped in QEMU) before qmpbak reads: as a network gone between.
+    PullNbdServerGone,
+}
+
+impl Fault {
+    fn is_pull(self) -> bool {
+        matches!(self, Fault::PullKill(_) | Fault::PullNbdServerGone)
+    }
 }
 
 /// One cell: the fault, the step it hits, and what the faulty run must end with.
@@ -65,7 +76,15 @@ const MATRIX: &[Cell] = &[
     Cell { fault: Fault::BitmapInconsistent,                  step: "before job",     exit: 0,   says: "inconsistent",             next_method: "bitmap" },
     Cell { fault: Fault::BitmapBusy,                          step: "before job",     exit: 0,   says: "busy",                     next_method: "bitmap" },
     Cell { fault: Fault::BitmapRenamed,                       step: "before job",     exit: 0,   says: "relative to another node", next_method: "bitmap" },
+    Cell { fault: Fault::PullKill("pull-recorded"),           step: "before QEMU",    exit: -1,  says: "pull-recorded",            next_method: "bitmap" },
+    Cell { fault: Fault::PullKill("pull-scratch-added"),      step: "scratch made",   exit: -1,  says: "pull-scratch-added",       next_method: "bitmap" },
+    Cell { fault: Fault::PullKill("pull-view-started"),       step: "fleece running", exit: -1,  says: "pull-view-started",        next_method: "bitmap" },
+    Cell { fault: Fault::PullKill("pull-server-started"),     step: "NBD server up",  exit: -1,  says: "pull-server-started",      next_method: "bitmap" },
+    Cell { fault: Fault::PullKill("pull-exported"),           step: "views exported", exit: -1,  says: "pull-exported",            next_method: "bitmap" },
+    Cell { fault: Fault::PullKill("pull-copied"),             step: "after copy",     exit: -1,  says: "pull-copied",              next_method: "bitmap" },
+    Cell { fault: Fault::PullNbdServerGone,                   step: "before copy",    exit: 5,   says: "NBD export",               next_method: "bitmap" },
 ];
+// The network dropping mid-pull needs two network namespaces: tests/pull_network.rs.
 
 /// A small tmpfs for the repository, for the out-of-space cells (needs root).
 struct Tmpfs {
@@ -148,12 +167,30 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
     } else {
         TestRepo::init()
     };
-    let mut vm = TestVm::start(&[("disk0", 16 * MIB), ("disk1", 8 * MIB)]).await;
+    let pki = TestPki::loopback();
+    let pull: Vec<String> = if cell.fault.is_pull() {
+        vec![
+            "--pull".into(),
+            "--nbd-listen".into(),
+            format!("127.0.0.1:{}", free_port()),
+            "--tls-dir".into(),
+            pki.path("client").display().to_string(),
+        ]
+    } else {
+        Vec::new()
+    };
+    let pull_args: Vec<&str> = pull.iter().map(String::as_str).collect();
+    let mut vm = TestVm::builder()
+        .disk("disk0", 16 * MIB)
+        .disk("disk1", 8 * MIB)
+        .arg("-object")
+        .arg(&pki.server_object("tls0"))
+        .start()
+        .await;
     vm.write_pattern("disk0", 0x11, 0, 8 * MIB).await;
     vm.write_pattern("disk1", 0x22, 0, 2 * MIB).await;
-    let full = repo.backup(&vm, VM, &[]);
+    let full = repo.backup(&vm, VM, &pull_args);
     let full_id = full["node"].as_str().unwrap().to_owned();
-    let chain_id = repo.manifest(VM).chain_id.clone();
     vm.write_pattern("disk0", 0x33, 4 * MIB, 4 * MIB).await;
     vm.write_pattern("disk1", 0x44, MIB, MIB).await;
 
@@ -188,9 +225,16 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
             let child = spawn_backup(&repo, &vm, &[], Some(("QMPBAK_INJECT_TARGET_EIO", "1")));
             cli::wait(child, CLI_TIMEOUT)
         }
-        Fault::KillQmpbak(point) => {
-            let child = spawn_backup(&repo, &vm, &[], Some(("QMPBAK_CRASH_AT", point)));
+        Fault::KillQmpbak(point) | Fault::PullKill(point) => {
+            let child = spawn_backup(&repo, &vm, &pull_args, Some(("QMPBAK_CRASH_AT", point)));
             cli::wait(child, CLI_TIMEOUT)
+        }
+        Fault::PullNbdServerGone => {
+            let paused =
+                cli::run_paused_at(&repo.backup_args(&vm, VM, &pull_args), "pull-exported", &[], None);
+            vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
+            paused.signal(nix::sys::signal::Signal::SIGUSR1);
+            paused.finish()
         }
         Fault::KillQemu | Fault::QemuQuits | Fault::Sigint | Fault::SecondQmpbak => {
             let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
@@ -209,7 +253,7 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
                 _ => {
                     let second = repo.try_backup(&vm, VM, &[]);
                     cli::wait(child, CLI_TIMEOUT).success();
-                    return check(cell, &second, vm, &repo, work, &full_id, &chain_id).await;
+                    return check(cell, &second, vm, &repo, work, &full_id, &pull_args).await;
                 }
             }
             cli::wait(child, CLI_TIMEOUT)
@@ -273,7 +317,7 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
             repo.try_backup(&vm, VM, &[])
         }
     };
-    check(cell, &outcome, vm, &repo, work, &full_id, &chain_id).await
+    check(cell, &outcome, vm, &repo, work, &full_id, &pull_args).await
 }
 
 /// The expectations every cell shares.
@@ -284,7 +328,7 @@ async fn check(
     repo: &TestRepo,
     work: &Path,
     full_id: &str,
-    chain_id: &str,
+    pull: &[&str],
 ) -> Result<(), String> {
     let code = outcome.code().unwrap_or(-1);
     if code != cell.exit {
@@ -338,7 +382,7 @@ async fn check(
     for (d, r) in ["disk0", "disk1"].iter().zip(&refs) {
         vm.capture_reference(d, r).await;
     }
-    let next = repo.try_backup(&vm, VM, &[]);
+    let next = repo.try_backup(&vm, VM, pull);
     if !next.status.success() {
         return Err(format!("the following backup failed: {}", next.stderr.trim()));
     }
@@ -364,6 +408,9 @@ async fn check(
         return Err("operation records left".into());
     }
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &id, full_id)).await;
+    if cell.fault.is_pull() {
+        check_pull_cleaned(&vm, repo, &id, &refs).await?;
+    }
     // No earlier node changed.
     let verify = cli::run(&[
         "verify",
@@ -376,14 +423,50 @@ async fn check(
     if !verify.status.success() {
         return Err(format!("verify after the cell: {}", verify.stdout));
     }
-    let _ = chain_id;
+    Ok(())
+}
+
+/// What a pull cell leaves besides the shared checks: no export (nor NBD server) in QEMU, every scratch image
+/// emptied, and the following node restores to its references.
+async fn check_pull_cleaned(
+    vm: &TestVm,
+    repo: &TestRepo,
+    node: &str,
+    refs: &[PathBuf],
+) -> Result<(), String> {
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    if exports.as_array().map(Vec::len) != Some(0) {
+        return Err(format!("leftover exports: {exports}"));
+    }
+    if vm.qmp().execute_raw("nbd-server-stop", None).await.is_ok() {
+        return Err("an NBD server was left running".into());
+    }
+    let dir = vm.disk_path("disk0").parent().unwrap().to_owned();
+    for entry in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.to_string_lossy().contains("-scratch") && std::fs::metadata(&path).unwrap().len() != 0 {
+            return Err(format!("scratch image {} not emptied", path.display()));
+        }
+    }
+    let out = tempfile::tempdir().unwrap();
+    let restored = out.path().join("r");
+    let restore = repo.run(VM, &["restore", node, "--to", restored.to_str().unwrap()]);
+    if !restore.status.success() {
+        return Err(format!("restore of {node}: {}", restore.stderr.trim()));
+    }
+    for (d, r) in ["disk0", "disk1"].iter().zip(refs) {
+        image::compare(r, &restored.join(format!("{d}.qcow2")))
+            .map_err(|e| format!("restore not exact: {e}"))?;
+    }
     Ok(())
 }
 
 #[tokio::test]
 async fn fault_matrix() {
     let mut rows = Vec::new();
-    for cell in MATRIX {
+    // FAULT_MATRIX_ONLY=WORD runs only the cells whose fault's name contains WORD (e.g. `Pull`).
+    let only = std::env::var("FAULT_MATRIX_ONLY").unwrap_or_default();
+    for cell in MATRIX.iter().filter(|c| format!("{:?}", c.fault).contains(&only)) {
         // Each cell in its own task: a panic fails the cell, not the table.
         let result = tokio::spawn(async move {
             let work = tempfile::tempdir().unwrap();
@@ -403,5 +486,6 @@ async fn fault_matrix() {
     }
     let passed = rows.iter().filter(|r| r.3.is_ok()).count();
     println!("{passed} of {} cells passed", rows.len());
+    assert!(!rows.is_empty(), "no cell matches FAULT_MATRIX_ONLY={only}");
     assert_eq!(passed, rows.len(), "failing cells above");
 }

@@ -43,6 +43,8 @@ const DROP_DISCONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 enum CloseReason {
     Closed,
+    /// Reading failed with this reason (e.g. the kernel gave up on a peer that vanished: `ETIMEDOUT`).
+    Broken(String),
     Protocol(String),
     Stalled(Duration),
 }
@@ -51,6 +53,9 @@ impl CloseReason {
     fn to_error(&self) -> Error {
         match self {
             CloseReason::Closed => Error::Closed,
+            CloseReason::Broken(detail) => Error::Broken {
+                detail: detail.clone(),
+            },
             CloseReason::Protocol(m) => Error::Protocol(m.clone()),
             CloseReason::Stalled(after) => Error::Timeout {
                 what: "the rest of a reply the server had begun".into(),
@@ -61,8 +66,12 @@ impl CloseReason {
 }
 
 impl From<io::Error> for CloseReason {
-    fn from(_: io::Error) -> Self {
-        CloseReason::Closed
+    fn from(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::UnexpectedEof {
+            CloseReason::Closed
+        } else {
+            CloseReason::Broken(e.to_string())
+        }
     }
 }
 
@@ -458,8 +467,9 @@ async fn reader_task<R: AsyncRead + Unpin>(
             () = shared.kill.notified() => break CloseReason::Closed,
             magic = rd.read_u32() => magic,
         };
-        let Ok(magic) = magic else {
-            break CloseReason::Closed;
+        let magic = match magic {
+            Ok(magic) => magic,
+            Err(e) => break CloseReason::from(e),
         };
         let message = timeout(io_timeout, read_message(&mut rd, &shared, structured, magic));
         let outcome = tokio::select! {

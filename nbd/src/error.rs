@@ -41,6 +41,11 @@ pub enum Error {
     #[error("the NBD connection is closed")]
     Closed,
 
+    /// Reading from the connection failed: the network dropped or the server's host died (the kernel gave up
+    /// within `pki::liveness::LIVENESS_BOUND`), or the connection was reset.
+    #[error("the NBD connection broke: {detail}")]
+    Broken { detail: String },
+
     /// Something did not happen in time.
     #[error("timed out after {after:?} waiting for {what}")]
     Timeout { what: String, after: Duration },
@@ -136,7 +141,7 @@ impl Error {
         match self {
             Error::Connect { .. } | Error::Handshake(_) | Error::ExportNotFound { .. } => ErrorKind::Connect,
             Error::Server { .. } => ErrorKind::Server,
-            Error::Closed | Error::Protocol(_) => ErrorKind::Closed,
+            Error::Closed | Error::Broken { .. } | Error::Protocol(_) => ErrorKind::Closed,
             Error::Timeout { .. } => ErrorKind::Timeout,
             Error::OutOfRange { .. }
             | Error::Misaligned { .. }

@@ -43,7 +43,7 @@ pub async fn connect_tcp(host: &str, port: u16, deadline: Instant) -> Result<Tcp
         Ok(Err(e)) => return Err(ConnectFailure::Io(e)),
         Err(_) => return Err(ConnectFailure::Timeout),
     };
-    stream.set_nodelay(true).map_err(ConnectFailure::Io)?;
+    crate::liveness::bound(&stream).map_err(ConnectFailure::Io)?;
     Ok(stream)
 }
 

@@ -122,7 +122,10 @@ impl Qmp {
             return Err(Error::Timeout { what, after: total });
         };
         let greeting = greeting?;
-        let connection = crate::transport::Connection::start(reader, write, tls);
+        let mut connection = crate::transport::Connection::start(reader, write, tls);
+        if remote {
+            connection = connection.give_up_after(DEFAULT_COMMAND_TIMEOUT);
+        }
         let arguments = greeting
             .capabilities
             .iter()

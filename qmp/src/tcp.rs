@@ -79,7 +79,11 @@ impl Qmp {
                     Ok(Err(e)) => return Err(tls_error(&target, &e)),
                     Err(_) => {
                         return Err(Error::Timeout {
-                            what: format!("the TLS handshake with {target}"),
+                            what: format!(
+                                "the TLS handshake with {target} (QEMU serves one monitor client at a time and \
+                                 does not read a new one's handshake meanwhile; a client whose network dropped \
+                                 keeps the monitor until QEMU next writes to it, e.g. any QMP event)"
+                            ),
                             after: timeout,
                         });
                     }

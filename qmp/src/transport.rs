@@ -147,6 +147,11 @@ pub(crate) struct Connection {
     outgoing: mpsc::UnboundedSender<Vec<u8>>,
     next_id: AtomicU64,
     reader: JoinHandle<()>,
+    /// A command left without a reply for at least this long ends the connection (a monitor over the
+    /// network: the link or QEMU's host is gone, or QEMU no longer answers while its host still acknowledges
+    /// the bytes, which TCP's own bounds cannot see; every later command would wait its full timeout too).
+    /// `None`: never.
+    give_up_after: Option<Duration>,
 }
 
 impl Connection {
@@ -171,7 +176,14 @@ impl Connection {
             outgoing,
             next_id: AtomicU64::new(1),
             reader,
+            give_up_after: None,
         }
+    }
+
+    /// Makes a command that gets no reply within `after` (or a longer timeout) end the connection.
+    pub(crate) fn give_up_after(mut self, after: Duration) -> Connection {
+        self.give_up_after = Some(after);
+        self
     }
 
     /// Sends one command and waits at most `timeout` for its reply.
@@ -217,10 +229,18 @@ impl Connection {
             Ok(Err(_)) => Err(Error::Closed {
                 detail: format!("the connection ended while {name} was pending"),
             }),
-            Err(_) => Err(Error::Timeout {
-                what: format!("QEMU's reply to {name}"),
-                after: timeout,
-            }),
+            Err(_) => {
+                if self.give_up_after.is_some_and(|after| timeout >= after) {
+                    self.shared.close(&CloseReason::closed(format!(
+                        "no reply to {name} within {timeout:?}: the connection was given up (the network or \
+                         QEMU's host may be down)"
+                    )));
+                }
+                Err(Error::Timeout {
+                    what: format!("QEMU's reply to {name}"),
+                    after: timeout,
+                })
+            }
         }
     }
 

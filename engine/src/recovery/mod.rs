@@ -409,15 +409,17 @@ pub async fn recover(
             }
             _ => {
                 let left = cleaned.left_in_qemu.len();
-                undo(qmp, vm, manifest, op, &mut cleaned).await;
-                (cleaned.left_in_qemu.len() > left).then(|| {
-                    anyhow::anyhow!(
-                        "the interrupted {} could not be undone in QEMU: {}; its record stays, and the next \
-                         qmpbak command on this VM (or `qmpbak cleanup`) tries again",
-                        op.id,
-                        cleaned.left_in_qemu[left..].join("; ")
-                    )
-                })
+                match undo(qmp, vm, manifest, op, &mut cleaned).await {
+                    Err(e) => Some(e),
+                    Ok(()) => (cleaned.left_in_qemu.len() > left).then(|| {
+                        anyhow::anyhow!(
+                            "the interrupted {} could not be undone in QEMU: {}; its record stays, and the next \
+                             qmpbak command on this VM (or `qmpbak cleanup`) tries again",
+                            op.id,
+                            cleaned.left_in_qemu[left..].join("; ")
+                        )
+                    }),
+                }
             }
         };
         if let Some(err) = failed {
@@ -432,16 +434,20 @@ pub async fn recover(
 }
 
 /// Undoes an interrupted operation that can be undone: in QEMU (when connected) and on disk, then marks its node
-/// failed, saying by whom and when it was interrupted.
+/// failed, saying by whom and when it was interrupted. Fails, leaving everything to the next run, when the
+/// connection to a remote QEMU is lost meanwhile ([`lost_remote_qemu`]).
 async fn undo(
     qmp: Option<&qmp::Qmp>,
     vm: &VmStore,
     manifest: &mut Manifest,
     op: &Operation,
     cleaned: &mut Cleaned,
-) {
+) -> Result<()> {
     if let Some(qmp) = qmp {
         undo_in_qemu(qmp, op, cleaned).await;
+        if let Some(why) = lost_remote_qemu(qmp, op) {
+            anyhow::bail!(why);
+        }
     }
     let in_use = open_files(qmp).await;
     let remote = qmp.is_some_and(qmp::Qmp::is_remote);
@@ -460,6 +466,23 @@ async fn undo(
             cleaned.failed_nodes.push(node.id.to_string());
         }
     }
+    Ok(())
+}
+
+/// Why `op`'s record must stay after an undo in QEMU (`None`: it may go): the connection to a QEMU on another
+/// host ended, so what the run made there (NBD server, exports, fleece job and overlay, frozen bitmaps, scratch)
+/// may still be there, reachable only through this record. A QEMU on this host whose monitor closed has
+/// exited, and its nodes, jobs and exports with it.
+pub fn lost_remote_qemu(qmp: &qmp::Qmp, op: &Operation) -> Option<String> {
+    (qmp.is_remote() && qmp.is_closed()).then(|| {
+        format!(
+            "the connection to QEMU at {} was lost before the {} {} could be undone there: its record stays, and \
+             `qmpbak cleanup --qmp ...` (or the next backup of this VM) finishes the undo once QEMU is reachable",
+            qmp.path().display(),
+            op.kind(),
+            op.id
+        )
+    })
 }
 
 /// Undoes a failed operation from its record (in QEMU, then on disk, never touching files QEMU uses), marks its
@@ -477,6 +500,7 @@ pub async fn abandon(
 ) -> anyhow::Error {
     let mut cleaned = Cleaned::default();
     undo_in_qemu(qmp, op, &mut cleaned).await;
+    let lost = lost_remote_qemu(qmp, op);
     // The repository key's secret, if this process gave QEMU one for the run (an encrypted backup).
     crate::crypt::unlock::remove_secret(qmp).await;
     let in_use = open_files(Some(qmp)).await;
@@ -487,8 +511,11 @@ pub async fn abandon(
             n.reason = Some(format!("{err:#}"));
         }
     }
-    // What could not be undone in QEMU (a device left on a filter) keeps the record for the next command.
-    let err = if cleaned.left_in_qemu.is_empty() {
+    // What could not be undone in QEMU (a device left on a filter), or a remote QEMU that was lost, keeps the
+    // record for the next command.
+    let err = if lost.is_some() {
+        err
+    } else if cleaned.left_in_qemu.is_empty() {
         manifest.remove_operation(&op.id);
         err
     } else {
@@ -500,7 +527,10 @@ pub async fn abandon(
         ))
     };
     match vm.save(manifest, guard) {
-        Ok(()) => err,
+        Ok(()) => match lost {
+            Some(why) => err.context(why),
+            None => err,
+        },
         Err(e) => err.context(format!(
             "the failed {} could not be recorded in the manifest ({e:#}); its record stays, and the next \
              qmpbak command on this VM (or `qmpbak cleanup`) finishes the undo",

@@ -12,6 +12,7 @@ mod fleece;
 mod jobs;
 mod pull;
 
+pub(crate) use pull::split_listen;
 pub use pull::{DEFAULT_NBD_LISTEN, DEFAULT_NBD_PORT, PullOptions, scratch_name};
 
 use std::collections::HashSet;

@@ -41,6 +41,9 @@ pub struct ServedOptions {
     pub target_tls_dir: Option<PathBuf>,
     /// Seconds the VM's NBD client waits for the server to come back before a read fails (`reconnect-delay`).
     pub reconnect_delay: u32,
+    /// `HOST:PORT` the VM's QEMU's NBD server listens on (and qmpbak connects to) while the target disks are
+    /// proven empty (`--nbd-listen`); default: the `--qmp` host, port 10809.
+    pub nbd_listen: Option<String>,
 }
 
 /// The decided backing of one run.

@@ -8,7 +8,8 @@
 //! so anything else is its own image's), read over the whole disk with the `nbd` crate, and the export and the
 //! server are removed again. `base:allocation` is not enough: a qcow2 zero cluster reads as a hole there, yet
 //! it is allocated and would hide the backup's data. Locally the server listens on a Unix socket in a private
-//! directory; across hosts on the `--qmp` host's address, port [`crate::backup::DEFAULT_NBD_PORT`], with TLS
+//! directory; across hosts on `--nbd-listen` (default: the `--qmp` host's address, port
+//! [`crate::backup::DEFAULT_NBD_PORT`]), with TLS
 //! from the VM's one server `tls-creds-x509` object (qmpbak connects with `--tls-dir`), as the pull does. An
 //! NBD server already running in the VM's QEMU (another tool's) is left alone: QMP does not tell where it
 //! listens, so qmpbak cannot read through it, and the restore is refused with that reason.
@@ -48,10 +49,11 @@ enum Reach {
 pub(super) async fn require_empty(
     qmp: &qmp::Qmp,
     target: &QmpTarget,
+    listen: Option<&str>,
     disks: &[&DiskInfo],
     prefix: &str,
 ) -> Result<()> {
-    let (start, reach) = server(qmp, target).await?;
+    let (start, reach) = server(qmp, target, listen).await?;
     qmp.execute(&start).await.map_err(|e| anyhow!(e)).context(
         "starting an NBD server in the VM's QEMU to check that the target disks are empty (is another NBD \
          server running in it? QMP does not tell where one listens, so qmpbak cannot read through it: stop \
@@ -82,14 +84,18 @@ pub(super) async fn require_empty(
 }
 
 /// The `nbd-server-start` for this target and how qmpbak reaches it.
-async fn server(qmp: &qmp::Qmp, target: &QmpTarget) -> Result<(NbdServerStart, Reach)> {
+async fn server(qmp: &qmp::Qmp, target: &QmpTarget, listen: Option<&str>) -> Result<(NbdServerStart, Reach)> {
     let Some(host) = target.host() else {
         let dir = crate::daemon::private_temp_dir("qmpbak-empty-")?;
         let socket = dir.path().join("nbd.sock");
         let start = NbdServerStart::unix(socket.display().to_string());
         return Ok((start, Reach::Unix { _dir: dir, socket }));
     };
-    let port = crate::backup::DEFAULT_NBD_PORT;
+    let (host, port) = match listen {
+        Some(listen) => crate::backup::split_listen(listen)?,
+        None => (host.to_owned(), crate::backup::DEFAULT_NBD_PORT),
+    };
+    let host = host.as_str();
     let addr = if host.contains(':') {
         format!("[{host}]:{port}")
     } else {

@@ -135,7 +135,12 @@ pub async fn restore_live(
 
     // A block the image holds would hide the backup's: prove each disk empty before anything changes.
     let checked: Vec<&inspect::DiskInfo> = targets.iter().map(|(_, d)| d).collect();
-    super::empty::require_empty(&qmp, &opts.qmp, &checked, &format!("qmpbak-empty-{}-", node.id)).await?;
+    let listen = match &opts.source {
+        Source::Served(served) => served.nbd_listen.as_deref(),
+        Source::Local => None,
+    };
+    let prefix = format!("qmpbak-empty-{}-", node.id);
+    super::empty::require_empty(&qmp, &opts.qmp, listen, &checked, &prefix).await?;
 
     let mut backing = Backing::prepare(&opts.source, &opts.qmp, &qmp, &node.id).await?;
     let before = manifest.clone();

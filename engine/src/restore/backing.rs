@@ -50,7 +50,7 @@ pub struct ServedOptions {
 pub(super) enum Backing {
     Local,
     Served {
-        opts: ServedOptions,
+        opts: Box<ServedOptions>,
         addr: SocketAddr,
         /// The client credentials object in the VM's QEMU (`None`: plaintext), and whether qmpbak adds it.
         creds: Option<(String, bool)>,
@@ -109,7 +109,7 @@ impl Backing {
             Some((find_client_creds(qmp).await?, false))
         };
         Ok(Backing::Served {
-            opts: opts.clone(),
+            opts: Box::new(opts.clone()),
             addr,
             creds,
             server: None,

@@ -527,3 +527,29 @@ async fn a_live_restore_into_a_disk_that_holds_data_is_refused_and_changes_nothi
     assert!(manifest.operations.is_empty());
     assert_eq!(manifest.nodes.len(), before.nodes.len());
 }
+
+/// Another tool's NBD server in the VM's QEMU: the emptiness check cannot read through it (QMP does not say
+/// where it listens), so the live restore is refused, and that server keeps running with its export.
+#[tokio::test]
+async fn a_live_restore_leaves_another_tools_nbd_server_alone_and_is_refused() {
+    let repo = TestRepo::init();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x5a, 0, MIB).await;
+        repo.backup_node(&vm, VM, &[])
+    };
+    let vm = TestVm::start_paused(&sizes()).await;
+    let view = guest_view(&vm, "disk0").await;
+    let out = cli::run_owned(&live_args(&repo, &vm, &node, &[]));
+    assert_eq!(out.code(), Some(5), "{out:?}");
+    assert!(out.stderr.contains("another NBD server"), "{out:?}");
+    assert!(!vm.running().await, "the VM stays paused");
+    // The other server and its export still serve.
+    let mut buf = vec![0u8; 4096];
+    view.read(0, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    assert_eq!(exports.as_array().unwrap().len(), 1, "{exports}");
+    view.disconnect().await.unwrap();
+    assert!(repo.manifest(VM).operations.is_empty());
+}

@@ -111,6 +111,11 @@ fn live_args(repo: &TestRepo, node: &str, qmp: &str, pki: &TestPki, extra: &[&st
             "--json",
         ],
     );
+    if qmp.starts_with("tls://127.0.0.1:") {
+        // The emptiness check's NBD server in the VM's QEMU: on loopback, a free port (not 10809, which
+        // tests running at once would share).
+        args.extend(["--nbd-listen".to_owned(), format!("127.0.0.1:{}", free_port())]);
+    }
     args.extend(extra.iter().map(|a| (*a).to_owned()));
     args
 }
@@ -406,4 +411,40 @@ async fn remote_live_restore_failing_after_the_reopen_streams_before_it_reports(
     assert!(out.stderr.contains("streamed all the same"), "{out:?}");
     assert!(repo.manifest(VM).operations.is_empty());
     assert_restored(&vm, &exp).await;
+}
+
+/// A target disk holding data used to be kept under the backup's (wrong data, silently): refused with exit 2
+/// before anything changes, its allocation read over NBD+TLS from the VM's own QEMU.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_live_restore_into_a_disk_that_holds_data_is_refused() {
+    let pki = TestPki::loopback();
+    let (repo, _full, inc) = backed_up().await;
+    let work = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let vm = target_vm("127.0.0.1", port, &pki, "client", None).await;
+    vm.write_pattern("disk0", 0x77, 20 * MIB, 64 * 1024).await;
+    vm.qemu_io("disk0", "flush").await;
+    let before = vm.capture_references(&["disk0"], work.path(), "before").await;
+    let args = live_args(
+        &repo,
+        &inc,
+        &format!("tls://127.0.0.1:{port}"),
+        &pki,
+        &["--serve-tls-dir", &s(&pki.path("server"))],
+    );
+    let out = tokio::task::block_in_place(|| Host::Here.run(&args));
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("disk disk0 has 65536 bytes allocated"),
+        "{out:?}"
+    );
+    assert!(!vm.running().await, "the VM was not resumed");
+    let after = vm.capture_references(&["disk0"], work.path(), "after").await;
+    image::assert_same(&before[0], &after[0]);
+    assert_only_own_nodes(&vm).await;
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    assert_eq!(exports, serde_json::json!([]), "leftover exports");
+    let manifest = repo.manifest(VM);
+    assert_eq!(manifest.current.as_ref().unwrap().to_string(), inc);
+    assert!(manifest.operations.is_empty());
 }

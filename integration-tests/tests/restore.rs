@@ -453,3 +453,102 @@ async fn the_first_incremental_after_a_live_restore_copies_only_the_guests_write
     );
     assert_restores_exactly(&repo, inc.node.as_str(), &refs, work.path());
 }
+
+/// No export, no NBD server and no block node of qmpbak left in `vm`'s QEMU.
+async fn assert_nothing_left(vm: &TestVm) {
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    assert_eq!(exports, serde_json::json!([]), "leftover exports");
+    // A server left running would refuse a second one.
+    let socket = vm.dir().join("probe.sock");
+    vm.qmp()
+        .execute_raw(
+            "nbd-server-start",
+            Some(serde_json::json!({"addr": {"type": "unix", "data": {"path": socket}}})),
+        )
+        .await
+        .expect("no NBD server left running");
+    vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
+    let names = vm
+        .qmp()
+        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
+        .await
+        .unwrap();
+    for n in names.as_array().unwrap() {
+        let name = n["node-name"].as_str().unwrap();
+        assert!(
+            name.starts_with("node-") || name.starts_with('#'),
+            "leftover {name}"
+        );
+    }
+}
+
+/// A live restore into a disk that holds data used to keep it under the backup's: wrong data, silently. Now
+/// it is refused before anything changes, naming each disk and its allocated bytes; a zero cluster counts
+/// (it hides the backing just as data does, though `base:allocation` calls it a hole).
+#[tokio::test]
+async fn a_live_restore_into_a_disk_that_holds_data_is_refused_and_changes_nothing() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x5a, 0, 16 * MIB).await;
+        vm.write_pattern("disk1", 0xa5, 0, 8 * MIB).await;
+        repo.backup_node(&vm, VM, &[])
+    };
+    let before = repo.manifest(VM);
+    let vm = TestVm::start_paused(&sizes()).await;
+    vm.write_zeroes("disk0", 4 * MIB, MIB).await;
+    vm.write_pattern("disk1", 0x77, 3 * MIB, 64 * 1024).await;
+    for disk in DISKS {
+        vm.qemu_io(disk, "flush").await;
+    }
+    let refs = vm.capture_references(&DISKS, work.path(), "before").await;
+
+    let out = cli::run_owned(&live_args(&repo, &vm, &node, &[]));
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("disk disk0 has 1048576 bytes allocated"),
+        "{out:?}"
+    );
+    assert!(
+        out.stderr.contains("disk disk1 has 65536 bytes allocated"),
+        "{out:?}"
+    );
+
+    assert!(!vm.running().await, "the VM stays paused");
+    let after = vm.capture_references(&DISKS, work.path(), "after").await;
+    for (b, a) in refs.iter().zip(&after) {
+        image::assert_same(b, a);
+    }
+    assert_nothing_left(&vm).await;
+    let manifest = repo.manifest(VM);
+    assert_eq!(manifest.current, before.current);
+    assert!(manifest.operations.is_empty());
+    assert_eq!(manifest.nodes.len(), before.nodes.len());
+}
+
+/// Another tool's NBD server in the VM's QEMU: the emptiness check cannot read through it (QMP does not say
+/// where it listens), so the live restore is refused, and that server keeps running with its export.
+#[tokio::test]
+async fn a_live_restore_leaves_another_tools_nbd_server_alone_and_is_refused() {
+    let repo = TestRepo::init();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x5a, 0, MIB).await;
+        repo.backup_node(&vm, VM, &[])
+    };
+    let vm = TestVm::start_paused(&sizes()).await;
+    let view = guest_view(&vm, "disk0").await;
+    let out = cli::run_owned(&live_args(&repo, &vm, &node, &[]));
+    assert_eq!(out.code(), Some(5), "{out:?}");
+    assert!(out.stderr.contains("another NBD server"), "{out:?}");
+    assert!(!vm.running().await, "the VM stays paused");
+    // The other server and its export still serve.
+    let mut buf = vec![0u8; 4096];
+    view.read(0, &mut buf).await.unwrap();
+    assert!(buf.iter().all(|&b| b == 0));
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    assert_eq!(exports.as_array().unwrap().len(), 1, "{exports}");
+    view.disconnect().await.unwrap();
+    assert!(repo.manifest(VM).operations.is_empty());
+}

@@ -68,6 +68,11 @@ pub struct Args {
     /// streamed yet fails (QEMU's reconnect-delay).
     #[arg(long, value_name = "SECS", default_value_t = 30)]
     reconnect_delay: u32,
+    /// Live across hosts: the address the VM's QEMU's NBD server listens on, and qmpbak connects to, while it
+    /// proves the target disks empty (TLS from the VM's server tls-creds-x509 object and --tls-dir). Default:
+    /// the --qmp host, port 10809.
+    #[arg(long, value_name = "HOST:PORT")]
+    nbd_listen: Option<String>,
     /// Print one JSON result.
     #[arg(long)]
     json: bool,
@@ -93,9 +98,14 @@ pub async fn run(args: Args) -> Result<()> {
                 target_tls_creds: args.target_tls_creds.clone(),
                 target_tls_dir: args.target_tls_dir.clone(),
                 reconnect_delay: args.reconnect_delay,
+                nbd_listen: args.nbd_listen.clone(),
             });
             Some((qmp, source))
         }
+        (true, Some(_)) if args.nbd_listen.is_some() => bail!(Exit::usage(
+            "--nbd-listen is for a live restore across hosts (--qmp tls:// or tcp://); on this host the VM's \
+             QEMU serves the emptiness check on a private Unix socket"
+        )),
         (true, Some(qmp)) => {
             // QEMU opens the node's files in the repository: it must reach them.
             qmp.require_local("restore --live", Local::QemuReadsRepository, &args.target.repo)?;

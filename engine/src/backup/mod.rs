@@ -13,6 +13,7 @@ mod jobs;
 mod pull;
 mod view;
 
+pub(crate) use pull::split_listen;
 pub use pull::{DEFAULT_NBD_LISTEN, DEFAULT_NBD_PORT, PullOptions, scratch_name};
 
 use std::collections::HashSet;

@@ -107,7 +107,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
 }
 
 /// `HOST:PORT` (`[V6]:PORT`) of `--nbd-listen`.
-fn split_listen(addr: &str) -> Result<(String, u16)> {
+pub(crate) fn split_listen(addr: &str) -> Result<(String, u16)> {
     let (host, port) = addr
         .rsplit_once(':')
         .with_context(|| format!("--nbd-listen {addr:?} is not HOST:PORT"))?;

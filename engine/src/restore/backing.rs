@@ -41,13 +41,16 @@ pub struct ServedOptions {
     pub target_tls_dir: Option<PathBuf>,
     /// Seconds the VM's NBD client waits for the server to come back before a read fails (`reconnect-delay`).
     pub reconnect_delay: u32,
+    /// `HOST:PORT` the VM's QEMU's NBD server listens on (and qmpbak connects to) while the target disks are
+    /// proven empty (`--nbd-listen`); default: the `--qmp` host, port 10809.
+    pub nbd_listen: Option<String>,
 }
 
 /// The decided backing of one run.
 pub(super) enum Backing {
     Local,
     Served {
-        opts: ServedOptions,
+        opts: Box<ServedOptions>,
         addr: SocketAddr,
         /// The client credentials object in the VM's QEMU (`None`: plaintext), and whether qmpbak adds it.
         creds: Option<(String, bool)>,
@@ -106,7 +109,7 @@ impl Backing {
             Some((find_client_creds(qmp).await?, false))
         };
         Ok(Backing::Served {
-            opts: opts.clone(),
+            opts: Box::new(opts.clone()),
             addr,
             creds,
             server: None,
@@ -304,23 +307,29 @@ async fn check_client_creds(qmp: &qmp::Qmp, id: &str) -> Result<()> {
     }
 }
 
-/// The one client `tls-creds-x509` object of the VM's QEMU.
-async fn find_client_creds(qmp: &qmp::Qmp) -> Result<String> {
+/// The ids of the VM's `tls-creds-x509` objects with endpoint `endpoint` (`client` or `server`).
+pub(super) async fn creds_with_endpoint(qmp: &qmp::Qmp, endpoint: &str) -> Result<Vec<String>> {
     let objects = qmp
         .execute(&QomList {
             path: "/objects".to_owned(),
         })
         .await
         .context("listing the VM's QEMU objects (qom-list /objects)")?;
-    let mut clients = Vec::new();
+    let mut found = Vec::new();
     for o in objects
         .into_iter()
         .filter(|o| o.child_type() == Some("tls-creds-x509"))
     {
-        if endpoint_of(qmp, &o.name).await?.as_deref() == Some("client") {
-            clients.push(o.name);
+        if endpoint_of(qmp, &o.name).await?.as_deref() == Some(endpoint) {
+            found.push(o.name);
         }
     }
+    Ok(found)
+}
+
+/// The one client `tls-creds-x509` object of the VM's QEMU.
+async fn find_client_creds(qmp: &qmp::Qmp) -> Result<String> {
+    let clients = creds_with_endpoint(qmp, "client").await?;
     match clients.as_slice() {
         [one] => Ok(one.clone()),
         [] => bail!(Exit::usage(

@@ -1,5 +1,5 @@
 //! Live (instant) restore into a running QEMU whose disks are empty images of the right size (typically
-//! started paused with `-S`): each disk gets the node's recovery chain as its backing (`blockdev-reopen`), the
+//! started paused with `-S`; proven empty first, [`super::empty`]): each disk gets the node's recovery chain as its backing (`blockdev-reopen`), the
 //! VM resumes at once, and `block-stream` copies the data into the VM's own images behind it. Guest writes win:
 //! streaming only fills clusters the guest has not written. When streaming ends the chain is removed and the
 //! VM depends on nothing in the repository.
@@ -132,6 +132,15 @@ pub async fn restore_live(
         }
         targets.push((i, d.clone()));
     }
+
+    // A block the image holds would hide the backup's: prove each disk empty before anything changes.
+    let checked: Vec<&inspect::DiskInfo> = targets.iter().map(|(_, d)| d).collect();
+    let listen = match &opts.source {
+        Source::Served(served) => served.nbd_listen.as_deref(),
+        Source::Local => None,
+    };
+    let prefix = format!("qmpbak-empty-{}-", node.id);
+    super::empty::require_empty(&qmp, &opts.qmp, listen, &checked, &prefix).await?;
 
     let mut backing = Backing::prepare(&opts.source, &opts.qmp, &qmp, &node.id).await?;
     let before = manifest.clone();

@@ -3,6 +3,7 @@
 //! manifest (see [`crate::graph`]), and the result is checked against the node's checking tables.
 
 pub mod backing;
+mod empty;
 pub mod live;
 pub mod offline;
 

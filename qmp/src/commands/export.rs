@@ -67,6 +67,16 @@ impl BlockExportAdd {
             "bitmaps": [{"node": bitmap_node, "name": bitmap}],
         }))
     }
+
+    /// A read-only NBD export of `node_name` that also offers `qemu:allocation-depth` (QEMU 5.2+): per
+    /// extent, 0 where no layer of the node's chain holds it, 1 where the node itself does (its zero clusters
+    /// too), 2+ where a backing layer does.
+    pub fn nbd_with_allocation_depth(id: &str, node_name: &str) -> BlockExportAdd {
+        BlockExportAdd(serde_json::json!({
+            "type": "nbd", "id": id, "node-name": node_name, "name": id, "writable": false,
+            "allocation-depth": true,
+        }))
+    }
 }
 
 /// `nbd-server-stop`: stops the NBD server and removes its exports.

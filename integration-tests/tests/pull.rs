@@ -841,3 +841,23 @@ async fn a_leftover_filter_without_a_record_is_refused() {
     assert_eq!(attached(&vm).await, filters);
     assert!(repo.manifest(VM).operations.is_empty());
 }
+
+/// A pull without `--nbd-listen` whose default NBD port is taken on the VM's host (another VM's pull there, or
+/// any other program) has QEMU listen on the next free port, and is exact; before, it failed on "Address
+/// already in use", so two VMs of one hypervisor could not be pulled at once without `--nbd-listen` each.
+#[tokio::test]
+async fn a_pull_whose_default_nbd_port_is_taken_listens_on_the_next_one() {
+    let pki = TestPki::loopback();
+    // Taken while the pull starts: by this listener, or, if it cannot bind, by whoever already holds it.
+    let held = std::net::TcpListener::bind(("127.0.0.1", qmpbak_engine::backup::DEFAULT_NBD_PORT));
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x5a, 0, 2 * MIB).await;
+    let refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
+    let client = pki.path("client").display().to_string();
+    let full = repo.backup(&vm, VM, &["--pull", "--tls-dir", &client]);
+    assert_node_equals(&repo, full["node"].as_str().unwrap(), &refs);
+    assert_no_exports(&vm).await;
+    drop(held);
+}

@@ -65,7 +65,7 @@ pub struct Args {
     #[arg(long)]
     pull: bool,
     /// For a pull: the address QEMU's NBD server listens on and qmpbak connects to (default: the `--qmp`
-    /// host, port 10809; 127.0.0.1:10809 with a unix socket).
+    /// host, port 10809, or the next free one up to 10824; 127.0.0.1 with a unix socket).
     #[arg(long, value_name = "HOST:PORT")]
     nbd_listen: Option<String>,
     /// For a pull: the id of the tls-creds-x509 object (endpoint=server) in the VM's QEMU for its NBD server
@@ -141,6 +141,11 @@ pub async fn run(args: Args) -> Result<()> {
         allow_plaintext: args.allow_plaintext,
         pull: pull.then_some(backup::PullOptions {
             nbd_listen,
+            nbd_ports: if args.nbd_listen.is_some() {
+                1
+            } else {
+                backup::DEFAULT_NBD_PORTS
+            },
             tls_dir: args.vm.tls_dir,
             insecure_plaintext: args.vm.insecure_plaintext,
             tls_creds: args.tls_creds,

@@ -48,6 +48,10 @@ pub const DEFAULT_NBD_LISTEN: &str = "127.0.0.1:10809";
 /// The NBD port QEMU listens on for a pull from another host, unless told otherwise (NBD's registered port).
 pub const DEFAULT_NBD_PORT: u16 = 10809;
 
+/// How many ports from the default one a pull without `--nbd-listen` tries when a port is taken on the VM's
+/// host (another VM's pull running there at the same time): 10809 to 10824.
+pub const DEFAULT_NBD_PORTS: u16 = 16;
+
 /// Bytes of the export one block-status request of the dirty bitmap covers (32-bit requests: under 4 GiB).
 const STATUS_ROUND: u64 = 1 << 31;
 
@@ -56,6 +60,9 @@ const STATUS_ROUND: u64 = 1 << 31;
 pub struct PullOptions {
     /// `HOST:PORT` QEMU's NBD server listens on; qmpbak connects to the same address.
     pub nbd_listen: String,
+    /// How many successive ports from `nbd_listen`'s to try while QEMU finds the port taken: 1 for a port the
+    /// user named, [`DEFAULT_NBD_PORTS`] for the default.
+    pub nbd_ports: u16,
     /// Client credentials (QEMU's `tls-creds-x509` layout, `endpoint=client`).
     pub tls_dir: Option<PathBuf>,
     /// Plaintext NBD (no `--tls-dir`).
@@ -285,7 +292,7 @@ async fn view_and_copy(
         export_views(run, view, scratch, host, port, tls_creds)
     );
     let daemon = daemon?;
-    exported?;
+    let port = exported?;
     let result = pull_disks(run, &daemon, host, port, connect).await;
     let stopped = daemon.stop().await;
     let copied = result?;
@@ -302,7 +309,7 @@ async fn export_views(
     host: &str,
     port: u16,
     tls_creds: Option<String>,
-) -> Result<()> {
+) -> Result<u16> {
     let qmp = run.qmp;
     // The scratch overlays on the hypervisor, on top of the live disks.
     for (t, path) in run.targets.iter().zip(scratch) {
@@ -353,12 +360,7 @@ async fn export_views(
     super::view::start(run, view, actions).await?;
     crashpoint("pull-view-started");
 
-    qmp.execute(&NbdServerStart::tcp(host, port, tls_creds))
-        .await
-        .map_err(|e| anyhow!(e))
-        .with_context(|| {
-            format!("starting an NBD server on {host}:{port} in the VM's QEMU (is another NBD server running in it?)")
-        })?;
+    let port = start_nbd_server(run, host, port, tls_creds).await?;
     run.record_nbd_server_started()?;
     crashpoint("pull-server-started");
     for t in &run.targets {
@@ -382,7 +384,46 @@ async fn export_views(
         () = crate::crashpoint::pause_point("pull-exported") => {}
         () = run.interrupt.wait() => return Err(interrupted()),
     }
-    Ok(())
+    Ok(port)
+}
+
+/// Starts QEMU's NBD server on `host:port`, or, when the port is taken on the VM's host and the port was not
+/// named by the user, on the next of [`PullOptions::nbd_ports`] ports; returns the port it listens on. Another
+/// NBD server already running in this QEMU is an error, never stopped or used.
+async fn start_nbd_server(run: &Run<'_>, host: &str, port: u16, tls_creds: Option<String>) -> Result<u16> {
+    let tries = run.opts.pull.as_ref().map_or(1, |p| p.nbd_ports.max(1));
+    let mut last = None;
+    for p in (port..=u16::MAX).take(usize::from(tries)) {
+        match run
+            .qmp
+            .execute(&NbdServerStart::tcp(host, p, tls_creds.clone()))
+            .await
+        {
+            Ok(_) => return Ok(p),
+            // QEMU's words for a port another process listens on (the bind's EADDRINUSE).
+            Err(e) if e.to_string().contains("Address already in use") => {
+                tracing::info!(
+                    port = p,
+                    "the NBD port is taken on the VM's host; trying the next"
+                );
+                last = Some(e);
+            }
+            Err(e) => {
+                return Err(anyhow!(e)).with_context(|| {
+                    format!(
+                        "starting an NBD server on {host}:{p} in the VM's QEMU (is another NBD server running in it?)"
+                    )
+                });
+            }
+        }
+    }
+    let last = last.map_or_else(|| anyhow!("no port to try"), |e| anyhow!(e));
+    Err(last).with_context(|| {
+        format!(
+            "starting an NBD server in the VM's QEMU: every port from {host}:{port} on ({tries}) is taken; name a \
+             free one with --nbd-listen"
+        )
+    })
 }
 
 /// The transaction's bitmap actions for disk `t`: the new node's bitmaps and, for an incremental or

@@ -530,6 +530,48 @@ impl TestVm {
         status["running"].as_bool().unwrap_or(false)
     }
 
+    /// The node each disk's device is attached to (`query-block`), with its driver, in QEMU's order.
+    pub async fn attached(&self) -> Vec<(String, String)> {
+        let blocks = self
+            .qmp()
+            .execute_raw("query-block", None)
+            .await
+            .expect("query-block");
+        blocks
+            .as_array()
+            .expect("query-block returns a list")
+            .iter()
+            .map(|b| {
+                let i = &b["inserted"];
+                (
+                    i["node-name"].as_str().unwrap_or_default().to_owned(),
+                    i["drv"].as_str().unwrap_or_default().to_owned(),
+                )
+            })
+            .collect()
+    }
+
+    /// Asserts that a pull's scratch images are beside the image of disk `id`, and empty (QMP cannot delete a
+    /// file: a pull empties its scratch images).
+    pub fn assert_scratch_empty(&self, id: &str) {
+        let dir = self
+            .disk_path(id)
+            .parent()
+            .expect("a disk's directory")
+            .to_owned();
+        let scratch: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .expect("the disks' directory")
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains("-scratch"))
+            .collect();
+        assert!(!scratch.is_empty(), "no scratch image in {}", dir.display());
+        for s in scratch {
+            let len = std::fs::metadata(&s).expect("scratch metadata").len();
+            assert_eq!(len, 0, "{} not emptied", s.display());
+        }
+    }
+
     /// Captures the guest-visible contents of disk `id` at this instant into a standalone qcow2 at `dst`: pauses
     /// the VM (`stop` flushes), copies with `qemu-img convert -U`, resumes if it was running.
     pub async fn capture_reference(&self, id: &str, dst: &Path) {

@@ -271,23 +271,6 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, next.node.as_str(), &full_id)).await;
 }
 
-/// The nodes each disk's device is attached to (`query-block`), with their drivers.
-async fn attached(vm: &TestVm) -> Vec<(String, String)> {
-    let blocks = vm.qmp().execute_raw("query-block", None).await.unwrap();
-    blocks
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            let i = &b["inserted"];
-            (
-                i["node-name"].as_str().unwrap_or_default().to_owned(),
-                i["drv"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
-
 /// A checksum-diff takes the same copy-before-write view as a pull (or the fleece when forced): killed with
 /// the VM paused for the instant or with its devices on the filters, the next run resumes the VM and puts the
 /// devices back; guest writes reach the images, and checksum-diffs with either view are exact.
@@ -301,7 +284,7 @@ async fn a_checksum_diff_killed_in_its_view_is_undone_and_both_views_are_exact()
     vm.qmp().execute_raw("stop", None).await.unwrap();
     vm.qmp().execute_raw("cont", None).await.unwrap();
     let mut vm = vm.restart().await;
-    let before = attached(&vm).await;
+    let before = vm.attached().await;
     for (round, point) in ["view-vm-paused", "view-drives-switched"].into_iter().enumerate() {
         let round = u8::try_from(round).unwrap();
         vm.write_pattern("disk1", 0x40 + round, u64::from(round) * MIB, MIB)
@@ -320,7 +303,7 @@ async fn a_checksum_diff_killed_in_its_view_is_undone_and_both_views_are_exact()
         assert!(next["cleaned"]["resumed_vm"].as_bool().unwrap_or(false), "{next}");
         assert_node_equals(&repo, next["node"].as_str().unwrap(), &refs);
         assert!(vm.running().await, "{point}");
-        assert_eq!(attached(&vm).await, before, "{point}");
+        assert_eq!(vm.attached().await, before, "{point}");
         // Bitmaps inconsistent again: the next backup is a checksum-diff.
         vm.qmp().execute_raw("stop", None).await.unwrap();
         vm.qmp().execute_raw("cont", None).await.unwrap();
@@ -340,7 +323,7 @@ async fn a_checksum_diff_killed_in_its_view_is_undone_and_both_views_are_exact()
         "{inc}"
     );
     assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
-    assert_eq!(attached(&vm).await, before);
+    assert_eq!(vm.attached().await, before);
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
     repo.run(VM, &["verify"]).success();

@@ -60,26 +60,6 @@ fn assert_restores(repo: &TestRepo, node: &str, refs: &[PathBuf]) {
     }
 }
 
-/// The scratch images beside the VM's disk images: there, and empty.
-fn assert_scratch_empty(vm: &TestVm) {
-    let dir = vm.disk_path("disk0").parent().unwrap().to_owned();
-    let scratch: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().contains("-scratch"))
-        .collect();
-    assert!(!scratch.is_empty(), "no scratch image in {}", dir.display());
-    for s in scratch {
-        assert_eq!(
-            std::fs::metadata(&s).unwrap().len(),
-            0,
-            "{} not emptied",
-            s.display()
-        );
-    }
-}
-
 async fn assert_no_exports(vm: &TestVm) {
     let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
     assert_eq!(
@@ -109,29 +89,6 @@ fn backup_env(
 /// The environment that makes a pull use the fleece where QEMU has copy-before-write.
 const FLEECE: [(&str, &str); 1] = [("QMPBAK_VIEW", "fleece")];
 const CBW: &str = "copy-before-write";
-
-/// Whether the VM's vCPUs run (`query-status`).
-async fn running(vm: &TestVm) -> bool {
-    let status = vm.qmp().execute_raw("query-status", None).await.unwrap();
-    status["running"].as_bool().unwrap()
-}
-
-/// The node each disk's device is attached to (`query-block`), with its driver.
-async fn attached(vm: &TestVm) -> Vec<(String, String)> {
-    let blocks = vm.qmp().execute_raw("query-block", None).await.unwrap();
-    blocks
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|b| {
-            let i = &b["inserted"];
-            (
-                i["node-name"].as_str().unwrap_or_default().to_owned(),
-                i["drv"].as_str().unwrap_or_default().to_owned(),
-            )
-        })
-        .collect()
-}
 
 fn pulled(report: &serde_json::Value, disk: usize) -> u64 {
     report["disks"][disk]["pulled_bytes"]
@@ -243,7 +200,7 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     }
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &cd_id, &full_id)).await;
     assert_no_exports(&vm).await;
-    assert_scratch_empty(&vm);
+    vm.assert_scratch_empty("disk0");
 }
 
 #[tokio::test]
@@ -285,7 +242,7 @@ async fn guest_writes_during_a_pull(env: &[(&str, &str)], view: &str) {
     assert_eq!(next["method"], "bitmap", "{next}");
     assert_node_equals(&repo, next["node"].as_str().unwrap(), &after);
     assert_restores(&repo, next["node"].as_str().unwrap(), &after);
-    assert!(running(&vm).await);
+    assert!(vm.running().await);
 }
 
 /// A VM the user paused stays paused through a copy-before-write pull (the run pauses only a running VM, and
@@ -302,9 +259,9 @@ async fn a_pull_of_a_paused_vm_leaves_it_paused() {
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
     let full = backup_env(&repo, &vm, &strs(&args), &[], CBW);
     assert_node_equals(&repo, full["node"].as_str().unwrap(), &refs);
-    assert!(!running(&vm).await, "the pull resumed a VM the user paused");
+    assert!(!vm.running().await, "the pull resumed a VM the user paused");
     vm.qmp().execute_raw("cont", None).await.unwrap();
-    assert!(running(&vm).await);
+    assert!(vm.running().await);
 }
 
 /// Killed with the VM paused for the instant, or with the devices on the filters: `cleanup` puts every device
@@ -322,7 +279,7 @@ async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup()
         .as_str()
         .unwrap()
         .to_owned();
-    let before = attached(&vm).await;
+    let before = vm.attached().await;
     let socket = vm.socket().display().to_string();
     for (round, point) in ["view-vm-paused", "view-drives-switched"].into_iter().enumerate() {
         let crashed = cli::run_crashing_at(
@@ -331,9 +288,9 @@ async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup()
             PROCESS_EXIT_TIMEOUT,
         );
         crashed.assert_crashed_at(point);
-        assert!(!running(&vm).await, "{point}: the VM runs");
+        assert!(!vm.running().await, "{point}: the VM runs");
         if point == "view-drives-switched" {
-            let now = attached(&vm).await;
+            let now = vm.attached().await;
             assert!(
                 now.iter().all(|(_, drv)| drv == "copy-before-write"),
                 "{point}: {now:?}"
@@ -341,8 +298,8 @@ async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup()
         }
         let out = repo.run(VM, &["cleanup", "--socket", &socket]).success();
         assert!(out.stdout.contains("resumed the VM"), "{}", out.stdout);
-        assert!(running(&vm).await, "{point}: cleanup did not resume the VM");
-        assert_eq!(attached(&vm).await, before, "{point}");
+        assert!(vm.running().await, "{point}: cleanup did not resume the VM");
+        assert_eq!(vm.attached().await, before, "{point}");
         assert!(repo.manifest(VM).operations.is_empty());
         // The guest's writes reach the image files.
         let round = u8::try_from(round).unwrap();
@@ -351,7 +308,7 @@ async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup()
     }
     let manifest = repo.manifest(VM);
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
-    assert_scratch_empty(&vm);
+    vm.assert_scratch_empty("disk0");
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
     // disk1's image file holds both writes (the reference is read from the image file).
     image::assert_pattern(&refs[1], 0, MIB, 0x40);
@@ -389,7 +346,7 @@ async fn a_failing_view_fails_the_pull_and_never_the_guest_write() {
     let out = paused.finish();
     assert_ne!(out.code(), Some(0), "{out:?}");
     assert!(out.stderr.contains("disk0"), "{}", out.stderr);
-    assert!(running(&vm).await);
+    assert!(vm.running().await);
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
@@ -463,7 +420,7 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
     let full = repo.backup(&vm, VM, &strs(&args));
     let full_id = full["node"].as_str().unwrap().to_owned();
-    let before = attached(&vm).await;
+    let before = vm.attached().await;
 
     for (round, point) in [
         "pull-recorded",
@@ -493,10 +450,10 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     repo.run(VM, &["cleanup", "--socket", &socket]).success();
     assert!(repo.manifest(VM).operations.is_empty());
     assert_no_exports(&vm).await;
-    assert_scratch_empty(&vm);
+    vm.assert_scratch_empty("disk0");
     // Every device is back on its own node (never a filter of a killed run under the next one's), and runs.
-    assert_eq!(attached(&vm).await, before);
-    assert!(running(&vm).await);
+    assert_eq!(vm.attached().await, before);
+    assert!(vm.running().await);
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "last").await;
     let inc = repo.backup(&vm, VM, &strs(&args));
     assert_eq!(inc["method"], "bitmap", "{inc}");
@@ -510,7 +467,7 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     )
     .await;
     assert_no_exports(&vm).await;
-    assert_scratch_empty(&vm);
+    vm.assert_scratch_empty("disk0");
 }
 
 #[tokio::test]
@@ -543,7 +500,7 @@ async fn an_interrupted_pull_exits_130_and_leaves_nothing() {
     );
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
     assert_no_exports(&vm).await;
-    assert_scratch_empty(&vm);
+    vm.assert_scratch_empty("disk0");
 
     // No change lost: the next incremental has disk1's write.
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
@@ -583,7 +540,7 @@ async fn a_pull_whose_nbd_server_goes_away_fails_clearly_and_the_next_is_exact()
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, &full_id, &full_id)).await;
-    assert_scratch_empty(&vm);
+    vm.assert_scratch_empty("disk0");
 
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
     let inc = repo.backup(&vm, VM, &strs(&args));
@@ -674,7 +631,7 @@ async fn a_pull_into_a_qemu_whose_nbd_server_runs_fails_and_leaves_that_server_r
     assert!(again.is_err(), "the other NBD server was stopped");
     assert_no_exports(&vm).await;
     assert_no_leftovers(&vm, &[]).await;
-    assert_scratch_empty(&vm);
+    vm.assert_scratch_empty("disk0");
 }
 
 /// Two VMs (two QEMUs, as on two hypervisors) pulled at the same time into one repository: each VM's lock is
@@ -758,7 +715,7 @@ async fn every_device_kind_is_pulled_through_its_filter_and_put_back() {
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     let ids: Vec<&str> = KINDS.iter().map(|k| k.0).collect();
-    let before = attached(&vm).await;
+    let before = vm.attached().await;
     let node_equals = |node: &str, refs: &[PathBuf]| {
         for (disk, reference) in ids.iter().zip(refs) {
             image::assert_same(reference, &repo.node_file(VM, node, disk));
@@ -771,7 +728,7 @@ async fn every_device_kind_is_pulled_through_its_filter_and_put_back() {
     let full_refs = vm.capture_references(&ids, refs_dir.path(), "full").await;
     let full = backup_env(&repo, &vm, &strs(&args), &[], CBW);
     node_equals(full["node"].as_str().unwrap(), &full_refs);
-    assert_eq!(attached(&vm).await, before);
+    assert_eq!(vm.attached().await, before);
 
     for (i, id) in ids.iter().enumerate() {
         vm.write_pattern(id, 0x20 + u8::try_from(i).unwrap(), 2 * MIB, MIB)
@@ -795,10 +752,10 @@ async fn every_device_kind_is_pulled_through_its_filter_and_put_back() {
         "{inc}"
     );
     node_equals(inc["node"].as_str().unwrap(), &refs);
-    assert_eq!(attached(&vm).await, before);
+    assert_eq!(vm.attached().await, before);
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
-    assert!(running(&vm).await);
+    assert!(vm.running().await);
 }
 
 /// A copy-before-write filter of a killed run whose record is gone (here: removed from the manifest by hand)
@@ -823,7 +780,7 @@ async fn a_leftover_filter_without_a_record_is_refused() {
     let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     manifest["operations"] = serde_json::json!([]);
     std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
-    let filters = attached(&vm).await;
+    let filters = vm.attached().await;
     assert!(
         filters.iter().all(|(_, drv)| drv == "copy-before-write"),
         "{filters:?}"
@@ -838,7 +795,7 @@ async fn a_leftover_filter_without_a_record_is_refused() {
         out.stderr
     );
     // Nothing was stacked: the devices are on the same filters.
-    assert_eq!(attached(&vm).await, filters);
+    assert_eq!(vm.attached().await, filters);
     assert!(repo.manifest(VM).operations.is_empty());
 }
 

@@ -11,7 +11,6 @@
 #![allow(clippy::unwrap_used)]
 
 use std::net::IpAddr;
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use integration_tests::cli::{self, Output};
@@ -110,26 +109,6 @@ fn pull_under_way(pair: &NetnsPair, pki: &TestPki, repo: &TestRepo) -> std::proc
     child
 }
 
-/// The scratch images beside the VM's disk: there, and empty.
-fn assert_scratch_empty(vm: &TestVm) {
-    let dir = vm.disk_path(DISK).parent().unwrap().to_owned();
-    let scratch: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().contains("-scratch"))
-        .collect();
-    assert!(!scratch.is_empty(), "no scratch image in {}", dir.display());
-    for s in scratch {
-        assert_eq!(
-            std::fs::metadata(&s).unwrap().len(),
-            0,
-            "{} not emptied",
-            s.display()
-        );
-    }
-}
-
 /// Nothing of the failed run is left in QEMU: no export, no NBD server, no job, no qmpbak node, only the
 /// bitmaps of the current node (the level's bitmap intact), scratch emptied.
 async fn assert_hypervisor_clean(vm: &TestVm, repo: &TestRepo, current: &str, full: &str) {
@@ -145,7 +124,7 @@ async fn assert_hypervisor_clean(vm: &TestVm, repo: &TestRepo, current: &str, fu
         "an NBD server was left running"
     );
     assert_no_leftovers(vm, &expected_bitmaps(&repo.manifest(VM), current, full)).await;
-    assert_scratch_empty(vm);
+    vm.assert_scratch_empty(DISK);
 }
 
 /// The failed run's node: failed, its partial files gone from the repository.

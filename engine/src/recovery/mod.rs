@@ -44,13 +44,13 @@ pub struct Cleaned {
     /// provably qmpbak's own overlays, beside an image of the running VM, are ever removed.
     pub kept_outside: Vec<String>,
     /// Devices put back on the node they were attached to before a pull's copy-before-write view.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub devices_restored: Vec<String>,
     /// Whether a VM that an interrupted backup paused was resumed.
-    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub resumed_vm: bool,
     /// What could not be undone in QEMU, each with the reason (a device left on a filter, a VM left paused).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub left_in_qemu: Vec<String>,
 }
 

@@ -59,7 +59,7 @@ pub struct RestoreReport {
     pub disks: Vec<RestoredDisk>,
     pub duration_secs: f64,
     /// Temporary images of an earlier restore to the same outputs that was killed (SIGKILL, a crash), removed.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub removed_partials: Vec<PathBuf>,
 }
 

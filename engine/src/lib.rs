@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod bitmaps;
 pub mod children;
+pub mod cleanup;
 pub mod commit;
 pub mod crashpoint;
 pub mod crypt;

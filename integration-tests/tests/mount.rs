@@ -234,14 +234,14 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     assert_eq!(ambiguous.code(), Some(2), "{ambiguous:?}");
     assert!(ambiguous.stderr.contains("--disk"), "{}", ambiguous.stderr);
 
-    let out = cli::run_owned(&mount_args(
+    let printed = cli::run_owned(&mount_args(
         &repo,
         &node,
         &["--list", "--disk", "disk0", "--json"],
     ))
     .success();
     // The printed shape: the mount report's documented keys (and a partition's), so a renamed field is caught.
-    let raw = out.json();
+    let raw = printed.json();
     cli::assert_keys(
         &raw,
         &[
@@ -273,7 +273,7 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
             "error",
         ],
     );
-    let list: MountReport = out.report();
+    let list: MountReport = printed.report();
     assert_eq!(list.partition_table.as_deref(), Some("dos"), "{list:?}");
     let parts = &list.partitions;
     assert_eq!(parts.len(), 3, "{list:?}");

@@ -182,9 +182,9 @@ async fn keep_last_three_of_eight_merges_the_rest_away_and_what_stays_restores_e
     assert_eq!(listing(&repo.vm_dir(VM)), before, "a dry run changes nothing");
 
     let bytes_before = node_file_bytes(&repo);
-    let out = prune(&repo, &["--keep-last", "3"]).success();
-    cli::assert_keys(&out.json()["merged"][0], &["node", "into"]);
-    let report: PruneReport = out.report();
+    let printed = prune(&repo, &["--keep-last", "3"]).success();
+    cli::assert_keys(&printed.json()["merged"][0], &["node", "into"]);
+    let report: PruneReport = printed.report();
     let bytes_after = node_file_bytes(&repo);
     assert_eq!(
         report.removed,
@@ -386,9 +386,9 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
         assert_restores_exactly(&repo, point, &out);
     }
 
-    let out = merge(&repo, &all[2]).success();
+    let printed = merge(&repo, &all[2]).success();
     // The printed shape: the merge report's documented keys (and a disk's), so a renamed field is caught.
-    let raw = out.json();
+    let raw = printed.json();
     cli::assert_keys(
         &raw,
         &[
@@ -402,7 +402,7 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
         ],
     );
     cli::assert_keys(&raw["disks"][0], &["disk", "before_bytes", "after_bytes"]);
-    let report: MergeReport = out.report();
+    let report: MergeReport = printed.report();
     assert_eq!(report.folded, all[..2]);
     assert_eq!(report.leftovers.operations.len(), 1, "{report:?}");
     let manifest = repo.manifest(VM);

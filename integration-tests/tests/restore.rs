@@ -61,15 +61,15 @@ async fn start_slow_live_restore(repo: &TestRepo, vm: &TestVm, node: &str) -> st
 fn assert_restores_exactly(repo: &TestRepo, node: &str, refs: &[PathBuf], out: &Path) {
     for format in ["qcow2", "raw"] {
         let dir = out.join(format!("{node}-{format}"));
-        let out = restore(repo, node, &dir, &["--format", format]).success();
+        let printed = restore(repo, node, &dir, &["--format", format]).success();
         // The printed shape: the report's documented keys (and each disk's), so a renamed field is caught.
-        let raw = out.json();
+        let raw = printed.json();
         cli::assert_keys(&raw, &["vm", "node", "format", "disks", "duration_secs"]);
         cli::assert_keys(
             &raw["disks"][0],
             &["disk", "path", "virtual_size", "verified", "mismatched_blocks"],
         );
-        let report: RestoreReport = out.report();
+        let report: RestoreReport = printed.report();
         assert_eq!(report.node, node);
         for (disk, reference) in DISKS.iter().zip(refs) {
             let path = dir.join(format!("{disk}.{format}"));

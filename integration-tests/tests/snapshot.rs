@@ -59,9 +59,9 @@ async fn snapshot_trash_revert_ten_times_without_restarting_qemu() {
     let clean = vm
         .capture_references(&["disk0", "disk1"], refs.path(), "clean")
         .await;
-    let out = cli::run_owned(&args(&repo, &vm, &["snapshot", "--tag", "clean"])).success();
+    let printed = cli::run_owned(&args(&repo, &vm, &["snapshot", "--tag", "clean"])).success();
     // The printed shape: the snapshot report's documented keys (and a disk's), so a renamed field is caught.
-    let raw = out.json();
+    let raw = printed.json();
     cli::assert_keys(
         &raw,
         &[
@@ -75,7 +75,7 @@ async fn snapshot_trash_revert_ten_times_without_restarting_qemu() {
         ],
     );
     cli::assert_keys(&raw["disks"][0], &["disk", "frozen", "overlay"]);
-    let taken: SnapshotReport = out.report();
+    let taken: SnapshotReport = printed.report();
     let clean_id = taken.node.clone();
     assert_eq!(taken.parent, None);
 
@@ -95,15 +95,15 @@ async fn snapshot_trash_revert_ten_times_without_restarting_qemu() {
         );
         vm.write_pattern("disk1", 0xf0, 0, MIB).await;
 
-        let out = cli::run_owned(&args(&repo, &vm, &["revert", "clean"])).success();
+        let printed = cli::run_owned(&args(&repo, &vm, &["revert", "clean"])).success();
         if round == 0 {
             // The printed shape: the revert report's documented keys (and a disk's), so a renamed field is
             // caught.
-            let raw = out.json();
+            let raw = printed.json();
             cli::assert_keys(&raw, &["vm", "node", "disks", "duration_secs"]);
             cli::assert_keys(&raw["disks"][0], &["disk", "frozen", "overlay"]);
         }
-        let reverted: RevertReport = out.report();
+        let reverted: RevertReport = printed.report();
         assert_eq!(reverted.node, clean_id);
         assert!(vm.running().await, "round {round}: the VM runs on");
         for (d, reference) in ["disk0", "disk1"].iter().zip(&clean) {
@@ -179,13 +179,13 @@ async fn commit_of_the_middle_of_a_chain_keeps_every_remaining_point_exact() {
     assert_eq!(depth(&vm, "disk0").await, 4);
 
     // Commit `c` into `b`: `b` leaves the tree, `c` lives on in b's file, the live chain is one shorter.
-    let out = cli::run_owned(&args(&repo, &vm, &["commit", "c"])).success();
+    let printed = cli::run_owned(&args(&repo, &vm, &["commit", "c"])).success();
     // The printed shape: the commit report's documented keys, so a renamed field is caught.
     cli::assert_keys(
-        &out.json(),
+        &printed.json(),
         &["vm", "node", "removed", "removed_tag", "duration_secs"],
     );
-    let report: CommitReport = out.report();
+    let report: CommitReport = printed.report();
     assert_eq!(report.removed, points[1].1, "{report:?}");
     assert_eq!(report.removed_tag.as_deref(), Some("b"));
     assert_eq!(depth(&vm, "disk0").await, 3);

@@ -63,11 +63,7 @@ async fn info_lists_disks_and_bitmaps() {
         ],
     );
     let info: VmInfo = out.report();
-    assert!(
-        info.qemu
-            .version
-            .starts_with(|c: char| c.is_ascii_digit())
-    );
+    assert!(info.qemu.version.starts_with(|c: char| c.is_ascii_digit()));
     let disks = &info.disks;
     assert_eq!(disks.len(), 2, "{info:#?}");
     let d0 = &disks[0];

@@ -29,8 +29,7 @@ fn id_of_node(vm: &TestVm, node: &str) -> String {
     info.disks
         .iter()
         .find(|d| d.node_name == node)
-        .map(|d| d.id.clone())
-        .unwrap_or_else(|| panic!("no disk on node {node}: {info:#?}"))
+        .map_or_else(|| panic!("no disk on node {node}: {info:#?}"), |d| d.id.clone())
 }
 
 /// A guest write through the device `qdev` (HMP `qemu-io -d`: a qdev id, or `ID/virtio-backend`).
@@ -55,7 +54,12 @@ async fn write(vm: &TestVm, qdev: &str, pattern: u8, offset: u64, len: u64) {
 async fn capture(vm: &TestVm, id: &str, dst: &Path) {
     vm.qmp().execute_raw("stop", None).await.unwrap();
     let info = info(vm);
-    let file = info.disks.iter().find(|d| d.id == id).map(|d| d.file.clone()).unwrap();
+    let file = info
+        .disks
+        .iter()
+        .find(|d| d.id == id)
+        .map(|d| d.file.clone())
+        .unwrap();
     image::convert_to_qcow2(Path::new(&file), dst);
     vm.qmp().execute_raw("cont", None).await.unwrap();
 }

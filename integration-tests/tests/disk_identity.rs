@@ -213,7 +213,11 @@ const KINDS: [(&str, Device, NameSource); 7] = [
     ("sd0", Device::ScsiHd, NameSource::DeviceId),
     ("nv0", Device::Nvme, NameSource::DeviceId),
     ("hd0", Device::IdeHd, NameSource::DeviceId),
-    ("peripheral-anon-device0", Device::VirtioBlkNoId, NameSource::DevicePath),
+    (
+        "peripheral-anon-device0",
+        Device::VirtioBlkNoId,
+        NameSource::DevicePath,
+    ),
     ("virtio0", Device::DriveIfVirtio, NameSource::Drive),
     ("vd0", Device::DriveVirtioBlk, NameSource::DeviceId),
     ("drv0", Device::DriveVirtioBlkNoId, NameSource::Drive),

@@ -366,8 +366,7 @@ async fn a_cdrom_and_an_empty_drive_are_skipped_and_named() {
         full.skipped
             .iter()
             .find(|s| s.reason.contains(reason))
-            .map(|s| s.disk.clone())
-            .unwrap_or_else(|| panic!("no {reason} in skipped: {full:#?}"))
+            .map_or_else(|| panic!("no {reason} in skipped: {full:#?}"), |s| s.disk.clone())
     };
     let cdrom = find("removable medium");
     assert!(["cd0", "cddrive"].contains(&cdrom.as_str()), "{full:#?}");

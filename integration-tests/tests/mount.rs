@@ -306,9 +306,10 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     let dir = tempfile::tempdir().unwrap();
     let _unmount = Unmount(dir.path().to_owned());
     let dir_arg = dir.path().to_str().unwrap();
-    let report: MountReport = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--disk", "disk0", "--json"]))
-        .success()
-        .report();
+    let report: MountReport =
+        cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--disk", "disk0", "--json"]))
+            .success()
+            .report();
     assert!(report.verified, "{report:?}");
     let p1 = dir.path().join("p1");
     assert_eq!(
@@ -817,7 +818,9 @@ async fn image_only_works_for_a_user_without_root() {
             .env("QMPBAK_CRASH_AT", "mount-exported"),
     );
     killed.assert_crashed_at("mount-exported");
-    let cleaned: CleanupReport = nobody(&repo.vm_args(VM, &["cleanup", "--json"])).success().report();
+    let cleaned: CleanupReport = nobody(&repo.vm_args(VM, &["cleanup", "--json"]))
+        .success()
+        .report();
     assert_eq!(cleaned.mounts[0].dir, Path::new(mnt_arg), "{cleaned:?}");
     assert_nothing_left(&mnt, &cleaned.mounts[0]);
     assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);

@@ -10,10 +10,10 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
+use chain::retention::Action;
 use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
-use chain::retention::Action;
 use qmpbak_engine::merge::MergeReport;
 use qmpbak_engine::prune::PruneReport;
 use qmpbak_engine::verify::VerifyReport;
@@ -186,10 +186,7 @@ async fn keep_last_three_of_eight_merges_the_rest_away_and_what_stays_restores_e
     cli::assert_keys(&printed.json()["merged"][0], &["node", "into"]);
     let report: PruneReport = printed.report();
     let bytes_after = node_file_bytes(&repo);
-    assert_eq!(
-        report.removed,
-        all[..5].iter().rev().cloned().collect::<Vec<_>>()
-    );
+    assert_eq!(report.removed, all[..5].iter().rev().cloned().collect::<Vec<_>>());
     for merged in &report.merged {
         assert_eq!(merged.into, [all[5].clone()], "{report:?}");
     }

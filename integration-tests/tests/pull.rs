@@ -92,13 +92,7 @@ async fn assert_no_exports(vm: &TestVm) {
 /// Runs a successful pull of `vm` with the extra environment `env` and returns its report, after checking that
 /// it read the view `view` (`copy-before-write` or `fleece`).
 #[track_caller]
-fn backup_env(
-    repo: &TestRepo,
-    vm: &TestVm,
-    args: &[&str],
-    env: &[(&str, &str)],
-    view: &str,
-) -> BackupReport {
+fn backup_env(repo: &TestRepo, vm: &TestVm, args: &[&str], env: &[(&str, &str)], view: &str) -> BackupReport {
     let mut cmd = cli::command_owned(&repo.backup_args(vm, VM, args));
     cmd.envs(env.iter().copied());
     let report: BackupReport = cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT).success().report();
@@ -498,11 +492,7 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     assert_node_equals(&repo, inc.node.as_str(), &refs);
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
-    assert_no_leftovers(
-        &vm,
-        &expected_bitmaps(&manifest, inc.node.as_str(), &full_id),
-    )
-    .await;
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, inc.node.as_str(), &full_id)).await;
     assert_no_exports(&vm).await;
     assert_scratch_empty(&vm);
 }

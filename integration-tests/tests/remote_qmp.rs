@@ -361,10 +361,7 @@ async fn remote_cleanup_deletes_nothing_beside_the_disks() {
     let cleaned: CleanupReport = remote(&["--json"]).success().report();
     assert!(overlay.exists(), "deleted over a remote QMP: {cleaned:?}");
     let kept = &cleaned.cleaned.kept_outside;
-    assert!(
-        kept.iter().any(|k| k.contains("on the VM's host")),
-        "{cleaned:?}"
-    );
+    assert!(kept.iter().any(|k| k.contains("on the VM's host")), "{cleaned:?}");
 
     // The control: over the unix socket the same record deletes it.
     add_operation(&repo, "vm1", snapshot_record);

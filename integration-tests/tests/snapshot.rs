@@ -88,11 +88,7 @@ async fn snapshot_trash_revert_ten_times_without_restarting_qemu() {
                 .await;
         }
         let after = snapshot(&args(&repo, &vm, &["snapshot", "--tag", &format!("run{round}")]));
-        assert_eq!(
-            after.parent.as_ref(),
-            Some(&clean_id),
-            "round {round}: {after:?}"
-        );
+        assert_eq!(after.parent.as_ref(), Some(&clean_id), "round {round}: {after:?}");
         vm.write_pattern("disk1", 0xf0, 0, MIB).await;
 
         let printed = cli::run_owned(&args(&repo, &vm, &["revert", "clean"])).success();

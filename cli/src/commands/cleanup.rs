@@ -49,7 +49,10 @@ pub async fn run(args: Args) -> Result<()> {
     let CleanupReport { cleaned, mounts } = &report;
     if args.json {
         // Through a `Value`, as before the type: its keys print sorted, the same bytes as ever.
-        outln!("{}", serde_json::to_string_pretty(&serde_json::to_value(&report)?)?)?;
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(&report)?)?
+        )?;
         // A record still pending is exit 2 all the same; the report above is the output, not an error object.
         super::mark_report_printed();
     } else {

@@ -25,6 +25,7 @@ pub mod qemu_bins;
 pub mod qmp_target;
 pub mod recovery;
 pub mod render;
+pub mod repo_reports;
 pub mod restore;
 pub mod serve;
 pub mod session;

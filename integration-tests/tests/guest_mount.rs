@@ -71,13 +71,13 @@ async fn files_the_guest_wrote_before_the_backup_are_read_back_from_the_mount() 
     let crash = crash.node;
     let before = checksums(&repo.path());
 
-    let list = repo
+    let list: MountReport = repo
         .run(VM, &["mount", &quiesced, "--list", "--json"])
         .success()
-        .json();
-    assert!(list["partition_table"].is_null(), "{list}");
-    assert_eq!(list["partitions"][0]["fstype"], "ext4", "{list}");
-    assert_eq!(list["partitions"][0]["size"], 128 * MIB, "{list}");
+        .report();
+    assert!(list.partition_table.is_none(), "{list:?}");
+    assert_eq!(list.partitions[0].fstype.as_deref(), Some("ext4"), "{list:?}");
+    assert_eq!(list.partitions[0].size, 128 * MIB, "{list:?}");
 
     if can_mount() {
         let dir = tempfile::tempdir().unwrap();

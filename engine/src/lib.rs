@@ -5,6 +5,7 @@
 pub mod backup;
 pub mod bitmaps;
 pub mod children;
+pub mod cleanup;
 pub mod commit;
 pub mod crashpoint;
 pub mod crypt;
@@ -24,6 +25,7 @@ pub mod qemu_bins;
 pub mod qmp_target;
 pub mod recovery;
 pub mod render;
+pub mod repo_reports;
 pub mod restore;
 pub mod serve;
 pub mod session;

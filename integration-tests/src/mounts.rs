@@ -4,6 +4,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use qmpbak_engine::mount::{MountReport, UmountReport};
 use sha2::{Digest as _, Sha256};
 
 /// Whether this process may mount (root); mount tests that need it say so and pass when it is not.
@@ -84,9 +85,36 @@ pub fn super_options(target: &Path) -> Option<String> {
     f.get(dash + 3).cloned()
 }
 
+/// What a mount set up that must be gone after it is undone: the report of `mount` ([`MountReport`]) or of
+/// an `umount` or `cleanup` that undid it ([`UmountReport`]).
+pub trait MountedParts {
+    /// The exported raw image.
+    fn image(&self) -> Option<&Path>;
+    /// The loop device over the image.
+    fn loop_device(&self) -> Option<&Path>;
+}
+
+impl MountedParts for MountReport {
+    fn image(&self) -> Option<&Path> {
+        self.image.as_deref()
+    }
+    fn loop_device(&self) -> Option<&Path> {
+        self.loop_device.as_deref()
+    }
+}
+
+impl MountedParts for UmountReport {
+    fn image(&self) -> Option<&Path> {
+        Some(&self.image)
+    }
+    fn loop_device(&self) -> Option<&Path> {
+        self.loop_device.as_deref()
+    }
+}
+
 /// Asserts that what the mount report `report` names is gone: nothing mounted under `dir`, which is empty
 /// again, the loop device detached from the image, the image gone and no process using it.
-pub fn assert_nothing_left(dir: &Path, report: &serde_json::Value) {
+pub fn assert_nothing_left(dir: &Path, report: &impl MountedParts) {
     assert!(
         mounts_under(dir).is_empty(),
         "still mounted: {:?}",
@@ -94,8 +122,9 @@ pub fn assert_nothing_left(dir: &Path, report: &serde_json::Value) {
     );
     let left: Vec<_> = std::fs::read_dir(dir).expect("list mount dir").collect();
     assert!(left.is_empty(), "{} is not empty again: {left:?}", dir.display());
-    let image = report["image"].as_str().map(PathBuf::from);
-    if let Some(device) = report["loop_device"].as_str() {
+    let image = report.image().map(Path::to_path_buf);
+    if let Some(device) = report.loop_device() {
+        let device = device.display().to_string();
         let name = device.trim_start_matches("/dev/");
         let backing =
             std::fs::read_to_string(format!("/sys/block/{name}/loop/backing_file")).unwrap_or_default();

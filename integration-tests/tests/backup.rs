@@ -271,6 +271,7 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, next.node.as_str(), &full_id)).await;
 }
 
+
 /// A checksum-diff takes the same copy-before-write view as a pull (or the fleece when forced): killed with
 /// the VM paused for the instant or with its devices on the filters, the next run resumes the VM and puts the
 /// devices back; guest writes reach the images, and checksum-diffs with either view are exact.
@@ -280,7 +281,7 @@ async fn a_checksum_diff_killed_in_its_view_is_undone_and_both_views_are_exact()
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
-    repo.backup(&vm, VM, &[]);
+    repo.backup_report(&vm, VM, &[]);
     vm.qmp().execute_raw("stop", None).await.unwrap();
     vm.qmp().execute_raw("cont", None).await.unwrap();
     let mut vm = vm.restart().await;
@@ -297,11 +298,11 @@ async fn a_checksum_diff_killed_in_its_view_is_undone_and_both_views_are_exact()
         crashed.assert_crashed_at(point);
         assert!(!vm.running().await, "{point}: the VM runs");
         let refs = capture(&vm, refs_dir.path(), point).await;
-        let next = repo.backup(&vm, VM, &[]);
-        assert_eq!(next["method"], "checksum-diff", "{next}");
-        assert_eq!(next["view"], "copy-before-write", "{next}");
-        assert!(next["cleaned"]["resumed_vm"].as_bool().unwrap_or(false), "{next}");
-        assert_node_equals(&repo, next["node"].as_str().unwrap(), &refs);
+        let next = repo.backup_report(&vm, VM, &[]);
+        assert_eq!(next.method, "checksum-diff", "{next:?}");
+        assert_eq!(next.view.as_deref(), Some("copy-before-write"), "{next:?}");
+        assert!(next.cleaned.resumed_vm, "{next:?}");
+        assert_node_equals(&repo, next.node.as_str(), &refs);
         assert!(vm.running().await, "{point}");
         assert_eq!(vm.attached().await, before, "{point}");
         // Bitmaps inconsistent again: the next backup is a checksum-diff.
@@ -314,15 +315,15 @@ async fn a_checksum_diff_killed_in_its_view_is_undone_and_both_views_are_exact()
     let refs = capture(&vm, refs_dir.path(), "fleece").await;
     let mut cmd = cli::command_owned(&repo.backup_args(&vm, VM, &[]));
     cmd.env("QMPBAK_VIEW", "fleece");
-    let inc = cli::wait(cmd.spawn().unwrap(), integration_tests::timeouts::CLI_TIMEOUT)
+    let inc: BackupReport = cli::wait(cmd.spawn().unwrap(), integration_tests::timeouts::CLI_TIMEOUT)
         .success()
-        .json();
+        .report();
     assert_eq!(
-        (inc["method"].as_str(), inc["view"].as_str()),
-        (Some("checksum-diff"), Some("fleece")),
-        "{inc}"
+        (inc.method.as_ref(), inc.view.as_deref()),
+        ("checksum-diff", Some("fleece")),
+        "{inc:?}"
     );
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
     assert_eq!(vm.attached().await, before);
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());

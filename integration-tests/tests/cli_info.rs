@@ -6,6 +6,7 @@
 use std::os::unix::net::UnixListener;
 
 use integration_tests::{MIB, TestVm, cli};
+use qmpbak_engine::inspect::VmInfo;
 
 #[tokio::test]
 async fn info_lists_disks_and_bitmaps() {
@@ -22,32 +23,66 @@ async fn info_lists_disks_and_bitmaps() {
     let socket = vm.socket();
 
     let out = cli::run(&["info", "--socket", socket.to_str().unwrap(), "--json"]).success();
-    let info = out.json();
-    assert!(
-        info["qemu"]["version"]
-            .as_str()
-            .unwrap()
-            .starts_with(|c: char| c.is_ascii_digit())
+    // The printed shape: the info report's documented keys (and QEMU's, a disk's, a bitmap's), so a renamed
+    // field is caught.
+    let raw = out.json();
+    cli::assert_keys(&raw, &["qemu", "disks", "empty_drives"]);
+    cli::assert_keys(&raw["qemu"], &["version", "package"]);
+    cli::assert_keys(
+        &raw["disks"][0],
+        &[
+            "id",
+            "id_source",
+            "qdev",
+            "node_name",
+            "root_node",
+            "file",
+            "image",
+            "format",
+            "virtual_size",
+            "allocated_size",
+            "backing_file",
+            "has_backing",
+            "read_only",
+            "removable",
+            "bitmaps_persist",
+            "encrypted",
+            "bitmaps",
+        ],
     );
-    let disks = info["disks"].as_array().unwrap();
-    assert_eq!(disks.len(), 2, "{info:#}");
+    cli::assert_keys(
+        &raw["disks"][0]["bitmaps"][0],
+        &[
+            "name",
+            "persistent",
+            "recording",
+            "busy",
+            "inconsistent",
+            "granularity",
+            "count",
+        ],
+    );
+    let info: VmInfo = out.report();
+    assert!(info.qemu.version.starts_with(|c: char| c.is_ascii_digit()));
+    let disks = &info.disks;
+    assert_eq!(disks.len(), 2, "{info:#?}");
     let d0 = &disks[0];
-    assert_eq!(d0["id"], "disk0");
-    assert_eq!(d0["node_name"], "node-disk0");
-    assert_eq!(d0["format"], "qcow2");
-    assert_eq!(d0["virtual_size"], 64 * MIB);
-    assert!(d0["file"].as_str().unwrap().ends_with("disk0.qcow2"));
-    assert!(d0["allocated_size"].as_u64().unwrap() >= 2 * MIB);
-    let bm = &d0["bitmaps"][0];
-    assert_eq!(bm["name"], "bm0");
-    assert_eq!(bm["persistent"], true);
-    assert_eq!(bm["recording"], true);
-    assert_eq!(bm["busy"], false);
-    assert_eq!(bm["inconsistent"], false);
-    assert_eq!(bm["granularity"], 65536);
-    assert_eq!(bm["count"], MIB);
-    assert_eq!(disks[1]["id"], "disk1");
-    assert_eq!(disks[1]["bitmaps"].as_array().unwrap().len(), 0);
+    assert_eq!(d0.id, "disk0");
+    assert_eq!(d0.node_name, "node-disk0");
+    assert_eq!(d0.format, "qcow2");
+    assert_eq!(d0.virtual_size, 64 * MIB);
+    assert!(d0.file.ends_with("disk0.qcow2"));
+    assert!(d0.allocated_size.unwrap() >= 2 * MIB);
+    let bm = &d0.bitmaps[0];
+    assert_eq!(bm.name, "bm0");
+    assert!(bm.persistent);
+    assert!(bm.recording);
+    assert!(!bm.busy);
+    assert!(!bm.inconsistent);
+    assert_eq!(bm.granularity, 65536);
+    assert_eq!(bm.count, MIB);
+    assert_eq!(disks[1].id, "disk1");
+    assert_eq!(disks[1].bitmaps.len(), 0);
 
     // The human form names the same things.
     let text = cli::run(&["info", "--socket", socket.to_str().unwrap()])

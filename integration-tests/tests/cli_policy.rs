@@ -6,6 +6,7 @@
 
 use integration_tests::repo::TestRepo;
 use integration_tests::{MIB, TestVm, cli};
+use qmpbak_engine::repo_reports::{InitReport, PolicyReport};
 
 const VM: &str = "vm1";
 
@@ -15,10 +16,10 @@ async fn a_plain_prune_applies_the_repositorys_default_retention_and_refuses_wit
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("repo");
     let path_arg = path.to_str().unwrap();
-    let init = cli::run(&["init", path_arg, "--keep-last", "2", "--keep-tag", "--json"])
+    let init: InitReport = cli::run(&["init", path_arg, "--keep-last", "2", "--keep-tag", "--json"])
         .success()
-        .json();
-    assert_eq!(init["retention"]["keep_last"], 2, "{init}");
+        .report();
+    assert_eq!(init.retention.map(|r| r.keep_last), Some(2), "{init:?}");
     let repo = TestRepo::at(path.clone());
     for i in 0..4u8 {
         vm.write_pattern("disk0", 0x20 + i, u64::from(i) * MIB, MIB).await;
@@ -48,10 +49,11 @@ async fn a_plain_prune_applies_the_repositorys_default_retention_and_refuses_wit
     let empty = cli::run(&["policy", path_arg, "--keep-last", "0"]);
     assert_eq!(empty.code(), Some(2), "{empty:?}");
 
-    let cleared = cli::run(&["policy", path_arg, "--clear", "--json"])
-        .success()
-        .json();
-    assert!(cleared["retention"].is_null(), "{cleared}");
+    let printed = cli::run(&["policy", path_arg, "--clear", "--json"]).success();
+    // The printed shape: the policy report's documented keys, so a renamed field is caught.
+    cli::assert_keys(&printed.json(), &["repo", "retention"]);
+    let cleared: PolicyReport = printed.report();
+    assert!(cleared.retention.is_none(), "{cleared:?}");
     let refused = repo.run(VM, &["prune"]);
     assert_eq!(refused.code(), Some(2), "{refused:?}");
     assert!(refused.stderr.contains("qmpbak policy"), "{}", refused.stderr);

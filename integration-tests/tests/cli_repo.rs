@@ -5,15 +5,21 @@
 
 use integration_tests::repo::TestRepo;
 use integration_tests::{MIB, TestVm, cli};
+use qmpbak_engine::repo_reports::{InitReport, ShowReport, TreeReport, VmRow};
+use qmpbak_engine::verify::VerifyReport;
 
 #[test]
 fn init_refuses_an_existing_repository_and_a_non_empty_directory() {
     let dir = tempfile::tempdir().unwrap();
     let repo = dir.path().join("r");
-    let out = cli::run(&["init", repo.to_str().unwrap(), "--json"])
-        .success()
-        .json();
-    assert_eq!(out["block_size"], 1 << 20);
+    let out = cli::run(&["init", repo.to_str().unwrap(), "--json"]).success();
+    // The printed shape: the init report's documented keys, so a renamed field is caught.
+    cli::assert_keys(
+        &out.json(),
+        &["repo", "block_size", "full_every", "retention", "encrypted"],
+    );
+    let out: InitReport = out.report();
+    assert_eq!(out.block_size, 1 << 20);
     let again = cli::run(&["init", repo.to_str().unwrap()]);
     assert_eq!(again.code(), Some(3), "{again:?}");
     assert!(again.stderr.contains(repo.to_str().unwrap()), "{}", again.stderr);
@@ -57,30 +63,31 @@ async fn list_draws_the_tree_and_show_gives_the_recovery_chain() {
     );
     assert!(text.contains("<- current"), "{text}");
 
-    let json = cli::run(&["list", vm_dir.to_str().unwrap(), "--json"])
-        .success()
-        .json();
-    assert_eq!(json["current"], "0003");
-    let nodes = json["nodes"].as_array().unwrap();
+    let printed = cli::run(&["list", vm_dir.to_str().unwrap(), "--json"]).success();
+    // The printed shapes of list (of a VM, of a repository) and show: their documented keys, so a renamed
+    // field is caught.
+    cli::assert_keys(&printed.json(), &["vm", "chain_id", "current", "nodes"]);
+    let json: TreeReport = printed.report();
+    assert_eq!(json.current.map(|c| c.to_string()).as_deref(), Some("0003"));
+    let nodes = &json.nodes;
     assert_eq!(nodes.len(), 3);
+    assert_eq!((nodes[0].lid, nodes[0].tid), (1, 3));
     assert_eq!(
-        (nodes[0]["lid"].as_u64(), nodes[0]["tid"].as_u64()),
-        (Some(1), Some(3))
+        nodes[2].parent.as_ref().map(ToString::to_string).as_deref(),
+        Some("0002")
     );
-    assert_eq!(nodes[2]["parent"], "0002");
 
-    let vms = cli::run(&["list", repo.path().to_str().unwrap(), "--json"])
-        .success()
-        .json();
-    assert_eq!(vms[0]["vm"], "vm1");
-    assert_eq!(vms[0]["nodes"], 3);
+    let printed = cli::run(&["list", repo.path().to_str().unwrap(), "--json"]).success();
+    cli::assert_keys(&printed.json()[0], &["vm", "nodes", "current", "last_backup"]);
+    let vms: Vec<VmRow> = printed.report();
+    assert_eq!(vms[0].vm, "vm1");
+    assert_eq!(vms[0].nodes, 3);
 
-    let show = repo.run("vm1", &["show", "0003", "--json"]).success().json();
-    assert_eq!(
-        show["recovery_chain"],
-        serde_json::json!(["0001", "0002", "0003"])
-    );
-    assert_eq!(show["current"], true);
+    let printed = repo.run("vm1", &["show", "0003", "--json"]).success();
+    cli::assert_keys(&printed.json(), &["node", "current", "recovery_chain"]);
+    let show: ShowReport = printed.report();
+    assert_eq!(show.recovery_chain, ["0001", "0002", "0003"]);
+    assert!(show.current);
     let by_tag = repo.run("vm1", &["show", "base"]).success().stdout;
     assert!(
         by_tag.contains("0001") && by_tag.contains("recovery chain: 0001"),
@@ -177,9 +184,9 @@ fn verify_time(nodes: usize) -> std::time::Duration {
     let out = repo.run("vm1", &["verify", "--json"]);
     let took = started.elapsed();
     assert_eq!(out.code(), Some(6), "{}", out.stderr);
-    let report = out.json();
-    assert_eq!(report["damaged_nodes"].as_array().unwrap().len(), nodes);
-    assert_eq!(report["broken_restores"].as_array().unwrap().len(), nodes);
+    let report: VerifyReport = out.report();
+    assert_eq!(report.damaged_nodes.len(), nodes);
+    assert_eq!(report.broken_restores.len(), nodes);
     took
 }
 

@@ -8,31 +8,28 @@
 
 use std::path::Path;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use integration_tests::repo::TestRepo;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::inspect::VmInfo;
 
 const VM: &str = "conf";
 
 /// `qmpbak info --json` of the VM.
-fn info(vm: &TestVm) -> Value {
+fn info(vm: &TestVm) -> VmInfo {
     cli::run(&["info", "--socket", vm.socket().to_str().unwrap(), "--json"])
         .success()
-        .json()
+        .report()
 }
 
 /// The id qmpbak gives the disk whose format node is `node` (named by the test), from `qmpbak info`.
 fn id_of_node(vm: &TestVm, node: &str) -> String {
     let info = info(vm);
-    info["disks"]
-        .as_array()
-        .unwrap()
+    info.disks
         .iter()
-        .find(|d| d["node_name"] == node)
-        .and_then(|d| d["id"].as_str())
-        .unwrap_or_else(|| panic!("no disk on node {node}: {info:#}"))
-        .to_owned()
+        .find(|d| d.node_name == node)
+        .map_or_else(|| panic!("no disk on node {node}: {info:#?}"), |d| d.id.clone())
 }
 
 /// A guest write through the device `qdev` (HMP `qemu-io -d`: a qdev id, or `ID/virtio-backend`).
@@ -57,14 +54,12 @@ async fn write(vm: &TestVm, qdev: &str, pattern: u8, offset: u64, len: u64) {
 async fn capture(vm: &TestVm, id: &str, dst: &Path) {
     vm.qmp().execute_raw("stop", None).await.unwrap();
     let info = info(vm);
-    let file = info["disks"]
-        .as_array()
-        .unwrap()
+    let file = info
+        .disks
         .iter()
-        .find(|d| d["id"] == id)
-        .and_then(|d| d["file"].as_str())
-        .unwrap()
-        .to_owned();
+        .find(|d| d.id == id)
+        .map(|d| d.file.clone())
+        .unwrap();
     image::convert_to_qcow2(Path::new(&file), dst);
     vm.qmp().execute_raw("cont", None).await.unwrap();
 }
@@ -192,9 +187,8 @@ async fn a_qcow2_with_an_external_data_file_backs_up_and_keeps_its_bitmaps() {
     }];
     let repo = full_then_incremental(&vm, &disks).await;
     let id = id_of_node(&vm, "node-df0");
-    assert_eq!(
-        info(&vm)["disks"][0]["bitmaps_persist"],
-        true,
+    assert!(
+        info(&vm).disks[0].bitmaps_persist,
         "a qcow2 stores bitmaps also with an external data file"
     );
     // A clean restart keeps the bitmap: the next backup is a bitmap incremental again.

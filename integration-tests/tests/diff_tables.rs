@@ -14,6 +14,8 @@ use chain::Table;
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::merge::MergeReport;
+use qmpbak_engine::prune::PruneReport;
 use qmpbak_engine::verify::VerifyReport;
 
 const VM: &str = "vm1";
@@ -163,12 +165,8 @@ async fn prune_in_the_middle_and_merge_rewrite_difference_tables_and_keep_every_
     let report = repo
         .run(VM, &["prune", "--keep-last", "2", "--keep-tag", "--json"])
         .success()
-        .json();
-    assert_eq!(
-        report["leftovers"]["operations"].as_array().unwrap().len(),
-        1,
-        "{report:?}"
-    );
+        .report::<PruneReport>();
+    assert_eq!(report.leftovers.operations.len(), 1, "{report:?}");
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
     let left: Vec<String> = manifest.nodes.iter().map(|n| n.id.to_string()).collect();
@@ -220,12 +218,8 @@ async fn prune_in_the_middle_and_merge_rewrite_difference_tables_and_keep_every_
     for point in kept {
         assert_exact(&repo, point, &out);
     }
-    let report = repo.run(VM, &["merge", &ids[3], "--json"]).success().json();
-    assert_eq!(
-        report["leftovers"]["operations"].as_array().unwrap().len(),
-        1,
-        "{report:?}"
-    );
+    let report: MergeReport = repo.run(VM, &["merge", &ids[3], "--json"]).success().report();
+    assert_eq!(report.leftovers.operations.len(), 1, "{report:?}");
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
     for disk in DISKS {

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use integration_tests::repo::{BackupReport, TestRepo, assert_no_leftovers, expected_bitmaps};
 use integration_tests::{Device, MIB, TestVm, cli, image};
+use qmpbak_engine::inspect::{NameSource, VmInfo};
 
 const VM: &str = "moved";
 const SIZE: u64 = 32 * MIB;
@@ -208,14 +209,18 @@ async fn renamed_disks_are_read_whole_under_their_new_names() {
 }
 
 /// One disk of each kind, with the name qmpbak must give it and where the name comes from.
-const KINDS: [(&str, Device, &str); 7] = [
-    ("sd0", Device::ScsiHd, "device_id"),
-    ("nv0", Device::Nvme, "device_id"),
-    ("hd0", Device::IdeHd, "device_id"),
-    ("peripheral-anon-device0", Device::VirtioBlkNoId, "device_path"),
-    ("virtio0", Device::DriveIfVirtio, "drive"),
-    ("vd0", Device::DriveVirtioBlk, "device_id"),
-    ("drv0", Device::DriveVirtioBlkNoId, "drive"),
+const KINDS: [(&str, Device, NameSource); 7] = [
+    ("sd0", Device::ScsiHd, NameSource::DeviceId),
+    ("nv0", Device::Nvme, NameSource::DeviceId),
+    ("hd0", Device::IdeHd, NameSource::DeviceId),
+    (
+        "peripheral-anon-device0",
+        Device::VirtioBlkNoId,
+        NameSource::DevicePath,
+    ),
+    ("virtio0", Device::DriveIfVirtio, NameSource::Drive),
+    ("vd0", Device::DriveVirtioBlk, NameSource::DeviceId),
+    ("drv0", Device::DriveVirtioBlkNoId, NameSource::Drive),
 ];
 
 fn node_disks(repo: &TestRepo, node: &str) -> Vec<String> {
@@ -248,15 +253,14 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_revert_commit_
     // `info` shows each name and where it comes from.
     let info = cli::run(&["info", "--socket", vm.socket().to_str().unwrap(), "--json"])
         .success()
-        .json();
+        .report::<VmInfo>();
     for (id, _, source) in KINDS {
-        let disk = info["disks"]
-            .as_array()
-            .unwrap()
+        let disk = info
+            .disks
             .iter()
-            .find(|d| d["id"] == id)
-            .unwrap_or_else(|| panic!("info has no disk {id}: {info}"));
-        assert_eq!(disk["id_source"], source, "{disk}");
+            .find(|d| d.id == id)
+            .unwrap_or_else(|| panic!("info has no disk {id}: {info:?}"));
+        assert_eq!(disk.id_source, source, "{disk:?}");
     }
 
     for (i, id) in ids.iter().enumerate() {
@@ -325,7 +329,7 @@ async fn every_device_type_keeps_its_name_across_restart_snapshot_revert_commit_
     // A live restore into a new VM with the same devices finds every disk by the same names. (Not the -drive
     // disks: QEMU refuses `blockdev-reopen` of a node whose name it generated, so a live restore cannot put a
     // chain under them.)
-    let live: Vec<(&str, Device, &str)> = KINDS.into_iter().filter(|k| !k.1.is_drive()).collect();
+    let live: Vec<(&str, Device, NameSource)> = KINDS.into_iter().filter(|k| !k.1.is_drive()).collect();
     let mut blank = TestVm::builder().paused();
     for (id, device, _) in &live {
         blank = blank.disk(id, 16 * MIB).device(id, *device);

@@ -10,8 +10,10 @@ use std::process::Command;
 
 use serde_json::{Value, json};
 
-use integration_tests::repo::TestRepo;
+use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::{MIB, TestVm, TestVmBuilder, cli, image};
+use qmpbak_engine::backup::DiskReport;
+use qmpbak_engine::inspect::{DiskInfo, VmInfo};
 
 const VM: &str = "kinds";
 
@@ -42,40 +44,44 @@ fn create_raw(path: &Path, size: u64) {
 }
 
 /// `qmpbak info --json` of the VM.
-fn info(vm: &TestVm) -> Value {
+fn info(vm: &TestVm) -> VmInfo {
     cli::run(&["info", "--socket", vm.socket().to_str().unwrap(), "--json"])
         .success()
-        .json()
+        .report()
 }
 
-/// The disk `id` of an `info` or backup report.
-fn disk<'a>(report: &'a Value, id: &str) -> &'a Value {
-    report["disks"]
-        .as_array()
-        .unwrap()
+/// The disk `id` of an `info` report.
+fn info_disk<'a>(info: &'a VmInfo, id: &str) -> &'a DiskInfo {
+    info.disks
         .iter()
-        .find(|d| d["id"] == id || d["disk"] == id)
-        .unwrap_or_else(|| panic!("no disk {id} in {report:#}"))
+        .find(|d| d.id == id)
+        .unwrap_or_else(|| panic!("no disk {id} in {info:#?}"))
+}
+
+/// The disk `id` of a backup report.
+fn disk<'a>(report: &'a BackupReport, id: &str) -> &'a DiskReport {
+    report
+        .disks
+        .iter()
+        .find(|d| d.disk == id)
+        .unwrap_or_else(|| panic!("no disk {id} in {report:#?}"))
 }
 
 /// Captures what the guest sees on disk `id` now into `dst`: the VM paused, the image below any filter (as
 /// `qmpbak info` names it) copied with `qemu-img convert -U`.
 async fn capture(vm: &TestVm, id: &str, dst: &Path) {
     vm.qmp().execute_raw("stop", None).await.unwrap();
-    let file = disk(&info(vm), id)["file"].as_str().unwrap().to_owned();
+    let file = info_disk(&info(vm), id).file.clone();
     image::convert_to_qcow2(Path::new(&file), dst);
     vm.qmp().execute_raw("cont", None).await.unwrap();
 }
 
-fn backup(repo: &TestRepo, vm: &TestVm) -> Value {
-    repo.backup(vm, VM, &[])
+fn backup(repo: &TestRepo, vm: &TestVm) -> BackupReport {
+    repo.backup_report(vm, VM, &[])
 }
 
-fn assert_node(repo: &TestRepo, report: &Value, id: &str, reference: &Path) {
-    image::assert_same(
-        reference,
-        &repo.node_file(VM, report["node"].as_str().unwrap(), id),
-    );
+fn assert_node(repo: &TestRepo, report: &BackupReport, id: &str, reference: &Path) {
+    image::assert_same(reference, &repo.node_file(VM, report.node.as_str(), id));
 }
 
 #[tokio::test]
@@ -93,12 +99,12 @@ async fn a_raw_disk_backs_up_full_then_by_bitmap_and_after_a_restart_by_checksum
     let r1 = refs.path().join("r1.qcow2");
     capture(&vm, "raw0", &r1).await;
     let full = backup(&repo, &vm);
-    assert_eq!(full["level"], "full", "{full}");
-    assert_eq!(disk(&full, "raw0")["bitmaps_persist"], false, "{full}");
+    assert_eq!(full.level, "full", "{full:?}");
+    assert!(!disk(&full, "raw0").bitmaps_persist, "{full:?}");
     assert_node(&repo, &full, "raw0", &r1);
     let info = info(&vm);
-    assert_eq!(disk(&info, "raw0")["bitmaps_persist"], false, "{info:#}");
-    assert_eq!(disk(&info, "disk0")["bitmaps_persist"], true, "{info:#}");
+    assert!(!info_disk(&info, "raw0").bitmaps_persist, "{info:#?}");
+    assert!(info_disk(&info, "disk0").bitmaps_persist, "{info:#?}");
     let text = cli::run(&["info", "--socket", vm.socket().to_str().unwrap()])
         .success()
         .stdout;
@@ -112,11 +118,11 @@ async fn a_raw_disk_backs_up_full_then_by_bitmap_and_after_a_restart_by_checksum
     capture(&vm, "raw0", &r2).await;
     let inc = backup(&repo, &vm);
     assert_eq!(
-        (&inc["level"], &inc["method"]),
-        (&json!("incremental"), &json!("bitmap")),
-        "{inc}"
+        (inc.level.as_ref(), inc.method.as_ref()),
+        ("incremental", "bitmap"),
+        "{inc:?}"
     );
-    assert_eq!(disk(&inc, "raw0")["copied_bytes"], MIB, "{inc}");
+    assert_eq!(disk(&inc, "raw0").copied_bytes, MIB, "{inc:?}");
     assert_node(&repo, &inc, "raw0", &r2);
 
     // QEMU shuts down cleanly and starts again: the qcow2's bitmap was stored in its image, the raw disk's is
@@ -128,14 +134,14 @@ async fn a_raw_disk_backs_up_full_then_by_bitmap_and_after_a_restart_by_checksum
     let r3 = refs.path().join("r3.qcow2");
     capture(&vm, "raw0", &r3).await;
     let after = backup(&repo, &vm);
-    assert_eq!(after["method"], "checksum-diff", "{after}");
-    let reason = after["reason"].as_str().unwrap();
+    assert_eq!(after.method, "checksum-diff", "{after:?}");
+    let reason = after.reason.as_str();
     assert!(
         reason.contains("disk raw0 is raw: its bitmaps live only while QEMU runs"),
         "{reason}"
     );
     assert!(!reason.contains("disk disk0"), "{reason}");
-    assert_eq!(disk(&after, "raw0")["copied_bytes"], MIB, "{after}");
+    assert_eq!(disk(&after, "raw0").copied_bytes, MIB, "{after:?}");
     assert_node(&repo, &after, "raw0", &r3);
 
     // Time points need qcow2 images: refused with a usage error that names the disk, nothing changed.
@@ -196,16 +202,16 @@ async fn a_block_device_under_raw_backs_up_like_a_file() {
     let r1 = refs.path().join("r1.qcow2");
     capture(&vm, "blk0", &r1).await;
     let full = backup(&repo, &vm);
-    assert_eq!(disk(&full, "blk0")["virtual_size"], 16 * MIB, "{full}");
+    assert_eq!(disk(&full, "blk0").virtual_size, 16 * MIB, "{full:?}");
     assert_node(&repo, &full, "blk0", &r1);
-    assert_eq!(disk(&info(&vm), "blk0")["bitmaps_persist"], false);
+    assert!(!info_disk(&info(&vm), "blk0").bitmaps_persist);
 
     vm.write_zeroes("blk0", 2 * MIB, MIB).await;
     vm.write_pattern("blk0", 0x55, 12 * MIB, 512 * 1024).await;
     let r2 = refs.path().join("r2.qcow2");
     capture(&vm, "blk0", &r2).await;
     let inc = backup(&repo, &vm);
-    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
     assert_node(&repo, &inc, "blk0", &r2);
 
     // After QEMU crashed, its bitmap is gone: a checksum-diff that says why.
@@ -214,15 +220,14 @@ async fn a_block_device_under_raw_backs_up_like_a_file() {
     let r3 = refs.path().join("r3.qcow2");
     capture(&vm, "blk0", &r3).await;
     let after = backup(&repo, &vm);
-    assert_eq!(after["method"], "checksum-diff", "{after}");
+    assert_eq!(after.method, "checksum-diff", "{after:?}");
     assert!(
-        after["reason"]
-            .as_str()
-            .unwrap()
+        after
+            .reason
             .contains("disk blk0 is raw: its bitmaps live only while QEMU runs"),
-        "{after}"
+        "{after:?}"
     );
-    assert_eq!(disk(&after, "blk0")["copied_bytes"], MIB, "{after}");
+    assert_eq!(disk(&after, "blk0").copied_bytes, MIB, "{after:?}");
     assert_node(&repo, &after, "blk0", &r3);
     // QEMU lets the loop device go before the device is detached.
     drop(vm);
@@ -295,7 +300,7 @@ async fn under_a_filter(filter: &Value, driver: &str) {
     let clean = refs.path().join("clean.qcow2");
     capture(&vm, "thr0", &clean).await;
     let diff = backup(&repo, &vm);
-    assert_eq!(diff["method"], "checksum-diff", "{diff}");
+    assert_eq!(diff.method, "checksum-diff", "{diff:?}");
     assert_node(&repo, &diff, "thr0", &clean);
     run(&["snapshot", "--tag", "clean"]);
 
@@ -353,32 +358,24 @@ async fn a_cdrom_and_an_empty_drive_are_skipped_and_named() {
     vm.capture_reference("disk0", &d0).await;
 
     let full = backup(&repo, &vm);
-    let ids: Vec<&str> = full["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["disk"].as_str().unwrap())
-        .collect();
-    assert_eq!(ids, ["disk0"], "{full:#}");
+    let ids: Vec<&str> = full.disks.iter().map(|d| d.disk.as_str()).collect();
+    assert_eq!(ids, ["disk0"], "{full:#?}");
     assert_node(&repo, &full, "disk0", &d0);
     // The CD-ROM is named by its qdev id or, where qmpbak does not read that for ide-cd, by its drive.
-    let skipped = full["skipped"].as_array().unwrap();
     let find = |reason: &str| {
-        skipped
+        full.skipped
             .iter()
-            .find(|s| s["reason"].as_str().unwrap().contains(reason))
-            .and_then(|s| s["disk"].as_str())
-            .unwrap_or_else(|| panic!("no {reason} in skipped: {full:#}"))
-            .to_owned()
+            .find(|s| s.reason.contains(reason))
+            .map_or_else(|| panic!("no {reason} in skipped: {full:#?}"), |s| s.disk.clone())
     };
     let cdrom = find("removable medium");
-    assert!(["cd0", "cddrive"].contains(&cdrom.as_str()), "{full:#}");
-    assert_eq!(find("no medium"), "cd1", "{full:#}");
+    assert!(["cd0", "cddrive"].contains(&cdrom.as_str()), "{full:#?}");
+    assert_eq!(find("no medium"), "cd1", "{full:#?}");
 
     // Named explicitly, the CD-ROM is backed up too.
-    let cd = repo.backup(&vm, VM, &["--level", "full", "--disk", &cdrom]);
-    assert_eq!(cd["skipped"], json!([]), "{cd}");
-    image::assert_same(&iso, &repo.node_file(VM, cd["node"].as_str().unwrap(), &cdrom));
+    let cd = repo.backup_report(&vm, VM, &["--level", "full", "--disk", &cdrom]);
+    assert!(cd.skipped.is_empty(), "{cd:?}");
+    image::assert_same(&iso, &repo.node_file(VM, cd.node.as_str(), &cdrom));
 }
 
 #[tokio::test]
@@ -412,30 +409,25 @@ async fn a_read_only_disk_is_backed_up_and_its_bitmap_kept_in_memory() {
     let repo = TestRepo::init();
 
     let full = backup(&repo, &vm);
-    let mut ids: Vec<&str> = full["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["disk"].as_str().unwrap())
-        .collect();
+    let mut ids: Vec<&str> = full.disks.iter().map(|d| d.disk.as_str()).collect();
     ids.sort_unstable();
-    assert_eq!(ids, ["disk0", "ro0", "ro1"], "{full:#}");
+    assert_eq!(ids, ["disk0", "ro0", "ro1"], "{full:#?}");
     for id in ["ro0", "ro1"] {
-        image::assert_same(&ro, &repo.node_file(VM, full["node"].as_str().unwrap(), id));
-        assert_eq!(disk(&full, id)["bitmaps_persist"], false, "{full}");
+        image::assert_same(&ro, &repo.node_file(VM, full.node.as_str(), id));
+        assert!(!disk(&full, id).bitmaps_persist, "{full:?}");
         assert_eq!(
-            disk(&full, id)["bitmaps_volatile_why"],
-            "is read-only: its bitmaps live only while QEMU runs"
+            disk(&full, id).bitmaps_volatile_why.as_deref(),
+            Some("is read-only: its bitmaps live only while QEMU runs")
         );
     }
 
     // The read-only disk's bitmap lives in QEMU's memory: the next backup is still a bitmap incremental.
     vm.write_pattern("disk0", 0x77, 4 * MIB, MIB).await;
     let inc = backup(&repo, &vm);
-    assert_eq!(inc["method"], "bitmap", "{inc}");
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
     for id in ["ro0", "ro1"] {
-        assert_eq!(disk(&inc, id)["copied_bytes"], 0, "{inc}");
-        image::assert_same(&ro, &repo.node_file(VM, inc["node"].as_str().unwrap(), id));
+        assert_eq!(disk(&inc, id).copied_bytes, 0, "{inc:?}");
+        image::assert_same(&ro, &repo.node_file(VM, inc.node.as_str(), id));
     }
 }
 

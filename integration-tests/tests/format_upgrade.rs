@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use integration_tests::repo::TestRepo;
 use integration_tests::{MIB, TestVm, image};
+use qmpbak_engine::repo_reports::TreeReport;
 
 /// The fixture's guest contents of disk0 at node 0001.
 fn base_contents() -> Vec<u8> {
@@ -51,10 +52,11 @@ async fn a_repository_of_format_1_is_read_backed_up_into_and_restored() {
 
     // Read: listed, and verified against the committed table.
     let vm_dir = repo.vm_dir("vm1");
-    let listed = integration_tests::cli::run(&["list", vm_dir.to_str().unwrap(), "--json"])
+    let listed: TreeReport = integration_tests::cli::run(&["list", vm_dir.to_str().unwrap(), "--json"])
         .success()
-        .json();
-    assert!(listed.to_string().contains("0002"), "{listed}");
+        .report();
+    let printed = serde_json::to_string(&listed).unwrap();
+    assert!(printed.contains("0002"), "{printed}");
     repo.run("vm1", &["verify"]).success();
     let manifest = repo.manifest("vm1");
     assert_eq!(

@@ -6,9 +6,10 @@
 #![allow(clippy::unwrap_used)]
 
 use integration_tests::guest::{self, GuestMode, TestGuest};
-use integration_tests::repo::TestRepo;
+use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, cli};
+use qmpbak_engine::restore::live::LiveReport;
 
 const DISK: &str = "disk0";
 const VM: &str = "guest";
@@ -17,8 +18,8 @@ fn try_backup(repo: &TestRepo, guest: &TestGuest, extra: &[&str]) -> cli::Output
     cli::run_owned(&repo.socket_backup_args(&guest.socket(), VM, extra))
 }
 
-fn backup(repo: &TestRepo, guest: &TestGuest, extra: &[&str]) -> serde_json::Value {
-    try_backup(repo, guest, extra).success().json()
+fn backup(repo: &TestRepo, guest: &TestGuest, extra: &[&str]) -> BackupReport {
+    try_backup(repo, guest, extra).success().report()
 }
 
 fn restore(repo: &TestRepo, node: &str, to: &std::path::Path) {
@@ -40,11 +41,11 @@ async fn backups_taken_while_the_guest_writes_restore_to_filesystems_that_verify
         let written_before = guest.files_written();
         let report = backup(&repo, &guest, &[]);
         assert_eq!(
-            report["level"],
+            report.level,
             if round == 0 { "full" } else { "incremental" },
-            "{report}"
+            "{report:?}"
         );
-        nodes.push((report["node"].as_str().unwrap().to_owned(), written_before));
+        nodes.push((report.node, written_before));
     }
     assert!(guest.alive());
     for (node, written_before) in &nodes {
@@ -71,8 +72,8 @@ async fn quiesced_backups_give_a_clean_filesystem_and_a_failing_one_still_thaws(
     guest.wait_for_file(3).await;
 
     let report = backup(&repo, &guest, &["--quiesce", "--qga", qga.to_str().unwrap()]);
-    assert_eq!(report["quiesced"], true);
-    let node = report["node"].as_str().unwrap().to_owned();
+    assert!(report.quiesced, "{report:?}");
+    let node = report.node;
     let image = out.path().join("quiesced.qcow2");
     restore(&repo, &node, &image);
     let verdict = guest::verify_image(&image).await;
@@ -111,7 +112,7 @@ async fn a_live_restore_boots_the_guest_while_streaming_and_its_verify_passes() 
     let node = {
         let mut guest = TestGuest::start_writing(DISK, 128 * MIB).await;
         guest.wait_for_file(8).await;
-        backup(&repo, &guest, &[])["node"].as_str().unwrap().to_owned()
+        backup(&repo, &guest, &[]).node
     };
     // A fresh verify guest, paused, on an empty disk of the same size.
     let mut target = TestGuest::builder()
@@ -132,8 +133,8 @@ async fn a_live_restore_boots_the_guest_while_streaming_and_its_verify_passes() 
     // QEMU went away; otherwise it finished streaming.
     let out = cli::wait(child, CLI_TIMEOUT);
     if out.status.success() {
-        let report = out.json();
-        assert!(report["running_after_secs"].as_f64().unwrap() < report["duration_secs"].as_f64().unwrap());
+        let report: LiveReport = out.report();
+        assert!(report.running_after_secs < report.duration_secs, "{report:?}");
     } else {
         assert_eq!(out.code(), Some(5), "{out:?}");
         assert!(out.stderr.contains("closed"), "{}", out.stderr);

@@ -13,6 +13,7 @@ use integration_tests::guest::TestGuest;
 use integration_tests::mounts::{self, Unmount, assert_nothing_left, can_mount, checksums};
 use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::{MIB, cli};
+use qmpbak_engine::mount::MountReport;
 
 const DISK: &str = "disk0";
 const VM: &str = "guest";
@@ -70,23 +71,27 @@ async fn files_the_guest_wrote_before_the_backup_are_read_back_from_the_mount() 
     let crash = crash.node;
     let before = checksums(&repo.path());
 
-    let list = repo
+    let list: MountReport = repo
         .run(VM, &["mount", &quiesced, "--list", "--json"])
         .success()
-        .json();
-    assert!(list["partition_table"].is_null(), "{list}");
-    assert_eq!(list["partitions"][0]["fstype"], "ext4", "{list}");
-    assert_eq!(list["partitions"][0]["size"], 128 * MIB, "{list}");
+        .report();
+    assert!(list.partition_table.is_none(), "{list:?}");
+    assert_eq!(list.partitions[0].fstype.as_deref(), Some("ext4"), "{list:?}");
+    assert_eq!(list.partitions[0].size, 128 * MIB, "{list:?}");
 
     if can_mount() {
         let dir = tempfile::tempdir().unwrap();
         let _unmount = Unmount(dir.path().to_owned());
         let dir_arg = dir.path().to_str().unwrap();
-        let report = repo
+        let report: MountReport = repo
             .run(VM, &["mount", &quiesced, dir_arg, "--json"])
             .success()
-            .json();
-        assert_eq!(report["partitions"][0]["mounted_at"], dir_arg, "{report}");
+            .report();
+        assert_eq!(
+            report.partitions[0].mounted_at.as_deref(),
+            Some(Path::new(dir_arg)),
+            "{report:?}"
+        );
         let verified = verify_manifest(dir.path(), true);
         // MANIFEST holds the known file and f1..fN.
         assert!(
@@ -98,10 +103,10 @@ async fn files_the_guest_wrote_before_the_backup_are_read_back_from_the_mount() 
 
         // The crash-consistent incremental mounts without replaying the journal: what it shows is the file
         // system as last written in place, and every file it shows whole is the guest's.
-        let report = repo
+        let report: MountReport = repo
             .run(VM, &["mount", &crash, dir_arg, "--json"])
             .success()
-            .json();
+            .report();
         let options = mounts::mount_options(dir.path()).unwrap();
         assert!(options.split(',').any(|o| o == "ro"), "{options}");
         let verified = verify_manifest(dir.path(), false);

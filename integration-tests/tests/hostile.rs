@@ -10,7 +10,9 @@ use std::path::Path;
 
 use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::cleanup::CleanupReport;
 use qmpbak_engine::snapshot::SnapshotReport;
+use qmpbak_engine::verify::VerifyReport;
 
 #[tokio::test]
 async fn paths_with_shell_and_qemu_metacharacters_are_only_ever_data() {
@@ -264,9 +266,9 @@ async fn a_tampered_operation_record_deletes_nothing_it_may_not() {
             &["cleanup", "--socket", socket.to_str().unwrap(), "--json"],
         )
         .success();
-    let cleaned = out.json();
-    assert_eq!(cleaned["files"], serde_json::json!([]), "{cleaned}");
-    assert_eq!(cleaned["kept_outside"].as_array().unwrap().len(), 3, "{cleaned}");
+    let cleaned: CleanupReport = out.report();
+    assert!(cleaned.cleaned.files.is_empty(), "{cleaned:?}");
+    assert_eq!(cleaned.cleaned.kept_outside.len(), 3, "{cleaned:?}");
     for v in &victims {
         assert!(v.exists(), "{} was deleted", v.display());
     }
@@ -304,9 +306,9 @@ async fn a_tampered_operation_record_deletes_nothing_it_may_not() {
             &["cleanup", "--socket", socket.to_str().unwrap(), "--json"],
         )
         .success()
-        .json();
-    assert_eq!(cleaned["files"], serde_json::json!([]), "{cleaned}");
-    assert_eq!(cleaned["kept_outside"].as_array().unwrap().len(), 3, "{cleaned}");
+        .report::<CleanupReport>();
+    assert!(cleaned.cleaned.files.is_empty(), "{cleaned:?}");
+    assert_eq!(cleaned.cleaned.kept_outside.len(), 3, "{cleaned:?}");
     for v in &victims {
         assert!(v.exists(), "{} was deleted", v.display());
     }
@@ -373,8 +375,8 @@ async fn cleanup_without_a_socket_says_what_it_could_not_finish() {
     // The same with --json: one report on stdout that names what is pending, and still exit 2 (it was 0).
     let out = repo.run("vm1", &["cleanup", "--json"]);
     assert_eq!(out.code(), Some(2), "{out:?}");
-    let report: serde_json::Value = serde_json::from_str(&out.stdout).expect("one JSON report on stdout");
-    assert_eq!(report["pending"].as_array().map(Vec::len), Some(1), "{report}");
+    let report: CleanupReport = serde_json::from_str(&out.stdout).expect("one JSON report on stdout");
+    assert_eq!(report.cleaned.pending.len(), 1, "{report:?}");
     repo.run("vm1", &["cleanup", "--socket", socket]).success();
     assert!(repo.manifest("vm1").operations.is_empty());
 }
@@ -458,14 +460,12 @@ async fn a_node_file_grown_to_a_petabyte_is_a_clear_verify_error() {
     image::qemu_img(&["resize", "-f", "qcow2", file.to_str().unwrap(), "1P"]);
     let out = repo.run("vm1", &["verify", "--json"]);
     assert_eq!(out.code(), Some(6), "{out:?}");
-    let report = out.json();
-    let error = report["nodes"][0]["disks"][0]["error"]
-        .as_str()
-        .unwrap_or_default();
+    let report: VerifyReport = out.report();
+    let error = report.nodes[0].disks[0].error.as_deref().unwrap_or_default();
     assert!(
         error.contains(&format!("disk of {} bytes", 1u64 << 50))
             && error.contains(&format!("covers {} bytes", 16 * MIB)),
-        "{report}"
+        "{report:?}"
     );
     // Restore refuses it before copying or hashing anything.
     let out_dir = tempfile::tempdir().unwrap();

@@ -7,6 +7,7 @@
 use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::repo_reports::VmRow;
 
 #[tokio::test]
 async fn four_vms_backed_up_at_once_into_one_repository_are_each_exact() {
@@ -43,10 +44,10 @@ async fn four_vms_backed_up_at_once_into_one_repository_are_each_exact() {
             image::assert_same(&reference, &repo.node_file(&format!("vm{i}"), node, "disk0"));
         }
     }
-    let listed = cli::run(&["list", repo.path().to_str().unwrap(), "--json"])
+    let listed: Vec<VmRow> = cli::run(&["list", repo.path().to_str().unwrap(), "--json"])
         .success()
-        .json();
-    assert_eq!(listed.as_array().unwrap().len(), 4);
+        .report();
+    assert_eq!(listed.len(), 4);
 }
 
 fn qemu_fds(vm: &TestVm) -> usize {

@@ -15,6 +15,8 @@ use integration_tests::mounts::{self, Unmount, assert_nothing_left, can_mount, c
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::{CLI_TIMEOUT, PROCESS_EXIT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::cleanup::CleanupReport;
+use qmpbak_engine::mount::{MountReport, UmountReport};
 
 const VM: &str = "vm1";
 /// Large for xfs, but sparse: only what the file systems hold is ever written.
@@ -232,33 +234,60 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     assert_eq!(ambiguous.code(), Some(2), "{ambiguous:?}");
     assert!(ambiguous.stderr.contains("--disk"), "{}", ambiguous.stderr);
 
-    let list = cli::run_owned(&mount_args(
+    let printed = cli::run_owned(&mount_args(
         &repo,
         &node,
         &["--list", "--disk", "disk0", "--json"],
     ))
-    .success()
-    .json();
-    assert_eq!(list["partition_table"], "dos", "{list}");
-    let parts = list["partitions"].as_array().unwrap();
-    assert_eq!(parts.len(), 3, "{list}");
-    assert_eq!(
-        (parts[0]["number"].as_u64(), parts[0]["start"].as_u64()),
-        (Some(1), Some(P1.0))
+    .success();
+    // The printed shape: the mount report's documented keys (and a partition's), so a renamed field is caught.
+    let raw = printed.json();
+    cli::assert_keys(
+        &raw,
+        &[
+            "vm",
+            "node",
+            "disk",
+            "mode",
+            "dir",
+            "image",
+            "loop_device",
+            "virtual_size",
+            "partition_table",
+            "partitions",
+            "verified",
+            "mismatched_blocks",
+        ],
     );
-    assert_eq!(parts[0]["size"], P1.1);
-    assert_eq!(parts[0]["fstype"], "ext4");
-    assert_eq!(parts[0]["label"], "qmpbak-p1");
+    cli::assert_keys(
+        &raw["partitions"][0],
+        &[
+            "number",
+            "start",
+            "size",
+            "part_type",
+            "fstype",
+            "label",
+            "mounted_at",
+            "fuse_driver",
+            "error",
+        ],
+    );
+    let list: MountReport = printed.report();
+    assert_eq!(list.partition_table.as_deref(), Some("dos"), "{list:?}");
+    let parts = &list.partitions;
+    assert_eq!(parts.len(), 3, "{list:?}");
+    assert_eq!((parts[0].number, parts[0].start), (1, P1.0));
+    assert_eq!(parts[0].size, P1.1);
+    assert_eq!(parts[0].fstype.as_deref(), Some("ext4"));
+    assert_eq!(parts[0].label.as_deref(), Some("qmpbak-p1"));
     if has_vfat {
-        assert_eq!(parts[1]["fstype"], "vfat", "{list}");
+        assert_eq!(parts[1].fstype.as_deref(), Some("vfat"), "{list:?}");
     }
-    assert_eq!(
-        (parts[2]["number"].as_u64(), parts[2]["start"].as_u64()),
-        (Some(3), Some(P3.0))
-    );
-    assert_eq!(parts[2]["size"], P3.1);
-    assert_eq!(parts[2]["fstype"], "xfs", "{list}");
-    assert_eq!(parts[2]["label"], "qmpbak-p3", "{list}");
+    assert_eq!((parts[2].number, parts[2].start), (3, P3.0));
+    assert_eq!(parts[2].size, P3.1);
+    assert_eq!(parts[2].fstype.as_deref(), Some("xfs"), "{list:?}");
+    assert_eq!(parts[2].label.as_deref(), Some("qmpbak-p3"), "{list:?}");
     let text = cli::run_owned(&mount_args(&repo, &node, &["--list", "--disk", "disk0"]))
         .success()
         .stdout;
@@ -277,15 +306,16 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     let dir = tempfile::tempdir().unwrap();
     let _unmount = Unmount(dir.path().to_owned());
     let dir_arg = dir.path().to_str().unwrap();
-    let report = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--disk", "disk0", "--json"]))
-        .success()
-        .json();
-    assert_eq!(report["verified"], true, "{report}");
+    let report: MountReport =
+        cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--disk", "disk0", "--json"]))
+            .success()
+            .report();
+    assert!(report.verified, "{report:?}");
     let p1 = dir.path().join("p1");
     assert_eq!(
-        report["partitions"][0]["mounted_at"],
-        p1.to_str().unwrap(),
-        "{report}"
+        report.partitions[0].mounted_at.as_deref(),
+        Some(p1.as_path()),
+        "{report:?}"
     );
     for (name, bytes) in files() {
         assert!(std::fs::read(p1.join(&name)).unwrap() == bytes, "{name} differs");
@@ -302,13 +332,13 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     // vfat: by the kernel where it has vfat, else through fusefat; read-only either way, every file the same.
     let p2 = dir.path().join("p2");
     if has_vfat {
-        let part = &report["partitions"][1];
-        assert_eq!(part["mounted_at"], p2.to_str().unwrap(), "{report}");
+        let part = &report.partitions[1];
+        assert_eq!(part.mounted_at.as_deref(), Some(p2.as_path()), "{report:?}");
         if kernel_knows("vfat") {
-            assert!(part["fuse_driver"].is_null(), "{report}");
+            assert!(part.fuse_driver.is_none(), "{report:?}");
         } else {
             eprintln!("this kernel has no vfat: partition 2 is mounted through fusefat");
-            assert_eq!(part["fuse_driver"], "fusefat", "{report}");
+            assert_eq!(part.fuse_driver.as_deref(), Some("fusefat"), "{report:?}");
             assert!(mounts::fs_type(&p2).unwrap().starts_with("fuse"));
         }
         assert!(mounts::mount_options(&p2).unwrap().split(',').any(|o| o == "ro"));
@@ -331,9 +361,9 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     let p3 = dir.path().join("p3");
     if kernel_knows("xfs") {
         assert_eq!(
-            report["partitions"][2]["mounted_at"],
-            p3.to_str().unwrap(),
-            "{report}"
+            report.partitions[2].mounted_at.as_deref(),
+            Some(p3.as_path()),
+            "{report:?}"
         );
         let options = mounts::mount_options(&p3).unwrap();
         assert!(options.split(',').any(|o| o == "ro"), "{options}");
@@ -353,8 +383,8 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     } else {
         eprintln!("this kernel has no xfs: partition 3 is only listed");
         assert!(
-            report["partitions"][2]["error"].as_str().unwrap().contains("xfs"),
-            "{report}"
+            report.partitions[2].error.as_deref().unwrap().contains("xfs"),
+            "{report:?}"
         );
         assert!(!p3.exists(), "a directory for a partition that is not mounted");
     }
@@ -377,9 +407,9 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
         &[dir_arg, "--disk", "disk0", "--image-only", "--json"],
     ))
     .success()
-    .json();
+    .report::<MountReport>();
     let img = dir.path().join("disk0.img");
-    assert_eq!(image_report["image"], img.to_str().unwrap());
+    assert_eq!(image_report.image.as_deref(), Some(img.as_path()));
     let restored = work.path().join("restored.qcow2");
     repo.run(
         VM,
@@ -423,9 +453,15 @@ async fn a_killed_mount_is_undone_by_umount_and_by_cleanup() {
     // Killed with the loop device set up: umount finds and undoes it.
     let killed = cli::run_crashing_at(&mount_args(&repo, &node, &[dir_arg]), "mount-loop", CLI_TIMEOUT);
     killed.assert_crashed_at("mount-loop");
-    let out = cli::run(&["umount", dir_arg, "--json"]).success().json();
-    assert_eq!(out["interrupted"], true, "{out}");
-    assert!(out["loop_device"].is_string(), "{out}");
+    let out = cli::run(&["umount", dir_arg, "--json"]).success();
+    // The printed shape: the umount report's documented keys, so a renamed field is caught.
+    cli::assert_keys(
+        &out.json(),
+        &["dir", "vm", "node", "disk", "image", "loop_device", "interrupted"],
+    );
+    let out: UmountReport = out.report();
+    assert!(out.interrupted, "{out:?}");
+    assert!(out.loop_device.is_some(), "{out:?}");
     assert_nothing_left(dir.path(), &out);
 
     // Killed with the export up: `qmpbak cleanup` of the VM undoes it; a new mount of the directory works.
@@ -435,17 +471,17 @@ async fn a_killed_mount_is_undone_by_umount_and_by_cleanup() {
         CLI_TIMEOUT,
     );
     killed.assert_crashed_at("mount-exported");
-    let cleaned = repo.run(VM, &["cleanup", "--json"]).success().json();
-    assert_eq!(cleaned["mounts"][0]["dir"], dir_arg, "{cleaned}");
-    assert_nothing_left(dir.path(), &cleaned["mounts"][0]);
+    let cleaned: CleanupReport = repo.run(VM, &["cleanup", "--json"]).success().report();
+    assert_eq!(cleaned.mounts[0].dir, Path::new(dir_arg), "{cleaned:?}");
+    assert_nothing_left(dir.path(), &cleaned.mounts[0]);
 
     // Killed again, then mounted again: the interrupted mount is undone first.
     let killed = cli::run_crashing_at(&mount_args(&repo, &node, &[dir_arg]), "mount-loop", CLI_TIMEOUT);
     killed.assert_crashed_at("mount-loop");
-    let report = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--json"]))
+    let report: MountReport = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--json"]))
         .success()
-        .json();
-    assert!(dir.path().join("p1/file0.bin").exists(), "{report}");
+        .report();
+    assert!(dir.path().join("p1/file0.bin").exists(), "{report:?}");
     cli::run(&["umount", dir_arg]).success();
     assert_nothing_left(dir.path(), &report);
 
@@ -460,17 +496,17 @@ async fn a_killed_mount_is_undone_by_umount_and_by_cleanup() {
         );
         killed.assert_crashed_at("mount-fuse-driver");
         assert_eq!(fuse_drivers_under(dir.path()).len(), 1);
-        let out = cli::run(&["umount", dir_arg, "--json"]).success().json();
-        assert_eq!(out["interrupted"], true, "{out}");
+        let out: UmountReport = cli::run(&["umount", dir_arg, "--json"]).success().report();
+        assert!(out.interrupted, "{out:?}");
         assert_nothing_left(dir.path(), &out);
         assert!(fuse_drivers_under(dir.path()).is_empty());
 
         // fusefat killed under a complete mount: its dead mount is unmounted all the same.
-        let report = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--json"]))
+        let report: MountReport = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--json"]))
             .success()
-            .json();
+            .report();
         let drivers = fuse_drivers_under(dir.path());
-        assert_eq!(drivers.len(), 1, "{report}");
+        assert_eq!(drivers.len(), 1, "{report:?}");
         nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(drivers[0]),
             nix::sys::signal::Signal::SIGKILL,
@@ -515,9 +551,9 @@ async fn a_damaged_node_is_refused_unless_forced() {
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
 
     let forced = cli::run_owned(&mount_args(&repo, &node, &[dir_arg, "--force", "--json"]));
-    let report = forced.success().json();
-    assert_eq!(report["verified"], false, "{report}");
-    assert!(!report["mismatched_blocks"].as_array().unwrap().is_empty());
+    let report: MountReport = forced.success().report();
+    assert!(!report.verified, "{report:?}");
+    assert!(!report.mismatched_blocks.is_empty());
     cli::run(&["umount", dir_arg]).success();
     assert_nothing_left(dir.path(), &report);
 }
@@ -720,21 +756,21 @@ async fn image_only_works_for_a_user_without_root() {
         refused.stderr
     );
     // Listing needs none.
-    let list = nobody(&mount_args(&repo, &node, &["--list", "--json"]))
+    let list: MountReport = nobody(&mount_args(&repo, &node, &["--list", "--json"]))
         .success()
-        .json();
-    assert_eq!(list["virtual_size"], 16 * MIB, "{list}");
+        .report();
+    assert_eq!(list.virtual_size, 16 * MIB, "{list:?}");
 
     let _unmount = UnmountAsNobody {
         home: home.clone(),
         dir: mnt.clone(),
     };
-    let report = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
+    let report: MountReport = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
         .success()
-        .json();
-    assert_eq!(report["verified"], true, "{report}");
+        .report();
+    assert!(report.verified, "{report:?}");
     let img = mnt.join("disk0.img");
-    assert_eq!(report["image"], img.to_str().unwrap(), "{report}");
+    assert_eq!(report.image.as_deref(), Some(img.as_path()), "{report:?}");
     // The user's own private place holds the record.
     let records = home.join(".cache/qmpbak/mounts");
     for d in [home.join(".cache/qmpbak"), records.clone()] {
@@ -782,18 +818,20 @@ async fn image_only_works_for_a_user_without_root() {
             .env("QMPBAK_CRASH_AT", "mount-exported"),
     );
     killed.assert_crashed_at("mount-exported");
-    let cleaned = nobody(&repo.vm_args(VM, &["cleanup", "--json"])).success().json();
-    assert_eq!(cleaned["mounts"][0]["dir"], mnt_arg, "{cleaned}");
-    assert_nothing_left(&mnt, &cleaned["mounts"][0]);
+    let cleaned: CleanupReport = nobody(&repo.vm_args(VM, &["cleanup", "--json"]))
+        .success()
+        .report();
+    assert_eq!(cleaned.mounts[0].dir, Path::new(mnt_arg), "{cleaned:?}");
+    assert_nothing_left(&mnt, &cleaned.mounts[0]);
     assert_eq!(std::fs::read_dir(&records).unwrap().count(), 0);
 
     // The storage daemon SIGKILLed: its FUSE mount is left dangling, and the user's umount (which cannot
     // umount(2)) takes it off with fusermount3.
-    let report = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
+    let report: MountReport = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
         .success()
-        .json();
+        .report();
     let daemons = processes_naming(&img);
-    assert_eq!(daemons.len(), 1, "{report}");
+    assert_eq!(daemons.len(), 1, "{report:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(daemons[0]),
         nix::sys::signal::Signal::SIGKILL,
@@ -822,9 +860,9 @@ async fn image_only_works_for_a_user_without_root() {
         std::thread::sleep(std::time::Duration::from_millis(20));
     }
     assert!(mounts::mounts_under(&mnt).is_empty());
-    let report = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
+    let report: MountReport = nobody(&mount_args(&repo, &node, &[mnt_arg, "--image-only", "--json"]))
         .success()
-        .json();
+        .report();
     let same = output(
         as_nobody(&home, &img_tool)
             .args(["compare", "-U", "-f", "raw", "-F", "qcow2"])

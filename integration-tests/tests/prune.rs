@@ -10,9 +10,12 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 
+use chain::retention::Action;
 use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::timeouts::CLI_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
+use qmpbak_engine::merge::MergeReport;
+use qmpbak_engine::prune::PruneReport;
 use qmpbak_engine::verify::VerifyReport;
 
 const VM: &str = "vm1";
@@ -126,15 +129,6 @@ fn listing(dir: &Path) -> BTreeMap<PathBuf, (u64, i64, i64)> {
     out
 }
 
-fn strs(value: &serde_json::Value) -> Vec<String> {
-    value
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|v| v.as_str().unwrap().to_owned())
-        .collect()
-}
-
 fn ids(points: &[Point]) -> Vec<String> {
     points.iter().map(|p| p.node.clone()).collect()
 }
@@ -149,36 +143,54 @@ async fn keep_last_three_of_eight_merges_the_rest_away_and_what_stays_restores_e
 
     // A dry run prints the plan and touches nothing.
     let before = listing(&repo.vm_dir(VM));
-    let dry = prune(&repo, &["--keep-last", "3", "--dry-run"]).success().json();
-    assert_eq!(dry["dry_run"], true);
-    assert_eq!(
-        strs(&dry["removed"]),
-        all[..5].iter().rev().cloned().collect::<Vec<_>>(),
-        "{dry}"
+    let dry = prune(&repo, &["--keep-last", "3", "--dry-run"]).success();
+    // The printed shape: the prune report's documented keys (and a plan entry's, a merged node's, the
+    // leftovers'), so a renamed field is caught.
+    let raw = dry.json();
+    cli::assert_keys(
+        &raw,
+        &[
+            "vm",
+            "dry_run",
+            "policy",
+            "plan",
+            "removed",
+            "merged",
+            "removed_bytes",
+            "added_bytes",
+            "freed_bytes",
+            "leftovers",
+        ],
     );
-    let actions: Vec<&str> = dry["plan"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d["action"].as_str().unwrap())
-        .collect();
+    cli::assert_keys(
+        &raw["plan"][0],
+        &["node", "kind", "state", "created", "tag", "action", "why", "into"],
+    );
+    cli::assert_keys(&raw["leftovers"], &["operations", "files", "freed_bytes"]);
+    let dry: PruneReport = dry.report();
+    assert!(dry.dry_run, "{dry:?}");
+    assert_eq!(
+        dry.removed,
+        all[..5].iter().rev().cloned().collect::<Vec<_>>(),
+        "{dry:?}"
+    );
+    let actions: Vec<Action> = dry.plan.iter().map(|d| d.action).collect();
     assert_eq!(
         actions,
-        [["merge_into_children"; 5].as_slice(), &["keep"; 3]].concat()
+        [[Action::MergeIntoChildren; 5].as_slice(), &[Action::Keep; 3]].concat()
     );
     assert_eq!(listing(&repo.vm_dir(VM)), before, "a dry run changes nothing");
 
     let bytes_before = node_file_bytes(&repo);
-    let report = prune(&repo, &["--keep-last", "3"]).success().json();
+    let printed = prune(&repo, &["--keep-last", "3"]).success();
+    cli::assert_keys(&printed.json()["merged"][0], &["node", "into"]);
+    let report: PruneReport = printed.report();
     let bytes_after = node_file_bytes(&repo);
-    assert_eq!(
-        strs(&report["removed"]),
-        all[..5].iter().rev().cloned().collect::<Vec<_>>()
-    );
-    for merged in report["merged"].as_array().unwrap() {
-        assert_eq!(strs(&merged["into"]), [all[5].clone()], "{report:?}");
+    assert_eq!(report.removed, all[..5].iter().rev().cloned().collect::<Vec<_>>());
+    for merged in &report.merged {
+        assert_eq!(merged.into, [all[5].clone()], "{report:?}");
     }
-    let freed = report["freed_bytes"].as_i64().unwrap();
+    let freed = report.freed_bytes;
     assert_eq!(
         freed,
         i64::try_from(bytes_before).unwrap() - i64::try_from(bytes_after).unwrap(),
@@ -186,7 +198,7 @@ async fn keep_last_three_of_eight_merges_the_rest_away_and_what_stays_restores_e
     );
     assert!(freed > 0, "{report:?}");
     assert_eq!(
-        report["removed_bytes"].as_i64().unwrap() - report["added_bytes"].as_i64().unwrap(),
+        i64::try_from(report.removed_bytes).unwrap() - i64::try_from(report.added_bytes).unwrap(),
         freed
     );
 
@@ -221,8 +233,8 @@ async fn keep_last_three_of_eight_merges_the_rest_away_and_what_stays_restores_e
     assert_restores_exactly(&repo, &next, &out);
 
     // Pruning again with the same policy has nothing more to do than the new backup asks.
-    let again = prune(&repo, &["--keep-last", "3"]).success().json();
-    assert_eq!(strs(&again["removed"]), [all[5].clone()], "{again}");
+    let again: PruneReport = prune(&repo, &["--keep-last", "3"]).success().report();
+    assert_eq!(again.removed, [all[5].clone()], "{again:?}");
     for point in points[6..].iter().chain([&next]) {
         assert_restores_exactly(&repo, point, &out);
     }
@@ -256,16 +268,12 @@ async fn a_tree_with_two_branches_keeps_the_newest_of_each_and_merges_the_shared
         all[1]
     );
 
-    let report = prune(&repo, &["--keep-last", "1"]).success().json();
-    assert_eq!(
-        strs(&report["removed"]),
-        [&all[3], &all[1], &all[0]].map(String::clone)
-    );
-    let merged: Vec<(String, Vec<String>)> = report["merged"]
-        .as_array()
-        .unwrap()
+    let report: PruneReport = prune(&repo, &["--keep-last", "1"]).success().report();
+    assert_eq!(report.removed, [&all[3], &all[1], &all[0]].map(String::clone));
+    let merged: Vec<(String, Vec<String>)> = report
+        .merged
         .iter()
-        .map(|m| (m["node"].as_str().unwrap().to_owned(), strs(&m["into"])))
+        .map(|m| (m.node.clone(), m.into.clone()))
         .collect();
     assert_eq!(
         merged,
@@ -330,14 +338,10 @@ async fn a_prune_killed_midway_leaves_an_exact_tree_and_the_next_prune_finishes_
     }
 
     // The next prune removes the leftovers and finishes the job.
-    let report = prune(&repo, &["--keep-last", "2"]).success().json();
-    assert_eq!(
-        report["leftovers"]["operations"].as_array().unwrap().len(),
-        1,
-        "{report:?}"
-    );
-    assert!(!strs(&report["leftovers"]["files"]).is_empty(), "{report:?}");
-    assert_eq!(strs(&report["removed"]), [&all[1], &all[0]].map(String::clone));
+    let report: PruneReport = prune(&repo, &["--keep-last", "2"]).success().report();
+    assert_eq!(report.leftovers.operations.len(), 1, "{report:?}");
+    assert!(!report.leftovers.files.is_empty(), "{report:?}");
+    assert_eq!(report.removed, [&all[1], &all[0]].map(String::clone));
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
     let left: Vec<String> = manifest.nodes.iter().map(|n| n.id.to_string()).collect();
@@ -379,13 +383,25 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
         assert_restores_exactly(&repo, point, &out);
     }
 
-    let report = merge(&repo, &all[2]).success().json();
-    assert_eq!(strs(&report["folded"]), all[..2]);
-    assert_eq!(
-        report["leftovers"]["operations"].as_array().unwrap().len(),
-        1,
-        "{report:?}"
+    let printed = merge(&repo, &all[2]).success();
+    // The printed shape: the merge report's documented keys (and a disk's), so a renamed field is caught.
+    let raw = printed.json();
+    cli::assert_keys(
+        &raw,
+        &[
+            "vm",
+            "node",
+            "previous_parent",
+            "folded",
+            "disks",
+            "added_bytes",
+            "leftovers",
+        ],
     );
+    cli::assert_keys(&raw["disks"][0], &["disk", "before_bytes", "after_bytes"]);
+    let report: MergeReport = printed.report();
+    assert_eq!(report.folded, all[..2]);
+    assert_eq!(report.leftovers.operations.len(), 1, "{report:?}");
     let manifest = repo.manifest(VM);
     let node = manifest.node(&all[2].parse().unwrap()).unwrap();
     assert_eq!(node.kind, chain::NodeKind::Full);
@@ -415,8 +431,8 @@ async fn merge_makes_a_synthetic_full_whose_descendants_and_ancestors_still_rest
     assert_verifies(&repo);
 
     // Merging a full does nothing; the next backup is still an incremental of the current node.
-    let again = merge(&repo, &all[2]).success().json();
-    assert!(again["previous_parent"].is_null(), "{again}");
+    let again: MergeReport = merge(&repo, &all[2]).success().report();
+    assert!(again.previous_parent.is_none(), "{again:?}");
     change(&vm, 8).await;
     let (report, next) = backup_point(&repo, &vm, work.path(), "after").await;
     assert_eq!(report.method, "bitmap", "{report:?}");
@@ -446,8 +462,8 @@ async fn prune_without_a_policy_is_a_usage_error_and_failed_backups_go() {
         .find(|n| n.state == chain::NodeState::Failed)
         .map(|n| n.id.to_string())
         .unwrap();
-    let report = prune(&repo, &["--keep-last", "5"]).success().json();
-    assert_eq!(strs(&report["removed"]), vec![failed.clone()], "{report:?}");
+    let report: PruneReport = prune(&repo, &["--keep-last", "5"]).success().report();
+    assert_eq!(report.removed, vec![failed.clone()], "{report:?}");
     assert!(repo.manifest(VM).node(&failed.parse().unwrap()).is_none());
     assert!(!repo.vm_dir(VM).join(&failed).exists());
 }

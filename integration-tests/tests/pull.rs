@@ -10,7 +10,7 @@
 use std::path::{Path, PathBuf};
 
 use integration_tests::pki::{TestPki, free_port};
-use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
+use integration_tests::repo::{BackupReport, TestRepo, assert_no_leftovers, expected_bitmaps};
 use integration_tests::timeouts::{CLI_TIMEOUT, PROCESS_EXIT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
 
@@ -60,6 +60,7 @@ fn assert_restores(repo: &TestRepo, node: &str, refs: &[PathBuf]) {
     }
 }
 
+
 async fn assert_no_exports(vm: &TestVm) {
     let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
     assert_eq!(
@@ -72,17 +73,11 @@ async fn assert_no_exports(vm: &TestVm) {
 /// Runs a successful pull of `vm` with the extra environment `env` and returns its report, after checking that
 /// it read the view `view` (`copy-before-write` or `fleece`).
 #[track_caller]
-fn backup_env(
-    repo: &TestRepo,
-    vm: &TestVm,
-    args: &[&str],
-    env: &[(&str, &str)],
-    view: &str,
-) -> serde_json::Value {
+fn backup_env(repo: &TestRepo, vm: &TestVm, args: &[&str], env: &[(&str, &str)], view: &str) -> BackupReport {
     let mut cmd = cli::command_owned(&repo.backup_args(vm, VM, args));
     cmd.envs(env.iter().copied());
-    let report = cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT).success().json();
-    assert_eq!(report["view"], view, "{report}");
+    let report: BackupReport = cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT).success().report();
+    assert_eq!(report.view.as_deref(), Some(view), "{report:?}");
     report
 }
 
@@ -90,10 +85,12 @@ fn backup_env(
 const FLEECE: [(&str, &str); 1] = [("QMPBAK_VIEW", "fleece")];
 const CBW: &str = "copy-before-write";
 
-fn pulled(report: &serde_json::Value, disk: usize) -> u64 {
-    report["disks"][disk]["pulled_bytes"]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no pulled_bytes: {report}"))
+
+
+fn pulled(report: &BackupReport, disk: usize) -> u64 {
+    report.disks[disk]
+        .pulled_bytes
+        .unwrap_or_else(|| panic!("no pulled_bytes: {report:?}"))
 }
 
 #[tokio::test]
@@ -119,14 +116,14 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     let full_refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
     let full = backup_env(&repo, &vm, &strs(&args), env, view);
     assert_eq!(
-        (full["level"].as_str(), full["method"].as_str()),
-        (Some("full"), Some("full")),
-        "{full}"
+        (full.level.as_ref(), full.method.as_ref()),
+        ("full", "full"),
+        "{full:?}"
     );
-    let full_id = full["node"].as_str().unwrap().to_owned();
+    let full_id = full.node.clone();
     assert_node_equals(&repo, &full_id, &full_refs);
     // Only the allocated extents crossed the connection.
-    assert_eq!((pulled(&full, 0), pulled(&full, 1)), (4 * MIB, MIB), "{full}");
+    assert_eq!((pulled(&full, 0), pulled(&full, 1)), (4 * MIB, MIB), "{full:?}");
 
     vm.write_pattern("disk0", 0x33, 8 * MIB + 4096, 512 * 1024).await;
     vm.write_zeroes("disk0", 0, MIB).await;
@@ -136,18 +133,18 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     let inc_refs = vm.capture_references(&DISKS, refs_dir.path(), "inc").await;
     let inc = backup_env(&repo, &vm, &strs(&args), env, view);
     assert_eq!(
-        (inc["level"].as_str(), inc["method"].as_str()),
-        (Some("incremental"), Some("bitmap")),
-        "{inc}"
+        (inc.level.as_ref(), inc.method.as_ref()),
+        ("incremental", "bitmap"),
+        "{inc:?}"
     );
-    let inc_id = inc["node"].as_str().unwrap().to_owned();
+    let inc_id = inc.node.clone();
     assert_node_equals(&repo, &inc_id, &inc_refs);
     // Only the dirty extents cross the connection (the bitmap's 64 KiB granularity; the zeroed block is a hole
     // in the view): the rest of each touched block is the parent's, read locally.
     assert_eq!(
         (pulled(&inc, 0), pulled(&inc, 1)),
         (640 * 1024, 64 * 1024),
-        "{inc}"
+        "{inc:?}"
     );
 
     vm.write_pattern("disk1", 0x55, 5 * MIB, MIB).await;
@@ -159,9 +156,9 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
         env,
         view,
     );
-    assert_eq!(diff["level"], "differential", "{diff}");
-    assert_eq!(diff["parent"], serde_json::json!(full_id), "{diff}");
-    let diff_id = diff["node"].as_str().unwrap().to_owned();
+    assert_eq!(diff.level, "differential", "{diff:?}");
+    assert_eq!(diff.parent.as_ref(), Some(&full_id), "{diff:?}");
+    let diff_id = diff.node.clone();
     assert_node_equals(&repo, &diff_id, &diff_refs);
 
     // QEMU dies after a stop: its bitmaps come back inconsistent, and the next pull compares tables.
@@ -171,10 +168,10 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     vm.write_pattern("disk0", 0x66, 2 * MIB, MIB).await;
     let cd_refs = vm.capture_references(&DISKS, refs_dir.path(), "cd").await;
     let cd = backup_env(&repo, &vm, &strs(&args), env, view);
-    assert_eq!(cd["method"], "checksum-diff", "{cd}");
-    let cd_id = cd["node"].as_str().unwrap().to_owned();
+    assert_eq!(cd.method, "checksum-diff", "{cd:?}");
+    let cd_id = cd.node.clone();
     assert_node_equals(&repo, &cd_id, &cd_refs);
-    assert_eq!(cd["disks"][0]["copied_bytes"].as_u64(), Some(MIB), "{cd}");
+    assert_eq!(cd.disks[0].copied_bytes, MIB, "{cd:?}");
 
     for (id, refs) in [
         (&full_id, &full_refs),
@@ -233,15 +230,15 @@ async fn guest_writes_during_a_pull(env: &[(&str, &str)], view: &str) {
     vm.write_pattern("disk1", 0x44, 0, 2 * MIB).await;
     let after = vm.capture_references(&DISKS, refs_dir.path(), "after").await;
     paused.signal(nix::sys::signal::Signal::SIGUSR1);
-    let inc = paused.finish().success().json();
-    assert_eq!(inc["view"], view, "{inc}");
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
-    assert_restores(&repo, inc["node"].as_str().unwrap(), &refs);
+    let inc: BackupReport = paused.finish().success().report();
+    assert_eq!(inc.view.as_deref(), Some(view), "{inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
+    assert_restores(&repo, inc.node.as_str(), &refs);
 
     let next = backup_env(&repo, &vm, &strs(&args), env, view);
-    assert_eq!(next["method"], "bitmap", "{next}");
-    assert_node_equals(&repo, next["node"].as_str().unwrap(), &after);
-    assert_restores(&repo, next["node"].as_str().unwrap(), &after);
+    assert_eq!(next.method, "bitmap", "{next:?}");
+    assert_node_equals(&repo, next.node.as_str(), &after);
+    assert_restores(&repo, next.node.as_str(), &after);
     assert!(vm.running().await);
 }
 
@@ -258,7 +255,7 @@ async fn a_pull_of_a_paused_vm_leaves_it_paused() {
     vm.qmp().execute_raw("stop", None).await.unwrap();
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
     let full = backup_env(&repo, &vm, &strs(&args), &[], CBW);
-    assert_node_equals(&repo, full["node"].as_str().unwrap(), &refs);
+    assert_node_equals(&repo, full.node.as_str(), &refs);
     assert!(!vm.running().await, "the pull resumed a VM the user paused");
     vm.qmp().execute_raw("cont", None).await.unwrap();
     assert!(vm.running().await);
@@ -275,10 +272,7 @@ async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup()
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
-    let full_id = backup_env(&repo, &vm, &strs(&args), &[], CBW)["node"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let full_id = backup_env(&repo, &vm, &strs(&args), &[], CBW).node;
     let before = vm.attached().await;
     let socket = vm.socket().display().to_string();
     for (round, point) in ["view-vm-paused", "view-drives-switched"].into_iter().enumerate() {
@@ -314,8 +308,8 @@ async fn a_pull_killed_while_the_vm_is_paused_or_switched_is_undone_by_cleanup()
     image::assert_pattern(&refs[1], 0, MIB, 0x40);
     image::assert_pattern(&refs[1], MIB, MIB, 0x41);
     let inc = backup_env(&repo, &vm, &strs(&args), &[], CBW);
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
 }
 
 /// A copy-before-write target that fails every write (blkdebug) breaks the view, never the guest's write: the
@@ -329,10 +323,7 @@ async fn a_failing_view_fails_the_pull_and_never_the_guest_write() {
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
-    let full_id = backup_env(&repo, &vm, &strs(&args), &[], CBW)["node"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let full_id = backup_env(&repo, &vm, &strs(&args), &[], CBW).node;
     vm.write_pattern("disk0", 0x22, 6 * MIB, MIB).await;
     let paused = cli::run_paused_at(
         &repo.backup_args(&vm, VM, &strs(&args)),
@@ -354,8 +345,8 @@ async fn a_failing_view_fails_the_pull_and_never_the_guest_write() {
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "after").await;
     image::assert_pattern(&refs[0], 0, 8 * MIB, 0x33);
     let inc = backup_env(&repo, &vm, &strs(&args), &[], CBW);
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
 }
 
 #[tokio::test]
@@ -399,14 +390,14 @@ async fn a_wrong_ca_or_no_credentials_is_a_clear_error_and_leaves_nothing() {
     assert_no_exports(&vm).await;
 
     // Plaintext when asked for, then TLS with the right credentials.
-    let plain = repo.backup(
+    let plain = repo.backup_report(
         &vm,
         VM,
         &["--pull", "--nbd-listen", &port_s, "--insecure-plaintext"],
     );
-    assert_eq!(plain["level"], "full", "{plain}");
-    let ok = repo.backup(&vm, VM, &strs(&pull_args(&pki, "client", port)));
-    assert_eq!(ok["level"], "incremental", "{ok}");
+    assert_eq!(plain.level, "full", "{plain:?}");
+    let ok = repo.backup_report(&vm, VM, &strs(&pull_args(&pki, "client", port)));
+    assert_eq!(ok.level, "incremental", "{ok:?}");
 }
 
 #[tokio::test]
@@ -418,8 +409,8 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     let repo = TestRepo::init();
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
-    let full = repo.backup(&vm, VM, &strs(&args));
-    let full_id = full["node"].as_str().unwrap().to_owned();
+    let full = repo.backup_report(&vm, VM, &strs(&args));
+    let full_id = full.node.clone();
     let before = vm.attached().await;
 
     for (round, point) in [
@@ -455,17 +446,13 @@ async fn a_pull_killed_at_each_step_is_cleaned_up_and_loses_no_change() {
     assert_eq!(vm.attached().await, before);
     assert!(vm.running().await);
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "last").await;
-    let inc = repo.backup(&vm, VM, &strs(&args));
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    assert_eq!(inc["parent"], serde_json::json!(full_id), "{inc}");
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    let inc = repo.backup_report(&vm, VM, &strs(&args));
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    assert_eq!(inc.parent.as_ref(), Some(&full_id), "{inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
-    assert_no_leftovers(
-        &vm,
-        &expected_bitmaps(&manifest, inc["node"].as_str().unwrap(), &full_id),
-    )
-    .await;
+    assert_no_leftovers(&vm, &expected_bitmaps(&manifest, inc.node.as_str(), &full_id)).await;
     assert_no_exports(&vm).await;
     vm.assert_scratch_empty("disk0");
 }
@@ -504,9 +491,9 @@ async fn an_interrupted_pull_exits_130_and_leaves_nothing() {
 
     // No change lost: the next incremental has disk1's write.
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
-    let inc = repo.backup(&vm, VM, &strs(&args));
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    let inc = repo.backup_report(&vm, VM, &strs(&args));
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
 }
 
 #[tokio::test]
@@ -543,9 +530,9 @@ async fn a_pull_whose_nbd_server_goes_away_fails_clearly_and_the_next_is_exact()
     vm.assert_scratch_empty("disk0");
 
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "next").await;
-    let inc = repo.backup(&vm, VM, &strs(&args));
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    assert_node_equals(&repo, inc["node"].as_str().unwrap(), &refs);
+    let inc = repo.backup_report(&vm, VM, &strs(&args));
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
 }
 
 #[tokio::test]
@@ -577,9 +564,9 @@ async fn a_pull_into_an_encrypted_repository_is_encrypted_exact_and_verifies() {
     vm.write_pattern("disk0", 0x5a, 4 * MIB, MIB).await;
     vm.write_pattern("disk1", 0x5b, 0, MIB).await;
     let inc_refs = vm.capture_references(&DISKS, refs_dir.path(), "inc").await;
-    let inc = repo.backup(&vm, VM, &args);
-    assert_eq!(inc["method"], "bitmap", "{inc}");
-    let inc_id = inc["node"].as_str().unwrap().to_owned();
+    let inc = repo.backup_report(&vm, VM, &args);
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    let inc_id = inc.node.clone();
 
     // Ciphertext on disk: the pattern is nowhere in the node files.
     for node in [&full_id, &inc_id] {
@@ -666,10 +653,10 @@ async fn two_vms_pulled_at_once_into_one_repository_are_each_exact() {
             })
             .collect();
         for child in children {
-            let report = cli::wait(child, integration_tests::timeouts::CLI_TIMEOUT)
+            let report: BackupReport = cli::wait(child, integration_tests::timeouts::CLI_TIMEOUT)
                 .success()
-                .json();
-            nodes.push(report["node"].as_str().unwrap().to_owned());
+                .report();
+            nodes.push(report.node);
         }
     }
     // nodes and refs are in the same order: round 0 (web1, db1), round 1 (web1, db1).
@@ -727,7 +714,7 @@ async fn every_device_kind_is_pulled_through_its_filter_and_put_back() {
     }
     let full_refs = vm.capture_references(&ids, refs_dir.path(), "full").await;
     let full = backup_env(&repo, &vm, &strs(&args), &[], CBW);
-    node_equals(full["node"].as_str().unwrap(), &full_refs);
+    node_equals(full.node.as_str(), &full_refs);
     assert_eq!(vm.attached().await, before);
 
     for (i, id) in ids.iter().enumerate() {
@@ -745,13 +732,13 @@ async fn every_device_kind_is_pulled_through_its_filter_and_put_back() {
         vm.write_pattern(id, 0x77, 0, 4 * MIB).await;
     }
     paused.signal(nix::sys::signal::Signal::SIGUSR1);
-    let inc = paused.finish().success().json();
+    let inc: BackupReport = paused.finish().success().report();
     assert_eq!(
-        (inc["method"].as_str(), inc["view"].as_str()),
-        (Some("bitmap"), Some(CBW)),
-        "{inc}"
+        (inc.method.as_ref(), inc.view.as_deref()),
+        ("bitmap", Some(CBW)),
+        "{inc:?}"
     );
-    node_equals(inc["node"].as_str().unwrap(), &refs);
+    node_equals(inc.node.as_str(), &refs);
     assert_eq!(vm.attached().await, before);
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
@@ -813,8 +800,8 @@ async fn a_pull_whose_default_nbd_port_is_taken_listens_on_the_next_one() {
     vm.write_pattern("disk0", 0x5a, 0, 2 * MIB).await;
     let refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
     let client = pki.path("client").display().to_string();
-    let full = repo.backup(&vm, VM, &["--pull", "--tls-dir", &client]);
-    assert_node_equals(&repo, full["node"].as_str().unwrap(), &refs);
+    let full = repo.backup_report(&vm, VM, &["--pull", "--tls-dir", &client]);
+    assert_node_equals(&repo, &full.node, &refs);
     assert_no_exports(&vm).await;
     drop(held);
 }

@@ -22,6 +22,8 @@ use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_CRASH_TIMEOUT, CLI_TIMEOUT};
 use integration_tests::{MIB, TestVm, image};
 use qmp::EventFilter;
+use qmpbak_engine::cleanup::CleanupReport;
+use qmpbak_engine::restore::live::LiveReport;
 
 const VM: &str = "vm1";
 const SIZE: u64 = 32 * MIB;
@@ -185,8 +187,8 @@ async fn check_live_restore_across(on: &Host<'_>, hv: &str, port: u16, pki: &Tes
     vm.write_pattern("disk0", 0xee, 12 * MIB, MIB).await;
     let out = tokio::task::block_in_place(|| cli::wait(child, CLI_TIMEOUT))
         .success()
-        .json();
-    assert_eq!(out["node"], inc.as_str(), "{out}");
+        .report::<LiveReport>();
+    assert_eq!(out.node, inc, "{out:?}");
     assert_restored(&vm, &exp).await;
     let manifest = repo.manifest(VM);
     assert_eq!(manifest.current.as_ref().unwrap().to_string(), inc);
@@ -289,8 +291,8 @@ async fn check_killed_at(point: &str, running: bool) {
     assert_eq!(repo.manifest(VM).operations.len(), 1);
     let done = cleanup(&["--serve-tls-dir", &s(&pki.path("server"))])
         .success()
-        .json();
-    assert_eq!(done["operations"].as_array().unwrap().len(), 1, "{done}");
+        .report::<CleanupReport>();
+    assert_eq!(done.cleaned.operations.len(), 1, "{done:?}");
     assert!(repo.manifest(VM).operations.is_empty());
     assert_restored(&vm, &exp).await;
 }

@@ -16,9 +16,11 @@ use std::sync::Arc;
 use integration_tests::cli::{self, Output};
 use integration_tests::netns::NetnsPair;
 use integration_tests::pki::{TestPki, free_port};
-use integration_tests::repo::TestRepo;
+use integration_tests::repo::{BackupReport, TestRepo};
 use integration_tests::timeouts::{CLI_TIMEOUT, PROMPT_TIMEOUT};
 use integration_tests::{MIB, TestVm, image};
+use qmpbak_engine::cleanup::CleanupReport;
+use qmpbak_engine::inspect::VmInfo;
 
 /// Where qmpbak runs: on this host, or in the backup namespace of a pair.
 enum Host<'a> {
@@ -70,11 +72,11 @@ fn check_remote_qmp(on: &Host<'_>, host: &str, tls_port: u16, plain_port: u16, p
             "--json",
         ]))
         .success();
-    let info = out.json();
-    let disks = info["disks"].as_array().unwrap();
-    assert_eq!(disks.len(), 1, "{info:#}");
-    assert_eq!(disks[0]["id"], "disk0");
-    assert_eq!(disks[0]["virtual_size"], 16 * MIB);
+    let info: VmInfo = out.report();
+    let disks = &info.disks;
+    assert_eq!(disks.len(), 1, "{info:#?}");
+    assert_eq!(disks[0].id, "disk0");
+    assert_eq!(disks[0].virtual_size, 16 * MIB);
 
     // The passthrough works.
     let out = on
@@ -144,7 +146,7 @@ fn check_remote_qmp(on: &Host<'_>, host: &str, tls_port: u16, plain_port: u16, p
             "--json",
         ]))
         .success();
-    assert_eq!(out.json()["disks"][0]["id"], "disk0");
+    assert_eq!(out.report::<VmInfo>().disks[0].id, "disk0");
 
     // tls:// without credentials is a usage error.
     let out = on.qmpbak(&args(&["info", "--qmp", &tls]));
@@ -356,10 +358,10 @@ async fn remote_cleanup_deletes_nothing_beside_the_disks() {
         a.extend(args(extra));
         tokio::task::block_in_place(|| cli::run_owned(&a))
     };
-    let cleaned = remote(&["--json"]).success().json();
-    assert!(overlay.exists(), "deleted over a remote QMP: {cleaned}");
-    let kept = cleaned["kept_outside"].to_string();
-    assert!(kept.contains("on the VM's host"), "{cleaned}");
+    let cleaned: CleanupReport = remote(&["--json"]).success().report();
+    assert!(overlay.exists(), "deleted over a remote QMP: {cleaned:?}");
+    let kept = &cleaned.cleaned.kept_outside;
+    assert!(kept.iter().any(|k| k.contains("on the VM's host")), "{cleaned:?}");
 
     // The control: over the unix socket the same record deletes it.
     add_operation(&repo, "vm1", snapshot_record);
@@ -367,8 +369,8 @@ async fn remote_cleanup_deletes_nothing_beside_the_disks() {
     let cleaned =
         tokio::task::block_in_place(|| repo.run("vm1", &["cleanup", "--socket", dir(&socket), "--json"]))
             .success()
-            .json();
-    assert!(!overlay.exists(), "not deleted over the unix socket: {cleaned}");
+            .report::<CleanupReport>();
+    assert!(!overlay.exists(), "not deleted over the unix socket: {cleaned:?}");
 
     // An interrupted live restore is finished only from the VM's host.
     add_operation(
@@ -408,25 +410,21 @@ async fn check_remote_pull(vm: &TestVm, on: &Host<'_>, tls: &str, pki: &TestPki,
     }
     vm.write_pattern("disk0", 0x5a, MIB, 3 * MIB).await;
     let full_refs = vm.capture_references(&["disk0"], refs_dir.path(), "full").await;
-    let full = tokio::task::block_in_place(|| on.qmpbak(&backup).success().json());
-    assert_eq!(full["level"], "full", "{full}");
-    assert_eq!(full["disks"][0]["pulled_bytes"].as_u64(), Some(3 * MIB), "{full}");
+    let full: BackupReport = tokio::task::block_in_place(|| on.qmpbak(&backup).success().report());
+    assert_eq!(full.level, "full", "{full:?}");
+    assert_eq!(full.disks[0].pulled_bytes, Some(3 * MIB), "{full:?}");
     vm.write_pattern("disk0", 0x6b, 9 * MIB, 256 * 1024).await;
     let inc_refs = vm.capture_references(&["disk0"], refs_dir.path(), "inc").await;
-    let inc = tokio::task::block_in_place(|| on.qmpbak(&backup).success().json());
+    let inc: BackupReport = tokio::task::block_in_place(|| on.qmpbak(&backup).success().report());
     assert_eq!(
-        (inc["level"].as_str(), inc["method"].as_str()),
-        (Some("incremental"), Some("bitmap")),
-        "{inc}"
+        (inc.level.as_ref(), inc.method.as_ref()),
+        ("incremental", "bitmap"),
+        "{inc:?}"
     );
-    assert_eq!(
-        inc["disks"][0]["pulled_bytes"].as_u64(),
-        Some(256 * 1024),
-        "{inc}"
-    );
+    assert_eq!(inc.disks[0].pulled_bytes, Some(256 * 1024), "{inc:?}");
     let restored = tempfile::tempdir().unwrap();
     for (report, refs) in [(&full, &full_refs), (&inc, &inc_refs)] {
-        let node = report["node"].as_str().unwrap();
+        let node = report.node.as_str();
         image::assert_same(&refs[0], &repo.node_file("web1", node, "disk0"));
         // One disk: --to names the image file itself.
         let to = restored.path().join(format!("{node}.qcow2"));

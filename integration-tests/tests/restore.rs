@@ -13,6 +13,10 @@ use integration_tests::repo::{TestRepo, copied_bytes};
 use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_CRASH_TIMEOUT, CLI_TIMEOUT, NBD_CONNECT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
 use qmp::EventFilter;
+use qmpbak_engine::cleanup::CleanupReport;
+use qmpbak_engine::restore::live::LiveReport;
+use qmpbak_engine::restore::offline::RestoreReport;
+use qmpbak_engine::verify::VerifyReport;
 
 const VM: &str = "vm1";
 const DISKS: [&str; 2] = ["disk0", "disk1"];
@@ -57,17 +61,19 @@ async fn start_slow_live_restore(repo: &TestRepo, vm: &TestVm, node: &str) -> st
 fn assert_restores_exactly(repo: &TestRepo, node: &str, refs: &[PathBuf], out: &Path) {
     for format in ["qcow2", "raw"] {
         let dir = out.join(format!("{node}-{format}"));
-        let report = restore(repo, node, &dir, &["--format", format]).success().json();
-        assert_eq!(report["node"], node);
+        let printed = restore(repo, node, &dir, &["--format", format]).success();
+        // The printed shape: the report's documented keys (and each disk's), so a renamed field is caught.
+        let raw = printed.json();
+        cli::assert_keys(&raw, &["vm", "node", "format", "disks", "duration_secs"]);
+        cli::assert_keys(
+            &raw["disks"][0],
+            &["disk", "path", "virtual_size", "verified", "mismatched_blocks"],
+        );
+        let report: RestoreReport = printed.report();
+        assert_eq!(report.node, node);
         for (disk, reference) in DISKS.iter().zip(refs) {
             let path = dir.join(format!("{disk}.{format}"));
-            assert!(
-                report["disks"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .any(|d| d["verified"] == true)
-            );
+            assert!(report.disks.iter().any(|d| d.verified));
             let info = image::info(&path);
             assert_eq!(info["format"], format, "{info}");
             assert!(info.get("backing-filename").is_none(), "standalone: {info}");
@@ -197,8 +203,14 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
     vm.write_pattern("disk1", 0xdd, 20 * 1024 * 1024 / 4, 64 * 1024)
         .await;
     view.disconnect().await.unwrap();
-    let out = cli::wait(child, CLI_TIMEOUT).success().json();
-    assert!(out["running_after_secs"].as_f64().unwrap() < out["duration_secs"].as_f64().unwrap());
+    let out = cli::wait(child, CLI_TIMEOUT).success();
+    // The printed shape: the live report's documented keys, so a renamed field is caught.
+    cli::assert_keys(
+        &out.json(),
+        &["vm", "node", "disks", "running_after_secs", "duration_secs"],
+    );
+    let out: LiveReport = out.report();
+    assert!(out.running_after_secs < out.duration_secs, "{out:?}");
 
     // Expected: the backup plus the guest's writes, with no backing file left.
     let expected = work.path().join("expected");
@@ -262,36 +274,41 @@ async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
             .await;
         ids.push(repo.backup_node(&vm, VM, &[]));
     }
-    let ok = verify(&repo, &[]).success().json();
-    assert_eq!(ok["ok"], true, "{ok}");
+    let ok: VerifyReport = verify(&repo, &[]).success().report();
+    assert!(ok.ok, "{ok:?}");
 
     let guest_offset = flip_a_data_byte(&repo.node_file(VM, &ids[1], "disk0"));
     let out = verify(&repo, &["--all"]);
     assert_eq!(out.code(), Some(6), "{out:?}");
-    let report = out.json();
-    assert_eq!(report["damaged_nodes"], serde_json::json!([ids[1]]), "{report:?}");
+    // The printed shape: the verify report's documented keys (and a node's, a disk's, a bad block's), so a
+    // renamed field is caught.
+    let raw = out.json();
+    cli::assert_keys(
+        &raw,
+        &[
+            "vm",
+            "ok",
+            "nodes",
+            "damaged_nodes",
+            "broken_restores",
+            "unchecked_nodes",
+        ],
+    );
+    cli::assert_keys(&raw["nodes"][0], &["node", "disks"]);
+    cli::assert_keys(
+        &raw["nodes"][0]["disks"][0],
+        &["disk", "ok", "checked", "blocks_checked", "bad_blocks", "error"],
+    );
+    let report: VerifyReport = out.report();
+    assert_eq!(report.damaged_nodes, [ids[1].clone()], "{report:?}");
     assert_eq!(
-        report["broken_restores"],
-        serde_json::json!([ids[1], ids[2]]),
+        report.broken_restores,
+        [ids[1].clone(), ids[2].clone()],
         "{report:?}"
     );
-    let bad = report["nodes"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["node"] == ids[1].as_str())
-        .unwrap();
-    let bad_disk = bad["disks"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|d| d["disk"] == "disk0")
-        .unwrap();
-    assert_eq!(
-        bad_disk["bad_blocks"][0]["index"],
-        guest_offset / MIB,
-        "{bad_disk}"
-    );
+    let bad = report.nodes.iter().find(|n| n.node == ids[1]).unwrap();
+    let bad_disk = bad.disks.iter().find(|d| d.disk == "disk0").unwrap();
+    assert_eq!(bad_disk.bad_blocks[0].index, guest_offset / MIB, "{bad_disk:?}");
 
     // Restore of the damaged node and of its descendant refuses and leaves nothing; the node before is fine.
     for id in [&ids[1], &ids[2]] {
@@ -306,8 +323,8 @@ async fn a_flipped_byte_is_named_by_verify_and_stops_restore_unless_forced() {
         assert!(!to.join("disk0.qcow2").exists());
     }
     let to = work.path().join("forced");
-    let forced = restore(&repo, &ids[1], &to, &["--force"]).success().json();
-    assert_eq!(forced["disks"][0]["verified"], false);
+    let forced: RestoreReport = restore(&repo, &ids[1], &to, &["--force"]).success().report();
+    assert!(!forced.disks[0].verified, "{forced:?}");
     assert!(to.join("disk0.qcow2").exists());
     restore(&repo, &ids[0], &work.path().join("good"), &[]).success();
 }
@@ -383,9 +400,25 @@ async fn killed_during_streaming_the_vm_runs_on_and_cleanup_finishes_the_restore
     let socket = vm.socket();
     let cleaned = repo
         .run(VM, &["cleanup", "--socket", socket.to_str().unwrap(), "--json"])
-        .success()
-        .json();
-    assert_eq!(cleaned["operations"].as_array().unwrap().len(), 1, "{cleaned}");
+        .success();
+    // The printed shape: the cleanup report's documented keys (those printed when empty too), so a renamed
+    // field is caught.
+    cli::assert_keys(
+        &cleaned.json(),
+        &[
+            "operations",
+            "jobs",
+            "block_nodes",
+            "bitmaps",
+            "files",
+            "failed_nodes",
+            "pending",
+            "kept_outside",
+            "mounts",
+        ],
+    );
+    let cleaned: CleanupReport = cleaned.report();
+    assert_eq!(cleaned.cleaned.operations.len(), 1, "{cleaned:?}");
     assert!(repo.manifest(VM).operations.is_empty());
     let expected = work.path().join("expected");
     restore(&repo, &node, &expected, &[]).success();
@@ -420,8 +453,8 @@ async fn compressed_backups_are_hashed_through_qemu_and_restore_exactly() {
         "the full is compressed: {map}"
     );
     assert_restores_exactly(&repo, inc.node.as_str(), &refs, &work.path().join("out"));
-    let ok = verify(&repo, &[]).success().json();
-    assert_eq!(ok["ok"], true, "{ok}");
+    let ok: VerifyReport = verify(&repo, &[]).success().report();
+    assert!(ok.ok, "{ok:?}");
 }
 
 #[tokio::test]

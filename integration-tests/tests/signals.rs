@@ -16,6 +16,7 @@ use integration_tests::cli::{self, Output};
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::PROCESS_EXIT_TIMEOUT;
 use integration_tests::{MIB, TestVm, image};
+use qmpbak_engine::restore::offline::RestoreReport;
 
 /// A VM whose disk holds known data and a repository with a full and two incrementals of it; returns the
 /// reference of the last node's disk and its id.
@@ -89,8 +90,8 @@ async fn a_stopped_restore_leaves_no_image_and_no_child() {
         .success();
     image::assert_same(&reference, &out_dir.join("disk0.qcow2"));
     assert_eq!(entries(&out_dir), ["disk0.qcow2"]);
-    let removed = out.json()["removed_partials"].clone();
-    assert_eq!(removed, serde_json::json!([out_dir.join(&left[0])]), "{out:?}");
+    let removed = out.report::<RestoreReport>().removed_partials;
+    assert_eq!(removed, [out_dir.join(&left[0])], "{out:?}");
     assert!(
         out.stderr.contains("left by a restore that was killed"),
         "{out:?}"

@@ -7,7 +7,9 @@
 use integration_tests::repo::TestRepo;
 use integration_tests::timeouts::CLI_CRASH_TIMEOUT;
 use integration_tests::{MIB, TestVm, cli, image};
-use qmpbak_engine::snapshot::SnapshotReport;
+use qmpbak_engine::cleanup::CleanupReport;
+use qmpbak_engine::commit::CommitReport;
+use qmpbak_engine::snapshot::{RevertReport, SnapshotReport};
 
 const VM: &str = "ci";
 
@@ -15,8 +17,9 @@ fn args(repo: &TestRepo, vm: &TestVm, cmd: &[&str]) -> Vec<String> {
     repo.socket_args(&vm.socket(), VM, cmd)
 }
 
-fn run(a: &[String]) -> serde_json::Value {
-    cli::run_owned(a).success().json()
+/// Runs a successful `qmpbak ... --json` whose report the caller does not read (it is JSON all the same).
+fn run(a: &[String]) {
+    cli::run_owned(a).success().json();
 }
 
 fn snapshot(a: &[String]) -> SnapshotReport {
@@ -56,7 +59,23 @@ async fn snapshot_trash_revert_ten_times_without_restarting_qemu() {
     let clean = vm
         .capture_references(&["disk0", "disk1"], refs.path(), "clean")
         .await;
-    let taken = snapshot(&args(&repo, &vm, &["snapshot", "--tag", "clean"]));
+    let printed = cli::run_owned(&args(&repo, &vm, &["snapshot", "--tag", "clean"])).success();
+    // The printed shape: the snapshot report's documented keys (and a disk's), so a renamed field is caught.
+    let raw = printed.json();
+    cli::assert_keys(
+        &raw,
+        &[
+            "vm",
+            "node",
+            "parent",
+            "disks",
+            "transaction_ms",
+            "copied",
+            "duration_secs",
+        ],
+    );
+    cli::assert_keys(&raw["disks"][0], &["disk", "frozen", "overlay"]);
+    let taken: SnapshotReport = printed.report();
     let clean_id = taken.node.clone();
     assert_eq!(taken.parent, None);
 
@@ -68,16 +87,20 @@ async fn snapshot_trash_revert_ten_times_without_restarting_qemu() {
             vm.capture_reference("disk0", &refs.path().join("run3-ref.qcow2"))
                 .await;
         }
-        let after = run(&args(&repo, &vm, &["snapshot", "--tag", &format!("run{round}")]));
-        assert_eq!(
-            after["parent"],
-            serde_json::json!(clean_id),
-            "round {round}: {after}"
-        );
+        let after = snapshot(&args(&repo, &vm, &["snapshot", "--tag", &format!("run{round}")]));
+        assert_eq!(after.parent.as_ref(), Some(&clean_id), "round {round}: {after:?}");
         vm.write_pattern("disk1", 0xf0, 0, MIB).await;
 
-        let reverted = run(&args(&repo, &vm, &["revert", "clean"]));
-        assert_eq!(reverted["node"], serde_json::json!(clean_id));
+        let printed = cli::run_owned(&args(&repo, &vm, &["revert", "clean"])).success();
+        if round == 0 {
+            // The printed shape: the revert report's documented keys (and a disk's), so a renamed field is
+            // caught.
+            let raw = printed.json();
+            cli::assert_keys(&raw, &["vm", "node", "disks", "duration_secs"]);
+            cli::assert_keys(&raw["disks"][0], &["disk", "frozen", "overlay"]);
+        }
+        let reverted: RevertReport = printed.report();
+        assert_eq!(reverted.node, clean_id);
         assert!(vm.running().await, "round {round}: the VM runs on");
         for (d, reference) in ["disk0", "disk1"].iter().zip(&clean) {
             let now = refs.path().join(format!("now-{round}-{d}.qcow2"));
@@ -152,9 +175,15 @@ async fn commit_of_the_middle_of_a_chain_keeps_every_remaining_point_exact() {
     assert_eq!(depth(&vm, "disk0").await, 4);
 
     // Commit `c` into `b`: `b` leaves the tree, `c` lives on in b's file, the live chain is one shorter.
-    let report = run(&args(&repo, &vm, &["commit", "c"]));
-    assert_eq!(report["removed"], serde_json::json!(points[1].1), "{report}");
-    assert_eq!(report["removed_tag"], "b");
+    let printed = cli::run_owned(&args(&repo, &vm, &["commit", "c"])).success();
+    // The printed shape: the commit report's documented keys, so a renamed field is caught.
+    cli::assert_keys(
+        &printed.json(),
+        &["vm", "node", "removed", "removed_tag", "duration_secs"],
+    );
+    let report: CommitReport = printed.report();
+    assert_eq!(report.removed, points[1].1, "{report:?}");
+    assert_eq!(report.removed_tag.as_deref(), Some("b"));
     assert_eq!(depth(&vm, "disk0").await, 3);
     let now = refs.path().join("after-commit.qcow2");
     vm.capture_reference("disk0", &now).await;
@@ -227,8 +256,8 @@ async fn a_commit_killed_midway_is_finished_from_its_record() {
     assert!(vm.running().await);
 
     // The next command finds the record, sees the commit happened in QEMU, and brings the manifest up to date.
-    let cleaned = run(&args(&repo, &vm, &["cleanup"]));
-    assert_eq!(cleaned["operations"].as_array().unwrap().len(), 1, "{cleaned}");
+    let cleaned: CleanupReport = cli::run_owned(&args(&repo, &vm, &["cleanup"])).success().report();
+    assert_eq!(cleaned.cleaned.operations.len(), 1, "{cleaned:?}");
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
     assert!(manifest.find("b").is_none(), "b was absorbed");
@@ -273,8 +302,8 @@ async fn a_commit_killed_between_two_disks_is_finished_not_abandoned() {
     commit_killed_after_one_disk(&repo, &vm, "c");
 
     // A commit cannot be undone: cleanup commits disk1 too and brings the manifest up to date.
-    let cleaned = run(&args(&repo, &vm, &["cleanup"]));
-    assert_eq!(cleaned["operations"].as_array().unwrap().len(), 1, "{cleaned}");
+    let cleaned: CleanupReport = cli::run_owned(&args(&repo, &vm, &["cleanup"])).success().report();
+    assert_eq!(cleaned.cleaned.operations.len(), 1, "{cleaned:?}");
     let manifest = repo.manifest(VM);
     assert!(manifest.operations.is_empty());
     assert!(manifest.find("b").is_none(), "b was absorbed");

@@ -5,6 +5,7 @@
 use anyhow::{Result, bail};
 
 use super::args::{Monitor, RepoVm, ServeArgs};
+use qmpbak_engine::cleanup::CleanupReport;
 use qmpbak_engine::exit::Exit;
 use qmpbak_engine::{inspect, recovery};
 
@@ -44,14 +45,18 @@ pub async fn run(args: Args) -> Result<()> {
     let cleaned = recovery::recover(qmp.as_ref(), &vm, &mut manifest, &guard).await?;
     // Mounts of this VM's nodes whose qmpbak was killed while setting them up.
     let mounts = qmpbak_engine::mount::clean_interrupted(&manifest.vm).await?;
+    let report = CleanupReport { cleaned, mounts };
+    let CleanupReport { cleaned, mounts } = &report;
     if args.json {
-        let mut value = serde_json::to_value(&cleaned)?;
-        value["mounts"] = serde_json::to_value(&mounts)?;
-        outln!("{}", serde_json::to_string_pretty(&value)?)?;
+        // Through a `Value`, as before the type: its keys print sorted, the same bytes as ever.
+        outln!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::to_value(&report)?)?
+        )?;
         // A record still pending is exit 2 all the same; the report above is the output, not an error object.
         super::mark_report_printed();
     } else {
-        print_text(&cleaned, &mounts, &manifest.vm, qmp.is_some())?;
+        print_text(cleaned, mounts, &manifest.vm, qmp.is_some())?;
     }
     if !cleaned.pending.is_empty() {
         bail!(Exit::usage(format!(

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::Result;
 
 use super::policy::KeepArgs;
+use qmpbak_engine::repo_reports::InitReport;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -72,13 +73,13 @@ pub async fn run(args: &Args) -> Result<()> {
     if args.json {
         outln!(
             "{}",
-            serde_json::json!({
-                "repo": repo.path(),
-                "block_size": settings.block_size,
-                "full_every": settings.full_every,
-                "retention": settings.retention,
-                "encrypted": settings.encryption.is_some(),
-            })
+            serde_json::to_value(InitReport {
+                repo: repo.path().to_path_buf(),
+                block_size: settings.block_size,
+                full_every: settings.full_every,
+                retention: settings.retention,
+                encrypted: settings.encryption.is_some(),
+            })?
         )?;
     } else {
         outln!(

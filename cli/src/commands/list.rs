@@ -6,6 +6,7 @@ use anyhow::{Result, bail};
 
 use super::args::LockArgs;
 use qmpbak_engine::render;
+use qmpbak_engine::repo_reports::{TreeReport, VmRow};
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -40,12 +41,12 @@ pub fn run(args: &Args) -> Result<()> {
     if args.json {
         outln!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "vm": manifest.vm,
-                "chain_id": manifest.chain_id,
-                "current": manifest.current,
-                "nodes": manifest.nodes,
-            }))?
+            serde_json::to_string_pretty(&serde_json::to_value(TreeReport {
+                vm: manifest.vm.clone(),
+                chain_id: manifest.chain_id.clone(),
+                current: manifest.current.clone(),
+                nodes: manifest.nodes.clone(),
+            })?)?
         )?;
     } else {
         let current = manifest
@@ -69,15 +70,18 @@ fn list_vms(path: &Path, json: bool) -> Result<()> {
         let vm = repo.vm(&name)?;
         let manifest = vm.load()?;
         let last = manifest.nodes.iter().map(|n| n.created).max();
-        rows.push(serde_json::json!({
-            "vm": name,
-            "nodes": manifest.nodes.len(),
-            "current": manifest.current,
-            "last_backup": last,
-        }));
+        rows.push(VmRow {
+            vm: name,
+            nodes: manifest.nodes.len(),
+            current: manifest.current,
+            last_backup: last,
+        });
     }
+    // Through a `Value`, as before the type: printed with its keys sorted, and read for the text.
+    let rows = serde_json::to_value(rows)?;
+    let rows = rows.as_array().map(Vec::as_slice).unwrap_or_default();
     if json {
-        outln!("{}", serde_json::to_string_pretty(&rows)?)?;
+        outln!("{}", serde_json::to_string_pretty(rows)?)?;
     } else if rows.is_empty() {
         outln!("{}: no VMs backed up yet", repo.path().display())?;
     } else {

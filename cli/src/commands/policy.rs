@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 
 use qmpbak_engine::exit::Exit;
+use qmpbak_engine::repo_reports::PolicyReport;
 
 /// `--keep-last N --keep-daily D --keep-weekly W --keep-monthly M --keep-tag` (named as the options).
 #[allow(clippy::struct_field_names)]
@@ -86,7 +87,10 @@ pub fn run(args: &Args) -> Result<()> {
     if args.json {
         outln!(
             "{}",
-            serde_json::json!({ "repo": repo.path(), "retention": retention })
+            serde_json::to_value(PolicyReport {
+                repo: repo.path().to_path_buf(),
+                retention,
+            })?
         )?;
     } else {
         match retention {

@@ -5,6 +5,7 @@ use anyhow::{Result, bail};
 use super::args::RepoVm;
 use qmpbak_engine::exit::Exit;
 use qmpbak_engine::render;
+use qmpbak_engine::repo_reports::ShowReport;
 
 #[derive(clap::Args)]
 pub struct Args {
@@ -29,11 +30,11 @@ pub fn run(args: &Args) -> Result<()> {
     if args.json {
         outln!(
             "{}",
-            serde_json::to_string_pretty(&serde_json::json!({
-                "node": node,
-                "current": current,
-                "recovery_chain": chain.iter().map(|n| n.id.to_string()).collect::<Vec<_>>(),
-            }))?
+            serde_json::to_string_pretty(&serde_json::to_value(ShowReport {
+                node: node.clone(),
+                current,
+                recovery_chain: chain.iter().map(|n| n.id.to_string()).collect(),
+            })?)?
         )?;
         return Ok(());
     }

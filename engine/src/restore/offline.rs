@@ -445,3 +445,24 @@ impl Drop for Partial {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_report_with_no_removed_partials_reads_back() {
+        let report = RestoreReport {
+            vm: "vm1".into(),
+            node: "0001".into(),
+            format: Format::Qcow2,
+            disks: Vec::new(),
+            duration_secs: 1.0,
+            removed_partials: Vec::new(),
+        };
+        let printed = serde_json::to_string(&report).unwrap();
+        assert!(!printed.contains("removed_partials"), "{printed}");
+        let read: RestoreReport = serde_json::from_str(&printed).unwrap();
+        assert!(read.removed_partials.is_empty());
+    }
+}

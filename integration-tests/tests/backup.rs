@@ -271,7 +271,6 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, next.node.as_str(), &full_id)).await;
 }
 
-
 /// A checksum-diff takes the same copy-before-write view as a pull (or the fleece when forced): killed with
 /// the VM paused for the instant or with its devices on the filters, the next run resumes the VM and puts the
 /// devices back; guest writes reach the images, and checksum-diffs with either view are exact.

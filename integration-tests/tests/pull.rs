@@ -60,7 +60,6 @@ fn assert_restores(repo: &TestRepo, node: &str, refs: &[PathBuf]) {
     }
 }
 
-
 async fn assert_no_exports(vm: &TestVm) {
     let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
     assert_eq!(
@@ -84,8 +83,6 @@ fn backup_env(repo: &TestRepo, vm: &TestVm, args: &[&str], env: &[(&str, &str)],
 /// The environment that makes a pull use the fleece where QEMU has copy-before-write.
 const FLEECE: [(&str, &str); 1] = [("QMPBAK_VIEW", "fleece")];
 const CBW: &str = "copy-before-write";
-
-
 
 fn pulled(report: &BackupReport, disk: usize) -> u64 {
     report.disks[disk]

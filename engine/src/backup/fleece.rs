@@ -52,10 +52,7 @@ async fn create_fleece_files(run: &mut Run<'_>, view: View) -> Result<()> {
     if let chain::Payload::Backup { view, .. } = &mut run.op.payload {
         *view = recorded;
     }
-    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
-        *op = run.op.clone();
-    }
-    run.save()?;
+    run.save_op()?;
     for t in &run.targets {
         // In the repository's directory, holding old data of the disk: encrypted like the node files.
         crate::crypt::unlock::create_node_file(

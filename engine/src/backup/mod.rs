@@ -291,6 +291,12 @@ impl Run<'_> {
         {
             *nbd_server_started = true;
         }
+        self.save_op()
+    }
+
+    /// Puts the run's operation record, as it now stands, into the manifest and saves it: what the record names
+    /// is on disk before the step it announces.
+    pub(super) fn save_op(&mut self) -> Result<()> {
         if let Some(op) = self.manifest.operations.iter_mut().find(|o| o.id == self.op.id) {
             *op = self.op.clone();
         }

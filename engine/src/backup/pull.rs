@@ -254,10 +254,7 @@ fn record(run: &mut Run<'_>, scratch: &[PathBuf], view: View) -> Result<()> {
         scratch: scratch.to_vec(),
         view,
     };
-    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
-        *op = run.op.clone();
-    }
-    run.save()
+    run.save_op()
 }
 
 /// Creates an image in the VM's QEMU with `blockdev-create` and waits for the job.

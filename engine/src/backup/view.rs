@@ -252,10 +252,7 @@ fn set_paused(run: &mut Run<'_>, paused: bool) -> Result<()> {
     if let chain::Payload::Backup { view: Some(view), .. } = &mut run.op.payload {
         view.paused_vm = paused;
     }
-    if let Some(op) = run.manifest.operations.iter_mut().find(|o| o.id == run.op.id) {
-        *op = run.op.clone();
-    }
-    run.save()
+    run.save_op()
 }
 
 /// With the VM paused: a copy-before-write filter above each disk's root node, writing old data into the

@@ -143,6 +143,13 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
         (640 * 1024, 64 * 1024),
         "{inc:?}"
     );
+    // And only the dirty ranges of the changed blocks are written into the node (the zeroed MiB as zeroes):
+    // the clean rest of a block reads as the parent's there already, through the node file's backing.
+    assert_eq!(
+        (inc.disks[0].copied_bytes, inc.disks[1].copied_bytes),
+        (576 * 1024 + MIB + 64 * 1024, 64 * 1024),
+        "{inc:?}"
+    );
 
     vm.write_pattern("disk1", 0x55, 5 * MIB, MIB).await;
     let diff_refs = vm.capture_references(&DISKS, refs_dir.path(), "diff").await;

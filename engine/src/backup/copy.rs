@@ -34,6 +34,10 @@ pub(super) struct Pass<'a, S> {
     pub base: Option<chain::Table>,
     /// The new node's file, writable.
     pub target: nbd::Client,
+    /// Sorted, disjoint `(offset, len)`: the only bytes that may differ from the file's backing (an
+    /// incremental's dirty ranges, whose clean rest was read from the backing itself); only they are written
+    /// of a changed block. `None`: changed blocks are written whole.
+    pub write_only: Option<Arc<[(u64, u64)]>>,
 }
 
 /// Runs `pass`: returns the new node's table for the disk and the bytes written into its file. Every write is
@@ -48,6 +52,7 @@ pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
         blocks,
         base,
         target,
+        write_only,
     } = pass;
     let block_size = run.block_size;
     if let Some(base) = &base {
@@ -67,7 +72,7 @@ pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
         None => size,
     };
     let handle = tokio::runtime::Handle::current();
-    let visitor = Arc::new(CopyChanged::new(base, target, handle));
+    let visitor = Arc::new(CopyChanged::new(base, target, handle, write_only));
     let worker = Arc::clone(&visitor);
     let mut build = tokio::task::spawn_blocking(move || -> Result<chain::Table> {
         let key = worker.key.clone();
@@ -128,6 +133,8 @@ struct CopyChanged {
     /// The table key of an encrypted repository: the base's digests are keyed.
     key: Option<chain::TableKey>,
     target: nbd::Client,
+    /// [`Pass::write_only`].
+    write_only: Option<Arc<[(u64, u64)]>>,
     /// The runtime the writes run on (the workers are plain threads).
     handle: tokio::runtime::Handle,
     /// Bounds the bytes of writes in flight, one permit per [`WRITE_PERMIT_BYTES`].
@@ -152,11 +159,17 @@ const WRITE_PERMIT_BYTES: u64 = 64 << 10;
 const WRITE_PERMITS: u32 = (WRITE_BYTES_IN_FLIGHT / WRITE_PERMIT_BYTES) as u32;
 
 impl CopyChanged {
-    fn new(base: Option<chain::Table>, target: nbd::Client, handle: tokio::runtime::Handle) -> CopyChanged {
+    fn new(
+        base: Option<chain::Table>,
+        target: nbd::Client,
+        handle: tokio::runtime::Handle,
+        write_only: Option<Arc<[(u64, u64)]>>,
+    ) -> CopyChanged {
         CopyChanged {
             base,
             key: crate::crypt::unlock::table_key(),
             target,
+            write_only,
             handle,
             in_flight: Arc::new(Semaphore::new(WRITE_PERMITS as usize)),
             write_error: Arc::new(Mutex::new(None)),
@@ -191,24 +204,37 @@ impl CopyChanged {
             .map(|(offset, e)| io::Error::other(format!("writing the new node at byte {offset}: {e}")))
     }
 
-    /// Starts the write of `blocks` (consecutive, changed, all zero or not) as one request, after waiting for
-    /// room among the writes in flight.
+    /// Starts the writes of `blocks` (consecutive, changed, all zero or not): one request for all of them, or
+    /// with [`Self::write_only`] one per range of it within them.
     fn write(&self, blocks: &[chain::Visited<'_>], zero: bool) -> io::Result<()> {
-        let Some(first) = blocks.first() else {
+        let (Some(first), Some(last)) = (blocks.first(), blocks.last()) else {
             return Ok(());
         };
-        let offset = first.offset;
-        let len: u64 = blocks.iter().map(|b| b.len).sum();
-        let data = (!zero).then(|| {
-            let mut bytes = Vec::with_capacity(len as usize);
-            for p in blocks.iter().flat_map(|b| &b.pieces) {
-                match p {
-                    Piece::Data(d) => bytes.extend_from_slice(d),
-                    Piece::Zero(n) => bytes.resize(bytes.len() + *n as usize, 0),
+        let start = first.offset;
+        let end = last.offset + last.len;
+        match &self.write_only {
+            None => self.write_range(blocks, start, end - start, zero),
+            Some(only) => {
+                for (offset, len, inside) in cut(only, start, end - start) {
+                    if inside {
+                        self.write_range(blocks, offset, len, zero)?;
+                    }
                 }
+                Ok(())
             }
-            bytes
-        });
+        }
+    }
+
+    /// Starts the write of bytes `[offset, offset + len)` of `blocks` as one request, after waiting for room
+    /// among the writes in flight.
+    fn write_range(
+        &self,
+        blocks: &[chain::Visited<'_>],
+        offset: u64,
+        len: u64,
+        zero: bool,
+    ) -> io::Result<()> {
+        let data = (!zero).then(|| gather(blocks, offset, len));
         let permits = u32::try_from(len.div_ceil(WRITE_PERMIT_BYTES))
             .unwrap_or(u32::MAX)
             .clamp(1, WRITE_PERMITS);
@@ -278,5 +304,123 @@ impl chain::BlockVisitor for CopyChanged {
             i = j;
         }
         Ok(())
+    }
+}
+
+/// The bytes `[offset, offset + len)` of `blocks` (consecutive, covering the range).
+fn gather(blocks: &[chain::Visited<'_>], offset: u64, len: u64) -> Vec<u8> {
+    let end = offset + len;
+    let mut bytes = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+    let mut at = blocks.first().map_or(offset, |b| b.offset);
+    for p in blocks.iter().flat_map(|b| &b.pieces) {
+        let n = match p {
+            Piece::Data(d) => d.len() as u64,
+            Piece::Zero(n) => *n,
+        };
+        let (lo, hi) = (at.max(offset), (at + n).min(end));
+        if hi > lo {
+            match p {
+                // In range: lo - at and hi - at are at most the piece's length.
+                Piece::Data(d) => bytes.extend_from_slice(&d[(lo - at) as usize..(hi - at) as usize]),
+                Piece::Zero(_) => bytes.resize(bytes.len() + (hi - lo) as usize, 0),
+            }
+        }
+        at += n;
+        if at >= end {
+            break;
+        }
+    }
+    bytes
+}
+
+/// `[offset, offset + len)` cut at the edges of `ranges` (sorted, disjoint `(offset, len)`): `(start, len,
+/// inside)`, in order.
+pub(super) fn cut(ranges: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let end = offset.saturating_add(len);
+    let mut out = Vec::new();
+    let mut at = offset;
+    let first = ranges.partition_point(|&(o, l)| o.saturating_add(l) <= offset);
+    for &(o, l) in &ranges[first..] {
+        if at >= end || o >= end {
+            break;
+        }
+        if o > at {
+            out.push((at, o - at, false));
+            at = o;
+        }
+        let stop = o.saturating_add(l).min(end);
+        if stop > at {
+            out.push((at, stop - at, true));
+            at = stop;
+        }
+    }
+    if at < end {
+        out.push((at, end - at, false));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_range_is_cut_at_the_ranges_edges() {
+        let dirty = [(10, 5), (20, 10), (40, 1)];
+        assert_eq!(
+            cut(&dirty, 0, 50),
+            vec![
+                (0, 10, false),
+                (10, 5, true),
+                (15, 5, false),
+                (20, 10, true),
+                (30, 10, false),
+                (40, 1, true),
+                (41, 9, false)
+            ]
+        );
+        assert_eq!(
+            cut(&dirty, 12, 10),
+            vec![(12, 3, true), (15, 5, false), (20, 2, true)]
+        );
+        assert_eq!(cut(&dirty, 31, 5), vec![(31, 5, false)]);
+        assert_eq!(cut(&dirty, 22, 3), vec![(22, 3, true)]);
+        assert_eq!(cut(&[], 0, 7), vec![(0, 7, false)]);
+    }
+
+    #[test]
+    fn gathered_bytes_are_the_blocks_bytes_in_the_range() {
+        let a: Vec<u8> = (0..8).collect();
+        let b: Vec<u8> = (100..104).collect();
+        let blocks = [
+            chain::Visited {
+                index: 1,
+                offset: 16,
+                len: 12,
+                digest: chain::Digest::default(),
+                pieces: vec![Piece::Data(&a), Piece::Zero(4)],
+            },
+            chain::Visited {
+                index: 2,
+                offset: 28,
+                len: 12,
+                digest: chain::Digest::default(),
+                pieces: vec![Piece::Zero(8), Piece::Data(&b)],
+            },
+        ];
+        let whole: Vec<u8> = a
+            .iter()
+            .copied()
+            .chain([0; 12])
+            .chain(b.iter().copied())
+            .collect();
+        for (offset, len) in [(16, 24), (16, 1), (20, 10), (23, 14), (39, 1), (27, 2)] {
+            let from = (offset - 16) as usize;
+            assert_eq!(
+                gather(&blocks, offset, len),
+                whole[from..from + len as usize],
+                "{offset} {len}"
+            );
+        }
     }
 }

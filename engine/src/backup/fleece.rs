@@ -144,6 +144,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, view: View, socket: &std::path::Path
             blocks: None,
             base: Some(base),
             target: target.clone(),
+            write_only: None,
         };
         let (table, copied) = copy::hash_and_copy(run, pass).await?;
         target.flush().await?;

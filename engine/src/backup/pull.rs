@@ -20,6 +20,7 @@
 //! `qmpbak cleanup`) removes them and empties the scratch after a kill.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -31,7 +32,7 @@ use qmp::commands::{
 use serde_json::json;
 
 use super::view::View;
-use super::{Copied, Run, Target, copy, interrupted, jobs};
+use super::{Copied, Run, Target, copy, interrupted};
 use crate::crashpoint::crashpoint;
 use crate::daemon::{NBD_CONNECT_TIMEOUT, StorageDaemon};
 use crate::graph;
@@ -100,17 +101,164 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         .map(|t| scratch_path(run, &pull, t))
         .collect::<Result<_>>()?;
 
-    let view = View::choose(run).await?;
-
-    jobs::create_target_files(run).await?;
-    record(run, &scratch, view)?;
-    crashpoint("pull-recorded");
-    let result = view_and_copy(run, view, &scratch, &host, port, tls_creds, &connect).await;
-    let torn_down = teardown(run, view, &scratch).await;
+    // The local side (the new node files, a qemu-storage-daemon of our own that writes them, each opened on
+    // top of its parent's chain) is made while the VM's QEMU makes the views and exports: it touches only the
+    // node's files, which `begin` recorded, and a child that dies with us. A failure of either side drops (so
+    // kills and reaps) the daemon.
+    let local = LocalSide::new(run)?;
+    let bins = run.bins.clone();
+    let vm = run.vm;
+    let (opened, (view, exported)) = tokio::join!(
+        local.open(&bins, vm),
+        choose_and_export(run, &scratch, &host, port, tls_creds)
+    );
+    tracing::debug!("the views are exported and the node files open in the local daemon");
+    // Nothing was made in the VM's QEMU before the view was chosen and recorded.
+    let Some(view) = view else {
+        drop(opened);
+        return Err(exported.err().unwrap_or_else(|| anyhow!("no view was made")));
+    };
+    let (daemon, result) = match (opened, exported) {
+        (Ok((daemon, targets)), Ok(port)) => {
+            let result = pull_disks(run, targets, &host, port, &connect).await;
+            (Some(daemon), result)
+        }
+        (Ok((daemon, _)), Err(e)) => (Some(daemon), Err(e)),
+        (Err(e), _) => (None, Err(e)),
+    };
+    // The daemon quits while the VM's QEMU is tidied.
+    let stop = async {
+        match daemon {
+            Some(daemon) => daemon.stop().await,
+            None => Ok(()),
+        }
+    };
+    let (stopped, torn_down) = tokio::join!(stop, teardown(run, view, &scratch));
     let mut copied = result?;
     torn_down?;
+    stopped?;
     copied.view = Some(view.name());
     Ok(copied)
+}
+
+/// Chooses the view, records what the run makes in the VM's QEMU and makes it: the view when it was recorded
+/// (so teardown has something to undo), and the NBD port or the error.
+async fn choose_and_export(
+    run: &mut Run<'_>,
+    scratch: &[PathBuf],
+    host: &str,
+    port: u16,
+    tls_creds: Option<String>,
+) -> (Option<View>, Result<u16>) {
+    let view = match View::choose(run).await {
+        Ok(view) => view,
+        Err(e) => return (None, Err(e)),
+    };
+    if let Err(e) = record(run, scratch, view) {
+        return (None, Err(e));
+    }
+    crashpoint("pull-recorded");
+    let exported = export_views(run, view, scratch, host, port, tls_creds).await;
+    (Some(view), exported)
+}
+
+/// What the local side of a pull needs of the run, owned, so that it is made while the run makes the views.
+struct LocalSide {
+    manifest: chain::Manifest,
+    parent: Option<chain::NodeId>,
+    targets: Vec<LocalTarget>,
+}
+
+/// One disk's new node file and its names in the daemon.
+struct LocalTarget {
+    disk: String,
+    index: usize,
+    /// The node file, absolute.
+    path: PathBuf,
+    /// Its backing as its header names it (relative to its directory).
+    backing: Option<String>,
+    virtual_size: u64,
+    /// Its block node in the daemon.
+    node: String,
+    /// The name prefix of its parent's chain's layers in the daemon.
+    chain_prefix: String,
+}
+
+impl LocalSide {
+    fn new(run: &Run<'_>) -> Result<LocalSide> {
+        let targets = run
+            .targets
+            .iter()
+            .map(|t| {
+                Ok(LocalTarget {
+                    disk: t.info.id.clone(),
+                    index: t.index,
+                    path: run.vm.resolve(&t.file)?,
+                    backing: t.backing.as_ref().map(|b| format!("../{b}")),
+                    virtual_size: t.info.virtual_size,
+                    node: run.qemu_name("t", t.index),
+                    chain_prefix: run.chain_prefix(t.index),
+                })
+            })
+            .collect::<Result<_>>()?;
+        Ok(LocalSide {
+            manifest: run.manifest.clone(),
+            parent: run.plan.parent.as_deref().map(str::parse).transpose()?,
+            targets,
+        })
+    }
+
+    /// Creates the node files while the daemon starts, then opens each on top of its parent's chain in the
+    /// daemon and connects to it writable (in target order).
+    async fn open(
+        self,
+        bins: &crate::qemu_bins::QemuBins,
+        vm: &chain::VmStore,
+    ) -> Result<(StorageDaemon, Vec<nbd::Client>)> {
+        let create = async {
+            for t in &self.targets {
+                crate::crypt::unlock::create_node_file(bins, &t.path, t.virtual_size, t.backing.as_deref())
+                    .await?;
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        let (daemon, created) = tokio::join!(StorageDaemon::start(bins), create);
+        let daemon = daemon?;
+        created?;
+        tracing::debug!("the node files are made and the local daemon runs");
+        let mut clients = Vec::new();
+        for t in &self.targets {
+            clients.push(self.open_target(&daemon, vm, t).await?);
+        }
+        Ok((daemon, clients))
+    }
+
+    /// Opens disk `t`'s new node file in the daemon, on top of the parent's chain, and connects to it writable.
+    async fn open_target(
+        &self,
+        daemon: &StorageDaemon,
+        vm: &chain::VmStore,
+        t: &LocalTarget,
+    ) -> Result<nbd::Client> {
+        let qmp = daemon.qmp();
+        let backing = match &self.parent {
+            Some(parent) => graph::add_chain(qmp, vm, &self.manifest, parent, &t.disk, &t.chain_prefix)
+                .await?
+                .top()
+                .map(str::to_owned),
+            None => None,
+        };
+        let mut options = graph::qcow2_options(&t.node, &t.path, backing.as_deref(), false);
+        options["cache"] = json!({ "no-flush": true });
+        options["file"] = crate::crashpoint::target_file_options(options["file"].take());
+        crate::crypt::unlock::encrypt_node(&mut options);
+        qmp.execute(&BlockdevAdd(options))
+            .await
+            .with_context(|| format!("opening the backup target {}", t.path.display()))?;
+        let name = format!("w{}", t.index);
+        daemon.export(&t.node, &name, true).await?;
+        daemon.connect(&name).await
+    }
 }
 
 /// `HOST:PORT` (`[V6]:PORT`) of `--nbd-listen`.
@@ -272,31 +420,6 @@ async fn create(qmp: &qmp::Qmp, job: &str, options: serde_json::Value) -> Result
     }
 }
 
-async fn view_and_copy(
-    run: &mut Run<'_>,
-    view: View,
-    scratch: &[PathBuf],
-    host: &str,
-    port: u16,
-    tls_creds: Option<String>,
-    connect: &nbd::ConnectOptions,
-) -> Result<Copied> {
-    // The new node files are written here by a qemu-storage-daemon of our own, which starts while the VM's
-    // QEMU makes the views (a failure of either drops, so kills and reaps, the daemon).
-    let bins = run.bins.clone();
-    let (daemon, exported) = tokio::join!(
-        StorageDaemon::start(&bins),
-        export_views(run, view, scratch, host, port, tls_creds)
-    );
-    let daemon = daemon?;
-    let port = exported?;
-    let result = pull_disks(run, &daemon, host, port, connect).await;
-    let stopped = daemon.stop().await;
-    let copied = result?;
-    stopped?;
-    Ok(copied)
-}
-
 /// Makes the scratch images, the views (one instant for every disk), the NBD server and the exports in the VM's
 /// QEMU.
 async fn export_views(
@@ -456,7 +579,7 @@ fn bitmap_actions(run: &Run<'_>, t: &Target) -> Result<Vec<TransactionAction>> {
 /// Reads, hashes and writes each disk in turn.
 async fn pull_disks(
     run: &Run<'_>,
-    daemon: &StorageDaemon,
+    targets: Vec<nbd::Client>,
     host: &str,
     port: u16,
     connect: &nbd::ConnectOptions,
@@ -469,7 +592,7 @@ async fn pull_disks(
     let mut bytes = Vec::new();
     let mut pulled = Vec::new();
     let mut tables = Vec::new();
-    for t in &run.targets {
+    for (t, target) in run.targets.iter().zip(targets) {
         if run.interrupt.arrived().await {
             return Err(interrupted());
         }
@@ -519,7 +642,6 @@ async fn pull_disks(
             }
             None => None,
         };
-        let target = open_target(run, daemon, t).await?;
         run.progress.phase(&format!(
             "pulling disk {} over NBD{}",
             t.info.id,
@@ -539,13 +661,21 @@ async fn pull_disks(
         // node's file (the parent's chain below it), not over the network.
         let (table, copied) = if let Some(dirty) = dirty {
             let local = NbdSource::new(nbd::BlockingClient::new(target.clone(), handle), target.size());
-            let source = DirtyOrParent { remote, local, dirty };
+            let dirty: Arc<[(u64, u64)]> = dirty.into();
+            let source = DirtyOrParent {
+                remote,
+                local,
+                dirty: Arc::clone(&dirty),
+            };
+            // The clean rest of a changed block reads as the parent's in the new file already (its backing,
+            // where it was just read from): only the dirty ranges are written.
             let pass = copy::Pass {
                 disk: &t.info.id,
                 source,
                 blocks,
                 base,
                 target: target.clone(),
+                write_only: Some(dirty),
             };
             copy::hash_and_copy(run, pass)
                 .await
@@ -557,11 +687,13 @@ async fn pull_disks(
                 blocks,
                 base,
                 target: target.clone(),
+                write_only: None,
             };
             copy::hash_and_copy(run, pass)
                 .await
                 .with_context(|| broken_view(&t.info.id))?
         };
+        tracing::debug!(disk = %t.info.id, copied, "the disk's view is read, hashed and written");
         target.flush().await?;
         run.progress.finish_disk(&t.info.id);
         let _ = view.disconnect().await;
@@ -598,40 +730,13 @@ struct DirtyOrParent {
     remote: NbdSource,
     local: NbdSource,
     /// Sorted, disjoint `(offset, len)`.
-    dirty: Vec<(u64, u64)>,
+    dirty: Arc<[(u64, u64)]>,
 }
 
 impl DirtyOrParent {
     fn pieces(&self, offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
-        cut(&self.dirty, offset, len)
+        copy::cut(&self.dirty, offset, len)
     }
-}
-
-/// `[offset, offset + len)` cut at the edges of `dirty` (sorted, disjoint `(offset, len)`): `(start, len,
-/// dirty)`, in order.
-fn cut(dirty: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
-    let end = offset.saturating_add(len);
-    let mut out = Vec::new();
-    let mut at = offset;
-    let first = dirty.partition_point(|&(o, l)| o.saturating_add(l) <= offset);
-    for &(o, l) in &dirty[first..] {
-        if at >= end || o >= end {
-            break;
-        }
-        if o > at {
-            out.push((at, o - at, false));
-            at = o;
-        }
-        let stop = o.saturating_add(l).min(end);
-        if stop > at {
-            out.push((at, stop - at, true));
-            at = stop;
-        }
-    }
-    if at < end {
-        out.push((at, end - at, false));
-    }
-    out
 }
 
 impl chain::BlockSource for DirtyOrParent {
@@ -701,24 +806,6 @@ async fn dirty_ranges(view: &nbd::Client, bitmap: &str) -> Result<Vec<(u64, u64)
     Ok(ranges)
 }
 
-/// Opens disk `t`'s new node file in the daemon, on top of the parent's chain, and connects to it writable.
-async fn open_target(run: &Run<'_>, daemon: &StorageDaemon, t: &Target) -> Result<nbd::Client> {
-    let qmp = daemon.qmp();
-    let backing = run.add_parent_chain(qmp, t).await?;
-    let path = run.vm.resolve(&t.file)?;
-    let node = run.qemu_name("t", t.index);
-    let mut options = graph::qcow2_options(&node, &path, backing.as_deref(), false);
-    options["cache"] = json!({ "no-flush": true });
-    options["file"] = crate::crashpoint::target_file_options(options["file"].take());
-    crate::crypt::unlock::encrypt_node(&mut options);
-    qmp.execute(&BlockdevAdd(options))
-        .await
-        .with_context(|| format!("opening the backup target {}", path.display()))?;
-    let name = format!("w{}", t.index);
-    daemon.export(&node, &name, true).await?;
-    daemon.connect(&name).await
-}
-
 /// Removes the exports, the NBD server, the views and the frozen bitmaps from the VM's QEMU and empties the
 /// scratch images. A copy-before-write view's devices go back to their nodes first; if one cannot, the error
 /// says so and the filters, the scratch and the record stay for recovery.
@@ -778,30 +865,6 @@ mod tests {
         ] {
             assert!(split_listen(bad).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn a_range_is_cut_at_the_dirty_ranges_edges() {
-        let dirty = [(10, 5), (20, 10), (40, 1)];
-        assert_eq!(
-            cut(&dirty, 0, 50),
-            vec![
-                (0, 10, false),
-                (10, 5, true),
-                (15, 5, false),
-                (20, 10, true),
-                (30, 10, false),
-                (40, 1, true),
-                (41, 9, false)
-            ]
-        );
-        assert_eq!(
-            cut(&dirty, 12, 10),
-            vec![(12, 3, true), (15, 5, false), (20, 2, true)]
-        );
-        assert_eq!(cut(&dirty, 31, 5), vec![(31, 5, false)]);
-        assert_eq!(cut(&dirty, 22, 3), vec![(22, 3, true)]);
-        assert_eq!(cut(&[], 0, 7), vec![(0, 7, false)]);
     }
 
     #[test]

@@ -20,6 +20,17 @@ pub const DAEMON_STOP_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long one NBD connection may take to negotiate.
 pub const NBD_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The environment variable through which glibc's allocator is tuned.
+const GLIBC_TUNABLES: &str = "GLIBC_TUNABLES";
+
+/// glibc's allocator settings for the daemon (unless the environment sets its own): every NBD request gets a
+/// new bounce buffer, and with glibc's defaults a request of 128 KiB or more (a pull writes up to 1 MiB at a
+/// time) is a fresh `mmap`, faulted in and zeroed page by page by the kernel and unmapped again when it is
+/// answered. Kept in the heap (up to 32 MiB each, 32 MiB of free heap kept rather than given back), the
+/// buffers are reused: a pull's daemon spent about a quarter less CPU (0.48 -> 0.36 s for 96 MiB, qmpbak
+/// included). The allocator's choices never change what is read or written.
+const MALLOC_TUNABLES: &str = "glibc.malloc.mmap_threshold=33554432:glibc.malloc.trim_threshold=33554432";
+
 /// A running `qemu-storage-daemon`; killed and reaped when dropped.
 pub struct StorageDaemon {
     child: Owned,
@@ -81,8 +92,12 @@ impl StorageDaemon {
         }
         let listener =
             UnixListener::bind(&monitor).with_context(|| format!("listening on {}", monitor.display()))?;
+        let mut command = bins.storage_daemon_command();
+        if std::env::var_os(GLIBC_TUNABLES).is_none() {
+            command.env(GLIBC_TUNABLES, MALLOC_TUNABLES);
+        }
         let mut child = children::spawn(
-            bins.storage_daemon_command()
+            command
                 .arg("--chardev")
                 .arg(format!("socket,id=qmpbak,path={}", monitor.display()))
                 .args(["--monitor", "chardev=qmpbak"])

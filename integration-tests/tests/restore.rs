@@ -641,3 +641,29 @@ async fn killed_during_the_emptiness_check_the_next_run_or_cleanup_removes_its_n
     }
     assert_nothing_left(&vm).await;
 }
+
+/// SIGINT while the emptiness check's NBD server and export are up: the check removes them and the run stops
+/// with exit 130 before anything in the VM changes (still paused, disks empty, no record).
+#[tokio::test]
+async fn interrupted_during_the_emptiness_check_the_restore_stops_before_changing_anything() {
+    let repo = TestRepo::init();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x3d, 0, MIB).await;
+        repo.backup_node(&vm, VM, &[])
+    };
+    let vm = TestVm::start_paused(&sizes()).await;
+    let args = live_args(&repo, &vm, &node, &[]);
+    let paused = cli::run_paused_at(&args, "restore-checking-empty", &[], None);
+    paused.signal(nix::sys::signal::Signal::SIGINT);
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let out = paused.finish();
+    assert_eq!(out.code(), Some(130), "{out:?}");
+    assert!(out.stderr.contains("before anything changed"), "{out:?}");
+    assert!(!vm.running().await, "the VM stays paused");
+    for disk in DISKS {
+        assert_eq!(image::allocated_data_bytes(&vm.disk_path(disk)), 0);
+    }
+    assert!(repo.manifest(VM).operations.is_empty());
+    assert_nothing_left(&vm).await;
+}

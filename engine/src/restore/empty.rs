@@ -191,7 +191,10 @@ async fn check_all(
         qmp.execute(&BlockExportAdd::nbd_with_allocation_depth(&id, &d.node_name))
             .await
             .with_context(|| format!("exporting disk {} read-only over NBD to check it is empty", d.id))?;
-        crate::crashpoint::crashpoint("restore-checking-empty");
+        if i == 0 {
+            crate::crashpoint::crashpoint("restore-checking-empty");
+            crate::crashpoint::pause_point("restore-checking-empty").await;
+        }
         let client = match reach {
             Reach::Unix { socket, .. } => {
                 let options = nbd::ConnectOptions::new().meta_context(ALLOCATION_DEPTH);

@@ -145,6 +145,14 @@ pub async fn restore_live(
         guard: &guard,
     };
     super::empty::require_empty(&qmp, &opts.qmp, listen, tls_creds, &checked, record).await?;
+    // A signal during the check: nothing in the VM has changed yet, so stop here.
+    if interrupt.arrived().await {
+        return Err(Exit::new(
+            ExitCode::Interrupted,
+            "interrupted before anything changed in the VM (the target disks were checked empty and are untouched)",
+        )
+        .into());
+    }
 
     let mut backing = Backing::prepare(&opts.source, &opts.qmp, &qmp, &node.id).await?;
     let before = manifest.clone();

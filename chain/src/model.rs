@@ -276,6 +276,11 @@ pub enum Payload {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         served: Option<ServedChain>,
     },
+    /// A live restore's emptiness check: it starts an NBD server in the VM's QEMU and exports the target disks
+    /// read-only as `<record id>-<index>`, for about a second, before the live restore's own record exists.
+    /// Recorded before the server starts and dropped once both are gone; recovery removes the exports and
+    /// stops the server. It makes no node.
+    EmptyCheck {},
     /// A prune (offline), removing nodes in this order.
     Prune {
         /// The retention policy, in words.
@@ -342,12 +347,13 @@ pub struct CommitDisk {
 
 impl Payload {
     /// The kind names this qmpbak reads as typed payloads.
-    pub const KINDS: [&'static str; 8] = [
+    pub const KINDS: [&'static str; 9] = [
         "backup",
         "snapshot",
         "revert",
         "commit",
         "live_restore",
+        "empty_check",
         "prune",
         "merge",
         "unreadable",
@@ -361,6 +367,7 @@ impl Payload {
             Payload::Revert { .. } => "revert",
             Payload::Commit(_) => "commit",
             Payload::LiveRestore { .. } => "live_restore",
+            Payload::EmptyCheck {} => "empty_check",
             Payload::Prune { .. } => "prune",
             Payload::Merge { .. } => "merge",
             Payload::Unreadable { .. } => "unreadable",
@@ -376,14 +383,15 @@ impl Payload {
         }
     }
 
-    /// Whether recovery stops the VM's NBD server: only a backup that started it.
+    /// Whether recovery stops the VM's NBD server: a backup that started it, and a live restore's emptiness
+    /// check (recorded before its server starts; its record is dropped at once when the start fails).
     pub fn started_nbd_server(&self) -> bool {
         matches!(
             self,
             Payload::Backup {
                 nbd_server_started: true,
                 ..
-            }
+            } | Payload::EmptyCheck {}
         )
     }
 }

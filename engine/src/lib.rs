@@ -32,5 +32,6 @@ pub mod session;
 pub mod signals;
 pub mod snapshot;
 pub mod tables;
+pub mod tls_creds;
 pub mod verify;
 pub mod writeback;

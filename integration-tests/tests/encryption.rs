@@ -415,7 +415,25 @@ async fn a_live_restore_from_an_encrypted_repository_streams_the_node_and_leaves
     let without_key = cli::run_owned(&args);
     assert_eq!(without_key.code(), Some(3), "{without_key:?}");
     assert!(!target.running().await, "a refused live restore started the VM");
-    cli::run_owned(&[args, er.key_args().map(str::to_owned).to_vec()].concat()).success();
+    // At -vv qmpbak logs every QMP command: the secret it gives the VM's QEMU is logged without its data.
+    let with_key = [
+        args,
+        er.key_args().map(str::to_owned).to_vec(),
+        vec!["-vv".to_owned()],
+    ]
+    .concat();
+    let out = cli::run_owned(&with_key).success();
+    assert!(out.stderr.contains("QMP send"), "{}", out.stderr);
+    assert!(
+        out.stderr.contains("object-add of a secret (data withheld)"),
+        "{}",
+        out.stderr
+    );
+    assert!(
+        !out.stderr.contains("\"qom-type\":\"secret\""),
+        "a secret's data in the log: {}",
+        out.stderr
+    );
     let restored = dir.path().join("restored.qcow2");
     target.capture_reference("disk0", &restored).await;
     image::assert_same(&reference, &restored);

@@ -11,8 +11,9 @@ use std::path::{Path, PathBuf};
 
 use integration_tests::pki::{TestPki, free_port};
 use integration_tests::repo::{TestRepo, assert_no_leftovers, expected_bitmaps};
-use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_TIMEOUT};
+use integration_tests::timeouts::{BLOCK_JOB_TIMEOUT, CLI_CRASH_TIMEOUT, CLI_TIMEOUT, PROCESS_EXIT_TIMEOUT};
 use integration_tests::{MIB, TestVm, cli, image};
+use nix::sys::signal::Signal;
 use qmp::EventFilter;
 
 const VM: &str = "vm1";
@@ -37,11 +38,26 @@ enum Fault {
     PullKill(&'static str),
     /// A pull whose NBD server goes away (stopped in QEMU) before qmpbak reads: as a network gone between.
     PullNbdServerGone,
+    /// A live restore into a paused VM on this host (`--socket`) killed at a crash point.
+    LiveKill(&'static str),
+    /// A live restore on this host signalled while streaming.
+    LiveSignal(Signal),
+    /// A live restore across hosts (`--qmp tls://`, the chain served over loopback TLS) killed at a crash point.
+    LiveServedKill(&'static str),
+    /// A live restore across hosts signalled while streaming.
+    LiveServedSignal(Signal),
 }
 
 impl Fault {
     fn is_pull(self) -> bool {
         matches!(self, Fault::PullKill(_) | Fault::PullNbdServerGone)
+    }
+
+    fn is_live(self) -> bool {
+        matches!(
+            self,
+            Fault::LiveKill(_) | Fault::LiveSignal(_) | Fault::LiveServedKill(_) | Fault::LiveServedSignal(_)
+        )
     }
 }
 
@@ -83,6 +99,20 @@ const MATRIX: &[Cell] = &[
     Cell { fault: Fault::PullKill("pull-exported"),           step: "views exported", exit: -1,  says: "pull-exported",            next_method: "bitmap" },
     Cell { fault: Fault::PullKill("pull-copied"),             step: "after copy",     exit: -1,  says: "pull-copied",              next_method: "bitmap" },
     Cell { fault: Fault::PullNbdServerGone,                   step: "before copy",    exit: 5,   says: "NBD export",               next_method: "bitmap" },
+    // Live restore (`run_live_cell`): after the fault and `cleanup`, no record, export, NBD server, block node
+    // or serving daemon is left, the VM runs on its own disks equal to the node (and the next backup is an
+    // exact incremental); a kill before the VM took the chain leaves its disks empty, and the restore run
+    // again is exact.
+    Cell { fault: Fault::LiveKill("restore-checking-empty"),        step: "checking empty", exit: -1, says: "restore-checking-empty", next_method: "bitmap" },
+    Cell { fault: Fault::LiveKill("restore-attached"),              step: "chain attached", exit: -1, says: "restore-attached",       next_method: "bitmap" },
+    Cell { fault: Fault::LiveKill("restore-streaming"),             step: "streaming",      exit: -1, says: "restore-streaming",      next_method: "bitmap" },
+    Cell { fault: Fault::LiveSignal(Signal::SIGINT),                step: "streaming",      exit: 130, says: "cleanup --socket",      next_method: "bitmap" },
+    Cell { fault: Fault::LiveSignal(Signal::SIGTERM),               step: "streaming",      exit: 130, says: "cleanup --socket",      next_method: "bitmap" },
+    Cell { fault: Fault::LiveServedKill("restore-checking-empty"),  step: "checking empty", exit: -1, says: "restore-checking-empty", next_method: "bitmap" },
+    Cell { fault: Fault::LiveServedKill("restore-attached"),        step: "chain attached", exit: -1, says: "restore-attached",       next_method: "bitmap" },
+    Cell { fault: Fault::LiveServedKill("restore-streaming"),       step: "streaming",      exit: -1, says: "restore-streaming",      next_method: "bitmap" },
+    Cell { fault: Fault::LiveServedSignal(Signal::SIGINT),          step: "streaming",      exit: 130, says: "finished first",        next_method: "bitmap" },
+    Cell { fault: Fault::LiveServedSignal(Signal::SIGTERM),         step: "streaming",      exit: 130, says: "finished first",        next_method: "bitmap" },
 ];
 // The network dropping mid-pull needs two network namespaces: tests/pull_network.rs.
 
@@ -157,6 +187,9 @@ fn bitmap(repo: &TestRepo, disk: &str, node: &str) -> String {
 
 /// Runs one cell; `Err` describes what went wrong.
 async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
+    if cell.fault.is_live() {
+        return run_live_cell(cell, work).await;
+    }
     let mut tmpfs = None;
     let repo = if matches!(cell.fault, Fault::TargetNoSpace | Fault::ManifestNoSpace) {
         let mount = Tmpfs::mount(&work.join("small"), "64M").ok_or("mounting a tmpfs needs root")?;
@@ -316,6 +349,9 @@ async fn run_cell(cell: &Cell, work: &Path) -> Result<(), String> {
             }
             repo.try_backup(&vm, VM, &[])
         }
+        Fault::LiveKill(_) | Fault::LiveSignal(_) | Fault::LiveServedKill(_) | Fault::LiveServedSignal(_) => {
+            unreachable!("live restore cells run in run_live_cell")
+        }
     };
     check(cell, &outcome, vm, &repo, work, &full_id, &pull_args).await
 }
@@ -457,6 +493,307 @@ async fn check_pull_cleaned(
     for (d, r) in ["disk0", "disk1"].iter().zip(refs) {
         image::compare(r, &restored.join(format!("{d}.qcow2")))
             .map_err(|e| format!("restore not exact: {e}"))?;
+    }
+    Ok(())
+}
+
+/// The live restore of one cell: where qmpbak reaches the target VM, and the arguments that go with it.
+struct LiveTarget {
+    vm: TestVm,
+    /// `--socket` (on this host) or `--qmp tls://… --tls-dir …` (across hosts, served over loopback TLS).
+    reach: Vec<String>,
+    /// The serving arguments across hosts (none on this host).
+    serve: Vec<String>,
+}
+
+impl LiveTarget {
+    async fn start(served: bool, pki: &TestPki) -> LiveTarget {
+        let b = TestVm::builder()
+            .disk("disk0", 16 * MIB)
+            .disk("disk1", 8 * MIB)
+            .paused();
+        if !served {
+            let vm = b.start().await;
+            let reach = vec!["--socket".into(), vm.socket().display().to_string()];
+            return LiveTarget {
+                vm,
+                reach,
+                serve: Vec::new(),
+            };
+        }
+        let port = free_port();
+        let vm = b
+            .tcp_qmp("127.0.0.1", port, Some(&pki.path("server")))
+            .arg("-object")
+            .arg(&format!(
+                "tls-creds-x509,id=nbdc,dir={},endpoint=client",
+                pki.path("client").display()
+            ))
+            .start()
+            .await;
+        LiveTarget {
+            vm,
+            reach: vec![
+                "--qmp".into(),
+                format!("tls://127.0.0.1:{port}"),
+                "--tls-dir".into(),
+                pki.path("client").display().to_string(),
+            ],
+            serve: vec!["--serve-tls-dir".into(), pki.path("server").display().to_string()],
+        }
+    }
+
+    fn restore_args(&self, repo: &TestRepo, node: &str) -> Vec<String> {
+        let mut args = repo.vm_args(VM, &["restore", node, "--live", "--json"]);
+        args.extend(self.reach.iter().cloned());
+        args.extend(self.serve.iter().cloned());
+        if !self.serve.is_empty() {
+            // The emptiness check's NBD server: a free port (10809 is shared by tests running at once).
+            args.extend([
+                "--nbd-listen".to_owned(),
+                format!("127.0.0.1:{}", free_port()),
+                "--reconnect-delay".to_owned(),
+                "2".to_owned(),
+            ]);
+        }
+        args.extend(["--speed-limit".to_owned(), (2 * MIB).to_string()]);
+        args
+    }
+
+    fn cleanup(&self, repo: &TestRepo) -> cli::Output {
+        let mut args = repo.vm_args(VM, &["cleanup", "--json"]);
+        args.extend(self.reach.iter().cloned());
+        args.extend(self.serve.iter().cloned());
+        cli::run_owned(&args)
+    }
+}
+
+/// The port of the chain server that the manifest's live restore record names, if any.
+fn served_port(repo: &TestRepo) -> Option<u16> {
+    repo.manifest(VM)
+        .operations
+        .iter()
+        .find_map(|op| match &op.payload {
+            chain::Payload::LiveRestore { served: Some(s) } => Some(s.port),
+            _ => None,
+        })
+}
+
+/// A live restore cell: a full and an incremental backup of a source VM, the incremental restored live into
+/// a paused target VM with empty disks, the fault met, `cleanup` run; then what every live cell must give
+/// ([`check_live`]).
+async fn run_live_cell(cell: &Cell, work: &Path) -> Result<(), String> {
+    let repo = TestRepo::init();
+    let pki = TestPki::loopback();
+    let node = {
+        let vm = TestVm::builder()
+            .disk("disk0", 16 * MIB)
+            .disk("disk1", 8 * MIB)
+            .start()
+            .await;
+        vm.write_pattern("disk0", 0x11, 0, 6 * MIB).await;
+        vm.write_pattern("disk1", 0x22, 0, 2 * MIB).await;
+        repo.backup(&vm, VM, &[]);
+        vm.write_pattern("disk0", 0x33, 4 * MIB, 4 * MIB).await;
+        vm.write_pattern("disk1", 0x44, MIB, MIB).await;
+        repo.backup(&vm, VM, &[])["node"].as_str().unwrap().to_owned()
+    };
+    let expected = work.join("expected");
+    let out = repo.run(VM, &["restore", &node, "--to", expected.to_str().unwrap()]);
+    if !out.status.success() {
+        return Err(format!("offline restore of {node}: {}", out.stderr.trim()));
+    }
+    let served = matches!(cell.fault, Fault::LiveServedKill(_) | Fault::LiveServedSignal(_));
+    let target = LiveTarget::start(served, &pki).await;
+    let args = target.restore_args(&repo, &node);
+    let port;
+    let outcome = match cell.fault {
+        Fault::LiveKill(point) | Fault::LiveServedKill(point) => {
+            let out = cli::run_crashing_at(&args, point, CLI_CRASH_TIMEOUT);
+            port = served_port(&repo);
+            out
+        }
+        Fault::LiveSignal(signal) | Fault::LiveServedSignal(signal) => {
+            let mut events = target
+                .vm
+                .qmp()
+                .subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
+            let child = cli::command_owned(&args).spawn().unwrap();
+            wait_running(&mut events).await;
+            port = served_port(&repo);
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+            nix::sys::signal::kill(pid, signal).unwrap();
+            cli::wait(child, CLI_TIMEOUT)
+        }
+        _ => return Err("not a live restore cell".into()),
+    };
+    let code = outcome.code().unwrap_or(-1);
+    if code != cell.exit || !outcome.stderr.contains(cell.says) {
+        return Err(format!(
+            "exit {code}, expected {} saying {:?}: {}",
+            cell.exit,
+            cell.says,
+            outcome.stderr.trim()
+        ));
+    }
+    let checking = matches!(
+        cell.fault,
+        Fault::LiveKill("restore-checking-empty") | Fault::LiveServedKill("restore-checking-empty")
+    );
+    // Across hosts the live restore's record names the server's port; a run killed in the emptiness check
+    // had no record of its own yet (nor a server).
+    if (served && !checking) != port.is_some() {
+        return Err(format!("served port recorded: {port:?}"));
+    }
+    // The serving qemu-storage-daemon is this run's child: gone with it, killed or not.
+    if let Some(port) = port {
+        let marker = format!("addr.port={port}");
+        let left = cli::processes_mentioning(&marker);
+        if !left.is_empty() {
+            // Give it the bound the harness gives any process to exit.
+            cli::assert_no_process_mentions(&marker, PROCESS_EXIT_TIMEOUT);
+        }
+    }
+    let cleaned = target.cleanup(&repo);
+    if !cleaned.status.success() {
+        return Err(format!("cleanup after the fault: {}", cleaned.stderr.trim()));
+    }
+    let manifest = repo.manifest(VM);
+    if !manifest.operations.is_empty() {
+        return Err(format!("records left after cleanup: {:?}", manifest.operations));
+    }
+    if matches!(
+        cell.fault,
+        Fault::LiveKill("restore-attached") | Fault::LiveServedKill("restore-attached")
+    ) {
+        // Killed before it resumed the VM: recovery streams and detaches with the VM paused, and leaves it so
+        // (a record does not resume a VM); the user resumes it.
+        if target.vm.running().await {
+            return Err("cleanup resumed a VM the killed run had not resumed".into());
+        }
+        target.vm.qmp().execute_raw("cont", None).await.unwrap();
+    }
+    if checking {
+        // Nothing changed in the VM: still paused, disks empty; the restore run again is whole.
+        if target.vm.running().await {
+            return Err("the VM was resumed by a run killed before it took the chain".into());
+        }
+        if manifest.nodes.len() != 2 {
+            return Err(format!("the manifest has {} nodes, not 2", manifest.nodes.len()));
+        }
+        check_no_nbd(&target.vm).await?;
+        let again = cli::run_owned(&args);
+        if !again.status.success() {
+            return Err(format!("the live restore run again: {}", again.stderr.trim()));
+        }
+    }
+    check_live(&target, &repo, &node, &expected, work, port).await
+}
+
+/// No export and no NBD server in the VM's QEMU (a server left running would refuse a second one).
+async fn check_no_nbd(vm: &TestVm) -> Result<(), String> {
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    if exports.as_array().map(Vec::len) != Some(0) {
+        return Err(format!("leftover exports: {exports}"));
+    }
+    if vm.qmp().execute_raw("nbd-server-stop", None).await.is_ok() {
+        return Err("an NBD server was left running".into());
+    }
+    Ok(())
+}
+
+/// What every live restore cell ends with: the VM runs on its own disks, equal to the node and with no backing
+/// file; nothing of qmpbak's is left in QEMU (export, NBD server, block node, secret, client credentials) nor a
+/// serving daemon; and the next backup of the VM is an exact incremental.
+async fn check_live(
+    target: &LiveTarget,
+    repo: &TestRepo,
+    node: &str,
+    expected: &Path,
+    work: &Path,
+    port: Option<u16>,
+) -> Result<(), String> {
+    let vm = &target.vm;
+    if !vm.running().await {
+        return Err("the VM does not run".into());
+    }
+    let manifest = repo.manifest(VM);
+    if !manifest.operations.is_empty() {
+        return Err(format!("records left: {:?}", manifest.operations));
+    }
+    if manifest.current.as_ref().map(ToString::to_string).as_deref() != Some(node) {
+        return Err(format!("current is {:?}, not {node}", manifest.current));
+    }
+    check_no_nbd(vm).await?;
+    let names = vm
+        .qmp()
+        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
+        .await
+        .unwrap();
+    for n in names.as_array().unwrap() {
+        let name = n["node-name"].as_str().unwrap();
+        if !(name.starts_with("node-") || name.starts_with('#')) {
+            return Err(format!("leftover block node {name}"));
+        }
+    }
+    let objects = vm
+        .qmp()
+        .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
+        .await
+        .unwrap();
+    if objects.to_string().contains("qmpbak") {
+        return Err(format!("leftover objects: {objects}"));
+    }
+    if let Some(port) = port {
+        if !cli::processes_mentioning(&format!("addr.port={port}")).is_empty() {
+            return Err("a serving qemu-storage-daemon is left".into());
+        }
+    }
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    for d in ["disk0", "disk1"] {
+        let path = vm.disk_path(d);
+        image::compare(&expected.join(format!("{d}.qcow2")), &path)
+            .map_err(|e| format!("disk {d} not restored exactly: {e}"))?;
+        if image::info(&path).get("backing-filename").is_some() {
+            return Err(format!("disk {d} still has a backing file"));
+        }
+    }
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    // The next backup: an incremental on the live restore's bitmap, exact.
+    vm.write_pattern("disk1", 0x55, 5 * MIB, MIB).await;
+    let refs: Vec<PathBuf> = ["disk0", "disk1"]
+        .iter()
+        .map(|d| work.join(format!("ref-{d}.qcow2")))
+        .collect();
+    for (d, r) in ["disk0", "disk1"].iter().zip(&refs) {
+        vm.capture_reference(d, r).await;
+    }
+    let mut args = repo.vm_args(VM, &["backup", "--json"]);
+    args.extend(target.reach.iter().cloned());
+    if !target.serve.is_empty() {
+        args.extend([
+            "--pull".to_owned(),
+            "--nbd-listen".to_owned(),
+            format!("127.0.0.1:{}", free_port()),
+        ]);
+    }
+    let next = cli::run_owned(&args);
+    if !next.status.success() {
+        return Err(format!("the following backup failed: {}", next.stderr.trim()));
+    }
+    let next = next.json();
+    if next["method"] != "bitmap" {
+        return Err(format!("the following backup was not an incremental: {next}"));
+    }
+    let id = next["node"].as_str().unwrap().to_owned();
+    let restored = work.join("next");
+    let out = repo.run(VM, &["restore", &id, "--to", restored.to_str().unwrap()]);
+    if !out.status.success() {
+        return Err(format!("restore of {id}: {}", out.stderr.trim()));
+    }
+    for (d, r) in ["disk0", "disk1"].iter().zip(&refs) {
+        image::compare(r, &restored.join(format!("{d}.qcow2")))
+            .map_err(|e| format!("the following backup not exact: {e}"))?;
     }
     Ok(())
 }

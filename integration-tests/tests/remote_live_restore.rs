@@ -450,3 +450,145 @@ async fn remote_live_restore_into_a_disk_that_holds_data_is_refused() {
     assert_eq!(manifest.current.as_ref().unwrap().to_string(), inc);
     assert!(manifest.operations.is_empty());
 }
+
+/// Several server `tls-creds-x509` objects in the VM's QEMU (its TLS monitor's and another): which one the
+/// emptiness check's NBD server uses is the user's choice, as for a pull. Without `--tls-creds` the restore is
+/// refused (exit 2, naming the objects and the flag) with the VM untouched; with it, the restore is exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_live_restore_with_several_server_credentials_needs_tls_creds() {
+    let pki = TestPki::loopback();
+    let (repo, _full, inc) = backed_up().await;
+    let work = tempfile::tempdir().unwrap();
+    let exp = expected(&repo, &inc, work.path(), &[]);
+    let port = free_port();
+    let qmp_url = format!("tls://127.0.0.1:{port}");
+    let vm = TestVm::builder()
+        .disk("disk0", SIZE)
+        .paused()
+        .tcp_qmp("127.0.0.1", port, Some(&pki.path("server")))
+        .arg("-object")
+        .arg(&pki.server_object("other"))
+        .arg("-object")
+        .arg(&format!(
+            "tls-creds-x509,id=nbdc,dir={},endpoint=client",
+            pki.path("client").display()
+        ))
+        .start()
+        .await;
+    let serve = ["--serve-tls-dir", &s(&pki.path("server"))];
+    let out = tokio::task::block_in_place(|| Host::Here.run(&live_args(&repo, &inc, &qmp_url, &pki, &serve)));
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(
+        out.stderr.contains("several") && out.stderr.contains("other") && out.stderr.contains("--tls-creds"),
+        "{out:?}"
+    );
+    assert!(!vm.running().await, "the VM was not resumed");
+    assert_eq!(image::allocated_data_bytes(&vm.disk_path("disk0")), 0);
+    assert!(repo.manifest(VM).operations.is_empty());
+    // A client object is refused for the server.
+    let client = [&serve[..], &["--tls-creds", "nbdc"]].concat();
+    let out =
+        tokio::task::block_in_place(|| Host::Here.run(&live_args(&repo, &inc, &qmp_url, &pki, &client)));
+    assert_eq!(out.code(), Some(2), "{out:?}");
+    assert!(out.stderr.contains("endpoint=server"), "{out:?}");
+    let chosen = [&serve[..], &["--tls-creds", "other"]].concat();
+    let out =
+        tokio::task::block_in_place(|| Host::Here.run(&live_args(&repo, &inc, &qmp_url, &pki, &chosen)));
+    out.success();
+    assert_restored(&vm, &exp).await;
+    assert!(repo.manifest(VM).operations.is_empty());
+}
+
+/// An encrypted repository served to a VM on another host: the serving qemu-storage-daemon opens the chain
+/// with the key (a secret object reading a private file), the VM's QEMU reads it decrypted over NBD+TLS and
+/// never gets the key, and the key is on no command line and in no QMP log (qmpbak at `-vv`, which logs every
+/// QMP command). The result is exact.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_live_restore_of_an_encrypted_repository() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = keys.path().join("repo.key");
+    let key_text = "remote live restore key 0123456789";
+    std::fs::write(&key, key_text).unwrap();
+    let repo_dir = keys.path().join("repo");
+    cli::run(&[
+        "init",
+        "--encrypt",
+        "--key-file",
+        key.to_str().unwrap(),
+        repo_dir.to_str().unwrap(),
+    ])
+    .success();
+    let repo = TestRepo::at(repo_dir);
+    let key_args = ["--key-file", key.to_str().unwrap()];
+    let inc = {
+        let vm = TestVm::start(&[("disk0", SIZE)]).await;
+        vm.write_pattern("disk0", 0x5a, 0, 16 * MIB).await;
+        repo.backup_node(&vm, VM, &key_args);
+        vm.write_pattern("disk0", 0x6b, 4 * MIB, MIB).await;
+        repo.backup_node(&vm, VM, &key_args)
+    };
+    let work = tempfile::tempdir().unwrap();
+    let exp = work.path().join("expected.qcow2");
+    repo.run(
+        VM,
+        &[
+            "restore",
+            &inc,
+            "--to",
+            &s(&exp),
+            "--key-file",
+            key.to_str().unwrap(),
+        ],
+    )
+    .success();
+    let port = free_port();
+    let pki = TestPki::loopback();
+    let vm = target_vm("127.0.0.1", port, &pki, "client", None).await;
+    let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
+    let mut args = live_args(
+        &repo,
+        &inc,
+        &format!("tls://127.0.0.1:{port}"),
+        &pki,
+        &[
+            "--serve-tls-dir",
+            &s(&pki.path("server")),
+            "--speed-limit",
+            &(4 * MIB).to_string(),
+            "-vv",
+        ],
+    );
+    args.extend(key_args.iter().map(|a| (*a).to_owned()));
+    let child = Host::Here.spawn(&args, &[]);
+    stream_started(&mut events).await;
+    // While the chain is served: the key is on no command line, and the VM's QEMU holds no secret.
+    assert!(
+        cli::processes_mentioning(key_text).is_empty(),
+        "the key is on a command line"
+    );
+    let objects = vm
+        .qmp()
+        .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
+        .await
+        .unwrap();
+    assert!(
+        !objects.to_string().contains("\"secret\""),
+        "the VM's QEMU got a secret: {objects}"
+    );
+    let out = tokio::task::block_in_place(|| cli::wait(child, CLI_TIMEOUT));
+    let out = out.success();
+    let report = out.report::<LiveReport>();
+    assert_eq!(report.node, inc);
+    assert!(
+        out.stderr.contains("QMP send"),
+        "-vv logs QMP commands: {}",
+        out.stderr
+    );
+    assert!(!out.stderr.contains(key_text), "the key is in the log");
+    assert!(
+        !out.stderr.contains("\"qom-type\":\"secret\""),
+        "a secret's data is in the QMP log"
+    );
+    assert_restored(&vm, &exp).await;
+    assert!(repo.manifest(VM).operations.is_empty());
+}

@@ -585,3 +585,85 @@ async fn a_live_restore_leaves_another_tools_nbd_server_alone_and_is_refused() {
     view.disconnect().await.unwrap();
     assert!(repo.manifest(VM).operations.is_empty());
 }
+
+/// qmpbak killed while the emptiness check's NBD server and export are in the VM's QEMU (issue 19): they used
+/// to stay there, unknown to any later run, and the next live restore was refused ("another NBD server").
+/// Now their operation record makes `cleanup` remove them, and also the next live restore itself (its
+/// recovery), which then restores exactly.
+#[tokio::test]
+async fn killed_during_the_emptiness_check_the_next_run_or_cleanup_removes_its_nbd_server() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x3d, 0, 4 * MIB).await;
+        vm.write_pattern("disk1", 0x4e, 2 * MIB, MIB).await;
+        repo.backup_node(&vm, VM, &[])
+    };
+    let expected = work.path().join("expected");
+    restore(&repo, &node, &expected, &[]).success();
+    let vm = TestVm::start_paused(&sizes()).await;
+    let args = live_args(&repo, &vm, &node, &[]);
+    let killed = |what: &str| {
+        cli::run_crashing_at(&args, "restore-checking-empty", CLI_CRASH_TIMEOUT)
+            .assert_crashed_at("restore-checking-empty");
+        let ops = repo.manifest(VM).operations;
+        assert_eq!(ops.len(), 1, "{what}: {ops:?}");
+        assert_eq!(ops[0].payload, chain::Payload::EmptyCheck {}, "{what}");
+    };
+    killed("first kill");
+    assert!(!vm.running().await, "the VM stays paused");
+    let exports = vm.qmp().execute_raw("query-block-exports", None).await.unwrap();
+    assert_eq!(
+        exports.as_array().unwrap().len(),
+        1,
+        "the check's export: {exports}"
+    );
+
+    let socket = vm.socket();
+    let cleaned: CleanupReport = repo
+        .run(VM, &["cleanup", "--socket", socket.to_str().unwrap(), "--json"])
+        .success()
+        .report();
+    assert_eq!(cleaned.cleaned.operations.len(), 1, "{cleaned:?}");
+    assert!(repo.manifest(VM).operations.is_empty());
+    assert_nothing_left(&vm).await;
+
+    // Killed again; this time the next live restore finds the record and removes them itself.
+    killed("second kill");
+    let report: LiveReport = cli::run_owned(&args).success().report();
+    assert_eq!(report.node, node);
+    assert!(repo.manifest(VM).operations.is_empty());
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    for disk in DISKS {
+        image::assert_same(&expected.join(format!("{disk}.qcow2")), &vm.disk_path(disk));
+        assert!(image::info(&vm.disk_path(disk)).get("backing-filename").is_none());
+    }
+    assert_nothing_left(&vm).await;
+}
+
+/// SIGINT while the emptiness check's NBD server and export are up: the check removes them and the run stops
+/// with exit 130 before anything in the VM changes (still paused, disks empty, no record).
+#[tokio::test]
+async fn interrupted_during_the_emptiness_check_the_restore_stops_before_changing_anything() {
+    let repo = TestRepo::init();
+    let node = {
+        let vm = TestVm::start(&sizes()).await;
+        vm.write_pattern("disk0", 0x3d, 0, MIB).await;
+        repo.backup_node(&vm, VM, &[])
+    };
+    let vm = TestVm::start_paused(&sizes()).await;
+    let args = live_args(&repo, &vm, &node, &[]);
+    let paused = cli::run_paused_at(&args, "restore-checking-empty", &[], None);
+    paused.signal(nix::sys::signal::Signal::SIGINT);
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let out = paused.finish();
+    assert_eq!(out.code(), Some(130), "{out:?}");
+    assert!(out.stderr.contains("before anything changed"), "{out:?}");
+    assert!(!vm.running().await, "the VM stays paused");
+    for disk in DISKS {
+        assert_eq!(image::allocated_data_bytes(&vm.disk_path(disk)), 0);
+    }
+    assert!(repo.manifest(VM).operations.is_empty());
+    assert_nothing_left(&vm).await;
+}

@@ -199,8 +199,17 @@ impl Connection {
             shared: &self.shared,
             id,
         };
+        let secret = name == "object-add"
+            && arguments
+                .as_ref()
+                .is_some_and(|a| a.get("qom-type").and_then(Value::as_str) == Some("secret"));
         let line = encode_command(name, arguments, id);
-        tracing::debug!(target: "qmp_wire", id, command = %String::from_utf8_lossy(&line).trim_end(), "QMP send");
+        if secret {
+            // A secret's data (a repository key) is never written to a log.
+            tracing::debug!(target: "qmp_wire", id, command = "object-add of a secret (data withheld)", "QMP send");
+        } else {
+            tracing::debug!(target: "qmp_wire", id, command = %String::from_utf8_lossy(&line).trim_end(), "QMP send");
+        }
         let started = std::time::Instant::now();
         if self.outgoing.send(line).is_err() {
             return Err(Error::Closed {

@@ -73,6 +73,10 @@ pub struct Args {
     /// the --qmp host, port 10809.
     #[arg(long, value_name = "HOST:PORT")]
     nbd_listen: Option<String>,
+    /// Live across hosts: the id of the VM's tls-creds-x509 object (endpoint=server) for that NBD server
+    /// (default: its only one), as for a pull backup.
+    #[arg(long, value_name = "ID")]
+    tls_creds: Option<String>,
     /// Print one JSON result.
     #[arg(long)]
     json: bool,
@@ -99,9 +103,14 @@ pub async fn run(args: Args) -> Result<()> {
                 target_tls_dir: args.target_tls_dir.clone(),
                 reconnect_delay: args.reconnect_delay,
                 nbd_listen: args.nbd_listen.clone(),
+                tls_creds: args.tls_creds.clone(),
             });
             Some((qmp, source))
         }
+        (true, Some(_)) if args.tls_creds.is_some() => bail!(Exit::usage(
+            "--tls-creds is for a live restore across hosts (--qmp tls://); on this host the VM's QEMU serves \
+             the emptiness check on a private Unix socket, without TLS"
+        )),
         (true, Some(_)) if args.nbd_listen.is_some() => bail!(Exit::usage(
             "--nbd-listen is for a live restore across hosts (--qmp tls:// or tcp://); on this host the VM's \
              QEMU serves the emptiness check on a private Unix socket"

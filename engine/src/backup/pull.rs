@@ -27,7 +27,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use qmp::commands::{
     BitmapRef, BlockDirtyBitmapAdd, BlockDirtyBitmapMerge, BlockDirtyBitmapRemove, BlockExportAdd,
     BlockExportDel, BlockdevAdd, BlockdevCreate, BlockdevDel, JobDismiss, NbdServerStart, NbdServerStop,
-    QomList, TransactionAction,
+    TransactionAction,
 };
 use serde_json::json;
 
@@ -90,10 +90,12 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
             t.info.id
         );
     }
-    let tls_creds = match (&pull.tls_dir, &pull.tls_creds) {
-        (None, _) => None,
-        (Some(_), Some(id)) => Some(id.clone()),
-        (Some(_), None) => Some(find_tls_creds(run.qmp).await?),
+    let tls_creds = match &pull.tls_dir {
+        None => None,
+        Some(_) => Some(
+            crate::tls_creds::server_creds(run.qmp, pull.tls_creds.as_deref(), "the pull's NBD server")
+                .await?,
+        ),
     };
     let scratch: Vec<PathBuf> = run
         .targets
@@ -294,32 +296,6 @@ fn connect_options(pull: &PullOptions) -> Result<nbd::ConnectOptions> {
             "a pull backup reads the disks over TCP: give --tls-dir (TLS credentials), or --insecure-plaintext"
                 .to_owned()
         )),
-    }
-}
-
-/// The one `tls-creds-x509` object of the VM's QEMU (`qom-list /objects`).
-async fn find_tls_creds(qmp: &qmp::Qmp) -> Result<String> {
-    let objects = qmp
-        .execute(&QomList {
-            path: "/objects".to_owned(),
-        })
-        .await
-        .context("listing the VM's QEMU objects (qom-list /objects)")?;
-    let creds: Vec<String> = objects
-        .into_iter()
-        .filter(|o| o.child_type() == Some("tls-creds-x509"))
-        .map(|o| o.name)
-        .collect();
-    match creds.as_slice() {
-        [one] => Ok(one.clone()),
-        [] => bail!(
-            "the VM's QEMU has no tls-creds-x509 object for its NBD server: start it with \
-             -object tls-creds-x509,id=ID,dir=DIR,endpoint=server,verify-peer=on (or use --insecure-plaintext)"
-        ),
-        many => bail!(
-            "the VM's QEMU has several tls-creds-x509 objects ({}): name the NBD server's with --tls-creds",
-            many.join(", ")
-        ),
     }
 }
 

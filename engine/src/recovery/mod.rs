@@ -389,6 +389,17 @@ pub async fn recover(
                 manifest.operations.push(op.clone());
                 continue;
             }
+            // An emptiness check's record names only things in QEMU: without QEMU it stays, or they would be
+            // left there unknown.
+            (Payload::EmptyCheck {}, None) => {
+                cleaned.pending.push(format!(
+                    "{}: an interrupted live restore's emptiness check, its NBD server and exports are in the \
+                     VM's QEMU: give --socket (or --qmp)",
+                    op.id
+                ));
+                manifest.operations.push(op.clone());
+                continue;
+            }
             // Finished if any increment left its graph (a commit cannot be undone), else nothing changed.
             (Payload::Commit(record), Some(qmp)) => {
                 commit::finish(qmp, manifest, op, record, &mut cleaned.kept_outside)
@@ -584,7 +595,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn without_qemu_a_commit_and_a_live_restore_stay_pending() {
+    async fn without_qemu_a_commit_a_live_restore_and_an_emptiness_check_stay_pending() {
         let dir = tempfile::tempdir().unwrap();
         let repo = chain::Repository::init(dir.path().join("repo")).unwrap();
         let vm = repo.create_vm("vm1").unwrap();
@@ -599,10 +610,12 @@ mod tests {
                 disks: Vec::new(),
             }),
         ));
+        manifest.add_operation(record("empty-check-x", Payload::EmptyCheck {}));
         let cleaned = recover(None, &vm, &mut manifest, &guard).await.unwrap();
-        assert_eq!(cleaned.pending.len(), 2, "{cleaned:?}");
+        assert_eq!(cleaned.pending.len(), 3, "{cleaned:?}");
         assert!(cleaned.pending[0].contains("live restore"), "{cleaned:?}");
+        assert!(cleaned.pending[2].contains("emptiness check"), "{cleaned:?}");
         assert!(cleaned.operations.is_empty());
-        assert_eq!(manifest.operations.len(), 2);
+        assert_eq!(manifest.operations.len(), 3);
     }
 }

@@ -9,7 +9,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use anyhow::{Context, Result, bail};
-use qmp::commands::{BlockdevAdd, BlockdevDel, ObjectAddTlsCredsX509, ObjectDel, QomGet, QomList};
+use qmp::commands::{BlockdevAdd, BlockdevDel, ObjectAddTlsCredsX509, ObjectDel};
 use serde_json::json;
 
 use chain::{Manifest, NodeId, Operation, Payload, ServedChain, VmStore};
@@ -44,6 +44,9 @@ pub struct ServedOptions {
     /// `HOST:PORT` the VM's QEMU's NBD server listens on (and qmpbak connects to) while the target disks are
     /// proven empty (`--nbd-listen`); default: the `--qmp` host, port 10809.
     pub nbd_listen: Option<String>,
+    /// The server `tls-creds-x509` object of the VM's QEMU for that NBD server (`--tls-creds`); default: its
+    /// only one ([`crate::tls_creds::server_creds`]).
+    pub tls_creds: Option<String>,
 }
 
 /// The decided backing of one run.
@@ -284,21 +287,9 @@ impl Backing {
     }
 }
 
-/// The `endpoint` of the `tls-creds-x509` object `id`.
-async fn endpoint_of(qmp: &qmp::Qmp, id: &str) -> Result<Option<String>> {
-    let value = qmp
-        .execute(&QomGet {
-            path: format!("/objects/{id}"),
-            property: "endpoint".to_owned(),
-        })
-        .await
-        .with_context(|| format!("reading the endpoint of the VM's object {id}"))?;
-    Ok(value.as_str().map(str::to_owned))
-}
-
 /// Refuses `--target-tls-creds ID` unless it is a client object (QEMU refuses server credentials for a client).
 async fn check_client_creds(qmp: &qmp::Qmp, id: &str) -> Result<()> {
-    match endpoint_of(qmp, id).await?.as_deref() {
+    match crate::tls_creds::endpoint_of(qmp, id).await?.as_deref() {
         Some("client") => Ok(()),
         other => bail!(Exit::usage(format!(
             "--target-tls-creds {id}: the VM's object has endpoint {other:?}; the VM's QEMU needs a \
@@ -307,29 +298,9 @@ async fn check_client_creds(qmp: &qmp::Qmp, id: &str) -> Result<()> {
     }
 }
 
-/// The ids of the VM's `tls-creds-x509` objects with endpoint `endpoint` (`client` or `server`).
-pub(super) async fn creds_with_endpoint(qmp: &qmp::Qmp, endpoint: &str) -> Result<Vec<String>> {
-    let objects = qmp
-        .execute(&QomList {
-            path: "/objects".to_owned(),
-        })
-        .await
-        .context("listing the VM's QEMU objects (qom-list /objects)")?;
-    let mut found = Vec::new();
-    for o in objects
-        .into_iter()
-        .filter(|o| o.child_type() == Some("tls-creds-x509"))
-    {
-        if endpoint_of(qmp, &o.name).await?.as_deref() == Some(endpoint) {
-            found.push(o.name);
-        }
-    }
-    Ok(found)
-}
-
 /// The one client `tls-creds-x509` object of the VM's QEMU.
 async fn find_client_creds(qmp: &qmp::Qmp) -> Result<String> {
-    let clients = creds_with_endpoint(qmp, "client").await?;
+    let clients = crate::tls_creds::creds_with_endpoint(qmp, "client").await?;
     match clients.as_slice() {
         [one] => Ok(one.clone()),
         [] => bail!(Exit::usage(

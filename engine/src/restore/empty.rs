@@ -10,7 +10,8 @@
 //! it is allocated and would hide the backup's data. Locally the server listens on a Unix socket in a private
 //! directory; across hosts on `--nbd-listen` (default: the `--qmp` host's address, port
 //! [`crate::backup::DEFAULT_NBD_PORT`]), with TLS
-//! from the VM's one server `tls-creds-x509` object (qmpbak connects with `--tls-dir`), as the pull does. An
+//! from the VM's server `tls-creds-x509` object chosen as for a pull ([`crate::tls_creds::server_creds`]:
+//! `--tls-creds ID`, else its only one; qmpbak connects with `--tls-dir`). An
 //! NBD server already running in the VM's QEMU (another tool's) is left alone: QMP does not tell where it
 //! listens, so qmpbak cannot read through it, and the restore is refused with that reason.
 //!
@@ -18,7 +19,7 @@
 //! not which guest ranges it maps.
 
 use anyhow::{Context, Result, anyhow, bail};
-use qmp::commands::{BlockExportAdd, BlockExportDel, NbdServerStart, NbdServerStop};
+use qmp::commands::{BlockExportAdd, BlockExportDel, NbdServerStart, NbdServerStop, QueryBlockExports};
 
 use crate::daemon::NBD_CONNECT_TIMEOUT;
 use crate::exit::Exit;
@@ -43,29 +44,70 @@ enum Reach {
     },
 }
 
-/// Refuses (exit 2) unless every disk in `disks` has nothing allocated in its image. Export ids are
-/// `<prefix><index>`. Leaves no export and no server of its own behind; a server it did not start is never
-/// stopped.
+/// Where the check writes its operation record (the live restore's session: its VM store, manifest and lock).
+pub(super) struct Record<'a> {
+    pub vm: &'a chain::VmStore,
+    pub manifest: &'a mut chain::Manifest,
+    pub guard: &'a chain::LockGuard,
+}
+
+/// Refuses (exit 2) unless every disk in `disks` has nothing allocated in its image. Leaves no export and no
+/// server of its own behind; a server it did not start is never stopped. The server and the exports
+/// (`<record id>-<index>`) are named in an operation record ([`chain::Payload::EmptyCheck`]) before they are
+/// made, and the record is dropped once they are gone: a run killed in between leaves them to the next run's
+/// recovery (or `qmpbak cleanup`).
 pub(super) async fn require_empty(
     qmp: &qmp::Qmp,
     target: &QmpTarget,
     listen: Option<&str>,
+    tls_creds: Option<&str>,
     disks: &[&DiskInfo],
-    prefix: &str,
+    record: Record<'_>,
 ) -> Result<()> {
-    let (start, reach) = server(qmp, target, listen).await?;
-    qmp.execute(&start).await.map_err(|e| anyhow!(e)).context(
-        "starting an NBD server in the VM's QEMU to check that the target disks are empty (is another NBD \
-         server running in it? QMP does not tell where one listens, so qmpbak cannot read through it: stop \
-         it for the restore)",
-    )?;
-    let result = check_all(qmp, &reach, disks, prefix).await;
+    let (start, reach) = server(qmp, target, listen, tls_creds).await?;
+    let mut op = chain::Operation::new(chain::Payload::EmptyCheck {}, None, chrono::Utc::now());
+    // QEMU ids start with a letter (the default operation id starts with the date).
+    op.id = format!("empty-check-{}", op.id);
+    let prefix = format!("{}-", op.id);
+    let op_id = op.id.clone();
+    record.manifest.add_operation(op);
+    record.vm.save(record.manifest, record.guard)?;
+    let drop_record = |record: Record<'_>| -> Result<()> {
+        record.manifest.remove_operation(&op_id);
+        record.vm.save(record.manifest, record.guard)?;
+        Ok(())
+    };
+    if let Err(e) = qmp.execute(&start).await {
+        // Not started: a server running is another tool's, and the record must not let recovery stop it.
+        drop_record(record)?;
+        return Err(anyhow!(e).context(
+            "starting an NBD server in the VM's QEMU to check that the target disks are empty (is another NBD \
+             server running in it? QMP does not tell where one listens, so qmpbak cannot read through it: stop \
+             it for the restore)",
+        ));
+    }
+    let result = check_all(qmp, &reach, disks, &prefix).await;
+    let mut removed = true;
     for i in 0..disks.len() {
-        let _ = qmp.execute(&BlockExportDel::hard(format!("{prefix}{i}"))).await;
+        let id = format!("{prefix}{i}");
+        if let Err(e) = qmp.execute(&BlockExportDel::hard(id.as_str())).await {
+            // An export that was never added is no failure; one still there keeps the record.
+            removed &= !export_exists(qmp, &id).await;
+            tracing::debug!(error = %e, id, "removing an export of the emptiness check");
+        }
     }
     // The server is this run's: it started above.
     if let Err(e) = qmp.execute(&NbdServerStop).await {
+        removed = false;
         tracing::warn!(error = %e, "stopping the NBD server of the emptiness check");
+    }
+    if removed {
+        drop_record(record)?;
+    } else {
+        tracing::warn!(
+            "the emptiness check's NBD server or an export could not be removed: its record stays for the next \
+             run or `qmpbak cleanup`"
+        );
     }
     let allocated = result?;
     let full: Vec<String> = allocated
@@ -83,8 +125,20 @@ pub(super) async fn require_empty(
     )))
 }
 
+/// Whether QEMU still has the export `id` (when it cannot be asked: assume so).
+async fn export_exists(qmp: &qmp::Qmp, id: &str) -> bool {
+    qmp.execute(&QueryBlockExports)
+        .await
+        .map_or(true, |exports| exports.iter().any(|e| e.id == id))
+}
+
 /// The `nbd-server-start` for this target and how qmpbak reaches it.
-async fn server(qmp: &qmp::Qmp, target: &QmpTarget, listen: Option<&str>) -> Result<(NbdServerStart, Reach)> {
+async fn server(
+    qmp: &qmp::Qmp,
+    target: &QmpTarget,
+    listen: Option<&str>,
+    tls_creds: Option<&str>,
+) -> Result<(NbdServerStart, Reach)> {
     let Some(host) = target.host() else {
         let dir = crate::daemon::private_temp_dir("qmpbak-empty-")?;
         let socket = dir.path().join("nbd.sock");
@@ -109,20 +163,12 @@ async fn server(qmp: &qmp::Qmp, target: &QmpTarget, listen: Option<&str>) -> Res
             Reach::Tcp { addr, options },
         ));
     };
-    let servers = super::backing::creds_with_endpoint(qmp, "server").await?;
-    let creds = match servers.as_slice() {
-        [one] => one.clone(),
-        [] => bail!(Exit::usage(
-            "the VM's QEMU has no server tls-creds-x509 object: qmpbak reads the target disks' allocation over \
-             NBD+TLS from it to prove them empty; start it with -object \
-             tls-creds-x509,id=ID,dir=DIR,endpoint=server,verify-peer=on"
-        )),
-        many => bail!(Exit::usage(format!(
-            "the VM's QEMU has several server tls-creds-x509 objects ({}); qmpbak needs one for the NBD server \
-             that proves the target disks empty",
-            many.join(", ")
-        ))),
-    };
+    let creds = crate::tls_creds::server_creds(
+        qmp,
+        tls_creds,
+        "the NBD server that proves the target disks empty",
+    )
+    .await?;
     let tls = nbd::TlsCredentials::from_dir(dir)
         .with_context(|| format!("reading TLS credentials from {}", dir.display()))?;
     let options = nbd::ConnectOptions::new().tls(tls);
@@ -145,6 +191,10 @@ async fn check_all(
         qmp.execute(&BlockExportAdd::nbd_with_allocation_depth(&id, &d.node_name))
             .await
             .with_context(|| format!("exporting disk {} read-only over NBD to check it is empty", d.id))?;
+        if i == 0 {
+            crate::crashpoint::crashpoint("restore-checking-empty");
+            crate::crashpoint::pause_point("restore-checking-empty").await;
+        }
         let client = match reach {
             Reach::Unix { socket, .. } => {
                 let options = nbd::ConnectOptions::new().meta_context(ALLOCATION_DEPTH);

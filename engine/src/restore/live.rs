@@ -135,12 +135,24 @@ pub async fn restore_live(
 
     // A block the image holds would hide the backup's: prove each disk empty before anything changes.
     let checked: Vec<&inspect::DiskInfo> = targets.iter().map(|(_, d)| d).collect();
-    let listen = match &opts.source {
-        Source::Served(served) => served.nbd_listen.as_deref(),
-        Source::Local => None,
+    let (listen, tls_creds) = match &opts.source {
+        Source::Served(served) => (served.nbd_listen.as_deref(), served.tls_creds.as_deref()),
+        Source::Local => (None, None),
     };
-    let prefix = format!("qmpbak-empty-{}-", node.id);
-    super::empty::require_empty(&qmp, &opts.qmp, listen, &checked, &prefix).await?;
+    let record = super::empty::Record {
+        vm: &vm,
+        manifest: &mut manifest,
+        guard: &guard,
+    };
+    super::empty::require_empty(&qmp, &opts.qmp, listen, tls_creds, &checked, record).await?;
+    // A signal during the check: nothing in the VM has changed yet, so stop here.
+    if interrupt.arrived().await {
+        return Err(Exit::new(
+            ExitCode::Interrupted,
+            "interrupted before anything changed in the VM (the target disks were checked empty and are untouched)",
+        )
+        .into());
+    }
 
     let mut backing = Backing::prepare(&opts.source, &opts.qmp, &qmp, &node.id).await?;
     let before = manifest.clone();

@@ -3,18 +3,25 @@
 //! Neither writes its output durably (backup targets are opened with `cache.no-flush`, `qemu-img convert`
 //! writes with `cache=unsafe`), and the kernel starts background writeback only past 10 % of memory by default
 //! (2.4 GiB on a 24 GiB host), so a backup or restore of a few GiB can sit in the page cache until qmpbak's
-//! final fsync, which then waits for all of it. [`EarlyWriteback`] watches the files from a thread and
-//! fdatasyncs one each time another [`STEP`] of it has been allocated, so the disk works during the copy and
-//! the final fsync ([`chain::store::sync_files`]) finds at most about a step left. These fdatasyncs only start
-//! writeback early: durability still comes from that final fsync.
+//! final fsync, which then waits for all of it. [`EarlyWriteback`] watches the files from a thread and starts
+//! the writeback of one each time another [`STEP`] of it has been allocated, so the disk works during the copy
+//! and the final fsync ([`chain::store::sync_files`]) finds at most about a step left. Durability still comes
+//! from that final fsync only.
+//!
+//! The writeback is started with `sync_file_range(SYNC_FILE_RANGE_WRITE)`, which queues the dirty pages and
+//! returns, rather than with `fdatasync`, which waits for them, commits the filesystem's journal and flushes
+//! the device's cache (about 24 times for a 1.5 GiB backup) while the writer is still writing: measured for
+//! issue 20 on an offline restore of a full + 10 incrementals (1.5 GiB, 2 cores, load 5–8, four alternating
+//! pairs), the restore took 3.2–4.3 s with it against 4.5–6.2 s with `fdatasync`, and 2.3–3.5 s of system CPU
+//! against 3.2–3.7 s. Steps of 16 or 256 MiB instead of 64 made no difference measurable under that load.
 
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::mpsc::{self, RecvTimeoutError, Sender};
 use std::time::Duration;
 
-/// Bytes newly allocated in a file that make it due for an fdatasync. Large enough that the flushes are few
-/// (16 per GiB), small enough that what is left for the final fsync is quick.
+/// Bytes newly allocated in a file that make it due for writeback. Large enough that the calls are few (16 per
+/// GiB), small enough that what is left for the final fsync is quick.
 pub const STEP: u64 = 64 << 20;
 
 /// How often the files' allocated sizes are read (a `stat` each).
@@ -43,7 +50,7 @@ impl EarlyWriteback {
                         if let Some((file, due)) = slot {
                             let allocated = file.metadata().map_or(0, |m| chain::fsio::allocated(&m));
                             if due.check(allocated) {
-                                let _ = file.sync_data();
+                                let _ = start_writeback(file);
                             }
                         }
                     }
@@ -62,14 +69,31 @@ impl EarlyWriteback {
     }
 }
 
-/// When a file is due for its next fdatasync: a [`STEP`] past the allocated size at the last one.
+/// Starts writeback of every dirty page of `file` without waiting for it and without a device cache flush or
+/// a journal commit (`sync_file_range` with `SYNC_FILE_RANGE_WRITE` only): unlike an `fdatasync`, it does not
+/// stall the process still writing the file. The caller ignores errors (a filesystem without it): the final
+/// fsync reports what matters.
+#[allow(unsafe_code)]
+fn start_writeback(file: &File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd as _;
+    // SAFETY: a plain system call on a file descriptor that `file` keeps open for its duration; it reads or
+    // writes no memory of this process.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// When a file is due for its next writeback: a [`STEP`] past the allocated size at the last one.
 #[derive(Debug, Default)]
 struct Due {
     synced_at: u64,
 }
 
 impl Due {
-    /// Whether a file with `allocated` bytes is due; if so, counts the sync as done.
+    /// Whether a file with `allocated` bytes is due; if so, counts the writeback as started.
     fn check(&mut self, allocated: u64) -> bool {
         if allocated >= self.synced_at.saturating_add(STEP) {
             self.synced_at = allocated;
@@ -99,8 +123,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let present = dir.path().join("present");
         std::fs::write(&present, b"data").unwrap();
-        let writeback = EarlyWriteback::start(vec![present, dir.path().join("missing")]);
+        let writeback = EarlyWriteback::start(vec![present.clone(), dir.path().join("missing")]);
         writeback.stop();
+        // Starting the writeback of a file with dirty pages, and again of one whose pages are queued, works.
+        let file = File::options().append(true).open(&present).unwrap();
+        std::io::Write::write_all(&mut &file, &[7; 8192]).unwrap();
+        start_writeback(&file).unwrap();
+        start_writeback(&file).unwrap();
         // Dropping without stop also ends the thread.
         drop(EarlyWriteback::start(vec![dir.path().join("missing")]));
     }

@@ -8,12 +8,16 @@
 //! and the final fsync ([`chain::store::sync_files`]) finds at most about a step left. Durability still comes
 //! from that final fsync only.
 //!
-//! The writeback is started with `sync_file_range(SYNC_FILE_RANGE_WRITE)`, which queues the dirty pages and
-//! returns, rather than with `fdatasync`, which waits for them, commits the filesystem's journal and flushes
-//! the device's cache (about 24 times for a 1.5 GiB backup) while the writer is still writing: measured for
-//! issue 20 on an offline restore of a full + 10 incrementals (1.5 GiB, 2 cores, load 5–8, four alternating
-//! pairs), the restore took 3.2–4.3 s with it against 4.5–6.2 s with `fdatasync`, and 2.3–3.5 s of system CPU
-//! against 3.2–3.7 s. Steps of 16 or 256 MiB instead of 64 made no difference measurable under that load.
+//! How each step is written back is the caller's [`Flush`]: `fdatasync`, which waits for the pages (and
+//! commits the filesystem's journal and flushes the device's cache), or `sync_file_range(SYNC_FILE_RANGE_WRITE)`,
+//! which only queues them. Measured for issue 20 (2 cores, load average 8–14 from other work, two alternating
+//! rounds of `scripts/bench --only full,restore --runs 3`, six runs each): an offline restore of a full + 10
+//! incrementals (`qemu-img convert` writing) took 1.7–4.3 s (median 2.1) with the queued writeback against
+//! 2.3–5.8 s (median 3.5) with `fdatasync`, with less system CPU (1.1–3.7 s against 1.5–4.6 s); a full backup
+//! (QEMU's job writing) took 1.8–4.5 s with it against 1.4–2.6 s with `fdatasync`, its checking-table phase
+//! after the job being the slower part (the queued writeback is still in flight then and shares the two cores
+//! with the hashing). So backups wait ([`Flush::Wait`]) and `qemu-img convert` outputs queue
+//! ([`Flush::Queue`]). Steps of 16 or 256 MiB instead of 64 made no difference measurable under that load.
 
 use std::fs::File;
 use std::path::PathBuf;
@@ -27,6 +31,16 @@ pub const STEP: u64 = 64 << 20;
 /// How often the files' allocated sizes are read (a `stat` each).
 const POLL: Duration = Duration::from_millis(20);
 
+/// How a file due for writeback is written back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flush {
+    /// `fdatasync`: waits for the pages, so the writer's dirty pages never run far ahead of the disk.
+    Wait,
+    /// `sync_file_range(SYNC_FILE_RANGE_WRITE)`: queues the pages and returns, without a journal commit or a
+    /// device cache flush.
+    Queue,
+}
+
 /// A thread writing back files until stopped or dropped.
 pub struct EarlyWriteback {
     stop: Sender<()>,
@@ -35,7 +49,7 @@ pub struct EarlyWriteback {
 impl EarlyWriteback {
     /// Starts watching `files`. Files that do not exist yet are tried again at the next poll; errors are
     /// ignored (the final fsync reports them).
-    pub fn start(files: Vec<PathBuf>) -> EarlyWriteback {
+    pub fn start(files: Vec<PathBuf>, flush: Flush) -> EarlyWriteback {
         let (stop, stopped) = mpsc::channel::<()>();
         // Without a thread there is no early writeback, and the final fsync does it all: not an error.
         let _ = std::thread::Builder::new()
@@ -50,7 +64,10 @@ impl EarlyWriteback {
                         if let Some((file, due)) = slot {
                             let allocated = file.metadata().map_or(0, |m| chain::fsio::allocated(&m));
                             if due.check(allocated) {
-                                let _ = start_writeback(file);
+                                let _ = match flush {
+                                    Flush::Wait => file.sync_data(),
+                                    Flush::Queue => start_writeback(file),
+                                };
                             }
                         }
                     }
@@ -123,7 +140,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let present = dir.path().join("present");
         std::fs::write(&present, b"data").unwrap();
-        let writeback = EarlyWriteback::start(vec![present.clone(), dir.path().join("missing")]);
+        let writeback = EarlyWriteback::start(vec![present.clone(), dir.path().join("missing")], Flush::Wait);
         writeback.stop();
         // Starting the writeback of a file with dirty pages, and again of one whose pages are queued, works.
         let file = File::options().append(true).open(&present).unwrap();
@@ -131,6 +148,9 @@ mod tests {
         start_writeback(&file).unwrap();
         start_writeback(&file).unwrap();
         // Dropping without stop also ends the thread.
-        drop(EarlyWriteback::start(vec![dir.path().join("missing")]));
+        drop(EarlyWriteback::start(
+            vec![dir.path().join("missing")],
+            Flush::Queue,
+        ));
     }
 }

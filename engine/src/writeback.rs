@@ -10,14 +10,15 @@
 //!
 //! How each step is written back is the caller's [`Flush`]: `fdatasync`, which waits for the pages (and
 //! commits the filesystem's journal and flushes the device's cache), or `sync_file_range(SYNC_FILE_RANGE_WRITE)`,
-//! which only queues them. Measured for issue 20 (2 cores, load average 8–14 from other work, two alternating
-//! rounds of `scripts/bench --only full,restore --runs 3`, six runs each): an offline restore of a full + 10
-//! incrementals (`qemu-img convert` writing) took 1.7–4.3 s (median 2.1) with the queued writeback against
-//! 2.3–5.8 s (median 3.5) with `fdatasync`, with less system CPU (1.1–3.7 s against 1.5–4.6 s); a full backup
-//! (QEMU's job writing) took 1.8–4.5 s with it against 1.4–2.6 s with `fdatasync`, its checking-table phase
-//! after the job being the slower part (the queued writeback is still in flight then and shares the two cores
-//! with the hashing). So backups wait ([`Flush::Wait`]) and `qemu-img convert` outputs queue
-//! ([`Flush::Queue`]). Steps of 16 or 256 MiB instead of 64 made no difference measurable under that load.
+//! which only queues them. Measured for issue 20 (2 cores, load average 4–14 from other work, `scripts/bench
+//! --only full,restore --runs 3` with both binaries, alternating): an offline restore of a full + 10
+//! incrementals (`qemu-img convert` writing) was faster with the queued writeback in three bench rounds where
+//! it ran first (nine restores each: 1.7–4.3 s against 2.3–5.8 s, medians 2.7 and 3.6 s) and in four pairs of
+//! restores alone where it ran second (3.2–4.3 s against 4.5–6.2 s), with less system CPU.
+//! For a full backup (QEMU's job writing) no difference could be told from the noise: two identical binaries
+//! differed by 1.3 s (2.4 against 3.7 s) depending on which bench ran first. So `qemu-img convert` outputs
+//! queue ([`Flush::Queue`]) and backups keep the waiting `fdatasync` ([`Flush::Wait`]) until it is measured on
+//! a quiet machine. Steps of 16 or 256 MiB instead of 64 made no difference measurable under that load.
 
 use std::fs::File;
 use std::path::PathBuf;

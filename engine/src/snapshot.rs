@@ -387,7 +387,7 @@ async fn copy_into_repo(
         .iter()
         .map(|d| vm.resolve(&d.file))
         .collect::<Result<Vec<_>, _>>()?;
-    let writeback = crate::writeback::EarlyWriteback::start(files.clone());
+    let writeback = crate::writeback::EarlyWriteback::start(files.clone(), crate::writeback::Flush::Queue);
     let encrypted = crate::crypt::unlock::active().is_some();
     for (d, dst) in n.disks.iter().zip(&files) {
         let frozen = Path::new(&d.location.path);

@@ -38,7 +38,8 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
     crate::crashpoint::crashpoint("backup-jobs-started");
     // Tests hold the run here to write to the disks while the jobs copy.
     crate::crashpoint::pause_point("backup-copying").await;
-    let writeback = crate::writeback::EarlyWriteback::start(run.target_files()?);
+    let writeback =
+        crate::writeback::EarlyWriteback::start(run.target_files()?, crate::writeback::Flush::Wait);
     let outcome = tokio::select! {
         outcome = wait_jobs(run, &jobs) => outcome,
         () = run.interrupt.wait() => {

@@ -275,7 +275,8 @@ async fn restore_disk(
         None,
     );
     let copy = async {
-        let writeback = crate::writeback::EarlyWriteback::start(vec![path.to_owned()]);
+        let writeback =
+            crate::writeback::EarlyWriteback::start(vec![path.to_owned()], crate::writeback::Flush::Queue);
         convert(bins, &files, out).await?;
         writeback.stop();
         // `qemu-img convert` writes with cache=unsafe: the image is synced while the hash finishes.

@@ -66,13 +66,11 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
 /// `qemu-img create` of each node file; incremental ones name the parent's file as backing file (relative).
 pub(super) async fn create_target_files(run: &Run<'_>) -> Result<()> {
     for t in &run.targets {
-        // The header's backing path is relative to the node file's directory.
-        let backing = t.backing.as_ref().map(|b| format!("../{b}"));
         crate::crypt::unlock::create_node_file(
             &run.bins,
             &run.vm.resolve(&t.file)?,
             t.info.virtual_size,
-            backing.as_deref(),
+            t.header_backing().as_deref(),
         )
         .await?;
     }
@@ -87,11 +85,7 @@ pub(super) async fn add_targets(run: &Run<'_>) -> Result<()> {
     for t in &run.targets {
         let backing = run.add_parent_chain(run.qmp, t).await?;
         let path = run.vm.resolve(&t.file)?;
-        let mut options =
-            graph::qcow2_options(&run.qemu_name("t", t.index), &path, backing.as_deref(), false);
-        options["cache"] = json!({ "no-flush": true });
-        options["file"] = crate::crashpoint::target_file_options(options["file"].take());
-        crate::crypt::unlock::encrypt_node(&mut options);
+        let options = target_options(&run.qemu_name("t", t.index), &path, backing.as_deref());
         run.qmp
             .execute(&BlockdevAdd(options))
             .await
@@ -106,6 +100,17 @@ async fn remove_targets(run: &Run<'_>) {
         let _ = run.qmp.execute(&BlockdevDel::new(name.as_str())).await;
     }
     crate::crypt::unlock::remove_secret(run.qmp).await;
+}
+
+/// The `blockdev-add` options of a new node file `path` as block node `node` (in the VM's QEMU, or a pull's
+/// local qemu-storage-daemon), on top of `backing`: flushes off (the file is fsynced once complete; a target
+/// that is not complete is thrown away), the test hooks' fault injection, and the repository's encryption.
+pub(super) fn target_options(node: &str, path: &std::path::Path, backing: Option<&str>) -> serde_json::Value {
+    let mut options = graph::qcow2_options(node, path, backing, false);
+    options["cache"] = json!({ "no-flush": true });
+    options["file"] = crate::crashpoint::target_file_options(options["file"].take());
+    crate::crypt::unlock::encrypt_node(&mut options);
+    options
 }
 
 /// The one transaction: per disk, the new bitmaps and the copy job. The bitmaps are persistent where the image

@@ -133,6 +133,31 @@ pub(crate) struct Target {
     pub key: String,
 }
 
+impl Target {
+    /// The backing file the new node file's header names: the parent's file, relative to the node file's
+    /// directory. `None` for a full.
+    pub fn header_backing(&self) -> Option<String> {
+        self.backing.as_ref().map(|b| format!("../{b}"))
+    }
+}
+
+/// Opens `parent`'s recovery chain of disk `disk` in `qmp` under names starting with `prefix` and returns its
+/// top node: the backing of the new node file. `None` without a parent (a full).
+pub(crate) async fn add_parent_chain(
+    qmp: &qmp::Qmp,
+    vm: &VmStore,
+    manifest: &chain::Manifest,
+    parent: Option<&chain::NodeId>,
+    disk: &str,
+    prefix: &str,
+) -> Result<Option<String>> {
+    let Some(parent) = parent else {
+        return Ok(None);
+    };
+    let chain = crate::graph::add_chain(qmp, vm, manifest, parent, disk, prefix).await?;
+    Ok(chain.top().map(str::to_owned))
+}
+
 /// A backup in progress: what has been decided and created so far.
 pub(crate) struct Run<'a> {
     pub qmp: &'a qmp::Qmp,
@@ -191,19 +216,16 @@ impl Run<'_> {
     /// Opens the parent node's recovery chain of disk `t` in `qmp` (the VM's QEMU, or a pull's local
     /// qemu-storage-daemon) and returns its top node: the backing of the new node file. `None` for a full.
     pub async fn add_parent_chain(&self, qmp: &qmp::Qmp, t: &Target) -> Result<Option<String>> {
-        let Some(parent) = &self.plan.parent else {
-            return Ok(None);
-        };
-        let chain = crate::graph::add_chain(
+        let parent = self.plan.parent.as_deref().map(str::parse).transpose()?;
+        add_parent_chain(
             qmp,
             self.vm,
             &self.manifest,
-            &parent.parse()?,
+            parent.as_ref(),
             &t.info.id,
             &self.chain_prefix(t.index),
         )
-        .await?;
-        Ok(chain.top().map(str::to_owned))
+        .await
     }
 
     /// The transaction's actions that add the new node's bitmaps to disk `t` (persistent where QEMU can store

@@ -32,10 +32,9 @@ use qmp::commands::{
 use serde_json::json;
 
 use super::view::View;
-use super::{Copied, Run, Target, copy, interrupted};
+use super::{Copied, Run, Target, copy, interrupted, jobs};
 use crate::crashpoint::crashpoint;
 use crate::daemon::{NBD_CONNECT_TIMEOUT, StorageDaemon};
-use crate::graph;
 use crate::plan::Method;
 use crate::recovery;
 use crate::tables::{NbdSource, load_node_table, touched_blocks};
@@ -196,7 +195,7 @@ impl LocalSide {
                     disk: t.info.id.clone(),
                     index: t.index,
                     path: run.vm.resolve(&t.file)?,
-                    backing: t.backing.as_ref().map(|b| format!("../{b}")),
+                    backing: t.header_backing(),
                     virtual_size: t.info.virtual_size,
                     node: run.qemu_name("t", t.index),
                     chain_prefix: run.chain_prefix(t.index),
@@ -243,17 +242,16 @@ impl LocalSide {
         t: &LocalTarget,
     ) -> Result<nbd::Client> {
         let qmp = daemon.qmp();
-        let backing = match &self.parent {
-            Some(parent) => graph::add_chain(qmp, vm, &self.manifest, parent, &t.disk, &t.chain_prefix)
-                .await?
-                .top()
-                .map(str::to_owned),
-            None => None,
-        };
-        let mut options = graph::qcow2_options(&t.node, &t.path, backing.as_deref(), false);
-        options["cache"] = json!({ "no-flush": true });
-        options["file"] = crate::crashpoint::target_file_options(options["file"].take());
-        crate::crypt::unlock::encrypt_node(&mut options);
+        let backing = super::add_parent_chain(
+            qmp,
+            vm,
+            &self.manifest,
+            self.parent.as_ref(),
+            &t.disk,
+            &t.chain_prefix,
+        )
+        .await?;
+        let options = jobs::target_options(&t.node, &t.path, backing.as_deref());
         qmp.execute(&BlockdevAdd(options))
             .await
             .with_context(|| format!("opening the backup target {}", t.path.display()))?;

@@ -551,6 +551,31 @@ impl TestVm {
             .collect()
     }
 
+    /// The block nodes that are not the fixture's own (its disks' `node-…` nodes and QEMU's implicit `#…`
+    /// ones): what a run left behind (`query-named-block-nodes`).
+    pub async fn foreign_block_nodes(&self) -> Vec<String> {
+        let nodes = self
+            .qmp()
+            .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
+            .await
+            .expect("query-named-block-nodes");
+        nodes
+            .as_array()
+            .expect("query-named-block-nodes returns a list")
+            .iter()
+            .map(|n| n["node-name"].as_str().expect("a node name").to_owned())
+            .filter(|name| !(name.starts_with("node-") || name.starts_with('#')))
+            .collect()
+    }
+
+    /// The QOM objects of the VM's QEMU, as `qom-list /objects` returns them.
+    pub async fn objects(&self) -> serde_json::Value {
+        self.qmp()
+            .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
+            .await
+            .expect("qom-list /objects")
+    }
+
     /// Asserts that a pull's scratch images are beside the image of disk `id`, and empty (QMP cannot delete a
     /// file: a pull empties its scratch images).
     pub fn assert_scratch_empty(&self, id: &str) {

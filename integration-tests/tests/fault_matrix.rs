@@ -725,22 +725,10 @@ async fn check_live(
         return Err(format!("current is {:?}, not {node}", manifest.current));
     }
     check_no_nbd(vm).await?;
-    let names = vm
-        .qmp()
-        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
-        .await
-        .unwrap();
-    for n in names.as_array().unwrap() {
-        let name = n["node-name"].as_str().unwrap();
-        if !(name.starts_with("node-") || name.starts_with('#')) {
-            return Err(format!("leftover block node {name}"));
-        }
+    if let Some(name) = vm.foreign_block_nodes().await.first() {
+        return Err(format!("leftover block node {name}"));
     }
-    let objects = vm
-        .qmp()
-        .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
-        .await
-        .unwrap();
+    let objects = vm.objects().await;
     if objects.to_string().contains("qmpbak") {
         return Err(format!("leftover objects: {objects}"));
     }

@@ -148,18 +148,8 @@ async fn assert_restored(vm: &TestVm, expected: &Path) {
 }
 
 async fn assert_only_own_nodes(vm: &TestVm) {
-    let names = vm
-        .qmp()
-        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
-        .await
-        .unwrap();
-    for n in names.as_array().unwrap() {
-        let name = n["node-name"].as_str().unwrap();
-        assert!(
-            name.starts_with("node-") || name.starts_with('#'),
-            "leftover {name}"
-        );
-    }
+    let left = vm.foreign_block_nodes().await;
+    assert!(left.is_empty(), "leftover {left:?}");
 }
 
 /// Live restore of the incremental into a VM at `hv`, qmpbak running `on`; the guest writes while streaming.
@@ -370,11 +360,7 @@ async fn remote_live_restore_interrupted_finishes_first_and_exits_130() {
     assert_eq!(out.code(), Some(130), "{out:?}");
     assert!(out.stderr.contains("finished first"), "{out:?}");
     assert!(repo.manifest(VM).operations.is_empty());
-    let objects = vm
-        .qmp()
-        .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
-        .await
-        .unwrap();
+    let objects = vm.objects().await;
     assert!(
         !objects.to_string().contains("qmpbak-nbd-client"),
         "the client credentials qmpbak added are left: {objects}"
@@ -566,11 +552,7 @@ async fn remote_live_restore_of_an_encrypted_repository() {
         cli::processes_mentioning(key_text).is_empty(),
         "the key is on a command line"
     );
-    let objects = vm
-        .qmp()
-        .execute_raw("qom-list", Some(serde_json::json!({"path": "/objects"})))
-        .await
-        .unwrap();
+    let objects = vm.objects().await;
     assert!(
         !objects.to_string().contains("\"secret\""),
         "the VM's QEMU got a secret: {objects}"

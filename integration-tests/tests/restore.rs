@@ -230,18 +230,8 @@ async fn live_restore_runs_at_once_and_guest_writes_during_streaming_survive() {
         image::assert_same(exp, &vm.disk_path(disk));
         assert!(image::info(&vm.disk_path(disk)).get("backing-filename").is_none());
     }
-    let names = vm
-        .qmp()
-        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
-        .await
-        .unwrap();
-    for n in names.as_array().unwrap() {
-        let name = n["node-name"].as_str().unwrap();
-        assert!(
-            name.starts_with("node-") || name.starts_with('#'),
-            "leftover {name}"
-        );
-    }
+    let left = vm.foreign_block_nodes().await;
+    assert!(left.is_empty(), "leftover {left:?}");
     let manifest = repo.manifest(VM);
     assert_eq!(manifest.current.as_ref().unwrap().to_string(), node);
     assert!(manifest.operations.is_empty());
@@ -501,18 +491,8 @@ async fn assert_nothing_left(vm: &TestVm) {
         .await
         .expect("no NBD server left running");
     vm.qmp().execute_raw("nbd-server-stop", None).await.unwrap();
-    let names = vm
-        .qmp()
-        .execute_raw("query-named-block-nodes", Some(serde_json::json!({"flat": true})))
-        .await
-        .unwrap();
-    for n in names.as_array().unwrap() {
-        let name = n["node-name"].as_str().unwrap();
-        assert!(
-            name.starts_with("node-") || name.starts_with('#'),
-            "leftover {name}"
-        );
-    }
+    let left = vm.foreign_block_nodes().await;
+    assert!(left.is_empty(), "leftover {left:?}");
 }
 
 /// A live restore into a disk that holds data used to keep it under the backup's: wrong data, silently. Now

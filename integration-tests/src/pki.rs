@@ -169,6 +169,15 @@ impl TestPki {
             self.path("server").display()
         )
     }
+
+    /// QEMU's `-object` for client credentials, id `id`, reading the credentials directory `dir` (a name for
+    /// [`TestPki::path`]): the VM's side of a connection to a backup host's server.
+    pub fn client_object(&self, id: &str, dir: &str) -> String {
+        format!(
+            "tls-creds-x509,id={id},dir={},endpoint=client",
+            self.path(dir).display()
+        )
+    }
 }
 
 /// A TCP port on 127.0.0.1 that was free a moment ago (for a server QEMU starts; another process may take

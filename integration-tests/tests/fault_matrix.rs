@@ -411,13 +411,7 @@ async fn check(
     }
     // The following backup is exact.
     vm.write_pattern("disk1", 0x55, 5 * MIB, MIB).await;
-    let refs: Vec<PathBuf> = ["disk0", "disk1"]
-        .iter()
-        .map(|d| work.join(format!("ref-{d}.qcow2")))
-        .collect();
-    for (d, r) in ["disk0", "disk1"].iter().zip(&refs) {
-        vm.capture_reference(d, r).await;
-    }
+    let refs = vm.capture_references(&["disk0", "disk1"], work, "next").await;
     let next = repo.try_backup(&vm, VM, pull);
     if !next.status.success() {
         return Err(format!("the following backup failed: {}", next.stderr.trim()));
@@ -525,10 +519,7 @@ impl LiveTarget {
         let vm = b
             .tcp_qmp("127.0.0.1", port, Some(&pki.path("server")))
             .arg("-object")
-            .arg(&format!(
-                "tls-creds-x509,id=nbdc,dir={},endpoint=client",
-                pki.path("client").display()
-            ))
+            .arg(&pki.client_object("nbdc", "client"))
             .start()
             .await;
         LiveTarget {
@@ -749,13 +740,7 @@ async fn check_live(
     vm.qmp().execute_raw("cont", None).await.unwrap();
     // The next backup: an incremental on the live restore's bitmap, exact.
     vm.write_pattern("disk1", 0x55, 5 * MIB, MIB).await;
-    let refs: Vec<PathBuf> = ["disk0", "disk1"]
-        .iter()
-        .map(|d| work.join(format!("ref-{d}.qcow2")))
-        .collect();
-    for (d, r) in ["disk0", "disk1"].iter().zip(&refs) {
-        vm.capture_reference(d, r).await;
-    }
+    let refs = vm.capture_references(&["disk0", "disk1"], work, "next").await;
     let mut args = repo.vm_args(VM, &["backup", "--json"]);
     args.extend(target.reach.iter().cloned());
     if !target.serve.is_empty() {

@@ -89,10 +89,7 @@ async fn target_vm(host: &str, port: u16, pki: &TestPki, client: &str, netns: Op
         .paused()
         .tcp_qmp(host, port, Some(&pki.path("server")))
         .arg("-object")
-        .arg(&format!(
-            "tls-creds-x509,id=nbdc,dir={},endpoint=client",
-            pki.path(client).display()
-        ));
+        .arg(&pki.client_object("nbdc", client));
     if let Some(ns) = netns {
         b = b.netns(ns);
     }
@@ -455,10 +452,7 @@ async fn remote_live_restore_with_several_server_credentials_needs_tls_creds() {
         .arg("-object")
         .arg(&pki.server_object("other"))
         .arg("-object")
-        .arg(&format!(
-            "tls-creds-x509,id=nbdc,dir={},endpoint=client",
-            pki.path("client").display()
-        ))
+        .arg(&pki.client_object("nbdc", "client"))
         .start()
         .await;
     let serve = ["--serve-tls-dir", &s(&pki.path("server"))];

@@ -109,6 +109,9 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     let refs_dir = tempfile::tempdir().unwrap();
     vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
     vm.write_pattern("disk1", 0x22, 2 * MIB, MIB).await;
+    // 64 KiB alone in a block of holes.
+    vm.write_pattern("disk1", 0x23, 10 * MIB + 128 * 1024, 64 * 1024)
+        .await;
 
     let full_refs = vm.capture_references(&DISKS, refs_dir.path(), "full").await;
     let full = backup_env(&repo, &vm, &strs(&args), env, view);
@@ -120,7 +123,17 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     let full_id = full.node.clone();
     assert_node_equals(&repo, &full_id, &full_refs);
     // Only the allocated extents crossed the connection.
-    assert_eq!((pulled(&full, 0), pulled(&full, 1)), (4 * MIB, MIB), "{full:?}");
+    assert_eq!(
+        (pulled(&full, 0), pulled(&full, 1)),
+        (4 * MIB, MIB + 64 * 1024),
+        "{full:?}"
+    );
+    // And only they were written: the holes of a block with data stay holes in the full's file.
+    assert_eq!(
+        (full.disks[0].copied_bytes, full.disks[1].copied_bytes),
+        (4 * MIB, MIB + 64 * 1024),
+        "{full:?}"
+    );
 
     vm.write_pattern("disk0", 0x33, 8 * MIB + 4096, 512 * 1024).await;
     vm.write_zeroes("disk0", 0, MIB).await;
@@ -170,6 +183,9 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     vm.qmp().execute_raw("cont", None).await.unwrap();
     let vm = vm.restart().await;
     vm.write_pattern("disk0", 0x66, 2 * MIB, MIB).await;
+    // A hole in a block of the parent's data: the checksum-diff writes it as zeros, or the parent's data would
+    // show through.
+    vm.write_zeroes("disk1", 2 * MIB + 256 * 1024, 64 * 1024).await;
     let cd_refs = vm.capture_references(&DISKS, refs_dir.path(), "cd").await;
     let cd = backup_env(&repo, &vm, &strs(&args), env, view);
     assert_eq!(cd.method, "checksum-diff", "{cd:?}");

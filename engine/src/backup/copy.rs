@@ -6,8 +6,9 @@
 //! What is read: the whole disk (a full, a checksum-diff) or only some blocks (an incremental's dirty ones),
 //! holes skipped by block status either way. What is written: the blocks whose check value differs from the
 //! base's table (the parent node, whose file backs the new one), or without a base every block that is not all
-//! zeros (a new file without backing reads as zeros). The table is the whole disk's, or the base's with the
-//! blocks read rehashed.
+//! zeros (a new file without backing reads as zeros); of such a block, its data, and its holes only where the
+//! file has a backing to hide (as write-zeroes). The table is the whole disk's, or the base's with the blocks
+//! read rehashed.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -225,8 +226,10 @@ impl CopyChanged {
         }
     }
 
-    /// Starts the write of bytes `[offset, offset + len)` of `blocks` as one request, after waiting for room
-    /// among the writes in flight.
+    /// Starts the writes of bytes `[offset, offset + len)` of `blocks`: one write-zeroes request when they are
+    /// all zeros, else one write per run of data pieces, and for the runs of zero pieces between them a
+    /// write-zeroes request where the file has a backing to hide, nothing where it reads as zeros already (a
+    /// hole in the disk stays a hole in a full's file, not a megabyte block's worth of written zeros).
     fn write_range(
         &self,
         blocks: &[chain::Visited<'_>],
@@ -234,7 +237,22 @@ impl CopyChanged {
         len: u64,
         zero: bool,
     ) -> io::Result<()> {
-        let data = (!zero).then(|| gather(blocks, offset, len));
+        if zero {
+            return self.issue(offset, len, None);
+        }
+        for (start, n, data) in spans(blocks, offset, len) {
+            if data {
+                self.issue(start, n, Some(gather(blocks, start, n)))?;
+            } else if self.base.is_some() {
+                self.issue(start, n, None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts one write (`data`) or write-zeroes request (`None`) of `len` bytes at `offset`, after waiting for
+    /// room among the writes in flight.
+    fn issue(&self, offset: u64, len: u64, data: Option<Vec<u8>>) -> io::Result<()> {
         let permits = u32::try_from(len.div_ceil(WRITE_PERMIT_BYTES))
             .unwrap_or(u32::MAX)
             .clamp(1, WRITE_PERMITS);
@@ -333,6 +351,32 @@ fn gather(blocks: &[chain::Visited<'_>], offset: u64, len: u64) -> Vec<u8> {
     bytes
 }
 
+/// `[offset, offset + len)` of `blocks` (consecutive, covering the range) as runs of data pieces and of zero
+/// pieces: `(start, len, data)`, in order, neighbours of one kind merged.
+fn spans(blocks: &[chain::Visited<'_>], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
+    let end = offset + len;
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut at = blocks.first().map_or(offset, |b| b.offset);
+    for p in blocks.iter().flat_map(|b| &b.pieces) {
+        let (n, data) = match p {
+            Piece::Data(d) => (d.len() as u64, true),
+            Piece::Zero(n) => (*n, false),
+        };
+        let (lo, hi) = (at.max(offset), (at + n).min(end));
+        if hi > lo {
+            match out.last_mut() {
+                Some((s, l, d)) if *d == data && *s + *l == lo => *l += hi - lo,
+                _ => out.push((lo, hi - lo, data)),
+            }
+        }
+        at += n;
+        if at >= end {
+            break;
+        }
+    }
+    out
+}
+
 /// `[offset, offset + len)` cut at the edges of `ranges` (sorted, disjoint `(offset, len)`): `(start, len,
 /// inside)`, in order.
 pub(super) fn cut(ranges: &[(u64, u64)], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
@@ -386,6 +430,35 @@ mod tests {
         assert_eq!(cut(&dirty, 31, 5), vec![(31, 5, false)]);
         assert_eq!(cut(&dirty, 22, 3), vec![(22, 3, true)]);
         assert_eq!(cut(&[], 0, 7), vec![(0, 7, false)]);
+    }
+
+    #[test]
+    fn spans_are_the_runs_of_data_and_of_zeros_in_the_range() {
+        let a: Vec<u8> = (0..8).collect();
+        let b: Vec<u8> = (100..104).collect();
+        let blocks = [
+            chain::Visited {
+                index: 1,
+                offset: 16,
+                len: 12,
+                digest: chain::Digest::default(),
+                pieces: vec![Piece::Data(&a), Piece::Zero(4)],
+            },
+            chain::Visited {
+                index: 2,
+                offset: 28,
+                len: 12,
+                digest: chain::Digest::default(),
+                pieces: vec![Piece::Zero(8), Piece::Data(&b)],
+            },
+        ];
+        assert_eq!(
+            spans(&blocks, 16, 24),
+            vec![(16, 8, true), (24, 12, false), (36, 4, true)]
+        );
+        assert_eq!(spans(&blocks, 20, 6), vec![(20, 4, true), (24, 2, false)]);
+        assert_eq!(spans(&blocks, 30, 7), vec![(30, 6, false), (36, 1, true)]);
+        assert_eq!(spans(&blocks, 39, 1), vec![(39, 1, true)]);
     }
 
     #[test]

@@ -220,8 +220,8 @@ impl LocalSide {
         })
     }
 
-    /// Creates the node files and maps the parent's chains while the daemon starts, then opens each node file
-    /// on top of its parent's chain in the daemon and connects to it writable (in target order).
+    /// Creates the node files while the daemon starts, then opens each on top of its parent's chain in the
+    /// daemon and connects to it writable (in target order); maps the parents' chains meanwhile.
     async fn open(
         self,
         bins: &crate::qemu_bins::QemuBins,
@@ -234,18 +234,28 @@ impl LocalSide {
             }
             Ok::<_, anyhow::Error>(())
         };
-        let (daemon, created, mut parents) =
-            tokio::join!(StorageDaemon::start(bins), create, self.map_parents(bins, vm));
-        let daemon = daemon?;
-        created?;
-        tracing::debug!("the node files are made and the local daemon runs");
-        let mut opened = Vec::new();
-        for t in &self.targets {
-            opened.push(Opened {
-                target: self.open_target(&daemon, vm, t).await?,
-                parent: parents.get_mut(opened.len()).and_then(Option::take),
-            });
-        }
+        // The parents' chains are mapped meanwhile: the copy needs them, opening the node files does not.
+        let open = async {
+            let (daemon, created) = tokio::join!(StorageDaemon::start(bins), create);
+            let daemon = daemon?;
+            created?;
+            tracing::debug!("the node files are made and the local daemon runs");
+            let mut targets = Vec::new();
+            for t in &self.targets {
+                targets.push(self.open_target(&daemon, vm, t).await?);
+            }
+            Ok::<_, anyhow::Error>((daemon, targets))
+        };
+        let (opened, mut parents) = tokio::join!(open, self.map_parents(bins, vm));
+        let (daemon, targets) = opened?;
+        let opened = targets
+            .into_iter()
+            .enumerate()
+            .map(|(i, target)| Opened {
+                target,
+                parent: parents.get_mut(i).and_then(Option::take),
+            })
+            .collect();
         Ok((daemon, opened))
     }
 

@@ -24,6 +24,16 @@ pub fn target_file_options(file: serde_json::Value) -> serde_json::Value {
     })
 }
 
+/// With `QMPBAK_INJECT_NO_ODIRECT` set, a pull's local daemon refuses to open a node file with O_DIRECT (an
+/// option it does not know is added to that attempt), as a filesystem without O_DIRECT makes it refuse, so
+/// tests can prove the file is then written through the page cache. Without it, `options` are unchanged.
+pub fn direct_target_options(mut options: serde_json::Value) -> serde_json::Value {
+    if std::env::var_os("QMPBAK_INJECT_NO_ODIRECT").is_some() {
+        options["x-qmpbak-no-odirect"] = serde_json::json!(true);
+    }
+    options
+}
+
 /// How long a [`pause_point`] holds a run at most: it never hangs a run whose test forgot it.
 pub const PAUSE_BOUND: std::time::Duration = std::time::Duration::from_secs(120);
 

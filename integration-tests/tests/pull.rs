@@ -555,6 +555,43 @@ async fn a_pull_whose_nbd_server_goes_away_fails_clearly_and_the_next_is_exact()
     assert_node_equals(&repo, inc.node.as_str(), &refs);
 }
 
+/// A repository on a filesystem without O_DIRECT (the local daemon refuses the direct open): the node files are
+/// written through the page cache instead, and say so at -v; every node is exact.
+#[tokio::test]
+async fn a_pull_into_a_filesystem_without_o_direct_is_written_buffered_and_exact() {
+    let pki = TestPki::loopback();
+    let port = free_port();
+    let vm = tls_vm(&pki).await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    let pull = pull_args(&pki, "client", port);
+    let args = [strs(&pull), vec!["-v"]].concat();
+    for (round, pattern) in [(0u64, 0x61u8), (1, 0x62)] {
+        vm.write_pattern("disk0", pattern, round * 3 * MIB + 4096, 2 * MIB)
+            .await;
+        vm.write_pattern("disk1", pattern, round * MIB, 64 * 1024).await;
+        let refs = vm
+            .capture_references(&DISKS, refs_dir.path(), &format!("r{round}"))
+            .await;
+        let mut cmd = cli::command_owned(&repo.backup_args(&vm, VM, &args));
+        cmd.env("QMPBAK_INJECT_NO_ODIRECT", "1");
+        let out = cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT).success();
+        assert!(
+            out.stderr.contains("written through the page cache"),
+            "{}",
+            out.stderr
+        );
+        let report: BackupReport = out.report();
+        assert_eq!(
+            report.level,
+            if round == 0 { "full" } else { "incremental" },
+            "{report:?}"
+        );
+        assert_node_equals(&repo, &report.node, &refs);
+    }
+    repo.run(VM, &["verify"]).success();
+}
+
 #[tokio::test]
 async fn a_pull_into_an_encrypted_repository_is_encrypted_exact_and_verifies() {
     let pki = TestPki::loopback();

@@ -313,6 +313,7 @@ impl LocalSide {
         // way. A filesystem without O_DIRECT (tmpfs on older kernels, some FUSE mounts) is written buffered.
         let mut direct = options.clone();
         direct["cache"]["direct"] = json!(true);
+        let direct = crate::crashpoint::direct_target_options(direct);
         if let Err(e) = qmp.execute(&BlockdevAdd(direct)).await {
             tracing::info!(file = %t.path.display(), "the backup target is written through the page cache: {e}");
             qmp.execute(&BlockdevAdd(options))

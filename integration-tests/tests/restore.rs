@@ -154,6 +154,51 @@ async fn every_node_of_a_two_branch_tree_restores_exactly_also_after_moving_the_
     std::fs::rename(&moved, repo.path()).unwrap();
 }
 
+/// An output on a filesystem that refuses O_DIRECT (the restore writes with it where it can): the images are
+/// written through the page cache instead, say so at -v, and are exact.
+#[tokio::test]
+async fn a_restore_onto_a_filesystem_without_o_direct_is_written_buffered_and_exact() {
+    let repo = TestRepo::init();
+    let work = tempfile::tempdir().unwrap();
+    let vm = TestVm::start(&sizes()).await;
+    vm.write_pattern("disk0", 0x31, 0, 3 * MIB).await;
+    vm.write_pattern("disk1", 0x32, 4 * MIB, MIB).await;
+    repo.backup_node(&vm, VM, &[]);
+    vm.write_pattern("disk0", 0x33, MIB + 64 * 1024, 64 * 1024).await;
+    vm.write_zeroes("disk1", 4 * MIB, 64 * 1024).await;
+    let refs = vm.capture_references(&DISKS, work.path(), "inc").await;
+    let inc = repo.backup_node(&vm, VM, &[]);
+    for (inject, format) in [(true, "qcow2"), (false, "raw")] {
+        let dir = work.path().join(format!("out-{format}"));
+        let args = repo.vm_args(
+            VM,
+            &[
+                "restore",
+                &inc,
+                "--to",
+                dir.to_str().unwrap(),
+                "--format",
+                format,
+                "-v",
+            ],
+        );
+        let mut cmd = cli::command_owned(&args);
+        if inject {
+            cmd.env("QMPBAK_INJECT_NO_ODIRECT", "1");
+        }
+        let out = cli::wait(cmd.spawn().unwrap(), CLI_TIMEOUT).success();
+        assert_eq!(
+            out.stderr.contains("written through the page cache"),
+            inject,
+            "{}",
+            out.stderr
+        );
+        for (disk, reference) in DISKS.iter().zip(&refs) {
+            image::assert_same(reference, &dir.join(format!("{disk}.{format}")));
+        }
+    }
+}
+
 /// Exports the VM's disk `id` read-only over NBD from its own QEMU and connects to it: the guest's view.
 async fn guest_view(vm: &TestVm, id: &str) -> nbd::Client {
     let socket = vm.dir().join("view.sock");

@@ -275,11 +275,17 @@ async fn restore_disk(
         None,
     );
     let copy = async {
-        let writeback =
-            crate::writeback::EarlyWriteback::start(vec![path.to_owned()], crate::writeback::Flush::Queue);
-        convert(bins, &files, out).await?;
-        writeback.stop();
-        // `qemu-img convert` writes with cache=unsafe: the image is synced while the hash finishes.
+        let direct = accepts_o_direct(path);
+        // Written through the page cache, the image's writeback is started as it grows.
+        let writeback = (!direct).then(|| {
+            crate::writeback::EarlyWriteback::start(vec![path.to_owned()], crate::writeback::Flush::Queue)
+        });
+        convert(bins, &files, out, direct).await?;
+        if let Some(writeback) = writeback {
+            writeback.stop();
+        }
+        // `qemu-img convert` flushes nothing (cache=unsafe, or O_DIRECT without a device cache flush): the
+        // image is synced while the hash finishes.
         let out = path.to_owned();
         tokio::task::spawn_blocking(move || chain::store::sync_files(&[out]))
             .await
@@ -300,13 +306,39 @@ struct Output<'a> {
     encrypt: Option<&'a Path>,
 }
 
-/// `qemu-img convert` of the chain `files` (bottom first) into the existing, empty image `out`.
-async fn convert(bins: &QemuBins, files: &[PathBuf], out: &Output<'_>) -> Result<()> {
+/// Whether the file `path` can be written with O_DIRECT: some filesystems refuse the flag (tmpfs before Linux
+/// 6.6, some FUSE and network filesystems). Asked by opening it so, before `qemu-img convert` writes anything.
+fn accepts_o_direct(path: &Path) -> bool {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    // The fault hook of tests: the filesystem refuses O_DIRECT.
+    let opened = if std::env::var_os("QMPBAK_INJECT_NO_ODIRECT").is_some() {
+        Err(std::io::Error::from_raw_os_error(libc::EINVAL))
+    } else {
+        std::fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+    };
+    if let Err(e) = &opened {
+        tracing::info!(file = %path.display(), "the restored image is written through the page cache: {e}");
+    }
+    opened.is_ok()
+}
+
+/// `qemu-img convert` of the chain `files` (bottom first) into the existing, empty image `out`; with `direct`,
+/// written with O_DIRECT (`-t none`): on this machine class a buffered write costs a fresh page of page cache
+/// per page and the kernel's dirty-page throttling on top, for an image that is fsynced at once anyway (a
+/// restore of a 1.6 GiB chain of 12 layers: 2.6-2.8 s direct against 3.8-5.0 s buffered, system time 1.3-1.8 s
+/// against 3.6-5.4 s).
+async fn convert(bins: &QemuBins, files: &[PathBuf], out: &Output<'_>, direct: bool) -> Result<()> {
     let (path, format) = (out.path, out.format);
     let spec = crate::direct::chain_spec(files);
     let mut cmd = bins.img_command();
     cmd.args(["convert", "-n", "--target-is-zero"])
         .args(crate::crypt::unlock::qemu_img_args());
+    if direct {
+        cmd.args(["-t", "none"]);
+    }
     match out.encrypt {
         // The target's options name its format.
         Some(key) => cmd

@@ -337,7 +337,8 @@ async fn convert(bins: &QemuBins, files: &[PathBuf], out: &Output<'_>, direct: b
     cmd.args(["convert", "-n", "--target-is-zero"])
         .args(crate::crypt::unlock::qemu_img_args());
     if direct {
-        cmd.args(["-t", "none"]);
+        // Out of order (`-W`): each direct write waits for the disk, so its coroutines keep several going.
+        cmd.args(["-t", "none", "-W"]);
     }
     match out.encrypt {
         // The target's options name its format.

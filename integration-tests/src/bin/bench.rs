@@ -902,6 +902,7 @@ async fn run(opts: &Options) -> Report {
         restore_rss: Vec::new(),
     };
     let load_before = loadavg();
+    let reported_before = page_reporting_kib();
     let started = Instant::now();
     bench.report.config = json!({
         "summary": format!(
@@ -990,6 +991,18 @@ async fn run(opts: &Options) -> Report {
         "load average before {load_before}, after {load_after}; bench took {:.0} s",
         started.elapsed().as_secs_f64()
     ));
+    let reported = page_reporting_kib()
+        .zip(reported_before)
+        .map(|(after, before)| after.saturating_sub(before));
+    bench.report.config["page_reporting_kib"] = json!(reported);
+    bench.report.notes.push(match reported {
+        Some(kib) => format!(
+            "free page reporting is on: the kernel gave {} of freed memory back to its host during the bench; a \
+             buffered write into pages given back pays for fresh ones (README, Performance)",
+            fmt_bytes(kib.saturating_mul(1024))
+        ),
+        None => "this kernel does not say whether it gives freed memory back to its host (no page_reporting reported_kib)".to_owned(),
+    });
     if opts.keep {
         let kept = workdir.keep();
         eprintln!("bench: keeping {}", kept.display());
@@ -2176,6 +2189,18 @@ fn loadavg() -> String {
     fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
+}
+
+/// KiB of freed memory the kernel has handed back to its hypervisor since boot (virtio-balloon free page
+/// reporting), or `None` without it. A buffered write into memory handed back pays for the host to fault in
+/// and zero a fresh page: on this machine class a GiB written into the page cache costs about 1.3 s of system
+/// time more than one written into pages freed a moment before, so the bench reports how much went back.
+fn page_reporting_kib() -> Option<u64> {
+    fs::read_to_string("/sys/module/page_reporting/parameters/reported_kib")
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 fn cpu_model() -> String {

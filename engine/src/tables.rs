@@ -223,6 +223,20 @@ pub async fn build(at: DiskAt<'_>, block_size: u64, parent: Option<&Table>) -> R
     result
 }
 
+/// The checking table of `node`'s disk `disk` when its own layer allocates nothing: `parent`'s, unchanged, with
+/// no read of the chain. `None` when the layer holds anything (data or zero clusters): build it then
+/// ([`build`]). Only the top file is mapped (without its backing files), which costs the same on a 1 TiB disk
+/// as on a small one, while mapping the whole chain walks every range the layer leaves to its backing files.
+pub async fn unchanged_layer(at: DiskAt<'_>, parent: &Table) -> Result<Option<Table>> {
+    let files = crate::direct::chain_files(at.vm, at.manifest, at.node, at.disk)?;
+    let top = files.last().context("empty recovery chain")?;
+    let ranges = layer_extents(at.bins, top).await?;
+    // A range past the parent's blocks is refused here as it would be by `build`.
+    Ok(touched_blocks(&ranges, parent.block_size(), parent.len())?
+        .is_empty()
+        .then(|| parent.clone()))
+}
+
 /// Hashes a node's disk from `source` on `threads` workers: whole, or only the `changed` blocks on top of the
 /// parent's table.
 async fn hash_node<S: chain::BlockSource + Send + 'static>(

@@ -72,6 +72,15 @@ async fn a_full_backup_of_a_mostly_empty_1_tib_disk_copies_and_stores_only_its_d
         "the incremental's table takes {} bytes",
         on_disk(&inc_table)
     );
+
+    // Nothing written since: the job copies nothing, and the table is the incremental's, taken from it
+    // without mapping the 1 TiB chain (verify below rehashes every node against its table).
+    let empty = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(empty.level, "incremental", "{empty:?}");
+    assert_eq!(copied_bytes(&empty), [0], "{empty:?}");
+    image::assert_same(&inc_ref, &repo.node_file(VM, empty.node.as_str(), DISK));
+
     let verified: VerifyReport = repo.run(VM, &["verify", "--json"]).success().report();
     assert!(verified.ok, "{verified:?}");
+    assert_eq!(verified.nodes.len(), 3, "{verified:?}");
 }

@@ -629,7 +629,7 @@ impl Run<'_> {
             (tables.clone(), self.base_tables().unwrap_or_default())
         } else {
             let bases = self.base_tables()?;
-            (self.build_tables(&bases).await?, bases)
+            (self.build_tables(&bases, &copied.bytes).await?, bases)
         };
         let tables_secs = started.elapsed().as_secs_f64();
         sync.await.context("fsync task panicked")??;
@@ -684,10 +684,13 @@ impl Run<'_> {
     }
 
     /// Builds each disk's checking table ([`crate::tables::build`]): derived from the parent's table for an
-    /// incremental or differential, whole for a full.
+    /// incremental or differential, whole for a full. A disk whose job copied nothing (`copied`, bytes per
+    /// target) has its layer mapped alone first: when that shows the layer empty, its table is the parent's,
+    /// and the chain is not mapped at all (on a large sparse disk that map is most of an empty incremental).
     async fn build_tables(
         &self,
         bases: &[Option<(chain::Table, chain::Digest)>],
+        copied: &[u64],
     ) -> Result<Vec<chain::Table>> {
         self.progress.phase("building checking tables");
         let mut tables = Vec::new();
@@ -700,9 +703,19 @@ impl Run<'_> {
                 node: &self.node,
                 disk: &t.info.id,
             };
-            let table = crate::tables::build(at, self.block_size, parent_table)
-                .await
-                .with_context(|| format!("building the checking table of disk {}", t.info.id))?;
+            let context = || format!("building the checking table of disk {}", t.info.id);
+            let unchanged = match parent_table {
+                Some(parent) if copied.get(t.index) == Some(&0) => crate::tables::unchanged_layer(at, parent)
+                    .await
+                    .with_context(context)?,
+                _ => None,
+            };
+            let table = match unchanged {
+                Some(table) => table,
+                None => crate::tables::build(at, self.block_size, parent_table)
+                    .await
+                    .with_context(context)?,
+            };
             self.progress.finish_disk(&t.info.id);
             tables.push(table);
         }

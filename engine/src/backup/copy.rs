@@ -432,26 +432,31 @@ mod tests {
         assert_eq!(cut(&[], 0, 7), vec![(0, 7, false)]);
     }
 
-    #[test]
-    fn spans_are_the_runs_of_data_and_of_zeros_in_the_range() {
-        let a: Vec<u8> = (0..8).collect();
-        let b: Vec<u8> = (100..104).collect();
-        let blocks = [
+    /// Blocks 1 and 2 of 12 bytes each at 16 and 28: `a`'s 8 bytes then 4 zeros, 8 zeros then `b`'s 4 bytes.
+    fn two_blocks<'a>(a: &'a [u8], b: &'a [u8]) -> [chain::Visited<'a>; 2] {
+        [
             chain::Visited {
                 index: 1,
                 offset: 16,
                 len: 12,
                 digest: chain::Digest::default(),
-                pieces: vec![Piece::Data(&a), Piece::Zero(4)],
+                pieces: vec![Piece::Data(a), Piece::Zero(4)],
             },
             chain::Visited {
                 index: 2,
                 offset: 28,
                 len: 12,
                 digest: chain::Digest::default(),
-                pieces: vec![Piece::Zero(8), Piece::Data(&b)],
+                pieces: vec![Piece::Zero(8), Piece::Data(b)],
             },
-        ];
+        ]
+    }
+
+    #[test]
+    fn spans_are_the_runs_of_data_and_of_zeros_in_the_range() {
+        let a: Vec<u8> = (0..8).collect();
+        let b: Vec<u8> = (100..104).collect();
+        let blocks = two_blocks(&a, &b);
         assert_eq!(
             spans(&blocks, 16, 24),
             vec![(16, 8, true), (24, 12, false), (36, 4, true)]
@@ -465,22 +470,7 @@ mod tests {
     fn gathered_bytes_are_the_blocks_bytes_in_the_range() {
         let a: Vec<u8> = (0..8).collect();
         let b: Vec<u8> = (100..104).collect();
-        let blocks = [
-            chain::Visited {
-                index: 1,
-                offset: 16,
-                len: 12,
-                digest: chain::Digest::default(),
-                pieces: vec![Piece::Data(&a), Piece::Zero(4)],
-            },
-            chain::Visited {
-                index: 2,
-                offset: 28,
-                len: 12,
-                digest: chain::Digest::default(),
-                pieces: vec![Piece::Zero(8), Piece::Data(&b)],
-            },
-        ];
+        let blocks = two_blocks(&a, &b);
         let whole: Vec<u8> = a
             .iter()
             .copied()

@@ -48,14 +48,11 @@ pub fn load_manifest(path: &Path, vm: &str) -> Result<Manifest> {
         found,
         supported: FORMAT_VERSION,
     };
-    // One pass for a manifest of this format (8 MiB for 10 000 nodes: the probe alone reads it all once more);
-    // anything else is read again below, version first, for the error that says what is wrong.
-    let current = serde_json::from_slice::<Manifest>(&bytes)
-        .ok()
-        .filter(|m| m.format_version == FORMAT_VERSION);
-    let manifest: Manifest = match current {
-        Some(manifest) => manifest,
-        None => match serde_json::from_slice::<VersionProbe>(&bytes) {
+    // One pass for a manifest of this format (8 MiB for 10 000 nodes: a version probe first would read it all
+    // twice). Anything else is read again, version first, for the error that says what is wrong.
+    let manifest: Manifest = match serde_json::from_slice::<Manifest>(&bytes) {
+        Ok(manifest) if manifest.format_version == FORMAT_VERSION => manifest,
+        parsed => match serde_json::from_slice::<VersionProbe>(&bytes) {
             // Format 1: its operation records are converted ([`crate::v1`]); the rest reads as it is.
             Ok(VersionProbe {
                 format_version: Some(1),
@@ -68,7 +65,7 @@ pub fn load_manifest(path: &Path, vm: &str) -> Result<Manifest> {
             Ok(VersionProbe {
                 format_version: Some(found),
             }) if found > FORMAT_VERSION => return Err(too_new(found)),
-            _ => serde_json::from_slice(&bytes).map_err(|e| syntax(&e))?,
+            _ => parsed.map_err(|e| syntax(&e))?,
         },
     };
     match manifest.format_version {

@@ -158,7 +158,8 @@ async fn a_grown_disk_gets_a_full_with_the_reason() {
 /// The checksum-diff copy merges neighbouring changed blocks into one write and keeps several writes in
 /// flight: changed runs that cross the workers' run boundaries, zeroed blocks beside data blocks, isolated
 /// blocks, blocks that were holes in the full, the disk's last block, a block rewritten with its old bytes, and
-/// a disk changed end to end. Each node must read exactly as the disk did, and only changed blocks be copied.
+/// a disk changed end to end. Each node must read exactly as the disk did, and of the changed blocks only the
+/// 64 KiB clusters that differ from the full be copied.
 #[tokio::test]
 async fn a_checksum_diff_with_many_neighbouring_and_scattered_changes_is_exact() {
     let vm = two_disk_vm().await;
@@ -194,12 +195,20 @@ async fn a_checksum_diff_with_many_neighbouring_and_scattered_changes_is_exact()
     assert_eq!(inc.method, "checksum-diff", "{inc:?}");
     let id = inc.node.clone();
     assert_node_equals(&repo, &id, &refs);
-    assert_eq!(inc.disks[0].copied_bytes, 15 * MIB, "{inc:?}");
+    // Of the 15 changed blocks of disk0, the clusters that differ from the full: 5 MiB over blocks 3..=8, the
+    // two zeroed blocks, one 64 KiB cluster in each of blocks 12, 15, 17 and 19, blocks 26 and 27, and the
+    // second half of block 31 (its first half was a hole and still is). Before the clusters were compared,
+    // every changed block was written whole (15 MiB).
+    assert_eq!(
+        inc.disks[0].copied_bytes,
+        9 * MIB + MIB / 2 + 4 * 64 * 1024,
+        "{inc:?}"
+    );
     assert_eq!(inc.disks[1].copied_bytes, 16 * MIB, "{inc:?}");
-    // The zeroed blocks, and the hole in the first half of block 31, are stored as zeroes, not as data.
+    // The zeroed blocks are stored as zeroes, not as data.
     assert_eq!(
         image::allocated_data_bytes(&repo.node_file(VM, &id, "disk0")),
-        12 * MIB + MIB / 2
+        7 * MIB + MIB / 2 + 4 * 64 * 1024
     );
 
     // The restore of the node reads back the same disks.
@@ -249,12 +258,13 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     assert!(reason.contains("disk0") && reason.contains(&full_id), "{reason}");
     let id = inc.node.clone();
     assert_node_equals(&repo, &id, &refs);
-    // Only the blocks (1 MiB each) whose checksums changed were stored: two on disk0, one on disk1.
-    assert_eq!(inc.disks[0].copied_bytes, 2 * MIB, "{inc:?}");
+    // Only the blocks (1 MiB each) whose checksums changed were read again, and of them only the 64 KiB clusters
+    // that differ from the full were stored: a whole block and one cluster on disk0, a whole block on disk1.
+    assert_eq!(inc.disks[0].copied_bytes, MIB + 64 * 1024, "{inc:?}");
     assert_eq!(inc.disks[1].copied_bytes, MIB, "{inc:?}");
     assert_eq!(
         image::allocated_data_bytes(&repo.node_file(VM, &id, "disk0")),
-        2 * MIB
+        MIB + 64 * 1024
     );
     assert_eq!(
         image::allocated_data_bytes(&repo.node_file(VM, &id, "disk1")),

@@ -7,8 +7,10 @@
 //! holes skipped by block status either way. What is written: the blocks whose check value differs from the
 //! base's table (the parent node, whose file backs the new one), or without a base every block that is not all
 //! zeros (a new file without backing reads as zeros); of such a block, its data, and its holes only where the
-//! file has a backing to hide (as write-zeroes). The table is the whole disk's, or the base's with the blocks
-//! read rehashed.
+//! file has a backing to hide (as write-zeroes). When the backing chain can be read straight from its files
+//! ([`Pass::parent`]), a changed block is compared with it cluster by cluster and only the clusters that differ
+//! are written: a checksum-diff then stores what the guest changed, not every megabyte block it touched. The
+//! table is the whole disk's, or the base's with the blocks read rehashed.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -20,7 +22,13 @@ use chain::Piece;
 use tokio::sync::Semaphore;
 
 use super::{Run, interrupted};
+use crate::direct::DirectSource;
 use crate::tables::threads;
+
+/// The cluster size of the node files qmpbak creates (QEMU's qcow2 default): the unit in which a changed block
+/// is compared with the parent's chain, so that no write covers part of a cluster (QEMU would then copy the
+/// rest of that cluster from the backing file).
+const NODE_CLUSTER: u64 = 64 << 10;
 
 /// How often the progress display is updated while a disk is read.
 const PROGRESS_INTERVAL: Duration = Duration::from_millis(250);
@@ -39,6 +47,11 @@ pub(super) struct Pass<'a, S> {
     /// incremental's dirty ranges, whose clean rest was read from the backing itself); only they are written
     /// of a changed block. `None`: changed blocks are written whole.
     pub write_only: Option<Arc<[(u64, u64)]>>,
+    /// The chain the new node's file has as its backing (the base's), read straight from its files: of a changed
+    /// block, only the clusters whose bytes differ from it are written; the rest of the block reads from the
+    /// backing, byte for byte what was compared. `None` (no base, a chain that cannot be read directly, an
+    /// encrypted repository), or with `write_only`: changed blocks are written as above.
+    pub parent: Option<DirectSource>,
 }
 
 /// Runs `pass`: returns the new node's table for the disk and the bytes written into its file. Every write is
@@ -54,6 +67,7 @@ pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
         base,
         target,
         write_only,
+        parent,
     } = pass;
     let block_size = run.block_size;
     if let Some(base) = &base {
@@ -73,7 +87,9 @@ pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
         None => size,
     };
     let handle = tokio::runtime::Handle::current();
-    let visitor = Arc::new(CopyChanged::new(base, target, handle, write_only));
+    let parent =
+        parent.filter(|p| base.is_some() && write_only.is_none() && chain::BlockSource::len(p) == size);
+    let visitor = Arc::new(CopyChanged::new(base, target, handle, write_only, parent));
     let worker = Arc::clone(&visitor);
     let mut build = tokio::task::spawn_blocking(move || -> Result<chain::Table> {
         let key = worker.key.clone();
@@ -136,6 +152,10 @@ struct CopyChanged {
     target: nbd::Client,
     /// [`Pass::write_only`].
     write_only: Option<Arc<[(u64, u64)]>>,
+    /// [`Pass::parent`], only with a base and without `write_only`.
+    parent: Option<DirectSource>,
+    /// Set once reading the parent failed: changed blocks are written whole from then on (always right).
+    parent_failed: AtomicBool,
     /// The runtime the writes run on (the workers are plain threads).
     handle: tokio::runtime::Handle,
     /// Bounds the bytes of writes in flight, one permit per [`WRITE_PERMIT_BYTES`].
@@ -165,12 +185,15 @@ impl CopyChanged {
         target: nbd::Client,
         handle: tokio::runtime::Handle,
         write_only: Option<Arc<[(u64, u64)]>>,
+        parent: Option<DirectSource>,
     ) -> CopyChanged {
         CopyChanged {
             base,
             key: crate::crypt::unlock::table_key(),
             target,
             write_only,
+            parent,
+            parent_failed: AtomicBool::new(false),
             handle,
             in_flight: Arc::new(Semaphore::new(WRITE_PERMITS as usize)),
             write_error: Arc::new(Mutex::new(None)),
@@ -214,7 +237,12 @@ impl CopyChanged {
         let start = first.offset;
         let end = last.offset + last.len;
         match &self.write_only {
-            None => self.write_range(blocks, start, end - start, zero),
+            None => match &self.parent {
+                Some(parent) if !self.parent_failed.load(Ordering::Relaxed) => {
+                    self.write_differing(parent, blocks, start, end - start, zero)
+                }
+                _ => self.write_range(blocks, start, end - start, zero),
+            },
             Some(only) => {
                 for (offset, len, inside) in cut(only, start, end - start) {
                     if inside {
@@ -246,6 +274,41 @@ impl CopyChanged {
             } else if self.base.is_some() {
                 self.issue(start, n, None)?;
             }
+        }
+        Ok(())
+    }
+
+    /// Starts the writes of the clusters of `[offset, offset + len)` of `blocks` (all zeros when `zero`) whose
+    /// bytes differ from `parent`'s, neighbouring clusters of one kind (data, or zeros) in one request. If the
+    /// parent cannot be read, the range is written as [`Self::write_range`] does, and so is every later one.
+    fn write_differing(
+        &self,
+        parent: &DirectSource,
+        blocks: &[chain::Visited<'_>],
+        offset: u64,
+        len: u64,
+        zero: bool,
+    ) -> io::Result<()> {
+        let size = usize::try_from(len).map_err(io::Error::other)?;
+        let mut old = vec![0u8; size];
+        if let Err(e) = chain::BlockSource::read_at(parent, offset, &mut old) {
+            if !self.parent_failed.swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    "reading the parent's chain at byte {offset} failed ({e}): the changed blocks are stored whole"
+                );
+            }
+            return self.write_range(blocks, offset, len, zero);
+        }
+        let new = if zero {
+            Vec::new()
+        } else {
+            gather(blocks, offset, len)
+        };
+        let bytes = |lo: usize, hi: usize| -> &[u8] { if zero { &[] } else { &new[lo..hi] } };
+        for (start, n, zeros) in differing(offset, &old, (!zero).then_some(new.as_slice())) {
+            let lo = (start - offset) as usize;
+            let data = (!zeros).then(|| bytes(lo, lo + n as usize).to_vec());
+            self.issue(start, n, data)?;
         }
         Ok(())
     }
@@ -351,6 +414,40 @@ fn gather(blocks: &[chain::Visited<'_>], offset: u64, len: u64) -> Vec<u8> {
     bytes
 }
 
+/// The runs of [`NODE_CLUSTER`]-aligned clusters (cut at the range's edges) in which `new` (all zeros when
+/// `None`) differs from `old`, both the bytes of the disk from `offset` on: `(start, len, zeros)`, in order,
+/// neighbouring clusters that both are, or both are not, all zeros in `new` merged.
+fn differing(offset: u64, old: &[u8], new: Option<&[u8]>) -> Vec<(u64, u64, bool)> {
+    let end = offset + old.len() as u64;
+    let mut out: Vec<(u64, u64, bool)> = Vec::new();
+    let mut at = offset;
+    while at < end {
+        let stop = ((at / NODE_CLUSTER + 1) * NODE_CLUSTER).min(end);
+        let (lo, hi) = ((at - offset) as usize, (stop - offset) as usize);
+        let was = &old[lo..hi];
+        let zeros = new.is_none_or(|n| all_zero(&n[lo..hi]));
+        let same = match new {
+            Some(n) => n[lo..hi] == *was,
+            None => all_zero(was),
+        };
+        if !same {
+            match out.last_mut() {
+                Some((s, l, z)) if *z == zeros && *s + *l == at => *l += stop - at,
+                _ => out.push((at, stop - at, zeros)),
+            }
+        }
+        at = stop;
+    }
+    out
+}
+
+/// Whether `bytes` are all zeros (64 bytes at a time, which the compiler vectorizes).
+fn all_zero(bytes: &[u8]) -> bool {
+    let chunks = bytes.chunks_exact(64);
+    let tail = chunks.remainder();
+    tail.iter().all(|&b| b == 0) && { chunks }.all(|c| c.iter().fold(0, |acc, &b| acc | b) == 0)
+}
+
 /// `[offset, offset + len)` of `blocks` (consecutive, covering the range) as runs of data pieces and of zero
 /// pieces: `(start, len, data)`, in order, neighbours of one kind merged.
 fn spans(blocks: &[chain::Visited<'_>], offset: u64, len: u64) -> Vec<(u64, u64, bool)> {
@@ -430,6 +527,47 @@ mod tests {
         assert_eq!(cut(&dirty, 31, 5), vec![(31, 5, false)]);
         assert_eq!(cut(&dirty, 22, 3), vec![(22, 3, true)]);
         assert_eq!(cut(&[], 0, 7), vec![(0, 7, false)]);
+    }
+
+    #[test]
+    fn only_the_clusters_that_differ_from_the_parent_are_written() {
+        const C: usize = NODE_CLUSTER as usize;
+        let c = NODE_CLUSTER;
+        // Four clusters from the disk's start: the same, changed to other data, changed to zeros, the same.
+        let mut old = vec![7u8; 4 * C];
+        let mut new = old.clone();
+        new[C + 5] = 8;
+        new[2 * C..3 * C].fill(0);
+        assert_eq!(
+            differing(0, &old, Some(&new)),
+            vec![(c, c, false), (2 * c, c, true)]
+        );
+        // Neighbouring changed clusters of one kind are one run; a range that starts and ends inside clusters
+        // is cut at its edges.
+        new[3 * C..].fill(9);
+        new[2 * C..3 * C].fill(9);
+        assert_eq!(differing(0, &old, Some(&new)), vec![(c, 3 * c, false)]);
+        assert_eq!(
+            differing(c / 2, &old[..2 * C], Some(&new[C / 2..C / 2 + 2 * C])),
+            vec![(c, c + c / 2, false)]
+        );
+        // All zeros in the new bytes: only where the parent held data.
+        old[..C].fill(0);
+        assert_eq!(differing(0, &old, None), vec![(c, 3 * c, true)]);
+        assert_eq!(differing(0, &vec![0; 2 * C], None), vec![]);
+    }
+
+    #[test]
+    fn all_zero_looks_at_every_byte() {
+        for len in [0, 1, 63, 64, 65, 4096 + 3] {
+            let mut bytes = vec![0u8; len];
+            assert!(all_zero(&bytes));
+            for at in 0..len {
+                bytes[at] = 1;
+                assert!(!all_zero(&bytes), "{len} {at}");
+                bytes[at] = 0;
+            }
+        }
     }
 
     /// Blocks 1 and 2 of 12 bytes each at 16 and 28: `a`'s 8 bytes then 4 zeros, 8 zeros then `b`'s 4 bytes.

@@ -112,7 +112,9 @@ async fn fleece_and_copy(run: &mut Run<'_>, view: View, socket: &std::path::Path
             .parent
             .as_ref()
             .context("a checksum-diff needs a base node")?;
-        let base = load_node_table(run.vm, &run.manifest, &parent.parse()?, &t.info.id)?;
+        let parent_id: chain::NodeId = parent.parse()?;
+        let base = load_node_table(run.vm, &run.manifest, &parent_id, &t.info.id)?;
+        let parent_chain = open_parent_chain(run, &parent_id, &t.info.id).await;
         let fleece = export(
             run,
             &format!("{}-f{}", run.op.id, t.index),
@@ -145,6 +147,7 @@ async fn fleece_and_copy(run: &mut Run<'_>, view: View, socket: &std::path::Path
             base: Some(base),
             target: target.clone(),
             write_only: None,
+            parent: parent_chain,
         };
         let (table, copied) = copy::hash_and_copy(run, pass).await?;
         target.flush().await?;
@@ -159,6 +162,27 @@ async fn fleece_and_copy(run: &mut Run<'_>, view: View, socket: &std::path::Path
         tables: Some(tables),
         pulled: None,
         view: None,
+    })
+}
+
+/// The base node's chain of disk `disk` (the new node file's backing), read straight from its files, so that
+/// only the clusters that differ from it are written ([`copy::Pass::parent`]). `None` when it cannot be read so
+/// (compressed clusters, an encrypted repository): changed blocks are then written whole, which is always right.
+async fn open_parent_chain(
+    run: &Run<'_>,
+    parent: &chain::NodeId,
+    disk: &str,
+) -> Option<crate::direct::DirectSource> {
+    let opened = match crate::direct::chain_files(run.vm, &run.manifest, parent, disk) {
+        Ok(files) => crate::direct::DirectSource::open(&run.bins, &files).await,
+        Err(e) => Err(e),
+    };
+    opened.unwrap_or_else(|e| {
+        tracing::debug!(
+            disk,
+            "changed blocks are written whole: the parent's chain cannot be read directly: {e:#}"
+        );
+        None
     })
 }
 

@@ -168,7 +168,8 @@ async fn choose_and_export(
 struct LocalSide {
     manifest: chain::Manifest,
     parent: Option<chain::NodeId>,
-    /// An incremental or differential: the clean rest of its touched blocks is read from the parent's chain.
+    /// An incremental or differential (the clean rest of its touched blocks is read from the parent's chain) or
+    /// a checksum-diff (a changed block is compared with the parent's chain, only differing clusters written).
     reads_parent: bool,
     targets: Vec<LocalTarget>,
 }
@@ -215,7 +216,7 @@ impl LocalSide {
         Ok(LocalSide {
             manifest: run.manifest.clone(),
             parent: run.plan.parent.as_deref().map(str::parse).transpose()?,
-            reads_parent: run.plan.method == Method::Bitmap,
+            reads_parent: matches!(run.plan.method, Method::Bitmap | Method::ChecksumDiff),
             targets,
         })
     }
@@ -721,6 +722,7 @@ async fn pull_disks(
                 base,
                 target: target.clone(),
                 write_only: Some(dirty),
+                parent: None,
             };
             copy::hash_and_copy(run, pass)
                 .await
@@ -733,6 +735,7 @@ async fn pull_disks(
                 base,
                 target: target.clone(),
                 write_only: None,
+                parent,
             };
             copy::hash_and_copy(run, pass)
                 .await

@@ -143,6 +143,58 @@ async fn compressed_images_are_left_to_qemu() {
     assert!(DirectSource::open(&bins, &[plain]).await.unwrap().is_some());
 }
 
+/// `is_cached` says whether the data of a range is in the page cache without reading it: after the files are
+/// read, yes; after they are dropped from the cache, no, and asking again brings nothing in; a range that reads as
+/// zeros needs nothing from the disk.
+#[tokio::test]
+async fn the_page_cache_is_asked_without_reading() {
+    use std::os::fd::AsRawFd as _;
+    let dir = tempfile::tempdir().unwrap();
+    let base = layer(dir.path(), "base.qcow2", None, &["write -P 0x11 0 2M"]);
+    let top = layer(
+        dir.path(),
+        "top.qcow2",
+        Some("base.qcow2"),
+        &["write -P 0x22 1M 64k"],
+    );
+    let files = [base, top];
+    let source = DirectSource::open(&QemuBins::from_env(), &files)
+        .await
+        .unwrap()
+        .unwrap();
+    let evict = || {
+        for f in &files {
+            let file = std::fs::File::open(f).unwrap();
+            file.sync_all().unwrap();
+            nix::fcntl::posix_fadvise(
+                file.as_raw_fd(),
+                0,
+                0,
+                nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+            )
+            .unwrap();
+        }
+    };
+    for f in &files {
+        std::fs::read(f).unwrap();
+    }
+    let Some(cached) = source.is_cached(0, 2 * MIB).unwrap() else {
+        eprintln!("this kernel has no cachestat: nothing to check");
+        return;
+    };
+    assert!(cached);
+    evict();
+    for _ in 0..2 {
+        assert_eq!(source.is_cached(0, 2 * MIB).unwrap(), Some(false));
+        assert_eq!(source.is_cached(MIB, 64 * 1024).unwrap(), Some(false));
+    }
+    // The hole after the data reads as zeros: nothing to wait for.
+    assert_eq!(source.is_cached(4 * MIB, MIB).unwrap(), Some(true));
+    let mut buf = vec![0; 64 * 1024];
+    source.read_at(MIB, &mut buf).unwrap();
+    assert_eq!(source.is_cached(MIB, 64 * 1024).unwrap(), Some(true));
+}
+
 #[test]
 fn the_chain_spec_names_every_layer_read_only() {
     let spec = chain_spec(&[PathBuf::from("/a"), PathBuf::from("/b")]);

@@ -281,6 +281,43 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     assert_no_leftovers(&vm, &expected_bitmaps(&manifest, next.node.as_str(), &full_id)).await;
 }
 
+/// A checksum-diff compares a changed block with the parent's chain only where that chain is in the page cache:
+/// reading it from the disk would cost more than the writes it saves. With the repository's files dropped from
+/// the cache, the changed blocks are stored whole, and the node is just as exact.
+#[tokio::test]
+async fn a_checksum_diff_whose_parent_is_not_in_the_page_cache_stores_whole_blocks() {
+    use std::os::fd::AsRawFd as _;
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 8 * MIB).await;
+    let full = repo.backup_report(&vm, VM, &[]);
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    let vm = vm.restart().await;
+    vm.write_pattern("disk0", 0x33, 2 * MIB, 4096).await;
+    vm.write_pattern("disk0", 0x44, 5 * MIB + 4096, 4096).await;
+    let refs = capture(&vm, refs_dir.path(), "after-crash").await;
+    for disk in DISKS {
+        let file = std::fs::File::open(repo.node_file(VM, &full.node, disk)).unwrap();
+        file.sync_all().unwrap();
+        nix::fcntl::posix_fadvise(
+            file.as_raw_fd(),
+            0,
+            0,
+            nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED,
+        )
+        .unwrap();
+    }
+
+    let inc = repo.backup_report(&vm, VM, &[]);
+    assert_eq!(inc.method, "checksum-diff", "{inc:?}");
+    // Two changed blocks, written whole (in the cache, one 64 KiB cluster of each would have been).
+    assert_eq!(inc.disks[0].copied_bytes, 2 * MIB, "{inc:?}");
+    assert_eq!(inc.disks[1].copied_bytes, 0, "{inc:?}");
+    assert_node_equals(&repo, &inc.node, &refs);
+}
+
 /// A checksum-diff takes the same copy-before-write view as a pull (or the fleece when forced): killed with
 /// the VM paused for the instant or with its devices on the filters, the next run resumes the VM and puts the
 /// devices back; guest writes reach the images, and checksum-diffs with either view are exact.

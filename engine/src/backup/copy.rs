@@ -137,6 +137,14 @@ pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
     let finished = visitor.finish().await;
     let table = outcome?;
     finished?;
+    let uncached = visitor.uncached.load(Ordering::Relaxed);
+    if uncached > 0 {
+        tracing::info!(
+            disk,
+            bytes = uncached,
+            "changed blocks written whole: the parent's chain was not in the page cache to compare them with"
+        );
+    }
     Ok((table, visitor.copied.load(Ordering::Relaxed)))
 }
 
@@ -156,6 +164,8 @@ struct CopyChanged {
     parent: Option<DirectSource>,
     /// Set once reading the parent failed: changed blocks are written whole from then on (always right).
     parent_failed: AtomicBool,
+    /// Bytes of changed blocks written whole because the parent's bytes were not in the page cache.
+    uncached: AtomicU64,
     /// The runtime the writes run on (the workers are plain threads).
     handle: tokio::runtime::Handle,
     /// Bounds the bytes of writes in flight, one permit per [`WRITE_PERMIT_BYTES`].
@@ -194,6 +204,7 @@ impl CopyChanged {
             write_only,
             parent,
             parent_failed: AtomicBool::new(false),
+            uncached: AtomicU64::new(0),
             handle,
             in_flight: Arc::new(Semaphore::new(WRITE_PERMITS as usize)),
             write_error: Arc::new(Mutex::new(None)),
@@ -279,8 +290,10 @@ impl CopyChanged {
     }
 
     /// Starts the writes of the clusters of `[offset, offset + len)` of `blocks` (all zeros when `zero`) whose
-    /// bytes differ from `parent`'s, neighbouring clusters of one kind (data, or zeros) in one request. If the
-    /// parent cannot be read, the range is written as [`Self::write_range`] does, and so is every later one.
+    /// bytes differ from `parent`'s, neighbouring clusters of one kind (data, or zeros) in one request. The
+    /// parent's bytes are read only from the page cache: where they are not there, the range is written as
+    /// [`Self::write_range`] does (a read from the disk would cost more than the writes it saves); if the parent
+    /// cannot be read, so is every later range.
     fn write_differing(
         &self,
         parent: &DirectSource,
@@ -291,13 +304,25 @@ impl CopyChanged {
     ) -> io::Result<()> {
         let size = usize::try_from(len).map_err(io::Error::other)?;
         let mut old = vec![0u8; size];
-        if let Err(e) = chain::BlockSource::read_at(parent, offset, &mut old) {
-            if !self.parent_failed.swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    "reading the parent's chain at byte {offset} failed ({e}): the changed blocks are stored whole"
-                );
+        let read = match parent.is_cached(offset, len) {
+            Ok(Some(true)) => chain::BlockSource::read_at(parent, offset, &mut old),
+            // Reading the chain from the disk would cost more than writing the whole blocks saves.
+            Ok(_) => {
+                self.uncached.fetch_add(len, Ordering::Relaxed);
+                return self.write_range(blocks, offset, len, zero);
             }
-            return self.write_range(blocks, offset, len, zero);
+            Err(e) => Err(e),
+        };
+        match read {
+            Ok(()) => {}
+            Err(e) => {
+                if !self.parent_failed.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        "reading the parent's chain at byte {offset} failed ({e}): the changed blocks are stored whole"
+                    );
+                }
+                return self.write_range(blocks, offset, len, zero);
+            }
         }
         let new = if zero {
             Vec::new()

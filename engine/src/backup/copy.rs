@@ -303,9 +303,11 @@ impl CopyChanged {
         zero: bool,
     ) -> io::Result<()> {
         let size = usize::try_from(len).map_err(io::Error::other)?;
-        let mut old = vec![0u8; size];
         let read = match parent.is_cached(offset, len) {
-            Ok(Some(true)) => chain::BlockSource::read_at(parent, offset, &mut old),
+            Ok(Some(true)) => {
+                let mut old = vec![0u8; size];
+                chain::BlockSource::read_at(parent, offset, &mut old).map(|()| old)
+            }
             // Reading the chain from the disk would cost more than writing the whole blocks saves.
             Ok(_) => {
                 self.uncached.fetch_add(len, Ordering::Relaxed);
@@ -313,8 +315,8 @@ impl CopyChanged {
             }
             Err(e) => Err(e),
         };
-        match read {
-            Ok(()) => {}
+        let old = match read {
+            Ok(old) => old,
             Err(e) => {
                 if !self.parent_failed.swap(true, Ordering::Relaxed) {
                     tracing::warn!(
@@ -323,16 +325,15 @@ impl CopyChanged {
                 }
                 return self.write_range(blocks, offset, len, zero);
             }
-        }
-        let new = if zero {
-            Vec::new()
-        } else {
-            gather(blocks, offset, len)
         };
-        let bytes = |lo: usize, hi: usize| -> &[u8] { if zero { &[] } else { &new[lo..hi] } };
-        for (start, n, zeros) in differing(offset, &old, (!zero).then_some(new.as_slice())) {
+        let new = (!zero).then(|| gather(blocks, offset, len));
+        for (start, n, zeros) in differing(offset, &old, new.as_deref()) {
             let lo = (start - offset) as usize;
-            let data = (!zeros).then(|| bytes(lo, lo + n as usize).to_vec());
+            // A run of zeros is written as write-zeroes; a data run exists only when the blocks are not all zeros.
+            let data = match &new {
+                Some(bytes) if !zeros => Some(bytes[lo..lo + n as usize].to_vec()),
+                _ => None,
+            };
             self.issue(start, n, data)?;
         }
         Ok(())

@@ -155,6 +155,17 @@ impl DirectSource {
         &self.top_layer
     }
 
+    /// [`DirectSource::open`] on `node`'s recovery chain of disk `disk` ([`chain_files`]).
+    pub async fn open_node(
+        bins: &QemuBins,
+        vm: &VmStore,
+        manifest: &Manifest,
+        node: &NodeId,
+        disk: &str,
+    ) -> Result<Option<DirectSource>> {
+        DirectSource::open(bins, &chain_files(vm, manifest, node, disk)?).await
+    }
+
     /// The file of the chain's top layer.
     pub fn top(&self) -> Option<&Path> {
         self.files.last().map(|(p, _)| p.as_path())
@@ -204,19 +215,35 @@ impl DirectSource {
         self.map.partition_point(|m| m.start + m.len <= offset)
     }
 
+    /// The mapped pieces of the disk's bytes `[offset, end)` (`end` at most the size), in order: `(at, stop,
+    /// where)`, a data piece's host offset being that of `at`.
+    fn pieces(&self, offset: u64, end: u64) -> impl Iterator<Item = (u64, u64, Where)> + '_ {
+        self.map[self.find(offset)..]
+            .iter()
+            .take_while(move |m| m.start < end)
+            .map(move |m| {
+                let at = m.start.max(offset);
+                let stop = (m.start + m.len).min(end);
+                let place = match m.at {
+                    Where::Zero => Where::Zero,
+                    Where::Data { file, host } => Where::Data {
+                        file,
+                        host: host + (at - m.start),
+                    },
+                };
+                (at, stop, place)
+            })
+    }
+
     /// Whether all the data of `[offset, offset + len)` is in the page cache now, so that reading it costs no
     /// wait for the disk (ranges that read as zeros need none): `None` when the kernel cannot tell (`cachestat`
     /// is Linux 6.5+). Asking starts no read and no readahead.
     pub fn is_cached(&self, offset: u64, len: u64) -> io::Result<Option<bool>> {
         let end = offset.saturating_add(len).min(self.size);
-        let mut at = offset;
-        let mut i = self.find(offset);
-        while at < end {
-            let m = self.map[i];
-            let stop = (m.start + m.len).min(end);
-            if let Where::Data { file, host } = m.at {
+        for (at, stop, place) in self.pieces(offset, end) {
+            if let Where::Data { file, host } = place {
                 let (path, f) = &self.files[file];
-                match cached(f, host + (at - m.start), stop - at).map_err(|e| {
+                match cached(f, host, stop - at).map_err(|e| {
                     io::Error::new(
                         e.kind(),
                         format!("asking the page cache about {}: {e}", path.display()),
@@ -226,8 +253,6 @@ impl DirectSource {
                     other => return Ok(other),
                 }
             }
-            at = stop;
-            i += 1;
         }
         Ok(Some(true))
     }
@@ -326,22 +351,16 @@ impl BlockSource for DirectSource {
                 format!("read of {} bytes at {offset} beyond the disk's end", buf.len()),
             ));
         }
-        let mut at = offset;
-        let mut i = self.find(offset);
-        while at < end {
-            let m = self.map[i];
-            let stop = (m.start + m.len).min(end);
+        for (at, stop, place) in self.pieces(offset, end) {
             let piece = &mut buf[(at - offset) as usize..(stop - offset) as usize];
-            match m.at {
+            match place {
                 Where::Zero => piece.fill(0),
                 Where::Data { file, host } => {
                     let (path, f) = &self.files[file];
-                    f.read_exact_at(piece, host + (at - m.start))
+                    f.read_exact_at(piece, host)
                         .map_err(|e| io::Error::new(e.kind(), format!("reading {}: {e}", path.display())))?;
                 }
             }
-            at = stop;
-            i += 1;
         }
         Ok(())
     }

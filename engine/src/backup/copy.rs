@@ -451,12 +451,13 @@ fn differing(offset: u64, old: &[u8], new: Option<&[u8]>) -> Vec<(u64, u64, bool
         let stop = ((at / NODE_CLUSTER + 1) * NODE_CLUSTER).min(end);
         let (lo, hi) = ((at - offset) as usize, (stop - offset) as usize);
         let was = &old[lo..hi];
-        let zeros = new.is_none_or(|n| all_zero(&n[lo..hi]));
         let same = match new {
             Some(n) => n[lo..hi] == *was,
             None => all_zero(was),
         };
         if !same {
+            // Only a cluster that is written is looked at for zeros.
+            let zeros = new.is_none_or(|n| all_zero(&n[lo..hi]));
             match out.last_mut() {
                 Some((s, l, z)) if *z == zeros && *s + *l == at => *l += stop - at,
                 _ => out.push((at, stop - at, zeros)),

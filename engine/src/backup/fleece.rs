@@ -173,10 +173,7 @@ async fn open_parent_chain(
     parent: &chain::NodeId,
     disk: &str,
 ) -> Option<crate::direct::DirectSource> {
-    let opened = match crate::direct::chain_files(run.vm, &run.manifest, parent, disk) {
-        Ok(files) => crate::direct::DirectSource::open(&run.bins, &files).await,
-        Err(e) => Err(e),
-    };
+    let opened = crate::direct::DirectSource::open_node(&run.bins, run.vm, &run.manifest, parent, disk).await;
     opened.unwrap_or_else(|e| {
         tracing::debug!(
             disk,

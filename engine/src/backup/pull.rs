@@ -273,10 +273,7 @@ impl LocalSide {
         for t in &self.targets {
             let source = match (&self.parent, self.reads_parent) {
                 (Some(parent), true) => {
-                    let opened = match crate::direct::chain_files(vm, &self.manifest, parent, &t.disk) {
-                        Ok(files) => DirectSource::open(bins, &files).await,
-                        Err(e) => Err(e),
-                    };
+                    let opened = DirectSource::open_node(bins, vm, &self.manifest, parent, &t.disk).await;
                     // Reading through the daemon is always right: a chain that cannot be mapped is read there.
                     opened.unwrap_or_else(|e| {
                         tracing::debug!(disk = %t.disk, "the parent's chain is read through the daemon: {e:#}");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use chain::{
     FileSource, Location, LockWait, MemSource, Node, NodeDisk, NodeId, NodeKind, NodeState, RelPath,
-    Repository, Table,
+    Repository, Scheme, Table,
 };
 use chrono::Utc;
 
@@ -30,7 +30,7 @@ fn main() {
     let data = random_bytes(mem_mib << 20);
     let mem = MemSource::new(data);
     for (label, threads) in [("1 thread", 1), ("all threads", 0)] {
-        let (rate, _) = time_build(|| Table::build(&mem, BLOCK_SIZE, threads));
+        let (rate, _) = time_build(|| Table::build(&mem, Scheme::default(), BLOCK_SIZE, threads));
         println!("  memory {mem_mib} MiB, {label:<11}: {rate:8.1} MiB/s");
     }
     drop(mem);
@@ -40,7 +40,7 @@ fn main() {
     write_file(&path, file_mib);
     let src = FileSource::open(&path).expect("the benchmark file");
     for (label, threads) in [("1 thread", 1), ("all threads", 0)] {
-        let (rate, _) = time_build(|| Table::build(&src, BLOCK_SIZE, threads));
+        let (rate, _) = time_build(|| Table::build(&src, Scheme::default(), BLOCK_SIZE, threads));
         println!("  file {file_mib} MiB,   {label:<11}: {rate:8.1} MiB/s");
     }
     let started = Instant::now();

@@ -122,7 +122,7 @@ impl std::fmt::Debug for TableKey {
 }
 
 impl TableKey {
-    /// The keyed check value of block `index` whose sha256 is `digest`.
+    /// The keyed check value of block `index` whose plain digest is `digest`.
     pub fn seal(&self, index: u64, digest: &Digest) -> Digest {
         // HMAC takes a key of any length: this cannot fail.
         let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&self.0) else {
@@ -133,17 +133,17 @@ impl TableKey {
         mac.finalize().into_bytes().into()
     }
 
-    /// `table` (plain sha256 per block) with every digest keyed.
+    /// `table` (plain digests) with every digest keyed; the scheme stays.
     pub fn seal_table(&self, table: &Table) -> Result<Table> {
         let digests = table
             .digests()
             .enumerate()
             .map(|(i, d)| self.seal(i as u64, d))
             .collect();
-        Table::from_digests_keyed(table.block_size(), table.virtual_size(), digests)
+        Table::from_digests_keyed(table.scheme(), table.block_size(), table.virtual_size(), digests)
     }
 
-    /// Keys `(index, sha256)` pairs, as [`Table::build_blocks`] returns them.
+    /// Keys `(index, digest)` pairs, as [`Table::build_blocks`] returns them.
     pub fn seal_blocks(&self, blocks: &[(u64, Digest)]) -> Vec<(u64, Digest)> {
         blocks.iter().map(|(i, d)| (*i, self.seal(*i, d))).collect()
     }
@@ -186,7 +186,7 @@ mod tests {
     fn keyed_digests_depend_on_key_and_position() {
         let a = Encryption::new(b"k").unwrap().unlock(b"k").unwrap();
         let b = Encryption::new(b"k").unwrap().unlock(b"k").unwrap();
-        let zero = crate::table::zero_digest(4096);
+        let zero = crate::table::Scheme::default().zero_digest(4096);
         let ta = a.table_key();
         assert_ne!(ta.seal(0, &zero), zero);
         assert_ne!(ta.seal(0, &zero), ta.seal(1, &zero));
@@ -197,7 +197,7 @@ mod tests {
     #[test]
     fn a_keyed_table_says_so_in_its_file_and_hides_its_zero_blocks() {
         let keys = Encryption::new(b"k").unwrap().unlock(b"k").unwrap();
-        let plain = Table::zeroed(64 << 10, 3 * (64 << 10)).unwrap();
+        let plain = Table::zeroed(crate::table::Scheme::default(), 64 << 10, 3 * (64 << 10)).unwrap();
         assert!(plain.is_zero(0));
         let keyed = keys.table_key().seal_table(&plain).unwrap();
         assert!(keyed.is_keyed() && !keyed.is_zero(0));

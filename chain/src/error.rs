@@ -236,6 +236,13 @@ pub enum Error {
         /// (block size, virtual size) of the second table.
         right: (u64, u64),
     },
+    /// Two checking tables whose digests are computed differently were to be compared (a qmpbak bug: a table
+    /// built to be compared with another takes that one's scheme).
+    #[error("checking tables with {left:?} and {right:?} digests cannot be compared")]
+    TableSchemeMismatch {
+        left: crate::table::Scheme,
+        right: crate::table::Scheme,
+    },
     /// A disk size (from a qcow2 header, an NBD server or a table file) beyond what a checking table covers.
     #[error(
         "a disk of {virtual_size} bytes is beyond what a checking table covers (at most {max_blocks} blocks of \
@@ -418,6 +425,7 @@ impl Error {
             | Error::LockNotExclusive { .. }
             | Error::LockOfOtherVm { .. }
             | Error::TableShapeMismatch { .. }
+            | Error::TableSchemeMismatch { .. }
             | Error::BlockOutOfRange { .. }
             | Error::DigestCount { .. }
             | Error::InvalidBlockSize { .. } => K::Refused,

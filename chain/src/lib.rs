@@ -76,7 +76,7 @@ pub use names::{NodeId, RelPath, check_name};
 pub use repo::{Repository, Settings, VmStore};
 pub use retention::{Action, Decision, Plan, Policy, Why};
 pub use table::{
-    BlockSource, BlockVisitor, Digest, Extent, ExtentKind, FileSource, MemSource, Piece, Table, TableDiff,
-    TableFile, VISIT_RUN_BYTES, Visited, is_difference_file,
+    BlockSource, BlockVisitor, Digest, Extent, ExtentKind, FileSource, MemSource, Piece, Scheme, Table,
+    TableDiff, TableFile, VISIT_RUN_BYTES, Visited, is_difference_file,
 };
 pub use tree::Tree;

@@ -9,15 +9,32 @@ mod common;
 use std::io;
 use std::os::unix::fs::FileExt;
 
-use chain::table::{self, digest_of};
-use chain::{BlockSource, Error, Extent, ExtentKind, FileSource, MemSource, Table, TableFile};
+use chain::table;
+use chain::{BlockSource, Error, Extent, ExtentKind, FileSource, MemSource, Scheme, Table, TableFile};
 use common::Rng;
 use proptest::prelude::*;
 
 const BS: u64 = 4096;
 
+/// Each block's digest by the scheme's definition: the sha256 of its bytes, or of its 64 KiB pieces' sha256s.
+fn naive_as(scheme: Scheme, data: &[u8], block_size: u64) -> Vec<table::Digest> {
+    use sha2::{Digest as _, Sha256};
+    data.chunks(block_size as usize)
+        .map(|block| match scheme {
+            Scheme::Flat => Sha256::digest(block).into(),
+            Scheme::Pieces => {
+                let mut outer = Sha256::new();
+                for piece in block.chunks(table::PIECE_SIZE as usize) {
+                    outer.update(Sha256::digest(piece));
+                }
+                outer.finalize().into()
+            }
+        })
+        .collect()
+}
+
 fn naive(data: &[u8], block_size: u64) -> Vec<table::Digest> {
-    data.chunks(block_size as usize).map(digest_of).collect()
+    naive_as(Scheme::default(), data, block_size)
 }
 
 fn random_bytes(len: usize, seed: u64) -> Vec<u8> {
@@ -37,7 +54,7 @@ proptest! {
         threads in 1usize..4,
     ) {
         let src = MemSource::with_holes(random_bytes(len, seed), &holes);
-        let table = Table::build(&src, BS, threads).unwrap();
+        let table = Table::build(&src, Scheme::default(), BS, threads).unwrap();
         prop_assert_eq!(table.digests().copied().collect::<Vec<_>>(), naive(src.data(), BS));
         prop_assert_eq!(table.virtual_size(), len as u64);
         // Holes are never read: every other byte is read exactly once.
@@ -48,6 +65,40 @@ proptest! {
             let (offset, n) = table.block_range(i);
             let zero = src.data()[offset as usize..(offset + n) as usize].iter().all(|&b| b == 0);
             prop_assert_eq!(table.is_zero(i), zero, "block {}", i);
+        }
+    }
+
+    /// Blocks of several pieces, in both schemes: holes are not read, pieces of zeros (holes, or zeros read
+    /// as data) are not hashed, and every digest is the definition's.
+    #[test]
+    fn both_schemes_equal_their_definitions(
+        len in 0usize..(6 << 18),
+        holes in prop::collection::vec((0u64..(6 << 18), 1u64..(200 << 10)), 0..6),
+        zeroed in prop::collection::vec((0usize..(6 << 18), 1usize..(150 << 10)), 0..4),
+        seed in any::<u64>(),
+        block_size in prop::sample::select(vec![4096u64, 64 << 10, 256 << 10]),
+        threads in 1usize..3,
+    ) {
+        let mut data = random_bytes(len, seed);
+        for (at, n) in zeroed {
+            let end = (at + n).min(len);
+            if at < end {
+                data[at..end].fill(0);
+            }
+        }
+        let src = MemSource::with_holes(data, &holes);
+        for scheme in [Scheme::Flat, Scheme::Pieces] {
+            let table = Table::build(&src, scheme, block_size, threads).unwrap();
+            prop_assert_eq!(table.scheme(), scheme);
+            prop_assert_eq!(
+                table.digests().copied().collect::<Vec<_>>(),
+                naive_as(scheme, src.data(), block_size)
+            );
+            for i in 0..table.len() {
+                let (offset, n) = table.block_range(i);
+                let zero = src.data()[offset as usize..(offset + n) as usize].iter().all(|&b| b == 0);
+                prop_assert_eq!(table.is_zero(i), zero, "block {}", i);
+            }
         }
     }
 
@@ -68,13 +119,13 @@ proptest! {
                 touched.insert(block);
             }
         }
-        let parent = Table::build(&MemSource::new(before.clone()), BS, 2).unwrap();
+        let parent = Table::build(&MemSource::new(before.clone()), Scheme::default(), BS, 2).unwrap();
         let new_src = MemSource::new(after.clone());
         let touched: Vec<u64> = touched.into_iter().collect();
-        let changed = Table::build_blocks(&new_src, BS, &touched, 2).unwrap();
+        let changed = Table::build_blocks(&new_src, &parent, &touched, 2).unwrap();
         prop_assert_eq!(changed.iter().map(|c| c.0).collect::<Vec<_>>(), touched.clone());
         let child = Table::derive(&parent, &changed).unwrap();
-        let full = Table::build(&new_src, BS, 3).unwrap();
+        let full = Table::build(&new_src, Scheme::default(), BS, 3).unwrap();
         prop_assert_eq!(&child, &full);
         // diff finds exactly the blocks whose bytes changed.
         let really: Vec<u64> = (0..parent.len())
@@ -91,7 +142,7 @@ proptest! {
 fn tables_survive_the_disk() {
     let dir = tempfile::tempdir().unwrap();
     let src = MemSource::with_holes(random_bytes(10 * BS as usize + 123, 7), &[(2 * BS, 3 * BS)]);
-    let table = Table::build(&src, BS, 0).unwrap();
+    let table = Table::build(&src, Scheme::default(), BS, 0).unwrap();
     let path = dir.path().join("disk0.table");
     let sha = table.save(&path).unwrap();
     assert_eq!(Table::load_verified(&path, &sha).unwrap(), table);
@@ -115,14 +166,20 @@ fn a_sparse_file_hashes_like_its_bytes() {
     drop(file);
     let bytes = std::fs::read(&path).unwrap();
     let block_size = 1 << 20;
-    let from_file = Table::build(&FileSource::open(&path).unwrap(), block_size, 0).unwrap();
+    let from_file = Table::build(
+        &FileSource::open(&path).unwrap(),
+        Scheme::default(),
+        block_size,
+        0,
+    )
+    .unwrap();
     assert_eq!(
         from_file.digests().copied().collect::<Vec<_>>(),
         naive(&bytes, block_size)
     );
     assert_eq!(from_file.len(), 65);
     assert!(from_file.is_zero(20) && !from_file.is_zero(0) && !from_file.is_zero(64));
-    let some = Table::build_blocks(&FileSource::open(&path).unwrap(), block_size, &[64, 0, 30], 2).unwrap();
+    let some = Table::build_blocks(&FileSource::open(&path).unwrap(), &from_file, &[64, 0, 30], 2).unwrap();
     assert_eq!(
         some,
         vec![
@@ -162,7 +219,7 @@ impl BlockSource for Failing {
 #[test]
 fn read_errors_name_the_source_and_offset() {
     for threads in [1, 2] {
-        let err = Table::build(&Failing, BS, threads).unwrap_err();
+        let err = Table::build(&Failing, Scheme::default(), BS, threads).unwrap_err();
         let Error::SourceRead { offset, .. } = &err else {
             panic!("{err:?}")
         };
@@ -171,13 +228,19 @@ fn read_errors_name_the_source_and_offset() {
         let cause = std::error::Error::source(&err).unwrap().to_string();
         assert!(cause.contains("bad sector"), "{cause}");
     }
-    let err = Table::build_blocks(&Failing, BS, &[16], 1).unwrap_err();
+    let err = Table::build_blocks(
+        &Failing,
+        &Table::zeroed(Scheme::default(), BS, 16 * BS).unwrap(),
+        &[16],
+        1,
+    )
+    .unwrap_err();
     assert!(
         matches!(err, Error::BlockOutOfRange { index: 16, count: 16 }),
         "{err:?}"
     );
     assert!(matches!(
-        Table::build(&Failing, 1000, 1),
+        Table::build(&Failing, Scheme::default(), 1000, 1),
         Err(Error::InvalidBlockSize { .. })
     ));
 }
@@ -210,9 +273,15 @@ fn a_source_too_large_for_a_table_is_an_error_not_an_allocation() {
     const PIB: u64 = 1 << 50;
     for size in [u64::MAX, table::MAX_VIRTUAL_SIZE + 1, PIB] {
         for result in [
-            Table::build(&Huge(size), 1 << 20, 1).map(|_| ()),
-            Table::build_blocks(&Huge(size), 1 << 20, &[0], 1).map(|_| ()),
-            Table::zeroed(1 << 20, size).map(|_| ()),
+            Table::build(&Huge(size), Scheme::default(), 1 << 20, 1).map(|_| ()),
+            Table::build_blocks(
+                &Huge(size),
+                &Table::zeroed(Scheme::default(), 1 << 20, 1 << 20).unwrap(),
+                &[0],
+                1,
+            )
+            .map(|_| ()),
+            Table::zeroed(Scheme::default(), 1 << 20, size).map(|_| ()),
         ] {
             let err = result.unwrap_err();
             assert!(
@@ -228,7 +297,7 @@ fn a_source_too_large_for_a_table_is_an_error_not_an_allocation() {
         table::check_size(most + 1, BS),
         Err(Error::DiskTooLarge { .. })
     ));
-    let err = Table::zeroed(BS, most + 1).unwrap_err();
+    let err = Table::zeroed(Scheme::default(), BS, most + 1).unwrap_err();
     assert!(err.to_string().contains("block_size"), "{err}");
 }
 
@@ -295,7 +364,7 @@ fn load_bytes(bytes: &[u8]) {
 
 fn valid_table_bytes(blocks: u64, tail: u64) -> Vec<u8> {
     let size = blocks * BS + tail;
-    let table = Table::zeroed(BS, size).unwrap();
+    let table = Table::zeroed(Scheme::default(), BS, size).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("t.table");
     table.save(&path).unwrap();
@@ -347,7 +416,7 @@ proptest! {
 fn model_digest(kind: u8, i: u64, count: u64, tail: u64) -> table::Digest {
     if kind == 0 {
         let len = if i + 1 == count && tail != 0 { tail } else { BS };
-        table::zero_digest(len)
+        table::Scheme::default().zero_digest(len)
     } else {
         [kind; 32]
     }
@@ -371,7 +440,7 @@ proptest! {
             list.iter().filter(|(i, _)| *i < count).map(|&(i, k)| (i, model_digest(k, i, count, tail % BS))).collect()
         };
         let mut model = (0..count).map(|i| model_digest(0, i, count, tail % BS)).collect::<Vec<_>>();
-        let zeroed = Table::zeroed(BS, size).unwrap();
+        let zeroed = Table::zeroed(Scheme::default(), BS, size).unwrap();
         let a = Table::derive(&zeroed, &changes(&parent)).unwrap();
         for (i, d) in changes(&parent) {
             model[i as usize] = d;
@@ -388,7 +457,7 @@ proptest! {
         let naive_diff: Vec<u64> = (0..count).filter(|&i| model[i as usize] != child_model[i as usize]).collect();
         prop_assert_eq!(Table::diff(&a, &b).unwrap(), naive_diff.clone());
         prop_assert_eq!(Table::diff(&b, &a).unwrap(), naive_diff);
-        prop_assert_eq!(Table::from_digests(BS, size, child_model).unwrap(), b.clone());
+        prop_assert_eq!(Table::from_digests(Scheme::default(), BS, size, child_model).unwrap(), b.clone());
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("t.table");
         let sha = b.save(&path).unwrap();

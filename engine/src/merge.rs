@@ -325,10 +325,10 @@ async fn flatten(daemon: &StorageDaemon, at: DiskAt<'_>, size: u64, index: usize
             nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
             size,
         );
-        let block_size = expected.block_size();
+        let (scheme, block_size) = (expected.scheme(), expected.block_size());
         let key = crate::crypt::unlock::table_key();
         let actual = tokio::task::spawn_blocking(move || -> Result<Table> {
-            let table = Table::build(&source, block_size, threads())?;
+            let table = Table::build(&source, scheme, block_size, threads())?;
             Ok(match key {
                 Some(key) => key.seal_table(&table)?,
                 None => table,

@@ -463,6 +463,7 @@ async fn copy_into_repo(
                 node,
                 disk: &disk,
             },
+            chain::Scheme::default(),
             block_size,
             parent_table.as_ref(),
         )

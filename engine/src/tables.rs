@@ -12,7 +12,7 @@ use std::sync::{Mutex, PoisonError};
 
 use anyhow::{Context, Result, bail};
 
-use chain::{Digest, Manifest, NodeId, RelPath, Table, TableDiff, TableFile, VmStore};
+use chain::{Digest, Manifest, NodeId, RelPath, Scheme, Table, TableDiff, TableFile, VmStore};
 
 use crate::daemon::StorageDaemon;
 use crate::direct::DirectSource;
@@ -178,9 +178,10 @@ pub struct DiskAt<'a> {
 }
 
 /// Builds the checking table of `node`'s disk `disk`. With `parent`, only the blocks changed in the node's own
-/// layer are read; otherwise the whole disk is. The chain is read straight from its files when it can be
+/// layer are read, hashed as the parent's were; otherwise the whole disk is, hashed by `scheme` (the
+/// default for a new full; a table to be compared with another, that one's). The chain is read straight from its files when it can be
 /// ([`DirectSource`]), otherwise over NBD from a qemu-storage-daemon started for it.
-pub async fn build(at: DiskAt<'_>, block_size: u64, parent: Option<&Table>) -> Result<Table> {
+pub async fn build(at: DiskAt<'_>, scheme: Scheme, block_size: u64, parent: Option<&Table>) -> Result<Table> {
     let DiskAt {
         bins,
         vm,
@@ -202,7 +203,7 @@ pub async fn build(at: DiskAt<'_>, block_size: u64, parent: Option<&Table>) -> R
         }
     };
     if let Some(source) = direct {
-        return hash_node(source, block_size, 0, changed).await;
+        return hash_node(source, (scheme, block_size), 0, changed).await;
     }
     let daemon = StorageDaemon::start(bins).await?;
     let prefix = format!("t{}-", disk_index(manifest, node, disk));
@@ -216,7 +217,7 @@ pub async fn build(at: DiskAt<'_>, block_size: u64, parent: Option<&Table>) -> R
             nbd::BlockingClient::new(client, tokio::runtime::Handle::current()),
             size,
         );
-        hash_node(source, block_size, threads(), changed).await
+        hash_node(source, (scheme, block_size), threads(), changed).await
     }
     .await;
     daemon.stop().await?;
@@ -241,7 +242,7 @@ pub async fn unchanged_layer(at: DiskAt<'_>, parent: &Table) -> Result<Option<Ta
 /// parent's table.
 async fn hash_node<S: chain::BlockSource + Send + 'static>(
     source: S,
-    block_size: u64,
+    (scheme, block_size): (Scheme, u64),
     threads: usize,
     changed: Option<(Table, Vec<u64>)>,
 ) -> Result<Table> {
@@ -249,10 +250,10 @@ async fn hash_node<S: chain::BlockSource + Send + 'static>(
     let key = crate::crypt::unlock::table_key();
     tokio::task::spawn_blocking(move || -> Result<Table> {
         Ok(match (changed, key) {
-            (None, None) => Table::build(&source, block_size, threads)?,
-            (None, Some(key)) => key.seal_table(&Table::build(&source, block_size, threads)?)?,
+            (None, None) => Table::build(&source, scheme, block_size, threads)?,
+            (None, Some(key)) => key.seal_table(&Table::build(&source, scheme, block_size, threads)?)?,
             (Some((parent, blocks)), key) => {
-                let hashes = Table::build_blocks(&source, block_size, &blocks, threads)?;
+                let hashes = Table::build_blocks(&source, &parent, &blocks, threads)?;
                 match key {
                     Some(key) => Table::derive(&parent, &key.seal_blocks(&hashes))?,
                     None => Table::derive(&parent, &hashes)?,

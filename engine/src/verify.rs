@@ -334,14 +334,14 @@ async fn compare<S: chain::BlockSource + Send + 'static>(
     tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u64>)> {
         match blocks {
             None => {
-                let mut actual = Table::build(&source, block_size, threads)?;
+                let mut actual = Table::build(&source, expected.scheme(), block_size, threads)?;
                 if let Some(key) = &key {
                     actual = key.seal_table(&actual)?;
                 }
                 Ok((actual.len(), Table::diff(&expected, &actual)?))
             }
             Some(blocks) => {
-                let mut hashes = Table::build_blocks(&source, block_size, &blocks, threads)?;
+                let mut hashes = Table::build_blocks(&source, &expected, &blocks, threads)?;
                 if let Some(key) = &key {
                     hashes = key.seal_blocks(&hashes);
                 }

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use chain::{BlockSource as _, FileSource, Table};
+use chain::{BlockSource as _, FileSource, Scheme, Table};
 use qmpbak_engine::direct::{DirectSource, chain_spec};
 use qmpbak_engine::qemu_bins::QemuBins;
 
@@ -112,8 +112,14 @@ async fn a_chain_reads_and_hashes_as_qemu_flattens_it() {
     }
 
     for block_size in [64 * 1024, MIB] {
-        let from_qemu = Table::build(&FileSource::open(&flat).unwrap(), block_size, 1).unwrap();
-        let from_files = Table::build(&direct, block_size, 0).unwrap();
+        let from_qemu = Table::build(
+            &FileSource::open(&flat).unwrap(),
+            Scheme::default(),
+            block_size,
+            1,
+        )
+        .unwrap();
+        let from_files = Table::build(&direct, Scheme::default(), block_size, 0).unwrap();
         assert_eq!(
             Table::diff(&from_qemu, &from_files).unwrap(),
             Vec::<u64>::new(),

@@ -505,7 +505,13 @@ fn assert_table_of(repo: &TestRepo, node: &str, disk: &str, reference: &Path) {
         .unwrap()
         .settings()
         .block_size;
-    let expected = chain::Table::build(&chain::FileSource::open(&raw).unwrap(), block_size, 0).unwrap();
+    let expected = chain::Table::build(
+        &chain::FileSource::open(&raw).unwrap(),
+        chain::Scheme::default(),
+        block_size,
+        0,
+    )
+    .unwrap();
     let stored = repo.derived_table(VM, node, disk);
     assert_eq!(stored.virtual_size(), expected.virtual_size(), "{disk}");
     let differ: Vec<usize> = stored

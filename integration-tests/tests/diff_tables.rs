@@ -61,7 +61,13 @@ fn assert_exact(repo: &TestRepo, point: &Point, out: &Path) {
     for (disk, reference) in DISKS.iter().zip(&point.refs) {
         let raw = dir.join(format!("{disk}.raw"));
         image::assert_same(reference, &raw);
-        let built = Table::build(&chain::FileSource::open(&raw).unwrap(), MIB, 2).unwrap();
+        let built = Table::build(
+            &chain::FileSource::open(&raw).unwrap(),
+            chain::Scheme::default(),
+            MIB,
+            2,
+        )
+        .unwrap();
         assert_eq!(
             built,
             repo.derived_table(VM, &point.node, disk),

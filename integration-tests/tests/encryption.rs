@@ -878,12 +878,13 @@ async fn an_encrypted_prune_killed_between_its_two_rebases_is_finished_by_the_ne
     );
     assert_no_plaintext(&er.repo.path(), &patterns);
     // The last node's table was a keyed difference against the middle node's: it was written anew as a keyed
-    // difference against the full's (format 3, flag keyed), which the restores and verify above derived.
+    // difference against the full's (format 3, flags keyed and pieces digests), which the restores and verify
+    // above derived.
     let disk = &manifest.node(&points[2].0.parse().unwrap()).unwrap().disks[0];
     let table = disk.table.as_ref().unwrap().to_string();
     assert_eq!(table, format!("{}/disk0.table-on-{}", points[2].0, points[0].0));
     let bytes = std::fs::read(er.repo.vm_dir("vm1").join(&table)).unwrap();
-    assert_eq!((bytes[8], bytes[12]), (3, 1), "a keyed difference table");
+    assert_eq!((bytes[8], bytes[12]), (3, 1 | 2), "a keyed difference table");
     restores_exactly("finished", &[&points[0], &points[2]]);
 }
 

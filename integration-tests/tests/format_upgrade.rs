@@ -91,6 +91,9 @@ async fn a_repository_of_format_1_is_read_backed_up_into_and_restored() {
     let bytes = std::fs::read(repo.vm_dir("vm1").join(table.as_path())).unwrap();
     assert_eq!(bytes[8], 3, "a difference table");
     assert_eq!(bytes.len() as u64, chain::table::diff_file_len(1));
+    // The parent's digests are flat (sha256 of each block, as every table before the pieces scheme): the
+    // disk was hashed as they were, or every block would have differed.
+    assert_eq!(bytes[12], 0, "flat digests, as its parent's");
     let text = std::fs::read_to_string(repo.vm_dir("vm1").join("manifest.json")).unwrap();
     assert!(
         text.contains("\n  \"format_version\": 2,"),
@@ -110,5 +113,33 @@ async fn a_repository_of_format_1_is_read_backed_up_into_and_restored() {
             .success();
         image::assert_same(reference, &out);
     }
+    repo.run("vm1", &["verify"]).success();
+
+    // A new full starts a chain with pieces digests beside the old one; an incremental on it keeps them.
+    let full = repo.backup_report(&vm, "vm1", &["--level", "full"]);
+    vm.write_pattern("disk0", 0x44, 2 * MIB, 64 * 1024).await;
+    let inc = repo.backup_report(&vm, "vm1", &["--level", "inc"]);
+    let manifest = repo.manifest("vm1");
+    for (node, version) in [(&full.node, 2), (&inc.node, 3)] {
+        let table = manifest.node(&node.parse().unwrap()).unwrap().disks[0]
+            .table
+            .clone()
+            .unwrap();
+        let bytes = std::fs::read(repo.vm_dir("vm1").join(table.as_path())).unwrap();
+        assert_eq!((bytes[8], bytes[12]), (version, 2), "{node}: pieces digests");
+        if version == 3 {
+            assert_eq!(
+                bytes.len() as u64,
+                chain::table::diff_file_len(1),
+                "one block changed"
+            );
+        }
+    }
+    let now = refs.join("later.qcow2");
+    vm.capture_reference("disk0", &now).await;
+    let out = work.path().join("restored-inc.qcow2");
+    repo.run("vm1", &["restore", &inc.node, "--to", out.to_str().unwrap()])
+        .success();
+    image::assert_same(&now, &out);
     repo.run("vm1", &["verify"]).success();
 }

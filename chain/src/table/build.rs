@@ -1,16 +1,15 @@
 //! Building a table from a [`BlockSource`]: workers take runs of consecutive blocks (about [`RUN_BYTES`]) from a
 //! shared counter and read each run with one extents query and one read per data extent in it, so small blocks
 //! cost no more round trips than large ones; each keeps its buffers, so memory stays at a few runs per thread
-//! however large the disk. Ranges the source reports as zero (holes) are neither read nor hashed, and the zeros
-//! a block starts with continue from a cached hash state.
+//! however large the disk. Ranges the source reports as zero (holes) are neither read nor hashed where the
+//! [`Scheme`] lets them be ([`super::hash`]).
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, PoisonError};
 
-use sha2::{Digest as _, Sha256};
-
-use super::{Blocks, Digest, Table, block_range, check_size, hash_zeros, zero_digest, zero_prefix_hasher};
+use super::hash::BlockHasher;
+use super::{Blocks, Digest, Scheme, Table, block_range, check_size};
 use crate::error::{Error, Result};
 
 /// A disk as the guest sees it, readable from many threads at once.
@@ -104,65 +103,85 @@ pub const VISIT_RUN_BYTES: u64 = 1 << 20;
 const KEPT_BUFFERS: usize = 4;
 
 impl Table {
-    /// Hashes every block of `source` with `threads` workers (0: one per core).
-    pub fn build<S: BlockSource + ?Sized>(source: &S, block_size: u64, threads: usize) -> Result<Table> {
-        Table::build_whole(source, block_size, threads, RUN_BYTES, None)
+    /// Hashes every block of `source` by `scheme` with `threads` workers (0: one per core).
+    pub fn build<S: BlockSource + ?Sized>(
+        source: &S,
+        scheme: Scheme,
+        block_size: u64,
+        threads: usize,
+    ) -> Result<Table> {
+        Table::build_whole(source, (scheme, block_size), threads, RUN_BYTES, None)
     }
 
     /// [`Table::build`], handing every block to `visitor` after hashing it, in runs of about
     /// [`VISIT_RUN_BYTES`]. A visitor error stops the build.
     pub fn build_visiting<S: BlockSource + ?Sized, V: BlockVisitor>(
         source: &S,
+        scheme: Scheme,
         block_size: u64,
         threads: usize,
         visitor: &V,
     ) -> Result<Table> {
-        Table::build_whole(source, block_size, threads, VISIT_RUN_BYTES, Some(visitor))
+        Table::build_whole(
+            source,
+            (scheme, block_size),
+            threads,
+            VISIT_RUN_BYTES,
+            Some(visitor),
+        )
     }
 
     /// The table of the whole of `source`, keeping only its non-zero blocks as the workers hand them in.
     fn build_whole<S: BlockSource + ?Sized>(
         source: &S,
-        block_size: u64,
+        (scheme, block_size): (Scheme, u64),
         threads: usize,
         run_bytes: u64,
         visitor: Option<&dyn BlockVisitor>,
     ) -> Result<Table> {
-        let mut table = Table::zeroed(block_size, source.len())?;
+        let mut table = Table::zeroed(scheme, block_size, source.len())?;
         let keep = |index: u64, digest: &Digest| *digest != table.zero_for(index);
         let jobs = Jobs {
             count: table.len(),
             index_of: &|job| job,
             keep: &keep,
         };
-        let stored = hash_blocks(source, block_size, &jobs, threads, run_bytes, visitor)?;
+        let stored = hash_blocks(source, (scheme, block_size), &jobs, threads, run_bytes, visitor)?;
         table.blocks = Blocks::Sparse(stored);
         Ok(table)
     }
 
-    /// Hashes only the blocks `indices` of `source`, returning `(index, digest)` pairs in the same order:
-    /// what [`Table::derive`] takes.
+    /// Hashes only the blocks `indices` of `source` as `like` (a table of the same disk: its block size and
+    /// [`Scheme`]) hashes blocks, returning `(index, digest)` pairs in the same order: what
+    /// [`Table::derive`] takes from `like`, or what is compared with its digests.
     pub fn build_blocks<S: BlockSource + ?Sized>(
         source: &S,
-        block_size: u64,
+        like: &Table,
         indices: &[u64],
         threads: usize,
     ) -> Result<Vec<(u64, Digest)>> {
-        Table::build_some(source, block_size, indices, threads, RUN_BYTES, None)
+        Table::build_some(
+            source,
+            (like.scheme, like.block_size),
+            indices,
+            threads,
+            RUN_BYTES,
+            None,
+        )
     }
 
     /// [`Table::build_blocks`] (`indices` ascending), handing every block to `visitor` after hashing it, in
     /// runs of consecutive blocks of about [`VISIT_RUN_BYTES`]. A visitor error stops the build.
     pub fn build_blocks_visiting<S: BlockSource + ?Sized, V: BlockVisitor>(
         source: &S,
-        block_size: u64,
+        like: &Table,
         indices: &[u64],
         threads: usize,
         visitor: &V,
     ) -> Result<Vec<(u64, Digest)>> {
         Table::build_some(
             source,
-            block_size,
+            (like.scheme, like.block_size),
             indices,
             threads,
             VISIT_RUN_BYTES,
@@ -172,7 +191,7 @@ impl Table {
 
     fn build_some<S: BlockSource + ?Sized>(
         source: &S,
-        block_size: u64,
+        (scheme, block_size): (Scheme, u64),
         indices: &[u64],
         threads: usize,
         run_bytes: u64,
@@ -187,7 +206,7 @@ impl Table {
             index_of: &|job| indices[job as usize],
             keep: &|_, _| true,
         };
-        let digests = hash_blocks(source, block_size, &jobs, threads, run_bytes, visitor)?;
+        let digests = hash_blocks(source, (scheme, block_size), &jobs, threads, run_bytes, visitor)?;
         // every job kept, in job order
         Ok(indices
             .iter()
@@ -221,7 +240,7 @@ struct Jobs<'a> {
 /// time.
 fn hash_blocks<S: BlockSource + ?Sized>(
     source: &S,
-    block_size: u64,
+    (scheme, block_size): (Scheme, u64),
     jobs: &Jobs<'_>,
     threads: usize,
     run_bytes: u64,
@@ -261,7 +280,7 @@ fn hash_blocks<S: BlockSource + ?Sized>(
                 }
                 let run = hash_run(
                     source,
-                    block_size,
+                    (scheme, block_size),
                     virtual_size,
                     index,
                     end - job,
@@ -339,7 +358,7 @@ fn normalize(offset: u64, len: u64, extents: &[Extent]) -> Vec<Extent> {
 /// visitor, if any.
 fn hash_run<S: BlockSource + ?Sized>(
     source: &S,
-    block_size: u64,
+    (scheme, block_size): (Scheme, u64),
     virtual_size: u64,
     first: u64,
     count: u64,
@@ -410,33 +429,25 @@ fn hash_run<S: BlockSource + ?Sized>(
                 let hi = (s.offset + s.len).min(block_end);
                 (first_segment + k, lo, hi)
             });
-        let mut hasher: Option<Sha256> = None;
+        let mut hasher = BlockHasher::new(scheme, len);
         let mut seen: Vec<Piece<'_>> = Vec::new();
         for (k, lo, hi) in pieces {
             let segment = &segments[k];
             if segment.kind == ExtentKind::Data {
                 let buf = &bufs[slot[k]];
                 let data = &buf[(lo - segment.offset) as usize..(hi - segment.offset) as usize];
-                hasher.get_or_insert_with(Sha256::new).update(data);
+                hasher.data(data);
                 if visitor.is_some() {
                     seen.push(Piece::Data(data));
                 }
                 continue;
             }
-            match &mut hasher {
-                // Leading zeros continue from a cached state; zeros after data have to be hashed.
-                None if hi < block_end => hasher = Some(zero_prefix_hasher(hi - lo)),
-                None => {}
-                Some(h) => hash_zeros(h, hi - lo),
-            }
+            hasher.zeros(hi - lo);
             if visitor.is_some() {
                 seen.push(Piece::Zero(hi - lo));
             }
         }
-        let digest = match hasher {
-            Some(h) => h.finalize().into(),
-            None => zero_digest(len),
-        };
+        let digest = hasher.finish();
         if visitor.is_some() {
             visited.push(Visited {
                 index,
@@ -561,8 +572,8 @@ mod tests {
             &[(0, 3000), (2 * block, 3 * block + 5), (9 * block, block)],
         );
         let visitor = Collect::default();
-        let visited = Table::build_visiting(&source, block, 3, &visitor).unwrap();
-        let plain = Table::build(&source, block, 1).unwrap();
+        let visited = Table::build_visiting(&source, Scheme::default(), block, 3, &visitor).unwrap();
+        let plain = Table::build(&source, Scheme::default(), block, 1).unwrap();
         assert!(Table::diff(&plain, &visited).unwrap().is_empty());
         let blocks = visitor.blocks.into_inner().unwrap();
         assert_eq!(blocks.len() as u64, visited.len());
@@ -583,7 +594,7 @@ mod tests {
             fail_at: Some(5),
             ..Collect::default()
         };
-        let err = Table::build_visiting(&source, 64 * 1024, 2, &visitor).unwrap_err();
+        let err = Table::build_visiting(&source, Scheme::default(), 64 * 1024, 2, &visitor).unwrap_err();
         assert!(matches!(err, Error::BlockVisit { index: 5, .. }), "{err:?}");
     }
 

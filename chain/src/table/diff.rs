@@ -9,7 +9,8 @@ use std::path::Path;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    Digest, FLAG_KEYED, HEADER_LEN, HashingWriter, MAGIC, Table, VERSION_DIFF, check_sha256, read_table_file,
+    Digest, FLAG_KEYED, HEADER_LEN, HashingWriter, MAGIC, Scheme, Table, VERSION_DIFF, check_sha256,
+    read_table_file,
 };
 use crate::error::{Error, Result};
 use crate::fsio;
@@ -25,6 +26,7 @@ pub struct TableDiff {
     block_size: u64,
     virtual_size: u64,
     keyed: bool,
+    scheme: Scheme,
     /// Content id of the node's full table.
     id: Digest,
     /// Content id of the table this is a difference against.
@@ -67,7 +69,7 @@ impl TableDiff {
     fn encode(&self, count: u64, out: &mut dyn io::Write) -> io::Result<()> {
         out.write_all(MAGIC)?;
         out.write_all(&VERSION_DIFF.to_le_bytes())?;
-        let flags = if self.keyed { FLAG_KEYED } else { 0 };
+        let flags = if self.keyed { FLAG_KEYED } else { 0 } | self.scheme.flag();
         out.write_all(&flags.to_le_bytes())?;
         out.write_all(&self.block_size.to_le_bytes())?;
         out.write_all(&self.virtual_size.to_le_bytes())?;
@@ -130,6 +132,7 @@ impl Table {
             block_size: self.block_size,
             virtual_size: self.virtual_size,
             keyed: self.keyed,
+            scheme: self.scheme,
             id: self.content_id(),
             base: *base_id,
             changes,
@@ -144,14 +147,15 @@ impl Table {
             || self.block_size != diff.block_size
             || self.virtual_size != diff.virtual_size
             || self.keyed != diff.keyed
+            || self.scheme != diff.scheme
         {
             return Err(Error::TableBaseMismatch {
                 path: path.to_owned(),
                 expected: hex::encode(diff.base),
                 actual: if *self_id == diff.base {
                     format!(
-                        "the same content id but another shape (block size {}, virtual size {}, keyed {})",
-                        self.block_size, self.virtual_size, self.keyed
+                        "the same content id but another shape (block size {}, virtual size {}, keyed {}, {:?} digests)",
+                        self.block_size, self.virtual_size, self.keyed, self.scheme
                     )
                 } else {
                     hex::encode(self_id)
@@ -198,6 +202,7 @@ pub(super) fn decode(
     virtual_size: u64,
     count: u64,
     keyed: bool,
+    scheme: Scheme,
     body: &[u8],
 ) -> std::result::Result<TableDiff, String> {
     let Some((head, entries)) = body.split_at_checked(DIFF_HEADER_LEN) else {
@@ -250,6 +255,7 @@ pub(super) fn decode(
         block_size,
         virtual_size,
         keyed,
+        scheme,
         id,
         base,
         changes,
@@ -288,7 +294,7 @@ mod tests {
     const BS: u64 = 4096;
 
     fn base() -> Table {
-        let zeroed = Table::zeroed(BS, 999 * BS + 10).unwrap();
+        let zeroed = Table::zeroed(Scheme::default(), BS, 999 * BS + 10).unwrap();
         Table::derive(&zeroed, &[(0, [1u8; 32]), (500, [2; 32]), (999, [3; 32])]).unwrap()
     }
 
@@ -300,7 +306,10 @@ mod tests {
         let parent_sha = parent.save(&parent_path).unwrap();
         // the content id of a whole table is its file's sha256
         assert_eq!(hex::encode(parent.content_id()), parent_sha);
-        let zero = *Table::zeroed(BS, 999 * BS + 10).unwrap().digest(500).unwrap();
+        let zero = *Table::zeroed(Scheme::default(), BS, 999 * BS + 10)
+            .unwrap()
+            .digest(500)
+            .unwrap();
         let child = Table::derive(&parent, &[(7, [9; 32]), (500, zero), (0, [1; 32])]).unwrap();
         let path = dir.path().join("c.table");
         let sha = child
@@ -339,7 +348,7 @@ mod tests {
         assert!(matches!(err, Error::TableBaseMismatch { .. }), "{err:?}");
         assert!(err.to_string().contains("x.table"), "{err}");
         // another shape is never a difference
-        let grown = Table::zeroed(BS, 1000 * BS).unwrap();
+        let grown = Table::zeroed(Scheme::default(), BS, 1000 * BS).unwrap();
         assert!(
             grown
                 .diff_against(&parent, &parent.content_id())
@@ -350,7 +359,13 @@ mod tests {
 
     #[test]
     fn a_keyed_difference_names_changed_blocks_that_became_zero_too() {
-        let dense = Table::from_digests_keyed(BS, 4 * BS, vec![[1; 32], [2; 32], [3; 32], [4; 32]]).unwrap();
+        let dense = Table::from_digests_keyed(
+            Scheme::default(),
+            BS,
+            4 * BS,
+            vec![[1; 32], [2; 32], [3; 32], [4; 32]],
+        )
+        .unwrap();
         let child = Table::derive(&dense, &[(1, [0; 32]), (2, [3; 32])]).unwrap();
         let diff = child.diff_against(&dense, &dense.content_id()).unwrap().unwrap();
         assert_eq!(diff.len(), 1);

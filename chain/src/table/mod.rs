@@ -1,8 +1,9 @@
-//! Checking tables: the sha256 of every fixed-size block of a disk as the guest sees it at a node (the last
-//! block may be short and is hashed as it is). They let `verify` check a backup without its parents' data, and
+//! Checking tables: a SHA-256 digest of every fixed-size block of a disk as the guest sees it at a node (the
+//! last block may be short and is hashed as it is), computed by the table's [`Scheme`] ([`hash`]). They let `verify` check a backup without its parents' data, and
 //! let a backup find changed blocks by comparing against the previous node when QEMU has lost its bitmaps.
 //!
-//! File format (integers little-endian): magic `QBAKTBL1`, u32 version, u32 flags (bit 0: keyed), u64 block
+//! File format (integers little-endian): magic `QBAKTBL1`, u32 version, u32 flags (bit 0: keyed; bit 1: the
+//! digests are by [`Scheme::Pieces`], else [`Scheme::Flat`]; a table written before pieces has it clear), u64 block
 //! size, u64 virtual size, u64 block count (= virtual size / block size, rounded up), then
 //! - version 2 (plain tables): a presence bitmap of `ceil(count / 8)` bytes (bit `i % 8` of byte `i / 8` set when
 //!   block `i` is stored; unused bits zero), then one 32-byte digest per stored block in block order. A block not
@@ -24,24 +25,24 @@
 
 mod build;
 mod diff;
+mod hash;
 mod source;
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::Path;
-use std::sync::{Mutex, OnceLock, PoisonError};
 
 use sha2::{Digest as _, Sha256};
 
 pub use build::{BlockSource, BlockVisitor, Extent, ExtentKind, Piece, VISIT_RUN_BYTES, Visited};
 pub use diff::{TableDiff, TableFile, diff_file_len, is_difference_file};
+pub use hash::{PIECE_SIZE, Scheme, all_zero};
 pub use source::{FileSource, MemSource};
 
 use crate::error::{Error, Result};
 use crate::fsio;
 
-/// A block's sha256.
+/// A block's digest (32 bytes of SHA-256, by the table's [`Scheme`]).
 pub type Digest = [u8; 32];
 
 /// The first 8 bytes of a table file.
@@ -80,6 +81,8 @@ pub struct Table {
     /// The digests are keyed (HMAC with a repository's table key, [`crate::crypt::TableKey`]): flag bit 0 in
     /// the file. Zero blocks cannot be recognised in such a table.
     keyed: bool,
+    /// How the digests were computed: flag bit 1 in the file.
+    scheme: Scheme,
 }
 
 /// A table's digests in memory.
@@ -128,66 +131,14 @@ pub fn block_count(virtual_size: u64, block_size: u64) -> u64 {
     virtual_size.div_ceil(block_size)
 }
 
-/// sha256 of `data`.
-pub fn digest_of(data: &[u8]) -> Digest {
-    Sha256::digest(data).into()
-}
-
-static ZEROS: [u8; 64 << 10] = [0; 64 << 10];
-
-/// Feeds `len` zero bytes to `hasher` without allocating them.
-fn hash_zeros(hasher: &mut Sha256, mut len: u64) {
-    while len > 0 {
-        let n = len.min(ZEROS.len() as u64) as usize;
-        hasher.update(&ZEROS[..n]);
-        len -= n as u64;
-    }
-}
-
-/// sha256 of `len` zero bytes; computed once per length and cached.
-pub fn zero_digest(len: u64) -> Digest {
-    static CACHE: OnceLock<Mutex<HashMap<u64, Digest>>> = OnceLock::new();
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(d) = cache.lock().unwrap_or_else(PoisonError::into_inner).get(&len) {
-        return *d;
-    }
-    let mut hasher = Sha256::new();
-    hash_zeros(&mut hasher, len);
-    let digest: Digest = hasher.finalize().into();
-    cache
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(len, digest);
-    digest
-}
-
-/// A hasher that has absorbed `len` zero bytes: where a block that starts with a hole continues from. Blocks
-/// often do (a data extent that starts inside a block), and their leading zeros then cost nothing after the
-/// first time. Cached per length when `len` is a multiple of 4 KiB (which bounds the cache to block size /
-/// 4 KiB entries); other lengths are hashed each time.
-pub(crate) fn zero_prefix_hasher(len: u64) -> Sha256 {
-    static CACHE: OnceLock<Mutex<HashMap<u64, Sha256>>> = OnceLock::new();
-    if len % 4096 != 0 || len > MAX_BLOCK_SIZE {
-        let mut hasher = Sha256::new();
-        hash_zeros(&mut hasher, len);
-        return hasher;
-    }
-    let cache = CACHE.get_or_init(|| Mutex::new(HashMap::new()));
-    if let Some(h) = cache.lock().unwrap_or_else(PoisonError::into_inner).get(&len) {
-        return h.clone();
-    }
-    let mut hasher = Sha256::new();
-    hash_zeros(&mut hasher, len);
-    cache
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(len, hasher.clone());
-    hasher
-}
-
 impl Table {
-    /// A table from its parts; `digests` must have one entry per block.
-    pub fn from_digests(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Result<Table> {
+    /// A table from its parts; `digests`, computed by `scheme`, must have one entry per block.
+    pub fn from_digests(
+        scheme: Scheme,
+        block_size: u64,
+        virtual_size: u64,
+        digests: Vec<Digest>,
+    ) -> Result<Table> {
         let count = check_size(virtual_size, block_size)?;
         if digests.len() as u64 != count {
             return Err(Error::DigestCount {
@@ -195,11 +146,16 @@ impl Table {
                 expected: count,
             });
         }
-        Ok(Table::assemble(block_size, virtual_size, digests))
+        Ok(Table::assemble(scheme, block_size, virtual_size, digests))
     }
 
     /// [`Table::from_digests`] for keyed digests ([`crate::crypt::TableKey`]).
-    pub fn from_digests_keyed(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Result<Table> {
+    pub fn from_digests_keyed(
+        scheme: Scheme,
+        block_size: u64,
+        virtual_size: u64,
+        digests: Vec<Digest>,
+    ) -> Result<Table> {
         let count = check_size(virtual_size, block_size)?;
         if digests.len() as u64 != count {
             return Err(Error::DigestCount {
@@ -207,7 +163,7 @@ impl Table {
                 expected: count,
             });
         }
-        let mut table = Table::shape(block_size, virtual_size, Blocks::Dense(digests));
+        let mut table = Table::shape(scheme, block_size, virtual_size, Blocks::Dense(digests));
         table.keyed = true;
         Ok(table)
     }
@@ -217,10 +173,15 @@ impl Table {
         self.keyed
     }
 
+    /// How its digests are computed.
+    pub fn scheme(&self) -> Scheme {
+        self.scheme
+    }
+
     /// A plain table from one digest per block (the caller has checked the sizes): its zero blocks are
     /// dropped.
-    fn assemble(block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Table {
-        let mut table = Table::shape(block_size, virtual_size, Blocks::Sparse(Vec::new()));
+    fn assemble(scheme: Scheme, block_size: u64, virtual_size: u64, digests: Vec<Digest>) -> Table {
+        let mut table = Table::shape(scheme, block_size, virtual_size, Blocks::Sparse(Vec::new()));
         let stored = digests
             .into_iter()
             .enumerate()
@@ -232,7 +193,7 @@ impl Table {
     }
 
     /// The struct around `blocks`, plain; the caller has checked the sizes.
-    fn shape(block_size: u64, virtual_size: u64, blocks: Blocks) -> Table {
+    fn shape(scheme: Scheme, block_size: u64, virtual_size: u64, blocks: Blocks) -> Table {
         let last_len = match virtual_size % block_size {
             0 => block_size,
             rest => rest,
@@ -242,16 +203,22 @@ impl Table {
             virtual_size,
             count: block_count(virtual_size, block_size),
             blocks,
-            zero_full: zero_digest(block_size),
-            zero_last: zero_digest(last_len),
+            zero_full: scheme.zero_digest(block_size),
+            zero_last: scheme.zero_digest(last_len),
             keyed: false,
+            scheme,
         }
     }
 
-    /// The table of an all-zero disk (a new, empty one).
-    pub fn zeroed(block_size: u64, virtual_size: u64) -> Result<Table> {
+    /// The table of an all-zero disk (a new, empty one) whose digests are computed by `scheme`.
+    pub fn zeroed(scheme: Scheme, block_size: u64, virtual_size: u64) -> Result<Table> {
         check_size(virtual_size, block_size)?;
-        Ok(Table::shape(block_size, virtual_size, Blocks::Sparse(Vec::new())))
+        Ok(Table::shape(
+            scheme,
+            block_size,
+            virtual_size,
+            Blocks::Sparse(Vec::new()),
+        ))
     }
 
     pub fn block_size(&self) -> u64 {
@@ -393,12 +360,13 @@ impl Table {
         hasher.finalize().into()
     }
 
-    /// Whether `other` covers the same disk the same way (block size, virtual size, keyed or not): whether
-    /// one can be a difference against the other.
+    /// Whether `other` covers the same disk the same way (block size, virtual size, keyed or not, scheme):
+    /// whether one can be a difference against the other, and their digests be compared.
     pub fn same_shape(&self, other: &Table) -> bool {
         self.block_size == other.block_size
             && self.virtual_size == other.virtual_size
             && self.keyed == other.keyed
+            && self.scheme == other.scheme
     }
 
     /// The blocks whose digests differ. Tables of different shape (block size or virtual size: a resized
@@ -408,6 +376,12 @@ impl Table {
             return Err(Error::TableShapeMismatch {
                 left: (a.block_size, a.virtual_size),
                 right: (b.block_size, b.virtual_size),
+            });
+        }
+        if a.scheme != b.scheme {
+            return Err(Error::TableSchemeMismatch {
+                left: a.scheme,
+                right: b.scheme,
             });
         }
         let (Blocks::Sparse(left), Blocks::Sparse(right)) = (&a.blocks, &b.blocks) else {
@@ -442,7 +416,7 @@ impl Table {
     fn encode_as(&self, version: u32, out: &mut dyn io::Write) -> io::Result<()> {
         out.write_all(MAGIC)?;
         out.write_all(&version.to_le_bytes())?;
-        let flags = if self.keyed { FLAG_KEYED } else { 0 };
+        let flags = if self.keyed { FLAG_KEYED } else { 0 } | self.scheme.flag();
         out.write_all(&flags.to_le_bytes())?;
         out.write_all(&self.block_size.to_le_bytes())?;
         out.write_all(&self.virtual_size.to_le_bytes())?;
@@ -557,10 +531,11 @@ impl Table {
             });
         }
         let flags = u32_at(12);
-        if flags & !FLAG_KEYED != 0 {
-            return Err(format!("unknown flags {flags:#x}"));
+        if flags & !(FLAG_KEYED | hash::FLAG_PIECES) != 0 {
+            return Err(format!("unknown flags {flags:#x} (written by a newer qmpbak?)"));
         }
         let keyed = flags & FLAG_KEYED != 0;
+        let scheme = Scheme::from_flags(flags);
         if keyed && version == VERSION {
             return Err(format!(
                 "a keyed table in format version {version}: keyed tables are only written dense (version {VERSION_DENSE})"
@@ -580,12 +555,19 @@ impl Table {
         }
         let whole = |table: Table, canonical: bool| (TableFile::Whole { table, id: [0; 32] }, canonical);
         if version == VERSION_DIFF {
-            let diff = diff::decode(block_size, virtual_size, count, keyed, &bytes[HEADER_LEN..])?;
+            let diff = diff::decode(
+                block_size,
+                virtual_size,
+                count,
+                keyed,
+                scheme,
+                &bytes[HEADER_LEN..],
+            )?;
             return Ok((TableFile::Diff(diff), false));
         }
         if version == VERSION {
             let (table, canonical) =
-                Table::decode_sparse(block_size, virtual_size, count, &bytes[HEADER_LEN..])?;
+                Table::decode_sparse(scheme, block_size, virtual_size, count, &bytes[HEADER_LEN..])?;
             return Ok(whole(table, canonical));
         }
         let body = (bytes.len() - HEADER_LEN) as u64;
@@ -609,16 +591,17 @@ impl Table {
             })
             .collect();
         Ok(if keyed {
-            let mut table = Table::shape(block_size, virtual_size, Blocks::Dense(digests));
+            let mut table = Table::shape(scheme, block_size, virtual_size, Blocks::Dense(digests));
             table.keyed = true;
             whole(table, true)
         } else {
-            whole(Table::assemble(block_size, virtual_size, digests), false)
+            whole(Table::assemble(scheme, block_size, virtual_size, digests), false)
         })
     }
 
     /// The body of a version 2 table: presence bitmap, then the stored digests. `count` is checked.
     fn decode_sparse(
+        scheme: Scheme,
         block_size: u64,
         virtual_size: u64,
         count: u64,
@@ -649,7 +632,7 @@ impl Table {
                 stored * 32
             ));
         }
-        let mut table = Table::zeroed(block_size, virtual_size).map_err(|e| e.to_string())?;
+        let mut table = Table::zeroed(scheme, block_size, virtual_size).map_err(|e| e.to_string())?;
         // The set bits in order, a byte at a time: a mostly empty table has mostly zero bytes.
         let indices = bitmap
             .iter()
@@ -763,7 +746,7 @@ mod tests {
     fn sample() -> Table {
         // 3 full blocks and a short one.
         let digests = (0..4u8).map(|i| [i; 32]).collect();
-        Table::from_digests(BS, 3 * BS + 100, digests).unwrap()
+        Table::from_digests(Scheme::default(), BS, 3 * BS + 100, digests).unwrap()
     }
 
     #[test]
@@ -805,6 +788,33 @@ mod tests {
     }
 
     #[test]
+    fn a_file_says_how_its_digests_were_computed() {
+        let dir = tempfile::tempdir().unwrap();
+        for scheme in [Scheme::Flat, Scheme::Pieces] {
+            let mut data = vec![0u8; 3 * (64 << 10)];
+            data[70_000] = 1;
+            let table = Table::build(&MemSource::new(data), scheme, 256 << 10, 1).unwrap();
+            let path = dir.path().join(format!("{scheme:?}.table"));
+            table.save(&path).unwrap();
+            let mut head = [0u8; 16];
+            head.copy_from_slice(&std::fs::read(&path).unwrap()[..16]);
+            assert_eq!(head[12], if scheme == Scheme::Pieces { 2 } else { 0 });
+            let loaded = Table::load(&path).unwrap();
+            assert_eq!(loaded.scheme(), scheme);
+            assert_eq!(loaded, table);
+        }
+        // Tables of different schemes are not compared, nor one a difference against the other.
+        let flat = Table::zeroed(Scheme::Flat, BS, 3 * BS).unwrap();
+        let pieces = Table::zeroed(Scheme::Pieces, BS, 3 * BS).unwrap();
+        assert!(!flat.same_shape(&pieces));
+        assert!(matches!(
+            Table::diff(&flat, &pieces),
+            Err(Error::TableSchemeMismatch { .. })
+        ));
+        assert_eq!(pieces.diff_against(&flat, &flat.content_id()).unwrap(), None);
+    }
+
+    #[test]
     fn corrupt_files_are_named() {
         let mut good = Vec::new();
         sample().encode(&mut good).unwrap();
@@ -823,7 +833,7 @@ mod tests {
         past_end[HEADER_LEN] |= 0x10;
         corrupt(&past_end, "past the last one");
         let mut flags = good.clone();
-        flags[12] = 2;
+        flags[12] = 4;
         corrupt(&flags, "flags");
         let mut bs = good.clone();
         bs[16] = 1;
@@ -842,7 +852,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("sparse.table");
         // 1000 blocks, 3 of them data, the short last one among them.
-        let zeroed = Table::zeroed(BS, 999 * BS + 10).unwrap();
+        let zeroed = Table::zeroed(Scheme::default(), BS, 999 * BS + 10).unwrap();
         let table = Table::derive(&zeroed, &[(0, [1u8; 32]), (500, [2; 32]), (999, [3; 32])]).unwrap();
         assert_eq!(table.stored(), 3);
         table.save(&path).unwrap();
@@ -858,14 +868,14 @@ mod tests {
     fn a_dense_version_1_table_still_reads_and_keyed_tables_are_written_dense() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("old.table");
-        let table = Table::zeroed(BS, 3 * BS).unwrap();
+        let table = Table::zeroed(Scheme::default(), BS, 3 * BS).unwrap();
         let mut old = Vec::new();
         table.encode_as(VERSION_DENSE, &mut old).unwrap();
         assert_eq!(old.len(), HEADER_LEN + 3 * 32);
         std::fs::write(&path, &old).unwrap();
         assert_eq!(Table::load(&path).unwrap(), table);
 
-        let keyed = Table::from_digests_keyed(BS, 3 * BS, vec![[0; 32]; 3]).unwrap();
+        let keyed = Table::from_digests_keyed(Scheme::default(), BS, 3 * BS, vec![[0; 32]; 3]).unwrap();
         let mut bytes = Vec::new();
         keyed.encode(&mut bytes).unwrap();
         assert_eq!(bytes[8], VERSION_DENSE as u8);
@@ -876,12 +886,15 @@ mod tests {
 
     #[test]
     fn zero_blocks_are_recognised_including_a_short_last_one() {
-        let table = Table::zeroed(BS, 2 * BS + 10).unwrap();
+        let table = Table::zeroed(Scheme::default(), BS, 2 * BS + 10).unwrap();
         assert_eq!(table.len(), 3);
         assert!((0..3).all(|i| table.is_zero(i)));
         assert!(!table.is_zero(3));
-        assert_eq!(table.digest(2), Some(&digest_of(&[0; 10])));
-        assert_eq!(table.digest(0), Some(&digest_of(&[0; BS as usize])));
+        assert_eq!(table.digest(2), Some(&Scheme::default().digest_of(&[0; 10])));
+        assert_eq!(
+            table.digest(0),
+            Some(&Scheme::default().digest_of(&[0; BS as usize]))
+        );
         assert_eq!(table.block_range(2), (2 * BS, 10));
         assert!(!sample().is_zero(0));
     }
@@ -897,11 +910,11 @@ mod tests {
             Table::derive(&parent, &[(4, [0; 32])]),
             Err(Error::BlockOutOfRange { index: 4, count: 4 })
         ));
-        let grown = Table::zeroed(BS, 4 * BS + 100).unwrap();
+        let grown = Table::zeroed(Scheme::default(), BS, 4 * BS + 100).unwrap();
         let err = Table::diff(&parent, &grown).unwrap_err();
         assert!(matches!(err, Error::TableShapeMismatch { .. }), "{err:?}");
         assert!(err.to_string().contains("resized"), "{err}");
-        let other_bs = Table::zeroed(2 * BS, 3 * BS + 100).unwrap();
+        let other_bs = Table::zeroed(Scheme::default(), 2 * BS, 3 * BS + 100).unwrap();
         assert!(matches!(
             Table::diff(&parent, &other_bs),
             Err(Error::TableShapeMismatch { .. })
@@ -911,19 +924,19 @@ mod tests {
     #[test]
     fn block_sizes_are_checked() {
         assert!(matches!(
-            Table::zeroed(1000, 10),
+            Table::zeroed(Scheme::default(), 1000, 10),
             Err(Error::InvalidBlockSize { .. })
         ));
-        assert!(Table::zeroed(MIN_BLOCK_SIZE / 2, 10).is_err());
-        assert!(Table::zeroed(MAX_BLOCK_SIZE * 2, 10).is_err());
+        assert!(Table::zeroed(Scheme::default(), MIN_BLOCK_SIZE / 2, 10).is_err());
+        assert!(Table::zeroed(Scheme::default(), MAX_BLOCK_SIZE * 2, 10).is_err());
         assert!(matches!(
-            Table::from_digests(BS, BS, vec![]),
+            Table::from_digests(Scheme::default(), BS, BS, vec![]),
             Err(Error::DigestCount {
                 given: 0,
                 expected: 1
             })
         ));
-        let empty = Table::zeroed(BS, 0).unwrap();
+        let empty = Table::zeroed(Scheme::default(), BS, 0).unwrap();
         assert!(empty.is_empty());
     }
 }

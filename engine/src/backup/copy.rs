@@ -95,21 +95,22 @@ pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
         let key = worker.key.clone();
         match blocks {
             None => {
-                let table = chain::Table::build_visiting(&source, block_size, threads(), worker.as_ref())?;
+                // Compared with the base's digests: hashed as they were.
+                let scheme = worker
+                    .base
+                    .as_ref()
+                    .map_or_else(chain::Scheme::default, chain::Table::scheme);
+                let table =
+                    chain::Table::build_visiting(&source, scheme, block_size, threads(), worker.as_ref())?;
                 Ok(match &key {
                     Some(key) => key.seal_table(&table)?,
                     None => table,
                 })
             }
             Some(blocks) => {
-                let hashes = chain::Table::build_blocks_visiting(
-                    &source,
-                    block_size,
-                    &blocks,
-                    threads(),
-                    worker.as_ref(),
-                )?;
                 let base = worker.base.as_ref().context("no base table")?;
+                let hashes =
+                    chain::Table::build_blocks_visiting(&source, base, &blocks, threads(), worker.as_ref())?;
                 Ok(match &key {
                     Some(key) => chain::Table::derive(base, &key.seal_blocks(&hashes))?,
                     None => chain::Table::derive(base, &hashes)?,
@@ -453,11 +454,11 @@ fn differing(offset: u64, old: &[u8], new: Option<&[u8]>) -> Vec<(u64, u64, bool
         let was = &old[lo..hi];
         let same = match new {
             Some(n) => n[lo..hi] == *was,
-            None => all_zero(was),
+            None => chain::table::all_zero(was),
         };
         if !same {
             // Only a cluster that is written is looked at for zeros.
-            let zeros = new.is_none_or(|n| all_zero(&n[lo..hi]));
+            let zeros = new.is_none_or(|n| chain::table::all_zero(&n[lo..hi]));
             match out.last_mut() {
                 Some((s, l, z)) if *z == zeros && *s + *l == at => *l += stop - at,
                 _ => out.push((at, stop - at, zeros)),
@@ -466,13 +467,6 @@ fn differing(offset: u64, old: &[u8], new: Option<&[u8]>) -> Vec<(u64, u64, bool
         at = stop;
     }
     out
-}
-
-/// Whether `bytes` are all zeros (64 bytes at a time, which the compiler vectorizes).
-fn all_zero(bytes: &[u8]) -> bool {
-    let chunks = bytes.chunks_exact(64);
-    let tail = chunks.remainder();
-    tail.iter().all(|&b| b == 0) && { chunks }.all(|c| c.iter().fold(0, |acc, &b| acc | b) == 0)
 }
 
 /// `[offset, offset + len)` of `blocks` (consecutive, covering the range) as runs of data pieces and of zero
@@ -582,19 +576,6 @@ mod tests {
         old[..C].fill(0);
         assert_eq!(differing(0, &old, None), vec![(c, 3 * c, true)]);
         assert_eq!(differing(0, &vec![0; 2 * C], None), vec![]);
-    }
-
-    #[test]
-    fn all_zero_looks_at_every_byte() {
-        for len in [0, 1, 63, 64, 65, 4096 + 3] {
-            let mut bytes = vec![0u8; len];
-            assert!(all_zero(&bytes));
-            for at in 0..len {
-                bytes[at] = 1;
-                assert!(!all_zero(&bytes), "{len} {at}");
-                bytes[at] = 0;
-            }
-        }
     }
 
     /// Blocks 1 and 2 of 12 bytes each at 16 and 28: `a`'s 8 bytes then 4 zeros, 8 zeros then `b`'s 4 bytes.

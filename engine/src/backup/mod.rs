@@ -712,7 +712,7 @@ impl Run<'_> {
             };
             let table = match unchanged {
                 Some(table) => table,
-                None => crate::tables::build(at, self.block_size, parent_table)
+                None => crate::tables::build(at, chain::Scheme::default(), self.block_size, parent_table)
                     .await
                     .with_context(context)?,
             };

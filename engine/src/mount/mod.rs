@@ -312,6 +312,7 @@ async fn check_chain(
             node: &node.id,
             disk,
         },
+        expected.scheme(),
         expected.block_size(),
         None,
     )

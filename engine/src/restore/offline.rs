@@ -271,6 +271,7 @@ async fn restore_disk(
             node: &node.id,
             disk,
         },
+        expected.scheme(),
         expected.block_size(),
         None,
     );

@@ -94,6 +94,12 @@ impl Scheme {
     }
 }
 
+/// The digest of a whole piece of zeros, without the cache's lock.
+fn zero_piece() -> Digest {
+    static ZERO: OnceLock<Digest> = OnceLock::new();
+    *ZERO.get_or_init(|| Scheme::Flat.zero_digest(PIECE_SIZE))
+}
+
 /// The table file flag of [`Scheme::Pieces`].
 pub(super) const FLAG_PIECES: u32 = 2;
 
@@ -157,6 +163,9 @@ pub(crate) struct BlockHasher {
     pending: u64,
     /// Pieces: the hash of the finished pieces' digests.
     outer: Sha256,
+    /// Nothing but zeros fed so far (`fed` of them, not yet split into pieces): a block that stays so has the
+    /// cached zero digest, which costs a hole block of a 1 TiB disk nothing.
+    only_zeros: bool,
 }
 
 impl BlockHasher {
@@ -168,6 +177,7 @@ impl BlockHasher {
             inner: None,
             pending: 0,
             outer: Sha256::new(),
+            only_zeros: true,
         }
     }
 
@@ -182,6 +192,16 @@ impl BlockHasher {
 
     /// Bytes of the block; more than its length is a caller's bug and is cut off.
     pub(crate) fn data(&mut self, mut data: &[u8]) {
+        if self.only_zeros {
+            if all_zero(data) {
+                self.fed = (self.fed + data.len() as u64).min(self.len);
+                return;
+            }
+            // The leading zeros, piece by piece.
+            self.only_zeros = false;
+            let zeros = std::mem::take(&mut self.fed);
+            self.zeros(zeros);
+        }
         while !data.is_empty() && self.fed < self.len {
             let take = usize::try_from(self.room()).unwrap_or(usize::MAX).min(data.len());
             let (now, rest) = data.split_at(take);
@@ -202,6 +222,10 @@ impl BlockHasher {
 
     /// `n` zero bytes of the block that were not read.
     pub(crate) fn zeros(&mut self, mut n: u64) {
+        if self.only_zeros {
+            self.fed = self.fed.saturating_add(n).min(self.len);
+            return;
+        }
         while n > 0 && self.fed < self.len {
             let take = self.room().min(n);
             match &mut self.inner {
@@ -218,6 +242,7 @@ impl BlockHasher {
         if self.scheme == Scheme::Pieces && (self.fed % PIECE_SIZE == 0 || self.fed == self.len) {
             let piece: Digest = match self.inner.take() {
                 Some(h) => h.finalize().into(),
+                None if self.pending == PIECE_SIZE => zero_piece(),
                 None => Scheme::Flat.zero_digest(self.pending),
             };
             self.outer.update(piece);
@@ -227,6 +252,9 @@ impl BlockHasher {
 
     /// The block's digest. Bytes not fed read as zeros.
     pub(crate) fn finish(mut self) -> Digest {
+        if self.only_zeros {
+            return self.scheme.zero_digest(self.len);
+        }
         let left = self.len - self.fed;
         self.zeros(left);
         match self.scheme {

@@ -148,7 +148,7 @@ pub struct NodeDisk {
     pub allocated_bytes: u64,
     /// The dirty bitmap that counts changes since this node.
     pub bitmap: Option<String>,
-    /// The checking table (a sha256 per block of the disk as the guest sees it at this node).
+    /// The checking table (a SHA-256 digest per block of the disk as the guest sees it at this node).
     pub table: Option<RelPath>,
     /// sha256 of the table file.
     pub table_sha256: Option<String>,

@@ -1,6 +1,6 @@
-//! Building checking tables: equal to a naive sha256 per block whatever the holes, sizes and thread counts;
-//! holes are not read; partial rebuilds derive the same table as a full one; a file source with real holes
-//! agrees with memory; and read failures name where they happened.
+//! Building checking tables: equal to a naive digest per block (by its scheme's definition) whatever the holes,
+//! sizes and thread counts; holes are not read; partial rebuilds derive the same table as a full one; a file
+//! source with real holes agrees with memory; and read failures name where they happened.
 
 #![allow(clippy::unwrap_used)] // tests: a failed unwrap is a failed test
 

@@ -1,6 +1,7 @@
 //! Checking tables: a SHA-256 digest of every fixed-size block of a disk as the guest sees it at a node (the
-//! last block may be short and is hashed as it is), computed by the table's [`Scheme`] ([`hash`]). They let `verify` check a backup without its parents' data, and
-//! let a backup find changed blocks by comparing against the previous node when QEMU has lost its bitmaps.
+//! last block may be short and is hashed as it is), computed by the table's [`Scheme`]. They let `verify`
+//! check a backup without its parents' data, and let a backup find changed blocks by comparing against the
+//! previous node when QEMU has lost its bitmaps.
 //!
 //! File format (integers little-endian): magic `QBAKTBL1`, u32 version, u32 flags (bit 0: keyed; bit 1: the
 //! digests are by [`Scheme::Pieces`], else [`Scheme::Flat`]; a table written before pieces has it clear), u64 block

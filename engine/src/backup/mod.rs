@@ -632,7 +632,13 @@ impl Run<'_> {
             (self.build_tables(&bases, &copied.bytes).await?, bases)
         };
         let tables_secs = started.elapsed().as_secs_f64();
+        let synced = Instant::now();
         sync.await.context("fsync task panicked")??;
+        tracing::debug!(
+            tables_secs,
+            fsync_after_tables_secs = synced.elapsed().as_secs_f64(),
+            "node files synced"
+        );
         crashpoint("backup-files-synced");
         // The manifest in memory never runs ahead of the one on disk: the node is completed in a copy, which
         // replaces it only once saved. A failed save (a full disk) leaves the pending node and the record for

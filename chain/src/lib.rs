@@ -34,7 +34,8 @@
 //! - [`fsio`]: generic file I/O: atomic writes (temp file, fsync, rename, fsync directory), fsyncs, private
 //!   modes, allocated bytes.
 //! - [`lock`]: the per-VM fs2 lock; [`holder`]: its holder record; [`host`]: this machine's host name.
-//! - [`table`]: checking tables (a SHA-256 digest per block, by [`table::Scheme`]), built in parallel from a [`BlockSource`].
+//! - [`table`]: checking tables (a SHA-256 digest per block, by [`table::Scheme`]), built in parallel from a
+//!   [`BlockSource`].
 //! - [`crypt`]: an encrypted repository's keys, derived from the user's key ([`Encryption`] in the settings),
 //!   and keyed checking tables ([`TableKey`]).
 //! - [`error`]: [`Error`], one variant per failure a caller can act on, its stable [`ErrorKind`], and

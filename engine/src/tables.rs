@@ -179,8 +179,8 @@ pub struct DiskAt<'a> {
 
 /// Builds the checking table of `node`'s disk `disk`. With `parent`, only the blocks changed in the node's own
 /// layer are read, hashed as the parent's were; otherwise the whole disk is, hashed by `scheme` (the
-/// default for a new full; a table to be compared with another, that one's). The chain is read straight from its files when it can be
-/// ([`DirectSource`]), otherwise over NBD from a qemu-storage-daemon started for it.
+/// default for a new full; a table to be compared with another, that one's). The chain is read straight from
+/// its files when it can be ([`DirectSource`]), otherwise over NBD from a qemu-storage-daemon started for it.
 pub async fn build(at: DiskAt<'_>, scheme: Scheme, block_size: u64, parent: Option<&Table>) -> Result<Table> {
     let DiskAt {
         bins,

@@ -9,8 +9,7 @@ use std::path::Path;
 use sha2::{Digest as _, Sha256};
 
 use super::{
-    Digest, FLAG_KEYED, HEADER_LEN, HashingWriter, MAGIC, Scheme, Table, VERSION_DIFF, check_sha256,
-    read_table_file,
+    Digest, HEADER_LEN, HashingWriter, MAGIC, Scheme, Table, VERSION_DIFF, check_sha256, read_table_file,
 };
 use crate::error::{Error, Result};
 use crate::fsio;
@@ -69,7 +68,7 @@ impl TableDiff {
     fn encode(&self, count: u64, out: &mut dyn io::Write) -> io::Result<()> {
         out.write_all(MAGIC)?;
         out.write_all(&VERSION_DIFF.to_le_bytes())?;
-        let flags = if self.keyed { FLAG_KEYED } else { 0 } | self.scheme.flag();
+        let flags = super::file_flags(self.keyed, self.scheme);
         out.write_all(&flags.to_le_bytes())?;
         out.write_all(&self.block_size.to_le_bytes())?;
         out.write_all(&self.virtual_size.to_le_bytes())?;
@@ -154,7 +153,8 @@ impl Table {
                 expected: hex::encode(diff.base),
                 actual: if *self_id == diff.base {
                     format!(
-                        "the same content id but another shape (block size {}, virtual size {}, keyed {}, {:?} digests)",
+                        "the same content id but another shape (block size {}, virtual size {}, keyed {}, \
+                         {:?} digests)",
                         self.block_size, self.virtual_size, self.keyed, self.scheme
                     )
                 } else {

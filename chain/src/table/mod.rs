@@ -99,6 +99,12 @@ enum Blocks {
 /// The file flag of a keyed table.
 const FLAG_KEYED: u32 = 1;
 
+/// A table file's flags: keyed or not, and the scheme's bit.
+fn file_flags(keyed: bool, scheme: Scheme) -> u32 {
+    let keyed = if keyed { FLAG_KEYED } else { 0 };
+    keyed | scheme.flag()
+}
+
 /// Checks a table block size ([`Error::InvalidBlockSize`]).
 pub fn check_block_size(block_size: u64) -> Result<()> {
     if block_size.is_power_of_two() && (MIN_BLOCK_SIZE..=MAX_BLOCK_SIZE).contains(&block_size) {
@@ -417,7 +423,7 @@ impl Table {
     fn encode_as(&self, version: u32, out: &mut dyn io::Write) -> io::Result<()> {
         out.write_all(MAGIC)?;
         out.write_all(&version.to_le_bytes())?;
-        let flags = if self.keyed { FLAG_KEYED } else { 0 } | self.scheme.flag();
+        let flags = file_flags(self.keyed, self.scheme);
         out.write_all(&flags.to_le_bytes())?;
         out.write_all(&self.block_size.to_le_bytes())?;
         out.write_all(&self.virtual_size.to_le_bytes())?;

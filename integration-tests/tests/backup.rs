@@ -376,6 +376,62 @@ async fn a_checksum_diff_killed_in_its_view_is_undone_and_both_views_are_exact()
     repo.run(VM, &["verify"]).success();
 }
 
+/// A checksum-diff creates its node files and scratch images while QEMU builds the schema its view is chosen
+/// by. When the view is then refused (a copy-before-write filter that an earlier run left without a record),
+/// the run fails clearly and leaves none of its images in the repository, and stacks nothing on the filter.
+#[tokio::test]
+async fn a_checksum_diff_refused_at_its_view_leaves_none_of_its_images() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x11, 0, 2 * MIB).await;
+    repo.backup_report(&vm, VM, &[]);
+    vm.qmp().execute_raw("stop", None).await.unwrap();
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    let vm = vm.restart().await;
+    let crashed = cli::run_crashing_at(
+        &repo.backup_args(&vm, VM, &[]),
+        "view-drives-switched",
+        integration_tests::timeouts::PROCESS_EXIT_TIMEOUT,
+    );
+    crashed.assert_crashed_at("view-drives-switched");
+    vm.qmp().execute_raw("cont", None).await.unwrap();
+    // The record is lost.
+    let path = repo.vm_dir(VM).join("manifest.json");
+    let mut manifest: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    manifest["operations"] = serde_json::json!([]);
+    std::fs::write(&path, serde_json::to_vec_pretty(&manifest).unwrap()).unwrap();
+    let filters = vm.attached().await;
+    let images = || -> Vec<PathBuf> {
+        let mut found = Vec::new();
+        let mut dirs = vec![repo.vm_dir(VM)];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "qcow2") {
+                    found.push(path);
+                }
+            }
+        }
+        found.sort();
+        found
+    };
+    let before = images();
+
+    let out = repo.try_backup(&vm, VM, &[]);
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr
+            .contains("a copy-before-write filter an earlier qmpbak run left"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(images(), before, "the refused run left images");
+    assert_eq!(vm.attached().await, filters);
+    assert!(repo.manifest(VM).operations.is_empty());
+}
+
 /// A checksum-diff reads the disks through an NBD server in the VM's QEMU. When another tool already runs one
 /// there, the backup fails clearly and that server keeps running (teardown once stopped it unconditionally);
 /// the next backup, once it is gone, is exact.

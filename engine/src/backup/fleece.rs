@@ -21,12 +21,24 @@ use crate::tables::NbdSource;
 use crate::tables::load_node_table;
 
 pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
-    let view = View::choose(run).await?;
-    jobs::create_target_files(run).await?;
+    // The scratch images are in the record before they exist.
+    record_fleece_files(run)?;
+    // QEMU builds its schema (tens of milliseconds, for `View::choose`) while the node files and the scratch
+    // images are created and the parent's chains mapped: each of these touches only what the record names.
+    let (view, (), (), parents) = tokio::try_join!(
+        View::choose(run),
+        jobs::create_target_files(run),
+        create_fleece_files(run),
+        parents(run),
+    )?;
+    let recorded = super::view::record(run, view)?;
+    if let chain::Payload::Backup { view, .. } = &mut run.op.payload {
+        *view = recorded;
+    }
+    run.save_op()?;
     let sockdir = crate::daemon::private_temp_dir("qmpbak-nbd-")?;
     let socket = sockdir.path().join("nbd.sock");
-    create_fleece_files(run, view).await?;
-    let result = fleece_and_copy(run, view, &socket).await;
+    let result = fleece_and_copy(run, view, parents, &socket).await;
     let torn_down = teardown(run, view).await;
     if torn_down.is_ok() {
         for t in &run.targets {
@@ -43,16 +55,17 @@ fn fleece_file(run: &Run<'_>, disk: usize) -> Result<chain::RelPath> {
     Ok(format!("{}/fleece-{disk}.qcow2", run.node).parse()?)
 }
 
-async fn create_fleece_files(run: &mut Run<'_>, view: View) -> Result<()> {
+/// Puts each disk's scratch image into the operation record and saves it.
+fn record_fleece_files(run: &mut Run<'_>) -> Result<()> {
     for i in 0..run.targets.len() {
         let rel = fleece_file(run, i)?;
-        run.op.files.push(rel.clone());
+        run.op.files.push(rel);
     }
-    let recorded = super::view::record(run, view)?;
-    if let chain::Payload::Backup { view, .. } = &mut run.op.payload {
-        *view = recorded;
-    }
-    run.save_op()?;
+    run.save_op()
+}
+
+/// Creates each disk's scratch image (recorded by [`record_fleece_files`]).
+async fn create_fleece_files(run: &Run<'_>) -> Result<()> {
     for t in &run.targets {
         // In the repository's directory, holding old data of the disk: encrypted like the node files.
         crate::crypt::unlock::create_node_file(
@@ -66,7 +79,31 @@ async fn create_fleece_files(run: &mut Run<'_>, view: View) -> Result<()> {
     Ok(())
 }
 
-async fn fleece_and_copy(run: &mut Run<'_>, view: View, socket: &std::path::Path) -> Result<Copied> {
+/// A disk's base: the base node's table and its chain, read straight from its files where it can be.
+type Base = (chain::Table, Option<crate::direct::DirectSource>);
+
+/// Per disk (in target order), its [`Base`].
+async fn parents(run: &Run<'_>) -> Result<Vec<Base>> {
+    let parent = run
+        .plan
+        .parent
+        .as_ref()
+        .context("a checksum-diff needs a base node")?;
+    let parent_id: chain::NodeId = parent.parse()?;
+    let mut parents = Vec::new();
+    for t in &run.targets {
+        let base = load_node_table(run.vm, &run.manifest, &parent_id, &t.info.id)?;
+        parents.push((base, open_parent_chain(run, &parent_id, &t.info.id).await));
+    }
+    Ok(parents)
+}
+
+async fn fleece_and_copy(
+    run: &mut Run<'_>,
+    view: View,
+    parents: Vec<Base>,
+    socket: &std::path::Path,
+) -> Result<Copied> {
     let qmp = run.qmp;
     crate::crypt::unlock::add_secret(qmp).await?;
     // The fleecing overlays, on top of the live disks.
@@ -103,18 +140,10 @@ async fn fleece_and_copy(run: &mut Run<'_>, view: View, socket: &std::path::Path
 
     let mut bytes = Vec::new();
     let mut tables = Vec::new();
-    for t in &run.targets {
+    for (t, (base, parent_chain)) in run.targets.iter().zip(parents) {
         if run.interrupt.arrived().await {
             return Err(interrupted());
         }
-        let parent = run
-            .plan
-            .parent
-            .as_ref()
-            .context("a checksum-diff needs a base node")?;
-        let parent_id: chain::NodeId = parent.parse()?;
-        let base = load_node_table(run.vm, &run.manifest, &parent_id, &t.info.id)?;
-        let parent_chain = open_parent_chain(run, &parent_id, &t.info.id).await;
         let fleece = export(
             run,
             &format!("{}-f{}", run.op.id, t.index),

@@ -149,6 +149,24 @@ impl TableKey {
     }
 }
 
+/// `table` (plain digests) as the repository stores it: keyed with `key` in an encrypted repository, as it is
+/// otherwise.
+pub fn sealed(key: Option<&TableKey>, table: Table) -> Result<Table> {
+    match key {
+        Some(key) => key.seal_table(&table),
+        None => Ok(table),
+    }
+}
+
+/// `(index, plain digest)` pairs, as [`Table::build_blocks`] returns them, as the repository stores them: keyed
+/// with `key` in an encrypted repository, as they are otherwise.
+pub fn sealed_blocks(key: Option<&TableKey>, blocks: Vec<(u64, Digest)>) -> Vec<(u64, Digest)> {
+    match key {
+        Some(key) => key.seal_blocks(&blocks),
+        None => blocks,
+    }
+}
+
 fn derive(key: &[u8], salt: &[u8], info: &[u8]) -> [u8; 32] {
     let mut out = [0u8; 32];
     // 32 bytes is far below HKDF-SHA256's limit of 255 * 32: this cannot fail.
@@ -208,5 +226,21 @@ mod tests {
         let loaded = Table::load(&path).unwrap();
         assert_eq!(loaded, keyed);
         assert!(loaded.is_keyed());
+    }
+
+    #[test]
+    fn sealed_keys_only_with_a_key() {
+        let keys = Encryption::new(b"k").unwrap().unlock(b"k").unwrap();
+        let key = keys.table_key();
+        let plain = Table::zeroed(crate::table::Scheme::default(), 64 << 10, 3 * (64 << 10)).unwrap();
+        assert_eq!(sealed(None, plain.clone()).unwrap(), plain);
+        assert_eq!(
+            sealed(Some(key), plain.clone()).unwrap(),
+            key.seal_table(&plain).unwrap()
+        );
+        let blocks: Vec<(u64, Digest)> = (0..3).map(|i| (i, [i as u8; 32])).collect();
+        assert_eq!(sealed_blocks(None, blocks.clone()), blocks);
+        assert_eq!(sealed_blocks(Some(key), blocks.clone()), key.seal_blocks(&blocks));
+        assert_ne!(sealed_blocks(Some(key), blocks.clone()), blocks);
     }
 }

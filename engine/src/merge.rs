@@ -329,10 +329,7 @@ async fn flatten(daemon: &StorageDaemon, at: DiskAt<'_>, size: u64, index: usize
         let key = crate::crypt::unlock::table_key();
         let actual = tokio::task::spawn_blocking(move || -> Result<Table> {
             let table = Table::build(&source, scheme, block_size, threads())?;
-            Ok(match key {
-                Some(key) => key.seal_table(&table)?,
-                None => table,
-            })
+            Ok(chain::crypt::sealed(key.as_ref(), table)?)
         })
         .await
         .context("table builder panicked")??;

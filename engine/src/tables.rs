@@ -249,15 +249,11 @@ async fn hash_node<S: chain::BlockSource + Send + 'static>(
     // An encrypted repository's tables are keyed ([`chain::crypt`]).
     let key = crate::crypt::unlock::table_key();
     tokio::task::spawn_blocking(move || -> Result<Table> {
-        Ok(match (changed, key) {
-            (None, None) => Table::build(&source, scheme, block_size, threads)?,
-            (None, Some(key)) => key.seal_table(&Table::build(&source, scheme, block_size, threads)?)?,
-            (Some((parent, blocks)), key) => {
+        Ok(match changed {
+            None => chain::crypt::sealed(key.as_ref(), Table::build(&source, scheme, block_size, threads)?)?,
+            Some((parent, blocks)) => {
                 let hashes = Table::build_blocks(&source, &parent, &blocks, threads)?;
-                match key {
-                    Some(key) => Table::derive(&parent, &key.seal_blocks(&hashes))?,
-                    None => Table::derive(&parent, &hashes)?,
-                }
+                Table::derive(&parent, &chain::crypt::sealed_blocks(key.as_ref(), hashes))?
             }
         })
     })

@@ -334,17 +334,17 @@ async fn compare<S: chain::BlockSource + Send + 'static>(
     tokio::task::spawn_blocking(move || -> Result<(u64, Vec<u64>)> {
         match blocks {
             None => {
-                let mut actual = Table::build(&source, expected.scheme(), block_size, threads)?;
-                if let Some(key) = &key {
-                    actual = key.seal_table(&actual)?;
-                }
+                let actual = chain::crypt::sealed(
+                    key.as_ref(),
+                    Table::build(&source, expected.scheme(), block_size, threads)?,
+                )?;
                 Ok((actual.len(), Table::diff(&expected, &actual)?))
             }
             Some(blocks) => {
-                let mut hashes = Table::build_blocks(&source, &expected, &blocks, threads)?;
-                if let Some(key) = &key {
-                    hashes = key.seal_blocks(&hashes);
-                }
+                let hashes = chain::crypt::sealed_blocks(
+                    key.as_ref(),
+                    Table::build_blocks(&source, &expected, &blocks, threads)?,
+                );
                 let bad = hashes
                     .iter()
                     .filter(|(b, h)| expected.digest(*b) != Some(h))

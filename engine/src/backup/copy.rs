@@ -102,19 +102,16 @@ pub(super) async fn hash_and_copy<S: chain::BlockSource + Send + 'static>(
                     .map_or_else(chain::Scheme::default, chain::Table::scheme);
                 let table =
                     chain::Table::build_visiting(&source, scheme, block_size, threads(), worker.as_ref())?;
-                Ok(match &key {
-                    Some(key) => key.seal_table(&table)?,
-                    None => table,
-                })
+                Ok(chain::crypt::sealed(key.as_ref(), table)?)
             }
             Some(blocks) => {
                 let base = worker.base.as_ref().context("no base table")?;
                 let hashes =
                     chain::Table::build_blocks_visiting(&source, base, &blocks, threads(), worker.as_ref())?;
-                Ok(match &key {
-                    Some(key) => chain::Table::derive(base, &key.seal_blocks(&hashes))?,
-                    None => chain::Table::derive(base, &hashes)?,
-                })
+                Ok(chain::Table::derive(
+                    base,
+                    &chain::crypt::sealed_blocks(key.as_ref(), hashes),
+                )?)
             }
         }
     });

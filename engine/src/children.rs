@@ -7,7 +7,9 @@
 //!   the command's future, see [`crate::signals::Interrupt::run`]) is killed and *reaped* in the drop, before
 //!   anything declared before it — the VM's lock among them — is released;
 //! - none inherits the repository key: `QMPBAK_KEY` and the variable `--key-env` named are removed from every
-//!   child's environment, so no `/proc/PID/environ` of a child shows it.
+//!   child's environment, so no `/proc/PID/environ` of a child shows it. QEMU's programs get the key they need
+//!   (the LUKS passphrase of the node files) as an inherited descriptor of an anonymous memory file
+//!   ([`share_with_qemu`], [`qemu_command`]), which no other child inherits and no file name outlives.
 //!
 //! Every child is a [`tokio::process::Command`] made here ([`command`]) and run as an [`Owned`] child
 //! ([`spawn`], [`output`]): no code of the engine runs a program through blocking `std::process`, so no async
@@ -15,6 +17,7 @@
 //! calls [`command`]); other programs (`blkid`, `losetup`, `mount`, a FUSE driver …) by [`command`] directly.
 
 use std::io;
+use std::os::fd::RawFd;
 use std::path::Path;
 use std::process::{ExitStatus, Output, Stdio};
 use std::sync::{Mutex, PoisonError};
@@ -50,6 +53,52 @@ fn scrub_env(cmd: &mut std::process::Command) {
     {
         cmd.env_remove(name);
     }
+}
+
+/// The descriptors QEMU's programs inherit ([`share_with_qemu`]).
+static SHARED_WITH_QEMU: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
+
+/// Lets the programs [`qemu_command`] makes from now on inherit `fd` (open in this process, number 3 or more,
+/// close-on-exec here), under the same number: QEMU reads it as `/dev/fd/N`. Until [`stop_sharing`].
+pub fn share_with_qemu(fd: RawFd) {
+    let mut fds = SHARED_WITH_QEMU.lock().unwrap_or_else(PoisonError::into_inner);
+    if !fds.contains(&fd) {
+        fds.push(fd);
+    }
+}
+
+/// Undoes [`share_with_qemu`] for `fd`, before it is closed.
+pub fn stop_sharing(fd: RawFd) {
+    SHARED_WITH_QEMU
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .retain(|&f| f != fd);
+}
+
+/// [`command`] for one of QEMU's programs (`qemu-img`, `qemu-storage-daemon`): it also inherits the descriptors
+/// shared with [`share_with_qemu`] when it is made.
+#[allow(unsafe_code)]
+pub fn qemu_command(program: &Path) -> tokio::process::Command {
+    let fds = SHARED_WITH_QEMU
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+        .clone();
+    let mut cmd = command(program);
+    if !fds.is_empty() {
+        // SAFETY: the closure runs in the forked child before exec. It only calls fcntl, which is
+        // async-signal-safe, and allocates nothing (the list was copied before the fork).
+        unsafe {
+            cmd.pre_exec(move || {
+                for &fd in &fds {
+                    if libc::fcntl(fd, libc::F_SETFD, 0) == -1 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+    cmd
 }
 
 /// An async command for `program` whose process dies with qmpbak and inherits no key; spawn it with [`spawn`]

@@ -38,12 +38,12 @@ impl QemuBins {
     /// A `qemu-img` command (owned, see the module doc); run it with [`QemuBins::img_output`] or
     /// [`crate::children::spawn`].
     pub fn img_command(&self) -> tokio::process::Command {
-        crate::children::command(&self.img)
+        crate::children::qemu_command(&self.img)
     }
 
     /// A `qemu-storage-daemon` command (owned, see the module doc).
     pub fn storage_daemon_command(&self) -> tokio::process::Command {
-        crate::children::command(&self.storage_daemon)
+        crate::children::qemu_command(&self.storage_daemon)
     }
 
     /// Runs the `qemu-img` command `cmd` (from [`QemuBins::img_command`]) to its end with no input, collecting

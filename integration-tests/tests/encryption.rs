@@ -994,3 +994,69 @@ async fn an_encrypted_node_mounts_as_an_image_with_the_key_and_not_without() {
         "mount changed the repository"
     );
 }
+
+/// The files below `dir` (not following links) whose bytes are exactly `secret`.
+fn files_holding(dir: &Path, secret: &[u8]) -> Vec<PathBuf> {
+    let mut found = Vec::new();
+    let mut dirs = vec![dir.to_path_buf()];
+    while let Some(dir) = dirs.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Ok(kind) = entry.file_type() else { continue };
+            if kind.is_dir() {
+                dirs.push(entry.path());
+            } else if kind.is_file()
+                && entry.metadata().is_ok_and(|m| m.len() == secret.len() as u64)
+                && std::fs::read(entry.path()).is_ok_and(|bytes| bytes == secret)
+            {
+                found.push(entry.path());
+            }
+        }
+    }
+    found
+}
+
+/// A qmpbak killed with SIGKILL while it works on an encrypted repository leaves the repository's LUKS
+/// passphrase in no file: QEMU's programs read it from an anonymous memory file that is gone with the last
+/// process holding it. Before, it was a file under /dev/shm, removed only when qmpbak ended normally, so every
+/// kill (the OOM killer, a service manager's stop timeout) left the key to every node file behind.
+#[tokio::test]
+async fn a_killed_command_leaves_the_key_in_no_file() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, MIB).await;
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
+    let repo = chain::Repository::open(er.repo.path()).unwrap();
+    let keys = repo
+        .settings()
+        .encryption
+        .as_ref()
+        .unwrap()
+        .unlock(std::fs::read_to_string(&er.key).unwrap().trim_end().as_bytes())
+        .unwrap();
+    let secret = keys.luks_passphrase().as_bytes().to_vec();
+    let places = [PathBuf::from("/dev/shm"), std::env::temp_dir()];
+    let holding = || -> Vec<PathBuf> { places.iter().flat_map(|p| files_holding(p, &secret)).collect() };
+
+    let args = er
+        .repo
+        .vm_args("vm1", &[&["verify"][..], &er.key_args()].concat());
+    let paused = cli::run_paused_at(&args, "verify-reading", &[], None);
+    // Its qemu-storage-daemon has the key now, and no file holds it.
+    assert_eq!(
+        holding(),
+        Vec::<PathBuf>::new(),
+        "the key is in a file while qmpbak runs"
+    );
+    paused.signal(nix::sys::signal::Signal::SIGKILL);
+    let out = paused.finish();
+    assert_ne!(out.code(), Some(0), "{out:?}");
+    assert_eq!(
+        holding(),
+        Vec::<PathBuf>::new(),
+        "the key is in a file after qmpbak was killed"
+    );
+    er.run("vm1", &["verify"]).success();
+}

@@ -1,14 +1,16 @@
 //! The unlocked key of the encrypted repository this process works on, and how QEMU gets it: a `secret`
-//! object that reads a private file (mode 0600 in a 0700 directory, in memory under /dev/shm where it exists,
-//! removed when the [`KeyGuard`] drops) for `qemu-img` and `qemu-storage-daemon`, or `object-add` with the
-//! data over the QMP socket for the VM's QEMU. The key is never on a command line or in a log.
+//! object that reads `/dev/fd/N` for `qemu-img` and `qemu-storage-daemon`, N an anonymous memory file
+//! (`memfd_create`, sealed) that only QEMU's programs inherit ([`crate::children::qemu_command`]), or
+//! `object-add` with the data over the QMP socket for the VM's QEMU. The key is never on a command line, in a
+//! log or in a named file: the memory file is gone with the last process that holds it, also when qmpbak is
+//! killed (a file under /dev/shm, as before, stayed after a SIGKILL).
 //!
 //! Every node file of an encrypted repository is a qcow2 with a LUKS header (`encrypt.format=luks`) whose
 //! passphrase is derived from the user's key ([`chain::crypt`]): a 256-bit random-looking string, so LUKS's own
 //! slow key derivation adds nothing and runs with a short iteration time (opening a layer stays fast).
 
 use std::io::Write as _;
-use std::os::unix::fs::OpenOptionsExt as _;
+use std::os::fd::{AsRawFd as _, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 
@@ -25,14 +27,20 @@ pub const SECRET_ID: &str = "qmpbak-repo-key";
 /// LUKS key-derivation time per node file, in milliseconds (see the module docs).
 const LUKS_ITER_TIME_MS: u32 = 10;
 
-/// The key of an unlocked repository and its private secret file.
+/// The key of an unlocked repository and the memory file QEMU's programs read it from.
 pub struct Unlocked {
     keys: RepoKeys,
     /// The repository's [`TEMPLATE_FILE`].
     template: PathBuf,
     salt: String,
-    secret_file: PathBuf,
-    _dir: tempfile::TempDir,
+    /// The LUKS passphrase in an anonymous memory file, shared with QEMU's programs.
+    secret: OwnedFd,
+}
+
+impl Drop for Unlocked {
+    fn drop(&mut self) {
+        crate::children::stop_sharing(self.secret.as_raw_fd());
+    }
 }
 
 static ACTIVE: Mutex<Option<Arc<Unlocked>>> = Mutex::new(None);
@@ -66,32 +74,45 @@ pub fn unlock_with(repo: &Repository, key: &[u8]) -> Result<KeyGuard> {
         anyhow::bail!("repository {} is not encrypted", repo.path().display());
     };
     let keys = enc.unlock(key)?;
-    let base = Path::new("/dev/shm");
-    let dir = if base.is_dir() {
-        tempfile::Builder::new().prefix("qmpbak-key-").tempdir_in(base)
-    } else {
-        tempfile::Builder::new().prefix("qmpbak-key-").tempdir()
-    }
-    .context("creating a private directory for the key")?;
-    let secret_file = dir.path().join("key");
-    // tempfile makes the directory 0700; the file is created 0600.
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&secret_file)
-        .with_context(|| format!("creating {}", secret_file.display()))?;
-    file.write_all(keys.luks_passphrase().as_bytes())
-        .with_context(|| format!("writing {}", secret_file.display()))?;
+    let secret = secret_memfd(keys.luks_passphrase().as_bytes())?;
+    crate::children::share_with_qemu(secret.as_raw_fd());
     let unlocked = Unlocked {
         keys,
         template: repo.path().join(TEMPLATE_FILE),
         salt: enc.salt.clone(),
-        secret_file,
-        _dir: dir,
+        secret,
     };
     *ACTIVE.lock().unwrap_or_else(PoisonError::into_inner) = Some(Arc::new(unlocked));
     Ok(KeyGuard(()))
+}
+
+/// An anonymous memory file holding `data`, sealed against any change, close-on-exec, numbered 3 or more (so
+/// that a child's standard streams never take its number).
+fn secret_memfd(data: &[u8]) -> Result<OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MemFdCreateFlag, memfd_create};
+    use std::os::fd::FromRawFd as _;
+    let created = memfd_create(
+        c"qmpbak-key",
+        MemFdCreateFlag::MFD_CLOEXEC | MemFdCreateFlag::MFD_ALLOW_SEALING,
+    )
+    .context("creating an anonymous memory file for the key (memfd_create)")?;
+    let raw = fcntl(created.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(3))
+        .context("numbering the key's memory file")?;
+    drop(created);
+    // SAFETY: `raw` was just returned by F_DUPFD_CLOEXEC and is owned by nothing else.
+    #[allow(unsafe_code)]
+    let fd = unsafe { OwnedFd::from_raw_fd(raw) };
+    let mut file = std::fs::File::from(fd);
+    file.write_all(data).context("writing the key's memory file")?;
+    fcntl(
+        file.as_raw_fd(),
+        FcntlArg::F_ADD_SEALS(
+            SealFlag::F_SEAL_SHRINK | SealFlag::F_SEAL_GROW | SealFlag::F_SEAL_WRITE | SealFlag::F_SEAL_SEAL,
+        ),
+    )
+    .context("sealing the key's memory file")?;
+    Ok(OwnedFd::from(file))
 }
 
 /// The unlocked key, when there is one.
@@ -116,12 +137,12 @@ impl Unlocked {
         self.keys.table_key()
     }
 
-    /// `secret,id=…,file=…` for `qemu-img --object` and `qemu-storage-daemon --object`: the path of the
-    /// private file, never the key.
+    /// `secret,id=…,file=/dev/fd/N` for `qemu-img --object` and `qemu-storage-daemon --object` made by
+    /// [`crate::children::qemu_command`] (which inherit N), never the key.
     pub fn object_arg(&self) -> String {
         format!(
-            "secret,id={SECRET_ID},file={},format=raw",
-            super::output::qemu_opt_value(&self.secret_file)
+            "secret,id={SECRET_ID},file=/dev/fd/{},format=raw",
+            self.secret.as_raw_fd()
         )
     }
 }

@@ -1060,3 +1060,34 @@ async fn a_killed_command_leaves_the_key_in_no_file() {
     );
     er.run("vm1", &["verify"]).success();
 }
+
+/// A backup into an encrypted repository gives the VM's QEMU the repository key for its run (a `secret`
+/// object, readable by anyone with the VM's QMP socket). Killed while its jobs copy, the run leaves it there;
+/// the next command that finishes the run's record takes it out, with or without the key (`cleanup` needs
+/// none), and a backup after that leaves none either.
+#[tokio::test]
+async fn a_killed_encrypted_backup_leaves_no_key_in_qemu_after_cleanup() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, MIB).await;
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
+    vm.write_pattern("disk0", 0x22, MIB, MIB).await;
+    let args = er.repo.backup_args(&vm, "vm1", &er.key_args());
+    cli::run_crashing_at(
+        &args,
+        "backup-jobs-started",
+        integration_tests::timeouts::CLI_TIMEOUT,
+    )
+    .assert_crashed_at("backup-jobs-started");
+    let left = vm
+        .qmp()
+        .execute_raw("qom-list", Some(serde_json::json!({ "path": "/objects" })))
+        .await
+        .unwrap();
+    assert!(left.to_string().contains("qmpbak-repo-key"), "{left}");
+    let socket = vm.socket().display().to_string();
+    er.repo.run("vm1", &["cleanup", "--socket", &socket]).success();
+    assert_no_secret_left(&vm).await;
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
+    assert_no_secret_left(&vm).await;
+}

@@ -131,6 +131,10 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
             }
         }
     }
+    // An encrypted repository's key, given to QEMU for the run (`crypt::unlock::add_secret`): anyone with the
+    // VM's QMP socket could read it back. Taken out whether or not this process holds a key (`cleanup` needs
+    // none), once the nodes that opened files with it are gone; no such object is no error.
+    crate::crypt::unlock::forget_secret(qmp).await;
     for bitmap in &op.bitmaps {
         let remove = BlockDirtyBitmapRemove::new(bitmap.node.as_str(), bitmap.name.as_str());
         if qmp.execute(&remove).await.is_ok() {

@@ -58,6 +58,15 @@ impl Output {
         self
     }
 
+    /// Panics with the whole output unless the run failed and its error output says `message`.
+    #[track_caller]
+    pub fn assert_failed_saying(&self, message: &str) {
+        assert!(
+            !self.status.success() && self.stderr.contains(message),
+            "expected a failure saying {message:?}: {self:?}"
+        );
+    }
+
     /// Panics with the whole output unless the run failed and said it died at crash point `point` (see
     /// [`run_crashing_at`]).
     #[track_caller]

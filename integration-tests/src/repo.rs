@@ -39,6 +39,20 @@ impl TestRepo {
         self.dir.as_ref().map(tempfile::TempDir::path)
     }
 
+    /// Drops every operation record from VM `vm`'s manifest, as if they were lost: what the runs left in QEMU
+    /// or on disk is then no record's any more.
+    pub fn lose_records(&self, vm: &str) {
+        let path = self.vm_dir(vm).join("manifest.json");
+        let mut manifest: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).expect("read manifest")).expect("parse manifest");
+        manifest["operations"] = serde_json::json!([]);
+        std::fs::write(
+            &path,
+            serde_json::to_vec_pretty(&manifest).expect("manifest JSON"),
+        )
+        .expect("write manifest");
+    }
+
     pub fn vm_dir(&self, vm: &str) -> PathBuf {
         self.path().join(vm)
     }

@@ -8,7 +8,6 @@ use std::time::Duration;
 
 use crate::children::{self, Owned};
 use anyhow::{Context, Result, bail};
-use tempfile::TempDir;
 use tokio::net::UnixListener;
 
 use crate::qemu_bins::QemuBins;
@@ -37,7 +36,7 @@ pub struct StorageDaemon {
     qmp: qmp::Qmp,
     nbd_socket: PathBuf,
     // Holds the sockets; removed with the daemon.
-    _dir: TempDir,
+    _dir: crate::rundir::PrivateDir,
 }
 
 impl StorageDaemon {
@@ -61,7 +60,7 @@ impl StorageDaemon {
         bins: &QemuBins,
         tcp: Option<(std::net::SocketAddr, Option<&Path>)>,
     ) -> Result<StorageDaemon> {
-        let dir = private_temp_dir("qmpbak-qsd-")?;
+        let dir = crate::rundir::private_dir("qmpbak-qsd-")?;
         let monitor = dir.path().join("monitor.sock");
         let nbd_socket = dir.path().join("nbd.sock");
         let mut server_args: Vec<String> = Vec::new();
@@ -171,21 +170,6 @@ impl StorageDaemon {
         }
         Ok(())
     }
-}
-
-/// A new temporary directory that only its owner may enter (0700, whatever the umask), for sockets that
-/// serve guest data: a socket's own mode is not enough, QEMU creates some of them with its own umask.
-pub fn private_temp_dir(prefix: &str) -> Result<TempDir> {
-    use std::os::unix::fs::PermissionsExt as _;
-    let dir = tempfile::Builder::new()
-        .prefix(prefix)
-        .permissions(std::fs::Permissions::from_mode(0o700))
-        .tempdir()
-        .context("creating a socket directory")?;
-    // The mode given at creation is masked by the umask; this one is not.
-    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700))
-        .with_context(|| format!("setting the mode of {}", dir.path().display()))?;
-    Ok(dir)
 }
 
 async fn read_stderr(child: &mut Owned) -> String {

@@ -27,6 +27,7 @@ pub mod recovery;
 pub mod render;
 pub mod repo_reports;
 pub mod restore;
+pub mod rundir;
 pub mod serve;
 pub mod session;
 pub mod signals;

@@ -36,7 +36,7 @@ pub(super) async fn copy(run: &mut Run<'_>) -> Result<Copied> {
         *view = recorded;
     }
     run.save_op()?;
-    let sockdir = crate::daemon::private_temp_dir("qmpbak-nbd-")?;
+    let sockdir = crate::rundir::private_dir("qmpbak-nbd-")?;
     let socket = sockdir.path().join("nbd.sock");
     let result = fleece_and_copy(run, view, parents, &socket).await;
     let torn_down = teardown(run, view).await;

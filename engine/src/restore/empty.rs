@@ -35,7 +35,7 @@ const STATUS_ROUND: u64 = 1 << 31;
 /// How qmpbak reaches the NBD server it starts in the VM's QEMU.
 enum Reach {
     Unix {
-        _dir: tempfile::TempDir,
+        _dir: crate::rundir::PrivateDir,
         socket: std::path::PathBuf,
     },
     Tcp {
@@ -140,7 +140,7 @@ async fn server(
     tls_creds: Option<&str>,
 ) -> Result<(NbdServerStart, Reach)> {
     let Some(host) = target.host() else {
-        let dir = crate::daemon::private_temp_dir("qmpbak-empty-")?;
+        let dir = crate::rundir::private_dir("qmpbak-empty-")?;
         let socket = dir.path().join("nbd.sock");
         let start = NbdServerStart::unix(socket.display().to_string());
         return Ok((start, Reach::Unix { _dir: dir, socket }));

@@ -8,7 +8,8 @@
 //! ends normally removes its socket directories, then its process directory and the base once they are
 //! empty. A qmpbak that is killed (SIGKILL, a crash) cannot: the next qmpbak that makes a socket directory
 //! removes the process directories of processes of its own pid namespace that no longer run (a reused pid has
-//! another start time). Nothing outside the base is removed, and in it only directories named so.
+//! another start time). Nothing outside the base is removed, and in it only directories named so. A base so
+//! deep that a socket's path in it could pass the 107 bytes a unix socket address holds is not used either.
 
 use std::io;
 use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, PermissionsExt as _};
@@ -38,6 +39,10 @@ struct ProcessDir {
     path: PathBuf,
     base: PathBuf,
 }
+
+/// The longest process directory used: a socket's path must fit in 107 bytes, and a socket directory and a socket
+/// name (`qmpbak-empty-XXXXXX/nbd.sock`) add about 30.
+const MAX_PROCESS_DIR_LEN: usize = 70;
 
 /// The live process directory, if any: every [`PrivateDir`] holds it.
 static PROCESS_DIR: Mutex<Weak<ProcessDir>> = Mutex::new(Weak::new());
@@ -106,6 +111,12 @@ fn make_process_dir() -> io::Result<ProcessDir> {
     let start = start_time(me).ok_or_else(|| io::Error::other("no start time of this process in /proc"))?;
     sweep(&base, ns);
     let path = base.join(format!("{ns}-{me}-{start}"));
+    if path.as_os_str().len() > MAX_PROCESS_DIR_LEN {
+        return Err(io::Error::other(format!(
+            "{} is too long a directory for sockets in it",
+            path.display()
+        )));
+    }
     match make_private(&path) {
         // Another qmpbak of this user removed the base, empty, just now: once more.
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

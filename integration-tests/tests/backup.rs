@@ -191,6 +191,7 @@ async fn a_checksum_diff_with_many_neighbouring_and_scattered_changes_is_exact()
     vm.write_pattern("disk1", 0x88, 0, 16 * MIB).await;
     let refs = capture(&vm, refs_dir.path(), "after-crash").await;
 
+    repo.cache_images(VM);
     let inc = repo.backup_report(&vm, VM, &[]);
     assert_eq!(inc.method, "checksum-diff", "{inc:?}");
     let id = inc.node.clone();
@@ -250,6 +251,7 @@ async fn qemu_restarted_after_a_crash_gives_an_exact_checksum_diff_incremental()
     vm.write_pattern("disk1", 0x55, 3 * MIB, MIB).await;
     let refs = capture(&vm, refs_dir.path(), "after-crash").await;
 
+    repo.cache_images(VM);
     let inc = repo.backup_report(&vm, VM, &[]);
     assert_eq!(inc.level, "incremental", "{inc:?}");
     assert_eq!(inc.method, "checksum-diff", "{inc:?}");

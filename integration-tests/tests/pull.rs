@@ -187,6 +187,7 @@ async fn pull_every_level(env: &[(&str, &str)], view: &str) {
     // show through.
     vm.write_zeroes("disk1", 2 * MIB + 256 * 1024, 64 * 1024).await;
     let cd_refs = vm.capture_references(&DISKS, refs_dir.path(), "cd").await;
+    repo.cache_images(VM);
     let cd = backup_env(&repo, &vm, &strs(&args), env, view);
     assert_eq!(cd.method, "checksum-diff", "{cd:?}");
     let cd_id = cd.node.clone();

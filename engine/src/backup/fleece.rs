@@ -204,7 +204,7 @@ async fn open_parent_chain(
 ) -> Option<crate::direct::DirectSource> {
     let opened = crate::direct::DirectSource::open_node(&run.bins, run.vm, &run.manifest, parent, disk).await;
     opened.unwrap_or_else(|e| {
-        tracing::debug!(
+        tracing::warn!(
             disk,
             "changed blocks are written whole: the parent's chain cannot be read directly: {e:#}"
         );

@@ -59,7 +59,7 @@ fn scrub_env(cmd: &mut std::process::Command) {
 static SHARED_WITH_QEMU: Mutex<Vec<RawFd>> = Mutex::new(Vec::new());
 
 /// Lets the programs [`qemu_command`] makes from now on inherit `fd` (open in this process, number 3 or more,
-/// close-on-exec here), under the same number: QEMU reads it as `/dev/fd/N`. Until [`stop_sharing`].
+/// close-on-exec here), under the same number: QEMU reads it as `/proc/self/fd/N`. Until [`stop_sharing`].
 pub fn share_with_qemu(fd: RawFd) {
     let mut fds = SHARED_WITH_QEMU.lock().unwrap_or_else(PoisonError::into_inner);
     if !fds.contains(&fd) {

@@ -1,5 +1,5 @@
 //! The unlocked key of the encrypted repository this process works on, and how QEMU gets it: a `secret`
-//! object that reads `/dev/fd/N` for `qemu-img` and `qemu-storage-daemon`, N an anonymous memory file
+//! object that reads `/proc/self/fd/N` for `qemu-img` and `qemu-storage-daemon`, N an anonymous memory file
 //! (`memfd_create`, sealed) that only QEMU's programs inherit ([`crate::children::qemu_command`]), or
 //! `object-add` with the data over the QMP socket for the VM's QEMU. The key is never on a command line, in a
 //! log or in a named file: the memory file is gone with the last process that holds it, also when qmpbak is
@@ -137,11 +137,11 @@ impl Unlocked {
         self.keys.table_key()
     }
 
-    /// `secret,id=…,file=/dev/fd/N` for `qemu-img --object` and `qemu-storage-daemon --object` made by
+    /// `secret,id=…,file=/proc/self/fd/N` for `qemu-img --object` and `qemu-storage-daemon --object` made by
     /// [`crate::children::qemu_command`] (which inherit N), never the key.
     pub fn object_arg(&self) -> String {
         format!(
-            "secret,id={SECRET_ID},file=/dev/fd/{},format=raw",
+            "secret,id={SECRET_ID},file=/proc/self/fd/{},format=raw",
             self.secret.as_raw_fd()
         )
     }

@@ -14,7 +14,7 @@
 //! Every child is a [`tokio::process::Command`] made here ([`command`]) and run as an [`Owned`] child
 //! ([`spawn`], [`output`]): no code of the engine runs a program through blocking `std::process`, so no async
 //! task blocks a runtime thread on a child. QEMU's programs are made by [`crate::qemu_bins::QemuBins`] (which
-//! calls [`command`]); other programs (`blkid`, `losetup`, `mount`, a FUSE driver …) by [`command`] directly.
+//! calls [`qemu_command`]); other programs (`blkid`, `losetup`, `mount`, a FUSE driver …) by [`command`] directly.
 
 use std::io;
 use std::os::fd::RawFd;

@@ -1,8 +1,9 @@
 //! The QEMU programs qmpbak runs itself (`qemu-img`, `qemu-storage-daemon`; it runs no `qemu-nbd`): where they
 //! are, from `PATH` or from an unpacked QEMU tree named by `QMPBAK_QEMU_PREFIX` (`DIR/usr/bin/...`, the same
 //! setting the test suite uses), and the one place their commands are made. Each is a
-//! [`tokio::process::Command`] from [`crate::children::command`]: it dies with qmpbak (`PR_SET_PDEATHSIG`),
-//! inherits no repository key, and runs as an [`crate::children::Owned`] child, killed and reaped when the
+//! [`tokio::process::Command`] from [`crate::children::qemu_command`]: it dies with qmpbak (`PR_SET_PDEATHSIG`),
+//! inherits no key in its environment (an encrypted repository's derived key only as the descriptor
+//! [`crate::children::share_with_qemu`] names), and runs as an [`crate::children::Owned`] child, killed and reaped when the
 //! run that started it is dropped unfinished. Nothing here blocks a runtime thread on a child.
 
 use std::ffi::OsStr;

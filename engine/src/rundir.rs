@@ -109,7 +109,6 @@ fn make_process_dir() -> io::Result<ProcessDir> {
     let ns = pid_namespace();
     let me = std::process::id();
     let start = start_time(me).ok_or_else(|| io::Error::other("no start time of this process in /proc"))?;
-    sweep(&base, ns);
     let path = base.join(format!("{ns}-{me}-{start}"));
     if path.as_os_str().len() > MAX_PROCESS_DIR_LEN {
         return Err(io::Error::other(format!(
@@ -117,6 +116,8 @@ fn make_process_dir() -> io::Result<ProcessDir> {
             path.display()
         )));
     }
+    // Only a base that is used is swept.
+    sweep(&base, ns);
     match make_private(&path) {
         // Another qmpbak of this user removed the base, empty, just now: once more.
         Err(e) if e.kind() == io::ErrorKind::NotFound => {

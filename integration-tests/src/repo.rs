@@ -39,10 +39,9 @@ impl TestRepo {
         self.dir.as_ref().map(tempfile::TempDir::path)
     }
 
-    /// Reads every image file of VM `vm` once, so that it is in the page cache: a checksum-diff compares a
-    /// changed block with the parent's chain only where the chain is cached, and the tests that count the
-    /// bytes it stores must not depend on what the rest of the suite pushed out of the cache meanwhile.
-    pub fn cache_images(&self, vm: &str) {
+    /// Every image file (`*.qcow2`) in VM `vm`'s directory and below, sorted.
+    pub fn images(&self, vm: &str) -> Vec<PathBuf> {
+        let mut found = Vec::new();
         let mut dirs = vec![self.vm_dir(vm)];
         while let Some(dir) = dirs.pop() {
             for entry in std::fs::read_dir(&dir).expect("read the VM's directory") {
@@ -50,10 +49,21 @@ impl TestRepo {
                 if path.is_dir() {
                     dirs.push(path);
                 } else if path.extension().is_some_and(|e| e == "qcow2") {
-                    let mut file = std::fs::File::open(&path).expect("open an image");
-                    std::io::copy(&mut file, &mut std::io::sink()).expect("read an image");
+                    found.push(path);
                 }
             }
+        }
+        found.sort();
+        found
+    }
+
+    /// Reads every image file of VM `vm` once, so that it is in the page cache: a checksum-diff compares a
+    /// changed block with the parent's chain only where the chain is cached, and the tests that count the
+    /// bytes it stores must not depend on what the rest of the suite pushed out of the cache meanwhile.
+    pub fn cache_images(&self, vm: &str) {
+        for path in self.images(vm) {
+            let mut file = std::fs::File::open(&path).expect("open an image");
+            std::io::copy(&mut file, &mut std::io::sink()).expect("read an image");
         }
     }
 

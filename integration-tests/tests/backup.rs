@@ -399,27 +399,11 @@ async fn a_checksum_diff_refused_at_its_view_leaves_none_of_its_images() {
     vm.qmp().execute_raw("cont", None).await.unwrap();
     repo.lose_records(VM);
     let filters = vm.attached().await;
-    let images = || -> Vec<PathBuf> {
-        let mut found = Vec::new();
-        let mut dirs = vec![repo.vm_dir(VM)];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    dirs.push(path);
-                } else if path.extension().is_some_and(|e| e == "qcow2") {
-                    found.push(path);
-                }
-            }
-        }
-        found.sort();
-        found
-    };
-    let before = images();
+    let before = repo.images(VM);
 
     repo.try_backup(&vm, VM, &[])
         .assert_failed_saying("a copy-before-write filter an earlier qmpbak run left");
-    assert_eq!(images(), before, "the refused run left images");
+    assert_eq!(repo.images(VM), before, "the refused run left images");
     assert_eq!(vm.attached().await, filters);
     assert!(repo.manifest(VM).operations.is_empty());
 }

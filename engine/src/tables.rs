@@ -178,9 +178,11 @@ pub struct DiskAt<'a> {
 }
 
 /// Builds the checking table of `node`'s disk `disk`. With `parent`, only the blocks changed in the node's own
-/// layer are read, hashed as the parent's were; otherwise the whole disk is, hashed by `scheme` (the
-/// default for a new full; a table to be compared with another, that one's). The chain is read straight from
-/// its files when it can be ([`DirectSource`]), otherwise over NBD from a qemu-storage-daemon started for it.
+/// layer are read, hashed as the parent's were: the parent's block size and scheme are the chain's, whatever
+/// `scheme` and `block_size` say (the repository's settings, which a hand edit may have changed). Otherwise
+/// the whole disk is, hashed by `scheme` in `block_size` blocks (the default for a new full; a table to be
+/// compared with another, that one's). The chain is read straight from its files when it can be
+/// ([`DirectSource`]), otherwise over NBD from a qemu-storage-daemon started for it.
 pub async fn build(at: DiskAt<'_>, scheme: Scheme, block_size: u64, parent: Option<&Table>) -> Result<Table> {
     let DiskAt {
         bins,
@@ -199,7 +201,10 @@ pub async fn build(at: DiskAt<'_>, scheme: Scheme, block_size: u64, parent: Opti
                 Some(source) => source.top_layer_ranges().to_vec(),
                 None => layer_extents(bins, files.last().context("empty recovery chain")?).await?,
             };
-            Some((parent.clone(), touched_blocks(&ranges, block_size, parent.len())?))
+            Some((
+                parent.clone(),
+                touched_blocks(&ranges, parent.block_size(), parent.len())?,
+            ))
         }
     };
     if let Some(source) = direct {

@@ -317,7 +317,7 @@ async fn a_checksum_diff_whose_parent_is_not_in_the_page_cache_stores_whole_bloc
     // Two changed blocks, written whole (in the cache, one 64 KiB cluster of each would have been).
     assert_eq!(inc.disks[0].copied_bytes, 2 * MIB, "{inc:?}");
     assert_eq!(inc.disks[1].copied_bytes, 0, "{inc:?}");
-    assert_node_equals(&repo, &inc.node, &refs);
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
 }
 
 /// A checksum-diff takes the same copy-before-write view as a pull (or the fleece when forced): killed with
@@ -523,8 +523,17 @@ async fn after_a_snapshot_the_next_backup_is_still_a_bitmap_incremental() {
 }
 
 /// The checking table of `node`'s disk `disk` equals one built from `reference` (a qcow2 captured at the
-/// node's instant), block for block.
+/// node's instant), block for block, in the repository's block size.
 fn assert_table_of(repo: &TestRepo, node: &str, disk: &str, reference: &Path) {
+    let block_size = chain::Repository::open(repo.path())
+        .unwrap()
+        .settings()
+        .block_size;
+    assert_table_in(repo, node, disk, reference, block_size);
+}
+
+/// [`assert_table_of`] in `block_size` blocks.
+fn assert_table_in(repo: &TestRepo, node: &str, disk: &str, reference: &Path, block_size: u64) {
     let raw = reference.with_extension("raw");
     image::qemu_img(&[
         "convert",
@@ -533,10 +542,6 @@ fn assert_table_of(repo: &TestRepo, node: &str, disk: &str, reference: &Path) {
         reference.to_str().unwrap(),
         raw.to_str().unwrap(),
     ]);
-    let block_size = chain::Repository::open(repo.path())
-        .unwrap()
-        .settings()
-        .block_size;
     let expected = chain::Table::build(
         &chain::FileSource::open(&raw).unwrap(),
         chain::Scheme::default(),
@@ -545,6 +550,7 @@ fn assert_table_of(repo: &TestRepo, node: &str, disk: &str, reference: &Path) {
     )
     .unwrap();
     let stored = repo.derived_table(VM, node, disk);
+    assert_eq!(stored.block_size(), block_size, "{disk}");
     assert_eq!(stored.virtual_size(), expected.virtual_size(), "{disk}");
     let differ: Vec<usize> = stored
         .digests()
@@ -670,4 +676,41 @@ async fn guest_writes_during_an_incremental_and_a_differential_leave_their_table
         assert!(repo.manifest(VM).operations.is_empty());
     }
     repo.run(VM, &["verify"]).success();
+}
+
+/// A chain keeps its full's table block size: after the repository's settings were edited by hand to another
+/// size, an incremental still rehashes the blocks its layer touched in its parent's blocks (it rehashed the
+/// blocks of the new size's numbering, leaving a written block's digest stale), and only a new full takes
+/// the new size.
+#[tokio::test]
+async fn an_incremental_hashes_in_its_chains_block_size_after_the_settings_changed() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    let refs_dir = tempfile::tempdir().unwrap();
+    vm.write_pattern("disk0", 0x11, 0, 4 * MIB).await;
+    repo.backup_report(&vm, VM, &[]);
+    let settings = repo.path().join(chain::repo::SETTINGS_FILE);
+    let mut edited: serde_json::Value = serde_json::from_slice(&std::fs::read(&settings).unwrap()).unwrap();
+    edited["block_size"] = serde_json::json!(64 * 1024);
+    std::fs::write(&settings, serde_json::to_vec(&edited).unwrap()).unwrap();
+
+    // In 64 KiB blocks these writes are blocks 5 and 8; in the chain's 1 MiB blocks both are block 0.
+    vm.write_pattern("disk0", 0x22, 320 * 1024, 64 * 1024).await;
+    vm.write_pattern("disk1", 0x33, 512 * 1024 + 4096, 4096).await;
+    let refs = capture(&vm, refs_dir.path(), "inc").await;
+    let inc = repo.backup_report(&vm, VM, &["--level", "inc"]);
+    assert_eq!(inc.method, "bitmap", "{inc:?}");
+    assert_node_equals(&repo, inc.node.as_str(), &refs);
+    for (disk, reference) in DISKS.iter().zip(&refs) {
+        assert_table_in(&repo, inc.node.as_str(), disk, reference, MIB);
+    }
+    repo.run(VM, &["verify"]).success();
+
+    let full = repo.backup_report(&vm, VM, &["--level", "full"]);
+    for disk in DISKS {
+        assert_eq!(
+            repo.derived_table(VM, full.node.as_str(), disk).block_size(),
+            64 * 1024
+        );
+    }
 }

@@ -23,12 +23,13 @@ use std::time::Duration;
 use anyhow::{Context as _, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use chain::{LockWait, Repository, Table};
+use chain::{LockWait, Repository};
 
 use crate::crashpoint::crashpoint;
 use crate::exit::{Exit, ExitCode};
 use crate::progress::Progress;
 use crate::qemu_bins::QemuBins;
+use crate::restore::Mismatched;
 use crate::tables::load_node_table;
 pub use partitions::Partition;
 use partitions::{fuse_driver, kernel_has, mount_options, probe};
@@ -138,7 +139,7 @@ pub async fn mount(opts: &MountOptions, progress: &dyn Progress) -> Result<Mount
     // The chain is checked against the node's table before anything is exported, as a restore checks it.
     let mismatched = check_chain(&bins, &vm, &manifest, &node, &disk, opts.force, progress).await?;
     if !mismatched.is_empty() {
-        let damage = crate::restore::damaged(&node, &disk, &mismatched, repo.settings().block_size);
+        let damage = crate::restore::damaged(&node, &disk, &mismatched);
         if !opts.force {
             return Err(damage.context(format!(
                 "refusing to mount node {} (pass --force to mount it all the same)",
@@ -194,7 +195,7 @@ pub async fn mount(opts: &MountOptions, progress: &dyn Progress) -> Result<Mount
             partition_table: None,
             partitions: Vec::new(),
             verified: mismatched.is_empty(),
-            mismatched_blocks: mismatched.clone(),
+            mismatched_blocks: mismatched.blocks.clone(),
         };
         if opts.mode == MountMode::ImageOnly {
             return Ok(report);
@@ -291,12 +292,12 @@ async fn check_chain(
     disk: &str,
     force: bool,
     progress: &dyn Progress,
-) -> Result<Vec<u64>> {
+) -> Result<Mismatched> {
     let expected = match load_node_table(vm, manifest, &node.id, disk) {
         Ok(table) => table,
         Err(e) if force => {
             progress.warning(&format!("mounting unchecked because of --force: {e:#}"));
-            return Ok(Vec::new());
+            return Ok(Mismatched::default());
         }
         Err(e) => {
             return Err(e.context(
@@ -317,7 +318,7 @@ async fn check_chain(
         None,
     )
     .await?;
-    Ok(Table::diff(&expected, &actual)?)
+    Mismatched::between(&expected, &actual)
 }
 
 /// Starts a qemu-storage-daemon that opens the chain read-only and exports its top as the raw file

@@ -31,8 +31,31 @@ pub fn select_disks(node: &Node, only: &[String]) -> Result<Vec<String>> {
         .collect())
 }
 
+/// The blocks of a disk's chain that do not match the node's checking table, numbered in that table's blocks
+/// (a chain keeps its full's block size, whatever the repository's settings say now).
+#[derive(Debug, Clone, Default)]
+pub struct Mismatched {
+    pub blocks: Vec<u64>,
+    pub block_size: u64,
+}
+
+impl Mismatched {
+    /// The blocks of `actual` that differ from `expected`, in `expected`'s blocks.
+    pub fn between(expected: &chain::Table, actual: &chain::Table) -> Result<Mismatched> {
+        Ok(Mismatched {
+            blocks: chain::Table::diff(expected, actual)?,
+            block_size: expected.block_size(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.blocks.is_empty()
+    }
+}
+
 /// A restored image that does not match the node's checking table.
-pub fn damaged(node: &Node, disk: &str, blocks: &[u64], block_size: u64) -> anyhow::Error {
+pub fn damaged(node: &Node, disk: &str, mismatched: &Mismatched) -> anyhow::Error {
+    let Mismatched { blocks, block_size } = mismatched;
     let shown: Vec<String> = blocks
         .iter()
         .take(8)

@@ -10,7 +10,7 @@ use std::time::Instant;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 
-use chain::{LockWait, Repository, Table};
+use chain::{LockWait, Repository};
 
 use crate::exit::Exit;
 use crate::progress::Progress;
@@ -138,19 +138,14 @@ pub async fn restore(opts: &RestoreOptions, progress: &dyn Progress) -> Result<R
         match restore_disk(&bins, &vm, &manifest, &node, disk, &out).await {
             Ok(mismatched) => {
                 if !mismatched.is_empty() && damage.is_none() {
-                    damage = Some(super::damaged(
-                        &node,
-                        disk,
-                        &mismatched,
-                        repo.settings().block_size,
-                    ));
+                    damage = Some(super::damaged(&node, disk, &mismatched));
                 }
                 restored.push(RestoredDisk {
                     disk: disk.clone(),
                     path: path.clone(),
                     virtual_size: size,
                     verified: mismatched.is_empty(),
-                    mismatched_blocks: mismatched,
+                    mismatched_blocks: mismatched.blocks,
                 });
             }
             Err(e) => {
@@ -232,7 +227,7 @@ async fn restore_disk(
     node: &chain::Node,
     disk: &str,
     out: &Output<'_>,
-) -> Result<Vec<u64>> {
+) -> Result<super::Mismatched> {
     let path = out.path;
     let expected = load_node_table(vm, manifest, &node.id, disk)?;
     let files = crate::direct::chain_files(vm, manifest, &node.id, disk)?;
@@ -296,7 +291,7 @@ async fn restore_disk(
     // The copy first: its `qemu-img convert` starts before the hash maps the chain (which waits for `qemu-img
     // map` without yielding).
     let ((), actual) = tokio::try_join!(copy, hash)?;
-    Ok(Table::diff(&expected, &actual)?)
+    super::Mismatched::between(&expected, &actual)
 }
 
 /// One restored image: where, how large, in which format, encrypted with which key file.

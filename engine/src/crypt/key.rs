@@ -35,7 +35,9 @@ impl KeySource {
     }
 
     /// Reads the key. One trailing newline is dropped (a key written with `echo`); an empty key is refused.
+    /// From here on this process dumps no core ([`forbid_dumps`]).
     pub fn read(&self) -> Result<Vec<u8>> {
+        forbid_dumps()?;
         let mut key = match self {
             KeySource::File(path) => {
                 std::fs::read(path).with_context(|| format!("reading the key file {}", path.display()))?
@@ -66,9 +68,31 @@ impl KeySource {
     }
 }
 
+/// Makes this process undumpable (`PR_SET_DUMPABLE` 0) before it holds a key: a crash then writes no core
+/// file (which would hold the key and the passphrase derived from it), and other processes of the same user
+/// can no longer read its memory or open its descriptors (the key's memory file) through `/proc/PID`. A child
+/// is dumpable again once it execs (the kernel resets the flag), so QEMU's programs are not affected.
+pub fn forbid_dumps() -> Result<()> {
+    nix::sys::prctl::set_dumpable(false)
+        .context("making this process undumpable before it reads a key (prctl)")
+}
+
 #[cfg(test)]
 mod tests {
     use super::KeySource;
+
+    #[test]
+    fn a_process_that_read_a_key_dumps_no_core() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("k");
+        std::fs::write(&path, b"secret").expect("write");
+        assert!(nix::sys::prctl::get_dumpable().expect("prctl"), "dumpable before");
+        KeySource::File(path).read().expect("read");
+        assert!(
+            !nix::sys::prctl::get_dumpable().expect("prctl"),
+            "dumpable after reading a key"
+        );
+    }
 
     #[test]
     fn a_key_file_loses_one_trailing_newline_and_an_empty_key_is_refused() {

@@ -73,6 +73,7 @@ pub fn unlock_with(repo: &Repository, key: &[u8]) -> Result<KeyGuard> {
     let Some(enc) = &repo.settings().encryption else {
         anyhow::bail!("repository {} is not encrypted", repo.path().display());
     };
+    super::key::forbid_dumps()?;
     let keys = enc.unlock(key)?;
     let secret = secret_memfd(keys.luks_passphrase().as_bytes())?;
     crate::children::share_with_qemu(secret.as_raw_fd());

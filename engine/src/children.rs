@@ -77,12 +77,18 @@ pub fn stop_sharing(fd: RawFd) {
 
 /// [`command`] for one of QEMU's programs (`qemu-img`, `qemu-storage-daemon`): it also inherits the descriptors
 /// shared with [`share_with_qemu`] when it is made.
-#[allow(unsafe_code)]
 pub fn qemu_command(program: &Path) -> tokio::process::Command {
     let fds = SHARED_WITH_QEMU
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
         .clone();
+    qemu_command_inheriting(program, fds)
+}
+
+/// [`command`] for one of QEMU's programs that inherits `fds` (open here, numbered 3 or more, close-on-exec
+/// here) and none of those shared with [`share_with_qemu`].
+#[allow(unsafe_code)]
+pub fn qemu_command_inheriting(program: &Path, fds: Vec<RawFd>) -> tokio::process::Command {
     let mut cmd = command(program);
     if !fds.is_empty() {
         // SAFETY: the closure runs in the forked child before exec. It only calls fcntl, which is

@@ -47,6 +47,13 @@ impl QemuBins {
         crate::children::qemu_command(&self.storage_daemon)
     }
 
+    /// A `qemu-storage-daemon` command that inherits `fds` and not the key's shared descriptor
+    /// ([`crate::children::qemu_command_inheriting`]): for a daemon that outlives this qmpbak, which gets
+    /// the key once ([`crate::crypt::unlock::one_shot_secret`]).
+    pub fn storage_daemon_command_inheriting(&self, fds: Vec<std::os::fd::RawFd>) -> tokio::process::Command {
+        crate::children::qemu_command_inheriting(&self.storage_daemon, fds)
+    }
+
     /// Runs the `qemu-img` command `cmd` (from [`QemuBins::img_command`]) to its end with no input, collecting
     /// its output. The error is failing to run it at all; its exit status is the caller's to judge.
     pub async fn img_output(&self, cmd: &mut tokio::process::Command) -> Result<Output> {

@@ -5,6 +5,8 @@
 // Test code: a failed unwrap is a failed test.
 #![allow(clippy::unwrap_used)]
 
+use std::io::Read as _;
+use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::{Path, PathBuf};
 
 use integration_tests::cli::{self, Output};
@@ -158,6 +160,19 @@ impl EncryptedRepo {
 
     fn wrong_key_args(&self) -> [&str; 2] {
         ["--key-file", self.wrong_key.to_str().unwrap()]
+    }
+
+    /// The LUKS passphrase QEMU's programs get for this repository, derived from its settings and the key.
+    fn passphrase(&self) -> Vec<u8> {
+        let repo = chain::Repository::open(self.repo.path()).unwrap();
+        let keys = repo
+            .settings()
+            .encryption
+            .as_ref()
+            .unwrap()
+            .unlock(std::fs::read_to_string(&self.key).unwrap().trim_end().as_bytes())
+            .unwrap();
+        keys.luks_passphrase().as_bytes().to_vec()
     }
 
     /// `qmpbak ARGS --repo … --vm VM` with the right key.
@@ -986,6 +1001,29 @@ async fn an_encrypted_node_mounts_as_an_image_with_the_key_and_not_without() {
         .success();
     let img = dir.path().join("disk0.img");
     image::compare(&reference, &img).unwrap();
+    // The daemon that serves the mount after qmpbak is gone keeps no descriptor that reads as the key: it read
+    // the key once from a pipe (it kept the key's memory file open, which other processes of the user could
+    // open through /proc/PID/fd).
+    let daemons = processes_naming(&img);
+    assert_eq!(daemons.len(), 1, "the export's daemon: {daemons:?}");
+    let secret = er.passphrase();
+    for fd in std::fs::read_dir(format!("/proc/{}/fd", daemons[0])).unwrap() {
+        let fd = fd.unwrap().path();
+        let target = std::fs::read_link(&fd).unwrap_or_default();
+        let target = target.to_string_lossy();
+        assert!(!target.contains("qmpbak-key"), "{} is {target}", fd.display());
+        if target.starts_with("pipe:") || target.starts_with("/memfd:") {
+            let mut bytes = Vec::new();
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
+                .open(&fd)
+            {
+                let _ = f.read_to_end(&mut bytes);
+            }
+            assert_ne!(bytes, secret, "{} ({target}) reads as the key", fd.display());
+        }
+    }
     cli::run(&["umount", dir_arg]).success();
     assert!(!img.exists());
     assert_eq!(
@@ -993,6 +1031,19 @@ async fn an_encrypted_node_mounts_as_an_image_with_the_key_and_not_without() {
         before,
         "mount changed the repository"
     );
+}
+
+/// The pids of the processes whose command line names `path`.
+fn processes_naming(path: &Path) -> Vec<u32> {
+    let needle = path.to_str().unwrap();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+        })
+        .collect()
 }
 
 /// The files below `dir` (not following links) whose bytes are exactly `secret`.
@@ -1028,15 +1079,7 @@ async fn a_killed_command_leaves_the_key_in_no_file() {
     let er = EncryptedRepo::init();
     vm.write_pattern("disk0", PATTERN, 0, MIB).await;
     er.repo.backup_report(&vm, "vm1", &er.key_args());
-    let repo = chain::Repository::open(er.repo.path()).unwrap();
-    let keys = repo
-        .settings()
-        .encryption
-        .as_ref()
-        .unwrap()
-        .unlock(std::fs::read_to_string(&er.key).unwrap().trim_end().as_bytes())
-        .unwrap();
-    let secret = keys.luks_passphrase().as_bytes().to_vec();
+    let secret = er.passphrase();
     let places = [PathBuf::from("/dev/shm"), std::env::temp_dir()];
     let holding = || -> Vec<PathBuf> { places.iter().flat_map(|p| files_holding(p, &secret)).collect() };
 

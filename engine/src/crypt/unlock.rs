@@ -148,6 +148,53 @@ impl Unlocked {
     }
 }
 
+/// The key for one QEMU program that outlives this qmpbak (`mount`'s daemon): a pipe that holds the
+/// passphrase, its write end already closed, read to its end once when the program makes its secret object.
+/// What the program keeps open after that is an empty pipe, where the shared memory file
+/// ([`Unlocked::object_arg`]) would hold the key for as long as it runs, open to any process of the user
+/// through `/proc/PID/fd`.
+pub struct OneShotSecret {
+    read: OwnedFd,
+}
+
+impl OneShotSecret {
+    /// The descriptor the program must inherit ([`QemuBins::storage_daemon_command_inheriting`]).
+    pub fn fd(&self) -> std::os::fd::RawFd {
+        self.read.as_raw_fd()
+    }
+
+    /// `--object secret,…,file=/proc/self/fd/N` for the program, never the key.
+    pub fn args(&self) -> [String; 2] {
+        [
+            "--object".to_owned(),
+            format!(
+                "secret,id={SECRET_ID},file=/proc/self/fd/{},format=raw",
+                self.fd()
+            ),
+        ]
+    }
+}
+
+/// [`OneShotSecret`] of the unlocked repository, if one is.
+pub fn one_shot_secret() -> Result<Option<OneShotSecret>> {
+    use nix::fcntl::{FcntlArg, OFlag, fcntl};
+    use std::os::fd::FromRawFd as _;
+    let Some(u) = active() else { return Ok(None) };
+    let passphrase = u.keys.luks_passphrase();
+    let (read, write) = nix::unistd::pipe2(OFlag::O_CLOEXEC).context("making a pipe for the key")?;
+    // Numbered 3 or more, so that a child's standard streams never take its number.
+    let raw = fcntl(read.as_raw_fd(), FcntlArg::F_DUPFD_CLOEXEC(3)).context("numbering the key's pipe")?;
+    drop(read);
+    // SAFETY: `raw` was just returned by F_DUPFD_CLOEXEC and is owned by nothing else.
+    #[allow(unsafe_code)]
+    let read = unsafe { OwnedFd::from_raw_fd(raw) };
+    // A passphrase is far smaller than a pipe's buffer: this write never waits for a reader.
+    std::fs::File::from(write)
+        .write_all(passphrase.as_bytes())
+        .context("writing the key into its pipe")?;
+    Ok(Some(OneShotSecret { read }))
+}
+
 /// The table key of the unlocked repository, if any: checking tables are keyed with it.
 pub fn table_key() -> Option<TableKey> {
     active().map(|u| u.table_key().clone())

@@ -337,10 +337,13 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
     // The starter is an owned child (dies with qmpbak, killed and reaped if the start is given up); the daemon
     // it forks with `--daemonize` is not its child, and fork clears `PR_SET_PDEATHSIG`, so the export outlives
     // this qmpbak (until `umount`).
-    let mut cmd = bins.storage_daemon_command();
-    // An encrypted repository's key reaches the daemon as a secret object naming a private file, read at start
-    // (the file goes when this qmpbak is done; the export keeps working).
-    cmd.args(crate::crypt::unlock::qemu_img_args());
+    // An encrypted repository's key reaches the daemon through a pipe it reads once at start: what the daemon
+    // keeps open while the mount lasts holds no key.
+    let secret = crate::crypt::unlock::one_shot_secret()?;
+    let mut cmd = bins.storage_daemon_command_inheriting(secret.iter().map(|s| s.fd()).collect());
+    if let Some(secret) = &secret {
+        cmd.args(secret.args());
+    }
     let mut below: Option<String> = None;
     for (i, file) in files.iter().enumerate() {
         let name = format!("mnt{i}");
@@ -366,6 +369,7 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
         "starting qemu-storage-daemon with a read-only FUSE export");
     let child = crate::children::spawn(&mut cmd)
         .with_context(|| format!("starting {}", bins.storage_daemon.display()))?;
+    drop(secret);
     let out = tokio::time::timeout(EXPORT_START_TIMEOUT, child.output())
         .await
         .map_err(|_| {

@@ -340,7 +340,12 @@ async fn export(bins: &QemuBins, files: &[PathBuf], st: &mut MountState) -> Resu
     // An encrypted repository's key reaches the daemon through a pipe it reads once at start: what the daemon
     // keeps open while the mount lasts holds no key.
     let secret = crate::crypt::unlock::one_shot_secret()?;
-    let mut cmd = bins.storage_daemon_command_inheriting(secret.iter().map(|s| s.fd()).collect());
+    let mut cmd = bins.storage_daemon_command_inheriting(
+        secret
+            .iter()
+            .map(crate::crypt::unlock::OneShotSecret::fd)
+            .collect(),
+    );
     if let Some(secret) = &secret {
         cmd.args(secret.args());
     }

@@ -158,7 +158,7 @@ async fn restack_copies(
             continue;
         };
         if d.backing.as_ref() == Some(&p.file) && p.table.is_some() {
-            stacked.push((d.disk.clone(), vm.resolve(&d.file)?, p.backing.clone()));
+            stacked.push((d.disk.clone(), p.backing.clone()));
         }
     }
     if stacked.is_empty() {
@@ -166,13 +166,9 @@ async fn restack_copies(
     }
     crate::crypt::require(repo)?;
     let bins = crate::qemu_bins::QemuBins::from_env();
-    for (disk, path, backing) in stacked {
-        if crate::crypt::unlock::active().is_some() {
-            let files = crate::direct::chain_files(vm, manifest, &node.id, &disk)?;
-            crate::prune::rebase_encrypted(&bins, &files, backing.as_ref()).await?;
-        } else {
-            crate::prune::rebase(&bins, &path, backing.as_ref()).await?;
-        }
+    for (disk, backing) in stacked {
+        let files = crate::direct::chain_files(vm, manifest, &node.id, &disk)?;
+        crate::prune::rebase(&bins, &files, backing.as_ref()).await?;
     }
     Ok(())
 }

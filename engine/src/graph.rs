@@ -16,8 +16,13 @@ pub const MAX_NODE_NAME: usize = 31;
 /// A short QEMU block node or job name (QEMU limits node names to 31 characters), unique per chain, purpose,
 /// backup node and disk: `qb<4 chars of the chain id><what><node>-<disk index>`.
 pub fn short_name(chain_id: &str, what: &str, node: &str, disk: usize) -> String {
+    format!("{}{what}{node}-{disk}", chain_prefix(chain_id))
+}
+
+/// What every [`short_name`] of a chain begins with: `qb<4 chars of the chain id>`.
+pub fn chain_prefix(chain_id: &str) -> String {
     let chain: String = chain_id.chars().take(4).collect();
-    format!("qb{chain}{what}{node}-{disk}")
+    format!("qb{chain}")
 }
 
 /// A chain added to a QEMU: its block node names, bottom (the full) first.
@@ -50,7 +55,9 @@ pub fn qcow2_options(
 }
 
 /// The layers of `node`'s recovery chain for `disk`, bottom first: from the newest self-contained layer (a
-/// full, or a flattened copy; nothing below it is read) up to `node`, each with its file.
+/// full, or a flattened copy; nothing below it is read) up to `node`, each with its file. A file QEMU must not
+/// open ([`crate::nodes::header_problem`]: one that names an external data file) makes the chain damaged
+/// (exit 6) before any program opens it.
 pub fn chain_layers(
     vm: &VmStore,
     manifest: &Manifest,
@@ -71,7 +78,11 @@ pub fn chain_layers(
                     layer.id
                 )
             })?;
-            Ok((layer.id.clone(), vm.resolve(&file.file)?))
+            let path = vm.resolve(&file.file)?;
+            if let Some(why) = crate::nodes::header_problem(&path) {
+                return Err(crate::restore::chain_damaged(layer, disk, &why));
+            }
+            Ok((layer.id.clone(), path))
         })
         .collect()
 }

@@ -25,3 +25,43 @@ pub fn find_node<'m>(manifest: &'m Manifest, wanted: &str) -> Result<&'m Node> {
 pub fn allocated_bytes(path: &std::path::Path) -> Result<u64> {
     chain::fsio::allocated_bytes(path).with_context(|| format!("reading {}", path.display()))
 }
+
+/// Why the node file at `path` must not be handed to QEMU, if it must not: it is not a regular file (a FIFO or
+/// a device would stall or feed the reader), or its qcow2 header names an external data file (incompatible
+/// feature bit 2). QEMU opens such a file's data where the header points, outside the repository, for reading
+/// and, in a rebase, for writing, and no option of a `json:` description or of `blockdev-add` stops it; qmpbak
+/// never writes one. `None` also when the file is missing or too short to tell: opening it reports that.
+pub fn header_problem(path: &std::path::Path) -> Option<String> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    /// qcow2's magic, `QFI\xfb`.
+    const MAGIC: [u8; 4] = *b"QFI\xfb";
+    /// The version 3 header's `incompatible_features` field: 8 bytes, big-endian, at this offset.
+    const INCOMPATIBLE_AT: usize = 72;
+    /// The incompatible feature bit of an external data file.
+    const EXTERNAL_DATA_FILE: u64 = 1 << 2;
+    let Ok(mut file) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    else {
+        return None;
+    };
+    if !file.metadata().is_ok_and(|m| m.is_file()) {
+        return Some(format!("{} is not a regular file", path.display()));
+    }
+    let mut header = [0u8; INCOMPATIBLE_AT + 8];
+    if file.read_exact(&mut header).is_err() || header[..4] != MAGIC {
+        return None;
+    }
+    let version = u32::from_be_bytes([header[4], header[5], header[6], header[7]]);
+    let mut field = [0u8; 8];
+    field.copy_from_slice(&header[INCOMPATIBLE_AT..]);
+    (version >= 3 && u64::from_be_bytes(field) & EXTERNAL_DATA_FILE != 0).then(|| {
+        format!(
+            "{} names an external data file in its qcow2 header, which qmpbak never writes: it was changed \
+             outside qmpbak, and is not opened",
+            path.display()
+        )
+    })
+}

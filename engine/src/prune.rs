@@ -393,14 +393,11 @@ impl Run<'_> {
                     );
                 }
                 let path = self.vm.resolve(&disk.file)?;
+                // Every layer is checked before any program opens one.
+                let files = crate::direct::chain_files(self.vm, &self.manifest, &child.id, &disk.disk)?;
                 let before = crate::nodes::allocated_bytes(&path)?;
                 repair_header(&self.bins, &path, Some(backing)).await?;
-                if crate::crypt::unlock::active().is_some() {
-                    let files = crate::direct::chain_files(self.vm, &self.manifest, &child.id, &disk.disk)?;
-                    rebase_encrypted(&self.bins, &files, layer.backing.as_ref()).await?;
-                } else {
-                    rebase(&self.bins, &path, layer.backing.as_ref()).await?;
-                }
+                rebase(&self.bins, &files, layer.backing.as_ref()).await?;
                 self.rebased += 1;
                 if self.rebased == 1 {
                     crashpoint("prune-rebased");
@@ -550,7 +547,11 @@ fn node_files(vm: &VmStore, id: &NodeId) -> Result<Vec<(Option<RelPath>, PathBuf
 /// The backing file name in a qcow2 header (`None` for a standalone image).
 pub async fn header_backing(bins: &QemuBins, path: &Path) -> Result<Option<String>> {
     let out = bins
-        .img_output(bins.img_command().args(["info", "-U", "--output=json"]).arg(path))
+        .img_output(
+            bins.img_command()
+                .args(["info", "-U", "-f", "qcow2", "--output=json"])
+                .arg(path),
+        )
         .await?;
     if !out.status.success() {
         bail!(
@@ -606,19 +607,21 @@ fn encrypted_image_spec(path: &Path, backing: &serde_json::Value) -> serde_json:
     spec
 }
 
-/// [`rebase`] for an encrypted repository, where every layer opens only with the key, so no layer may be
-/// found through a header: `files` is the image's recovery chain from the manifest, bottom first, the image
-/// last and the layer it absorbs just below it. The safe rebase copies that layer's data in with the old and
-/// new backing chains described in full (`json:`), which leaves a `json:` description in the header; a second,
-/// header-only rebase writes the relative path there. Killed between the two, the image reads the same, and
-/// [`repair_header`] finishes the header on the next run.
-pub(crate) async fn rebase_encrypted(
-    bins: &QemuBins,
-    files: &[PathBuf],
-    backing: Option<&RelPath>,
-) -> Result<()> {
+/// `qemu-img rebase` (safe mode) of the image at the top of `files` onto `backing`, or onto nothing: copies
+/// into the image whatever reads differently through the new backing chain, then rewrites its header.
+/// `files` is the image's recovery chain from the manifest ([`crate::direct::chain_files`], whose files are
+/// checked before any program opens them), bottom first, the image last and the layer it absorbs just below
+/// it. No layer is found through a header, which a tampered repository could point anywhere (and an encrypted
+/// layer opens only with the key): the safe rebase copies with the old and new backing chains described in
+/// full (`json:`), which leaves a `json:` description in the header; a second, header-only rebase writes the
+/// relative path there. Killed between the two, the image reads the same, and [`repair_header`] finishes the
+/// header on the next run.
+///
+/// The child is owned ([`crate::children`]): if the command is stopped, it is killed and reaped before the
+/// lock goes. A half-rebased image still reads correctly through its old backing file.
+pub(crate) async fn rebase(bins: &QemuBins, files: &[PathBuf], backing: Option<&RelPath>) -> Result<()> {
     let (Some((path, old)), true) = (files.split_last(), files.len() >= 2) else {
-        bail!("an encrypted rebase needs the image and the layer it absorbs");
+        bail!("a rebase needs the image and the layer it absorbs");
     };
     let new = &old[..old.len() - 1];
     let image = format!(
@@ -640,25 +643,10 @@ pub(crate) async fn rebase_encrypted(
     run_img(cmd.arg(image), bins, path).await?;
     if backing.is_some() {
         // The header names the new chain as a `json:` description here, until the next rebase.
-        crashpoint("prune-encrypted-rebased");
+        crashpoint("prune-explicit-rebased");
         repair_header(bins, path, backing).await?;
     }
     Ok(())
-}
-
-/// `qemu-img rebase` (safe mode) of `path` onto `backing`, or onto nothing: copies into the image whatever
-/// reads differently through the new backing chain, then rewrites its header.
-///
-/// The child is owned ([`crate::children`]): if the prune is stopped, it is killed and reaped before the lock
-/// goes. A half-rebased image still reads correctly through its old backing file.
-pub async fn rebase(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) -> Result<()> {
-    let mut cmd = bins.img_command();
-    cmd.args(["rebase", "-q", "-f", "qcow2"]);
-    match backing {
-        Some(b) => cmd.args(["-F", "qcow2", "-b", &header_form(b)]),
-        None => cmd.args(["-b", ""]),
-    };
-    run_img(cmd.arg(path), bins, path).await
 }
 
 async fn run_img(cmd: &mut tokio::process::Command, bins: &QemuBins, path: &Path) -> Result<()> {

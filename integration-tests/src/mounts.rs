@@ -70,6 +70,20 @@ pub fn mount_options(target: &Path) -> Option<String> {
     mountinfo_fields(target)?.get(5).cloned()
 }
 
+/// Asserts that the mount at `target` is read-only and lets nothing in it count on the host: no set-user-id
+/// bit, no device node, no program runs from it (`nosuid,nodev,noexec`).
+#[track_caller]
+pub fn assert_locked_down(target: &Path) {
+    let options = mount_options(target).unwrap_or_else(|| panic!("{} is not mounted", target.display()));
+    for wanted in ["ro", "nosuid", "nodev", "noexec"] {
+        assert!(
+            options.split(',').any(|o| o == wanted),
+            "{} is mounted {options}, without {wanted}",
+            target.display()
+        );
+    }
+}
+
 /// The file system type of the mount at `target` (`ext4`, `fuse.fusefat` ...).
 pub fn fs_type(target: &Path) -> Option<String> {
     let f = mountinfo_fields(target)?;

@@ -859,10 +859,10 @@ async fn an_encrypted_prune_killed_between_its_two_rebases_is_finished_by_the_ne
     );
     cli::run_crashing_at(
         &args,
-        "prune-encrypted-rebased",
+        "prune-explicit-rebased",
         integration_tests::timeouts::CLI_TIMEOUT,
     )
-    .assert_crashed_at("prune-encrypted-rebased");
+    .assert_crashed_at("prune-explicit-rebased");
     let manifest = er.repo.manifest("vm1");
     assert_eq!(manifest.nodes.len(), 3, "no node left the manifest yet");
     assert_eq!(manifest.operations.len(), 1);

@@ -107,8 +107,7 @@ async fn files_the_guest_wrote_before_the_backup_are_read_back_from_the_mount() 
             .run(VM, &["mount", &crash, dir_arg, "--json"])
             .success()
             .report();
-        let options = mounts::mount_options(dir.path()).unwrap();
-        assert!(options.split(',').any(|o| o == "ro"), "{options}");
+        mounts::assert_locked_down(dir.path());
         let verified = verify_manifest(dir.path(), false);
         eprintln!("crash-consistent node {crash}: {verified} files read back");
         cli::run(&["umount", dir_arg]).success();

@@ -541,3 +541,182 @@ async fn a_read_only_repository_can_be_listed_shown_verified_and_restored() {
     assert!(!repo.vm_dir("vm1").join("lock").exists());
     drop(view);
 }
+
+/// A VM with three backups of one disk (a full and two incrementals), each writing its own pattern: the
+/// repository, the node ids and the reference of the last one's instant.
+async fn three_backups(dir: &Path) -> (TestVm, TestRepo, Vec<String>, std::path::PathBuf) {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    let mut nodes = Vec::new();
+    for (i, pattern) in [0x11u8, 0x22, 0x33].into_iter().enumerate() {
+        vm.write_pattern("disk0", pattern, i as u64 * MIB, MIB).await;
+        nodes.push(repo.backup_node(&vm, "vm1", &[]));
+    }
+    let reference = dir.join("ref.qcow2");
+    vm.capture_reference("disk0", &reference).await;
+    (vm, repo, nodes, reference)
+}
+
+/// A node file whose qcow2 header names an external data file outside the repository (a tampered
+/// repository's) is never opened: QEMU would read the guest's data from that file and, in `prune`'s rebase,
+/// write the absorbed layers' data into it. `prune`, `verify` and `restore` call the node damaged (exit 6) and
+/// the outside file is untouched.
+#[tokio::test]
+async fn a_node_file_naming_a_data_file_outside_is_never_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_vm, repo, nodes, _reference) = three_backups(dir.path()).await;
+    let victim = dir.path().join("victim.txt");
+    let precious = b"a file outside the repository\n".repeat(10);
+    std::fs::write(&victim, &precious).unwrap();
+    // The last node's file becomes one with a data file, still based on its parent.
+    let top = repo.node_file("vm1", &nodes[2], "disk0");
+    let dummy = dir.path().join("dummy.raw");
+    std::fs::remove_file(&top).unwrap();
+    image::qemu_img(&[
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", dummy.display()),
+        "-F",
+        "qcow2",
+        "-b",
+        &format!("../{}/disk0.qcow2", nodes[1]),
+        top.to_str().unwrap(),
+        "16M",
+    ]);
+    image::qemu_img(&[
+        "amend",
+        "-f",
+        "qcow2",
+        "-o",
+        &format!("data_file={}", victim.display()),
+        top.to_str().unwrap(),
+    ]);
+
+    let out = repo.run("vm1", &["prune", "--keep-last", "1"]);
+    out.assert_failed_saying("names an external data file");
+    assert_eq!(out.code(), Some(6), "{out:?}");
+    let verify = repo.run("vm1", &["verify"]);
+    assert_eq!(verify.code(), Some(6), "{verify:?}");
+    let restored = dir.path().join("restored.qcow2");
+    let restore = repo.run("vm1", &["restore", &nodes[2], "--to", restored.to_str().unwrap()]);
+    restore.assert_failed_saying("names an external data file");
+    assert_eq!(restore.code(), Some(6), "{restore:?}");
+    assert!(!restored.exists());
+    assert_eq!(
+        std::fs::read(&victim).unwrap(),
+        precious,
+        "the outside file changed"
+    );
+}
+
+/// `prune` finds no layer through a qcow2 header: a full whose header was given a backing file outside the
+/// repository (a file only the user running qmpbak may read) does not bring that file's bytes into the node
+/// that absorbs it. The kept node restores exactly as its instant and verifies.
+#[tokio::test]
+async fn prune_copies_nothing_a_tampered_backing_header_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_vm, repo, nodes, reference) = three_backups(dir.path()).await;
+    let secret = dir.path().join("secret.raw");
+    let mut bytes = vec![0u8; 16 * MIB as usize];
+    bytes[8 * MIB as usize..9 * MIB as usize].fill(0x5e);
+    std::fs::write(&secret, bytes).unwrap();
+    let full = repo.node_file("vm1", &nodes[0], "disk0");
+    image::qemu_img(&[
+        "rebase",
+        "-u",
+        "-f",
+        "qcow2",
+        "-F",
+        "raw",
+        "-b",
+        secret.to_str().unwrap(),
+        full.to_str().unwrap(),
+    ]);
+
+    repo.run("vm1", &["prune", "--keep-last", "1"]).success();
+    image::assert_same(&reference, &repo.node_file("vm1", &nodes[2], "disk0"));
+    repo.run("vm1", &["verify"]).success();
+}
+
+/// The names of the dirty bitmaps on the VM's block devices.
+async fn bitmap_names(vm: &TestVm) -> Vec<String> {
+    let blocks = vm.qmp().execute_raw("query-block", None).await.unwrap();
+    blocks
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|b| {
+            b["inserted"]["dirty-bitmaps"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+        })
+        .filter_map(|b| b["name"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// A tampered backup record makes qmpbak empty no file that is not a scratch image of its own (QEMU follows a
+/// symlink named like one, inside the repository or out of it, and truncated its target) and remove no bitmap
+/// that is not qmpbak's of this chain (another tool's, another repository's).
+#[tokio::test]
+async fn a_tampered_record_empties_no_file_and_removes_no_bitmap_that_is_not_its_own() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let repo = TestRepo::init();
+    vm.write_pattern("disk0", 0x5a, 0, MIB).await;
+    repo.backup_node(&vm, "vm1", &[]);
+    let chain_id = repo.manifest("vm1").chain_id;
+    let outside = tempfile::tempdir().unwrap();
+    let precious = b"another VM's data".repeat(100);
+    let scratch_name = format!("x.qmpbak-{chain_id}-0004-scratch0.qcow2");
+    let links = [
+        repo.vm_dir("vm1").join(&scratch_name),
+        outside.path().join(&scratch_name),
+    ];
+    let victims = [outside.path().join("victim0"), outside.path().join("victim1")];
+    for (link, victim) in links.iter().zip(&victims) {
+        std::fs::write(victim, &precious).unwrap();
+        std::os::unix::fs::symlink(victim, link).unwrap();
+    }
+    let foreign = ["other-tool", "qmpbak-0ther0chain-inc-0001"];
+    for name in foreign {
+        vm.qmp()
+            .execute_raw(
+                "block-dirty-bitmap-add",
+                Some(serde_json::json!({ "node": "node-disk0", "name": name, "persistent": false })),
+            )
+            .await
+            .unwrap();
+    }
+    forge_typed_operation(
+        &repo,
+        "vm1",
+        serde_json::json!({
+            "id": "backup-0004", "node": "0004", "started": "2026-01-01T00:00:00Z", "pid": 1,
+            "host": "elsewhere", "files": [],
+            "bitmaps": foreign.iter().map(|n| serde_json::json!({ "node": "node-disk0", "name": n })).collect::<Vec<_>>(),
+            "payload": { "kind": "backup", "nbd_server_started": false, "scratch": links },
+        }),
+    );
+
+    let socket = vm.socket();
+    repo.run("vm1", &["cleanup", "--socket", socket.to_str().unwrap()])
+        .success();
+    for victim in &victims {
+        assert_eq!(
+            std::fs::read(victim).unwrap(),
+            precious,
+            "{} was emptied",
+            victim.display()
+        );
+    }
+    let left = bitmap_names(&vm).await;
+    for name in foreign {
+        assert!(left.iter().any(|n| n == name), "{name} was removed: {left:?}");
+    }
+    assert!(repo.manifest("vm1").operations.is_empty());
+    vm.write_pattern("disk0", 0x6b, MIB, MIB).await;
+    assert_eq!(repo.backup_report(&vm, "vm1", &[]).method, "bitmap");
+}

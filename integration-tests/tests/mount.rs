@@ -320,8 +320,7 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
     for (name, bytes) in files() {
         assert!(std::fs::read(p1.join(&name)).unwrap() == bytes, "{name} differs");
     }
-    let options = mounts::mount_options(&p1).unwrap();
-    assert!(options.split(',').any(|o| o == "ro"), "{options}");
+    mounts::assert_locked_down(&p1);
     // ext4 shows `noload` as `norecovery`.
     let fs_options = mounts::super_options(&p1).unwrap();
     assert!(fs_options.split(',').any(|o| o == "norecovery"), "{fs_options}");
@@ -341,7 +340,7 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
             assert_eq!(part.fuse_driver.as_deref(), Some("fusefat"), "{report:?}");
             assert!(mounts::fs_type(&p2).unwrap().starts_with("fuse"));
         }
-        assert!(mounts::mount_options(&p2).unwrap().split(',').any(|o| o == "ro"));
+        mounts::assert_locked_down(&p2);
         for (name, bytes) in vfat_files() {
             assert!(
                 std::fs::read(p2.join(name)).unwrap() == bytes,
@@ -365,8 +364,7 @@ async fn partitions_are_listed_mounted_read_only_and_read_back_and_umount_leaves
             Some(p3.as_path()),
             "{report:?}"
         );
-        let options = mounts::mount_options(&p3).unwrap();
-        assert!(options.split(',').any(|o| o == "ro"), "{options}");
+        mounts::assert_locked_down(&p3);
         let fs_options = mounts::super_options(&p3).unwrap();
         assert!(
             fs_options.split(',').any(|o| o == "ro") && fs_options.split(',').any(|o| o == "norecovery"),

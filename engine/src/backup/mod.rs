@@ -14,7 +14,9 @@ mod pull;
 mod view;
 
 pub(crate) use pull::split_listen;
-pub use pull::{DEFAULT_NBD_LISTEN, DEFAULT_NBD_PORT, DEFAULT_NBD_PORTS, PullOptions, scratch_name};
+pub use pull::{
+    DEFAULT_NBD_LISTEN, DEFAULT_NBD_PORT, DEFAULT_NBD_PORTS, PullOptions, is_frozen_bitmap_of, scratch_name,
+};
 
 use std::collections::HashSet;
 use std::path::PathBuf;

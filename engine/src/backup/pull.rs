@@ -413,6 +413,11 @@ fn frozen_bitmap(run: &Run<'_>, t: &Target) -> String {
     format!("qmpbak.pull.{}.{}.{}", run.manifest.chain_id, run.node, t.index)
 }
 
+/// Whether `name` is a frozen bitmap ([`frozen_bitmap`]) of chain `chain_id`.
+pub fn is_frozen_bitmap_of(chain_id: &str, name: &str) -> bool {
+    name.starts_with(&format!("qmpbak.pull.{chain_id}."))
+}
+
 fn export_id(run: &Run<'_>, t: &Target) -> String {
     format!("{}-p{}", run.op.id, t.index)
 }
@@ -944,10 +949,16 @@ mod tests {
             Some("0007".parse().unwrap()),
             chrono::Utc::now(),
         );
+        let repo = Path::new("/srv/backups");
         let ok = format!("/var/lib/vm/{}", scratch_name("disk0.qcow2", "abcd", "0007", 1));
-        assert_eq!(recovery::scratch_problem(Path::new(&ok), &op), None);
+        assert_eq!(recovery::scratch_problem(Path::new(&ok), &op, "abcd", repo), None);
         for bad in [
             format!("/var/lib/vm/{}", scratch_name("disk0.qcow2", "abcd", "0006", 1)),
+            format!("/var/lib/vm/{}", scratch_name("disk0.qcow2", "abce", "0007", 1)),
+            format!(
+                "/srv/backups/vm1/{}",
+                scratch_name("disk0.qcow2", "abcd", "0007", 1)
+            ),
             format!(
                 "/var/lib/vm/../{}",
                 scratch_name("disk0.qcow2", "abcd", "0007", 1)
@@ -957,7 +968,10 @@ mod tests {
             "/var/lib/vm/disk0.qmpbak-abcd-0007-scratchX.qcow2".to_owned(),
             "/etc/passwd".to_owned(),
         ] {
-            assert!(recovery::scratch_problem(Path::new(&bad), &op).is_some(), "{bad}");
+            assert!(
+                recovery::scratch_problem(Path::new(&bad), &op, "abcd", repo).is_some(),
+                "{bad}"
+            );
         }
     }
 }

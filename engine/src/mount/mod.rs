@@ -530,7 +530,11 @@ async fn fuse_mount(driver: &str, source: &Path, target: &Path, state_dir: &Path
         .with_context(|| format!("creating {}", log.display()))?;
     let mut cmd = crate::children::command(&program);
     cmd.arg("-o")
-        .arg(format!("ro,fsname={},subtype={driver}", source.display()))
+        .arg(format!(
+            "{},fsname={},subtype={driver}",
+            partitions::LOCKED_DOWN,
+            source.display()
+        ))
         .arg(source)
         .arg(target)
         .stdin(Stdio::null())

@@ -123,16 +123,23 @@ async fn blkid(image: &Path, range: Option<(u64, u64)>) -> Result<HashMap<String
         .collect())
 }
 
-/// The mount type and options for a file system: read-only, and never replaying a journal (which would write).
+/// The options every guest file system is mounted with, by the kernel or through FUSE: read-only, and
+/// nothing in it counts on the host. The guest's root (or whoever wrote the backup) chose its set-user-id
+/// programs and device nodes, so a set-user-id bit gives no one the owner's rights here (`nosuid`), a device
+/// node opens no host device (`nodev`) and no program runs from it (`noexec`).
+pub const LOCKED_DOWN: &str = "ro,nosuid,nodev,noexec";
+
+/// The mount type and options for a file system: [`LOCKED_DOWN`], and never replaying a journal (which would
+/// write).
 pub fn mount_options(fstype: &str) -> Option<(&'static str, &'static str)> {
     Some(match fstype {
-        "ext2" | "ext3" | "ext4" => ("ext4", "ro,noload"),
-        "xfs" => ("xfs", "ro,norecovery"),
-        "vfat" => ("vfat", "ro"),
-        "exfat" => ("exfat", "ro"),
-        "btrfs" => ("btrfs", "ro,rescue=nologreplay"),
-        "ntfs" => ("ntfs3", "ro"),
-        "iso9660" => ("iso9660", "ro"),
+        "ext2" | "ext3" | "ext4" => ("ext4", "ro,nosuid,nodev,noexec,noload"),
+        "xfs" => ("xfs", "ro,nosuid,nodev,noexec,norecovery"),
+        "vfat" => ("vfat", LOCKED_DOWN),
+        "exfat" => ("exfat", LOCKED_DOWN),
+        "btrfs" => ("btrfs", "ro,nosuid,nodev,noexec,rescue=nologreplay"),
+        "ntfs" => ("ntfs3", LOCKED_DOWN),
+        "iso9660" => ("iso9660", LOCKED_DOWN),
         _ => return None,
     })
 }
@@ -162,15 +169,26 @@ mod tests {
 
     #[test]
     fn file_systems_mount_read_only_without_journal_replay() {
-        assert_eq!(mount_options("ext4"), Some(("ext4", "ro,noload")));
-        assert_eq!(mount_options("ext3"), Some(("ext4", "ro,noload")));
-        assert_eq!(mount_options("xfs"), Some(("xfs", "ro,norecovery")));
-        assert_eq!(mount_options("vfat"), Some(("vfat", "ro")));
-        for (fstype, (_, options)) in ["ext2", "btrfs", "ntfs", "exfat", "iso9660"]
+        assert_eq!(
+            mount_options("ext4"),
+            Some(("ext4", "ro,nosuid,nodev,noexec,noload"))
+        );
+        assert_eq!(
+            mount_options("ext3"),
+            Some(("ext4", "ro,nosuid,nodev,noexec,noload"))
+        );
+        assert_eq!(
+            mount_options("xfs"),
+            Some(("xfs", "ro,nosuid,nodev,noexec,norecovery"))
+        );
+        assert_eq!(mount_options("vfat"), Some(("vfat", LOCKED_DOWN)));
+        for (fstype, (_, options)) in ["ext2", "ext4", "xfs", "vfat", "btrfs", "ntfs", "exfat", "iso9660"]
             .iter()
             .filter_map(|t| Some((t, mount_options(t)?)))
         {
-            assert!(options.split(',').any(|o| o == "ro"), "{fstype}: {options}");
+            for wanted in LOCKED_DOWN.split(',') {
+                assert!(options.split(',').any(|o| o == wanted), "{fstype}: {options}");
+            }
         }
         assert_eq!(mount_options("swap"), None);
         for driver in FUSE_DRIVERS {

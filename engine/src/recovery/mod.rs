@@ -78,7 +78,16 @@ pub async fn stop_job(qmp: &qmp::Qmp, id: &str) -> bool {
 
 /// Removes in QEMU what an operation record names: jobs, then block nodes (in the recorded order, newest
 /// first), then bitmaps. Safe to call on things that no longer exist.
-pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned) {
+pub async fn undo_in_qemu(
+    qmp: &qmp::Qmp,
+    vm: &VmStore,
+    chain_id: &str,
+    op: &Operation,
+    cleaned: &mut Cleaned,
+) {
+    // A record is data from a file: it never makes qmpbak cancel, delete or remove what is not its own of
+    // this chain (another tool's job or bitmap, another repository's backup of the same VM).
+    let (jobs, block_nodes, bitmaps) = owned_by_chain(op, chain_id);
     let view = match &op.payload {
         Payload::Backup { view: Some(v), .. } => Some(v),
         _ => None,
@@ -101,13 +110,13 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
     if op.payload.started_nbd_server() {
         let _ = qmp.execute(&NbdServerStop).await;
     }
-    for job in &op.jobs {
+    for job in jobs {
         if stop_job(qmp, job).await {
             cleaned.jobs.push(job.clone());
         }
     }
     let mut left: Vec<&String> = Vec::new();
-    for node in &op.block_nodes {
+    for node in block_nodes {
         if qmp.execute(&BlockdevDel::new(node.as_str())).await.is_ok() {
             cleaned.block_nodes.push(node.clone());
         } else {
@@ -135,7 +144,7 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
     // VM's QMP socket could read it back. Taken out whether or not this process holds a key (`cleanup` needs
     // none), once the nodes that opened files with it are gone; no such object is no error.
     crate::crypt::unlock::forget_secret(qmp).await;
-    for bitmap in &op.bitmaps {
+    for bitmap in bitmaps {
         let remove = BlockDirtyBitmapRemove::new(bitmap.node.as_str(), bitmap.name.as_str());
         if qmp.execute(&remove).await.is_ok() {
             cleaned.bitmaps.push(format!("{}:{}", bitmap.node, bitmap.name));
@@ -143,7 +152,7 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
     }
     if let Payload::Backup { scratch, .. } = &op.payload {
         for (i, path) in scratch.iter().enumerate() {
-            if let Some(why) = scratch_problem(path, op) {
+            if let Some(why) = scratch_problem(path, op, chain_id, vm.dir().parent().unwrap_or(vm.dir())) {
                 tracing::warn!(path = %path.display(), why, "not emptying a scratch image the record names");
                 continue;
             }
@@ -157,16 +166,66 @@ pub async fn undo_in_qemu(qmp: &qmp::Qmp, op: &Operation, cleaned: &mut Cleaned)
     }
 }
 
+/// The jobs, block nodes and bitmaps of `op`'s record that qmpbak names for chain `chain_id`
+/// ([`crate::graph::short_name`], [`crate::bitmaps::BitmapName`], a pull's frozen bitmaps); each other one is
+/// left alone, with a warning.
+fn owned_by_chain<'o>(
+    op: &'o Operation,
+    chain_id: &str,
+) -> (Vec<&'o String>, Vec<&'o String>, Vec<&'o chain::BitmapRecord>) {
+    let prefix = crate::graph::chain_prefix(chain_id);
+    let refuse = |what: &str, name: &str| {
+        tracing::warn!(
+            what,
+            name,
+            chain = chain_id,
+            "the record names what is not qmpbak's of this chain: left alone"
+        );
+    };
+    let named = |what: &'static str, names: &'o [String]| -> Vec<&'o String> {
+        names
+            .iter()
+            .filter(|n| {
+                n.starts_with(&prefix) || {
+                    refuse(what, n);
+                    false
+                }
+            })
+            .collect()
+    };
+    let bitmaps = op
+        .bitmaps
+        .iter()
+        .filter(|b| {
+            let ours = crate::bitmaps::BitmapName::parse(&b.name).is_some_and(|n| n.chain_id == chain_id)
+                || crate::backup::is_frozen_bitmap_of(chain_id, &b.name);
+            if !ours {
+                refuse("bitmap", &b.name);
+            }
+            ours
+        })
+        .collect();
+    (
+        named("job", &op.jobs),
+        named("block node", &op.block_nodes),
+        bitmaps,
+    )
+}
+
 /// Why a scratch image that `op`'s record names may not be emptied (`None`: it may). A record is data from a
-/// file: only an absolute, plain path whose name is a scratch image of the record's own node qualifies
-/// ([`crate::backup::scratch_name`]).
-pub fn scratch_problem(path: &Path, op: &Operation) -> Option<&'static str> {
+/// file: only an absolute, plain path outside the repository `repo_dir` whose name is a scratch image of
+/// chain `chain_id` and the record's own node qualifies ([`crate::backup::scratch_name`]), and, where this
+/// host can see it, only a regular file or none: QEMU follows a symlink and would empty what it points to.
+pub fn scratch_problem(path: &Path, op: &Operation, chain_id: &str, repo_dir: &Path) -> Option<&'static str> {
     if !path.is_absolute()
         || path
             .components()
             .any(|c| !matches!(c, Component::RootDir | Component::Normal(_)))
     {
         return Some("not an absolute plain path");
+    }
+    if path.starts_with(repo_dir) {
+        return Some("inside the repository, where no scratch image is ever made");
     }
     let name = path.file_name().and_then(|n| n.to_str())?;
     let node = op.node.as_ref()?;
@@ -176,10 +235,15 @@ pub fn scratch_problem(path: &Path, op: &Operation) -> Option<&'static str> {
         .is_some_and(|(rest, disk)| {
             !disk.is_empty()
                 && disk.bytes().all(|b| b.is_ascii_digit())
-                && rest.ends_with(&format!("-{node}"))
-                && rest.contains(".qmpbak-")
+                && rest.ends_with(&format!(".qmpbak-{chain_id}-{node}"))
         });
-    (!suffix_ok).then_some("not named as a scratch image of the record's node")
+    if !suffix_ok {
+        return Some("not named as a scratch image of the record's chain and node");
+    }
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.is_file() => Some("not a regular file (a symlink?)"),
+        _ => None,
+    }
 }
 
 /// Empties a scratch image in the VM's QEMU (QMP cannot delete files): `blockdev-create` of the file again with
@@ -459,7 +523,7 @@ async fn undo(
     cleaned: &mut Cleaned,
 ) -> Result<()> {
     if let Some(qmp) = qmp {
-        undo_in_qemu(qmp, op, cleaned).await;
+        undo_in_qemu(qmp, vm, &manifest.chain_id, op, cleaned).await;
         if let Some(why) = lost_remote_qemu(qmp, op) {
             anyhow::bail!(why);
         }
@@ -514,7 +578,7 @@ pub async fn abandon(
     err: anyhow::Error,
 ) -> anyhow::Error {
     let mut cleaned = Cleaned::default();
-    undo_in_qemu(qmp, op, &mut cleaned).await;
+    undo_in_qemu(qmp, vm, &manifest.chain_id, op, &mut cleaned).await;
     let lost = lost_remote_qemu(qmp, op);
     // The repository key's secret, if this process gave QEMU one for the run (an encrypted backup).
     crate::crypt::unlock::remove_secret(qmp).await;

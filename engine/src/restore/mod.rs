@@ -93,6 +93,10 @@ pub async fn chain_damage(bins: &crate::qemu_bins::QemuBins, files: &[std::path:
             }
             _ => {}
         }
+        // Before `qemu-img info`, which would open the data file such a header names.
+        if let Some(why) = crate::nodes::header_problem(file) {
+            return Some(why);
+        }
         if let Ok(Err(said)) = bins.qcow2_info(file).await {
             return Some(format!(
                 "{} is not a readable qcow2 image ({said})",

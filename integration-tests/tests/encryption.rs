@@ -1134,3 +1134,42 @@ async fn a_killed_encrypted_backup_leaves_no_key_in_qemu_after_cleanup() {
     er.repo.backup_report(&vm, "vm1", &er.key_args());
     assert_no_secret_left(&vm).await;
 }
+
+/// Whoever can write an encrypted repository can rewrite its settings to say it is plain. A user who still gives
+/// the key is refused then (exit 3, nothing written): the key used to be ignored for a plain repository, and
+/// the next full backup (the manifest told to start over) was stored in plaintext with unkeyed tables.
+#[tokio::test]
+async fn a_key_given_for_a_repository_whose_settings_say_plain_is_refused() {
+    let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
+    let er = EncryptedRepo::init();
+    vm.write_pattern("disk0", PATTERN, 0, MIB).await;
+    er.repo.backup_report(&vm, "vm1", &er.key_args());
+    let settings = er.repo.path().join(chain::repo::SETTINGS_FILE);
+    let mut plain: serde_json::Value = serde_json::from_slice(&std::fs::read(&settings).unwrap()).unwrap();
+    plain.as_object_mut().unwrap().remove("encryption");
+    plain["format_version"] = serde_json::json!(1);
+    std::fs::write(&settings, serde_json::to_vec(&plain).unwrap()).unwrap();
+    let manifest = er.repo.vm_dir("vm1").join("manifest.json");
+    let mut restart: serde_json::Value = serde_json::from_slice(&std::fs::read(&manifest).unwrap()).unwrap();
+    restart["current"] = serde_json::Value::Null;
+    std::fs::write(&manifest, serde_json::to_vec(&restart).unwrap()).unwrap();
+    let before = snapshot_files(&er.repo.path());
+
+    let with_file = er.repo.try_backup(&vm, "vm1", &er.key_args());
+    with_file.assert_failed_saying("is not encrypted");
+    assert_eq!(with_file.code(), Some(3), "{with_file:?}");
+    let from_env = cli::command_owned(&er.repo.backup_args(&vm, "vm1", &[]))
+        .env("QMPBAK_KEY", "0123456789abcdef0123456789abcdef")
+        .output()
+        .unwrap();
+    assert_eq!(from_env.status.code(), Some(3), "{from_env:?}");
+    assert!(
+        String::from_utf8_lossy(&from_env.stderr).contains("unset QMPBAK_KEY"),
+        "{from_env:?}"
+    );
+    assert_eq!(
+        before,
+        snapshot_files(&er.repo.path()),
+        "a refused backup changed the repository"
+    );
+}

@@ -34,6 +34,15 @@ impl KeySource {
             .or_else(|| std::env::var_os(KEY_ENV).map(|_| KeySource::Env(KEY_ENV.to_owned())))
     }
 
+    /// How the user gave this source, for a message (never the key).
+    pub fn describe(&self) -> String {
+        match self {
+            KeySource::File(path) => format!("--key-file {}", path.display()),
+            KeySource::Fd(fd) => format!("--key-fd {fd}"),
+            KeySource::Env(name) => format!("the environment variable {name}"),
+        }
+    }
+
     /// Reads the key. One trailing newline is dropped (a key written with `echo`); an empty key is refused.
     /// From here on this process dumps no core ([`forbid_dumps`]).
     pub fn read(&self) -> Result<Vec<u8>> {

@@ -55,12 +55,30 @@ impl Drop for KeyGuard {
     }
 }
 
-/// Unlocks `repo` with the key from `source`, for the rest of the guard's life. A repository that is not
-/// encrypted needs no key (any given is ignored). A missing or wrong key is a repository error (exit 3), before
-/// anything is changed.
+/// Unlocks `repo` with the key from `source`, for the rest of the guard's life. A missing or wrong key is a
+/// repository error (exit 3), before anything is changed. So is a key given for a repository whose settings
+/// say it is not encrypted: the settings are a file in the repository, and whoever can write it could
+/// otherwise make the next backups of a user who still gives the key land in plaintext.
 pub fn unlock(repo: &Repository, source: Option<&KeySource>) -> Result<Option<KeyGuard>> {
     if repo.settings().encryption.is_none() {
-        return Ok(None);
+        return match source {
+            None => Ok(None),
+            Some(source) => Err(crate::exit::Exit::new(
+                crate::exit::ExitCode::Repository,
+                format!(
+                    "a key was given ({}) but repository {} is not encrypted (its {} names no encryption):                      refusing to work on it, since a repository made with `init --encrypt` whose settings were                      changed would store the next backups in plaintext; for a repository that was never                      encrypted, give no key{}",
+                    source.describe(),
+                    repo.path().display(),
+                    chain::repo::SETTINGS_FILE,
+                    if matches!(source, KeySource::Env(name) if name == super::key::KEY_ENV) {
+                        " (unset QMPBAK_KEY)"
+                    } else {
+                        ""
+                    }
+                ),
+            )
+            .into()),
+        };
     }
     let Some(source) = source else {
         return Err(chain::Error::KeyMissing.into());

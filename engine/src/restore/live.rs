@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result, bail};
 use qmp::commands::{
-    BlockDirtyBitmapAdd, BlockJobSetSpeed, BlockStream, BlockdevReopen, Cont, QueryStatus,
-    XDebugQueryBlockGraph,
+    BlockDirtyBitmapAdd, BlockDirtyBitmapRemove, BlockJobSetSpeed, BlockStream, BlockdevReopen, Cont,
+    QueryStatus, XDebugQueryBlockGraph,
 };
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -59,6 +59,32 @@ pub struct LiveReport {
     pub running_after_secs: f64,
     /// Seconds until streaming finished and the repository was detached.
     pub duration_secs: f64,
+}
+
+/// Removes every qmpbak bitmap of target disk `d` (of any chain, any repository's) before the restore puts
+/// data under it: the stream job's writes mark no bitmap, so after the restore each would say that nothing
+/// changed since a backup whose content the disk no longer has, and an incremental or differential on it would
+/// miss everything the restore brought in. Such bitmaps were left on an empty image, a copy of a disk taken
+/// while it was empty, say. Without them the next backup of that chain is a checksum-diff or a full. Another
+/// tool's bitmaps are not qmpbak's to remove: each gets a warning, as it no longer records what changed.
+async fn drop_stale_bitmaps(qmp: &qmp::Qmp, d: &inspect::DiskInfo, progress: &dyn Progress) -> Result<()> {
+    for b in &d.bitmaps {
+        if BitmapName::parse(&b.name).is_some() {
+            qmp.execute(&BlockDirtyBitmapRemove::new(
+                d.node_name.as_str(),
+                b.name.as_str(),
+            ))
+            .await
+            .with_context(|| format!("removing the stale bitmap {} of disk {}", b.name, d.id))?;
+            tracing::info!(disk = %d.id, bitmap = %b.name, "removed a qmpbak bitmap the restore makes stale");
+        } else {
+            progress.warning(&format!(
+                "disk {}'s bitmap {} (not qmpbak's) does not record the data this restore brings in: whoever                  uses it must take a full copy next",
+                d.id, b.name
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Restores `node` into the running VM behind `socket`.
@@ -218,6 +244,7 @@ pub async fn restore_live(
     let mut running_after = 0.0;
     let begun: Result<()> = async {
         for (((_, d), bitmap), (top, file)) in targets.iter().zip(&bitmaps).zip(tops.iter().zip(&files)) {
+            drop_stale_bitmaps(&qmp, d, progress).await?;
             let options =
                 json!({ "driver": d.format, "node-name": d.node_name, "file": file, "backing": top });
             qmp.execute(&BlockdevReopen {

@@ -6,6 +6,8 @@
 //! - an [`Owned`] child that is dropped before it finished (its run failed, or SIGINT/SIGTERM made qmpbak drop
 //!   the command's future, see [`crate::signals::Interrupt::run`]) is killed and *reaped* in the drop, before
 //!   anything declared before it — the VM's lock among them — is released;
+//! - each runs in its own process group, so a terminal's Ctrl-C or hang-up, `timeout`, or a `kill` of
+//!   qmpbak's group reaches qmpbak alone, which stops its children itself, in the order its run needs;
 //! - none inherits the repository key: `QMPBAK_KEY` and the variable `--key-env` named are removed from every
 //!   child's environment, so no `/proc/PID/environ` of a child shows it. QEMU's programs get the key they need
 //!   (the LUKS passphrase of the node files) as an inherited descriptor of an anonymous memory file
@@ -110,7 +112,13 @@ pub fn qemu_command_inheriting(program: &Path, fds: Vec<RawFd>) -> tokio::proces
 /// An async command for `program` whose process dies with qmpbak and inherits no key; spawn it with [`spawn`]
 /// (or [`output`]).
 pub fn command(program: &Path) -> tokio::process::Command {
+    use std::os::unix::process::CommandExt as _;
     let mut cmd = std::process::Command::new(program);
+    // Its own process group: the signals a terminal (Ctrl-C, a hang-up) or `timeout` send to qmpbak's group
+    // reach qmpbak alone, which then stops its children when and as it must (a live restore across hosts
+    // first finishes the streams its server feeds; killed with the rest, the server left the guest with read
+    // errors and qmpbak waiting).
+    cmd.process_group(0);
     die_with_parent(&mut cmd);
     scrub_env(&mut cmd);
     // Not `kill_on_drop`: an [`Owned`] child is killed and reaped by its own drop, and a second kill by pid

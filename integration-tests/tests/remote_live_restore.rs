@@ -325,7 +325,8 @@ async fn remote_live_restore_refusals_leave_the_vm_untouched() {
 
 /// SIGINT while streaming across hosts: the VM reads unstreamed data from qmpbak's server, so qmpbak finishes
 /// the streams at full speed first, detaches, removes the client credentials it added (`--target-tls-dir`) and
-/// stops its server, then exits 130.
+/// stops its server, then exits 130. The signal goes to qmpbak's whole process group, as a terminal's Ctrl-C
+/// sends it: its server, in the same group, died of it, and the stream stalled on read errors.
 #[tokio::test(flavor = "multi_thread")]
 async fn remote_live_restore_interrupted_finishes_first_and_exits_130() {
     let pki = TestPki::loopback();
@@ -349,10 +350,16 @@ async fn remote_live_restore_interrupted_finishes_first_and_exits_130() {
             &MIB.to_string(),
         ],
     );
-    let child = Host::Here.spawn(&args, &[]);
+    let child = {
+        use std::os::unix::process::CommandExt as _;
+        cli::command_owned(&args)
+            .process_group(0)
+            .spawn()
+            .expect("spawn qmpbak")
+    };
     stream_started(&mut events).await;
     let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT).unwrap();
+    nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGINT).unwrap();
     let out = tokio::task::block_in_place(|| cli::wait(child, CLI_TIMEOUT));
     assert_eq!(out.code(), Some(130), "{out:?}");
     assert!(out.stderr.contains("finished first"), "{out:?}");

@@ -171,6 +171,9 @@ pub enum Error {
     },
 
     // --- locks ---
+    /// A signal (SIGINT, SIGTERM, SIGHUP) stopped the wait for the VM's lock ([`crate::lock::interrupt_waits`]).
+    #[error("interrupted while waiting for the lock of VM {vm:?} ({}): nothing was changed", lock.display())]
+    LockWaitInterrupted { vm: String, lock: PathBuf },
     /// Another process holds the VM's lock.
     #[error("{}", lock_held(vm, lock, holder.as_ref(), *stale))]
     LockHeld {
@@ -380,6 +383,8 @@ pub enum ErrorKind {
     Usage,
     /// Another process holds the VM's lock.
     LockHeld,
+    /// A signal stopped the command before it changed anything.
+    Interrupted,
     /// A change or query that the repository's current state does not allow (a node that is not there, a tag
     /// in use, a lock of the wrong kind, a table of another shape …).
     Refused,
@@ -415,6 +420,7 @@ impl Error {
             Error::WrongKey | Error::KeyMissing | Error::EncryptionUnsupported { .. } => K::Key,
             Error::VmNotFound { .. } | Error::InvalidName { .. } => K::Usage,
             Error::LockHeld { .. } => K::LockHeld,
+            Error::LockWaitInterrupted { .. } => K::Interrupted,
             Error::NodeNotFound { .. }
             | Error::NodeExists { .. }
             | Error::ParentNotFound { .. }

@@ -153,8 +153,18 @@ fn open_lock_file(path: &Path, mode: LockMode) -> Result<Option<File>> {
     Ok(Some(file))
 }
 
+/// Set by [`interrupt_waits`]: every lock wait of this process ends.
+static WAITS_INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Ends every lock wait of this process, now and later ([`Error::LockWaitInterrupted`]): called when SIGINT,
+/// SIGTERM or SIGHUP arrives, so that `--wait` never keeps a stopped command waiting for the lock, only to go
+/// on once it frees.
+pub fn interrupt_waits() {
+    WAITS_INTERRUPTED.store(true, std::sync::atomic::Ordering::SeqCst);
+}
+
 /// Takes the lock of VM `vm` on file `path` (created if missing). `command` is recorded for an exclusive
-/// lock.
+/// lock. A wait ends early, with [`Error::LockWaitInterrupted`], after [`interrupt_waits`].
 pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &str) -> Result<LockGuard> {
     let Some(file) = open_lock_file(path, mode)? else {
         // Nothing can change a repository where no lock file can be created, so there is nothing to wait for.
@@ -175,6 +185,12 @@ pub fn acquire(vm: &str, path: &Path, mode: LockMode, wait: LockWait, command: &
         }
         let now = Instant::now();
         match deadline {
+            Some(_) if WAITS_INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst) => {
+                return Err(Error::LockWaitInterrupted {
+                    vm: vm.to_owned(),
+                    lock: path.to_owned(),
+                });
+            }
             Some(deadline) if now < deadline => std::thread::sleep(RETRY_INTERVAL.min(deadline - now)),
             _ => {
                 let holder = read_holder(path);

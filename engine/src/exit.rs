@@ -160,6 +160,7 @@ fn chain_code(kind: chain::ErrorKind) -> ExitCode {
     use chain::ErrorKind as K;
     match kind {
         K::LockHeld => ExitCode::LockHeld,
+        K::Interrupted => ExitCode::Interrupted,
         K::Usage => ExitCode::Usage,
         K::Io | K::NotARepository | K::Exists | K::Invalid | K::Key | K::Refused => ExitCode::Repository,
     }

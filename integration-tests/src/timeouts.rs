@@ -26,3 +26,6 @@ pub const PROMPT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const PAUSE_REACHED_TIMEOUT: Duration = Duration::from_secs(120);
 /// One `ip` command that makes or removes a network namespace, a veth pair or an address.
 pub const NETNS_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long a started qmpbak may take to open a VM's lock file (and so begin to wait for it).
+pub const LOCK_WAIT_START_TIMEOUT: Duration = Duration::from_secs(30);

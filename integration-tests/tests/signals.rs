@@ -242,3 +242,69 @@ async fn a_stopped_merge_reaps_its_daemon_and_removes_its_temporary_files() {
         .success();
     image::assert_same(&reference, &out_path);
 }
+
+/// Waits until process `pid` has `path` open (a qmpbak waiting for a VM's lock holds its lock file open).
+fn wait_until_open(pid: u32, path: &Path) {
+    let deadline = std::time::Instant::now() + integration_tests::timeouts::LOCK_WAIT_START_TIMEOUT;
+    loop {
+        let open = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .any(|fd| std::fs::read_link(fd.path()).is_ok_and(|t| t == path));
+        if open {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "process {pid} did not open {} in time",
+            path.display()
+        );
+        std::thread::yield_now();
+    }
+}
+
+/// A command waiting for the VM's lock (`--wait`) stops at once on SIGINT, SIGTERM or SIGHUP (a closed
+/// terminal), exits 130 and changes nothing, even when the lock frees afterwards. The wait used to block the
+/// signal: a stopped prune went on to prune once the lock freed, and exited 0. The signals go to the whole
+/// process group, as a terminal or `timeout` sends them.
+#[tokio::test]
+async fn a_command_waiting_for_the_lock_stops_on_a_signal_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (vm, repo, _nodes, _reference) = three_backups(dir.path()).await;
+    let holder = cli::run_paused_at(&repo.backup_args(&vm, "vm1", &[]), "backup-copying", &[], None);
+    let before = repo.manifest("vm1");
+    let lock = repo.vm_dir("vm1").join("lock");
+    for (signal, command) in [
+        (Signal::SIGINT, &["prune", "--keep-last", "1", "--wait"][..]),
+        (
+            Signal::SIGTERM,
+            &["merge", before.nodes[1].id.as_ref(), "--wait"][..],
+        ),
+        (Signal::SIGHUP, &["verify", "--wait"][..]),
+    ] {
+        let child = {
+            use std::os::unix::process::CommandExt as _;
+            cli::command_owned(&repo.vm_args("vm1", command))
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        wait_until_open(child.id(), &lock);
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+        nix::sys::signal::killpg(pid, signal).unwrap();
+        let out = cli::wait(child, PROCESS_EXIT_TIMEOUT);
+        assert_interrupted(&out);
+        assert!(out.stderr.contains("waiting for the lock"), "{signal}: {out:?}");
+    }
+    holder.signal(Signal::SIGUSR1);
+    holder.finish().success();
+    // The tree holds what it held, the holder's backup (already in it, pending, while it held the lock) now
+    // complete.
+    let after = repo.manifest("vm1");
+    assert_eq!(
+        before.nodes.iter().map(|n| &n.id).collect::<Vec<_>>(),
+        after.nodes.iter().map(|n| &n.id).collect::<Vec<_>>(),
+        "a stopped command changed the tree"
+    );
+}

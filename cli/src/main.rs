@@ -1,6 +1,10 @@
 //! The `qmpbak` binary: parses the command line, dispatches to one module per subcommand, and prints an error
 //! once, with its whole cause chain, mapped to a documented exit code.
 
+// `println!` and `eprintln!` panic when their stream cannot be written (a closed pipe, a full disk): every
+// message goes through `commands::out` instead, so that a failure keeps its documented exit code.
+#![deny(clippy::print_stdout, clippy::print_stderr)]
+
 mod commands;
 mod logging;
 
@@ -42,7 +46,7 @@ fn main() -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("qmpbak: cannot start the async runtime: {e}");
+            commands::out::write_err(format_args!("qmpbak: cannot start the async runtime: {e}"));
             return ExitCode::FAILURE;
         }
     };
@@ -54,12 +58,12 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let code = qmpbak_engine::exit::classify(&err);
-            eprintln!("qmpbak: {err:#}");
+            commands::out::write_err(format_args!("qmpbak: {err:#}"));
             if qmpbak_engine::exit::is_no_space(&err) {
-                eprintln!(
+                commands::out::write_err(format_args!(
                     "qmpbak: a filesystem is full (the repository's, or the restore's target): free space or \
                      `qmpbak prune`, then run again; nothing half-written was kept"
-                );
+                ));
             }
             if json && !commands::report_printed() {
                 let _ = commands::out::write(format_args!("{}\n", qmpbak_engine::exit::json_error_of(&err)));

@@ -129,3 +129,20 @@ async fn a_missing_or_unreadable_node_file_is_a_damaged_backup() {
         .success();
     repo.run("vm1", &["verify"]).success();
 }
+
+/// A standard error that cannot be written (`2>/dev/full`, a closed pipe) changes no exit code: a failure
+/// still exits with its row's code, and `--json` still prints the error object on standard output. The message
+/// used to panic on the write and exit 101.
+#[test]
+fn an_unwritable_standard_error_keeps_the_exit_code() {
+    let dir = tempfile::tempdir().unwrap();
+    let gone = dir.path().join("gone.sock");
+    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let out = cli::command(&["info", "--socket", gone.to_str().unwrap(), "--json"])
+        .stderr(full)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(5), "{out:?}");
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["error"]["code"], 5, "{json}");
+}

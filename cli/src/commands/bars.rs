@@ -56,7 +56,7 @@ impl Progress for Bars {
             Some(multi) => {
                 let _ = multi.println(&line);
             }
-            None => eprintln!("{line}"),
+            None => errln!("{line}"),
         }
     }
 
@@ -65,7 +65,7 @@ impl Progress for Bars {
             Some(multi) => {
                 let _ = multi.println(message);
             }
-            None if !self.quiet => eprintln!("{message}"),
+            None if !self.quiet => errln!("{message}"),
             None => {}
         }
     }

@@ -1,6 +1,8 @@
 //! Standard output for the commands: writes that return their error instead of panicking as `println!` does,
 //! so that output into a pipe whose reader has gone (`qmpbak list | head -1`) ends the command quietly with
-//! exit status 141, as a process killed by SIGPIPE would (see [`Command::run`](super::Command::run)).
+//! exit status 141, as a process killed by SIGPIPE would (see [`Command::run`](super::Command::run)). Standard
+//! error: messages whose write failure is ignored ([`errln!`]), so that a full or closed standard error never
+//! turns a failure's documented exit code into a panic's 101.
 
 use std::fmt;
 use std::io::{self, Write};
@@ -41,5 +43,18 @@ macro_rules! out {
 macro_rules! outln {
     ($($arg:tt)*) => {
         $crate::commands::out::write(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// Writes `args` and a newline to standard error; a failure to write is ignored (nobody can be told of it).
+pub fn write_err(args: fmt::Arguments<'_>) {
+    let mut err = io::stderr().lock();
+    let _ = err.write_fmt(args).and_then(|()| err.write_all(b"\n"));
+}
+
+/// `eprintln!` that never panics ([`write_err`]).
+macro_rules! errln {
+    ($($arg:tt)*) => {
+        $crate::commands::out::write_err(format_args!($($arg)*))
     };
 }

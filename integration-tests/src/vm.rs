@@ -551,6 +551,27 @@ impl TestVm {
             .collect()
     }
 
+    /// `(node name, bitmap name)` of every dirty bitmap on the VM's disks (`query-block`).
+    pub async fn bitmaps(&self) -> Vec<(String, String)> {
+        let blocks = self
+            .qmp()
+            .execute_raw("query-block", None)
+            .await
+            .expect("query-block");
+        let mut out = Vec::new();
+        for block in blocks.as_array().expect("array") {
+            let node = block["inserted"]["node-name"].as_str().unwrap_or_default();
+            for b in block["inserted"]["dirty-bitmaps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                out.push((node.to_owned(), b["name"].as_str().unwrap_or_default().to_owned()));
+            }
+        }
+        out
+    }
+
     /// The block nodes that are not the fixture's own (its disks' `node-…` nodes and QEMU's implicit `#…`
     /// ones): what a run left behind (`query-named-block-nodes`).
     pub async fn foreign_block_nodes(&self) -> Vec<String> {

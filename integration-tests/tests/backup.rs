@@ -714,3 +714,42 @@ async fn an_incremental_hashes_in_its_chains_block_size_after_the_settings_chang
         );
     }
 }
+
+/// `--speed-limit` and `--compress` set QEMU's backup job. A pull runs none, so it refuses them (exit 2, before
+/// anything is reached); a checksum-diff incremental runs none either, and says that it runs without them.
+/// Both used to be ignored without a word.
+#[tokio::test]
+async fn options_of_qemus_backup_job_are_refused_or_named_where_no_job_runs() {
+    let vm = two_disk_vm().await;
+    let repo = TestRepo::init();
+    for flag in [&["--speed-limit", "65536"][..], &["--compress"][..]] {
+        let out = repo.try_backup(&vm, VM, &[&["--pull", "--insecure-plaintext"][..], flag].concat());
+        out.assert_failed_saying("which a pull backup does not run");
+        assert_eq!(out.code(), Some(2), "{out:?}");
+    }
+    assert!(!repo.vm_dir(VM).exists(), "a refused pull made a VM");
+    vm.write_pattern("disk0", 0x11, 0, MIB).await;
+    repo.backup_report(&vm, VM, &[]);
+    // The bitmaps gone, the next backup is a checksum-diff.
+    for (node, name) in vm.bitmaps().await {
+        vm.qmp()
+            .execute_raw(
+                "block-dirty-bitmap-remove",
+                Some(serde_json::json!({ "node": node, "name": name })),
+            )
+            .await
+            .unwrap();
+    }
+    let out = repo
+        .try_backup(&vm, VM, &["--compress", "--speed-limit", "65536"])
+        .success();
+    let report: BackupReport = out.report();
+    assert_eq!(report.method, "checksum-diff", "{report:?}");
+    for flag in ["--speed-limit", "--compress"] {
+        assert!(
+            out.stderr
+                .contains(&format!("{flag} does not apply to this checksum-diff")),
+            "{flag}: {out:?}"
+        );
+    }
+}

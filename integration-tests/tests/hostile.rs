@@ -641,23 +641,6 @@ async fn prune_copies_nothing_a_tampered_backing_header_names() {
     repo.run("vm1", &["verify"]).success();
 }
 
-/// The names of the dirty bitmaps on the VM's block devices.
-async fn bitmap_names(vm: &TestVm) -> Vec<String> {
-    let blocks = vm.qmp().execute_raw("query-block", None).await.unwrap();
-    blocks
-        .as_array()
-        .unwrap()
-        .iter()
-        .flat_map(|b| {
-            b["inserted"]["dirty-bitmaps"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-        })
-        .filter_map(|b| b["name"].as_str().map(str::to_owned))
-        .collect()
-}
-
 /// A tampered backup record makes qmpbak empty no file that is not a scratch image of its own (QEMU follows a
 /// symlink named like one, inside the repository or out of it, and truncated its target) and remove no bitmap
 /// that is not qmpbak's of this chain (another tool's, another repository's).
@@ -712,7 +695,7 @@ async fn a_tampered_record_empties_no_file_and_removes_no_bitmap_that_is_not_its
             victim.display()
         );
     }
-    let left = bitmap_names(&vm).await;
+    let left: Vec<String> = vm.bitmaps().await.into_iter().map(|(_, name)| name).collect();
     for name in foreign {
         assert!(left.iter().any(|n| n == name), "{name} was removed: {left:?}");
     }

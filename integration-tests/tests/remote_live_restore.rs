@@ -372,8 +372,7 @@ async fn remote_live_restore_interrupted_finishes_first_and_exits_130() {
     assert_restored(&vm, &exp).await;
 }
 
-/// A failure after the disk took the served chain (here: the next backup's bitmap cannot be added, its name
-/// taken): the chain would leave with qmpbak, so the disk is streamed all the same before the error is
+/// A failure after the disk took the served chain (here: the next backup's bitmap cannot be added): the chain would leave with qmpbak, so the disk is streamed all the same before the error is
 /// reported, and the VM depends on nothing.
 #[tokio::test(flavor = "multi_thread")]
 async fn remote_live_restore_failing_after_the_reopen_streams_before_it_reports() {
@@ -383,14 +382,6 @@ async fn remote_live_restore_failing_after_the_reopen_streams_before_it_reports(
     let exp = expected(&repo, &inc, work.path(), &[]);
     let port = free_port();
     let vm = target_vm("127.0.0.1", port, &pki, "client", None).await;
-    let taken = integration_tests::repo::bitmap_name(&repo.manifest(VM), "disk0", "inc", &inc);
-    vm.qmp()
-        .execute_raw(
-            "block-dirty-bitmap-add",
-            Some(serde_json::json!({"node": "node-disk0", "name": taken})),
-        )
-        .await
-        .unwrap();
     let args = live_args(
         &repo,
         &inc,
@@ -398,8 +389,11 @@ async fn remote_live_restore_failing_after_the_reopen_streams_before_it_reports(
         &pki,
         &["--serve-tls-dir", &s(&pki.path("server"))],
     );
-    let out = tokio::task::block_in_place(|| Host::Here.run(&args));
-    assert_eq!(out.code(), Some(5), "{out:?}");
+    // Adding the bitmap fails (as a full disk would make it: a qmpbak bitmap already there no longer does, the
+    // restore removes those first).
+    let child = Host::Here.spawn(&args, &[("QMPBAK_INJECT_ENOSPC_AT", "restore-bitmap-add")]);
+    let out = tokio::task::block_in_place(|| cli::wait(child, CLI_TIMEOUT));
+    assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("streamed all the same"), "{out:?}");
     assert!(repo.manifest(VM).operations.is_empty());
     assert_restored(&vm, &exp).await;

@@ -693,23 +693,6 @@ async fn interrupted_during_the_emptiness_check_the_restore_stops_before_changin
     assert_nothing_left(&vm).await;
 }
 
-/// `(node name, bitmap name)` of every dirty bitmap on `vm`'s disks.
-async fn bitmaps_of(vm: &TestVm) -> Vec<(String, String)> {
-    let blocks = vm.qmp().execute_raw("query-block", None).await.unwrap();
-    let mut out = Vec::new();
-    for block in blocks.as_array().unwrap() {
-        let node = block["inserted"]["node-name"].as_str().unwrap_or_default();
-        for b in block["inserted"]["dirty-bitmaps"]
-            .as_array()
-            .into_iter()
-            .flatten()
-        {
-            out.push((node.to_owned(), b["name"].as_str().unwrap().to_owned()));
-        }
-    }
-    out
-}
-
 /// The stream of a live restore marks no bitmap, so a qmpbak bitmap the empty target disks already carried (a
 /// copy of the disks taken while they were empty carries the full's) would say that nothing changed since that
 /// backup: a differential on it missed all the restored data, silently. The restore removes them; the next
@@ -721,7 +704,7 @@ async fn a_live_restore_removes_the_bitmaps_its_empty_disks_carried() {
     let (node, carried) = {
         let vm = TestVm::start(&sizes()).await;
         repo.backup_node(&vm, VM, &[]);
-        let carried = bitmaps_of(&vm).await;
+        let carried = vm.bitmaps().await;
         vm.write_pattern("disk0", 0xbb, 8 * MIB, MIB).await;
         vm.write_pattern("disk1", 0xcc, 0, 2 * MIB).await;
         (repo.backup_node(&vm, VM, &[]), carried)
@@ -741,7 +724,7 @@ async fn a_live_restore_removes_the_bitmaps_its_empty_disks_carried() {
             .unwrap();
     }
     cli::run_owned(&live_args(&repo, &vm, &node, &[])).success();
-    let left = bitmaps_of(&vm).await;
+    let left = vm.bitmaps().await;
     for stale in &carried {
         assert!(!left.contains(stale), "{stale:?} is still there: {left:?}");
     }

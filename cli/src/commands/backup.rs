@@ -39,10 +39,12 @@ pub struct Args {
     /// Leave this disk out; repeat for more (the same applies as for --disk).
     #[arg(long, value_name = "ID")]
     exclude: Vec<String>,
-    /// Limit each disk's copy to BYTES per second.
+    /// Limit each disk's copy to BYTES per second (a plain number). It sets QEMU's backup job: not with
+    /// --pull, and a checksum-diff incremental runs without it (and says so).
     #[arg(long, value_name = "BYTES", default_value_t = 0)]
     speed_limit: u64,
-    /// Compress the backup files (qcow2 compressed clusters).
+    /// Compress the backup files (qcow2 compressed clusters). It sets QEMU's backup job: not with --pull, and
+    /// a checksum-diff incremental runs without it (and says so).
     #[arg(long)]
     compress: bool,
     /// Freeze the guest's filesystems (guest agent fsfreeze) around the backup instant; needs --qga.
@@ -111,6 +113,17 @@ pub async fn run(args: Args) -> Result<()> {
             )));
         }
         qmp.require_local("backup", Local::QemuWritesRepository, &args.vm.target.repo)?;
+    } else if let Some(flag) = [
+        ("--speed-limit", args.speed_limit > 0),
+        ("--compress", args.compress),
+    ]
+    .iter()
+    .find_map(|(flag, given)| given.then_some(flag))
+    {
+        // They set QEMU's own backup job, which a pull does not run; ignoring them would be a surprise.
+        bail!(Exit::usage(format!(
+            "{flag} sets QEMU's backup job, which a pull backup does not run: leave it out for --pull (or a QEMU              reached over the network)"
+        )));
     }
     let hypervisor = qmp.host().map_or_else(chain::host::hostname, str::to_owned);
     let nbd_listen = match (&args.nbd_listen, qmp.host()) {

@@ -447,6 +447,21 @@ pub async fn backup(
     };
     run.begin()?;
     crashpoint("backup-begun");
+    if run.plan.method == Method::ChecksumDiff && opts.pull.is_none() {
+        // The checksum-diff reads the whole disk over NBD and writes what changed itself: QEMU's job, which
+        // the two options set, does not run.
+        for (given, what) in [
+            (opts.speed_limit > 0, "--speed-limit"),
+            (opts.compress, "--compress"),
+        ] {
+            if given {
+                progress.warning(&format!(
+                    "{what} does not apply to this checksum-diff incremental ({}): it runs without it",
+                    run.plan.reason
+                ));
+            }
+        }
+    }
 
     let result = match run.plan.method {
         _ if opts.pull.is_some() => pull::copy(&mut run).await,

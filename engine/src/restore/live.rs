@@ -253,6 +253,8 @@ pub async fn restore_live(
             .await
             .with_context(|| format!("putting node {}'s chain under disk {}", node.id, d.id))?;
             reopened_any = true;
+            crate::crashpoint::fail_point("restore-bitmap-add")
+                .context("adding the dirty bitmap for the next backup")?;
             qmp.execute(&BlockDirtyBitmapAdd {
                 persistent: Some(d.bitmaps_persist),
                 ..BlockDirtyBitmapAdd::new(d.node_name.as_str(), bitmap.as_str())

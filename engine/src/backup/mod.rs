@@ -477,7 +477,13 @@ pub async fn backup(
             return Err(run.fail(err).await);
         }
     };
-    let (report_disks, tables_secs) = match run.complete(&copied).await {
+    // A signal while the tables are built or the files synced (the awaits of `complete`; what follows them
+    // writes the tables and the manifest without one) undoes the backup like any failure.
+    let completed = tokio::select! {
+        completed = run.complete(&copied) => completed,
+        () = interrupt.wait() => Err(interrupted()),
+    };
+    let (report_disks, tables_secs) = match completed {
         Ok(done) => done,
         Err(err) => {
             return Err(run.fail(err).await);
@@ -716,6 +722,7 @@ impl Run<'_> {
         copied: &[u64],
     ) -> Result<Vec<chain::Table>> {
         self.progress.phase("building checking tables");
+        crate::crashpoint::pause_point("backup-tables").await;
         let mut tables = Vec::new();
         for (i, t) in self.targets.iter().enumerate() {
             let parent_table = bases.get(i).and_then(Option::as_ref).map(|(table, _)| table);

@@ -251,6 +251,10 @@ pub enum Payload {
         /// its filters (recovery switches them back and resumes a VM the run paused).
         #[serde(default, skip_serializing_if = "Option::is_none")]
         view: Option<ViewRecord>,
+        /// The guest agent's socket through which the run froze the guest's filesystems (`--quiesce`), set
+        /// before the freeze and cleared after the thaw: recovery thaws them through it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        frozen_by: Option<PathBuf>,
     },
     /// A time point (the record's node).
     Snapshot {

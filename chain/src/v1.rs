@@ -61,6 +61,7 @@ impl From<OperationV1> for Operation {
                     nbd_server_started: true,
                     scratch: Vec::new(),
                     view: None,
+                    frozen_by: None,
                 },
                 None,
             ),
@@ -69,6 +70,7 @@ impl From<OperationV1> for Operation {
                     nbd_server_started: false,
                     scratch: Vec::new(),
                     view: None,
+                    frozen_by: None,
                 },
                 note,
             ),
@@ -204,6 +206,7 @@ mod tests {
                 nbd_server_started: true,
                 scratch: Vec::new(),
                 view: None,
+                frozen_by: None,
             }
         );
         assert_eq!(op.legacy_note, None);
@@ -231,6 +234,7 @@ mod tests {
                 nbd_server_started: false,
                 scratch: Vec::new(),
                 view: None,
+                frozen_by: None,
             }
         );
         // Any other note is words: kept, and it starts nothing.

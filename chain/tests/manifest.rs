@@ -28,6 +28,7 @@ fn saved() -> (TestRepo, Manifest) {
             nbd_server_started: false,
             scratch: Vec::new(),
             view: None,
+            frozen_by: None,
         },
         Some(b.clone()),
         Utc::now(),
@@ -401,6 +402,7 @@ fn a_format_1_manifest_is_read_with_its_records_converted_and_left_as_it_was() {
             nbd_server_started: true,
             scratch: Vec::new(),
             view: None,
+            frozen_by: None,
         }
     );
     assert_eq!(loaded.operations[0].files, m.operations[0].files);

@@ -65,6 +65,7 @@ async fn a_repository_of_format_1_is_read_backed_up_into_and_restored() {
             nbd_server_started: true,
             scratch: Vec::new(),
             view: None,
+            frozen_by: None,
         }
     );
 

@@ -140,3 +140,36 @@ async fn a_live_restore_boots_the_guest_while_streaming_and_its_verify_passes() 
         assert!(out.stderr.contains("closed"), "{}", out.stderr);
     }
 }
+
+/// A backup killed while the guest's filesystems are frozen (`--quiesce`) left them frozen for good: nothing
+/// recorded the freeze. The record now names the agent before the freeze, and the next command that finishes
+/// the record (here `cleanup`) thaws them; the guest goes on writing.
+#[tokio::test]
+async fn a_backup_killed_while_the_guest_is_frozen_is_thawed_by_cleanup() {
+    let mut guest = TestGuest::builder().disk(DISK, 128 * MIB).agent().start().await;
+    guest.wait_ready().await;
+    let qga = guest.qga_socket();
+    let repo = TestRepo::init();
+    guest.wait_for_file(2).await;
+    let args = repo.socket_backup_args(
+        &guest.socket(),
+        VM,
+        &["--quiesce", "--qga", qga.to_str().unwrap()],
+    );
+    cli::run_crashing_at(&args, "backup-frozen", CLI_TIMEOUT).assert_crashed_at("backup-frozen");
+    let mut agent = guest.qga().await;
+    assert_eq!(agent.execute("guest-fsfreeze-status", None).await, "frozen");
+    drop(agent);
+    let out = repo
+        .run(
+            VM,
+            &["cleanup", "--socket", guest.socket().to_str().unwrap(), "--json"],
+        )
+        .success();
+    let cleaned: qmpbak_engine::cleanup::CleanupReport = out.report();
+    assert!(cleaned.cleaned.thawed_guest, "{cleaned:?}");
+    let mut agent = guest.qga().await;
+    assert_eq!(agent.execute("guest-fsfreeze-status", None).await, "thawed");
+    let seen = guest.files_written();
+    guest.wait_for_file(seen + 2).await;
+}

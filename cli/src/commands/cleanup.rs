@@ -106,6 +106,9 @@ fn print_text(
         if cleaned.resumed_vm {
             outln!("  resumed the VM the interrupted backup had paused")?;
         }
+        if cleaned.thawed_guest {
+            outln!("  thawed the guest's filesystems the interrupted backup had frozen (--quiesce)")?;
+        }
         if !in_qemu {
             outln!("  (without --socket or --qmp, nothing was removed inside QEMU)")?;
         }

@@ -269,16 +269,31 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// With `--quiesce`, freezes the guest's filesystems for the backup instant (nothing without).
+    /// With `--quiesce`, freezes the guest's filesystems for the backup instant (nothing without). The record
+    /// names the agent first, so that a run killed before its thaw leaves the next command (or `cleanup`) what
+    /// it needs to thaw them ([`crate::recovery`]).
     pub async fn freeze(&mut self) -> Result<()> {
+        if self.agent.is_none() {
+            return Ok(());
+        }
+        self.set_frozen_by(self.opts.qga.clone())?;
         if let Some(agent) = self.agent.as_mut() {
             let n = agent
                 .freeze()
                 .await
                 .context("freezing the guest's filesystems (--quiesce)")?;
             self.progress.phase(&format!("froze {n} guest filesystem(s)"));
+            crashpoint("backup-frozen");
         }
         Ok(())
+    }
+
+    /// Records in the operation record the guest agent through which the guest's filesystems may be frozen.
+    fn set_frozen_by(&mut self, agent: Option<PathBuf>) -> Result<()> {
+        if let chain::Payload::Backup { frozen_by, .. } = &mut self.op.payload {
+            *frozen_by = agent;
+        }
+        self.save_op()
     }
 
     /// Thaws what [`Run::freeze`] froze, trying three times; an error says the guest may still be frozen.
@@ -295,6 +310,7 @@ impl Run<'_> {
                 return Err(anyhow::Error::new(e).context("THE GUEST'S FILESYSTEMS MAY STILL BE FROZEN: thawing failed; run guest-fsfreeze-thaw through the guest agent"));
             }
             self.progress.phase("thawed the guest's filesystems");
+            self.set_frozen_by(None)?;
         }
         Ok(())
     }
@@ -426,6 +442,7 @@ pub async fn backup(
             nbd_server_started: false,
             scratch: Vec::new(),
             view: None,
+            frozen_by: None,
         },
         legacy_note: None,
     };

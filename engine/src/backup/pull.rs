@@ -443,6 +443,7 @@ fn record(run: &mut Run<'_>, scratch: &[PathBuf], view: View) -> Result<()> {
         nbd_server_started: false,
         scratch: scratch.to_vec(),
         view,
+        frozen_by: None,
     };
     run.save_op()
 }
@@ -945,6 +946,7 @@ mod tests {
                 nbd_server_started: true,
                 scratch: Vec::new(),
                 view: None,
+                frozen_by: None,
             },
             Some("0007".parse().unwrap()),
             chrono::Utc::now(),

@@ -49,6 +49,9 @@ pub struct Cleaned {
     /// Whether a VM that an interrupted backup paused was resumed.
     #[serde(skip_serializing_if = "std::ops::Not::not", default)]
     pub resumed_vm: bool,
+    /// Whether the guest's filesystems, which an interrupted backup froze (`--quiesce`), were thawed.
+    #[serde(skip_serializing_if = "std::ops::Not::not", default)]
+    pub thawed_guest: bool,
     /// What could not be undone in QEMU, each with the reason (a device left on a filter, a VM left paused).
     #[serde(skip_serializing_if = "Vec::is_empty", default)]
     pub left_in_qemu: Vec<String>,
@@ -98,6 +101,21 @@ pub async fn undo_in_qemu(
             Ok(resumed) => cleaned.resumed_vm |= resumed,
             Err(e) => cleaned.left_in_qemu.push(format!(
                 "THE VM MAY STILL BE PAUSED: {e:#}; resume it with `cont`"
+            )),
+        }
+    }
+    // Then a guest an interrupted `--quiesce` froze is thawed (its agent answers only while the VM runs).
+    if let Payload::Backup {
+        frozen_by: Some(agent),
+        ..
+    } = &op.payload
+    {
+        match thaw_guest(agent).await {
+            Ok(true) => cleaned.thawed_guest = true,
+            Ok(false) => {}
+            Err(e) => cleaned.left_in_qemu.push(format!(
+                "THE GUEST'S FILESYSTEMS MAY STILL BE FROZEN: {e:#}; thaw them with guest-fsfreeze-thaw through \
+                 the guest agent"
             )),
         }
     }
@@ -164,6 +182,39 @@ pub async fn undo_in_qemu(
             }
         }
     }
+}
+
+/// Thaws the guest's filesystems through the guest agent at `agent`, which the record names as the one a run
+/// froze them through: `Ok(true)` when thawed, `Ok(false)` when no such socket exists any more (the VM it
+/// belonged to is gone, and its guest with it). A record is data from a file: only an absolute path to a
+/// socket is ever connected to.
+async fn thaw_guest(agent: &Path) -> Result<bool> {
+    use std::os::unix::fs::FileTypeExt as _;
+    match std::fs::symlink_metadata(agent) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            tracing::warn!(agent = %agent.display(), "the guest agent an interrupted --quiesce froze the guest through is gone: nothing to thaw");
+            return Ok(false);
+        }
+        Ok(meta) if agent.is_absolute() && meta.file_type().is_socket() => {}
+        _ => anyhow::bail!(
+            "the record names {} as the guest agent, which is not an absolute path to a socket",
+            agent.display()
+        ),
+    }
+    let mut qga = qmp::qga::GuestAgent::connect(agent).await?;
+    let mut thawed = qga.thaw().await;
+    for _ in 0..2 {
+        if thawed.is_ok() {
+            break;
+        }
+        thawed = qga.thaw().await;
+    }
+    let n = thawed?;
+    tracing::info!(
+        filesystems = n,
+        "thawed the guest's filesystems an interrupted backup froze"
+    );
+    Ok(true)
 }
 
 /// The jobs, block nodes and bitmaps of `op`'s record that qmpbak names for chain `chain_id`
@@ -649,6 +700,7 @@ mod tests {
                 nbd_server_started: false,
                 scratch: Vec::new(),
                 view: None,
+                frozen_by: None,
             },
         );
         for op in [&before, &unreadable, &after] {

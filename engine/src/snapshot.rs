@@ -287,8 +287,40 @@ pub async fn snapshot(opts: &SnapshotOptions, progress: &dyn Progress) -> Result
         }
     };
     crate::crashpoint::crashpoint("snapshot-taken");
-    if opts.copy {
-        if let Err(err) = copy_into_repo(&vm, &mut manifest, &node, &bins, repo.settings().block_size).await {
+    // The time point exists in QEMU: it is recorded complete before any copy, so that a copy that fails, is
+    // stopped or killed costs the copy only, never the time point.
+    if let Some(n) = manifest.node_mut(&node) {
+        n.state = NodeState::Complete;
+    }
+    // The disks are the new overlays now, carrying their bitmaps: recorded as the images the bitmaps are on.
+    // Not read: the disks stay unproven, and the next backup takes the safe way.
+    if let Ok(now) = inspect::inspect(&qmp).await {
+        crate::identity::follow(&mut manifest, &info.disks, &now.disks);
+    }
+    manifest.remove_operation(&op.id);
+    // The copy's own record names the files it makes in the node's directory: the next command removes what
+    // a killed copy left ([`recovery::may_delete_in_repo`]: a time point without a copy uses none of them).
+    let copy_op = if opts.copy {
+        let mut copy_op = operation("snapshot", &node, &[]);
+        copy_op.id = format!("snapshot-copy-{node}");
+        for d in &info.disks {
+            copy_op.files.push(RelPath::disk_image(&node, &d.id)?);
+            copy_op.files.push(RelPath::disk_table(&node, &d.id)?);
+        }
+        manifest.add_operation(copy_op.clone());
+        Some(copy_op)
+    } else {
+        None
+    };
+    vm.save(&manifest, &guard)?;
+    let mut stopped = None;
+    if let Some(copy_op) = copy_op {
+        let interrupt = crate::signals::Interrupt::new()?;
+        let copy = copy_into_repo(&vm, &mut manifest, &node, &bins, repo.settings().block_size);
+        if let Err(err) = interrupt
+            .run(copy, "copying the time point into the repository")
+            .await
+        {
             // The time point itself exists in QEMU; record it without the copy and say why.
             progress.warning(&format!(
                 "copying time point {node} into the repository failed: {err:#}"
@@ -300,18 +332,18 @@ pub async fn snapshot(opts: &SnapshotOptions, progress: &dyn Progress) -> Result
                     d.table_sha256 = None;
                 }
             }
+            if crate::exit::classify(&err) == crate::exit::ExitCode::Interrupted {
+                stopped = Some(err.context(format!(
+                    "time point {node} was taken; only its copy into the repository was stopped"
+                )));
+            }
         }
+        manifest.remove_operation(&copy_op.id);
+        vm.save(&manifest, &guard)?;
     }
-    if let Some(n) = manifest.node_mut(&node) {
-        n.state = NodeState::Complete;
+    if let Some(stopped) = stopped {
+        return Err(stopped);
     }
-    // The disks are the new overlays now, carrying their bitmaps: recorded as the images the bitmaps are on.
-    // Not read: the disks stay unproven, and the next backup takes the safe way.
-    if let Ok(now) = inspect::inspect(&qmp).await {
-        crate::identity::follow(&mut manifest, &info.disks, &now.disks);
-    }
-    manifest.remove_operation(&op.id);
-    vm.save(&manifest, &guard)?;
     Ok(SnapshotReport {
         vm: opts.vm.clone(),
         node: node.to_string(),
@@ -422,6 +454,7 @@ async fn copy_into_repo(
         if !encrypted {
             cmd.arg(dst);
         }
+        crate::crashpoint::pause_point("snapshot-copying").await;
         let out = bins.img_output(&mut cmd).await?;
         if !out.status.success() {
             bail!(

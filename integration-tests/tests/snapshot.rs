@@ -346,3 +346,55 @@ async fn a_copied_time_point_still_restores_exactly_after_its_parent_was_committ
     }
     repo.run(VM, &["verify"]).success();
 }
+
+/// A `snapshot --copy` stopped (SIGINT) or killed (SIGKILL) while it copies: the time point is taken and stays
+/// usable (revert works), and no partial copy stays in the repository. Before, one record covered both: the
+/// time point was marked failed (revert and commit refused it) and the partial copy stayed for good.
+#[tokio::test]
+async fn a_stopped_or_killed_copy_costs_the_copy_only() {
+    let vm = TestVm::start(&[("disk0", 32 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    for (i, signal) in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGKILL,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        vm.write_pattern("disk0", 0x60 + i as u8, 0, 2 * MIB).await;
+        let reference = refs.path().join(format!("at-{signal}.qcow2"));
+        vm.capture_reference("disk0", &reference).await;
+        let paused = cli::run_paused_at(
+            &args(&repo, &vm, &["snapshot", "--copy"]),
+            "snapshot-copying",
+            &[],
+            None,
+        );
+        paused.signal(signal);
+        let out = paused.finish();
+        if signal == nix::sys::signal::Signal::SIGINT {
+            assert_eq!(out.code(), Some(130), "{out:?}");
+            assert!(out.stderr.contains("only its copy"), "{out:?}");
+        } else {
+            run(&args(&repo, &vm, &["cleanup"]));
+        }
+        let manifest = repo.manifest(VM);
+        assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+        let node = manifest.nodes.last().unwrap().clone();
+        assert_eq!(node.state, chain::NodeState::Complete, "{signal}: {node:?}");
+        assert!(node.disks.iter().all(|d| d.table.is_none()), "{node:?}");
+        assert!(
+            !repo.vm_dir(VM).join(node.id.as_str()).exists(),
+            "{signal}: a partial copy stays"
+        );
+        vm.write_pattern("disk0", 0x7f, 0, 4 * MIB).await;
+        let reverted: RevertReport = cli::run_owned(&args(&repo, &vm, &["revert", node.id.as_str()]))
+            .success()
+            .report();
+        assert_eq!(reverted.node, node.id.as_str(), "{reverted:?}");
+        let now = refs.path().join(format!("reverted-{signal}.qcow2"));
+        vm.capture_reference("disk0", &now).await;
+        image::assert_same(&reference, &now);
+    }
+}

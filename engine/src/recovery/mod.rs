@@ -347,8 +347,12 @@ pub fn may_delete_in_repo(manifest: &Manifest, op: &Operation, file: &RelPath) -
         .nodes
         .iter()
         .filter(|n| !(Some(&n.id) == op.node.as_ref() && n.state != NodeState::Complete))
-        .flat_map(|n| &n.disks)
-        .any(|d| d.file == *file || d.table.as_ref() == Some(file))
+        .flat_map(|n| n.disks.iter().map(move |d| (n, d)))
+        .any(|(n, d)| {
+            // A time point's disk has a file in the repository only when it was copied there (with a table).
+            let file_used = n.kind != chain::NodeKind::Snapshot || d.table.is_some();
+            (file_used && d.file == *file) || d.table.as_ref() == Some(file)
+        })
 }
 
 /// Why a file that `op`'s record names outside the repository may not be deleted (`None`: it may). It must be

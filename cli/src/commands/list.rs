@@ -36,7 +36,8 @@ pub fn run(args: &Args) -> Result<()> {
     };
     let repo = chain::Repository::open(parent)?;
     let vm = repo.vm(&name.to_string_lossy())?;
-    let _guard = vm.lock_shared(args.lock.lock_wait())?;
+    // The manifest is replaced whole (written aside, renamed): read without the lock, it is the one last saved,
+    // also while a backup holds the lock for a long time.
     let manifest = vm.load()?;
     if args.json {
         outln!(

@@ -20,7 +20,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     let (_repo, vm) = args.target.open()?;
-    let _guard = vm.lock_shared(args.target.lock.lock_wait())?;
+    // Read without the lock, as `list` does: the manifest is replaced whole.
     let manifest = vm.load()?;
     let Some(node) = manifest.find(&args.node) else {
         bail!(Exit::usage(render::not_found(&manifest, &args.node)));

@@ -99,6 +99,7 @@ pub async fn commit(opts: &CommitOptions, progress: &dyn Progress) -> Result<Com
 
     let mut committed = 0;
     for i in 0..files.len() {
+        crate::crashpoint::pause_point("commit-disk").await;
         let done = finish::commit_disk(&qmp, &info, &chain_id, &record, i).await;
         match done {
             Ok(()) => committed += 1,

@@ -398,3 +398,32 @@ async fn a_stopped_or_killed_copy_costs_the_copy_only() {
         image::assert_same(&reference, &now);
     }
 }
+
+/// SIGTERM (or SIGINT, SIGHUP) to a `commit`: its block jobs cannot be undone halfway, so it finishes first and
+/// then exits 130, saying so; nothing is left for the next command. It used to die of the signal (exit 143)
+/// with its record left behind.
+#[tokio::test]
+async fn a_commit_given_a_signal_finishes_first_and_exits_130() {
+    let vm = TestVm::start(&[("disk0", 32 * MIB)]).await;
+    let repo = TestRepo::init();
+    let refs = tempfile::tempdir().unwrap();
+    for (i, tag) in ["a", "b"].iter().enumerate() {
+        vm.write_pattern("disk0", 0x21 + i as u8, i as u64 * MIB, 2 * MIB)
+            .await;
+        snapshot(&args(&repo, &vm, &["snapshot", "--tag", tag]));
+    }
+    let live = refs.path().join("live.qcow2");
+    vm.capture_reference("disk0", &live).await;
+    let paused = cli::run_paused_at(&args(&repo, &vm, &["commit", "b"]), "commit-disk", &[], None);
+    paused.signal(nix::sys::signal::Signal::SIGTERM);
+    paused.signal(nix::sys::signal::Signal::SIGUSR1);
+    let out = paused.finish();
+    assert_eq!(out.code(), Some(130), "{out:?}");
+    assert!(out.stderr.contains("was finished first"), "{out:?}");
+    let manifest = repo.manifest(VM);
+    assert!(manifest.operations.is_empty(), "{:?}", manifest.operations);
+    assert!(manifest.find("a").is_none(), "a was not committed away");
+    let now = refs.path().join("now.qcow2");
+    vm.capture_reference("disk0", &now).await;
+    image::assert_same(&live, &now);
+}

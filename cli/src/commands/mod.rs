@@ -121,25 +121,56 @@ impl Command {
     async fn dispatch(self) -> anyhow::Result<()> {
         match self {
             Command::Backup(args) => backup::run(args).await,
-            Command::Cleanup(args) => cleanup::run(args).await,
-            Command::Commit(args) => snapshot::commit(args).await,
+            Command::Cleanup(args) => finished_first("cleanup", cleanup::run(args)).await,
+            Command::Commit(args) => finished_first("commit", snapshot::commit(args)).await,
             Command::Completions(args) => completions::run(&args, Cli::command()),
             Command::Info(args) => info::run(args).await,
             Command::Init(args) => init::run(&args).await,
             Command::List(args) => list::run(&args),
             Command::Man(args) => completions::man(&args, Cli::command()),
             Command::Merge(args) => prune::merge(args).await,
-            Command::Mount(args) => mount::run(args).await,
+            Command::Mount(args) => finished_first("mount", mount::run(args)).await,
             Command::Policy(args) => policy::run(&args),
             Command::Prune(args) => prune::run(&args).await,
             Command::Qmp(args) => qmp::run(args).await,
             Command::Restore(args) => restore::run(args).await,
-            Command::Revert(args) => snapshot::revert(args).await,
+            Command::Revert(args) => finished_first("revert", snapshot::revert(args)).await,
             Command::Show(args) => show::run(&args),
-            Command::Snapshot(args) => snapshot::run(args).await,
-            Command::Umount(args) => mount::umount(&args).await,
+            Command::Snapshot(args) => finished_first("snapshot", snapshot::run(args)).await,
+            Command::Umount(args) => finished_first("umount", mount::umount(&args)).await,
             Command::Verify(args) => verify::run(args).await,
         }
+    }
+}
+
+/// Runs a command that finishes what it started before it reacts to SIGINT, SIGTERM or SIGHUP: the short
+/// ones (a snapshot, a revert, a mount, a cleanup), and a commit, whose block jobs cannot be undone halfway.
+/// Killed outright by the signal, as they were, they left a record for the next command to finish, and exited
+/// as killed. Now a signal is noted at once, the work is finished, and the command exits 130 (saying that it
+/// finished), unless it failed on its own. A `snapshot --copy` stops its copy at once (the time point is taken
+/// by then). SIGKILL still stops any of them at once; the next command finishes what its record names.
+async fn finished_first(
+    what: &str,
+    work: impl std::future::Future<Output = anyhow::Result<()>>,
+) -> anyhow::Result<()> {
+    let interrupt = qmpbak_engine::signals::Interrupt::new()?;
+    tokio::pin!(work);
+    let result = tokio::select! {
+        result = &mut work => result,
+        () = interrupt.wait() => {
+            out::write_err(format_args!(
+                "qmpbak: {what}: interrupted; finishing what it started first (SIGKILL stops it at once)"
+            ));
+            work.await
+        }
+    };
+    match result {
+        Ok(()) if interrupt.arrived().await => Err(qmpbak_engine::exit::Exit::new(
+            qmpbak_engine::exit::ExitCode::Interrupted,
+            format!("interrupted: the {what} was finished first, and is complete"),
+        )
+        .into()),
+        other => other,
     }
 }
 

@@ -111,7 +111,7 @@ impl Command {
     /// Runs the command. Output into a pipe whose reader has gone ends the process here, quietly, with
     /// [`out::BROKEN_PIPE_EXIT`], once the command has let go of everything it held.
     pub async fn run(self) -> anyhow::Result<()> {
-        let result = self.dispatch().await;
+        let result = Box::pin(self.dispatch()).await;
         match result {
             Err(err) if out::is_broken_pipe(&err) => std::process::exit(out::BROKEN_PIPE_EXIT),
             other => other,
@@ -121,23 +121,23 @@ impl Command {
     async fn dispatch(self) -> anyhow::Result<()> {
         match self {
             Command::Backup(args) => backup::run(args).await,
-            Command::Cleanup(args) => finished_first("cleanup", cleanup::run(args)).await,
-            Command::Commit(args) => finished_first("commit", snapshot::commit(args)).await,
+            Command::Cleanup(args) => finished_first("cleanup", Box::pin(cleanup::run(args))).await,
+            Command::Commit(args) => finished_first("commit", Box::pin(snapshot::commit(args))).await,
             Command::Completions(args) => completions::run(&args, Cli::command()),
             Command::Info(args) => info::run(args).await,
             Command::Init(args) => init::run(&args).await,
             Command::List(args) => list::run(&args),
             Command::Man(args) => completions::man(&args, Cli::command()),
             Command::Merge(args) => prune::merge(args).await,
-            Command::Mount(args) => finished_first("mount", mount::run(args)).await,
+            Command::Mount(args) => finished_first("mount", Box::pin(mount::run(args))).await,
             Command::Policy(args) => policy::run(&args),
             Command::Prune(args) => prune::run(&args).await,
             Command::Qmp(args) => qmp::run(args).await,
             Command::Restore(args) => restore::run(args).await,
-            Command::Revert(args) => finished_first("revert", snapshot::revert(args)).await,
+            Command::Revert(args) => finished_first("revert", Box::pin(snapshot::revert(args))).await,
             Command::Show(args) => show::run(&args),
-            Command::Snapshot(args) => finished_first("snapshot", snapshot::run(args)).await,
-            Command::Umount(args) => finished_first("umount", mount::umount(&args)).await,
+            Command::Snapshot(args) => finished_first("snapshot", Box::pin(snapshot::run(args))).await,
+            Command::Umount(args) => finished_first("umount", Box::pin(mount::umount(&args))).await,
             Command::Verify(args) => verify::run(args).await,
         }
     }

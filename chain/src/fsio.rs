@@ -137,9 +137,46 @@ pub fn remove_stale_temps(dir: &Path, file_name: &str) -> Result<()> {
     Ok(())
 }
 
-/// Reads a whole file; a missing one is `Ok(None)`.
+/// The most a manifest may hold: 256 MiB, some 300 000 nodes (a 10 000-node manifest is 8 MiB).
+pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
+/// The most a small record (settings, a lock's holder) may hold.
+pub const MAX_SMALL_FILE_BYTES: u64 = 1 << 20;
+
+/// Reads a whole regular file of at most `limit` bytes. The file is data a repository holds, so it is checked
+/// before it sizes anything: a FIFO would stall the read and a device (`/dev/zero` behind a symlink) never
+/// end it, so anything but a regular file is `InvalidInput`; a larger file is `InvalidData`, unread.
+pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
+    }
+    if meta.len() > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} bytes, more than the {limit} such a file may hold", meta.len()),
+        ));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    // It may grow while read: never past the limit.
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes)?;
+    if bytes.len() as u64 > limit {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("more than the {limit} bytes such a file may hold"),
+        ));
+    }
+    Ok(bytes)
+}
+
+/// Reads a whole manifest-sized file ([`read_bounded`], [`MAX_MANIFEST_BYTES`]); a missing one is `Ok(None)`.
 pub fn read_optional(path: &Path) -> Result<Option<Vec<u8>>> {
-    match fs::read(path) {
+    match read_bounded(path, MAX_MANIFEST_BYTES) {
         Ok(bytes) => Ok(Some(bytes)),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(Error::Io {
@@ -163,6 +200,38 @@ pub fn allocated(meta: &fs::Metadata) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A manifest, settings file or holder record that a tampered repository made a FIFO, a link to a device or a
+    /// huge file is refused at once: a FIFO stalled every command, `/dev/zero` read until memory ran out.
+    #[test]
+    fn only_a_regular_file_within_its_limit_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("manifest.json");
+        nix::unistd::mkfifo(
+            &fifo,
+            nix::sys::stat::Mode::S_IRUSR | nix::sys::stat::Mode::S_IWUSR,
+        )
+        .unwrap();
+        assert_eq!(
+            read_bounded(&fifo, 10).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        let zero = dir.path().join("zero.json");
+        std::os::unix::fs::symlink("/dev/zero", &zero).unwrap();
+        assert_eq!(
+            read_bounded(&zero, 10).unwrap_err().kind(),
+            io::ErrorKind::InvalidInput
+        );
+        assert!(read_optional(&zero).is_err());
+        let big = dir.path().join("big.json");
+        fs::write(&big, vec![b' '; 11]).unwrap();
+        assert_eq!(
+            read_bounded(&big, 10).unwrap_err().kind(),
+            io::ErrorKind::InvalidData
+        );
+        assert_eq!(read_bounded(&big, 11).unwrap().len(), 11);
+        assert_eq!(read_optional(&dir.path().join("missing")).unwrap(), None);
+    }
 
     #[test]
     fn atomic_write_replaces_and_is_private() {

@@ -46,6 +46,6 @@ pub fn holder_path(lock: &Path) -> PathBuf {
 
 /// Reads the holder record, if there is a readable one.
 pub fn read_holder(lock: &Path) -> Option<LockHolder> {
-    let bytes = std::fs::read(holder_path(lock)).ok()?;
+    let bytes = crate::fsio::read_bounded(&holder_path(lock), crate::fsio::MAX_SMALL_FILE_BYTES).ok()?;
     serde_json::from_slice(&bytes).ok()
 }

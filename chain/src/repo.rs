@@ -180,7 +180,7 @@ impl Repository {
             other => other,
         })?;
         let settings_path = path.join(SETTINGS_FILE);
-        let bytes = match fs::read(&settings_path) {
+        let bytes = match crate::fsio::read_bounded(&settings_path, crate::fsio::MAX_SMALL_FILE_BYTES) {
             Ok(bytes) => bytes,
             Err(e) if matches!(e.kind(), io::ErrorKind::NotFound | io::ErrorKind::NotADirectory) => {
                 return Err(Error::NotARepository {

@@ -107,8 +107,12 @@ pub fn plan(requested: Requested, chain: &ChainFacts, disks: &[DiskFacts]) -> Re
         Requested::Differential => "differential",
     };
     let (Some(current), Some(last_full)) = (&chain.current, &chain.last_full) else {
-        return match requested {
-            Requested::Auto => Ok(full("first backup of this VM".into())),
+        return match (requested, &chain.current) {
+            (Requested::Auto, None) => Ok(full("first backup of this VM".into())),
+            (Requested::Auto, Some(current)) => Ok(full(format!(
+                "the current node {current} has no full backup above it (a time point the VM was reverted to, \
+                 say)"
+            ))),
             _ => Err(PlanError::NoBase(level_name)),
         };
     };
@@ -197,23 +201,28 @@ pub fn plan(requested: Requested, chain: &ChainFacts, disks: &[DiskFacts]) -> Re
 fn disks_changed(disks: &[DiskFacts]) -> Option<String> {
     let mut why = Vec::new();
     for disk in disks {
-        match disk.size_in_base {
-            None => why.push(format!("disk {} is not in the previous backup", disk.id)),
-            Some(old) if old != disk.size_now => {
+        // Another image says most (a wrong --socket or --vm, say), whatever its size.
+        match (disk.size_in_base, &disk.image_changed) {
+            (None, _) => why.push(format!("disk {} is not in the previous backup", disk.id)),
+            (Some(_), Some(change)) => why.push(format!(
+                "{change}, so its bitmaps and checking tables may be another disk's"
+            )),
+            (Some(old), None) if old != disk.size_now => {
                 let verb = if disk.size_now > old { "grew" } else { "shrank" };
                 why.push(format!(
                     "disk {} {verb} from {old} to {} bytes",
                     disk.id, disk.size_now
                 ));
             }
-            Some(_) => {
-                if let Some(change) = &disk.image_changed {
-                    why.push(format!(
-                        "{change}, so its bitmaps and checking tables may be another disk's"
-                    ));
-                }
-            }
+            (Some(_), None) => {}
         }
+    }
+    if !disks.is_empty() && disks.iter().all(|d| d.image_changed.is_some()) {
+        why.push(
+            "every disk is another image than at the last backup: if this is not the same VM, check --socket \
+             (or --qmp) and --vm"
+                .to_owned(),
+        );
     }
     (!why.is_empty()).then(|| why.join("; "))
 }
@@ -367,6 +376,34 @@ mod tests {
                 Err(PlanError::DisksChanged { .. })
             ));
         }
+    }
+
+    #[test]
+    fn another_image_is_named_before_its_size_and_all_of_them_suggest_the_wrong_vm() {
+        let mut other = disk("virtio0");
+        other.image_changed = Some("disk virtio0 is image /b, not /a".into());
+        other.size_now = 2 << 30;
+        let p = plan(Requested::Auto, &chain(), &[other.clone(), disk("virtio1")]).unwrap();
+        assert!(p.reason.contains("is image /b, not /a"), "{}", p.reason);
+        assert!(!p.reason.contains("grew"), "{}", p.reason);
+        assert!(!p.reason.contains("--socket"), "{}", p.reason);
+        let p = plan(Requested::Auto, &chain(), &[other]).unwrap();
+        assert!(p.reason.contains("check --socket"), "{}", p.reason);
+    }
+
+    #[test]
+    fn a_current_node_without_a_full_above_it_is_said_so() {
+        let reverted = ChainFacts {
+            current: Some("0004".into()),
+            ..ChainFacts::default()
+        };
+        let p = plan(Requested::Auto, &reverted, &[disk("a")]).unwrap();
+        assert_eq!(p.method, Method::Full);
+        assert!(
+            p.reason.contains("0004 has no full backup above it"),
+            "{}",
+            p.reason
+        );
     }
 
     #[test]

@@ -119,6 +119,8 @@ pub fn command(program: &Path) -> tokio::process::Command {
     // first finishes the streams its server feeds; killed with the rest, the server left the guest with read
     // errors and qmpbak waiting).
     cmd.process_group(0);
+    // No child reads the terminal: in a process group of its own it would be stopped (SIGTTIN) if it tried.
+    cmd.stdin(std::process::Stdio::null());
     die_with_parent(&mut cmd);
     scrub_env(&mut cmd);
     // Not `kill_on_drop`: an [`Owned`] child is killed and reaped by its own drop, and a second kill by pid

@@ -85,6 +85,11 @@ pub struct ChainServer {
 }
 
 impl ChainServer {
+    /// Whether the daemon is gone (its monitor closed): it crashed, or was killed.
+    pub fn exited(&self) -> bool {
+        self.daemon.qmp().is_closed()
+    }
+
     /// Starts a daemon listening on `addr` (TLS per `creds`) and exports disk `disks[i]`'s chain of `node` as
     /// [`export_name`]`(…, i)`.
     pub async fn start(

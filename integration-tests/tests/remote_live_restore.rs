@@ -569,3 +569,80 @@ async fn remote_live_restore_of_an_encrypted_repository() {
     assert_restored(&vm, &exp).await;
     assert!(repo.manifest(VM).operations.is_empty());
 }
+
+/// The pids of the running processes whose parent is `parent` and whose command line holds `needle`.
+fn children_named(parent: u32, needle: &str) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains(needle)
+        })
+        .collect()
+}
+
+/// The server of a live restore across hosts dies while streaming (killed, crashed): the restore fails at once
+/// and says how to finish (it waited 300 s for a stream that could make no progress), its record stays, and
+/// `cleanup` with the server credentials serves the chain again and finishes exactly.
+#[tokio::test(flavor = "multi_thread")]
+async fn remote_live_restore_whose_server_dies_fails_at_once_and_cleanup_finishes() {
+    let pki = TestPki::loopback();
+    let (repo, _full, inc) = backed_up().await;
+    let work = tempfile::tempdir().unwrap();
+    let exp = expected(&repo, &inc, work.path(), &[]);
+    let port = free_port();
+    let qmp_url = format!("tls://127.0.0.1:{port}");
+    let vm = target_vm("127.0.0.1", port, &pki, "client", None).await;
+    let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
+    let args = live_args(
+        &repo,
+        &inc,
+        &qmp_url,
+        &pki,
+        &[
+            "--serve-tls-dir",
+            &s(&pki.path("server")),
+            "--speed-limit",
+            &(4 * MIB).to_string(),
+            "--reconnect-delay",
+            "2",
+        ],
+    );
+    let child = Host::Here.spawn(&args, &[]);
+    stream_started(&mut events).await;
+    let servers = children_named(child.id(), "qemu-storage-daemon");
+    assert_eq!(servers.len(), 1, "the chain's server: {servers:?}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(servers[0]),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    let out = tokio::task::block_in_place(|| cli::wait(child, CLI_CRASH_TIMEOUT));
+    assert_eq!(out.code(), Some(1), "{out:?}");
+    assert!(out.stderr.contains("server of the chain exited"), "{out:?}");
+    assert_eq!(repo.manifest(VM).operations.len(), 1);
+    let cleanup = repo.vm_args(
+        VM,
+        &[
+            "cleanup",
+            "--qmp",
+            &qmp_url,
+            "--tls-dir",
+            &s(&pki.path("client")),
+            "--serve-tls-dir",
+            &s(&pki.path("server")),
+            "--json",
+        ],
+    );
+    let done = tokio::task::block_in_place(|| Host::Here.run(&cleanup))
+        .success()
+        .report::<CleanupReport>();
+    assert_eq!(done.cleaned.operations.len(), 1, "{done:?}");
+    assert!(repo.manifest(VM).operations.is_empty());
+    assert_restored(&vm, &exp).await;
+}

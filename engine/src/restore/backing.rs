@@ -50,6 +50,9 @@ pub struct ServedOptions {
 }
 
 /// The decided backing of one run.
+/// How often a served live restore checks that its server still runs.
+const SERVER_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
+
 pub(super) enum Backing {
     Local,
     Served {
@@ -247,6 +250,21 @@ impl Backing {
     /// and the server must outlive them).
     pub(super) fn is_served(&self) -> bool {
         matches!(self, Backing::Served { .. })
+    }
+
+    /// Resolves if this host's server of the chain exits (never for a local chain): the VM's reads of the
+    /// blocks not streamed yet fail from then on.
+    pub(super) async fn server_exited(&self) {
+        let Backing::Served {
+            server: Some(server), ..
+        } = self
+        else {
+            return std::future::pending().await;
+        };
+        let mut every = tokio::time::interval(SERVER_CHECK_EVERY);
+        while !server.exited() {
+            every.tick().await;
+        }
     }
 
     /// Removes what [`Self::attach`] added, before any disk uses it; errors are ignored (things may be gone).

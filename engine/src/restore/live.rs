@@ -323,6 +323,14 @@ pub async fn restore_live(
     let mut interrupted = false;
     tokio::select! {
         result = &mut finish => result?,
+        () = backing.server_exited() => {
+            // The record stays: cleanup serves the chain again and finishes.
+            bail!(Exit::new(ExitCode::Failure, format!(
+                "this host's NBD server of the chain exited while the VM still reads from it: its reads of the \
+                 blocks not streamed yet fail until `qmpbak cleanup --qmp {} --repo {} --vm {} --serve-tls-dir …` \
+                 (or --insecure-plaintext) on this host serves the chain again and finishes the restore",
+                opts.qmp, opts.repo.display(), opts.vm)));
+        }
         () = interrupt.wait() => {
             if !backing.is_served() {
                 return Err(Exit::new(ExitCode::Interrupted, format!(

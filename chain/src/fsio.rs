@@ -142,20 +142,27 @@ pub const MAX_MANIFEST_BYTES: u64 = 256 << 20;
 /// The most a small record (settings, a lock's holder) may hold.
 pub const MAX_SMALL_FILE_BYTES: u64 = 1 << 20;
 
-/// Reads a whole regular file of at most `limit` bytes. The file is data a repository holds, so it is checked
-/// before it sizes anything: a FIFO would stall the read and a device (`/dev/zero` behind a symlink) never
-/// end it, so anything but a regular file is `InvalidInput`; a larger file is `InvalidData`, unread.
-pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
-    use std::io::Read as _;
+/// Opens `path` for reading only if it is a regular file (after symlinks), else `InvalidInput`: the open
+/// itself never waits (`O_NONBLOCK`: a FIFO with no writer) nor takes a terminal (`O_NOCTTY`).
+pub fn open_regular(path: &Path) -> io::Result<File> {
     use std::os::unix::fs::OpenOptionsExt as _;
     let file = fs::OpenOptions::new()
         .read(true)
         .custom_flags(nix::libc::O_NONBLOCK | nix::libc::O_NOCTTY)
         .open(path)?;
-    let meta = file.metadata()?;
-    if !meta.is_file() {
+    if !file.metadata()?.is_file() {
         return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a regular file"));
     }
+    Ok(file)
+}
+
+/// Reads a whole regular file of at most `limit` bytes. The file is data a repository holds, so it is checked
+/// before it sizes anything: a FIFO would stall the read and a device (`/dev/zero` behind a symlink) never
+/// end it, so anything but a regular file is `InvalidInput`; a larger file is `InvalidData`, unread.
+pub fn read_bounded(path: &Path, limit: u64) -> io::Result<Vec<u8>> {
+    use std::io::Read as _;
+    let file = open_regular(path)?;
+    let meta = file.metadata()?;
     if meta.len() > limit {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,

@@ -33,23 +33,19 @@ pub fn allocated_bytes(path: &std::path::Path) -> Result<u64> {
 /// never writes one. `None` also when the file is missing or too short to tell: opening it reports that.
 pub fn header_problem(path: &std::path::Path) -> Option<String> {
     use std::io::Read as _;
-    use std::os::unix::fs::OpenOptionsExt as _;
     /// qcow2's magic, `QFI\xfb`.
     const MAGIC: [u8; 4] = *b"QFI\xfb";
     /// The version 3 header's `incompatible_features` field: 8 bytes, big-endian, at this offset.
     const INCOMPATIBLE_AT: usize = 72;
     /// The incompatible feature bit of an external data file.
     const EXTERNAL_DATA_FILE: u64 = 1 << 2;
-    let Ok(mut file) = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-    else {
-        return None;
+    let mut file = match chain::fsio::open_regular(path) {
+        Ok(file) => file,
+        Err(e) if e.kind() == std::io::ErrorKind::InvalidInput => {
+            return Some(format!("{} is not a regular file", path.display()));
+        }
+        Err(_) => return None,
     };
-    if !file.metadata().is_ok_and(|m| m.is_file()) {
-        return Some(format!("{} is not a regular file", path.display()));
-    }
     let mut header = [0u8; INCOMPATIBLE_AT + 8];
     if file.read_exact(&mut header).is_err() || header[..4] != MAGIC {
         return None;

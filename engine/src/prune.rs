@@ -586,18 +586,17 @@ async fn repair_header(bins: &QemuBins, path: &Path, backing: Option<&RelPath>) 
     };
     if crate::crypt::unlock::active().is_some() {
         // An encrypted file opens only with its key: named by a `json:` description, not a path.
-        cmd.args(crate::crypt::unlock::qemu_img_args()).arg(format!(
-            "json:{}",
-            encrypted_image_spec(path, &serde_json::Value::Null)
-        ));
+        cmd.args(crate::crypt::unlock::qemu_img_args())
+            .arg(format!("json:{}", image_spec(path, &serde_json::Value::Null)));
     } else {
         cmd.args(["-f", "qcow2"]).arg(path);
     }
     run_img(&mut cmd, bins, path).await
 }
 
-/// The `json:` description of the encrypted qcow2 at `path` (writable) over `backing` (a chain spec or null).
-fn encrypted_image_spec(path: &Path, backing: &serde_json::Value) -> serde_json::Value {
+/// The `json:` description of the qcow2 at `path` (writable) over `backing` (a chain spec or null), with the
+/// repository key's options when one is unlocked.
+fn image_spec(path: &Path, backing: &serde_json::Value) -> serde_json::Value {
     let mut spec = serde_json::json!({
         "driver": "qcow2",
         "file": { "driver": "file", "filename": path },
@@ -624,10 +623,7 @@ pub(crate) async fn rebase(bins: &QemuBins, files: &[PathBuf], backing: Option<&
         bail!("a rebase needs the image and the layer it absorbs");
     };
     let new = &old[..old.len() - 1];
-    let image = format!(
-        "json:{}",
-        encrypted_image_spec(path, &crate::direct::chain_spec(old))
-    );
+    let image = format!("json:{}", image_spec(path, &crate::direct::chain_spec(old)));
     let mut cmd = bins.img_command();
     cmd.args(["rebase", "-q"])
         .args(crate::crypt::unlock::qemu_img_args());

@@ -85,9 +85,9 @@ pub struct ChainServer {
 }
 
 impl ChainServer {
-    /// Whether the daemon is gone (its monitor closed): it crashed, or was killed.
-    pub fn exited(&self) -> bool {
-        self.daemon.qmp().is_closed()
+    /// Resolves once the daemon is gone (its monitor closed): it crashed, or was killed.
+    pub async fn exited(&self) {
+        self.daemon.qmp().closed().await;
     }
 
     /// Starts a daemon listening on `addr` (TLS per `creds`) and exports disk `disks[i]`'s chain of `node` as

@@ -763,28 +763,6 @@ async fn a_time_point_of_an_encrypted_disk_is_refused_and_no_new_write_lands_in_
     assert!(vm.running().await);
 }
 
-/// The pids of the live children of process `pid`.
-fn children_of(pid: i32) -> Vec<i32> {
-    let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Some(child) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid …: comm may hold spaces, so split after its closing parenthesis.
-        let Some((_, rest)) = stat.rsplit_once(')') else {
-            continue;
-        };
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        if fields.first() != Some(&"Z") && fields.get(1).and_then(|p| p.parse().ok()) == Some(pid) {
-            out.push(child);
-        }
-    }
-    out
-}
-
 #[tokio::test]
 async fn the_key_from_the_environment_is_not_inherited_by_qemu_children() {
     let vm = TestVm::start(&[("disk0", 16 * MIB)]).await;
@@ -799,7 +777,7 @@ async fn the_key_from_the_environment_is_not_inherited_by_qemu_children() {
         let args = er.repo.vm_args("vm1", &[&["verify"], extra].concat());
         let paused = cli::run_paused_at(&args, "verify-reading", &[(var, Path::new(key))], None);
         // The qemu-storage-daemon serving the verify runs now.
-        let children = children_of(paused.pid());
+        let children = cli::children_of(paused.pid());
         let mut seen = 0;
         for child in &children {
             let Ok(environ) = std::fs::read(format!("/proc/{child}/environ")) else {
@@ -1004,7 +982,7 @@ async fn an_encrypted_node_mounts_as_an_image_with_the_key_and_not_without() {
     // The daemon that serves the mount after qmpbak is gone keeps no descriptor that reads as the key: it read
     // the key once from a pipe (it kept the key's memory file open, which other processes of the user could
     // open through /proc/PID/fd).
-    let daemons = processes_naming(&img);
+    let daemons = cli::processes_mentioning(img.to_str().unwrap());
     assert_eq!(daemons.len(), 1, "the export's daemon: {daemons:?}");
     let secret = er.passphrase();
     for fd in std::fs::read_dir(format!("/proc/{}/fd", daemons[0])).unwrap() {
@@ -1031,19 +1009,6 @@ async fn an_encrypted_node_mounts_as_an_image_with_the_key_and_not_without() {
         before,
         "mount changed the repository"
     );
-}
-
-/// The pids of the processes whose command line names `path`.
-fn processes_naming(path: &Path) -> Vec<u32> {
-    let needle = path.to_str().unwrap();
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| {
-            std::fs::read(format!("/proc/{pid}/cmdline"))
-                .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
-        })
-        .collect()
 }
 
 /// The files below `dir` (not following links) whose bytes are exactly `secret`.

@@ -218,6 +218,42 @@ async fn remote_live_restore_killed_before_streaming_is_finished_by_cleanup() {
     check_killed_at("restore-attached", false).await;
 }
 
+/// The arguments of a live restore of `node` into the VM at `qmp_url`, served with the server credentials,
+/// streaming at `speed` bytes per second, the VM reconnecting 2 s after a lost server.
+fn slow_served_args(repo: &TestRepo, node: &str, qmp_url: &str, pki: &TestPki, speed: u64) -> Vec<String> {
+    live_args(
+        repo,
+        node,
+        qmp_url,
+        pki,
+        &[
+            "--serve-tls-dir",
+            &s(&pki.path("server")),
+            "--speed-limit",
+            &speed.to_string(),
+            "--reconnect-delay",
+            "2",
+        ],
+    )
+}
+
+/// `qmpbak cleanup --qmp URL --tls-dir CLIENT --json EXTRA…` of the VM at `qmp_url`.
+fn cleanup_at(repo: &TestRepo, qmp_url: &str, pki: &TestPki, extra: &[&str]) -> Output {
+    let mut a = repo.vm_args(
+        VM,
+        &[
+            "cleanup",
+            "--qmp",
+            qmp_url,
+            "--tls-dir",
+            &s(&pki.path("client")),
+            "--json",
+        ],
+    );
+    a.extend(extra.iter().map(|e| (*e).to_owned()));
+    tokio::task::block_in_place(|| Host::Here.run(&a))
+}
+
 async fn check_killed_at(point: &str, running: bool) {
     let pki = TestPki::new(&[IpAddr::V4(Ipv4Addr::LOCALHOST)]);
     let (repo, _full, inc) = backed_up().await;
@@ -226,20 +262,7 @@ async fn check_killed_at(point: &str, running: bool) {
     let port = free_port();
     let qmp_url = format!("tls://127.0.0.1:{port}");
     let vm = target_vm("127.0.0.1", port, &pki, "client", None).await;
-    let args = live_args(
-        &repo,
-        &inc,
-        &qmp_url,
-        &pki,
-        &[
-            "--serve-tls-dir",
-            &s(&pki.path("server")),
-            "--speed-limit",
-            &(2 * MIB).to_string(),
-            "--reconnect-delay",
-            "2",
-        ],
-    );
+    let args = slow_served_args(&repo, &inc, &qmp_url, &pki, 2 * MIB);
     let out = tokio::task::block_in_place(|| cli::run_crashing_at(&args, point, CLI_CRASH_TIMEOUT));
     out.assert_crashed_at(point);
     assert_eq!(
@@ -256,21 +279,7 @@ async fn check_killed_at(point: &str, running: bool) {
         }
         other => panic!("not a served live restore: {other:?}"),
     }
-    let cleanup = |extra: &[&str]| {
-        let mut a = repo.vm_args(
-            VM,
-            &[
-                "cleanup",
-                "--qmp",
-                &qmp_url,
-                "--tls-dir",
-                &s(&pki.path("client")),
-                "--json",
-            ],
-        );
-        a.extend(extra.iter().map(|e| (*e).to_owned()));
-        tokio::task::block_in_place(|| Host::Here.run(&a))
-    };
+    let cleanup = |extra: &[&str]| cleanup_at(&repo, &qmp_url, &pki, extra);
     // Without the server's credentials the record stays, and says how to finish it.
     let pending = cleanup(&[]);
     assert_eq!(pending.code(), Some(2), "{pending:?}");
@@ -570,22 +579,6 @@ async fn remote_live_restore_of_an_encrypted_repository() {
     assert!(repo.manifest(VM).operations.is_empty());
 }
 
-/// The pids of the running processes whose parent is `parent` and whose command line holds `needle`.
-fn children_named(parent: u32, needle: &str) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .unwrap()
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-            let ppid = stat
-                .rsplit_once(')')
-                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<u32>().ok());
-            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            ppid == Some(parent) && String::from_utf8_lossy(&cmdline).contains(needle)
-        })
-        .collect()
-}
-
 /// The server of a live restore across hosts dies while streaming (killed, crashed): the restore fails at once
 /// and says how to finish (it waited 300 s for a stream that could make no progress), its record stays, and
 /// `cleanup` with the server credentials serves the chain again and finishes exactly.
@@ -599,23 +592,14 @@ async fn remote_live_restore_whose_server_dies_fails_at_once_and_cleanup_finishe
     let qmp_url = format!("tls://127.0.0.1:{port}");
     let vm = target_vm("127.0.0.1", port, &pki, "client", None).await;
     let mut events = vm.qmp().subscribe(EventFilter::names(&["JOB_STATUS_CHANGE"]));
-    let args = live_args(
-        &repo,
-        &inc,
-        &qmp_url,
-        &pki,
-        &[
-            "--serve-tls-dir",
-            &s(&pki.path("server")),
-            "--speed-limit",
-            &(4 * MIB).to_string(),
-            "--reconnect-delay",
-            "2",
-        ],
-    );
+    let args = slow_served_args(&repo, &inc, &qmp_url, &pki, 4 * MIB);
     let child = Host::Here.spawn(&args, &[]);
     stream_started(&mut events).await;
-    let servers = children_named(child.id(), "qemu-storage-daemon");
+    let daemons = cli::processes_mentioning("qemu-storage-daemon");
+    let servers: Vec<i32> = cli::children_of(i32::try_from(child.id()).unwrap())
+        .into_iter()
+        .filter(|pid| daemons.contains(pid))
+        .collect();
     assert_eq!(servers.len(), 1, "the chain's server: {servers:?}");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(servers[0]),
@@ -626,22 +610,14 @@ async fn remote_live_restore_whose_server_dies_fails_at_once_and_cleanup_finishe
     assert_eq!(out.code(), Some(1), "{out:?}");
     assert!(out.stderr.contains("server of the chain exited"), "{out:?}");
     assert_eq!(repo.manifest(VM).operations.len(), 1);
-    let cleanup = repo.vm_args(
-        VM,
-        &[
-            "cleanup",
-            "--qmp",
-            &qmp_url,
-            "--tls-dir",
-            &s(&pki.path("client")),
-            "--serve-tls-dir",
-            &s(&pki.path("server")),
-            "--json",
-        ],
-    );
-    let done = tokio::task::block_in_place(|| Host::Here.run(&cleanup))
-        .success()
-        .report::<CleanupReport>();
+    let done = cleanup_at(
+        &repo,
+        &qmp_url,
+        &pki,
+        &["--serve-tls-dir", &s(&pki.path("server"))],
+    )
+    .success()
+    .report::<CleanupReport>();
     assert_eq!(done.cleaned.operations.len(), 1, "{done:?}");
     assert!(repo.manifest(VM).operations.is_empty());
     assert_restored(&vm, &exp).await;

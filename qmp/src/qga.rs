@@ -151,6 +151,18 @@ impl GuestAgent {
         Ok(self.execute("guest-fsfreeze-thaw").await?.as_u64().unwrap_or(0))
     }
 
+    /// [`GuestAgent::thaw`], tried up to three times: a guest left frozen is worse than a slow thaw.
+    pub async fn thaw_retrying(&mut self) -> crate::Result<u64> {
+        let mut thawed = self.thaw().await;
+        for _ in 0..2 {
+            if thawed.is_ok() {
+                break;
+            }
+            thawed = self.thaw().await;
+        }
+        thawed
+    }
+
     /// `thawed` or `frozen`.
     pub async fn status(&mut self) -> crate::Result<String> {
         Ok(self

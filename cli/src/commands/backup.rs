@@ -122,7 +122,8 @@ pub async fn run(args: Args) -> Result<()> {
     {
         // They set QEMU's own backup job, which a pull does not run; ignoring them would be a surprise.
         bail!(Exit::usage(format!(
-            "{flag} sets QEMU's backup job, which a pull backup does not run: leave it out for --pull (or a QEMU              reached over the network)"
+            "{flag} sets QEMU's backup job, which a pull backup does not run: leave it out for --pull (or a QEMU \
+             reached over the network)"
         )));
     }
     let hypervisor = qmp.host().map_or_else(chain::host::hostname, str::to_owned);

@@ -299,14 +299,7 @@ impl Run<'_> {
     /// Thaws what [`Run::freeze`] froze, trying three times; an error says the guest may still be frozen.
     pub async fn thaw(&mut self) -> Result<()> {
         if let Some(agent) = self.agent.as_mut() {
-            let mut thawed = agent.thaw().await;
-            for _ in 0..2 {
-                if thawed.is_ok() {
-                    break;
-                }
-                thawed = agent.thaw().await;
-            }
-            if let Err(e) = thawed {
+            if let Err(e) = agent.thaw_retrying().await {
                 return Err(anyhow::Error::new(e).context("THE GUEST'S FILESYSTEMS MAY STILL BE FROZEN: thawing failed; run guest-fsfreeze-thaw through the guest agent"));
             }
             self.progress.phase("thawed the guest's filesystems");

@@ -66,7 +66,10 @@ pub fn unlock(repo: &Repository, source: Option<&KeySource>) -> Result<Option<Ke
             Some(source) => Err(crate::exit::Exit::new(
                 crate::exit::ExitCode::Repository,
                 format!(
-                    "a key was given ({}) but repository {} is not encrypted (its {} names no encryption):                      refusing to work on it, since a repository made with `init --encrypt` whose settings were                      changed would store the next backups in plaintext; for a repository that was never                      encrypted, give no key{}",
+                    "a key was given ({}) but repository {} is not encrypted (its {} names no encryption): \
+                     refusing to work on it, since a repository made with `init --encrypt` whose settings were \
+                     changed would store the next backups in plaintext; for a repository that was never \
+                     encrypted, give no key{}",
                     source.describe(),
                     repo.path().display(),
                     chain::repo::SETTINGS_FILE,
@@ -159,10 +162,7 @@ impl Unlocked {
     /// `secret,id=…,file=/proc/self/fd/N` for `qemu-img --object` and `qemu-storage-daemon --object` made by
     /// [`crate::children::qemu_command`] (which inherit N), never the key.
     pub fn object_arg(&self) -> String {
-        format!(
-            "secret,id={SECRET_ID},file=/proc/self/fd/{},format=raw",
-            self.secret.as_raw_fd()
-        )
+        secret_object(self.secret.as_raw_fd())
     }
 }
 
@@ -183,14 +183,13 @@ impl OneShotSecret {
 
     /// `--object secret,…,file=/proc/self/fd/N` for the program, never the key.
     pub fn args(&self) -> [String; 2] {
-        [
-            "--object".to_owned(),
-            format!(
-                "secret,id={SECRET_ID},file=/proc/self/fd/{},format=raw",
-                self.fd()
-            ),
-        ]
+        ["--object".to_owned(), secret_object(self.fd())]
     }
+}
+
+/// The `secret` object that reads the key from descriptor `fd` of the QEMU program that inherits it.
+fn secret_object(fd: std::os::fd::RawFd) -> String {
+    format!("secret,id={SECRET_ID},file=/proc/self/fd/{fd},format=raw")
 }
 
 /// [`OneShotSecret`] of the unlocked repository, if one is.

@@ -201,15 +201,10 @@ async fn thaw_guest(agent: &Path) -> Result<bool> {
             agent.display()
         ),
     }
-    let mut qga = qmp::qga::GuestAgent::connect(agent).await?;
-    let mut thawed = qga.thaw().await;
-    for _ in 0..2 {
-        if thawed.is_ok() {
-            break;
-        }
-        thawed = qga.thaw().await;
-    }
-    let n = thawed?;
+    let n = qmp::qga::GuestAgent::connect(agent)
+        .await?
+        .thaw_retrying()
+        .await?;
     tracing::info!(
         filesystems = n,
         "thawed the guest's filesystems an interrupted backup froze"

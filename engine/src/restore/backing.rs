@@ -50,9 +50,6 @@ pub struct ServedOptions {
 }
 
 /// The decided backing of one run.
-/// How often a served live restore checks that its server still runs.
-const SERVER_CHECK_EVERY: std::time::Duration = std::time::Duration::from_millis(500);
-
 pub(super) enum Backing {
     Local,
     Served {
@@ -261,10 +258,7 @@ impl Backing {
         else {
             return std::future::pending().await;
         };
-        let mut every = tokio::time::interval(SERVER_CHECK_EVERY);
-        while !server.exited() {
-            every.tick().await;
-        }
+        server.exited().await;
     }
 
     /// Removes what [`Self::attach`] added, before any disk uses it; errors are ignored (things may be gone).

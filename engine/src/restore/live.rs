@@ -79,7 +79,8 @@ async fn drop_stale_bitmaps(qmp: &qmp::Qmp, d: &inspect::DiskInfo, progress: &dy
             tracing::info!(disk = %d.id, bitmap = %b.name, "removed a qmpbak bitmap the restore makes stale");
         } else {
             progress.warning(&format!(
-                "disk {}'s bitmap {} (not qmpbak's) does not record the data this restore brings in: whoever                  uses it must take a full copy next",
+                "disk {}'s bitmap {} (not qmpbak's) does not record the data this restore brings in: whoever \
+                 uses it must take a full copy next",
                 d.id, b.name
             ));
         }
